@@ -1,0 +1,478 @@
+"""Server configuration: one table of options, read once from CLI flags and the environment.
+
+Every option is an environment variable (the upstream names of WIRE.md section 5) and a
+command-line flag of ``twistd queen``.  :data:`OPTIONS` is the only list of them: the
+``usage.Options`` flags, the environment parsing, ``--help`` and the README table are all
+generated from it.  Precedence is CLI > environment > default.  The result is a frozen
+:class:`Config` that is passed down; no other module reads ``os.environ``.
+
+Upstream names that queen-tw accepts and ignores are listed in :data:`IGNORED_ENV`.
+
+Run ``python -m queen_tw.config --markdown`` to print the option table for the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from twisted.python import usage
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value was refused; the message starts with the environment name."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One configurable option: how it is named, parsed, bounded and explained.
+
+    ``kind`` picks the parser (see ``_PARSERS``).  ``minimum``/``maximum`` bound numbers,
+    ``choices`` bound strings.  The CLI flag is derived from the environment name so the
+    two can never drift apart: ``QUEEN_`` is dropped, the rest is lower-cased and dashed
+    (``DB_POOL_SIZE`` -> ``--db-pool-size``, ``QUEEN_EMBEDDED_PG`` -> ``--embedded-pg``).
+    """
+
+    field: str
+    env: str
+    kind: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        """The long CLI flag without the leading dashes."""
+        return self.env.removeprefix("QUEEN_").lower().replace("_", "-")
+
+    def shown_default(self) -> str:
+        """The default as a person would type it (used in ``--help`` and the README)."""
+        if self.default is None:
+            return "unset"
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
+        if self.default == "":
+            return '""'
+        return str(self.default)
+
+
+def _opt(field: str, env: str, kind: str, default: Any, help: str, **bounds: Any) -> OptionSpec:
+    """Shorthand that keeps the table below one row per option."""
+    return OptionSpec(field, env, kind, default, help, **bounds)
+
+
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+SUBSCRIPTION_MODES = ("", "all", "new", "new-only")
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    # --- server -------------------------------------------------------------------------
+    _opt("port", "PORT", "int", 6632, "HTTP port (0 picks a free port)", minimum=0, maximum=65535),
+    _opt("host", "HOST", "str", "0.0.0.0", "HTTP bind address"),
+    _opt("num_workers", "NUM_WORKERS", "int", 1,
+         "Worker processes sharing the port (upstream: event-loop threads, default 10)", minimum=1),
+    _opt("worker_id", "WORKER_ID", "str", "queen-tw-1",
+         "Name of this instance in /health, logs and pg_stat_activity"),
+    _opt("log_level", "LOG_LEVEL", "choice", "info", "trace, debug, info, warn or error",
+         choices=LOG_LEVELS),
+    _opt("log_format", "LOG_FORMAT", "choice", "text", "text, or json for structured logs",
+         choices=("text", "json")),
+    # --- PostgreSQL ---------------------------------------------------------------------
+    _opt("pg_host", "PG_HOST", "str", "localhost", "PostgreSQL host name or unix-socket directory"),
+    _opt("pg_port", "PG_PORT", "int", 5432, "PostgreSQL port", minimum=1, maximum=65535),
+    _opt("pg_user", "PG_USER", "str", "postgres", "PostgreSQL user"),
+    _opt("pg_password", "PG_PASSWORD", "str", "postgres", "PostgreSQL password"),
+    _opt("pg_db", "PG_DB", "str", "postgres", "PostgreSQL database (the schema is always queen)"),
+    _opt("pg_use_ssl", "PG_USE_SSL", "bool", False, "Connect with TLS"),
+    _opt("pg_ssl_reject_unauthorized", "PG_SSL_REJECT_UNAUTHORIZED", "bool", True,
+         "With PG_USE_SSL: true = sslmode require, false = sslmode prefer"),
+    _opt("db_pool_size", "DB_POOL_SIZE", "int", 10,
+         "PostgreSQL connections in the pool (upstream's 150 is sized for a C++ server)",
+         minimum=1),
+    _opt("db_connection_timeout_ms", "DB_CONNECTION_TIMEOUT", "int", 2000,
+         "Connect timeout in ms (libpq rounds up to whole seconds, minimum 2)", minimum=0),
+    _opt("db_statement_timeout_ms", "DB_STATEMENT_TIMEOUT", "int", 30000,
+         "statement_timeout in ms, 0 = none", minimum=0),
+    _opt("db_lock_timeout_ms", "DB_LOCK_TIMEOUT", "int", 10000,
+         "lock_timeout in ms, 0 = none", minimum=0),
+    # --- pop and long polling -----------------------------------------------------------
+    _opt("default_timeout_ms", "DEFAULT_TIMEOUT", "int", 30000,
+         "Long-poll timeout in ms when a pop gives none", minimum=0),
+    _opt("default_batch_size", "DEFAULT_BATCH_SIZE", "int", 1,
+         "Messages per pop when a pop gives no batch", minimum=1),
+    _opt("default_subscription_mode", "DEFAULT_SUBSCRIPTION_MODE", "choice", "",
+         'Subscription mode of a new consumer group: "" or all = from the start, '
+         "new or new-only = only later messages", choices=SUBSCRIPTION_MODES),
+    _opt("pop_wait_initial_interval_ms", "POP_WAIT_INITIAL_INTERVAL_MS", "int", 100,
+         "Fallback re-check interval of a parked long-poll, in ms", minimum=1),
+    _opt("pop_wait_backoff_threshold", "POP_WAIT_BACKOFF_THRESHOLD", "int", 3,
+         "Empty re-checks before the interval starts to grow", minimum=0),
+    _opt("pop_wait_backoff_multiplier", "POP_WAIT_BACKOFF_MULTIPLIER", "float", 2.0,
+         "Growth factor of the re-check interval", minimum=1.0),
+    _opt("pop_wait_max_interval_ms", "POP_WAIT_MAX_INTERVAL_MS", "int", 1000,
+         "Largest re-check interval, in ms", minimum=1),
+    # --- background jobs ----------------------------------------------------------------
+    _opt("retention_interval_ms", "RETENTION_INTERVAL", "int", 300000,
+         "Retention cycle period in ms", minimum=1),
+    _opt("retention_batch_size", "RETENTION_BATCH_SIZE", "int", 1000,
+         "Rows deleted per retention statement", minimum=1),
+    _opt("eviction_interval_ms", "EVICTION_INTERVAL", "int", 60000,
+         "Eviction (max wait time) cycle period in ms", minimum=1),
+    _opt("eviction_batch_size", "EVICTION_BATCH_SIZE", "int", 1000,
+         "Rows evicted per statement", minimum=1),
+    _opt("stats_interval_ms", "STATS_INTERVAL_MS", "int", 10000,
+         "Statistics refresh period in ms", minimum=1),
+    _opt("partition_cleanup_days", "PARTITION_CLEANUP_DAYS", "int", 30,
+         "Drop empty partitions idle for this many days", minimum=0),
+    # --- file buffer (PostgreSQL outage) ------------------------------------------------
+    _opt("file_buffer_dir", "FILE_BUFFER_DIR", "str", "/var/lib/queen/buffers",
+         "Directory of the failover buffer; one per instance"),
+    _opt("file_buffer_flush_ms", "FILE_BUFFER_FLUSH_MS", "int", 100,
+         "How often buffered pushes are flushed and replayed, in ms", minimum=1),
+    _opt("file_buffer_max_batch", "FILE_BUFFER_MAX_BATCH", "int", 100,
+         "Buffered events per replay transaction", minimum=1),
+    _opt("file_buffer_events_per_file", "FILE_BUFFER_EVENTS_PER_FILE", "int", 10000,
+         "Events per buffer file before it is rotated", minimum=1),
+    # --- limits, encryption, development ------------------------------------------------
+    _opt("max_body_bytes", "QUEEN_MAX_BODY_BYTES", "int", 64 * MiB,
+         "Largest accepted request body in bytes", minimum=1),
+    _opt("encryption_key", "QUEEN_ENCRYPTION_KEY", "key", None,
+         "64 hex characters (AES-256) for encrypted queues; unset or malformed = off. "
+         "Prefer the environment: flags show up in ps"),
+    _opt("embedded_pg", "QUEEN_EMBEDDED_PG", "path", None,
+         "Run a private PostgreSQL in this directory (needs queen-tw[embedded]); "
+         "for development, overrides the PG_* connection"),
+)
+
+# Upstream or seed names that queen-tw accepts and ignores (WIRE.md section 5,
+# "Seeds only / retired").  Nothing reads them; the list exists for documentation.
+IGNORED_ENV: tuple[str, ...] = (
+    "POLL_WORKER_INTERVAL", "POLL_DB_INTERVAL", "POLL_MAX_INTERVAL", "BATCH_INSERT_SIZE",
+    "BATCH_PUSH_TARGET_SIZE_MB", "BATCH_PUSH_MAX_SIZE_MB", "DB_POOL_ACQUISITION_TIMEOUT",
+    "DB_QUERY_TIMEOUT", "DB_MAX_RETRIES", "LOG_TIMESTAMP",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed, validated settings of one server process (see :data:`OPTIONS`).
+
+    Build it with :meth:`from_sources` (or :meth:`defaults` in tests); defaults live in the
+    option table only.  ``warnings`` holds messages the server should log at start, e.g.
+    a malformed encryption key that was ignored.  Secrets are kept out of ``repr``.
+    """
+
+    port: int
+    host: str
+    num_workers: int
+    worker_id: str
+    log_level: str
+    log_format: str
+    pg_host: str
+    pg_port: int
+    pg_user: str
+    pg_password: str = dataclasses.field(repr=False)
+    pg_db: str
+    pg_use_ssl: bool
+    pg_ssl_reject_unauthorized: bool
+    db_pool_size: int
+    db_connection_timeout_ms: int
+    db_statement_timeout_ms: int
+    db_lock_timeout_ms: int
+    default_timeout_ms: int
+    default_batch_size: int
+    default_subscription_mode: str
+    pop_wait_initial_interval_ms: int
+    pop_wait_backoff_threshold: int
+    pop_wait_backoff_multiplier: float
+    pop_wait_max_interval_ms: int
+    retention_interval_ms: int
+    retention_batch_size: int
+    eviction_interval_ms: int
+    eviction_batch_size: int
+    stats_interval_ms: int
+    partition_cleanup_days: int
+    file_buffer_dir: str
+    file_buffer_flush_ms: int
+    file_buffer_max_batch: int
+    file_buffer_events_per_file: int
+    max_body_bytes: int
+    encryption_key: bytes | None = dataclasses.field(repr=False)
+    embedded_pg: str | None
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_sources(
+        cls, env: Mapping[str, str], cli: Mapping[str, str | None]
+    ) -> Config:
+        """Parse every option once: CLI value if given (not None), else env, else default.
+
+        ``cli`` is keyed by field name (``"db_pool_size"``); a None value means "flag not
+        given".  Raises :class:`ConfigError` naming the environment variable of the first
+        bad value, so the operator knows what to fix whichever way it was set.
+        """
+        unknown = set(cli) - _FIELDS
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        warnings: list[str] = []
+        for spec in OPTIONS:
+            raw = cli.get(spec.field)
+            if raw is None:
+                raw = env.get(spec.env)
+            values[spec.field] = _parse(spec, raw, warnings)
+        _check_cross_field(values)
+        return cls(**values, warnings=tuple(warnings))
+
+    @classmethod
+    def defaults(cls) -> Config:
+        """The configuration with nothing set (handy in tests)."""
+        return cls.from_sources({}, {})
+
+    def with_changes(self, **changes: Any) -> Config:
+        """A copy with some fields replaced; no re-validation (tests and embedded mode)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def sslmode(self) -> str:
+        """libpq sslmode from the two upstream flags (libpq ignores it on unix sockets)."""
+        if not self.pg_use_ssl:
+            return "disable"
+        return "require" if self.pg_ssl_reject_unauthorized else "prefer"
+
+    @property
+    def dsn(self) -> str:
+        """A libpq keyword DSN for the configured PostgreSQL.
+
+        ``pg_host`` may be a unix-socket directory (libpq treats a leading ``/`` as one).
+        Statement and lock timeouts travel as startup ``options`` so every connection of
+        every pool gets them without an extra round trip; ``application_name`` is the
+        worker id so ``pg_stat_activity`` shows which instance holds a connection.
+        """
+        startup = f"-c statement_timeout={self.db_statement_timeout_ms} -c lock_timeout={self.db_lock_timeout_ms}"
+        parts = {
+            "host": self.pg_host,
+            "port": str(self.pg_port),
+            "user": self.pg_user,
+            "password": self.pg_password,
+            "dbname": self.pg_db,
+            "connect_timeout": str(math.ceil(self.db_connection_timeout_ms / 1000)),
+            "sslmode": self.sslmode,
+            "application_name": self.worker_id,
+            "options": startup,
+        }
+        return " ".join(f"{key}={_quote_dsn_value(value)}" for key, value in parts.items())
+
+
+_FIELDS = frozenset(spec.field for spec in OPTIONS)
+
+
+def _quote_dsn_value(value: str) -> str:
+    """Quote a value for a libpq keyword DSN (single quotes; escape ``\\`` and ``'``)."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def _parse(spec: OptionSpec, raw: str | None, warnings: list[str]) -> Any:
+    """Turn one raw string into the field's value, or the default when it is absent.
+
+    An empty string counts as absent for every non-text option, so ``PORT=`` in an
+    environment file means "use the default" rather than an error.
+    """
+    if raw is None or (raw.strip() == "" and spec.kind not in ("str", "choice")):
+        return spec.default
+    if spec.kind == "key":
+        return _parse_key(spec, raw, warnings)
+    return _PARSERS[spec.kind](spec, raw)
+
+
+def _parse_int(spec: OptionSpec, raw: str) -> int:
+    """A base-10 integer within the spec's bounds."""
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{spec.env}: expected an integer, got {raw!r}") from None
+    _check_bounds(spec, value)
+    return value
+
+
+def _parse_float(spec: OptionSpec, raw: str) -> float:
+    """A finite number within the spec's bounds."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{spec.env}: expected a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{spec.env}: expected a finite number, got {raw!r}")
+    _check_bounds(spec, value)
+    return value
+
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+def _parse_bool(spec: OptionSpec, raw: str) -> bool:
+    """true/false/1/0/yes/no in any case; anything else is refused, not guessed."""
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"{spec.env}: expected true/false/1/0/yes/no, got {raw!r}")
+
+
+def _parse_str(spec: OptionSpec, raw: str) -> str:
+    """Text is taken as given (an empty PG_PASSWORD is meaningful)."""
+    return raw
+
+
+_CHOICE_ALIASES = {"warning": "warn"}
+
+
+def _parse_choice(spec: OptionSpec, raw: str) -> str:
+    """One of the spec's choices, case-insensitive; ``warning`` is accepted for ``warn``."""
+    word = raw.strip().lower()
+    word = _CHOICE_ALIASES.get(word, word)
+    if word in spec.choices:
+        return word
+    if not word and spec.default in spec.choices:
+        return spec.default
+    allowed = ", ".join(repr(choice) for choice in spec.choices)
+    raise ConfigError(f"{spec.env}: expected one of {allowed}, got {raw!r}")
+
+
+def _parse_path(spec: OptionSpec, raw: str) -> str | None:
+    """A directory name; blank means unset."""
+    return raw.strip() or None
+
+
+def _parse_key(spec: OptionSpec, raw: str, warnings: list[str]) -> bytes | None:
+    """64 hex characters -> 32 key bytes.
+
+    WIRE.md says a malformed key turns encryption off rather than stopping the server, so
+    this returns None and records a warning for the server to log.  The key itself never
+    appears in the message.
+    """
+    text = raw.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    warnings.append(
+        f"{spec.env} is malformed (expected 64 hex characters, got {len(text)} characters); "
+        "encryption is OFF and encrypted queues store plaintext"
+    )
+    return None
+
+
+_PARSERS: dict[str, Callable[[OptionSpec, str], Any]] = {
+    "int": _parse_int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "str": _parse_str,
+    "choice": _parse_choice,
+    "path": _parse_path,
+}
+
+
+def _check_bounds(spec: OptionSpec, value: float) -> None:
+    """Refuse numbers outside the spec's range, naming the environment variable."""
+    low, high = spec.minimum, spec.maximum
+    if low is not None and high is not None and not low <= value <= high:
+        raise ConfigError(f"{spec.env}: must be between {low:g} and {high:g}, got {value:g}")
+    if low is not None and value < low:
+        raise ConfigError(f"{spec.env}: must be >= {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise ConfigError(f"{spec.env}: must be <= {high:g}, got {value:g}")
+
+
+def _check_cross_field(values: Mapping[str, Any]) -> None:
+    """Rules that involve two options."""
+    if values["pop_wait_max_interval_ms"] < values["pop_wait_initial_interval_ms"]:
+        raise ConfigError(
+            "POP_WAIT_MAX_INTERVAL_MS: must be >= POP_WAIT_INITIAL_INTERVAL_MS "
+            f"({values['pop_wait_initial_interval_ms']}), got {values['pop_wait_max_interval_ms']}"
+        )
+
+
+def _check_table_matches_dataclass() -> None:
+    """Fail at import if the option table and the Config fields ever disagree."""
+    declared = {f.name for f in dataclasses.fields(Config)} - {"warnings"}
+    if declared != _FIELDS:
+        raise RuntimeError(f"OPTIONS and Config differ: {sorted(declared ^ _FIELDS)}")
+
+
+_check_table_matches_dataclass()
+
+
+# --- twistd command line ---------------------------------------------------------------
+
+
+def _help_text(spec: OptionSpec) -> str:
+    """The ``--help`` line: meaning, then where else it can be set and its default."""
+    return f"{spec.help} [env {spec.env}; default {spec.shown_default()}]"
+
+
+class QueenOptions(usage.Options):
+    """``twistd queen`` options, generated from :data:`OPTIONS`.
+
+    Flags default to None so that an absent flag falls through to the environment; after
+    parsing, ``self.config`` holds the :class:`Config`.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the queen-tw message queue server. Every option can also be set with the "
+        "environment variable named in its help; a flag wins over the environment."
+    )
+    optParameters: ClassVar[list[list[Any]]] = [
+        [spec.flag, None, None, _help_text(spec)] for spec in OPTIONS
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        """Build the Config; a bad value becomes a UsageError naming the option."""
+        cli = {spec.field: self[spec.flag] for spec in OPTIONS}
+        try:
+            self.config = Config.from_sources(os.environ, cli)
+        except ConfigError as err:
+            raise usage.UsageError(str(err)) from None
+
+
+# --- README table ----------------------------------------------------------------------
+
+
+def markdown_table() -> str:
+    """The option table as Markdown, for the README's Configuration section."""
+    lines = ["| Environment | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for spec in OPTIONS:
+        meaning = spec.help.replace("|", "\\|")
+        lines.append(f"| `{spec.env}` | `--{spec.flag}` | `{spec.shown_default()}` | {meaning} |")
+    return "\n".join(lines)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m queen_tw.config --markdown`` prints the README option table."""
+    if argv == ["--markdown"]:
+        print(markdown_table())
+        return 0
+    print("usage: python -m queen_tw.config --markdown", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

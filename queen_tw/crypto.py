@@ -1,0 +1,44 @@
+"""AES-256-GCM payload encryption at rest (WIRE.md 2.2 point 5)."""
+
+import base64
+import json
+import os
+from typing import Any, Optional
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+_IV_BYTES = 16
+_TAG_BYTES = 16
+
+
+class PayloadCipher:
+    """Encrypts a JSON payload into ``{"encrypted", "iv", "authTag"}`` and back.
+
+    The stored shape matches upstream Queen: base64 ciphertext, 16-byte IV and 16-byte tag
+    over the compact JSON text of the payload.
+    """
+
+    def __init__(self, key: bytes):
+        if len(key) != 32:
+            raise ValueError("encryption key must be 32 bytes")
+        self._aead = AESGCM(key)
+
+    def encrypt(self, payload: Any) -> dict:
+        iv = os.urandom(_IV_BYTES)
+        plain = json.dumps(payload, separators=(",", ":")).encode()
+        sealed = self._aead.encrypt(iv, plain, None)
+        return {
+            "encrypted": base64.b64encode(sealed[:-_TAG_BYTES]).decode(),
+            "iv": base64.b64encode(iv).decode(),
+            "authTag": base64.b64encode(sealed[-_TAG_BYTES:]).decode(),
+        }
+
+    def decrypt(self, stored: Any) -> Any:
+        sealed = base64.b64decode(stored["encrypted"]) + base64.b64decode(stored["authTag"])
+        plain = self._aead.decrypt(base64.b64decode(stored["iv"]), sealed, None)
+        return json.loads(plain)
+
+
+def make_cipher(key: Optional[bytes]) -> Optional[PayloadCipher]:
+    """A cipher when a key is configured; None means encrypted queues store plaintext."""
+    return PayloadCipher(key) if key else None

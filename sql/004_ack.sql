@@ -1,0 +1,187 @@
+-- Ack and lease extension (WIRE.md 2.0, 2.4, 2.6).
+
+-- Items: [{index, transactionId, partitionId, status, consumerGroup, leaseId, error, req}].
+-- Returns one result per item, in input order. ``req`` numbers the HTTP request an item came
+-- from when the server fuses several requests into one call: each request is applied on its
+-- own, in req order, exactly as if it had been sent alone. Items of one (partition, group) apply in
+-- message order. A failed delivery counts once per request however many messages it lists;
+-- completions after the first failure in a request are ignored so the failed message is never
+-- skipped; exhaustion sends every failed message of the request to the dead-letter table.
+CREATE OR REPLACE FUNCTION queen.ack_messages(p_items jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key       record;
+    v_it        record;
+    v_pc        record;
+    v_cfg       record;
+    v_results   jsonb := '{}'::jsonb;
+    v_failure   text;      -- NULL, 'retry' or 'exhausted': what this request did to the delivery
+    v_error     text;
+    v_dlq       boolean;
+    v_released  boolean;
+    v_cursor_at timestamptz;
+    v_cursor_id uuid;
+    v_found     boolean;
+    v_group_res jsonb;
+BEGIN
+    FOR v_key IN
+        SELECT DISTINCT coalesce((e->>'req')::int, 0) AS req,
+               (e->>'partitionId')::uuid AS partition_id,
+               coalesce(nullif(e->>'consumerGroup', ''), '__QUEUE_MODE__') AS consumer_group
+          FROM jsonb_array_elements(p_items) e
+         ORDER BY 1, 2, 3
+    LOOP
+        SELECT p.name AS partition_name, qu.name AS queue_name, qu.id AS queue_id,
+               qu.retry_limit, qu.retry_delay
+          INTO v_cfg
+          FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
+         WHERE p.id = v_key.partition_id;
+        v_found := FOUND;
+        IF v_found THEN
+            INSERT INTO queen.partition_consumers (partition_id, consumer_group)
+            VALUES (v_key.partition_id, v_key.consumer_group)
+            ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+            SELECT * INTO v_pc FROM queen.partition_consumers
+             WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group
+               FOR UPDATE;
+            v_cursor_at := v_pc.cursor_created_at;
+            v_cursor_id := v_pc.cursor_id;
+        END IF;
+        v_failure := NULL;
+        v_group_res := '{}'::jsonb;
+
+        FOR v_it IN
+            SELECT (t.o - 1)::int AS pos, t.e,
+                   coalesce((t.e->>'index')::int, (t.o - 1)::int) AS idx,
+                   lower(coalesce(nullif(t.e->>'status', ''), 'completed')) AS status,
+                   nullif(t.e->>'leaseId', '') AS lease_id,
+                   m.id AS message_id, m.created_at
+              FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+              LEFT JOIN queen.messages m
+                     ON m.partition_id = v_key.partition_id AND m.transaction_id = t.e->>'transactionId'
+             WHERE coalesce((t.e->>'req')::int, 0) = v_key.req
+               AND (t.e->>'partitionId')::uuid = v_key.partition_id
+               AND coalesce(nullif(t.e->>'consumerGroup', ''), '__QUEUE_MODE__') = v_key.consumer_group
+             ORDER BY m.created_at NULLS FIRST, m.id, t.o
+        LOOP
+            v_error := NULL;
+            v_dlq := false;
+            IF NOT v_found OR v_it.message_id IS NULL THEN
+                v_error := 'Message not found';
+            ELSIF v_it.status NOT IN ('completed', 'success', 'failed', 'retry', 'dlq') THEN
+                v_error := 'Invalid status';
+            ELSIF v_it.lease_id IS NOT NULL
+                  AND (v_pc.lease_id IS DISTINCT FROM v_it.lease_id::uuid
+                       OR v_pc.lease_expires_at <= now()) THEN
+                v_error := 'Invalid or expired lease';
+            ELSIF (v_it.created_at, v_it.message_id) <= (v_cursor_at, v_cursor_id) THEN
+                NULL;  -- already consumed: a harmless repeat
+            ELSIF v_it.status IN ('completed', 'success') THEN
+                IF v_failure IS NULL THEN
+                    v_cursor_at := v_it.created_at;
+                    v_cursor_id := v_it.message_id;
+                    v_pc.total_consumed := v_pc.total_consumed + 1;
+                END IF;
+            ELSIF v_it.status = 'retry' THEN
+                IF v_failure IS NULL THEN
+                    v_failure := 'retry';
+                    v_pc.lease_id := NULL;
+                END IF;
+            ELSIF v_it.status = 'dlq' THEN
+                v_dlq := true;
+            ELSIF v_failure = 'exhausted' THEN
+                v_dlq := true;
+            ELSIF v_failure IS NULL AND v_pc.lease_id IS NOT NULL THEN
+                -- failed: the first failure of this request decides for the whole delivery
+                IF v_pc.retry_count < v_cfg.retry_limit THEN
+                    v_failure := 'retry';
+                    v_pc.retry_count := v_pc.retry_count + 1;
+                    v_pc.retry_after := clock_timestamp()
+                                        + make_interval(secs => v_cfg.retry_delay / 1000.0);
+                    v_pc.lease_id := NULL;
+                ELSE
+                    v_failure := 'exhausted';
+                    v_dlq := true;
+                END IF;
+            END IF;
+            -- failed with no delivery in flight (already released): a no-op reported as success
+
+            IF v_dlq THEN
+                INSERT INTO queen.dead_letter_queue (message_id, partition_id, consumer_group,
+                                                     error_message, retry_count)
+                VALUES (v_it.message_id, v_key.partition_id, v_key.consumer_group,
+                        coalesce(nullif(v_it.e->>'error', ''), 'Retries exhausted'),
+                        v_pc.retry_count);
+                v_cursor_at := v_it.created_at;
+                v_cursor_id := v_it.message_id;
+            END IF;
+
+            v_group_res := v_group_res || jsonb_build_object(v_it.pos::text, jsonb_build_object(
+                'index', v_it.idx,
+                'transactionId', v_it.e->>'transactionId',
+                'success', v_error IS NULL,
+                'error', v_error,
+                'queueName', v_cfg.queue_name,
+                'partitionName', v_cfg.partition_name,
+                'dlq', v_dlq));
+        END LOOP;
+
+        v_released := false;
+        IF v_found THEN
+            IF v_failure = 'exhausted' THEN
+                v_pc.lease_id := NULL;
+                v_pc.retry_count := 0;
+            END IF;
+            -- The delivery is over once the cursor reached the last message handed out.
+            IF v_pc.lease_id IS NOT NULL
+               AND (v_cursor_at, v_cursor_id) >= (v_pc.lease_last_created_at, v_pc.lease_last_id) THEN
+                v_pc.lease_id := NULL;
+                v_pc.retry_count := 0;
+                v_pc.batches_consumed := v_pc.batches_consumed + 1;
+            END IF;
+            v_released := v_pc.lease_id IS NULL;
+            UPDATE queen.partition_consumers
+               SET cursor_created_at = v_cursor_at, cursor_id = v_cursor_id,
+                   lease_id = v_pc.lease_id,
+                   lease_expires_at = CASE WHEN v_pc.lease_id IS NULL THEN NULL ELSE lease_expires_at END,
+                   retry_count = v_pc.retry_count, retry_after = v_pc.retry_after,
+                   total_consumed = v_pc.total_consumed, batches_consumed = v_pc.batches_consumed,
+                   last_consumed_at = CASE WHEN (v_cursor_at, v_cursor_id) > (cursor_created_at, cursor_id)
+                                           THEN now() ELSE last_consumed_at END
+             WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group;
+        END IF;
+        SELECT v_results || coalesce(jsonb_object_agg(k, r || jsonb_build_object('leaseReleased', v_released)), '{}'::jsonb)
+          INTO v_results
+          FROM jsonb_each(v_group_res) AS x(k, r);
+    END LOOP;
+
+    RETURN (SELECT coalesce(jsonb_agg(r ORDER BY k::int), '[]'::jsonb)
+              FROM jsonb_each(v_results) AS x(k, r));
+END
+$$;
+
+-- Extends every live lease row held under p_lease_id to max(current, now + seconds); seconds
+-- defaults to the queue's leaseTime. Returns {found, expired, expiresAt (earliest new expiry)}.
+CREATE OR REPLACE FUNCTION queen.extend_lease(p_lease_id uuid, p_seconds integer) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_expires timestamptz;
+BEGIN
+    WITH extended AS (
+        UPDATE queen.partition_consumers pc
+           SET lease_expires_at = greatest(pc.lease_expires_at, now() + make_interval(secs =>
+                   coalesce(p_seconds, CASE WHEN qu.lease_time > 0 THEN qu.lease_time ELSE 60 END)))
+          FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
+         WHERE pc.lease_id = p_lease_id AND pc.lease_expires_at > now() AND p.id = pc.partition_id
+        RETURNING pc.lease_expires_at
+    )
+    SELECT min(lease_expires_at) INTO v_expires FROM extended;
+    IF v_expires IS NOT NULL THEN
+        RETURN jsonb_build_object('found', true, 'expired', false,
+                                  'expiresAt', queen.format_ts3(v_expires));
+    END IF;
+    RETURN jsonb_build_object(
+        'found', EXISTS (SELECT 1 FROM queen.partition_consumers WHERE lease_id = p_lease_id),
+        'expired', true);
+END
+$$;

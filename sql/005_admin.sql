@@ -1,0 +1,229 @@
+-- Queue configuration, dead-letter reads and traces (WIRE.md 2.1, 3.3, 3.6).
+
+-- p: {queue, namespace, task, options{15 camelCase options, already validated and typed}}.
+-- Full replace: options missing from p return to their defaults.
+CREATE OR REPLACE FUNCTION queen.configure_queue(p jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    o          jsonb := coalesce(p->'options', '{}'::jsonb);
+    v_queue    queen.queues;
+    v_part_id  uuid;
+BEGIN
+    INSERT INTO queen.queues AS qu (name, namespace, task, priority, lease_time, retry_limit,
+        retry_delay, max_size, ttl, dead_letter_queue, dlq_after_max_retries, delayed_processing,
+        window_buffer, retention_seconds, completed_retention_seconds, retention_enabled,
+        encryption_enabled, max_wait_time_seconds)
+    VALUES (p->>'queue', coalesce(p->>'namespace', ''), coalesce(p->>'task', ''),
+        coalesce((o->>'priority')::int, 0), coalesce((o->>'leaseTime')::int, 300),
+        coalesce((o->>'retryLimit')::int, 3), coalesce((o->>'retryDelay')::int, 1000),
+        coalesce((o->>'maxSize')::int, 0), coalesce((o->>'ttl')::int, 3600),
+        coalesce((o->>'deadLetterQueue')::boolean, false),
+        coalesce((o->>'dlqAfterMaxRetries')::boolean, false),
+        coalesce((o->>'delayedProcessing')::int, 0), coalesce((o->>'windowBuffer')::int, 0),
+        coalesce((o->>'retentionSeconds')::int, 0),
+        coalesce((o->>'completedRetentionSeconds')::int, 0),
+        coalesce((o->>'retentionEnabled')::boolean, false),
+        coalesce((o->>'encryptionEnabled')::boolean, false),
+        coalesce((o->>'maxWaitTimeSeconds')::int, 0))
+    ON CONFLICT (name) DO UPDATE SET
+        namespace = excluded.namespace, task = excluded.task, priority = excluded.priority,
+        lease_time = excluded.lease_time, retry_limit = excluded.retry_limit,
+        retry_delay = excluded.retry_delay, max_size = excluded.max_size, ttl = excluded.ttl,
+        dead_letter_queue = excluded.dead_letter_queue,
+        dlq_after_max_retries = excluded.dlq_after_max_retries,
+        delayed_processing = excluded.delayed_processing, window_buffer = excluded.window_buffer,
+        retention_seconds = excluded.retention_seconds,
+        completed_retention_seconds = excluded.completed_retention_seconds,
+        retention_enabled = excluded.retention_enabled,
+        encryption_enabled = excluded.encryption_enabled,
+        max_wait_time_seconds = excluded.max_wait_time_seconds,
+        updated_at = now()
+    RETURNING * INTO v_queue;
+
+    INSERT INTO queen.partitions (queue_id, name) VALUES (v_queue.id, 'Default')
+    ON CONFLICT (queue_id, name) DO NOTHING;
+    SELECT id INTO v_part_id FROM queen.partitions WHERE queue_id = v_queue.id AND name = 'Default';
+
+    RETURN jsonb_build_object(
+        'configured', true, 'queueId', v_queue.id, 'partitionId', v_part_id,
+        'queue', v_queue.name, 'namespace', v_queue.namespace, 'task', v_queue.task,
+        'options', queen.queue_options(v_queue));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queen.queue_options(qu queen.queues) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'priority', qu.priority, 'leaseTime', qu.lease_time, 'retryLimit', qu.retry_limit,
+        'retryDelay', qu.retry_delay, 'maxSize', qu.max_size, 'ttl', qu.ttl,
+        'deadLetterQueue', qu.dead_letter_queue, 'dlqAfterMaxRetries', qu.dlq_after_max_retries,
+        'delayedProcessing', qu.delayed_processing, 'windowBuffer', qu.window_buffer,
+        'retentionSeconds', qu.retention_seconds,
+        'completedRetentionSeconds', qu.completed_retention_seconds,
+        'retentionEnabled', qu.retention_enabled, 'encryptionEnabled', qu.encryption_enabled,
+        'maxWaitTimeSeconds', qu.max_wait_time_seconds)
+$$;
+
+-- The encryption flag of each named queue that exists (the server encrypts before pushing).
+CREATE OR REPLACE FUNCTION queen.queue_flags(p_names jsonb) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_object_agg(name, jsonb_build_object(
+               'encryptionEnabled', encryption_enabled)), '{}'::jsonb)
+      FROM queen.queues WHERE name IN (SELECT jsonb_array_elements_text(p_names))
+$$;
+
+CREATE OR REPLACE FUNCTION queen.delete_queue(p_name text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_existed boolean;
+BEGIN
+    DELETE FROM queen.queues WHERE name = p_name;
+    v_existed := FOUND;
+    RETURN jsonb_build_object('deleted', true, 'queue', p_name, 'existed', v_existed);
+END
+$$;
+
+-- Per-partition pending counts for the resource routes: messages after the queue-mode cursor.
+CREATE OR REPLACE FUNCTION queen.partition_stats(p_partition uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    WITH pc AS (
+        SELECT cursor_created_at, cursor_id, lease_id, lease_expires_at, lease_last_created_at,
+               lease_last_id
+          FROM queen.partition_consumers
+         WHERE partition_id = p_partition AND consumer_group = '__QUEUE_MODE__'
+    ), counted AS (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE pc.cursor_created_at IS NULL
+                   OR (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)) AS after_cursor,
+               count(*) FILTER (WHERE pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                   AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
+                   AND (m.created_at, m.id) <= (pc.lease_last_created_at, pc.lease_last_id))
+                   AS processing,
+               (SELECT count(*) FROM queen.dead_letter_queue d WHERE d.partition_id = p_partition)
+                   AS dead_letter,
+               min(m.created_at) AS oldest, max(m.created_at) AS newest
+          FROM queen.messages m LEFT JOIN pc ON true
+         WHERE m.partition_id = p_partition
+    )
+    SELECT jsonb_build_object(
+        'total', total, 'pending', after_cursor - processing, 'processing', processing,
+        'completed', total - after_cursor - dead_letter, 'failed', 0, 'deadLetter', dead_letter,
+        'oldestMessage', queen.format_ts3(oldest), 'newestMessage', queen.format_ts3(newest))
+      FROM counted
+$$;
+
+CREATE OR REPLACE FUNCTION queen.queue_detail(p_name text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', qu.id, 'name', qu.name, 'namespace', qu.namespace, 'task', qu.task,
+        'createdAt', queen.format_ts3(qu.created_at), 'options', queen.queue_options(qu),
+        'partitions', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'id', p.id, 'name', p.name, 'createdAt', queen.format_ts3(p.created_at),
+                       'stats', s - 'oldestMessage' - 'newestMessage',
+                       'oldestMessage', s->'oldestMessage', 'newestMessage', s->'newestMessage')
+                     ORDER BY p.name)
+              FROM queen.partitions p, LATERAL queen.partition_stats(p.id) s
+             WHERE p.queue_id = qu.id), '[]'::jsonb),
+        'totals', (
+            SELECT jsonb_build_object(
+                       'total', coalesce(sum((s->>'total')::bigint), 0),
+                       'pending', coalesce(sum((s->>'pending')::bigint), 0),
+                       'processing', coalesce(sum((s->>'processing')::bigint), 0),
+                       'completed', coalesce(sum((s->>'completed')::bigint), 0),
+                       'failed', 0,
+                       'deadLetter', coalesce(sum((s->>'deadLetter')::bigint), 0))
+              FROM queen.partitions p, LATERAL queen.partition_stats(p.id) s
+             WHERE p.queue_id = qu.id))
+      FROM queen.queues qu WHERE qu.name = p_name
+$$;
+
+CREATE OR REPLACE FUNCTION queen.queue_list() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('queues', coalesce(jsonb_agg(q ORDER BY q->>'name'), '[]'::jsonb))
+      FROM (SELECT jsonb_build_object(
+                   'id', d->'id', 'name', d->'name', 'namespace', d->'namespace',
+                   'task', d->'task', 'createdAt', d->'createdAt',
+                   'partitions', jsonb_array_length(d->'partitions'),
+                   'messages', jsonb_build_object('total', d->'totals'->'total',
+                                                  'pending', d->'totals'->'pending',
+                                                  'processing', d->'totals'->'processing')) AS q
+              FROM queen.queues qu, LATERAL queen.queue_detail(qu.name) d) s
+$$;
+
+-- f: {queue, consumerGroup?, partition?, from?, to?, limit, offset}. Newest failure first.
+CREATE OR REPLACE FUNCTION queen.dlq_list(f jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_limit  integer := coalesce((f->>'limit')::int, 100);
+    v_offset integer := coalesce((f->>'offset')::int, 0);
+    v_rows   jsonb;
+    v_total  bigint;
+BEGIN
+    WITH hits AS (
+        SELECT d.*, m.transaction_id, m.payload, m.is_encrypted, m.producer_sub, m.created_at,
+               p.name AS partition_name, qu.name AS queue_name
+          FROM queen.dead_letter_queue d
+          JOIN queen.messages m ON m.id = d.message_id
+          JOIN queen.partitions p ON p.id = d.partition_id
+          JOIN queen.queues qu ON qu.id = p.queue_id
+         WHERE (f->>'queue' IS NULL OR qu.name = f->>'queue')
+           AND (f->>'consumerGroup' IS NULL OR d.consumer_group = f->>'consumerGroup')
+           AND (f->>'partition' IS NULL OR p.name = f->>'partition')
+           AND (f->>'from' IS NULL OR d.failed_at >= (f->>'from')::timestamptz)
+           AND (f->>'to' IS NULL OR d.failed_at <= (f->>'to')::timestamptz)
+    )
+    SELECT (SELECT count(*) FROM hits),
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'id', h.message_id, 'transactionId', h.transaction_id,
+                'partitionId', h.partition_id, 'queue', h.queue_name,
+                'partition', h.partition_name, 'consumerGroup', h.consumer_group,
+                'errorMessage', h.error_message, 'retryCount', h.retry_count,
+                'data', h.payload, 'isEncrypted', h.is_encrypted, 'producerSub', h.producer_sub,
+                'createdAt', queen.format_ts3(h.created_at),
+                'failedAt', queen.format_ts3(h.failed_at)) ORDER BY h.failed_at DESC, h.id DESC),
+                '[]'::jsonb)
+              FROM (SELECT * FROM hits ORDER BY failed_at DESC, id DESC
+                    LIMIT v_limit OFFSET v_offset) h)
+      INTO v_total, v_rows;
+    RETURN jsonb_build_object('messages', v_rows, 'total', v_total, 'limit', v_limit,
+                              'offset', v_offset,
+                              'pagination', jsonb_build_object('limit', v_limit, 'offset', v_offset));
+END
+$$;
+
+-- p: {transactionId, partitionId, consumerGroup, traceNames[], eventType, data, workerId}.
+-- Returns {traceId} or {notFound: true} when the message does not exist.
+CREATE OR REPLACE FUNCTION queen.add_trace(p jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_message uuid;
+    v_trace   uuid;
+BEGIN
+    SELECT id INTO v_message FROM queen.messages
+     WHERE partition_id = (p->>'partitionId')::uuid AND transaction_id = p->>'transactionId';
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('notFound', true);
+    END IF;
+    INSERT INTO queen.message_traces (message_id, partition_id, transaction_id, consumer_group,
+                                      event_type, data, trace_names, worker_id)
+    VALUES (v_message, (p->>'partitionId')::uuid, p->>'transactionId',
+            coalesce(p->>'consumerGroup', '__QUEUE_MODE__'), coalesce(p->>'eventType', 'info'),
+            p->'data',
+            ARRAY(SELECT jsonb_array_elements_text(coalesce(p->'traceNames', '[]'::jsonb))),
+            p->>'workerId')
+    RETURNING id INTO v_trace;
+    RETURN jsonb_build_object('traceId', v_trace);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queen.list_traces(p_partition uuid, p_transaction text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('traces', coalesce(jsonb_agg(jsonb_build_object(
+               'id', t.id, 'event_type', t.event_type, 'data', t.data,
+               'consumer_group', t.consumer_group, 'worker_id', t.worker_id,
+               'created_at', queen.format_ts3(t.created_at),
+               'trace_names', to_jsonb(t.trace_names)) ORDER BY t.created_at, t.id), '[]'::jsonb))
+      FROM queen.message_traces t
+     WHERE t.partition_id = p_partition AND t.transaction_id = p_transaction
+$$;

@@ -1,0 +1,181 @@
+"""Helpers shared by the tests: the real server as a subprocess, unique names, PG settings.
+
+Import from tests as ``from support import ServerProcess, unique_name`` (pytest puts the
+``tests`` directory on ``sys.path`` because it has a conftest.py and no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+from psycopg2.extensions import parse_dsn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Runs twistd from the interpreter running the tests (``python -m twisted`` is ``twist``,
+# which has neither -n nor --pidfile).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def unique_name(prefix: str = "test-") -> str:
+    """A queue/group name no other test uses; the ``test-`` prefix is what the official
+    harnesses clean up (``DELETE FROM queen.queues WHERE name LIKE 'test-%'``)."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def pg_env_from_dsn(dsn: str) -> dict[str, str]:
+    """PG_* variables for queen-tw from a libpq DSN (keyword or URI form)."""
+    parts = parse_dsn(dsn)
+    env = {
+        "PG_HOST": parts.get("host", "localhost"),
+        "PG_PORT": parts.get("port", "5432"),
+        "PG_USER": parts.get("user", "postgres"),
+        "PG_PASSWORD": parts.get("password", ""),
+        "PG_DB": parts.get("dbname", parts.get("user", "postgres")),
+    }
+    if parts.get("sslmode") in ("require", "verify-ca", "verify-full"):
+        env["PG_USE_SSL"] = "true"
+    return env
+
+
+class ServerProcess:
+    """The real queen-tw server (``twistd -n queen``) in a subprocess on a loopback port.
+
+    ``start()`` can be called again after ``stop()`` or ``kill()``: the same port, log and
+    file-buffer directory are reused, which is what crash/restart tests need.
+    """
+
+    def __init__(
+        self,
+        pg_env: Mapping[str, str],
+        workdir: os.PathLike[str] | str,
+        env_overrides: Mapping[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        """
+        @param pg_env: PG_* variables of the test database.
+        @param workdir: private directory for the log and the file buffer.
+        @param env_overrides: extra or replaced environment variables (e.g. RETENTION_INTERVAL).
+        @param port: HTTP port; a free one is picked when None.
+        """
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port if port is not None else free_port()
+        self.log_path = self.workdir / "server.log"
+        self.buffer_dir = self.workdir / "buffers"
+        self.env = {
+            **os.environ,
+            **pg_env,
+            "FILE_BUFFER_DIR": str(self.buffer_dir),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            **(env_overrides or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs."""
+        if self.process is None or not self.running:
+            return None
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """True while the subprocess has not exited."""
+        return self.process is not None and self.process.poll() is None
+
+    def command(self) -> list[str]:
+        """The command line that starts the server.
+
+        It logs to stdout, which is appended to ``server.log``: one file that also holds
+        anything printed before logging starts, and that twistd never rotates away.
+        """
+        return [*TWISTD, "-n", "--pidfile=", "--logfile=-", "queen",
+                "--port", str(self.port), "--host", "127.0.0.1"]
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        """Launch the server and wait until ``GET /health`` answers 200.
+
+        Raises RuntimeError with the end of the log if it exits or does not get healthy.
+        """
+        if self.running:
+            raise RuntimeError("server already running")
+        self.buffer_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as output:
+            self.process = subprocess.Popen(
+                self.command(), env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT,
+            )
+        self._wait_healthy(timeout)
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        """Poll /health until 200, the process dies, or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            exit_code = self.process.poll() if self.process is not None else None
+            if exit_code is not None:
+                raise RuntimeError(f"server exited with {exit_code}:\n{self.log_tail()}")
+            try:
+                answer = httpx.get(f"{self.url}/health", timeout=2)
+                if answer.status_code == 200:
+                    return
+                last_error = f"HTTP {answer.status_code}: {answer.text[:200]}"
+            except httpx.HTTPError as err:
+                last_error = repr(err)
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"server not healthy after {timeout}s ({last_error}):\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (graceful shutdown), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.running:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL: a crash without any shutdown work; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.running:
+            self.process.kill()
+        return self.process.wait()
+
+    def log_text(self) -> str:
+        """Everything the server printed and logged, across restarts."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of :meth:`log_text`, for failure messages."""
+        return "\n".join(self.log_text().splitlines()[-lines:])

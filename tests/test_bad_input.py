@@ -1,0 +1,484 @@
+"""Malformed requests on every core route (WIRE.md 1.2, 1.3, 1.6, 1.7, 2.1, 2.2, 2.4, 2.6, 3.6).
+
+A bad request answers 400 (or 404/413) with ``Content-Type: application/json`` and a body
+``{"error": str}``, never a traceback, and changes nothing in the database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Dict, Optional
+
+import httpx
+import pytest
+
+from tests.support import unique_name
+
+A_UUID = "0190a0b0-0000-7000-8000-000000000000"
+
+POST_ROUTES = {
+    "configure": "/api/v1/configure",
+    "push": "/api/v1/push",
+    "ack": "/api/v1/ack",
+    "ack-batch": "/api/v1/ack/batch",
+    "lease-extend": f"/api/v1/lease/{A_UUID}/extend",
+    "traces": "/api/v1/traces",
+}
+
+CORS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, PUT, DELETE, OPTIONS",
+    "access-control-allow-headers": "Content-Type, Authorization",
+}
+
+
+def assert_json_error(answer: httpx.Response, code: int, message: Optional[str] = None) -> str:
+    """The answer is ``code`` with a JSON ``{"error": str}`` body; returns the error text."""
+    assert answer.status_code == code, answer.text
+    assert answer.headers["content-type"].startswith("application/json"), answer.headers
+    body = answer.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in answer.text
+    if message is not None:
+        assert body["error"] == message
+    return body["error"]
+
+
+def post_raw(http: httpx.Client, path: str, raw: bytes) -> httpx.Response:
+    return http.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+
+def queue_rows(db, queue: str) -> int:
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM queen.queues WHERE name = %s", (queue,))
+        return cur.fetchone()[0]
+
+
+def message_rows(db, queue: str) -> int:
+    with db.cursor() as cur:
+        cur.execute("""SELECT count(*) FROM queen.messages m
+                         JOIN queen.partitions p ON p.id = m.partition_id
+                         JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""", (queue,))
+        return cur.fetchone()[0]
+
+
+# -- bodies that are not JSON objects ---------------------------------------------------
+
+
+@pytest.mark.parametrize("route", sorted(POST_ROUTES))
+def test_invalid_json_answers_400_invalid_json(http, route):
+    answer = post_raw(http, POST_ROUTES[route], b'{"queue": "x", oops}')
+
+    error = assert_json_error(answer, 400)
+    assert error.startswith("Invalid JSON")
+
+
+@pytest.mark.parametrize("route", sorted(POST_ROUTES))
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"42", b"null", b"true"])
+def test_body_that_is_not_an_object_answers_400(http, route, raw):
+    answer = post_raw(http, POST_ROUTES[route], raw)
+
+    assert_json_error(answer, 400)
+
+
+@pytest.mark.parametrize("route", sorted(POST_ROUTES))
+def test_body_that_is_not_utf8_answers_400(http, route):
+    answer = post_raw(http, POST_ROUTES[route], b'{"queue": "\xff\xfe"}')
+
+    assert_json_error(answer, 400)
+
+
+# -- configure --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{}, {"queue": None}, {"queue": ""}, {"options": {}}])
+def test_configure_without_queue_answers_queue_is_required(http, body):
+    answer = http.post("/api/v1/configure", json=body)
+
+    assert_json_error(answer, 400, "queue is required")
+
+
+@pytest.mark.parametrize("option,value", [
+    ("leaseTime", "abc"),
+    ("leaseTime", [1]),
+    ("retryLimit", {"n": 1}),
+    ("retryDelay", True),
+    ("maxSize", 1.5),
+    ("priority", "high"),
+    ("encryptionEnabled", 5),
+    ("dlqAfterMaxRetries", "maybe"),
+    ("retentionEnabled", [True]),
+])
+def test_configure_with_wrong_option_type_answers_400_naming_the_option(http, db, option, value):
+    queue = unique_name()
+
+    answer = http.post("/api/v1/configure", json={"queue": queue, "options": {option: value}})
+
+    error = assert_json_error(answer, 400)
+    assert option in error
+    assert queue_rows(db, queue) == 0
+
+
+def test_configure_with_options_not_an_object_answers_400(http, db):
+    queue = unique_name()
+
+    answer = http.post("/api/v1/configure", json={"queue": queue, "options": [1, 2]})
+
+    assert_json_error(answer, 400)
+    assert queue_rows(db, queue) == 0
+
+
+def test_configure_with_queue_not_a_string_answers_400(http):
+    answer = http.post("/api/v1/configure", json={"queue": 42})
+
+    assert_json_error(answer, 400)
+
+
+# -- push -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{}, {"items": None}, {"items": "x"}, {"items": {"queue": "q"}}])
+def test_push_without_items_array_answers_items_array_is_required(http, body):
+    answer = http.post("/api/v1/push", json=body)
+
+    assert_json_error(answer, 400, "items array is required")
+
+
+@pytest.mark.parametrize("item,message", [
+    ({"payload": 1}, "Queue must be a string"),
+    ({"queue": 5, "payload": 1}, "Queue must be a string"),
+    ({"queue": None, "payload": 1}, "Queue must be a string"),
+    ({"queue": "{q}", "partition": 5}, "Partition must be a string"),
+    ({"queue": "{q}", "partition": ["p"]}, "Partition must be a string"),
+    ({"queue": "{q}", "transactionId": 5}, "TransactionId must be a string"),
+    ({"queue": "{q}", "transactionId": {"id": 1}}, "TransactionId must be a string"),
+    ({"queue": "{q}", "traceId": 5}, "TraceId must be a string"),
+])
+def test_push_item_with_wrong_field_answers_the_wire_message(http, db, item, message):
+    queue = unique_name()
+    item = {key: (queue if value == "{q}" else value) for key, value in item.items()}
+
+    answer = http.post("/api/v1/push", json={"items": [item]})
+
+    assert_json_error(answer, 400, message)
+    assert message_rows(db, queue) == 0
+
+
+def test_push_item_that_is_not_an_object_answers_400(http):
+    answer = http.post("/api/v1/push", json={"items": ["just a string"]})
+
+    assert_json_error(answer, 400)
+
+
+def test_transaction_id_longer_than_255_answers_400(http, db):
+    queue = unique_name()
+
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": 1, "transactionId": "x" * 256}]})
+
+    assert_json_error(answer, 400)
+    assert message_rows(db, queue) == 0
+
+
+def test_transaction_id_of_255_characters_is_accepted(http):
+    queue = unique_name()
+
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": 1, "transactionId": "x" * 255}]})
+
+    assert answer.status_code == 201
+    assert answer.json()[0]["status"] == "queued"
+
+
+@pytest.mark.parametrize("bad_item", [
+    {"traceId": "not-a-uuid"},
+    {"transactionId": "y" * 300},
+    {"partition": 7},
+    {"queue": None},
+])
+def test_one_bad_item_rejects_the_whole_push(http, db, bad_item):
+    queue = unique_name()
+    items = [{"queue": queue, "payload": n, "transactionId": f"ok{n}"} for n in range(3)]
+    items.insert(2, {"queue": queue, "payload": "bad", **bad_item})
+
+    answer = http.post("/api/v1/push", json={"items": items})
+
+    assert_json_error(answer, 400)
+    assert message_rows(db, queue) == 0
+
+
+# -- pop --------------------------------------------------------------------------------
+
+
+def test_pop_with_consumer_group_longer_than_255_answers_400(http):
+    answer = http.get(f"/api/v1/pop/queue/{unique_name()}",
+                      params={"wait": "false", "consumerGroup": "g" * 256})
+
+    assert_json_error(answer, 400)
+
+
+def test_pop_with_unparsable_numbers_uses_the_defaults(http):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n} for n in range(3)]})
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}",
+                      params={"wait": "false", "batch": "lots", "timeout": "soon"})
+
+    assert answer.status_code == 200
+    assert len(answer.json()["messages"]) == 1  # DEFAULT_BATCH_SIZE
+
+
+# -- ack and ack/batch ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,message", [
+    ({}, "transactionId is required"),
+    ({"partitionId": A_UUID}, "transactionId is required"),
+    ({"transactionId": 5, "partitionId": A_UUID}, "transactionId is required"),
+    ({"transactionId": "t"}, "partitionId is required to ensure message uniqueness"),
+    ({"transactionId": "t", "partitionId": None},
+     "partitionId is required to ensure message uniqueness"),
+    ({"transactionId": "t", "partitionId": "p-1"}, "partitionId must be a UUID"),
+    ({"transactionId": "t", "partitionId": 12}, "partitionId must be a UUID"),
+])
+def test_ack_with_missing_or_wrong_fields_answers_the_wire_message(http, body, message):
+    answer = http.post("/api/v1/ack", json=body)
+
+    assert_json_error(answer, 400, message)
+
+
+@pytest.mark.parametrize("body", [{}, {"acknowledgments": None}, {"acknowledgments": "x"},
+                                  {"acknowledgments": {"transactionId": "t"}}])
+def test_batch_ack_without_array_answers_acknowledgments_array_is_required(http, body):
+    answer = http.post("/api/v1/ack/batch", json=body)
+
+    assert_json_error(answer, 400, "acknowledgments array is required")
+
+
+@pytest.mark.parametrize("item,message", [
+    ({"partitionId": A_UUID}, "transactionId is required"),
+    ({"transactionId": "t"}, "partitionId is required to ensure message uniqueness"),
+    ({"transactionId": "t", "partitionId": "nope"}, "partitionId must be a UUID"),
+])
+def test_batch_ack_with_one_bad_item_answers_the_wire_message(http, item, message):
+    good = {"transactionId": "t0", "partitionId": A_UUID}
+
+    answer = http.post("/api/v1/ack/batch", json={"acknowledgments": [good, item]})
+
+    assert_json_error(answer, 400, message)
+
+
+def test_batch_ack_with_one_bad_item_applies_none(http):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": n, "transactionId": f"t{n}"} for n in range(2)]})
+    message = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"}).json()["messages"][0]
+    valid = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
+             "leaseId": message["leaseId"]}
+    http.post("/api/v1/ack/batch", json={"acknowledgments": [valid, {"transactionId": "x"}]})
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"})
+
+    assert answer.status_code == 204  # the valid ack was not applied: the lease is still held
+
+
+# -- lease extend -----------------------------------------------------------------------
+
+
+def test_lease_extend_with_non_uuid_lease_answers_400(http):
+    answer = http.post("/api/v1/lease/12345/extend")
+
+    assert_json_error(answer, 400)
+
+
+@pytest.mark.parametrize("seconds", ["abc", -5, 0, 1.5, True])
+def test_lease_extend_with_bad_seconds_answers_400(http, seconds):
+    answer = http.post(f"/api/v1/lease/{A_UUID}/extend", json={"seconds": seconds})
+
+    assert_json_error(answer, 400)
+
+
+# -- dlq --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param", ["from", "to"])
+def test_dlq_with_unparsable_time_answers_400(http, param):
+    answer = http.get("/api/v1/dlq", params={"queue": unique_name(), param: "last tuesday"})
+
+    assert_json_error(answer, 400)
+
+
+def test_dlq_of_unknown_queue_is_empty(http):
+    answer = http.get("/api/v1/dlq", params={"queue": unique_name()})
+
+    assert answer.status_code == 200
+    assert answer.json()["messages"] == []
+    assert answer.json()["total"] == 0
+
+
+# -- traces -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [
+    {"data": {"a": 1}},
+    {"transactionId": "t", "data": {"a": 1}},
+    {"partitionId": A_UUID, "data": {"a": 1}},
+    {"transactionId": "", "partitionId": A_UUID, "data": {"a": 1}},
+])
+def test_trace_without_ids_answers_transaction_id_and_partition_id_are_required(http, body):
+    answer = http.post("/api/v1/traces", json=body)
+
+    assert_json_error(answer, 400, "transactionId and partitionId are required")
+
+
+@pytest.mark.parametrize("data", ["absent", None])
+def test_trace_without_data_answers_data_is_required(http, data):
+    body: Dict[str, Any] = {"transactionId": "t", "partitionId": A_UUID}
+    if data != "absent":
+        body["data"] = data
+
+    answer = http.post("/api/v1/traces", json=body)
+
+    assert_json_error(answer, 400, "data is required")
+
+
+def test_trace_with_non_uuid_partition_answers_400(http):
+    answer = http.post("/api/v1/traces", json={"transactionId": "t", "partitionId": "p",
+                                               "data": {}})
+
+    assert_json_error(answer, 400)
+
+
+def test_trace_list_with_non_uuid_partition_answers_400(http):
+    answer = http.get("/api/v1/traces/not-a-uuid/t")
+
+    assert_json_error(answer, 400)
+
+
+# -- resources --------------------------------------------------------------------------
+
+
+def test_unknown_queue_detail_answers_404_queue_not_found(http):
+    answer = http.get(f"/api/v1/resources/queues/{unique_name()}")
+
+    assert_json_error(answer, 404, "Queue not found")
+
+
+# -- routes, methods, sizes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/v1/no-such-route"),
+    ("POST", "/api/v1/no-such-route"),
+    ("DELETE", "/api/v1/nothing/here"),
+    ("GET", "/api/v2/push"),
+    ("GET", "/api"),
+    ("GET", "/internal/api/no-such-route"),
+])
+def test_unknown_route_answers_404_json(http, method, path):
+    answer = http.request(method, path)
+
+    assert_json_error(answer, 404)
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/v1/push"),
+    ("GET", "/api/v1/ack"),
+    ("PUT", "/api/v1/configure"),
+    ("POST", "/api/v1/pop/queue/somewhere"),
+])
+def test_wrong_method_on_a_known_route_answers_4xx_json(http, method, path):
+    answer = http.request(method, path)
+
+    assert 400 <= answer.status_code < 500
+    assert_json_error(answer, answer.status_code)
+
+
+def test_oversized_body_answers_413_json(make_server):
+    small = make_server(QUEEN_MAX_BODY_BYTES="1000")
+    queue = unique_name()
+    body = ('{"items": [{"queue": "%s", "payload": "%s"}]}' % (queue, "x" * 2000)).encode()
+
+    with httpx.Client(base_url=small.url, timeout=20) as client:
+        answer = client.post("/api/v1/push", content=body,
+                             headers={"Content-Type": "application/json"})
+
+    assert_json_error(answer, 413)
+    assert answer.headers["access-control-allow-origin"] == "*"
+
+
+def test_body_under_the_limit_is_accepted(make_server):
+    small = make_server(QUEEN_MAX_BODY_BYTES="1000")
+
+    with httpx.Client(base_url=small.url, timeout=20) as client:
+        answer = client.post("/api/v1/push", json={"items": [
+            {"queue": unique_name(), "payload": "x" * 100}]})
+
+    assert answer.status_code == 201
+
+
+# -- every error is JSON, every answer has CORS -----------------------------------------
+
+
+ERROR_REQUESTS = {
+    "invalid-json": ("POST", "/api/v1/push", b"{nope"),
+    "missing-field": ("POST", "/api/v1/ack", b"{}"),
+    "unknown-route": ("GET", "/api/v1/does-not-exist", None),
+    "unknown-lease": ("POST", f"/api/v1/lease/{uuid.uuid4()}/extend", None),
+    "unknown-queue": ("GET", "/api/v1/resources/queues/test-never-made-0000", None),
+    "wrong-method": ("GET", "/api/v1/push", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_REQUESTS))
+def test_error_answers_are_json_with_an_error_string(http, case):
+    method, path, raw = ERROR_REQUESTS[case]
+
+    answer = http.request(method, path, content=raw,
+                          headers={"Content-Type": "application/json"} if raw else {})
+
+    assert answer.status_code >= 400
+    assert_json_error(answer, answer.status_code)
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_REQUESTS))
+def test_error_answers_carry_cors_headers(http, case):
+    method, path, raw = ERROR_REQUESTS[case]
+
+    answer = http.request(method, path, content=raw,
+                          headers={"Content-Type": "application/json"} if raw else {})
+
+    assert {name: answer.headers.get(name) for name in CORS} == CORS
+
+
+def test_normal_answer_carries_cors_headers(http):
+    answer = http.post("/api/v1/configure", json={"queue": unique_name()})
+
+    assert answer.status_code == 200
+    assert {name: answer.headers.get(name) for name in CORS} == CORS
+
+
+def test_204_answer_carries_cors_headers(http):
+    answer = http.get(f"/api/v1/pop/queue/{unique_name()}", params={"wait": "false"})
+
+    assert answer.status_code == 204
+    assert {name: answer.headers.get(name) for name in CORS} == CORS
+
+
+def test_health_answer_carries_cors_headers(http):
+    answer = http.get("/health")
+
+    assert {name: answer.headers.get(name) for name in CORS} == CORS
+
+
+@pytest.mark.parametrize("path", ["/api/v1/push", "/api/v1/pop/queue/q", "/health",
+                                  "/api/v1/no-such-route", "/anything/at/all", "/"])
+def test_options_on_any_path_answers_204_preflight(http, path):
+    answer = http.options(path, headers={"Origin": "http://example.test",
+                                         "Access-Control-Request-Method": "POST"})
+
+    assert answer.status_code == 204
+    assert answer.content == b""
+    assert answer.headers["access-control-max-age"] == "86400"
+    assert {name: answer.headers.get(name) for name in CORS} == CORS

@@ -1,0 +1,190 @@
+"""Configuration parsing: defaults, environment, CLI precedence, refusals, DSN."""
+
+from __future__ import annotations
+
+import pytest
+from psycopg2.extensions import parse_dsn
+from twisted.python import usage
+
+from queen_tw.config import OPTIONS, Config, ConfigError, QueenOptions, markdown_table
+
+KEY_HEX = "00112233445566778899aabbccddeeff" * 2
+
+
+def parse(env: dict[str, str] | None = None, **cli: str) -> Config:
+    """Config from an environment mapping and CLI values keyed by field name."""
+    return Config.from_sources(env or {}, cli)
+
+
+def test_defaults_match_the_documented_values() -> None:
+    config = Config.defaults()
+    assert (config.port, config.host, config.num_workers, config.worker_id) == (6632, "0.0.0.0", 1, "queen-tw-1")
+    assert (config.log_level, config.log_format) == ("info", "text")
+    assert (config.pg_host, config.pg_port, config.pg_user, config.pg_password, config.pg_db) == (
+        "localhost", 5432, "postgres", "postgres", "postgres")
+    assert config.pg_use_ssl is False and config.pg_ssl_reject_unauthorized is True
+    assert config.db_pool_size == 10
+    assert config.pop_wait_backoff_multiplier == 2.0
+    assert config.max_body_bytes == 64 * 1024 * 1024
+    assert config.default_subscription_mode == ""
+    assert config.encryption_key is None and config.embedded_pg is None
+    assert config.warnings == ()
+
+
+def test_environment_sets_values_by_upstream_names() -> None:
+    config = parse({"PORT": "7000", "DB_POOL_SIZE": "4", "RETENTION_INTERVAL": "2000",
+                    "PG_USE_SSL": "YES", "POP_WAIT_BACKOFF_MULTIPLIER": "1.5",
+                    "DEFAULT_SUBSCRIPTION_MODE": "new-only", "LOG_LEVEL": "DEBUG"})
+    assert config.port == 7000
+    assert config.db_pool_size == 4
+    assert config.retention_interval_ms == 2000
+    assert config.pg_use_ssl is True
+    assert config.pop_wait_backoff_multiplier == 1.5
+    assert config.default_subscription_mode == "new-only"
+    assert config.log_level == "debug"
+
+
+def test_cli_value_overrides_environment() -> None:
+    config = parse({"PORT": "7000", "PG_HOST": "db.example"}, port="7001")
+    assert config.port == 7001
+    assert config.pg_host == "db.example"
+
+
+def test_cli_none_means_flag_not_given() -> None:
+    assert Config.from_sources({"PORT": "7000"}, {"port": None}).port == 7000
+
+
+def test_unknown_cli_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="no_such_option"):
+        parse(no_such_option="1")
+
+
+def test_bad_integer_names_the_environment_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse({"PORT": "abc"})
+    assert str(caught.value) == "PORT: expected an integer, got 'abc'"
+
+
+def test_bad_cli_integer_also_names_the_environment_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^DB_POOL_SIZE: expected an integer, got '1\.5'$"):
+        parse(db_pool_size="1.5")
+
+
+@pytest.mark.parametrize("env", [{"PORT": "70000"}, {"PORT": "-1"}, {"DB_POOL_SIZE": "0"},
+                                 {"DEFAULT_BATCH_SIZE": "0"}, {"POP_WAIT_BACKOFF_MULTIPLIER": "0.5"}])
+def test_out_of_range_numbers_are_refused(env: dict[str, str]) -> None:
+    (name,) = env
+    with pytest.raises(ConfigError, match=f"^{name}: must be"):
+        parse(env)
+
+
+def test_non_finite_float_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^POP_WAIT_BACKOFF_MULTIPLIER: expected a finite number"):
+        parse({"POP_WAIT_BACKOFF_MULTIPLIER": "inf"})
+
+
+@pytest.mark.parametrize("word,expected", [("true", True), ("TRUE", True), ("1", True), ("Yes", True),
+                                           ("false", False), ("0", False), ("no", False)])
+def test_booleans_accept_the_usual_spellings(word: str, expected: bool) -> None:
+    assert parse({"PG_USE_SSL": word}).pg_use_ssl is expected
+
+
+def test_bad_boolean_names_the_environment_variable() -> None:
+    with pytest.raises(ConfigError, match="^PG_SSL_REJECT_UNAUTHORIZED: expected true/false"):
+        parse({"PG_SSL_REJECT_UNAUTHORIZED": "maybe"})
+
+
+def test_bad_choice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^DEFAULT_SUBSCRIPTION_MODE: expected one of"):
+        parse({"DEFAULT_SUBSCRIPTION_MODE": "from_beginning"})
+
+
+def test_empty_numeric_value_means_default() -> None:
+    assert parse({"PORT": "", "PG_USE_SSL": " "}).port == 6632
+
+
+def test_empty_password_is_kept() -> None:
+    assert parse({"PG_PASSWORD": ""}).pg_password == ""
+
+
+def test_pop_wait_max_below_initial_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^POP_WAIT_MAX_INTERVAL_MS"):
+        parse({"POP_WAIT_INITIAL_INTERVAL_MS": "500", "POP_WAIT_MAX_INTERVAL_MS": "100"})
+
+
+def test_encryption_key_of_64_hex_chars_becomes_32_bytes() -> None:
+    config = parse({"QUEEN_ENCRYPTION_KEY": KEY_HEX.upper()})
+    assert config.encryption_key == bytes.fromhex(KEY_HEX)
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize("bad", ["abc", KEY_HEX[:-2], KEY_HEX + "00", "zz" * 32])
+def test_malformed_encryption_key_turns_encryption_off_with_a_warning(bad: str) -> None:
+    config = parse({"QUEEN_ENCRYPTION_KEY": bad})
+    assert config.encryption_key is None
+    assert len(config.warnings) == 1 and "QUEEN_ENCRYPTION_KEY" in config.warnings[0]
+    assert bad not in config.warnings[0]
+
+
+def test_unset_encryption_key_is_off_without_warning() -> None:
+    config = parse({"QUEEN_ENCRYPTION_KEY": ""})
+    assert config.encryption_key is None and config.warnings == ()
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    text = repr(parse({"QUEEN_ENCRYPTION_KEY": KEY_HEX, "PG_PASSWORD": "hunter2"}))
+    assert "hunter2" not in text and "encryption_key" not in text
+
+
+def test_dsn_points_at_a_unix_socket_directory() -> None:
+    config = parse({"PG_HOST": "/tmp/queen pg/data", "PG_PORT": "5433", "PG_PASSWORD": "",
+                    "DB_CONNECTION_TIMEOUT": "2500", "WORKER_ID": "w'1"})
+    parts = parse_dsn(config.dsn)
+    assert parts["host"] == "/tmp/queen pg/data"
+    assert parts["port"] == "5433"
+    assert parts["password"] == ""
+    assert parts["connect_timeout"] == "3"
+    assert parts["sslmode"] == "disable"
+    assert parts["application_name"] == "w'1"
+    assert parts["options"] == "-c statement_timeout=30000 -c lock_timeout=10000"
+
+
+@pytest.mark.parametrize("use_ssl,reject,mode", [("true", "true", "require"), ("true", "false", "prefer"),
+                                                 ("false", "true", "disable")])
+def test_dsn_sslmode_follows_the_two_ssl_flags(use_ssl: str, reject: str, mode: str) -> None:
+    config = parse({"PG_USE_SSL": use_ssl, "PG_SSL_REJECT_UNAUTHORIZED": reject})
+    assert parse_dsn(config.dsn)["sslmode"] == mode
+
+
+def test_with_changes_returns_a_modified_copy() -> None:
+    config = Config.defaults()
+    changed = config.with_changes(port=1234)
+    assert changed.port == 1234 and config.port == 6632
+
+
+def test_options_flags_are_env_names_in_lower_case_with_dashes() -> None:
+    flags = {spec.flag for spec in OPTIONS}
+    assert {"port", "host", "pg-host", "db-pool-size", "embedded-pg", "max-body-bytes",
+            "encryption-key", "default-timeout"} <= flags
+
+
+def test_queen_options_parse_flags_into_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PG_HOST", "from-env")
+    monkeypatch.setenv("PORT", "7000")
+    options = QueenOptions()
+    options.parseOptions(["--port", "7001", "--embedded-pg", ".pgdata", "--db-pool-size", "3"])
+    assert options.config.port == 7001
+    assert options.config.pg_host == "from-env"
+    assert options.config.embedded_pg == ".pgdata"
+    assert options.config.db_pool_size == 3
+
+
+def test_queen_options_turn_bad_values_into_usage_errors() -> None:
+    with pytest.raises(usage.UsageError, match="^PORT: expected an integer, got 'abc'$"):
+        QueenOptions().parseOptions(["--port", "abc"])
+
+
+def test_markdown_table_lists_every_option() -> None:
+    table = markdown_table()
+    for spec in OPTIONS:
+        assert f"`{spec.env}`" in table and f"`--{spec.flag}`" in table

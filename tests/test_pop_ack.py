@@ -1,0 +1,635 @@
+"""Pop, ack and lease routes over the real socket (WIRE.md 2.0, 2.3, 2.4, 2.6, 3.3).
+
+Every wait is bounded: polls loop against a deadline and long-polls carry a short timeout, so a
+broken server fails a test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+import httpx
+
+from tests.support import unique_name
+
+CREATED_AT_6_DIGITS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def configure(http: httpx.Client, queue: str, **options: Any) -> Dict[str, Any]:
+    answer = http.post("/api/v1/configure", json={"queue": queue, "options": options})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def push(http: httpx.Client, queue: str, payloads: List[Any], partition: str = "Default",
+         prefix: str = "t") -> List[Dict[str, Any]]:
+    """Pushes one message per payload with transaction ids ``<prefix>0``, ``<prefix>1`` …"""
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": partition, "payload": payload,
+         "transactionId": f"{prefix}{n}"} for n, payload in enumerate(payloads)]})
+    assert answer.status_code == 201, answer.text
+    assert {r["status"] for r in answer.json()} == {"queued"}, answer.text
+    return answer.json()
+
+
+def pop_answer(http: httpx.Client, queue: str, partition: Optional[str] = None,
+               **params: Any) -> httpx.Response:
+    path = f"/api/v1/pop/queue/{queue}"
+    if partition is not None:
+        path += f"/partition/{partition}"
+    return http.get(path, params={"wait": "false", **params})
+
+
+def pop(http: httpx.Client, queue: str, partition: Optional[str] = None,
+        **params: Any) -> Optional[Dict[str, Any]]:
+    """The 200 body of a pop, or None for 204 (anything else fails the test)."""
+    answer = pop_answer(http, queue, partition, **params)
+    assert answer.status_code in (200, 204), answer.text
+    return answer.json() if answer.status_code == 200 else None
+
+
+def ack(http: httpx.Client, message: Dict[str, Any], status: str = "completed",
+        **extra: Any) -> Dict[str, Any]:
+    """Acks one popped message with its own lease; returns the single result item."""
+    body = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
+            "status": status, "leaseId": message["leaseId"] or None, **extra}
+    answer = http.post("/api/v1/ack", json=body)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    assert isinstance(results, list) and len(results) == 1, answer.text
+    return results[0]
+
+
+def poll_pop(http: httpx.Client, queue: str, within: float,
+             **params: Any) -> Optional[Dict[str, Any]]:
+    """Pops (wait=false) every 50 ms until something comes or ``within`` seconds passed."""
+    deadline = time.monotonic() + within
+    while True:
+        delivery = pop(http, queue, **params)
+        if delivery is not None or time.monotonic() >= deadline:
+            return delivery
+        time.sleep(0.05)
+
+
+def dead_letters(http: httpx.Client, queue: str) -> Dict[str, Any]:
+    answer = http.get("/api/v1/dlq", params={"queue": queue})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def exhaust(http: httpx.Client, queue: str, attempts: int, error: str) -> List[Dict[str, Any]]:
+    """Pops and fails the head message ``attempts`` times; returns the ack results."""
+    results = []
+    for _ in range(attempts):
+        delivery = poll_pop(http, queue, within=5)
+        assert delivery is not None, "message was not redelivered"
+        results.append(ack(http, delivery["messages"][0], "failed", error=error))
+    return results
+
+
+# -- empty and unknown ------------------------------------------------------------------
+
+
+def test_pop_of_empty_queue_answers_204_without_body(http):
+    queue = unique_name()
+    configure(http, queue)
+
+    answer = pop_answer(http, queue)
+
+    assert answer.status_code == 204
+    assert answer.content == b""
+
+
+def test_pop_of_unknown_queue_answers_204(http):
+    answer = pop_answer(http, unique_name())
+
+    assert answer.status_code == 204
+    assert answer.content == b""
+
+
+def test_pop_of_unknown_partition_answers_204(http):
+    queue = unique_name()
+    push(http, queue, ["x"])
+
+    answer = pop_answer(http, queue, "no-such-partition")
+
+    assert answer.status_code == 204
+
+
+# -- what a pop hands out ---------------------------------------------------------------
+
+
+def test_pop_returns_batch_messages_when_more_are_available(http):
+    queue = unique_name()
+    push(http, queue, list(range(5)))
+
+    delivery = pop(http, queue, batch=2)
+
+    assert [m["data"] for m in delivery["messages"]] == [0, 1]
+
+
+def test_pop_returns_what_is_available_when_batch_is_larger(http):
+    queue = unique_name()
+    push(http, queue, list(range(3)))
+
+    delivery = pop(http, queue, batch=10)
+
+    assert [m["data"] for m in delivery["messages"]] == [0, 1, 2]
+
+
+def test_pop_takes_messages_from_one_partition(http):
+    queue = unique_name()
+    push(http, queue, ["a0", "a1", "a2"], partition="a", prefix="a")
+    push(http, queue, ["b0", "b1", "b2"], partition="b", prefix="b")
+
+    delivery = pop(http, queue, batch=10)
+
+    assert len({m["partitionId"] for m in delivery["messages"]}) == 1
+    assert len(delivery["messages"]) == 3
+
+
+def test_popped_message_carries_every_field_clients_read(http):
+    queue = unique_name()
+    trace_id = str(uuid.uuid4())
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": "p1", "payload": {"k": "v"}, "transactionId": "tx-1",
+         "traceId": trace_id}]})
+    [pushed] = answer.json()
+
+    delivery = pop(http, queue, consumerGroup="workers")
+
+    [message] = delivery["messages"]
+    assert message["id"] == pushed["message_id"]
+    assert message["transactionId"] == "tx-1"
+    assert message["partitionId"] == pushed["partition_id"]
+    uuid.UUID(message["leaseId"])
+    assert message["partition"] == "p1"
+    assert message["consumerGroup"] == "workers"
+    assert message["data"] == {"k": "v"}
+    assert message["traceId"] == trace_id
+    assert "producerSub" in message and message["producerSub"] is None
+    assert CREATED_AT_6_DIGITS.match(message["createdAt"]), message["createdAt"]
+    assert message["queue"] == queue
+    assert message["retryCount"] == 0
+
+
+def test_pop_answer_describes_the_claimed_partition(http):
+    queue = unique_name()
+    [pushed] = push(http, queue, ["x"], partition="p1")
+
+    delivery = pop(http, queue)
+
+    assert delivery["success"] is True
+    assert delivery["queue"] == queue
+    assert delivery["partition"] == "p1"
+    assert delivery["partitionId"] == pushed["partition_id"]
+    assert delivery["leaseId"] == delivery["messages"][0]["leaseId"]
+    assert delivery["consumerGroup"] == "__QUEUE_MODE__"
+    assert delivery["partitionsClaimed"] == 1
+
+
+def test_pop_without_trace_id_answers_trace_id_null(http):
+    queue = unique_name()
+    push(http, queue, ["x"])
+
+    delivery = pop(http, queue)
+
+    assert delivery["messages"][0]["traceId"] is None
+
+
+# -- leases -----------------------------------------------------------------------------
+
+
+def test_leased_partition_is_not_handed_to_a_second_pop(http):
+    queue = unique_name()
+    push(http, queue, ["first", "second"])
+    pop(http, queue)
+
+    answer = pop_answer(http, queue)
+
+    assert answer.status_code == 204
+
+
+def test_leased_partition_is_not_handed_out_on_the_partition_route(http):
+    queue = unique_name()
+    push(http, queue, ["first", "second"], partition="p")
+    pop(http, queue, "p")
+
+    answer = pop_answer(http, queue, "p")
+
+    assert answer.status_code == 204
+
+
+def test_lease_of_one_group_does_not_block_another_group(http):
+    queue = unique_name()
+    push(http, queue, ["only"])
+    pop(http, queue, consumerGroup="g1")
+
+    delivery = pop(http, queue, consumerGroup="g2")
+
+    assert delivery["messages"][0]["data"] == "only"
+
+
+def test_partial_ack_keeps_the_lease(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1", "m2"])
+    delivery = pop(http, queue, batch=2)
+    ack(http, delivery["messages"][0])
+
+    answer = pop_answer(http, queue)
+
+    assert answer.status_code == 204
+
+
+def test_last_ack_releases_the_lease_and_the_next_message_comes_at_once(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1", "m2"])
+    delivery = pop(http, queue, batch=2)
+    ack(http, delivery["messages"][0])
+    last = ack(http, delivery["messages"][1])
+
+    following = pop(http, queue)
+
+    assert last["success"] is True and last["leaseReleased"] is True
+    assert [m["data"] for m in following["messages"]] == ["m2"]
+
+
+def test_unacked_message_is_redelivered_after_lease_expiry(http):
+    queue = unique_name()
+    configure(http, queue, leaseTime=1)
+    push(http, queue, ["x"])
+    first = pop(http, queue)["messages"][0]
+    started = time.monotonic()
+
+    again = poll_pop(http, queue, within=8)
+
+    assert again is not None
+    assert time.monotonic() - started >= 0.5  # not before the lease ran out
+    assert again["messages"][0]["id"] == first["id"]
+    assert again["leaseId"] != first["leaseId"]
+
+
+def test_auto_ack_pop_answers_empty_lease_and_frees_the_partition(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1"])
+    delivery = pop(http, queue, autoAck="true")
+
+    following = pop(http, queue)
+
+    assert delivery["leaseId"] == ""
+    assert delivery["messages"][0]["leaseId"] == ""
+    assert [m["data"] for m in following["messages"]] == ["m1"]
+
+
+def test_auto_acked_message_is_not_redelivered(http):
+    queue = unique_name()
+    configure(http, queue, leaseTime=1)
+    push(http, queue, ["x"])
+    pop(http, queue, autoAck="true")
+    time.sleep(1.5)  # past the lease time an unacked message would come back
+
+    answer = pop_answer(http, queue)
+
+    assert answer.status_code == 204
+
+
+# -- failures, retries and the dead-letter queue ----------------------------------------
+
+
+def test_failed_ack_redelivers_after_retry_delay_with_retry_count(http):
+    queue = unique_name()
+    configure(http, queue, retryDelay=200)
+    push(http, queue, ["x"])
+    first = pop(http, queue)["messages"][0]
+    result = ack(http, first, "failed", error="boom")
+
+    again = poll_pop(http, queue, within=5)
+
+    assert result["success"] is True
+    assert again is not None
+    assert again["messages"][0]["id"] == first["id"]
+    assert again["messages"][0]["retryCount"] == 1
+
+
+def test_failed_ack_keeps_the_partition_back_during_retry_delay(http):
+    queue = unique_name()
+    configure(http, queue, retryDelay=5000)
+    push(http, queue, ["x"])
+    ack(http, pop(http, queue)["messages"][0], "failed")
+
+    answer = pop_answer(http, queue)
+
+    assert answer.status_code == 204
+
+
+def test_failed_batch_ack_redelivers_the_whole_batch(http):
+    queue = unique_name()
+    configure(http, queue, retryDelay=0)
+    push(http, queue, ["m0", "m1", "m2"])
+    delivery = pop(http, queue, batch=3)
+    http.post("/api/v1/ack/batch", json={"acknowledgments": [
+        {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+         "leaseId": m["leaseId"], "status": "failed"} for m in delivery["messages"]]})
+
+    again = poll_pop(http, queue, within=5, batch=3)
+
+    assert [m["data"] for m in again["messages"]] == ["m0", "m1", "m2"]
+
+
+def test_exhausted_retries_move_the_message_to_the_dlq(http):
+    queue = unique_name()
+    configure(http, queue, retryLimit=1, retryDelay=0)
+    push(http, queue, [{"order": 7}])
+    error_text = f"handler exploded {uuid.uuid4().hex}"
+
+    results = exhaust(http, queue, attempts=2, error=error_text)
+
+    assert [r["dlq"] for r in results] == [False, True]
+    dlq = dead_letters(http, queue)
+    assert dlq["total"] == 1
+    [entry] = dlq["messages"]
+    assert entry["data"] == {"order": 7}
+    assert error_text in entry["errorMessage"]
+    assert entry["queue"] == queue
+    assert entry["transactionId"] == "t0"
+
+
+def test_message_in_dlq_is_not_delivered_again(http):
+    queue = unique_name()
+    configure(http, queue, retryLimit=0, retryDelay=0)
+    push(http, queue, ["doomed", "next"])
+    exhaust(http, queue, attempts=1, error="nope")
+
+    following = pop(http, queue, batch=5)
+
+    assert [m["data"] for m in following["messages"]] == ["next"]
+
+
+def test_dlq_status_ack_moves_the_message_to_the_dlq_at_once(http):
+    queue = unique_name()
+    configure(http, queue, retryLimit=5)
+    push(http, queue, ["poison", "fine"])
+    message = pop(http, queue)["messages"][0]
+
+    result = ack(http, message, "dlq", error="unparseable")
+
+    assert result["success"] is True and result["dlq"] is True
+    dlq = dead_letters(http, queue)
+    assert [e["data"] for e in dlq["messages"]] == ["poison"]
+    assert "unparseable" in dlq["messages"][0]["errorMessage"]
+    assert [m["data"] for m in pop(http, queue)["messages"]] == ["fine"]
+
+
+def test_dlq_lists_only_the_asked_queue(http):
+    queue, other = unique_name(), unique_name()
+    for name in (queue, other):
+        push(http, name, [name])
+        ack(http, pop(http, name)["messages"][0], "dlq", error="x")
+
+    dlq = dead_letters(http, queue)
+
+    assert dlq["total"] == 1
+    assert [e["data"] for e in dlq["messages"]] == [queue]
+
+
+# -- ack errors -------------------------------------------------------------------------
+
+
+def test_ack_with_wrong_lease_fails_and_changes_nothing(http):
+    queue = unique_name()
+    push(http, queue, ["x", "y"])
+    message = pop(http, queue)["messages"][0]
+
+    result = ack(http, message, leaseId=str(uuid.uuid4()))
+
+    assert result["success"] is False
+    assert result["error"] == "Invalid or expired lease"
+    assert pop_answer(http, queue).status_code == 204  # lease still held
+    assert ack(http, message)["success"] is True  # and still the real one's to ack
+
+
+def test_ack_of_unknown_transaction_id_reports_message_not_found(http):
+    queue = unique_name()
+    [pushed] = push(http, queue, ["x"])
+
+    answer = http.post("/api/v1/ack", json={"transactionId": "never-pushed",
+                                            "partitionId": pushed["partition_id"]})
+
+    assert answer.status_code == 200
+    [result] = answer.json()
+    assert result["success"] is False
+    assert result["error"] == "Message not found"
+
+
+def test_ack_of_unknown_partition_reports_message_not_found(http):
+    answer = http.post("/api/v1/ack", json={"transactionId": "t",
+                                            "partitionId": str(uuid.uuid4())})
+
+    assert answer.status_code == 200
+    assert answer.json()[0]["success"] is False
+    assert answer.json()[0]["error"] == "Message not found"
+
+
+def test_ack_with_invalid_status_reports_invalid_status(http):
+    queue = unique_name()
+    push(http, queue, ["x"])
+    message = pop(http, queue)["messages"][0]
+
+    result = ack(http, message, "maybe")
+
+    assert result["success"] is False
+    assert result["error"] == "Invalid status"
+
+
+def test_single_ack_answers_one_item_with_its_fields(http):
+    queue = unique_name()
+    push(http, queue, ["x"], partition="p")
+    message = pop(http, queue)["messages"][0]
+
+    result = ack(http, message)
+
+    assert result["index"] == 0
+    assert result["transactionId"] == message["transactionId"]
+    assert result["success"] is True
+    assert result["error"] is None
+    assert result["queueName"] == queue
+    assert result["partitionName"] == "p"
+    assert result["dlq"] is False
+
+
+# -- batch ack and cursor ---------------------------------------------------------------
+
+
+def test_batch_ack_across_two_partitions_frees_both(http):
+    queue = unique_name()
+    push(http, queue, ["a0", "a1"], partition="a", prefix="a")
+    push(http, queue, ["b0", "b1"], partition="b", prefix="b")
+    messages = [pop(http, queue, "a")["messages"][0], pop(http, queue, "b")["messages"][0]]
+
+    answer = http.post("/api/v1/ack/batch", json={"consumerGroup": None, "acknowledgments": [
+        {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+         "leaseId": m["leaseId"], "status": "completed"} for m in messages]})
+
+    assert answer.status_code == 200
+    assert [(r["index"], r["success"]) for r in answer.json()] == [(0, True), (1, True)]
+    assert [m["data"] for m in pop(http, queue, "a")["messages"]] == ["a1"]
+    assert [m["data"] for m in pop(http, queue, "b")["messages"]] == ["b1"]
+
+
+def test_batch_ack_of_a_multi_partition_pop(http):
+    queue = unique_name()
+    push(http, queue, ["a0"], partition="a", prefix="a")
+    push(http, queue, ["b0"], partition="b", prefix="b")
+    delivery = pop(http, queue, batch=10, partitions=2)
+
+    answer = http.post("/api/v1/ack/batch", json={"acknowledgments": [
+        {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+         "leaseId": m["leaseId"]} for m in delivery["messages"]]})
+
+    assert sorted(m["data"] for m in delivery["messages"]) == ["a0", "b0"]
+    assert len({m["leaseId"] for m in delivery["messages"]}) == 1
+    assert [r["success"] for r in answer.json()] == [True, True]
+    assert all(r["leaseReleased"] for r in answer.json())
+
+
+def test_acking_an_older_message_after_a_newer_one_does_not_move_the_cursor_back(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1", "m2"])
+    older, newer = pop(http, queue, batch=2)["messages"]
+    ack(http, newer)
+    ack(http, older)
+
+    following = pop(http, queue, batch=5)
+
+    assert [m["data"] for m in following["messages"]] == ["m2"]
+
+
+# -- long polling -----------------------------------------------------------------------
+
+
+def test_long_poll_with_nothing_answers_204_after_the_timeout(http):
+    queue = unique_name()
+    configure(http, queue)
+    started = time.monotonic()
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "true", "timeout": 1000},
+                      timeout=15)
+
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 204
+    assert answer.content == b""
+    assert elapsed >= 0.8
+
+
+def test_long_poll_returns_a_message_pushed_while_it_waits(http, server):
+    queue = unique_name()
+    configure(http, queue)
+
+    def push_later() -> None:
+        time.sleep(0.5)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            client.post("/api/v1/push", json={"items": [
+                {"queue": queue, "payload": "late arrival", "transactionId": "late"}]})
+
+    pusher = threading.Thread(target=push_later)
+    started = time.monotonic()
+    pusher.start()
+    try:
+        answer = http.get(f"/api/v1/pop/queue/{queue}",
+                          params={"wait": "true", "timeout": 10000}, timeout=20)
+    finally:
+        pusher.join(15)
+    elapsed = time.monotonic() - started
+
+    assert answer.status_code == 200
+    assert [m["data"] for m in answer.json()["messages"]] == ["late arrival"]
+    assert elapsed < 5
+
+
+def test_long_poll_on_a_partition_returns_a_message_pushed_while_it_waits(http, server):
+    queue = unique_name()
+    configure(http, queue)
+
+    def push_later() -> None:
+        time.sleep(0.5)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            client.post("/api/v1/push", json={"items": [
+                {"queue": queue, "partition": "p", "payload": "late", "transactionId": "late"}]})
+
+    pusher = threading.Thread(target=push_later)
+    started = time.monotonic()
+    pusher.start()
+    try:
+        answer = http.get(f"/api/v1/pop/queue/{queue}/partition/p",
+                          params={"wait": "true", "timeout": 10000}, timeout=20)
+    finally:
+        pusher.join(15)
+
+    assert answer.status_code == 200
+    assert [m["data"] for m in answer.json()["messages"]] == ["late"]
+    assert time.monotonic() - started < 5
+
+
+# -- lease extension --------------------------------------------------------------------
+
+
+def test_lease_extend_without_body_answers_the_new_expiry(http):
+    queue = unique_name()
+    push(http, queue, ["x"])
+    lease_id = pop(http, queue)["leaseId"]
+
+    answer = http.post(f"/api/v1/lease/{lease_id}/extend")
+
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["leaseId"] == lease_id
+    assert body["success"] is True
+    assert ISO_Z.match(body["leaseExpiresAt"]), body
+    assert body["newExpiresAt"] == body["leaseExpiresAt"]
+    assert body["expiresAt"] == body["leaseExpiresAt"]
+
+
+def test_lease_extend_with_empty_object_body_succeeds(http):
+    queue = unique_name()
+    push(http, queue, ["x"])
+    lease_id = pop(http, queue)["leaseId"]
+
+    answer = http.post(f"/api/v1/lease/{lease_id}/extend", json={})
+
+    assert answer.status_code == 200
+    assert answer.json()["success"] is True
+
+
+def test_extended_lease_outlives_its_lease_time(http):
+    queue = unique_name()
+    configure(http, queue, leaseTime=1)
+    push(http, queue, ["x"])
+    lease_id = pop(http, queue)["leaseId"]
+    http.post(f"/api/v1/lease/{lease_id}/extend", json={"seconds": 30})
+    time.sleep(1.5)
+
+    answer = pop_answer(http, queue)
+
+    assert answer.status_code == 204
+
+
+def test_lease_extend_of_unknown_lease_answers_404(http):
+    answer = http.post(f"/api/v1/lease/{uuid.uuid4()}/extend")
+
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "Lease not found"}
+
+
+def test_lease_extend_of_non_uuid_lease_answers_400(http):
+    answer = http.post("/api/v1/lease/not-a-uuid/extend")
+
+    assert answer.status_code == 400
+    assert isinstance(answer.json()["error"], str)
