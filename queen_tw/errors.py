@@ -33,3 +33,7 @@ class Unavailable(QueenError):
     """PostgreSQL unreachable or the server overloaded: the client should retry."""
 
     status = 503
+
+
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL could not be reached or the connection broke mid-call."""

@@ -3,7 +3,7 @@
 Every database operation of the server is a call of one set-based function in schema
 ``queen`` (see ``sql/``) with JSON in and JSON out, so this module only needs ``call``.
 Connections that die are replaced in the background with backoff; while none is usable,
-calls fail at once with :class:`~queen_tw.errors.Unavailable` instead of hanging.
+calls fail at once with :class:`~queen_tw.errors.DatabaseUnavailable` instead of hanging.
 """
 
 import json
@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from txpostgres import reconnection, retrying, txpostgres
 
-from queen_tw.errors import Unavailable
+from queen_tw.errors import DatabaseUnavailable
 
 log = Logger()
 
@@ -99,7 +99,7 @@ class Database:
         dicts and lists are sent as jsonb. Connection failures become ``Unavailable``.
         """
         if self._pool is None:
-            raise Unavailable("Database unavailable")
+            raise DatabaseUnavailable("Database unavailable")
         sql = self._statement(function, args)
         params = tuple(json.dumps(a, separators=(",", ":")) if isinstance(a, (dict, list)) else a
                        for a in args)
@@ -107,7 +107,7 @@ class Database:
             rows = await self._pool.runQuery(sql, params)
         except _DEAD as err:
             log.warn("database call {function} failed: {error}", function=function, error=err)
-            raise Unavailable("Database unavailable") from err
+            raise DatabaseUnavailable("Database unavailable") from err
         return rows[0][0]
 
     async def ping(self, timeout: float = 2.0) -> bool:

@@ -5,7 +5,8 @@ never builds SQL: each operation is one call of a set-based function in ``sql/``
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -14,37 +15,25 @@ from twisted.logger import Logger
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
 from queen_tw.engine.batcher import Batcher, BatchLimits
-from queen_tw.engine.waiters import Backoff, WaiterRegistry
-from queen_tw.errors import NotFound, Unavailable
+from queen_tw.engine.popper import QUEUE_MODE, Popper, PollTiming, PopRequest
+from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.errors import DatabaseUnavailable, NotFound
 
 log = Logger()
 
-QUEUE_MODE = "__QUEUE_MODE__"
+__all__ = ["QUEUE_MODE", "EngineLimits", "PollTiming", "PopRequest", "PushFailover", "QueueEngine"]
 
 
-@dataclass(frozen=True)
-class PopRequest:
-    """One validated pop: ``partition`` None means any partition of ``queue``."""
+class PushFailover(Protocol):
+    """Where pushes go when PostgreSQL cannot take them (the file buffer, WIRE.md 2.2)."""
 
-    queue: str
-    partition: Optional[str]
-    consumer_group: str = QUEUE_MODE
-    batch: int = 1
-    partitions: int = 1
-    auto_ack: bool = False
-    wait: bool = False
-    timeout_ms: int = 30000
-    subscription_mode: Optional[str] = None
-    subscription_from: Optional[str] = None
+    def must_buffer(self, items: List[Dict[str, Any]]) -> bool:
+        """True when these items must bypass the database (maintenance mode, or a partition
+        that still has buffered records waiting, so order within it holds)."""
 
-    def as_sql(self, worker_id: str) -> Dict[str, Any]:
-        return {
-            "queue": self.queue, "partition": self.partition,
-            "consumerGroup": self.consumer_group, "batch": self.batch,
-            "partitions": self.partitions, "autoAck": self.auto_ack, "workerId": worker_id,
-            "subscriptionMode": self.subscription_mode,
-            "subscriptionFrom": self.subscription_from,
-        }
+    async def buffer(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Durably stores the items (fsync'd) and returns ``buffered`` results, or raises
+        ``Unavailable`` when that is impossible (disk full, unwritable directory)."""
 
 
 @dataclass(frozen=True)
@@ -59,19 +48,6 @@ class EngineLimits:
                                    max_concurrent=4)
 
 
-@dataclass(frozen=True)
-class PollTiming:
-    """The ``POP_WAIT_*`` fallback timer settings of parked pops."""
-
-    initial_ms: int = 100
-    threshold: int = 3
-    multiplier: float = 2.0
-    max_ms: int = 1000
-
-    def backoff(self) -> Backoff:
-        return Backoff(self.initial_ms, self.threshold, self.multiplier, self.max_ms)
-
-
 class QueueEngine:
     """The message path. All methods are coroutines returning JSON-ready values.
 
@@ -82,29 +58,54 @@ class QueueEngine:
     :param worker_id: stamped on leases (``WORKER_ID``).
     :param poll_timing: fallback timer of parked pops.
     :param limits: how concurrent pushes, pops and acks are fused (see ``Batcher``).
+    :param failover: where pushes go while PostgreSQL cannot take them; None = answer 503.
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  cipher: Optional[PayloadCipher], worker_id: str, poll_timing: PollTiming,
-                 limits: EngineLimits = EngineLimits()):
+                 limits: EngineLimits = EngineLimits(),
+                 failover: Optional[PushFailover] = None):
         self._db = db
         self._waiters = waiters
-        self._clock = clock
         self._cipher = cipher
         self._worker_id = worker_id
-        self._poll_timing = poll_timing
+        self.failover = failover
+        self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
+                             decrypt=lambda message: self._decrypt_in_place(message, "data"),
+                             give_back=self._give_back)
         self.batchers = {
             "push": Batcher("push", self._push_batch, clock, limits.push),
-            "pop": Batcher("pop", self._pop_batch, clock, limits.pop),
+            "pop": self.popper.batcher,
             "ack": Batcher("ack", self._ack_batch, clock, limits.ack),
         }
 
     # -- push ---------------------------------------------------------------------------
 
     async def push(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Stores validated items (see ``push_messages_core``); returns per-item results."""
+        """Stores validated items (see ``push_messages_core``); returns per-item results.
+
+        Every item gets its transactionId here, before any attempt, so a push that reached
+        PostgreSQL but lost its answer dedupes when the buffer replays it.
+        """
         if not items:
             return []
+        items = [item if item.get("transactionId") else dict(item, transactionId=str(uuid.uuid4()))
+                 for item in items]
+        if self.failover is not None and self.failover.must_buffer(items):
+            return await self.failover.buffer(items)
+        try:
+            return await self.store(items)
+        except DatabaseUnavailable:
+            if self.failover is None:
+                raise
+            log.warn("PostgreSQL unavailable: buffering {n} pushed items", n=len(items))
+            return await self.failover.buffer(items)
+
+    async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Writes items to PostgreSQL (encrypting where the queue asks); no failover.
+
+        The file-buffer replay calls this too, so replayed items are stored the same way.
+        """
         if self._cipher is not None:
             items = await self._encrypt(items)
         return await self.batchers["push"].submit(items)
@@ -137,57 +138,8 @@ class QueueEngine:
 
     async def pop(self, request: PopRequest, gone: Optional[defer.Deferred] = None
                   ) -> Optional[Dict[str, Any]]:
-        """Delivers up to ``request.batch`` messages, or None when nothing came in time.
-
-        With ``wait`` the request parks between tries until a wake-up or its fallback timer.
-        ``gone`` fires when the client disconnected: the waiter is dropped at once and a
-        delivery that can no longer be written is given back.
-        """
-        deadline = self._clock.seconds() + request.timeout_ms / 1000.0
-        backoff = self._poll_timing.backoff()
-        while True:
-            delivery = await self._pop_once(request)
-            if delivery is not None:
-                if gone is not None and gone.called:
-                    await self._give_back(delivery)
-                    return None
-                return delivery
-            remaining = deadline - self._clock.seconds()
-            if not request.wait or remaining <= 0 or (gone is not None and gone.called):
-                return None
-            nap = self._waiters.wait(request.queue, request.partition,
-                                     min(backoff.next_interval(), remaining))
-            if gone is not None:
-                gone.addBoth(lambda _: nap.cancel() if not nap.called else None)
-            try:
-                if await nap:
-                    backoff.reset()
-            except defer.CancelledError:
-                return None
-
-    async def _pop_once(self, request: PopRequest) -> Optional[Dict[str, Any]]:
-        """One attempt. A database outage counts as "nothing yet": consumers' loops exit on a
-        pop error, so pops answer 204 and /health reports the outage (WIRE.md 2.3.8)."""
-        try:
-            [result] = await self.batchers["pop"].submit([request.as_sql(self._worker_id)])
-        except Unavailable:
-            return None
-        if not result.get("success", False):
-            log.warn("pop on {queue} failed: {error}", queue=request.queue,
-                     error=result.get("error"))
-            return None
-        if not result["messages"]:
-            return None
-        for message in result["messages"]:
-            self._decrypt_in_place(message, "data")
-        return result
-
-    async def _pop_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
-        """One ``pop_specific_batch`` call for several pop requests (one request per job)."""
-        requests = [dict(job[0], idx=n) for n, job in enumerate(jobs)]
-        answers = await self._db.call("pop_specific_batch", requests)
-        by_idx = {answer["idx"]: answer["result"] for answer in answers}
-        return [[by_idx[n]] for n in range(len(jobs))]
+        """See :meth:`Popper.pop`."""
+        return await self.popper.pop(request, gone)
 
     async def _give_back(self, delivery: Dict[str, Any]) -> None:
         """Releases the leases of a delivery nobody will receive (counter untouched)."""
