@@ -70,6 +70,23 @@ def _opt(field: str, env: str, kind: str, default: Any, help: str, **bounds: Any
     return OptionSpec(field, env, kind, default, help, **bounds)
 
 
+def _batcher_options(op: str, preferred: int, hold_ms: int, max_batch: int,
+                     concurrent: int) -> tuple[OptionSpec, ...]:
+    """The four QUEEN_<OP>_* knobs of one operation's Batcher (see engine/batcher.py)."""
+    env = f"QUEEN_{op.upper()}"
+    return (
+        _opt(f"{op}_preferred_batch_size", f"{env}_PREFERRED_BATCH_SIZE", "int", preferred,
+             f"{op}: items that trigger a flush while another call is in flight", minimum=1),
+        _opt(f"{op}_max_hold_ms", f"{env}_MAX_HOLD_MS", "int", hold_ms,
+             f"{op}: longest wait for more requests to fuse, in ms", minimum=0),
+        _opt(f"{op}_max_batch_size", f"{env}_MAX_BATCH_SIZE", "int", max_batch,
+             f"{op}: most items in one database call", minimum=1),
+        _opt(f"{op}_max_concurrent", f"{env}_MAX_CONCURRENT", "int", concurrent,
+             f"{op}: database calls in flight at once (keep the sum within DB_POOL_SIZE)",
+             minimum=1),
+    )
+
+
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 SUBSCRIPTION_MODES = ("", "all", "new", "new-only")
 
@@ -141,6 +158,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "Buffered events per replay transaction", minimum=1),
     _opt("file_buffer_events_per_file", "FILE_BUFFER_EVENTS_PER_FILE", "int", 10000,
          "Events per buffer file before it is rotated", minimum=1),
+    # --- batching engine (one Batcher per operation type) -------------------------------
+    *_batcher_options("push", preferred=50, hold_ms=20, max_batch=500, concurrent=4),
+    *_batcher_options("pop", preferred=20, hold_ms=5, max_batch=200, concurrent=3),
+    *_batcher_options("ack", preferred=50, hold_ms=20, max_batch=500, concurrent=3),
+    _opt("max_pending_items", "QUEEN_MAX_PENDING_ITEMS", "int", 20000,
+         "Items queued per operation type while the database is busy; beyond it requests "
+         "get 503 with Retry-After", minimum=1),
     # --- limits, encryption, development ------------------------------------------------
     _opt("max_body_bytes", "QUEEN_MAX_BODY_BYTES", "int", 64 * MiB,
          "Largest accepted request body in bytes", minimum=1),
@@ -204,6 +228,19 @@ class Config:
     file_buffer_flush_ms: int
     file_buffer_max_batch: int
     file_buffer_events_per_file: int
+    push_preferred_batch_size: int
+    push_max_hold_ms: int
+    push_max_batch_size: int
+    push_max_concurrent: int
+    pop_preferred_batch_size: int
+    pop_max_hold_ms: int
+    pop_max_batch_size: int
+    pop_max_concurrent: int
+    ack_preferred_batch_size: int
+    ack_max_hold_ms: int
+    ack_max_batch_size: int
+    ack_max_concurrent: int
+    max_pending_items: int
     max_body_bytes: int
     encryption_key: bytes | None = dataclasses.field(repr=False)
     embedded_pg: str | None

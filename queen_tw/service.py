@@ -17,7 +17,8 @@ from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database
 from queen_tw.db.schema import install_schema
-from queen_tw.engine.queue_engine import PollTiming, QueueEngine
+from queen_tw.engine.batcher import BatchLimits
+from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.http.api import QueenAPI
 from queen_tw.http.site import make_site
@@ -118,7 +119,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     engine = QueueEngine(
         db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
         PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,
-                   config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms))
+                   config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms),
+        engine_limits(config))
     api = QueenAPI(engine, config.worker_id, config.default_batch_size,
                    config.default_timeout_ms, config.default_subscription_mode)
     site = make_site(api.app.resource(), config.max_body_bytes)
@@ -126,6 +128,18 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     StreamServerEndpointService(endpoint, site).setServiceParent(top)
     WaitersService(waiters).setServiceParent(top)
     return top
+
+
+def engine_limits(config: Config) -> EngineLimits:
+    """The Batcher limits of each operation from the QUEEN_<OP>_* options."""
+    def limits(op: str) -> BatchLimits:
+        return BatchLimits(
+            preferred_size=getattr(config, f"{op}_preferred_batch_size"),
+            max_hold_ms=getattr(config, f"{op}_max_hold_ms"),
+            max_batch_size=getattr(config, f"{op}_max_batch_size"),
+            max_concurrent=getattr(config, f"{op}_max_concurrent"),
+            max_pending=config.max_pending_items)
+    return EngineLimits(push=limits("push"), pop=limits("pop"), ack=limits("ack"))
 
 
 def _pg_fields(pg_env: dict) -> dict:

@@ -187,6 +187,30 @@ class QueueEngine:
             return outcome["expiresAt"]
         raise NotFound("Lease expired" if outcome["found"] else "Lease not found")
 
+    # -- transactions -------------------------------------------------------------------
+
+    async def transaction(self, operations: List[Dict[str, Any]],
+                          required_leases: List[str]) -> Dict[str, Any]:
+        """Runs validated push and ack operations atomically (``run_transaction``).
+
+        Push items get transactionIds and encryption as in :meth:`push`; waiters of the
+        pushed partitions wake once the transaction committed.
+        """
+        prepared = []
+        for op in operations:
+            if op["type"] == "push":
+                items = [item if item.get("transactionId")
+                         else dict(item, transactionId=str(uuid.uuid4())) for item in op["items"]]
+                if self._cipher is not None and items:
+                    items = await self._encrypt(items)
+                op = dict(op, items=items)
+            prepared.append(op)
+        outcome = await self._db.call("run_transaction", {
+            "operations": prepared, "requiredLeases": required_leases})
+        for update in outcome.pop("partitionUpdates", None) or ():
+            self._waiters.notify(update["queue"], update["partition"])
+        return outcome
+
     # -- queues -------------------------------------------------------------------------
 
     async def configure(self, queue: str, namespace: str, task: str,

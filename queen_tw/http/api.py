@@ -57,6 +57,8 @@ class QueenAPI:
 
     @app.handle_errors(QueenError)
     def domain_error(self, request, failure):
+        if failure.value.status == 503:
+            request.setHeader(b"Retry-After", b"1")  # overload or outage: retry shortly
         return json_answer(request, failure.value.status, {"error": failure.value.message})
 
     @app.handle_errors(RouteNotFound)
@@ -172,6 +174,27 @@ class QueenAPI:
         if not items:
             return json_answer(request, 200, [])
         return json_answer(request, 200, await self._engine.ack(items))
+
+    @app.route("/api/v1/transaction", methods=["POST"])
+    async def transaction(self, request):
+        body = parsing.read_json_object(request)
+        operations = body.get("operations")
+        if not isinstance(operations, list):
+            raise InvalidRequest("operations array required")
+        if not operations:
+            raise InvalidRequest("operations array cannot be empty")
+        leases = body.get("requiredLeases") or []
+        if not isinstance(leases, list) or not all(
+                lease == "" or parsing.is_uuid(lease) for lease in leases):
+            raise InvalidRequest("requiredLeases must be an array of lease ids")
+        ops = [parsing.transaction_op(op, index) for index, op in enumerate(operations)]
+        unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)
+        if unknown is not None:
+            # WIRE.md 2.5: an unknown operation fails the transaction (200, success false).
+            return json_answer(request, 200, {
+                "transactionId": None, "success": False, "results": [],
+                "error": f"Unknown operation type: {unknown['type']}"})
+        return json_answer(request, 200, await self._engine.transaction(ops, leases))
 
     @app.route("/api/v1/lease/<lease_id>/extend", methods=["POST"])
     async def extend_lease(self, request, lease_id):

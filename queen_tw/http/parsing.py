@@ -211,3 +211,22 @@ def _option_bool(name: str, value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise InvalidRequest(f"{name} must be a boolean")
+
+
+def transaction_op(op: Any, index: int) -> Dict[str, Any]:
+    """One validated transaction operation (WIRE.md 2.5); an unknown type is kept as is
+    (it fails the transaction, not the request)."""
+    if not isinstance(op, dict):
+        raise InvalidRequest(f"Operation {index} must be an object")
+    kind = op.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequest(f"Operation {index} needs a type")
+    if kind == "push":
+        items = op.get("items")
+        if not isinstance(items, list) or not items:
+            raise InvalidRequest(f"Operation {index}: items array is required")
+        return {"type": "push", "items": [push_item(item, n) for n, item in enumerate(items)]}
+    if kind == "ack":
+        group = optional_text(op, "consumerGroup") or optional_text(op, "consumer_group")
+        return dict(ack_item(op, group, 0), type="ack")
+    return {"type": kind}

@@ -1,0 +1,79 @@
+-- Atomic transactions (WIRE.md 2.5, 9.4): push and ack operations commit together or not at all.
+
+-- p: {operations: [{type: "push", items: [...]} | {type: "ack", transactionId, partitionId,
+--     status?, consumerGroup?, leaseId?, error?}], requiredLeases: [uuid text...]}.
+-- Items and acks are validated by the server first; push items already carry transactionIds.
+-- Returns {transactionId, success, results, partitionUpdates} or, after a rollback,
+-- {transactionId, success: false, error, results: [evaluated so far]}.
+CREATE OR REPLACE FUNCTION queen.run_transaction(p jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_tx_id   uuid := gen_random_uuid();
+    v_results jsonb := '[]'::jsonb;
+    v_updates jsonb := '[]'::jsonb;
+    v_op      jsonb;
+    v_index   integer := 0;
+    v_pushed  jsonb;
+    v_item    jsonb;
+    v_acked   jsonb;
+    v_lease   text;
+BEGIN
+    BEGIN
+        FOR v_lease IN SELECT jsonb_array_elements_text(coalesce(p->'requiredLeases', '[]'::jsonb)) LOOP
+            IF v_lease <> '' AND EXISTS (
+                    SELECT 1 FROM queen.partition_consumers
+                     WHERE lease_id = v_lease::uuid AND lease_expires_at <= now()) THEN
+                RAISE EXCEPTION 'Lease % has expired', v_lease;
+            END IF;
+        END LOOP;
+
+        FOR v_op IN SELECT e FROM jsonb_array_elements(p->'operations') e LOOP
+            IF v_op->>'type' = 'push' THEN
+                v_pushed := queen.push_messages_core(v_op->'items');
+                v_updates := v_updates || (v_pushed->'partition_updates');
+                FOR v_item IN SELECT e FROM jsonb_array_elements(v_pushed->'items') e LOOP
+                    v_results := v_results || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+                        'index', v_index, 'type', 'push',
+                        'success', v_item->>'status' IN ('queued', 'duplicate'),
+                        'status', v_item->>'status',
+                        'transactionId', v_item->>'transaction_id',
+                        'messageId', v_item->>'message_id',
+                        'partitionId', v_item->>'partition_id',
+                        'queueName', v_item->>'queueName',
+                        'error', v_item->>'error')));
+                    v_index := v_index + 1;
+                    IF v_item->>'status' NOT IN ('queued', 'duplicate') THEN
+                        RAISE EXCEPTION '%', coalesce(v_item->>'error', 'push failed');
+                    END IF;
+                END LOOP;
+            ELSE
+                -- Another live lease on the partition means the caller's delivery is over.
+                IF jsonb_array_length(coalesce(p->'requiredLeases', '[]'::jsonb)) > 0
+                   AND EXISTS (
+                    SELECT 1 FROM queen.partition_consumers pc
+                     WHERE pc.partition_id = (v_op->>'partitionId')::uuid
+                       AND pc.consumer_group = coalesce(nullif(v_op->>'consumerGroup', ''), '__QUEUE_MODE__')
+                       AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                       AND NOT (p->'requiredLeases' ? pc.lease_id::text)) THEN
+                    RAISE EXCEPTION 'Partition % is held under another lease', v_op->>'partitionId';
+                END IF;
+                v_acked := queen.ack_messages(jsonb_build_array(v_op)) -> 0;
+                v_results := v_results || jsonb_build_array(jsonb_build_object(
+                    'index', v_index, 'type', 'ack', 'success', v_acked->'success',
+                    'transactionId', v_op->>'transactionId', 'error', v_acked->'error',
+                    'dlq', v_acked->'dlq'));
+                v_index := v_index + 1;
+                IF NOT (v_acked->>'success')::boolean THEN
+                    RAISE EXCEPTION '%', v_acked->>'error';
+                END IF;
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN others THEN
+        -- Everything inside the block is rolled back; the results gathered so far are kept.
+        RETURN jsonb_build_object('transactionId', v_tx_id, 'success', false, 'error', SQLERRM,
+                                  'results', v_results);
+    END;
+    RETURN jsonb_build_object('transactionId', v_tx_id, 'success', true, 'results', v_results,
+                              'partitionUpdates', v_updates);
+END
+$$;

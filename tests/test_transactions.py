@@ -1,0 +1,176 @@
+"""Atomic transactions (WIRE.md 2.5, 9.4): over HTTP and through the official client."""
+
+from typing import Any, Dict, List
+
+import pytest
+
+from tests.support import unique_name
+from tests.test_interop_client import connect, pop_now, run_scenario
+
+
+def _push(http, queue: str, n: int = 1, partition: str = "Default") -> List[Dict[str, Any]]:
+    items = [{"queue": queue, "partition": partition, "payload": {"n": i}} for i in range(n)]
+    answer = http.post("/api/v1/push", json={"items": items})
+    assert answer.status_code == 201
+    return answer.json()
+
+
+def _pop(http, queue: str, **params) -> Dict[str, Any]:
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params={"batch": 10, **params})
+    return answer.json() if answer.status_code == 200 else {"messages": []}
+
+
+def _stored(db, queue: str) -> int:
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT count(*) FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""", (queue,))
+        return cursor.fetchone()[0]
+
+
+def test_transaction_acks_and_pushes_together(http, db):
+    source, sink = unique_name(), unique_name()
+    _push(http, source)
+    message = _pop(http, source)["messages"][0]
+
+    answer = http.post("/api/v1/transaction", json={
+        "operations": [
+            {"type": "ack", "transactionId": message["transactionId"],
+             "partitionId": message["partitionId"], "status": "completed"},
+            {"type": "push", "items": [{"queue": sink, "payload": {"from": message["id"]}}]},
+        ],
+        "requiredLeases": [message["leaseId"]]})
+
+    body = answer.json()
+    assert answer.status_code == 200 and body["success"] is True, body
+    assert [r["type"] for r in body["results"]] == ["ack", "push"]
+    assert body["results"][1]["messageId"] and body["results"][1]["queueName"] == sink
+    assert _pop(http, sink)["messages"][0]["data"] == {"from": message["id"]}
+    assert http.get(f"/api/v1/pop/queue/{source}").status_code == 204  # acked: nothing left
+
+
+def test_failing_operation_rolls_back_everything_and_answers_200_success_false(http, db):
+    sink = unique_name()
+    answer = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "push", "items": [{"queue": sink, "payload": 1}]},
+        {"type": "ack", "transactionId": "no-such-message",
+         "partitionId": "00000000-0000-0000-0000-000000000001"},
+    ]})
+    body = answer.json()
+    assert answer.status_code == 200
+    assert body["success"] is False and body["error"] == "Message not found"
+    assert _stored(db, sink) == 0
+
+
+def test_expired_required_lease_fails_the_transaction(http, db):
+    source, sink = unique_name(), unique_name()
+    http.post("/api/v1/configure", json={"queue": source, "options": {"leaseTime": 1}})
+    _push(http, source)
+    message = _pop(http, source)["messages"][0]
+    with db.cursor() as cursor:  # age the lease instead of sleeping
+        cursor.execute("UPDATE queen.partition_consumers SET lease_expires_at = now() - interval '1 s'"
+                       " WHERE lease_id = %s", (message["leaseId"],))
+
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "push", "items": [{"queue": sink, "payload": 1}]}],
+        "requiredLeases": [message["leaseId"]]}).json()
+
+    assert body["success"] is False and message["leaseId"] in body["error"]
+    assert _stored(db, sink) == 0
+
+
+def test_duplicate_push_in_a_transaction_is_reported_not_fatal(http, db):
+    queue = unique_name()
+    first = _push(http, queue)[0]
+    body = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "push", "items": [{"queue": queue, "transactionId": first["transaction_id"]},
+                                   {"queue": queue, "payload": "new"}]}]}).json()
+    assert body["success"] is True
+    assert body["results"][0]["status"] == "duplicate"
+    assert body["results"][0]["messageId"] == first["message_id"]
+    assert _stored(db, queue) == 2
+
+
+def test_group_ack_in_a_transaction_moves_only_that_group(http):
+    queue = unique_name()
+    _push(http, queue)
+    for_a = _pop(http, queue, consumerGroup="a")["messages"][0]
+    body = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "ack", "transactionId": for_a["transactionId"],
+         "partitionId": for_a["partitionId"], "consumerGroup": "a"}]}).json()
+    assert body["success"] is True
+    assert http.get(f"/api/v1/pop/queue/{queue}", params={"consumerGroup": "a"}).status_code == 204
+    assert len(_pop(http, queue, consumerGroup="b")["messages"]) == 1
+
+
+def test_failed_ack_with_retry_limit_zero_sends_the_message_to_the_dlq(http):
+    queue = unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "options": {"retryLimit": 0}})
+    _push(http, queue)
+    message = _pop(http, queue)["messages"][0]
+    body = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "ack", "transactionId": message["transactionId"],
+         "partitionId": message["partitionId"], "status": "failed"}]}).json()
+    assert body["success"] is True and body["results"][0]["dlq"] is True
+    assert http.get(f"/api/v1/pop/queue/{queue}").status_code == 204
+    assert http.get("/api/v1/dlq", params={"queue": queue}).json()["total"] == 1
+
+
+@pytest.mark.parametrize("body, error", [
+    ({}, "operations array required"),
+    ({"operations": "x"}, "operations array required"),
+    ({"operations": []}, "operations array cannot be empty"),
+    ({"operations": [{"type": "push", "items": [{"payload": 1}]}]}, "Queue must be a string"),
+    ({"operations": [{"type": "ack", "partitionId": "00000000-0000-0000-0000-000000000001"}]},
+     "transactionId is required"),
+    ({"operations": [{"type": "push", "items": [{"queue": "q"}]}], "requiredLeases": ["x"]},
+     "requiredLeases must be an array of lease ids"),
+])
+def test_malformed_transaction_is_refused_with_400(http, body, error):
+    answer = http.post("/api/v1/transaction", json=body)
+    assert answer.status_code == 400
+    assert answer.json() == {"error": error}
+
+
+def test_unknown_operation_type_fails_the_transaction_without_applying_anything(http, db):
+    queue = unique_name()
+    body = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "push", "items": [{"queue": queue}]}, {"type": "teleport"}]}).json()
+    assert body["success"] is False and "teleport" in body["error"]
+    assert _stored(db, queue) == 0
+
+
+def test_official_client_transaction_commits_ack_and_push(server):
+    source, sink = unique_name(), unique_name()
+
+    async def scenario():
+        async with connect(server.url) as client:
+            await client.queue(source).push([{"data": {"step": 1}}])
+            [message] = await pop_now(client, source, batch=1)
+            result = await (client.transaction()
+                            .ack(message)
+                            .queue(sink).push([{"data": {"step": 2}}])
+                            .commit())
+            return result, await pop_now(client, sink), await pop_now(client, source)
+
+    result, sink_messages, source_left = run_scenario(scenario())
+    assert result["success"] is True
+    assert [m["data"] for m in sink_messages] == [{"step": 2}]
+    assert source_left == []
+
+
+def test_official_client_transaction_rollback_raises_and_applies_nothing(server, db):
+    sink = unique_name()
+    fake = {"transactionId": "never-pushed", "partitionId": "00000000-0000-0000-0000-000000000002"}
+
+    async def scenario():
+        async with connect(server.url) as client:
+            try:
+                await client.transaction().queue(sink).push([{"data": 1}]).ack(fake).commit()
+            except Exception as err:  # the client raises with the server's error text
+                return str(err)
+            return None
+
+    error = run_scenario(scenario())
+    assert error is not None and "Message not found" in error
+    assert _stored(db, sink) == 0
