@@ -85,6 +85,9 @@ BEGIN
 
     v_now := clock_timestamp();
 
+    -- One pass, no joins between CTEs (their row estimates are poor and nested loops over
+    -- them go quadratic): each item row carries everything its answer needs, computed with
+    -- window functions in array order.
     WITH items AS (
         SELECT (t.o - 1)::int AS idx,
                t.e->>'queue' AS queue_name,
@@ -96,82 +99,80 @@ BEGIN
                coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted
           FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
     ), resolved AS (
-        SELECT i.*, p.id AS partition_id, qu.id AS queue_id, p.last_message_at
+        SELECT i.*, p.id AS partition_id, qu.id AS queue_id, qu.max_size, p.last_message_at,
+               (SELECT m.id FROM queen.messages m
+                 WHERE m.partition_id = p.id AND m.transaction_id = i.txid) AS existing_id,
+               row_number() OVER (PARTITION BY p.id, i.txid ORDER BY i.idx) = 1 AS is_first
           FROM items i
           JOIN queen.queues qu ON qu.name = i.queue_name
           JOIN queen.partitions p ON p.queue_id = qu.id AND p.name = i.partition_name
-    ), existing AS (
-        SELECT r.idx, m.id AS message_id
-          FROM resolved r
-          JOIN queen.messages m ON m.partition_id = r.partition_id AND m.transaction_id = r.txid
-    ), firsts AS (
-        SELECT DISTINCT ON (r.partition_id, r.txid) r.*
-          FROM resolved r
-         WHERE NOT EXISTS (SELECT 1 FROM existing x WHERE x.idx = r.idx)
-         ORDER BY r.partition_id, r.txid, r.idx
     ), room AS (
         SELECT qu.id AS queue_id,
                qu.max_size - coalesce((SELECT sum(p.message_count) FROM queen.partitions p
                                         WHERE p.queue_id = qu.id), 0) AS free
           FROM queen.queues qu
-         WHERE qu.max_size > 0 AND qu.id IN (SELECT queue_id FROM firsts)
-    ), admitted AS (
-        SELECT f.*
-          FROM (SELECT f.*, row_number() OVER (PARTITION BY f.queue_id ORDER BY f.idx) AS queue_rank
-                  FROM firsts f) f
-          LEFT JOIN room ON room.queue_id = f.queue_id
-         WHERE room.free IS NULL OR f.queue_rank <= room.free
+         WHERE qu.max_size > 0 AND qu.id IN (SELECT queue_id FROM resolved)
+    ), ranked AS (
+        SELECT r.*,
+               r.existing_id IS NULL AND r.is_first AS wants_insert,
+               count(*) FILTER (WHERE r.existing_id IS NULL AND r.is_first)
+                   OVER (PARTITION BY r.queue_id ORDER BY r.idx) AS queue_rank
+          FROM resolved r
+    ), planned AS (
+        SELECT k.*,
+               k.wants_insert AND (k.max_size = 0 OR k.queue_rank <=
+                   (SELECT free FROM room WHERE room.queue_id = k.queue_id)) AS is_new
+          FROM ranked k
     ), stamped AS (
-        SELECT a.*,
-               greatest(v_now, coalesce(a.last_message_at, '-infinity') + interval '1 microsecond')
-               + (row_number() OVER (PARTITION BY a.partition_id ORDER BY a.idx) - 1)
-                 * interval '1 microsecond' AS created_at
-          FROM admitted a
+        SELECT x.*,
+               CASE WHEN x.is_new THEN queen.uuid_v7(x.created_at) END AS new_id
+          FROM (SELECT pl.*,
+                       greatest(v_now, coalesce(pl.last_message_at, '-infinity') + interval '1 microsecond')
+                       + (count(*) FILTER (WHERE pl.is_new)
+                              OVER (PARTITION BY pl.partition_id ORDER BY pl.idx) - 1)
+                         * interval '1 microsecond' AS created_at
+                  FROM planned pl) x
+    ), answered AS (
+        SELECT st.*,
+               coalesce(st.existing_id,
+                        first_value(st.new_id) OVER (PARTITION BY st.partition_id, st.txid
+                                                     ORDER BY st.idx)) AS message_id
+          FROM stamped st
     ), inserted AS (
         INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
                                     producer_sub, is_encrypted, created_at)
-        SELECT queen.uuid_v7(s.created_at), s.partition_id, s.txid, s.payload, s.trace_id,
-               s.producer_sub, s.is_encrypted, s.created_at
-          FROM stamped s
-        RETURNING id, partition_id, transaction_id, created_at
+        SELECT a.new_id, a.partition_id, a.txid, a.payload, a.trace_id, a.producer_sub,
+               a.is_encrypted, a.created_at
+          FROM answered a
+         WHERE a.is_new
     ), newest AS (
         UPDATE queen.partitions p
            SET last_message_at = n.created_at,
-               last_message_id = n.id,
+               last_message_id = n.new_id,
                message_count = p.message_count + n.cnt,
                last_activity = v_now
-          FROM (SELECT DISTINCT ON (partition_id) partition_id, created_at, id,
+          FROM (SELECT DISTINCT ON (partition_id) partition_id, created_at, new_id,
                        count(*) OVER (PARTITION BY partition_id) AS cnt
-                  FROM inserted
+                  FROM answered
+                 WHERE is_new
                  ORDER BY partition_id, created_at DESC) n
          WHERE p.id = n.partition_id
         RETURNING p.id, p.name, p.queue_id
-    ), results AS (
-        SELECT r.idx,
-               CASE
-                 WHEN x.message_id IS NOT NULL THEN jsonb_build_object(
-                     'index', r.idx, 'status', 'duplicate', 'transaction_id', r.txid,
-                     'message_id', x.message_id, 'queueName', r.queue_name)
-                 WHEN ins.id IS NOT NULL AND f.idx = r.idx THEN jsonb_build_object(
-                     'index', r.idx, 'status', 'queued', 'transaction_id', r.txid,
-                     'message_id', ins.id, 'partition_id', r.partition_id,
-                     'trace_id', r.trace_id, 'queueName', r.queue_name)
-                 WHEN ins.id IS NOT NULL THEN jsonb_build_object(
-                     'index', r.idx, 'status', 'duplicate', 'transaction_id', r.txid,
-                     'message_id', ins.id, 'queueName', r.queue_name)
-                 ELSE jsonb_build_object(
-                     'index', r.idx, 'status', 'failed', 'queue', r.queue_name,
-                     'partition', r.partition_name, 'transaction_id', r.txid,
-                     'error', format('Queue %s has reached its max capacity (%s messages)',
-                                     r.queue_name, (SELECT max_size FROM queen.queues
-                                                     WHERE id = r.queue_id)))
-               END AS result
-          FROM resolved r
-          LEFT JOIN existing x ON x.idx = r.idx
-          LEFT JOIN firsts f ON f.partition_id = r.partition_id AND f.txid = r.txid
-          LEFT JOIN inserted ins ON ins.partition_id = r.partition_id AND ins.transaction_id = r.txid
     )
-    SELECT (SELECT jsonb_agg(result ORDER BY idx) FROM results),
+    SELECT (SELECT jsonb_agg(CASE
+                 WHEN a.is_new THEN jsonb_build_object(
+                     'index', a.idx, 'status', 'queued', 'transaction_id', a.txid,
+                     'message_id', a.message_id, 'partition_id', a.partition_id,
+                     'trace_id', a.trace_id, 'queueName', a.queue_name)
+                 WHEN a.message_id IS NOT NULL THEN jsonb_build_object(
+                     'index', a.idx, 'status', 'duplicate', 'transaction_id', a.txid,
+                     'message_id', a.message_id, 'queueName', a.queue_name)
+                 ELSE jsonb_build_object(
+                     'index', a.idx, 'status', 'failed', 'queue', a.queue_name,
+                     'partition', a.partition_name, 'transaction_id', a.txid,
+                     'error', format('Queue %s has reached its max capacity (%s messages)',
+                                     a.queue_name, a.max_size))
+               END ORDER BY a.idx) FROM answered a),
            (SELECT coalesce(jsonb_agg(jsonb_build_object(
                        'queue', qu.name, 'partition', n.name, 'partitionId', n.id)), '[]'::jsonb)
               FROM newest n JOIN queen.queues qu ON qu.id = n.queue_id)

@@ -6,6 +6,7 @@ never builds SQL: each operation is one call of a set-based function in ``sql/``
 
 from dataclasses import dataclass
 import uuid
+from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Protocol
 
 from twisted.internet import defer
@@ -48,6 +49,12 @@ class EngineLimits:
                                    max_concurrent=4)
 
 
+def _first_error(failure):
+    """gatherResults wraps errors in FirstError; callers want the original exception."""
+    failure.trap(defer.FirstError)
+    return failure.value.subFailure
+
+
 class QueueEngine:
     """The message path. All methods are coroutines returning JSON-ready values.
 
@@ -59,17 +66,19 @@ class QueueEngine:
     :param poll_timing: fallback timer of parked pops.
     :param limits: how concurrent pushes, pops and acks are fused (see ``Batcher``).
     :param failover: where pushes go while PostgreSQL cannot take them; None = answer 503.
+    :param push_shards: concurrent database calls one fused push is split into, by partition.
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  cipher: Optional[PayloadCipher], worker_id: str, poll_timing: PollTiming,
                  limits: EngineLimits = EngineLimits(),
-                 failover: Optional[PushFailover] = None):
+                 failover: Optional[PushFailover] = None, push_shards: int = 4):
         self._db = db
         self._waiters = waiters
         self._cipher = cipher
         self._worker_id = worker_id
         self.failover = failover
+        self._push_shards = push_shards
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              decrypt=lambda message: self._decrypt_in_place(message, "data"),
                              give_back=self._give_back)
@@ -111,18 +120,39 @@ class QueueEngine:
         return await self.batchers["push"].submit(items)
 
     async def _push_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
-        """One ``push_messages_core`` call for several requests; results split back per job."""
-        outcome = await self._db.call("push_messages_core", [item for job in jobs for item in job])
-        for update in outcome["partition_updates"]:
-            self._waiters.notify(update["queue"], update["partition"])
+        """Stores the items of several requests; results split back per job.
+
+        Pushes hold their partitions' row locks until commit (that is what keeps order), so
+        one call for every partition would serialise all pushes. The items are split into
+        ``push_shards`` groups by partition, stored by concurrent calls, and put back in
+        order: items of one partition always share a call, so their array order holds.
+        """
+        flat = [item for job in jobs for item in job]
+        shards: Dict[int, List[int]] = defaultdict(list)
+        for position, item in enumerate(flat):
+            key = (item["queue"], item.get("partition", "Default"))
+            shards[hash(key) % self._push_shards].append(position)
+        outcomes = await defer.gatherResults(
+            [defer.ensureDeferred(self._push_call([flat[p] for p in positions]))
+             for positions in shards.values()], consumeErrors=True).addErrback(_first_error)
+        answers: List[Any] = [None] * len(flat)
+        for positions, stored in zip(shards.values(), outcomes):
+            for position, answer in zip(positions, stored):
+                answers[position] = answer
         results, start = [], 0
         for job in jobs:
-            mine = outcome["items"][start:start + len(job)]
+            mine = answers[start:start + len(job)]
             for local_index, result in enumerate(mine):
                 result["index"] = local_index
             results.append(mine)
             start += len(job)
         return results
+
+    async def _push_call(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        outcome = await self._db.call("push_messages_core", items)
+        for update in outcome["partition_updates"]:
+            self._waiters.notify(update["queue"], update["partition"])
+        return outcome["items"]
 
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         flags = await self._db.call("queue_flags", sorted({item["queue"] for item in items}))

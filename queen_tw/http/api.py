@@ -24,9 +24,11 @@ MAX_POP_BATCH = 10_000
 
 
 def json_answer(request, code: int, body: Any) -> bytes:
+    data = json.dumps(body, separators=(",", ":")).encode()
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body, separators=(",", ":")).encode()
+    request.setHeader(b"Content-Length", b"%d" % len(data))  # no chunked framing needed
+    return data
 
 
 def no_content(request) -> bytes:

@@ -1,0 +1,418 @@
+"""Throughput benchmark: queen-tw against the raw PostgreSQL limit, in one run.
+
+    .venv/bin/python bench/load.py [--seconds 6] [--connections 50] [--batches 1,10,100,1000]
+
+It starts a private embedded PostgreSQL and a queen-tw server (``twistd queen``) on a free
+loopback port, then measures on the same machine and the same PostgreSQL:
+
+- push msg/s at each batch size (``--connections`` keep-alive connections, 10 partitions,
+  ~200-byte payloads), with p50/p99 request latency;
+- pop+ack msg/s at each batch size (long-polling pops, then one ``/ack/batch`` per pop);
+- the raw PostgreSQL limit for the same work with pgbench (the same columns, indexes and
+  unique key; consuming = reading a batch after a per-partition cursor and moving it);
+- server RSS (peak) and CPU; and it counts messages after each run: every ``queued`` answer
+  must be a stored row, and every stored message must be consumed exactly once.
+
+The report (markdown) is printed and written to ``bench/out/``. Figures are noisy on a
+2-core machine where the load generator, the server and PostgreSQL share the cores; the
+script runs each scenario once per call, so run it a few times and report medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from queen_tw.db.embedded import EmbeddedPostgres, _pg_install_dir  # noqa: E402
+from support import ServerProcess  # noqa: E402
+
+PARTITIONS = 10
+PAYLOAD = {"data": "x" * 180}  # ~200 bytes of JSON per message
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client: the load generator must cost little CPU."""
+
+    def __init__(self, host: str, port: int):
+        self._host, self._port = host, port
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+
+    async def request(self, method: str, path: str, body: Optional[bytes] = None
+                      ) -> Tuple[int, bytes]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self._writer.write(head.encode() + b"\r\n" + (body or b""))
+        status_line = await self._reader.readline()
+        status = int(status_line.split()[1])
+        length, chunked = 0, False
+        while True:
+            line = await self._reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if chunked:
+            data = b""
+            while True:
+                size = int((await self._reader.readline()).strip(), 16)
+                chunk = await self._reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                data += chunk[:-2]
+            return status, data
+        return status, await self._reader.readexactly(length) if length else b""
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+class Recorder:
+    def __init__(self):
+        self.latencies: List[float] = []
+        self.messages = 0
+        self.errors = 0
+
+    def summary(self, seconds: float) -> Dict[str, float]:
+        lat = sorted(self.latencies) or [0.0]
+        return {
+            "msg_per_s": self.messages / seconds,
+            "req_per_s": len(self.latencies) / seconds,
+            "p50_ms": 1000 * lat[len(lat) // 2],
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+            "errors": self.errors,
+            "messages": self.messages,
+        }
+
+
+async def push_worker(port: int, queue: str, batch: int, deadline: float, worker: int,
+                      rec: Recorder) -> None:
+    conn = Connection("127.0.0.1", port)
+    n = 0
+    while time.monotonic() < deadline:
+        items = [{"queue": queue, "partition": f"p{(worker + n + i) % PARTITIONS}",
+                  "payload": PAYLOAD} for i in range(batch)]
+        n += 1
+        started = time.monotonic()
+        status, body = await conn.request("POST", "/api/v1/push",
+                                          json.dumps({"items": items}).encode())
+        rec.latencies.append(time.monotonic() - started)
+        if status != 201:
+            rec.errors += 1
+            continue
+        queued = sum(1 for r in json.loads(body) if r["status"] == "queued")
+        rec.messages += queued
+        rec.errors += batch - queued
+
+
+async def consume_worker(port: int, queue: str, batch: int, deadline: float,
+                         rec: Recorder, seen: set) -> None:
+    conn = Connection("127.0.0.1", port)
+    path = f"/api/v1/pop/queue/{queue}?batch={batch}&wait=true&timeout=500"
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        status, body = await conn.request("GET", path)
+        if status == 204:
+            continue
+        if status != 200:
+            rec.errors += 1
+            continue
+        messages = json.loads(body)["messages"]
+        acks = [{"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+                 "leaseId": m["leaseId"], "status": "completed"} for m in messages]
+        status, body = await conn.request("POST", "/api/v1/ack/batch",
+                                          json.dumps({"acknowledgments": acks}).encode())
+        rec.latencies.append(time.monotonic() - started)
+        ok = status == 200 and all(r["success"] for r in json.loads(body))
+        if not ok:
+            rec.errors += 1
+            continue
+        for m in messages:
+            if m["id"] in seen:
+                rec.errors += 1  # a duplicate delivery of an acked message
+            seen.add(m["id"])
+        rec.messages += len(messages)
+
+
+async def run_push(port: int, queue: str, batch: int, seconds: float, connections: int
+                   ) -> Dict[str, float]:
+    rec = Recorder()
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    await asyncio.gather(*(push_worker(port, queue, batch, deadline, w, rec)
+                           for w in range(connections)))
+    return rec.summary(time.monotonic() - started)
+
+
+async def run_consume(port: int, queue: str, batch: int, seconds: float, connections: int
+                      ) -> Tuple[Dict[str, float], int]:
+    rec, seen = Recorder(), set()
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    await asyncio.gather(*(consume_worker(port, queue, batch, deadline, rec, seen)
+                           for _ in range(connections)))
+    return rec.summary(time.monotonic() - started), len(seen)
+
+
+async def prefill(port: int, queue: str, total: int) -> None:
+    conn = Connection("127.0.0.1", port)
+    for start in range(0, total, 1000):
+        items = [{"queue": queue, "partition": f"p{i % PARTITIONS}", "payload": PAYLOAD}
+                 for i in range(start, min(total, start + 1000))]
+        status, _ = await conn.request("POST", "/api/v1/push", json.dumps({"items": items}).encode())
+        assert status == 201
+
+
+# --------------------------------------------------------------------------- raw PostgreSQL
+
+RAW_SCHEMA = """
+DROP SCHEMA IF EXISTS bench_raw CASCADE;
+CREATE SCHEMA bench_raw;
+CREATE TABLE bench_raw.messages (
+    id uuid PRIMARY KEY, partition_id uuid NOT NULL, transaction_id text NOT NULL,
+    payload jsonb, trace_id uuid, producer_sub text, is_encrypted boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL, UNIQUE (partition_id, transaction_id));
+CREATE INDEX ON bench_raw.messages (partition_id, created_at, id);
+CREATE TABLE bench_raw.cursors (partition_id uuid PRIMARY KEY,
+    cursor_created_at timestamptz NOT NULL DEFAULT '-infinity',
+    cursor_id uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000');
+INSERT INTO bench_raw.cursors (partition_id)
+SELECT ('00000000-0000-0000-0000-0000000000' || lpad(p::text, 2, '0'))::uuid
+  FROM generate_series(0, 9) p;
+"""
+
+RAW_INSERT = """\\set p random(0, 9)
+INSERT INTO bench_raw.messages (id, partition_id, transaction_id, payload, created_at)
+SELECT gen_random_uuid(), ('00000000-0000-0000-0000-0000000000' || lpad(:p::text, 2, '0'))::uuid,
+       gen_random_uuid()::text, '{payload}'::jsonb, clock_timestamp()
+  FROM generate_series(1, {batch});
+"""
+
+# Each pgbench client owns one partition (client_id % 10), so no client waits on another's
+# cursor row; the cursor is read first so the batch query runs with constants and walks the
+# (partition_id, created_at, id) index in order, as queen-tw's pop does.
+RAW_CONSUME = """\\set p :client_id % 10
+BEGIN;
+SELECT cursor_created_at AS cat, cursor_id AS cid FROM bench_raw.cursors
+ WHERE partition_id = ('00000000-0000-0000-0000-0000000000' || lpad(:p::text, 2, '0'))::uuid
+   FOR UPDATE \\gset
+UPDATE bench_raw.cursors cu SET cursor_created_at = last.created_at, cursor_id = last.id
+  FROM (SELECT created_at, id FROM (
+            SELECT m.created_at, m.id, length(m.payload::text) FROM bench_raw.messages m
+             WHERE m.partition_id = cu_id() AND (m.created_at, m.id) > (:cat::timestamptz, :cid::uuid)
+             ORDER BY m.created_at, m.id LIMIT {batch}) b
+         ORDER BY created_at DESC, id DESC LIMIT 1) last
+ WHERE cu.partition_id = cu_id();
+COMMIT;
+""".replace("cu_id()", "('00000000-0000-0000-0000-0000000000' || lpad(:p::text, 2, '0'))::uuid")
+
+
+def psql(pg: EmbeddedPostgres, sql: str) -> str:
+    out = subprocess.run([str(_pg_install_dir() / "bin" / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1",
+                          "-h", str(pg.socket_dir), "-p", str(pg.port), "-U", pg.user, pg.database,
+                          "-c", sql], check=True, capture_output=True, text=True, env=_pg_tool_env())
+    return out.stdout.strip()
+
+
+def _pg_tool_env() -> Dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def pgbench(pg: EmbeddedPostgres, script: str, seconds: float, clients: int) -> float:
+    """Transactions per second of one pgbench run."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    os.chmod(f.name, 0o644)
+    out = subprocess.run([str(_pg_install_dir() / "bin" / "pgbench"), "-n", "-M", "extended", "-f", f.name,
+                          "-c", str(clients), "-j", "2", "-T", str(int(seconds)),
+                          "-h", str(pg.socket_dir), "-p", str(pg.port), "-U", pg.user, pg.database],
+                         capture_output=True, text=True, env=_pg_tool_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(out.stdout + out.stderr)
+
+
+def raw_push(pg, batch, seconds, clients) -> float:
+    psql(pg, RAW_SCHEMA)
+    script = RAW_INSERT.format(payload=json.dumps(PAYLOAD), batch=batch)
+    return pgbench(pg, script, seconds, clients) * batch
+
+
+def raw_consume(pg, batch, seconds, clients) -> float:
+    psql(pg, RAW_SCHEMA)
+    psql(pg, RAW_INSERT.replace("\\set p random(0, 9)\n", "").replace(":p::text", "(g % 10)::text")
+         .replace("generate_series(1, {batch})", "generate_series(1, 200000) g")
+         .format(payload=json.dumps(PAYLOAD)))
+    psql(pg, "VACUUM ANALYZE bench_raw.messages")
+    pgbench(pg, RAW_CONSUME.format(batch=batch), seconds, clients)
+    consumed = psql(pg, """SELECT count(*) FROM bench_raw.messages m JOIN bench_raw.cursors c
+                             ON c.partition_id = m.partition_id
+                          WHERE (m.created_at, m.id) <= (c.cursor_created_at, c.cursor_id)""")
+    return int(consumed) / int(seconds)
+
+
+# --------------------------------------------------------------------------- process stats
+
+
+class ProcessSampler:
+    """Peak RSS and CPU seconds of one process, from /proc."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak_rss_mb = 0.0
+        self._task: Optional[asyncio.Task] = None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    async def _sample(self):
+        while True:
+            self.peak_rss_mb = max(self.peak_rss_mb, self.rss_mb())
+            await asyncio.sleep(0.25)
+
+    def start(self):
+        self._task = asyncio.ensure_future(self._sample())
+
+    def stop(self):
+        if self._task:
+            self._task.cancel()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def count_stored(pg: EmbeddedPostgres, queue: str) -> int:
+    return int(psql(pg, f"""SELECT count(*) FROM queen.messages m
+        JOIN queen.partitions p ON p.id = m.partition_id
+        JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = '{queue}'"""))
+
+
+async def measure(args, pg: EmbeddedPostgres, server: ServerProcess) -> List[Dict]:
+    rows = []
+    sampler = ProcessSampler(server.pid)
+    sampler.start()
+    for batch in args.batches:
+        queue = f"bench-push-{batch}-{int(time.time())}"
+        cpu0 = sampler.cpu_seconds()
+        push = await run_push(server.port, queue, batch, args.seconds, args.connections)
+        push["cpu_pct"] = 100 * (sampler.cpu_seconds() - cpu0) / args.seconds
+        stored = count_stored(pg, queue)
+        push["stored"] = stored
+        push["answered_queued"] = push["messages"]
+        rows.append({"op": "push", "batch": batch, **push})
+
+        queue = f"bench-consume-{batch}-{int(time.time())}"
+        total = min(max(batch * args.connections * 20, 20_000), 150_000)
+        await prefill(server.port, queue, total)
+        cpu0 = sampler.cpu_seconds()
+        consume, unique = await run_consume(server.port, queue, batch, args.seconds,
+                                            args.connections)
+        consume["cpu_pct"] = 100 * (sampler.cpu_seconds() - cpu0) / args.seconds
+        consume["stored"] = total
+        consume["unique_consumed"] = unique
+        rows.append({"op": "pop+ack", "batch": batch, **consume})
+    sampler.stop()
+    for row in rows:
+        row["peak_rss_mb"] = sampler.peak_rss_mb
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--batches", default="1,10,100,1000")
+    parser.add_argument("--raw-clients", type=int, default=10,
+                        help="pgbench clients (the server's pool size by default)")
+    parser.add_argument("--env", action="append", default=[],
+                        help="extra NAME=VALUE for the server (repeatable)")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+
+    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-"))
+    os.chmod(workdir, 0o755)
+    pg = EmbeddedPostgres(workdir / "pg")
+    pg.start()
+    (workdir / "server").mkdir()
+    server = ServerProcess(pg.pg_env(), workdir / "server",
+                           dict(e.split("=", 1) for e in args.env))
+    try:
+        server.start()
+        rows = asyncio.run(measure(args, pg, server))
+        raw = {b: (raw_push(pg, b, args.seconds, args.raw_clients),
+                   raw_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
+    finally:
+        server.stop()
+        pg.stop()
+
+    report = render(args, rows, raw)
+    print(report)
+    out = REPO / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(report)
+    return 0
+
+
+def render(args, rows, raw) -> str:
+    lines = [
+        f"Machine: {platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
+        f" · {time.strftime('%Y-%m-%d %H:%M')}",
+        f"Command: `.venv/bin/python bench/load.py --seconds {args.seconds:g} "
+        f"--connections {args.connections} --batches {','.join(map(str, args.batches))}`",
+        "",
+        "| op | batch | msg/s | req/s | p50 ms | p99 ms | raw PG msg/s | ratio | server CPU % "
+        "| errors | counted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        raw_rate = raw[row["batch"]][0 if row["op"] == "push" else 1]
+        if row["op"] == "push":
+            counted = f"stored {row['stored']} / answered queued {row['answered_queued']}"
+        else:
+            counted = f"consumed {row['unique_consumed']} unique of {row['stored']}"
+        lines.append(
+            f"| {row['op']} | {row['batch']} | {row['msg_per_s']:.0f} | {row['req_per_s']:.0f} "
+            f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {raw_rate:.0f} "
+            f"| {100 * row['msg_per_s'] / raw_rate:.0f} % | {row['cpu_pct']:.0f} "
+            f"| {row['errors']} | {counted} |")
+    lines.append("")
+    lines.append(f"Server peak RSS: {rows[0]['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
