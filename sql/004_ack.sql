@@ -14,7 +14,7 @@ DECLARE
     v_it        record;
     v_pc        record;
     v_cfg       record;
-    v_results   jsonb := '{}'::jsonb;
+    v_results   jsonb[] := '{}';  -- by input position + 1; arrays append in place
     v_failure   text;      -- NULL, 'retry' or 'exhausted': what this request did to the delivery
     v_error     text;
     v_dlq       boolean;
@@ -22,7 +22,8 @@ DECLARE
     v_cursor_at timestamptz;
     v_cursor_id uuid;
     v_found     boolean;
-    v_group_res jsonb;
+    v_group_pos integer[];
+    v_pos       integer;
 BEGIN
     FOR v_key IN
         SELECT DISTINCT coalesce((e->>'req')::int, 0) AS req,
@@ -48,7 +49,7 @@ BEGIN
             v_cursor_id := v_pc.cursor_id;
         END IF;
         v_failure := NULL;
-        v_group_res := '{}'::jsonb;
+        v_group_pos := '{}';
 
         FOR v_it IN
             SELECT (t.o - 1)::int AS pos, t.e,
@@ -116,14 +117,15 @@ BEGIN
                 v_cursor_id := v_it.message_id;
             END IF;
 
-            v_group_res := v_group_res || jsonb_build_object(v_it.pos::text, jsonb_build_object(
+            v_results[v_it.pos + 1] := jsonb_build_object(
                 'index', v_it.idx,
                 'transactionId', v_it.e->>'transactionId',
                 'success', v_error IS NULL,
                 'error', v_error,
                 'queueName', v_cfg.queue_name,
                 'partitionName', v_cfg.partition_name,
-                'dlq', v_dlq));
+                'dlq', v_dlq);
+            v_group_pos := v_group_pos || (v_it.pos + 1);
         END LOOP;
 
         v_released := false;
@@ -150,13 +152,13 @@ BEGIN
                                            THEN now() ELSE last_consumed_at END
              WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group;
         END IF;
-        SELECT v_results || coalesce(jsonb_object_agg(k, r || jsonb_build_object('leaseReleased', v_released)), '{}'::jsonb)
-          INTO v_results
-          FROM jsonb_each(v_group_res) AS x(k, r);
+        FOREACH v_pos IN ARRAY v_group_pos LOOP
+            v_results[v_pos] := v_results[v_pos] || jsonb_build_object('leaseReleased', v_released);
+        END LOOP;
     END LOOP;
 
-    RETURN (SELECT coalesce(jsonb_agg(r ORDER BY k::int), '[]'::jsonb)
-              FROM jsonb_each(v_results) AS x(k, r));
+    RETURN (SELECT coalesce(jsonb_agg(r ORDER BY n), '[]'::jsonb)
+              FROM unnest(v_results) WITH ORDINALITY AS x(r, n));
 END
 $$;
 
