@@ -1,0 +1,124 @@
+"""Request fusion and back-pressure against the real PostgreSQL.
+
+The engine runs in this process (pytest-twisted's reactor) so the test can count the
+database calls its Batchers made; the database is the session's real PostgreSQL.
+"""
+
+import concurrent.futures
+import uuid
+
+import httpx
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from queen_tw.config import Config
+from queen_tw.db.pool import Database
+from queen_tw.db.schema import install_schema
+from queen_tw.engine.batcher import BatchLimits
+from queen_tw.engine.popper import PopRequest
+from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
+from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.paths import sql_dir
+from tests.support import unique_name
+
+
+@pytest.fixture
+def engine(pg_env, server):
+    config = Config.from_sources(pg_env, {})
+    install_schema(config.dsn, sql_dir())
+    db = Database(config.dsn, 4, reactor)
+    pytest_twisted.blockon(defer.ensureDeferred(db.connect()))
+    limits = EngineLimits(push=BatchLimits(max_concurrent=1, max_hold_ms=5),
+                          pop=BatchLimits(max_concurrent=1),
+                          ack=BatchLimits(max_concurrent=1))
+    yield QueueEngine(db, WaiterRegistry(reactor), reactor, None, "fusion-test", PollTiming(),
+                      limits)
+    db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_pushes_are_fused_into_fewer_database_calls(engine):
+    queue = unique_name()
+    pushes = [defer.ensureDeferred(engine.push([{"queue": queue, "payload": {"n": n}}]))
+              for n in range(40)]
+    results = await defer.gatherResults(pushes)
+
+    assert [r[0]["status"] for r in results] == ["queued"] * 40
+    assert all(r[0]["index"] == 0 for r in results)  # each request sees its own indexes
+    assert len({r[0]["message_id"] for r in results}) == 40
+    assert engine.batchers["push"].calls < 40 / 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_fused_pushes_dedupe_across_requests(engine):
+    queue, key = unique_name(), str(uuid.uuid4())
+    pushes = [defer.ensureDeferred(engine.push([{"queue": queue, "transactionId": key}]))
+              for _ in range(8)]
+    results = [r[0] for r in await defer.gatherResults(pushes)]
+
+    assert sorted(r["status"] for r in results) == ["duplicate"] * 7 + ["queued"]
+    assert len({r["message_id"] for r in results}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_pops_and_acks_are_fused_and_each_gets_its_own_answer(engine):
+    queues = [unique_name() for _ in range(10)]
+    await engine.push([{"queue": q, "payload": q} for q in queues])
+    calls_before = engine.batchers["pop"].calls
+
+    pops = [defer.ensureDeferred(engine.pop(PopRequest(queue=q, partition=None)))
+            for q in queues]
+    deliveries = await defer.gatherResults(pops)
+
+    assert [d["messages"][0]["data"] for d in deliveries] == queues
+    assert engine.batchers["pop"].calls - calls_before < 10
+    acks = [defer.ensureDeferred(engine.ack([{
+        "transactionId": d["messages"][0]["transactionId"],
+        "partitionId": d["messages"][0]["partitionId"], "leaseId": d["leaseId"],
+        "status": "completed", "consumerGroup": None, "error": None, "index": 0}]))
+        for d in deliveries]
+    answers = await defer.gatherResults(acks)
+    assert all(a[0]["success"] and a[0]["leaseReleased"] for a in answers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_fused_failed_acks_of_one_delivery_count_once(engine):
+    """The first failure ends the delivery; the second finds none in flight and is a no-op
+    (WIRE.md 2.4), also when both requests travel in one fused call."""
+    queue = unique_name()
+    await engine.configure(queue, "", "", {"retryLimit": 5, "retryDelay": 0})
+    await engine.push([{"queue": queue}])
+    delivery = await engine.pop(PopRequest(queue=queue, partition=None))
+    message = delivery["messages"][0]
+    failed = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
+              "status": "failed", "consumerGroup": None, "leaseId": None, "error": None,
+              "index": 0}
+    await defer.gatherResults([defer.ensureDeferred(engine.ack([failed])) for _ in range(2)])
+
+    again = await engine.pop(PopRequest(queue=queue, partition=None))
+    assert again["messages"][0]["retryCount"] == 1
+
+
+def test_flooded_server_answers_503_with_retry_after_and_loses_nothing(make_server, db):
+    server = make_server(QUEEN_MAX_PENDING_ITEMS="50", QUEEN_PUSH_MAX_CONCURRENT="1",
+                         QUEEN_PUSH_MAX_BATCH_SIZE="10")
+    queue = unique_name()
+
+    def push(n):
+        items = [{"queue": queue, "transactionId": f"{n}-{i}"} for i in range(20)]
+        return httpx.post(f"{server.url}/api/v1/push", json={"items": items}, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(push, range(64)))
+
+    refused = [a for a in answers if a.status_code == 503]
+    accepted = [a for a in answers if a.status_code == 201]
+    assert len(refused) + len(accepted) == 64
+    assert refused, "the bound was never reached"
+    assert all(a.headers.get("retry-after") and "error" in a.json() for a in refused)
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT count(*) FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""", (queue,))
+        assert cursor.fetchone()[0] == 20 * len(accepted)
