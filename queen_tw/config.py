@@ -171,6 +171,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("encryption_key", "QUEEN_ENCRYPTION_KEY", "key", None,
          "64 hex characters (AES-256) for encrypted queues; unset or malformed = off. "
          "Prefer the environment: flags show up in ps"),
+    _opt("listen_fd", "QUEEN_LISTEN_FD", "int", None,
+         "Serve on this inherited listening socket instead of PORT (set by NUM_WORKERS for "
+         "its worker processes; not for direct use)", minimum=0),
     _opt("embedded_pg", "QUEEN_EMBEDDED_PG", "path", None,
          "Run a private PostgreSQL in this directory (needs queen-tw[embedded]); "
          "for development, overrides the PG_* connection"),
@@ -243,6 +246,7 @@ class Config:
     max_pending_items: int
     max_body_bytes: int
     encryption_key: bytes | None = dataclasses.field(repr=False)
+    listen_fd: int | None
     embedded_pg: str | None
     warnings: tuple[str, ...] = ()
 
@@ -284,6 +288,27 @@ class Config:
         if not self.pg_use_ssl:
             return "disable"
         return "require" if self.pg_ssl_reject_unauthorized else "prefer"
+
+    def dsn_with_settings(self, **settings: str) -> str:
+        """:attr:`dsn` plus more server settings for every session (e.g. custom GUCs)."""
+        extra = "".join(f" -c {name.replace('__', '.')}={value}" for name, value in settings.items())
+        return self.dsn.replace(f"-c statement_timeout=", f"{extra.strip()} -c statement_timeout=", 1)
+
+    def as_env(self) -> dict[str, str]:
+        """Every set option as environment variables: how a parent hands its configuration
+        (CLI flags included) to the worker processes it starts."""
+        env = {}
+        for spec in OPTIONS:
+            value = getattr(self, spec.field)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                env[spec.env] = "true" if value else "false"
+            elif isinstance(value, bytes):
+                env[spec.env] = value.hex()
+            else:
+                env[spec.env] = str(value)
+        return env
 
     @property
     def dsn(self) -> str:

@@ -6,6 +6,7 @@ the ``MultiService`` stops them in reverse: no new requests, parked pops answere
 closed, embedded PostgreSQL stopped.
 """
 
+import socket
 from typing import Optional
 
 from twisted.application import service
@@ -13,6 +14,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 
+from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING, PostgresWakeups
+from queen_tw.cluster.workers import WorkerSupervisor, worker_base_env
 from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database
@@ -110,9 +113,14 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     if config.embedded_pg:
         embedded = EmbeddedPostgresService(config.embedded_pg)
         embedded.setServiceParent(top)
-        config = config.with_changes(**_pg_fields(embedded.postgres.pg_env()))
+        config = config.with_changes(embedded_pg=None, **_pg_fields(embedded.postgres.pg_env()))
+    if config.num_workers > 1 and config.listen_fd is None:
+        WorkerSupervisor(config, reactor, worker_base_env()).setServiceParent(top)
+        return top
+    in_group = config.listen_fd is not None  # one of NUM_WORKERS processes
 
-    db = Database(config.dsn, config.db_pool_size, reactor)
+    db = Database(config.dsn_with_settings(**WAKEUP_SETTING) if in_group else config.dsn,
+                  config.db_pool_size, reactor)
     DatabaseService(config, db, reactor).setServiceParent(top)
 
     waiters = WaiterRegistry(reactor)
@@ -124,7 +132,11 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     api = QueenAPI(engine, config.worker_id, config.default_batch_size,
                    config.default_timeout_ms, config.default_subscription_mode)
     site = make_site(api.app.resource(), config.max_body_bytes)
-    endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    if in_group:
+        endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, config.listen_fd, socket.AF_INET)
+        PostgresWakeups(config.dsn, config.worker_id, waiters.notify, reactor).setServiceParent(top)
+    else:
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
     StreamServerEndpointService(endpoint, site).setServiceParent(top)
     WaitersService(waiters).setServiceParent(top)
     return top

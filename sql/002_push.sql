@@ -178,6 +178,13 @@ BEGIN
               FROM newest n JOIN queen.queues qu ON qu.id = n.queue_id)
       INTO v_results, v_updates;
 
+    -- Worker processes of one server wake each other's long polls (cluster/pg_wakeups.py).
+    IF current_setting('queen.wakeup', true) = 'on' THEN
+        PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), u->>'queue', u->>'partition',
+                                                    current_setting('application_name')))
+           FROM jsonb_array_elements(v_updates) u;
+    END IF;
+
     RETURN jsonb_build_object('items', v_results, 'partition_updates', v_updates);
 END
 $$;

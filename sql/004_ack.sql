@@ -152,6 +152,10 @@ BEGIN
                                            THEN now() ELSE last_consumed_at END
              WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group;
         END IF;
+        IF v_released AND current_setting('queen.wakeup', true) = 'on' THEN
+            PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), v_cfg.queue_name,
+                              v_cfg.partition_name, current_setting('application_name')));
+        END IF;
         FOREACH v_pos IN ARRAY v_group_pos LOOP
             v_results[v_pos] := v_results[v_pos] || jsonb_build_object('leaseReleased', v_released);
         END LOOP;

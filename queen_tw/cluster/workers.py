@@ -1,0 +1,123 @@
+"""NUM_WORKERS: several server processes sharing one listening socket.
+
+The parent opens the socket once and starts each worker as ``twistd queen`` with the socket
+inherited as file descriptor 3 (``QUEEN_LISTEN_FD``); the kernel spreads new connections
+over the processes that accept on it. The parent serves nothing itself: it restarts a
+worker that dies and, on stop, sends SIGTERM to every worker and waits for them.
+"""
+
+import os
+import signal
+import socket
+import sys
+from typing import Dict, Optional
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from queen_tw.config import Config
+
+log = Logger()
+
+INHERITED_FD = 3
+_RESTART_DELAY_S = 1.0
+_STOP_GRACE_S = 35.0
+
+
+class _Worker(protocol.ProcessProtocol):
+    def __init__(self, supervisor: "WorkerSupervisor", index: int):
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+        self.supervisor.worker_ended(self, reason.value)
+
+
+class WorkerSupervisor(service.Service):
+    """Starts, restarts and stops the worker processes.
+
+    :param config: the parent's configuration; each worker gets it as environment
+        variables plus its own ``WORKER_ID`` and the inherited socket.
+    :param reactor: provides ``spawnProcess`` and ``callLater``.
+    :param base_env: the environment the workers inherit (PATH and the like).
+    """
+
+    def __init__(self, config: Config, reactor, base_env: Dict[str, str]):
+        self._config = config
+        self._reactor = reactor
+        self._base_env = base_env
+        self._socket: Optional[socket.socket] = None
+        self._workers: Dict[int, _Worker] = {}
+        self._processes: Dict[int, object] = {}
+
+    def startService(self):
+        super().startService()
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((self._config.host, self._config.port))
+        self._socket.listen(1024)
+        log.info("{n} workers sharing {host}:{port}", n=self._config.num_workers,
+                 host=self._config.host, port=self._socket.getsockname()[1])
+        for index in range(self._config.num_workers):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        env = dict(self._base_env)
+        env.update(self._config.as_env())
+        env.update({"NUM_WORKERS": "1", "QUEEN_LISTEN_FD": str(INHERITED_FD),
+                    "WORKER_ID": f"{self._config.worker_id}-{index + 1}"})
+        env.pop("QUEEN_EMBEDDED_PG", None)  # the parent runs it; workers use its PG_* settings
+        worker = _Worker(self, index)
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "--logfile=-", "queen"]
+        self._processes[index] = self._reactor.spawnProcess(
+            worker, sys.executable, args, env=env,
+            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self._socket.fileno()})
+        self._workers[index] = worker
+
+    def worker_ended(self, worker: _Worker, reason) -> None:
+        if self._workers.get(worker.index) is not worker:
+            return
+        del self._workers[worker.index]
+        if self.running:
+            log.warn("worker {n} ended ({reason}); restarting it", n=worker.index + 1,
+                     reason=reason)
+            self._reactor.callLater(_RESTART_DELAY_S, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and index not in self._workers:
+            self._spawn(index)
+
+    def stopService(self):
+        super().stopService()
+        ended = [worker.ended for worker in self._workers.values()]
+        for index in list(self._workers):
+            self._signal(index, signal.SIGTERM)
+        kill_timer = self._reactor.callLater(_STOP_GRACE_S, self._kill_all)
+        done = defer.DeferredList(ended)
+
+        def finished(_):
+            if kill_timer.active():
+                kill_timer.cancel()
+            if self._socket is not None:
+                self._socket.close()
+        return done.addBoth(finished)
+
+    def _kill_all(self) -> None:
+        for index in list(self._workers):
+            self._signal(index, signal.SIGKILL)
+
+    def _signal(self, index: int, signum: int) -> None:
+        process = self._processes.get(index)
+        try:
+            process.signalProcess(signum)
+        except Exception:  # already gone
+            pass
+
+
+def worker_base_env() -> Dict[str, str]:
+    """The environment workers inherit (PATH, PYTHONPATH…); their options come from Config."""
+    return dict(os.environ)

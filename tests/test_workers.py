@@ -1,0 +1,71 @@
+"""NUM_WORKERS: processes sharing the port, wake-ups across them, graceful stop."""
+
+import concurrent.futures
+import os
+import time
+
+import httpx
+
+from tests.support import unique_name
+
+
+def _worker_ids_seen(url: str, attempts: int = 40) -> set:
+    seen = set()
+    for _ in range(attempts):
+        with httpx.Client(base_url=url, timeout=5) as fresh_connection:
+            seen.add(fresh_connection.get("/health").json()["worker_id"])
+    return seen
+
+
+def _children(pid: int) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def test_workers_share_the_port_and_each_serves_requests(make_server):
+    server = make_server(NUM_WORKERS="2", WORKER_ID="multi")
+    assert _worker_ids_seen(server.url) == {"multi-1", "multi-2"}
+
+
+def test_push_in_one_worker_wakes_long_polls_parked_in_the_others(make_server):
+    # No fallback re-checks within the test: only a wake-up can deliver in time.
+    server = make_server(NUM_WORKERS="2", POP_WAIT_INITIAL_INTERVAL_MS="30000",
+                         POP_WAIT_MAX_INTERVAL_MS="30000")
+    queue = unique_name()
+
+    def parked_pop(_):
+        with httpx.Client(base_url=server.url, timeout=40) as own_connection:
+            started = time.monotonic()
+            answer = own_connection.get(f"/api/v1/pop/queue/{queue}",
+                                        params={"wait": "true", "timeout": 20000})
+            return answer.status_code, time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        parked = [pool.submit(parked_pop, n) for n in range(6)]
+        time.sleep(1.5)  # let every pop park (each on its own connection, spread over workers)
+        pushed = httpx.post(f"{server.url}/api/v1/push", json={"items": [
+            {"queue": queue, "partition": f"p{n}", "payload": n} for n in range(6)]})
+        assert pushed.status_code == 201
+        outcomes = [future.result(timeout=30) for future in parked]
+
+    assert [code for code, _ in outcomes] == [200] * 6
+    assert max(waited for _, waited in outcomes) < 10  # woken, not timed out at 20 s
+
+
+def test_sigterm_stops_every_worker(make_server):
+    server = make_server(NUM_WORKERS="2")
+    workers = _children(server.pid)
+    assert len(workers) == 2
+    server.stop()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
