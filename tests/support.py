@@ -179,3 +179,13 @@ class ServerProcess:
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of :meth:`log_text`, for failure messages."""
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def count_messages(db: "psycopg2.extensions.connection", queue: str) -> int:
+    """How many messages of ``queue`` are stored (``db``: a psycopg2 connection)."""
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT count(*) FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id
+                           WHERE q.name = %s""", (queue,))
+        return cursor.fetchone()[0]

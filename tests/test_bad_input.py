@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import httpx
 import pytest
 
-from tests.support import unique_name
+from tests.support import count_messages, unique_name
 
 A_UUID = "0190a0b0-0000-7000-8000-000000000000"
 
@@ -55,12 +55,7 @@ def queue_rows(db, queue: str) -> int:
         return cur.fetchone()[0]
 
 
-def message_rows(db, queue: str) -> int:
-    with db.cursor() as cur:
-        cur.execute("""SELECT count(*) FROM queen.messages m
-                         JOIN queen.partitions p ON p.id = m.partition_id
-                         JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""", (queue,))
-        return cur.fetchone()[0]
+message_rows = count_messages
 
 
 # -- bodies that are not JSON objects ---------------------------------------------------

@@ -20,7 +20,7 @@ from queen_tw.engine.popper import PopRequest
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.paths import sql_dir
-from tests.support import unique_name
+from tests.support import count_messages, unique_name
 
 
 @pytest.fixture
@@ -117,8 +117,4 @@ def test_flooded_server_answers_503_with_retry_after_and_loses_nothing(make_serv
     assert len(refused) + len(accepted) == 64
     assert refused, "the bound was never reached"
     assert all(a.headers.get("retry-after") and "error" in a.json() for a in refused)
-    with db.cursor() as cursor:
-        cursor.execute("""SELECT count(*) FROM queen.messages m
-                            JOIN queen.partitions p ON p.id = m.partition_id
-                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""", (queue,))
-        assert cursor.fetchone()[0] == 20 * len(accepted)
+    assert count_messages(db, queue) == 20 * len(accepted)

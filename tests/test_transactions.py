@@ -4,7 +4,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from tests.support import unique_name
+from tests.support import count_messages, unique_name
 from tests.test_interop_client import connect, pop_now, run_scenario
 
 
@@ -18,14 +18,6 @@ def _push(http, queue: str, n: int = 1, partition: str = "Default") -> List[Dict
 def _pop(http, queue: str, **params) -> Dict[str, Any]:
     answer = http.get(f"/api/v1/pop/queue/{queue}", params={"batch": 10, **params})
     return answer.json() if answer.status_code == 200 else {"messages": []}
-
-
-def _stored(db, queue: str) -> int:
-    with db.cursor() as cursor:
-        cursor.execute("""SELECT count(*) FROM queen.messages m
-                            JOIN queen.partitions p ON p.id = m.partition_id
-                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""", (queue,))
-        return cursor.fetchone()[0]
 
 
 def test_transaction_acks_and_pushes_together(http, db):
@@ -59,7 +51,7 @@ def test_failing_operation_rolls_back_everything_and_answers_200_success_false(h
     body = answer.json()
     assert answer.status_code == 200
     assert body["success"] is False and body["error"] == "Message not found"
-    assert _stored(db, sink) == 0
+    assert count_messages(db, sink) == 0
 
 
 def test_expired_required_lease_fails_the_transaction(http, db):
@@ -76,7 +68,7 @@ def test_expired_required_lease_fails_the_transaction(http, db):
         "requiredLeases": [message["leaseId"]]}).json()
 
     assert body["success"] is False and message["leaseId"] in body["error"]
-    assert _stored(db, sink) == 0
+    assert count_messages(db, sink) == 0
 
 
 def test_duplicate_push_in_a_transaction_is_reported_not_fatal(http, db):
@@ -88,7 +80,7 @@ def test_duplicate_push_in_a_transaction_is_reported_not_fatal(http, db):
     assert body["success"] is True
     assert body["results"][0]["status"] == "duplicate"
     assert body["results"][0]["messageId"] == first["message_id"]
-    assert _stored(db, queue) == 2
+    assert count_messages(db, queue) == 2
 
 
 def test_group_ack_in_a_transaction_moves_only_that_group(http):
@@ -137,7 +129,7 @@ def test_unknown_operation_type_fails_the_transaction_without_applying_anything(
     body = http.post("/api/v1/transaction", json={"operations": [
         {"type": "push", "items": [{"queue": queue}]}, {"type": "teleport"}]}).json()
     assert body["success"] is False and "teleport" in body["error"]
-    assert _stored(db, queue) == 0
+    assert count_messages(db, queue) == 0
 
 
 def test_official_client_transaction_commits_ack_and_push(server):
@@ -173,4 +165,4 @@ def test_official_client_transaction_rollback_raises_and_applies_nothing(server,
 
     error = run_scenario(scenario())
     assert error is not None and "Message not found" in error
-    assert _stored(db, sink) == 0
+    assert count_messages(db, sink) == 0
