@@ -1,63 +1,10 @@
 -- Pop: claim partitions for a consumer group under one lease and read their pending messages.
 -- One call serves many requests (pop_specific_batch), so the server fuses concurrent pops.
+-- Wildcard and namespace pops find candidate partitions in queen.partition_pending (see
+-- 020_pending_lookup.sql), so their cost follows the partitions with work, not the queue size.
 
--- Creates the (partition, group) row when the group first lands on a partition. A named group
--- starts strictly after every message created at or before its subscription time (2.3.6); the
--- cursor (ts, max uuid) expresses exactly that without reading any message.
-CREATE OR REPLACE FUNCTION queen.ensure_consumer(p_partition uuid, p_queue uuid, p_group text,
-                                                 p_sub_mode text, p_sub_from text)
-RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_from timestamptz;
-BEGIN
-    IF EXISTS (SELECT 1 FROM queen.partition_consumers
-                WHERE partition_id = p_partition AND consumer_group = p_group) THEN
-        RETURN;
-    END IF;
-    IF p_group = '__QUEUE_MODE__' THEN
-        v_from := '-infinity';
-    ELSE
-        SELECT subscription_from INTO v_from FROM queen.consumer_subscriptions
-         WHERE queue_id = p_queue AND consumer_group = p_group;
-        IF NOT FOUND THEN
-            v_from := queen.subscription_start(p_sub_mode, p_sub_from);
-            INSERT INTO queen.consumer_subscriptions (queue_id, consumer_group, subscription_mode,
-                                                      subscription_from)
-            VALUES (p_queue, p_group, coalesce(nullif(p_sub_mode, ''), 'all'), v_from)
-            ON CONFLICT (queue_id, consumer_group) DO NOTHING;
-            SELECT subscription_from INTO v_from FROM queen.consumer_subscriptions
-             WHERE queue_id = p_queue AND consumer_group = p_group;
-        END IF;
-    END IF;
-    INSERT INTO queen.partition_consumers (partition_id, consumer_group, cursor_created_at, cursor_id)
-    VALUES (p_partition, p_group, v_from,
-            CASE WHEN v_from = '-infinity' THEN '00000000-0000-0000-0000-000000000000'::uuid
-                 ELSE 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid END)
-    ON CONFLICT (partition_id, consumer_group) DO NOTHING;
-END
-$$;
-
--- First-contact decision of a named group: a timestamp, "now", or the beginning.
-CREATE OR REPLACE FUNCTION queen.subscription_start(p_mode text, p_from text) RETURNS timestamptz
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF p_from IS NOT NULL AND p_from <> '' THEN
-        IF lower(p_from) = 'now' THEN
-            RETURN now();
-        END IF;
-        BEGIN
-            RETURN p_from::timestamptz;
-        EXCEPTION WHEN others THEN
-            NULL;  -- an unparsable subscriptionFrom is ignored (2.3.6 point 7)
-        END;
-    END IF;
-    IF p_mode IN ('new', 'new-only') THEN
-        RETURN now();
-    END IF;
-    RETURN '-infinity';
-END
-$$;
+DROP FUNCTION IF EXISTS queen.ensure_consumer(uuid, uuid, text, text, text);
+DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, text, text);
 
 CREATE OR REPLACE FUNCTION queen.format_ts6(ts timestamptz) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
@@ -69,12 +16,127 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
 $$;
 
+-- The cursor that means "strictly after every message created at or before p_from"; the
+-- beginning of time is the zero cursor, so no message sorts before it.
+CREATE OR REPLACE FUNCTION queen.start_cursor_id(p_from timestamptz) RETURNS uuid
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_from = '-infinity' THEN '00000000-0000-0000-0000-000000000000'::uuid
+                ELSE 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid END
+$$;
+
+-- First-contact decision of a named group (2.3.6): a timestamp, "now", or the beginning.
+-- An unparsable subscriptionFrom is ignored (point 7).
+CREATE OR REPLACE FUNCTION queen.subscription_start(p_mode text, p_from text) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_from IS NOT NULL AND p_from <> '' THEN
+        IF lower(p_from) = 'now' THEN
+            RETURN now();
+        END IF;
+        BEGIN
+            RETURN p_from::timestamptz;
+        EXCEPTION WHEN others THEN
+            NULL;
+        END;
+    END IF;
+    IF lower(coalesce(p_mode, '')) IN ('new', 'new-only') THEN
+        RETURN now();
+    END IF;
+    RETURN '-infinity';
+END
+$$;
+
+-- How the decision is reported by the consumer-group routes.
+CREATE OR REPLACE FUNCTION queen.subscription_mode_name(p_mode text, p_from text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_from IS NOT NULL AND p_from <> '' THEN
+        IF lower(p_from) = 'now' THEN
+            RETURN 'new';
+        END IF;
+        BEGIN
+            PERFORM p_from::timestamptz;
+            RETURN 'timestamp';
+        EXCEPTION WHEN others THEN
+            NULL;
+        END;
+    END IF;
+    RETURN CASE WHEN lower(coalesce(p_mode, '')) IN ('new', 'new-only') THEN 'new' ELSE 'all' END;
+END
+$$;
+
+-- Where group p_group starts in queue p_queue's partitions it has no cursor in. The first
+-- contact records the decision (queue mode: the beginning; named groups: from the request, or
+-- p_inherited when a namespace subscription decided it) and seeds the pending lookup; later
+-- calls just read the record, whatever the request says (2.3.6 point 5).
+CREATE OR REPLACE FUNCTION queen.subscribe(p_queue uuid, p_group text, p_mode text, p_from text,
+                                           p_inherited timestamptz DEFAULT NULL)
+RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_from timestamptz;
+    v_mode text;
+BEGIN
+    SELECT subscription_from INTO v_from FROM queen.consumer_subscriptions
+     WHERE queue_id = p_queue AND consumer_group = p_group;
+    IF FOUND THEN
+        RETURN v_from;
+    END IF;
+    IF p_group = '__QUEUE_MODE__' THEN
+        v_from := '-infinity';
+        v_mode := 'all';
+    ELSIF p_inherited IS NOT NULL THEN
+        v_from := p_inherited;
+        v_mode := CASE WHEN p_inherited = '-infinity' THEN 'all' ELSE 'timestamp' END;
+    ELSE
+        v_from := queen.subscription_start(p_mode, p_from);
+        v_mode := queen.subscription_mode_name(p_mode, p_from);
+    END IF;
+    -- Exclusive on the queue's lookup lock: no push commits between the record and the seeding.
+    PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(p_queue::text));
+    INSERT INTO queen.consumer_subscriptions (queue_id, consumer_group, subscription_mode,
+                                              subscription_from)
+    VALUES (p_queue, p_group, v_mode, v_from)
+    ON CONFLICT (queue_id, consumer_group) DO NOTHING;
+    IF FOUND THEN
+        PERFORM queen.seed_pending(p_queue, p_group, v_from);
+        RETURN v_from;
+    END IF;
+    SELECT subscription_from INTO v_from FROM queen.consumer_subscriptions
+     WHERE queue_id = p_queue AND consumer_group = p_group;
+    RETURN v_from;
+END
+$$;
+
+-- Creates the (partition, group) row when the group first lands on a partition, starting at
+-- the group's subscription point. False when another transaction is creating it right now:
+-- the caller skips the partition instead of waiting for that transaction.
+CREATE OR REPLACE FUNCTION queen.ensure_consumer(p_partition uuid, p_group text, p_from timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM queen.partition_consumers
+                WHERE partition_id = p_partition AND consumer_group = p_group) THEN
+        RETURN true;
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(queen.lookup_lock_class() + 1,
+                                     hashtext(p_partition::text || '/' || p_group)) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO queen.partition_consumers (partition_id, consumer_group, cursor_created_at, cursor_id)
+    VALUES (p_partition, p_group, p_from, queen.start_cursor_id(p_from))
+    ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+    RETURN true;
+END
+$$;
+
 -- Tries to deliver from one partition to one group. Returns the messages (a jsonb array,
 -- empty when the partition is leased, cooling down, in its window, or has nothing due).
 -- p_lease_id NULL means autoAck: the cursor moves at once and no lease remains.
+-- p_lease_seconds > 0 overrides the queue's leaseTime (the SQL-level API's lease_seconds).
 CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p_batch integer,
                                                p_lease_id uuid, p_worker text,
-                                               p_sub_mode text, p_sub_from text)
+                                               p_lease_seconds integer, p_from timestamptz)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -98,7 +160,9 @@ BEGIN
         RETURN '[]'::jsonb;
     END IF;
 
-    PERFORM queen.ensure_consumer(p_partition, v_part.queue_id, p_group, p_sub_mode, p_sub_from);
+    IF NOT queen.ensure_consumer(p_partition, p_group, p_from) THEN
+        RETURN '[]'::jsonb;
+    END IF;
     -- Another request claiming this partition right now is skipped, never waited for.
     SELECT * INTO v_pc FROM queen.partition_consumers
      WHERE partition_id = p_partition AND consumer_group = p_group
@@ -154,7 +218,8 @@ BEGIN
                last_consumed_at = now(), last_served_at = clock_timestamp(), worker_id = p_worker
          WHERE partition_id = p_partition AND consumer_group = p_group;
     ELSE
-        v_lease := CASE WHEN v_part.lease_time > 0 THEN v_part.lease_time ELSE 60 END;
+        v_lease := coalesce(nullif(greatest(p_lease_seconds, 0), 0),
+                            nullif(greatest(v_part.lease_time, 0), 0), 60);
         UPDATE queen.partition_consumers
            SET lease_id = p_lease_id, lease_expires_at = now() + make_interval(secs => v_lease),
                lease_last_created_at = v_last.created_at, lease_last_id = v_last.id,
@@ -165,10 +230,114 @@ BEGIN
 END
 $$;
 
--- One pop request. p_req: {queue, partition (null = any), consumerGroup, batch, autoAck,
--- partitions, workerId, subscriptionMode, subscriptionFrom}.
+-- The queues a pop reads, highest priority first: one by name, or every queue whose namespace
+-- and/or task match (namespace pops).
+CREATE OR REPLACE FUNCTION queen.pop_scope(p_req jsonb) RETURNS TABLE (id uuid, name text)
+LANGUAGE sql STABLE AS $$
+    SELECT qu.id, qu.name FROM queen.queues qu
+     WHERE CASE WHEN p_req->>'queue' IS NOT NULL THEN qu.name = p_req->>'queue'
+                ELSE (p_req->>'namespace' IS NULL OR qu.namespace = p_req->>'namespace')
+                 AND (p_req->>'task' IS NULL OR qu.task = p_req->>'task')
+                 AND (p_req->>'namespace' IS NOT NULL OR p_req->>'task' IS NOT NULL) END
+     ORDER BY qu.priority DESC, qu.name
+$$;
+
+-- Subscribes the group to every queue of the scope and returns the scope with each queue's
+-- subscription point. Namespace pops consult (group, queue) first, then the (group, namespace,
+-- task) record, which the first namespace pop creates from the request (2.3.6 point 6).
+CREATE OR REPLACE FUNCTION queen.subscribe_scope(p_req jsonb, p_group text)
+RETURNS TABLE (queue_id uuid, queue_name text, sub_from timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_q         record;
+    v_inherited timestamptz;
+    v_mode      text := p_req->>'subscriptionMode';
+    v_from      text := p_req->>'subscriptionFrom';
+BEGIN
+    IF p_req->>'queue' IS NULL AND p_group <> '__QUEUE_MODE__' THEN
+        INSERT INTO queen.namespace_subscriptions (namespace, task, consumer_group,
+                                                   subscription_mode, subscription_from)
+        VALUES (coalesce(p_req->>'namespace', ''), coalesce(p_req->>'task', ''), p_group,
+                queen.subscription_mode_name(v_mode, v_from), queen.subscription_start(v_mode, v_from))
+        ON CONFLICT (namespace, task, consumer_group) DO NOTHING;
+        SELECT subscription_from INTO v_inherited FROM queen.namespace_subscriptions
+         WHERE namespace = coalesce(p_req->>'namespace', '') AND task = coalesce(p_req->>'task', '')
+           AND consumer_group = p_group;
+    END IF;
+    FOR v_q IN SELECT * FROM queen.pop_scope(p_req) LOOP
+        queue_id := v_q.id;
+        queue_name := v_q.name;
+        sub_from := queen.subscribe(v_q.id, p_group, v_mode, v_from, v_inherited);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- When something in the scope may next become deliverable (a lease or retry cool-down ends, a
+-- delayed message falls due, a window closes), as ms from now; NULL when nothing is known.
+-- Parked long-polls use it to re-check at that moment instead of waiting for their timer.
+CREATE OR REPLACE FUNCTION queen.next_eligible_in_ms(p_queues uuid[], p_group text,
+                                                     p_partition uuid DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (
+    SELECT ceil(extract(epoch FROM (min(t) - clock_timestamp())) * 1000)::bigint
+      FROM (SELECT greatest(
+                   CASE WHEN pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                        THEN pc.lease_expires_at END,
+                   CASE WHEN pc.retry_after > now() THEN pc.retry_after END,
+                   CASE WHEN qu.window_buffer > 0
+                         AND p.last_message_at > now() - make_interval(secs => qu.window_buffer)
+                        THEN p.last_message_at + make_interval(secs => qu.window_buffer) END,
+                   CASE WHEN qu.delayed_processing > 0 THEN (
+                        SELECT m.created_at + make_interval(secs => qu.delayed_processing)
+                          FROM queen.messages m
+                         WHERE m.partition_id = p.id
+                           AND (m.created_at, m.id) > (coalesce(pc.cursor_created_at, s.subscription_from),
+                                                       coalesce(pc.cursor_id, queen.start_cursor_id(s.subscription_from)))
+                         ORDER BY m.created_at, m.id LIMIT 1) END) AS t
+              FROM queen.partitions p
+              JOIN queen.queues qu ON qu.id = p.queue_id
+              LEFT JOIN queen.consumer_subscriptions s
+                     ON s.queue_id = p.queue_id AND s.consumer_group = p_group
+              LEFT JOIN queen.partition_consumers pc
+                     ON pc.partition_id = p.id AND pc.consumer_group = p_group
+             WHERE CASE WHEN p_partition IS NOT NULL THEN p.id = p_partition
+                        ELSE p.id IN (SELECT pp.partition_id FROM queen.partition_pending pp
+                                       WHERE pp.queue_id = ANY(p_queues)
+                                         AND pp.consumer_group = p_group) END) x
+     WHERE t > now());
+END
+$$;
+
+-- Removes lookup rows of a group whose partitions it has caught up with (normally the cursor
+-- trigger does it; this catches rows a concurrent push held locked at that moment).
+CREATE OR REPLACE FUNCTION queen.prune_pending(p_queues uuid[], p_group text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    DELETE FROM queen.partition_pending
+     WHERE ctid IN (SELECT pp.ctid
+                      FROM queen.partition_pending pp
+                      JOIN queen.partition_consumers pc
+                        ON pc.partition_id = pp.partition_id AND pc.consumer_group = pp.consumer_group
+                     WHERE pp.queue_id = ANY(p_queues) AND pp.consumer_group = p_group
+                       AND (pc.cursor_created_at, pc.cursor_id) >= (pp.last_message_at, pp.last_message_id)
+                       FOR UPDATE OF pp SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+-- One pop request. p_req: {queue | namespace/task, partition (null = any), consumerGroup,
+-- batch, autoAck, partitions, workerId, leaseSeconds, subscriptionMode, subscriptionFrom}.
 -- Returns {success, queue, partition, partitionId, leaseId, consumerGroup, partitionsClaimed,
--- messages}; messages is empty when nothing could be delivered.
+-- messages}; when nothing could be delivered messages is empty and retryInMs says when
+-- something known falls due. Candidates (2.3.3): partitions with pending work for the group,
+-- not leased, not cooling down, outside their window, with a due message; by queue priority,
+-- then least recently served (never served first), then id. `batch` caps the whole answer.
 CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -177,62 +346,96 @@ DECLARE
     v_max_parts  integer := greatest(coalesce((p_req->>'partitions')::integer, 1), 1);
     v_auto_ack   boolean := coalesce((p_req->>'autoAck')::boolean, false);
     v_worker     text := p_req->>'workerId';
-    v_sub_mode   text := p_req->>'subscriptionMode';
-    v_sub_from   text := p_req->>'subscriptionFrom';
+    v_lease_secs integer := coalesce((p_req->>'leaseSeconds')::integer, 0);
     v_lease_id   uuid := CASE WHEN v_auto_ack THEN NULL ELSE gen_random_uuid() END;
-    v_queue      record;
+    v_queue_ids  uuid[];
+    v_names      text[];
+    v_froms      timestamptz[];
     v_cand       record;
     v_got        jsonb;
     v_messages   jsonb := '[]'::jsonb;
     v_claimed    integer := 0;
-    v_first_name text;
-    v_first_id   uuid;
+    v_first      record;
+    v_single     uuid;
 BEGIN
-    SELECT id, name INTO v_queue FROM queen.queues WHERE name = p_req->>'queue';
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb);
+    SELECT array_agg(queue_id ORDER BY n), array_agg(queue_name ORDER BY n),
+           array_agg(sub_from ORDER BY n)
+      INTO v_queue_ids, v_names, v_froms
+      FROM queen.subscribe_scope(p_req, v_group) WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
+    IF v_queue_ids IS NULL THEN
+        RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb, 'queues', '[]'::jsonb);
     END IF;
 
-    FOR v_cand IN
-        SELECT p.id, p.name
-          FROM queen.partitions p
-          LEFT JOIN queen.partition_consumers pc
-                 ON pc.partition_id = p.id AND pc.consumer_group = v_group
-         WHERE p.queue_id = v_queue.id
-           AND (p_req->>'partition' IS NULL OR p.name = p_req->>'partition')
-           AND p.last_message_id IS NOT NULL
-           AND (pc.partition_id IS NULL OR (
-                    (pc.cursor_created_at, pc.cursor_id) < (p.last_message_at, p.last_message_id)
-                AND (pc.lease_id IS NULL OR pc.lease_expires_at <= now())
-                AND (pc.retry_after IS NULL OR pc.retry_after <= now())))
-         ORDER BY pc.last_served_at NULLS FIRST, p.id
-    LOOP
-        v_got := queen.pop_partition(v_cand.id, v_group, v_batch - jsonb_array_length(v_messages),
-                                     v_lease_id, v_worker, v_sub_mode, v_sub_from);
-        IF jsonb_array_length(v_got) > 0 THEN
-            IF v_claimed = 0 THEN
-                v_first_name := v_cand.name;
-                v_first_id := v_cand.id;
+    IF p_req->>'partition' IS NOT NULL THEN
+        SELECT p.id INTO v_single FROM queen.partitions p
+         WHERE p.queue_id = v_queue_ids[1] AND p.name = p_req->>'partition';
+        IF FOUND THEN
+            v_got := queen.pop_partition(v_single, v_group, v_batch, v_lease_id, v_worker,
+                                         v_lease_secs, v_froms[1]);
+            IF jsonb_array_length(v_got) > 0 THEN
+                v_claimed := 1;
+                v_messages := v_got;
             END IF;
-            v_claimed := v_claimed + 1;
-            v_messages := v_messages || v_got;
-            EXIT WHEN v_claimed >= v_max_parts OR jsonb_array_length(v_messages) >= v_batch;
+        ELSE
+            RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb,
+                                      'queues', to_jsonb(v_names));
         END IF;
-    END LOOP;
-
-    IF v_claimed = 0 AND p_req->>'partition' IS NULL THEN
-        INSERT INTO queen.consumer_watermarks (queue_name, consumer_group, last_empty_scan_at, updated_at)
-        VALUES (v_queue.name, v_group, now(), now())
-        ON CONFLICT (queue_name, consumer_group)
-        DO UPDATE SET last_empty_scan_at = now(), updated_at = now();
+    ELSE
+        FOR v_cand IN
+            SELECT pp.partition_id AS id, s.sub_from
+              FROM queen.partition_pending pp
+              JOIN unnest(v_queue_ids, v_froms) AS s(queue_id, sub_from) ON s.queue_id = pp.queue_id
+              JOIN queen.queues qu ON qu.id = pp.queue_id
+              JOIN queen.partitions p ON p.id = pp.partition_id
+              LEFT JOIN queen.partition_consumers pc
+                     ON pc.partition_id = pp.partition_id AND pc.consumer_group = v_group
+             WHERE pp.queue_id = ANY(v_queue_ids) AND pp.consumer_group = v_group
+               AND (pc.partition_id IS NULL OR (
+                        (pc.cursor_created_at, pc.cursor_id) < (pp.last_message_at, pp.last_message_id)
+                    AND (pc.lease_id IS NULL OR pc.lease_expires_at <= now())
+                    AND (pc.retry_after IS NULL OR pc.retry_after <= now())))
+               AND (qu.window_buffer = 0
+                    OR p.last_message_at <= now() - make_interval(secs => qu.window_buffer))
+               AND (qu.delayed_processing = 0 OR EXISTS (
+                        SELECT 1 FROM queen.messages m
+                         WHERE m.partition_id = pp.partition_id
+                           AND (m.created_at, m.id) > (coalesce(pc.cursor_created_at, s.sub_from),
+                                                       coalesce(pc.cursor_id, queen.start_cursor_id(s.sub_from)))
+                           AND m.created_at <= now() - make_interval(secs => qu.delayed_processing)))
+             ORDER BY qu.priority DESC, pc.last_served_at NULLS FIRST, pp.partition_id
+        LOOP
+            v_got := queen.pop_partition(v_cand.id, v_group, v_batch - jsonb_array_length(v_messages),
+                                         v_lease_id, v_worker, v_lease_secs, v_cand.sub_from);
+            IF jsonb_array_length(v_got) > 0 THEN
+                v_claimed := v_claimed + 1;
+                v_messages := v_messages || v_got;
+                EXIT WHEN v_claimed >= v_max_parts OR jsonb_array_length(v_messages) >= v_batch;
+            END IF;
+        END LOOP;
     END IF;
 
+    IF v_claimed = 0 THEN
+        PERFORM queen.prune_pending(v_queue_ids, v_group);
+        IF p_req->>'partition' IS NULL AND p_req->>'queue' IS NOT NULL THEN
+            INSERT INTO queen.consumer_watermarks (queue_name, consumer_group, last_empty_scan_at, updated_at)
+            VALUES (v_names[1], v_group, now(), now())
+            ON CONFLICT (queue_name, consumer_group)
+            DO UPDATE SET last_empty_scan_at = now(), updated_at = now();
+        END IF;
+        RETURN jsonb_build_object(
+            'success', true, 'messages', '[]'::jsonb, 'consumerGroup', v_group,
+            'queues', to_jsonb(v_names),
+            'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single));
+    END IF;
+
+    SELECT v_messages->0->>'queue' AS queue, v_messages->0->>'partition' AS partition,
+           v_messages->0->>'partitionId' AS partition_id INTO v_first;
     RETURN jsonb_build_object(
         'success', true,
-        'queue', v_queue.name,
-        'partition', v_first_name,
-        'partitionId', v_first_id,
-        'leaseId', CASE WHEN v_claimed > 0 THEN coalesce(v_lease_id::text, '') ELSE NULL END,
+        'queue', v_first.queue,
+        'partition', v_first.partition,
+        'partitionId', v_first.partition_id,
+        'leaseId', coalesce(v_lease_id::text, ''),
         'consumerGroup', v_group,
         'partitionsClaimed', v_claimed,
         'messages', v_messages);
@@ -256,12 +459,15 @@ BEGIN
     FOR v_req IN SELECT e FROM jsonb_array_elements(p_reqs) e LOOP
         v_norm := jsonb_strip_nulls(jsonb_build_object(
             'queue', coalesce(v_req->>'queue', v_req->>'queue_name'),
+            'namespace', v_req->>'namespace',
+            'task', v_req->>'task',
             'partition', coalesce(v_req->>'partition', v_req->>'partition_name'),
             'consumerGroup', coalesce(v_req->>'consumerGroup', v_req->>'consumer_group'),
             'batch', coalesce(v_req->'batch', v_req->'batch_size'),
             'partitions', v_req->'partitions',
             'autoAck', coalesce(v_req->'autoAck', v_req->'auto_ack'),
             'workerId', coalesce(v_req->>'workerId', v_req->>'worker_id'),
+            'leaseSeconds', coalesce(v_req->'leaseSeconds', v_req->'lease_seconds'),
             'subscriptionMode', coalesce(v_req->>'subscriptionMode', v_req->>'sub_mode'),
             'subscriptionFrom', coalesce(v_req->>'subscriptionFrom', v_req->>'sub_from')));
         BEGIN

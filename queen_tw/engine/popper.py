@@ -1,14 +1,23 @@
 """Pop: one attempt through the pop Batcher, and long polling between attempts.
 
-A pop with ``wait=true`` that found nothing parks in the :class:`WaiterRegistry` and tries
-again when woken (a push, a lease release) or when its ``POP_WAIT_*`` fallback timer fires.
+A pop with ``wait=true`` that found nothing parks in a :class:`ParkingLot`, one per
+(queue or namespace/task, partition or any, consumer group). A lot is what the
+:class:`WaiterRegistry` wakes, and it answers a wake-up with **one** database attempt on
+behalf of its oldest pop, not one per parked pop: a thousand consumers parked on one queue
+cost one attempt per push, and messages go to them in arrival order. Only when an attempt
+delivers does the lot try again for the next pop in line.
+
+Between wake-ups a lot re-checks on its own timer: the ``POP_WAIT_*`` backoff, or sooner when
+the database said when something falls due (a retry cool-down or a lease ends, a delayed
+message or a window buffer matures).
 """
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Optional
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from queen_tw.db.pool import Database
@@ -20,12 +29,19 @@ log = Logger()
 
 QUEUE_MODE = "__QUEUE_MODE__"
 
+Delivery = Dict[str, Any]
+LotKey = Tuple[Optional[str], Optional[str], Optional[str], Optional[str], str]
+
 
 @dataclass(frozen=True)
 class PopRequest:
-    """One validated pop: ``partition`` None means any partition of ``queue``."""
+    """One validated pop.
 
-    queue: str
+    ``queue`` with ``partition`` None means any partition of that queue; ``queue`` None
+    means every queue matching ``namespace`` and/or ``task``.
+    """
+
+    queue: Optional[str]
     partition: Optional[str]
     consumer_group: str = QUEUE_MODE
     batch: int = 1
@@ -35,10 +51,18 @@ class PopRequest:
     timeout_ms: int = 30000
     subscription_mode: Optional[str] = None
     subscription_from: Optional[str] = None
+    namespace: Optional[str] = None
+    task: Optional[str] = None
+
+    @property
+    def lot_key(self) -> LotKey:
+        """Pops that may share one database attempt."""
+        return (self.queue, self.partition, self.namespace, self.task, self.consumer_group)
 
     def as_sql(self, worker_id: str) -> Dict[str, Any]:
         return {
             "queue": self.queue, "partition": self.partition,
+            "namespace": self.namespace, "task": self.task,
             "consumerGroup": self.consumer_group, "batch": self.batch,
             "partitions": self.partitions, "autoAck": self.auto_ack, "workerId": worker_id,
             "subscriptionMode": self.subscription_mode,
@@ -59,12 +83,21 @@ class PollTiming:
         return Backoff(self.initial_ms, self.threshold, self.multiplier, self.max_ms)
 
 
+@dataclass
+class Attempt:
+    """What one database attempt said: a delivery, or when to look again (seconds)."""
+
+    delivery: Optional[Delivery] = None
+    retry_in: Optional[float] = None
+    queues: Optional[List[str]] = None
+
+
 class Popper:
     """Delivers messages to pop requests.
 
     :param db: the pool; pops are fused through a Batcher into ``pop_specific_batch``.
-    :param waiters: where parked pops sleep.
-    :param clock: time source for deadlines.
+    :param waiters: where parked pops are woken from.
+    :param clock: time source for deadlines and re-check timers.
     :param worker_id: stamped on leases.
     :param poll_timing: fallback timer of parked pops.
     :param limits: pop Batcher limits.
@@ -86,55 +119,106 @@ class Popper:
         self._decrypt = decrypt
         self._give_back = give_back
         self._paused = paused
+        self._lots: Dict[LotKey, ParkingLot] = {}
         self.batcher = Batcher("pop", self._pop_batch, clock, limits)
+        self.attempts = 0
+
+    @property
+    def parked(self) -> int:
+        """Pops parked right now."""
+        return sum(len(lot) for lot in self._lots.values())
 
     async def pop(self, request: PopRequest, gone: Optional[defer.Deferred] = None
-                  ) -> Optional[Dict[str, Any]]:
+                  ) -> Optional[Delivery]:
         """Delivers up to ``request.batch`` messages, or None when nothing came in time.
 
-        ``gone`` fires when the client disconnected: the waiter is dropped at once and a
+        ``gone`` fires when the client disconnected: the pop leaves its lot at once and a
         delivery that can no longer be written is given back.
         """
+        if self._paused():
+            return None
+        lot = self._lot(request) if request.wait and request.timeout_ms > 0 else None
         deadline = self._clock.seconds() + request.timeout_ms / 1000.0
-        backoff = self._poll_timing.backoff()
         while True:
-            if self._paused():
-                return None
-            delivery = await self._pop_once(request)
-            if delivery is not None:
+            wakes_before = lot.wakes if lot is not None else 0
+            outcome = await self.attempt(request)
+            if outcome.delivery is not None:
                 if gone is not None and gone.called:
-                    await self._give_back(delivery)
+                    await self._give_back(outcome.delivery)
+                    self._drop_if_idle(lot)
                     return None
-                return delivery
-            remaining = deadline - self._clock.seconds()
-            if not request.wait or remaining <= 0 or (gone is not None and gone.called):
+                self._drop_if_idle(lot)
+                return outcome.delivery
+            if lot is None or (gone is not None and gone.called) \
+                    or self._clock.seconds() >= deadline:
+                self._drop_if_idle(lot)
                 return None
-            nap = self._waiters.wait(request.queue, request.partition,
-                                     min(backoff.next_interval(), remaining))
-            if gone is not None:
-                gone.addBoth(lambda _: nap.cancel() if not nap.called else None)
-            try:
-                if await nap:
-                    backoff.reset()
-            except defer.CancelledError:
-                return None
+            if lot.wakes == wakes_before:  # nothing changed while the attempt ran: park
+                break
+        parked = lot.park(request, deadline - self._clock.seconds(), outcome)
+        if gone is not None:
+            gone.addBoth(lambda _: lot.leave(parked))
+        try:
+            delivery = await parked.answer
+        finally:
+            self._drop_if_idle(lot)
+        if delivery is not None and gone is not None and gone.called:
+            await self._give_back(delivery)
+            return None
+        return delivery
 
-    async def _pop_once(self, request: PopRequest) -> Optional[Dict[str, Any]]:
-        """One attempt. A database outage counts as "nothing yet": consumers' loops exit on a
-        pop error, so pops answer 204 and /health reports the outage (WIRE.md 2.3.8)."""
+    async def attempt(self, request: PopRequest) -> Attempt:
+        """One try at the database. An outage counts as "nothing yet": consumers' loops exit
+        on a pop error, so pops answer 204 and /health reports the outage (WIRE.md 2.3.8)."""
+        self.attempts += 1
         try:
             [result] = await self.batcher.submit([request.as_sql(self._worker_id)])
         except Unavailable:
-            return None
+            return Attempt()
+        except Exception:
+            log.failure("pop on {queue} failed", queue=request.queue or request.namespace)
+            return Attempt()
         if not result.get("success", False):
-            log.warn("pop on {queue} failed: {error}", queue=request.queue,
+            log.warn("pop on {queue} failed: {error}", queue=request.queue or request.namespace,
                      error=result.get("error"))
-            return None
+            return Attempt()
         if not result["messages"]:
-            return None
+            retry_in = result.get("retryInMs")
+            return Attempt(retry_in=max(retry_in, 1) / 1000.0 if retry_in is not None else None,
+                           queues=result.get("queues"))
         for message in result["messages"]:
             self._decrypt(message)
-        return result
+        result.pop("queues", None)
+        result.pop("retryInMs", None)
+        return Attempt(delivery=result)
+
+    def close(self) -> None:
+        """Answers every parked pop now (the server stops)."""
+        for lot in list(self._lots.values()):
+            lot.close()
+
+    def _lot(self, request: PopRequest) -> "ParkingLot":
+        lot = self._lots.get(request.lot_key)
+        if lot is None:
+            lot = self._lots[request.lot_key] = ParkingLot(
+                request, self, self._clock, self._poll_timing.backoff())
+            self._waiters.watch(request.queue, request.partition, lot)
+        lot.users += 1
+        return lot
+
+    def _drop_if_idle(self, lot: Optional["ParkingLot"], leaving: bool = True) -> None:
+        if lot is None:
+            return
+        if leaving:
+            lot.users -= 1
+        if lot.users <= 0 and not lot.running:
+            lot.stop_timer()
+            self._waiters.unwatch(lot.queue, lot.partition, lot)
+            if self._lots.get(lot.key) is lot:
+                del self._lots[lot.key]
+
+    async def give_back(self, delivery: Delivery) -> None:
+        await self._give_back(delivery)
 
     async def _pop_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
         """One ``pop_specific_batch`` call for several pop requests (one request per job)."""
@@ -142,3 +226,164 @@ class Popper:
         answers = await self._db.call("pop_specific_batch", requests)
         by_idx = {answer["idx"]: answer["result"] for answer in answers}
         return [[by_idx[n]] for n in range(len(jobs))]
+
+
+class _Parked:
+    """One parked pop: its request, its answer, its deadline."""
+
+    def __init__(self, request: PopRequest):
+        self.request = request
+        self.answer: defer.Deferred = defer.Deferred()
+        self.deadline: Optional[IDelayedCall] = None
+
+    @property
+    def waiting(self) -> bool:
+        return not self.answer.called
+
+    def settle(self, delivery: Optional[Delivery]) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        if not self.answer.called:
+            self.answer.callback(delivery)
+
+
+class ParkingLot:
+    """The parked pops of one key, served in arrival order, one database attempt at a time.
+
+    A wake-up while an attempt runs is remembered and answered by one more attempt after it
+    (the change may have come after the attempt's snapshot), so no push goes unnoticed.
+    """
+
+    def __init__(self, request: PopRequest, popper: Popper, clock: IReactorTime,
+                 backoff: Backoff):
+        self.key = request.lot_key
+        self.queue = request.queue
+        self.partition = request.partition
+        self._popper = popper
+        self._clock = clock
+        self._backoff = backoff
+        self._line: Deque[_Parked] = deque()
+        self._timer: Optional[IDelayedCall] = None
+        self._dirty = False
+        self._matching: Set[str] = set()      # namespace lots: queues known to match
+        self._unrelated: Set[str] = set()     # namespace lots: queues known not to
+        self._asked: Set[str] = set()
+        self.running = False
+        self.users = 0          # pops in their first attempt or parked here
+        self.wakes = 0
+
+    def __len__(self) -> int:
+        return sum(1 for parked in self._line if parked.waiting)
+
+    # -- the registry's side -------------------------------------------------------------
+
+    def wake(self, queue: str, partition: Optional[str]) -> int:
+        if self.queue is None:  # namespace/task lot: only queues that may match
+            if queue in self._unrelated:
+                return 0
+            if queue not in self._matching:
+                self._asked.add(queue)
+        self.wakes += 1
+        self._backoff.reset()
+        if self._line:
+            self._kick()
+        return len(self)
+
+    def close(self) -> None:
+        for parked in list(self._line):
+            parked.settle(None)
+        self._line.clear()
+
+    # -- the popper's side ---------------------------------------------------------------
+
+    def park(self, request: PopRequest, timeout: float, last: Attempt) -> _Parked:
+        """Queues a pop whose own attempt found nothing; it is answered by a later attempt,
+        or with None after ``timeout`` seconds."""
+        parked = _Parked(request)
+        parked.deadline = self._clock.callLater(max(timeout, 0), self.leave, parked)
+        self._line.append(parked)
+        self._learn(last)
+        if not self.running and (self._timer is None or not self._timer.active()):
+            self._schedule(last.retry_in)
+        return parked
+
+    def leave(self, parked: _Parked) -> None:
+        """A pop's deadline passed or its client went away: it answers None and goes."""
+        if parked.waiting:
+            try:
+                self._line.remove(parked)
+            except ValueError:
+                pass
+            parked.settle(None)
+
+    def stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- attempts ------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self.running:
+            self._dirty = True
+            return
+        self.stop_timer()
+        self.running = True
+        d = defer.ensureDeferred(self._serve())
+        d.addErrback(lambda failure: log.failure("parked pops of {key} failed", failure,
+                                                 key=self.key))
+
+    async def _serve(self) -> None:
+        retry_in: Optional[float] = None
+        try:
+            while True:
+                self._discard_gone()
+                if not self._line:
+                    break
+                self._dirty = False
+                head = self._line[0]
+                outcome = await self._popper.attempt(head.request)
+                if outcome.delivery is None:
+                    self._learn(outcome)
+                    retry_in = outcome.retry_in
+                    if self._dirty:
+                        continue
+                    break
+                if head.waiting:
+                    self._line.popleft()
+                    head.settle(outcome.delivery)
+                else:
+                    await self._popper.give_back(outcome.delivery)
+        finally:
+            self.running = False
+        self._discard_gone()
+        if self._line:
+            self._schedule(retry_in)
+        else:
+            self._popper._drop_if_idle(self, leaving=False)
+
+    def _discard_gone(self) -> None:
+        while self._line and not self._line[0].waiting:
+            self._line.popleft()
+
+    def _schedule(self, retry_in: Optional[float]) -> None:
+        self.stop_timer()
+        delay = self._backoff.next_interval()
+        if retry_in is not None:
+            delay = min(delay, retry_in)
+        self._timer = self._clock.callLater(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._line:
+            self._kick()
+
+    def _learn(self, outcome: Attempt) -> None:
+        """Namespace lots remember which queues match, to ignore pushes elsewhere."""
+        if self.queue is not None or outcome.queues is None:
+            return
+        self._matching = set(outcome.queues)
+        self._unrelated |= self._asked - self._matching
+        self._asked.clear()
+        if len(self._unrelated) > 10_000:
+            self._unrelated.clear()

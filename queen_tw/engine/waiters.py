@@ -1,22 +1,40 @@
-"""Parked long-poll pops and what wakes them (WIRE.md 2.3.7).
+"""Who to wake when something changes in a queue (WIRE.md 2.3.7).
 
-A pop with ``wait=true`` that found nothing parks here under (queue, partition-or-None) and
-sleeps until a push (local or from a peer), a lease release, or its fallback timer wakes it.
-Waiters never poll PostgreSQL on their own schedule beyond that timer, whose interval follows
-the ``POP_WAIT_*`` backoff.
+Parked long-poll pops register here as *watchers* of a (queue, partition) — partition None
+for wildcard pops, queue None for pops that span queues (namespace/task). A local push, a
+peer's notice (``POST /internal/api/notify``), or a lease release calls :meth:`notify`,
+which tells every watcher the change concerns. What a watcher does when told (one database
+attempt for all the pops parked behind it) is the Popper's business, not the registry's.
+
+:meth:`WaiterRegistry.wait` keeps the simple form — one Deferred per waiter — for callers that
+only need "tell me when this queue changes or the time is up".
 """
 
 from collections import defaultdict
-from typing import DefaultDict, Optional, Set, Tuple
+from typing import DefaultDict, Optional, Protocol, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-WaiterKey = Tuple[str, Optional[str]]
+WaiterKey = Tuple[Optional[str], Optional[str]]
+
+
+class Watcher(Protocol):
+    """Something parked on a (queue, partition): told about changes, counted, closed."""
+
+    def wake(self, queue: str, partition: Optional[str]) -> int:
+        """A change in ``queue`` (``partition`` None: any partition); returns how many
+        parked pops this wakes."""
+
+    def close(self) -> None:
+        """The server stops: answer every parked pop now."""
+
+    def __len__(self) -> int:
+        """Parked pops behind this watcher."""
 
 
 class Backoff:
-    """The fallback re-try interval of one parked pop, in seconds.
+    """The fallback re-try interval of parked pops, in seconds.
 
     ``initial_ms`` for the first ``threshold`` empty tries, then multiplied by ``multiplier``
     per empty try up to ``max_ms``. A wake-up by a notification starts over.
@@ -40,61 +58,91 @@ class Backoff:
 
 
 class WaiterRegistry:
-    """Parked pops by (queue, partition); ``notify`` wakes the ones a change concerns."""
+    """Watchers by (queue, partition); ``notify`` wakes the ones a change concerns.
+
+    :param clock: time source of the timeouts of :meth:`wait`.
+    """
 
     def __init__(self, clock: IReactorTime):
         self._clock = clock
-        self._waiters: DefaultDict[WaiterKey, Set[defer.Deferred]] = defaultdict(set)
+        self._watchers: DefaultDict[WaiterKey, Set[Watcher]] = defaultdict(set)
+        self.notifications = 0
 
     def __len__(self) -> int:
-        return sum(len(waiters) for waiters in self._waiters.values())
+        return sum(len(w) for watchers in self._watchers.values() for w in watchers)
+
+    def watch(self, queue: Optional[str], partition: Optional[str], watcher: Watcher) -> None:
+        """Registers ``watcher`` for changes of ``queue``/``partition`` (None = any)."""
+        self._watchers[(queue, partition)].add(watcher)
+
+    def unwatch(self, queue: Optional[str], partition: Optional[str], watcher: Watcher) -> None:
+        key = (queue, partition)
+        watchers = self._watchers.get(key)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[key]
+
+    def notify(self, queue: str, partition: Optional[str]) -> int:
+        """Something changed in ``queue`` (in ``partition``, or anywhere when None).
+
+        Wakes the watchers of that partition, the queue's wildcard watchers and the watchers
+        of every queue; returns how many parked pops that concerned.
+        """
+        self.notifications += 1
+        if partition is not None:
+            keys = [(queue, partition), (queue, None)]
+        else:
+            keys = [key for key in self._watchers if key[0] == queue]
+        keys.append((None, None))
+        woken = 0
+        for key in keys:
+            for watcher in list(self._watchers.get(key, ())):
+                woken += watcher.wake(queue, partition)
+        return woken
+
+    def wake_all(self) -> None:
+        """Answers everyone now (shutdown: parked pops end with 204)."""
+        for watchers in list(self._watchers.values()):
+            for watcher in list(watchers):
+                watcher.close()
 
     def wait(self, queue: str, partition: Optional[str], timeout: float) -> defer.Deferred:
         """A Deferred firing True when woken, False after ``timeout`` seconds.
 
         Cancelling it (the client went away) removes the waiter at once.
         """
-        key = (queue, partition)
-        timer = None
+        return _OneShot(self, queue, partition, timeout).fired
 
-        def forget(_: object = None) -> None:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(woken)
-                if not waiters:
-                    del self._waiters[key]
-            if timer is not None and timer.active():
-                timer.cancel()
 
-        woken: defer.Deferred = defer.Deferred(canceller=forget)
-        self._waiters[key].add(woken)
-        timer = self._clock.callLater(timeout, self._fire, woken, False)
-        woken.addBoth(self._after, forget)
-        return woken
+class _OneShot:
+    """A single Deferred waiter: fires True on the first change, False at its timeout."""
 
-    def notify(self, queue: str, partition: Optional[str]) -> int:
-        """Wakes waiters of that partition and the queue's wildcard waiters; returns how many."""
-        keys = [(queue, partition), (queue, None)] if partition is not None else \
-            [key for key in self._waiters if key[0] == queue]
-        woken = 0
-        for key in keys:
-            for waiter in list(self._waiters.get(key, ())):
-                self._fire(waiter, True)
-                woken += 1
-        return woken
+    def __init__(self, registry: WaiterRegistry, queue: str, partition: Optional[str],
+                 timeout: float):
+        self._registry = registry
+        self._key = (queue, partition)
+        self.fired: defer.Deferred = defer.Deferred(canceller=lambda _: self._forget())
+        registry.watch(queue, partition, self)
+        self._timer = registry._clock.callLater(timeout, self._fire, False)
 
-    def wake_all(self) -> None:
-        """Wakes everyone (shutdown: parked pops answer at once)."""
-        for waiters in list(self._waiters.values()):
-            for waiter in list(waiters):
-                self._fire(waiter, True)
+    def __len__(self) -> int:
+        return 0 if self.fired.called else 1
 
-    @staticmethod
-    def _fire(waiter: defer.Deferred, value: bool) -> None:
-        if not waiter.called:
-            waiter.callback(value)
+    def wake(self, queue: str, partition: Optional[str]) -> int:
+        return self._fire(True)
 
-    @staticmethod
-    def _after(result, forget):
-        forget()
-        return result
+    def close(self) -> None:
+        self._fire(True)
+
+    def _fire(self, value: bool) -> int:
+        if self.fired.called:
+            return 0
+        self._forget()
+        self.fired.callback(value)
+        return 1
+
+    def _forget(self) -> None:
+        self._registry.unwatch(*self._key, self)
+        if self._timer.active():
+            self._timer.cancel()

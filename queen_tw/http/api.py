@@ -5,6 +5,7 @@ Errors are raised as domain exceptions and turned into ``{"error": …}`` answer
 traceback.
 """
 
+import dataclasses
 import json
 from typing import Any, Dict, Optional
 from urllib.parse import unquote
@@ -256,6 +257,23 @@ class QueenAPI:
         partition_id = parsing.require_uuid(unquote(partition_id), "partitionId")
         return json_answer(request, 200,
                            await self._engine.traces(partition_id, unquote(transaction_id)))
+
+    # -- namespace pops, consumer groups, resources, messages, internal (issue #4) -------
+
+    @app.route("/api/v1/pop", methods=["GET"])
+    async def pop_by_namespace(self, request):
+        namespace = parsing.query_text(request, "namespace")
+        task = parsing.query_text(request, "task")
+        if not namespace and not task:
+            raise InvalidRequest("namespace or task is required")
+        wanted = dataclasses.replace(self._pop_request(request, None, None),
+                                     namespace=namespace or None, task=task or None)
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: None)
+        delivery = await self._engine.pop(wanted, gone)
+        if delivery is None:
+            return no_content(request)
+        return json_answer(request, 200, delivery)
 
     # -- everything else ----------------------------------------------------------------
 

@@ -1,0 +1,218 @@
+"""Consumer groups and where they start (WIRE.md 2.0, 2.3.6, 7.1 rows 13, 19, 26).
+
+Bus mode (named groups each see every message) and queue mode (``__QUEUE_MODE__``, competing
+consumers) on one queue at the same time; subscription modes all / new / new-only and
+subscriptionFrom=now|timestamp, decided at a group's first contact with a queue and kept.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import httpx
+
+from tests.support import unique_name
+from tests.test_pop_ack import ack, pop, pop_answer, push
+
+
+def _drain(http: httpx.Client, queue: str, **params) -> list:
+    """Pops and acks until a pop comes back empty; returns the payloads in delivery order."""
+    seen = []
+    for _ in range(1000):
+        delivery = pop(http, queue, batch=100, **params)
+        if delivery is None:
+            return seen
+        for message in delivery["messages"]:
+            seen.append(message["data"])
+            assert ack(http, message, consumerGroup=message["consumerGroup"])["success"]
+    raise AssertionError("queue never ran dry")
+
+
+# -- bus mode and queue mode together ---------------------------------------------------
+
+
+def test_every_named_group_gets_every_message(http):
+    queue = unique_name()
+    push(http, queue, [1, 2, 3])
+
+    first = _drain(http, queue, consumerGroup="billing")
+    second = _drain(http, queue, consumerGroup="audit")
+
+    assert first == [1, 2, 3]
+    assert second == [1, 2, 3]
+
+
+def test_queue_mode_and_named_groups_consume_the_same_queue_independently(http):
+    queue = unique_name()
+    push(http, queue, [1, 2])
+
+    queue_mode = _drain(http, queue)
+    named = _drain(http, queue, consumerGroup="analytics")
+
+    assert queue_mode == [1, 2]
+    assert named == [1, 2]
+    assert pop_answer(http, queue).status_code == 204
+    assert pop_answer(http, queue, consumerGroup="analytics").status_code == 204
+
+
+def test_queue_mode_hands_each_message_to_one_consumer_only(http):
+    queue = unique_name()
+    push(http, queue, ["a"], partition="p1", prefix="a")
+    push(http, queue, ["b"], partition="p2", prefix="b")
+
+    first = pop(http, queue)
+    second = pop(http, queue)
+
+    assert {first["messages"][0]["data"], second["messages"][0]["data"]} == {"a", "b"}
+    assert pop_answer(http, queue).status_code == 204
+
+
+def test_a_groups_ack_does_not_move_another_groups_cursor(http):
+    queue = unique_name()
+    push(http, queue, ["x"])
+    message = pop(http, queue, consumerGroup="g1")["messages"][0]
+    ack(http, message, consumerGroup="g1")
+
+    again = pop(http, queue, consumerGroup="g2")
+
+    assert again["messages"][0]["data"] == "x"
+
+
+# -- subscription modes -----------------------------------------------------------------
+
+
+def test_new_mode_skips_history_then_gets_exactly_the_new_messages(http):
+    queue = unique_name()
+    push(http, queue, ["old1", "old2"], prefix="old")
+
+    first = pop_answer(http, queue, consumerGroup="fresh", subscriptionMode="new")
+    push(http, queue, ["n1", "n2", "n3"], prefix="new")
+    later = _drain(http, queue, consumerGroup="fresh")  # later pops carry no mode
+
+    assert first.status_code == 204
+    assert later == ["n1", "n2", "n3"]
+
+
+def test_new_only_is_an_alias_of_new(http):
+    queue = unique_name()
+    push(http, queue, ["old"], prefix="old")
+
+    first = pop_answer(http, queue, consumerGroup="g", subscriptionMode="new-only")
+    push(http, queue, ["n"], prefix="new")
+
+    assert first.status_code == 204
+    assert _drain(http, queue, consumerGroup="g") == ["n"]
+
+
+def test_subscription_from_now_skips_history(http):
+    queue = unique_name()
+    push(http, queue, ["old"], prefix="old")
+
+    first = pop_answer(http, queue, consumerGroup="g", subscriptionFrom="now")
+    push(http, queue, ["n"], prefix="new")
+
+    assert first.status_code == 204
+    assert _drain(http, queue, consumerGroup="g") == ["n"]
+
+
+def test_subscription_from_timestamp_starts_after_that_time(http):
+    queue = unique_name()
+    push(http, queue, ["before"], prefix="b")
+    time.sleep(0.05)
+    cut = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    time.sleep(0.05)
+    push(http, queue, ["after"], prefix="a")
+
+    seen = _drain(http, queue, consumerGroup="g", subscriptionFrom=cut)
+
+    assert seen == ["after"]
+
+
+def test_unknown_mode_and_unparsable_from_mean_all(http):
+    queue = unique_name()
+    push(http, queue, ["h"])
+
+    from_beginning = _drain(http, queue, consumerGroup="g1", subscriptionMode="from_beginning")
+    garbage_from = _drain(http, queue, consumerGroup="g2", subscriptionFrom="not-a-time")
+
+    assert from_beginning == ["h"]
+    assert garbage_from == ["h"]
+
+
+def test_first_contact_decides_and_later_modes_are_ignored(http):
+    queue = unique_name()
+    push(http, queue, ["h1"], prefix="h1-")
+    assert _drain(http, queue, consumerGroup="g") == ["h1"]  # first contact: all
+    push(http, queue, ["h2"], prefix="h2-")
+
+    later = _drain(http, queue, consumerGroup="g", subscriptionMode="new")
+
+    assert later == ["h2"]
+
+
+def test_new_mode_covers_partitions_created_after_the_subscription(http):
+    queue = unique_name()
+    push(http, queue, ["old"], partition="p-old", prefix="old")
+    assert pop_answer(http, queue, consumerGroup="g", subscriptionMode="new").status_code == 204
+
+    push(http, queue, ["n1", "n2"], partition="p-new", prefix="new")
+
+    assert _drain(http, queue, consumerGroup="g") == ["n1", "n2"]
+
+
+def test_new_mode_decided_on_the_wildcard_route_holds_on_the_partition_route(http):
+    queue = unique_name()
+    push(http, queue, ["old"], partition="p", prefix="old")
+    assert pop_answer(http, queue, consumerGroup="g", subscriptionMode="new").status_code == 204
+
+    answer = pop_answer(http, queue, "p", consumerGroup="g")
+
+    assert answer.status_code == 204
+
+
+def test_queue_mode_ignores_subscription_mode(http):
+    queue = unique_name()
+    push(http, queue, ["history"])
+
+    seen = _drain(http, queue, subscriptionMode="new")
+
+    assert seen == ["history"]
+
+
+def test_server_default_subscription_mode_is_all(http):
+    queue = unique_name()
+    push(http, queue, ["history"])
+
+    assert _drain(http, queue, consumerGroup="g") == ["history"]
+
+
+def test_default_subscription_mode_new_skips_history_for_groups_without_a_mode(make_server):
+    server = make_server(DEFAULT_SUBSCRIPTION_MODE="new")
+    queue = unique_name()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        push(client, queue, ["history"], prefix="h")
+        first = pop_answer(client, queue, consumerGroup="g")
+        push(client, queue, ["fresh"], prefix="f")
+        later = _drain(client, queue, consumerGroup="g")
+        explicit_all = _drain(client, queue, consumerGroup="g2", subscriptionMode="all")
+
+    assert first.status_code == 204
+    assert later == ["fresh"]
+    assert explicit_all == ["history", "fresh"]
+
+
+def test_first_new_pop_over_many_partitions_is_empty_then_sees_every_new_message(http):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": f"p{n}", "payload": n, "transactionId": f"old{n}"}
+        for n in range(500)]}).raise_for_status()
+
+    first = pop_answer(http, queue, consumerGroup="g", subscriptionMode="new")
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": f"p{n}", "payload": 1000 + n, "transactionId": f"new{n}"}
+        for n in range(500)]}).raise_for_status()
+    seen = _drain(http, queue, consumerGroup="g", partitions=100)
+
+    assert first.status_code == 204
+    assert sorted(seen) == list(range(1000, 1500))
