@@ -7,7 +7,7 @@ closed, embedded PostgreSQL stopped.
 """
 
 import socket
-from typing import Optional
+from typing import List, Optional
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -18,14 +18,21 @@ from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING, Postg
 from queen_tw.cluster.workers import WorkerSupervisor, worker_base_env
 from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
-from queen_tw.db.pool import Database
+from queen_tw.db.pool import Database, call_deadline
 from queen_tw.db.schema import install_schema
+from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.batcher import BatchLimits
+from queen_tw.engine.browser import Browser
+from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.http.api import QueenAPI
+from queen_tw.failover.durability import Durability
 from queen_tw.http.site import make_site
+from queen_tw.lifecycle import OrderedMultiService
 from queen_tw.paths import sql_dir
+from queen_tw.services.retention import Cleaner, eviction_service, retention_service
+from queen_tw.services.stats import StatsRefresher, stats_service
 
 log = Logger()
 
@@ -109,7 +116,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
 
-    top = service.MultiService()
+    top = OrderedMultiService(reactor, step_timeout=40.0)  # stops children one at a time
     if config.embedded_pg:
         embedded = EmbeddedPostgresService(config.embedded_pg)
         embedded.setServiceParent(top)
@@ -120,7 +127,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     in_group = config.listen_fd is not None  # one of NUM_WORKERS processes
 
     db = Database(config.dsn_with_settings(**WAKEUP_SETTING) if in_group else config.dsn,
-                  config.db_pool_size, reactor)
+                  config.db_pool_size, reactor,
+                  call_deadline(config.db_inflight_deadline_ms, config.db_statement_timeout_ms))
+    durability = Durability(config, db, reactor, worker=in_group)  # file buffer + maintenance
+    durability.buffer_service().setServiceParent(top)
     DatabaseService(config, db, reactor).setServiceParent(top)
 
     waiters = WaiterRegistry(reactor)
@@ -128,18 +138,37 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
         PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,
                    config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms),
-        engine_limits(config))
+        engine_limits(config), failover=durability.failover, pop_paused=durability.pop_paused)
+    stats = StatsRefresher(db)
+    admin = AdminEngines(ConsumerGroups(db, waiters),
+                         Browser(db, waiters, make_cipher(config.encryption_key)), stats, waiters)
     api = QueenAPI(engine, config.worker_id, config.default_batch_size,
-                   config.default_timeout_ms, config.default_subscription_mode)
+                   config.default_timeout_ms, config.default_subscription_mode, admin=admin)
+    for job in background_jobs(config, db, stats, reactor):
+        job.setServiceParent(top)
     site = make_site(api.app.resource(), config.max_body_bytes)
     if in_group:
         endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, config.listen_fd, socket.AF_INET)
         PostgresWakeups(config.dsn, config.worker_id, waiters.notify, reactor).setServiceParent(top)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    for part in durability.services(engine):  # flag refresh, replay, in-flight drain
+        part.setServiceParent(top)
     StreamServerEndpointService(endpoint, site).setServiceParent(top)
     WaitersService(waiters).setServiceParent(top)
+    durability.gate.setServiceParent(top)  # stops first: pops answer 204 from then on
     return top
+
+
+def background_jobs(config: Config, db: Database, stats: StatsRefresher,
+                    reactor) -> List[service.Service]:
+    """Retention (with eviction and partition cleanup), eviction and statistics, each on
+    its own interval; the cleaners take a cluster-wide lock, so every instance may run them."""
+    retention = Cleaner(db, config.retention_batch_size, config.partition_cleanup_days)
+    eviction = Cleaner(db, config.eviction_batch_size, config.partition_cleanup_days)
+    return [retention_service(retention, config.retention_interval_ms, reactor),
+            eviction_service(eviction, config.eviction_interval_ms, reactor),
+            stats_service(stats, config.stats_interval_ms, reactor)]
 
 
 def engine_limits(config: Config) -> EngineLimits:

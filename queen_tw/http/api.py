@@ -15,9 +15,11 @@ from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
 
 from queen_tw import __version__
+from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
-from queen_tw.errors import InvalidRequest, QueenError
+from queen_tw.errors import InvalidRequest, NotFound, QueenError
 from queen_tw.http import parsing
+from queen_tw.system_state import MAINTENANCE, POP_MAINTENANCE
 
 log = Logger()
 
@@ -44,13 +46,17 @@ class QueenAPI:
     :param worker_id: reported by ``/health``.
     :param defaults: server defaults of pop parameters (``default_batch_size``,
         ``default_timeout_ms``, ``default_subscription_mode``).
+    :param admin: consumer-group, resource, message, statistics and wake-up engines; their
+        routes answer 404 without it.
     """
 
     app = Klein()
 
     def __init__(self, engine: QueueEngine, worker_id: str, default_batch_size: int,
-                 default_timeout_ms: int, default_subscription_mode: str):
+                 default_timeout_ms: int, default_subscription_mode: str,
+                 admin: Optional[AdminEngines] = None):
         self._engine = engine
+        self._admin = admin
         self._worker_id = worker_id
         self._default_batch = default_batch_size
         self._default_timeout_ms = default_timeout_ms
@@ -82,14 +88,19 @@ class QueenAPI:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request):
-        healthy = await self._engine.database_healthy()
-        return json_answer(request, 200 if healthy else 503, {
+        healthy = await self._engine.database_healthy()  # SELECT 1, answered within 2 s
+        body = {
             "status": "healthy" if healthy else "unhealthy",
             "database": "connected" if healthy else "disconnected",
             "server": "queen-tw", "worker_id": self._worker_id, "version": __version__,
             "shared_state": {"enabled": False},
             "queen": {"worker_id": self._worker_id, "status": "active"},
-        })
+        }
+        buffer = getattr(self._engine.failover, "file_buffer", None)
+        if buffer is not None:
+            body["file_buffer"] = {"pending": buffer.pending, "failed": buffer.failed,
+                                   "healthy": buffer.healthy}
+        return json_answer(request, 200 if healthy else 503, body)
 
     # -- queues -------------------------------------------------------------------------
 
@@ -275,8 +286,208 @@ class QueenAPI:
             return no_content(request)
         return json_answer(request, 200, delivery)
 
+    def _admin_engines(self) -> AdminEngines:
+        if self._admin is None:
+            raise NotFound("Not found")
+        return self._admin
+
+    @app.route("/api/v1/consumer-groups", methods=["GET"])
+    async def list_consumer_groups(self, request):
+        return json_answer(request, 200, await self._admin_engines().groups.list())
+
+    @app.route("/api/v1/consumer-groups/lagging", methods=["GET"])
+    async def lagging_consumer_groups(self, request):
+        seconds = max(parsing.query_int(request, "minLagSeconds", 3600), 0)
+        return json_answer(request, 200, await self._admin_engines().groups.lagging(seconds))
+
+    @app.route("/api/v1/consumer-groups/<group>", methods=["GET"])
+    async def consumer_group_detail(self, request, group):
+        return json_answer(request, 200,
+                           await self._admin_engines().groups.detail(unquote(group)))
+
+    @app.route("/api/v1/consumer-groups/<group>", methods=["DELETE"])
+    async def delete_consumer_group(self, request, group):
+        return json_answer(request, 200, await self._admin_engines().groups.delete(
+            unquote(group), None, parsing.query_bool(request, "deleteMetadata", True)))
+
+    @app.route("/api/v1/consumer-groups/<group>/queues/<queue>", methods=["DELETE"])
+    async def delete_consumer_group_for_queue(self, request, group, queue):
+        return json_answer(request, 200, await self._admin_engines().groups.delete(
+            unquote(group), unquote(queue), parsing.query_bool(request, "deleteMetadata", True)))
+
+    @app.route("/api/v1/consumer-groups/<group>/subscription", methods=["POST"])
+    async def update_subscription(self, request, group):
+        body = parsing.read_json_object(request)
+        if not body.get("subscriptionTimestamp"):
+            raise InvalidRequest("Missing subscriptionTimestamp in request body")
+        timestamp = parsing.timestamp(parsing.optional_text(body, "subscriptionTimestamp"),
+                                      "subscriptionTimestamp")
+        return json_answer(request, 200, await self._admin_engines().groups
+                           .set_subscription_timestamp(unquote(group), timestamp))
+
+    @app.route("/api/v1/consumer-groups/<group>/queues/<queue>/seek", methods=["POST"])
+    async def seek_consumer_group(self, request, group, queue):
+        body = parsing.read_json_object(request)
+        to_end = body.get("toEnd") is True
+        stamp = body.get("timestamp")
+        if not to_end and not stamp:
+            raise InvalidRequest("Must specify either 'toEnd': true or 'timestamp'")
+        timestamp = None if to_end else parsing.timestamp(
+            parsing.optional_text(body, "timestamp"), "timestamp")
+        return json_answer(request, 200, await self._admin_engines().groups.seek(
+            unquote(group), unquote(queue), to_end, timestamp))
+
+    @app.route("/api/v1/consumer-groups/<group>/queues/<queue>/partitions/<partition>/seek",
+               methods=["POST"])
+    async def seek_consumer_group_partition(self, request, group, queue, partition):
+        return json_answer(request, 200, await self._admin_engines().groups.seek_partition(
+            unquote(group), unquote(queue), unquote(partition)))
+
+    @app.route("/api/v1/stats/refresh", methods=["POST"])
+    async def refresh_stats(self, request):
+        return json_answer(request, 200, await self._admin_engines().stats.refresh())
+
+    @app.route("/api/v1/resources/overview", methods=["GET"])
+    async def resources_overview(self, request):
+        return json_answer(request, 200, await self._admin_engines().browser.overview())
+
+    @app.route("/api/v1/resources/namespaces", methods=["GET"])
+    async def resources_namespaces(self, request):
+        return json_answer(request, 200, await self._admin_engines().browser.namespaces())
+
+    @app.route("/api/v1/resources/tasks", methods=["GET"])
+    async def resources_tasks(self, request):
+        return json_answer(request, 200, await self._admin_engines().browser.tasks())
+
+    @app.route("/api/v1/resources/partitions", methods=["GET"])
+    async def resources_partitions(self, request):
+        query = {"queue": parsing.query_text(request, "queue"),
+                 "limit": min(max(parsing.query_int(request, "limit", 100), 1), 1000),
+                 "offset": max(parsing.query_int(request, "offset", 0), 0)}
+        return json_answer(request, 200, await self._admin_engines().browser.partitions(
+            {key: value for key, value in query.items() if value is not None}))
+
+    @app.route("/api/v1/messages", methods=["GET"])
+    async def list_messages(self, request):
+        return json_answer(request, 200, await self._admin_engines().browser.messages(
+            parsing.message_query(request)))
+
+    @app.route("/api/v1/messages/<partition_id>/<transaction_id>", methods=["GET"])
+    async def message_detail(self, request, partition_id, transaction_id):
+        partition_id = parsing.require_uuid(unquote(partition_id), "partitionId")
+        return json_answer(request, 200, await self._admin_engines().browser.message(
+            partition_id, unquote(transaction_id)))
+
+    @app.route("/api/v1/messages/<partition_id>/<transaction_id>", methods=["DELETE"])
+    async def delete_message(self, request, partition_id, transaction_id):
+        partition_id = parsing.require_uuid(unquote(partition_id), "partitionId")
+        return json_answer(request, 200, await self._admin_engines().browser.delete_message(
+            partition_id, unquote(transaction_id)))
+
+    @app.route("/api/v1/messages/<partition_id>/<transaction_id>/retry", methods=["POST"])
+    async def retry_message(self, request, partition_id, transaction_id):
+        partition_id = parsing.require_uuid(unquote(partition_id), "partitionId")
+        return json_answer(request, 200, await self._admin_engines().browser.retry_message(
+            partition_id, unquote(transaction_id)))
+
+    @app.route("/api/v1/messages/<partition_id>/<transaction_id>/dlq", methods=["POST"])
+    async def dead_letter_message(self, request, partition_id, transaction_id):
+        partition_id = parsing.require_uuid(unquote(partition_id), "partitionId")
+        body = parsing.read_json_object(request)
+        group = parsing.optional_text(body, "consumerGroup") or QUEUE_MODE
+        error = parsing.optional_text(body, "error", max_length=10_000)
+        return json_answer(request, 200, await self._admin_engines().browser
+                           .dead_letter_message(partition_id, unquote(transaction_id), group, error))
+
+    @app.route("/api/v1/queues/<queue>/clear", methods=["DELETE"])
+    async def clear_queue(self, request, queue):
+        partition = parsing.query_text(request, "partition") or None
+        return json_answer(request, 200, await self._admin_engines().browser.clear_queue(
+            unquote(queue), partition))
+
+    @app.route("/internal/api/notify", methods=["POST"])
+    def internal_notify(self, request):
+        body = parsing.read_json_object(request)
+        queue = parsing.optional_text(body, "queue")
+        if not queue:
+            raise InvalidRequest("queue is required")
+        partition = parsing.optional_text(body, "partition") or None
+        self._admin_engines().notify(queue, partition)
+        return json_answer(request, 200, {"status": "ok"})
+
+    # -- system: maintenance modes and the file buffer (WIRE.md 3.7) ----------------------
+
+    def _failover(self):
+        failover = self._engine.failover
+        if failover is None or not hasattr(failover, "state"):
+            raise NotFound("Not found")
+        return failover
+
+    @app.route("/api/v1/system/maintenance", methods=["GET"])
+    async def maintenance_status(self, request):
+        failover = self._failover()
+        await failover.state.reread()
+        buffer = failover.file_buffer
+        stats = buffer.stats()
+        return json_answer(request, 200, {
+            "maintenanceMode": failover.state.maintenance_mode,
+            "popMaintenanceMode": failover.state.pop_maintenance_mode,
+            "bufferedMessages": buffer.pending, "bufferHealthy": buffer.healthy,
+            "bufferStats": {"pendingCount": stats["pendingCount"],
+                            "failedCount": stats["failedCount"],
+                            "dbHealthy": await self._engine.database_healthy(),
+                            "failedFiles": stats["failedFiles"]}})
+
+    @app.route("/api/v1/system/maintenance", methods=["POST"])
+    async def set_maintenance(self, request):
+        failover = self._failover()
+        enabled = _enabled_flag(parsing.read_json_object(request))
+        await failover.state.set(MAINTENANCE, enabled)
+        buffer = failover.file_buffer
+        return json_answer(request, 200, {
+            "maintenanceMode": enabled, "bufferedMessages": buffer.pending,
+            "bufferHealthy": buffer.healthy,
+            "message": "Maintenance mode enabled: pushes are written to the file buffer"
+                       if enabled else
+                       "Maintenance mode disabled: the file buffer drains into PostgreSQL"})
+
+    @app.route("/api/v1/system/maintenance/pop", methods=["GET"])
+    async def pop_maintenance_status(self, request):
+        failover = self._failover()
+        await failover.state.reread()
+        enabled = failover.state.pop_maintenance_mode
+        return json_answer(request, 200, {"popMaintenanceMode": enabled,
+                                          "message": _pop_message(enabled)})
+
+    @app.route("/api/v1/system/maintenance/pop", methods=["POST"])
+    async def set_pop_maintenance(self, request):
+        failover = self._failover()
+        enabled = _enabled_flag(parsing.read_json_object(request))
+        await failover.state.set(POP_MAINTENANCE, enabled)
+        return json_answer(request, 200, {"popMaintenanceMode": enabled,
+                                          "message": _pop_message(enabled)})
+
+    @app.route("/api/v1/status/buffers", methods=["GET"])
+    async def buffer_status(self, request):
+        buffer = self._failover().file_buffer
+        return json_answer(request, 200, {
+            "pending": buffer.pending, "failed": buffer.failed, "healthy": buffer.healthy,
+            "dbHealthy": await self._engine.database_healthy(), "worker": self._worker_id})
+
     # -- everything else ----------------------------------------------------------------
 
     @app.route("/", branch=True)
     def anything_else(self, request):
         return json_answer(request, 404, {"error": "Not found"})
+
+
+def _enabled_flag(body: Dict[str, Any]) -> bool:
+    enabled = body.get("enabled")
+    if not isinstance(enabled, bool):
+        raise InvalidRequest("enabled (boolean) is required")
+    return enabled
+
+
+def _pop_message(enabled: bool) -> str:
+    return ("Pop maintenance enabled: every pop answers 204" if enabled
+            else "Pop maintenance disabled: pops deliver again")

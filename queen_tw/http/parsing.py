@@ -230,3 +230,25 @@ def transaction_op(op: Any, index: int) -> Dict[str, Any]:
         group = optional_text(op, "consumerGroup") or optional_text(op, "consumer_group")
         return dict(ack_item(op, group, 0), type="ack")
     return {"type": kind}
+
+
+MESSAGE_STATUSES = ("pending", "processing", "completed", "dead_letter", "failed")
+
+
+def message_query(request) -> Dict[str, Any]:
+    """The filters of ``GET /api/v1/messages`` (WIRE.md 3.2); absent filters are left out."""
+    status = query_text(request, "status")
+    if status and status not in MESSAGE_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(MESSAGE_STATUSES)}")
+    query: Dict[str, Any] = {
+        "queue": query_text(request, "queue"),
+        "partition": query_text(request, "partition"),
+        "ns": query_text(request, "ns") or query_text(request, "namespace"),
+        "task": query_text(request, "task"),
+        "status": status,
+        "from": timestamp(query_text(request, "from"), "from"),
+        "to": timestamp(query_text(request, "to"), "to"),
+        "limit": min(max(query_int(request, "limit", 200), 1), 1000),
+        "offset": max(query_int(request, "offset", 0), 0),
+    }
+    return {key: value for key, value in query.items() if value}

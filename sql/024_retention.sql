@@ -1,0 +1,124 @@
+-- Retention, eviction and partition cleanup (WIRE.md 2.1, 8 rows 21-22, 9.6; 7.1 row 23).
+-- Called by the background services; every call is one transaction that first takes the
+-- cluster-wide advisory lock (upstream's id 737001) with a try, so only one instance cleans
+-- at a time and a busy lock just skips this turn.
+--
+-- Deadlocks: deleting messages fires the message-count trigger, which updates the partitions
+-- rows. Pushes lock partition rows in id order, so a cycle first collects the doomed messages,
+-- then locks their partitions in id order, and only then deletes.
+
+-- The point up to which every consumer of the partition's queue has consumed: the smallest
+-- cursor over the subscribed groups (a group without a cursor there counts at its
+-- subscription point). NULL when no group ever subscribed.
+CREATE OR REPLACE FUNCTION queen.consumed_by_all(p_partition uuid, p_queue uuid,
+                                                 OUT at timestamptz, OUT id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(pc.cursor_created_at, s.subscription_from),
+           coalesce(pc.cursor_id, queen.start_cursor_id(s.subscription_from))
+      FROM queen.consumer_subscriptions s
+      LEFT JOIN queen.partition_consumers pc
+             ON pc.partition_id = p_partition AND pc.consumer_group = s.consumer_group
+     WHERE s.queue_id = p_queue
+     ORDER BY 1, 2
+     LIMIT 1
+$$;
+
+-- One bounded cleanup step: at most p_batch messages deleted, spread over the rules asked
+-- for. Returns {locked, retention, completed, evicted, more}; more = the batch was full.
+CREATE OR REPLACE FUNCTION queen.cleanup_cycle(p_batch integer, p_retention boolean,
+                                               p_eviction boolean)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids       uuid[];
+    v_parts     uuid[];
+    v_retention integer := 0;
+    v_completed integer := 0;
+    v_evicted   integer := 0;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(737001) THEN
+        RETURN jsonb_build_object('locked', false, 'more', false);
+    END IF;
+
+    WITH doomed AS (
+        SELECT d.id, d.partition_id, d.why FROM (
+            SELECT m.id, m.partition_id, 'retention' AS why
+              FROM queen.queues qu
+              JOIN queen.partitions p ON p.queue_id = qu.id
+              CROSS JOIN LATERAL (
+                  SELECT m.id, m.partition_id FROM queen.messages m
+                   WHERE m.partition_id = p.id
+                     AND m.created_at < now() - make_interval(secs => qu.retention_seconds)
+                   ORDER BY m.created_at, m.id LIMIT p_batch) m
+             WHERE p_retention AND qu.retention_seconds > 0
+            UNION ALL
+            SELECT m.id, m.partition_id, 'completed'
+              FROM queen.queues qu
+              JOIN queen.partitions p ON p.queue_id = qu.id
+              CROSS JOIN LATERAL queen.consumed_by_all(p.id, qu.id) c
+              CROSS JOIN LATERAL (
+                  SELECT m.id, m.partition_id FROM queen.messages m
+                   WHERE m.partition_id = p.id
+                     AND m.created_at < now() - make_interval(secs => qu.completed_retention_seconds)
+                     AND (m.created_at, m.id) <= (c.at, c.id)
+                   ORDER BY m.created_at, m.id LIMIT p_batch) m
+             WHERE p_retention AND qu.completed_retention_seconds > 0 AND c.at IS NOT NULL
+            UNION ALL
+            SELECT m.id, m.partition_id, 'evicted'
+              FROM queen.queues qu
+              JOIN queen.partitions p ON p.queue_id = qu.id
+              LEFT JOIN LATERAL queen.consumed_by_all(p.id, qu.id) c ON true
+              CROSS JOIN LATERAL (
+                  SELECT m.id, m.partition_id FROM queen.messages m
+                   WHERE m.partition_id = p.id
+                     AND m.created_at < now() - make_interval(secs => qu.max_wait_time_seconds)
+                     AND (c.at IS NULL OR (m.created_at, m.id) > (c.at, c.id))
+                   ORDER BY m.created_at, m.id LIMIT p_batch) m
+             WHERE p_eviction AND qu.max_wait_time_seconds > 0
+        ) d
+        LIMIT p_batch
+    ), unique_doomed AS (
+        SELECT DISTINCT ON (id) id, partition_id, why FROM doomed ORDER BY id, why
+    )
+    SELECT array_agg(id), array_agg(DISTINCT partition_id),
+           count(*) FILTER (WHERE why = 'retention'), count(*) FILTER (WHERE why = 'completed'),
+           count(*) FILTER (WHERE why = 'evicted')
+      INTO v_ids, v_parts, v_retention, v_completed, v_evicted
+      FROM unique_doomed;
+
+    IF v_ids IS NOT NULL THEN
+        PERFORM 1 FROM queen.partitions WHERE id = ANY(v_parts) ORDER BY id FOR NO KEY UPDATE;
+        DELETE FROM queen.messages WHERE id = ANY(v_ids);
+    END IF;
+
+    RETURN jsonb_build_object('locked', true, 'retention', v_retention, 'completed', v_completed,
+                              'evicted', v_evicted,
+                              'more', coalesce(array_length(v_ids, 1), 0) >= p_batch);
+END
+$$;
+
+-- Drops partitions without messages that saw no activity for p_days days (never the
+-- Default partition, whose id configure reports). Rows a push holds are skipped.
+CREATE OR REPLACE FUNCTION queen.cleanup_partitions(p_days integer, p_batch integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    IF p_days <= 0 OR NOT pg_try_advisory_xact_lock(737001) THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM queen.partitions
+     WHERE id IN (SELECT p.id FROM queen.partitions p
+                   WHERE p.message_count = 0 AND p.name <> 'Default'
+                     AND p.last_activity < now() - make_interval(days => p_days)
+                     AND NOT EXISTS (SELECT 1 FROM queen.messages m WHERE m.partition_id = p.id)
+                     AND NOT EXISTS (SELECT 1 FROM queen.partition_consumers pc
+                                      WHERE pc.partition_id = p.id AND pc.lease_id IS NOT NULL
+                                        AND pc.lease_expires_at > now())
+                   ORDER BY p.id LIMIT p_batch
+                   FOR UPDATE OF p SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;

@@ -1,0 +1,290 @@
+"""Background services: retention, eviction, partition cleanup, statistics (WIRE.md 2.1, 5,
+9.6; 7.1 row 23; 8 rows 21-22).
+
+The scheduling logic runs on ``task.Clock``; the SQL runs in a real server whose intervals are
+a few hundred milliseconds, and every wait is a bounded poll.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from queen_tw.services.periodic import PeriodicService
+from tests.support import ServerProcess, unique_name
+from tests.test_pop_ack import ack, configure, pop, push
+
+
+def _count(db, queue: str, partition: str | None = None) -> int:
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT count(*) FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id
+                           WHERE q.name = %s AND (%s::text IS NULL OR p.name = %s)""",
+                       (queue, partition, partition))
+        return cursor.fetchone()[0]
+
+
+def _eventually(check, within: float = 8.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+@pytest.fixture(scope="module")
+def cleaner_server(pg_env):
+    """A server cleaning every 300 ms in steps of 10 messages (eviction alone: rarely)."""
+    workdir = Path(tempfile.mkdtemp(prefix="queen-tw-retention-"))
+    process = ServerProcess(pg_env, workdir, {
+        "RETENTION_INTERVAL": "300", "RETENTION_BATCH_SIZE": "10",
+        "EVICTION_INTERVAL": "3600000", "STATS_INTERVAL_MS": "300"}).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(cleaner_server):
+    with httpx.Client(base_url=cleaner_server.url, timeout=10) as c:
+        yield c
+
+
+# -- scheduling (task.Clock) ------------------------------------------------------------
+
+
+def test_periodic_service_runs_every_interval_starting_one_interval_after_start():
+    clock, runs = Clock(), []
+
+    async def work():
+        runs.append(clock.seconds())
+
+    job = PeriodicService("job", 500, work, clock)
+    job.startService()
+    clock.advance(0.4)
+    assert runs == []
+    clock.pump([0.1, 0.5, 0.5])
+
+    assert runs == [0.5, 1.0, 1.5]
+    job.stopService()
+
+
+def test_periodic_service_never_overlaps_a_slow_run():
+    clock, started, gates = Clock(), [], []
+
+    async def work():
+        started.append(clock.seconds())
+        gate = defer.Deferred()
+        gates.append(gate)
+        await gate
+
+    job = PeriodicService("job", 100, work, clock)
+    job.startService()
+    clock.pump([0.1, 0.1, 0.1])
+    assert started == [pytest.approx(0.1)]  # still running: nothing new started
+    gates[0].callback(None)
+    clock.pump([0.1])
+
+    assert len(started) == 2
+    job.stopService()
+    gates[1].callback(None)
+
+
+def test_periodic_service_survives_a_failing_run():
+    clock, attempts = Clock(), []
+
+    async def work():
+        attempts.append(clock.seconds())
+        if len(attempts) == 1:
+            raise RuntimeError("boom")
+
+    job = PeriodicService("job", 100, work, clock)
+    job.startService()
+    clock.pump([0.1, 0.1, 0.1])
+
+    assert len(attempts) == 3
+    assert job.failures == 1 and job.runs == 3
+    job.stopService()
+
+
+def test_stopping_waits_for_the_run_in_progress_and_schedules_no_more():
+    clock, gate, runs = Clock(), defer.Deferred(), []
+
+    async def work():
+        runs.append(1)
+        await gate
+
+    job = PeriodicService("job", 100, work, clock)
+    job.startService()
+    clock.advance(0.1)
+    stopped = job.stopService()
+    assert not stopped.called
+    gate.callback(None)
+    clock.advance(1)
+
+    assert stopped.called
+    assert runs == [1]
+    assert clock.getDelayedCalls() == []
+
+
+# -- retention and eviction (real server, real SQL) -------------------------------------
+
+
+def test_retention_seconds_deletes_old_messages_consumed_or_not(client, db):
+    queue = unique_name()
+    configure(client, queue, retentionSeconds=1)
+    push(client, queue, list(range(25)))  # more than one 10-message step
+    ack(client, pop(client, queue)["messages"][0])
+
+    assert _eventually(lambda: _count(db, queue) == 0)
+
+
+def test_completed_retention_deletes_only_what_every_group_consumed(client, db):
+    queue = unique_name()
+    configure(client, queue, completedRetentionSeconds=1)
+    push(client, queue, ["done", "pending"])
+    ack(client, pop(client, queue)["messages"][0])
+    # a named group that consumed nothing keeps everything alive, so consume with it too
+    message = pop(client, queue, consumerGroup="g")["messages"][0]
+    ack(client, message, consumerGroup="g")
+
+    assert _eventually(lambda: _count(db, queue) == 1)
+    time.sleep(1.0)
+    assert _count(db, queue) == 1
+    assert pop(client, queue)["messages"][0]["data"] == "pending"
+
+
+def test_completed_retention_keeps_messages_of_a_group_that_has_not_consumed_them(client, db):
+    queue = unique_name()
+    configure(client, queue, completedRetentionSeconds=1)
+    push(client, queue, ["x"])
+    assert pop(client, queue, consumerGroup="slow") is not None  # leased, not acked
+    message = pop(client, queue)["messages"][0]
+    ack(client, message)
+
+    time.sleep(2.0)
+
+    assert _count(db, queue) == 1
+
+
+def test_max_wait_time_evicts_unconsumed_messages_in_the_retention_cycle(client, db):
+    queue = unique_name()
+    configure(client, queue, maxWaitTimeSeconds=1)
+    push(client, queue, ["waited-too-long"])
+
+    assert _eventually(lambda: _count(db, queue) == 0)
+
+
+def test_eviction_keeps_messages_every_group_consumed(client, db):
+    queue = unique_name()
+    configure(client, queue, maxWaitTimeSeconds=1)
+    push(client, queue, ["consumed", "waiting"])
+    ack(client, pop(client, queue)["messages"][0])
+
+    assert _eventually(lambda: _count(db, queue) == 1)
+    time.sleep(0.8)
+    assert _count(db, queue) == 1
+
+
+def test_queue_without_retention_options_is_left_alone(client, db):
+    queue = unique_name()
+    push(client, queue, [1, 2])
+    ack(client, pop(client, queue)["messages"][0])
+
+    time.sleep(1.5)
+
+    assert _count(db, queue) == 2
+
+
+def test_empty_partitions_idle_past_the_cleanup_days_are_dropped(client, db):
+    queue = unique_name()
+    configure(client, queue, retentionSeconds=1)
+    push(client, queue, ["x"], partition="idle")
+    assert _eventually(lambda: _count(db, queue) == 0)
+    with db.cursor() as cursor:
+        cursor.execute("""UPDATE queen.partitions SET last_activity = now() - interval '31 days'
+                           WHERE queue_id = (SELECT id FROM queen.queues WHERE name = %s)""",
+                       (queue,))
+
+    def partitions():
+        with db.cursor() as cursor:
+            cursor.execute("""SELECT array_agg(p.name ORDER BY p.name) FROM queen.partitions p
+                                JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""",
+                           (queue,))
+            return cursor.fetchone()[0]
+
+    assert _eventually(lambda: partitions() == ["Default"])
+
+
+def test_a_cycle_is_skipped_while_another_instance_holds_the_cluster_lock(client, db, pg_dsn):
+    import psycopg2
+
+    queue = unique_name()
+    holder = psycopg2.connect(pg_dsn)
+    holder.autocommit = True
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(737001)")
+        configure(client, queue, retentionSeconds=1)
+        push(client, queue, ["kept-while-locked"])
+        time.sleep(2.0)
+        assert _count(db, queue) == 1
+    finally:
+        holder.close()  # releases the session lock
+
+    assert _eventually(lambda: _count(db, queue) == 0)
+
+
+def test_retention_while_pushing_into_many_partitions_loses_no_push(client, db, cleaner_server):
+    queue = unique_name()
+    configure(client, queue, retentionSeconds=1)
+    failures, done = [], threading.Event()
+
+    def pusher(me: int):
+        with httpx.Client(base_url=cleaner_server.url, timeout=10) as c:
+            n = 0
+            while not done.is_set():
+                answer = c.post("/api/v1/push", json={"items": [
+                    {"queue": queue, "partition": f"p{(n + k) % 20}", "payload": k,
+                     "transactionId": f"{me}-{n}-{k}"} for k in range(20)]})
+                if answer.status_code != 201 or any(r["status"] != "queued" for r in answer.json()):
+                    failures.append(answer.text)
+                n += 1
+
+    threads = [threading.Thread(target=pusher, args=(me,)) for me in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.0)
+    done.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert failures == []
+    assert "deadlock" not in cleaner_server.log_text().lower()
+    assert _eventually(lambda: _count(db, queue) == 0)
+
+
+# -- statistics -------------------------------------------------------------------------
+
+
+def test_statistics_refresh_on_their_interval(client):
+    queue = unique_name()
+    push(client, queue, [1])
+
+    def fresh():
+        overview = client.get("/api/v1/resources/overview").json()
+        return overview["statsAge"] is not None and overview["statsAge"] < 2
+
+    assert _eventually(fresh, within=5)
