@@ -158,6 +158,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "Buffered events per replay transaction", minimum=1),
     _opt("file_buffer_events_per_file", "FILE_BUFFER_EVENTS_PER_FILE", "int", 10000,
          "Events per buffer file before it is rotated", minimum=1),
+    _opt("db_inflight_deadline_ms", "LIBQUEEN_INFLIGHT_DEADLINE_MS", "int", 0,
+         "Longest wait for one database call before it counts as an outage (pushes then go "
+         "to the file buffer), in ms; 0 = DB_STATEMENT_TIMEOUT + 5000", minimum=0),
+    _opt("cache_refresh_interval_ms", "QUEEN_CACHE_REFRESH_INTERVAL_MS", "int", 60000,
+         "How often the maintenance flags are re-read from PostgreSQL, in ms", minimum=100),
     # --- batching engine (one Batcher per operation type) -------------------------------
     *_batcher_options("push", preferred=50, hold_ms=20, max_batch=500, concurrent=4),
     *_batcher_options("pop", preferred=20, hold_ms=5, max_batch=200, concurrent=3),
@@ -231,6 +236,8 @@ class Config:
     file_buffer_flush_ms: int
     file_buffer_max_batch: int
     file_buffer_events_per_file: int
+    db_inflight_deadline_ms: int
+    cache_refresh_interval_ms: int
     push_preferred_batch_size: int
     push_max_hold_ms: int
     push_max_batch_size: int

@@ -2,17 +2,30 @@
 
 Every database operation of the server is a call of one set-based function in schema
 ``queen`` (see ``sql/``) with JSON in and JSON out, so this module only needs ``call``.
-Connections that die are replaced in the background with backoff; while none is usable,
-calls fail at once with :class:`~queen_tw.errors.DatabaseUnavailable` instead of hanging.
+
+Faults, and what the pool does about them:
+
+- A connection that breaks (PostgreSQL stopped or restarted, socket closed) is noticed by
+  txpostgres' ``DeadConnectionDetector`` and reconnected in the background with backoff
+  (0.2 s doubling to 2 s); while it is dead, calls fail at once with
+  :class:`~queen_tw.errors.DatabaseUnavailable` instead of hanging. A call takes a live
+  connection when there is one.
+- A PostgreSQL that hangs (frozen, network black hole) is bounded by a deadline per call: the
+  caller gets ``DatabaseUnavailable`` after ``call_deadline`` seconds. The query itself is
+  never cancelled from here: psycopg2's cancel is a blocking round trip to the postmaster,
+  which would freeze the reactor along with the database. The connection stays busy until
+  PostgreSQL answers, so a query that was given up on may still commit later; pushes are safe
+  because their transactionIds are fixed before any attempt and the buffer replay dedupes.
 """
 
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import psycopg2
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from queen_tw.errors import DatabaseUnavailable
@@ -23,22 +36,65 @@ _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.Connec
          txpostgres.RollbackFailed)
 
 
+class DeadlineExceeded(DatabaseUnavailable):
+    """PostgreSQL did not answer a call in time (frozen, overloaded or unreachable)."""
+
+
+def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float:
+    """Seconds a call may take (``LIBQUEEN_INFLIGHT_DEADLINE_MS``; 0 = the statement timeout
+    plus 5 s, or 35 s without one), never under 2 s."""
+    if inflight_deadline_ms:
+        milliseconds = inflight_deadline_ms
+    else:
+        milliseconds = (statement_timeout_ms or 30000) + 5000
+    return max(milliseconds, 2000) / 1000.0
+
+
 def _reconnect_backoff():
-    return retrying.simpleBackoffIterator(initialDelay=0.2, maxDelay=5.0, factor=2.0,
+    return retrying.simpleBackoffIterator(initialDelay=0.2, maxDelay=2.0, factor=2.0,
                                           maxRetries=0, now=False)
+
+
+class _Detector(reconnection.DeadConnectionDetector):
+    """Reconnects a dead connection with backoff, unless its pool was closed meanwhile."""
+
+    pool_closed = False
+
+    def reconnect(self):
+        if self.pool_closed:
+            return None  # "recovered": nothing to do, the connection stays closed
+        return super().reconnect()
+
+    def connectionRecovered(self):
+        if not self.pool_closed:
+            log.info("PostgreSQL connection re-established")
+        return super().connectionRecovered()
 
 
 class _Connection(txpostgres.Connection):
     """A pooled connection that reconnects by itself after PostgreSQL comes back."""
 
     def __init__(self, reactor=None, cooperator=None):
-        detector = reconnection.DeadConnectionDetector(
-            reconnectionIterator=_reconnect_backoff, reactor=reactor)
-        super().__init__(reactor, cooperator, detector=detector)
+        super().__init__(reactor, cooperator,
+                         detector=_Detector(reconnectionIterator=_reconnect_backoff,
+                                            reactor=reactor))
+
+    def doRead(self):
+        """Reads NOTIFYs and results; a broken socket closes this connection quietly.
+
+        txpostgres lets the error escape to the reactor, which logs a traceback per
+        connection before calling ``connectionLost``; returning it does the same silently.
+        """
+        try:
+            return super().doRead()
+        except _DEAD as err:
+            log.warn("PostgreSQL connection lost: {error}", error=str(err).strip().splitlines()[0])
+            return err
 
     @property
     def alive(self) -> bool:
-        return self._connection is not None and not self.detector.connectionIsDead
+        return (self._connection is not None and not self._connection.closed
+                and not self.detector.connectionIsDead)
 
 
 class _Pool(txpostgres.ConnectionPool):
@@ -47,6 +103,68 @@ class _Pool(txpostgres.ConnectionPool):
     def __init__(self, reactor, *connargs, **connkw):
         self.reactor = reactor  # read by the base class while it builds the connections
         super().__init__(None, *connargs, **connkw)
+        self.busy: Set[_Connection] = set()
+
+    def close(self) -> None:
+        """Closes every connection, busy ones included, and stops their reconnecting."""
+        everything = self.connections | self.busy
+        for connection in everything:
+            connection.detector.pool_closed = True
+        for connection in everything:
+            if connection.pollable() is not None:
+                connection.close()
+
+    def run_query_within(self, timeout: float, sql: str, params: Tuple[Any, ...]
+                         ) -> defer.Deferred:
+        """``runQuery`` on a free connection (a live one if any), answered within ``timeout``.
+
+        Waiting for a free connection is given up at the deadline; a query already sent is
+        left to finish on its own (see the module docstring) and its late result dropped.
+        """
+        outcome: defer.Deferred = defer.Deferred(lambda _: _give_up())
+        slot = self._semaphore.acquire()
+        timer = self.reactor.callLater(timeout, lambda: _give_up(DeadlineExceeded(
+            f"Database did not answer within {timeout:g}s")))
+
+        def _give_up(reason: Optional[Exception] = None) -> None:
+            if not slot.called:
+                slot.cancel()
+            if timer.active():
+                timer.cancel()
+            if reason is not None and not outcome.called:
+                outcome.errback(reason)
+
+        def run(_):
+            connection = self._take_connection()
+            query = connection.runQuery(sql, params)
+            query.addBoth(finished, connection)
+
+        def finished(result, connection):
+            self.busy.discard(connection)
+            self.connections.add(connection)
+            self._semaphore.release()
+            if timer.active():
+                timer.cancel()
+            if outcome.called:
+                if isinstance(result, Failure):
+                    log.debug("late failure of an abandoned query: {error}", error=result.value)
+                return None
+            if isinstance(result, Failure):
+                outcome.errback(result)
+            else:
+                outcome.callback(result)
+            return None
+
+        slot.addCallbacks(run, lambda failure: failure.trap(defer.CancelledError))
+        return outcome
+
+    def _take_connection(self) -> _Connection:
+        connection = next((c for c in self.connections if c.alive), None)
+        if connection is None:
+            connection = next(iter(self.connections))
+        self.connections.remove(connection)
+        self.busy.add(connection)
+        return connection
 
 
 class Database:
@@ -54,15 +172,18 @@ class Database:
 
     :param dsn: libpq connection string.
     :param size: number of connections.
-    :param reactor: the reactor (its ``IReactorTime`` drives reconnect backoff).
+    :param reactor: the reactor (its ``IReactorTime`` drives reconnect backoff and deadlines).
+    :param call_deadline: seconds a call may take before it fails with ``DatabaseUnavailable``
+        (``LIBQUEEN_INFLIGHT_DEADLINE_MS``; keep it above ``DB_STATEMENT_TIMEOUT``).
 
     Session settings (statement and lock timeouts) travel in the DSN (``Config.dsn``).
     """
 
-    def __init__(self, dsn: str, size: int, reactor: IReactorTime):
+    def __init__(self, dsn: str, size: int, reactor: IReactorTime, call_deadline: float = 35.0):
         self._dsn = dsn
         self._size = size
         self._reactor = reactor
+        self._call_deadline = call_deadline
         self._pool: Optional[_Pool] = None
         self._statements: Dict[Tuple[str, Tuple[bool, ...]], str] = {}
 
@@ -88,15 +209,18 @@ class Database:
     @property
     def connected(self) -> bool:
         """True when at least one connection is believed alive."""
-        return self._pool is not None and any(c.alive for c in self._pool.connections)
+        return self.alive_connections() > 0
 
     def alive_connections(self) -> int:
-        return 0 if self._pool is None else sum(c.alive for c in self._pool.connections)
+        if self._pool is None:
+            return 0
+        return sum(c.alive for c in self._pool.connections | self._pool.busy)
 
     async def call(self, function: str, *args: Any) -> Any:
         """Runs ``SELECT queen.<function>(args…)`` and returns its (JSON) value.
 
-        dicts and lists are sent as jsonb. Connection failures become ``Unavailable``.
+        dicts and lists are sent as jsonb. A lost or hung database becomes
+        ``DatabaseUnavailable``.
         """
         if self._pool is None:
             raise DatabaseUnavailable("Database unavailable")
@@ -104,7 +228,10 @@ class Database:
         params = tuple(json.dumps(a, separators=(",", ":")) if isinstance(a, (dict, list)) else a
                        for a in args)
         try:
-            rows = await self._pool.runQuery(sql, params)
+            rows = await self._pool.run_query_within(self._call_deadline, sql, params)
+        except DeadlineExceeded as err:
+            log.warn("database call {function}: {error}", function=function, error=err)
+            raise
         except _DEAD as err:
             log.warn("database call {function} failed: {error}", function=function, error=err)
             raise DatabaseUnavailable("Database unavailable") from err
@@ -112,17 +239,12 @@ class Database:
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when PostgreSQL answers ``SELECT 1`` within ``timeout`` seconds."""
-        if not self.connected:
+        if self._pool is None or not self.connected:
             return False
-        d = defer.ensureDeferred(self._select_one())
-        d.addTimeout(timeout, self._reactor)
         try:
-            return await d
+            rows = await self._pool.run_query_within(timeout, "SELECT 1", ())
         except Exception:
             return False
-
-    async def _select_one(self) -> bool:
-        rows = await self._pool.runQuery("SELECT 1")
         return rows[0][0] == 1
 
     def _statement(self, function: str, args: Tuple[Any, ...]) -> str:

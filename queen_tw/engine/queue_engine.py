@@ -7,7 +7,7 @@ never builds SQL: each operation is one call of a set-based function in ``sql/``
 from dataclasses import dataclass
 import uuid
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Protocol
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -67,12 +67,14 @@ class QueueEngine:
     :param limits: how concurrent pushes, pops and acks are fused (see ``Batcher``).
     :param failover: where pushes go while PostgreSQL cannot take them; None = answer 503.
     :param push_shards: concurrent database calls one fused push is split into, by partition.
+    :param pop_paused: True while pops must answer 204 at once (pop maintenance, shutdown).
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  cipher: Optional[PayloadCipher], worker_id: str, poll_timing: PollTiming,
                  limits: EngineLimits = EngineLimits(),
-                 failover: Optional[PushFailover] = None, push_shards: int = 4):
+                 failover: Optional[PushFailover] = None, push_shards: int = 4,
+                 pop_paused: Callable[[], bool] = lambda: False):
         self._db = db
         self._waiters = waiters
         self._cipher = cipher
@@ -81,7 +83,7 @@ class QueueEngine:
         self._push_shards = push_shards
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              decrypt=lambda message: self._decrypt_in_place(message, "data"),
-                             give_back=self._give_back)
+                             give_back=self._give_back, paused=pop_paused)
         self.batchers = {
             "push": Batcher("push", self._push_batch, clock, limits.push),
             "pop": self.popper.batcher,

@@ -88,10 +88,12 @@ class QueenAPI:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request):
-        healthy = await self._engine.database_healthy()  # SELECT 1, answered within 2 s
+        connected = await self._engine.database_healthy()  # SELECT 1, answered within 2 s
+        state = getattr(self._engine.failover, "state", None)
+        healthy = connected and (state is None or state.loaded)  # flags known: ready
         body = {
             "status": "healthy" if healthy else "unhealthy",
-            "database": "connected" if healthy else "disconnected",
+            "database": "connected" if connected else "disconnected",
             "server": "queen-tw", "worker_id": self._worker_id, "version": __version__,
             "shared_state": {"enabled": False},
             "queen": {"worker_id": self._worker_id, "status": "active"},

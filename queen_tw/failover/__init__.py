@@ -1,0 +1,6 @@
+"""The file buffer that keeps pushes durable while PostgreSQL cannot take them (WIRE.md 2.2).
+
+``records`` is the on-disk format, ``buffer`` the fsync'd segment files, ``policy`` decides
+which pushes go there, ``replay`` moves them into PostgreSQL afterwards, ``durability`` wires
+it all (with the maintenance flags of ``queen_tw.system_state``) into ``make_service``.
+"""

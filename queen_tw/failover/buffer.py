@@ -1,0 +1,420 @@
+"""FileBuffer: the append-only, fsync'd log of pushes that PostgreSQL could not take.
+
+Layout of ``FILE_BUFFER_DIR``::
+
+    segment-000000000001.jsonl   records in arrival order (see ``records``), oldest file first
+    segment-000000000002.jsonl   the one being appended to is the newest
+    failed/segment-….jsonl       records the replay gave up on, each with its error
+
+Writing: :meth:`FileBuffer.append` queues the records of one request; one I/O job at a time
+writes everything queued so far with one ``write`` and one ``fsync`` (group commit across
+concurrent requests) on a worker thread, and only then fires the requests' Deferreds. While a
+job runs, new requests queue for the next one, so the busier the buffer, the more requests
+share an fsync. A write that fails (disk full, read-only, removed directory) is rolled back by
+truncating the segment to its previous size; if even that fails the segment is closed for good
+and nothing is ever appended after the damage. Either way the waiting requests fail with
+``Unavailable`` (503): an answer ``buffered`` always means "on disk".
+
+Segments rotate after ``FILE_BUFFER_EVENTS_PER_FILE`` records (at a write boundary, so a busy
+segment may hold a few more). A new process never appends to an old segment: it starts a new
+one and treats every existing one as sealed, so a torn record from a crash stays the last
+line of its file, where readers expect and skip it.
+
+Reading is for the replay (``replay.py``): :meth:`oldest` gives the oldest sealed segment
+(sealing the active one when nothing older is left), :meth:`forget` is told which records are
+in PostgreSQL now, :meth:`remove` deletes a segment whose records are all stored, and
+:meth:`fail` moves records that keep failing to ``failed/``.
+
+:meth:`holds_any` answers "does this partition still have records waiting?" — while it does,
+new pushes to it are buffered behind them, which keeps order within a partition.
+"""
+
+import base64
+import bisect
+import datetime
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from queen_tw.errors import Unavailable
+from queen_tw.failover import records
+
+log = Logger()
+
+FAILED_DIR = "failed"
+_SEGMENT_NAME = "segment-{:012d}.jsonl"
+_SEGMENT_RE = re.compile(r"^segment-(\d{12})\.jsonl$")
+
+RunBlocking = Callable[..., defer.Deferred]
+
+
+@dataclass(order=True)
+class Segment:
+    """A sealed segment file: nothing will be appended to it again."""
+
+    seq: int
+    path: Path = field(compare=False)
+    count: int = field(compare=False, default=0)
+
+
+@dataclass
+class _Active:
+    """The segment being appended to. Only I/O jobs touch it, one at a time."""
+
+    seq: int
+    path: Path
+    fd: int
+    count: int = 0
+    size: int = 0
+
+
+@dataclass
+class _Request:
+    data: bytes
+    keys: List[Tuple[str, str]]
+    done: defer.Deferred = field(default_factory=defer.Deferred)
+
+
+class _WriteFailed(Exception):
+    """An I/O job failed; ``landed`` are records that reached a segment all the same."""
+
+    def __init__(self, error: OSError, landed: List[Dict[str, Any]], sealed: List[Segment]):
+        super().__init__(str(error))
+        self.error = error
+        self.landed = landed
+        self.sealed = sealed
+
+
+class FileBuffer:
+    """Durable, ordered storage for pushes while PostgreSQL cannot take them.
+
+    :param directory: ``FILE_BUFFER_DIR``; created when missing.
+    :param events_per_file: ``FILE_BUFFER_EVENTS_PER_FILE``.
+    :param run_blocking: runs a blocking callable off the reactor thread and returns a
+        Deferred (``threads.deferToThread`` by default).
+    """
+
+    def __init__(self, directory: str, events_per_file: int,
+                 run_blocking: RunBlocking = threads.deferToThread):
+        self.directory = Path(directory)
+        self._per_file = events_per_file
+        self._run_blocking = run_blocking
+        self._io = defer.DeferredLock()
+        self._queue: List[_Request] = []
+        self._writing = False
+        self._closing = False
+        self._idle: List[defer.Deferred] = []
+        self._counts: Counter = Counter()
+        self._sealed: List[Segment] = []
+        self._active: Optional[_Active] = None
+        self._next_seq = 1
+        self.failed = 0
+        self.failed_files: Dict[str, int] = {}
+        self.healthy = True
+        self.last_error: Optional[str] = None
+        self.fsyncs = 0
+
+    # -- what the rest of the server asks -----------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records accepted (or being written) and not yet in PostgreSQL."""
+        return sum(self._counts.values())
+
+    @property
+    def has_work(self) -> bool:
+        """True while there is anything for the replay to do."""
+        return bool(self._counts) or bool(self._sealed)
+
+    def holds_any(self, keys: Iterable[Tuple[str, str]]) -> bool:
+        """True when one of these (queue, partition) still has records waiting."""
+        return bool(self._counts) and any(self._counts.get(key) for key in keys)
+
+    def stats(self) -> Dict[str, Any]:
+        failed_bytes = sum(self.failed_files.values())
+        return {
+            "pendingCount": self.pending, "failedCount": self.failed, "healthy": self.healthy,
+            "lastError": self.last_error, "segments": len(self._sealed) + (self._active is not None),
+            "failedFiles": {"count": len(self.failed_files), "totalBytes": failed_bytes,
+                            "totalMB": round(failed_bytes / (1024 * 1024), 3),
+                            "failoverCount": self.failed, "qos0Count": 0},
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Takes over what an earlier process left in the directory (blocking).
+
+        Every existing segment is sealed and counted; empty ones are deleted. A directory
+        that cannot be used is logged and reported as unhealthy: the server still runs,
+        pushes that need the buffer then get 503 until it works again.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(self.directory.iterdir()):
+                match = _SEGMENT_RE.match(path.name)
+                if match is None:
+                    continue
+                seq = int(match.group(1))
+                self._next_seq = max(self._next_seq, seq + 1)
+                contents = records.read_segment(path)
+                if not contents.records and not contents.corrupt:
+                    path.unlink()
+                    continue
+                self._sealed.append(Segment(seq, path, len(contents.records)))
+                self._counts.update(records.partition_key(r) for r in contents.records)
+            failed_dir = self.directory / FAILED_DIR
+            if failed_dir.is_dir():
+                for path in failed_dir.iterdir():
+                    data = path.read_bytes()
+                    self.failed_files[path.name] = len(data)
+                    self.failed += data.count(b"\n")
+        except OSError as err:
+            self._unhealthy(err)
+            return
+        if self._sealed:
+            log.info("file buffer {dir}: {n} records in {files} segments left to replay",
+                     dir=str(self.directory), n=self.pending, files=len(self._sealed))
+
+    async def close(self) -> None:
+        """Refuses new records, waits for queued ones to be written, closes the segment."""
+        self._closing = True
+        if self._writing or self._queue:
+            idle: defer.Deferred = defer.Deferred()
+            self._idle.append(idle)
+            await idle
+        await self._io.run(self._run_blocking, self._close_active)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def append(self, items: List[Dict[str, Any]]) -> defer.Deferred:
+        """Fires (None) once every item is written and fsync'd; fails with ``Unavailable``.
+
+        The items count as waiting (:meth:`holds_any`) from this call on, so a later push
+        to the same partition is buffered behind them even before they are on disk.
+        """
+        if self._closing:
+            return defer.fail(Unavailable("File buffer is closed (server stopping)"))
+        request = _Request(b"".join(records.encode(item) for item in items),
+                           [records.partition_key(item) for item in items])
+        self._counts.update(request.keys)
+        self._queue.append(request)
+        if not self._writing:
+            self._write_queued()
+        return request.done
+
+    def _write_queued(self) -> None:
+        batch, self._queue = self._queue, []
+        self._writing = True
+        d = self._io.run(self._run_blocking, self._write,
+                         b"".join(r.data for r in batch), sum(len(r.keys) for r in batch))
+        d.addBoth(self._written, batch)
+
+    def _written(self, outcome: Any, batch: List[_Request]) -> None:
+        self._writing = False
+        if isinstance(outcome, Failure):
+            error = outcome.value
+            if isinstance(error, _WriteFailed):
+                self._add_sealed(error.sealed)
+                self._counts.update(records.partition_key(r) for r in error.landed)
+                error = error.error
+            for request in batch:
+                self._counts.subtract(request.keys)
+            self._counts = +self._counts  # drop zero counts
+            self._unhealthy(error)
+            refusal = Unavailable(f"File buffer unavailable: {_describe(error)}")
+            for request in batch:
+                request.done.errback(refusal)
+        else:
+            self._add_sealed(outcome)
+            self.healthy, self.last_error = True, None
+            for request in batch:
+                request.done.callback(None)
+        if self._queue:
+            self._write_queued()
+        else:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def _write(self, data: bytes, count: int) -> List[Segment]:
+        """I/O job: append ``data`` to the active segment and fsync it."""
+        sealed: List[Segment] = []
+        if self._active is not None and self._active.count >= self._per_file:
+            sealed.extend(self._seal_active())
+        try:
+            if self._active is None:
+                self._active = self._create_segment()
+        except OSError as err:
+            raise _WriteFailed(err, [], sealed) from err
+        active = self._active
+        try:
+            _write_all(active.fd, data)
+            os.fsync(active.fd)
+            self.fsyncs += 1
+        except OSError as err:
+            landed = self._roll_back(active, sealed)
+            raise _WriteFailed(err, landed, sealed) from err
+        active.count += count
+        active.size += len(data)
+        return sealed
+
+    def _create_segment(self) -> _Active:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        seq = self._next_seq
+        self._next_seq += 1
+        path = self.directory / _SEGMENT_NAME.format(seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                     0o644)
+        try:
+            _fsync_directory(self.directory)  # the new name must survive a crash too
+        except OSError:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return _Active(seq, path, fd)
+
+    def _roll_back(self, active: _Active, sealed: List[Segment]) -> List[Dict[str, Any]]:
+        """After a failed write: truncate to the last good size, or give the segment up.
+
+        Returns the records of the failed write that are in the file all the same (only
+        when the segment had to be given up; they will be replayed although unacknowledged,
+        which dedupe on transactionId makes harmless).
+        """
+        try:
+            os.ftruncate(active.fd, active.size)
+            os.fsync(active.fd)
+            return []
+        except OSError:
+            pass
+        try:
+            os.close(active.fd)
+        except OSError:
+            pass
+        self._active = None
+        try:
+            found = records.read_segment(active.path).records
+        except OSError:
+            found = []
+        sealed.append(Segment(active.seq, active.path, max(len(found), active.count)))
+        return found[active.count:]
+
+    def _seal_active(self) -> List[Segment]:
+        """I/O job: close the active segment (its records are fsync'd already)."""
+        active, self._active = self._active, None
+        if active is None:
+            return []
+        try:
+            os.close(active.fd)
+        except OSError:
+            pass
+        if active.count == 0:
+            _unlink_quietly(active.path)
+            return []
+        return [Segment(active.seq, active.path, active.count)]
+
+    def _close_active(self) -> None:
+        self._seal_active()
+
+    def _add_sealed(self, segments: List[Segment]) -> None:
+        for segment in segments:
+            bisect.insort(self._sealed, segment)
+
+    def _unhealthy(self, error: BaseException) -> None:
+        self.healthy, self.last_error = False, _describe(error)
+        log.error("file buffer {dir} unusable: {error}", dir=str(self.directory),
+                  error=self.last_error)
+
+    # -- reading (the replay) -----------------------------------------------------------
+
+    async def oldest(self) -> Optional[Segment]:
+        """The oldest sealed segment; seals the active one when nothing older is left."""
+        if not self._sealed:
+            self._add_sealed(await self._io.run(self._run_blocking, self._seal_active))
+        return self._sealed[0] if self._sealed else None
+
+    def read(self, segment: Segment) -> defer.Deferred:
+        """Fires with the segment's :class:`~queen_tw.failover.records.SegmentContents`."""
+        return self._run_blocking(records.read_segment, segment.path)
+
+    def forget(self, items: Iterable[Dict[str, Any]]) -> None:
+        """These records are in PostgreSQL now (or in ``failed/``): stop counting them."""
+        self._counts.subtract(records.partition_key(item) for item in items)
+        self._counts = +self._counts
+
+    async def remove(self, segment: Segment) -> None:
+        """Deletes a segment whose every record is stored (or moved to ``failed/``)."""
+        await self._run_blocking(_unlink_quietly, segment.path)
+        if segment in self._sealed:
+            self._sealed.remove(segment)
+
+    async def fail(self, segment: Segment, failures: List[Tuple[Any, str]]) -> None:
+        """Appends ``(record, error)`` pairs to ``failed/<segment name>`` and fsyncs.
+
+        A record is an item, or the raw bytes of a corrupt line. Raises ``OSError`` when
+        that cannot be written: the caller keeps the segment and tries again later.
+        """
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        lines = []
+        for record, error in failures:
+            entry: Dict[str, Any] = {"error": error, "failedAt": now, "segment": segment.path.name}
+            if isinstance(record, bytes):
+                entry["rawBase64"] = base64.b64encode(record).decode()
+            else:
+                entry["record"] = record
+            body = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+            lines.append(records.encode_line(body.encode()))
+        target = self.directory / FAILED_DIR / segment.path.name
+        size = await self._run_blocking(_append_durably, target, b"".join(lines))
+        self.failed += len(failures)
+        self.failed_files[target.name] = size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _append_durably(path: Path, data: bytes) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    _fsync_directory(path.parent)
+    return size
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or error.__class__.__name__

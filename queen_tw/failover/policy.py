@@ -1,0 +1,40 @@
+"""Which pushes go to the file buffer, and the answer they get (WIRE.md 2.2).
+
+A push is diverted to the buffer, without trying PostgreSQL, when push maintenance is on, or
+when one of its partitions still has buffered records waiting for the replay. The second rule
+keeps order within a partition through an outage: a message accepted after PostgreSQL came
+back must not overtake one accepted while it was away, so it queues behind it in the buffer
+until the replay has stored everything of that partition. Other partitions go straight to
+PostgreSQL meanwhile. (The replay decrements the count only after the store committed.)
+"""
+
+from typing import Any, Dict, List
+
+from queen_tw.failover.buffer import FileBuffer
+from queen_tw.failover.records import DEFAULT_PARTITION, partition_key
+from queen_tw.system_state import SystemState
+
+
+class FileFailover:
+    """The ``PushFailover`` of ``QueueEngine``: a :class:`FileBuffer` plus the flags.
+
+    :param buffer: where diverted pushes are written.
+    :param state: the cluster-wide maintenance flags.
+    """
+
+    def __init__(self, buffer: FileBuffer, state: SystemState):
+        self.file_buffer = buffer
+        self.state = state
+
+    def must_buffer(self, items: List[Dict[str, Any]]) -> bool:
+        return self.state.maintenance_mode or self.file_buffer.holds_any(
+            partition_key(item) for item in items)
+
+    async def buffer(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Writes the items durably and answers ``buffered`` for each; raises Unavailable."""
+        await self.file_buffer.append(items)
+        return [{"index": index, "status": "buffered", "queue": item["queue"],
+                 "partition": item.get("partition") or DEFAULT_PARTITION,
+                 "transactionId": item["transactionId"],
+                 "transaction_id": item["transactionId"]}
+                for index, item in enumerate(items)]

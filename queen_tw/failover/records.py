@@ -1,0 +1,80 @@
+"""The on-disk form of buffered pushes: JSON lines, each guarded by a CRC-32.
+
+One record per line::
+
+    <crc32 of the JSON, 8 hex digits> <compact JSON object>\\n
+
+Compact JSON never contains a raw newline, so a line is a record. A line that is cut short
+(no newline) or whose checksum does not match is *torn*: at the end of a segment that is what
+a crash in the middle of a write leaves, and it was never acknowledged (the answer waits for
+fsync), so readers skip it. Anywhere else it is corruption, reported as such.
+"""
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+RECORD_FIELDS = ("queue", "partition", "payload", "transactionId", "traceId", "producerSub")
+"""What a buffered push keeps: everything ``push_messages_core`` reads from an item.
+``payload`` stays absent when the request had none (it is stored as ``{}`` then)."""
+
+DEFAULT_PARTITION = "Default"
+
+
+def partition_key(item: Dict[str, Any]) -> Tuple[str, str]:
+    """(queue, partition) of a push item, with the partition defaulted as PostgreSQL does."""
+    return item["queue"], item.get("partition") or DEFAULT_PARTITION
+
+
+def encode(item: Dict[str, Any]) -> bytes:
+    """One record line for a validated push item."""
+    body = json.dumps({key: item[key] for key in RECORD_FIELDS if key in item},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    return encode_line(body)
+
+
+def encode_line(body: bytes) -> bytes:
+    """A checksummed line around compact JSON ``body`` (which has no raw newline)."""
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def decode(line: bytes) -> Optional[Dict[str, Any]]:
+    """The item of a complete line (with its newline), or None when it is torn or corrupt."""
+    if len(line) < 11 or not line.endswith(b"\n") or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        item = json.loads(body)
+    except ValueError:
+        return None
+    return item if isinstance(item, dict) and isinstance(item.get("queue"), str) else None
+
+
+@dataclass
+class SegmentContents:
+    """What a reader finds in one segment file."""
+
+    records: List[Dict[str, Any]] = field(default_factory=list)
+    corrupt: List[bytes] = field(default_factory=list)
+    """Bad lines followed by good ones: never written that way by the buffer."""
+    torn_tail: bool = False
+    """The last line was incomplete or failed its checksum (a crash mid-write)."""
+
+
+def read_segment(path: Path) -> SegmentContents:
+    """Every record of a segment file, in file order (blocking)."""
+    contents = SegmentContents()
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        item = decode(line)
+        if item is not None:
+            contents.records.append(item)
+        elif number == len(lines) - 1:
+            contents.torn_tail = True
+        else:
+            contents.corrupt.append(line)
+    return contents
