@@ -60,6 +60,10 @@ class Durability:
         """Pops answer 204 at once: pop maintenance, or the server is stopping."""
         return self.state.pop_maintenance_mode or self.gate.stopping
 
+    def _replay_paused(self) -> bool:
+        """No replay in push maintenance, nor before the flags are known (it may be on)."""
+        return not self.state.loaded or self.state.maintenance_mode
+
     def buffer_service(self) -> service.Service:
         return _BufferService(self.buffer)
 
@@ -68,7 +72,7 @@ class Durability:
         interval = self._config.file_buffer_flush_ms / 1000.0
         self.replayer = Replayer(self.buffer, engine.store, self._reactor,
                                  self._config.file_buffer_max_batch, interval,
-                                 paused=lambda: self.state.maintenance_mode)
+                                 paused=self._replay_paused)
 
         def busy() -> bool:
             return any(b.queued_items or b.in_flight for b in engine.batchers.values())

@@ -1,0 +1,272 @@
+"""FileBuffer and Replayer on a real directory, driven step by step.
+
+Blocking I/O normally runs on a worker thread; here a :class:`ManualThreads` stands in for the
+thread pool so a test decides when each I/O job runs and can watch requests wait for their
+fsync and share one. The replay's ``store`` is a recording stand-in for ``QueueEngine.store``
+(the real path through PostgreSQL is covered by test_failover_http.py and test_faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from queen_tw.errors import DatabaseUnavailable, Unavailable
+from queen_tw.failover import records
+from queen_tw.failover.buffer import FAILED_DIR, FileBuffer
+from queen_tw.failover.replay import Replayer
+
+
+class ManualThreads:
+    """Collects blocking jobs; the test runs them with :meth:`run_next`."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple, defer.Deferred]] = []
+
+    def __call__(self, function, *args) -> defer.Deferred:
+        done: defer.Deferred = defer.Deferred()
+        self.jobs.append((function, args, done))
+        return done
+
+    def run_next(self) -> None:
+        function, args, done = self.jobs.pop(0)
+        try:
+            result = function(*args)
+        except Exception as err:
+            done.errback(err)
+        else:
+            done.callback(result)
+
+    def run_all(self) -> None:
+        while self.jobs:
+            self.run_next()
+
+
+def at_once(function, *args) -> defer.Deferred:
+    return defer.maybeDeferred(function, *args)
+
+
+def item(partition: str, seq: int, queue: str = "q") -> dict[str, Any]:
+    return {"queue": queue, "partition": partition, "transactionId": f"{partition}-{seq}",
+            "payload": {"seq": seq}}
+
+
+def fired(d: defer.Deferred) -> list[Any]:
+    seen: list[Any] = []
+    d.addBoth(seen.append)
+    return seen
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("segment-*.jsonl"))
+
+
+class RecordingStore:
+    """Stands in for QueueEngine.store: remembers every item, answers per item."""
+
+    def __init__(self) -> None:
+        self.stored: list[dict[str, Any]] = []
+        self.refuse: set[str] = set()
+        self.unavailable = False
+
+    def __call__(self, items: list[dict[str, Any]]) -> defer.Deferred:
+        if self.unavailable:
+            return defer.fail(DatabaseUnavailable("Database unavailable"))
+        results = []
+        for entry in items:
+            if entry["transactionId"] in self.refuse:
+                results.append({"status": "failed", "error": "queue has reached its max capacity"})
+            else:
+                duplicate = any(s["transactionId"] == entry["transactionId"] for s in self.stored)
+                if not duplicate:
+                    self.stored.append(entry)
+                results.append({"status": "duplicate" if duplicate else "queued"})
+        return defer.succeed(results)
+
+
+# -- writing ----------------------------------------------------------------------------
+
+def test_an_append_is_answered_only_after_its_fsync(tmp_path: Path) -> None:
+    threads = ManualThreads()
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=threads)
+    buffer.open()
+
+    answer = fired(buffer.append([item("a", 0)]))
+
+    assert answer == [] and buffer.pending == 1
+    threads.run_next()
+    assert answer == [None] and buffer.fsyncs == 1
+    [segment] = segment_files(tmp_path)
+    assert records.decode(segment.read_bytes()) == item("a", 0)
+
+
+def test_concurrent_appends_share_one_fsync_in_arrival_order(tmp_path: Path) -> None:
+    threads = ManualThreads()
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=threads)
+    buffer.open()
+
+    first = fired(buffer.append([item("a", 0)]))
+    later = [fired(buffer.append([item("a", n), item("b", n)])) for n in range(1, 6)]
+    threads.run_all()
+
+    assert first == [None] and all(answer == [None] for answer in later)
+    assert buffer.fsyncs == 2  # the first request alone, then the five that waited together
+    [segment] = segment_files(tmp_path)
+    contents = records.read_segment(segment)
+    assert [r["transactionId"] for r in contents.records] == ["a-0"] + [
+        tid for n in range(1, 6) for tid in (f"a-{n}", f"b-{n}")]
+
+
+def test_segments_rotate_after_events_per_file(tmp_path: Path) -> None:
+    buffer = FileBuffer(str(tmp_path), 3, run_blocking=at_once)
+    buffer.open()
+
+    for n in range(7):
+        buffer.append([item("a", n)])
+
+    files = segment_files(tmp_path)
+    assert [len(records.read_segment(f).records) for f in files] == [3, 3, 1]
+
+
+def test_a_refused_write_answers_unavailable_and_counts_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a regular file where the buffer's parent should be")
+    buffer = FileBuffer(str(blocker / "buffer"), 100, run_blocking=at_once)
+    buffer.open()
+    assert buffer.healthy is False
+
+    answer = fired(buffer.append([item("a", 0)]))
+
+    assert isinstance(answer[0].value, Unavailable)
+    assert "File buffer unavailable" in answer[0].value.message
+    assert buffer.pending == 0 and not buffer.holds_any([("q", "a")])
+    blocker.unlink()
+    blocker.mkdir()
+    assert fired(buffer.append([item("a", 1)])) == [None] and buffer.healthy is True
+
+
+def test_nothing_is_appended_to_a_segment_after_a_write_it_could_not_undo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import queen_tw.failover.buffer as module
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
+    buffer.open()
+    buffer.append([item("a", 0)])
+
+    def torn_write(fd: int, data: bytes) -> None:  # half a record reaches the disk, then ENOSPC
+        module.os.write(fd, data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    def failing_truncate(fd: int, size: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(module, "_write_all", torn_write)
+        patched.setattr(module.os, "ftruncate", failing_truncate)
+        refused = fired(buffer.append([item("a", 1)]))
+    accepted = fired(buffer.append([item("a", 2)]))
+
+    assert isinstance(refused[0].value, Unavailable) and accepted == [None]
+    damaged, fresh = segment_files(tmp_path)  # the damaged segment was closed for good
+    contents = records.read_segment(damaged)
+    assert [r["transactionId"] for r in contents.records] == ["a-0"] and contents.torn_tail
+    assert [r["transactionId"] for r in records.read_segment(fresh).records] == ["a-2"]
+    assert buffer.pending == 2
+
+
+# -- reading back -------------------------------------------------------------------------
+
+def test_a_new_process_takes_over_the_records_and_skips_a_torn_tail(tmp_path: Path) -> None:
+    segment = tmp_path / "segment-000000000007.jsonl"
+    whole = [records.encode(item("a", n)) for n in range(3)]
+    segment.write_bytes(b"".join(whole) + records.encode(item("a", 3))[:-5])
+    (tmp_path / "segment-000000000008.jsonl").write_bytes(b"")  # created, never written
+
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
+    buffer.open()
+
+    assert buffer.pending == 3 and buffer.holds_any([("q", "a")])
+    assert not (tmp_path / "segment-000000000008.jsonl").exists()
+    buffer.append([item("a", 4)])
+    assert [f.name for f in segment_files(tmp_path)] == [
+        "segment-000000000007.jsonl", "segment-000000000009.jsonl"]
+
+    store = RecordingStore()
+    replayer = Replayer(buffer, store, Clock(), max_batch=2, interval=0.1)
+    replayer.tick()
+
+    assert [s["transactionId"] for s in store.stored] == ["a-0", "a-1", "a-2", "a-4"]
+    assert buffer.pending == 0 and segment_files(tmp_path) == [] and buffer.failed == 0
+
+
+def test_replay_waits_for_the_database_and_loses_nothing(tmp_path: Path) -> None:
+    buffer = FileBuffer(str(tmp_path), 2, run_blocking=at_once)
+    buffer.open()
+    for n in range(5):
+        buffer.append([item("a", n)])
+    store, clock = RecordingStore(), Clock()
+    replayer = Replayer(buffer, store, clock, max_batch=10, interval=0.1)
+    store.unavailable = True
+
+    for _ in range(10):
+        replayer.tick()
+        clock.advance(1)
+
+    assert store.stored == [] and buffer.pending == 5 and len(segment_files(tmp_path)) == 3
+    store.unavailable = False
+    clock.advance(5)
+    replayer.tick()
+    assert [s["transactionId"] for s in store.stored] == [f"a-{n}" for n in range(5)]
+    assert buffer.pending == 0 and segment_files(tmp_path) == []
+
+
+def test_a_partition_stays_diverted_until_its_last_record_is_stored(tmp_path: Path) -> None:
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
+    buffer.open()
+    buffer.append([item("a", 0), item("b", 0)])
+    store = RecordingStore()
+    replayer = Replayer(buffer, store, Clock(), max_batch=1, interval=0.1,
+                        paused=lambda: len(store.stored) >= 1)
+
+    replayer.tick()  # stores one record, then "maintenance" pauses it
+
+    assert [s["transactionId"] for s in store.stored] == ["a-0"]
+    assert not buffer.holds_any([("q", "a")]) and buffer.holds_any([("q", "b")])
+
+
+def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Path) -> None:
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
+    buffer.open()
+    buffer.append([item("a", 0), item("a", 1), item("a", 2)])
+    store, clock = RecordingStore(), Clock()
+    store.refuse.add("a-1")
+    replayer = Replayer(buffer, store, clock, max_batch=10, interval=0.1, max_attempts=3)
+
+    for _ in range(20):
+        replayer.tick()
+        clock.advance(1)
+
+    assert [s["transactionId"] for s in store.stored] == ["a-0", "a-2"]
+    assert buffer.pending == 0 and buffer.failed == 1 and segment_files(tmp_path) == []
+    [failed] = list((tmp_path / FAILED_DIR).iterdir())
+    line = failed.read_bytes()
+    assert int(line[:8], 16) == zlib.crc32(line[9:-1])
+    entry = json.loads(line[9:-1])
+    assert entry["record"]["transactionId"] == "a-1"
+    assert "max capacity" in entry["error"]
+    assert buffer.stats()["failedFiles"]["count"] == 1
+
+    reopened = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
+    reopened.open()
+    assert reopened.failed == 1  # still counted and reported after a restart
+
+
+@pytest.mark.parametrize("line", [b"", b"00000000 {}\n", b"zzzzzzzz {\"queue\":\"q\"}\n",
+                                  b"12345678 {\"queue\":\"q\"}\n", b"{\"queue\":\"q\"}\n"])
+def test_damaged_lines_do_not_decode(line: bytes) -> None:
+    assert records.decode(line) is None

@@ -1,0 +1,157 @@
+"""The file buffer seen from outside: answers, replay after a restart, records that keep
+failing, order within a partition, an unusable buffer directory. Real server, real
+PostgreSQL of its own (maintenance mode is cluster-wide: the shared database stays clean).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from faultkit import Fleet, private_postgres, set_maintenance, wait_until
+from support import unique_name
+
+from queen_tw.failover import records
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    with private_postgres() as postgres:
+        servers = Fleet(postgres.pg_env())
+        try:
+            yield servers
+        finally:
+            servers.close()
+
+
+@pytest.fixture
+def maintenance_off(fleet: Fleet) -> Iterator[None]:
+    yield
+    for process in fleet.servers:
+        if process.running:
+            httpx.post(f"{process.url}/api/v1/system/maintenance", json={"enabled": False},
+                       timeout=10)
+            return
+
+
+def push(url: str, items: list[dict]) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/push", json={"items": items}, timeout=20)
+
+
+def pop_partition(url: str, queue: str, partition: str) -> list[dict]:
+    messages = []
+    while True:
+        answer = httpx.get(f"{url}/api/v1/pop/queue/{queue}/partition/{partition}",
+                           params={"batch": 1000, "autoAck": "true"}, timeout=20)
+        if answer.status_code == 204:
+            return messages
+        assert answer.status_code == 200, answer.text
+        messages.extend(answer.json()["messages"])
+
+
+def status(url: str) -> dict:
+    return httpx.get(f"{url}/api/v1/system/maintenance", timeout=10).json()
+
+
+def test_buffered_answers_carry_what_the_clients_read(fleet: Fleet, maintenance_off) -> None:
+    server = fleet.server()
+    set_maintenance(server.url, True)
+    queue = unique_name()
+
+    answer = push(server.url, [{"queue": queue, "partition": "p", "transactionId": "t-1"},
+                               {"queue": queue, "payload": None}])
+
+    assert answer.status_code == 201
+    first, second = answer.json()
+    assert first == {"index": 0, "status": "buffered", "queue": queue, "partition": "p",
+                     "transactionId": "t-1", "transaction_id": "t-1"}
+    assert second["partition"] == "Default" and second["transactionId"]  # made by the server
+    set_maintenance(server.url, False)
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 20)
+    delivered = pop_partition(server.url, queue, "Default")
+    assert [m["data"] for m in delivered] == [None]  # an explicit null payload survives
+
+
+def test_a_restarted_server_replays_what_the_killed_one_left(fleet: Fleet, maintenance_off
+                                                            ) -> None:
+    server = fleet.server()
+    queue = unique_name()
+    set_maintenance(server.url, True)
+    sent = [f"m-{n}" for n in range(30)]
+    for tid in sent:
+        assert push(server.url, [{"queue": queue, "transactionId": tid,
+                                  "payload": {"tid": tid}}]).json()[0]["status"] == "buffered"
+
+    server.kill()
+    server.start()
+    assert status(server.url)["bufferedMessages"] == 30
+    set_maintenance(server.url, False)
+
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 20)
+    assert [m["transactionId"] for m in pop_partition(server.url, queue, "Default")] == sent
+    assert list(server.buffer_dir.glob("segment-*")) == []
+
+
+def test_a_torn_record_left_by_a_crash_is_skipped(fleet: Fleet) -> None:
+    server = fleet.server(start=False)
+    queue = unique_name()
+    items = [{"queue": queue, "transactionId": f"t-{n}", "payload": n} for n in range(3)]
+    server.buffer_dir.mkdir(parents=True)
+    (server.buffer_dir / "segment-000000000001.jsonl").write_bytes(
+        records.encode(items[0]) + records.encode(items[1]) + records.encode(items[2])[:-7])
+
+    server.start()
+
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 20)
+    assert [m["data"] for m in pop_partition(server.url, queue, "Default")] == [0, 1]
+    assert status(server.url)["bufferStats"]["failedCount"] == 0
+
+
+def test_a_record_that_keeps_failing_goes_to_failed_and_its_partition_keeps_order(
+        fleet: Fleet, maintenance_off) -> None:
+    server = fleet.server(FILE_BUFFER_MAX_BATCH="1")
+    full, queue = unique_name(), unique_name()
+    httpx.post(f"{server.url}/api/v1/configure",
+               json={"queue": full, "options": {"maxSize": 1}}, timeout=10)
+    assert push(server.url, [{"queue": full, "payload": "fills it"}]).json()[0]["status"] \
+        == "queued"
+    set_maintenance(server.url, True)
+    push(server.url, [{"queue": full, "transactionId": "poison", "payload": "no room"}])
+    push(server.url, [{"queue": queue, "partition": "x", "payload": 1}])
+
+    set_maintenance(server.url, False)
+    # The poison record is first in the buffer and is retried for a while: meanwhile
+    # partition x still has a record waiting, so a new push to x queues behind it, while
+    # another partition goes straight to PostgreSQL.
+    behind = push(server.url, [{"queue": queue, "partition": "x", "payload": 2}]).json()
+    beside = push(server.url, [{"queue": queue, "partition": "y", "payload": 3}]).json()
+
+    assert behind[0]["status"] == "buffered" and beside[0]["status"] == "queued"
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 30, 0.1)
+    assert [m["data"] for m in pop_partition(server.url, queue, "x")] == [1, 2]
+    assert [m["data"] for m in pop_partition(server.url, queue, "y")] == [3]
+    stats = status(server.url)["bufferStats"]
+    assert stats["failedCount"] == 1 and stats["failedFiles"]["count"] == 1
+    [failed_file] = list((server.buffer_dir / "failed").iterdir())
+    entry = json.loads(failed_file.read_bytes()[9:-1])
+    assert entry["record"]["transactionId"] == "poison" and "max capacity" in entry["error"]
+
+
+def test_an_unusable_buffer_directory_answers_503_never_buffered(
+        fleet: Fleet, tmp_path: Path, maintenance_off) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the buffer directory cannot be created under a regular file")
+    server = fleet.server(FILE_BUFFER_DIR=str(blocker / "buffers"))
+    queue = unique_name()
+    set_maintenance(server.url, True)
+
+    refused = push(server.url, [{"queue": queue, "payload": 1}])
+
+    assert refused.status_code == 503
+    assert refused.json()["error"].startswith("File buffer unavailable")
+    assert status(server.url)["bufferHealthy"] is False
+    set_maintenance(server.url, False)
+    assert push(server.url, [{"queue": queue, "payload": 2}]).json()[0]["status"] == "queued"
