@@ -5,6 +5,8 @@
 
 DROP FUNCTION IF EXISTS queen.ensure_consumer(uuid, uuid, text, text, text);
 DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, text, text);
+DROP FUNCTION IF EXISTS queen.subscribe(uuid, text, text, text, timestamptz);
+DROP FUNCTION IF EXISTS queen.subscribe_scope(jsonb, text);
 
 CREATE OR REPLACE FUNCTION queen.format_ts6(ts timestamptz) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
@@ -68,9 +70,11 @@ $$;
 -- Where group p_group starts in queue p_queue's partitions it has no cursor in. The first
 -- contact records the decision (queue mode: the beginning; named groups: from the request, or
 -- p_inherited when a namespace subscription decided it) and seeds the pending lookup; later
--- calls just read the record, whatever the request says (2.3.6 point 5).
+-- calls just read the record, whatever the request says (2.3.6 point 5). With p_create false
+-- a missing record answers NULL and nothing is written (see subscribe_for).
 CREATE OR REPLACE FUNCTION queen.subscribe(p_queue uuid, p_group text, p_mode text, p_from text,
-                                           p_inherited timestamptz DEFAULT NULL)
+                                           p_inherited timestamptz DEFAULT NULL,
+                                           p_create boolean DEFAULT true)
 RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -79,7 +83,7 @@ DECLARE
 BEGIN
     SELECT subscription_from INTO v_from FROM queen.consumer_subscriptions
      WHERE queue_id = p_queue AND consumer_group = p_group;
-    IF FOUND THEN
+    IF FOUND OR NOT p_create THEN
         RETURN v_from;
     END IF;
     IF p_group = '__QUEUE_MODE__' THEN
@@ -245,7 +249,8 @@ $$;
 -- Subscribes the group to every queue of the scope and returns the scope with each queue's
 -- subscription point. Namespace pops consult (group, queue) first, then the (group, namespace,
 -- task) record, which the first namespace pop creates from the request (2.3.6 point 6).
-CREATE OR REPLACE FUNCTION queen.subscribe_scope(p_req jsonb, p_group text)
+CREATE OR REPLACE FUNCTION queen.subscribe_scope(p_req jsonb, p_group text,
+                                                 p_create boolean DEFAULT true)
 RETURNS TABLE (queue_id uuid, queue_name text, sub_from timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -254,7 +259,7 @@ DECLARE
     v_mode      text := p_req->>'subscriptionMode';
     v_from      text := p_req->>'subscriptionFrom';
 BEGIN
-    IF p_req->>'queue' IS NULL AND p_group <> '__QUEUE_MODE__' THEN
+    IF p_req->>'queue' IS NULL AND p_group <> '__QUEUE_MODE__' AND p_create THEN
         INSERT INTO queen.namespace_subscriptions (namespace, task, consumer_group,
                                                    subscription_mode, subscription_from)
         VALUES (coalesce(p_req->>'namespace', ''), coalesce(p_req->>'task', ''), p_group,
@@ -267,9 +272,29 @@ BEGIN
     FOR v_q IN SELECT * FROM queen.pop_scope(p_req) LOOP
         queue_id := v_q.id;
         queue_name := v_q.name;
-        sub_from := queen.subscribe(v_q.id, p_group, v_mode, v_from, v_inherited);
+        sub_from := queen.subscribe(v_q.id, p_group, v_mode, v_from, v_inherited, p_create);
         RETURN NEXT;
     END LOOP;
+END
+$$;
+
+-- First contacts of one pop request in a transaction of their own. The server's fused pop
+-- batches never create subscriptions (a batch holding the exclusive lookup locks of several
+-- queues in request order could deadlock with another); they answer needsSubscription and
+-- the server calls this, which takes the locks in queue-id order, then pops again.
+CREATE OR REPLACE FUNCTION queen.subscribe_for(p_req jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_group text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
+    v_count integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(s.id::text))
+       FROM (SELECT sc.id FROM queen.pop_scope(p_req) sc
+              WHERE NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions cs
+                                 WHERE cs.queue_id = sc.id AND cs.consumer_group = v_group)
+              ORDER BY sc.id) s;
+    SELECT count(*) INTO v_count FROM queen.subscribe_scope(p_req, v_group, true);
+    RETURN jsonb_build_object('queues', v_count);
 END
 $$;
 
@@ -331,6 +356,24 @@ BEGIN
 END
 $$;
 
+-- The consumer_watermarks row of WIRE.md 7.2 (kept for the JS harness, never read to decide
+-- anything). Fused pop batches write many of these rows in request order, so a writer that
+-- cannot take the row's try-lock at once skips it instead of waiting (no deadlock between
+-- batches), and a row is rewritten at most once a second.
+CREATE OR REPLACE FUNCTION queen.note_empty_scan(p_queue text, p_group text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_xact_lock(queen.lookup_lock_class() + 2, hashtext(p_queue || '/' || p_group)) THEN
+        INSERT INTO queen.consumer_watermarks AS wm
+               (queue_name, consumer_group, last_empty_scan_at, updated_at)
+        VALUES (p_queue, p_group, now(), now())
+        ON CONFLICT (queue_name, consumer_group) DO UPDATE
+           SET last_empty_scan_at = now(), updated_at = now()
+         WHERE wm.updated_at < now() - interval '1 second';
+    END IF;
+END
+$$;
+
 -- One pop request. p_req: {queue | namespace/task, partition (null = any), consumerGroup,
 -- batch, autoAck, partitions, workerId, leaseSeconds, subscriptionMode, subscriptionFrom}.
 -- Returns {success, queue, partition, partitionId, leaseId, consumerGroup, partitionsClaimed,
@@ -348,6 +391,7 @@ DECLARE
     v_worker     text := p_req->>'workerId';
     v_lease_secs integer := coalesce((p_req->>'leaseSeconds')::integer, 0);
     v_lease_id   uuid := CASE WHEN v_auto_ack THEN NULL ELSE gen_random_uuid() END;
+    v_defer      boolean := coalesce((p_req->>'deferSubscription')::boolean, false);
     v_queue_ids  uuid[];
     v_names      text[];
     v_froms      timestamptz[];
@@ -361,9 +405,14 @@ BEGIN
     SELECT array_agg(queue_id ORDER BY n), array_agg(queue_name ORDER BY n),
            array_agg(sub_from ORDER BY n)
       INTO v_queue_ids, v_names, v_froms
-      FROM queen.subscribe_scope(p_req, v_group) WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
+      FROM queen.subscribe_scope(p_req, v_group, NOT v_defer)
+           WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
     IF v_queue_ids IS NULL THEN
         RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb, 'queues', '[]'::jsonb);
+    END IF;
+    IF array_position(v_froms, NULL) IS NOT NULL THEN
+        RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb,
+                                  'needsSubscription', true);
     END IF;
 
     IF p_req->>'partition' IS NOT NULL THEN
@@ -417,10 +466,7 @@ BEGIN
     IF v_claimed = 0 THEN
         PERFORM queen.prune_pending(v_queue_ids, v_group);
         IF p_req->>'partition' IS NULL AND p_req->>'queue' IS NOT NULL THEN
-            INSERT INTO queen.consumer_watermarks (queue_name, consumer_group, last_empty_scan_at, updated_at)
-            VALUES (v_names[1], v_group, now(), now())
-            ON CONFLICT (queue_name, consumer_group)
-            DO UPDATE SET last_empty_scan_at = now(), updated_at = now();
+            PERFORM queen.note_empty_scan(v_names[1], v_group);
         END IF;
         RETURN jsonb_build_object(
             'success', true, 'messages', '[]'::jsonb, 'consumerGroup', v_group,
@@ -469,7 +515,8 @@ BEGIN
             'workerId', coalesce(v_req->>'workerId', v_req->>'worker_id'),
             'leaseSeconds', coalesce(v_req->'leaseSeconds', v_req->'lease_seconds'),
             'subscriptionMode', coalesce(v_req->>'subscriptionMode', v_req->>'sub_mode'),
-            'subscriptionFrom', coalesce(v_req->>'subscriptionFrom', v_req->>'sub_from')));
+            'subscriptionFrom', coalesce(v_req->>'subscriptionFrom', v_req->>'sub_from'),
+            'deferSubscription', v_req->'deferSubscription'));
         BEGIN
             v_result := queen.pop_request(v_norm);
         EXCEPTION WHEN others THEN

@@ -275,3 +275,32 @@ def test_sql_pop_specific_batch_sets_the_lease_length_from_lease_seconds(http, d
     uuid.UUID(result["leaseId"])
     assert 5 <= remaining <= 7
     assert worker == "w"
+
+
+
+# -- concurrency ------------------------------------------------------------------------
+
+
+def test_empty_scan_bookkeeping_never_waits_for_another_transaction(http, pg_dsn):
+    """Fused pop batches note empty scans of many queues in request order; two batches in
+    opposite orders must not wait on each other (the bench once found them deadlocking)."""
+    import psycopg2
+
+    first, second = unique_name(), unique_name()
+    for queue in (first, second):
+        configure(http, queue)
+    a, b = psycopg2.connect(pg_dsn), psycopg2.connect(pg_dsn)
+    try:
+        with a.cursor() as ca, b.cursor() as cb:
+            ca.execute("SET statement_timeout = '2s'")
+            cb.execute("SET statement_timeout = '2s'")
+            ca.execute("SELECT queen.note_empty_scan(%s, 'g')", (first,))
+            cb.execute("SELECT queen.note_empty_scan(%s, 'g')", (second,))
+
+            ca.execute("SELECT queen.note_empty_scan(%s, 'g')", (second,))  # must not block
+            cb.execute("SELECT queen.note_empty_scan(%s, 'g')", (first,))
+        a.commit()
+        b.commit()
+    finally:
+        a.close()
+        b.close()

@@ -67,6 +67,7 @@ class PopRequest:
             "partitions": self.partitions, "autoAck": self.auto_ack, "workerId": worker_id,
             "subscriptionMode": self.subscription_mode,
             "subscriptionFrom": self.subscription_from,
+            "deferSubscription": True,
         }
 
 
@@ -171,8 +172,14 @@ class Popper:
         """One try at the database. An outage counts as "nothing yet": consumers' loops exit
         on a pop error, so pops answer 204 and /health reports the outage (WIRE.md 2.3.8)."""
         self.attempts += 1
+        wanted = request.as_sql(self._worker_id)
         try:
-            [result] = await self.batcher.submit([request.as_sql(self._worker_id)])
+            [result] = await self.batcher.submit([wanted])
+            if result.get("needsSubscription"):
+                # First contact of the group: recorded in a transaction of its own
+                # (see queen.subscribe_for), then the pop goes again.
+                await self._db.call("subscribe_for", wanted)
+                [result] = await self.batcher.submit([wanted])
         except Unavailable:
             return Attempt()
         except Exception:

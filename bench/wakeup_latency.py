@@ -1,0 +1,240 @@
+"""Long-poll wake-up latency and the cost of idle parked pops (issue #4).
+
+    .venv/bin/python bench/wakeup_latency.py [--waiters 1000] [--queues 100] [--pushes 200]
+                                             [--idle-seconds 10]
+
+Starts a private embedded PostgreSQL (with ``track_functions = pl`` so the database counts
+``queen.pop_request`` calls) and parks ``--waiters`` long-poll pops (``wait=true``,
+``autoAck=true``, 60 s timeout) spread evenly over ``--queues`` queues, each on its own
+keep-alive connection. A delivered pop re-parks at once, so the number stays constant.
+
+1. With the default ``POP_WAIT_*`` settings: for ``--idle-seconds`` nothing is pushed (server
+   and PostgreSQL CPU, database pop attempts per second = the fallback re-checks); then one
+   message at a time is pushed (50 ms apart) to the queues in turn, measuring push sent →
+   message received by a parked pop (p50/p99/max).
+2. On a second server whose fallback re-check is slowed to 60 s, the same pushes again, to
+   count the database pop attempts a wake-up costs (PostgreSQL publishes function counts
+   lazily, so the script waits for them to settle).
+
+Prints a markdown report and writes it to ``bench/out/wakeup_latency.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import psycopg2
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from load import Connection  # noqa: E402  (minimal keep-alive HTTP client)
+from queen_tw.config import Config  # noqa: E402
+from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
+from support import ServerProcess  # noqa: E402
+
+
+def cpu_seconds(pids: List[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def postgres_pids(pg: EmbeddedPostgres) -> List[int]:
+    return pg._server_pids()  # the postmaster and its backends
+
+
+def pop_attempts(dsn: str) -> int:
+    with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
+                       "WHERE schemaname = 'queen' AND funcname = 'pop_request'")
+        return int(cursor.fetchone()[0])
+
+
+class Waiters:
+    """Parked long polls; records when each message arrives, keyed by its payload."""
+
+    def __init__(self, port: int, queues: List[str], count: int):
+        self._port, self._queues, self._count = port, queues, count
+        self.queue = lambda n: queues[n % len(queues)]
+        self.received: Dict[str, float] = {}
+        self.parked = 0
+        self.errors = 0
+        self._stop = False
+        self._tasks: List[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._loop(self._queues[n % len(self._queues)]))
+                       for n in range(self._count)]
+
+    async def _loop(self, queue: str) -> None:
+        conn = Connection("127.0.0.1", self._port)
+        path = f"/api/v1/pop/queue/{queue}?wait=true&timeout=60000&autoAck=true"
+        while not self._stop:
+            self.parked += 1
+            status, body = await conn.request("GET", path)
+            self.parked -= 1
+            now = time.monotonic()
+            if status == 200:
+                for message in json.loads(body)["messages"]:
+                    self.received[message["data"]["tag"]] = now
+            elif status != 204:
+                self.errors += 1
+
+    def stop(self) -> None:
+        self._stop = True
+        for task in self._tasks:
+            task.cancel()
+
+
+async def park(args, server: ServerProcess) -> "Waiters":
+    queues = [f"wake-{n}" for n in range(args.queues)]
+    control = Connection("127.0.0.1", server.port)
+    for queue in queues:
+        status, _ = await control.request("POST", "/api/v1/configure",
+                                          json.dumps({"queue": queue}).encode())
+        assert status == 200
+    waiters = Waiters(server.port, queues, args.waiters)
+    waiters.start()
+    await asyncio.sleep(3)  # every pop made its first attempt and parked
+    return waiters
+
+
+async def push_one_by_one(args, server: ServerProcess, waiters: "Waiters") -> List[float]:
+    """Pushes --pushes messages 50 ms apart; returns push→receive latencies in ms."""
+    control = Connection("127.0.0.1", server.port)
+    sent: Dict[str, float] = {}
+    for n in range(args.pushes):
+        tag = f"m{n}-{server.port}"
+        body = json.dumps({"items": [{"queue": waiters.queue(n), "payload": {"tag": tag},
+                                      "transactionId": tag}]}).encode()
+        sent[tag] = time.monotonic()
+        status, _ = await control.request("POST", "/api/v1/push", body)
+        assert status == 201
+        await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while len(waiters.received) < args.pushes and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return sorted(1000 * (waiters.received[tag] - at) for tag, at in sent.items()
+                  if tag in waiters.received)
+
+
+async def measure_latency_and_idle(args, pg: EmbeddedPostgres, server: ServerProcess,
+                                   dsn: str) -> Dict:
+    waiters = await park(args, server)
+    attempts_before = pop_attempts(dsn)
+    pg_pids = postgres_pids(pg)
+    server_cpu, pg_cpu = cpu_seconds([server.pid]), cpu_seconds(pg_pids)
+    await asyncio.sleep(args.idle_seconds)
+    idle = {
+        "server_cpu_pct": 100 * (cpu_seconds([server.pid]) - server_cpu) / args.idle_seconds,
+        "pg_cpu_pct": 100 * (cpu_seconds(pg_pids) - pg_cpu) / args.idle_seconds,
+        "attempts_per_s": (pop_attempts(dsn) - attempts_before) / args.idle_seconds,
+    }
+    latencies = await push_one_by_one(args, server, waiters)
+    waiters.stop()
+    return {
+        "waiters": args.waiters, "queues": args.queues, "pushes": args.pushes,
+        "delivered": len(latencies), "errors": waiters.errors,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "max_ms": latencies[-1], "idle": idle, "idle_seconds": args.idle_seconds,
+    }
+
+
+async def measure_attempts(args, server: ServerProcess, dsn: str) -> float:
+    waiters = await park(args, server)
+    await asyncio.sleep(11)  # let idle backends publish their function counts
+    before = pop_attempts(dsn)
+    latencies = await push_one_by_one(args, server, waiters)
+    await asyncio.sleep(11)
+    after = pop_attempts(dsn)
+    waiters.stop()
+    assert len(latencies) == args.pushes
+    return (after - before) / args.pushes
+
+
+def render(r: Dict) -> str:
+    idle = r["idle"]
+    return "\n".join([
+        f"{r['waiters']:,} parked long polls on {r['queues']} queues "
+        f"({r['waiters'] // r['queues']} per queue), default POP_WAIT_* settings:",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| push → parked pop receives it, p50 | {r['p50_ms']:.1f} ms |",
+        f"| push → parked pop receives it, p99 | {r['p99_ms']:.1f} ms |",
+        f"| push → parked pop receives it, max | {r['max_ms']:.1f} ms |",
+        f"| database pop attempts per push (10 pops parked on the queue) | "
+        f"{r['attempts_per_push']:.2f} |",
+        f"| idle: server CPU | {idle['server_cpu_pct']:.1f} % of one core |",
+        f"| idle: PostgreSQL CPU (all backends) | {idle['pg_cpu_pct']:.1f} % of one core |",
+        f"| idle: database pop attempts (fallback re-checks) | "
+        f"{idle['attempts_per_s']:.0f} /s |",
+        "",
+        f"{r['pushes']} pushes 50 ms apart, {r['delivered']} delivered, {r['errors']} errors; "
+        f"idle figures over {r['idle_seconds']} s.",
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--waiters", type=int, default=1000)
+    parser.add_argument("--queues", type=int, default=100)
+    parser.add_argument("--pushes", type=int, default=200)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="queen-tw-wakeup-"))
+    pg = EmbeddedPostgres(root / "data")
+    pg.start()
+    server: Optional[ServerProcess] = None
+    try:
+        env = pg.pg_env()
+        dsn = Config.from_sources(env, {}).dsn
+        connection = psycopg2.connect(dsn)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER SYSTEM SET track_functions = 'pl'")
+            cursor.execute("SELECT pg_reload_conf()")
+        connection.close()
+        quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
+                 "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn"}
+        server = ServerProcess(env, root / "server", quiet).start()
+        result = asyncio.run(measure_latency_and_idle(args, pg, server, dsn))
+        server.stop()
+        server = ServerProcess(env, root / "slow-fallback", dict(
+            quiet, POP_WAIT_INITIAL_INTERVAL_MS="60000", POP_WAIT_MAX_INTERVAL_MS="60000")).start()
+        result["attempts_per_push"] = asyncio.run(measure_attempts(args, server, dsn))
+        report = render(result)
+        print(report)
+        out = REPO / "bench" / "out"
+        out.mkdir(exist_ok=True)
+        (out / "wakeup_latency.md").write_text(report + "\n")
+        (out / "wakeup_latency.json").write_text(json.dumps(result, indent=2))
+    finally:
+        if server is not None:
+            server.stop()
+        pg.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
