@@ -167,6 +167,14 @@ BEGIN
     IF NOT queen.ensure_consumer(p_partition, p_group, p_from) THEN
         RETURN '[]'::jsonb;
     END IF;
+    -- A leased or cooling partition is refused on a plain read: locking its row would make
+    -- the acks of the delivery in flight wait until this whole (fused) pop call commits.
+    IF EXISTS (SELECT 1 FROM queen.partition_consumers
+                WHERE partition_id = p_partition AND consumer_group = p_group
+                  AND ((lease_id IS NOT NULL AND lease_expires_at > now())
+                       OR retry_after > now())) THEN
+        RETURN '[]'::jsonb;
+    END IF;
     -- Another request claiming this partition right now is skipped, never waited for.
     SELECT * INTO v_pc FROM queen.partition_consumers
      WHERE partition_id = p_partition AND consumer_group = p_group
