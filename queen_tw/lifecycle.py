@@ -23,28 +23,37 @@ log = Logger()
 class OrderedMultiService(service.MultiService):
     """A ``MultiService`` that stops its children in reverse order, one at a time.
 
-    :param clock: time source for the per-step bound.
+    :param clock: time source for the bounds.
     :param step_timeout: longest wait for one child's ``stopService`` Deferred.
+    :param total_timeout: budget of the whole stop; once it is spent, the remaining children
+        are still stopped (the file buffer must close, an embedded PostgreSQL must stop) but
+        each is waited for at most ``last_grace`` seconds.
     """
 
-    def __init__(self, clock: IReactorTime, step_timeout: float = 15.0):
+    def __init__(self, clock: IReactorTime, step_timeout: float = 25.0,
+                 total_timeout: float = 25.0, last_grace: float = 2.0):
         super().__init__()
         self._clock = clock
         self._step_timeout = step_timeout
+        self._total_timeout = total_timeout
+        self._last_grace = last_grace
 
     def stopService(self):
         service.Service.stopService(self)
         return defer.ensureDeferred(self._stop_children())
 
     async def _stop_children(self) -> None:
+        deadline = self._clock.seconds() + self._total_timeout
         for child in reversed(list(self)):
+            bound = min(self._step_timeout,
+                        max(deadline - self._clock.seconds(), self._last_grace))
             step = defer.maybeDeferred(child.stopService)
-            step.addTimeout(self._step_timeout, self._clock)
+            step.addTimeout(bound, self._clock)
             try:
                 await step
             except defer.TimeoutError:
-                log.warn("{child} did not stop within {s}s; going on", child=_name(child),
-                         s=self._step_timeout)
+                log.warn("{child} did not stop within {s:.1f}s; going on", child=_name(child),
+                         s=bound)
             except Exception as err:
                 log.error("stopping {child} failed: {error}", child=_name(child), error=err)
 
@@ -67,7 +76,7 @@ class ShutdownGate(service.Service):
 class InFlightDrain(service.Service):
     """On stop, waits until ``busy()`` is False (polled every 50 ms), at most ``timeout`` s."""
 
-    def __init__(self, busy: Callable[[], bool], clock: IReactorTime, timeout: float = 10.0):
+    def __init__(self, busy: Callable[[], bool], clock: IReactorTime, timeout: float = 5.0):
         self._busy = busy
         self._clock = clock
         self._timeout = timeout

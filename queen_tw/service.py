@@ -116,7 +116,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
 
-    top = OrderedMultiService(reactor, step_timeout=40.0)  # stops children one at a time
+    top = OrderedMultiService(reactor)  # stops children one at a time, in about 25 s at most
     if config.embedded_pg:
         embedded = EmbeddedPostgresService(config.embedded_pg)
         embedded.setServiceParent(top)

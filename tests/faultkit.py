@@ -273,6 +273,15 @@ class Count:
         assert self.duplicates == 0, f"{self.duplicates} duplicate deliveries: {self}"
 
 
+def report(name: str, result: Count) -> None:
+    """One line of counts on stdout (``pytest -s`` shows it)."""
+    print(f"\n[fault] {name}: sent={result.sent} acknowledged={result.acknowledged} "
+          f"buffered={result.buffered} delivered={result.delivered} "
+          f"missing={len(result.missing)} duplicates={result.duplicates} "
+          f"out_of_order={len(result.out_of_order)} "
+          f"unacknowledged_delivered={result.unacknowledged_delivered} answers={result.answers}")
+
+
 def count(ledger: Ledger, delivered: dict[str, list[dict[str, Any]]]) -> Count:
     """Compares the ledger with the delivered messages, partition by partition."""
     seen: dict[str, int] = defaultdict(int)

@@ -22,7 +22,7 @@ import json
 from typing import Any, Dict, Optional, Set, Tuple
 
 import psycopg2
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +33,7 @@ from queen_tw.errors import DatabaseUnavailable
 log = Logger()
 
 _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead,
-         txpostgres.RollbackFailed)
+         txpostgres.RollbackFailed, error.ConnectionClosed)
 
 
 class DeadlineExceeded(DatabaseUnavailable):

@@ -214,7 +214,7 @@ class ReplayService(service.Service):
     in flight (bounded by ``stop_timeout``)."""
 
     def __init__(self, replayer: Replayer, clock: IReactorTime, interval: float,
-                 stop_timeout: float = 10.0):
+                 stop_timeout: float = 5.0):
         self._replayer = replayer
         self._clock = clock
         self._interval = interval

@@ -1,0 +1,266 @@
+"""Fault injection under load, then count every message (issue #6).
+
+Each test starts producers (threads pushing to their own partitions with recorded
+transactionIds, retrying unacknowledged pushes as the clients do), injects one fault, heals it,
+stops the producers, reads every partition back and checks: every push answered ``queued``,
+``duplicate`` or ``buffered`` was delivered, exactly once, in send order within its partition.
+
+The faults are real: PostgreSQL (a private one, started for this module) is frozen with
+SIGSTOP or stopped; the server is SIGKILLed; the buffer directory is filled up (a small tmpfs
+mounted on it) or made immutable (``chattr +i``; root ignores permission bits, so chmod would
+prove nothing). Each test prints its counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from faultkit import (Count, Fleet, Producers, buffer_status, count, drain, health_code,
+                      private_postgres, report, set_maintenance, wait_until)
+from support import ServerProcess, unique_name
+
+from queen_tw.db.embedded import EmbeddedPostgres
+
+pytestmark = pytest.mark.fault
+
+SERVER_ENV = {
+    "LIBQUEEN_INFLIGHT_DEADLINE_MS": "2000",  # a frozen database counts as an outage after 2 s
+    "QUEEN_CACHE_REFRESH_INTERVAL_MS": "200",
+    "FILE_BUFFER_EVENTS_PER_FILE": "50",  # many segments: rotation is part of every test
+}
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    with private_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def fleet(postgres: EmbeddedPostgres) -> Iterator[Fleet]:
+    servers = Fleet(postgres.pg_env())
+    try:
+        yield servers
+    finally:
+        postgres.thaw()
+        if not postgres.is_running():
+            postgres.start()
+        for process in servers.servers:
+            if process.running:
+                with contextlib.suppress(Exception):
+                    set_maintenance(process.url, False)
+        servers.close()
+
+
+def finish(name: str, server: ServerProcess, producers: Producers) -> Count:
+    """Stop the producers, read everything back, count, check."""
+    ledger = producers.stop()
+    assert not producers.errors, producers.errors
+    result = count(ledger, drain(server.url, ledger.queue, ledger.partitions()))
+    report(name, result)
+    result.assert_nothing_lost()
+    assert result.acknowledged == result.sent
+    return result
+
+
+def buffered_answers(producers: Producers) -> int:
+    return producers.ledger.answers.get("buffered", 0)
+
+
+def test_frozen_postgres(fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    server = fleet.server(**SERVER_ENV)
+    producers = Producers(server.url, unique_name()).start()
+    wait_until(lambda: producers.sent_count() >= 80, 20, message="load before the fault")
+
+    postgres.freeze()
+    try:
+        # /health pings with a timeout: a frozen database gives 503, not a hang
+        wait_until(lambda: health_code(server.url) == 503, 10, message="/health 503")
+        time.sleep(4)
+    finally:
+        postgres.thaw()
+    wait_until(lambda: health_code(server.url) == 200, 15, message="/health 200 again")
+    time.sleep(1)
+
+    result = finish("frozen postgres", server, producers)
+    assert result.buffered > 0  # pushes during the freeze went to the buffer
+
+
+def test_postgres_stopped_and_restarted(fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    server = fleet.server(**SERVER_ENV)
+    producers = Producers(server.url, unique_name()).start()
+    wait_until(lambda: producers.sent_count() >= 80, 20, message="load before the fault")
+
+    postgres.stop()
+    wait_until(lambda: health_code(server.url) == 503, 10, message="/health 503")
+    time.sleep(3)
+    postgres.start()
+    # the pool reconnects by itself: no server restart
+    wait_until(lambda: health_code(server.url) == 200, 15, message="/health 200 again")
+    time.sleep(1)
+
+    result = finish("postgres stopped and restarted", server, producers)
+    assert result.buffered > 0
+
+
+def test_server_killed_while_buffering(fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    server = fleet.server(**SERVER_ENV)
+    producers = Producers(server.url, unique_name()).start()
+    wait_until(lambda: producers.sent_count() >= 80, 20, message="load before the fault")
+    postgres.stop()
+    wait_until(lambda: buffered_answers(producers) >= 60, 20, message="pushes buffered")
+
+    server.kill()  # SIGKILL in the middle of buffered pushes
+    postgres.start()
+    server.start()  # same port, same buffer directory
+    time.sleep(1)
+
+    result = finish("server killed while buffering", server, producers)
+    assert result.buffered >= 60
+
+
+def test_server_killed_during_replay(fleet: Fleet) -> None:
+    server = fleet.server(FILE_BUFFER_MAX_BATCH="5", **SERVER_ENV)
+    producers = Producers(server.url, unique_name(), batch=10, pause=0.0).start()
+    set_maintenance(server.url, True)
+    wait_until(lambda: buffered_answers(producers) >= 600, 30, message="a full buffer")
+
+    set_maintenance(server.url, False)
+    waiting = buffer_status(server.url)["pending"]
+    wait_until(lambda: (buffer_status(server.url) or {}).get("pending", waiting) < waiting * 0.8,
+               20, 0.02, message="replay under way")
+    server.kill()  # SIGKILL in the middle of the replay (and of the producers' pushes)
+    left = sum(1 for _ in server.buffer_dir.glob("segment-*"))
+    server.start()
+    time.sleep(1)
+
+    result = finish("server killed during replay", server, producers)
+    assert left > 0 and result.buffered >= 600
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str = "1m") -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(directory)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def fill_up(directory: Path) -> Path:
+    """Writes a filler file until the file system is full (ENOSPC)."""
+    filler = directory / "filler"
+    with open(filler, "wb") as out:
+        with contextlib.suppress(OSError):
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+    return filler
+
+
+def set_immutable(directory: Path, on: bool) -> None:
+    flag = "+i" if on else "-i"
+    paths = [directory, *directory.iterdir()] if on else [*directory.iterdir(), directory]
+    for path in paths:
+        done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
+        if done.returncode != 0 and on:
+            pytest.skip(f"chattr {flag} does not work here: {done.stderr.strip()}")
+
+
+@pytest.mark.parametrize("how", ["disk_full", "immutable"])
+def test_unwritable_buffer(fleet: Fleet, how: str) -> None:
+    server = fleet.server(start=False, **SERVER_ENV)
+    with contextlib.ExitStack() as cleanup:
+        if how == "disk_full":
+            cleanup.enter_context(small_tmpfs(server.buffer_dir))
+        server.start()
+        set_maintenance(server.url, True)  # every push needs the buffer
+        producers = Producers(server.url, unique_name()).start()
+        wait_until(lambda: buffered_answers(producers) >= 80, 20, message="pushes buffered")
+
+        if how == "disk_full":
+            filler = fill_up(server.buffer_dir)
+        else:
+            set_immutable(server.buffer_dir, True)
+            cleanup.callback(set_immutable, server.buffer_dir, False)
+        try:
+            wait_until(lambda: producers.ledger.answers.get("503", 0) >= 5, 20,
+                       message="503 answers while the buffer cannot be written")
+            assert buffer_status(server.url)["healthy"] is False
+            time.sleep(1)
+        finally:
+            if how == "disk_full":
+                os.unlink(filler)
+            else:
+                set_immutable(server.buffer_dir, False)
+        before = buffered_answers(producers)
+        wait_until(lambda: buffered_answers(producers) > before + 20, 20,
+                   message="buffering again")
+        set_maintenance(server.url, False)
+
+        result = finish(f"unwritable buffer ({how})", server, producers)
+        assert result.answers.get("503", 0) >= 5
+
+
+def test_sigterm_while_postgres_is_frozen(fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    # the default 35 s call deadline: pushes in flight hang until the shutdown gives up on them
+    server = fleet.server(**{**SERVER_ENV, "LIBQUEEN_INFLIGHT_DEADLINE_MS": "0"})
+    producers = Producers(server.url, unique_name()).start()
+    wait_until(lambda: producers.sent_count() >= 80, 20, message="load before the fault")
+    postgres.freeze()
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        exit_code = server.stop(timeout=45)
+        stopped_in = time.monotonic() - started
+    finally:
+        postgres.thaw()
+    server.start()
+    time.sleep(1)
+
+    result = finish("SIGTERM while PostgreSQL is frozen, then restart", server, producers)
+    print(f"[fault] stopped in {stopped_in:.1f}s with exit code {exit_code}")
+    assert exit_code in (0, -15) and stopped_in < 40
+
+
+def test_during_an_outage_pops_answer_204_and_acks_503(fleet: Fleet,
+                                                       postgres: EmbeddedPostgres) -> None:
+    server = fleet.server(**SERVER_ENV)
+    queue = unique_name()
+    with httpx.Client(base_url=server.url, timeout=20) as http:
+        http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n}
+                                                  for n in range(2)]})
+        delivery = http.get(f"/api/v1/pop/queue/{queue}").json()
+        [message] = delivery["messages"]
+        ack = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
+               "leaseId": delivery["leaseId"], "status": "completed"}
+
+        postgres.stop()
+        try:
+            wait_until(lambda: health_code(server.url) == 503, 10, message="/health 503")
+            quick = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"})
+            started = time.monotonic()
+            parked = http.get(f"/api/v1/pop/queue/{queue}",
+                              params={"wait": "true", "timeout": 1500})
+            waited = time.monotonic() - started
+            refused = http.post("/api/v1/ack", json=ack)
+        finally:
+            postgres.start()
+
+        assert quick.status_code == 204 and parked.status_code == 204 and waited >= 1.4
+        assert refused.status_code == 503 and refused.json()["error"]
+        wait_until(lambda: health_code(server.url) == 200, 15, message="/health 200 again")
+        assert http.post("/api/v1/ack", json=ack).json()[0]["success"] is True
+        second = http.get(f"/api/v1/pop/queue/{queue}").json()["messages"]
+        assert [m["data"] for m in second] == [1]
