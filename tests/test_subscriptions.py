@@ -216,3 +216,42 @@ def test_first_new_pop_over_many_partitions_is_empty_then_sees_every_new_message
 
     assert first.status_code == 204
     assert sorted(seen) == list(range(1000, 1500))
+
+
+def test_ten_consumers_drain_a_thousand_new_partitions_without_an_early_empty_pop(http, server):
+    """JS testCgBootstrapNew in small: after a `new` first contact, ten concurrent consumers
+    of one group drain one new message per partition; none sees 204 while work remains."""
+    import threading
+
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": f"p{n}", "payload": -1, "transactionId": f"old{n}"}
+        for n in range(1000)]}).raise_for_status()
+    assert pop_answer(http, queue, consumerGroup="boot", subscriptionMode="new").status_code == 204
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": f"p{n}", "payload": n, "transactionId": f"new{n}"}
+        for n in range(1000)]}).raise_for_status()
+    consumed, early_empties, lock = [], [], threading.Lock()
+
+    def consumer():
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            while True:
+                delivery = pop(client, queue, consumerGroup="boot")
+                if delivery is None:
+                    with lock:
+                        if len(consumed) < 1000 - 10:  # others may hold the last few
+                            early_empties.append(len(consumed))
+                    return
+                message = delivery["messages"][0]
+                assert ack(client, message, consumerGroup="boot")["success"]
+                with lock:
+                    consumed.append(message["data"])
+
+    threads = [threading.Thread(target=consumer) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert early_empties == []
+    assert sorted(consumed) == list(range(1000))
