@@ -155,3 +155,26 @@ def test_an_unusable_buffer_directory_answers_503_never_buffered(
     assert status(server.url)["bufferHealthy"] is False
     set_maintenance(server.url, False)
     assert push(server.url, [{"queue": queue, "payload": 2}]).json()[0]["status"] == "queued"
+
+
+def test_each_worker_process_has_its_own_buffer_directory(fleet: Fleet, maintenance_off
+                                                          ) -> None:
+    server = fleet.server(NUM_WORKERS="2", WORKER_ID="w")
+    queue = unique_name()
+    set_maintenance(server.url, True)
+    # both workers learn the flag within their (one second) re-read
+    wait_until(lambda: all(push(server.url, [{"queue": queue, "payload": "probe"}]).json()[0]
+                           ["status"] == "buffered" for _ in range(6)), 10, 0.2,
+               "every worker buffering")
+
+    for n in range(40):
+        assert push(server.url, [{"queue": queue, "payload": n}]).json()[0]["status"] \
+            == "buffered"
+
+    workers = sorted(p.name for p in server.buffer_dir.iterdir() if p.is_dir())
+    assert workers == ["w-1", "w-2"]
+    set_maintenance(server.url, False)
+    wait_until(lambda: not list(server.buffer_dir.glob("*/segment-*")), 20, 0.1,
+               "both workers' buffers drained")
+    delivered = pop_partition(server.url, queue, "Default")
+    assert sorted(m["data"] for m in delivered if m["data"] != "probe") == list(range(40))

@@ -33,6 +33,9 @@ from queen_tw.system_state import SystemState, SystemStateService
 
 log = Logger()
 
+WORKER_REFRESH_MS = 1000
+"""Flag re-read period of each of ``NUM_WORKERS`` processes (when the option asks for more)."""
+
 
 class Durability:
     """File buffer, maintenance flags, replay and shutdown gate of one process.
@@ -41,7 +44,7 @@ class Durability:
     :param db: the pool (flags live in PostgreSQL).
     :param reactor: clock for the timers.
     :param worker: this process is one of ``NUM_WORKERS``: its buffer is
-        ``FILE_BUFFER_DIR/<WORKER_ID>``.
+        ``FILE_BUFFER_DIR/<WORKER_ID>`` and it re-reads the flags at least every second.
     """
 
     def __init__(self, config: Config, db: Database, reactor, worker: bool = False):
@@ -50,6 +53,7 @@ class Durability:
             directory = directory / config.worker_id
         self._config = config
         self._reactor = reactor
+        self._worker = worker
         self.buffer = FileBuffer(str(directory), config.file_buffer_events_per_file)
         self.state = SystemState(db, reactor)
         self.failover = FileFailover(self.buffer, self.state)
@@ -77,8 +81,11 @@ class Durability:
         def busy() -> bool:
             return any(b.queued_items or b.in_flight for b in engine.batchers.values())
 
-        return [SystemStateService(self.state, self._reactor,
-                                   self._config.cache_refresh_interval_ms / 1000.0),
+        refresh_ms = self._config.cache_refresh_interval_ms
+        if self._worker:
+            # a flag switched through one worker reaches its siblings by this re-read only
+            refresh_ms = min(refresh_ms, WORKER_REFRESH_MS)
+        return [SystemStateService(self.state, self._reactor, refresh_ms / 1000.0),
                 ReplayService(self.replayer, self._reactor, interval),
                 InFlightDrain(busy, self._reactor)]
 
