@@ -55,10 +55,6 @@ class PeriodicService(service.Service):
             return waiting
         return defer.succeed(None)
 
-    def run_now(self) -> defer.Deferred:
-        """Runs the work at once (outside the schedule); fires with its result."""
-        return defer.ensureDeferred(self._work())
-
     def _run_once(self) -> defer.Deferred:
         self._current = defer.ensureDeferred(self._work())
         self._current.addCallbacks(self._succeeded, self._failed)
