@@ -178,3 +178,21 @@ def test_each_worker_process_has_its_own_buffer_directory(fleet: Fleet, maintena
                "both workers' buffers drained")
     delivered = pop_partition(server.url, queue, "Default")
     assert sorted(m["data"] for m in delivered if m["data"] != "probe") == list(range(40))
+
+
+def test_a_transaction_pushing_to_a_buffered_partition_is_refused_until_it_drained(
+        fleet: Fleet, maintenance_off) -> None:
+    server = fleet.server()
+    queue = unique_name()
+    set_maintenance(server.url, True)
+    assert push(server.url, [{"queue": queue, "payload": 1}]).json()[0]["status"] == "buffered"
+    transaction = {"operations": [{"type": "push", "items": [{"queue": queue, "payload": 2}]}]}
+
+    refused = httpx.post(f"{server.url}/api/v1/transaction", json=transaction, timeout=10)
+
+    assert refused.status_code == 503 and "file buffer" in refused.json()["error"]
+    set_maintenance(server.url, False)
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 20)
+    accepted = httpx.post(f"{server.url}/api/v1/transaction", json=transaction, timeout=10)
+    assert accepted.status_code == 200 and accepted.json()["success"] is True
+    assert [m["data"] for m in pop_partition(server.url, queue, "Default")] == [1, 2]

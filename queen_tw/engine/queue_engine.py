@@ -18,7 +18,7 @@ from queen_tw.db.pool import Database
 from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.popper import QUEUE_MODE, Popper, PollTiming, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
-from queen_tw.errors import DatabaseUnavailable, NotFound
+from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
 
 log = Logger()
 
@@ -237,6 +237,11 @@ class QueueEngine:
                     items = await self._encrypt(items)
                 op = dict(op, items=items)
             prepared.append(op)
+        pushed = [item for op in prepared if op["type"] == "push" for item in op["items"]]
+        if pushed and self.failover is not None and self.failover.must_buffer(pushed):
+            # cannot be buffered (it is atomic with its acks) nor overtake buffered pushes
+            raise Unavailable("Pushes to these partitions are waiting in the file buffer "
+                              "(maintenance or outage); retry shortly")
         outcome = await self._db.call("run_transaction", {
             "operations": prepared, "requiredLeases": required_leases})
         for update in outcome.pop("partitionUpdates", None) or ():
