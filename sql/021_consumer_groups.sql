@@ -42,6 +42,16 @@ BEGIN
 END
 $$;
 
+-- Takes the exclusive lookup locks of these queues in id order, before an admin change
+-- touches cursors: the re-seeding that follows needs them anyway, and taking them first means
+-- the change never holds cursor rows while it waits for a push (a transaction that pushes and
+-- then acks could otherwise wait on it in turn).
+CREATE OR REPLACE FUNCTION queen.lock_lookups(p_queues uuid[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT count(pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(q::text)))
+      FROM (SELECT DISTINCT q FROM unnest(p_queues) q ORDER BY q) x
+$$;
+
 -- GET /api/v1/consumer-groups: one row per (group, queue), queue mode included.
 CREATE OR REPLACE FUNCTION queen.consumer_groups_list() RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
@@ -155,6 +165,7 @@ BEGIN
      WHERE p_queue IS NULL OR name = p_queue;
     v_queues := coalesce(v_queues, '{}');
     v_names := coalesce(v_names, '{}');
+    PERFORM queen.lock_lookups(v_queues);
 
     DELETE FROM queen.partition_consumers pc USING queen.partitions p
      WHERE pc.partition_id = p.id AND pc.consumer_group = p_group AND p.queue_id = ANY(v_queues);
@@ -194,6 +205,8 @@ DECLARE
     v_sub  record;
     v_names text[];
 BEGIN
+    PERFORM queen.lock_lookups(ARRAY(SELECT queue_id FROM queen.consumer_subscriptions
+                                      WHERE consumer_group = p_group));
     UPDATE queen.consumer_subscriptions
        SET subscription_from = p_ts, subscription_mode = 'timestamp'
      WHERE consumer_group = p_group;
@@ -229,6 +242,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
+    PERFORM queen.lock_lookups(ARRAY[v_queue]);
     WITH targets AS (
         SELECT pc.partition_id,
                CASE WHEN p_to_end THEN p.last_message_at ELSE t.created_at END AS at,
