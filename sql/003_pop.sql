@@ -385,8 +385,8 @@ $$;
 -- One pop request. p_req: {queue | namespace/task, partition (null = any), consumerGroup,
 -- batch, autoAck, partitions, workerId, leaseSeconds, subscriptionMode, subscriptionFrom}.
 -- Returns {success, queue, partition, partitionId, leaseId, consumerGroup, partitionsClaimed,
--- messages}; when nothing could be delivered messages is empty and retryInMs says when
--- something known falls due. Candidates (2.3.3): partitions with pending work for the group,
+-- more, messages}; more = another pop may find something right now. When nothing could be
+-- delivered messages is empty and retryInMs says when something known falls due. Candidates (2.3.3): partitions with pending work for the group,
 -- not leased, not cooling down, outside their window, with a due message; by queue priority,
 -- then least recently served (never served first), then id. `batch` caps the whole answer.
 CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb) RETURNS jsonb
@@ -407,6 +407,8 @@ DECLARE
     v_got        jsonb;
     v_messages   jsonb := '[]'::jsonb;
     v_claimed    integer := 0;
+    v_examined   integer := 0;
+    v_more       boolean := false;
     v_first      record;
     v_single     uuid;
 BEGIN
@@ -439,7 +441,7 @@ BEGIN
         END IF;
     ELSE
         FOR v_cand IN
-            SELECT pp.partition_id AS id, s.sub_from
+            SELECT pp.partition_id AS id, s.sub_from, count(*) OVER () AS total
               FROM queen.partition_pending pp
               JOIN unnest(v_queue_ids, v_froms) AS s(queue_id, sub_from) ON s.queue_id = pp.queue_id
               JOIN queen.queues qu ON qu.id = pp.queue_id
@@ -461,11 +463,13 @@ BEGIN
                            AND m.created_at <= now() - make_interval(secs => qu.delayed_processing)))
              ORDER BY qu.priority DESC, pc.last_served_at NULLS FIRST, pp.partition_id
         LOOP
+            v_examined := v_examined + 1;
             v_got := queen.pop_partition(v_cand.id, v_group, v_batch - jsonb_array_length(v_messages),
                                          v_lease_id, v_worker, v_lease_secs, v_cand.sub_from);
             IF jsonb_array_length(v_got) > 0 THEN
                 v_claimed := v_claimed + 1;
                 v_messages := v_messages || v_got;
+                v_more := v_cand.total > v_examined;  -- candidates this pop did not look at
                 EXIT WHEN v_claimed >= v_max_parts OR jsonb_array_length(v_messages) >= v_batch;
             END IF;
         END LOOP;
@@ -482,6 +486,16 @@ BEGIN
             'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single));
     END IF;
 
+    -- With autoAck the last partition is not leased: the batch cap may have left messages
+    -- another pop can take at once.
+    IF v_auto_ack AND NOT v_more AND jsonb_array_length(v_messages) >= v_batch THEN
+        v_more := EXISTS (
+            SELECT 1 FROM queen.messages m, queen.messages last
+             WHERE last.id = (v_messages->-1->>'id')::uuid
+               AND m.partition_id = last.partition_id
+               AND (m.created_at, m.id) > (last.created_at, last.id));
+    END IF;
+
     SELECT v_messages->0->>'queue' AS queue, v_messages->0->>'partition' AS partition,
            v_messages->0->>'partitionId' AS partition_id INTO v_first;
     RETURN jsonb_build_object(
@@ -492,6 +506,7 @@ BEGIN
         'leaseId', coalesce(v_lease_id::text, ''),
         'consumerGroup', v_group,
         'partitionsClaimed', v_claimed,
+        'more', v_more,
         'messages', v_messages);
 END
 $$;

@@ -39,6 +39,7 @@ class ScriptedPopper:
         self.hold = False
         self.given_back: List[dict] = []
         self.queues: Optional[List[str]] = None  # what a namespace attempt reports matching
+        self.last_is_all = False  # the last scripted delivery says nothing else is left
 
     async def attempt(self, request: PopRequest) -> Attempt:
         self.asked.append(request.consumer_group)
@@ -46,7 +47,8 @@ class ScriptedPopper:
             self.pending = defer.Deferred()
             return await self.pending
         if self.script:
-            return Attempt(delivery=self.script.pop(0))
+            delivery = self.script.pop(0)
+            return Attempt(delivery=delivery, more=not (self.last_is_all and not self.script))
         return Attempt(queues=self.queues)
 
     async def give_back(self, delivery: dict) -> None:
@@ -94,6 +96,19 @@ def test_deliveries_go_to_parked_pops_in_arrival_order():
 
     assert popper.asked == ["w0", "w1", "w2"]  # delivered, delivered, then nothing: stop
     assert seen == [[{"m": 1}], [{"m": 2}], []]
+
+
+def test_after_a_delivery_that_left_nothing_the_next_pop_is_not_asked_for():
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper)
+    parked = [lot.park(_request(f"w{n}"), 30, Attempt()) for n in range(3)]
+    popper.last_is_all = True
+    popper.script = [{"m": 1}]
+
+    lot.wake("q", None)
+
+    assert popper.asked == ["w0"]
+    assert [len(_answers(p)) for p in parked] == [1, 0, 0]
 
 
 def test_a_wake_up_during_an_attempt_is_answered_by_one_more_attempt():

@@ -91,6 +91,7 @@ class Attempt:
     delivery: Optional[Delivery] = None
     retry_in: Optional[float] = None
     queues: Optional[List[str]] = None
+    more: bool = True  # after a delivery: may another pop find something right now?
 
 
 class Popper:
@@ -197,7 +198,7 @@ class Popper:
             self._decrypt(message)
         result.pop("queues", None)
         result.pop("retryInMs", None)
-        return Attempt(delivery=result)
+        return Attempt(delivery=result, more=result.pop("more", True))
 
     def close(self) -> None:
         """Answers every parked pop now (the server stops)."""
@@ -360,7 +361,10 @@ class ParkingLot:
                     self._line.popleft()
                     head.settle(outcome.delivery)
                 else:
-                    await self._popper.give_back(outcome.delivery)
+                    await self._popper.give_back(outcome.delivery)  # wakes this lot again
+                    continue
+                if not outcome.more and not self._dirty:
+                    break  # nothing else to hand out: the next pop in line waits
         finally:
             self.running = False
         self._discard_gone()
