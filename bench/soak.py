@@ -29,6 +29,7 @@ import contextlib
 import json
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -214,10 +215,9 @@ class Faults:
         set_maintenance(self.server.url, True)
         filler = self.server.buffer_dir / "filler"
         try:
-            with open(filler, "wb") as out, contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as out:
                 while True:
                     out.write(b"\0" * 65536)
-                    out.flush()
             time.sleep(5)
         finally:
             filler.unlink(missing_ok=True)
@@ -240,6 +240,7 @@ def soak(minutes: float) -> dict[str, Any]:
             server.stop()
             if tmpfs:
                 subprocess.run(["umount", "-l", str(server.buffer_dir)], capture_output=True)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(postgres: EmbeddedPostgres, server: ServerProcess, tmpfs: bool,

@@ -161,11 +161,9 @@ def small_tmpfs(directory: Path, size: str = "1m") -> Iterator[None]:
 def fill_up(directory: Path) -> Path:
     """Writes a filler file until the file system is full (ENOSPC)."""
     filler = directory / "filler"
-    with open(filler, "wb") as out:
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as out:
+        while True:
+            out.write(b"\0" * 65536)
     return filler
 
 
