@@ -288,7 +288,7 @@ def _count(ledger, seen: Deliveries, faults: list[dict[str, Any]], minutes: floa
     missing = [s.transaction_id for s in acknowledged if s.transaction_id not in by_tid]
     redelivered = explained = 0
     for deliveries in by_tid.values():
-        for earlier, later in zip(deliveries, deliveries[1:]):
+        for earlier in deliveries[:-1]:
             redelivered += 1
             if not earlier.acked:  # never acked, or the ack came too late (lease expired)
                 explained += 1

@@ -13,7 +13,7 @@ and ``/health`` answers 503 (the server is not ready: it does not know the flags
 from typing import Any, Dict, Optional
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 

@@ -227,7 +227,7 @@ def test_sigterm_while_postgres_is_frozen(fleet: Fleet, postgres: EmbeddedPostgr
     server.start()
     time.sleep(1)
 
-    result = finish("SIGTERM while PostgreSQL is frozen, then restart", server, producers)
+    finish("SIGTERM while PostgreSQL is frozen, then restart", server, producers)
     print(f"[fault] stopped in {stopped_in:.1f}s with exit code {exit_code}")
     assert exit_code in (0, -15) and stopped_in < 40
 

@@ -3,17 +3,22 @@ buffer is closed, an embedded PostgreSQL started by the server is stopped, all q
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import pytest
+from twisted.application import service as service_module
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from faultkit import Producers, count, drain, report, wait_until
 from support import unique_name
 
 from queen_tw.db.embedded import EmbeddedPostgres
+from queen_tw.lifecycle import OrderedMultiService
 
 STOP_BOUND_S = 30  # the issue asks for "well under 40 s"
 CLEAN_EXIT = (0, -signal.SIGTERM)  # twistd ends by re-raising the signal that stopped it
@@ -57,9 +62,11 @@ def test_sigterm_under_load_loses_no_acknowledged_push(make_server) -> None:
     assert result.acknowledged == result.sent
 
 
-def test_sigterm_stops_the_embedded_postgres_the_server_started(make_server, tmp_path: Path
-                                                                ) -> None:
-    data_dir = Path(tmp_path_factory_dir(tmp_path)) / "pg"
+def test_sigterm_stops_the_embedded_postgres_the_server_started(make_server) -> None:
+    # not pytest's tmp_path: it is 0700 under root, and the embedded PostgreSQL runs as an
+    # unprivileged user that must reach its data directory
+    root = Path(tempfile.mkdtemp(prefix="queen-tw-shutdown-pg-"))
+    data_dir = root / "pg"
     server = make_server(QUEEN_EMBEDDED_PG=str(data_dir))
     postgres = EmbeddedPostgres(data_dir)
     assert postgres.is_running()
@@ -67,15 +74,42 @@ def test_sigterm_stops_the_embedded_postgres_the_server_started(make_server, tmp
     assert server.stop(timeout=STOP_BOUND_S) in CLEAN_EXIT
 
     assert not postgres.is_running()
+    shutil.rmtree(root, ignore_errors=True)
 
 
-def tmp_path_factory_dir(tmp_path: Path) -> str:
-    """pytest's tmp_path is 0700 under root; the embedded PostgreSQL's system user must be
-    able to reach its data directory, so use a fresh directory directly under /tmp."""
-    import tempfile
-    return tempfile.mkdtemp(prefix="queen-tw-shutdown-pg-")
+class _Step(service_module.Service):
+    """A child whose stop finishes when the test says so (or never)."""
+
+    def __init__(self, name: str, log: list[str]):
+        self.setName(name)
+        self.log = log
+        self.done: defer.Deferred = defer.Deferred()
+
+    def stopService(self):
+        super().stopService()
+        self.log.append(f"stop {self.name}")
+        self.done.addCallback(lambda _: self.log.append(f"stopped {self.name}"))
+        return self.done
 
 
-@pytest.fixture(autouse=True)
-def _bounded() -> None:
-    """Each test here finishes in well under a minute (pytest-timeout guards the rest)."""
+def test_children_stop_in_reverse_order_one_at_a_time_within_the_budget() -> None:
+    clock, log = Clock(), []
+    top = OrderedMultiService(clock, step_timeout=10, total_timeout=12, last_grace=2)
+    first, second, hung, last = (_Step(n, log) for n in ("first", "second", "hung", "last"))
+    for child in (first, second, hung, last):
+        child.setServiceParent(top)
+    top.startService()
+
+    stopping = top.stopService()
+    assert log == ["stop last"]  # nothing else before "last" finished
+    last.done.callback(None)
+    assert log[-1] == "stop hung"
+    clock.advance(10)  # "hung" never finishes: its step times out
+    assert log[-1] == "stop second"
+    clock.advance(2)  # the budget is spent: "second" gets the last grace only
+    assert log[-1] == "stop first"
+    first.done.callback(None)
+
+    assert stopping.called
+    assert log == ["stop last", "stopped last", "stop hung", "stop second", "stop first",
+                   "stopped first"]

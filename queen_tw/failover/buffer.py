@@ -142,7 +142,8 @@ class FileBuffer:
         failed_bytes = sum(self.failed_files.values())
         return {
             "pendingCount": self.pending, "failedCount": self.failed, "healthy": self.healthy,
-            "lastError": self.last_error, "segments": len(self._sealed) + (self._active is not None),
+            "lastError": self.last_error,
+            "segments": len(self._sealed) + (self._active is not None),
             "failedFiles": {"count": len(self.failed_files), "totalBytes": failed_bytes,
                             "totalMB": round(failed_bytes / (1024 * 1024), 3),
                             "failoverCount": self.failed, "qos0Count": 0},
