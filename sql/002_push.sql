@@ -51,37 +51,62 @@ DECLARE
     v_now     timestamptz;
     v_results jsonb;
     v_updates jsonb;
+    v_wanted  bigint;
+    v_queues  bigint;
+    v_locked  bigint;
+    v_attempt integer;
 BEGIN
     IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
         RETURN jsonb_build_object('items', '[]'::jsonb, 'partition_updates', '[]'::jsonb);
     END IF;
 
-    INSERT INTO queen.queues (name, namespace, task)
-    SELECT DISTINCT q, queen.namespace_of(q), queen.task_of(q)
-      FROM (SELECT e->>'queue' AS q FROM jsonb_array_elements(p_items) e) s
-     WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
-    ON CONFLICT (name) DO NOTHING;
+    SELECT count(*) INTO v_wanted
+      FROM (SELECT DISTINCT e->>'queue', coalesce(e->>'partition', 'Default')
+              FROM jsonb_array_elements(p_items) e) wanted;
+    SELECT count(DISTINCT e->>'queue') INTO v_queues FROM jsonb_array_elements(p_items) e;
+    -- Create what is missing, then lock. A queue deleted or an idle partition cleaned up
+    -- between the two steps would silently drop items, so count what was locked and go
+    -- again when something vanished.
+    FOR v_attempt IN 1..5 LOOP
+        INSERT INTO queen.queues (name, namespace, task)
+        SELECT DISTINCT q, queen.namespace_of(q), queen.task_of(q)
+          FROM (SELECT e->>'queue' AS q FROM jsonb_array_elements(p_items) e) s
+         WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
+        ON CONFLICT (name) DO NOTHING;
 
-    INSERT INTO queen.partitions (queue_id, name)
-    SELECT DISTINCT qu.id, coalesce(e->>'partition', 'Default')
-      FROM jsonb_array_elements(p_items) e
-      JOIN queen.queues qu ON qu.name = e->>'queue'
-     WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
-                        WHERE x.queue_id = qu.id AND x.name = coalesce(e->>'partition', 'Default'))
-    ON CONFLICT (queue_id, name) DO NOTHING;
+        -- KEY SHARE keeps the queues from being deleted under us until commit.
+        PERFORM 1 FROM queen.queues qu
+         WHERE qu.name IN (SELECT e->>'queue' FROM jsonb_array_elements(p_items) e)
+         ORDER BY qu.id FOR KEY SHARE;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+        CONTINUE WHEN v_locked <> v_queues;
 
-    -- Lock capacity-limited queues, then the partitions, always in id order (no deadlocks).
-    -- Holding the partition lock to commit serialises pushes per partition: dedupe sees every
-    -- committed message and order keys grow in commit order.
-    PERFORM 1 FROM queen.queues qu
-     WHERE qu.max_size > 0
-       AND qu.name IN (SELECT e->>'queue' FROM jsonb_array_elements(p_items) e)
-     ORDER BY qu.id FOR NO KEY UPDATE;
-    PERFORM 1 FROM queen.partitions p
-      JOIN queen.queues qu ON qu.id = p.queue_id
-     WHERE (qu.name, p.name) IN (SELECT e->>'queue', coalesce(e->>'partition', 'Default')
-                                   FROM jsonb_array_elements(p_items) e)
-     ORDER BY p.id FOR NO KEY UPDATE OF p;
+        INSERT INTO queen.partitions (queue_id, name)
+        SELECT DISTINCT qu.id, coalesce(e->>'partition', 'Default')
+          FROM jsonb_array_elements(p_items) e
+          JOIN queen.queues qu ON qu.name = e->>'queue'
+         WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
+                            WHERE x.queue_id = qu.id AND x.name = coalesce(e->>'partition', 'Default'))
+        ON CONFLICT (queue_id, name) DO NOTHING;
+
+        -- Lock capacity-limited queues, then the partitions, always in id order (no deadlocks).
+        -- Holding the partition lock to commit serialises pushes per partition: dedupe sees every
+        -- committed message and order keys grow in commit order.
+        PERFORM 1 FROM queen.queues qu
+         WHERE qu.max_size > 0
+           AND qu.name IN (SELECT e->>'queue' FROM jsonb_array_elements(p_items) e)
+         ORDER BY qu.id FOR NO KEY UPDATE;
+        PERFORM 1 FROM queen.partitions p
+          JOIN queen.queues qu ON qu.id = p.queue_id
+         WHERE (qu.name, p.name) IN (SELECT e->>'queue', coalesce(e->>'partition', 'Default')
+                                       FROM jsonb_array_elements(p_items) e)
+         ORDER BY p.id FOR NO KEY UPDATE OF p;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+        EXIT WHEN v_locked = v_wanted;
+    END LOOP;
+    IF v_locked IS DISTINCT FROM v_wanted THEN
+        RAISE EXCEPTION 'push: % of % partitions could not be created and locked', v_locked, v_wanted;
+    END IF;
 
     v_now := clock_timestamp();
 

@@ -474,3 +474,44 @@ def test_message_is_poppable_immediately_after_push_answered(http):
         popped.append(delivery["messages"][0]["id"] if delivery else None)
 
     assert popped == pushed
+
+
+def test_push_racing_a_queue_delete_answers_every_item(http, pg_dsn):
+    """A queue deleted between the push's create and lock steps is created again: no item
+    may vanish from the answer (each one queued, in a queue that exists afterwards)."""
+    import threading
+    import time as _time
+
+    import psycopg2
+
+    queue = unique_name()
+    stop = _time.monotonic() + 3
+    deleter_errors = []
+
+    def delete_repeatedly():
+        connection = psycopg2.connect(pg_dsn)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                while _time.monotonic() < stop:
+                    cursor.execute("DELETE FROM queen.queues WHERE name = %s", (queue,))
+        except Exception as err:  # reported below
+            deleter_errors.append(err)
+        finally:
+            connection.close()
+
+    deleter = threading.Thread(target=delete_repeatedly)
+    deleter.start()
+    answers = []
+    while _time.monotonic() < stop:
+        items = [{"queue": queue, "partition": f"p{n}", "payload": n} for n in range(5)]
+        answers.append(http.post("/api/v1/push", json={"items": items}))
+    deleter.join(10)
+
+    assert deleter_errors == []
+    assert answers and all(a.status_code == 201 for a in answers), \
+        [a.text for a in answers if a.status_code != 201][:3]
+    for answer in answers:
+        body = answer.json()
+        assert [r["index"] for r in body] == list(range(5))
+        assert all(r["status"] == "queued" for r in body)
