@@ -330,14 +330,18 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"| **acknowledged but never delivered** | **{summary['missing']}** |",
         f"| deliveries / distinct messages | {summary['deliveries']} / "
         f"{summary['distinct_delivered']} |",
-        f"| redeliveries, all after a lease expired | {summary['redelivered']} "
-        f"({summary['redelivered_after_lease_expiry']} explained, "
-        f"{summary['redelivered_unexplained']} unexplained) |",
+        f"| redeliveries | {summary['redelivered']} "
+        f"({summary['redelivered_after_lease_expiry']} after a lease expired — an unacked "
+        f"or refused ack before —, {summary['redelivered_unexplained']} unexplained) |",
         f"| first deliveries out of order within a partition | "
         f"{summary['first_delivery_out_of_order']} |",
         f"| push answers | {summary['push_answers']} |",
         f"| pop answers | {summary['pop_answers']} |",
         f"| ack outcomes | {summary['ack_outcomes']} |",
+        "",
+        "Push 503s and connection errors were retried with the same transactionIds, as the "
+        "clients do; every message ended acknowledged. Pass = 0 missing, 0 unexplained "
+        "redeliveries, 0 out of order.",
         "",
     ])
 

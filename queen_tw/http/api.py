@@ -474,6 +474,7 @@ class QueenAPI:
         buffer = self._failover().file_buffer
         return json_answer(request, 200, {
             "pending": buffer.pending, "failed": buffer.failed, "healthy": buffer.healthy,
+            "fsyncs": buffer.fsyncs,
             "dbHealthy": await self._engine.database_healthy(), "worker": self._worker_id})
 
     # -- everything else ----------------------------------------------------------------
