@@ -66,15 +66,17 @@ def test_sigterm_stops_the_embedded_postgres_the_server_started(make_server) -> 
     # not pytest's tmp_path: it is 0700 under root, and the embedded PostgreSQL runs as an
     # unprivileged user that must reach its data directory
     root = Path(tempfile.mkdtemp(prefix="queen-tw-shutdown-pg-"))
-    data_dir = root / "pg"
-    server = make_server(QUEEN_EMBEDDED_PG=str(data_dir))
-    postgres = EmbeddedPostgres(data_dir)
-    assert postgres.is_running()
+    postgres = EmbeddedPostgres(root / "pg")
+    try:
+        server = make_server(QUEEN_EMBEDDED_PG=str(postgres.data_dir))
+        assert postgres.is_running()
 
-    assert server.stop(timeout=STOP_BOUND_S) in CLEAN_EXIT
+        assert server.stop(timeout=STOP_BOUND_S) in CLEAN_EXIT
 
-    assert not postgres.is_running()
-    shutil.rmtree(root, ignore_errors=True)
+        assert not postgres.is_running()
+    finally:
+        postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class _Step(service_module.Service):
