@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from support import ServerProcess
 
 from queen_tw.db.embedded import EmbeddedPostgres
@@ -312,3 +313,15 @@ def count(ledger: Ledger, delivered: dict[str, list[dict[str, Any]]]) -> Count:
 
 def run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """Servers on a PostgreSQL private to one test module: maintenance flags are
+    cluster-wide, so switching them must not touch the session's shared database."""
+    with private_postgres() as postgres:
+        servers = Fleet(postgres.pg_env())
+        try:
+            yield servers
+        finally:
+            servers.close()

@@ -12,20 +12,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from faultkit import Fleet, private_postgres, set_maintenance, wait_until
+from faultkit import Fleet, fleet, set_maintenance, wait_until  # noqa: F401 (fleet: fixture)
 from support import unique_name
 
 FAST_FLAGS = {"QUEEN_CACHE_REFRESH_INTERVAL_MS": "200"}
-
-
-@pytest.fixture(scope="module")
-def fleet() -> Iterator[Fleet]:
-    with private_postgres() as postgres:
-        servers = Fleet(postgres.pg_env())
-        try:
-            yield servers
-        finally:
-            servers.close()
 
 
 @pytest.fixture(scope="module")
