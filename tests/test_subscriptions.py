@@ -43,6 +43,37 @@ def test_every_named_group_gets_every_message(http):
     assert second == [1, 2, 3]
 
 
+def test_two_groups_each_receive_all_of_a_thousand_messages_in_partition_order(http):
+    queue = unique_name()
+    for start in range(0, 1000, 250):
+        answer = http.post("/api/v1/push", json={"items": [
+            {"queue": queue, "partition": f"p{n % 4}", "payload": n}
+            for n in range(start, start + 250)]})
+        assert answer.status_code == 201
+
+    for group in ("billing", "audit"):
+        received = _drain_batch_acked(http, queue, group)
+        assert sorted(received) == list(range(1000))
+        for partition in range(4):  # order within every partition holds
+            mine = [n for n in received if n % 4 == partition]
+            assert mine == sorted(mine)
+
+
+def _drain_batch_acked(http: httpx.Client, queue: str, group: str) -> list:
+    """Pops batches of 100 for ``group`` and acks each batch in one request."""
+    received = []
+    for _ in range(100):
+        delivery = pop(http, queue, batch=100, consumerGroup=group)
+        if delivery is None:
+            return received
+        received.extend(m["data"] for m in delivery["messages"])
+        answer = http.post("/api/v1/ack/batch", json={"consumerGroup": group, "acknowledgments": [
+            {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+             "leaseId": m["leaseId"], "status": "completed"} for m in delivery["messages"]]})
+        assert all(r["success"] for r in answer.json())
+    raise AssertionError("queue never ran dry")
+
+
 def test_queue_mode_and_named_groups_consume_the_same_queue_independently(http):
     queue = unique_name()
     push(http, queue, [1, 2])
