@@ -6,6 +6,7 @@ the ``MultiService`` stops them in reverse: no new requests, parked pops answere
 closed, embedded PostgreSQL stopped.
 """
 
+import signal
 import socket
 from typing import List, Optional
 
@@ -116,6 +117,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
 
+    # Once a graceful stop has begun, a second SIGTERM (systemd, a second kill) is ignored
+    # instead of making Twisted log a ReactorNotRunning traceback; SIGKILL still works.
+    reactor.addSystemEventTrigger("before", "shutdown", signal.signal, signal.SIGTERM,
+                                  signal.SIG_IGN)
     top = OrderedMultiService(reactor)  # stops children one at a time, in about 25 s at most
     if config.embedded_pg:
         embedded = EmbeddedPostgresService(config.embedded_pg)
