@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psycopg2
 import pytest
-from support import ServerProcess, pg_env_from_dsn
+from support import ServerProcess, pg_env_from_dsn, running_server
 
 from queen_tw.config import Config
 from queen_tw.db.embedded import EmbeddedPostgres
@@ -88,13 +88,8 @@ def db(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
 @pytest.fixture(scope="session")
 def server(pg_env: dict[str, str]) -> Iterator[ServerProcess]:
     """One queen-tw server shared by most tests (do not stop or reconfigure it)."""
-    workdir = _private_tempdir("queen-tw-server-")
-    process = ServerProcess(pg_env, workdir).start()
-    try:
+    with running_server(pg_env) as process:
         yield process
-    finally:
-        process.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

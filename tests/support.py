@@ -7,17 +7,20 @@ Import from tests as ``from support import ServerProcess, unique_name`` (pytest 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from psycopg2.extensions import parse_dsn
+from psycopg2.extensions import connection, parse_dsn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,7 +184,7 @@ class ServerProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def count_messages(db: "psycopg2.extensions.connection", queue: str) -> int:
+def count_messages(db: connection, queue: str) -> int:
     """How many messages of ``queue`` are stored (``db``: a psycopg2 connection)."""
     with db.cursor() as cursor:
         cursor.execute("""SELECT count(*) FROM queen.messages m
@@ -189,3 +192,17 @@ def count_messages(db: "psycopg2.extensions.connection", queue: str) -> int:
                             JOIN queen.queues q ON q.id = p.queue_id
                            WHERE q.name = %s""", (queue,))
         return cursor.fetchone()[0]
+
+
+@contextmanager
+def running_server(pg_env: Mapping[str, str], prefix: str = "queen-tw-server-",
+                   **env_overrides: str) -> Iterator[ServerProcess]:
+    """A started server in a fresh directory under the system temp dir (not pytest's
+    basetemp: see conftest), stopped and removed on exit. For module or session fixtures."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    process = ServerProcess(dict(pg_env), workdir, env_overrides).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

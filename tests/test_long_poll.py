@@ -8,11 +8,8 @@ SQL). Wake-ups are specified end to end against a server whose fallback timer is
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import List, Optional
 
 import httpx
@@ -22,7 +19,7 @@ from twisted.internet.task import Clock
 
 from queen_tw.engine.popper import Attempt, ParkingLot, PopRequest
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
-from tests.support import ServerProcess, unique_name
+from tests.support import running_server, unique_name
 from tests.test_pop_ack import ack, configure, pop, push
 
 
@@ -213,14 +210,9 @@ def test_registry_wakes_partition_wildcard_and_any_queue_watchers():
 @pytest.fixture(scope="module")
 def slow_fallback(pg_env):
     """A server whose fallback re-check comes only every 5 s."""
-    workdir = Path(tempfile.mkdtemp(prefix="queen-tw-longpoll-"))
-    process = ServerProcess(pg_env, workdir, {
-        "POP_WAIT_INITIAL_INTERVAL_MS": "5000", "POP_WAIT_MAX_INTERVAL_MS": "5000"}).start()
-    try:
+    with running_server(pg_env, "queen-tw-longpoll-", POP_WAIT_INITIAL_INTERVAL_MS="5000",
+                        POP_WAIT_MAX_INTERVAL_MS="5000") as process:
         yield process
-    finally:
-        process.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,11 +7,8 @@ a few hundred milliseconds, and every wait is a bounded poll.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +16,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from queen_tw.services.periodic import PeriodicService
-from tests.support import ServerProcess, unique_name
+from tests.support import running_server, unique_name
 from tests.test_pop_ack import ack, configure, pop, push
 
 
@@ -45,15 +42,10 @@ def _eventually(check, within: float = 8.0) -> bool:
 @pytest.fixture(scope="module")
 def cleaner_server(pg_env):
     """A server cleaning every 300 ms in steps of 10 messages (eviction alone: rarely)."""
-    workdir = Path(tempfile.mkdtemp(prefix="queen-tw-retention-"))
-    process = ServerProcess(pg_env, workdir, {
-        "RETENTION_INTERVAL": "300", "RETENTION_BATCH_SIZE": "10",
-        "EVICTION_INTERVAL": "3600000", "STATS_INTERVAL_MS": "300"}).start()
-    try:
+    with running_server(pg_env, "queen-tw-retention-", RETENTION_INTERVAL="300",
+                        RETENTION_BATCH_SIZE="10", EVICTION_INTERVAL="3600000",
+                        STATS_INTERVAL_MS="300") as process:
         yield process
-    finally:
-        process.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
