@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -389,10 +388,17 @@ def main() -> int:
 
     report = render(args, rows, raw)
     print(report)
+    save_report(f"load-{time.strftime('%Y%m%d-%H%M%S')}", report)
+    return 0
+
+
+def save_report(name: str, markdown: str, data: object = None) -> None:
+    """Writes a benchmark's report (and its raw figures as JSON) under bench/out/."""
     out = REPO / "bench" / "out"
     out.mkdir(exist_ok=True)
-    (out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(report)
-    return 0
+    (out / f"{name}.md").write_text(markdown.rstrip("\n") + "\n")
+    if data is not None:
+        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
 
 
 def render(args, rows, raw) -> str:

@@ -16,7 +16,6 @@ Prints a markdown report and writes it to ``bench/out/pop_scale.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -35,6 +34,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from queen_tw.config import Config  # noqa: E402
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
 from support import ServerProcess  # noqa: E402
+sys.path.insert(0, str(REPO / "bench"))
+from load import save_report  # noqa: E402
 
 # What pop_request ran before the lookup existed: every partition of the queue.
 FULL_SCAN = """
@@ -180,10 +181,7 @@ def main() -> int:
                     for n in args.partitions.split(",")]
         report = render(rows, args.rounds)
         print(report)
-        out = REPO / "bench" / "out"
-        out.mkdir(exist_ok=True)
-        (out / "pop_scale.md").write_text(report + "\n")
-        (out / "pop_scale.json").write_text(json.dumps(rows, indent=2))
+        save_report("pop_scale", report, rows)
     finally:
         if server is not None:
             server.stop()

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from load import Connection  # noqa: E402  (minimal keep-alive HTTP client)
+from load import Connection, save_report  # noqa: E402  (minimal keep-alive HTTP client)
 from queen_tw.config import Config  # noqa: E402
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
 from support import ServerProcess  # noqa: E402
@@ -225,10 +225,7 @@ def main() -> int:
         result["attempts_per_push"] = asyncio.run(measure_attempts(args, server, dsn))
         report = render(result)
         print(report)
-        out = REPO / "bench" / "out"
-        out.mkdir(exist_ok=True)
-        (out / "wakeup_latency.md").write_text(report + "\n")
-        (out / "wakeup_latency.json").write_text(json.dumps(result, indent=2))
+        save_report("wakeup_latency", report, result)
     finally:
         if server is not None:
             server.stop()
