@@ -299,7 +299,7 @@ class Config:
     def dsn_with_settings(self, **settings: str) -> str:
         """:attr:`dsn` plus more server settings for every session (e.g. custom GUCs)."""
         extra = "".join(f" -c {name.replace('__', '.')}={value}" for name, value in settings.items())
-        return self.dsn.replace(f"-c statement_timeout=", f"{extra.strip()} -c statement_timeout=", 1)
+        return self.dsn.replace("-c statement_timeout=", f"{extra.strip()} -c statement_timeout=", 1)
 
     def as_env(self) -> dict[str, str]:
         """Every set option as environment variables: how a parent hands its configuration

@@ -49,6 +49,13 @@ class EngineLimits:
                                    max_concurrent=4)
 
 
+def _with_transaction_ids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Gives every item without one a transactionId, fixed before the first attempt so a
+    retried or replayed push dedupes instead of storing the message twice."""
+    return [item if item.get("transactionId") else dict(item, transactionId=str(uuid.uuid4()))
+            for item in items]
+
+
 def _first_error(failure):
     """gatherResults wraps errors in FirstError; callers want the original exception."""
     failure.trap(defer.FirstError)
@@ -100,8 +107,7 @@ class QueueEngine:
         """
         if not items:
             return []
-        items = [item if item.get("transactionId") else dict(item, transactionId=str(uuid.uuid4()))
-                 for item in items]
+        items = _with_transaction_ids(items)
         if self.failover is not None and self.failover.must_buffer(items):
             return await self.failover.buffer(items)
         try:
@@ -228,20 +234,19 @@ class QueueEngine:
         Push items get transactionIds and encryption as in :meth:`push`; waiters of the
         pushed partitions wake once the transaction committed.
         """
-        prepared = []
-        for op in operations:
-            if op["type"] == "push":
-                items = [item if item.get("transactionId")
-                         else dict(item, transactionId=str(uuid.uuid4())) for item in op["items"]]
-                if self._cipher is not None and items:
-                    items = await self._encrypt(items)
-                op = dict(op, items=items)
-            prepared.append(op)
-        pushed = [item for op in prepared if op["type"] == "push" for item in op["items"]]
+        pushed = [item for op in operations if op["type"] == "push" for item in op["items"]]
         if pushed and self.failover is not None and self.failover.must_buffer(pushed):
             # cannot be buffered (it is atomic with its acks) nor overtake buffered pushes
             raise Unavailable("Pushes to these partitions are waiting in the file buffer "
                               "(maintenance or outage); retry shortly")
+        prepared = []
+        for op in operations:
+            if op["type"] == "push":
+                items = _with_transaction_ids(op["items"])
+                if self._cipher is not None:
+                    items = await self._encrypt(items)
+                op = dict(op, items=items)
+            prepared.append(op)
         outcome = await self._db.call("run_transaction", {
             "operations": prepared, "requiredLeases": required_leases})
         for update in outcome.pop("partitionUpdates", None) or ():
