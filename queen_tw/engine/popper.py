@@ -5,7 +5,10 @@ A pop with ``wait=true`` that found nothing parks in a :class:`ParkingLot`, one 
 :class:`WaiterRegistry` wakes, and it answers a wake-up with **one** database attempt on
 behalf of its oldest pop, not one per parked pop: a thousand consumers parked on one queue
 cost one attempt per push, and messages go to them in arrival order. Only when an attempt
-delivers does the lot try again for the next pop in line.
+delivers does the lot try again for the next pop in line. A waiting pop that arrives while
+its lot already has a line joins the back of it without an attempt of its own: the line
+proves the last attempt found nothing, and jumping it would cost a database attempt that
+almost always comes back empty.
 
 Between wake-ups a lot re-checks on its own timer: the ``POP_WAIT_*`` backoff, or sooner when
 the database said when something falls due (a retry cool-down or a lease ends, a delayed
@@ -28,6 +31,9 @@ from queen_tw.errors import Unavailable
 log = Logger()
 
 QUEUE_MODE = "__QUEUE_MODE__"
+# Attempts one lot runs at once, each answering its own wake-up. Acks release partitions one
+# by one; one attempt at a time would make every other released partition wait a round trip.
+MAX_ATTEMPTS_PER_LOT = 8
 
 Delivery = Dict[str, Any]
 LotKey = Tuple[Optional[str], Optional[str], Optional[str], Optional[str], str]
@@ -97,7 +103,7 @@ class Attempt:
 class Popper:
     """Delivers messages to pop requests.
 
-    :param db: the pool; pops are fused through a Batcher into ``pop_specific_batch``.
+    :param db: the pool; pops are fused through a Batcher into ``pop_batch``.
     :param waiters: where parked pops are woken from.
     :param clock: time source for deadlines and re-check timers.
     :param worker_id: stamped on leases.
@@ -141,7 +147,8 @@ class Popper:
             return None
         lot = self._lot(request) if request.wait and request.timeout_ms > 0 else None
         deadline = self._clock.seconds() + request.timeout_ms / 1000.0
-        while True:
+        outcome = Attempt()
+        while lot is None or not len(lot):
             wakes_before = lot.wakes if lot is not None else 0
             outcome = await self.attempt(request)
             if outcome.delivery is not None:
@@ -229,9 +236,9 @@ class Popper:
         await self._give_back(delivery)
 
     async def _pop_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
-        """One ``pop_specific_batch`` call for several pop requests (one request per job)."""
+        """One ``pop_batch`` call for several pop requests (one request per job)."""
         requests = [dict(job[0], idx=n) for n, job in enumerate(jobs)]
-        answers = await self._db.call("pop_specific_batch", requests)
+        answers = await self._db.call("pop_batch", requests)
         by_idx = {answer["idx"]: answer["result"] for answer in answers}
         return [[by_idx[n]] for n in range(len(jobs))]
 
@@ -243,6 +250,7 @@ class _Parked:
         self.request = request
         self.answer: defer.Deferred = defer.Deferred()
         self.deadline: Optional[IDelayedCall] = None
+        self.served = False  # an attempt on its behalf is running
 
     @property
     def waiting(self) -> bool:
@@ -276,7 +284,7 @@ class ParkingLot:
         self._matching: Set[str] = set()      # namespace lots: queues known to match
         self._unrelated: Set[str] = set()     # namespace lots: queues known not to
         self._asked: Set[str] = set()
-        self.running = False
+        self._attempts = 0      # attempts running for this lot's pops
         self.users = 0          # pops in their first attempt or parked here
         self.wakes = 0
 
@@ -332,25 +340,37 @@ class ParkingLot:
     # -- attempts ------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        if self.running:
+        """Answers a wake-up: one more attempt, on behalf of the oldest pop nobody is trying
+        for yet. Several wake-ups in a row (acks releasing several partitions) run up to
+        ``MAX_ATTEMPTS_PER_LOT`` attempts at once, fused by the pop Batcher; past that, or
+        when every parked pop already has an attempt, the wake-up is remembered (dirty) and
+        answered by one more attempt when a running one comes back empty."""
+        if self._attempts >= min(MAX_ATTEMPTS_PER_LOT, len(self)):
             self._dirty = True
             return
         self.stop_timer()
-        self.running = True
+        self._attempts += 1
         d = defer.ensureDeferred(self._serve())
         d.addErrback(lambda failure: log.failure("parked pops of {key} failed", failure,
                                                  key=self.key))
+
+    @property
+    def running(self) -> bool:
+        return self._attempts > 0
 
     async def _serve(self) -> None:
         retry_in: Optional[float] = None
         try:
             while True:
-                self._discard_gone()
-                if not self._line:
-                    break
                 self._dirty = False
-                head = self._line[0]
-                outcome = await self._popper.attempt(head.request)
+                head = self._next_unserved()
+                if head is None:
+                    break
+                head.served = True
+                try:
+                    outcome = await self._popper.attempt(head.request)
+                finally:
+                    head.served = False
                 if outcome.delivery is None:
                     self._learn(outcome)
                     retry_in = outcome.retry_in
@@ -358,7 +378,7 @@ class ParkingLot:
                         continue
                     break
                 if head.waiting:
-                    self._line.popleft()
+                    self._line.remove(head)
                     head.settle(outcome.delivery)
                 else:
                     await self._popper.give_back(outcome.delivery)  # wakes this lot again
@@ -366,12 +386,21 @@ class ParkingLot:
                 if not outcome.more and not self._dirty:
                     break  # nothing else to hand out: the next pop in line waits
         finally:
-            self.running = False
+            self._attempts -= 1
+        if self._attempts:
+            return  # the last attempt to finish decides what happens next
         self._discard_gone()
         if self._line:
             self._schedule(retry_in)
         else:
             self._popper._drop_if_idle(self, leaving=False)
+
+    def _next_unserved(self) -> Optional[_Parked]:
+        self._discard_gone()
+        for parked in self._line:
+            if parked.waiting and not parked.served:
+                return parked
+        return None
 
     def _discard_gone(self) -> None:
         while self._line and not self._line[0].waiting:
