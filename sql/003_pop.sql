@@ -7,6 +7,9 @@ DROP FUNCTION IF EXISTS queen.ensure_consumer(uuid, uuid, text, text, text);
 DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, text, text);
 DROP FUNCTION IF EXISTS queen.subscribe(uuid, text, text, text, timestamptz);
 DROP FUNCTION IF EXISTS queen.subscribe_scope(jsonb, text);
+-- Answers are built as json (text appended once) instead of jsonb (rebuilt at every nesting).
+DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
+DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
 
 -- STABLE like to_char inside them, so the planner inlines them (an IMMUTABLE label on a
 -- STABLE body blocks inlining: a function call per message, ~2x slower).
@@ -136,38 +139,40 @@ BEGIN
 END
 $$;
 
--- Tries to deliver from one partition to one group. Returns the messages (a jsonb array,
--- empty when the partition is leased, cooling down, in its window, or has nothing due).
+-- Tries to deliver from one partition to one group: ``messages`` is the json array handed out
+-- (NULL when the partition is leased, cooling down, in its window, or has nothing due),
+-- ``n`` its length and ``last_id`` the last message's id.
 -- p_lease_id NULL means autoAck: the cursor moves at once and no lease remains.
 -- p_lease_seconds > 0 overrides the queue's leaseTime (the SQL-level API's lease_seconds).
 CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p_batch integer,
                                                p_lease_id uuid, p_worker text,
-                                               p_lease_seconds integer, p_from timestamptz)
-RETURNS jsonb
+                                               p_lease_seconds integer, p_from timestamptz,
+                                               OUT messages json, OUT n integer,
+                                               OUT queue_name text, OUT partition_name text,
+                                               OUT last_id uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_part     record;
     v_pc       record;
-    v_messages jsonb;
-    v_last     record;
-    v_count    integer;
+    v_last_at  timestamptz;
     v_lease    integer;
 BEGIN
+    n := 0;
     SELECT p.id, p.name, p.last_message_at, qu.id AS queue_id, qu.name AS queue_name,
            qu.lease_time, qu.delayed_processing, qu.window_buffer
       INTO v_part
       FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
      WHERE p.id = p_partition;
     IF NOT FOUND OR v_part.last_message_at IS NULL THEN
-        RETURN '[]'::jsonb;
+        RETURN;
     END IF;
     IF v_part.window_buffer > 0
        AND v_part.last_message_at > now() - make_interval(secs => v_part.window_buffer) THEN
-        RETURN '[]'::jsonb;
+        RETURN;
     END IF;
 
     IF NOT queen.ensure_consumer(p_partition, p_group, p_from) THEN
-        RETURN '[]'::jsonb;
+        RETURN;
     END IF;
     -- A leased or cooling partition is refused on a plain read: locking its row would make
     -- the acks of the delivery in flight wait until this whole (fused) pop call commits.
@@ -175,7 +180,7 @@ BEGIN
                 WHERE partition_id = p_partition AND consumer_group = p_group
                   AND ((lease_id IS NOT NULL AND lease_expires_at > now())
                        OR retry_after > now())) THEN
-        RETURN '[]'::jsonb;
+        RETURN;
     END IF;
     -- Another request claiming this partition right now is skipped, never waited for.
     SELECT * INTO v_pc FROM queen.partition_consumers
@@ -184,10 +189,10 @@ BEGIN
     IF NOT FOUND
        OR (v_pc.lease_id IS NOT NULL AND v_pc.lease_expires_at > now())
        OR (v_pc.retry_after IS NOT NULL AND v_pc.retry_after > now()) THEN
-        RETURN '[]'::jsonb;
+        RETURN;
     END IF;
 
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
+    SELECT json_agg(json_build_object(
                'id', m.id,
                'transactionId', m.transaction_id,
                'partitionId', m.partition_id,
@@ -201,9 +206,11 @@ BEGIN
                'producerSub', m.producer_sub,
                'createdAt', queen.format_ts6(m.created_at),
                'retryCount', v_pc.retry_count)
-             ORDER BY m.created_at, m.id), '[]'::jsonb),
-           count(*)
-      INTO v_messages, v_count
+             ORDER BY m.created_at, m.id),
+           count(*),
+           (array_agg(m.created_at ORDER BY m.created_at DESC, m.id DESC))[1],
+           (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1]
+      INTO messages, n, v_last_at, last_id
       FROM (SELECT * FROM queen.messages m
              WHERE m.partition_id = p_partition
                AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
@@ -212,23 +219,21 @@ BEGIN
              ORDER BY m.created_at, m.id
              LIMIT greatest(p_batch, 1)) m;
 
-    IF v_count = 0 THEN
+    IF n = 0 THEN
         -- A lease that expired with nothing left to redeliver is simply over.
         IF v_pc.lease_id IS NOT NULL THEN
             UPDATE queen.partition_consumers SET lease_id = NULL, lease_expires_at = NULL
              WHERE partition_id = p_partition AND consumer_group = p_group;
         END IF;
-        RETURN '[]'::jsonb;
+        RETURN;
     END IF;
-
-    SELECT m.created_at, m.id INTO v_last
-      FROM queen.messages m WHERE m.id = (v_messages->(v_count - 1)->>'id')::uuid;
-
+    queue_name := v_part.queue_name;
+    partition_name := v_part.name;
     IF p_lease_id IS NULL THEN
         UPDATE queen.partition_consumers
-           SET cursor_created_at = v_last.created_at, cursor_id = v_last.id,
+           SET cursor_created_at = v_last_at, cursor_id = last_id,
                lease_id = NULL, lease_expires_at = NULL, retry_count = 0,
-               total_consumed = total_consumed + v_count, batches_consumed = batches_consumed + 1,
+               total_consumed = total_consumed + n, batches_consumed = batches_consumed + 1,
                last_consumed_at = now(), last_served_at = clock_timestamp(), worker_id = p_worker
          WHERE partition_id = p_partition AND consumer_group = p_group;
     ELSE
@@ -236,11 +241,10 @@ BEGIN
                             nullif(greatest(v_part.lease_time, 0), 0), 60);
         UPDATE queen.partition_consumers
            SET lease_id = p_lease_id, lease_expires_at = now() + make_interval(secs => v_lease),
-               lease_last_created_at = v_last.created_at, lease_last_id = v_last.id,
-               lease_count = v_count, last_served_at = clock_timestamp(), worker_id = p_worker
+               lease_last_created_at = v_last_at, lease_last_id = last_id,
+               lease_count = n, last_served_at = clock_timestamp(), worker_id = p_worker
          WHERE partition_id = p_partition AND consumer_group = p_group;
     END IF;
-    RETURN v_messages;
 END
 $$;
 
@@ -391,7 +395,7 @@ $$;
 -- delivered messages is empty and retryInMs says when something known falls due. Candidates (2.3.3): partitions with pending work for the group,
 -- not leased, not cooling down, outside their window, with a due message; by queue priority,
 -- then least recently served (never served first), then id. `batch` caps the whole answer.
-CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb) RETURNS json
 LANGUAGE plpgsql AS $$
 DECLARE
     v_group      text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
@@ -406,12 +410,14 @@ DECLARE
     v_names      text[];
     v_froms      timestamptz[];
     v_cand       record;
-    v_got        jsonb;
-    v_messages   jsonb := '[]'::jsonb;
-    v_claimed    integer := 0;
+    v_got        record;
+    v_first      record;
+    v_first_id   uuid;            -- the first claimed partition
+    v_parts      json[] := '{}';  -- the message arrays of the claimed partitions
+    v_count      integer := 0;    -- messages in them
+    v_last_id    uuid;
     v_examined   integer := 0;
     v_more       boolean := false;
-    v_first      record;
     v_single     uuid;
 BEGIN
     SELECT array_agg(queue_id ORDER BY n), array_agg(queue_name ORDER BY n),
@@ -420,26 +426,28 @@ BEGIN
       FROM queen.subscribe_scope(p_req, v_group, NOT v_defer)
            WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
     IF v_queue_ids IS NULL THEN
-        RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb, 'queues', '[]'::jsonb);
+        RETURN json_build_object('success', true, 'messages', '[]'::json, 'queues', '[]'::json);
     END IF;
     IF array_position(v_froms, NULL) IS NOT NULL THEN
-        RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb,
-                                  'needsSubscription', true);
+        RETURN json_build_object('success', true, 'messages', '[]'::json,
+                                 'needsSubscription', true);
     END IF;
 
     IF p_req->>'partition' IS NOT NULL THEN
         SELECT p.id INTO v_single FROM queen.partitions p
          WHERE p.queue_id = v_queue_ids[1] AND p.name = p_req->>'partition';
-        IF FOUND THEN
-            v_got := queen.pop_partition(v_single, v_group, v_batch, v_lease_id, v_worker,
-                                         v_lease_secs, v_froms[1]);
-            IF jsonb_array_length(v_got) > 0 THEN
-                v_claimed := 1;
-                v_messages := v_got;
-            END IF;
-        ELSE
-            RETURN jsonb_build_object('success', true, 'messages', '[]'::jsonb,
-                                      'queues', to_jsonb(v_names));
+        IF NOT FOUND THEN
+            RETURN json_build_object('success', true, 'messages', '[]'::json,
+                                     'queues', to_json(v_names));
+        END IF;
+        SELECT * INTO v_got FROM queen.pop_partition(v_single, v_group, v_batch, v_lease_id,
+                                                     v_worker, v_lease_secs, v_froms[1]);
+        IF v_got.n > 0 THEN
+            v_first := v_got;
+            v_first_id := v_single;
+            v_parts := ARRAY[v_got.messages];
+            v_count := v_got.n;
+            v_last_id := v_got.last_id;
         END IF;
     ELSE
         FOR v_cand IN
@@ -466,66 +474,72 @@ BEGIN
              ORDER BY qu.priority DESC, pc.last_served_at NULLS FIRST, pp.partition_id
         LOOP
             v_examined := v_examined + 1;
-            v_got := queen.pop_partition(v_cand.id, v_group, v_batch - jsonb_array_length(v_messages),
-                                         v_lease_id, v_worker, v_lease_secs, v_cand.sub_from);
-            IF jsonb_array_length(v_got) > 0 THEN
-                v_claimed := v_claimed + 1;
-                v_messages := v_messages || v_got;
+            SELECT * INTO v_got FROM queen.pop_partition(v_cand.id, v_group, v_batch - v_count,
+                                                         v_lease_id, v_worker, v_lease_secs,
+                                                         v_cand.sub_from);
+            IF v_got.n > 0 THEN
+                IF v_count = 0 THEN
+                    v_first := v_got;
+                    v_first_id := v_cand.id;
+                END IF;
+                v_parts := v_parts || v_got.messages;
+                v_count := v_count + v_got.n;
+                v_last_id := v_got.last_id;
                 v_more := v_cand.total > v_examined;  -- candidates this pop did not look at
-                EXIT WHEN v_claimed >= v_max_parts OR jsonb_array_length(v_messages) >= v_batch;
+                EXIT WHEN cardinality(v_parts) >= v_max_parts OR v_count >= v_batch;
             END IF;
         END LOOP;
     END IF;
 
-    IF v_claimed = 0 THEN
+    IF v_count = 0 THEN
         PERFORM queen.prune_pending(v_queue_ids, v_group);
         IF p_req->>'partition' IS NULL AND p_req->>'queue' IS NOT NULL THEN
             PERFORM queen.note_empty_scan(v_names[1], v_group);
         END IF;
-        RETURN jsonb_build_object(
-            'success', true, 'messages', '[]'::jsonb, 'consumerGroup', v_group,
-            'queues', to_jsonb(v_names),
+        RETURN json_build_object(
+            'success', true, 'messages', '[]'::json, 'consumerGroup', v_group,
+            'queues', to_json(v_names),
             'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single));
     END IF;
 
     -- With autoAck the last partition is not leased: the batch cap may have left messages
     -- another pop can take at once.
-    IF v_auto_ack AND NOT v_more AND jsonb_array_length(v_messages) >= v_batch THEN
+    IF v_auto_ack AND NOT v_more AND v_count >= v_batch THEN
         v_more := EXISTS (
             SELECT 1 FROM queen.messages m, queen.messages last
-             WHERE last.id = (v_messages->-1->>'id')::uuid
+             WHERE last.id = v_last_id
                AND m.partition_id = last.partition_id
                AND (m.created_at, m.id) > (last.created_at, last.id));
     END IF;
 
-    SELECT v_messages->0->>'queue' AS queue, v_messages->0->>'partition' AS partition,
-           v_messages->0->>'partitionId' AS partition_id INTO v_first;
-    RETURN jsonb_build_object(
+    RETURN json_build_object(
         'success', true,
-        'queue', v_first.queue,
-        'partition', v_first.partition,
-        'partitionId', v_first.partition_id,
+        'queue', v_first.queue_name,
+        'partition', v_first.partition_name,
+        'partitionId', v_first_id,
         'leaseId', coalesce(v_lease_id::text, ''),
         'consumerGroup', v_group,
-        'partitionsClaimed', v_claimed,
+        'partitionsClaimed', cardinality(v_parts),
         'more', v_more,
-        'messages', v_messages);
+        'messages', CASE WHEN cardinality(v_parts) = 1 THEN v_parts[1]
+                         ELSE (SELECT json_agg(x.e ORDER BY a.k, x.i)
+                                 FROM unnest(v_parts) WITH ORDINALITY AS a(arr, k),
+                                      LATERAL json_array_elements(a.arr) WITH ORDINALITY AS x(e, i))
+                    END);
 END
 $$;
 
--- The batch entry point the server calls, and the SQL-level API of WIRE.md 7.2.
--- Input: [{idx, queue_name, partition_name, consumer_group, lease_seconds, worker_id, batch_size,
--- sub_mode, sub_from}] (snake_case, as the official harnesses send) or the camelCase keys of
--- pop_request. Output: [{idx, result}] in input order. One request's error does not fail the
--- others.
-CREATE OR REPLACE FUNCTION queen.pop_specific_batch(p_reqs jsonb) RETURNS jsonb
+-- The server's batch entry point: [{idx?, queue, partition, consumerGroup, batch, ...}] (the
+-- camelCase keys of pop_request, or the snake_case ones of the SQL-level API) to
+-- [{idx, result}] in input order. One request's error does not fail the others.
+CREATE OR REPLACE FUNCTION queen.pop_batch(p_reqs jsonb) RETURNS json
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_req    jsonb;
-    v_idx    integer := 0;
-    v_norm   jsonb;
-    v_result jsonb;
-    v_out    jsonb := '[]'::jsonb;
+    v_req     jsonb;
+    v_idx     integer := 0;
+    v_norm    jsonb;
+    v_result  json;
+    v_out     json[] := '{}';
 BEGIN
     FOR v_req IN SELECT e FROM jsonb_array_elements(p_reqs) e LOOP
         v_norm := jsonb_strip_nulls(jsonb_build_object(
@@ -545,13 +559,19 @@ BEGIN
         BEGIN
             v_result := queen.pop_request(v_norm);
         EXCEPTION WHEN others THEN
-            v_result := jsonb_build_object('success', false, 'error', SQLERRM,
-                                           'messages', '[]'::jsonb);
+            v_result := json_build_object('success', false, 'error', SQLERRM,
+                                          'messages', '[]'::json);
         END;
-        v_out := v_out || jsonb_build_array(jsonb_build_object(
-            'idx', coalesce((v_req->>'idx')::integer, v_idx), 'result', v_result));
+        v_out := v_out || json_build_object(
+            'idx', coalesce((v_req->>'idx')::integer, v_idx), 'result', v_result);
         v_idx := v_idx + 1;
     END LOOP;
-    RETURN v_out;
+    RETURN array_to_json(v_out);
 END
+$$;
+
+-- The SQL-level API of WIRE.md 7.2: pop_batch with a jsonb answer.
+CREATE OR REPLACE FUNCTION queen.pop_specific_batch(p_reqs jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT queen.pop_batch(p_reqs)::jsonb
 $$;
