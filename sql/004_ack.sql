@@ -1,13 +1,22 @@
 -- Ack and lease extension (WIRE.md 2.0, 2.4, 2.6).
 
 -- Items: [{index, transactionId, partitionId, status, consumerGroup, leaseId, error, req}].
--- Returns one result per item, in input order. ``req`` numbers the HTTP request an item came
--- from when the server fuses several requests into one call: each request is applied on its
--- own, in req order, exactly as if it had been sent alone. Items of one (partition, group) apply in
--- message order. A failed delivery counts once per request however many messages it lists;
--- completions after the first failure in a request are ignored so the failed message is never
--- skipped; exhaustion sends every failed message of the request to the dead-letter table.
-CREATE OR REPLACE FUNCTION queen.ack_messages(p_items jsonb) RETURNS jsonb
+-- ``req`` numbers the HTTP request an item came from when the server fuses several requests
+-- into one call: each request is applied on its own, in req order, exactly as if it had been
+-- sent alone. Items of one (partition, group) apply in message order. A failed delivery counts
+-- once per request however many messages it lists; completions after the first failure in a
+-- request are ignored so the failed message is never skipped; exhaustion sends every failed
+-- message of the request to the dead-letter table.
+--
+-- Returns {settled, results}. The common case, every item of a (req, partition, group)
+-- completing a message of the live delivery, is settled as a whole: one range read checks the
+-- items and the cursor jumps to the last one. Such a key comes back once in ``settled``
+-- ({req, partitionId, consumerGroup, queueName, partitionName, leaseReleased}; each of its
+-- items succeeded) instead of as one result per item, which cost more to build and to parse
+-- than the ack itself. Every other item has its own entry in ``results``: {pos (0-based
+-- input position), result: {index, transactionId, success, error, queueName, partitionName,
+-- dlq, leaseReleased}}. queen.ack_messages expands both into one result per item.
+CREATE OR REPLACE FUNCTION queen.ack_core(p_items jsonb) RETURNS json
 LANGUAGE plpgsql AS $$
 DECLARE
     v_key       record;
@@ -24,12 +33,22 @@ DECLARE
     v_found     boolean;
     v_group_pos integer[];
     v_pos       integer;
+    v_n         integer;
+    v_last_at   timestamptz;
+    v_last_id   uuid;
+    v_settled   json[] := '{}';
 BEGIN
     FOR v_key IN
-        SELECT DISTINCT coalesce((e->>'req')::int, 0) AS req,
+        SELECT coalesce((e->>'req')::int, 0) AS req,
                (e->>'partitionId')::uuid AS partition_id,
-               coalesce(nullif(e->>'consumerGroup', ''), '__QUEUE_MODE__') AS consumer_group
+               coalesce(nullif(e->>'consumerGroup', ''), '__QUEUE_MODE__') AS consumer_group,
+               array_agg(DISTINCT e->>'transactionId') AS txids,
+               bool_and(lower(coalesce(nullif(e->>'status', ''), 'completed'))
+                        IN ('completed', 'success')) AS all_done,
+               array_agg(DISTINCT nullif(e->>'leaseId', '')::uuid)
+                   FILTER (WHERE nullif(e->>'leaseId', '') IS NOT NULL) AS leases
           FROM jsonb_array_elements(p_items) e
+         GROUP BY 1, 2, 3
          ORDER BY 1, 2, 3
     LOOP
         SELECT p.name AS partition_name, qu.name AS queue_name, qu.id AS queue_id,
@@ -48,6 +67,43 @@ BEGIN
             v_cursor_at := v_pc.cursor_created_at;
             v_cursor_id := v_pc.cursor_id;
         END IF;
+
+        -- The common case, settled as a whole (see above).
+        IF v_found AND v_pc.lease_id IS NOT NULL AND v_pc.lease_expires_at > now()
+           AND v_key.all_done AND array_position(v_key.txids, NULL) IS NULL
+           AND (v_key.leases IS NULL OR v_key.leases = ARRAY[v_pc.lease_id]) THEN
+            SELECT count(*),
+                   (array_agg(m.created_at ORDER BY m.created_at DESC, m.id DESC))[1],
+                   (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1]
+              INTO v_n, v_last_at, v_last_id
+              FROM queen.messages m
+             WHERE m.partition_id = v_key.partition_id
+               AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
+               AND (m.created_at, m.id) <= (v_pc.lease_last_created_at, v_pc.lease_last_id)
+               AND m.transaction_id = ANY(v_key.txids);
+            IF v_n = cardinality(v_key.txids) THEN
+                v_released := (v_last_at, v_last_id) >= (v_pc.lease_last_created_at, v_pc.lease_last_id);
+                UPDATE queen.partition_consumers
+                   SET cursor_created_at = v_last_at, cursor_id = v_last_id,
+                       lease_id = CASE WHEN v_released THEN NULL ELSE lease_id END,
+                       lease_expires_at = CASE WHEN v_released THEN NULL ELSE lease_expires_at END,
+                       retry_count = CASE WHEN v_released THEN 0 ELSE retry_count END,
+                       batches_consumed = batches_consumed + CASE WHEN v_released THEN 1 ELSE 0 END,
+                       total_consumed = total_consumed + v_n,
+                       last_consumed_at = now()
+                 WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group;
+                IF v_released AND current_setting('queen.wakeup', true) = 'on' THEN
+                    PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), v_cfg.queue_name,
+                                      v_cfg.partition_name, current_setting('application_name')));
+                END IF;
+                v_settled := v_settled || json_build_object(
+                    'req', v_key.req, 'partitionId', v_key.partition_id,
+                    'consumerGroup', v_key.consumer_group, 'queueName', v_cfg.queue_name,
+                    'partitionName', v_cfg.partition_name, 'leaseReleased', v_released);
+                CONTINUE;
+            END IF;
+        END IF;
+
         v_failure := NULL;
         v_group_pos := '{}';
 
@@ -161,9 +217,32 @@ BEGIN
         END LOOP;
     END LOOP;
 
-    RETURN (SELECT coalesce(jsonb_agg(r ORDER BY n), '[]'::jsonb)
-              FROM unnest(v_results) WITH ORDINALITY AS x(r, n));
+    RETURN json_build_object(
+        'settled', array_to_json(v_settled),
+        'results', (SELECT coalesce(json_agg(json_build_object('pos', n - 1, 'result', r)), '[]')
+                      FROM unnest(v_results) WITH ORDINALITY AS x(r, n) WHERE r IS NOT NULL));
 END
+$$;
+
+-- One result per item, in input order: ack_core's answer expanded (for transactions and
+-- SQL callers; the server expands it itself).
+CREATE OR REPLACE FUNCTION queen.ack_messages(p_items jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    WITH core AS (SELECT queen.ack_core(p_items)::jsonb AS c)
+    SELECT coalesce(jsonb_agg(coalesce(
+               (SELECT r->'result' FROM jsonb_array_elements(core.c->'results') r
+                 WHERE (r->>'pos')::int = t.o - 1),
+               (SELECT jsonb_build_object(
+                           'index', coalesce((t.e->>'index')::int, (t.o - 1)::int),
+                           'transactionId', t.e->>'transactionId', 'success', true, 'error', NULL,
+                           'queueName', s->'queueName', 'partitionName', s->'partitionName',
+                           'dlq', false, 'leaseReleased', s->'leaseReleased')
+                  FROM jsonb_array_elements(core.c->'settled') s
+                 WHERE (s->>'req')::int = coalesce((t.e->>'req')::int, 0)
+                   AND (s->>'partitionId')::uuid = (t.e->>'partitionId')::uuid
+                   AND s->>'consumerGroup' = coalesce(nullif(t.e->>'consumerGroup', ''), '__QUEUE_MODE__')))
+             ORDER BY t.o), '[]'::jsonb)
+      FROM core, jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
 $$;
 
 -- Extends every live lease row held under p_lease_id to max(current, now + seconds); seconds

@@ -6,6 +6,7 @@ broken server fails a test instead of hanging it.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -510,6 +511,100 @@ def test_acking_an_older_message_after_a_newer_one_does_not_move_the_cursor_back
     following = pop(http, queue, batch=5)
 
     assert [m["data"] for m in following["messages"]] == ["m2"]
+
+
+
+def batch_ack(http: httpx.Client, messages: List[Dict[str, Any]],
+              **overrides: Any) -> List[Dict[str, Any]]:
+    answer = http.post("/api/v1/ack/batch", json={"acknowledgments": [
+        {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+         "leaseId": m["leaseId"], "status": "completed", **overrides} for m in messages]})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_whole_delivery_acked_at_once_answers_every_item_and_releases(http):
+    queue = unique_name()
+    push(http, queue, [f"m{n}" for n in range(5)], partition="p")
+    delivery = pop(http, queue, batch=5)
+
+    results = batch_ack(http, delivery["messages"])
+
+    assert [(r["index"], r["transactionId"], r["success"], r["error"], r["dlq"])
+            for r in results] == [(n, f"t{n}", True, None, False) for n in range(5)]
+    assert {(r["queueName"], r["partitionName"], r["leaseReleased"]) for r in results} \
+        == {(queue, "p", True)}
+    assert pop_answer(http, queue).status_code == 204  # all five consumed
+
+
+def test_acking_part_of_a_delivery_moves_the_cursor_and_keeps_the_lease(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1", "m2", "m3"])
+    delivery = pop(http, queue, batch=3)
+
+    first = batch_ack(http, delivery["messages"][:2])
+    rest = batch_ack(http, delivery["messages"][2:])
+
+    assert [(r["success"], r["leaseReleased"]) for r in first] == [(True, False)] * 2
+    assert [(r["success"], r["leaseReleased"]) for r in rest] == [(True, True)]
+    assert [m["data"] for m in pop(http, queue, batch=5)["messages"]] == ["m3"]
+
+
+def test_one_unknown_item_fails_alone_and_the_rest_of_the_batch_applies(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1"])
+    delivery = pop(http, queue, batch=2)
+    stranger = dict(delivery["messages"][0], transactionId="never-pushed")
+
+    results = batch_ack(http, [*delivery["messages"], stranger])
+
+    assert [(r["success"], r["error"]) for r in results] \
+        == [(True, None), (True, None), (False, "Message not found")]
+    assert results[1]["leaseReleased"] is True
+    assert pop_answer(http, queue).status_code == 204
+
+
+def test_a_repeated_ack_of_a_consumed_batch_changes_nothing(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1", "m2"])
+    delivery = pop(http, queue, batch=2)
+    batch_ack(http, delivery["messages"])
+
+    again = batch_ack(http, delivery["messages"])  # its lease ended with the first ack
+    without_lease = batch_ack(http, delivery["messages"], leaseId=None)
+
+    assert [r["error"] for r in again] == ["Invalid or expired lease"] * 2
+    assert [r["success"] for r in without_lease] == [True, True]  # already consumed
+    assert [m["data"] for m in pop(http, queue)["messages"]] == ["m2"]
+
+
+def test_ack_with_an_uppercase_partition_id_is_recognised(http):
+    queue = unique_name()
+    push(http, queue, ["m0", "m1"])
+    delivery = pop(http, queue, batch=2)
+
+    results = batch_ack(http, [dict(m, partitionId=m["partitionId"].upper())
+                               for m in delivery["messages"]])
+
+    assert [(r["success"], r["leaseReleased"]) for r in results] == [(True, True)] * 2
+
+
+def test_fused_requests_on_one_partition_apply_in_request_order(http, db):
+    """Two requests fused into one ack call (as the server's Batcher does): each request is
+    applied on its own, so only the second one, which reaches the end, releases the lease."""
+    queue = unique_name()
+    push(http, queue, ["m0", "m1", "m2"])
+    messages = pop(http, queue, batch=3)["messages"]
+    items = [{"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+              "leaseId": m["leaseId"], "req": req, "index": 0}
+             for req, m in [(0, messages[0]), (1, messages[1]), (1, messages[2])]]
+    with db.cursor() as cursor:
+        cursor.execute("SELECT queen.ack_messages(%s::jsonb)", (json.dumps(items),))
+        [results] = cursor.fetchone()
+
+    assert [(r["success"], r["leaseReleased"]) for r in results] \
+        == [(True, False), (True, True), (True, True)]
+    assert pop_answer(http, queue).status_code == 204
 
 
 # -- long polling -----------------------------------------------------------------------

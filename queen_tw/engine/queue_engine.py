@@ -202,9 +202,9 @@ class QueueEngine:
         return await self.batchers["ack"].submit(items)
 
     async def _ack_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
-        """One ``ack_messages`` call; each request keeps its own semantics (``req``)."""
+        """One ``ack_core`` call; each request keeps its own semantics (``req``)."""
         flat = [dict(item, req=n) for n, job in enumerate(jobs) for item in job]
-        results = await self._db.call("ack_messages", flat)
+        results = expand_ack_answer(flat, await self._db.call("ack_core", flat))
         self._wake_released(results)
         split, start = [], 0
         for job in jobs:
@@ -295,3 +295,32 @@ class QueueEngine:
 
     async def database_healthy(self) -> bool:
         return await self._db.ping()
+
+
+def expand_ack_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]
+                      ) -> List[Dict[str, Any]]:
+    """One result per ack item, in order, from ``queen.ack_core``'s answer: items of a key it
+    settled as a whole all succeeded; every other item has its own result."""
+    own = {entry["pos"]: entry["result"] for entry in answer["results"]}
+    settled = {(key["req"], key["partitionId"], key["consumerGroup"]): key
+               for key in answer["settled"]}
+    results = []
+    for pos, item in enumerate(items):
+        result = own.get(pos)
+        if result is None:
+            key = settled[(item.get("req", 0), canonical_uuid(item["partitionId"]),
+                           item.get("consumerGroup") or QUEUE_MODE)]
+            index = item.get("index")
+            result = {"index": pos if index is None else index, "transactionId": item["transactionId"],
+                      "success": True, "error": None, "queueName": key["queueName"],
+                      "partitionName": key["partitionName"], "dlq": False,
+                      "leaseReleased": key["leaseReleased"]}
+        results.append(result)
+    return results
+
+
+def canonical_uuid(text: str) -> str:
+    """The lowercase hyphenated form PostgreSQL prints for a uuid."""
+    if len(text) == 36 and text == text.lower():
+        return text
+    return str(uuid.UUID(text))
