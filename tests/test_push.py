@@ -515,3 +515,18 @@ def test_push_racing_a_queue_delete_answers_every_item(http, pg_dsn):
         body = answer.json()
         assert [r["index"] for r in body] == list(range(5))
         assert all(r["status"] == "queued" for r in body)
+
+
+def test_payload_numbers_beyond_64_bits_and_unicode_round_trip_exactly(http):
+    """The fast JSON codec refuses integers beyond 64 bits; such payloads must still be
+    stored and handed out unchanged (jsonb keeps numbers of any size)."""
+    queue = unique_name()
+    payload = {"big": 123456789012345678901234567890, "neg": -(2**70), "text": "zé 漢字 🎉",
+               "small": 1.5}
+    answer = http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": payload}]})
+    assert answer.status_code == 201, answer.text
+
+    delivery = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"})
+
+    assert delivery.status_code == 200, delivery.text
+    assert delivery.json()["messages"][0]["data"] == payload

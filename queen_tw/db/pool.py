@@ -18,19 +18,24 @@ Faults, and what the pool does about them:
   because their transactionIds are fixed before any attempt and the buffer replay dedupes.
 """
 
-import json
 from typing import Any, Dict, Optional, Set, Tuple
 
 import psycopg2
+import psycopg2.extras
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
+from queen_tw import jsoncodec
 from queen_tw.errors import DatabaseUnavailable
 
 log = Logger()
+
+# Every answer of the queen functions is json or jsonb: parse them with the fast codec.
+psycopg2.extras.register_default_json(globally=True, loads=jsoncodec.loads)
+psycopg2.extras.register_default_jsonb(globally=True, loads=jsoncodec.loads)
 
 _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead,
          txpostgres.RollbackFailed, error.ConnectionClosed)
@@ -225,7 +230,7 @@ class Database:
         if self._pool is None:
             raise DatabaseUnavailable("Database unavailable")
         sql = self._statement(function, args)
-        params = tuple(json.dumps(a, separators=(",", ":")) if isinstance(a, (dict, list)) else a
+        params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
         try:
             rows = await self._pool.run_query_within(self._call_deadline, sql, params)

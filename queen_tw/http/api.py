@@ -6,7 +6,6 @@ traceback.
 """
 
 import dataclasses
-import json
 from typing import Any, Dict, Optional
 from urllib.parse import unquote
 
@@ -14,7 +13,7 @@ from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
 
-from queen_tw import __version__
+from queen_tw import __version__, jsoncodec
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
 from queen_tw.errors import InvalidRequest, NotFound, QueenError
@@ -27,7 +26,7 @@ MAX_POP_BATCH = 10_000
 
 
 def json_answer(request, code: int, body: Any) -> bytes:
-    data = json.dumps(body, separators=(",", ":")).encode()
+    data = jsoncodec.dumps(body)
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(data))  # no chunked framing needed

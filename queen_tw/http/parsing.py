@@ -4,11 +4,11 @@ Every function raises :class:`~queen_tw.errors.InvalidRequest` with a message th
 is wrong; nothing here touches the database.
 """
 
-import json
 import uuid
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional
 
+from queen_tw import jsoncodec
 from queen_tw.errors import InvalidRequest
 
 MAX_NAME_LENGTH = 255
@@ -20,7 +20,7 @@ def read_json_object(request) -> Dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = jsoncodec.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidRequest(f"Invalid JSON: {err}") from None
     if not isinstance(body, dict):
