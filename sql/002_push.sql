@@ -42,22 +42,25 @@ CREATE OR REPLACE TRIGGER messages_deleted_count
     REFERENCING OLD TABLE AS deleted_rows
     FOR EACH STATEMENT EXECUTE FUNCTION queen.on_messages_deleted();
 
+DROP FUNCTION IF EXISTS queen.push_messages_core(jsonb);  -- its answer type changed (jsonb -> json)
+
 -- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?}]
 -- (camelCase keys, as the HTTP body; the server validates types before calling).
--- Returns {"items": [per-item result, in input order], "partition_updates": [...]}.
-CREATE OR REPLACE FUNCTION queen.push_messages_core(p_items jsonb) RETURNS jsonb
+-- Returns {"items": [per-item result, in input order], "partition_updates": [...]}, built as
+-- json (text appended once; jsonb would be built, then re-walked to print it).
+CREATE OR REPLACE FUNCTION queen.push_messages_core(p_items jsonb) RETURNS json
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz;
-    v_results jsonb;
-    v_updates jsonb;
+    v_results json;
+    v_updates json;
     v_wanted  bigint;
     v_queues  bigint;
     v_locked  bigint;
     v_attempt integer;
 BEGIN
     IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
-        RETURN jsonb_build_object('items', '[]'::jsonb, 'partition_updates', '[]'::jsonb);
+        RETURN json_build_object('items', '[]'::json, 'partition_updates', '[]'::json);
     END IF;
 
     SELECT count(*) INTO v_wanted
@@ -184,22 +187,22 @@ BEGIN
          WHERE p.id = n.partition_id
         RETURNING p.id, p.name, p.queue_id
     )
-    SELECT (SELECT jsonb_agg(CASE
-                 WHEN a.is_new THEN jsonb_build_object(
+    SELECT (SELECT json_agg(CASE
+                 WHEN a.is_new THEN json_build_object(
                      'index', a.idx, 'status', 'queued', 'transaction_id', a.txid,
                      'message_id', a.message_id, 'partition_id', a.partition_id,
                      'trace_id', a.trace_id, 'queueName', a.queue_name)
-                 WHEN a.message_id IS NOT NULL THEN jsonb_build_object(
+                 WHEN a.message_id IS NOT NULL THEN json_build_object(
                      'index', a.idx, 'status', 'duplicate', 'transaction_id', a.txid,
                      'message_id', a.message_id, 'queueName', a.queue_name)
-                 ELSE jsonb_build_object(
+                 ELSE json_build_object(
                      'index', a.idx, 'status', 'failed', 'queue', a.queue_name,
                      'partition', a.partition_name, 'transaction_id', a.txid,
                      'error', format('Queue %s has reached its max capacity (%s messages)',
                                      a.queue_name, a.max_size))
                END ORDER BY a.idx) FROM answered a),
-           (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                       'queue', qu.name, 'partition', n.name, 'partitionId', n.id)), '[]'::jsonb)
+           (SELECT coalesce(json_agg(json_build_object(
+                       'queue', qu.name, 'partition', n.name, 'partitionId', n.id)), '[]'::json)
               FROM newest n JOIN queen.queues qu ON qu.id = n.queue_id)
       INTO v_results, v_updates;
 
@@ -207,20 +210,20 @@ BEGIN
     IF current_setting('queen.wakeup', true) = 'on' THEN
         PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), u->>'queue', u->>'partition',
                                                     current_setting('application_name')))
-           FROM jsonb_array_elements(v_updates) u;
+           FROM json_array_elements(v_updates) u;
     END IF;
 
-    RETURN jsonb_build_object('items', v_results, 'partition_updates', v_updates);
+    RETURN json_build_object('items', v_results, 'partition_updates', v_updates);
 END
 $$;
 
 -- SQL-level API (WIRE.md 7.2, 9.2): producers may enqueue inside their own transaction.
 CREATE OR REPLACE FUNCTION queen.push_messages_v2(p_items jsonb) RETURNS jsonb
 LANGUAGE sql AS $$
-    SELECT queen.push_messages_core(p_items)->'items'
+    SELECT queen.push_messages_core(p_items)::jsonb->'items'
 $$;
 
 CREATE OR REPLACE FUNCTION queen.push_messages_v3(p_items jsonb) RETURNS jsonb
 LANGUAGE sql AS $$
-    SELECT queen.push_messages_core(p_items)
+    SELECT queen.push_messages_core(p_items)::jsonb
 $$;

@@ -29,7 +29,7 @@ BEGIN
 
         FOR v_op IN SELECT e FROM jsonb_array_elements(p->'operations') e LOOP
             IF v_op->>'type' = 'push' THEN
-                v_pushed := queen.push_messages_core(v_op->'items');
+                v_pushed := queen.push_messages_core(v_op->'items')::jsonb;
                 v_updates := v_updates || (v_pushed->'partition_updates');
                 FOR v_item IN SELECT e FROM jsonb_array_elements(v_pushed->'items') e LOOP
                     v_results := v_results || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(

@@ -234,7 +234,7 @@ BEGIN
     IF v_m.producer_sub IS NOT NULL THEN
         v_item := v_item || jsonb_build_object('producerSub', v_m.producer_sub);
     END IF;
-    v_pushed := queen.push_messages_core(jsonb_build_array(v_item));
+    v_pushed := queen.push_messages_core(jsonb_build_array(v_item))::jsonb;
     RETURN jsonb_build_object('success', true,
                               'messageId', v_pushed->'items'->0->>'message_id',
                               'transactionId', v_txid,

@@ -515,6 +515,15 @@ def test_push_racing_a_queue_delete_answers_every_item(http, pg_dsn):
         body = answer.json()
         assert [r["index"] for r in body] == list(range(5))
         assert all(r["status"] == "queued" for r in body)
+    # messages.partition_id has no foreign key: deleting partitions must take their messages
+    connection = psycopg2.connect(pg_dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("""SELECT count(*) FROM queen.messages m WHERE NOT EXISTS
+                              (SELECT 1 FROM queen.partitions p WHERE p.id = m.partition_id)""")
+            assert cursor.fetchone()[0] == 0
+    finally:
+        connection.close()
 
 
 def test_payload_numbers_beyond_64_bits_and_unicode_round_trip_exactly(http):
