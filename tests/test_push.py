@@ -539,3 +539,14 @@ def test_payload_numbers_beyond_64_bits_and_unicode_round_trip_exactly(http):
 
     assert delivery.status_code == 200, delivery.text
     assert delivery.json()["messages"][0]["data"] == payload
+
+
+def test_server_made_transaction_ids_are_distinct_version_4_uuids():
+    from queen_tw.engine.queue_engine import random_uuid4s
+
+    made = random_uuid4s(2000)
+
+    assert len(set(made)) == 2000
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)

@@ -21,7 +21,6 @@ Faults, and what the pool does about them:
 from typing import Any, Dict, Optional, Set, Tuple
 
 import psycopg2
-import psycopg2.extras
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -33,9 +32,6 @@ from queen_tw.errors import DatabaseUnavailable
 
 log = Logger()
 
-# Every answer of the queen functions is json or jsonb: parse them with the fast codec.
-psycopg2.extras.register_default_json(globally=True, loads=jsoncodec.loads)
-psycopg2.extras.register_default_jsonb(globally=True, loads=jsoncodec.loads)
 
 _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead,
          txpostgres.RollbackFailed, error.ConnectionClosed)

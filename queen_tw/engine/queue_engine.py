@@ -5,6 +5,7 @@ never builds SQL: each operation is one call of a set-based function in ``sql/``
 """
 
 from dataclasses import dataclass
+import os
 import uuid
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol
@@ -52,8 +53,23 @@ class EngineLimits:
 def _with_transaction_ids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Gives every item without one a transactionId, fixed before the first attempt so a
     retried or replayed push dedupes instead of storing the message twice."""
-    return [item if item.get("transactionId") else dict(item, transactionId=str(uuid.uuid4()))
+    missing = sum(1 for item in items if not item.get("transactionId"))
+    if not missing:
+        return items
+    fresh = iter(random_uuid4s(missing))
+    return [item if item.get("transactionId") else dict(item, transactionId=next(fresh))
             for item in items]
+
+
+def random_uuid4s(count: int) -> List[str]:
+    """``count`` random (version 4) UUIDs as text, from one read of the OS random source
+    (``str(uuid.uuid4())`` per item was ~10 % of a push's server time)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC 4122 variant
+    text = raw.hex()
+    return [f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            for h in (text[n:n + 32] for n in range(0, 32 * count, 32))]
 
 
 def _first_error(failure):
