@@ -9,7 +9,7 @@ loopback port, then measures on the same machine and the same PostgreSQL:
   ~200-byte payloads), with p50/p99 request latency;
 - pop+ack msg/s at each batch size (long-polling pops, then one ``/ack/batch`` per pop);
 - the raw PostgreSQL limit for the same work with pgbench (the same columns, indexes and
-  unique key; consuming = reading a batch after a per-partition cursor and moving it);
+  unique key; consuming = receiving a batch after a per-partition cursor and moving it);
 - server RSS (peak) and CPU; and it counts messages after each run: every ``queued`` answer
   must be a stored row, and every stored message must be consumed exactly once.
 
@@ -219,15 +219,18 @@ SELECT gen_random_uuid(), ('00000000-0000-0000-0000-0000000000' || lpad(:p::text
 
 # Each pgbench client owns one partition (client_id % 10), so no client waits on another's
 # cursor row; the cursor is read first so the batch query runs with constants and walks the
-# (partition_id, created_at, id) index in order, as queen-tw's pop does.
+# (partition_id, created_at, id) index in order, as queen-tw's pop does. The batch's rows go
+# to the client (a consumer receives its messages), then the cursor moves to the last one.
 RAW_CONSUME = """\\set p :client_id % 10
 BEGIN;
 SELECT cursor_created_at AS cat, cursor_id AS cid FROM bench_raw.cursors
- WHERE partition_id = ('00000000-0000-0000-0000-0000000000' || lpad(:p::text, 2, '0'))::uuid
-   FOR UPDATE \\gset
+ WHERE partition_id = cu_id() FOR UPDATE \\gset
+SELECT m.id, m.transaction_id, m.payload, m.created_at FROM bench_raw.messages m
+ WHERE m.partition_id = cu_id() AND (m.created_at, m.id) > (:cat::timestamptz, :cid::uuid)
+ ORDER BY m.created_at, m.id LIMIT {batch};
 UPDATE bench_raw.cursors cu SET cursor_created_at = last.created_at, cursor_id = last.id
   FROM (SELECT created_at, id FROM (
-            SELECT m.created_at, m.id, length(m.payload::text) FROM bench_raw.messages m
+            SELECT m.created_at, m.id FROM bench_raw.messages m
              WHERE m.partition_id = cu_id() AND (m.created_at, m.id) > (:cat::timestamptz, :cid::uuid)
              ORDER BY m.created_at, m.id LIMIT {batch}) b
          ORDER BY created_at DESC, id DESC LIMIT 1) last
@@ -343,7 +346,8 @@ async def measure(args, pg: EmbeddedPostgres, server: ServerProcess) -> List[Dic
         rows.append({"op": "push", "batch": batch, **push})
 
         queue = f"bench-consume-{batch}-{int(time.time())}"
-        total = min(max(batch * args.connections * 20, 20_000), 150_000)
+        # enough that a run does not drain it (a drained run would understate the rate)
+        total = min(max(batch * args.connections * 60, 60_000), 300_000)
         await prefill(server.port, queue, total)
         cpu0 = sampler.cpu_seconds()
         consume, unique = await run_consume(server.port, queue, batch, args.seconds,

@@ -327,10 +327,10 @@ def expand_ack_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]
             key = settled[(item.get("req", 0), canonical_uuid(item["partitionId"]),
                            item.get("consumerGroup") or QUEUE_MODE)]
             index = item.get("index")
-            result = {"index": pos if index is None else index, "transactionId": item["transactionId"],
-                      "success": True, "error": None, "queueName": key["queueName"],
-                      "partitionName": key["partitionName"], "dlq": False,
-                      "leaseReleased": key["leaseReleased"]}
+            result = {"index": pos if index is None else index,
+                      "transactionId": item["transactionId"], "success": True, "error": None,
+                      "queueName": key["queueName"], "partitionName": key["partitionName"],
+                      "dlq": False, "leaseReleased": key["leaseReleased"]}
         results.append(result)
     return results
 
