@@ -274,7 +274,7 @@ def raw_push(pg, batch, seconds, clients) -> float:
 
 
 def raw_consume(pg, batch, seconds, clients) -> float:
-    prefill = 200_000 if batch <= 10 else 2_000_000  # enough that the run never drains it
+    prefill = min(max(batch * 60_000, 200_000), 2_000_000)  # so a run rarely drains it
     psql(pg, RAW_SCHEMA)
     psql(pg, RAW_INSERT.replace("\\set p random(0, 9)\n", "").replace(":p::text", "(g % 10)::text")
          .replace("generate_series(1, {batch})", f"generate_series(1, {prefill}) g")

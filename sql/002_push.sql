@@ -1,16 +1,18 @@
 -- Push: the one implementation behind POST /api/v1/push, transactions, the file-buffer replay
 -- and the SQL-level API (push_messages_v2 / _v3, WIRE.md 9.2). Set-based: one call per batch.
 
--- A time-ordered UUID (version 7) whose first 48 bits are the Unix time in ms of `ts`.
+-- A time-ordered UUID (version 7) whose first 48 bits are the Unix time in ms of `ts`, the rest
+-- random. random() (PostgreSQL's per-backend generator, seeded from the strong source when the
+-- backend starts) is used instead of gen_random_uuid(): its strong-random read per row was most
+-- of a push's id cost. Ids need to be unique, not secret; 74 random bits per millisecond are
+-- (each random() call is used for at most 32 bits, well within its 53).
 CREATE OR REPLACE FUNCTION queen.uuid_v7(ts timestamptz) RETURNS uuid
 LANGUAGE sql VOLATILE AS $$
-    SELECT encode(
-        set_bit(set_bit(
-            overlay(uuid_send(gen_random_uuid())
-                    PLACING substring(int8send(floor(extract(epoch FROM ts) * 1000)::bigint) FROM 3)
-                    FROM 1 FOR 6),
-            52, 1), 53, 1),
-        'hex')::uuid
+    SELECT (lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0')
+            || '7' || lpad(to_hex(floor(random() * 4096)::int), 3, '0')
+            || to_hex(8 + floor(random() * 4)::int)  -- RFC 9562 variant
+            || lpad(to_hex(floor(random() * 268435456)::int), 7, '0')
+            || lpad(to_hex(floor(random() * 4294967296)::bigint), 8, '0'))::uuid
 $$;
 
 -- "a.b" is namespace a, task b (as upstream); undotted names get no namespace.
@@ -54,6 +56,9 @@ DECLARE
     v_now     timestamptz;
     v_results json;
     v_updates json;
+    v_pair_queues text[];
+    v_pair_parts  text[];
+    v_queue_names text[];
     v_wanted  bigint;
     v_queues  bigint;
     v_locked  bigint;
@@ -63,46 +68,48 @@ BEGIN
         RETURN json_build_object('items', '[]'::json, 'partition_updates', '[]'::json);
     END IF;
 
-    SELECT count(*) INTO v_wanted
-      FROM (SELECT DISTINCT e->>'queue', coalesce(e->>'partition', 'Default')
-              FROM jsonb_array_elements(p_items) e) wanted;
-    SELECT count(DISTINCT e->>'queue') INTO v_queues FROM jsonb_array_elements(p_items) e;
+    -- The (queue, partition) pairs, read from the items once.
+    SELECT array_agg(q), array_agg(p) INTO v_pair_queues, v_pair_parts
+      FROM (SELECT DISTINCT e->>'queue' AS q, coalesce(e->>'partition', 'Default') AS p
+              FROM jsonb_array_elements(p_items) e) pairs;
+    v_queue_names := ARRAY(SELECT DISTINCT unnest(v_pair_queues));
+    v_wanted := cardinality(v_pair_queues);
+    v_queues := cardinality(v_queue_names);
     -- Create what is missing, then lock. A queue deleted or an idle partition cleaned up
     -- between the two steps would silently drop items, so count what was locked and go
     -- again when something vanished.
     FOR v_attempt IN 1..5 LOOP
         INSERT INTO queen.queues (name, namespace, task)
-        SELECT DISTINCT q, queen.namespace_of(q), queen.task_of(q)
-          FROM (SELECT e->>'queue' AS q FROM jsonb_array_elements(p_items) e) s
+        SELECT q, queen.namespace_of(q), queen.task_of(q)
+          FROM unnest(v_queue_names) AS s(q)
          WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
         ON CONFLICT (name) DO NOTHING;
 
         -- KEY SHARE keeps the queues from being deleted under us until commit.
         PERFORM 1 FROM queen.queues qu
-         WHERE qu.name IN (SELECT e->>'queue' FROM jsonb_array_elements(p_items) e)
+         WHERE qu.name = ANY(v_queue_names)
          ORDER BY qu.id FOR KEY SHARE;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
         CONTINUE WHEN v_locked <> v_queues;
 
         INSERT INTO queen.partitions (queue_id, name)
-        SELECT DISTINCT qu.id, coalesce(e->>'partition', 'Default')
-          FROM jsonb_array_elements(p_items) e
-          JOIN queen.queues qu ON qu.name = e->>'queue'
+        SELECT qu.id, w.p
+          FROM unnest(v_pair_queues, v_pair_parts) AS w(q, p)
+          JOIN queen.queues qu ON qu.name = w.q
          WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
-                            WHERE x.queue_id = qu.id AND x.name = coalesce(e->>'partition', 'Default'))
+                            WHERE x.queue_id = qu.id AND x.name = w.p)
         ON CONFLICT (queue_id, name) DO NOTHING;
 
         -- Lock capacity-limited queues, then the partitions, always in id order (no deadlocks).
         -- Holding the partition lock to commit serialises pushes per partition: dedupe sees every
         -- committed message and order keys grow in commit order.
         PERFORM 1 FROM queen.queues qu
-         WHERE qu.max_size > 0
-           AND qu.name IN (SELECT e->>'queue' FROM jsonb_array_elements(p_items) e)
+         WHERE qu.max_size > 0 AND qu.name = ANY(v_queue_names)
          ORDER BY qu.id FOR NO KEY UPDATE;
         PERFORM 1 FROM queen.partitions p
           JOIN queen.queues qu ON qu.id = p.queue_id
-         WHERE (qu.name, p.name) IN (SELECT e->>'queue', coalesce(e->>'partition', 'Default')
-                                       FROM jsonb_array_elements(p_items) e)
+         WHERE (qu.name, p.name) IN (SELECT w.q, w.p
+                                       FROM unnest(v_pair_queues, v_pair_parts) AS w(q, p))
          ORDER BY p.id FOR NO KEY UPDATE OF p;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
         EXIT WHEN v_locked = v_wanted;
