@@ -51,14 +51,13 @@ class EngineLimits:
 
 
 def _with_transaction_ids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Gives every item without one a transactionId, fixed before the first attempt so a
-    retried or replayed push dedupes instead of storing the message twice."""
-    missing = sum(1 for item in items if not item.get("transactionId"))
-    if not missing:
-        return items
-    fresh = iter(random_uuid4s(missing))
-    return [item if item.get("transactionId") else dict(item, transactionId=next(fresh))
-            for item in items]
+    """Gives every item without one a transactionId (in place: the items are the request's
+    own parsed dicts), fixed before the first attempt so a retried or replayed push dedupes
+    instead of storing the message twice."""
+    missing = [item for item in items if not item.get("transactionId")]
+    for item, transaction_id in zip(missing, random_uuid4s(len(missing))):
+        item["transactionId"] = transaction_id
+    return items
 
 
 def random_uuid4s(count: int) -> List[str]:
