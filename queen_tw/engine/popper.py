@@ -362,10 +362,10 @@ class ParkingLot:
         retry_in: Optional[float] = None
         try:
             while True:
-                self._dirty = False
                 head = self._next_unserved()
                 if head is None:
-                    break
+                    break  # a wake-up still pending stays dirty for the attempts running
+                self._dirty = False  # this attempt starts after every wake-up so far
                 head.served = True
                 try:
                     outcome = await self._popper.attempt(head.request)
