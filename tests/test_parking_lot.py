@@ -92,3 +92,16 @@ def test_a_delivery_with_more_to_hand_out_serves_the_next_pop_in_line():
     assert len(popper.calls) == 2
     popper.calls[1].callback(delivered(2))
     assert [p.answer.result for p in parked] == [{"messages": [1]}, {"messages": [2]}]
+
+
+def test_the_soonest_retry_hint_of_any_attempt_sets_the_next_check():
+    lot, popper, parked = parked_lot(3)
+    lot.wake("q", "p1")
+    lot.wake("q", "p2")
+    popper.calls[0].callback(Attempt(retry_in=0.05))  # e.g. a retry cool-down ends soon
+    popper.calls[1].callback(delivered(2))  # the last attempt to finish had no hint
+
+    lot._clock.advance(0.049)
+    assert len(popper.calls) == 2
+    lot._clock.advance(0.002)
+    assert len(popper.calls) == 3  # looked again when the database said, not in 60 s

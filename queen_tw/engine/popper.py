@@ -15,6 +15,7 @@ the database said when something falls due (a retry cool-down or a lease ends, a
 message or a window buffer matures).
 """
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
@@ -285,6 +286,7 @@ class ParkingLot:
         self._unrelated: Set[str] = set()     # namespace lots: queues known not to
         self._asked: Set[str] = set()
         self._attempts = 0      # attempts running for this lot's pops
+        self._retry_in: Optional[float] = None  # when the database said to look again
         self.users = 0          # pops in their first attempt or parked here
         self.wakes = 0
 
@@ -359,7 +361,6 @@ class ParkingLot:
         return self._attempts > 0
 
     async def _serve(self) -> None:
-        retry_in: Optional[float] = None
         try:
             while True:
                 head = self._next_unserved()
@@ -373,7 +374,9 @@ class ParkingLot:
                     head.served = False
                 if outcome.delivery is None:
                     self._learn(outcome)
-                    retry_in = outcome.retry_in
+                    if outcome.retry_in is not None:  # the soonest hint of any attempt
+                        self._retry_in = min(outcome.retry_in, math.inf if self._retry_in is None
+                                             else self._retry_in)
                     if self._dirty:
                         continue
                     break
@@ -390,6 +393,7 @@ class ParkingLot:
         if self._attempts:
             return  # the last attempt to finish decides what happens next
         self._discard_gone()
+        retry_in, self._retry_in = self._retry_in, None
         if self._line:
             self._schedule(retry_in)
         else:
