@@ -113,12 +113,15 @@ class Recorder:
 async def push_worker(port: int, queue: str, batch: int, deadline: float, worker: int,
                       rec: Recorder) -> None:
     conn = Connection("127.0.0.1", port)
+    # The server gives each item its transactionId, so a request body depends only on its
+    # first partition: built once, the generator spends its CPU on sending, not on JSON.
+    bodies = [json.dumps({"items": [
+        {"queue": queue, "partition": f"p{(first + i) % PARTITIONS}", "payload": PAYLOAD}
+        for i in range(batch)]}).encode() for first in range(PARTITIONS)]
     n = 0
     while time.monotonic() < deadline:
-        items = [{"queue": queue, "partition": f"p{(worker + n + i) % PARTITIONS}",
-                  "payload": PAYLOAD} for i in range(batch)]
+        body_bytes = bodies[(worker + n) % PARTITIONS]
         n += 1
-        body_bytes = json.dumps({"items": items}).encode()
         started = time.monotonic()
         status, body = await conn.request("POST", "/api/v1/push", body_bytes)
         while status == 503 and time.monotonic() < deadline + 30:
@@ -129,7 +132,9 @@ async def push_worker(port: int, queue: str, batch: int, deadline: float, worker
         if status != 201:
             rec.errors += 1
             continue
-        queued = sum(1 for r in json.loads(body) if r["status"] == "queued")
+        queued = body.count(b'"status":"queued"')  # compact JSON: no parse needed
+        if queued != batch:  # something else in the answer: count it properly
+            queued = sum(1 for r in json.loads(body) if r["status"] == "queued")
         rec.messages += queued
         rec.errors += batch - queued
 

@@ -420,11 +420,23 @@ DECLARE
     v_more       boolean := false;
     v_single     uuid;
 BEGIN
-    SELECT array_agg(queue_id ORDER BY n), array_agg(queue_name ORDER BY n),
-           array_agg(sub_from ORDER BY n)
-      INTO v_queue_ids, v_names, v_froms
-      FROM queen.subscribe_scope(p_req, v_group, NOT v_defer)
-           WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
+    -- The usual pop: one queue the group already subscribed to (one indexed read instead of
+    -- subscribe_scope's statements, a fifth of a batch-1 pop's database time).
+    IF p_req->>'queue' IS NOT NULL THEN
+        SELECT ARRAY[qu.id], ARRAY[qu.name], ARRAY[cs.subscription_from]
+          INTO v_queue_ids, v_names, v_froms
+          FROM queen.queues qu
+          JOIN queen.consumer_subscriptions cs
+            ON cs.queue_id = qu.id AND cs.consumer_group = v_group
+         WHERE qu.name = p_req->>'queue';
+    END IF;
+    IF v_queue_ids IS NULL THEN  -- namespace pops and first contacts
+        SELECT array_agg(queue_id ORDER BY n), array_agg(queue_name ORDER BY n),
+               array_agg(sub_from ORDER BY n)
+          INTO v_queue_ids, v_names, v_froms
+          FROM queen.subscribe_scope(p_req, v_group, NOT v_defer)
+               WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
+    END IF;
     IF v_queue_ids IS NULL THEN
         RETURN json_build_object('success', true, 'messages', '[]'::json, 'queues', '[]'::json);
     END IF;
