@@ -34,12 +34,17 @@ class ScriptedPopper:
         self.script: List[Optional[dict]] = []
         self.pending: Optional[defer.Deferred] = None
         self.hold = False
+        self.hold_each = False  # every attempt waits on its own Deferred in ``held``
+        self.held: List[defer.Deferred] = []
         self.given_back: List[dict] = []
         self.queues: Optional[List[str]] = None  # what a namespace attempt reports matching
         self.last_is_all = False  # the last scripted delivery says nothing else is left
 
     async def attempt(self, request: PopRequest) -> Attempt:
         self.asked.append(request.consumer_group)
+        if self.hold_each:
+            self.held.append(defer.Deferred())
+            return await self.held[-1]
         if self.hold:
             self.pending = defer.Deferred()
             return await self.pending
@@ -124,6 +129,73 @@ def test_a_wake_up_during_an_attempt_is_answered_by_one_more_attempt():
 
     assert popper.asked == ["w0", "w0"]
     assert _answers(parked) == [{"m": "late"}]
+
+
+def test_wake_ups_in_a_row_run_one_attempt_each_for_different_pops():
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper)
+    parked = [lot.park(_request(f"w{n}"), 30, Attempt()) for n in range(3)]
+    popper.hold_each = True
+    lot.wake("q", "p1")
+    lot.wake("q", "p2")
+    assert popper.asked == ["w0", "w1"]  # at once, not one round trip after the other
+
+    for n, attempt in enumerate(popper.held):
+        attempt.callback(Attempt(delivery={"m": n}, more=False))
+
+    assert [_answers(p) for p in parked] == [[{"m": 0}], [{"m": 1}], []]
+
+
+def test_wake_ups_beyond_the_parked_pops_start_no_extra_attempts():
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper)
+    parked = lot.park(_request("w0"), 30, Attempt())
+    popper.hold_each = True
+    for n in range(5):
+        lot.wake("q", f"p{n}")
+
+    assert popper.asked == ["w0"]
+    popper.held[0].callback(Attempt(delivery={"m": 0}, more=False))
+    assert _answers(parked) == [{"m": 0}]
+    assert popper.asked == ["w0"]  # nobody left to try for
+
+
+def test_a_wake_up_while_every_pop_has_an_attempt_gets_one_more_after_them():
+    """The attempt that delivers finds no pop free and stops; the wake-up it saw must stay
+    pending for the other attempt, which began before it (caught by tests/test_workers.py
+    across worker processes)."""
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper, initial_ms=60_000)  # no fallback re-check within the test
+    parked = [lot.park(_request(f"w{n}"), 30, Attempt()) for n in range(2)]
+    popper.hold_each = True
+    lot.wake("q", "p1")
+    lot.wake("q", "p2")
+    lot.wake("q", "p3")  # both pops are being tried for: remembered
+    assert popper.asked == ["w0", "w1"]
+
+    popper.held[0].callback(Attempt(delivery={"m": 1}, more=False))
+    popper.held[1].callback(Attempt())  # began before p3 arrived
+
+    assert popper.asked == ["w0", "w1", "w1"]  # so w1 is tried again
+    popper.held[2].callback(Attempt(delivery={"m": 3}))
+    assert [_answers(p) for p in parked] == [[{"m": 1}], [{"m": 3}]]
+
+
+def test_the_soonest_hint_of_concurrent_attempts_sets_the_next_check():
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper, initial_ms=60_000)
+    for n in range(3):
+        lot.park(_request(f"w{n}"), 30, Attempt())
+    popper.hold_each = True
+    lot.wake("q", "p1")
+    lot.wake("q", "p2")
+    popper.held[0].callback(Attempt(retry_in=0.05))  # e.g. a retry cool-down ends soon
+    popper.held[1].callback(Attempt(delivery={"m": 2}, more=False))  # the last: no hint
+
+    clock.advance(0.049)
+    assert len(popper.asked) == 2
+    clock.advance(0.002)
+    assert len(popper.asked) == 3  # looked again when the database said, not in 60 s
 
 
 def test_a_pop_that_left_is_dropped_and_a_delivery_meant_for_it_is_given_back():
