@@ -274,6 +274,7 @@ def pgbench(pg: EmbeddedPostgres, script: str, seconds: float, clients: int) -> 
 
 def raw_push(pg, batch, seconds, clients) -> float:
     psql(pg, RAW_SCHEMA)
+    psql(pg, "CHECKPOINT")
     script = RAW_INSERT.format(payload=json.dumps(PAYLOAD), batch=batch)
     return pgbench(pg, script, seconds, clients) * batch
 
@@ -285,6 +286,7 @@ def raw_consume(pg, batch, seconds, clients) -> float:
          .replace("generate_series(1, {batch})", f"generate_series(1, {prefill}) g")
          .format(payload=json.dumps(PAYLOAD)))
     psql(pg, "VACUUM ANALYZE bench_raw.messages")
+    psql(pg, "CHECKPOINT")
     pgbench(pg, RAW_CONSUME.format(batch=batch), seconds, clients)
     consumed = psql(pg, """SELECT count(*) FROM bench_raw.messages m JOIN bench_raw.cursors c
                              ON c.partition_id = m.partition_id
@@ -336,11 +338,21 @@ def count_stored(pg: EmbeddedPostgres, queue: str) -> int:
         JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = '{queue}'"""))
 
 
+def empty_queen_tables(pg: EmbeddedPostgres) -> None:
+    """Every scenario starts on empty tables, as every raw pgbench run does (RAW_SCHEMA):
+    inserting into indexes grown by the earlier scenarios would cost queen-tw cache misses
+    the raw run never pays. Safe mid-run: the server holds no state about past queues that
+    a later scenario reads (each uses a queue of its own)."""
+    psql(pg, "TRUNCATE queen.queues, queen.messages CASCADE")
+    psql(pg, "CHECKPOINT")  # each measured run, raw or not, starts right after a checkpoint
+
+
 async def measure(args, pg: EmbeddedPostgres, server: ServerProcess) -> List[Dict]:
     rows = []
     sampler = ProcessSampler(server.pid)
     sampler.start()
     for batch in args.batches:
+        empty_queen_tables(pg)
         queue = f"bench-push-{batch}-{int(time.time())}"
         cpu0 = sampler.cpu_seconds()
         push = await run_push(server.port, queue, batch, args.seconds, args.connections)
@@ -350,10 +362,13 @@ async def measure(args, pg: EmbeddedPostgres, server: ServerProcess) -> List[Dic
         push["answered_queued"] = push["messages"]
         rows.append({"op": "push", "batch": batch, **push})
 
+        empty_queen_tables(pg)
         queue = f"bench-consume-{batch}-{int(time.time())}"
         # enough that a run does not drain it (a drained run would understate the rate)
         total = min(max(batch * args.connections * 60, 60_000), 300_000)
         await prefill(server.port, queue, total)
+        psql(pg, "VACUUM ANALYZE queen.messages")  # as the raw consume prepares its table
+        psql(pg, "CHECKPOINT")
         cpu0 = sampler.cpu_seconds()
         consume, unique = await run_consume(server.port, queue, batch, args.seconds,
                                             args.connections)
