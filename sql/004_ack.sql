@@ -21,7 +21,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_key       record;
     v_it        record;
-    v_pc        record;
+    v_pc        queen.partition_consumers%ROWTYPE;  -- typed: read before any row is found
     v_cfg       record;
     v_results   jsonb[] := '{}';  -- by input position + 1; arrays append in place
     v_failure   text;      -- NULL, 'retry' or 'exhausted': what this request did to the delivery
@@ -270,3 +270,4 @@ BEGIN
         'expired', true);
 END
 $$;
+

@@ -728,3 +728,14 @@ def test_lease_extend_of_non_uuid_lease_answers_400(http):
 
     assert answer.status_code == 400
     assert isinstance(answer.json()["error"], str)
+
+
+def test_first_ack_of_a_fresh_session_for_an_unknown_partition_is_message_not_found(server, db):
+    """The first ack_messages call of a new database session, for a partition that does not
+    exist, once failed with 'record "v_pc" is not assigned yet' instead of an answer."""
+    items = [{"transactionId": "never-pushed", "partitionId": str(uuid.uuid4()), "req": 0}]
+    with db.cursor() as cursor:
+        cursor.execute("SELECT queen.ack_messages(%s::jsonb)", (json.dumps(items),))
+        [results] = cursor.fetchone()
+
+    assert [(r["success"], r["error"]) for r in results] == [(False, "Message not found")]
