@@ -82,7 +82,7 @@ def _batcher_options(op: str, preferred: int, hold_ms: int, max_batch: int,
         _opt(f"{op}_max_batch_size", f"{env}_MAX_BATCH_SIZE", "int", max_batch,
              f"{op}: most items in one database call", minimum=1),
         _opt(f"{op}_max_concurrent", f"{env}_MAX_CONCURRENT", "int", concurrent,
-             f"{op}: database calls in flight at once (keep the sum within DB_POOL_SIZE)",
+             f"{op}: database calls in flight at once (all operations share DB_POOL_SIZE)",
              minimum=1),
     )
 
@@ -167,6 +167,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     *_batcher_options("push", preferred=50, hold_ms=20, max_batch=500, concurrent=4),
     *_batcher_options("pop", preferred=20, hold_ms=5, max_batch=200, concurrent=3),
     *_batcher_options("ack", preferred=50, hold_ms=20, max_batch=500, concurrent=3),
+    # One transaction per call and one call at a time, as upstream: concurrent transactions
+    # locking the same partitions in different orders would deadlock each other.
+    *_batcher_options("transaction", preferred=1, hold_ms=0, max_batch=1, concurrent=1),
+    *_batcher_options("renew_lease", preferred=10, hold_ms=100, max_batch=100, concurrent=2),
     _opt("max_pending_items", "QUEEN_MAX_PENDING_ITEMS", "int", 20000,
          "Items queued per operation type while the database is busy; beyond it requests "
          "get 503 with Retry-After", minimum=1),
@@ -250,6 +254,14 @@ class Config:
     ack_max_hold_ms: int
     ack_max_batch_size: int
     ack_max_concurrent: int
+    transaction_preferred_batch_size: int
+    transaction_max_hold_ms: int
+    transaction_max_batch_size: int
+    transaction_max_concurrent: int
+    renew_lease_preferred_batch_size: int
+    renew_lease_max_hold_ms: int
+    renew_lease_max_batch_size: int
+    renew_lease_max_concurrent: int
     max_pending_items: int
     max_body_bytes: int
     encryption_key: bytes | None = dataclasses.field(repr=False)

@@ -185,7 +185,8 @@ def engine_limits(config: Config) -> EngineLimits:
             max_batch_size=getattr(config, f"{op}_max_batch_size"),
             max_concurrent=getattr(config, f"{op}_max_concurrent"),
             max_pending=config.max_pending_items)
-    return EngineLimits(push=limits("push"), pop=limits("pop"), ack=limits("ack"))
+    return EngineLimits(push=limits("push"), pop=limits("pop"), ack=limits("ack"),
+                        transaction=limits("transaction"), renew_lease=limits("renew_lease"))
 
 
 def _pg_fields(pg_env: dict) -> dict:

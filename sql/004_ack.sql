@@ -271,3 +271,11 @@ BEGIN
 END
 $$;
 
+-- Several renewals in one call (the server's renew_lease Batcher): [{leaseId, seconds}] to
+-- extend_lease's answers, in input order.
+CREATE OR REPLACE FUNCTION queen.extend_leases(p_items jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT coalesce(jsonb_agg(queen.extend_lease((t.e->>'leaseId')::uuid, (t.e->>'seconds')::integer)
+                              ORDER BY t.o), '[]'::jsonb)
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+$$;

@@ -77,3 +77,12 @@ BEGIN
                               'partitionUpdates', v_updates);
 END
 $$;
+
+-- Several transactions in one call (the server's transaction Batcher): each one still commits
+-- or rolls back on its own (run_transaction's exception block is a subtransaction); answers in
+-- input order.
+CREATE OR REPLACE FUNCTION queen.run_transactions(p_list jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT coalesce(jsonb_agg(queen.run_transaction(t.p) ORDER BY t.o), '[]'::jsonb)
+      FROM jsonb_array_elements(p_list) WITH ORDINALITY AS t(p, o)
+$$;

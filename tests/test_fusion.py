@@ -19,6 +19,7 @@ from queen_tw.engine.batcher import BatchLimits
 from queen_tw.engine.popper import PopRequest
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.errors import NotFound
 from queen_tw.paths import sql_dir
 from tests.support import count_messages, unique_name
 
@@ -31,7 +32,9 @@ def engine(pg_env, server):
     pytest_twisted.blockon(defer.ensureDeferred(db.connect()))
     limits = EngineLimits(push=BatchLimits(max_concurrent=1, max_hold_ms=5),
                           pop=BatchLimits(max_concurrent=1),
-                          ack=BatchLimits(max_concurrent=1))
+                          ack=BatchLimits(max_concurrent=1),
+                          transaction=BatchLimits(max_concurrent=1, max_batch_size=10),
+                          renew_lease=BatchLimits(max_concurrent=1))
     yield QueueEngine(db, WaiterRegistry(reactor), reactor, None, "fusion-test", PollTiming(),
                       limits)
     db.close()
@@ -98,6 +101,46 @@ async def test_two_fused_failed_acks_of_one_delivery_count_once(engine):
 
     again = await engine.pop(PopRequest(queue=queue, partition=None))
     assert again["messages"][0]["retryCount"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_lease_renewals_are_fused_and_each_gets_its_own_answer(engine):
+    queues = [unique_name() for _ in range(5)]
+    await engine.push([{"queue": q, "payload": q} for q in queues])
+    leases = [(await engine.pop(PopRequest(queue=q, partition=None)))["leaseId"]
+              for q in queues]
+    calls_before = engine.batchers["renew_lease"].calls
+
+    renewals = [defer.ensureDeferred(engine.extend_lease(lease, 120)) for lease in leases]
+    unknown = defer.ensureDeferred(engine.extend_lease(str(uuid.uuid4()), 120))
+    expiries = await defer.gatherResults(renewals)
+    refused = await unknown.addErrback(lambda failure: failure.value)
+
+    assert all(isinstance(expiry, str) and expiry.endswith("Z") for expiry in expiries)
+    assert isinstance(refused, NotFound) and str(refused) == "Lease not found"
+    assert engine.batchers["renew_lease"].calls - calls_before < 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_fused_transactions_commit_or_roll_back_each_on_its_own(engine, db):
+    """Three transactions in one database call: the one whose ack fails rolls back alone."""
+    good, doomed, other = (unique_name() for _ in range(3))
+    calls_before = engine.batchers["transaction"].calls
+
+    def pushing(queue, *more):
+        return defer.ensureDeferred(engine.transaction(
+            [{"type": "push", "items": [{"queue": queue, "payload": queue}]}, *more], []))
+
+    failing_ack = {"type": "ack", "transactionId": "never-pushed",
+                   "partitionId": str(uuid.uuid4()), "status": "completed",
+                   "consumerGroup": None, "leaseId": None, "error": None}
+    outcomes = await defer.gatherResults([pushing(good), pushing(doomed, failing_ack),
+                                          pushing(other)])
+
+    assert [o["success"] for o in outcomes] == [True, False, True]
+    assert outcomes[1]["error"] == "Message not found"
+    assert [count_messages(db, q) for q in (good, doomed, other)] == [1, 0, 1]
+    assert engine.batchers["transaction"].calls - calls_before < 3
 
 
 def test_flooded_server_answers_503_with_retry_after_and_loses_nothing(make_server, db):

@@ -48,6 +48,10 @@ class EngineLimits:
                                    max_concurrent=4)
     ack: BatchLimits = BatchLimits(preferred_size=50, max_hold_ms=20, max_batch_size=500,
                                    max_concurrent=4)
+    transaction: BatchLimits = BatchLimits(preferred_size=1, max_hold_ms=0, max_batch_size=1,
+                                           max_concurrent=1)
+    renew_lease: BatchLimits = BatchLimits(preferred_size=10, max_hold_ms=100,
+                                           max_batch_size=100, max_concurrent=2)
 
 
 def _with_transaction_ids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -110,6 +114,9 @@ class QueueEngine:
             "push": Batcher("push", self._push_batch, clock, limits.push),
             "pop": self.popper.batcher,
             "ack": Batcher("ack", self._ack_batch, clock, limits.ack),
+            "transaction": Batcher("transaction", self._transaction_batch, clock,
+                                   limits.transaction),
+            "renew_lease": Batcher("renew_lease", self._renew_batch, clock, limits.renew_lease),
         }
 
     # -- push ---------------------------------------------------------------------------
@@ -235,10 +242,16 @@ class QueueEngine:
 
     async def extend_lease(self, lease_id: str, seconds: Optional[int]) -> str:
         """Extends every live partition lease of ``lease_id``; returns the earliest expiry."""
-        outcome = await self._db.call("extend_lease", lease_id, seconds)
+        [outcome] = await self.batchers["renew_lease"].submit(
+            [{"leaseId": lease_id, "seconds": seconds}])
         if outcome.get("expiresAt"):
             return outcome["expiresAt"]
         raise NotFound("Lease expired" if outcome["found"] else "Lease not found")
+
+    async def _renew_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
+        """One ``extend_leases`` call for several renewals (one per job)."""
+        outcomes = await self._db.call("extend_leases", [item for job in jobs for item in job])
+        return [[outcome] for outcome in outcomes]
 
     # -- transactions -------------------------------------------------------------------
 
@@ -262,11 +275,18 @@ class QueueEngine:
                     items = await self._encrypt(items)
                 op = dict(op, items=items)
             prepared.append(op)
-        outcome = await self._db.call("run_transaction", {
-            "operations": prepared, "requiredLeases": required_leases})
-        for update in outcome.pop("partitionUpdates", None) or ():
-            self._waiters.notify(update["queue"], update["partition"])
+        [outcome] = await self.batchers["transaction"].submit(
+            [{"operations": prepared, "requiredLeases": required_leases}])
         return outcome
+
+    async def _transaction_batch(self, jobs: List[List[Dict[str, Any]]]
+                                 ) -> List[List[Dict[str, Any]]]:
+        """One ``run_transactions`` call; each transaction commits or rolls back on its own."""
+        outcomes = await self._db.call("run_transactions", [item for job in jobs for item in job])
+        for outcome in outcomes:
+            for update in outcome.pop("partitionUpdates", None) or ():
+                self._waiters.notify(update["queue"], update["partition"])
+        return [[outcome] for outcome in outcomes]
 
     # -- queues -------------------------------------------------------------------------
 
