@@ -10,6 +10,7 @@ DROP FUNCTION IF EXISTS queen.subscribe_scope(jsonb, text);
 -- Answers are built as json (text appended once) instead of jsonb (rebuilt at every nesting).
 DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
 DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
+DROP FUNCTION IF EXISTS queen.pop_batch(jsonb);  -- its answer became one row per request
 
 -- STABLE like to_char inside them, so the planner inlines them (an IMMUTABLE label on a
 -- STABLE body blocks inlining: a function call per message, ~2x slower).
@@ -141,7 +142,8 @@ $$;
 
 -- Tries to deliver from one partition to one group: ``messages`` is the json array handed out
 -- (NULL when the partition is leased, cooling down, in its window, or has nothing due),
--- ``n`` its length and ``last_id`` the last message's id.
+-- ``n`` its length, ``last_id`` the last message's id and ``encrypted_ids`` the messages whose
+-- data the server must decrypt (NULL when none).
 -- p_lease_id NULL means autoAck: the cursor moves at once and no lease remains.
 -- p_lease_seconds > 0 overrides the queue's leaseTime (the SQL-level API's lease_seconds).
 CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p_batch integer,
@@ -149,7 +151,7 @@ CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p
                                                p_lease_seconds integer, p_from timestamptz,
                                                OUT messages json, OUT n integer,
                                                OUT queue_name text, OUT partition_name text,
-                                               OUT last_id uuid)
+                                               OUT last_id uuid, OUT encrypted_ids uuid[])
 LANGUAGE plpgsql AS $$
 DECLARE
     v_part     record;
@@ -201,7 +203,6 @@ BEGIN
                'consumerGroup', p_group,
                'leaseId', coalesce(p_lease_id::text, ''),
                'data', m.payload,
-               'isEncrypted', m.is_encrypted,
                'traceId', m.trace_id,
                'producerSub', m.producer_sub,
                'createdAt', queen.format_ts6(m.created_at),
@@ -209,8 +210,9 @@ BEGIN
              ORDER BY m.created_at, m.id),
            count(*),
            (array_agg(m.created_at ORDER BY m.created_at DESC, m.id DESC))[1],
-           (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1]
-      INTO messages, n, v_last_at, last_id
+           (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1],
+           array_agg(m.id) FILTER (WHERE m.is_encrypted)
+      INTO messages, n, v_last_at, last_id, encrypted_ids
       FROM (SELECT * FROM queen.messages m
              WHERE m.partition_id = p_partition
                AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
@@ -390,12 +392,16 @@ $$;
 
 -- One pop request. p_req: {queue | namespace/task, partition (null = any), consumerGroup,
 -- batch, autoAck, partitions, workerId, leaseSeconds, subscriptionMode, subscriptionFrom}.
--- Returns {success, queue, partition, partitionId, leaseId, consumerGroup, partitionsClaimed,
--- more, messages}; more = another pop may find something right now. When nothing could be
--- delivered messages is empty and retryInMs says when something known falls due. Candidates (2.3.3): partitions with pending work for the group,
--- not leased, not cooling down, outside their window, with a due message; by queue priority,
--- then least recently served (never served first), then id. `batch` caps the whole answer.
-CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb) RETURNS json
+-- ``result``: {success, queue, partition, partitionId, leaseId, consumerGroup,
+-- partitionsClaimed, more, encryptedIds}; more = another pop may find something right now;
+-- encryptedIds = the delivered messages whose data the server decrypts (null when none).
+-- ``messages``: the delivered messages (a json array), kept apart so the server can put
+-- them into its answer without parsing them. When nothing could be delivered messages is
+-- NULL and result.retryInMs says when something known falls due. Candidates (2.3.3):
+-- partitions with pending work for the group, not leased, not cooling down, outside their
+-- window, with a due message; by queue priority, then least recently served (never served
+-- first), then id. `batch` caps the whole answer.
+CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb, OUT result json, OUT messages json)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_group      text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
@@ -414,6 +420,7 @@ DECLARE
     v_first      record;
     v_first_id   uuid;            -- the first claimed partition
     v_parts      json[] := '{}';  -- the message arrays of the claimed partitions
+    v_encrypted  uuid[] := '{}';  -- their messages whose data the server decrypts
     v_count      integer := 0;    -- messages in them
     v_last_id    uuid;
     v_examined   integer := 0;
@@ -438,19 +445,20 @@ BEGIN
                WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
     END IF;
     IF v_queue_ids IS NULL THEN
-        RETURN json_build_object('success', true, 'messages', '[]'::json, 'queues', '[]'::json);
+        result := json_build_object('success', true, 'queues', '[]'::json);
+        RETURN;
     END IF;
     IF array_position(v_froms, NULL) IS NOT NULL THEN
-        RETURN json_build_object('success', true, 'messages', '[]'::json,
-                                 'needsSubscription', true);
+        result := json_build_object('success', true, 'needsSubscription', true);
+        RETURN;
     END IF;
 
     IF p_req->>'partition' IS NOT NULL THEN
         SELECT p.id INTO v_single FROM queen.partitions p
          WHERE p.queue_id = v_queue_ids[1] AND p.name = p_req->>'partition';
         IF NOT FOUND THEN
-            RETURN json_build_object('success', true, 'messages', '[]'::json,
-                                     'queues', to_json(v_names));
+            result := json_build_object('success', true, 'queues', to_json(v_names));
+            RETURN;
         END IF;
         SELECT * INTO v_got FROM queen.pop_partition(v_single, v_group, v_batch, v_lease_id,
                                                      v_worker, v_lease_secs, v_froms[1]);
@@ -458,6 +466,7 @@ BEGIN
             v_first := v_got;
             v_first_id := v_single;
             v_parts := ARRAY[v_got.messages];
+            v_encrypted := v_got.encrypted_ids;
             v_count := v_got.n;
             v_last_id := v_got.last_id;
         END IF;
@@ -495,6 +504,7 @@ BEGIN
                     v_first_id := v_cand.id;
                 END IF;
                 v_parts := v_parts || v_got.messages;
+                v_encrypted := v_encrypted || v_got.encrypted_ids;
                 v_count := v_count + v_got.n;
                 v_last_id := v_got.last_id;
                 v_more := v_cand.total > v_examined;  -- candidates this pop did not look at
@@ -508,10 +518,11 @@ BEGIN
         IF p_req->>'partition' IS NULL AND p_req->>'queue' IS NOT NULL THEN
             PERFORM queen.note_empty_scan(v_names[1], v_group);
         END IF;
-        RETURN json_build_object(
-            'success', true, 'messages', '[]'::json, 'consumerGroup', v_group,
+        result := json_build_object(
+            'success', true, 'consumerGroup', v_group,
             'queues', to_json(v_names),
             'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single));
+        RETURN;
     END IF;
 
     -- With autoAck the last partition is not leased: the batch cap may have left messages
@@ -524,7 +535,7 @@ BEGIN
                AND (m.created_at, m.id) > (last.created_at, last.id));
     END IF;
 
-    RETURN json_build_object(
+    result := json_build_object(
         'success', true,
         'queue', v_first.queue_name,
         'partition', v_first.partition_name,
@@ -533,25 +544,27 @@ BEGIN
         'consumerGroup', v_group,
         'partitionsClaimed', cardinality(v_parts),
         'more', v_more,
-        'messages', CASE WHEN cardinality(v_parts) = 1 THEN v_parts[1]
-                         ELSE (SELECT json_agg(x.e ORDER BY a.k, x.i)
-                                 FROM unnest(v_parts) WITH ORDINALITY AS a(arr, k),
-                                      LATERAL json_array_elements(a.arr) WITH ORDINALITY AS x(e, i))
-                    END);
+        'encryptedIds', CASE WHEN cardinality(v_encrypted) > 0 THEN to_json(v_encrypted) END);
+    messages := CASE WHEN cardinality(v_parts) = 1 THEN v_parts[1]
+                     ELSE (SELECT json_agg(x.e ORDER BY a.k, x.i)
+                             FROM unnest(v_parts) WITH ORDINALITY AS a(arr, k),
+                                  LATERAL json_array_elements(a.arr) WITH ORDINALITY AS x(e, i))
+                END;
 END
 $$;
 
 -- The server's batch entry point: [{idx?, queue, partition, consumerGroup, batch, ...}] (the
--- camelCase keys of pop_request, or the snake_case ones of the SQL-level API) to
--- [{idx, result}] in input order. One request's error does not fail the others.
-CREATE OR REPLACE FUNCTION queen.pop_batch(p_reqs jsonb) RETURNS json
+-- camelCase keys of pop_request, or the snake_case ones of the SQL-level API) to one row per
+-- request, in input order: its idx, pop_request's result and its messages as json text. One
+-- request's error does not fail the others.
+CREATE OR REPLACE FUNCTION queen.pop_batch(p_reqs jsonb)
+RETURNS TABLE (idx integer, result json, messages text)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_req     jsonb;
-    v_idx     integer := 0;
+    v_n       integer := 0;
     v_norm    jsonb;
-    v_result  json;
-    v_out     json[] := '{}';
+    v_popped  record;
 BEGIN
     FOR v_req IN SELECT e FROM jsonb_array_elements(p_reqs) e LOOP
         v_norm := jsonb_strip_nulls(jsonb_build_object(
@@ -568,22 +581,33 @@ BEGIN
             'subscriptionMode', coalesce(v_req->>'subscriptionMode', v_req->>'sub_mode'),
             'subscriptionFrom', coalesce(v_req->>'subscriptionFrom', v_req->>'sub_from'),
             'deferSubscription', v_req->'deferSubscription'));
+        idx := coalesce((v_req->>'idx')::integer, v_n);
         BEGIN
-            v_result := queen.pop_request(v_norm);
+            SELECT * INTO v_popped FROM queen.pop_request(v_norm);
+            result := v_popped.result;
+            messages := v_popped.messages::text;
         EXCEPTION WHEN others THEN
-            v_result := json_build_object('success', false, 'error', SQLERRM,
-                                          'messages', '[]'::json);
+            result := json_build_object('success', false, 'error', SQLERRM);
+            messages := NULL;
         END;
-        v_out := v_out || json_build_object(
-            'idx', coalesce((v_req->>'idx')::integer, v_idx), 'result', v_result);
-        v_idx := v_idx + 1;
+        RETURN NEXT;
+        v_n := v_n + 1;
     END LOOP;
-    RETURN array_to_json(v_out);
 END
 $$;
 
--- The SQL-level API of WIRE.md 7.2: pop_batch with a jsonb answer.
+-- The SQL-level API of WIRE.md 7.2: [{idx, result}] with the messages inside each result
+-- (each with its isEncrypted flag), as jsonb.
 CREATE OR REPLACE FUNCTION queen.pop_specific_batch(p_reqs jsonb) RETURNS jsonb
 LANGUAGE sql AS $$
-    SELECT queen.pop_batch(p_reqs)::jsonb
+    SELECT coalesce(jsonb_agg(jsonb_build_object('idx', b.idx, 'result',
+               (b.result::jsonb - 'encryptedIds') || jsonb_build_object('messages', coalesce(
+                   (SELECT jsonb_agg(m || jsonb_build_object('isEncrypted',
+                               coalesce(b.result::jsonb->'encryptedIds', '[]'::jsonb) ? (m->>'id'))
+                                     ORDER BY i)
+                      FROM jsonb_array_elements(b.messages::jsonb) WITH ORDINALITY AS x(m, i)),
+                   '[]'::jsonb)))
+             ORDER BY b.n), '[]'::jsonb)
+      FROM queen.pop_batch(p_reqs) WITH ORDINALITY AS b(idx, result, messages, n)
 $$;
+

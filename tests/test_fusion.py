@@ -74,13 +74,13 @@ async def test_concurrent_pops_and_acks_are_fused_and_each_gets_its_own_answer(e
             for q in queues]
     deliveries = await defer.gatherResults(pops)
 
-    assert [d["messages"][0]["data"] for d in deliveries] == queues
+    firsts = [d.message_list()[0] for d in deliveries]
+    assert [m["data"] for m in firsts] == queues
     assert engine.batchers["pop"].calls - calls_before < 10
     acks = [defer.ensureDeferred(engine.ack([{
-        "transactionId": d["messages"][0]["transactionId"],
-        "partitionId": d["messages"][0]["partitionId"], "leaseId": d["leaseId"],
-        "status": "completed", "consumerGroup": None, "error": None, "index": 0}]))
-        for d in deliveries]
+        "transactionId": m["transactionId"], "partitionId": m["partitionId"],
+        "leaseId": d["leaseId"], "status": "completed", "consumerGroup": None, "error": None,
+        "index": 0}])) for d, m in zip(deliveries, firsts)]
     answers = await defer.gatherResults(acks)
     assert all(a[0]["success"] and a[0]["leaseReleased"] for a in answers)
 
@@ -93,14 +93,29 @@ async def test_two_fused_failed_acks_of_one_delivery_count_once(engine):
     await engine.configure(queue, "", "", {"retryLimit": 5, "retryDelay": 0})
     await engine.push([{"queue": queue}])
     delivery = await engine.pop(PopRequest(queue=queue, partition=None))
-    message = delivery["messages"][0]
+    message = delivery.message_list()[0]
     failed = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
               "status": "failed", "consumerGroup": None, "leaseId": None, "error": None,
               "index": 0}
     await defer.gatherResults([defer.ensureDeferred(engine.ack([failed])) for _ in range(2)])
 
     again = await engine.pop(PopRequest(queue=queue, partition=None))
-    assert again["messages"][0]["retryCount"] == 1
+    assert again.message_list()[0]["retryCount"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_whose_client_left_is_given_back_at_once(engine):
+    """The messages of a pop answer stay PostgreSQL's unparsed text; giving a delivery back
+    still reads them to release the lease, so the next pop gets the same messages."""
+    queue = unique_name()
+    await engine.push([{"queue": queue, "payload": n} for n in range(3)])
+
+    gone = await engine.pop(PopRequest(queue=queue, partition=None, batch=3),
+                            gone=defer.succeed(None))
+    again = await engine.pop(PopRequest(queue=queue, partition=None, batch=3))
+
+    assert gone is None
+    assert [m["data"] for m in again.message_list()] == [0, 1, 2]
 
 
 @pytest_twisted.ensureDeferred

@@ -446,6 +446,23 @@ def test_encrypted_queue_pops_plaintext(encrypting):
     assert delivery["messages"][0]["data"] == payload
 
 
+def test_a_batch_mixing_plaintext_and_encrypted_messages_pops_both_readable(encrypting):
+    """Messages stored before a queue turned encryption on stay plaintext; one pop may hand
+    out both kinds, and only the encrypted ones are decrypted."""
+    queue = unique_name()
+    configure(encrypting, queue, {})
+    push(encrypting, queue, [{"n": "plain"}])
+    configure(encrypting, queue, {"encryptionEnabled": True})
+    answer = encrypting.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": {"n": "secret"}, "transactionId": "e0"}]})
+    assert answer.status_code == 201, answer.text
+
+    delivery = pop(encrypting, queue, batch=5)
+
+    assert [m["data"] for m in delivery["messages"]] == [{"n": "plain"}, {"n": "secret"}]
+    assert all("isEncrypted" not in m for m in delivery["messages"])
+
+
 @pytest.mark.parametrize("payload", [None, {}, "text", 0])
 def test_encrypted_queue_round_trips_edge_payloads(encrypting, payload):
     queue = unique_name()

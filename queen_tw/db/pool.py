@@ -18,7 +18,7 @@ Faults, and what the pool does about them:
   because their transactionIds are fixed before any attempt and the buffer replay dedupes.
 """
 
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import psycopg2
 from twisted.internet import defer, error
@@ -186,7 +186,7 @@ class Database:
         self._reactor = reactor
         self._call_deadline = call_deadline
         self._pool: Optional[_Pool] = None
-        self._statements: Dict[Tuple[str, Tuple[bool, ...]], str] = {}
+        self._statements: Dict[Tuple[str, Tuple[bool, ...], str], str] = {}
 
     @property
     def size(self) -> int:
@@ -223,20 +223,29 @@ class Database:
         dicts and lists are sent as jsonb. A lost or hung database becomes
         ``DatabaseUnavailable``.
         """
+        rows = await self._run(function, args, "SELECT queen.{}({})")
+        return rows[0][0]
+
+    async def call_rows(self, function: str, *args: Any) -> List[Tuple[Any, ...]]:
+        """Runs ``SELECT * FROM queen.<function>(args…)`` (a set-returning function) and
+        returns its rows; otherwise as :meth:`call`."""
+        return await self._run(function, args, "SELECT * FROM queen.{}({})")
+
+    async def _run(self, function: str, args: Tuple[Any, ...], shape: str
+                   ) -> List[Tuple[Any, ...]]:
         if self._pool is None:
             raise DatabaseUnavailable("Database unavailable")
-        sql = self._statement(function, args)
+        sql = self._statement(function, args, shape)
         params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
         try:
-            rows = await self._pool.run_query_within(self._call_deadline, sql, params)
+            return await self._pool.run_query_within(self._call_deadline, sql, params)
         except DeadlineExceeded as err:
             log.warn("database call {function}: {error}", function=function, error=err)
             raise
         except _DEAD as err:
             log.warn("database call {function} failed: {error}", function=function, error=err)
             raise DatabaseUnavailable("Database unavailable") from err
-        return rows[0][0]
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when PostgreSQL answers ``SELECT 1`` within ``timeout`` seconds."""
@@ -248,11 +257,11 @@ class Database:
             return False
         return rows[0][0] == 1
 
-    def _statement(self, function: str, args: Tuple[Any, ...]) -> str:
-        shape = tuple(isinstance(a, (dict, list)) for a in args)
-        key = (function, shape)
+    def _statement(self, function: str, args: Tuple[Any, ...], shape: str) -> str:
+        kinds = tuple(isinstance(a, (dict, list)) for a in args)
+        key = (function, kinds, shape)
         sql = self._statements.get(key)
         if sql is None:
-            placeholders = ", ".join("%s::jsonb" if is_json else "%s" for is_json in shape)
-            sql = self._statements[key] = f"SELECT queen.{function}({placeholders})"
+            placeholders = ", ".join("%s::jsonb" if is_json else "%s" for is_json in kinds)
+            sql = self._statements[key] = shape.format(function, placeholders)
         return sql

@@ -15,11 +15,13 @@ the database said when something falls due (a retry cool-down or a lease ends, a
 message or a window buffer matures).
 """
 
+import json
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -36,7 +38,23 @@ QUEUE_MODE = "__QUEUE_MODE__"
 # by one; one attempt at a time would make every other released partition wait a round trip.
 MAX_ATTEMPTS_PER_LOT = 8
 
-Delivery = Dict[str, Any]
+
+
+class Delivery(dict):
+    """A pop's answer body. Its ``messages`` are PostgreSQL's json text, put into the HTTP
+    answer as they are (``orjson.Fragment``): parsing and re-encoding 100 messages was most
+    of a pop's cost in the server. :meth:`message_list` parses them when something needs
+    to look inside (giving a delivery back); deliveries with encrypted messages are parsed
+    and decrypted up front and carry a list."""
+
+    def __init__(self, fields: Dict[str, Any], messages: Any, text: Optional[str] = None):
+        super().__init__(fields, messages=messages)
+        self._text = text
+
+    def message_list(self) -> List[Dict[str, Any]]:
+        if self._text is not None:
+            return json.loads(self._text)
+        return self["messages"]
 LotKey = Tuple[Optional[str], Optional[str], Optional[str], Optional[str], str]
 
 
@@ -110,7 +128,7 @@ class Popper:
     :param worker_id: stamped on leases.
     :param poll_timing: fallback timer of parked pops.
     :param limits: pop Batcher limits.
-    :param decrypt: turns a stored message's ``data`` back into plaintext, in place.
+    :param decrypt: turns an encrypted message's ``data`` back into plaintext, in place.
     :param give_back: releases the leases of a delivery nobody will receive.
     :param paused: True while pop maintenance is on (every pop answers "nothing" at once).
     """
@@ -198,15 +216,20 @@ class Popper:
             log.warn("pop on {queue} failed: {error}", queue=request.queue or request.namespace,
                      error=result.get("error"))
             return Attempt()
-        if not result["messages"]:
+        text = result.pop("messages", None)
+        if not text:
             retry_in = result.get("retryInMs")
             return Attempt(retry_in=max(retry_in, 1) / 1000.0 if retry_in is not None else None,
                            queues=result.get("queues"))
-        for message in result["messages"]:
-            self._decrypt(message)
-        result.pop("queues", None)
-        result.pop("retryInMs", None)
-        return Attempt(delivery=result, more=result.pop("more", True))
+        more = result.pop("more", True)
+        encrypted = set(result.pop("encryptedIds", None) or ())
+        if encrypted:
+            messages = json.loads(text)
+            for message in messages:
+                if message["id"] in encrypted:
+                    self._decrypt(message)
+            return Attempt(delivery=Delivery(result, messages), more=more)
+        return Attempt(delivery=Delivery(result, orjson.Fragment(text), text), more=more)
 
     def close(self) -> None:
         """Answers every parked pop now (the server stops)."""
@@ -237,10 +260,11 @@ class Popper:
         await self._give_back(delivery)
 
     async def _pop_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
-        """One ``pop_batch`` call for several pop requests (one request per job)."""
+        """One ``pop_batch`` call for several pop requests (one request per job); each
+        result carries its messages as json text under ``messages``."""
         requests = [dict(job[0], idx=n) for n, job in enumerate(jobs)]
-        answers = await self._db.call("pop_batch", requests)
-        by_idx = {answer["idx"]: answer["result"] for answer in answers}
+        rows = await self._db.call_rows("pop_batch", requests)
+        by_idx = {idx: dict(result, messages=messages) for idx, result, messages in rows}
         return [[by_idx[n]] for n in range(len(jobs))]
 
 

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
 from queen_tw.engine.batcher import Batcher, BatchLimits
-from queen_tw.engine.popper import QUEUE_MODE, Popper, PollTiming, PopRequest
+from queen_tw.engine.popper import QUEUE_MODE, Delivery, Popper, PollTiming, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
 
@@ -108,7 +108,7 @@ class QueueEngine:
         self.failover = failover
         self._push_shards = push_shards
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
-                             decrypt=lambda message: self._decrypt_in_place(message, "data"),
+                             decrypt=lambda message: self._decrypt_field(message, "data"),
                              give_back=self._give_back, paused=pop_paused)
         self.batchers = {
             "push": Batcher("push", self._push_batch, clock, limits.push),
@@ -197,25 +197,30 @@ class QueueEngine:
     # -- pop ----------------------------------------------------------------------------
 
     async def pop(self, request: PopRequest, gone: Optional[defer.Deferred] = None
-                  ) -> Optional[Dict[str, Any]]:
+                  ) -> Optional[Delivery]:
         """See :meth:`Popper.pop`."""
         return await self.popper.pop(request, gone)
 
-    async def _give_back(self, delivery: Dict[str, Any]) -> None:
+    async def _give_back(self, delivery: Delivery) -> None:
         """Releases the leases of a delivery nobody will receive (counter untouched)."""
         if not delivery.get("leaseId"):
             return
         await self.ack([
             {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
              "status": "retry", "consumerGroup": m["consumerGroup"], "leaseId": m["leaseId"]}
-            for m in delivery["messages"]])
+            for m in delivery.message_list()])
 
     def _decrypt_in_place(self, row: Dict[str, Any], field: str) -> None:
-        if row.pop("isEncrypted", False) and self._cipher is not None:
-            try:
-                row[field] = self._cipher.decrypt(row[field])
-            except Exception as err:  # wrong key or tampered row: hand out what is stored
-                log.error("cannot decrypt message {id}: {error}", id=row.get("id"), error=err)
+        if row.pop("isEncrypted", False):
+            self._decrypt_field(row, field)
+
+    def _decrypt_field(self, row: Dict[str, Any], field: str) -> None:
+        if self._cipher is None:
+            return
+        try:
+            row[field] = self._cipher.decrypt(row[field])
+        except Exception as err:  # wrong key or tampered row: hand out what is stored
+            log.error("cannot decrypt message {id}: {error}", id=row.get("id"), error=err)
 
     # -- ack and leases -----------------------------------------------------------------
 
