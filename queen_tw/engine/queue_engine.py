@@ -40,18 +40,14 @@ class PushFailover(Protocol):
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Batcher limits per fused operation type."""
+    """Batcher limits per fused operation type; the defaults live in the option table
+    (``QUEEN_<TYPE>_*`` in queen_tw/config.py, see service.engine_limits)."""
 
-    push: BatchLimits = BatchLimits(preferred_size=50, max_hold_ms=20, max_batch_size=500,
-                                    max_concurrent=8)
-    pop: BatchLimits = BatchLimits(preferred_size=20, max_hold_ms=5, max_batch_size=100,
-                                   max_concurrent=4)
-    ack: BatchLimits = BatchLimits(preferred_size=50, max_hold_ms=20, max_batch_size=500,
-                                   max_concurrent=4)
-    transaction: BatchLimits = BatchLimits(preferred_size=1, max_hold_ms=0, max_batch_size=1,
-                                           max_concurrent=1)
-    renew_lease: BatchLimits = BatchLimits(preferred_size=10, max_hold_ms=100,
-                                           max_batch_size=100, max_concurrent=2)
+    push: BatchLimits
+    pop: BatchLimits
+    ack: BatchLimits
+    transaction: BatchLimits
+    renew_lease: BatchLimits
 
 
 def _with_transaction_ids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -98,7 +94,7 @@ class QueueEngine:
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  cipher: Optional[PayloadCipher], worker_id: str, poll_timing: PollTiming,
-                 limits: EngineLimits = EngineLimits(),
+                 limits: EngineLimits,
                  failover: Optional[PushFailover] = None, push_shards: int = 4,
                  pop_paused: Callable[[], bool] = lambda: False):
         self._db = db
