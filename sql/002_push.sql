@@ -48,179 +48,281 @@ DROP FUNCTION IF EXISTS queen.push_messages_core(jsonb);  -- its answer type cha
 
 -- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?}]
 -- (camelCase keys, as the HTTP body; the server validates types before calling).
--- Returns {"items": [per-item result, in input order], "partition_updates": [...]}, built as
--- json (text appended once; jsonb would be built, then re-walked to print it).
-CREATE OR REPLACE FUNCTION queen.push_messages_core(p_items jsonb) RETURNS json
-LANGUAGE plpgsql AS $$
+-- Returns a compact answer the caller expands (the server in Python, push_messages_core below
+-- in SQL), so PostgreSQL builds no object per item. Items are named by their index:
+--   {"stored": [indexes stored], "ids": [their message ids, aligned],
+--    "duplicates": [indexes answered duplicate], "duplicateIds": [the ids they answer with],
+--    "refused": [indexes over maxSize], "maxSize": {queue: n} (with refusals),
+--    "partitions": [[partition id, queue, partition] of every partition named],
+--    "updated": [ids of the partitions that got messages]}
+-- An item without transactionId gets a random one here; callers that must name it in their
+-- answer (the server, push_messages_core) give every item its id first.
+-- Generic plans: the statements' shapes do not depend on the values, and planning them anew
+-- for each call cost a push of one item a quarter of its database time.
+CREATE OR REPLACE FUNCTION queen.push_store(p_items jsonb) RETURNS json
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_now     timestamptz;
-    v_results json;
-    v_updates json;
     v_pair_queues text[];
     v_pair_parts  text[];
     v_queue_names text[];
-    v_wanted  bigint;
-    v_queues  bigint;
-    v_locked  bigint;
-    v_attempt integer;
+    v_part_ids    uuid[];
+    v_part_queues text[];
+    v_part_names  text[];
+    v_last        timestamptz;
+    v_base        timestamptz;
+    v_wanted      bigint;
+    v_found       bigint;
+    v_locked      bigint;
+    v_attempt     integer;
+    v_capped      boolean;
+    v_refused     integer[] := '{}';
+    v_stored_at   integer[];
+    v_stored_ids  uuid[];
+    v_dup_at      integer[] := '{}';
+    v_dup_ids     uuid[] := '{}';
+    v_updated     uuid[];
+    v_answer      json;
 BEGIN
     IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
-        RETURN json_build_object('items', '[]'::json, 'partition_updates', '[]'::json);
+        RETURN '{"stored": [], "ids": [], "duplicates": [], "duplicateIds": [], "refused": [],
+                 "partitions": [], "updated": []}'::json;
     END IF;
 
     -- The (queue, partition) pairs, read from the items once.
     SELECT array_agg(q), array_agg(p) INTO v_pair_queues, v_pair_parts
       FROM (SELECT DISTINCT e->>'queue' AS q, coalesce(e->>'partition', 'Default') AS p
               FROM jsonb_array_elements(p_items) e) pairs;
-    v_queue_names := ARRAY(SELECT DISTINCT unnest(v_pair_queues));
     v_wanted := cardinality(v_pair_queues);
-    v_queues := cardinality(v_queue_names);
-    -- Create what is missing, then lock. A queue deleted or an idle partition cleaned up
-    -- between the two steps would silently drop items, so count what was locked and go
-    -- again when something vanished.
+    -- Usually every partition exists already: then nothing is created and only the locks below
+    -- are taken.
+    SELECT count(*) INTO v_found
+      FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
+     WHERE (qu.name, p.name) IN (SELECT * FROM unnest(v_pair_queues, v_pair_parts));
+
     FOR v_attempt IN 1..5 LOOP
-        INSERT INTO queen.queues (name, namespace, task)
-        SELECT q, queen.namespace_of(q), queen.task_of(q)
-          FROM unnest(v_queue_names) AS s(q)
-         WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
-        ON CONFLICT (name) DO NOTHING;
-
-        -- KEY SHARE keeps the queues from being deleted under us until commit.
-        PERFORM 1 FROM queen.queues qu
-         WHERE qu.name = ANY(v_queue_names)
-         ORDER BY qu.id FOR KEY SHARE;
-        GET DIAGNOSTICS v_locked = ROW_COUNT;
-        CONTINUE WHEN v_locked <> v_queues;
-
-        INSERT INTO queen.partitions (queue_id, name)
-        SELECT qu.id, w.p
-          FROM unnest(v_pair_queues, v_pair_parts) AS w(q, p)
-          JOIN queen.queues qu ON qu.name = w.q
-         WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
-                            WHERE x.queue_id = qu.id AND x.name = w.p)
-        ON CONFLICT (queue_id, name) DO NOTHING;
+        IF v_found <> v_wanted OR v_attempt > 1 THEN
+            -- Create what is missing, under KEY SHARE so no queue is deleted under us until
+            -- commit. A queue deleted or an idle partition cleaned up between this and the
+            -- lock below would silently drop items: the lock counts, and we go again.
+            v_queue_names := ARRAY(SELECT DISTINCT unnest(v_pair_queues));
+            INSERT INTO queen.queues (name, namespace, task)
+            SELECT q, queen.namespace_of(q), queen.task_of(q)
+              FROM unnest(v_queue_names) AS s(q)
+             WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
+            ON CONFLICT (name) DO NOTHING;
+            PERFORM 1 FROM queen.queues qu
+             WHERE qu.name = ANY(v_queue_names)
+             ORDER BY qu.id FOR KEY SHARE;
+            GET DIAGNOSTICS v_locked = ROW_COUNT;
+            CONTINUE WHEN v_locked <> cardinality(v_queue_names);
+            INSERT INTO queen.partitions (queue_id, name)
+            SELECT qu.id, w.p
+              FROM unnest(v_pair_queues, v_pair_parts) AS w(q, p)
+              JOIN queen.queues qu ON qu.name = w.q
+             WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
+                                WHERE x.queue_id = qu.id AND x.name = w.p)
+            ON CONFLICT (queue_id, name) DO NOTHING;
+        END IF;
 
         -- Lock capacity-limited queues, then the partitions, always in id order (no deadlocks).
         -- Holding the partition lock to commit serialises pushes per partition: dedupe sees every
-        -- committed message and order keys grow in commit order.
+        -- committed message and order keys grow in commit order. The newest order key is read
+        -- under the lock, so it is the last committed one.
         PERFORM 1 FROM queen.queues qu
-         WHERE qu.max_size > 0 AND qu.name = ANY(v_queue_names)
+         WHERE qu.max_size > 0 AND qu.name = ANY(v_pair_queues)
          ORDER BY qu.id FOR NO KEY UPDATE;
-        PERFORM 1 FROM queen.partitions p
-          JOIN queen.queues qu ON qu.id = p.queue_id
-         WHERE (qu.name, p.name) IN (SELECT w.q, w.p
-                                       FROM unnest(v_pair_queues, v_pair_parts) AS w(q, p))
-         ORDER BY p.id FOR NO KEY UPDATE OF p;
-        GET DIAGNOSTICS v_locked = ROW_COUNT;
+        v_capped := FOUND;
+        SELECT count(*), array_agg(l.id), array_agg(l.queue_name), array_agg(l.name),
+               max(l.last_message_at)
+          INTO v_locked, v_part_ids, v_part_queues, v_part_names, v_last
+          FROM (SELECT p.id, qu.name AS queue_name, p.name, p.last_message_at
+                  FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
+                 WHERE (qu.name, p.name) IN (SELECT * FROM unnest(v_pair_queues, v_pair_parts))
+                 ORDER BY p.id FOR NO KEY UPDATE OF p) l;
         EXIT WHEN v_locked = v_wanted;
     END LOOP;
     IF v_locked IS DISTINCT FROM v_wanted THEN
         RAISE EXCEPTION 'push: % of % partitions could not be created and locked', v_locked, v_wanted;
     END IF;
 
-    v_now := clock_timestamp();
+    IF v_capped THEN
+        v_refused := queen.push_refusals(p_items, v_part_ids, v_part_queues, v_part_names);
+    END IF;
 
-    -- One pass, no joins between CTEs (their row estimates are poor and nested loops over
-    -- them go quadratic): each item row carries everything its answer needs, computed with
-    -- window functions in array order.
-    WITH items AS (
-        SELECT (t.o - 1)::int AS idx,
-               t.e->>'queue' AS queue_name,
-               coalesce(t.e->>'partition', 'Default') AS partition_name,
+    -- Order keys: one base for the whole call, later than the newest message of every partition
+    -- it locked, plus the item's position in microseconds, so array order is kept within each
+    -- partition and every key is unique within the call (it names the item in RETURNING).
+    v_base := greatest(clock_timestamp(), v_last + interval '1 microsecond');
+
+    -- One pass: a duplicate (stored before, or earlier in this array) is left out by the unique
+    -- key, not probed for first. RETURNING names each stored item by its order key (base + its
+    -- position). No CTE is joined to another: their row estimates are poor, and nested loops
+    -- over them go quadratic.
+    WITH placed AS (
+        SELECT t.o - 1 AS idx, lp.id AS partition_id,
                CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
                coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
                nullif(t.e->>'traceId', '')::uuid AS trace_id,
                nullif(t.e->>'producerSub', '') AS producer_sub,
                coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted
           FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
-    ), resolved AS (
-        SELECT i.*, p.id AS partition_id, qu.id AS queue_id, qu.max_size, p.last_message_at,
-               (SELECT m.id FROM queen.messages m
-                 WHERE m.partition_id = p.id AND m.transaction_id = i.txid) AS existing_id,
-               row_number() OVER (PARTITION BY p.id, i.txid ORDER BY i.idx) = 1 AS is_first
-          FROM items i
-          JOIN queen.queues qu ON qu.name = i.queue_name
-          JOIN queen.partitions p ON p.queue_id = qu.id AND p.name = i.partition_name
-    ), room AS (
-        SELECT qu.id AS queue_id,
-               qu.max_size - coalesce((SELECT sum(p.message_count) FROM queen.partitions p
-                                        WHERE p.queue_id = qu.id), 0) AS free
-          FROM queen.queues qu
-         WHERE qu.max_size > 0 AND qu.id IN (SELECT queue_id FROM resolved)
-    ), ranked AS (
-        SELECT r.*,
-               r.existing_id IS NULL AND r.is_first AS wants_insert,
-               count(*) FILTER (WHERE r.existing_id IS NULL AND r.is_first)
-                   OVER (PARTITION BY r.queue_id ORDER BY r.idx) AS queue_rank
-          FROM resolved r
-    ), planned AS (
-        SELECT k.*,
-               k.wants_insert AND (k.max_size = 0 OR k.queue_rank <=
-                   (SELECT free FROM room WHERE room.queue_id = k.queue_id)) AS is_new
-          FROM ranked k
-    ), stamped AS (
-        SELECT x.*,
-               CASE WHEN x.is_new THEN queen.uuid_v7(x.created_at) END AS new_id
-          FROM (SELECT pl.*,
-                       greatest(v_now, coalesce(pl.last_message_at, '-infinity') + interval '1 microsecond')
-                       + (count(*) FILTER (WHERE pl.is_new)
-                              OVER (PARTITION BY pl.partition_id ORDER BY pl.idx) - 1)
-                         * interval '1 microsecond' AS created_at
-                  FROM planned pl) x
-    ), answered AS (
-        SELECT st.*,
-               coalesce(st.existing_id,
-                        first_value(st.new_id) OVER (PARTITION BY st.partition_id, st.txid
-                                                     ORDER BY st.idx)) AS message_id
-          FROM stamped st
+          JOIN unnest(v_part_ids, v_part_queues, v_part_names) AS lp(id, queue_name, name)
+            ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
+         WHERE t.o - 1 <> ALL (v_refused)
     ), inserted AS (
         INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
                                     producer_sub, is_encrypted, created_at)
-        SELECT a.new_id, a.partition_id, a.txid, a.payload, a.trace_id, a.producer_sub,
-               a.is_encrypted, a.created_at
-          FROM answered a
-         WHERE a.is_new
+        SELECT queen.uuid_v7(v_base + pl.idx * interval '1 microsecond'), pl.partition_id,
+               pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
+               v_base + pl.idx * interval '1 microsecond'
+          FROM placed pl
+         ORDER BY pl.idx  -- within one array the first occurrence of a transactionId wins
+        ON CONFLICT (partition_id, transaction_id) DO NOTHING
+        RETURNING id, partition_id, created_at
     ), newest AS (
         UPDATE queen.partitions p
-           SET last_message_at = n.created_at,
-               last_message_id = n.new_id,
+           SET last_message_at = n.last_at,
+               last_message_id = n.last_id,
                message_count = p.message_count + n.cnt,
-               last_activity = v_now
-          FROM (SELECT DISTINCT ON (partition_id) partition_id, created_at, new_id,
-                       count(*) OVER (PARTITION BY partition_id) AS cnt
-                  FROM answered
-                 WHERE is_new
-                 ORDER BY partition_id, created_at DESC) n
+               last_activity = clock_timestamp()
+          FROM (SELECT ins.partition_id, max(ins.created_at) AS last_at, count(*) AS cnt,
+                       (array_agg(ins.id ORDER BY ins.created_at DESC))[1] AS last_id
+                  FROM inserted ins GROUP BY ins.partition_id) n
          WHERE p.id = n.partition_id
-        RETURNING p.id, p.name, p.queue_id
+        RETURNING p.id
     )
-    SELECT (SELECT json_agg(CASE
-                 WHEN a.is_new THEN json_build_object(
-                     'index', a.idx, 'status', 'queued', 'transaction_id', a.txid,
-                     'message_id', a.message_id, 'partition_id', a.partition_id,
-                     'trace_id', a.trace_id, 'queueName', a.queue_name)
-                 WHEN a.message_id IS NOT NULL THEN json_build_object(
-                     'index', a.idx, 'status', 'duplicate', 'transaction_id', a.txid,
-                     'message_id', a.message_id, 'queueName', a.queue_name)
-                 ELSE json_build_object(
-                     'index', a.idx, 'status', 'failed', 'queue', a.queue_name,
-                     'partition', a.partition_name, 'transaction_id', a.txid,
-                     'error', format('Queue %s has reached its max capacity (%s messages)',
-                                     a.queue_name, a.max_size))
-               END ORDER BY a.idx) FROM answered a),
-           (SELECT coalesce(json_agg(json_build_object(
-                       'queue', qu.name, 'partition', n.name, 'partitionId', n.id)), '[]'::json)
-              FROM newest n JOIN queen.queues qu ON qu.id = n.queue_id)
-      INTO v_results, v_updates;
+    SELECT coalesce(array_agg((extract(epoch FROM ins.created_at - v_base) * 1000000)::int), '{}'),
+           coalesce(array_agg(ins.id), '{}'),
+           (SELECT coalesce(array_agg(n.id), '{}') FROM newest n)
+      INTO v_stored_at, v_stored_ids, v_updated
+      FROM inserted ins;
 
-    -- Worker processes of one server wake each other's long polls (cluster/pg_wakeups.py).
-    IF current_setting('queen.wakeup', true) = 'on' THEN
-        PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), u->>'queue', u->>'partition',
-                                                    current_setting('application_name')))
-           FROM json_array_elements(v_updates) u;
+    -- The items neither stored nor refused are duplicates: they answer with the id of the
+    -- message stored before, or earlier in this array (visible now to a new statement).
+    IF cardinality(v_stored_at) + cardinality(v_refused) < jsonb_array_length(p_items) THEN
+        SELECT coalesce(array_agg(d.idx), '{}'), coalesce(array_agg(m.id), '{}')
+          INTO v_dup_at, v_dup_ids
+          FROM (SELECT t.o - 1 AS idx, t.e
+                  FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+                 WHERE t.o - 1 <> ALL (v_refused) AND t.o - 1 <> ALL (v_stored_at)) d
+          JOIN unnest(v_part_ids, v_part_queues, v_part_names) AS lp(id, queue_name, name)
+            ON lp.queue_name = d.e->>'queue' AND lp.name = coalesce(d.e->>'partition', 'Default')
+          JOIN queen.messages m ON m.partition_id = lp.id
+                               AND m.transaction_id = d.e->>'transactionId';
     END IF;
 
-    RETURN json_build_object('items', v_results, 'partition_updates', v_updates);
+    v_answer := json_build_object(
+        'stored', to_json(v_stored_at), 'ids', to_json(v_stored_ids),
+        'duplicates', to_json(v_dup_at), 'duplicateIds', to_json(v_dup_ids),
+        'refused', to_json(v_refused),
+        'partitions', (SELECT json_agg(json_build_array(lp.id, lp.queue_name, lp.name))
+                         FROM unnest(v_part_ids, v_part_queues, v_part_names)
+                              AS lp(id, queue_name, name)),
+        'updated', to_json(v_updated),
+        'maxSize', CASE WHEN cardinality(v_refused) > 0 THEN
+                       (SELECT json_object_agg(qu.name, qu.max_size) FROM queen.queues qu
+                         WHERE qu.name = ANY(v_pair_queues) AND qu.max_size > 0) END);
+
+    -- Worker processes of one server wake each other's long polls (cluster/pg_wakeups.py).
+    IF cardinality(v_updated) > 0 AND current_setting('queen.wakeup', true) = 'on' THEN
+        PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), lp.queue_name, lp.name,
+                                                    current_setting('application_name')))
+           FROM unnest(v_part_ids, v_part_queues, v_part_names) AS lp(id, queue_name, name)
+          WHERE lp.id = ANY(v_updated);
+    END IF;
+    RETURN v_answer;
+END
+$$;
+
+-- maxSize (WIRE.md 9.5): the indexes of the items a capacity-limited queue has no room for,
+-- counting only the items that would be stored (not duplicates), in array order. The caller
+-- holds the queue's lock, so the room cannot change until it commits.
+CREATE OR REPLACE FUNCTION queen.push_refusals(p_items jsonb, p_part_ids uuid[],
+                                               p_part_queues text[], p_part_names text[])
+RETURNS integer[]
+LANGUAGE sql STABLE AS $$
+    WITH items AS (
+        SELECT (t.o - 1)::int AS idx, lp.id AS partition_id, qu.id AS queue_id, qu.max_size,
+               nullif(t.e->>'transactionId', '') AS txid
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+          JOIN unnest(p_part_ids, p_part_queues, p_part_names) AS lp(id, queue_name, name)
+            ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
+          JOIN queen.queues qu ON qu.name = lp.queue_name
+         WHERE qu.max_size > 0
+    ), fresh AS (
+        SELECT i.*,
+               i.txid IS NULL
+               OR (row_number() OVER (PARTITION BY i.partition_id, i.txid ORDER BY i.idx) = 1
+                   AND NOT EXISTS (SELECT 1 FROM queen.messages m
+                                    WHERE m.partition_id = i.partition_id
+                                      AND m.transaction_id = i.txid)) AS is_new
+          FROM items i
+    ), ranked AS (
+        SELECT f.*, count(*) FILTER (WHERE f.is_new)
+                        OVER (PARTITION BY f.queue_id ORDER BY f.idx) AS queue_rank
+          FROM fresh f
+    ), over AS (
+        SELECT r.idx, r.partition_id, r.txid
+          FROM ranked r
+         WHERE r.is_new
+           AND r.queue_rank > r.max_size - (SELECT coalesce(sum(p.message_count), 0)
+                                              FROM queen.partitions p WHERE p.queue_id = r.queue_id)
+    )
+    -- a later repeat of a refused item is refused with it, never stored in its place
+    SELECT coalesce(array_agg(f.idx ORDER BY f.idx), '{}')
+      FROM fresh f
+     WHERE f.idx IN (SELECT o.idx FROM over o)
+        OR EXISTS (SELECT 1 FROM over o
+                    WHERE o.partition_id = f.partition_id AND o.txid = f.txid)
+$$;
+
+-- The full per-item answer of WIRE.md 2.2 built from push_store's compact one, for the SQL
+-- callers (transactions, the SQL-level API, message retry). Every item gets its transactionId
+-- first, so the answer can name it.
+-- Returns {"items": [per-item result, in input order], "partition_updates": [...]}.
+CREATE OR REPLACE FUNCTION queen.push_messages_core(p_items jsonb) RETURNS json
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_items  jsonb;
+    v_answer jsonb;
+BEGIN
+    SELECT coalesce(jsonb_agg(CASE WHEN coalesce(t.e->>'transactionId', '') = ''
+                                   THEN t.e || jsonb_build_object('transactionId', gen_random_uuid()::text)
+                                   ELSE t.e END ORDER BY t.o), '[]'::jsonb)
+      INTO v_items
+      FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS t(e, o);
+    v_answer := queen.push_store(v_items)::jsonb;
+    RETURN json_build_object(
+        'items', (SELECT coalesce(json_agg(CASE
+                     WHEN st.id IS NOT NULL THEN json_build_object(
+                         'index', t.o - 1, 'status', 'queued', 'transaction_id', t.e->>'transactionId',
+                         'message_id', st.id, 'partition_id', lp.id,
+                         'trace_id', nullif(t.e->>'traceId', '')::uuid, 'queueName', t.e->>'queue')
+                     WHEN du.id IS NOT NULL THEN json_build_object(
+                         'index', t.o - 1, 'status', 'duplicate', 'transaction_id', t.e->>'transactionId',
+                         'message_id', du.id, 'queueName', t.e->>'queue')
+                     ELSE json_build_object(
+                         'index', t.o - 1, 'status', 'failed', 'queue', t.e->>'queue',
+                         'partition', lp.name, 'transaction_id', t.e->>'transactionId',
+                         'error', format('Queue %s has reached its max capacity (%s messages)',
+                                         t.e->>'queue', v_answer->'maxSize'->>(t.e->>'queue')))
+                   END ORDER BY t.o), '[]'::json)
+                    FROM jsonb_array_elements(v_items) WITH ORDINALITY AS t(e, o)
+                    JOIN (SELECT (x->>0)::uuid AS id, x->>1 AS queue_name, x->>2 AS name
+                            FROM jsonb_array_elements(v_answer->'partitions') x) lp
+                      ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
+                    LEFT JOIN (SELECT i.value::int AS idx, m.value::uuid AS id
+                                 FROM jsonb_array_elements_text(v_answer->'stored') WITH ORDINALITY i(value, o)
+                                 JOIN jsonb_array_elements_text(v_answer->'ids') WITH ORDINALITY m(value, o)
+                                   USING (o)) st ON st.idx = t.o - 1
+                    LEFT JOIN (SELECT i.value::int AS idx, m.value::uuid AS id
+                                 FROM jsonb_array_elements_text(v_answer->'duplicates') WITH ORDINALITY i(value, o)
+                                 JOIN jsonb_array_elements_text(v_answer->'duplicateIds') WITH ORDINALITY m(value, o)
+                                   USING (o)) du ON du.idx = t.o - 1),
+        'partition_updates', (SELECT coalesce(json_agg(json_build_object(
+                                  'queue', x->>1, 'partition', x->>2, 'partitionId', x->>0)), '[]'::json)
+                                FROM jsonb_array_elements(v_answer->'partitions') x
+                               WHERE v_answer->'updated' @> jsonb_build_array(x->>0)));
 END
 $$;
 

@@ -400,6 +400,43 @@ def test_max_size_zero_means_unlimited(http, db):
     assert stored_count(db, queue) == 20
 
 
+def test_max_size_refuses_a_later_repeat_of_a_refused_item_too(http, db):
+    queue = unique_name()
+    configure(http, queue, maxSize=1)
+
+    results = push(http, [{"queue": queue, "payload": 0, "transactionId": "kept"},
+                          {"queue": queue, "payload": 1, "transactionId": "late"},
+                          {"queue": queue, "payload": 2, "transactionId": "late"}])
+
+    assert [r["status"] for r in results] == ["queued", "failed", "failed"]
+    assert stored_count(db, queue) == 1
+
+
+def test_max_size_does_not_count_duplicates_against_the_room(http, db):
+    queue = unique_name()
+    configure(http, queue, maxSize=2)
+    [first] = push(http, [{"queue": queue, "payload": 0, "transactionId": "t0"}])
+
+    results = push(http, [{"queue": queue, "payload": 0, "transactionId": "t0"},
+                          {"queue": queue, "payload": 1, "transactionId": "t1"},
+                          {"queue": queue, "payload": 2, "transactionId": "t2"}])
+
+    assert [r["status"] for r in results] == ["duplicate", "queued", "failed"]
+    assert results[0]["message_id"] == first["message_id"]
+    assert stored_count(db, queue) == 2
+
+
+def test_a_full_queue_refuses_only_its_own_items_in_a_mixed_push(http, db):
+    full, free = unique_name(), unique_name()
+    configure(http, full, maxSize=1)
+
+    results = push(http, [{"queue": full, "payload": 0}, {"queue": free, "payload": 0},
+                          {"queue": full, "payload": 1}, {"queue": free, "payload": 1}])
+
+    assert [r["status"] for r in results] == ["queued", "queued", "failed", "queued"]
+    assert stored_count(db, full) == 1 and stored_count(db, free) == 2
+
+
 # -- traceId and producerSub ------------------------------------------------------------
 
 
@@ -412,6 +449,14 @@ def test_non_uuid_trace_id_is_refused_and_nothing_is_stored(http, db):
     assert answer.status_code == 400
     assert isinstance(answer.json()["error"], str)
     assert stored_count(db, queue) == 0
+
+
+def test_trace_id_is_answered_in_canonical_form(http):
+    trace_id = str(uuid.uuid4())
+
+    [result] = push(http, [{"queue": unique_name(), "payload": 1, "traceId": trace_id.upper()}])
+
+    assert result["trace_id"] == trace_id
 
 
 def test_trace_id_is_delivered_with_the_message(http):

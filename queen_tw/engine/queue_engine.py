@@ -175,10 +175,11 @@ class QueueEngine:
         return results
 
     async def _push_call(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        outcome = await self._db.call("push_messages_core", items)
-        for update in outcome["partition_updates"]:
-            self._waiters.notify(update["queue"], update["partition"])
-        return outcome["items"]
+        answer = await self._db.call("push_store", items)
+        names = {partition_id: (queue, name) for partition_id, queue, name in answer["partitions"]}
+        for partition_id in answer["updated"]:
+            self._waiters.notify(*names[partition_id])
+        return expand_push_answer(items, answer)
 
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         flags = await self._db.call("queue_flags", sorted({item["queue"] for item in items}))
@@ -331,6 +332,39 @@ class QueueEngine:
 
     async def database_healthy(self) -> bool:
         return await self._db.ping()
+
+
+def expand_push_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]
+                       ) -> List[Dict[str, Any]]:
+    """One result per pushed item (WIRE.md 2.2), in order, from ``queen.push_store``'s compact
+    answer, which names items by index (every item carries its transactionId already)."""
+    partition_ids = {(queue, name): partition_id
+                     for partition_id, queue, name in answer["partitions"]}
+    duplicates = dict(zip(answer["duplicates"], answer["duplicateIds"]))
+    stored = dict(zip(answer["stored"], answer["ids"]))
+    results = []
+    for index, item in enumerate(items):
+        queue = item["queue"]
+        message_id = stored.get(index)
+        if message_id is not None:
+            trace_id = item.get("traceId")
+            results.append({
+                "index": index, "status": "queued", "transaction_id": item["transactionId"],
+                "message_id": message_id,
+                "partition_id": partition_ids[(queue, item.get("partition", "Default"))],
+                "trace_id": canonical_uuid(trace_id) if trace_id else None, "queueName": queue})
+        elif index in duplicates:
+            results.append({
+                "index": index, "status": "duplicate", "transaction_id": item["transactionId"],
+                "message_id": duplicates[index], "queueName": queue})
+        else:
+            results.append({
+                "index": index, "status": "failed", "queue": queue,
+                "partition": item.get("partition", "Default"),
+                "transaction_id": item["transactionId"],
+                "error": f"Queue {queue} has reached its max capacity "
+                         f"({(answer.get('maxSize') or {}).get(queue)} messages)"})
+    return results
 
 
 def expand_ack_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]
