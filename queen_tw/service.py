@@ -29,6 +29,7 @@ from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.http.api import QueenAPI
 from queen_tw.failover.durability import Durability
+from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.site import make_site
 from queen_tw.lifecycle import OrderedMultiService
 from queen_tw.paths import sql_dir
@@ -151,7 +152,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                    config.default_timeout_ms, config.default_subscription_mode, admin=admin)
     for job in background_jobs(config, db, stats, reactor):
         job.setServiceParent(top)
-    site = make_site(api.app.resource(), config.max_body_bytes)
+    site = make_site(HotRoutes(api, api.app.resource()), config.max_body_bytes)
     if in_group:
         endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, config.listen_fd, socket.AF_INET)
         PostgresWakeups(config.dsn, config.worker_id, waiters.notify, reactor).setServiceParent(top)
