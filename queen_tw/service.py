@@ -6,6 +6,7 @@ the ``MultiService`` stops them in reverse: no new requests, parked pops answere
 closed, embedded PostgreSQL stopped.
 """
 
+import gc
 import signal
 import socket
 from typing import List, Optional
@@ -111,6 +112,27 @@ def _sleep(reactor, seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+# Allocations between young-generation collections (CPython's default is 700). A push of 100
+# items allocates thousands of objects, and with the default every few requests also ran an
+# older-generation pass; see tune_garbage_collector.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Keeps the cyclic garbage collector off the hot path.
+
+    Everything alive once the server has started (modules, the service tree, the route map:
+    some 60 000 tracked objects that live as long as the process) is frozen, so no collection
+    walks them again, and young collections run less often. Garbage cycles are still
+    collected, only in larger steps. Measured on push at batch 100: the server's CPU per
+    message 12-14 us -> 9-10 us (bench/RESULTS.md).
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def make_service(config: Config, reactor=None) -> service.MultiService:
     """The whole server for ``config``; ``reactor`` defaults to the global one."""
     if reactor is None:
@@ -123,6 +145,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     reactor.addSystemEventTrigger("before", "shutdown", signal.signal, signal.SIGTERM,
                                   signal.SIG_IGN)
     top = OrderedMultiService(reactor)  # stops children one at a time, in about 25 s at most
+    reactor.callWhenRunning(tune_garbage_collector)
     if config.embedded_pg:
         embedded = EmbeddedPostgresService(config.embedded_pg)
         embedded.setServiceParent(top)
