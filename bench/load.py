@@ -10,6 +10,8 @@ loopback port, then measures on the same machine and the same PostgreSQL:
 - pop+ack msg/s at each batch size (long-polling pops, then one ``/ack/batch`` per pop);
 - the raw PostgreSQL limit for the same work with pgbench (the same columns, indexes and
   unique key; consuming = receiving a batch after a per-partition cursor and moving it);
+- the server's push SQL alone (pgbench calling ``queen.push_store``), which splits the gap to
+  raw into PostgreSQL's share and the server's;
 - server RSS (peak) and CPU; and it counts messages after each run: every ``queued`` answer
   must be a stored row, and every stored message must be consumed exactly once.
 
@@ -279,6 +281,22 @@ def raw_push(pg, batch, seconds, clients) -> float:
     return pgbench(pg, script, seconds, clients) * batch
 
 
+# The server's push SQL without the server: each pgbench client stores `batch` items in one
+# partition of its own (client_id % 10, as the server's fused calls group items by partition)
+# with one `queen.push_store` call, so the gap between this and raw is PostgreSQL's share of
+# the queue's bookkeeping, and the gap between this and the HTTP figure is the server's.
+SQL_PUSH = """\\set p :client_id % 10
+SELECT length(queen.push_store(replace('{items}', 'PX', 'p' || :p)::jsonb)::text);
+"""
+
+
+def sql_push(pg, batch, seconds, clients) -> float:
+    empty_queen_tables(pg)
+    items = json.dumps([{"queue": "bench-sql-push", "partition": "PX", "payload": PAYLOAD}
+                        for _ in range(batch)]).replace("'", "''")
+    return pgbench(pg, SQL_PUSH.format(items=items), seconds, clients) * batch
+
+
 def raw_consume(pg, batch, seconds, clients) -> float:
     prefill = min(max(batch * 60_000, 200_000), 2_000_000)  # so a run rarely drains it
     psql(pg, RAW_SCHEMA)
@@ -406,11 +424,12 @@ def main() -> int:
         rows = asyncio.run(measure(args, pg, server))
         raw = {b: (raw_push(pg, b, args.seconds, args.raw_clients),
                    raw_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
+        sql = {b: sql_push(pg, b, args.seconds, args.raw_clients) for b in args.batches}
     finally:
         server.stop()
         pg.stop()
 
-    report = render(args, rows, raw)
+    report = render(args, rows, raw, sql)
     print(report)
     save_report(f"load-{time.strftime('%Y%m%d-%H%M%S')}", report)
     return 0
@@ -425,7 +444,7 @@ def save_report(name: str, markdown: str, data: object = None) -> None:
         (out / f"{name}.json").write_text(json.dumps(data, indent=2))
 
 
-def render(args, rows, raw) -> str:
+def render(args, rows, raw, sql) -> str:
     lines = [
         f"Machine: {platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
         f" · {time.strftime('%Y-%m-%d %H:%M')}",
@@ -449,6 +468,10 @@ def render(args, rows, raw) -> str:
             f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {bound}{raw_rate:.0f} "
             f"| {'≤ ' if bound else ''}{100 * row['msg_per_s'] / raw_rate:.0f} % | {row['cpu_pct']:.0f} "
             f"| {row['errors']} | {row['refused']} | {counted} |")
+    lines += ["", "Push SQL alone (pgbench calling `queen.push_store`, no server; same clients as raw):",
+              "", "| batch | SQL-only msg/s | raw PG msg/s | ratio |", "|---:|---:|---:|---:|"]
+    for batch, rate in sql.items():
+        lines.append(f"| {batch} | {rate:.0f} | {raw[batch][0]:.0f} | {100 * rate / raw[batch][0]:.0f} % |")
     lines.append("")
     lines.append(f"Server peak RSS: {rows[0]['peak_rss_mb']:.0f} MB")
     return "\n".join(lines) + "\n"
