@@ -158,6 +158,7 @@ DECLARE
     v_pc       record;
     v_last_at  timestamptz;
     v_lease    integer;
+    v_shared   text;
 BEGIN
     n := 0;
     SELECT p.id, p.name, p.last_message_at, qu.id AS queue_id, qu.name AS queue_name,
@@ -194,20 +195,21 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT json_agg(json_build_object(
-               'id', m.id,
-               'transactionId', m.transaction_id,
-               'partitionId', m.partition_id,
-               'partition', v_part.name,
-               'queue', v_part.queue_name,
-               'consumerGroup', p_group,
-               'leaseId', coalesce(p_lease_id::text, ''),
-               'data', m.payload,
-               'traceId', m.trace_id,
-               'producerSub', m.producer_sub,
-               'createdAt', queen.format_ts6(m.created_at),
-               'retryCount', v_pc.retry_count)
-             ORDER BY m.created_at, m.id),
+    -- Each message's JSON text is put together by concatenation: the fields shared by the
+    -- whole delivery are escaped once (v_shared), every value is JSON-escaped (to_json, jsonb's
+    -- own text form, uuids and timestamps need none); json_build_object per message took
+    -- twice as long and added " : " spacing to every key.
+    v_shared := ',"partition":' || to_json(v_part.name) || ',"queue":' || to_json(v_part.queue_name)
+                || ',"consumerGroup":' || to_json(p_group)
+                || ',"leaseId":"' || coalesce(p_lease_id::text, '') || '","data":';
+    SELECT ('[' || string_agg(
+               '{"id":"' || m.id || '","transactionId":' || to_json(m.transaction_id)
+               || ',"partitionId":"' || m.partition_id || '"' || v_shared || coalesce(m.payload::text, 'null')
+               || ',"traceId":' || coalesce('"' || m.trace_id || '"', 'null')
+               || ',"producerSub":' || coalesce(to_json(m.producer_sub)::text, 'null')
+               || ',"createdAt":"' || queen.format_ts6(m.created_at)
+               || '","retryCount":' || v_pc.retry_count || '}',
+               ',' ORDER BY m.created_at, m.id) || ']')::json,
            count(*),
            (array_agg(m.created_at ORDER BY m.created_at DESC, m.id DESC))[1],
            (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1],

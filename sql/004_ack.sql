@@ -72,16 +72,22 @@ BEGIN
         IF v_found AND v_pc.lease_id IS NOT NULL AND v_pc.lease_expires_at > now()
            AND v_key.all_done AND array_position(v_key.txids, NULL) IS NULL
            AND (v_key.leases IS NULL OR v_key.leases = ARRAY[v_pc.lease_id]) THEN
-            SELECT count(*),
-                   (array_agg(m.created_at ORDER BY m.created_at DESC, m.id DESC))[1],
-                   (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1]
-              INTO v_n, v_last_at, v_last_id
+            -- No sort for the newest acked message: its key is the greatest created_at, and
+            -- one probe finds its id (the greatest at that key, should two messages share it).
+            SELECT count(*), max(m.created_at)
+              INTO v_n, v_last_at
               FROM queen.messages m
              WHERE m.partition_id = v_key.partition_id
                AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
                AND (m.created_at, m.id) <= (v_pc.lease_last_created_at, v_pc.lease_last_id)
                AND m.transaction_id = ANY(v_key.txids);
             IF v_n = cardinality(v_key.txids) THEN
+                SELECT m.id INTO v_last_id
+                  FROM queen.messages m
+                 WHERE m.partition_id = v_key.partition_id AND m.created_at = v_last_at
+                   AND (m.created_at, m.id) <= (v_pc.lease_last_created_at, v_pc.lease_last_id)
+                   AND m.transaction_id = ANY(v_key.txids)
+                 ORDER BY m.id DESC LIMIT 1;
                 v_released := (v_last_at, v_last_id) >= (v_pc.lease_last_created_at, v_pc.lease_last_id);
                 UPDATE queen.partition_consumers
                    SET cursor_created_at = v_last_at, cursor_id = v_last_id,

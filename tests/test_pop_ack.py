@@ -182,6 +182,27 @@ def test_popped_message_carries_every_field_clients_read(http):
     assert message["retryCount"] == 0
 
 
+def test_popped_names_and_payloads_with_awkward_characters_arrive_intact(http):
+    queue = unique_name()
+    partition = 'p "quoted" \\ back\nline é'
+    group = 'group "with" \\ é'
+    payloads = [{"text": 'say "hi"\n\t\\ \u2028 é'}, None, "plain", [1, {"a": None}]]
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": partition, "payload": payload,
+         "transactionId": f'tx "{n}" \\'} for n, payload in enumerate(payloads)]})
+    assert answer.status_code == 201, answer.text
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}",
+                      params={"batch": 10, "wait": "false", "consumerGroup": group})
+
+    assert answer.status_code == 200, answer.text
+    messages = json.loads(answer.text)["messages"]
+    assert [m["data"] for m in messages] == payloads
+    assert [m["transactionId"] for m in messages] == [f'tx "{n}" \\' for n in range(4)]
+    assert {m["partition"] for m in messages} == {partition}
+    assert {m["consumerGroup"] for m in messages} == {group}
+
+
 def test_pop_answer_describes_the_claimed_partition(http):
     queue = unique_name()
     [pushed] = push(http, queue, ["x"], partition="p1")
