@@ -251,7 +251,9 @@ COMMIT;
 def psql(pg: EmbeddedPostgres, sql: str) -> str:
     out = subprocess.run([str(_pg_install_dir() / "bin" / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1",
                           "-h", str(pg.socket_dir), "-p", str(pg.port), "-U", pg.user, pg.database,
-                          "-c", sql], check=True, capture_output=True, text=True, env=_pg_tool_env())
+                          "-c", sql], capture_output=True, text=True, env=_pg_tool_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"psql failed on {sql[:60]!r}: {out.stderr.strip()}")
     return out.stdout.strip()
 
 
@@ -363,7 +365,15 @@ def empty_queen_tables(pg: EmbeddedPostgres) -> None:
     inserting into indexes grown by the earlier scenarios would cost queen-tw cache misses
     the raw run never pays. Safe mid-run: the server holds no state about past queues that
     a later scenario reads (each uses a queue of its own)."""
-    psql(pg, "TRUNCATE queen.queues, queen.messages CASCADE")
+    for attempt in range(5):  # the server's background jobs may hold a lock the TRUNCATE needs
+        try:
+            psql(pg, "SET lock_timeout = '5s'; TRUNCATE queen.queues, queen.messages CASCADE")
+            break
+        except RuntimeError as err:
+            if attempt == 4:
+                raise
+            print(f"retrying the table reset: {err}", file=sys.stderr)
+            time.sleep(1)
     psql(pg, "CHECKPOINT")  # each measured run, raw or not, starts right after a checkpoint
 
 
