@@ -46,6 +46,19 @@ CREATE OR REPLACE TRIGGER messages_deleted_count
 
 DROP FUNCTION IF EXISTS queen.push_messages_core(jsonb);  -- its answer type changed (jsonb -> json)
 
+-- The items of a push with the partition each goes to, among the partitions push_store locked
+-- (given as aligned arrays); idx is the item's position. One place for the rule that an item
+-- without a partition goes to 'Default'. Plain SQL, so the planner inlines it.
+CREATE OR REPLACE FUNCTION queen.push_items_placed(p_items jsonb, p_part_ids uuid[],
+                                                   p_part_queues text[], p_part_names text[])
+RETURNS TABLE (idx integer, e jsonb, partition_id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT (t.o - 1)::int, t.e, lp.id
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+      JOIN unnest(p_part_ids, p_part_queues, p_part_names) AS lp(id, queue_name, name)
+        ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
+$$;
+
 -- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?}]
 -- (camelCase keys, as the HTTP body; the server validates types before calling).
 -- Returns a compact answer the caller expands (the server in Python, push_messages_core below
@@ -158,6 +171,8 @@ BEGIN
     -- key, not probed for first. RETURNING names each stored item by its order key (base + its
     -- position). No CTE is joined to another: their row estimates are poor, and nested loops
     -- over them go quadratic.
+    -- (The join is push_items_placed's, written out: through the function, although the
+    -- planner inlines it, this statement measured 5-15 % slower in four A/B pairs.)
     WITH placed AS (
         SELECT t.o - 1 AS idx, lp.id AS partition_id,
                CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
@@ -202,13 +217,10 @@ BEGIN
     IF cardinality(v_stored_at) + cardinality(v_refused) < jsonb_array_length(p_items) THEN
         SELECT coalesce(array_agg(d.idx), '{}'), coalesce(array_agg(m.id), '{}')
           INTO v_dup_at, v_dup_ids
-          FROM (SELECT t.o - 1 AS idx, t.e
-                  FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
-                 WHERE t.o - 1 <> ALL (v_refused) AND t.o - 1 <> ALL (v_stored_at)) d
-          JOIN unnest(v_part_ids, v_part_queues, v_part_names) AS lp(id, queue_name, name)
-            ON lp.queue_name = d.e->>'queue' AND lp.name = coalesce(d.e->>'partition', 'Default')
-          JOIN queen.messages m ON m.partition_id = lp.id
-                               AND m.transaction_id = d.e->>'transactionId';
+          FROM queen.push_items_placed(p_items, v_part_ids, v_part_queues, v_part_names) d
+          JOIN queen.messages m ON m.partition_id = d.partition_id
+                               AND m.transaction_id = d.e->>'transactionId'
+         WHERE d.idx <> ALL (v_refused) AND d.idx <> ALL (v_stored_at);
     END IF;
 
     v_answer := json_build_object(
@@ -242,12 +254,10 @@ CREATE OR REPLACE FUNCTION queen.push_refusals(p_items jsonb, p_part_ids uuid[],
 RETURNS integer[]
 LANGUAGE sql STABLE AS $$
     WITH items AS (
-        SELECT (t.o - 1)::int AS idx, lp.id AS partition_id, qu.id AS queue_id, qu.max_size,
-               nullif(t.e->>'transactionId', '') AS txid
-          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
-          JOIN unnest(p_part_ids, p_part_queues, p_part_names) AS lp(id, queue_name, name)
-            ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
-          JOIN queen.queues qu ON qu.name = lp.queue_name
+        SELECT i.idx, i.partition_id, qu.id AS queue_id, qu.max_size,
+               nullif(i.e->>'transactionId', '') AS txid
+          FROM queen.push_items_placed(p_items, p_part_ids, p_part_queues, p_part_names) i
+          JOIN queen.queues qu ON qu.name = i.e->>'queue'
          WHERE qu.max_size > 0
     ), fresh AS (
         SELECT i.*,
