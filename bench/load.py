@@ -10,8 +10,8 @@ loopback port, then measures on the same machine and the same PostgreSQL:
 - pop+ack msg/s at each batch size (long-polling pops, then one ``/ack/batch`` per pop);
 - the raw PostgreSQL limit for the same work with pgbench (the same columns, indexes and
   unique key; consuming = receiving a batch after a per-partition cursor and moving it);
-- the server's push SQL alone (pgbench calling ``queen.push_store``), which splits the gap to
-  raw into PostgreSQL's share and the server's;
+- the server's SQL alone (pgbench calling ``queen.push_store``, or ``queen.pop_batch`` then
+  ``queen.ack_core``), which splits each gap to raw into PostgreSQL's share and the server's;
 - server RSS (peak) and CPU; and it counts messages after each run: every ``queued`` answer
   must be a stored row, and every stored message must be consumed exactly once.
 
@@ -301,6 +301,33 @@ def sql_push(pg, batch, seconds, clients) -> float:
     return pgbench(pg, SQL_PUSH.format(items=items), seconds, clients) * batch
 
 
+# The server's pop and ack SQL without the server: each pgbench client pops `batch` messages
+# with one `queen.pop_batch` call and acknowledges them with one `queen.ack_core` call (the
+# messages themselves serve as the ack items: ack_core reads their transactionId,
+# partitionId and leaseId and takes a missing status as completed). Set against raw
+# consume, it says how much of the pop+ack gap is PostgreSQL's work rather than the server's.
+SQL_CONSUME = """SELECT coalesce(messages, '[]') AS m FROM queen.pop_batch('[{{"queue":"bench-sql-consume","batch":{batch}}}]'::jsonb) \\gset
+SELECT length(queen.ack_core(:m::jsonb)::text);
+"""
+
+
+def sql_consume(pg, batch, seconds, clients) -> float:
+    empty_queen_tables(pg)
+    prefill = min(max(batch * 3000, 60_000), 300_000)
+    item = json.dumps({"queue": "bench-sql-consume", "partition": "PX", "payload": PAYLOAD})
+    for start in range(0, prefill, 1000):
+        psql(pg, f"""SELECT length(queen.push_store((SELECT jsonb_agg(replace('{item}', 'PX',
+                         'p' || (g % {PARTITIONS}))::jsonb ORDER BY g)
+                       FROM generate_series({start}, {min(prefill, start + 1000) - 1}) g))::text)""")
+    psql(pg, "VACUUM ANALYZE queen.messages")
+    psql(pg, "CHECKPOINT")
+    pgbench(pg, SQL_CONSUME.format(batch=batch), seconds, clients)
+    consumed = int(psql(pg, """SELECT count(*) FROM queen.messages m
+        JOIN queen.partition_consumers c ON c.partition_id = m.partition_id
+        WHERE (m.created_at, m.id) <= (c.cursor_created_at, c.cursor_id)"""))
+    return consumed / int(seconds) * (-1 if consumed >= prefill else 1)
+
+
 def raw_consume(pg, batch, seconds, clients) -> float:
     prefill = min(max(batch * 60_000, 200_000), 2_000_000)  # so a run rarely drains it
     psql(pg, RAW_SCHEMA)
@@ -436,7 +463,8 @@ def main() -> int:
         rows = asyncio.run(measure(args, pg, server))
         raw = {b: (raw_push(pg, b, args.seconds, args.raw_clients),
                    raw_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
-        sql = {b: sql_push(pg, b, args.seconds, args.raw_clients) for b in args.batches}
+        sql = {b: (sql_push(pg, b, args.seconds, args.raw_clients),
+                   sql_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
     finally:
         server.stop()
         pg.stop()
@@ -454,6 +482,11 @@ def save_report(name: str, markdown: str, data: object = None) -> None:
     (out / f"{name}.md").write_text(markdown.rstrip("\n") + "\n")
     if data is not None:
         (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+
+
+def _bounded(rate: float) -> str:
+    """A rate; negative means the run drained its prefill, so the true rate is higher."""
+    return f"≥ {-rate:.0f}" if rate < 0 else f"{rate:.0f}"
 
 
 def render(args, rows, raw, sql) -> str:
@@ -480,10 +513,14 @@ def render(args, rows, raw, sql) -> str:
             f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {bound}{raw_rate:.0f} "
             f"| {'≤ ' if bound else ''}{100 * row['msg_per_s'] / raw_rate:.0f} % | {row['cpu_pct']:.0f} "
             f"| {row['errors']} | {row['refused']} | {counted} |")
-    lines += ["", "Push SQL alone (pgbench calling `queen.push_store`, no server; same clients as raw):",
-              "", "| batch | SQL-only msg/s | raw PG msg/s | ratio |", "|---:|---:|---:|---:|"]
-    for batch, rate in sql.items():
-        lines.append(f"| {batch} | {rate:.0f} | {raw[batch][0]:.0f} | {100 * rate / raw[batch][0]:.0f} % |")
+    lines += ["", "The server's SQL alone (pgbench calling `queen.push_store`, or `queen.pop_batch` then "
+              "`queen.ack_core`; no server; same clients as raw):",
+              "", "| op | batch | SQL-only msg/s | raw PG msg/s | ratio |", "|---|---:|---:|---:|---:|"]
+    for batch, rates in sql.items():
+        for op, rate, raw_rate in (("push", rates[0], raw[batch][0]),
+                                   ("pop+ack", rates[1], raw[batch][1])):
+            lines.append(f"| {op} | {batch} | {_bounded(rate)} | {_bounded(raw_rate)} "
+                         f"| {100 * abs(rate) / abs(raw_rate):.0f} % |")
     lines.append("")
     lines.append(f"Server peak RSS: {rows[0]['peak_rss_mb']:.0f} MB")
     return "\n".join(lines) + "\n"
