@@ -259,6 +259,8 @@ def test_during_an_outage_pops_answer_204_and_acks_503(fleet: Fleet,
         assert quick.status_code == 204 and parked.status_code == 204 and waited >= 1.4
         assert refused.status_code == 503 and refused.json()["error"]
         wait_until(lambda: health_code(server.url) == 200, 15, message="/health 200 again")
-        assert http.post("/api/v1/ack", json=ack).json()[0]["success"] is True
+        again = http.post("/api/v1/ack", json=ack)
+        assert again.status_code == 200, again.text
+        assert again.json()[0]["success"] is True
         second = http.get(f"/api/v1/pop/queue/{queue}").json()["messages"]
         assert [m["data"] for m in second] == [1]

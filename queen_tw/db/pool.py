@@ -35,6 +35,8 @@ log = Logger()
 
 _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead,
          txpostgres.RollbackFailed, error.ConnectionClosed)
+# How soon a query refused unsent by a dead connection is offered to the pool again.
+_UNSENT_RETRY_DELAY = 0.02
 
 
 class DeadlineExceeded(DatabaseUnavailable):
@@ -121,9 +123,12 @@ class _Pool(txpostgres.ConnectionPool):
 
         Waiting for a free connection is given up at the deadline; a query already sent is
         left to finish on its own (see the module docstring) and its late result dropped.
+        A query refused unsent by a connection known dead is tried again on another while
+        some connection is alive: right after PostgreSQL restarts, connections come back one
+        by one (each on its own backoff), and /health is green as soon as the first is.
         """
         outcome: defer.Deferred = defer.Deferred(lambda _: _give_up())
-        slot = self._semaphore.acquire()
+        slot: defer.Deferred = defer.succeed(None)
         timer = self.reactor.callLater(timeout, lambda: _give_up(DeadlineExceeded(
             f"Database did not answer within {timeout:g}s")))
 
@@ -144,20 +149,34 @@ class _Pool(txpostgres.ConnectionPool):
             self.busy.discard(connection)
             self.connections.add(connection)
             self._semaphore.release()
-            if timer.active():
-                timer.cancel()
             if outcome.called:
                 if isinstance(result, Failure):
                     log.debug("late failure of an abandoned query: {error}", error=result.value)
                 return None
+            if (isinstance(result, Failure) and result.check(reconnection.ConnectionDead)
+                    and self.any_alive()):
+                self.reactor.callLater(_UNSENT_RETRY_DELAY, acquire)  # a live one frees up
+                return None
+            if timer.active():
+                timer.cancel()
             if isinstance(result, Failure):
                 outcome.errback(result)
             else:
                 outcome.callback(result)
             return None
 
-        slot.addCallbacks(run, lambda failure: failure.trap(defer.CancelledError))
+        def acquire() -> None:
+            nonlocal slot
+            if outcome.called:
+                return
+            slot = self._semaphore.acquire()
+            slot.addCallbacks(run, lambda failure: failure.trap(defer.CancelledError))
+
+        acquire()
         return outcome
+
+    def any_alive(self) -> bool:
+        return any(c.alive for c in self.connections | self.busy)
 
     def _take_connection(self) -> _Connection:
         connection = next((c for c in self.connections if c.alive), None)

@@ -1,0 +1,56 @@
+"""The connection pool against the real PostgreSQL: what a call meets when only some of the
+pool's connections are alive, as right after PostgreSQL restarts."""
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from queen_tw.config import Config
+from queen_tw.db.pool import Database
+from queen_tw.errors import DatabaseUnavailable
+
+
+@pytest.fixture
+def database(pg_env):
+    db = Database(Config.from_sources(pg_env, {}).dsn, 3, reactor)
+    pytest_twisted.blockon(defer.ensureDeferred(db.connect()))
+    yield db
+    db.close()
+
+
+def _believe_dead(connections) -> None:
+    """What the dead-connection detector records when a connection's socket breaks; nothing
+    reconnects them during the test."""
+    for connection in connections:
+        connection.detector.connectionIsDead = True
+
+
+def _pool_connections(db: Database):
+    return sorted(db._pool.connections | db._pool.busy, key=id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_waits_for_the_live_connection_instead_of_failing_on_a_dead_one(database):
+    _believe_dead(_pool_connections(database)[1:])
+    assert database.alive_connections() == 1
+    busy = defer.ensureDeferred(database._pool.run_query_within(10, "SELECT pg_sleep(0.3)", ()))
+    started = time.monotonic()
+
+    rows = await database._pool.run_query_within(10, "SELECT 42", ())
+
+    assert rows == [(42,)]
+    assert time.monotonic() - started >= 0.25  # it waited for the sleeping connection
+    await busy
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_fails_at_once_when_no_connection_is_alive(database):
+    _believe_dead(_pool_connections(database))
+    started = time.monotonic()
+
+    with pytest.raises(DatabaseUnavailable):
+        await database.call("format_ts3", "2026-01-01T00:00:00Z")
+
+    assert time.monotonic() - started < 1
