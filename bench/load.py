@@ -489,10 +489,24 @@ def _bounded(rate: float) -> str:
     return f"≥ {-rate:.0f}" if rate < 0 else f"{rate:.0f}"
 
 
+def cpython_probe_ms() -> float:
+    """Milliseconds of a fixed pure-Python loop (best of 3). The machine's speed varies by
+    about two during a day, and the server's share of a message is pure CPython: reports
+    from different days compare only beside this figure."""
+    best = float("inf")
+    for _ in range(3):
+        started, total = time.perf_counter(), 0
+        for i in range(3_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best
+
+
 def render(args, rows, raw, sql) -> str:
     lines = [
         f"Machine: {platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
-        f" · {time.strftime('%Y-%m-%d %H:%M')}",
+        f" · {time.strftime('%Y-%m-%d %H:%M')} · CPython probe (3 M-step loop) "
+        f"{cpython_probe_ms():.0f} ms",
         f"Command: `.venv/bin/python bench/load.py --seconds {args.seconds:g} "
         f"--connections {args.connections} --batches {','.join(map(str, args.batches))}`",
         "",
