@@ -313,12 +313,14 @@ SELECT length(queen.ack_core(:m::jsonb)::text);
 
 def sql_consume(pg, batch, seconds, clients) -> float:
     empty_queen_tables(pg)
-    prefill = min(max(batch * 3000, 60_000), 300_000)
+    chunks = min(max(batch * 3, 60), 300)  # pushes of 1 000 items
+    prefill = chunks * 1000
     item = json.dumps({"queue": "bench-sql-consume", "partition": "PX", "payload": PAYLOAD})
-    for start in range(0, prefill, 1000):
-        psql(pg, f"""SELECT length(queen.push_store((SELECT jsonb_agg(replace('{item}', 'PX',
-                         'p' || (g % {PARTITIONS}))::jsonb ORDER BY g)
-                       FROM generate_series({start}, {min(prefill, start + 1000) - 1}) g))::text)""")
+    psql(pg, f"""SELECT sum(length(queen.push_store((
+                     SELECT jsonb_agg(replace('{item}', 'PX', 'p' || (g % {PARTITIONS}))::jsonb
+                                      ORDER BY g)
+                       FROM generate_series(c * 1000, c * 1000 + 999) g))::text))
+                   FROM generate_series(0, {chunks - 1}) c""")
     psql(pg, "VACUUM ANALYZE queen.messages")
     psql(pg, "CHECKPOINT")
     pgbench(pg, SQL_CONSUME.format(batch=batch), seconds, clients)

@@ -229,7 +229,7 @@ class Database:
     @property
     def connected(self) -> bool:
         """True when at least one connection is believed alive."""
-        return self.alive_connections() > 0
+        return self._pool is not None and self._pool.any_alive()
 
     def alive_connections(self) -> int:
         if self._pool is None:
