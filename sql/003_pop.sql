@@ -11,6 +11,15 @@ DROP FUNCTION IF EXISTS queen.subscribe_scope(jsonb, text);
 DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
 DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
 DROP FUNCTION IF EXISTS queen.pop_batch(jsonb);  -- its answer became one row per request
+-- Their messages became text: a cast to json re-parsed every answer (see pop_partition).
+DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
+DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
+
+-- Plans. pop_request and pop_partition run on generic plans: their statements have one good
+-- shape whatever the values, but the planner's generic estimate of `LIMIT <parameter>` (a
+-- tenth of the partition) made it re-plan them at every call, about a fifth of a pop's
+-- database time. The functions they call whose statements do change shape with the values
+-- (CASE on a parameter, folded away only in a custom plan) say plan_cache_mode = auto.
 
 -- STABLE like to_char inside them, so the planner inlines them (an IMMUTABLE label on a
 -- STABLE body blocks inlining: a function call per message, ~2x slower).
@@ -140,19 +149,20 @@ BEGIN
 END
 $$;
 
--- Tries to deliver from one partition to one group: ``messages`` is the json array handed out
--- (NULL when the partition is leased, cooling down, in its window, or has nothing due),
--- ``n`` its length, ``last_id`` the last message's id and ``encrypted_ids`` the messages whose
--- data the server must decrypt (NULL when none).
+-- Tries to deliver from one partition to one group: ``messages`` is the json text of the array
+-- handed out, put together here and never parsed again (NULL when the partition is leased,
+-- cooling down, in its window, or has nothing due), ``n`` its length, ``last_id`` the last
+-- message's id and ``encrypted_ids`` the messages whose data the server must decrypt (NULL
+-- when none).
 -- p_lease_id NULL means autoAck: the cursor moves at once and no lease remains.
 -- p_lease_seconds > 0 overrides the queue's leaseTime (the SQL-level API's lease_seconds).
 CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p_batch integer,
                                                p_lease_id uuid, p_worker text,
                                                p_lease_seconds integer, p_from timestamptz,
-                                               OUT messages json, OUT n integer,
+                                               OUT messages text, OUT n integer,
                                                OUT queue_name text, OUT partition_name text,
                                                OUT last_id uuid, OUT encrypted_ids uuid[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_part     record;
     v_pc       record;
@@ -209,10 +219,11 @@ BEGIN
                || ',"producerSub":' || coalesce(to_json(m.producer_sub)::text, 'null')
                || ',"createdAt":"' || queen.format_ts6(m.created_at)
                || '","retryCount":' || v_pc.retry_count || '}',
-               ',' ORDER BY m.created_at, m.id) || ']')::json,
+               ',' ORDER BY m.created_at, m.id) || ']'),
            count(*),
-           (array_agg(m.created_at ORDER BY m.created_at DESC, m.id DESC))[1],
-           (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1],
+           -- the last message: one order for every aggregate, the scan's own, so none sorts
+           (array_agg(m.created_at ORDER BY m.created_at, m.id))[count(*)::int],
+           (array_agg(m.id ORDER BY m.created_at, m.id))[count(*)::int],
            array_agg(m.id) FILTER (WHERE m.is_encrypted)
       INTO messages, n, v_last_at, last_id, encrypted_ids
       FROM (SELECT * FROM queen.messages m
@@ -270,7 +281,7 @@ $$;
 CREATE OR REPLACE FUNCTION queen.subscribe_scope(p_req jsonb, p_group text,
                                                  p_create boolean DEFAULT true)
 RETURNS TABLE (queue_id uuid, queue_name text, sub_from timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 DECLARE
     v_q         record;
     v_inherited timestamptz;
@@ -322,7 +333,7 @@ $$;
 CREATE OR REPLACE FUNCTION queen.next_eligible_in_ms(p_queues uuid[], p_group text,
                                                      p_partition uuid DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET plan_cache_mode = auto AS $$
 BEGIN
     RETURN (
     SELECT ceil(extract(epoch FROM (min(t) - clock_timestamp())) * 1000)::bigint
@@ -397,14 +408,14 @@ $$;
 -- ``result``: {success, queue, partition, partitionId, leaseId, consumerGroup,
 -- partitionsClaimed, more, encryptedIds}; more = another pop may find something right now;
 -- encryptedIds = the delivered messages whose data the server decrypts (null when none).
--- ``messages``: the delivered messages (a json array), kept apart so the server can put
+-- ``messages``: the delivered messages (json array text), kept apart so the server can put
 -- them into its answer without parsing them. When nothing could be delivered messages is
 -- NULL and result.retryInMs says when something known falls due. Candidates (2.3.3):
 -- partitions with pending work for the group, not leased, not cooling down, outside their
 -- window, with a due message; by queue priority, then least recently served (never served
 -- first), then id. `batch` caps the whole answer.
-CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb, OUT result json, OUT messages json)
-LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION queen.pop_request(p_req jsonb, OUT result json, OUT messages text)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_group      text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
     v_batch      integer := greatest(coalesce((p_req->>'batch')::integer, 1), 1);
@@ -421,7 +432,7 @@ DECLARE
     v_got        record;
     v_first      record;
     v_first_id   uuid;            -- the first claimed partition
-    v_parts      json[] := '{}';  -- the message arrays of the claimed partitions
+    v_parts      text[] := '{}';  -- the message arrays (json text) of the claimed partitions
     v_encrypted  uuid[] := '{}';  -- their messages whose data the server decrypts
     v_count      integer := 0;    -- messages in them
     v_last_id    uuid;
@@ -548,9 +559,9 @@ BEGIN
         'more', v_more,
         'encryptedIds', CASE WHEN cardinality(v_encrypted) > 0 THEN to_json(v_encrypted) END);
     messages := CASE WHEN cardinality(v_parts) = 1 THEN v_parts[1]
-                     ELSE (SELECT json_agg(x.e ORDER BY a.k, x.i)
+                     ELSE (SELECT json_agg(x.e ORDER BY a.k, x.i)::text
                              FROM unnest(v_parts) WITH ORDINALITY AS a(arr, k),
-                                  LATERAL json_array_elements(a.arr) WITH ORDINALITY AS x(e, i))
+                                  LATERAL json_array_elements(a.arr::json) WITH ORDINALITY AS x(e, i))
                 END;
 END
 $$;
@@ -587,7 +598,7 @@ BEGIN
         BEGIN
             SELECT * INTO v_popped FROM queen.pop_request(v_norm);
             result := v_popped.result;
-            messages := v_popped.messages::text;
+            messages := v_popped.messages;
         EXCEPTION WHEN others THEN
             result := json_build_object('success', false, 'error', SQLERRM);
             messages := NULL;
