@@ -25,7 +25,10 @@ DECLARE
     v_it        record;
     v_pc        queen.partition_consumers%ROWTYPE;  -- typed: read before any row is found
     v_cfg       record;
-    v_results   jsonb[] := '{}';  -- by input position + 1; arrays append in place
+    -- By input position + 1, sized up front: a first assignment into an empty array sets
+    -- its lower bound (a key settled whole writes nothing here), which shifted every
+    -- position read back by ordinality.
+    v_results   jsonb[] := array_fill(NULL::jsonb, ARRAY[jsonb_array_length(p_items)]);
     v_failure   text;      -- NULL, 'retry' or 'exhausted': what this request did to the delivery
     v_error     text;
     v_dlq       boolean;
@@ -40,6 +43,7 @@ DECLARE
     v_last_id   uuid;
     v_settled   json[] := '{}';
     v_whole     boolean;  -- the items are exactly the delivery's unacked messages
+    v_held      uuid;     -- the lease this request found: its items are checked against it
 BEGIN
     FOR v_key IN
         SELECT coalesce((e->>'req')::int, 0) AS req,
@@ -70,6 +74,7 @@ BEGIN
                FOR UPDATE;
             v_cursor_at := v_pc.cursor_created_at;
             v_cursor_id := v_pc.cursor_id;
+            v_held := v_pc.lease_id;
         END IF;
 
         -- The common case, settled as a whole (see above).
@@ -156,8 +161,10 @@ BEGIN
             ELSIF v_it.status NOT IN ('completed', 'success', 'failed', 'retry', 'dlq') THEN
                 v_error := 'Invalid status';
             ELSIF v_it.lease_id IS NOT NULL
-                  AND (v_pc.lease_id IS DISTINCT FROM v_it.lease_id::uuid
+                  AND (v_held IS DISTINCT FROM v_it.lease_id::uuid
                        OR v_pc.lease_expires_at <= now()) THEN
+                -- (against the lease as the request found it: its own first failure, which
+                -- ends the delivery, must not fail the request's other items)
                 v_error := 'Invalid or expired lease';
             ELSIF (v_it.created_at, v_it.message_id) <= (v_cursor_at, v_cursor_id) THEN
                 NULL;  -- already consumed: a harmless repeat

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import httpx
 
+from queen_tw.engine.queue_engine import expand_ack_answer
 from tests.support import unique_name
 
 CREATED_AT_6_DIGITS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -357,12 +358,12 @@ def test_failed_batch_ack_redelivers_the_whole_batch(http):
     configure(http, queue, retryDelay=0)
     push(http, queue, ["m0", "m1", "m2"])
     delivery = pop(http, queue, batch=3)
-    http.post("/api/v1/ack/batch", json={"acknowledgments": [
-        {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
-         "leaseId": m["leaseId"], "status": "failed"} for m in delivery["messages"]]})
 
+    results = batch_ack(http, delivery["messages"], status="failed")
     again = poll_pop(http, queue, within=5, batch=3)
 
+    # The first failure ends the delivery; the request's other items are still its own.
+    assert [(r["success"], r["error"], r["dlq"]) for r in results] == [(True, None, False)] * 3
     assert [m["data"] for m in again["messages"]] == ["m0", "m1", "m2"]
 
 
@@ -645,6 +646,29 @@ def test_fused_requests_on_one_partition_apply_in_request_order(http, db):
     assert [(r["success"], r["leaseReleased"]) for r in results] \
         == [(True, False), (True, True), (True, True)]
     assert pop_answer(http, queue).status_code == 204
+
+
+def test_a_fused_call_answers_each_item_after_a_key_settled_whole(http, db):
+    """A key settled whole (no per-item results) before a key answered item by item: every
+    item still gets its own result, by its position (the answer the server expands)."""
+    queue = unique_name()
+    push(http, queue, ["a0", "a1"], partition="A", prefix="a")
+    push(http, queue, ["b0", "b1"], partition="B", prefix="b")
+    settled = pop(http, queue, "A", batch=2)["messages"]
+    given_back = pop(http, queue, "B", batch=2)["messages"]
+    items = [{"transactionId": m["transactionId"], "partitionId": m["partitionId"],
+              "leaseId": m["leaseId"], "status": status, "req": req}
+             for req, status, delivery in [(0, "completed", settled), (1, "retry", given_back)]
+             for m in delivery]
+    with db.cursor() as cursor:
+        cursor.execute("SELECT queen.ack_core(%s::jsonb)", (json.dumps(items),))
+        [answer] = cursor.fetchone()
+
+    results = expand_ack_answer(items, answer)
+
+    assert [(r["transactionId"], r["success"], r["partitionName"]) for r in results] \
+        == [("a0", True, "A"), ("a1", True, "A"), ("b0", True, "B"), ("b1", True, "B")]
+    assert [m["data"] for m in pop(http, queue, "B", batch=2)["messages"]] == ["b0", "b1"]
 
 
 # -- long polling -----------------------------------------------------------------------
