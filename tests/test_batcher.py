@@ -2,6 +2,7 @@
 
 from typing import List
 
+import psycopg2
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -77,14 +78,14 @@ def test_fused_call_respects_max_batch_size_in_items():
     assert db.calls[1] == [[1, 1]]  # a second job would pass 3 items
 
 
-def test_an_error_in_one_fused_job_fails_only_that_job():
+def test_a_database_error_in_one_fused_job_fails_only_that_job():
     clock = Clock()
     calls = []
 
     async def run_batch(jobs):
         calls.append(jobs)
         if any("bad" in job for job in jobs):
-            raise ValueError("bad item")
+            raise psycopg2.DataError("bad item")  # PostgreSQL refused it: nothing applied
         return [[f"ok:{item}" for item in job] for job in jobs]
 
     batcher = Batcher("push", run_batch, clock, BatchLimits(max_concurrent=1, max_hold_ms=0))
@@ -94,9 +95,28 @@ def test_an_error_in_one_fused_job_fails_only_that_job():
     clock.advance(0)
     clock.advance(0)
 
+    assert calls == [[["a"], ["bad"], ["b"]], [["a"]], [["bad"]], [["b"]]]
     assert good == [["ok:a"]] and other == [["ok:b"]]
-    assert len(bad) == 1 and bad[0].check(ValueError)
-    bad[0].trap(ValueError)
+    assert len(bad) == 1 and bad[0].check(psycopg2.DataError)
+    bad[0].trap(psycopg2.DataError)
+
+
+def test_an_error_after_the_database_answered_fails_every_job_without_running_them_again():
+    clock = Clock()
+    calls = []
+
+    async def run_batch(jobs):
+        calls.append(jobs)
+        raise KeyError("reading the answer")  # the call itself may have committed
+
+    batcher = Batcher("ack", run_batch, clock, BatchLimits(max_concurrent=1, max_hold_ms=0))
+    seen = [_results(batcher.submit([n])) for n in (1, 2)]
+    clock.advance(0)
+
+    assert calls == [[[1], [2]]]
+    for result in seen:
+        assert len(result) == 1 and result[0].check(KeyError)
+        result[0].trap(KeyError)
 
 
 def test_lost_database_fails_every_fused_job_with_unavailable():

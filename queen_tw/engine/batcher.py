@@ -11,13 +11,17 @@ jobs in one call and hands every job the slice of results that belongs to it. Th
 - more than ``max_pending`` items waiting: new jobs are refused with ``Unavailable`` (503 and
   ``Retry-After``) instead of growing an unbounded queue.
 
-A failing call fails only its own jobs; when several jobs were fused and the error is not a
-lost database, each job is run again alone so one bad job cannot fail its neighbours.
+A failing call fails only its own jobs. When several jobs were fused and PostgreSQL raised
+an error (so the call's transaction rolled back and applied nothing), each job is run again
+alone, so one bad job cannot fail its neighbours. Any other error may come after the commit
+(the answer could not be read): running the jobs again would apply them twice (an ack would
+then fail on the lease it released itself), so every job of the call fails with it.
 """
 
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, List, Optional
 
+from psycopg2 import Error as DatabaseError
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -130,14 +134,20 @@ class Batcher:
             for job in jobs:
                 job.done.errback(err)
             return
-        except Exception:
+        except DatabaseError as err:
             if len(jobs) == 1:
                 jobs[0].done.errback()
                 return
-            log.warn("fused {name} call of {n} jobs failed; retrying them one by one",
-                     name=self.name, n=len(jobs))
+            log.warn("fused {name} call of {n} jobs failed ({error}); retrying them one by one",
+                     name=self.name, n=len(jobs), error=str(err).strip())
             for job in jobs:
                 await self._run([job])
+            return
+        except Exception:
+            log.failure("fused {name} call of {n} jobs failed", name=self.name, n=len(jobs))
+            failure = Failure()
+            for job in jobs:
+                job.done.errback(failure)
             return
         for job, result in zip(jobs, results):
             self.jobs_done += 1
