@@ -1,10 +1,13 @@
 """The connection pool against the real PostgreSQL: what a call meets when only some of the
 pool's connections are alive, as right after PostgreSQL restarts."""
 
+import gc
 import time
+import weakref
 
 import pytest
 import pytest_twisted
+from psycopg2.extensions import AsIs, register_adapter
 from twisted.internet import defer, reactor
 
 from queen_tw.config import Config
@@ -54,3 +57,26 @@ async def test_a_call_fails_at_once_when_no_connection_is_alive(database):
         await database.call("format_ts3", "2026-01-01T00:00:00Z")
 
     assert time.monotonic() - started < 1
+
+
+class _Parameter:
+    """A query parameter that can be watched with a weak reference (str cannot)."""
+
+
+register_adapter(_Parameter, lambda _: AsIs("1"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_call_lets_go_of_its_parameters_without_the_cycle_collector(database):
+    # The server collects cycles rarely (tune_garbage_collector): parameters kept alive by a
+    # cycle (a fused push's JSON, hundreds of kB) piled up past the 150 MB RSS target.
+    parameter = _Parameter()
+    watched = weakref.ref(parameter)
+    gc.disable()
+    try:
+        rows = await database._pool.run_query_within(10, "SELECT %s", (parameter,))
+        del parameter
+        assert rows == [(1,)]
+        assert watched() is None
+    finally:
+        gc.enable()

@@ -133,12 +133,21 @@ class _Pool(txpostgres.ConnectionPool):
             f"Database did not answer within {timeout:g}s")))
 
         def _give_up(reason: Optional[Exception] = None) -> None:
+            forget()
             if not slot.called:
                 slot.cancel()
             if timer.active():
                 timer.cancel()
             if reason is not None and not outcome.called:
                 outcome.errback(reason)
+
+        def forget() -> None:
+            # acquire -> run -> finished -> acquire is a reference cycle: left alone it would
+            # keep the parameters (a whole push's JSON) alive until a full garbage collection,
+            # which the server's tuned collector runs rarely (see tune_garbage_collector).
+            nonlocal acquire, params
+            acquire = None
+            params = ()
 
         def run(_):
             connection = self._take_connection()
@@ -157,6 +166,7 @@ class _Pool(txpostgres.ConnectionPool):
                     and self.any_alive()):
                 self.reactor.callLater(_UNSENT_RETRY_DELAY, acquire)  # a live one frees up
                 return None
+            forget()
             if timer.active():
                 timer.cancel()
             if isinstance(result, Failure):
