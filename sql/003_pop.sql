@@ -7,17 +7,15 @@ DROP FUNCTION IF EXISTS queen.ensure_consumer(uuid, uuid, text, text, text);
 DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, text, text);
 DROP FUNCTION IF EXISTS queen.subscribe(uuid, text, text, text, timestamptz);
 DROP FUNCTION IF EXISTS queen.subscribe_scope(jsonb, text);
--- Answers are built as json (text appended once) instead of jsonb (rebuilt at every nesting).
+-- Their answers' types changed (jsonb, rebuilt at every nesting, then json; the messages are
+-- now text, never parsed again): dropped here, created below.
 DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
 DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
 DROP FUNCTION IF EXISTS queen.pop_batch(jsonb);  -- its answer became one row per request
--- Their messages became text: a cast to json re-parsed every answer (see pop_partition).
-DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
-DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
 
 -- Plans. pop_request and pop_partition run on generic plans: their statements have one good
 -- shape whatever the values, but the planner's generic estimate of `LIMIT <parameter>` (a
--- tenth of the partition) made it re-plan them at every call, about a fifth of a pop's
+-- tenth of the partition) made it re-plan them at every call, about a quarter of a pop's
 -- database time. The functions they call whose statements do change shape with the values
 -- (CASE on a parameter, folded away only in a custom plan) say plan_cache_mode = auto.
 

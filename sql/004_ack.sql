@@ -82,7 +82,7 @@ BEGIN
            AND v_key.all_done AND array_position(v_key.txids, NULL) IS NULL
            AND (v_key.leases IS NULL OR v_key.leases = ARRAY[v_pc.lease_id]) THEN
             -- Most acks settle the rest of the delivery at once: its ids, sorted, equal the
-            -- items' (a quarter of the cost of searching the items' array for every message).
+            -- items' (a third of the cost of searching the items' array for every message).
             SELECT array_agg(m.transaction_id COLLATE "C" ORDER BY m.transaction_id COLLATE "C")
                    = v_key.txids
               INTO v_whole
