@@ -491,6 +491,14 @@ def _bounded(rate: float) -> str:
     return f"≥ {-rate:.0f}" if rate < 0 else f"{rate:.0f}"
 
 
+def _bounded_ratio(rate: float, raw_rate: float) -> str:
+    """rate / raw_rate, marked as a bound when either run drained its prefill."""
+    if rate < 0 and raw_rate < 0:
+        return "n/a (both drained)"
+    mark = "≥ " if rate < 0 else "≤ " if raw_rate < 0 else ""
+    return f"{mark}{100 * abs(rate) / abs(raw_rate):.0f} %"
+
+
 def cpython_probe_ms() -> float:
     """Milliseconds of a fixed pure-Python loop (best of 3). The machine's speed varies by
     about two during a day, and the server's share of a message is pure CPython: reports
@@ -536,7 +544,7 @@ def render(args, rows, raw, sql) -> str:
         for op, rate, raw_rate in (("push", rates[0], raw[batch][0]),
                                    ("pop+ack", rates[1], raw[batch][1])):
             lines.append(f"| {op} | {batch} | {_bounded(rate)} | {_bounded(raw_rate)} "
-                         f"| {100 * abs(rate) / abs(raw_rate):.0f} % |")
+                         f"| {_bounded_ratio(rate, raw_rate)} |")
     lines.append("")
     lines.append(f"Server peak RSS: {rows[0]['peak_rss_mb']:.0f} MB")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """The connection pool against the real PostgreSQL: what a call meets when only some of the
-pool's connections are alive, as right after PostgreSQL restarts."""
+pool's connections are alive, as right after PostgreSQL restarts, and that a finished call
+keeps nothing alive."""
 
 import gc
 import time
