@@ -1,5 +1,6 @@
 # make run  : create .venv, install queen-tw with its extras, run the server on an embedded PostgreSQL.
 # make test : create .venv, install, run the test suite (pytest's exit 5, "no tests ran", fails too).
+# make lint : ruff and mypy over the tree, with the settings in pyproject.toml.
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test clean
+.PHONY: venv run test lint clean
 
 venv: $(STAMP)
 
@@ -25,6 +26,10 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache var twisted/plugins/dropin.cache

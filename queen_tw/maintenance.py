@@ -1,0 +1,112 @@
+"""Maintenance: the cluster-wide flags of WIRE.md 3.7 and the file buffer's status, in one place.
+
+- ``maintenance_mode``: pushes go to the file buffer instead of PostgreSQL; switching it off
+  lets the replay drain the buffer.
+- ``pop_maintenance_mode``: every pop answers 204 at once.
+
+PostgreSQL (``queen.system_state``) is the source of truth, so every instance sees a change:
+each reads the flags once it can reach PostgreSQL and again every
+``QUEEN_CACHE_REFRESH_INTERVAL_MS``; the instance that changes a flag applies it at once.
+Until the first read succeeds both flags count as off and ``loaded`` is False (``/health``
+answers 503: the server does not know the flags yet).
+
+The HTTP layer is given one :class:`Maintenance` and reads or changes everything through it;
+it never reaches into the buffer or the failover policy.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from queen_tw.db.pool import Database
+from queen_tw.failover.buffer import FileBuffer
+
+log = Logger()
+
+MAINTENANCE = "maintenance_mode"
+POP_MAINTENANCE = "pop_maintenance_mode"
+
+
+@dataclass(frozen=True)
+class BufferStatus:
+    """A snapshot of the file buffer (``/health``, ``/api/v1/status/buffers``, maintenance)."""
+
+    pending: int
+    failed: int
+    healthy: bool
+    fsyncs: int
+    failed_files: List[Dict[str, Any]]
+
+
+class Maintenance:
+    """The local copy of the cluster-wide flags, plus the buffer they divert pushes to.
+
+    :param db: the pool (``system_state_get`` / ``system_state_set`` in sql/).
+    :param buffer: the file buffer of this process.
+    :param clock: time source for :meth:`reread`'s bound.
+    """
+
+    def __init__(self, db: Database, buffer: FileBuffer, clock: IReactorTime):
+        self._db = db
+        self._buffer = buffer
+        self._clock = clock
+        self._flags: Dict[str, bool] = {MAINTENANCE: False, POP_MAINTENANCE: False}
+        self.loaded = False
+
+    @property
+    def maintenance_mode(self) -> bool:
+        return self._flags[MAINTENANCE]
+
+    @property
+    def pop_maintenance_mode(self) -> bool:
+        return self._flags[POP_MAINTENANCE]
+
+    def buffer_status(self) -> BufferStatus:
+        stats = self._buffer.stats()
+        return BufferStatus(pending=self._buffer.pending, failed=self._buffer.failed,
+                            healthy=self._buffer.healthy, fsyncs=self._buffer.fsyncs,
+                            failed_files=stats["failedFiles"])
+
+    async def refresh(self) -> Dict[str, bool]:
+        """Re-reads the flags from PostgreSQL; raises ``DatabaseUnavailable`` when it cannot."""
+        stored = await self._db.call("system_state_get")
+        for key in self._flags:
+            self._apply(key, _enabled(stored.get(key)))
+        self.loaded = True
+        return dict(self._flags)
+
+    async def reread(self, timeout: float = 2.0) -> None:
+        """:meth:`refresh` for a request that wants the stored flags: when PostgreSQL does not
+        answer within ``timeout`` seconds the flags known here stay."""
+        reading = defer.ensureDeferred(self.refresh())
+        reading.addTimeout(timeout, self._clock)
+        try:
+            await reading
+        except Exception as err:
+            log.debug("maintenance flags not re-read: {error}", error=err)
+
+    async def set_maintenance(self, enabled: bool) -> None:
+        """Push maintenance for the whole cluster, applied here at once."""
+        await self._set(MAINTENANCE, enabled)
+
+    async def set_pop_maintenance(self, enabled: bool) -> None:
+        """Pop maintenance for the whole cluster, applied here at once."""
+        await self._set(POP_MAINTENANCE, enabled)
+
+    async def _set(self, key: str, enabled: bool) -> None:
+        await self._db.call("system_state_set", key, {"enabled": enabled})
+        self._apply(key, enabled)
+
+    def _apply(self, key: str, enabled: bool) -> None:
+        if self._flags[key] != enabled:
+            log.info("{flag} is now {state}", flag=key, state="on" if enabled else "off")
+        self._flags[key] = enabled
+
+
+def _enabled(value: Any) -> bool:
+    if isinstance(value, dict):
+        value = value.get("enabled")
+    return value is True or value == "true"
