@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import psycopg2
 import pytest
-from support import ServerProcess, pg_env_from_dsn, running_server
 
 from queen_tw.config import Config
 from queen_tw.db.embedded import EmbeddedPostgres
+
+from support import ServerProcess, pg_env_from_dsn, running_server
 
 EXTERNAL_DSN_VARIABLE = "QUEEN_TEST_PG_DSN"
 

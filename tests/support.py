@@ -1,7 +1,8 @@
 """Helpers shared by the tests: the real server as a subprocess, unique names, PG settings.
 
-Import from tests as ``from support import ServerProcess, unique_name`` (pytest puts the
-``tests`` directory on ``sys.path`` because it has a conftest.py and no ``__init__.py``).
+Import from tests as ``from tests.support import ServerProcess, unique_name``: the suite runs
+as ``python -m pytest`` from the repository root, which puts the root on ``sys.path``.
+(``from support import …`` also works, because pytest puts the ``tests`` directory there.)
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from psycopg2.extensions import connection, parse_dsn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+WAIT_CEILING_S = 30.0
+"""How long an event-driven wait gives a loaded machine before the test fails."""
 
 # Runs twistd from the interpreter running the tests (``python -m twisted`` is ``twist``,
 # which has neither -n nor --pidfile).
@@ -40,6 +47,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float = WAIT_CEILING_S,
+               interval: float = 0.02, message: str = "the condition") -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy; return it.
+
+    Tests wait for events this way instead of sleeping a guessed time: the wait ends as soon
+    as the event happens, and ``timeout`` is only a ceiling that turns a broken server into a
+    failure (AssertionError naming ``message``) rather than a hang. Keep it generous.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} did not happen within {timeout} s")
+        time.sleep(interval)
 
 
 def pg_env_from_dsn(dsn: str) -> dict[str, str]:

@@ -8,17 +8,17 @@ harness reads and manipulates directly.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pytest
 
+from tests.http_helpers import ack, configure, pop, pop_answer, push
 from tests.support import unique_name
-from tests.test_pop_ack import ack, configure, pop, pop_answer, push
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _consume_all(http, queue: str, group: str) -> list:
@@ -128,7 +128,7 @@ def test_deleted_group_consumes_again_from_its_subscription_point(http):
     push(http, queue, [1, 2])
     assert _consume_all(http, queue, "again") == [1, 2]
 
-    answer = http.delete(f"/api/v1/consumer-groups/again", params={"deleteMetadata": "true"})
+    answer = http.delete("/api/v1/consumer-groups/again", params={"deleteMetadata": "true"})
 
     assert answer.status_code == 200
     body = answer.json()
@@ -218,7 +218,7 @@ def test_subscription_timestamp_update_moves_the_start_of_partitions_without_cur
     push(http, queue, ["old"], partition="p1", prefix="o")
     assert pop_answer(http, queue, consumerGroup="ts", subscriptionMode="new").status_code == 204
     _consume_all(http, queue, "wm-seed")  # another group, so a watermark exists somewhere
-    cut = _iso(datetime.now(timezone.utc) - timedelta(hours=1))
+    cut = _iso(datetime.now(UTC) - timedelta(hours=1))
 
     answer = http.post("/api/v1/consumer-groups/ts/subscription", json={"subscriptionTimestamp": cut})
 
@@ -269,7 +269,7 @@ def test_seek_backwards_to_a_timestamp_allows_reconsumption(http, db):
     queue = unique_name()
     push(http, queue, ["a"], prefix="a")
     time.sleep(0.05)
-    cut = _iso(datetime.now(timezone.utc))
+    cut = _iso(datetime.now(UTC))
     time.sleep(0.05)
     push(http, queue, ["b", "c"], prefix="b")
     assert _consume_all(http, queue, "rewind") == ["a", "b", "c"]

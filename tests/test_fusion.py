@@ -21,6 +21,7 @@ from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import NotFound
 from queen_tw.paths import sql_dir
+
 from tests.support import count_messages, unique_name
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, List
 
+from tests.client_helpers import connect, pop_now, run_scenario
 from tests.support import unique_name
-from tests.test_interop_client import connect, pop_now, run_scenario
 
 
 async def _drain_group(client, queue: str, group: str, **modes: str) -> List[Any]:

@@ -11,21 +11,17 @@ the main thread until it finishes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import signal
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Awaitable, Coroutine, Dict, List, Optional
+from datetime import UTC, datetime, timedelta
+from typing import Any, Awaitable, Dict, List, Optional
 
 import pytest
 from queen import Queen
 
+from tests.client_helpers import connect, pop_now, run_scenario
 from tests.support import unique_name
-
-SCENARIO_TIMEOUT_S = 60.0
-"""Upper bound for one whole scenario; a server that stops answering fails the test here."""
 
 DEFAULT_OPTIONS: Dict[str, Any] = {
     "priority": 0,
@@ -52,42 +48,6 @@ POP_CREATED_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 # --------------------------------------------------------------------------- helpers
 
 
-def run_scenario(scenario: Coroutine[Any, Any, Any], timeout_s: float = SCENARIO_TIMEOUT_S) -> Any:
-    """Run an async scenario to completion and return its result.
-
-    Args:
-        scenario: the coroutine to run on a fresh event loop.
-        timeout_s: fail the test if the scenario has not finished after this many seconds.
-    """
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(scenario, timeout_s)
-
-    try:
-        return asyncio.run(bounded())
-    except asyncio.TimeoutError:
-        pytest.fail(f"scenario did not finish within {timeout_s} s")
-
-
-@contextlib.asynccontextmanager
-async def connect(url: str) -> AsyncIterator[Queen]:
-    """Open an official client on ``url`` and close it afterwards.
-
-    ``Queen()`` installs its own SIGINT/SIGTERM handlers and ``close()`` resets them to the
-    defaults; the handlers pytest had are put back so Ctrl-C keeps working.
-    """
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    client = Queen(url)
-    try:
-        yield client
-    finally:
-        try:
-            await client.close()
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
-
 async def within(seconds: float, awaitable: Awaitable[Any]) -> Any:
     """Await a client builder (a consume, typically) but give up after ``seconds``."""
 
@@ -95,16 +55,6 @@ async def within(seconds: float, awaitable: Awaitable[Any]) -> Any:
         return await awaitable
 
     return await asyncio.wait_for(_await(), seconds)
-
-
-async def pop_now(
-    client: Queen, queue: str, batch: int = 10, partition: Optional[str] = None
-) -> List[Dict[str, Any]]:
-    """Pop without long-polling, as the client's own tests do right after a push."""
-    builder = client.queue(queue)
-    if partition is not None:
-        builder = builder.partition(partition)
-    return await builder.batch(batch).wait(False).pop()
 
 
 async def poll_pop(client: Queen, queue: str, timeout_s: float) -> List[Dict[str, Any]]:
@@ -753,7 +703,7 @@ def test_renewed_lease_outlives_its_original_expiry(server: Any) -> None:
             popped_at = loop.time()
             assert len(popped) == 1, "the pushed message was not delivered"
             await asyncio.sleep(1.5)
-            renewed_at = datetime.now(timezone.utc)
+            renewed_at = datetime.now(UTC)
             renewal = await client.renew(popped[0])
             await asyncio.sleep(max(0.0, popped_at + lease_s + 0.7 - loop.time()))
             competing = await pop_now(client, name, batch=1)  # original lease is over by now

@@ -19,9 +19,9 @@ from twisted.internet.task import Clock
 
 from queen_tw.engine.popper import Attempt, ParkingLot, PopRequest
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
-from tests.support import running_server, unique_name
-from tests.test_pop_ack import ack, configure, pop, push
 
+from tests.http_helpers import ack, configure, pop, push
+from tests.support import running_server, unique_name
 
 # -- the parking lot on a fake clock ----------------------------------------------------
 

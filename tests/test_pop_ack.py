@@ -11,11 +11,13 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import httpx
 
 from queen_tw.engine.queue_engine import expand_ack_answer
+
+from tests.http_helpers import ack, configure, dead_letters, poll_pop, pop, pop_answer, push
 from tests.support import unique_name
 
 CREATED_AT_6_DIGITS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -23,68 +25,6 @@ ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def configure(http: httpx.Client, queue: str, **options: Any) -> Dict[str, Any]:
-    answer = http.post("/api/v1/configure", json={"queue": queue, "options": options})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def push(http: httpx.Client, queue: str, payloads: List[Any], partition: str = "Default",
-         prefix: str = "t") -> List[Dict[str, Any]]:
-    """Pushes one message per payload with transaction ids ``<prefix>0``, ``<prefix>1`` …"""
-    answer = http.post("/api/v1/push", json={"items": [
-        {"queue": queue, "partition": partition, "payload": payload,
-         "transactionId": f"{prefix}{n}"} for n, payload in enumerate(payloads)]})
-    assert answer.status_code == 201, answer.text
-    assert {r["status"] for r in answer.json()} == {"queued"}, answer.text
-    return answer.json()
-
-
-def pop_answer(http: httpx.Client, queue: str, partition: Optional[str] = None,
-               **params: Any) -> httpx.Response:
-    path = f"/api/v1/pop/queue/{queue}"
-    if partition is not None:
-        path += f"/partition/{partition}"
-    return http.get(path, params={"wait": "false", **params})
-
-
-def pop(http: httpx.Client, queue: str, partition: Optional[str] = None,
-        **params: Any) -> Optional[Dict[str, Any]]:
-    """The 200 body of a pop, or None for 204 (anything else fails the test)."""
-    answer = pop_answer(http, queue, partition, **params)
-    assert answer.status_code in (200, 204), answer.text
-    return answer.json() if answer.status_code == 200 else None
-
-
-def ack(http: httpx.Client, message: Dict[str, Any], status: str = "completed",
-        **extra: Any) -> Dict[str, Any]:
-    """Acks one popped message with its own lease; returns the single result item."""
-    body = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
-            "status": status, "leaseId": message["leaseId"] or None, **extra}
-    answer = http.post("/api/v1/ack", json=body)
-    assert answer.status_code == 200, answer.text
-    results = answer.json()
-    assert isinstance(results, list) and len(results) == 1, answer.text
-    return results[0]
-
-
-def poll_pop(http: httpx.Client, queue: str, within: float,
-             **params: Any) -> Optional[Dict[str, Any]]:
-    """Pops (wait=false) every 50 ms until something comes or ``within`` seconds passed."""
-    deadline = time.monotonic() + within
-    while True:
-        delivery = pop(http, queue, **params)
-        if delivery is not None or time.monotonic() >= deadline:
-            return delivery
-        time.sleep(0.05)
-
-
-def dead_letters(http: httpx.Client, queue: str) -> Dict[str, Any]:
-    answer = http.get("/api/v1/dlq", params={"queue": queue})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
 
 
 def exhaust(http: httpx.Client, queue: str, attempts: int, error: str) -> List[Dict[str, Any]]:

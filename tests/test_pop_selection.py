@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
+from tests.http_helpers import ack, configure, pop, pop_answer, push
 from tests.support import unique_name
-from tests.test_pop_ack import ack, configure, pop, pop_answer, push
 
 
 def _lookup_rows(db, queue: str, group: str = "__QUEUE_MODE__") -> int:

@@ -69,7 +69,7 @@ def test_push_answers_201_with_queued_item_fields(http):
 
     assert len(results) == 1
     item = results[0]
-    assert QUEUED_KEYS <= set(item)
+    assert set(item) >= QUEUED_KEYS
     assert item["index"] == 0
     assert item["status"] == "queued"
     assert item["transaction_id"] == "tx-1"

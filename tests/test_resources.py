@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
+from tests.http_helpers import ack, configure, dead_letters, pop, pop_answer, push
 from tests.support import unique_name
-from tests.test_pop_ack import ack, configure, dead_letters, pop, pop_answer, push
 
 
 def _refresh(http) -> None:

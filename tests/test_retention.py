@@ -16,8 +16,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from queen_tw.services.periodic import PeriodicService
+
+from tests.http_helpers import ack, configure, pop, push
 from tests.support import running_server, unique_name
-from tests.test_pop_ack import ack, configure, pop, push
 
 
 def _count(db, queue: str, partition: str | None = None) -> int:

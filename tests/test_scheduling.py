@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
+from tests.http_helpers import ack, configure, poll_pop, pop, pop_answer, push
 from tests.support import unique_name
-from tests.test_pop_ack import ack, configure, pop, pop_answer, poll_pop, push
 
 
 def test_delayed_message_is_invisible_at_once_and_visible_after_the_delay(http):

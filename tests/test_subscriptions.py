@@ -8,12 +8,12 @@ subscriptionFrom=now|timestamp, decided at a group's first contact with a queue 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 
+from tests.http_helpers import ack, pop, pop_answer, push
 from tests.support import unique_name
-from tests.test_pop_ack import ack, pop, pop_answer, push
 
 
 def _drain(http: httpx.Client, queue: str, **params) -> list:
@@ -151,7 +151,7 @@ def test_subscription_from_timestamp_starts_after_that_time(http):
     queue = unique_name()
     push(http, queue, ["before"], prefix="b")
     time.sleep(0.05)
-    cut = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    cut = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     time.sleep(0.05)
     push(http, queue, ["after"], prefix="a")
 

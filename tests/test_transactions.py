@@ -4,8 +4,8 @@ from typing import Any, Dict, List
 
 import pytest
 
+from tests.client_helpers import connect, pop_now, run_scenario
 from tests.support import count_messages, unique_name
-from tests.test_interop_client import connect, pop_now, run_scenario
 
 
 def _push(http, queue: str, n: int = 1, partition: str = "Default") -> List[Dict[str, Any]]:
