@@ -28,8 +28,8 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/queen --shell 
 USER queen
 WORKDIR /var/lib/queen
 VOLUME /var/lib/queen/buffers
-# HTTP API, UDP peer sync
-EXPOSE 6632 6633/udp
+# The HTTP API (PORT).  Nothing else listens: there is no peer sync yet.
+EXPOSE 6632
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '6632'), timeout=2)"
