@@ -23,6 +23,9 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from queen_tw.logs import route_twistd
+from queen_tw.startup import refuse_to_start
+
 MiB = 1024 * 1024
 
 
@@ -98,10 +101,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "Worker processes sharing the port (upstream: event-loop threads, default 10)", minimum=1),
     _opt("worker_id", "WORKER_ID", "str", "queen-tw-1",
          "Name of this instance in /health, logs and pg_stat_activity"),
-    _opt("log_level", "LOG_LEVEL", "choice", "info", "trace, debug, info, warn or error",
+    _opt("log_level", "LOG_LEVEL", "choice", "info",
+         "Least severe log lines written: trace (same as debug), debug, info, warn or error",
          choices=LOG_LEVELS),
-    _opt("log_format", "LOG_FORMAT", "choice", "text", "text, or json for structured logs",
-         choices=("text", "json")),
+    _opt("log_format", "LOG_FORMAT", "choice", "text",
+         "text (twistd's log lines) or json (one object per line: time, level, namespace, "
+         "message, fields)", choices=("text", "json")),
     # --- PostgreSQL ---------------------------------------------------------------------
     _opt("pg_host", "PG_HOST", "str", "localhost", "PostgreSQL host name or unix-socket directory"),
     _opt("pg_port", "PG_PORT", "int", 5432, "PostgreSQL port", minimum=1, maximum=65535),
@@ -203,7 +208,10 @@ class Config:
 
     Build it with :meth:`from_sources` (or :meth:`defaults` in tests); defaults live in the
     option table only.  ``warnings`` holds messages the server should log at start, e.g.
-    a malformed encryption key that was ignored.  Secrets are kept out of ``repr``.
+    a malformed encryption key that was ignored.  ``migrate_only`` is a run mode, not a
+    setting: the ``--migrate-only`` flag of :data:`RUN_FLAGS`, with no environment variable
+    (set in a service's environment it would make every restart exit).  Secrets are kept
+    out of ``repr``.
     """
 
     port: int
@@ -267,6 +275,7 @@ class Config:
     encryption_key: bytes | None = dataclasses.field(repr=False)
     listen_fd: int | None
     embedded_pg: str | None
+    migrate_only: bool = False
     warnings: tuple[str, ...] = ()
 
     @classmethod
@@ -310,8 +319,10 @@ class Config:
 
     def dsn_with_settings(self, **settings: str) -> str:
         """:attr:`dsn` plus more server settings for every session (e.g. custom GUCs)."""
-        extra = "".join(f" -c {name.replace('__', '.')}={value}" for name, value in settings.items())
-        return self.dsn.replace("-c statement_timeout=", f"{extra.strip()} -c statement_timeout=", 1)
+        extra = "".join(f" -c {name.replace('__', '.')}={value}"
+                        for name, value in settings.items())
+        return self.dsn.replace("-c statement_timeout=",
+                                f"{extra.strip()} -c statement_timeout=", 1)
 
     def as_env(self) -> dict[str, str]:
         """Every set option as environment variables: how a parent hands its configuration
@@ -338,7 +349,8 @@ class Config:
         every pool gets them without an extra round trip; ``application_name`` is the
         worker id so ``pg_stat_activity`` shows which instance holds a connection.
         """
-        startup = f"-c statement_timeout={self.db_statement_timeout_ms} -c lock_timeout={self.db_lock_timeout_ms}"
+        startup = (f"-c statement_timeout={self.db_statement_timeout_ms} "
+                   f"-c lock_timeout={self.db_lock_timeout_ms}")
         parts = {
             "host": self.pg_host,
             "port": str(self.pg_port),
@@ -489,9 +501,13 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
         )
 
 
+_NOT_OPTIONS = frozenset({"warnings", "migrate_only"})
+"""Config fields that are not in the option table: computed, or a run-mode flag."""
+
+
 def _check_table_matches_dataclass() -> None:
     """Fail at import if the option table and the Config fields ever disagree."""
-    declared = {f.name for f in dataclasses.fields(Config)} - {"warnings"}
+    declared = {f.name for f in dataclasses.fields(Config)} - _NOT_OPTIONS
     if declared != _FIELDS:
         raise RuntimeError(f"OPTIONS and Config differ: {sorted(declared ^ _FIELDS)}")
 
@@ -502,16 +518,27 @@ _check_table_matches_dataclass()
 # --- twistd command line ---------------------------------------------------------------
 
 
+RUN_FLAGS: tuple[tuple[str, str], ...] = (
+    ("migrate-only", "Apply the schema migrations, then exit (status 0) instead of serving"),
+)
+"""Flags of ``twistd queen`` that choose what the process does rather than configure it:
+(flag, help).  Only on the command line; see :class:`Config`."""
+
+
 def _help_text(spec: OptionSpec) -> str:
     """The ``--help`` line: meaning, then where else it can be set and its default."""
     return f"{spec.help} [env {spec.env}; default {spec.shown_default()}]"
 
 
 class QueenOptions(usage.Options):
-    """``twistd queen`` options, generated from :data:`OPTIONS`.
+    """``twistd queen`` options, generated from :data:`OPTIONS` and :data:`RUN_FLAGS`.
 
     Flags default to None so that an absent flag falls through to the environment; after
-    parsing, ``self.config`` holds the :class:`Config`.
+    parsing, ``self.config`` holds the :class:`Config`.  Run by twistd, parsing also routes
+    twistd's log output through ``LOG_LEVEL`` and ``LOG_FORMAT`` (:mod:`queen_tw.logs`).
+
+    A refused option ends the process with one line (``queen-tw: PORT: expected an integer,
+    got 'abc'``): twistd would print its whole ``--help`` before a ``UsageError``.
     """
 
     synopsis = "[options]"
@@ -522,16 +549,30 @@ class QueenOptions(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         [spec.flag, None, None, _help_text(spec)] for spec in OPTIONS
     ]
+    optFlags: ClassVar[list[list[Any]]] = [[flag, None, text] for flag, text in RUN_FLAGS]
 
     config: Config
+    parent: usage.Options | None = None
+    """twistd's own options when run as ``twistd queen`` (usage.Options sets it)."""
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, or end the process with the one-line reason (``--help`` still works)."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as err:
+            refuse_to_start(f"{err} (twistd queen --help lists the options)")
 
     def postOptions(self) -> None:
-        """Build the Config; a bad value becomes a UsageError naming the option."""
+        """Build the Config (a bad value becomes a UsageError naming the option), then
+        hand the log settings to twistd."""
         cli = {spec.field: self[spec.flag] for spec in OPTIONS}
         try:
-            self.config = Config.from_sources(os.environ, cli)
+            config = Config.from_sources(os.environ, cli)
         except ConfigError as err:
             raise usage.UsageError(str(err)) from None
+        self.config = config.with_changes(migrate_only=bool(self["migrate-only"]))
+        if self.parent is not None:
+            route_twistd(self.parent, config.log_level, config.log_format)
 
 
 # --- README table ----------------------------------------------------------------------
@@ -543,6 +584,8 @@ def markdown_table() -> str:
     for spec in OPTIONS:
         meaning = spec.help.replace("|", "\\|")
         lines.append(f"| `{spec.env}` | `--{spec.flag}` | `{spec.shown_default()}` | {meaning} |")
+    for flag, text in RUN_FLAGS:
+        lines.append(f"| (flag only) | `--{flag}` | off | {text} |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,6 @@ import socket
 from typing import List, Optional
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 
@@ -33,9 +32,11 @@ from queen_tw.failover.durability import Durability
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.site import make_site
 from queen_tw.lifecycle import OrderedMultiService
+from queen_tw.listening import ListenerService, listen_address
 from queen_tw.paths import sql_dir
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
+from queen_tw.startup import check_can_start
 
 log = Logger()
 
@@ -139,6 +140,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
+    check_can_start(config)  # buffer directory, embedded extra: refuse now, not later
 
     # Once a graceful stop has begun, a second SIGTERM (systemd, a second kill) is ignored
     # instead of making Twisted log a ReactorNotRunning traceback; SIGKILL still works.
@@ -183,7 +185,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
     for part in durability.services(engine):  # flag refresh, replay, in-flight drain
         part.setServiceParent(top)
-    StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    ListenerService(endpoint, site, reactor, listen_address(config)).setServiceParent(top)
     WaitersService(waiters).setServiceParent(top)
     durability.gate.setServiceParent(top)  # stops first: pops answer 204 from then on
     return top

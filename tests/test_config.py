@@ -18,7 +18,8 @@ def parse(env: dict[str, str] | None = None, **cli: str) -> Config:
 
 def test_defaults_match_the_documented_values() -> None:
     config = Config.defaults()
-    assert (config.port, config.host, config.num_workers, config.worker_id) == (6632, "0.0.0.0", 1, "queen-tw-1")
+    assert (config.port, config.host, config.num_workers, config.worker_id) == (
+        6632, "0.0.0.0", 1, "queen-tw-1")
     assert (config.log_level, config.log_format) == ("info", "text")
     assert (config.pg_host, config.pg_port, config.pg_user, config.pg_password, config.pg_db) == (
         "localhost", 5432, "postgres", "postgres", "postgres")
@@ -71,7 +72,8 @@ def test_bad_cli_integer_also_names_the_environment_variable() -> None:
 
 
 @pytest.mark.parametrize("env", [{"PORT": "70000"}, {"PORT": "-1"}, {"DB_POOL_SIZE": "0"},
-                                 {"DEFAULT_BATCH_SIZE": "0"}, {"POP_WAIT_BACKOFF_MULTIPLIER": "0.5"}])
+                                 {"DEFAULT_BATCH_SIZE": "0"},
+                                 {"POP_WAIT_BACKOFF_MULTIPLIER": "0.5"}])
 def test_out_of_range_numbers_are_refused(env: dict[str, str]) -> None:
     (name,) = env
     with pytest.raises(ConfigError, match=f"^{name}: must be"):
@@ -83,7 +85,8 @@ def test_non_finite_float_is_refused() -> None:
         parse({"POP_WAIT_BACKOFF_MULTIPLIER": "inf"})
 
 
-@pytest.mark.parametrize("word,expected", [("true", True), ("TRUE", True), ("1", True), ("Yes", True),
+@pytest.mark.parametrize("word,expected", [("true", True), ("TRUE", True), ("1", True),
+                                           ("Yes", True),
                                            ("false", False), ("0", False), ("no", False)])
 def test_booleans_accept_the_usual_spellings(word: str, expected: bool) -> None:
     assert parse({"PG_USE_SSL": word}).pg_use_ssl is expected
@@ -149,7 +152,8 @@ def test_dsn_points_at_a_unix_socket_directory() -> None:
     assert parts["options"] == "-c statement_timeout=30000 -c lock_timeout=10000"
 
 
-@pytest.mark.parametrize("use_ssl,reject,mode", [("true", "true", "require"), ("true", "false", "prefer"),
+@pytest.mark.parametrize("use_ssl,reject,mode", [("true", "true", "require"),
+                                                 ("true", "false", "prefer"),
                                                  ("false", "true", "disable")])
 def test_dsn_sslmode_follows_the_two_ssl_flags(use_ssl: str, reject: str, mode: str) -> None:
     config = parse({"PG_USE_SSL": use_ssl, "PG_SSL_REJECT_UNAUTHORIZED": reject})
@@ -179,9 +183,42 @@ def test_queen_options_parse_flags_into_config(monkeypatch: pytest.MonkeyPatch) 
     assert options.config.db_pool_size == 3
 
 
-def test_queen_options_turn_bad_values_into_usage_errors() -> None:
-    with pytest.raises(usage.UsageError, match="^PORT: expected an integer, got 'abc'$"):
+def test_queen_options_refuse_a_bad_value_with_one_line_naming_it() -> None:
+    with pytest.raises(SystemExit) as refused:
         QueenOptions().parseOptions(["--port", "abc"])
+    assert str(refused.value) == (
+        "queen-tw: PORT: expected an integer, got 'abc' (twistd queen --help lists the options)")
+
+
+def test_queen_options_refuse_an_unknown_flag_with_one_line() -> None:
+    with pytest.raises(SystemExit, match="^queen-tw: option --no-such-flag not recognized"):
+        QueenOptions().parseOptions(["--no-such-flag"])
+
+
+def test_queen_options_still_raise_usage_errors_from_validation() -> None:
+    """postOptions keeps the usage.Options contract; only parseOptions ends the process."""
+    options = QueenOptions()
+    options["port"] = "abc"
+    with pytest.raises(usage.UsageError, match="^PORT: expected an integer"):
+        options.postOptions()
+
+
+def test_migrate_only_is_off_unless_its_flag_is_given() -> None:
+    assert Config.defaults().migrate_only is False
+    plain = QueenOptions()
+    plain.parseOptions([])
+    assert plain.config.migrate_only is False
+    flagged = QueenOptions()
+    flagged.parseOptions(["--migrate-only"])
+    assert flagged.config.migrate_only is True
+
+
+def test_migrate_only_is_not_handed_to_worker_processes() -> None:
+    assert "QUEEN_MIGRATE_ONLY" not in Config.defaults().with_changes(migrate_only=True).as_env()
+
+
+def test_markdown_table_lists_the_run_mode_flag() -> None:
+    assert "| (flag only) | `--migrate-only` | off |" in markdown_table()
 
 
 def test_markdown_table_lists_every_option() -> None:

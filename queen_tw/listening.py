@@ -1,0 +1,129 @@
+"""The HTTP listening socket: serve on it, or end the process saying why it cannot be had.
+
+A port already in use used to leave a traceback in the log and a process that kept running
+without a listener, so a supervisor (systemd's ``Restart=on-failure``) never noticed. Here a
+refused listen ends the process with one line such as ``queen-tw: cannot listen on
+0.0.0.0:6632: address already in use (set PORT or --port)`` and status 1.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python.failure import Failure
+
+from queen_tw.startup import fatal, refuse_to_start
+
+if TYPE_CHECKING:
+    from queen_tw.config import Config
+
+_HINTS = {
+    errno.EADDRINUSE: "set PORT or --port",
+    errno.EACCES: "ports below 1024 need privileges; set PORT or --port",
+    errno.EADDRNOTAVAIL: "no such local address; set HOST or --host",
+}
+
+
+def listen_refusal(address: str, error: object) -> str:
+    """The one-line reason for a refused listen on ``address`` (``host:port``).
+
+    ``error`` is the ``OSError`` of ``bind``/``listen`` or Twisted's ``CannotListenError``
+    wrapping one; the operator's next step is named for the usual causes.
+    """
+    cause = error.socketError if isinstance(error, CannotListenError) else error
+    if isinstance(cause, OSError) and cause.strerror:
+        text = cause.strerror[:1].lower() + cause.strerror[1:]
+        hint = _HINTS.get(cause.errno or 0, "check HOST and PORT")
+        return f"cannot listen on {address}: {text} ({hint})"
+    return f"cannot listen on {address}: {cause}"
+
+
+def listen_address(config: Config) -> str:
+    """Where a process listens, as its refusal would name it."""
+    if config.listen_fd is not None:
+        return f"the inherited socket (QUEEN_LISTEN_FD={config.listen_fd})"
+    return f"{config.host}:{config.port}"
+
+
+class ListenerService(service.Service):
+    """Serves ``factory`` on ``endpoint``; a refused listen ends the process.
+
+    twistd calls :meth:`privilegedStartService` before the reactor runs, so a port in use
+    (TCP endpoints listen synchronously) refuses to start with the reason on stderr. An
+    endpoint that fails later, once the reactor runs, stops the server through
+    :func:`queen_tw.startup.fatal`: both end with status 1.
+
+    :param endpoint: where to listen.
+    :param factory: the protocol factory (the HTTP site).
+    :param reactor: tells whether the reactor runs yet and is stopped by a late failure.
+    :param address: ``host:port`` (or a description) for the refusal message.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, reactor: Any,
+                 address: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._reactor = reactor
+        self._address = address
+        self._listening: defer.Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        """Listens now (twistd: before the reactor runs and before privileges are shed)."""
+        super().privilegedStartService()
+        refused: list[str] = []
+        self._listening = self._endpoint.listen(self._factory)
+        self._listening.addErrback(self._listen_failed, refused)
+        if refused:  # failed at once: raised here, a Deferred would swallow the SystemExit
+            refuse_to_start(refused[0])
+
+    def startService(self) -> None:
+        """Listens unless :meth:`privilegedStartService` already did (services started
+        without twistd, e.g. in tests)."""
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        """Stops listening; fires once the port is closed (or the attempt cancelled)."""
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return None
+        listening.cancel()  # a no-op once the port is open
+        return listening.addCallback(_stop_listening)
+
+    def _listen_failed(self, failure: Failure, refused: list[str]) -> None:
+        if failure.check(defer.CancelledError):
+            return  # stopped before the port was open
+        reason = listen_refusal(self._address, failure.value)
+        if self._reactor.running:
+            fatal(self._reactor, reason)
+        else:
+            refused.append(reason)
+
+
+def _stop_listening(port: IListeningPort | None) -> defer.Deferred[None] | None:
+    return port.stopListening() if port is not None else None
+
+
+def open_listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A bound, listening TCP socket for processes that share it (``NUM_WORKERS``).
+
+    Call it before the reactor runs (``privilegedStartService``): when the address cannot be
+    had the process refuses to start with the same line as :class:`ListenerService`.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(backlog)
+    except OSError as err:
+        listener.close()
+        refuse_to_start(listen_refusal(f"{host}:{port}", err))
+    return listener
