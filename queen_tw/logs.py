@@ -1,0 +1,187 @@
+"""The server's log output: ``LOG_LEVEL`` drops quieter events, ``LOG_FORMAT`` picks text or JSON.
+
+twistd builds its log observer itself, after the options are parsed and after the service
+tree exists, from ``--logfile``, ``--syslog`` and ``-n``.  Its one seam for choosing the
+observer is the ``--logger`` option (the dotted name of an observer factory).  So
+``twistd queen`` points ``--logger`` at :func:`twistd_observer` (see :func:`route_twistd`),
+which builds what twistd would have built, in the format asked for, behind a level filter.
+A ``--logger`` given by the operator is kept and filtered the same way.
+
+Every event passes through the filter, Twisted's own included: at ``warn`` the
+``starting up`` lines go too.  ``trace`` is ``debug`` (twisted.logger has nothing below it).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    LogEvent,
+    LogLevel,
+    PredicateResult,
+    formatEvent,
+    textFileLogObserver,
+)
+from twisted.python import logfile
+from twisted.python.reflect import namedAny
+from zope.interface import implementer
+
+from queen_tw.startup import refuse_to_start
+
+LEVELS: Mapping[str, LogLevel] = {
+    "trace": LogLevel.debug,
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+"""``LOG_LEVEL`` words and the least severe twisted.logger level each one lets through."""
+
+TWISTD_LOGGER = f"{__name__}.twistd_observer"
+"""What :func:`route_twistd` sets twistd's ``--logger`` to."""
+
+
+@implementer(ILogFilterPredicate)
+class AtLeast:
+    """Lets through events of ``minimum`` severity or more.
+
+    Unlike twisted's ``LogLevelFilterPredicate`` it keeps events that carry no level or
+    namespace (legacy ``log.msg`` calls and the like): dropping what cannot be judged
+    would hide errors.
+    """
+
+    def __init__(self, minimum: LogLevel) -> None:
+        self.minimum = minimum
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
+        level = event.get("log_level")
+        if level is not None and level < self.minimum:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+def filtered(observer: ILogObserver, level: str) -> ILogObserver:
+    """``observer`` behind the ``LOG_LEVEL`` filter."""
+    return FilteringLogObserver(observer, [AtLeast(LEVELS[level])])
+
+
+def event_as_json(event: LogEvent) -> str:
+    """One log event as one line of JSON (newline included).
+
+    ``time`` (UTC, ISO 8601), ``level``, ``namespace`` and ``message`` (the rendered text)
+    come first; the event's own structured fields follow under ``fields``, so a field can
+    never overwrite them; a failure adds ``traceback``.  Values JSON cannot hold are
+    written as their ``str``.
+    """
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time", 0.0), UTC)
+                        .isoformat(timespec="milliseconds"),
+        "level": level.name if level is not None else None,
+        "namespace": event.get("log_namespace"),
+        "message": formatEvent(event),
+    }
+    fields = {key: value for key, value in event.items()
+              if not key.startswith("log_") and key not in _LEGACY_KEYS}
+    if fields:
+        record["fields"] = fields
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+
+
+_LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
+"""Keys a legacy ``twisted.python.log`` event carries besides its ``log_*`` ones."""
+
+
+def file_observer(out: IO[str], log_format: str) -> ILogObserver:
+    """Writes events to ``out`` as classic twistd text lines or as JSON lines."""
+    if log_format == "json":
+        return FileLogObserver(out, event_as_json)
+    return textFileLogObserver(out)
+
+
+# --- twistd ------------------------------------------------------------------------------
+
+_routed: dict[str, Any] = {}
+"""What :func:`twistd_observer` builds from, set once per process by :func:`route_twistd`."""
+
+
+def route_twistd(run_options: Any, level: str, log_format: str) -> None:
+    """Makes twistd log through :func:`twistd_observer` with ``level`` and ``log_format``.
+
+    Called while ``twistd queen`` parses its options (twistd resolves ``--logger`` right
+    after).  ``run_options`` are twistd's own options (``--logfile``, ``-n``, ``--syslog``,
+    ``--logger``).  Refuses to start when the format cannot be honoured.
+    """
+    user_logger = run_options.get("logger")
+    if log_format == "json" and user_logger:
+        refuse_to_start("LOG_FORMAT=json cannot be combined with twistd --logger, "
+                        "which picks its own format")
+    if log_format == "json" and run_options.get("syslog"):
+        refuse_to_start("LOG_FORMAT=json cannot be combined with twistd --syslog")
+    _routed.update(options=run_options, level=level, format=log_format,
+                   user_factory=_resolve(user_logger) if user_logger else None)
+    run_options["logger"] = TWISTD_LOGGER
+
+
+def twistd_observer() -> ILogObserver:
+    """twistd's ``--logger`` factory: its usual output, in our format, behind our filter."""
+    if not _routed:
+        raise RuntimeError(f"{TWISTD_LOGGER} is set by twistd queen, not by hand")
+    user_factory: Callable[[], Any] | None = _routed["user_factory"]
+    inner = user_factory() if user_factory is not None else _twistd_target(
+        _routed["options"], _routed["format"])
+    return filtered(_as_observer(inner), _routed["level"])
+
+
+def _resolve(name: str) -> Callable[[], Any]:
+    try:
+        return namedAny(name)
+    except Exception as err:
+        refuse_to_start(f"twistd --logger {name} could not be imported: {err}")
+
+
+def _as_observer(observer: Any) -> ILogObserver:
+    """A legacy ``twisted.python.log`` observer wrapped for twisted.logger, as twistd does."""
+    if ILogObserver.providedBy(observer):
+        return observer
+    return LegacyLogObserverWrapper(observer)
+
+
+def _twistd_target(run_options: Any, log_format: str) -> Any:
+    """The observer twistd builds from its own options (``UnixAppLogger``), same choices:
+    ``--syslog``; stdout for ``--logfile=-`` or ``-n`` without ``--logfile``; else the
+    named file (``twistd.log`` by default) that SIGUSR1 rotates."""
+    if run_options.get("syslog"):
+        from twisted.python import syslog
+
+        return syslog.SyslogObserver(run_options.get("prefix", "")).emit
+    name = run_options.get("logfile") or ""
+    nodaemon = run_options.get("nodaemon", False)
+    if name == "-" and not nodaemon:
+        refuse_to_start("--logfile=- needs -n: a daemon has no stdout")
+    if name == "-" or (nodaemon and not name):
+        return file_observer(sys.stdout, log_format)
+    output = logfile.LogFile.fromFullPath(name or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1, lambda _signum, _frame: _rotate_soon(output))
+    return file_observer(output, log_format)
+
+
+def _rotate_soon(output: logfile.LogFile) -> None:
+    from twisted.internet import reactor
+
+    reactor.callFromThread(output.rotate)  # type: ignore[attr-defined]
+
