@@ -35,3 +35,9 @@ def test_help_lists_flags_with_their_environment_names() -> None:
     result = run_twistd("queen", "--help")
     assert result.returncode == 0
     assert "--embedded-pg=" in result.stdout and "env QUEEN_EMBEDDED_PG" in result.stdout
+    assert "--migrate-only" in result.stdout
+
+
+def test_bad_value_is_reported_without_the_help_text() -> None:
+    result = run_twistd("-n", "--pidfile=", "queen", "--port", "abc")
+    assert "Usage:" not in result.stdout + result.stderr

@@ -1,0 +1,94 @@
+"""LOG_LEVEL drops quieter events; LOG_FORMAT=json writes one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import LogLevel, PredicateResult
+from twisted.python.failure import Failure
+
+from queen_tw.logs import AtLeast, event_as_json
+
+from support import ServerProcess
+
+MALFORMED_KEY = {"QUEEN_ENCRYPTION_KEY": "not-a-key"}
+"""Makes every server start log one warn line (encryption off) to look for."""
+
+
+def event(level: LogLevel | None, text: str = "hello {who}", **fields: Any) -> dict[str, Any]:
+    """A log event as twisted.logger.Logger would emit it."""
+    made: dict[str, Any] = {"log_format": text, "log_namespace": "queen_tw.test",
+                            "log_time": 0.25, **fields}
+    if level is not None:
+        made["log_level"] = level
+    return made
+
+
+def test_at_least_warn_drops_info_and_keeps_warn_error_and_unlevelled_events() -> None:
+    keep = AtLeast(LogLevel.warn)
+    assert keep(event(LogLevel.info, who="x")) is PredicateResult.no
+    assert keep(event(LogLevel.debug, who="x")) is PredicateResult.no
+    assert keep(event(LogLevel.warn, who="x")) is PredicateResult.maybe
+    assert keep(event(LogLevel.error, who="x")) is PredicateResult.maybe
+    assert keep(event(None, who="x")) is PredicateResult.maybe
+
+
+def test_json_line_has_time_level_namespace_message_and_fields() -> None:
+    line = event_as_json(event(LogLevel.info, who="world", count=3, thing=object()))
+
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert record["time"] == "1970-01-01T00:00:00.250+00:00"
+    assert (record["level"], record["namespace"], record["message"]) == (
+        "info", "queen_tw.test", "hello world")
+    assert record["fields"]["who"] == "world" and record["fields"]["count"] == 3
+    assert record["fields"]["thing"].startswith("<object object")  # kept as its str
+
+
+def test_json_line_of_a_failure_carries_its_traceback() -> None:
+    try:
+        raise ValueError("broken on purpose")
+    except ValueError:
+        failure = Failure()
+
+    record = json.loads(event_as_json(event(LogLevel.critical, "it broke", log_failure=failure)))
+
+    assert record["level"] == "critical" and record["message"] == "it broke"
+    assert "ValueError: broken on purpose" in record["traceback"]
+    assert "fields" not in record
+
+
+def started_and_stopped(make_server: Callable[..., ServerProcess], **env: str) -> str:
+    """The whole log of a server that started (answered /health) and then stopped."""
+    server = make_server(**MALFORMED_KEY, **env)
+    server.stop()
+    return server.log_text()
+
+
+def test_log_level_warn_drops_info_lines_and_keeps_warnings(
+        make_server: Callable[..., ServerProcess]) -> None:
+    text = started_and_stopped(make_server, LOG_LEVEL="warn")
+
+    assert "QUEEN_ENCRYPTION_KEY is malformed" in text
+    assert "starting up" not in text  # twistd's own info line
+
+
+def test_log_level_info_keeps_info_lines(make_server: Callable[..., ServerProcess]) -> None:
+    text = started_and_stopped(make_server, LOG_LEVEL="info")
+
+    assert "QUEEN_ENCRYPTION_KEY is malformed" in text
+    assert "starting up" in text
+
+
+def test_log_format_json_writes_only_json_lines(make_server: Callable[..., ServerProcess]) -> None:
+    text = started_and_stopped(make_server, LOG_FORMAT="json")
+
+    records = [json.loads(line) for line in text.splitlines()]
+    assert records and all({"time", "level", "namespace", "message"} <= set(r) for r in records)
+    [warning] = [r for r in records if "QUEEN_ENCRYPTION_KEY" in r["message"]]
+    assert warning["level"] == "warn" and warning["namespace"].startswith("queen_tw.")
+    assert warning["fields"]["warning"] == warning["message"]
+    assert any(r["level"] == "info" and "starting up" in r["message"] for r in records)
+
