@@ -1,4 +1,7 @@
-"""Schema installation is idempotent and race-free; /health tells the truth about PostgreSQL."""
+"""Schema installation is idempotent and race-free; /health tells the truth about PostgreSQL.
+
+Upgrades, adoption of old databases and rollback are in test_migrations.py.
+"""
 
 import subprocess
 import threading
@@ -7,7 +10,7 @@ import time
 import httpx
 import psycopg2
 
-from queen_tw.db.schema import install_schema
+from queen_tw.db.schema import function_files, install_schema, migration_files
 from queen_tw.paths import sql_dir
 
 
@@ -23,8 +26,12 @@ def _schema_fingerprint(dsn: str) -> list:
               FROM information_schema.columns WHERE table_schema = 'queen'
              ORDER BY 1""")
         rows = [row[0] for row in cursor.fetchall()]
-        cursor.execute("SELECT name, applied_at FROM queen.schema_files ORDER BY name")
-        return rows + [f"file {name} {at}" for name, at in cursor.fetchall()]
+        cursor.execute("""SELECT 'migration ' || name || ' ' || applied_at
+                            FROM queen.schema_migrations
+                          UNION ALL
+                          SELECT 'functions ' || name || ' ' || sha256 || ' ' || applied_at
+                            FROM queen.schema_functions ORDER BY 1""")
+        return rows + [row[0] for row in cursor.fetchall()]
 
 
 def test_installing_the_schema_again_changes_nothing(pg_dsn, server):
@@ -50,11 +57,14 @@ def test_concurrent_installs_serialise_on_the_advisory_lock(pg_dsn, server):
     assert errors == []
 
 
-def test_every_sql_file_is_recorded_with_its_checksum(db):
+def test_every_migration_and_function_file_is_recorded(db, server):
     with db.cursor() as cursor:
-        cursor.execute("SELECT name FROM queen.schema_files ORDER BY name")
-        recorded = [row[0] for row in cursor.fetchall()]
-    assert recorded == sorted(path.name for path in sql_dir().glob("[0-9][0-9][0-9]_*.sql"))
+        cursor.execute("SELECT version, name FROM queen.schema_migrations ORDER BY version")
+        versions = cursor.fetchall()
+        cursor.execute("SELECT name FROM queen.schema_functions ORDER BY name")
+        functions = [row[0] for row in cursor.fetchall()]
+    assert versions == [(m.version, m.path.name) for m in migration_files(sql_dir())]
+    assert functions == [f"functions/{path.name}" for path in function_files(sql_dir())]
 
 
 def test_health_is_503_while_postgresql_is_unreachable(make_server, tmp_path):

@@ -1,7 +1,17 @@
--- queen-tw schema, version 1.
--- Every statement is idempotent: the installer may run this file on a database that already
--- has it. Deleting a queen.queues row removes everything under it at the database level,
--- because the official client harnesses clean up with plain SQL DELETEs.
+-- Migration 1, the baseline: every table, index and constraint of the queen schema as the
+-- installer before versioned migrations left it (its files 001_schema.sql,
+-- 020_pending_lookup.sql and 022_stats_resources.sql). Functions, triggers and views are not
+-- here: they live in sql/functions/ and are re-applied when they change.
+--
+-- Written with IF NOT EXISTS throughout: a database made by that earlier installer already
+-- has all of it, so applying this file there changes nothing and records it as version 1
+-- (its adoption). Later migrations are plain statements applied exactly once; this one is the
+-- only file that must stay idempotent. Never edit it: add a numbered file after it.
+--
+-- Deleting a queen.queues row removes everything under it at the database level, because the
+-- official client harnesses clean up with plain SQL DELETEs. queen.messages has no foreign key
+-- to its partition: a trigger (sql/functions/001_partitions_deleted.sql) deletes the messages
+-- of deleted partitions instead.
 
 CREATE SCHEMA IF NOT EXISTS queen;
 
@@ -46,7 +56,7 @@ CREATE TABLE IF NOT EXISTS queen.partitions (
 
 CREATE TABLE IF NOT EXISTS queen.messages (
     id             uuid PRIMARY KEY,
-    partition_id   uuid NOT NULL,  -- no foreign key: see on_partitions_deleted below
+    partition_id   uuid NOT NULL,  -- no foreign key: see sql/functions/001_partitions_deleted.sql
     transaction_id text NOT NULL,
     payload        jsonb,
     trace_id       uuid,
@@ -57,25 +67,6 @@ CREATE TABLE IF NOT EXISTS queen.messages (
 );
 CREATE INDEX IF NOT EXISTS messages_partition_order
     ON queen.messages (partition_id, created_at, id);
-
--- A foreign key on messages.partition_id checked every inserted row, ~12 % of a push. The push
--- locks its partition rows until commit (002_push.sql), so no partition can vanish under a
--- message being inserted, and deleting partitions deletes their messages here, as the
--- ON DELETE CASCADE did (queue deletes reach it through partitions' own cascade).
-ALTER TABLE queen.messages DROP CONSTRAINT IF EXISTS messages_partition_id_fkey;
-
-CREATE OR REPLACE FUNCTION queen.on_partitions_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM queen.messages m USING deleted_partitions d WHERE m.partition_id = d.id;
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER partitions_deleted_messages
-    AFTER DELETE ON queen.partitions
-    REFERENCING OLD TABLE AS deleted_partitions
-    FOR EACH STATEMENT EXECUTE FUNCTION queen.on_partitions_deleted();
 
 -- One row per (partition, consumer group): the cursor (everything after it is pending), the
 -- lease of the delivery in flight, and the retry state of that delivery.
@@ -155,4 +146,50 @@ CREATE TABLE IF NOT EXISTS queen.system_state (
     key        text PRIMARY KEY,
     value      jsonb NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The pending-partition lookup (see sql/functions/020_pending_lookup.sql).
+CREATE TABLE IF NOT EXISTS queen.partition_pending (
+    queue_id        uuid NOT NULL,
+    consumer_group  text NOT NULL,
+    partition_id    uuid NOT NULL REFERENCES queen.partitions(id) ON DELETE CASCADE,
+    last_message_at timestamptz NOT NULL,
+    last_message_id uuid NOT NULL,
+    PRIMARY KEY (queue_id, consumer_group, partition_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS partition_pending_by_partition
+    ON queen.partition_pending (partition_id, consumer_group);
+
+-- Where a named group starts on queues it first meets through a namespace/task pop
+-- (WIRE.md 2.3.6 point 6): consulted after the (group, queue) record, so queues created later
+-- join at the namespace subscription's point.
+CREATE TABLE IF NOT EXISTS queen.namespace_subscriptions (
+    namespace         text NOT NULL,
+    task              text NOT NULL,
+    consumer_group    text NOT NULL,
+    subscription_mode text NOT NULL DEFAULT 'all',
+    subscription_from timestamptz NOT NULL DEFAULT '-infinity',
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (namespace, task, consumer_group)
+);
+
+-- Statistics snapshots (see sql/functions/022_stats_resources.sql).
+CREATE TABLE IF NOT EXISTS queen.queue_stats (
+    queue_id    uuid PRIMARY KEY REFERENCES queen.queues(id) ON DELETE CASCADE,
+    total       bigint NOT NULL DEFAULT 0,
+    pending     bigint NOT NULL DEFAULT 0,
+    processing  bigint NOT NULL DEFAULT 0,
+    completed   bigint NOT NULL DEFAULT 0,
+    dead_letter bigint NOT NULL DEFAULT 0,
+    computed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row: cluster-wide figures of the last refresh and what the next needs for rates.
+CREATE TABLE IF NOT EXISTS queen.system_stats (
+    id                   integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    ingested_per_second  double precision NOT NULL DEFAULT 0,
+    processed_per_second double precision NOT NULL DEFAULT 0,
+    consumed_total       bigint NOT NULL DEFAULT 0,
+    lag                  jsonb NOT NULL DEFAULT '{}'::jsonb,
+    computed_at          timestamptz NOT NULL DEFAULT now()
 );

@@ -1,7 +1,8 @@
 -- The pending-partition lookup (DESIGN.md "a small lookup of which partitions have messages
 -- newer than a group's cursor"): one row per (queue, group, partition) that may hold work for
 -- that group. Pops read it instead of scanning every partition of a queue, so a wildcard pop
--- costs O(pending partitions), not O(partitions).
+-- costs O(pending partitions), not O(partitions). Its tables (partition_pending and
+-- namespace_subscriptions) are in migrations/0001_baseline.sql.
 --
 -- Kept exact in the same transaction as the change that causes it, by triggers, so every
 -- writer (HTTP push, transactions, file-buffer replay, the SQL-level push_messages_v2/v3,
@@ -20,17 +21,6 @@
 --   * push vs. first contact: pushes take a shared, first contacts an exclusive advisory lock
 --     on the queue, so either the push sees the new subscription row or the seeding sees the
 --     pushed partition.
-
-CREATE TABLE IF NOT EXISTS queen.partition_pending (
-    queue_id        uuid NOT NULL,
-    consumer_group  text NOT NULL,
-    partition_id    uuid NOT NULL REFERENCES queen.partitions(id) ON DELETE CASCADE,
-    last_message_at timestamptz NOT NULL,
-    last_message_id uuid NOT NULL,
-    PRIMARY KEY (queue_id, consumer_group, partition_id)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS partition_pending_by_partition
-    ON queen.partition_pending (partition_id, consumer_group);
 
 -- Advisory lock spaces (two-int form, so they never collide with one-bigint locks such as the
 -- schema installer's or retention's).
@@ -123,26 +113,3 @@ BEGIN
     RETURN v_count;
 END
 $$;
-
--- Databases that held messages before the lookup existed: record queue mode wherever it has
--- cursors, then seed every known (queue, group). Idempotent.
-INSERT INTO queen.consumer_subscriptions (queue_id, consumer_group, subscription_mode, subscription_from)
-SELECT DISTINCT p.queue_id, pc.consumer_group, 'all', '-infinity'::timestamptz
-  FROM queen.partition_consumers pc JOIN queen.partitions p ON p.id = pc.partition_id
-ON CONFLICT (queue_id, consumer_group) DO NOTHING;
-
-SELECT queen.seed_pending(s.queue_id, s.consumer_group, s.subscription_from)
-  FROM queen.consumer_subscriptions s;
-
--- Where a named group starts on queues it first meets through a namespace/task pop
--- (WIRE.md 2.3.6 point 6): consulted after the (group, queue) record, so queues created later
--- join at the namespace subscription's point.
-CREATE TABLE IF NOT EXISTS queen.namespace_subscriptions (
-    namespace         text NOT NULL,
-    task              text NOT NULL,
-    consumer_group    text NOT NULL,
-    subscription_mode text NOT NULL DEFAULT 'all',
-    subscription_from timestamptz NOT NULL DEFAULT '-infinity',
-    created_at        timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (namespace, task, consumer_group)
-);

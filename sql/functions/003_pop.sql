@@ -3,16 +3,6 @@
 -- Wildcard and namespace pops find candidate partitions in queen.partition_pending (see
 -- 020_pending_lookup.sql), so their cost follows the partitions with work, not the queue size.
 
-DROP FUNCTION IF EXISTS queen.ensure_consumer(uuid, uuid, text, text, text);
-DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, text, text);
-DROP FUNCTION IF EXISTS queen.subscribe(uuid, text, text, text, timestamptz);
-DROP FUNCTION IF EXISTS queen.subscribe_scope(jsonb, text);
--- Their answers' types changed (jsonb, rebuilt at every nesting, then json; the messages are
--- now text, never parsed again): dropped here, created below.
-DROP FUNCTION IF EXISTS queen.pop_partition(uuid, text, integer, uuid, text, integer, timestamptz);
-DROP FUNCTION IF EXISTS queen.pop_request(jsonb);
-DROP FUNCTION IF EXISTS queen.pop_batch(jsonb);  -- its answer became one row per request
-
 -- Plans. pop_request and pop_partition run on generic plans: their statements have one good
 -- shape whatever the values, but the planner's generic estimate of `LIMIT <parameter>` (a
 -- tenth of the partition) made it re-plan them at every call, about a quarter of a pop's

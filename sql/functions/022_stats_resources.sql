@@ -1,26 +1,7 @@
 -- Statistics and the resource overview routes (WIRE.md 3.1, 3.5 stats/refresh).
 -- Counts that need a look at every message (pending, completed, lag) come from a snapshot the
--- statistics service refreshes every STATS_INTERVAL_MS; cheap counts are read live.
-
-CREATE TABLE IF NOT EXISTS queen.queue_stats (
-    queue_id    uuid PRIMARY KEY REFERENCES queen.queues(id) ON DELETE CASCADE,
-    total       bigint NOT NULL DEFAULT 0,
-    pending     bigint NOT NULL DEFAULT 0,
-    processing  bigint NOT NULL DEFAULT 0,
-    completed   bigint NOT NULL DEFAULT 0,
-    dead_letter bigint NOT NULL DEFAULT 0,
-    computed_at timestamptz NOT NULL DEFAULT now()
-);
-
--- One row: cluster-wide figures of the last refresh and what the next needs for rates.
-CREATE TABLE IF NOT EXISTS queen.system_stats (
-    id                   integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    ingested_per_second  double precision NOT NULL DEFAULT 0,
-    processed_per_second double precision NOT NULL DEFAULT 0,
-    consumed_total       bigint NOT NULL DEFAULT 0,
-    lag                  jsonb NOT NULL DEFAULT '{}'::jsonb,
-    computed_at          timestamptz NOT NULL DEFAULT now()
-);
+-- statistics service refreshes every STATS_INTERVAL_MS (tables queue_stats and system_stats in
+-- migrations/0001_baseline.sql); cheap counts are read live.
 
 -- The smallest UUIDv7 of a moment: message ids at or after it were created at or after it,
 -- so time windows over messages use the primary key.

@@ -1,6 +1,6 @@
 -- Cluster-wide flags (WIRE.md 3.7): maintenance_mode and pop_maintenance_mode, each stored as
--- {"enabled": bool} in queen.system_state (table in 001_schema.sql). Every instance reads them
--- at start and every QUEEN_CACHE_REFRESH_INTERVAL_MS.
+-- {"enabled": bool} in queen.system_state (table in migrations/0001_baseline.sql). Every
+-- instance reads them at start and every QUEEN_CACHE_REFRESH_INTERVAL_MS.
 
 -- Every flag as one object: {"maintenance_mode": {"enabled": true}, ...}.
 CREATE OR REPLACE FUNCTION queen.system_state_get() RETURNS jsonb

@@ -44,8 +44,6 @@ CREATE OR REPLACE TRIGGER messages_deleted_count
     REFERENCING OLD TABLE AS deleted_rows
     FOR EACH STATEMENT EXECUTE FUNCTION queen.on_messages_deleted();
 
-DROP FUNCTION IF EXISTS queen.push_messages_core(jsonb);  -- its answer type changed (jsonb -> json)
-
 -- The items of a push with the partition each goes to, among the partitions push_store locked
 -- (given as aligned arrays); idx is the item's position. One place for the rule that an item
 -- without a partition goes to 'Default'. Plain SQL, so the planner inlines it.
