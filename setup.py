@@ -6,6 +6,7 @@ source checkout, so queen_tw.paths.sql_dir() falls back to queen_tw/_sql/, fille
 Editable installs read sql/ straight from the checkout and need no copy.
 """
 
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -15,16 +16,21 @@ SQL_SOURCE = Path(__file__).resolve().parent / "sql"
 
 
 class BuildPyWithSql(build_py):
-    """build_py that also copies sql/*.sql to <build>/queen_tw/_sql/."""
+    """build_py that also copies sql/**/*.sql to <build>/queen_tw/_sql/, keeping the
+    sub-directories (migrations/, functions/) the schema installer reads."""
 
     def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
             return
         target = Path(self.build_lib, "queen_tw", "_sql")
-        self.mkpath(str(target))
-        for source in sorted(SQL_SOURCE.glob("*.sql")):
-            self.copy_file(str(source), str(target / source.name))
+        # An in-tree build/ keeps what earlier builds copied: files since moved or removed
+        # from sql/ must not ship.
+        shutil.rmtree(target, ignore_errors=True)
+        for source in sorted(SQL_SOURCE.rglob("*.sql")):
+            destination = target / source.relative_to(SQL_SOURCE)
+            self.mkpath(str(destination.parent))
+            self.copy_file(str(source), str(destination))
 
 
 setup(cmdclass={"build_py": BuildPyWithSql})

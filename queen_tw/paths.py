@@ -1,8 +1,9 @@
 """Where the package finds files that are not Python modules.
 
 The SQL lives in the top-level ``sql/`` directory of the source tree (that is where people
-edit it).  A regular install has no source tree, so the build copies ``sql/*.sql`` into the
-wheel as ``queen_tw/_sql/`` (see ``setup.py``).  Everything that needs the SQL asks
+edit it): ``sql/migrations/`` and ``sql/functions/``, read by :mod:`queen_tw.db.schema`.  A
+regular install has no source tree, so the build copies ``sql/`` with its sub-directories into
+the wheel as ``queen_tw/_sql/`` (see ``setup.py``).  Everything that needs the SQL asks
 :func:`sql_dir` instead of guessing.
 """
 
@@ -14,7 +15,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def sql_dir() -> Path:
-    """Return the directory holding the numbered ``*.sql`` files.
+    """Return the directory holding ``migrations/`` and ``functions/``.
 
     A source checkout (editable install, tests, ``make run``) is recognised by the
     ``setup.cfg`` next to the package, so a stray top-level ``sql/`` in site-packages
@@ -24,8 +25,3 @@ def sql_dir() -> Path:
     if (checkout / "setup.cfg").is_file() and (checkout / "sql").is_dir():
         return checkout / "sql"
     return _PACKAGE_DIR / "_sql"
-
-
-def sql_files() -> list[Path]:
-    """Return the ``*.sql`` files in the order they must be applied (by file name)."""
-    return sorted(sql_dir().glob("*.sql"), key=lambda path: path.name)
