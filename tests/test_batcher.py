@@ -158,3 +158,25 @@ def test_with_a_free_slot_jobs_wait_for_preferred_size_or_max_hold(queued, expec
     assert len(db.calls) == (2 if expected_delay == 0 else 1)
     clock.advance(0.002)
     assert len(db.calls) == 2
+
+
+def test_a_large_backlog_drains_in_order_one_full_batch_per_call():
+    """Overload: 10 000 jobs queue behind a busy slot. Each freed slot takes exactly
+    ``max_batch_size`` of them from the front, in arrival order, and every job gets its own
+    answer. (Taking from the front is O(1) per job: the queue is a deque.)"""
+    clock, db = Clock(), FakeDatabase()
+    limits = BatchLimits(max_concurrent=1, max_batch_size=500, max_pending=20_000)
+    batcher = Batcher("push", db.run_batch, clock, limits)
+    batcher.submit([-1])
+    clock.advance(0)
+    backlog = [_results(batcher.submit([n])) for n in range(10_000)]
+    assert batcher.queued_items == 10_000
+
+    for _ in range(21):  # the first call, then 20 calls of 500 jobs
+        db.answer_last()
+        clock.advance(0)
+
+    assert [len(call) for call in db.calls[1:]] == [500] * 20
+    assert [job for call in db.calls[1:] for job in call] == [[n] for n in range(10_000)]
+    assert backlog == [[[n * 10]] for n in range(10_000)]
+    assert batcher.queued_items == 0 and batcher.in_flight == 0
