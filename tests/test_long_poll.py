@@ -39,6 +39,7 @@ class ScriptedPopper:
         self.given_back: List[dict] = []
         self.queues: Optional[List[str]] = None  # what a namespace attempt reports matching
         self.last_is_all = False  # the last scripted delivery says nothing else is left
+        self.idle: List[ParkingLot] = []  # lots that reported "nobody left in line"
 
     async def attempt(self, request: PopRequest) -> Attempt:
         self.asked.append(request.consumer_group)
@@ -56,8 +57,8 @@ class ScriptedPopper:
     async def give_back(self, delivery: dict) -> None:
         self.given_back.append(delivery)
 
-    def _drop_if_idle(self, lot, leaving: bool = True) -> None:
-        pass
+    def lot_idle(self, lot) -> None:
+        self.idle.append(lot)
 
 
 def _request(tag: str) -> PopRequest:
@@ -244,6 +245,25 @@ def test_fallback_timer_follows_the_backoff_and_a_known_due_time_comes_first():
     assert popper.asked == ["w0"]
     clock.advance(0.02)
     assert popper.asked == ["w0", "w0"]
+
+
+def test_a_lot_reports_to_its_owner_when_its_last_attempt_leaves_nobody_in_line():
+    """The owner (the Popper) forgets idle lots; the lot says so through ``lot_idle``."""
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper)
+    first, second = (lot.park(_request(f"w{n}"), 30, Attempt()) for n in range(2))
+    popper.script = [{"m": 1}]
+    popper.last_is_all = True
+
+    lot.wake("q", None)
+
+    assert not first.waiting and second.waiting
+    assert popper.idle == []  # the second pop still waits in line
+    popper.script = [{"m": 2}]
+    lot.wake("q", None)
+
+    assert not second.waiting
+    assert popper.idle == [lot]
 
 
 def test_namespace_lot_ignores_pushes_to_queues_known_not_to_match():

@@ -19,7 +19,7 @@ import json
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
 import orjson
 from twisted.internet import defer
@@ -39,7 +39,6 @@ QUEUE_MODE = "__QUEUE_MODE__"
 MAX_ATTEMPTS_PER_LOT = 8
 
 
-
 class Delivery(dict):
     """A pop's answer body. Its ``messages`` are PostgreSQL's json text, put into the HTTP
     answer as they are (``orjson.Fragment``): parsing and re-encoding 100 messages was most
@@ -55,6 +54,8 @@ class Delivery(dict):
         if self._text is not None:
             return json.loads(self._text)
         return self["messages"]
+
+
 LotKey = Tuple[Optional[str], Optional[str], Optional[str], Optional[str], str]
 
 
@@ -119,6 +120,23 @@ class Attempt:
     more: bool = True  # after a delivery: may another pop find something right now?
 
 
+class LotOwner(Protocol):
+    """What a :class:`ParkingLot` needs from whoever owns it (the Popper; a script in tests).
+
+    The lot decides *when* to try and *who* gets a delivery; the owner runs the database
+    attempt, takes back a delivery nobody can receive, and keeps the table of lots.
+    """
+
+    async def attempt(self, request: PopRequest) -> Attempt:
+        """One database attempt on behalf of ``request``."""
+
+    async def give_back(self, delivery: Delivery) -> None:
+        """Release the leases of a delivery whose pop went away meanwhile."""
+
+    def lot_idle(self, lot: "ParkingLot") -> None:
+        """The lot's last attempt ended with nobody in line: forget it if no pop uses it."""
+
+
 class Popper:
     """Delivers messages to pop requests.
 
@@ -173,13 +191,13 @@ class Popper:
             if outcome.delivery is not None:
                 if gone is not None and gone.called:
                     await self._give_back(outcome.delivery)
-                    self._drop_if_idle(lot)
+                    self._leave(lot)
                     return None
-                self._drop_if_idle(lot)
+                self._leave(lot)
                 return outcome.delivery
             if lot is None or (gone is not None and gone.called) \
                     or self._clock.seconds() >= deadline:
-                self._drop_if_idle(lot)
+                self._leave(lot)
                 return None
             if lot.wakes == wakes_before:  # nothing changed while the attempt ran: park
                 break
@@ -189,7 +207,7 @@ class Popper:
         try:
             delivery = await parked.answer
         finally:
-            self._drop_if_idle(lot)
+            self._leave(lot)
         if delivery is not None and gone is not None and gone.called:
             await self._give_back(delivery)
             return None
@@ -245,11 +263,16 @@ class Popper:
         lot.users += 1
         return lot
 
-    def _drop_if_idle(self, lot: Optional["ParkingLot"], leaving: bool = True) -> None:
+    def _leave(self, lot: Optional["ParkingLot"]) -> None:
+        """A pop is done with ``lot`` (answered, timed out or gone)."""
         if lot is None:
             return
-        if leaving:
-            lot.users -= 1
+        lot.users -= 1
+        self.lot_idle(lot)
+
+    def lot_idle(self, lot: "ParkingLot") -> None:
+        """Forgets ``lot`` (timer, registry entry, table row) once no pop uses it and no
+        attempt of its runs; a later pop on the same key makes a fresh one."""
         if lot.users <= 0 and not lot.running:
             lot.stop_timer()
             self._waiters.unwatch(lot.queue, lot.partition, lot)
@@ -295,7 +318,7 @@ class ParkingLot:
     (the change may have come after the attempt's snapshot), so no push goes unnoticed.
     """
 
-    def __init__(self, request: PopRequest, popper: Popper, clock: IReactorTime,
+    def __init__(self, request: PopRequest, popper: LotOwner, clock: IReactorTime,
                  backoff: Backoff):
         self.key = request.lot_key
         self.queue = request.queue
@@ -421,7 +444,7 @@ class ParkingLot:
         if self._line:
             self._schedule(retry_in)
         else:
-            self._popper._drop_if_idle(self, leaving=False)
+            self._popper.lot_idle(self)
 
     def _next_unserved(self) -> Optional[_Parked]:
         self._discard_gone()
