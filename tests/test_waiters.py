@@ -1,15 +1,34 @@
-"""The long-poll registry and its fallback backoff, driven by a fake clock."""
+"""The long-poll registry (watch / unwatch / notify / wake_all) and the fallback backoff.
 
-from twisted.internet import defer
-from twisted.internet.task import Clock
+The registry is tested through the interface the Popper's parking lots use: a watcher is
+told which change woke it and answers how many parked pops that concerned.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
 
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
 
 
-def _outcome(d: defer.Deferred) -> list:
-    seen: list = []
-    d.addBoth(seen.append)
-    return seen
+class RecordingWatcher:
+    """A watcher standing for ``parked`` parked pops; records every wake-up it gets."""
+
+    def __init__(self, parked: int = 1):
+        self.parked = parked
+        self.woken: List[Tuple[str, Optional[str]]] = []
+        self.closed = False
+
+    def wake(self, queue: str, partition: Optional[str]) -> int:
+        self.woken.append((queue, partition))
+        return self.parked
+
+    def close(self) -> None:
+        self.closed = True
+        self.parked = 0
+
+    def __len__(self) -> int:
+        return self.parked
 
 
 def test_backoff_stays_at_initial_interval_until_threshold_then_grows_to_max():
@@ -25,45 +44,68 @@ def test_backoff_reset_starts_over_at_initial_interval():
     assert backoff.next_interval() == 0.05
 
 
-def test_push_to_partition_wakes_its_waiters_and_the_queues_wildcard_waiters():
-    registry = WaiterRegistry(Clock())
-    on_partition = _outcome(registry.wait("orders", "p1", 30))
-    on_queue = _outcome(registry.wait("orders", None, 30))
-    elsewhere = _outcome(registry.wait("orders", "p2", 30))
-    other_queue = _outcome(registry.wait("invoices", None, 30))
+def test_push_to_a_partition_wakes_its_watchers_the_queues_wildcard_and_any_queue():
+    registry = WaiterRegistry()
+    on_partition, on_queue, anywhere = RecordingWatcher(2), RecordingWatcher(3), RecordingWatcher()
+    other_partition, other_queue = RecordingWatcher(), RecordingWatcher()
+    registry.watch("orders", "p1", on_partition)
+    registry.watch("orders", None, on_queue)
+    registry.watch(None, None, anywhere)
+    registry.watch("orders", "p2", other_partition)
+    registry.watch("invoices", None, other_queue)
 
-    assert registry.notify("orders", "p1") == 2
+    assert registry.notify("orders", "p1") == 6
 
-    assert on_partition == [True] and on_queue == [True]
-    assert elsewhere == [] and other_queue == []
-    assert len(registry) == 2
-
-
-def test_waiter_times_out_with_false_and_leaves_the_registry():
-    clock = Clock()
-    registry = WaiterRegistry(clock)
-    seen = _outcome(registry.wait("orders", None, 5))
-    clock.advance(4.9)
-    assert seen == []
-    clock.advance(0.2)
-    assert seen == [False]
-    assert len(registry) == 0
+    assert on_partition.woken == on_queue.woken == anywhere.woken == [("orders", "p1")]
+    assert other_partition.woken == [] and other_queue.woken == []
+    assert registry.notifications == 1
 
 
-def test_cancelled_waiter_is_removed_at_once_and_its_timer_stops():
-    clock = Clock()
-    registry = WaiterRegistry(clock)
-    waiter = registry.wait("orders", "p1", 30)
-    waiter.addErrback(lambda f: f.trap(defer.CancelledError))
-    waiter.cancel()
-    assert len(registry) == 0
-    assert clock.getDelayedCalls() == []
+def test_a_change_anywhere_in_a_queue_wakes_every_partition_watcher_of_that_queue():
+    """A lease release or peer notice without a partition concerns all of the queue."""
+    registry = WaiterRegistry()
+    p1, p2, wildcard, elsewhere = (RecordingWatcher() for _ in range(4))
+    registry.watch("orders", "p1", p1)
+    registry.watch("orders", "p2", p2)
+    registry.watch("orders", None, wildcard)
+    registry.watch("invoices", "p1", elsewhere)
+
+    assert registry.notify("orders", None) == 3
+
+    assert p1.woken == p2.woken == wildcard.woken == [("orders", None)]
+    assert elsewhere.woken == []
+
+
+def test_an_unwatched_watcher_is_not_woken_and_leaves_no_entry():
+    registry = WaiterRegistry()
+    watcher, staying = RecordingWatcher(), RecordingWatcher()
+    registry.watch("orders", "p1", watcher)
+    registry.watch("orders", "p1", staying)
+
+    registry.unwatch("orders", "p1", watcher)
+    registry.unwatch("orders", "p1", staying)
+    registry.unwatch("orders", "never-watched", watcher)  # unknown key: nothing to do
+
     assert registry.notify("orders", "p1") == 0
+    assert watcher.woken == [] and staying.woken == []
+    assert len(registry) == 0
 
 
-def test_wake_all_answers_every_parked_waiter():
-    registry = WaiterRegistry(Clock())
-    seen = [_outcome(registry.wait(f"q{i}", None, 30)) for i in range(5)]
+def test_len_counts_parked_pops_not_watchers():
+    registry = WaiterRegistry()
+    registry.watch("orders", None, RecordingWatcher(4))
+    registry.watch("orders", "p1", RecordingWatcher(1))
+
+    assert len(registry) == 5
+
+
+def test_wake_all_closes_every_watcher():
+    registry = WaiterRegistry()
+    watchers = [RecordingWatcher() for _ in range(5)]
+    for n, watcher in enumerate(watchers):
+        registry.watch(f"q{n}", None if n % 2 else "p", watcher)
+
     registry.wake_all()
-    assert seen == [[True]] * 5
+
+    assert [w.closed for w in watchers] == [True] * 5
     assert len(registry) == 0

@@ -5,15 +5,11 @@ for wildcard pops, queue None for pops that span queues (namespace/task). A loca
 peer's notice (``POST /internal/api/notify``), or a lease release calls :meth:`notify`,
 which tells every watcher the change concerns. What a watcher does when told (one database
 attempt for all the pops parked behind it) is the Popper's business, not the registry's.
-
-:meth:`WaiterRegistry.wait` keeps the simple form — one Deferred per waiter — for callers that
-only need "tell me when this queue changes or the time is up".
 """
 
 from collections import defaultdict
-from typing import DefaultDict, Optional, Protocol, Set, Tuple
+from typing import DefaultDict, List, Optional, Protocol, Set, Tuple
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 WaiterKey = Tuple[Optional[str], Optional[str]]
@@ -60,11 +56,11 @@ class Backoff:
 class WaiterRegistry:
     """Watchers by (queue, partition); ``notify`` wakes the ones a change concerns.
 
-    :param clock: time source of the timeouts of :meth:`wait`.
+    :param clock: not used. Accepted only until service.py stops passing it (issue #15: the
+        one-shot waiter that had timeouts is gone; parked pops keep their own timers).
     """
 
-    def __init__(self, clock: IReactorTime):
-        self._clock = clock
+    def __init__(self, clock: Optional[IReactorTime] = None):
         self._watchers: DefaultDict[WaiterKey, Set[Watcher]] = defaultdict(set)
         self.notifications = 0
 
@@ -90,6 +86,7 @@ class WaiterRegistry:
         of every queue; returns how many parked pops that concerned.
         """
         self.notifications += 1
+        keys: List[WaiterKey]
         if partition is not None:
             keys = [(queue, partition), (queue, None)]
         else:
@@ -106,43 +103,3 @@ class WaiterRegistry:
         for watchers in list(self._watchers.values()):
             for watcher in list(watchers):
                 watcher.close()
-
-    def wait(self, queue: str, partition: Optional[str], timeout: float) -> defer.Deferred:
-        """A Deferred firing True when woken, False after ``timeout`` seconds.
-
-        Cancelling it (the client went away) removes the waiter at once.
-        """
-        return _OneShot(self, queue, partition, timeout).fired
-
-
-class _OneShot:
-    """A single Deferred waiter: fires True on the first change, False at its timeout."""
-
-    def __init__(self, registry: WaiterRegistry, queue: str, partition: Optional[str],
-                 timeout: float):
-        self._registry = registry
-        self._key = (queue, partition)
-        self.fired: defer.Deferred = defer.Deferred(canceller=lambda _: self._forget())
-        registry.watch(queue, partition, self)
-        self._timer = registry._clock.callLater(timeout, self._fire, False)
-
-    def __len__(self) -> int:
-        return 0 if self.fired.called else 1
-
-    def wake(self, queue: str, partition: Optional[str]) -> int:
-        return self._fire(True)
-
-    def close(self) -> None:
-        self._fire(True)
-
-    def _fire(self, value: bool) -> int:
-        if self.fired.called:
-            return 0
-        self._forget()
-        self.fired.callback(value)
-        return 1
-
-    def _forget(self) -> None:
-        self._registry.unwatch(*self._key, self)
-        if self._timer.active():
-            self._timer.cancel()
