@@ -154,7 +154,7 @@ class Popper:
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  worker_id: str, poll_timing: PollTiming, limits: BatchLimits,
                  decrypt: Callable[[Dict[str, Any]], None],
-                 give_back: Callable[[Dict[str, Any]], Awaitable[None]],
+                 give_back: Callable[[Delivery], Awaitable[None]],
                  paused: Callable[[], bool] = lambda: False):
         self._db = db
         self._waiters = waiters
