@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.logger import LogLevel, PredicateResult
 from twisted.python.failure import Failure
 
+from queen_tw import logs
 from queen_tw.logs import AtLeast, event_as_json
 
 from support import ServerProcess
@@ -58,6 +61,54 @@ def test_json_line_of_a_failure_carries_its_traceback() -> None:
     assert record["level"] == "critical" and record["message"] == "it broke"
     assert "ValueError: broken on purpose" in record["traceback"]
     assert "fields" not in record
+
+
+@pytest.fixture
+def twistd_routing() -> Iterator[None]:
+    """Lets a test route twistd's logging, and forgets the route afterwards."""
+    yield
+    logs._routed.clear()
+
+
+def test_twistd_log_file_gets_json_lines_at_the_chosen_level(
+        tmp_path: Path, twistd_routing: None) -> None:
+    run_options: dict[str, Any] = {"logfile": str(tmp_path / "queen.log"), "nodaemon": False,
+                                   "syslog": False, "logger": None}
+    logs.route_twistd(run_options, "warn", "json")
+    assert run_options["logger"] == "queen_tw.logs.twistd_observer"
+    observer = logs.twistd_observer()
+
+    observer(event(LogLevel.info, who="quiet"))
+    observer(event(LogLevel.error, who="loud"))
+
+    lines = (tmp_path / "queen.log").read_text().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == ["hello loud"]
+
+
+def test_an_operators_own_logger_is_kept_behind_the_level_filter(twistd_routing: None) -> None:
+    run_options: dict[str, Any] = {"logger": f"{__name__}.collecting_observer", "nodaemon": True}
+    logs.route_twistd(run_options, "error", "text")
+    observer = logs.twistd_observer()
+
+    observer(event(LogLevel.warn, who="quiet"))
+    observer(event(LogLevel.critical, who="loud"))
+
+    assert [seen["who"] for seen in COLLECTED] == ["loud"]
+
+
+COLLECTED: list[dict[str, Any]] = []
+
+
+def collecting_observer() -> Callable[[dict[str, Any]], None]:
+    """An operator's ``--logger`` factory (a legacy-style observer)."""
+    COLLECTED.clear()
+    return lambda legacy_event: COLLECTED.append(legacy_event)
+
+
+def test_stdout_for_a_daemon_is_refused(twistd_routing: None) -> None:
+    logs.route_twistd({"logfile": "-", "nodaemon": False, "logger": None}, "info", "text")
+    with pytest.raises(SystemExit, match="^queen-tw: --logfile=- needs -n"):
+        logs.twistd_observer()
 
 
 def started_and_stopped(make_server: Callable[..., ServerProcess], **env: str) -> str:
