@@ -13,15 +13,15 @@ import shutil
 import subprocess
 import time
 import types
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg2
-import psycopg2.extensions
 import pytest
+from scratch_databases import record_schema_version, scratch_database, server_env
 
 from queen_tw.db.schema import (
     SchemaUpgradeError,
@@ -45,24 +45,8 @@ BOOKKEEPING_TABLES = ("schema_files", "schema_migrations", "schema_functions")
 @pytest.fixture
 def new_database(pg_dsn: str) -> Iterator[Callable[[], str]]:
     """Factory: creates an empty database and returns its DSN; all are dropped at the end."""
-    admin = psycopg2.connect(pg_dsn)
-    admin.autocommit = True
-    created: list[str] = []
-
-    def create() -> str:
-        name = f"queen_mig_{uuid.uuid4().hex[:12]}"
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        created.append(name)
-        return psycopg2.extensions.make_dsn(pg_dsn, dbname=name)
-
-    try:
-        yield create
-    finally:
-        with admin.cursor() as cursor:
-            for name in created:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with ExitStack() as stack:
+        yield lambda: stack.enter_context(scratch_database(pg_dsn))
 
 
 def _query(dsn: str, sql: str, params: Any = None) -> list[tuple]:
@@ -245,8 +229,7 @@ def test_old_database_with_messages_upgrades_and_delivers_each_once_in_order(
     applied = install_schema(dsn, sql_dir())
 
     assert applied[0] == "migrations/0001_baseline.sql"
-    database = psycopg2.extensions.parse_dsn(dsn)["dbname"]
-    with running_server({**pg_env, "PG_DB": database}) as server:
+    with running_server(server_env(pg_env, dsn)) as server:
         by_group = _pop_and_ack_all(server.url, queue, group)
         by_queue_mode = _pop_and_ack_all(server.url, queue, None)
 
@@ -363,8 +346,7 @@ def test_a_failing_function_file_rolls_back_the_migrations_before_it(new_databas
 def test_a_database_newer_than_the_code_is_refused(new_database):
     dsn = new_database()
     install_schema(dsn, sql_dir())
-    _query(dsn, "INSERT INTO queen.schema_migrations (version, name) "
-                "VALUES (2, '0002_from_the_future.sql')")
+    record_schema_version(dsn, 2, "0002_from_the_future.sql")
 
     with pytest.raises(SchemaUpgradeError, match=r"version 2 \(0002_from_the_future\.sql\), "
                                                  r"newer than the 1 migrations"):
@@ -374,7 +356,7 @@ def test_a_database_newer_than_the_code_is_refused(new_database):
 def test_a_migration_recorded_under_another_name_is_refused(new_database, tmp_path):
     dsn = new_database()
     install_schema(dsn, sql_dir())
-    _query(dsn, "INSERT INTO queen.schema_migrations (version, name) VALUES (2, '0002_a.sql')")
+    record_schema_version(dsn, 2, "0002_a.sql")
     other = copy_of_sql(tmp_path)
     (other / "migrations" / "0002_b.sql").write_text("SELECT 1;\n")
 
