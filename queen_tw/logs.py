@@ -80,8 +80,9 @@ def event_as_json(event: LogEvent) -> str:
 
     ``time`` (UTC, ISO 8601), ``level``, ``namespace`` and ``message`` (the rendered text)
     come first; the event's own structured fields follow under ``fields``, so a field can
-    never overwrite them; a failure adds ``traceback``.  Values JSON cannot hold are
-    written as their ``str``.
+    never overwrite them; a failure adds ``traceback``.  Values JSON cannot hold (objects,
+    NaN, dicts with non-text keys, cycles) are written as their ``str``: a log line is never
+    lost to its fields.
     """
     level = event.get("log_level")
     record: dict[str, Any] = {
@@ -98,7 +99,15 @@ def event_as_json(event: LogEvent) -> str:
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()
-    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+    try:
+        return _dumps(record)
+    except (TypeError, ValueError):
+        record["fields"] = {key: str(value) for key, value in fields.items()}
+        return _dumps(record)
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, default=str, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 _LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})

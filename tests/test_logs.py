@@ -50,6 +50,17 @@ def test_json_line_has_time_level_namespace_message_and_fields() -> None:
     assert record["fields"]["thing"].startswith("<object object")  # kept as its str
 
 
+def test_json_line_survives_fields_json_cannot_hold() -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+
+    line = event_as_json(event(LogLevel.warn, who="x", ratio=float("nan"), by_pair={(1, 2): 3},
+                               looped=looped))
+
+    fields = json.loads(line)["fields"]
+    assert fields == {"who": "x", "ratio": "nan", "by_pair": "{(1, 2): 3}", "looped": "[[...]]"}
+
+
 def test_json_line_of_a_failure_carries_its_traceback() -> None:
     try:
         raise ValueError("broken on purpose")
