@@ -144,9 +144,9 @@ def _apply_migrations(cursor: psycopg2.extensions.cursor,
     newest = max(recorded, default=0)
     if newest > len(migrations):
         raise SchemaUpgradeError(
-            f"the database schema is at version {newest} ({recorded[newest]}), newer than the "
-            f"{len(migrations)} migrations this queen-tw knows; run a queen-tw that has them; "
-            "nothing was changed")
+            f"the database schema is at version {newest} ({recorded[newest]}) but this "
+            f"queen-tw knows versions up to {len(migrations)} only; run a queen-tw at least as "
+            "new as the one that upgraded it; nothing was changed")
     for version, name in sorted(recorded.items()):
         if known[version].path.name != name:
             raise SchemaUpgradeError(
