@@ -3,23 +3,39 @@
 Every pop answer, ack body and database parameter is written here, and every request body
 read. Under load, the json module was the largest single cost of the server; orjson does
 the same work several times faster. But orjson cannot write integers beyond 64 bits and
-reads them as floats (losing digits), and it refuses NaN; payloads may hold such numbers
-(jsonb keeps numbers of any size), so those documents go through ``json`` unchanged.
+reads them as floats (losing digits); payloads may hold such numbers (jsonb keeps numbers of
+any size), so those documents go through ``json`` unchanged.
 
 Request bodies (bytes) are read by orjson unless they hold a run of 19 or more digits, the
 shortest that may not fit 64 bits (a long digit string inside a text value takes the slow
 path too, harmlessly); the check is one ``bytes.translate`` and one ``find``, a few percent
-of the parse. Database answers (str) are read by ``json``: the check would cost about what
-orjson saves on them.
+of the parse.
+
+A body is also refused (:class:`UnstorableJSON`) when PostgreSQL could not store it or the
+server could not write it back: ``\\u0000`` (jsonb and text reject it), a lone UTF-16
+surrogate (not UTF-8), ``NaN``/``Infinity`` or a number overflowing a double (not JSON; they
+used to become ``null``), or containers nested deeper than :data:`MAX_DEPTH` (the standard
+library recurses once per level). The checks cost nothing on ordinary bodies: orjson already
+refuses surrogates and non-finite numbers, and the tree is walked only when the raw bytes
+hold a ``\\u0000`` escape or more than :data:`MAX_DEPTH` brackets, or when the slow path ran.
 """
 
 import json
-from typing import Any
+import math
+from typing import Any, List, Optional, Tuple
 
 import orjson
 
+MAX_DEPTH = 512
+"""Deepest nesting of arrays and objects accepted in a request body."""
+
 _DIGIT_MAP = bytes(0x31 if 0x30 <= byte <= 0x39 else 0x30 for byte in range(256))
 _LONG_NUMBER = b"1" * 19
+_NUL_ESCAPE = b"\\u0000"
+
+
+class UnstorableJSON(ValueError):
+    """Well-formed JSON that the server refuses to store (the message says why)."""
 
 
 def dumps(value: Any) -> bytes:
@@ -36,10 +52,67 @@ def dumps_text(value: Any) -> str:
 
 
 def loads(data: Any) -> Any:
-    """Parses ``bytes`` or ``str``; raises ``ValueError`` on malformed input."""
+    """Parses a request body (``bytes`` or ``str``).
+
+    Raises ``ValueError`` on malformed input and its subclass :class:`UnstorableJSON` on a
+    document PostgreSQL could not store (see the module docstring).
+    """
     if isinstance(data, bytes) and data.translate(_DIGIT_MAP).find(_LONG_NUMBER) < 0:
         try:
-            return orjson.loads(data)
+            value = orjson.loads(data)
         except orjson.JSONDecodeError:
-            pass  # NaN, Infinity, lone surrogates or malformed: json decides as before
-    return json.loads(data)
+            pass  # NaN, Infinity, lone surrogates, too deep or malformed: json decides
+        else:
+            if _NUL_ESCAPE in data or data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+                _refuse_unstorable(value, surrogates_possible=False)
+            return value
+    try:
+        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise UnstorableJSON(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    _refuse_unstorable(value, surrogates_possible=True)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise UnstorableJSON(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise UnstorableJSON(f"number {text[:40]} is out of range")
+    return number
+
+
+def _refuse_unstorable(value: Any, surrogates_possible: bool) -> None:
+    """Raises :class:`UnstorableJSON` for the first thing PostgreSQL could not store."""
+    stack: List[Tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            problem = _string_problem(item, surrogates_possible)
+            if problem is not None:
+                raise UnstorableJSON(problem)
+            continue
+        if isinstance(item, dict):
+            children: Any = item.values()
+            stack.extend((key, depth) for key in item)
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise UnstorableJSON(f"JSON nested deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _string_problem(text: str, surrogates_possible: bool) -> Optional[str]:
+    if "\x00" in text:
+        return "text holds \\u0000 (NUL), which PostgreSQL cannot store"
+    if surrogates_possible and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode"
+    return None
