@@ -8,10 +8,15 @@ The SQL directory (:func:`queen_tw.paths.sql_dir`) holds two kinds of files:
     ``queen.schema_migrations``. ``0001_baseline.sql`` is the schema as it stood before
     versioned migrations; it is written with ``IF NOT EXISTS``, so a database made by the
     earlier installer (which kept per-file hashes in ``queen.schema_files``) takes it as a
-    no-op and is adopted as version 1. ``queen.schema_files`` is left untouched and unread.
+    no-op and is adopted as version 1 (the earlier release re-ran its files at every start,
+    so any database it served has exactly this shape). ``queen.schema_files`` is left as it
+    was and never read again: an instance of the earlier release restarting during a rolling
+    upgrade finds its hashes unchanged and re-applies nothing. A new change to a table is
+    the next number, in plain statements; an applied migration is never edited.
 
 ``functions/NNN_<name>.sql``
-    Functions, triggers and views, written with ``CREATE OR REPLACE`` so they can run again.
+    Functions, triggers and views, written with ``CREATE OR REPLACE`` so they can run again
+    (with a ``DROP FUNCTION IF EXISTS`` first only when a signature or result type changes).
     A file is applied when its SHA-256 differs from the one recorded in
     ``queen.schema_functions``, and every file is applied again after any migration ran.
     Not at every start: recreating the triggers locks the busiest tables and every recreated
