@@ -1,8 +1,8 @@
 """Push, pop and ack bypass Klein (queen_tw/http/hot_routes.py): both ways must answer alike.
 
 Plain paths take the bypass; escaped ones, odd shapes and every other route go to Klein. The
-first tests drive the real server; the last serves a QueenAPI whose engine fails, in this
-process, to see an unexpected error answered as Klein would.
+first tests drive the real server; the last serves the routes over an engine that fails, in
+this process, to see an unexpected error answered as Klein would.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 
-from queen_tw.http.api import QueenAPI
-from queen_tw.http.hot_routes import HotRoutes
+from queen_tw.http.messaging import PopDefaults
+from queen_tw.http.routes import http_root
 from queen_tw.http.site import make_site
+
+from tests.error_answers import assert_json_error
 from tests.support import unique_name
-from tests.test_bad_input import assert_json_error
 
 
 def push_one(http: httpx.Client, queue: str, payload) -> None:
@@ -33,8 +34,9 @@ def test_escaped_pop_path_through_klein_and_plain_path_deliver_alike(http):
     push_one(http, queue, "second")
     escaped = queue.replace(".", "%2E")  # the same name, spelled so that Klein routes it
 
-    via_klein = http.get(f"/api/v1/pop/queue/{escaped}", params={"wait": "false", "autoAck": "true"})
-    via_bypass = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", "autoAck": "true"})
+    once = {"wait": "false", "autoAck": "true"}
+    via_klein = http.get(f"/api/v1/pop/queue/{escaped}", params=once)
+    via_bypass = http.get(f"/api/v1/pop/queue/{queue}", params=once)
 
     assert via_klein.status_code == via_bypass.status_code == 200
     assert [m["data"] for m in via_klein.json()["messages"]] == ["first"]
@@ -82,17 +84,14 @@ def test_ack_through_the_bypass_reports_per_item_results(http):
 class _FailingEngine:
     """An engine whose push breaks the way a bug would."""
 
-    failover = None
-
     async def push(self, items):
         raise RuntimeError("a bug, not a domain error")
 
 
 @pytest_twisted.ensureDeferred
 async def test_unexpected_error_in_a_hot_route_answers_500_json_without_traceback():
-    api = QueenAPI(_FailingEngine(), "test-worker", 1, 30_000, "")
-    port = reactor.listenTCP(0, make_site(HotRoutes(api, api.app.resource()), 1 << 20),
-                             interface="127.0.0.1")
+    root = http_root(_FailingEngine(), "test-worker", PopDefaults(1, 30_000, ""))
+    port = reactor.listenTCP(0, make_site(root, 1 << 20), interface="127.0.0.1")
     try:
         answer = await treq.post(
             f"http://127.0.0.1:{port.getHost().port}/api/v1/push",

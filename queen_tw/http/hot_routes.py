@@ -3,9 +3,10 @@
 For each request Klein binds a werkzeug URL map, matches it against every rule, adapts the
 request and chains several Deferreds; for a push or an ack of one message that is most of
 the server's time (see bench/RESULTS.md). These five routes are recognised here by their
-plain path and call the very same ``QueenAPI`` methods, with the same error answers; any
-other request — other routes, other methods, paths with escapes or empty segments, errors
-of routing — is handed to Klein unchanged, so both ways answer alike.
+plain path and call the very same :class:`~queen_tw.http.messaging.MessagingRoutes` methods,
+with the same error answers; any other request — other routes, other methods (405 there),
+paths with escapes or empty segments, errors of routing — is handed to the composed routes
+unchanged, so both ways answer alike.
 """
 
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -16,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from queen_tw.errors import QueenError
+from queen_tw.http.answers import error_answer
+from queen_tw.http.messaging import MessagingRoutes
 
 log = Logger()
 
@@ -26,22 +28,22 @@ Route = Tuple[Callable[..., Any], Tuple[str, ...]]
 
 
 class HotRoutes(Resource):
-    """The site's root: push, pop and ack straight to ``api``, the rest to ``fallback``.
+    """The site's root: push, pop and ack straight to ``messaging``, the rest to ``fallback``.
 
-    :param api: the ``QueenAPI`` whose route and error methods answer.
-    :param fallback: the Klein resource of the same ``api``.
+    :param messaging: the routes whose methods answer push, pop and ack.
+    :param fallback: every route, ``messaging``'s included (see :mod:`queen_tw.http.routes`).
     """
 
     isLeaf = True
 
-    def __init__(self, api, fallback: IResource):
+    def __init__(self, messaging: MessagingRoutes, fallback: IResource):
         super().__init__()
-        self._api = api
+        self._messaging = messaging
         self._fallback = fallback
         self._exact: Dict[Tuple[bytes, bytes], Callable[..., Any]] = {
-            (b"POST", b"/api/v1/push"): api.push,
-            (b"POST", b"/api/v1/ack"): api.ack,
-            (b"POST", b"/api/v1/ack/batch"): api.ack_batch,
+            (b"POST", b"/api/v1/push"): messaging.push,
+            (b"POST", b"/api/v1/ack"): messaging.ack,
+            (b"POST", b"/api/v1/ack/batch"): messaging.ack_batch,
         }
 
     def render(self, request):
@@ -75,9 +77,9 @@ class HotRoutes(Resource):
         except UnicodeDecodeError:
             return None
         if len(segments) == 1:
-            return self._api.pop_any_partition, (segments[0],)
+            return self._messaging.pop_any_partition, (segments[0],)
         if len(segments) == 3 and segments[1] == "partition":
-            return self._api.pop_one_partition, (segments[0], segments[2])
+            return self._messaging.pop_one_partition, (segments[0], segments[2])
         return None
 
     def _write(self, body: bytes, request, finished) -> None:
@@ -92,8 +94,4 @@ class HotRoutes(Resource):
                 log.failure("error after the client left {path}", failure,
                             path=request.path.decode(errors="replace"))
             return
-        if failure.check(QueenError):
-            body = self._api.domain_error(request, failure)
-        else:
-            body = self._api.unexpected_error(request, failure)
-        self._write(body, request, finished)
+        self._write(error_answer(request, failure), request, finished)

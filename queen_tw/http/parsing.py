@@ -1,7 +1,8 @@
-"""Parsing and validation of request bodies and query strings (WIRE.md 1.2).
+"""Parsing and validation of request bodies and path segments (WIRE.md 1.2).
 
 Every function raises :class:`~queen_tw.errors.InvalidRequest` with a message that says what
-is wrong; nothing here touches the database.
+is wrong; nothing here touches the database. Query strings are read by
+:mod:`queen_tw.http.query`.
 """
 
 import re
@@ -22,6 +23,8 @@ def read_json_object(request) -> Dict[str, Any]:
         return {}
     try:
         body = jsoncodec.loads(raw)
+    except jsoncodec.UnstorableJSON as err:
+        raise InvalidRequest(f"Request body refused: {err}") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidRequest(f"Invalid JSON: {err}") from None
     if not isinstance(body, dict):
@@ -29,31 +32,31 @@ def read_json_object(request) -> Dict[str, Any]:
     return body
 
 
-def query_text(request, name: str) -> Optional[str]:
-    values = request.args.get(name.encode())
-    if not values:
-        return None
-    try:
-        return values[0].decode()
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"{name} is not valid UTF-8") from None
+def check_name(name: str, what: str) -> str:
+    """A queue or partition name every route can reach: not empty, at most 255 characters,
+    no ``/`` (a name is one path segment of the pop and resource routes) and no NUL."""
+    if not name:
+        raise InvalidRequest(f"{what} must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"{what} is longer than {MAX_NAME_LENGTH} characters")
+    if "/" in name:
+        raise InvalidRequest(f"{what} must not contain '/'")
+    if "\x00" in name:
+        raise InvalidRequest(f"{what} must not contain \\u0000")
+    return name
 
 
-def query_bool(request, name: str, default: bool = False) -> bool:
-    """True only for ``true`` or ``1`` (WIRE.md 1.2)."""
-    text = query_text(request, name)
-    if text is None:
-        return default
-    return text.lower() in ("true", "1")
+def path_text(segment: str, what: str) -> str:
+    """A path segment that PostgreSQL can store. Twisted has already percent-decoded it
+    (WIRE.md 1.2), so it is not decoded again: ``%2541`` names ``%41``, not ``A``."""
+    if "\x00" in segment:
+        raise InvalidRequest(f"{what} must not contain \\u0000")
+    return segment
 
 
-def query_int(request, name: str, default: int) -> int:
-    """An integer parameter; unparsable values take the default (WIRE.md 1.2)."""
-    text = query_text(request, name)
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
+def optional_name(value: Optional[str], what: str) -> Optional[str]:
+    """A name filter from a query string: absent or empty means no filter."""
+    return check_name(value, what) if value else None
 
 
 _HEX = "[0-9a-fA-F]"
@@ -102,6 +105,15 @@ def timestamp(text: Optional[str], what: str) -> Optional[str]:
     return text
 
 
+def required_timestamp(body: Mapping[str, Any], key: str, missing: str) -> str:
+    """The ISO-8601 timestamp ``body[key]``; ``missing`` is the error when it is absent."""
+    text = optional_text(body, key)
+    if not text:
+        raise InvalidRequest(missing)
+    timestamp(text, key)
+    return text
+
+
 def push_items(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """The validated ``items`` of a push (WIRE.md 2.2); one bad item rejects them all."""
     items = body.get("items")
@@ -114,16 +126,14 @@ def push_item(item: Any, index: int) -> Dict[str, Any]:
     if not isinstance(item, dict):
         raise InvalidRequest(f"Item {index} must be an object")
     queue = item.get("queue")
-    if not isinstance(queue, str) or not queue:
+    if not isinstance(queue, str):
         raise InvalidRequest("Queue must be a string")
-    if len(queue) > MAX_NAME_LENGTH:
-        raise InvalidRequest(f"Queue is longer than {MAX_NAME_LENGTH} characters")
-    clean: Dict[str, Any] = {"queue": queue}
-    partition = optional_text(item, "partition", "Partition")
+    clean: Dict[str, Any] = {"queue": check_name(queue, "Queue")}
+    partition = item.get("partition")
     if partition is not None:
-        if partition == "":
-            raise InvalidRequest("Partition must not be empty")
-        clean["partition"] = partition
+        if not isinstance(partition, str):
+            raise InvalidRequest("Partition must be a string")
+        clean["partition"] = check_name(partition, "Partition")
     if "payload" in item:
         clean["payload"] = item["payload"]
     transaction_id = optional_text(item, "transactionId", "TransactionId")
@@ -134,8 +144,6 @@ def push_item(item: Any, index: int) -> Dict[str, Any]:
         clean["traceId"] = require_uuid(trace_id, "TraceId")
     # producerSub is always server-stamped (WIRE.md 4.3): the body's value is ignored.
     return clean
-
-
 
 
 def ack_item(item: Any, group: Optional[str], index: int) -> Dict[str, Any]:
@@ -239,23 +247,40 @@ def transaction_op(op: Any, index: int) -> Dict[str, Any]:
     return {"type": kind}
 
 
-MESSAGE_STATUSES = ("pending", "processing", "completed", "dead_letter", "failed")
+TRANSACTION_FIELDS = frozenset({"operations", "requiredLeases"})
+TRANSACTION_RIDERS = ("kv", "timers")  # WIRE2.md 5.1: guards and timers, not implemented yet
 
 
-def message_query(request) -> Dict[str, Any]:
-    """The filters of ``GET /api/v1/messages`` (WIRE.md 3.2); absent filters are left out."""
-    status = query_text(request, "status")
-    if status and status not in MESSAGE_STATUSES:
-        raise InvalidRequest(f"status must be one of {', '.join(MESSAGE_STATUSES)}")
-    query: Dict[str, Any] = {
-        "queue": query_text(request, "queue"),
-        "partition": query_text(request, "partition"),
-        "ns": query_text(request, "ns") or query_text(request, "namespace"),
-        "task": query_text(request, "task"),
-        "status": status,
-        "from": timestamp(query_text(request, "from"), "from"),
-        "to": timestamp(query_text(request, "to"), "to"),
-        "limit": min(max(query_int(request, "limit", 200), 1), 1000),
-        "offset": max(query_int(request, "offset", 0), 0),
-    }
-    return {key: value for key, value in query.items() if value}
+def transaction_operations(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The validated operations of ``POST /api/v1/transaction`` (WIRE.md 2.5).
+
+    A rider (``kv``, ``timers``) or any other top-level field this server does not know may
+    make the bundle conditional — a guard such as "only if this key is absent". Ignoring it
+    would commit the bundle without its condition, so it is refused before anything runs;
+    an absent, null or empty rider is what the clients send without one.
+    """
+    for rider in TRANSACTION_RIDERS:
+        if body.get(rider) not in (None, []):
+            raise InvalidRequest(
+                f"Transaction '{rider}' riders are not supported by this server yet; "
+                "the transaction was refused and nothing was applied")
+    unknown = sorted(set(body) - TRANSACTION_FIELDS - set(TRANSACTION_RIDERS))
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown transaction field '{unknown[0]}': refused rather than ignored, as it "
+            "may change what the transaction does; nothing was applied")
+    operations = body.get("operations")
+    if not isinstance(operations, list):
+        raise InvalidRequest("operations array required")
+    if not operations:
+        raise InvalidRequest("operations array cannot be empty")
+    return [transaction_op(op, index) for index, op in enumerate(operations)]
+
+
+def required_leases(body: Mapping[str, Any]) -> List[str]:
+    """``requiredLeases`` of a transaction (WIRE.md 9.4): lease ids, ``""`` tolerated."""
+    leases = body.get("requiredLeases") or []
+    if not isinstance(leases, list) or not all(
+            lease == "" or is_uuid(lease) for lease in leases):
+        raise InvalidRequest("requiredLeases must be an array of lease ids")
+    return leases

@@ -1,0 +1,144 @@
+"""The message path of WIRE.md 2.2-2.6: push, pop, ack, transaction and lease extension.
+
+Push, pop and ack are also reached without Klein through :mod:`queen_tw.http.hot_routes`,
+which calls the same methods.
+"""
+
+import dataclasses
+from typing import Optional
+
+from klein import Klein
+
+from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
+from queen_tw.errors import InvalidRequest
+from queen_tw.http import parsing, query
+from queen_tw.http.answers import answering_errors, json_answer, no_content
+
+MAX_POP_BATCH = 10_000
+SUBSCRIPTION_MODES = frozenset({"all", "new", "new-only", "from_beginning"})
+"""Known ``subscriptionMode`` values (any case); ``from_beginning`` (sent by the official test
+suites) is ``all`` (WIRE.md 2.3.1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PopDefaults:
+    """Server defaults of the pop parameters a request leaves out (WIRE.md 2.3.1)."""
+
+    batch: int
+    timeout_ms: int
+    subscription_mode: str
+
+
+class MessagingRoutes:
+    """Routes of the message path, bound to one engine.
+
+    :param engine: the message path.
+    :param defaults: pop parameters a request leaves out.
+    """
+
+    app = answering_errors(Klein())
+
+    def __init__(self, engine: QueueEngine, defaults: PopDefaults):
+        self._engine = engine
+        self._defaults = defaults
+
+    @app.route("/api/v1/push", methods=["POST"])
+    async def push(self, request):
+        items = parsing.push_items(parsing.read_json_object(request))
+        return json_answer(request, 201, await self._engine.push(items))
+
+    # -- pop ----------------------------------------------------------------------------
+
+    @app.route("/api/v1/pop/queue/<queue>", methods=["GET"])
+    def pop_any_partition(self, request, queue):
+        return self._pop(request, self._pop_request(
+            request, parsing.check_name(queue, "queue"), None))
+
+    @app.route("/api/v1/pop/queue/<queue>/partition/<partition>", methods=["GET"])
+    def pop_one_partition(self, request, queue, partition):
+        return self._pop(request, self._pop_request(
+            request, parsing.check_name(queue, "queue"),
+            parsing.check_name(partition, "partition")))
+
+    @app.route("/api/v1/pop", methods=["GET"])
+    def pop_by_namespace(self, request):
+        namespace = query.text(request, "namespace")
+        task = query.text(request, "task")
+        if not namespace and not task:
+            raise InvalidRequest("namespace or task is required")
+        return self._pop(request, dataclasses.replace(
+            self._pop_request(request, None, None),
+            namespace=namespace or None, task=task or None))
+
+    async def _pop(self, request, wanted: PopRequest):
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: None)  # a client that left is not an error
+        delivery = await self._engine.pop(wanted, gone)
+        if delivery is None:
+            return no_content(request)
+        return json_answer(request, 200, delivery)
+
+    def _pop_request(self, request, queue: Optional[str],
+                     partition: Optional[str]) -> PopRequest:
+        group = query.text(request, "consumerGroup") or QUEUE_MODE
+        if len(group) > parsing.MAX_NAME_LENGTH:
+            raise InvalidRequest(
+                f"consumerGroup is longer than {parsing.MAX_NAME_LENGTH} characters")
+        batch = query.integer(request, "batch", self._defaults.batch, 1)
+        return PopRequest(
+            queue=queue, partition=partition, consumer_group=group,
+            batch=min(batch, MAX_POP_BATCH),
+            partitions=query.integer(request, "partitions", 1, 1) if partition is None else 1,
+            auto_ack=query.flag(request, "autoAck"),
+            wait=query.flag(request, "wait"),
+            # WIRE.md 2.3.1: a timeout <= 0 answers at once
+            timeout_ms=query.integer(request, "timeout", self._defaults.timeout_ms,
+                                     -query.INT32_MAX),
+            subscription_mode=query.choice(request, "subscriptionMode", SUBSCRIPTION_MODES,
+                                           self._defaults.subscription_mode),
+            subscription_from=query.text(request, "subscriptionFrom"))
+
+    # -- ack, transaction, lease --------------------------------------------------------
+
+    @app.route("/api/v1/ack", methods=["POST"])
+    async def ack(self, request):
+        item = parsing.ack_item(parsing.read_json_object(request), None, 0)
+        return json_answer(request, 200, await self._engine.ack([item]))
+
+    @app.route("/api/v1/ack/batch", methods=["POST"])
+    async def ack_batch(self, request):
+        body = parsing.read_json_object(request)
+        acks = body.get("acknowledgments")
+        if not isinstance(acks, list):
+            raise InvalidRequest("acknowledgments array is required")
+        group = parsing.optional_text(body, "consumerGroup")
+        items = [parsing.ack_item(item, group, index) for index, item in enumerate(acks)]
+        if not items:
+            return json_answer(request, 200, [])
+        return json_answer(request, 200, await self._engine.ack(items))
+
+    @app.route("/api/v1/transaction", methods=["POST"])
+    async def transaction(self, request):
+        body = parsing.read_json_object(request)
+        ops = parsing.transaction_operations(body)
+        leases = parsing.required_leases(body)
+        unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)
+        if unknown is not None:
+            # WIRE.md 2.5: an unknown operation fails the transaction (200, success false).
+            return json_answer(request, 200, {
+                "transactionId": None, "success": False, "results": [],
+                "error": f"Unknown operation type: {unknown['type']}"})
+        return json_answer(request, 200, await self._engine.transaction(ops, leases))
+
+    @app.route("/api/v1/lease/<lease_id>/extend", methods=["POST"])
+    async def extend_lease(self, request, lease_id):
+        lease_id = parsing.require_uuid(parsing.path_text(lease_id, "leaseId"), "leaseId")
+        body = parsing.read_json_object(request)
+        seconds = body.get("seconds")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)
+                                    or not 0 < seconds <= query.INT32_MAX):
+            raise InvalidRequest("seconds must be a positive integer")
+        expires = await self._engine.extend_lease(lease_id, seconds)
+        return json_answer(request, 200, {
+            "leaseId": lease_id, "success": True, "leaseExpiresAt": expires,
+            "newExpiresAt": expires, "expiresAt": expires})

@@ -1,0 +1,87 @@
+"""The one place the route modules are put together into the site's root resource.
+
+Each concern keeps its routes in its own small Klein app (messaging, resources, consumer
+groups, system; auth, metrics or streams join the same way). :class:`Routes` gives a request
+to the app whose URL map knows its path, so the apps need no shared prefix. A path no app
+knows answers 404; a path some app knows under other methods answers 405 with ``Allow``.
+In front of it all, :class:`~queen_tw.http.hot_routes.HotRoutes` takes push, pop and ack
+straight to the messaging routes.
+"""
+
+from typing import Any, List, Optional, Sequence, Set, Tuple
+
+from klein import Klein
+from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
+
+from queen_tw.engine.admin import AdminEngines
+from queen_tw.engine.queue_engine import QueueEngine
+from queen_tw.http.answers import json_answer, method_not_allowed, not_found
+from queen_tw.http.groups import GroupRoutes
+from queen_tw.http.hot_routes import HotRoutes
+from queen_tw.http.messaging import MessagingRoutes, PopDefaults
+from queen_tw.http.resources import ResourceRoutes
+from queen_tw.http.system import SystemRoutes
+from queen_tw.maintenance import Maintenance
+
+
+class Routes(Resource):
+    """Dispatches each request to the route module that knows its path.
+
+    :param route_sets: objects with a Klein ``app`` (bound to the object by attribute
+        access); their paths must not overlap.
+    """
+
+    isLeaf = True
+
+    def __init__(self, route_sets: Sequence[Any]):
+        super().__init__()
+        self._apps: List[Tuple[Klein, IResource]] = []
+        for routes in route_sets:
+            app = routes.app  # bound to ``routes``: its methods receive ``self``
+            self._apps.append((app, app.resource()))
+
+    def render(self, request):
+        if any(b"/" in segment for segment in request.postpath):
+            # %2F decoded inside a segment: no route could tell it from a separator
+            return json_answer(request, 400, {"error": "A name in the path must not contain '/'"})
+        # The path as Klein matches it: Twisted's percent-decoded segments.
+        try:
+            path = "/" + "/".join(segment.decode("utf-8") for segment in request.postpath)
+        except UnicodeDecodeError:
+            return json_answer(request, 400, {"error": "The path is not valid UTF-8"})
+        method = request.method.decode("latin-1")
+        allowed: Set[str] = set()
+        for app, resource in self._apps:
+            try:
+                app.url_map.bind("localhost", path_info=path, default_method=method).match()
+            except MethodNotAllowed as err:
+                allowed.update(err.valid_methods or ())
+                continue
+            except (NotFound, RequestRedirect):
+                continue  # a redirect would only merge slashes: no route has this path
+            return resource.render(request)
+        if allowed:
+            return method_not_allowed(request, allowed)
+        return not_found(request)
+
+
+def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
+              admin: Optional[AdminEngines] = None,
+              maintenance: Optional[Maintenance] = None) -> IResource:
+    """The site's root: every route of WIRE.md, push/pop/ack through the hot shortcut.
+
+    :param engine: the message path.
+    :param worker_id: reported by ``/health``.
+    :param pop_defaults: pop parameters a request leaves out.
+    :param admin: consumer-group, browser, statistics and wake-up engines (404 without).
+    :param maintenance: flags and file buffer of the system routes (404 without).
+    """
+    messaging = MessagingRoutes(engine, pop_defaults)
+    return HotRoutes(messaging, Routes([
+        messaging,
+        ResourceRoutes(engine, admin),
+        GroupRoutes(admin),
+        SystemRoutes(engine, worker_id, maintenance, admin),
+    ]))

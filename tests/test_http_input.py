@@ -1,0 +1,249 @@
+"""Input that PostgreSQL cannot store, names no route can reach, and query parameters that
+used to fall back silently: each answers 400 naming the problem and stores nothing (issue #15,
+point 8). Values the official clients send keep working.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.error_answers import assert_json_error
+from tests.support import count_messages, unique_name
+
+
+def post_raw(http: httpx.Client, path: str, raw: str) -> httpx.Response:
+    return http.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+def push_body(queue: str, payload_json: str) -> str:
+    return '{"items": [{"queue": "%s", "payload": %s}]}' % (queue, payload_json)  # noqa: UP031
+
+
+# -- bodies PostgreSQL cannot store -----------------------------------------------------
+
+
+UNSTORABLE_PAYLOADS = {
+    "nul-in-text": ('"a\\u0000b"', "\\u0000"),
+    "nul-in-key": ('{"k\\u0000": 1}', "\\u0000"),
+    "lone-high-surrogate": ('"x\\ud800"', "surrogate"),
+    "lone-low-surrogate": ('"\\udc00"', "surrogate"),
+    "deep-nesting": (nested(5000), "nested deeper"),
+    "nan": ("NaN", "NaN"),
+    "infinity": ("Infinity", "Infinity"),
+    "minus-infinity": ("-Infinity", "-Infinity"),
+    "nan-beside-a-big-integer": ('[123456789012345678901234567890, NaN]', "NaN"),
+    "number-overflowing-a-double": ("1e400", "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSTORABLE_PAYLOADS))
+def test_unstorable_payload_answers_400_and_stores_nothing(http, db, case):
+    payload, detail = UNSTORABLE_PAYLOADS[case]
+    queue = unique_name()
+
+    answer = post_raw(http, "/api/v1/push", push_body(queue, payload))
+
+    error = assert_json_error(answer, 400)
+    assert detail in error
+    assert count_messages(db, queue) == 0
+
+
+def test_integer_too_long_to_parse_answers_400(http, db):
+    queue = unique_name()
+
+    answer = post_raw(http, "/api/v1/push", push_body(queue, "9" * 5000))
+
+    assert assert_json_error(answer, 400).startswith("Invalid JSON")
+    assert count_messages(db, queue) == 0
+
+
+def test_nul_in_a_queue_name_answers_400_and_creates_no_queue(http, db):
+    queue = unique_name()
+
+    answer = post_raw(http, "/api/v1/configure", '{"queue": "%s\\u0000x"}' % queue)  # noqa: UP031
+
+    assert "\\u0000" in assert_json_error(answer, 400)
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.queues WHERE name LIKE %s", (queue + "%",))
+        assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("path", ["/api/v1/pop/queue/q%00x", "/api/v1/resources/queues/q%00x",
+                                  "/api/v1/messages/0190a0b0-0000-7000-8000-000000000000/t%00"])
+def test_nul_in_a_path_name_answers_400(http, path):
+    assert_json_error(http.get(path, params={"wait": "false"}), 400)
+
+
+def test_nul_in_a_query_parameter_answers_400(http):
+    answer = http.get(f"/api/v1/pop/queue/{unique_name()}",
+                      params={"wait": "false", "consumerGroup": "g\x00"})
+
+    assert "consumerGroup" in assert_json_error(answer, 400)
+
+
+def test_storable_edge_cases_round_trip(http):
+    queue = unique_name()
+    deep = json.loads(nested(500))
+    payloads = ['"party \\ud83c\\udf89"', nested(500), "123456789012345678901234567890",
+                '"a\\\\u0000 spelled out"']
+
+    for payload in payloads:
+        answer = post_raw(http, "/api/v1/push", push_body(queue, payload))
+        assert answer.status_code == 201, answer.text
+    popped = http.get(f"/api/v1/pop/queue/{queue}",
+                      params={"wait": "false", "batch": "10", "autoAck": "true"})
+
+    assert [m["data"] for m in popped.json()["messages"]] == [
+        "party \U0001f389", deep, 123456789012345678901234567890, "a\\u0000 spelled out"]
+
+
+def test_a_bad_push_among_concurrent_good_ones_leaves_them_unaffected(server, db):
+    queue = unique_name()
+    bodies = [push_body(queue, json.dumps({"n": n})) for n in range(12)]
+    bodies[5] = push_body(queue, '"bad \\u0000"')
+    bodies[9] = push_body(queue, '"bad \\ud800"')
+
+    def send(body: str) -> int:
+        with httpx.Client(base_url=server.url, timeout=40) as client:
+            return post_raw(client, "/api/v1/push", body).status_code
+
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        codes = list(pool.map(send, bodies))
+
+    assert codes == [400 if n in (5, 9) else 201 for n in range(12)]
+    assert count_messages(db, queue) == 10
+
+
+# -- names that no route could reach ----------------------------------------------------
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"queue": "a/b"}, "queue must not contain '/'"),
+    ({"queue": ""}, "queue must not be empty"),
+])
+def test_configure_refuses_unreachable_names(http, body, message):
+    assert_json_error(http.post("/api/v1/configure", json=body), 400, message)
+
+
+@pytest.mark.parametrize("item,message", [
+    ({"queue": "{q}/sub", "payload": 1}, "Queue must not contain '/'"),
+    ({"queue": "", "payload": 1}, "Queue must not be empty"),
+    ({"queue": "{q}", "partition": "p/1", "payload": 1}, "Partition must not contain '/'"),
+    ({"queue": "{q}", "partition": "", "payload": 1}, "Partition must not be empty"),
+])
+def test_push_and_transaction_push_refuse_unreachable_names(http, db, item, message):
+    queue = unique_name()
+    item = {key: value.replace("{q}", queue) if isinstance(value, str) else value
+            for key, value in item.items()}
+
+    pushed = http.post("/api/v1/push", json={"items": [item]})
+    in_transaction = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "push", "items": [item]}], "requiredLeases": []})
+
+    assert_json_error(pushed, 400, message)
+    assert_json_error(in_transaction, 400, message)
+    assert count_messages(db, queue) == 0
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/v1/pop/queue/a%2Fb"),
+    ("GET", "/api/v1/pop/queue/q/partition/p%2F1"),
+    ("GET", "/api/v1/resources/queues/a%2Fb"),
+    ("DELETE", "/api/v1/resources/queues/a%2Fb"),
+    ("DELETE", "/api/v1/consumer-groups/g/queues/a%2Fb"),
+])
+def test_a_slash_inside_a_path_name_answers_400(http, method, path):
+    answer = http.request(method, path)
+
+    assert "must not contain '/'" in assert_json_error(answer, 400)
+
+
+@pytest.mark.parametrize("path,params", [
+    ("/api/v1/dlq", {"queue": "a/b"}),
+    ("/api/v1/messages", {"queue": "a/b"}),
+    ("/api/v1/messages", {"queue": "q", "partition": "p/1"}),
+    ("/api/v1/resources/partitions", {"queue": "a/b"}),
+])
+def test_a_slash_in_a_name_filter_answers_400(http, path, params):
+    assert "must not contain '/'" in assert_json_error(http.get(path, params=params), 400)
+
+
+# -- query parameters -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param,value", [
+    ("batch", "abc"), ("batch", "0"), ("batch", "-3"), ("batch", "1.5"),
+    ("timeout", "abc"), ("timeout", "1e20"), ("timeout", "99999999999"),
+    ("wait", "maybe"), ("autoAck", "maybe"), ("autoAck", "yes"),
+    ("subscriptionMode", "sideways"), ("partitions", "0"), ("partitions", "many"),
+])
+def test_pop_with_an_unusable_parameter_answers_400_naming_it(http, db, param, value):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": 1}]})
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", param: value})
+
+    assert param in assert_json_error(answer, 400)
+    with db.cursor() as cursor:  # nothing was leased
+        cursor.execute("""SELECT count(*) FROM queen.partition_consumers pc
+                            JOIN queen.partitions p ON p.id = pc.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id
+                           WHERE q.name = %s AND pc.lease_expires_at > now()""", (queue,))
+        assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("params", [
+    {"batch": "1", "wait": "false", "timeout": "30000"},
+    {"batch": "10", "wait": "true", "timeout": "1", "autoAck": "false"},
+    {"batch": "1", "wait": "False", "timeout": "0", "subscriptionMode": "new"},
+    {"batch": "1", "wait": "0", "subscriptionMode": "from_beginning"},
+    {"batch": "1", "wait": "false", "subscriptionMode": "ALL", "subscriptionFrom": "now"},
+    {"batch": "1", "wait": "false", "subscriptionMode": "new-only", "partitions": "3"},
+    {"batch": "", "wait": "", "timeout": ""},
+])
+def test_pop_parameters_the_clients_send_keep_working(http, params):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": "m"}]})
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params=params)
+
+    assert answer.status_code == 200, answer.text
+    assert [m["data"] for m in answer.json()["messages"]] == ["m"]
+
+
+@pytest.mark.parametrize("path,params,param", [
+    ("/api/v1/pop", {"namespace": "ns", "batch": "lots"}, "batch"),
+    ("/api/v1/dlq", {"limit": "abc"}, "limit"),
+    ("/api/v1/dlq", {"limit": "0"}, "limit"),
+    ("/api/v1/dlq", {"offset": "-1"}, "offset"),
+    ("/api/v1/messages", {"limit": "ten"}, "limit"),
+    ("/api/v1/resources/partitions", {"offset": "x"}, "offset"),
+    ("/api/v1/consumer-groups/lagging", {"minLagSeconds": "-5"}, "minLagSeconds"),
+    ("/api/v1/consumer-groups/lagging", {"minLagSeconds": "soon"}, "minLagSeconds"),
+])
+def test_other_routes_refuse_unusable_parameters_naming_them(http, path, params, param):
+    assert param in assert_json_error(http.get(path, params=params), 400)
+
+
+def test_delete_consumer_group_with_unusable_delete_metadata_answers_400(http):
+    answer = http.delete(f"/api/v1/consumer-groups/{unique_name()}",
+                         params={"deleteMetadata": "maybe"})
+
+    assert "deleteMetadata" in assert_json_error(answer, 400)
+
+
+@pytest.mark.parametrize("path,params", [
+    ("/api/v1/dlq", {"limit": "5000", "offset": "0"}),
+    ("/api/v1/messages", {"limit": "10", "offset": "20"}),
+    ("/api/v1/consumer-groups/lagging", {"minLagSeconds": "0"}),
+])
+def test_usable_listing_parameters_keep_working(http, path, params):
+    assert http.get(path, params=params).status_code == 200
