@@ -233,6 +233,18 @@ def test_other_routes_refuse_unusable_parameters_naming_them(http, path, params,
     assert param in assert_json_error(http.get(path, params=params), 400)
 
 
+@pytest.mark.parametrize("value,message", [
+    ("9" * 30, "timeout must be at most 2147483647"),
+    ("-" + "9" * 5000, "timeout must be at least -2147483647"),
+    ("1e20", "timeout must be an integer"),
+])
+def test_pop_timeout_out_of_range_says_which_bound(http, value, message):
+    answer = http.get(f"/api/v1/pop/queue/{unique_name()}",
+                      params={"wait": "true", "timeout": value})
+
+    assert_json_error(answer, 400, message)
+
+
 def test_delete_consumer_group_with_unusable_delete_metadata_answers_400(http):
     answer = http.delete(f"/api/v1/consumer-groups/{unique_name()}",
                          params={"deleteMetadata": "maybe"})

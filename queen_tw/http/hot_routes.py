@@ -63,10 +63,10 @@ class HotRoutes(Resource):
         return NOT_DONE_YET
 
     def _route(self, request) -> Optional[Route]:
-        """The handler and path arguments of a hot request, or None for Klein to route."""
+        """The handler and path arguments of a hot request, or None for the composed routes."""
         path = request.path
         if b"%" in path or b"//" in path or path.endswith(b"/"):
-            return None  # escapes and empty segments: Klein decides, as for any route
+            return None  # escapes and empty segments: the composed routes decide, as for any
         handler = self._exact.get((request.method, path))
         if handler is not None:
             return handler, ()
