@@ -1,72 +1,121 @@
-"""A service that runs one piece of background work every N milliseconds.
+"""The one loop primitive of the server: a service that runs a piece of work on a schedule.
 
-The shape of Twisted's ``TimerService`` with the things our jobs need on top: the clock is
-injected (``task.Clock`` in unit tests), a run never overlaps the previous one, a failing run
-is logged and the schedule goes on, and ``stopService`` waits for a run in progress so the
-pool is not closed under it.
+The shape of Twisted's ``TimerService`` with what our jobs need on top: the clock is
+injected (``task.Clock`` in unit tests), a run never overlaps the previous one, a failing
+run is logged and the schedule goes on, and ``stopService`` waits for a run in progress so
+the pool is not closed under it.
+
+Expected failures (PostgreSQL unreachable: ``Unavailable``) go through an
+:class:`~queen_tw.services.retry.OutageLog` (one line when they start, reminders, one line
+when the work succeeds again) and, with a ``retry`` backoff, the next run comes after the
+backoff's delay instead of the interval. Anything else is a bug: logged with its traceback.
 """
 
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Coroutine, Optional, Tuple, Type
 
 from twisted.application import service
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from queen_tw.errors import Unavailable
+from queen_tw.services.retry import Backoff, OutageLog, describe_error
 
 log = Logger()
 
+Work = Callable[[], Coroutine[Any, Any, Any]]
+
 
 class PeriodicService(service.Service):
-    """Calls ``work()`` every ``interval_ms``, the first time one interval after start.
+    """Calls ``work()`` every ``interval_ms`` (from the end of one run to the next start).
 
     :param name: for logs.
     :param interval_ms: period; a run that takes longer delays the next (no overlap).
     :param work: the coroutine function doing one run.
     :param clock: time source.
+    :param now: first run at start instead of one interval later.
+    :param retry: after a failed run, wait this backoff's next delay instead of the
+        interval (reset by a successful run).
+    :param expected: failures that are part of life (logged as an outage, no traceback).
+    :param quiet_start: failures before the first success are expected (see
+        :class:`~queen_tw.services.retry.OutageLog`).
+    :param stop_timeout: longest wait for the run in progress at stop (None: no bound
+        here; the server's stop budget still bounds it).
     """
 
-    def __init__(self, name: str, interval_ms: int, work: Callable[[], Awaitable[Any]],
-                 clock: IReactorTime):
+    def __init__(self, name: str, interval_ms: int, work: Work, clock: IReactorTime, *,
+                 now: bool = False, retry: Optional[Backoff] = None,
+                 expected: Tuple[Type[BaseException], ...] = (Unavailable,),
+                 quiet_start: bool = False, stop_timeout: Optional[float] = None):
         self.name = name
         self._interval = interval_ms / 1000.0
         self._work = work
         self._clock = clock
-        self._loop: Optional[task.LoopingCall] = None
+        self._now = now
+        self._retry = retry
+        self._expected = expected
+        self._stop_timeout = stop_timeout
+        self._outage = OutageLog(name, clock, quiet_start=quiet_start)
+        self._call: Optional[IDelayedCall] = None
         self._current: Optional[defer.Deferred] = None
         self.runs = 0
         self.failures = 0
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._run_once)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=False)
+        if self._now:
+            self._run_once()
+        else:
+            self._schedule(self._interval)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._current is not None and not self._current.called:
-            waiting: defer.Deferred = defer.Deferred()
-            self._current.addBoth(lambda _: waiting.callback(None))
-            return waiting
-        return defer.succeed(None)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._current is None or self._current.called:
+            return defer.succeed(None)
+        finished: defer.Deferred = defer.Deferred()
+        self._current.addBoth(_fire, finished)
+        if self._stop_timeout is not None:
+            finished.addTimeout(self._stop_timeout, self._clock)
+            finished.addErrback(self._still_running)
+        return finished
 
-    def _run_once(self) -> defer.Deferred:
+    def _schedule(self, delay: float) -> None:
+        if self.running:
+            self._call = self._clock.callLater(delay, self._run_once)
+
+    def _run_once(self) -> None:
+        self._call = None
         self._current = defer.ensureDeferred(self._work())
         self._current.addCallbacks(self._succeeded, self._failed)
-        return self._current
 
     def _succeeded(self, result: Any) -> None:
         self.runs += 1
+        self._outage.succeeded()
+        if self._retry is not None:
+            self._retry.reset()
+        self._schedule(self._interval)
 
-    def _failed(self, failure) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.runs += 1
         self.failures += 1
-        if failure.check(Unavailable):
-            log.warn("{name} skipped: {error}", name=self.name, error=failure.value)
-            return
-        log.failure("{name} run failed; next run as scheduled", failure, name=self.name)
+        if failure.check(*self._expected):
+            self._outage.failed(describe_error(failure.value))  # type: ignore[arg-type]
+        else:
+            log.failure("{name} run failed; next run as scheduled", failure, name=self.name)
+        self._schedule(self._interval if self._retry is None else self._retry.next_delay())
+
+    def _still_running(self, failure: Failure) -> None:
+        failure.trap(defer.TimeoutError)
+        log.warn("{name} still running {s}s after the stop; going on", name=self.name,
+                 s=self._stop_timeout)
+
+
+def _fire(result: Any, waiting: defer.Deferred) -> Any:
+    if not waiting.called:
+        waiting.callback(None)
+    return result
+
