@@ -1,16 +1,20 @@
-"""Graceful shutdown: stop the server's services one after another, each bounded in time.
+"""The stop order of a queen-tw process, in one place, and the services that carry it out.
 
-Twisted's ``MultiService`` stops all children at once, so the pool would close while requests
-still use it. :class:`OrderedMultiService` stops them in reverse start order and waits for
-each (at most ``step_timeout`` seconds), which lets ``make_service`` read as the shutdown
-sequence too: the last service added is the first stopped.
+A graceful stop (SIGTERM) must answer what it can and lose nothing: stop taking work, let
+accepted work finish, close the pool only when nothing uses it, write the file buffer out
+after the last push that may fall back to it, stop an embedded PostgreSQL last. Twisted's
+``MultiService`` stops every child at once, so :class:`ServerTree` places each service in a
+named stage of :data:`STOP_ORDER` and stops the stages in that order, one child at a time,
+each bounded in time; ``make_service`` only says which stage each service belongs to.
 
-:class:`ShutdownGate` (added last) marks the process as stopping, so long-polls answer 204 and
-new pops are not parked; :class:`InFlightDrain` (added just before the HTTP listener) waits
-for the database work already accepted to finish.
+The time budget is defined here too: a process stops within :data:`STOP_BUDGET_S`
+(systemd's default stop timeout is 90 s; the official clients retry for less). With
+NUM_WORKERS the parent's budget holds the workers' whole stop: it sends SIGTERM, each
+worker stops within :data:`WORKER_STOP_BUDGET_S`, and whatever still runs after
+:data:`WORKER_KILL_AFTER_S` gets SIGKILL, inside the parent's budget.
 """
 
-from typing import Callable
+from typing import Callable, Dict, Tuple, TypeVar
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -18,6 +22,37 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
+
+STOP_BUDGET_S = 25.0
+"""The longest orderly stop of one server process."""
+
+KILL_MARGIN_S = 3.0
+"""Room left after an escalation for the parent to reap the workers and stop the rest."""
+
+WORKER_KILL_AFTER_S = STOP_BUDGET_S - KILL_MARGIN_S
+"""The NUM_WORKERS parent sends SIGKILL to workers still running this long after SIGTERM."""
+
+WORKER_STOP_BUDGET_S = WORKER_KILL_AFTER_S - KILL_MARGIN_S
+"""The orderly stop budget of one worker process: ends before its parent escalates."""
+
+STOP_ORDER: Tuple[Tuple[str, str], ...] = (
+    ("gate", "marks the process as stopping: pops answer 204 and are not parked any more"),
+    ("waiters", "answers every parked long-poll (204)"),
+    ("listener", "stops accepting connections"),
+    ("drain", "waits for the database work the batchers already accepted"),
+    ("replay", "lets the replay batch in flight finish and starts no other"),
+    ("jobs", "maintenance flags refresh, retention, eviction, statistics, wake-up listener"),
+    ("database", "closes the pool (or ends the schema installation) once nothing uses it"),
+    ("buffer", "writes the queued records and closes the segment: pushes may fall back to "
+               "it until the pool is closed"),
+    ("workers", "NUM_WORKERS parent: SIGTERM to every worker, SIGKILL to laggards"),
+    ("postgres", "the embedded PostgreSQL, last: everything above may still need it"),
+)
+"""Stages in the order they stop (they start in the reverse order)."""
+
+_STOP_RANK: Dict[str, int] = {stage: rank for rank, (stage, _) in enumerate(STOP_ORDER)}
+
+S = TypeVar("S", bound=service.Service)
 
 
 class OrderedMultiService(service.MultiService):
@@ -30,8 +65,8 @@ class OrderedMultiService(service.MultiService):
         each is waited for at most ``last_grace`` seconds.
     """
 
-    def __init__(self, clock: IReactorTime, step_timeout: float = 25.0,
-                 total_timeout: float = 25.0, last_grace: float = 2.0):
+    def __init__(self, clock: IReactorTime, step_timeout: float = STOP_BUDGET_S,
+                 total_timeout: float = STOP_BUDGET_S, last_grace: float = 2.0):
         super().__init__()
         self._clock = clock
         self._step_timeout = step_timeout
@@ -58,8 +93,29 @@ class OrderedMultiService(service.MultiService):
                 log.error("stopping {child} failed: {error}", child=_name(child), error=err)
 
 
+class ServerTree(OrderedMultiService):
+    """The root service of a process: children are placed in a stage of :data:`STOP_ORDER`.
+
+    Stages stop in that order and start in the reverse one; within a stage, children start
+    in the order they were added and stop in the reverse order.
+    """
+
+    def __init__(self, clock: IReactorTime, budget: float = STOP_BUDGET_S):
+        super().__init__(clock, step_timeout=budget, total_timeout=budget)
+        self._rank: Dict[int, int] = {}
+
+    def add(self, stage: str, child: S) -> S:
+        """Adds ``child`` to ``stage`` (one of :data:`STOP_ORDER`); returns it."""
+        if stage not in _STOP_RANK:
+            raise ValueError(f"unknown stop stage {stage!r}")
+        self._rank[id(child)] = _STOP_RANK[stage]
+        child.setServiceParent(self)
+        self.services.sort(key=lambda each: -self._rank[id(each)])
+        return child
+
+
 class ShutdownGate(service.Service):
-    """``stopping`` turns True when the server starts to stop (add this service last)."""
+    """``stopping`` turns True when the server starts to stop (stage ``gate``: first)."""
 
     stopping = False
 
@@ -94,4 +150,4 @@ class InFlightDrain(service.Service):
 
 
 def _name(child: service.IService) -> str:
-    return getattr(child, "name", None) or child.__class__.__name__
+    return child.name or child.__class__.__name__

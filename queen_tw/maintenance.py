@@ -8,14 +8,16 @@ PostgreSQL (``queen.system_state``) is the source of truth, so every instance se
 each reads the flags once it can reach PostgreSQL and again every
 ``QUEEN_CACHE_REFRESH_INTERVAL_MS``; the instance that changes a flag applies it at once.
 Until the first read succeeds both flags count as off and ``loaded`` is False (``/health``
-answers 503: the server does not know the flags yet).
+answers 503: the server does not know the flags yet); reads are retried quickly (backoff up
+to a second) until then, so a fresh instance learns the flags right after PostgreSQL answers.
+An outage is logged once when the reads start failing and once when they work again.
 
 The HTTP layer is given one :class:`Maintenance` and reads or changes everything through it;
 it never reaches into the buffer or the failover policy.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -23,8 +25,13 @@ from twisted.logger import Logger
 
 from queen_tw.db.pool import Database
 from queen_tw.failover.buffer import FileBuffer
+from queen_tw.services.periodic import PeriodicService
+from queen_tw.services.retry import Backoff
 
 log = Logger()
+
+FIRST_READ_RETRY_S = 0.1
+"""First delay after a failed read; it doubles up to a second (or the interval if shorter)."""
 
 MAINTENANCE = "maintenance_mode"
 POP_MAINTENANCE = "pop_maintenance_mode"
@@ -38,7 +45,8 @@ class BufferStatus:
     failed: int
     healthy: bool
     fsyncs: int
-    failed_files: List[Dict[str, Any]]
+    failed_files: Dict[str, Any]
+    """``count``, ``totalBytes``, ``totalMB``, ``failoverCount``, ``qos0Count`` of ``failed/``."""
 
 
 class Maintenance:
@@ -77,6 +85,13 @@ class Maintenance:
             self._apply(key, _enabled(stored.get(key)))
         self.loaded = True
         return dict(self._flags)
+
+    def refresh_service(self, interval_ms: int) -> PeriodicService:
+        """Reads the flags at start, then every ``interval_ms`` (sooner after a failure)."""
+        interval = interval_ms / 1000.0
+        retry = Backoff(min(FIRST_READ_RETRY_S, interval), maximum=min(1.0, interval))
+        return PeriodicService("maintenance flags refresh", interval_ms, self.refresh,
+                               self._clock, now=True, retry=retry, quiet_start=True)
 
     async def reread(self, timeout: float = 2.0) -> None:
         """:meth:`refresh` for a request that wants the stored flags: when PostgreSQL does not

@@ -1,39 +1,46 @@
 """The process tree of one queen-tw server, built from a :class:`~queen_tw.config.Config`.
 
-``make_service`` reads top to bottom: an embedded PostgreSQL when asked for, the database
-(schema install + pool, retried until PostgreSQL answers), then the HTTP listener. Stopping
-the ``MultiService`` stops them in reverse: no new requests, parked pops answered, pool
-closed, embedded PostgreSQL stopped.
+``make_service`` reads top to bottom: an embedded PostgreSQL when asked for, the file
+buffer, the database (schema install + pool, retried until PostgreSQL answers), the engine,
+the background jobs, the HTTP listener. Each service is placed in a stage of
+:data:`queen_tw.lifecycle.STOP_ORDER`, which says in one place how the process stops.
 """
 
 import gc
 import signal
 import socket
-from typing import List, Optional
+from typing import List
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, task, threads
+from twisted.internet import endpoints, threads
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
-from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING, PostgresWakeups
+from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING
+from queen_tw.cluster.pg_wakeups import PostgresWakeups
 from queen_tw.cluster.workers import WorkerSupervisor, worker_base_env
 from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database, call_deadline
-from queen_tw.db.schema import install_schema
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.batcher import BatchLimits
 from queen_tw.engine.browser import Browser
 from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
-from queen_tw.http.api import QueenAPI
 from queen_tw.failover.durability import Durability
-from queen_tw.http.hot_routes import HotRoutes
+from queen_tw.http.messaging import PopDefaults
+from queen_tw.http.routes import http_root
 from queen_tw.http.site import make_site
-from queen_tw.lifecycle import OrderedMultiService
+from queen_tw.lifecycle import (
+    STOP_BUDGET_S,
+    WORKER_STOP_BUDGET_S,
+    InFlightDrain,
+    ServerTree,
+    ShutdownGate,
+)
 from queen_tw.listening import ListenerService, listen_address
-from queen_tw.paths import sql_dir
+from queen_tw.services.database import DatabaseService, MigrationService
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
 from queen_tw.startup import check_can_start
@@ -58,46 +65,6 @@ class EmbeddedPostgresService(service.Service):
         return threads.deferToThread(self.postgres.stop)
 
 
-class DatabaseService(service.Service):
-    """Installs the schema and opens the pool, retrying with backoff until PostgreSQL answers.
-
-    The HTTP listener does not wait for it: until the pool is open every database call fails
-    fast with 503 and ``/health`` says ``unhealthy``.
-    """
-
-    def __init__(self, config: Config, db: Database, reactor):
-        self._dsn = config.dsn
-        self._db = db
-        self._reactor = reactor
-        self._connecting: Optional[defer.Deferred] = None
-
-    def startService(self):
-        super().startService()
-        self._connecting = defer.ensureDeferred(self._connect_until_ready())
-
-    async def _connect_until_ready(self) -> None:
-        delay = 0.5
-        while self.running:
-            try:
-                applied = await threads.deferToThread(install_schema, self._dsn, sql_dir())
-                if applied:
-                    log.info("schema files applied: {files}", files=", ".join(applied))
-                await self._db.connect()
-                log.info("connected to PostgreSQL with {n} connections", n=self._db.size)
-                return
-            except Exception as err:
-                log.warn("PostgreSQL not ready ({error}); retrying in {delay}s",
-                         error=str(err).strip(), delay=delay)
-                await _sleep(self._reactor, delay)
-                delay = min(delay * 2, 10.0)
-
-    def stopService(self):
-        super().stopService()
-        if self._connecting is not None and not self._connecting.called:
-            self._connecting.cancel()
-        self._db.close()
-
-
 class WaitersService(service.Service):
     """Answers every parked long-poll when the server stops (they end with 204)."""
 
@@ -107,10 +74,6 @@ class WaitersService(service.Service):
     def stopService(self):
         super().stopService()
         self._waiters.wake_all()
-
-
-def _sleep(reactor, seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 # Allocations between young-generation collections (CPython's default is 700). A push of 100
@@ -146,48 +109,55 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     # instead of making Twisted log a ReactorNotRunning traceback; SIGKILL still works.
     reactor.addSystemEventTrigger("before", "shutdown", signal.signal, signal.SIGTERM,
                                   signal.SIG_IGN)
-    top = OrderedMultiService(reactor)  # stops children one at a time, in about 25 s at most
+    in_group = config.listen_fd is not None  # one of NUM_WORKERS processes
+    top = ServerTree(reactor, WORKER_STOP_BUDGET_S if in_group else STOP_BUDGET_S)
     reactor.callWhenRunning(tune_garbage_collector)
     if config.embedded_pg:
-        embedded = EmbeddedPostgresService(config.embedded_pg)
-        embedded.setServiceParent(top)
+        embedded = top.add("postgres", EmbeddedPostgresService(config.embedded_pg))
         config = config.with_changes(embedded_pg=None, **_pg_fields(embedded.postgres.pg_env()))
-    if config.num_workers > 1 and config.listen_fd is None:
-        WorkerSupervisor(config, reactor, worker_base_env()).setServiceParent(top)
+    if config.migrate_only:  # install or upgrade the schema, then exit
+        top.add("database", MigrationService(config.dsn, reactor))
         return top
-    in_group = config.listen_fd is not None  # one of NUM_WORKERS processes
+    if config.num_workers > 1 and not in_group:
+        top.add("workers", WorkerSupervisor(config, reactor, worker_base_env()))
+        return top
 
     db = Database(config.dsn_with_settings(**WAKEUP_SETTING) if in_group else config.dsn,
                   config.db_pool_size, reactor,
                   call_deadline(config.db_inflight_deadline_ms, config.db_statement_timeout_ms))
     durability = Durability(config, db, reactor, worker=in_group)  # file buffer + maintenance
-    durability.buffer_service().setServiceParent(top)
-    DatabaseService(config, db, reactor).setServiceParent(top)
+    top.add("buffer", durability.buffer_service())
+    top.add("database", DatabaseService(config.dsn, db, reactor))
+    gate = top.add("gate", ShutdownGate())
 
     waiters = WaiterRegistry(reactor)
     engine = QueueEngine(
         db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
         PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,
                    config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms),
-        engine_limits(config), failover=durability.failover, pop_paused=durability.pop_paused)
+        engine_limits(config), failover=durability.failover,
+        pop_paused=lambda: durability.maintenance.pop_maintenance_mode or gate.stopping)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, waiters),
                          Browser(db, waiters, make_cipher(config.encryption_key)), stats, waiters)
-    api = QueenAPI(engine, config.worker_id, config.default_batch_size,
-                   config.default_timeout_ms, config.default_subscription_mode, admin=admin)
+    root = http_root(engine, config.worker_id,
+                     PopDefaults(config.default_batch_size, config.default_timeout_ms,
+                                 config.default_subscription_mode),
+                     admin=admin, maintenance=durability.maintenance)
     for job in background_jobs(config, db, stats, reactor):
-        job.setServiceParent(top)
-    site = make_site(HotRoutes(api, api.app.resource()), config.max_body_bytes)
+        top.add("jobs", job)
+    top.add("jobs", durability.refresh_service())  # the maintenance flags
+    site = make_site(root, config.max_body_bytes)
+    endpoint: IStreamServerEndpoint
     if in_group:
         endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, config.listen_fd, socket.AF_INET)
-        PostgresWakeups(config.dsn, config.worker_id, waiters.notify, reactor).setServiceParent(top)
+        top.add("jobs", PostgresWakeups(config.dsn, config.worker_id, waiters.notify, reactor))
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
-    for part in durability.services(engine):  # flag refresh, replay, in-flight drain
-        part.setServiceParent(top)
-    ListenerService(endpoint, site, reactor, listen_address(config)).setServiceParent(top)
-    WaitersService(waiters).setServiceParent(top)
-    durability.gate.setServiceParent(top)  # stops first: pops answer 204 from then on
+    top.add("replay", durability.replay_service(engine.store))
+    top.add("drain", InFlightDrain(engine.busy, reactor))
+    top.add("listener", ListenerService(endpoint, site, reactor, listen_address(config)))
+    top.add("waiters", WaitersService(waiters))
     return top
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from support import ServerProcess
 
 from queen_tw.db.embedded import EmbeddedPostgres
+
+from support import ServerProcess
 
 ACKNOWLEDGED = ("queued", "duplicate", "buffered")
 
@@ -213,12 +213,13 @@ class Producers:
             self.ledger.note(what)
             if answer is not None and answer.status_code == 201:
                 results = answer.json()
-                for sent, result in zip(batch, results):
+                for sent, result in zip(batch, results, strict=True):
                     sent.statuses.append(result["status"])
                     self.ledger.note(result["status"])
                 if all(sent.acknowledged for sent in batch):
                     return
-                items = [item for item, sent in zip(items, batch) if not sent.acknowledged]
+                items = [item for item, sent in zip(items, batch, strict=True)
+                         if not sent.acknowledged]
                 batch = [sent for sent in batch if not sent.acknowledged]
             elif answer is not None and answer.status_code < 500:
                 self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
@@ -315,10 +316,11 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
-@pytest.fixture(scope="module")
-def fleet() -> Iterator[Fleet]:
-    """Servers on a PostgreSQL private to one test module: maintenance flags are
-    cluster-wide, so switching them must not touch the session's shared database."""
+@contextmanager
+def private_fleet() -> Iterator[Fleet]:
+    """Servers on a PostgreSQL of their own: maintenance flags are cluster-wide, so switching
+    them must not touch the session's shared database. For a module-scoped ``fleet``
+    fixture."""
     with private_postgres() as postgres:
         servers = Fleet(postgres.pg_env())
         try:

@@ -17,10 +17,13 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from queen_tw.db.pool import Database
 from queen_tw.errors import DatabaseUnavailable, Unavailable
 from queen_tw.failover import records
 from queen_tw.failover.buffer import FAILED_DIR, FileBuffer
-from queen_tw.failover.replay import Replayer
+from queen_tw.failover.policy import FileFailover
+from queen_tw.failover.replay import Replayer, ReplayHeld
+from queen_tw.maintenance import Maintenance
 
 
 class ManualThreads:
@@ -50,6 +53,17 @@ class ManualThreads:
 
 def at_once(function, *args) -> defer.Deferred:
     return defer.maybeDeferred(function, *args)
+
+
+def opened(buffer: FileBuffer) -> FileBuffer:
+    """Opens ``buffer`` whose blocking jobs run at once (``at_once``); returns it."""
+    assert fired(defer.ensureDeferred(buffer.open())) == [None]
+    return buffer
+
+
+def replay(replayer: Replayer) -> list[Any]:
+    """One run of the replay (what ReplayService does every interval); what it fired with."""
+    return fired(defer.ensureDeferred(replayer.drain()))
 
 
 def item(partition: str, seq: int, queue: str = "q") -> dict[str, Any]:
@@ -95,7 +109,9 @@ class RecordingStore:
 def test_an_append_is_answered_only_after_its_fsync(tmp_path: Path) -> None:
     threads = ManualThreads()
     buffer = FileBuffer(str(tmp_path), 100, run_blocking=threads)
-    buffer.open()
+    opening = fired(defer.ensureDeferred(buffer.open()))
+    threads.run_next()
+    assert opening == [None]
 
     answer = fired(buffer.append([item("a", 0)]))
 
@@ -109,7 +125,9 @@ def test_an_append_is_answered_only_after_its_fsync(tmp_path: Path) -> None:
 def test_concurrent_appends_share_one_fsync_in_arrival_order(tmp_path: Path) -> None:
     threads = ManualThreads()
     buffer = FileBuffer(str(tmp_path), 100, run_blocking=threads)
-    buffer.open()
+    opening = fired(defer.ensureDeferred(buffer.open()))
+    threads.run_next()
+    assert opening == [None]
 
     first = fired(buffer.append([item("a", 0)]))
     later = [fired(buffer.append([item("a", n), item("b", n)])) for n in range(1, 6)]
@@ -124,8 +142,7 @@ def test_concurrent_appends_share_one_fsync_in_arrival_order(tmp_path: Path) -> 
 
 
 def test_segments_rotate_after_events_per_file(tmp_path: Path) -> None:
-    buffer = FileBuffer(str(tmp_path), 3, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(tmp_path), 3, run_blocking=at_once))
 
     for n in range(7):
         buffer.append([item("a", n)])
@@ -137,8 +154,7 @@ def test_segments_rotate_after_events_per_file(tmp_path: Path) -> None:
 def test_a_refused_write_answers_unavailable_and_counts_nothing(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a regular file where the buffer's parent should be")
-    buffer = FileBuffer(str(blocker / "buffer"), 100, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(blocker / "buffer"), 100, run_blocking=at_once))
     assert buffer.healthy is False
 
     answer = fired(buffer.append([item("a", 0)]))
@@ -154,8 +170,7 @@ def test_a_refused_write_answers_unavailable_and_counts_nothing(tmp_path: Path) 
 def test_nothing_is_appended_to_a_segment_after_a_write_it_could_not_undo(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import queen_tw.failover.buffer as module
-    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
     buffer.append([item("a", 0)])
 
     def torn_write(fd: int, data: bytes) -> None:  # half a record reaches the disk, then ENOSPC
@@ -187,8 +202,7 @@ def test_a_new_process_takes_over_the_records_and_skips_a_torn_tail(tmp_path: Pa
     segment.write_bytes(b"".join(whole) + records.encode(item("a", 3))[:-5])
     (tmp_path / "segment-000000000008.jsonl").write_bytes(b"")  # created, never written
 
-    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
 
     assert buffer.pending == 3 and buffer.holds_any([("q", "a")])
     assert not (tmp_path / "segment-000000000008.jsonl").exists()
@@ -197,59 +211,80 @@ def test_a_new_process_takes_over_the_records_and_skips_a_torn_tail(tmp_path: Pa
         "segment-000000000007.jsonl", "segment-000000000009.jsonl"]
 
     store = RecordingStore()
-    replayer = Replayer(buffer, store, Clock(), max_batch=2, interval=0.1)
-    replayer.tick()
+    replayer = Replayer(buffer, store, max_batch=2)
 
+    assert replay(replayer) == [None]
     assert [s["transactionId"] for s in store.stored] == ["a-0", "a-1", "a-2", "a-4"]
     assert buffer.pending == 0 and segment_files(tmp_path) == [] and buffer.failed == 0
 
 
+def test_a_push_during_open_is_diverted_and_lands_after_the_records_left_before(
+        tmp_path: Path) -> None:
+    (tmp_path / "segment-000000000003.jsonl").write_bytes(
+        b"".join(records.encode(item("a", n)) for n in range(3)))  # left by an earlier run
+    threads = ManualThreads()
+    buffer = FileBuffer(str(tmp_path), 100, run_blocking=threads)
+    failover = FileFailover(buffer, Maintenance(Database("", 1, Clock()), buffer, Clock()))
+
+    opening = fired(defer.ensureDeferred(buffer.open()))
+    assert len(threads.jobs) == 1  # reading the directory waits for a worker thread
+    assert opening == [] and buffer.pending == 0
+    assert failover.must_buffer([item("a", 3)]) and failover.must_buffer([item("z", 0)])
+    answer = fired(defer.ensureDeferred(failover.buffer([item("a", 3)])))
+    assert len(threads.jobs) == 1  # the write waits for the scan
+
+    threads.run_all()
+
+    assert opening == [None] and answer[0][0]["status"] == "buffered"
+    assert failover.must_buffer([item("a", 4)]) and not failover.must_buffer([item("z", 0)])
+    store = RecordingStore()
+    drained = replay(Replayer(buffer, store, max_batch=10))
+    threads.run_all()
+    assert drained == [None]
+    assert [s["transactionId"] for s in store.stored] == ["a-0", "a-1", "a-2", "a-3"]
+
+
 def test_replay_waits_for_the_database_and_loses_nothing(tmp_path: Path) -> None:
-    buffer = FileBuffer(str(tmp_path), 2, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(tmp_path), 2, run_blocking=at_once))
     for n in range(5):
         buffer.append([item("a", n)])
-    store, clock = RecordingStore(), Clock()
-    replayer = Replayer(buffer, store, clock, max_batch=10, interval=0.1)
+    store = RecordingStore()
+    replayer = Replayer(buffer, store, max_batch=10)
     store.unavailable = True
 
-    for _ in range(10):
-        replayer.tick()
-        clock.advance(1)
+    outcomes = [replay(replayer) for _ in range(10)]
 
+    assert all(isinstance(outcome[0].value, Unavailable) for outcome in outcomes)
     assert store.stored == [] and buffer.pending == 5 and len(segment_files(tmp_path)) == 3
     store.unavailable = False
-    clock.advance(5)
-    replayer.tick()
+    assert replay(replayer) == [None]
     assert [s["transactionId"] for s in store.stored] == [f"a-{n}" for n in range(5)]
     assert buffer.pending == 0 and segment_files(tmp_path) == []
 
 
 def test_a_partition_stays_diverted_until_its_last_record_is_stored(tmp_path: Path) -> None:
-    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
     buffer.append([item("a", 0), item("b", 0)])
     store = RecordingStore()
-    replayer = Replayer(buffer, store, Clock(), max_batch=1, interval=0.1,
-                        paused=lambda: len(store.stored) >= 1)
+    replayer = Replayer(buffer, store, max_batch=1, paused=lambda: len(store.stored) >= 1)
 
-    replayer.tick()  # stores one record, then "maintenance" pauses it
+    assert replay(replayer) == [None]  # stores one record, then "maintenance" pauses it
 
     assert [s["transactionId"] for s in store.stored] == ["a-0"]
     assert not buffer.holds_any([("q", "a")]) and buffer.holds_any([("q", "b")])
 
 
 def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Path) -> None:
-    buffer = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
-    buffer.open()
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
     buffer.append([item("a", 0), item("a", 1), item("a", 2)])
-    store, clock = RecordingStore(), Clock()
+    store = RecordingStore()
     store.refuse.add("a-1")
-    replayer = Replayer(buffer, store, clock, max_batch=10, interval=0.1, max_attempts=3)
+    replayer = Replayer(buffer, store, max_batch=10, max_attempts=3)
 
-    for _ in range(20):
-        replayer.tick()
-        clock.advance(1)
+    held = [replay(replayer)[0] for _ in range(2)]
+    assert [failure.check(ReplayHeld) for failure in held] == [ReplayHeld, ReplayHeld]
+    assert "attempt 2 of 3" in str(held[1].value) and buffer.failed == 0
+    assert replay(replayer) == [None]  # the third attempt gives the record up
 
     assert [s["transactionId"] for s in store.stored] == ["a-0", "a-2"]
     assert buffer.pending == 0 and buffer.failed == 1 and segment_files(tmp_path) == []
@@ -261,8 +296,7 @@ def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Pa
     assert "max capacity" in entry["error"]
     assert buffer.stats()["failedFiles"]["count"] == 1
 
-    reopened = FileBuffer(str(tmp_path), 100, run_blocking=at_once)
-    reopened.open()
+    reopened = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
     assert reopened.failed == 1  # still counted and reported after a restart
 
 

@@ -8,14 +8,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from faultkit import Fleet, fleet, set_maintenance, wait_until  # noqa: F401 (fleet: fixture)
-from support import unique_name
 
 from queen_tw.failover import records
+
+from faultkit import Fleet, private_fleet, set_maintenance, wait_until
+from support import unique_name
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """Servers on a PostgreSQL private to this module (the flags are cluster-wide)."""
+    with private_fleet() as servers:
+        yield servers
 
 
 @pytest.fixture
@@ -131,11 +138,12 @@ def test_a_record_that_keeps_failing_goes_to_failed_and_its_partition_keeps_orde
     assert entry["record"]["transactionId"] == "poison" and "max capacity" in entry["error"]
 
 
-def test_an_unusable_buffer_directory_answers_503_never_buffered(
-        fleet: Fleet, tmp_path: Path, maintenance_off) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("the buffer directory cannot be created under a regular file")
-    server = fleet.server(FILE_BUFFER_DIR=str(blocker / "buffers"))
+def test_a_buffer_directory_lost_while_serving_answers_503_never_buffered(
+        fleet: Fleet, maintenance_off) -> None:
+    # (one unusable at start stops the server instead: tests/test_startup.py)
+    server = fleet.server()
+    server.buffer_dir.rmdir()  # nothing buffered yet: the directory is still empty
+    server.buffer_dir.write_text("a regular file where the buffer directory was")
     queue = unique_name()
     set_maintenance(server.url, True)
 

@@ -22,11 +22,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from faultkit import (Count, Fleet, Producers, buffer_status, count, drain, health_code,
-                      private_postgres, report, set_maintenance, wait_until)
-from support import ServerProcess, unique_name
 
 from queen_tw.db.embedded import EmbeddedPostgres
+
+from faultkit import (
+    Count,
+    Fleet,
+    Producers,
+    buffer_status,
+    count,
+    drain,
+    health_code,
+    private_postgres,
+    report,
+    set_maintenance,
+    wait_until,
+)
+from support import ServerProcess, unique_name
 
 pytestmark = pytest.mark.fault
 

@@ -12,10 +12,18 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from faultkit import Fleet, fleet, set_maintenance, wait_until  # noqa: F401 (fleet: fixture)
+
+from faultkit import Fleet, private_fleet, set_maintenance, wait_until
 from support import unique_name
 
 FAST_FLAGS = {"QUEEN_CACHE_REFRESH_INTERVAL_MS": "200"}
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """Servers on a PostgreSQL private to this module (the flags are cluster-wide)."""
+    with private_fleet() as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

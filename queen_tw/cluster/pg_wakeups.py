@@ -9,77 +9,84 @@ its own notices are skipped (it woke them locally already).
 
 from typing import Callable, Optional
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from txpostgres import txpostgres
+
+from queen_tw.services.periodic import PeriodicService
+from queen_tw.services.retry import Backoff
 
 log = Logger()
 
 CHANNEL = "queen_wakeup"
 SESSION_SETTING = {"queen__wakeup": "on"}
+PING_MS = 5000
+"""How often the LISTEN connection is checked (a lost one is noticed within this)."""
 
 
-class PostgresWakeups(service.Service):
+class PostgresWakeups(PeriodicService):
     """LISTENs for peer workers' wake-up notices and hands them to ``wake(queue, partition)``.
 
-    Reconnects with backoff when the connection drops (waiters then rely on their fallback
-    timer until it is back).
+    Each run connects and LISTENs when there is no connection, or checks the one there is;
+    a failed run drops the connection and the next one comes after a backoff (0.5 s
+    doubling to 10 s), so a lost connection is re-established. Waiters rely on their
+    fallback timer meanwhile.
     """
 
     def __init__(self, dsn: str, worker_id: str, wake: Callable[[str, Optional[str]], object],
                  reactor):
+        # any failure here is the connection's: logged as an outage, never a traceback
+        super().__init__("wake-up listener", PING_MS, self._keep_listening, reactor, now=True,
+                         retry=Backoff(0.5, maximum=10.0), expected=(Exception,),
+                         stop_timeout=1.0)
         self._dsn = dsn
         self._worker_id = worker_id
         self._wake = wake
         self._reactor = reactor
         self._connection: Optional[txpostgres.Connection] = None
-        self._loop: Optional[defer.Deferred] = None
 
-    def startService(self):
-        super().startService()
-        self._loop = defer.ensureDeferred(self._listen_forever())
+    async def _keep_listening(self) -> None:
+        if self._connection is None:
+            await self._listen()
+            return
+        try:
+            await self._connection.runQuery("SELECT 1")
+        except Exception:
+            self._drop()
+            raise
 
-    async def _listen_forever(self) -> None:
-        delay = 0.5
-        while self.running:
-            connection = txpostgres.Connection(reactor=self._reactor)
-            try:
-                await connection.connect(self._dsn)
-                connection.addNotifyObserver(self._on_notify)
-                await connection.runOperation(f"LISTEN {CHANNEL}")
-                self._connection = connection
-                delay = 0.5
-                await self._until_lost(connection)
-            except Exception as err:
-                log.warn("wake-up listener: {error}; retrying in {delay}s", error=err, delay=delay)
-            self._close(connection)
-            if self.running:
-                await task.deferLater(self._reactor, delay, lambda: None)
-                delay = min(delay * 2, 10.0)
-
-    async def _until_lost(self, connection: txpostgres.Connection) -> None:
-        """Pings every few seconds; returns when the connection stops answering."""
-        while self.running:
-            await task.deferLater(self._reactor, 5.0, lambda: None)
-            if not self.running:
-                return
-            await connection.runQuery("SELECT 1")
+    async def _listen(self) -> None:
+        connection = txpostgres.Connection(reactor=self._reactor)
+        try:
+            await connection.connect(self._dsn)
+            connection.addNotifyObserver(self._on_notify)
+            await connection.runOperation(f"LISTEN {CHANNEL}")
+        except Exception:
+            _close(connection)
+            raise
+        if self.running:
+            self._connection = connection
+        else:
+            _close(connection)  # stopped while connecting
 
     def _on_notify(self, notify) -> None:
         queue, partition, sender = (notify.payload.split("\n") + [None, None])[:3]
         if sender != self._worker_id and queue:
             self._wake(queue, partition or None)
 
-    def _close(self, connection: txpostgres.Connection) -> None:
-        try:
-            connection.close()
-        except Exception:
-            pass
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and not self._loop.called:
-            self._loop.cancel()
+    def _drop(self) -> None:
         if self._connection is not None:
-            self._close(self._connection)
+            _close(self._connection)
+            self._connection = None
+
+    def stopService(self) -> defer.Deferred:
+        stopped = super().stopService()
+        self._drop()
+        return stopped
+
+
+def _close(connection: txpostgres.Connection) -> None:
+    try:
+        connection.close()
+    except Exception:
+        pass

@@ -3,7 +3,9 @@
 The parent opens the socket once and starts each worker as ``twistd queen`` with the socket
 inherited as file descriptor 3 (``QUEEN_LISTEN_FD``); the kernel spreads new connections
 over the processes that accept on it. The parent serves nothing itself: it restarts a
-worker that dies and, on stop, sends SIGTERM to every worker and waits for them.
+worker that dies and, on stop, sends SIGTERM to every worker and waits for them; a worker
+still running :data:`~queen_tw.lifecycle.WORKER_KILL_AFTER_S` later gets SIGKILL, inside
+the parent's own stop budget (the numbers live in ``queen_tw.lifecycle``).
 """
 
 import os
@@ -14,15 +16,16 @@ from typing import Dict, Optional
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 
 from queen_tw.config import Config
+from queen_tw.lifecycle import WORKER_KILL_AFTER_S
 
 log = Logger()
 
 INHERITED_FD = 3
 _RESTART_DELAY_S = 1.0
-_STOP_GRACE_S = 35.0
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -43,28 +46,32 @@ class WorkerSupervisor(service.Service):
         variables plus its own ``WORKER_ID`` and the inherited socket.
     :param reactor: provides ``spawnProcess`` and ``callLater``.
     :param base_env: the environment the workers inherit (PATH and the like).
+    :param kill_after: seconds between SIGTERM and SIGKILL at stop.
     """
 
-    def __init__(self, config: Config, reactor, base_env: Dict[str, str]):
+    def __init__(self, config: Config, reactor, base_env: Dict[str, str],
+                 kill_after: float = WORKER_KILL_AFTER_S):
         self._config = config
         self._reactor = reactor
         self._base_env = base_env
+        self._kill_after = kill_after
         self._socket: Optional[socket.socket] = None
         self._workers: Dict[int, _Worker] = {}
-        self._processes: Dict[int, object] = {}
+        self._processes: Dict[int, IProcessTransport] = {}
 
     def startService(self):
         super().startService()
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((self._config.host, self._config.port))
-        self._socket.listen(1024)
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((self._config.host, self._config.port))
+        listening.listen(1024)
+        self._socket = listening
         log.info("{n} workers sharing {host}:{port}", n=self._config.num_workers,
-                 host=self._config.host, port=self._socket.getsockname()[1])
+                 host=self._config.host, port=listening.getsockname()[1])
         for index in range(self._config.num_workers):
-            self._spawn(index)
+            self._spawn(index, listening)
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, listening: socket.socket) -> None:
         env = dict(self._base_env)
         env.update(self._config.as_env())
         env.update({"NUM_WORKERS": "1", "QUEEN_LISTEN_FD": str(INHERITED_FD),
@@ -75,7 +82,7 @@ class WorkerSupervisor(service.Service):
                 "-n", "--pidfile=", "--logfile=-", "queen"]
         self._processes[index] = self._reactor.spawnProcess(
             worker, sys.executable, args, env=env,
-            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self._socket.fileno()})
+            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: listening.fileno()})
         self._workers[index] = worker
 
     def worker_ended(self, worker: _Worker, reason) -> None:
@@ -88,15 +95,15 @@ class WorkerSupervisor(service.Service):
             self._reactor.callLater(_RESTART_DELAY_S, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:
-        if self.running and index not in self._workers:
-            self._spawn(index)
+        if self.running and index not in self._workers and self._socket is not None:
+            self._spawn(index, self._socket)
 
     def stopService(self):
         super().stopService()
         ended = [worker.ended for worker in self._workers.values()]
         for index in list(self._workers):
             self._signal(index, signal.SIGTERM)
-        kill_timer = self._reactor.callLater(_STOP_GRACE_S, self._kill_all)
+        kill_timer = self._reactor.callLater(self._kill_after, self._kill_all)
         done = defer.DeferredList(ended)
 
         def finished(_):
@@ -107,11 +114,16 @@ class WorkerSupervisor(service.Service):
         return done.addBoth(finished)
 
     def _kill_all(self) -> None:
+        if self._workers:
+            log.warn("{n} workers still running {s:.0f}s after SIGTERM: sending SIGKILL",
+                     n=len(self._workers), s=self._kill_after)
         for index in list(self._workers):
             self._signal(index, signal.SIGKILL)
 
     def _signal(self, index: int, signum: int) -> None:
         process = self._processes.get(index)
+        if process is None:
+            return
         try:
             process.signalProcess(signum)
         except Exception:  # already gone

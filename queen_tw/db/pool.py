@@ -18,7 +18,7 @@ Faults, and what the pool does about them:
   because their transactionIds are fixed before any attempt and the buffer replay dedupes.
 """
 
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import psycopg2
 from twisted.internet import defer, error
@@ -46,10 +46,7 @@ class DeadlineExceeded(DatabaseUnavailable):
 def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float:
     """Seconds a call may take (``LIBQUEEN_INFLIGHT_DEADLINE_MS``; 0 = the statement timeout
     plus 5 s, or 35 s without one), never under 2 s."""
-    if inflight_deadline_ms:
-        milliseconds = inflight_deadline_ms
-    else:
-        milliseconds = (statement_timeout_ms or 30000) + 5000
+    milliseconds = inflight_deadline_ms or (statement_timeout_ms or 30000) + 5000
     return max(milliseconds, 2000) / 1000.0
 
 
@@ -141,6 +138,8 @@ class _Pool(txpostgres.ConnectionPool):
             if reason is not None and not outcome.called:
                 outcome.errback(reason)
 
+        acquire: Optional[Callable[[], None]] = None  # set below; forget() clears it
+
         def forget() -> None:
             # acquire -> run -> finished -> acquire is a reference cycle: left alone it would
             # keep the parameters (a whole push's JSON) alive until a full garbage collection,
@@ -164,7 +163,8 @@ class _Pool(txpostgres.ConnectionPool):
                 return None
             if (isinstance(result, Failure) and result.check(reconnection.ConnectionDead)
                     and self.any_alive()):
-                self.reactor.callLater(_UNSENT_RETRY_DELAY, acquire)  # a live one frees up
+                if acquire is not None:
+                    self.reactor.callLater(_UNSENT_RETRY_DELAY, acquire)  # a live one frees up
                 return None
             forget()
             if timer.active():
@@ -175,14 +175,15 @@ class _Pool(txpostgres.ConnectionPool):
                 outcome.callback(result)
             return None
 
-        def acquire() -> None:
+        def acquire_slot() -> None:
             nonlocal slot
             if outcome.called:
                 return
             slot = self._semaphore.acquire()
             slot.addCallbacks(run, lambda failure: failure.trap(defer.CancelledError))
 
-        acquire()
+        acquire = acquire_slot
+        acquire_slot()
         return outcome
 
     def any_alive(self) -> bool:

@@ -4,10 +4,10 @@ Routes parse and validate, then call the engine; the engine never sees an HTTP r
 never builds SQL: each operation is one call of a set-based function in ``sql/``.
 """
 
-from dataclasses import dataclass
 import os
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol
 
 from twisted.internet import defer
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
 from queen_tw.engine.batcher import Batcher, BatchLimits
-from queen_tw.engine.popper import QUEUE_MODE, Delivery, Popper, PollTiming, PopRequest
+from queen_tw.engine.popper import QUEUE_MODE, Delivery, PollTiming, Popper, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
 
@@ -55,7 +55,7 @@ def _with_transaction_ids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     own parsed dicts), fixed before the first attempt so a retried or replayed push dedupes
     instead of storing the message twice."""
     missing = [item for item in items if not item.get("transactionId")]
-    for item, transaction_id in zip(missing, random_uuid4s(len(missing))):
+    for item, transaction_id in zip(missing, random_uuid4s(len(missing)), strict=True):
         item["transactionId"] = transaction_id
     return items
 
@@ -108,7 +108,7 @@ class QueueEngine:
         self._waiters = waiters
         self._cipher = cipher
         self._worker_id = worker_id
-        self.failover = failover
+        self._failover = failover
         self._push_shards = push_shards
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              decrypt=lambda message: self._decrypt_field(message, "data"),
@@ -122,6 +122,11 @@ class QueueEngine:
             "renew_lease": Batcher("renew_lease", self._renew_batch, clock, limits.renew_lease),
         }
 
+    def busy(self) -> bool:
+        """True while a batcher holds accepted work (queued or running): a graceful stop
+        waits for it before closing the pool."""
+        return any(b.queued_items or b.in_flight for b in self.batchers.values())
+
     # -- push ---------------------------------------------------------------------------
 
     async def push(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -133,15 +138,15 @@ class QueueEngine:
         if not items:
             return []
         items = _with_transaction_ids(items)
-        if self.failover is not None and self.failover.must_buffer(items):
-            return await self.failover.buffer(items)
+        if self._failover is not None and self._failover.must_buffer(items):
+            return await self._failover.buffer(items)
         try:
             return await self.store(items)
         except DatabaseUnavailable:
-            if self.failover is None:
+            if self._failover is None:
                 raise
             log.warn("PostgreSQL unavailable: buffering {n} pushed items", n=len(items))
-            return await self.failover.buffer(items)
+            return await self._failover.buffer(items)
 
     async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Writes items to PostgreSQL (encrypting where the queue asks); no failover.
@@ -169,8 +174,8 @@ class QueueEngine:
             [defer.ensureDeferred(self._push_call([flat[p] for p in positions]))
              for positions in shards.values()], consumeErrors=True).addErrback(_first_error)
         answers: List[Any] = [None] * len(flat)
-        for positions, stored in zip(shards.values(), outcomes):
-            for position, answer in zip(positions, stored):
+        for positions, stored in zip(shards.values(), outcomes, strict=True):
+            for position, answer in zip(positions, stored, strict=True):
                 answers[position] = answer
         results, start = [], 0
         for job in jobs:
@@ -189,11 +194,14 @@ class QueueEngine:
         return expand_push_answer(items, answer)
 
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        cipher = self._cipher
+        if cipher is None:
+            return items
         flags = await self._db.call("queue_flags", sorted({item["queue"] for item in items}))
         sealed = []
         for item in items:
             if flags.get(item["queue"], {}).get("encryptionEnabled"):
-                item = dict(item, payload=self._cipher.encrypt(item.get("payload", {})),
+                item = dict(item, payload=cipher.encrypt(item.get("payload", {})),
                             isEncrypted=True)
             sealed.append(item)
         return sealed
@@ -272,7 +280,7 @@ class QueueEngine:
         pushed partitions wake once the transaction committed.
         """
         pushed = [item for op in operations if op["type"] == "push" for item in op["items"]]
-        if pushed and self.failover is not None and self.failover.must_buffer(pushed):
+        if pushed and self._failover is not None and self._failover.must_buffer(pushed):
             # cannot be buffered (it is atomic with its acks) nor overtake buffered pushes
             raise Unavailable("Pushes to these partitions are waiting in the file buffer "
                               "(maintenance or outage); retry shortly")
@@ -347,8 +355,8 @@ def expand_push_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]
     answer, which names items by index (every item carries its transactionId already)."""
     partition_ids = {(queue, name): partition_id
                      for partition_id, queue, name in answer["partitions"]}
-    duplicates = dict(zip(answer["duplicates"], answer["duplicateIds"]))
-    stored = dict(zip(answer["stored"], answer["ids"]))
+    duplicates = dict(zip(answer["duplicates"], answer["duplicateIds"], strict=True))
+    stored = dict(zip(answer["stored"], answer["ids"], strict=True))
     results = []
     for index, item in enumerate(items):
         queue = item["queue"]

@@ -2,5 +2,5 @@
 
 ``records`` is the on-disk format, ``buffer`` the fsync'd segment files, ``policy`` decides
 which pushes go there, ``replay`` moves them into PostgreSQL afterwards, ``durability`` wires
-it all (with the maintenance flags of ``queen_tw.system_state``) into ``make_service``.
+it all (with the maintenance flags of ``queen_tw.maintenance``) into ``make_service``.
 """

@@ -116,6 +116,7 @@ class FileBuffer:
         self._sealed: List[Segment] = []
         self._active: Optional[_Active] = None
         self._next_seq = 1
+        self._opened = False
         self.failed = 0
         self.failed_files: Dict[str, int] = {}
         self.healthy = True
@@ -135,7 +136,10 @@ class FileBuffer:
         return bool(self._counts) or bool(self._sealed)
 
     def holds_any(self, keys: Iterable[Tuple[str, str]]) -> bool:
-        """True when one of these (queue, partition) still has records waiting."""
+        """True when one of these (queue, partition) still has records waiting, or may have:
+        always True until :meth:`open` has read what an earlier process left."""
+        if not self._opened:
+            return True
         return bool(self._counts) and any(self._counts.get(key) for key in keys)
 
     def stats(self) -> Dict[str, Any]:
@@ -151,39 +155,36 @@ class FileBuffer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Takes over what an earlier process left in the directory (blocking).
+    async def open(self) -> None:
+        """Takes over what an earlier process left in the directory.
 
-        Every existing segment is sealed and counted; empty ones are deleted. A directory
-        that cannot be used is logged and reported as unhealthy: the server still runs,
-        pushes that need the buffer then get 503 until it works again.
+        Every existing segment is sealed and counted; empty ones are deleted. The reading
+        runs off the reactor thread; until it is done :meth:`holds_any` answers True for
+        every partition (the buffer cannot yet tell which ones have records waiting, so
+        every push queues behind whatever it may hold), and appends are written after it.
+        A directory that cannot be used is logged and reported as unhealthy: the server
+        still runs, pushes that need the buffer then get 503 until it works again.
         """
+        await self._io.run(lambda: defer.ensureDeferred(self._take_over()))
+
+    async def _take_over(self) -> None:
+        """Runs under the I/O lock: no write starts before the scan's results are in."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for path in sorted(self.directory.iterdir()):
-                match = _SEGMENT_RE.match(path.name)
-                if match is None:
-                    continue
-                seq = int(match.group(1))
-                self._next_seq = max(self._next_seq, seq + 1)
-                contents = records.read_segment(path)
-                if not contents.records and not contents.corrupt:
-                    path.unlink()
-                    continue
-                self._sealed.append(Segment(seq, path, len(contents.records)))
-                self._counts.update(records.partition_key(r) for r in contents.records)
-            failed_dir = self.directory / FAILED_DIR
-            if failed_dir.is_dir():
-                for path in failed_dir.iterdir():
-                    data = path.read_bytes()
-                    self.failed_files[path.name] = len(data)
-                    self.failed += data.count(b"\n")
+            found = await self._run_blocking(_scan, self.directory)
         except OSError as err:
             self._unhealthy(err)
             return
-        if self._sealed:
+        finally:
+            self._opened = True
+        self._next_seq = max(self._next_seq, found.next_seq)
+        self._add_sealed(found.sealed)
+        self._counts.update(found.counts)
+        self.failed_files.update(found.failed_files)
+        self.failed += found.failed
+        if found.sealed:
             log.info("file buffer {dir}: {n} records in {files} segments left to replay",
-                     dir=str(self.directory), n=self.pending, files=len(self._sealed))
+                     dir=str(self.directory), n=sum(found.counts.values()),
+                     files=len(found.sealed))
 
     async def close(self) -> None:
         """Refuses new records, waits for queued ones to be written, closes the segment."""
@@ -222,7 +223,7 @@ class FileBuffer:
     def _written(self, outcome: Any, batch: List[_Request]) -> None:
         self._writing = False
         if isinstance(outcome, Failure):
-            error = outcome.value
+            error: BaseException = outcome.value  # type: ignore[assignment]  # always set
             if isinstance(error, _WriteFailed):
                 self._add_sealed(error.sealed)
                 self._counts.update(records.partition_key(r) for r in error.landed)
@@ -363,7 +364,7 @@ class FileBuffer:
         A record is an item, or the raw bytes of a corrupt line. Raises ``OSError`` when
         that cannot be written: the caller keeps the segment and tries again later.
         """
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        now = datetime.datetime.now(datetime.UTC).isoformat()
         lines = []
         for record, error in failures:
             entry: Dict[str, Any] = {"error": error, "failedAt": now, "segment": segment.path.name}
@@ -377,6 +378,42 @@ class FileBuffer:
         size = await self._run_blocking(_append_durably, target, b"".join(lines))
         self.failed += len(failures)
         self.failed_files[target.name] = size
+
+
+@dataclass
+class _Found:
+    """What :func:`_scan` found in the directory an earlier process left."""
+
+    sealed: List[Segment] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    next_seq: int = 1
+    failed_files: Dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+
+
+def _scan(directory: Path) -> _Found:
+    """Blocking: reads every segment (deleting empty ones) and sizes up ``failed/``."""
+    found = _Found()
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in sorted(directory.iterdir()):
+        match = _SEGMENT_RE.match(path.name)
+        if match is None:
+            continue
+        seq = int(match.group(1))
+        found.next_seq = max(found.next_seq, seq + 1)
+        contents = records.read_segment(path)
+        if not contents.records and not contents.corrupt:
+            path.unlink()
+            continue
+        found.sealed.append(Segment(seq, path, len(contents.records)))
+        found.counts.update(records.partition_key(r) for r in contents.records)
+    failed_dir = directory / FAILED_DIR
+    if failed_dir.is_dir():
+        for path in failed_dir.iterdir():
+            data = path.read_bytes()
+            found.failed_files[path.name] = len(data)
+            found.failed += data.count(b"\n")
+    return found
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -6,33 +6,35 @@ keeps order within a partition through an outage: a message accepted after Postg
 back must not overtake one accepted while it was away, so it queues behind it in the buffer
 until the replay has stored everything of that partition. Other partitions go straight to
 PostgreSQL meanwhile. (The replay decrements the count only after the store committed.)
+While the buffer is still reading what an earlier process left, it cannot tell which
+partitions have records waiting, so every push is diverted until it knows.
 """
 
 from typing import Any, Dict, List
 
 from queen_tw.failover.buffer import FileBuffer
 from queen_tw.failover.records import DEFAULT_PARTITION, partition_key
-from queen_tw.system_state import SystemState
+from queen_tw.maintenance import Maintenance
 
 
 class FileFailover:
     """The ``PushFailover`` of ``QueueEngine``: a :class:`FileBuffer` plus the flags.
 
     :param buffer: where diverted pushes are written.
-    :param state: the cluster-wide maintenance flags.
+    :param maintenance: the cluster-wide maintenance flags.
     """
 
-    def __init__(self, buffer: FileBuffer, state: SystemState):
-        self.file_buffer = buffer
-        self.state = state
+    def __init__(self, buffer: FileBuffer, maintenance: Maintenance):
+        self._buffer = buffer
+        self._maintenance = maintenance
 
     def must_buffer(self, items: List[Dict[str, Any]]) -> bool:
-        return self.state.maintenance_mode or self.file_buffer.holds_any(
+        return self._maintenance.maintenance_mode or self._buffer.holds_any(
             partition_key(item) for item in items)
 
     async def buffer(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Writes the items durably and answers ``buffered`` for each; raises Unavailable."""
-        await self.file_buffer.append(items)
+        await self._buffer.append(items)
         return [{"index": index, "status": "buffered", "queue": item["queue"],
                  "partition": item.get("partition") or DEFAULT_PARTITION,
                  "transactionId": item["transactionId"],

@@ -12,7 +12,8 @@ work, push maintenance is off and no replay is running, it starts :meth:`Replaye
 3. tell the buffer which records are stored, so their partitions stop being diverted;
 4. delete the segment once all its records are stored.
 
-PostgreSQL still unreachable: stop and try again later, with backoff up to 2 s. A batch with
+PostgreSQL still unreachable: stop and try again later (the :class:`ReplayService` backs off
+up to 2 s, and logs the outage once when it starts and once when it ends). A batch with
 items that fail for another reason (a full queue, a bad record) is tried again as a whole —
 the stored ones answer ``duplicate`` — up to ``max_attempts`` times with backoff; then its
 failing records go to ``failed/`` with their error, are counted and logged, and the replay
@@ -22,13 +23,14 @@ moves on. Nothing is dropped silently.
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from queen_tw.errors import Unavailable
 from queen_tw.failover.buffer import FileBuffer, Segment
+from queen_tw.services.periodic import PeriodicService
+from queen_tw.services.retry import Backoff
 
 log = Logger()
 
@@ -50,62 +52,40 @@ class _Progress:
     failures: List[Tuple[Any, str]] = field(default_factory=list)
 
 
+class ReplayHeld(Exception):
+    """The replay stopped short of the end and must try again after a backoff."""
+
+
 class Replayer:
     """Drains a :class:`FileBuffer` into PostgreSQL (see the module docstring).
 
     :param buffer: the file buffer.
-    :param store: ``QueueEngine.store``: writes items, returns per-item results.
-    :param clock: time source for backoff.
+    :param store: ``QueueEngine.store``: writes items, returns per-item results, raises
+        ``Unavailable`` when PostgreSQL cannot be reached.
     :param max_batch: records per store call (``FILE_BUFFER_MAX_BATCH``).
-    :param interval: seconds between looks at the buffer (``FILE_BUFFER_FLUSH_MS``).
     :param paused: True while push maintenance is on (the buffer must keep filling).
     :param max_attempts: tries of a failing batch before its failures go to ``failed/``.
     """
 
-    def __init__(self, buffer: FileBuffer, store: Store, clock: IReactorTime, max_batch: int,
-                 interval: float, paused: Callable[[], bool] = lambda: False,
-                 max_attempts: int = 5):
+    def __init__(self, buffer: FileBuffer, store: Store, max_batch: int,
+                 paused: Callable[[], bool] = lambda: False, max_attempts: int = 5):
         self._buffer = buffer
         self._store = store
-        self._clock = clock
         self._max_batch = max_batch
-        self._interval = interval
         self._paused = paused
         self._max_attempts = max_attempts
         self._progress: Optional[_Progress] = None
-        self._not_before = 0.0
-        self._backoff = interval
-        self._running: Optional[defer.Deferred] = None
         self.stopping = False
         self.replayed = 0
 
-    def tick(self) -> None:
-        """Starts a drain when there is work and nothing stands in the way."""
-        if (self._running is not None or self.stopping or self._paused()
-                or not self._buffer.has_work or self._clock.seconds() < self._not_before):
-            return
-        self._running = defer.ensureDeferred(self.drain())
-        self._running.addErrback(lambda failure: log.failure("file buffer replay failed",
-                                                             failure))
-        self._running.addBoth(self._finished)
-
-    def _finished(self, _: Any) -> None:
-        self._running = None
-
-    def idle(self) -> defer.Deferred:
-        """Fires when no drain is running (soon after :attr:`stopping` is set). Cancelling
-        it only stops the waiting, never the drain."""
-        done: defer.Deferred = defer.Deferred()
-        if self._running is None:
-            done.callback(None)
-        else:
-            self._running.addBoth(lambda result: (None if done.called else done.callback(None),
-                                                  result)[1])
-        return done
-
     async def drain(self) -> None:
-        """Replays segment after segment until the buffer is empty or something stops it."""
-        while not self.stopping and not self._paused():
+        """Replays segment after segment until the buffer is empty or something stops it.
+
+        Returns when there is nothing (more) to do now: empty buffer, push maintenance, a
+        stop. Raises ``Unavailable`` while PostgreSQL cannot be reached and
+        :class:`ReplayHeld` when something else must be tried again later.
+        """
+        while not self.stopping and not self._paused() and self._buffer.has_work:
             progress = await self._current()
             if progress is None:
                 return
@@ -114,12 +94,9 @@ class Replayer:
             try:
                 await self._buffer.remove(progress.segment)
             except OSError as err:
-                log.error("cannot delete replayed buffer segment {path}: {error}",
-                          path=str(progress.segment.path), error=err)
-                self._retry_later()
-                return
+                raise ReplayHeld(f"cannot delete replayed buffer segment "
+                                 f"{progress.segment.path}: {err}") from err
             self._progress = None
-            self._ok()
 
     async def _current(self) -> Optional[_Progress]:
         segment = await self._buffer.oldest()
@@ -134,37 +111,27 @@ class Replayer:
         return self._progress
 
     async def _replay(self, progress: _Progress) -> bool:
-        """Stores the rest of one segment; False when it has to stop for now."""
+        """Stores the rest of one segment; False when it was told to stop for now."""
         if progress.corrupt:
-            if not await self._give_up(progress, [(line, "corrupt record (checksum mismatch)")
-                                                  for line in progress.corrupt]):
-                return False
+            await self._give_up(progress, [(line, "corrupt record (checksum mismatch)")
+                                           for line in progress.corrupt])
             progress.corrupt = []
         while progress.next < len(progress.records):
             if self.stopping or self._paused():
                 return False
             batch = progress.records[progress.next:progress.next + self._max_batch]
-            try:
-                failures = await self._store_batch(batch)
-            except Unavailable as err:
-                log.info("file buffer replay waits for PostgreSQL ({error})", error=err.message)
-                self._retry_later()
-                return False
+            failures = await self._store_batch(batch)
             if failures:
                 progress.attempts += 1
                 if progress.attempts < self._max_attempts:
-                    log.warn("{n} buffered records failed (attempt {a} of {m}): {error}",
-                             n=len(failures), a=progress.attempts, m=self._max_attempts,
-                             error=failures[0][1])
-                    self._retry_later()
-                    return False
-                if not await self._give_up(progress, failures):
-                    return False
+                    raise ReplayHeld(f"{len(failures)} buffered records failed (attempt "
+                                     f"{progress.attempts} of {self._max_attempts}): "
+                                     f"{failures[0][1]}")
+                await self._give_up(progress, failures)
             self._buffer.forget(batch)
             self.replayed += len(batch) - len(failures)
             progress.next += len(batch)
             progress.attempts = 0
-            self._ok()
         return True
 
     async def _store_batch(self, batch: List[Dict[str, Any]]) -> List[Tuple[Any, str]]:
@@ -185,59 +152,40 @@ class Replayer:
                 failures.extend(await self._store_batch([item]))
             return failures
         return [(item, result.get("error") or f"status {result.get('status')}")
-                for item, result in zip(batch, results) if result.get("status") not in STORED]
+                for item, result in zip(batch, results, strict=True)
+                if result.get("status") not in STORED]
 
-    async def _give_up(self, progress: _Progress, failures: List[Tuple[Any, str]]) -> bool:
+    async def _give_up(self, progress: _Progress, failures: List[Tuple[Any, str]]) -> None:
         try:
             await self._buffer.fail(progress.segment, failures)
         except OSError as err:
-            log.error("cannot write failed buffer records to {dir}: {error}",
-                      dir=str(self._buffer.directory), error=err)
-            self._retry_later()
-            return False
+            raise ReplayHeld(f"cannot write failed buffer records to "
+                             f"{self._buffer.directory}: {err}") from err
         for record, error in failures:
             log.error("buffered record moved to failed/ after {m} attempts: {record} ({error})",
                       m=self._max_attempts, record=_describe(record), error=error)
-        return True
-
-    def _retry_later(self) -> None:
-        self._not_before = self._clock.seconds() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
-
-    def _ok(self) -> None:
-        self._backoff = self._interval
-        self._not_before = 0.0
 
 
-class ReplayService(service.Service):
-    """Runs :meth:`Replayer.tick` every ``interval`` seconds; stopping waits for the batch
-    in flight (bounded by ``stop_timeout``)."""
+class ReplayService(PeriodicService):
+    """Runs :meth:`Replayer.drain` every ``interval_ms``, backing off up to 2 s while it
+    cannot finish; stopping lets the batch in flight finish (at most ``stop_timeout``
+    seconds) and starts no other."""
 
-    def __init__(self, replayer: Replayer, clock: IReactorTime, interval: float,
+    def __init__(self, replayer: Replayer, clock: IReactorTime, interval_ms: int,
                  stop_timeout: float = 5.0):
+        interval = interval_ms / 1000.0
+        super().__init__("file buffer replay", interval_ms, replayer.drain, clock, now=True,
+                         retry=Backoff(interval, maximum=max(interval, MAX_BACKOFF_S)),
+                         expected=(Unavailable, ReplayHeld), stop_timeout=stop_timeout)
         self._replayer = replayer
-        self._clock = clock
-        self._interval = interval
-        self._stop_timeout = stop_timeout
-        self._loop: Optional[task.LoopingCall] = None
 
-    def startService(self):
-        super().startService()
+    def startService(self) -> None:
         self._replayer.stopping = False
-        self._loop = task.LoopingCall(self._replayer.tick)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+        super().startService()
 
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> defer.Deferred:
         self._replayer.stopping = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        idle = self._replayer.idle()
-        idle.addTimeout(self._stop_timeout, self._clock)
-        idle.addErrback(lambda failure: log.warn("replay still busy at shutdown: {error}",
-                                                 error=failure.value))
-        return idle
+        return super().stopService()
 
 
 def _describe(record: Any) -> str:

@@ -1,0 +1,111 @@
+"""Getting PostgreSQL ready: install or upgrade the schema, then open the pool.
+
+PostgreSQL may start after the server (a machine booting, a container restarting), so both
+services here retry with backoff until it answers, logging the outage once rather than at
+every attempt. A schema upgrade that failed (``SchemaUpgradeError``: it rolled back and
+retrying will not fix it) is different: the process says so in one line and exits with
+status 1, so a supervisor and the operator see it at once.
+"""
+
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from queen_tw.db.pool import Database
+from queen_tw.db.schema import SchemaUpgradeError, install_schema
+from queen_tw.paths import sql_dir
+from queen_tw.services.retry import Backoff, OutageLog, retry_with_backoff
+from queen_tw.startup import fatal
+
+log = Logger()
+
+Installer = Callable[[str, Path], List[str]]
+
+
+def _connect_backoff() -> Backoff:
+    return Backoff(0.5, multiplier=2.0, maximum=10.0)
+
+
+class _SchemaService(service.Service):
+    """Installs the schema in a thread, retried until PostgreSQL answers; ``fatal`` on a
+    failed upgrade.
+
+    :param dsn: where the schema goes.
+    :param reactor: clock of the retries, and what :func:`~queen_tw.startup.fatal` stops.
+    :param install: the blocking installer (``install_schema``).
+    """
+
+    def __init__(self, dsn: str, reactor, install: Installer = install_schema):
+        self._dsn = dsn
+        self._reactor = reactor
+        self._install = install
+        self._outage = OutageLog("PostgreSQL connection", reactor)
+        self._work: Optional[defer.Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._work = defer.ensureDeferred(retry_with_backoff(
+            self._attempt, self._reactor, _connect_backoff(), self._outage,
+            keep_trying=lambda: bool(self.running), give_up_on=(SchemaUpgradeError,)))
+        self._work.addCallbacks(self._ready, self._refused)
+
+    def stopService(self):
+        super().stopService()
+        if self._work is not None and not self._work.called:
+            self._work.cancel()
+
+    async def _attempt(self) -> None:
+        applied = await threads.deferToThread(self._install, self._dsn, sql_dir())
+        if applied:
+            log.info("schema files applied: {files}", files=", ".join(applied))
+        await self._after_install()
+
+    async def _after_install(self) -> None:
+        """What follows a successful installation, inside the same retried attempt."""
+
+    def _ready(self, _: None) -> None:
+        """Everything worked."""
+
+    def _refused(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            return  # stopped before PostgreSQL answered
+        if failure.check(SchemaUpgradeError):
+            fatal(self._reactor, str(failure.value))
+            return
+        log.failure("preparing PostgreSQL failed", failure)
+
+
+class DatabaseService(_SchemaService):
+    """Installs the schema and opens the pool, retrying with backoff until PostgreSQL answers.
+
+    The HTTP listener does not wait for it: until the pool is open every database call fails
+    fast with 503 and ``/health`` says ``unhealthy``. Stopping closes the pool.
+    """
+
+    def __init__(self, dsn: str, db: Database, reactor, install: Installer = install_schema):
+        super().__init__(dsn, reactor, install)
+        self._db = db
+
+    async def _after_install(self) -> None:
+        await self._db.connect()
+        log.info("connected to PostgreSQL with {n} connections", n=self._db.size)
+
+    def stopService(self):
+        super().stopService()
+        self._db.close()
+
+
+class MigrationService(_SchemaService):
+    """``--migrate-only``: installs or upgrades the schema, then ends the process (status 0).
+
+    Retries until PostgreSQL answers like the server does; a failed upgrade ends it with
+    status 1 and its one-line reason.
+    """
+
+    def _ready(self, _: None) -> None:
+        log.info("schema is up to date; --migrate-only: stopping")
+        self._reactor.stop()
