@@ -17,7 +17,8 @@ surrogate (not UTF-8), ``NaN``/``Infinity`` or a number overflowing a double (no
 used to become ``null``), or containers nested deeper than :data:`MAX_DEPTH` (the standard
 library recurses once per level). The checks cost nothing on ordinary bodies: orjson already
 refuses surrogates and non-finite numbers, and the tree is walked only when the raw bytes
-hold a ``\\u0000`` escape or more than :data:`MAX_DEPTH` brackets, or when the slow path ran.
+hold a ``\\u0000`` escape, when they hold more than :data:`MAX_DEPTH` brackets and orjson
+cannot write the document back (it stops at 254 levels), or when the slow path ran.
 """
 
 import json
@@ -63,7 +64,8 @@ def loads(data: Any) -> Any:
         except orjson.JSONDecodeError:
             pass  # NaN, Infinity, lone surrogates, too deep or malformed: json decides
         else:
-            if _NUL_ESCAPE in data or data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+            if _NUL_ESCAPE in data or (data.count(b"[") + data.count(b"{") > MAX_DEPTH
+                                       and not _shallow(value)):
                 _refuse_unstorable(value, surrogates_possible=False)
             return value
     try:
@@ -72,6 +74,16 @@ def loads(data: Any) -> Any:
         raise UnstorableJSON(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     _refuse_unstorable(value, surrogates_possible=True)
     return value
+
+
+def _shallow(value: Any) -> bool:
+    """True when ``value`` nests at most 254 levels: orjson writes it, in C, many times
+    faster than :func:`_refuse_unstorable` walks a wide document (a push of many items)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: deeper than orjson's limit of 254 levels
+        return False
+    return True
 
 
 def _no_constant(name: str) -> Any:

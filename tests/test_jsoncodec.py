@@ -47,6 +47,7 @@ def test_refuses_what_postgresql_cannot_store(text, why):
 @pytest.mark.parametrize("text", [
     b"[" * 512 + b"]" * 512,
     b'{"items": [' + b", ".join([b'{"a": [1]}'] * 600) + b']}',  # many brackets, shallow
+    b"[" + b"[1], " * 300 + b"[" * 300 + b"]" * 301,  # many brackets, 301 deep: walked
     b'{"text": "not a NUL: \\\\u0000", "pair": "\\ud83c\\udf89"}',
 ])
 def test_accepts_deep_wide_and_escaped_documents_within_the_limits(text):
