@@ -174,15 +174,22 @@ def background_jobs(config: Config, db: Database, stats: StatsRefresher,
 
 def engine_limits(config: Config) -> EngineLimits:
     """The Batcher limits of each operation from the QUEEN_<OP>_* options."""
-    def limits(op: str) -> BatchLimits:
-        return BatchLimits(
-            preferred_size=getattr(config, f"{op}_preferred_batch_size"),
-            max_hold_ms=getattr(config, f"{op}_max_hold_ms"),
-            max_batch_size=getattr(config, f"{op}_max_batch_size"),
-            max_concurrent=getattr(config, f"{op}_max_concurrent"),
-            max_pending=config.max_pending_items)
-    return EngineLimits(push=limits("push"), pop=limits("pop"), ack=limits("ack"),
-                        transaction=limits("transaction"), renew_lease=limits("renew_lease"))
+    def limits(preferred: int, hold_ms: int, largest: int, concurrent: int) -> BatchLimits:
+        return BatchLimits(preferred_size=preferred, max_hold_ms=hold_ms,
+                           max_batch_size=largest, max_concurrent=concurrent,
+                           max_pending=config.max_pending_items)
+    c = config
+    return EngineLimits(
+        push=limits(c.push_preferred_batch_size, c.push_max_hold_ms, c.push_max_batch_size,
+                    c.push_max_concurrent),
+        pop=limits(c.pop_preferred_batch_size, c.pop_max_hold_ms, c.pop_max_batch_size,
+                   c.pop_max_concurrent),
+        ack=limits(c.ack_preferred_batch_size, c.ack_max_hold_ms, c.ack_max_batch_size,
+                   c.ack_max_concurrent),
+        transaction=limits(c.transaction_preferred_batch_size, c.transaction_max_hold_ms,
+                           c.transaction_max_batch_size, c.transaction_max_concurrent),
+        renew_lease=limits(c.renew_lease_preferred_batch_size, c.renew_lease_max_hold_ms,
+                           c.renew_lease_max_batch_size, c.renew_lease_max_concurrent))
 
 
 def _pg_fields(pg_env: dict) -> dict:

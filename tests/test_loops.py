@@ -303,3 +303,28 @@ def test_the_supervisor_kills_a_worker_that_ignores_sigterm_within_the_budget() 
     assert polite_process.signals == [signal.SIGTERM]
     stubborn.processEnded(Failure(Exception("killed")))
     assert stopped != [] and reactor.getDelayedCalls() == []
+
+
+def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly() -> None:
+    reactor = _ProcessClock()
+    config = Config.from_sources({"NUM_WORKERS": "2", "PORT": "0", "HOST": "127.0.0.1"}, {})
+    supervisor = WorkerSupervisor(config, reactor, {})
+    supervisor.startService()
+    restarts: list[float] = []
+
+    def crash_latest_of_worker_1() -> None:
+        worker, _ = [entry for entry in reactor.spawned if entry[0].index == 0][-1]
+        spawned = len(reactor.spawned)
+        worker.processEnded(Failure(Exception("exit 1")))
+        started = reactor.seconds()
+        while len(reactor.spawned) == spawned:
+            reactor.advance(0.5)
+        restarts.append(reactor.seconds() - started)
+
+    for _ in range(3):  # dies at once, again and again
+        crash_latest_of_worker_1()
+    reactor.advance(60)  # then runs for a minute before dying
+    crash_latest_of_worker_1()
+
+    assert restarts == [1.0, 2.0, 4.0, 1.0]
+    supervisor.stopService()

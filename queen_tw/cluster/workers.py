@@ -21,17 +21,22 @@ from twisted.logger import Logger
 
 from queen_tw.config import Config
 from queen_tw.lifecycle import WORKER_KILL_AFTER_S
+from queen_tw.services.retry import Backoff
 
 log = Logger()
 
 INHERITED_FD = 3
-_RESTART_DELAY_S = 1.0
+RESTART_BACKOFF = (1.0, 2.0, 30.0)
+"""Restart delay of a worker that died: 1 s, doubling up to 30 s while it keeps dying young."""
+STEADY_S = 60.0
+"""A worker that ran this long before dying is restarted after the initial delay again."""
 
 
 class _Worker(protocol.ProcessProtocol):
-    def __init__(self, supervisor: "WorkerSupervisor", index: int):
+    def __init__(self, supervisor: "WorkerSupervisor", index: int, started: float):
         self.supervisor = supervisor
         self.index = index
+        self.started = started
         self.ended: defer.Deferred = defer.Deferred()
 
     def processEnded(self, reason):
@@ -58,6 +63,7 @@ class WorkerSupervisor(service.Service):
         self._socket: Optional[socket.socket] = None
         self._workers: Dict[int, _Worker] = {}
         self._processes: Dict[int, IProcessTransport] = {}
+        self._restarts: Dict[int, Backoff] = {}
 
     def startService(self):
         super().startService()
@@ -77,7 +83,7 @@ class WorkerSupervisor(service.Service):
         env.update({"NUM_WORKERS": "1", "QUEEN_LISTEN_FD": str(INHERITED_FD),
                     "WORKER_ID": f"{self._config.worker_id}-{index + 1}"})
         env.pop("QUEEN_EMBEDDED_PG", None)  # the parent runs it; workers use its PG_* settings
-        worker = _Worker(self, index)
+        worker = _Worker(self, index, self._reactor.seconds())
         args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logfile=-", "queen"]
         self._processes[index] = self._reactor.spawnProcess(
@@ -89,10 +95,15 @@ class WorkerSupervisor(service.Service):
         if self._workers.get(worker.index) is not worker:
             return
         del self._workers[worker.index]
-        if self.running:
-            log.warn("worker {n} ended ({reason}); restarting it", n=worker.index + 1,
-                     reason=reason)
-            self._reactor.callLater(_RESTART_DELAY_S, self._respawn, worker.index)
+        if not self.running:
+            return
+        backoff = self._restarts.setdefault(worker.index, Backoff(*RESTART_BACKOFF))
+        if self._reactor.seconds() - worker.started >= STEADY_S:
+            backoff.reset()
+        delay = backoff.next_delay()
+        log.warn("worker {n} ended ({reason}); restarting it in {delay:g}s", n=worker.index + 1,
+                 reason=reason, delay=delay)
+        self._reactor.callLater(delay, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:
         if self.running and index not in self._workers and self._socket is not None:
