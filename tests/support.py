@@ -67,6 +67,23 @@ def wait_until(predicate: Callable[[], T | None], timeout: float = WAIT_CEILING_
         time.sleep(interval)
 
 
+async def wait_until_reactor(predicate: Callable[[], T | None],
+                             timeout: float = WAIT_CEILING_S, interval: float = 0.01,
+                             message: str = "the condition") -> T:
+    """:func:`wait_until` for code running on the reactor (pytest-twisted tests): the reactor
+    keeps running between checks, so the server-side work being waited for can happen."""
+    from twisted.internet import reactor, task  # the reactor pytest-twisted installed
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} did not happen within {timeout} s")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
 def pg_env_from_dsn(dsn: str) -> dict[str, str]:
     """PG_* variables for queen-tw from a libpq DSN (keyword or URI form)."""
     parts = parse_dsn(dsn)
@@ -111,7 +128,8 @@ class ServerProcess:
             **os.environ,
             **pg_env,
             "FILE_BUFFER_DIR": str(self.buffer_dir),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             **(env_overrides or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -175,7 +193,8 @@ class ServerProcess:
                 last_error = repr(err)
             time.sleep(0.1)
         self.kill()
-        raise RuntimeError(f"server not healthy after {timeout}s ({last_error}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"server not healthy after {timeout}s ({last_error}):\n{self.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (graceful shutdown), then SIGKILL after ``timeout``; returns the exit code."""

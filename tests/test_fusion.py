@@ -10,35 +10,20 @@ import uuid
 import httpx
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from queen_tw.config import Config
-from queen_tw.db.pool import Database
-from queen_tw.db.schema import install_schema
-from queen_tw.engine.batcher import BatchLimits
 from queen_tw.engine.popper import PopRequest
-from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import NotFound
-from queen_tw.paths import sql_dir
 
+from tests.engine_support import ONE_CALL_AT_A_TIME, in_process_engine
 from tests.support import count_messages, unique_name
 
 
 @pytest.fixture
 def engine(pg_env, server):
-    config = Config.from_sources(pg_env, {})
-    install_schema(config.dsn, sql_dir())
-    db = Database(config.dsn, 4, reactor)
-    pytest_twisted.blockon(defer.ensureDeferred(db.connect()))
-    limits = EngineLimits(push=BatchLimits(max_concurrent=1, max_hold_ms=5),
-                          pop=BatchLimits(max_concurrent=1),
-                          ack=BatchLimits(max_concurrent=1),
-                          transaction=BatchLimits(max_concurrent=1, max_batch_size=10),
-                          renew_lease=BatchLimits(max_concurrent=1))
-    yield QueueEngine(db, WaiterRegistry(reactor), reactor, None, "fusion-test", PollTiming(),
-                      limits)
-    db.close()
+    with in_process_engine(pg_env, WaiterRegistry(), limits=ONE_CALL_AT_A_TIME) as queue_engine:
+        yield queue_engine
 
 
 @pytest_twisted.ensureDeferred
@@ -81,7 +66,7 @@ async def test_concurrent_pops_and_acks_are_fused_and_each_gets_its_own_answer(e
     acks = [defer.ensureDeferred(engine.ack([{
         "transactionId": m["transactionId"], "partitionId": m["partitionId"],
         "leaseId": d["leaseId"], "status": "completed", "consumerGroup": None, "error": None,
-        "index": 0}])) for d, m in zip(deliveries, firsts)]
+        "index": 0}])) for d, m in zip(deliveries, firsts, strict=True)]
     answers = await defer.gatherResults(acks)
     assert all(a[0]["success"] and a[0]["leaseReleased"] for a in answers)
 
