@@ -18,7 +18,7 @@ import httpx
 from queen_tw.engine.queue_engine import expand_ack_answer
 
 from tests.http_helpers import ack, configure, dead_letters, poll_pop, pop, pop_answer, push
-from tests.support import unique_name
+from tests.support import expire_leases, lease_seconds_left, unique_name
 
 CREATED_AT_6_DIGITS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -31,8 +31,7 @@ def exhaust(http: httpx.Client, queue: str, attempts: int, error: str) -> List[D
     """Pops and fails the head message ``attempts`` times; returns the ack results."""
     results = []
     for _ in range(attempts):
-        delivery = poll_pop(http, queue, within=5)
-        assert delivery is not None, "message was not redelivered"
+        delivery = poll_pop(http, queue)
         results.append(ack(http, delivery["messages"][0], "failed", error=error))
     return results
 
@@ -225,18 +224,18 @@ def test_last_ack_releases_the_lease_and_the_next_message_comes_at_once(http):
     assert [m["data"] for m in following["messages"]] == ["m2"]
 
 
-def test_unacked_message_is_redelivered_after_lease_expiry(http):
+def test_unacked_message_is_redelivered_after_lease_expiry(http, db):
     queue = unique_name()
-    configure(http, queue, leaseTime=1)
+    configure(http, queue, leaseTime=60)
     push(http, queue, ["x"])
-    first = pop(http, queue)["messages"][0]
-    started = time.monotonic()
+    first = pop(http, queue)
+    assert 30 < lease_seconds_left(db, first["leaseId"]) <= 60  # the queue's leaseTime
+    assert pop_answer(http, queue).status_code == 204  # not while the lease holds
 
-    again = poll_pop(http, queue, within=8)
+    assert expire_leases(db, queue) == 1  # instead of waiting out the 60 s
+    again = pop(http, queue)
 
-    assert again is not None
-    assert time.monotonic() - started >= 0.5  # not before the lease ran out
-    assert again["messages"][0]["id"] == first["id"]
+    assert again["messages"][0]["id"] == first["messages"][0]["id"]
     assert again["leaseId"] != first["leaseId"]
 
 
@@ -252,12 +251,11 @@ def test_auto_ack_pop_answers_empty_lease_and_frees_the_partition(http):
     assert [m["data"] for m in following["messages"]] == ["m1"]
 
 
-def test_auto_acked_message_is_not_redelivered(http):
+def test_auto_acked_message_is_not_redelivered(http, db):
     queue = unique_name()
-    configure(http, queue, leaseTime=1)
     push(http, queue, ["x"])
     pop(http, queue, autoAck="true")
-    time.sleep(1.5)  # past the lease time an unacked message would come back
+    expire_leases(db, queue)  # had the pop kept a lease, its message would now come back
 
     answer = pop_answer(http, queue)
 
@@ -274,10 +272,9 @@ def test_failed_ack_redelivers_after_retry_delay_with_retry_count(http):
     first = pop(http, queue)["messages"][0]
     result = ack(http, first, "failed", error="boom")
 
-    again = poll_pop(http, queue, within=5)
+    again = poll_pop(http, queue)  # once the 200 ms cool-down has passed
 
     assert result["success"] is True
-    assert again is not None
     assert again["messages"][0]["id"] == first["id"]
     assert again["messages"][0]["retryCount"] == 1
 
@@ -300,7 +297,7 @@ def test_failed_batch_ack_redelivers_the_whole_batch(http):
     delivery = pop(http, queue, batch=3)
 
     results = batch_ack(http, delivery["messages"], status="failed")
-    again = poll_pop(http, queue, within=5, batch=3)
+    again = poll_pop(http, queue, batch=3)
 
     # The first failure ends the delivery; the request's other items are still its own.
     assert [(r["success"], r["error"], r["dlq"]) for r in results] == [(True, None, False)] * 3
@@ -625,7 +622,12 @@ def test_long_poll_with_nothing_answers_204_after_the_timeout(http):
     elapsed = time.monotonic() - started
     assert answer.status_code == 204
     assert answer.content == b""
-    assert elapsed >= 0.8
+    assert elapsed >= 0.8  # a minimum, never a flake under load: it waited, not answered at once
+
+
+PUSH_WHILE_WAITING_S = 0.5
+"""A documented minimum: the push comes after the long-poll started waiting. If a loaded
+machine starts the pop later, the pop finds the message at once and the test still passes."""
 
 
 def test_long_poll_returns_a_message_pushed_while_it_waits(http, server):
@@ -633,24 +635,21 @@ def test_long_poll_returns_a_message_pushed_while_it_waits(http, server):
     configure(http, queue)
 
     def push_later() -> None:
-        time.sleep(0.5)
+        time.sleep(PUSH_WHILE_WAITING_S)
         with httpx.Client(base_url=server.url, timeout=10) as client:
             client.post("/api/v1/push", json={"items": [
                 {"queue": queue, "payload": "late arrival", "transactionId": "late"}]})
 
     pusher = threading.Thread(target=push_later)
-    started = time.monotonic()
     pusher.start()
     try:
         answer = http.get(f"/api/v1/pop/queue/{queue}",
-                          params={"wait": "true", "timeout": 10000}, timeout=20)
+                          params={"wait": "true", "timeout": 30000}, timeout=45)
     finally:
         pusher.join(15)
-    elapsed = time.monotonic() - started
 
     assert answer.status_code == 200
     assert [m["data"] for m in answer.json()["messages"]] == ["late arrival"]
-    assert elapsed < 5
 
 
 def test_long_poll_on_a_partition_returns_a_message_pushed_while_it_waits(http, server):
@@ -658,23 +657,21 @@ def test_long_poll_on_a_partition_returns_a_message_pushed_while_it_waits(http, 
     configure(http, queue)
 
     def push_later() -> None:
-        time.sleep(0.5)
+        time.sleep(PUSH_WHILE_WAITING_S)
         with httpx.Client(base_url=server.url, timeout=10) as client:
             client.post("/api/v1/push", json={"items": [
                 {"queue": queue, "partition": "p", "payload": "late", "transactionId": "late"}]})
 
     pusher = threading.Thread(target=push_later)
-    started = time.monotonic()
     pusher.start()
     try:
         answer = http.get(f"/api/v1/pop/queue/{queue}/partition/p",
-                          params={"wait": "true", "timeout": 10000}, timeout=20)
+                          params={"wait": "true", "timeout": 30000}, timeout=45)
     finally:
         pusher.join(15)
 
     assert answer.status_code == 200
     assert [m["data"] for m in answer.json()["messages"]] == ["late"]
-    assert time.monotonic() - started < 5
 
 
 # -- lease extension --------------------------------------------------------------------
@@ -707,17 +704,17 @@ def test_lease_extend_with_empty_object_body_succeeds(http):
     assert answer.json()["success"] is True
 
 
-def test_extended_lease_outlives_its_lease_time(http):
+def test_extended_lease_outlives_its_lease_time(http, db):
     queue = unique_name()
     configure(http, queue, leaseTime=1)
     push(http, queue, ["x"])
     lease_id = pop(http, queue)["leaseId"]
-    http.post(f"/api/v1/lease/{lease_id}/extend", json={"seconds": 30})
-    time.sleep(1.5)
 
-    answer = pop_answer(http, queue)
+    extended = http.post(f"/api/v1/lease/{lease_id}/extend", json={"seconds": 30})
 
-    assert answer.status_code == 204
+    assert extended.status_code == 200, extended.text
+    assert lease_seconds_left(db, lease_id) > 20  # on PostgreSQL's clock, not 1 s any more
+    assert pop_answer(http, queue).status_code == 204
 
 
 def test_lease_extend_of_unknown_lease_answers_404(http):
