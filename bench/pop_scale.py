@@ -50,7 +50,7 @@ SELECT p.id FROM queen.partitions p
  ORDER BY pc.last_served_at NULLS FIRST, p.id
 """
 
-# The candidate query of queen.pop_request (sql/003_pop.sql), for one queue, no delay/window.
+# The candidate query of queen.pop_request (sql/functions/003_pop.sql), for one queue, no delay/window.
 LOOKUP = """
 SELECT pp.partition_id FROM queen.partition_pending pp
   JOIN queen.queues qu ON qu.id = pp.queue_id

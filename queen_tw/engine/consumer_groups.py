@@ -1,6 +1,6 @@
 """Consumer-group administration (WIRE.md 3.5): read lag, delete, move cursors.
 
-Each operation is one call of a function in ``sql/021_consumer_groups.sql``. Operations that
+Each operation is one call of a function in ``sql/functions/021_consumer_groups.sql``. Operations that
 end leases or move cursors back wake the pops parked on the queues they touched, since those
 pops may now have something to take.
 """
