@@ -1,8 +1,9 @@
 """Resource and message browsing, and the operator's message actions (WIRE.md 3.1, 3.2).
 
 Reads come from ``sql/functions/022_stats_resources.sql`` and
-``sql/functions/023_messages.sql``; payloads are decrypted here, as on every read path. Actions that put a message back in front of consumers
-(retry, clear, dead-letter) wake the pops parked on its queue.
+``sql/functions/023_messages.sql``; payloads are decrypted here, as on every read path.
+Actions that put a message back in front of consumers (retry, clear, dead-letter) wake the
+pops parked on its queue.
 """
 
 from typing import Any, Dict, Optional

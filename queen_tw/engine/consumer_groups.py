@@ -1,8 +1,8 @@
 """Consumer-group administration (WIRE.md 3.5): read lag, delete, move cursors.
 
-Each operation is one call of a function in ``sql/functions/021_consumer_groups.sql``. Operations that
-end leases or move cursors back wake the pops parked on the queues they touched, since those
-pops may now have something to take.
+Each operation is one call of a function in ``sql/functions/021_consumer_groups.sql``.
+Operations that end leases or move cursors back wake the pops parked on the queues they
+touched, since those pops may now have something to take.
 """
 
 from typing import Any, Dict, Iterable, List, Optional
