@@ -253,6 +253,39 @@ def expire_leases(db: connection, queue: str) -> int:
         return cursor.rowcount
 
 
+def pass_time(db: connection, queue: str, seconds: float) -> None:
+    """Move everything ``queue`` remembers ``seconds`` into the past, on PostgreSQL's clock:
+    to the server it is as if that much time had passed for this queue alone.
+
+    Message times, the partitions' newest-message times, cursors, leases and retry
+    cool-downs all move together, so their order stays as it was. Tests use it instead of
+    sleeping until a delay, window or cool-down ends, and can then use delays long enough
+    that "not yet" holds however slow the machine is.
+    """
+    shift = {"shift": f"{seconds} seconds"}
+    with db.cursor() as cursor:
+        cursor.execute("""
+            WITH parts AS (SELECT p.id FROM queen.partitions p
+                             JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %(queue)s),
+                 messages AS (
+                   UPDATE queen.messages SET created_at = created_at - %(shift)s::interval
+                    WHERE partition_id IN (SELECT id FROM parts) RETURNING 1),
+                 pending AS (
+                   UPDATE queen.partition_pending
+                      SET last_message_at = last_message_at - %(shift)s::interval
+                    WHERE partition_id IN (SELECT id FROM parts) RETURNING 1),
+                 consumers AS (
+                   UPDATE queen.partition_consumers
+                      SET cursor_created_at = cursor_created_at - %(shift)s::interval,
+                          lease_expires_at = lease_expires_at - %(shift)s::interval,
+                          lease_last_created_at = lease_last_created_at - %(shift)s::interval,
+                          retry_after = retry_after - %(shift)s::interval
+                    WHERE partition_id IN (SELECT id FROM parts) RETURNING 1)
+            UPDATE queen.partitions
+               SET last_message_at = last_message_at - %(shift)s::interval
+             WHERE id IN (SELECT id FROM parts)""", {"queue": queue, **shift})
+
+
 def lease_seconds_left(db: connection, lease_id: str) -> float | None:
     """Seconds until ``lease_id`` runs out on PostgreSQL's clock (None: no such lease)."""
     with db.cursor() as cursor:

@@ -2,88 +2,93 @@
 
 delayedProcessing hides a message until it is old enough; windowBuffer holds a partition back
 while its newest message is younger than the window, then hands out the whole burst;
-retryDelay keeps a failed delivery back for a cool-down. Windows of 1 s keep the suite fast.
+retryDelay keeps a failed delivery back for a cool-down.
+
+Delays and windows are a minute long, so "not yet" holds however slow the machine is, and
+time passes with ``pass_time`` (the queue's stored times move into the past on PostgreSQL's
+clock) instead of sleeping.
 """
 
 from __future__ import annotations
 
-import time
+from tests.http_helpers import ack, configure, pop, pop_answer, push
+from tests.support import pass_time, unique_name
 
-from tests.http_helpers import ack, configure, poll_pop, pop, pop_answer, push
-from tests.support import unique_name
+MINUTE = 60
 
 
-def test_delayed_message_is_invisible_at_once_and_visible_after_the_delay(http):
+def test_delayed_message_is_invisible_at_once_and_visible_after_the_delay(http, db):
     queue = unique_name()
-    configure(http, queue, delayedProcessing=1)
+    configure(http, queue, delayedProcessing=MINUTE)
     push(http, queue, ["later"])
 
     immediately = pop_answer(http, queue)
-    time.sleep(1.2)
+    pass_time(db, queue, MINUTE + 1)
     after = pop(http, queue)
 
     assert immediately.status_code == 204
     assert after["messages"][0]["data"] == "later"
 
 
-def test_delayed_messages_become_due_one_by_one_in_order(http):
+def test_delayed_messages_become_due_one_by_one_in_order(http, db):
     queue = unique_name()
-    configure(http, queue, delayedProcessing=1)
+    configure(http, queue, delayedProcessing=MINUTE)
     push(http, queue, ["first"], prefix="a")
-    time.sleep(0.6)
+    pass_time(db, queue, MINUTE / 2)
     push(http, queue, ["second"], prefix="b")
-    time.sleep(0.6)
+    pass_time(db, queue, MINUTE / 2 + 1)  # first: due; second: half way
 
     early = pop(http, queue, batch=10)
     ack(http, early["messages"][0])
-    time.sleep(0.6)
+    pass_time(db, queue, MINUTE / 2)
     late = pop(http, queue, batch=10)
 
     assert [m["data"] for m in early["messages"]] == ["first"]
     assert [m["data"] for m in late["messages"]] == ["second"]
 
 
-def test_delayed_message_is_invisible_on_the_partition_route_too(http):
+def test_delayed_message_is_invisible_on_the_partition_route_too(http, db):
     queue = unique_name()
-    configure(http, queue, delayedProcessing=1)
+    configure(http, queue, delayedProcessing=MINUTE)
     push(http, queue, ["later"], partition="p")
 
     assert pop_answer(http, queue, "p").status_code == 204
-    assert poll_pop(http, queue, within=3, batch=1) is not None
+    pass_time(db, queue, MINUTE + 1)
+    assert pop(http, queue, "p", batch=1)["messages"][0]["data"] == "later"
 
 
-def test_window_buffer_holds_a_burst_back_then_hands_it_out_in_one_pop(http):
+def test_window_buffer_holds_a_burst_back_then_hands_it_out_in_one_pop(http, db):
     queue = unique_name()
-    configure(http, queue, windowBuffer=1)
+    configure(http, queue, windowBuffer=MINUTE)
     push(http, queue, ["a"], prefix="a")
     push(http, queue, ["b"], prefix="b")
     push(http, queue, ["c"], prefix="c")
 
     immediately = pop_answer(http, queue, batch=10)
-    time.sleep(1.2)
+    pass_time(db, queue, MINUTE + 1)
     after = pop(http, queue, batch=10)
 
     assert immediately.status_code == 204
     assert [m["data"] for m in after["messages"]] == ["a", "b", "c"]
 
 
-def test_window_stays_closed_while_messages_keep_arriving(http):
+def test_window_stays_closed_while_messages_keep_arriving(http, db):
     queue = unique_name()
-    configure(http, queue, windowBuffer=1)
+    configure(http, queue, windowBuffer=MINUTE)
     for n in range(4):
         push(http, queue, [n], prefix=f"m{n}-")
-        time.sleep(0.4)
+        pass_time(db, queue, MINUTE * 2 / 3)  # the burst is older than the window by now
         assert pop_answer(http, queue, batch=10).status_code == 204
 
-    time.sleep(1.1)
+    pass_time(db, queue, MINUTE / 3 + 1)
     assert [m["data"] for m in pop(http, queue, batch=10)["messages"]] == [0, 1, 2, 3]
 
 
-def test_window_is_per_partition(http):
+def test_window_is_per_partition(http, db):
     queue = unique_name()
-    configure(http, queue, windowBuffer=1)
+    configure(http, queue, windowBuffer=MINUTE)
     push(http, queue, ["settled"], partition="quiet", prefix="q")
-    time.sleep(1.1)
+    pass_time(db, queue, MINUTE + 1)
     push(http, queue, ["fresh"], partition="busy", prefix="b")
 
     delivery = pop(http, queue, batch=10, partitions=2)
@@ -91,14 +96,14 @@ def test_window_is_per_partition(http):
     assert [m["data"] for m in delivery["messages"]] == ["settled"]
 
 
-def test_retry_delay_keeps_a_failed_delivery_back_then_redelivers_it(http):
+def test_retry_delay_keeps_a_failed_delivery_back_then_redelivers_it(http, db):
     queue = unique_name()
-    configure(http, queue, retryDelay=800)
+    configure(http, queue, retryDelay=MINUTE * 1000)
     push(http, queue, ["flaky"])
     ack(http, pop(http, queue)["messages"][0], "failed")
 
     during = pop_answer(http, queue)
-    time.sleep(0.9)
+    pass_time(db, queue, MINUTE + 1)
     after = pop(http, queue)
 
     assert during.status_code == 204
