@@ -16,6 +16,10 @@ Faults, and what the pool does about them:
   which would freeze the reactor along with the database. The connection stays busy until
   PostgreSQL answers, so a query that was given up on may still commit later; pushes are safe
   because their transactionIds are fixed before any attempt and the buffer replay dedupes.
+
+Either way the outage is logged through one :class:`~queen_tw.services.retry.OutageLog`:
+a line when the first connection is lost or call fails, a reminder every 30 s, a line when
+a connection or a call works again; not a line per connection and per failed call.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -29,6 +33,7 @@ from txpostgres import reconnection, retrying, txpostgres
 
 from queen_tw import jsoncodec
 from queen_tw.errors import DatabaseUnavailable
+from queen_tw.services.retry import OutageLog, describe_error
 
 log = Logger()
 
@@ -59,6 +64,7 @@ class _Detector(reconnection.DeadConnectionDetector):
     """Reconnects a dead connection with backoff, unless its pool was closed meanwhile."""
 
     pool_closed = False
+    outage: Optional[OutageLog] = None  # the pool's, set when the pool is built
 
     def reconnect(self):
         if self.pool_closed:
@@ -66,8 +72,8 @@ class _Detector(reconnection.DeadConnectionDetector):
         return super().reconnect()
 
     def connectionRecovered(self):
-        if not self.pool_closed:
-            log.info("PostgreSQL connection re-established")
+        if not self.pool_closed and self.outage is not None:
+            self.outage.succeeded()
         return super().connectionRecovered()
 
 
@@ -88,7 +94,9 @@ class _Connection(txpostgres.Connection):
         try:
             return super().doRead()
         except _DEAD as err:
-            log.warn("PostgreSQL connection lost: {error}", error=str(err).strip().splitlines()[0])
+            outage = self.detector.outage
+            if outage is not None:
+                outage.failed(f"connection lost: {describe_error(err)}")
             return err
 
     @property
@@ -100,10 +108,12 @@ class _Connection(txpostgres.Connection):
 class _Pool(txpostgres.ConnectionPool):
     connectionFactory = _Connection
 
-    def __init__(self, reactor, *connargs, **connkw):
+    def __init__(self, reactor, outage: OutageLog, *connargs, **connkw):
         self.reactor = reactor  # read by the base class while it builds the connections
         super().__init__(None, *connargs, **connkw)
         self.busy: Set[_Connection] = set()
+        for connection in self.connections:
+            connection.detector.outage = outage
 
     def close(self) -> None:
         """Closes every connection, busy ones included, and stops their reconnecting."""
@@ -217,6 +227,7 @@ class Database:
         self._call_deadline = call_deadline
         self._pool: Optional[_Pool] = None
         self._statements: Dict[Tuple[str, Tuple[bool, ...], str], str] = {}
+        self._outage = OutageLog("PostgreSQL", reactor)
 
     @property
     def size(self) -> int:
@@ -224,7 +235,7 @@ class Database:
 
     async def connect(self) -> None:
         """Opens every connection; raises if PostgreSQL cannot be reached now."""
-        pool = _Pool(self._reactor, self._dsn, min=self._size)
+        pool = _Pool(self._reactor, self._outage, self._dsn, min=self._size)
         try:
             await pool.start()
         except Exception:
@@ -269,13 +280,15 @@ class Database:
         params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
         try:
-            return await self._pool.run_query_within(self._call_deadline, sql, params)
+            rows = await self._pool.run_query_within(self._call_deadline, sql, params)
         except DeadlineExceeded as err:
-            log.warn("database call {function}: {error}", function=function, error=err)
+            self._outage.failed(f"{function}: {err}")
             raise
         except _DEAD as err:
-            log.warn("database call {function} failed: {error}", function=function, error=err)
+            self._outage.failed(f"{function}: {describe_error(err)}")
             raise DatabaseUnavailable("Database unavailable") from err
+        self._outage.succeeded()
+        return rows
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when PostgreSQL answers ``SELECT 1`` within ``timeout`` seconds."""

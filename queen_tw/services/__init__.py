@@ -1,2 +1,3 @@
-"""Background services of the server: retention, eviction and statistics (TimerService-style
-children of the server's MultiService)."""
+"""Services of the server process: the loop primitive (``periodic``) and the retry helper
+(``retry``) every recurring or reconnecting job uses, getting PostgreSQL ready
+(``database``), and the background jobs (retention, eviction, statistics)."""
