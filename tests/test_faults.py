@@ -120,6 +120,9 @@ def test_postgres_stopped_and_restarted(fleet: Fleet, postgres: EmbeddedPostgres
 
     result = finish("postgres stopped and restarted", server, producers)
     assert result.buffered > 0
+    # the outage is a line per thing that noticed it, not one per connection or request
+    warnings = [line for line in server.log_text().splitlines() if "#warn]" in line]
+    assert 1 <= len(warnings) <= 8, "\n".join(warnings)
 
 
 def test_server_killed_while_buffering(fleet: Fleet, postgres: EmbeddedPostgres) -> None:

@@ -20,6 +20,7 @@ from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.popper import QUEUE_MODE, Delivery, PollTiming, Popper, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
+from queen_tw.services.retry import OutageLog
 
 log = Logger()
 
@@ -106,6 +107,8 @@ class QueueEngine:
                  pop_paused: Callable[[], bool] = lambda: False):
         self._db = db
         self._waiters = waiters
+        self._diverted = OutageLog("pushes to PostgreSQL", clock,
+                                   meanwhile="writing them to the file buffer")
         self._cipher = cipher
         self._worker_id = worker_id
         self._failover = failover
@@ -141,12 +144,14 @@ class QueueEngine:
         if self._failover is not None and self._failover.must_buffer(items):
             return await self._failover.buffer(items)
         try:
-            return await self.store(items)
-        except DatabaseUnavailable:
+            stored = await self.store(items)
+        except DatabaseUnavailable as err:
             if self._failover is None:
                 raise
-            log.warn("PostgreSQL unavailable: buffering {n} pushed items", n=len(items))
+            self._diverted.failed(err.message)
             return await self._failover.buffer(items)
+        self._diverted.succeeded()
+        return stored
 
     async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Writes items to PostgreSQL (encrypting where the queue asks); no failover.

@@ -64,11 +64,13 @@ class OutageLog:
     :param logger: where the lines go (the module's logger by default).
     :param quiet_start: failures before the first success are expected (the work needs
         something that is still starting): no line for them unless they last a reminder.
+    :param meanwhile: what happens while it fails, for the first line.
     """
 
     def __init__(self, what: str, clock: IReactorTime, reminder: float = REMINDER_S,
-                 logger: Logger = log, quiet_start: bool = False):
+                 logger: Logger = log, quiet_start: bool = False, meanwhile: str = "retrying"):
         self.what = what
+        self._meanwhile = meanwhile
         self._clock = clock
         self._reminder = reminder
         self._log = logger
@@ -91,7 +93,8 @@ class OutageLog:
             self._since = self._last_line = now
             if not self._quiet:
                 self._announced = True
-                self._log.warn("{what} failing: {error}; retrying", what=self.what, error=error)
+                self._log.warn("{what} failing: {error}; {meanwhile}", what=self.what,
+                               error=error, meanwhile=self._meanwhile)
         elif now - self._last_line >= self._reminder:
             self._last_line = now
             self._announced = True
