@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from twisted.application import service as service_module
 from twisted.internet import defer
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -273,11 +274,18 @@ class _Process:
 
 
 class _ProcessClock(Clock):
-    """A clock that also "spawns" processes: records them, runs nothing."""
+    """A clock that also "spawns" processes (records them, runs nothing) and records the
+    shutdown triggers ``startup.fatal`` adds (it stops nothing: ``running`` is False)."""
+
+    running = False
 
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[Any, _Process]] = []
+        self.triggers: list[tuple[str, str]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, callable, *args) -> None:
+        self.triggers.append((phase, event))
 
     def spawnProcess(self, protocol, executable, args, env, childFDs):
         process = _Process()
@@ -327,4 +335,21 @@ def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly() -> None:
     crash_latest_of_worker_1()
 
     assert restarts == [1.0, 2.0, 4.0, 1.0]
+    supervisor.stopService()
+
+
+def test_a_worker_that_refused_to_start_ends_the_server_instead_of_restarting(lines) -> None:
+    reactor = _ProcessClock()
+    config = Config.from_sources({"NUM_WORKERS": "2", "PORT": "0", "HOST": "127.0.0.1"}, {})
+    supervisor = WorkerSupervisor(config, reactor, {})
+    supervisor.startService()
+    (refusing, _), _ = reactor.spawned
+
+    refusing.processEnded(Failure(ProcessTerminated(exitCode=1)))
+    reactor.advance(60)
+
+    assert len(reactor.spawned) == 2  # not restarted
+    assert reactor.triggers == [("after", "shutdown")]  # fatal: exit 1 once stopped
+    assert lines[-1] == "fatal: worker 1 refused to start; stopping"
+    assert not any("restarting" in line for line in lines)
     supervisor.stopService()

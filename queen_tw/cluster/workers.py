@@ -2,10 +2,15 @@
 
 The parent opens the socket once and starts each worker as ``twistd queen`` with the socket
 inherited as file descriptor 3 (``QUEEN_LISTEN_FD``); the kernel spreads new connections
-over the processes that accept on it. The parent serves nothing itself: it restarts a
-worker that dies and, on stop, sends SIGTERM to every worker and waits for them; a worker
-still running :data:`~queen_tw.lifecycle.WORKER_KILL_AFTER_S` later gets SIGKILL, inside
-the parent's own stop budget (the numbers live in ``queen_tw.lifecycle``).
+over the processes that accept on it. The parent serves nothing itself:
+
+- it restarts a worker that dies, with a growing delay while it keeps dying;
+- a worker that refused to start (status 1, after saying why: a failed schema upgrade, an
+  unusable buffer directory) ends the whole server the same way, since a restart would only
+  refuse again;
+- on stop, it sends SIGTERM to every worker and waits for them; a worker still running
+  :data:`~queen_tw.lifecycle.WORKER_KILL_AFTER_S` later gets SIGKILL, inside the parent's
+  own stop budget (the numbers live in ``queen_tw.lifecycle``).
 """
 
 import os
@@ -16,12 +21,14 @@ from typing import Dict, Optional
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 
 from queen_tw.config import Config
 from queen_tw.lifecycle import WORKER_KILL_AFTER_S
 from queen_tw.services.retry import Backoff
+from queen_tw.startup import EXIT_FAILURE, fatal
 
 log = Logger()
 
@@ -96,6 +103,11 @@ class WorkerSupervisor(service.Service):
             return
         del self._workers[worker.index]
         if not self.running:
+            return
+        if isinstance(reason, ProcessTerminated) and reason.exitCode == EXIT_FAILURE:
+            # it refused to start (a failed schema upgrade, an unusable buffer directory) and
+            # said why; a restart would refuse again, so the server ends the same way
+            fatal(self._reactor, f"worker {worker.index + 1} refused to start")
             return
         backoff = self._restarts.setdefault(worker.index, Backoff(*RESTART_BACKOFF))
         if self._reactor.seconds() - worker.started >= STEADY_S:
