@@ -286,6 +286,17 @@ def pass_time(db: connection, queue: str, seconds: float) -> None:
              WHERE id IN (SELECT id FROM parts)""", {"queue": queue, **shift})
 
 
+def db_clock_iso(db: connection, seconds_ago: float = 0.0) -> str:
+    """PostgreSQL's clock ``seconds_ago`` in the past, as the ISO-8601 ``…Z`` text clients
+    send; a cut between two pushes taken here needs no sleep to fall strictly between them
+    (each push's time is its own transaction's ``now()``)."""
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT to_char((clock_timestamp() - %s * interval '1 second')
+                                         AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
+                       (seconds_ago,))
+        return cursor.fetchone()[0]
+
+
 def lease_seconds_left(db: connection, lease_id: str) -> float | None:
     """Seconds until ``lease_id`` runs out on PostgreSQL's clock (None: no such lease)."""
     with db.cursor() as cursor:

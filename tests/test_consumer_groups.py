@@ -7,14 +7,13 @@ harness reads and manipulates directly.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pytest
 
 from tests.http_helpers import ack, configure, pop, pop_answer, push
-from tests.support import unique_name
+from tests.support import db_clock_iso, pass_time, unique_name
 
 
 def _iso(moment: datetime) -> str:
@@ -82,17 +81,18 @@ def test_list_reports_partitions_with_lag_and_new_subscriptions(http):
     assert rows[0]["state"] == "Dead"  # never consumed
 
 
-def test_lagging_lists_partitions_whose_oldest_message_is_old_enough(http):
+def test_lagging_lists_partitions_whose_oldest_message_is_old_enough(http, db):
     queue = unique_name()
     push(http, queue, ["old"])
     assert pop_answer(http, queue, consumerGroup="slow", subscriptionMode="all",
                       autoAck="false").status_code == 200
-    time.sleep(1.1)
+    pass_time(db, queue, 2)  # the message is 2 s old now, past minLagSeconds=1
 
     lagging = http.get("/api/v1/consumer-groups/lagging", params={"minLagSeconds": 1}).json()
     strict = http.get("/api/v1/consumer-groups/lagging", params={"minLagSeconds": 3600}).json()
 
-    mine = [row for row in lagging if row["queue_name"] == queue and row["consumer_group"] == "slow"]
+    mine = [row for row in lagging
+            if row["queue_name"] == queue and row["consumer_group"] == "slow"]
     assert len(mine) == 1
     assert mine[0]["partition_name"] == "Default"
     assert mine[0]["offset_lag"] == 1
@@ -158,7 +158,8 @@ def test_delete_keeping_metadata_restarts_at_the_recorded_subscription(http):
     push(http, queue, ["after"], prefix="a")
     assert _consume_all(http, queue, "keep") == ["after"]
 
-    http.delete("/api/v1/consumer-groups/keep", params={"deleteMetadata": "false"}).raise_for_status()
+    http.delete("/api/v1/consumer-groups/keep",
+                params={"deleteMetadata": "false"}).raise_for_status()
 
     assert _consume_all(http, queue, "keep", ) == ["after"]
 
@@ -220,7 +221,8 @@ def test_subscription_timestamp_update_moves_the_start_of_partitions_without_cur
     _consume_all(http, queue, "wm-seed")  # another group, so a watermark exists somewhere
     cut = _iso(datetime.now(UTC) - timedelta(hours=1))
 
-    answer = http.post("/api/v1/consumer-groups/ts/subscription", json={"subscriptionTimestamp": cut})
+    answer = http.post("/api/v1/consumer-groups/ts/subscription",
+                       json={"subscriptionTimestamp": cut})
 
     body = answer.json()
     assert answer.status_code == 200
@@ -268,14 +270,13 @@ def test_seek_to_end_skips_everything_pending(http):
 def test_seek_backwards_to_a_timestamp_allows_reconsumption(http, db):
     queue = unique_name()
     push(http, queue, ["a"], prefix="a")
-    time.sleep(0.05)
-    cut = _iso(datetime.now(UTC))
-    time.sleep(0.05)
+    cut = db_clock_iso(db)  # after "a" was stored, before "b" and "c" are
     push(http, queue, ["b", "c"], prefix="b")
     assert _consume_all(http, queue, "rewind") == ["a", "b", "c"]
     assert _watermarks(db, queue, "rewind") == 1
 
-    answer = http.post(f"/api/v1/consumer-groups/rewind/queues/{queue}/seek", json={"timestamp": cut})
+    answer = http.post(f"/api/v1/consumer-groups/rewind/queues/{queue}/seek",
+                       json={"timestamp": cut})
 
     assert answer.json()["partitionsUpdated"] == 1
     assert answer.json()["seekToEnd"] is False
@@ -303,7 +304,8 @@ def test_seek_without_target_is_refused(http, body):
 
 
 def test_seek_on_unknown_queue_answers_404(http):
-    answer = http.post(f"/api/v1/consumer-groups/g/queues/{unique_name()}/seek", json={"toEnd": True})
+    answer = http.post(f"/api/v1/consumer-groups/g/queues/{unique_name()}/seek",
+                       json={"toEnd": True})
 
     assert answer.status_code == 404
     assert answer.json() == {"error": "Queue not found"}

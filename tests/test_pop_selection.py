@@ -10,13 +10,12 @@ cheap is checked through its table, and the SQL-level ``pop_specific_batch`` hon
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
 
 from tests.http_helpers import ack, configure, pop, pop_answer, push
-from tests.support import unique_name
+from tests.support import pass_time, unique_name
 
 
 def _lookup_rows(db, queue: str, group: str = "__QUEUE_MODE__") -> int:
@@ -57,11 +56,11 @@ def test_wildcard_pop_skips_a_leased_partition_for_an_eligible_one(http):
     assert other["messages"][0]["partition"] != held
 
 
-def test_pop_skips_partitions_with_only_messages_not_yet_due(http):
+def test_pop_skips_partitions_with_only_messages_not_yet_due(http, db):
     queue = unique_name()
-    configure(http, queue, delayedProcessing=1)
+    configure(http, queue, delayedProcessing=60)
     push(http, queue, ["due"], partition="early", prefix="e")
-    time.sleep(1.2)
+    pass_time(db, queue, 61)  # "early" is due; "late", pushed next, is a minute away
     push(http, queue, ["not-due"], partition="late", prefix="l")
 
     delivery = pop(http, queue, partitions=1, batch=10)

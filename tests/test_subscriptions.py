@@ -7,13 +7,10 @@ subscriptionFrom=now|timestamp, decided at a group's first contact with a queue 
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
-
 import httpx
 
 from tests.http_helpers import ack, pop, pop_answer, push
-from tests.support import unique_name
+from tests.support import db_clock_iso, unique_name
 
 
 def _drain(http: httpx.Client, queue: str, **params) -> list:
@@ -147,12 +144,10 @@ def test_subscription_from_now_skips_history(http):
     assert _drain(http, queue, consumerGroup="g") == ["n"]
 
 
-def test_subscription_from_timestamp_starts_after_that_time(http):
+def test_subscription_from_timestamp_starts_after_that_time(http, db):
     queue = unique_name()
     push(http, queue, ["before"], prefix="b")
-    time.sleep(0.05)
-    cut = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    time.sleep(0.05)
+    cut = db_clock_iso(db)  # after "before" was stored, before "after" is
     push(http, queue, ["after"], prefix="a")
 
     seen = _drain(http, queue, consumerGroup="g", subscriptionFrom=cut)
