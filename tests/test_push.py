@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import httpx
 import pytest
 
-from tests.support import unique_name
+from tests.support import unique_name, wait_until
 
 QUEUED_KEYS = {"index", "status", "transaction_id", "message_id", "partition_id",
                        "trace_id", "queueName"}
@@ -134,7 +134,7 @@ def test_message_ids_of_later_pushes_sort_after_earlier_ones(http):
     for i in range(5):
         [item] = push(http, [{"queue": queue, "payload": i}])
         ids.append(uuid.UUID(item["message_id"]))
-        time.sleep(0.003)  # UUIDv7 order is by millisecond
+        time.sleep(0.003)  # a minimum: the next push is in a later millisecond (UUIDv7)
 
     assert ids == sorted(ids, key=lambda u: u.int)
 
@@ -524,22 +524,21 @@ def test_message_is_poppable_immediately_after_push_answered(http):
 def test_push_racing_a_queue_delete_answers_every_item(http, pg_dsn):
     """A queue deleted between the push's create and lock steps is created again: no item
     may vanish from the answer (each one queued, in a queue that exists afterwards)."""
-    import threading
-    import time as _time
-
     import psycopg2
 
     queue = unique_name()
-    stop = _time.monotonic() + 3
-    deleter_errors = []
+    stop = threading.Event()
+    deleter_errors: list = []
+    deletions = [0]  # deletes that found the queue, i.e. raced a push
 
     def delete_repeatedly():
         connection = psycopg2.connect(pg_dsn)
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
-                while _time.monotonic() < stop:
+                while not stop.is_set():
                     cursor.execute("DELETE FROM queen.queues WHERE name = %s", (queue,))
+                    deletions[0] += cursor.rowcount
         except Exception as err:  # reported below
             deleter_errors.append(err)
         finally:
@@ -548,10 +547,18 @@ def test_push_racing_a_queue_delete_answers_every_item(http, pg_dsn):
     deleter = threading.Thread(target=delete_repeatedly)
     deleter.start()
     answers = []
-    while _time.monotonic() < stop:
+
+    def raced_enough() -> bool:
+        """Push once more; done once pushes and deletes have collided many times."""
         items = [{"queue": queue, "partition": f"p{n}", "payload": n} for n in range(5)]
         answers.append(http.post("/api/v1/push", json={"items": items}))
-    deleter.join(10)
+        return deleter_errors or (deletions[0] >= 20 and len(answers) >= 50)
+
+    try:
+        wait_until(raced_enough, interval=0, message="20 deletes racing 50 pushes")
+    finally:
+        stop.set()
+        deleter.join(10)
 
     assert deleter_errors == []
     assert answers and all(a.status_code == 201 for a in answers), \
