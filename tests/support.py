@@ -297,6 +297,16 @@ def db_clock_iso(db: connection, seconds_ago: float = 0.0) -> str:
         return cursor.fetchone()[0]
 
 
+def lease_ends_in(db: connection, lease_id: str, seconds: float) -> None:
+    """Make ``lease_id`` run out ``seconds`` from now, on PostgreSQL's clock (as if most of
+    its lease time had gone by)."""
+    with db.cursor() as cursor:
+        cursor.execute("""UPDATE queen.partition_consumers
+                             SET lease_expires_at = now() + %s * interval '1 second'
+                           WHERE lease_id = %s""", (seconds, lease_id))
+        assert cursor.rowcount == 1, f"no lease {lease_id}"
+
+
 def lease_seconds_left(db: connection, lease_id: str) -> float | None:
     """Seconds until ``lease_id`` runs out on PostgreSQL's clock (None: no such lease)."""
     with db.cursor() as cursor:
