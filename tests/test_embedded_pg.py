@@ -38,7 +38,9 @@ def query(dsn: str, sql: str) -> list[tuple]:
         connection.close()
 
 
-def test_started_cluster_answers_queries_over_its_unix_socket_only(cluster: EmbeddedPostgres) -> None:
+def test_started_cluster_answers_queries_over_its_unix_socket_only(
+    cluster: EmbeddedPostgres,
+) -> None:
     cluster.start()
     assert query(cluster.dsn, "SELECT 1") == [(1,)]
     assert query(cluster.dsn, "SHOW listen_addresses") == [("",)]
@@ -68,7 +70,9 @@ def test_data_survives_stop_and_start_on_the_same_dir(cluster: EmbeddedPostgres)
     assert query(cluster.dsn, "SELECT value FROM kept") == [(42,)]
 
 
-def test_a_second_handle_on_the_same_dir_reuses_the_running_cluster(cluster: EmbeddedPostgres) -> None:
+def test_a_second_handle_on_the_same_dir_reuses_the_running_cluster(
+    cluster: EmbeddedPostgres,
+) -> None:
     cluster.start()
     other = EmbeddedPostgres(cluster.data_dir)
     other.start()

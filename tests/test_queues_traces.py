@@ -76,7 +76,8 @@ def populate(http: httpx.Client, queue: str) -> Dict[str, Any]:
                                    "consumerGroup": "g", "error": "x"})
     pop(http, queue)  # a live lease in queue mode
     http.post("/api/v1/traces", json={"transactionId": "t1",
-                                      "partitionId": pushed[1]["partition_id"], "data": {"step": 1}})
+                                      "partitionId": pushed[1]["partition_id"],
+                                      "data": {"step": 1}})
     return {"queueId": answer["queueId"], "partitionId": pushed[0]["partition_id"]}
 
 

@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 import pytest
 
 from tests.client_helpers import connect, pop_now, run_scenario
-from tests.support import count_messages, unique_name
+from tests.support import count_messages, expire_leases, unique_name
 
 
 def _push(http, queue: str, n: int = 1, partition: str = "Default") -> List[Dict[str, Any]]:
@@ -59,9 +59,7 @@ def test_expired_required_lease_fails_the_transaction(http, db):
     http.post("/api/v1/configure", json={"queue": source, "options": {"leaseTime": 1}})
     _push(http, source)
     message = _pop(http, source)["messages"][0]
-    with db.cursor() as cursor:  # age the lease instead of sleeping
-        cursor.execute("UPDATE queen.partition_consumers SET lease_expires_at = now() - interval '1 s'"
-                       " WHERE lease_id = %s", (message["leaseId"],))
+    assert expire_leases(db, source) == 1  # instead of sleeping past the 1 s lease
 
     body = http.post("/api/v1/transaction", json={
         "operations": [{"type": "push", "items": [{"queue": sink, "payload": 1}]}],
