@@ -284,7 +284,7 @@ def test_namespace_lot_ignores_pushes_to_queues_known_not_to_match():
 
 
 def test_registry_wakes_partition_wildcard_and_any_queue_watchers():
-    registry = WaiterRegistry(Clock())
+    registry = WaiterRegistry()
     clock, popper = Clock(), ScriptedPopper()
     on_partition, on_queue, anywhere, elsewhere = (_lot(clock, popper) for _ in range(4))
     registry.watch("q", "p1", on_partition)
