@@ -20,7 +20,7 @@ failing records go to ``failed/`` with their error, are counted and logged, and 
 moves on. Nothing is dropped silently.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -49,7 +49,6 @@ class _Progress:
     corrupt: List[bytes]
     next: int = 0
     attempts: int = 0
-    failures: List[Tuple[Any, str]] = field(default_factory=list)
 
 
 class ReplayHeld(Exception):
