@@ -75,7 +75,6 @@ class Replayer:
         self._max_attempts = max_attempts
         self._progress: Optional[_Progress] = None
         self.stopping = False
-        self.replayed = 0
 
     async def drain(self) -> None:
         """Replays segment after segment until the buffer is empty or something stops it.
@@ -128,7 +127,6 @@ class Replayer:
                                      f"{failures[0][1]}")
                 await self._give_up(progress, failures)
             self._buffer.forget(batch)
-            self.replayed += len(batch) - len(failures)
             progress.next += len(batch)
             progress.attempts = 0
         return True

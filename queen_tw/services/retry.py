@@ -80,11 +80,6 @@ class OutageLog:
         self._announced = False
         self.failures = 0
 
-    @property
-    def down(self) -> bool:
-        """True from a failure until the next success."""
-        return self._since is not None
-
     def failed(self, error: str) -> None:
         """An attempt failed with ``error``: logged when it is news or a reminder is due."""
         now = self._clock.seconds()
