@@ -31,10 +31,21 @@ def _count(db, queue: str, partition: str | None = None) -> int:
         return cursor.fetchone()[0]
 
 
-CLEANER_CYCLES_S = 2.0
-"""How long a test watches for something the cleaner must NOT do: a documented minimum of
-several 300 ms cycles. A wrong deletion would show in any of them; on a slow machine fewer
-cycles run (the test proves less), but it can never fail because the machine is slow."""
+LOCKED_OUT_S = 2.0
+"""How long the lock test watches cycles being skipped: a documented minimum of several
+300 ms cycles, not a bound. A cycle that ignored the lock would delete in any of them; on a
+slow machine fewer cycles run (the test proves less), but it cannot fail for being slow."""
+
+
+def _after_a_cleaning_run(client, db) -> None:
+    """Return once a cleaning run has gone over everything stored so far (instead of
+    sleeping for "a few cycles"): a control message pushed now with retentionSeconds=1 is
+    deleted only by a run that started once it was due, so after anything pushed before it
+    was due as well."""
+    control = unique_name("test-control-")
+    configure(client, control, retentionSeconds=1)
+    push(client, control, ["control"])
+    _cleaned(db, control)
 
 
 def _cleaned(db, queue: str, left: int = 0, partition: str | None = None) -> None:
@@ -157,7 +168,7 @@ def test_completed_retention_deletes_only_what_every_group_consumed(client, db):
     ack(client, message, consumerGroup="g")
 
     _cleaned(db, queue, left=1)
-    time.sleep(CLEANER_CYCLES_S)
+    _after_a_cleaning_run(client, db)
     assert _count(db, queue) == 1
     assert pop(client, queue)["messages"][0]["data"] == "pending"
 
@@ -170,7 +181,7 @@ def test_completed_retention_keeps_messages_of_a_group_that_has_not_consumed_the
     message = pop(client, queue)["messages"][0]
     ack(client, message)
 
-    time.sleep(CLEANER_CYCLES_S)
+    _after_a_cleaning_run(client, db)
 
     assert _count(db, queue) == 1
 
@@ -190,7 +201,7 @@ def test_eviction_keeps_messages_every_group_consumed(client, db):
     ack(client, pop(client, queue)["messages"][0])
 
     _cleaned(db, queue, left=1)
-    time.sleep(CLEANER_CYCLES_S)
+    _after_a_cleaning_run(client, db)
     assert _count(db, queue) == 1
 
 
@@ -199,7 +210,7 @@ def test_queue_without_retention_options_is_left_alone(client, db):
     push(client, queue, [1, 2])
     ack(client, pop(client, queue)["messages"][0])
 
-    time.sleep(CLEANER_CYCLES_S)
+    _after_a_cleaning_run(client, db)
 
     assert _count(db, queue) == 2
 
@@ -235,7 +246,7 @@ def test_a_cycle_is_skipped_while_another_instance_holds_the_cluster_lock(client
             cursor.execute("SELECT pg_advisory_lock(737001)")
         configure(client, queue, retentionSeconds=1)
         push(client, queue, ["kept-while-locked"])
-        time.sleep(CLEANER_CYCLES_S)  # the lock holder makes every cycle skip
+        time.sleep(LOCKED_OUT_S)  # the lock holder makes every cycle skip
         assert _count(db, queue) == 1
     finally:
         holder.close()  # releases the session lock
