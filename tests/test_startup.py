@@ -58,6 +58,15 @@ def test_a_port_in_use_ends_the_process_with_one_line(taken_port: int, tmp_path:
                                 "use (set PORT or --port)")
 
 
+def test_a_port_in_use_with_workers_ends_the_parent_with_one_line(taken_port: int,
+                                                                  tmp_path: Path) -> None:
+    result = run_queen("--host", "127.0.0.1", "--port", str(taken_port), "--num-workers", "2",
+                       env={"FILE_BUFFER_DIR": str(tmp_path / "buffers")})
+
+    assert_refused_with(result, f"cannot listen on 127.0.0.1:{taken_port}: address already in "
+                                "use (set PORT or --port)")
+
+
 def test_an_unwritable_buffer_directory_ends_the_process_naming_it(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("a regular file: no directory can be created under it")

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from queen_tw.config import Config
 from queen_tw.lifecycle import WORKER_KILL_AFTER_S
+from queen_tw.listening import open_listening_socket
 from queen_tw.services.retry import Backoff
 from queen_tw.startup import EXIT_FAILURE, fatal
 
@@ -72,13 +73,17 @@ class WorkerSupervisor(service.Service):
         self._processes: Dict[int, IProcessTransport] = {}
         self._restarts: Dict[int, Backoff] = {}
 
+    def privilegedStartService(self):
+        # Bound before the reactor runs (and before an embedded PostgreSQL starts), so a port
+        # in use refuses to start with one line instead of leaving a parent without workers.
+        super().privilegedStartService()
+        self._socket = open_listening_socket(self._config.host, self._config.port)
+
     def startService(self):
         super().startService()
-        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((self._config.host, self._config.port))
-        listening.listen(1024)
-        self._socket = listening
+        if self._socket is None:  # started without twistd's privileged step
+            self._socket = open_listening_socket(self._config.host, self._config.port)
+        listening = self._socket
         log.info("{n} workers sharing {host}:{port}", n=self._config.num_workers,
                  host=self._config.host, port=listening.getsockname()[1])
         for index in range(self._config.num_workers):
