@@ -34,5 +34,6 @@ EXPOSE 6632
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '6632'), timeout=2)"
 
-# twistd handles SIGTERM (docker stop) with a graceful shutdown.
+# twistd handles SIGTERM (docker stop) with a graceful shutdown of up to 25 s: give it
+# `docker stop -t 30` (compose: stop_grace_period: 30s); docker's default 10 s may cut it short.
 CMD ["twistd", "-n", "--pidfile=", "queen"]
