@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from queen_tw.db.embedded import EmbeddedPostgres, _pg_install_dir  # noqa: E402
+
 from support import ServerProcess  # noqa: E402
 
 PARTITIONS = 10
@@ -197,7 +198,8 @@ async def prefill(port: int, queue: str, total: int) -> None:
     for start in range(0, total, 1000):
         items = [{"queue": queue, "partition": f"p{i % PARTITIONS}", "payload": PAYLOAD}
                  for i in range(start, min(total, start + 1000))]
-        status, _ = await conn.request("POST", "/api/v1/push", json.dumps({"items": items}).encode())
+        body = json.dumps({"items": items}).encode()
+        status, _ = await conn.request("POST", "/api/v1/push", body)
         assert status == 201
 
 
@@ -240,7 +242,8 @@ SELECT m.id, m.transaction_id, m.payload, m.created_at FROM bench_raw.messages m
 UPDATE bench_raw.cursors cu SET cursor_created_at = last.created_at, cursor_id = last.id
   FROM (SELECT created_at, id FROM (
             SELECT m.created_at, m.id FROM bench_raw.messages m
-             WHERE m.partition_id = cu_id() AND (m.created_at, m.id) > (:cat::timestamptz, :cid::uuid)
+             WHERE m.partition_id = cu_id()
+               AND (m.created_at, m.id) > (:cat::timestamptz, :cid::uuid)
              ORDER BY m.created_at, m.id LIMIT {batch}) b
          ORDER BY created_at DESC, id DESC LIMIT 1) last
  WHERE cu.partition_id = cu_id();
@@ -266,7 +269,8 @@ def pgbench(pg: EmbeddedPostgres, script: str, seconds: float, clients: int) -> 
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
     os.chmod(f.name, 0o644)
-    out = subprocess.run([str(_pg_install_dir() / "bin" / "pgbench"), "-n", "-M", "extended", "-f", f.name,
+    pgbench = str(_pg_install_dir() / "bin" / "pgbench")
+    out = subprocess.run([pgbench, "-n", "-M", "extended", "-f", f.name,
                           "-c", str(clients), "-j", "2", "-T", str(int(seconds)),
                           "-h", str(pg.socket_dir), "-p", str(pg.port), "-U", pg.user, pg.database],
                          capture_output=True, text=True, env=_pg_tool_env())
@@ -306,7 +310,8 @@ def sql_push(pg, batch, seconds, clients) -> float:
 # messages themselves serve as the ack items: ack_core reads their transactionId,
 # partitionId and leaseId and takes a missing status as completed). Set against raw
 # consume, it says how much of the pop+ack gap is PostgreSQL's work rather than the server's.
-SQL_CONSUME = """SELECT coalesce(messages, '[]') AS m FROM queen.pop_batch('[{{"queue":"bench-sql-consume","batch":{batch}}}]'::jsonb) \\gset
+SQL_CONSUME = """SELECT coalesce(messages, '[]') AS m
+  FROM queen.pop_batch('[{{"queue":"bench-sql-consume","batch":{batch}}}]'::jsonb) \\gset
 SELECT length(queen.ack_core(:m::jsonb)::text);
 """
 
@@ -537,11 +542,13 @@ def render(args, rows, raw, sql) -> str:
         lines.append(
             f"| {row['op']} | {row['batch']} | {row['msg_per_s']:.0f} | {row['req_per_s']:.0f} "
             f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {bound}{raw_rate:.0f} "
-            f"| {'≤ ' if bound else ''}{100 * row['msg_per_s'] / raw_rate:.0f} % | {row['cpu_pct']:.0f} "
+            f"| {'≤ ' if bound else ''}{100 * row['msg_per_s'] / raw_rate:.0f} % "
+            f"| {row['cpu_pct']:.0f} "
             f"| {row['errors']} | {row['refused']} | {counted} |")
-    lines += ["", "The server's SQL alone (pgbench calling `queen.push_store`, or `queen.pop_batch` then "
-              "`queen.ack_core`; no server; same clients as raw):",
-              "", "| op | batch | SQL-only msg/s | raw PG msg/s | ratio |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "The server's SQL alone (pgbench calling `queen.push_store`, or "
+              "`queen.pop_batch` then `queen.ack_core`; no server; same clients as raw):",
+              "", "| op | batch | SQL-only msg/s | raw PG msg/s | ratio |",
+              "|---|---:|---:|---:|---:|"]
     for batch, rates in sql.items():
         for op, rate, raw_rate in (("push", rates[0], raw[batch][0]),
                                    ("pop+ack", rates[1], raw[batch][1])):

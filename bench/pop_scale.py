@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from queen_tw.config import Config  # noqa: E402
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
+
 from support import ServerProcess  # noqa: E402
+
 sys.path.insert(0, str(REPO / "bench"))
 from load import save_report  # noqa: E402
 
@@ -50,7 +52,8 @@ SELECT p.id FROM queen.partitions p
  ORDER BY pc.last_served_at NULLS FIRST, p.id
 """
 
-# The candidate query of queen.pop_request (sql/functions/003_pop.sql), for one queue, no delay/window.
+# The candidate query of queen.pop_request (sql/functions/003_pop.sql), for one queue, no
+# delay/window.
 LOOKUP = """
 SELECT pp.partition_id FROM queen.partition_pending pp
   JOIN queen.queues qu ON qu.id = pp.queue_id
@@ -107,8 +110,8 @@ def measure(client: httpx.Client, dsn: str, n: int, rounds: int, pending: int) -
     assert drained == n, (drained, n)
     push(client, queue, random.sample(range(n), pending), "pending")
 
-    pops, counter = [], 0
-    for _ in range(rounds):
+    pops = []
+    for counter in range(1, rounds + 1):
         started = time.perf_counter()
         answer = client.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"})
         pops.append(1000 * (time.perf_counter() - started))
@@ -117,7 +120,6 @@ def measure(client: httpx.Client, dsn: str, n: int, rounds: int, pending: int) -
         client.post("/api/v1/ack", json={
             "transactionId": message["transactionId"], "partitionId": message["partitionId"],
             "leaseId": message["leaseId"]}).raise_for_status()
-        counter += 1
         push(client, queue, [random.randrange(n)], f"r{counter}")
     drain(client, queue)
 

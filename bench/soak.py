@@ -45,11 +45,18 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
-from faultkit import (Producers, buffer_status, health_code, private_postgres,  # noqa: E402
-                      set_maintenance, wait_until)
-from support import ServerProcess, unique_name  # noqa: E402
 
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
+
+from faultkit import (  # noqa: E402
+    Producers,
+    buffer_status,
+    health_code,
+    private_postgres,
+    set_maintenance,
+    wait_until,
+)
+from support import ServerProcess, unique_name  # noqa: E402
 
 LEASE_SECONDS = 5
 SKIP_ACK_EVERY = 50
@@ -148,7 +155,7 @@ class Consumers:
                 continue
             if answer.status_code == 200:
                 results = answer.json()
-                for delivery, result in zip(batch, results):
+                for delivery, result in zip(batch, results, strict=False):
                     delivery.acked = bool(result.get("success"))
                 self.seen.note(self.seen.acks, "ok" if all(d.acked for d in batch)
                                else "refused")
@@ -298,7 +305,7 @@ def _count(ledger, seen: Deliveries, faults: list[dict[str, Any]], minutes: floa
         firsts[deliveries[0].partition].append(deliveries[0])
     for partition_firsts in firsts.values():
         seqs = [d.seq for d in sorted(partition_firsts, key=lambda d: d.at)]
-        out_of_order += sum(1 for a, b in zip(seqs, seqs[1:]) if b < a)
+        out_of_order += sum(1 for a, b in zip(seqs, seqs[1:], strict=False) if b < a)
     return {
         "minutes": minutes, "faults": faults,
         "pushed": len(ledger.sent), "acknowledged": len(acknowledged),

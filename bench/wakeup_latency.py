@@ -40,8 +40,10 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from load import Connection, save_report  # noqa: E402  (minimal keep-alive HTTP client)
+
 from queen_tw.config import Config  # noqa: E402
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
+
 from support import ServerProcess  # noqa: E402
 
 
@@ -104,7 +106,7 @@ class Waiters:
             task.cancel()
 
 
-async def park(args, server: ServerProcess) -> "Waiters":
+async def park(args, server: ServerProcess) -> Waiters:
     queues = [f"wake-{n}" for n in range(args.queues)]
     control = Connection("127.0.0.1", server.port)
     for queue in queues:
@@ -117,7 +119,7 @@ async def park(args, server: ServerProcess) -> "Waiters":
     return waiters
 
 
-async def push_one_by_one(args, server: ServerProcess, waiters: "Waiters") -> List[float]:
+async def push_one_by_one(args, server: ServerProcess, waiters: Waiters) -> List[float]:
     """Pushes --pushes messages 50 ms apart; returns push→receive latencies in ms."""
     control = Connection("127.0.0.1", server.port)
     sent: Dict[str, float] = {}
