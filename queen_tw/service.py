@@ -130,7 +130,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top.add("database", DatabaseService(config.dsn, db, reactor))
     gate = top.add("gate", ShutdownGate())
 
-    waiters = WaiterRegistry(reactor)
+    waiters = WaiterRegistry()
     engine = QueueEngine(
         db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
         PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,22 +29,9 @@ import httpx
 
 from queen_tw.db.embedded import EmbeddedPostgres
 
-from support import ServerProcess
+from support import ServerProcess, wait_until
 
 ACKNOWLEDGED = ("queued", "duplicate", "buffered")
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
-               message: str = "condition") -> Any:
-    """Polls ``predicate`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 @contextmanager

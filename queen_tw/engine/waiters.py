@@ -10,8 +10,6 @@ attempt for all the pops parked behind it) is the Popper's business, not the reg
 from collections import defaultdict
 from typing import DefaultDict, List, Optional, Protocol, Set, Tuple
 
-from twisted.internet.interfaces import IReactorTime
-
 WaiterKey = Tuple[Optional[str], Optional[str]]
 
 
@@ -54,13 +52,9 @@ class Backoff:
 
 
 class WaiterRegistry:
-    """Watchers by (queue, partition); ``notify`` wakes the ones a change concerns.
+    """Watchers by (queue, partition); ``notify`` wakes the ones a change concerns."""
 
-    :param clock: not used. Accepted only until service.py stops passing it (issue #15: the
-        one-shot waiter that had timeouts is gone; parked pops keep their own timers).
-    """
-
-    def __init__(self, clock: Optional[IReactorTime] = None):
+    def __init__(self) -> None:
         self._watchers: DefaultDict[WaiterKey, Set[Watcher]] = defaultdict(set)
         self.notifications = 0
 
