@@ -147,6 +147,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     for job in background_jobs(config, db, stats, reactor):
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags
+    top.add("jobs", durability.adoption_service())  # buffers of processes no longer running
     site = make_site(root, config.max_body_bytes)
     endpoint: IStreamServerEndpoint
     if in_group:

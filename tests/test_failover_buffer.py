@@ -296,6 +296,7 @@ def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Pa
     assert "max capacity" in entry["error"]
     assert buffer.stats()["failedFiles"]["count"] == 1
 
+    assert fired(defer.ensureDeferred(buffer.close())) == [None]
     reopened = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
     assert reopened.failed == 1  # still counted and reported after a restart
 

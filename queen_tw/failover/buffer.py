@@ -5,6 +5,8 @@ Layout of ``FILE_BUFFER_DIR``::
     segment-000000000001.jsonl   records in arrival order (see ``records``), oldest file first
     segment-000000000002.jsonl   the one being appended to is the newest
     failed/segment-….jsonl       records the replay gave up on, each with its error
+    .queen-buffer.lock           flock'd by the process while its buffer is open
+    adopted-<n>-<name>/          segments taken over from a process that no longer runs
 
 Writing: :meth:`FileBuffer.append` queues the records of one request; one I/O job at a time
 writes everything queued so far with one ``write`` and one ``fsync`` (group commit across
@@ -27,6 +29,10 @@ in PostgreSQL now, :meth:`remove` deletes a segment whose records are all stored
 
 :meth:`holds_any` answers "does this partition still have records waiting?" — while it does,
 new pushes to it are buffered behind them, which keeps order within a partition.
+
+Given ``scan_root`` (``FILE_BUFFER_DIR``), the buffer also adopts the segments of processes
+that no longer run, at open and on every :meth:`adopt_orphans` (``adoption``): they are
+counted, replayed and ordered like its own.
 """
 
 import base64
@@ -34,7 +40,6 @@ import bisect
 import datetime
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,24 +50,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from queen_tw.errors import Unavailable
-from queen_tw.failover import records
+from queen_tw.failover import adoption, records
+from queen_tw.failover.records import FAILED_DIR, SEGMENT_NAME
 
 log = Logger()
-
-FAILED_DIR = "failed"
-_SEGMENT_NAME = "segment-{:012d}.jsonl"
-_SEGMENT_RE = re.compile(r"^segment-(\d{12})\.jsonl$")
 
 RunBlocking = Callable[..., defer.Deferred]
 
 
 @dataclass(order=True)
 class Segment:
-    """A sealed segment file: nothing will be appended to it again."""
+    """A sealed segment file: nothing will be appended to it again.
+
+    Segments replay in (``seq``, ``sub``) order: ``sub`` numbers the segments of an adopted
+    directory, which all sort at the ``seq`` it was given.
+    """
 
     seq: int
     path: Path = field(compare=False)
     count: int = field(compare=False, default=0)
+    sub: int = 0
 
 
 @dataclass
@@ -100,11 +107,20 @@ class FileBuffer:
     :param events_per_file: ``FILE_BUFFER_EVENTS_PER_FILE``.
     :param run_blocking: runs a blocking callable off the reactor thread and returns a
         Deferred (``threads.deferToThread`` by default).
+    :param scan_root: ``FILE_BUFFER_DIR``, where directories of processes that no longer
+        run are looked for (see ``adoption``); None adopts nothing.
     """
 
     def __init__(self, directory: str, events_per_file: int,
-                 run_blocking: RunBlocking = threads.deferToThread):
+                 run_blocking: RunBlocking = threads.deferToThread,
+                 scan_root: Optional[str] = None):
         self.directory = Path(directory)
+        self._scan_root = None if scan_root is None else Path(scan_root)
+        self._lock: Optional[int] = None
+        self._orphans: Dict[Path, adoption.Orphan] = {}
+        self._orphan_left: Counter = Counter()
+        self.adopted_directories = 0
+        self.adopted_records = 0
         self._per_file = events_per_file
         self._run_blocking = run_blocking
         self._io = defer.DeferredLock()
@@ -148,12 +164,24 @@ class FileBuffer:
             "pendingCount": self.pending, "failedCount": self.failed, "healthy": self.healthy,
             "lastError": self.last_error,
             "segments": len(self._sealed) + (self._active is not None),
+            "adopted": {"directories": self.adopted_directories,
+                        "records": self.adopted_records,
+                        "directoriesReplaying": len(self._orphans)},
             "failedFiles": {"count": len(self.failed_files), "totalBytes": failed_bytes,
                             "totalMB": round(failed_bytes / (1024 * 1024), 3),
                             "failoverCount": self.failed, "qos0Count": 0},
         }
 
     # -- lifecycle ----------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Locks the directory for this process (blocking; before the reactor runs).
+
+        Raises :class:`~queen_tw.failover.adoption.DirectoryInUse` when another live process
+        holds it, ``OSError`` when the directory cannot be used (:meth:`open` reports that).
+        """
+        if self._lock is None:
+            self._lock = adoption.claim(self.directory)
 
     async def open(self) -> None:
         """Takes over what an earlier process left in the directory.
@@ -168,14 +196,14 @@ class FileBuffer:
         await self._io.run(lambda: defer.ensureDeferred(self._take_over()))
 
     async def _take_over(self) -> None:
-        """Runs under the I/O lock: no write starts before the scan's results are in."""
+        """Runs under the I/O lock: no write starts before the scan's results are in, nor
+        before the directories of processes that no longer run are adopted."""
         try:
-            found = await self._run_blocking(_scan, self.directory)
-        except OSError as err:
+            found = await self._run_blocking(self._claim_and_scan)
+        except (OSError, adoption.DirectoryInUse) as err:
+            self._opened = True
             self._unhealthy(err)
             return
-        finally:
-            self._opened = True
         self._next_seq = max(self._next_seq, found.next_seq)
         self._add_sealed(found.sealed)
         self._counts.update(found.counts)
@@ -185,6 +213,77 @@ class FileBuffer:
             log.info("file buffer {dir}: {n} records in {files} segments left to replay",
                      dir=str(self.directory), n=sum(found.counts.values()),
                      files=len(found.sealed))
+        try:
+            await self._adopt()
+        finally:
+            self._opened = True
+
+    def _claim_and_scan(self) -> "_Found":
+        """I/O job: locks the directory unless :meth:`claim` did, then reads it."""
+        if self._lock is None:
+            self._lock = adoption.claim(self.directory, attempts=1)
+        return _scan(self.directory)
+
+    async def adopt_orphans(self) -> None:
+        """Adopts the directories whose owner stopped running since the last look."""
+        if self._opened and not self._closing and self.healthy:
+            await self._io.run(lambda: defer.ensureDeferred(self._adopt()))
+
+    async def _adopt(self) -> None:
+        """Runs under the I/O lock (the active segment is sealed in the middle of it)."""
+        if self._scan_root is None:
+            return
+        sealed: Optional[List[Segment]] = None
+
+        def reserve() -> int:
+            """I/O job: later appends must go to a segment numbered after the adoption."""
+            nonlocal sealed
+            if sealed is None:
+                sealed = self._seal_active()
+            seq = self._next_seq
+            self._next_seq += 1
+            return seq
+
+        orphans = await self._run_blocking(adoption.take_orphans, self.directory,
+                                           self._scan_root, set(self._orphans), reserve)
+        self._add_sealed(sealed or [])
+        for orphan in orphans:
+            self._take(orphan)
+
+    def _take(self, orphan: adoption.Orphan) -> None:
+        if orphan.error is not None:
+            log.error("file buffer {dir}: could not adopt every segment of {source}, left by a "
+                      "process that no longer runs: {error}", dir=str(self.directory),
+                      source=str(orphan.source), error=orphan.error)
+        if not orphan.segments:
+            if orphan.lock is not None:
+                defer.ensureDeferred(self._finish(orphan))
+            return
+        self._add_sealed([Segment(orphan.seq, path, count, sub=n)
+                          for n, (path, count) in enumerate(orphan.segments, start=1)])
+        self._counts.update(orphan.counts)
+        self._orphans[orphan.directory] = orphan
+        self._orphan_left[orphan.directory] = len(orphan.segments)
+        self.adopted_directories += 1
+        self.adopted_records += orphan.records
+        log.info("file buffer {dir}: adopted {n} records in {files} segments from {source}, "
+                 "left by a process that no longer runs ({failed} records it had given up on "
+                 "stay in its failed/)", dir=str(self.directory), n=orphan.records,
+                 files=len(orphan.segments), source=str(orphan.source),
+                 failed=orphan.source_failed)
+
+    async def _finish(self, orphan: adoption.Orphan) -> None:
+        """The adopted directory's last segment is stored: removes it, drops its lock."""
+        self._orphans.pop(orphan.directory, None)
+        self._orphan_left.pop(orphan.directory, None)
+        try:
+            await self._run_blocking(adoption.finish, orphan)
+        except OSError as err:
+            log.warn("file buffer: adopted directory {dir} replayed but not removed: {error}",
+                     dir=str(orphan.directory), error=_describe(err))
+        if orphan.segments:
+            log.info("file buffer {dir}: the {n} records adopted from {source} are replayed",
+                     dir=str(self.directory), n=orphan.records, source=str(orphan.source))
 
     async def close(self) -> None:
         """Refuses new records, waits for queued ones to be written, closes the segment."""
@@ -194,6 +293,13 @@ class FileBuffer:
             self._idle.append(idle)
             await idle
         await self._io.run(self._run_blocking, self._close_active)
+        for orphan in self._orphans.values():  # what is left is adopted again next time
+            if orphan.lock is not None:
+                adoption.release(orphan.lock)
+        self._orphans.clear()
+        if self._lock is not None:
+            adoption.release(self._lock)
+            self._lock = None
 
     # -- writing ------------------------------------------------------------------------
 
@@ -273,7 +379,7 @@ class FileBuffer:
         self.directory.mkdir(parents=True, exist_ok=True)
         seq = self._next_seq
         self._next_seq += 1
-        path = self.directory / _SEGMENT_NAME.format(seq)
+        path = self.directory / SEGMENT_NAME.format(seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      0o644)
         try:
@@ -357,6 +463,11 @@ class FileBuffer:
         await self._run_blocking(_unlink_quietly, segment.path)
         if segment in self._sealed:
             self._sealed.remove(segment)
+        orphan = self._orphans.get(segment.path.parent)
+        if orphan is not None:
+            self._orphan_left[orphan.directory] -= 1
+            if self._orphan_left[orphan.directory] <= 0:
+                await self._finish(orphan)
 
     async def fail(self, segment: Segment, failures: List[Tuple[Any, str]]) -> None:
         """Appends ``(record, error)`` pairs to ``failed/<segment name>`` and fsyncs.
@@ -374,7 +485,10 @@ class FileBuffer:
                 entry["record"] = record
             body = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
             lines.append(records.encode_line(body.encode()))
-        target = self.directory / FAILED_DIR / segment.path.name
+        name = segment.path.name
+        if segment.path.parent != self.directory:  # adopted: names repeat across directories
+            name = f"{segment.path.parent.name}-{name}"
+        target = self.directory / FAILED_DIR / name
         size = await self._run_blocking(_append_durably, target, b"".join(lines))
         self.failed += len(failures)
         self.failed_files[target.name] = size
@@ -395,11 +509,11 @@ def _scan(directory: Path) -> _Found:
     """Blocking: reads every segment (deleting empty ones) and sizes up ``failed/``."""
     found = _Found()
     directory.mkdir(parents=True, exist_ok=True)
-    for path in sorted(directory.iterdir()):
-        match = _SEGMENT_RE.match(path.name)
-        if match is None:
-            continue
-        seq = int(match.group(1))
+    for path in directory.iterdir():  # adopted directories hold numbers too
+        seq = adoption.adopted_seq(path.name)
+        if seq is not None:
+            found.next_seq = max(found.next_seq, seq + 1)
+    for seq, path in records.segment_files(directory):
         found.next_seq = max(found.next_seq, seq + 1)
         contents = records.read_segment(path)
         if not contents.records and not contents.corrupt:

@@ -1,8 +1,11 @@
 """The durability parts of one server process, built together for ``make_service``.
 
 - a :class:`FileBuffer` in ``FILE_BUFFER_DIR`` (a sub-directory per worker when
-  ``NUM_WORKERS`` > 1, so workers never share a segment), opened at start — taking over what
-  an earlier process left — and flushed and closed at stop;
+  ``NUM_WORKERS`` > 1, so workers never share a segment), locked for this process as soon as
+  the service is built (a second live process given the same directory is refused), opened
+  at start — taking over what an earlier process left — and flushed and closed at stop;
+- the adoption of buffer directories whose process no longer runs, at open and every
+  :data:`ADOPTION_INTERVAL_MS` (``adoption``);
 - the :class:`~queen_tw.maintenance.Maintenance` flags and buffer status, and their refresh;
 - the :class:`FileFailover` handed to ``QueueEngine``;
 - the replay of the buffer into PostgreSQL.
@@ -19,16 +22,22 @@ from twisted.logger import Logger
 
 from queen_tw.config import Config
 from queen_tw.db.pool import Database
+from queen_tw.failover.adoption import DirectoryInUse
 from queen_tw.failover.buffer import FileBuffer
 from queen_tw.failover.policy import FileFailover
 from queen_tw.failover.replay import Replayer, ReplayService, Store
 from queen_tw.maintenance import Maintenance
 from queen_tw.services.periodic import PeriodicService
+from queen_tw.startup import refuse_to_start
 
 log = Logger()
 
 WORKER_REFRESH_MS = 1000
 """Flag re-read period of each of ``NUM_WORKERS`` processes (when the option asks for more)."""
+
+ADOPTION_INTERVAL_MS = 30_000
+"""How often a process looks for buffer directories left by processes that no longer run
+(it also looks when its buffer opens)."""
 
 
 class Durability:
@@ -48,7 +57,14 @@ class Durability:
         self._config = config
         self._clock = clock
         self._worker = worker
-        self.buffer = FileBuffer(str(directory), config.file_buffer_events_per_file)
+        self.buffer = FileBuffer(str(directory), config.file_buffer_events_per_file,
+                                 scan_root=config.file_buffer_dir)
+        try:
+            self.buffer.claim()
+        except DirectoryInUse as err:
+            refuse_to_start(str(err))
+        except OSError:
+            pass  # an unusable directory: open() logs it and reports the buffer unhealthy
         self.maintenance = Maintenance(db, self.buffer, clock)
         self.failover = FileFailover(self.buffer, self.maintenance)
 
@@ -63,6 +79,11 @@ class Durability:
             # a flag switched through one worker reaches its siblings by this re-read only
             refresh_ms = min(refresh_ms, WORKER_REFRESH_MS)
         return self.maintenance.refresh_service(refresh_ms)
+
+    def adoption_service(self) -> PeriodicService:
+        """Adopts buffer directories whose process stopped running (stage ``jobs``)."""
+        return PeriodicService("orphaned buffer adoption", ADOPTION_INTERVAL_MS,
+                               self.buffer.adopt_orphans, self._clock)
 
     def replay_service(self, store: Store) -> ReplayService:
         """Replays the buffer through ``store`` (``QueueEngine.store``; stage ``replay``)."""

@@ -11,6 +11,7 @@ fsync), so readers skip it. Anywhere else it is corruption, reported as such.
 """
 
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,23 @@ RECORD_FIELDS = ("queue", "partition", "payload", "transactionId", "traceId", "p
 ``payload`` stays absent when the request had none (it is stored as ``{}`` then)."""
 
 DEFAULT_PARTITION = "Default"
+
+SEGMENT_NAME = "segment-{:012d}.jsonl"
+"""Segment files; the number gives their order within one directory."""
+FAILED_DIR = "failed"
+"""Where records the replay gave up on are kept, with their error."""
+_SEGMENT_RE = re.compile(r"^segment-(\d{12})\.jsonl$")
+
+
+def segment_files(directory: Path) -> List[Tuple[int, Path]]:
+    """(number, path) of every segment file directly in ``directory``, oldest first
+    (blocking; raises ``OSError`` when the directory cannot be listed)."""
+    found = []
+    for path in directory.iterdir():
+        match = _SEGMENT_RE.match(path.name)
+        if match is not None:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def partition_key(item: Dict[str, Any]) -> Tuple[str, str]:
