@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import psycopg2
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 from queen_tw.config import Config
 from queen_tw.db.embedded import EmbeddedPostgres
@@ -148,3 +149,18 @@ def pytest_runtest_makereport(
         for name, process in _servers_of(item):
             report.sections.append((f"queen-tw log ({name})", process.log_tail(60)))
     return report
+
+
+@pytest.fixture
+def lines() -> Iterator[list[str]]:
+    """Every log line of the server's modules emitted during the test, formatted."""
+    seen: list[str] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("queen_tw"):
+            seen.append(formatEvent(event))
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -8,7 +8,6 @@ when it starts, reminders, one when it ends), not one per attempt.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from twisted.application import service as service_module
 from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from queen_tw.cluster.workers import WorkerSupervisor
@@ -40,21 +39,6 @@ def fired(d: defer.Deferred) -> list[Any]:
     seen: list[Any] = []
     d.addBoth(seen.append)
     return seen
-
-
-@pytest.fixture
-def lines() -> Iterator[list[str]]:
-    """Every log line of the server's modules emitted during the test, formatted."""
-    seen: list[str] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace", "").startswith("queen_tw"):
-            seen.append(formatEvent(event))
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 # -- Backoff and OutageLog ------------------------------------------------------------------

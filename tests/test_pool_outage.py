@@ -9,7 +9,6 @@ import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, threads
-from twisted.logger import formatEvent, globalLogPublisher
 
 from queen_tw.config import Config
 from queen_tw.db.embedded import EmbeddedPostgres
@@ -40,20 +39,6 @@ def dsn(postgres: EmbeddedPostgres) -> str:
     finally:
         connection.close()
     return dsn
-
-
-@pytest.fixture
-def lines() -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace", "").startswith("queen_tw"):
-            seen.append(formatEvent(event))
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.ensureDeferred
