@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from queen_tw.cluster.peers import parse_peers
 from queen_tw.logs import route_twistd
 from queen_tw.startup import refuse_to_start
 
@@ -191,6 +192,34 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("embedded_pg", "QUEEN_EMBEDDED_PG", "path", None,
          "Run a private PostgreSQL in this directory (needs queen-tw[embedded]); "
          "for development, overrides the PG_* connection"),
+    # --- cluster: UDP peer sync (WIRE.md 6) ---------------------------------------------
+    _opt("udp_peers", "QUEEN_UDP_PEERS", "str", "",
+         "Peers to sync with over UDP: comma list of host[:port] (http:// and a trailing / "
+         "are stripped; the port defaults to QUEEN_UDP_NOTIFY_PORT); empty = sync off"),
+    _opt("udp_notify_port", "QUEEN_UDP_NOTIFY_PORT", "int", 6633,
+         "UDP port of peer sync, and the default port of each peer (0 picks a free port)",
+         minimum=0, maximum=65535),
+    _opt("udp_bind", "QUEEN_UDP_BIND", "str", "",
+         "Address the peer-sync UDP socket binds; empty = HOST"),
+    _opt("sync_enabled", "QUEEN_SYNC_ENABLED", "bool", True,
+         "false turns peer sync off even when QUEEN_UDP_PEERS is set"),
+    _opt("sync_secret", "QUEEN_SYNC_SECRET", "str", "",
+         "HMAC-SHA256 key of the peer datagrams (same on every instance); empty = unsigned. "
+         "Prefer the environment: flags show up in ps"),
+    _opt("sync_heartbeat_ms", "QUEEN_SYNC_HEARTBEAT_MS", "int", 1000,
+         "Period of the heartbeat sent to every peer, in ms", minimum=10),
+    _opt("sync_dead_threshold_ms", "QUEEN_SYNC_DEAD_THRESHOLD_MS", "int", 5000,
+         "A peer is dead after this long without a heartbeat, in ms (more than "
+         "QUEEN_SYNC_HEARTBEAT_MS)", minimum=1),
+    _opt("sync_recv_buffer_mb", "QUEEN_SYNC_RECV_BUFFER_MB", "int", 8,
+         "Receive buffer of the peer-sync socket in MiB; 0 = the system default", minimum=0),
+    _opt("queue_config_ttl_ms", "QUEEN_QUEUE_CONFIG_TTL_MS", "int", 5000,
+         "How long a queue's encryption flag is cached, in ms: the longest a queue switched "
+         "to encryptionEnabled on another instance can be missed when no peer datagram "
+         "arrives; 0 = read it from PostgreSQL on every push", minimum=0),
+    _opt("sync_fd", "QUEEN_SYNC_FD", "int", None,
+         "Use this inherited UDP socket for peer sync (set by NUM_WORKERS for worker 1; "
+         "not for direct use)", minimum=0),
 )
 
 # Upstream or seed names that queen-tw accepts and ignores (WIRE.md section 5,
@@ -275,6 +304,16 @@ class Config:
     encryption_key: bytes | None = dataclasses.field(repr=False)
     listen_fd: int | None
     embedded_pg: str | None
+    udp_peers: str
+    udp_notify_port: int
+    udp_bind: str
+    sync_enabled: bool
+    sync_secret: str = dataclasses.field(repr=False)
+    sync_heartbeat_ms: int
+    sync_dead_threshold_ms: int
+    sync_recv_buffer_mb: int
+    queue_config_ttl_ms: int
+    sync_fd: int | None
     migrate_only: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -309,6 +348,16 @@ class Config:
     def with_changes(self, **changes: Any) -> Config:
         """A copy with some fields replaced; no re-validation (tests and embedded mode)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def sync_wanted(self) -> bool:
+        """Peer sync runs: peers are configured and QUEEN_SYNC_ENABLED is not false."""
+        return self.sync_enabled and bool(self.udp_peers.strip())
+
+    @property
+    def udp_interface(self) -> str:
+        """The address the peer-sync socket binds (QUEEN_UDP_BIND, else HOST)."""
+        return self.udp_bind.strip() or self.host
 
     @property
     def sslmode(self) -> str:
@@ -499,6 +548,18 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
             "POP_WAIT_MAX_INTERVAL_MS: must be >= POP_WAIT_INITIAL_INTERVAL_MS "
             f"({values['pop_wait_initial_interval_ms']}), got {values['pop_wait_max_interval_ms']}"
         )
+    if values["sync_dead_threshold_ms"] <= values["sync_heartbeat_ms"]:
+        raise ConfigError(
+            "QUEEN_SYNC_DEAD_THRESHOLD_MS: must be more than QUEEN_SYNC_HEARTBEAT_MS "
+            f"({values['sync_heartbeat_ms']}), got {values['sync_dead_threshold_ms']}")
+    try:
+        peers = parse_peers(values["udp_peers"], values["udp_notify_port"])
+    except ValueError as err:
+        raise ConfigError(f"QUEEN_UDP_PEERS: {err}") from None
+    portless = [str(peer.host) for peer in peers if peer.port == 0]
+    if portless:
+        raise ConfigError(f"QUEEN_UDP_PEERS: peer {portless[0]!r} needs a port when "
+                          "QUEEN_UDP_NOTIFY_PORT is 0")
 
 
 _NOT_OPTIONS = frozenset({"warnings", "migrate_only"})

@@ -12,12 +12,17 @@ answers 503: the server does not know the flags yet); reads are retried quickly 
 to a second) until then, so a fresh instance learns the flags right after PostgreSQL answers.
 An outage is logged once when the reads start failing and once when they work again.
 
+With peer sync (WIRE 6.1) a change is also announced to the other instances, which apply it
+at once (:meth:`Maintenance.apply_from_peer`); the periodic re-read stays the fallback for a
+lost datagram. This module knows nothing of the sync: the announcing is a callback given to
+:meth:`Maintenance.announce_changes_to`.
+
 The HTTP layer is given one :class:`Maintenance` and reads or changes everything through it;
 it never reaches into the buffer or the failover policy.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -63,6 +68,27 @@ class Maintenance:
         self._clock = clock
         self._flags: Dict[str, bool] = {MAINTENANCE: False, POP_MAINTENANCE: False}
         self.loaded = False
+        self._announce: Optional[Callable[[str, bool], None]] = None
+        # per flag, how many peer changes arrived: a re-read begun before one must not undo it
+        self._peer_changes: Dict[str, int] = {MAINTENANCE: 0, POP_MAINTENANCE: 0}
+
+    def announce_changes_to(self, announce: Callable[[str, bool], None]) -> None:
+        """``announce(key, enabled)`` is called after each change made through this
+        process (the peer sync tells the other instances)."""
+        self._announce = announce
+
+    def apply_from_peer(self, key: str, enabled: bool) -> None:
+        """A peer changed a flag (it is stored in PostgreSQL already): applied at once.
+
+        Unknown keys and non-boolean values are ignored (logged at debug): they come from
+        the network.
+        """
+        if key not in self._flags or not isinstance(enabled, bool):
+            log.debug("ignored a peer's maintenance change {key}={enabled!r}", key=key,
+                      enabled=enabled)
+            return
+        self._peer_changes[key] += 1
+        self._apply(key, enabled)
 
     @property
     def maintenance_mode(self) -> bool:
@@ -80,9 +106,13 @@ class Maintenance:
 
     async def refresh(self) -> Dict[str, bool]:
         """Re-reads the flags from PostgreSQL; raises ``DatabaseUnavailable`` when it cannot."""
+        changes_before = dict(self._peer_changes)
         stored = await self._db.call("system_state_get")
         for key in self._flags:
-            self._apply(key, _enabled(stored.get(key)))
+            if self._peer_changes[key] == changes_before[key]:
+                self._apply(key, _enabled(stored.get(key)))
+            # else: read before a peer's change arrived, so it may predate it: the peer's
+            # value stays until the next re-read
         self.loaded = True
         return dict(self._flags)
 
@@ -114,6 +144,8 @@ class Maintenance:
     async def _set(self, key: str, enabled: bool) -> None:
         await self._db.call("system_state_set", key, {"enabled": enabled})
         self._apply(key, enabled)
+        if self._announce is not None:
+            self._announce(key, enabled)
 
     def _apply(self, key: str, enabled: bool) -> None:
         if self._flags[key] != enabled:

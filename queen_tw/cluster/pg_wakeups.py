@@ -5,6 +5,10 @@ worker's sessions set ``queen.wakeup=on``; the push and ack functions then send 
 channel ``queen_wakeup`` (delivered at commit) naming the queue, the partition and the
 sending worker. Each worker LISTENs on one dedicated connection and wakes its own waiters;
 its own notices are skipped (it woke them locally already).
+
+With peer sync, worker 1 also sends such a notice (:meth:`PostgresWakeups.relay`) for each
+wake-up a peer instance announced, so its siblings' pops wake too (see
+:mod:`queen_tw.cluster.wiring`).
 """
 
 from typing import Callable, Optional
@@ -68,6 +72,18 @@ class PostgresWakeups(PeriodicService):
             self._connection = connection
         else:
             _close(connection)  # stopped while connecting
+
+    def relay(self, queue: str, partition: Optional[str]) -> None:
+        """Wakes the sibling workers' pops on ``queue`` / ``partition`` (a peer instance's
+        push). Advisory like the datagram it comes from: without a connection right now it
+        is skipped, and the siblings' fallback timers cover it."""
+        if self._connection is None:
+            log.debug("wake-up of {queue} not relayed: no LISTEN connection", queue=queue)
+            return
+        payload = "\n".join([queue, partition or "", self._worker_id])
+        sent = self._connection.runOperation("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+        sent.addErrback(lambda failure: log.debug("wake-up relay failed: {error}",
+                                                  error=failure.getErrorMessage()))
 
     def _on_notify(self, notify) -> None:
         queue, partition, sender = (notify.payload.split("\n") + [None, None])[:3]

@@ -22,7 +22,7 @@ from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
 from queen_tw.http.resources import ResourceRoutes
-from queen_tw.http.system import SystemRoutes
+from queen_tw.http.system import SharedStateView, SystemRoutes
 from queen_tw.maintenance import Maintenance
 
 
@@ -69,7 +69,8 @@ class Routes(Resource):
 
 def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
               admin: Optional[AdminEngines] = None,
-              maintenance: Optional[Maintenance] = None) -> IResource:
+              maintenance: Optional[Maintenance] = None,
+              shared_state: Optional[SharedStateView] = None) -> IResource:
     """The site's root: every route of WIRE.md, push/pop/ack through the hot shortcut.
 
     :param engine: the message path.
@@ -77,11 +78,12 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     :param pop_defaults: pop parameters a request leaves out.
     :param admin: consumer-group, browser, statistics and wake-up engines (404 without).
     :param maintenance: flags and file buffer of the system routes (404 without).
+    :param shared_state: peer-sync statistics (None: sync off, ``not_initialized``).
     """
     messaging = MessagingRoutes(engine, pop_defaults)
     return HotRoutes(messaging, Routes([
         messaging,
         ResourceRoutes(engine, admin),
         GroupRoutes(admin),
-        SystemRoutes(engine, worker_id, maintenance, admin),
+        SystemRoutes(engine, worker_id, maintenance, shared_state),
     ]))

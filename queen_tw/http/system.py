@@ -1,43 +1,53 @@
-"""System routes (WIRE.md 2.8, 3.7): health, the maintenance modes, the file buffer's status
-and the peer wake-up.
+"""System routes (WIRE.md 2.8, 3.7): health, the maintenance modes, the file buffer's status,
+the peer wake-up and the shared-state (peer sync) statistics.
 
 Everything about maintenance and the buffer is read and changed through one injected
 :class:`~queen_tw.maintenance.Maintenance`; without one (a server built without durability,
 as in unit tests) the maintenance and buffer routes answer 404 and ``/health`` reports the
-database alone.
+database alone. The peer sync is seen through one read-only :class:`SharedStateView`; without
+one (sync off) the shared-state routes answer ``{enabled: false, reason: "not_initialized"}``.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 from klein import Klein
 
 from queen_tw import __version__
-from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.errors import InvalidRequest, NotFound
 from queen_tw.http import parsing
 from queen_tw.http.answers import answering_errors, json_answer
 from queen_tw.maintenance import Maintenance
 
+NOT_INITIALIZED = {"enabled": False, "reason": "not_initialized"}
+"""The shared-state answer of a server without peer sync (WIRE 3.7)."""
+
+
+class SharedStateView(Protocol):
+    """What the shared-state routes read (``queen_tw.cluster.wiring.SharedState``)."""
+
+    def stats(self) -> Dict[str, Any]:
+        """Every field of the WIRE 3.7 shared-state answer."""
+
 
 class SystemRoutes:
     """Routes about the server itself.
 
-    :param engine: asked whether PostgreSQL answers.
+    :param engine: asked whether PostgreSQL answers; wakes pops for ``/internal/api/notify``.
     :param worker_id: reported by ``/health`` and the buffer status.
     :param maintenance: the flags and the file buffer; their routes answer 404 without it.
-    :param admin: the wake-up seam of ``/internal/api/notify`` (404 without it).
+    :param shared_state: the peer-sync statistics; None when sync is off.
     """
 
     app = answering_errors(Klein())
 
     def __init__(self, engine: QueueEngine, worker_id: str,
                  maintenance: Optional[Maintenance] = None,
-                 admin: Optional[AdminEngines] = None):
+                 shared_state: Optional[SharedStateView] = None):
         self._engine = engine
         self._worker_id = worker_id
         self._maintenance = maintenance
-        self._admin = admin
+        self._shared_state = shared_state
 
     def _required_maintenance(self) -> Maintenance:
         if self._maintenance is None:
@@ -53,7 +63,7 @@ class SystemRoutes:
             "status": "healthy" if healthy else "unhealthy",
             "database": "connected" if connected else "disconnected",
             "server": "queen-tw", "worker_id": self._worker_id, "version": __version__,
-            "shared_state": {"enabled": False},
+            "shared_state": {"enabled": self._shared_state is not None},
             "queen": {"worker_id": self._worker_id, "status": "active"},
         }
         if maintenance is not None:
@@ -119,11 +129,17 @@ class SystemRoutes:
         if not queue:
             raise InvalidRequest("queue is required")
         partition = parsing.optional_text(body, "partition") or None
-        if self._admin is None:
-            raise NotFound("Not found")
-        self._admin.notify(parsing.check_name(queue, "queue"),
-                           partition and parsing.check_name(partition, "partition"))
+        self._engine.announce_available(parsing.check_name(queue, "queue"),
+                                        partition and parsing.check_name(partition, "partition"))
         return json_answer(request, 200, {"status": "ok"})
+
+    @app.route("/api/v1/system/shared-state", methods=["GET"])
+    @app.route("/internal/api/shared-state/stats", methods=["GET"])
+    @app.route("/internal/api/inter-instance/stats", methods=["GET"])
+    def shared_state(self, request):
+        if self._shared_state is None:
+            return json_answer(request, 200, NOT_INITIALIZED)
+        return json_answer(request, 200, self._shared_state.stats())
 
 
 def _enabled_flag(body: Dict[str, Any]) -> bool:

@@ -1,0 +1,237 @@
+"""How the UDP peer sync is plugged into one server process (issue #16, WIRE 6).
+
+:class:`~queen_tw.cluster.peer_sync.PeerSync` only moves datagrams; this module says what
+the server tells its peers and what it does with what they say:
+
+- outgoing: committed pushes (``QueueEngine`` through :class:`ClusterNotices`), configure and
+  delete, maintenance toggles (a callback given to ``Maintenance``);
+- incoming: a ``MESSAGE_AVAILABLE`` wakes the local long-polls of that partition and the
+  queue's wildcard ones; a queue config set/delete updates the
+  :class:`~queen_tw.cluster.config_cache.QueueConfigCache`; a maintenance flag is applied
+  at once. Bad field types are ignored and logged at debug; nothing raises into the reactor.
+
+NUM_WORKERS > 1: one UDP socket per instance, owned by worker 1. The parent binds it before
+the reactor runs (a port in use refuses to start with one line) and hands it to worker 1 as
+an inherited descriptor (``QUEEN_SYNC_FD``), so the port stays held while worker 1 is
+restarted. The other workers run no peer sync. The PostgreSQL ``queen_wakeup`` NOTIFY relay
+(:mod:`queen_tw.cluster.pg_wakeups`) carries the rest, since every worker already LISTENs on
+it:
+
+- a peer's ``MESSAGE_AVAILABLE`` wakes worker 1's waiters and is relayed on that channel to
+  its siblings;
+- a sibling's committed push reaches worker 1 on that channel (the push functions NOTIFY),
+  and worker 1 announces it to the peers;
+- a sibling's configure or maintenance toggle is not seen by worker 1 at once: peers learn
+  it from PostgreSQL, the maintenance flags within ``QUEEN_CACHE_REFRESH_INTERVAL_MS`` and an
+  encryption flag within ``QUEEN_QUEUE_CONFIG_TTL_MS`` (the bounds that hold for any lost
+  datagram); likewise siblings learn a peer's config or maintenance change that way (the
+  worker flag re-read runs every second).
+"""
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from queen_tw.cluster.config_cache import QueueConfigCache
+from queen_tw.cluster.peer_sync import PeerSync, SyncHandlers, SyncPortUnavailable, SyncSettings
+from queen_tw.cluster.peers import parse_peers
+from queen_tw.config import Config
+from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.maintenance import Maintenance
+from queen_tw.startup import fatal, refuse_to_start
+
+log = Logger()
+
+MiB = 1024 * 1024
+
+
+def server_identity(config: Config, hostname: Optional[str] = None) -> str:
+    """``<hostname>:<udp port>`` (WIRE 6.1). With port 0 (tests: any free port) the pid
+    stands in for the port, so two such instances on one machine never share an id."""
+    host = hostname or socket.gethostname()
+    if config.udp_notify_port:
+        return f"{host}:{config.udp_notify_port}"
+    return f"{host}:pid{os.getpid()}"
+
+
+def sync_settings(config: Config) -> SyncSettings:
+    """The :class:`SyncSettings` of ``config`` (already validated by ``Config``)."""
+    secret = config.sync_secret.encode("utf-8") if config.sync_secret else None
+    return SyncSettings(
+        peers=parse_peers(config.udp_peers, config.udp_notify_port),
+        port=config.udp_notify_port, interface=config.udp_interface, secret=secret,
+        heartbeat_ms=config.sync_heartbeat_ms,
+        dead_threshold_ms=config.sync_dead_threshold_ms, server_id=server_identity(config),
+        recv_buffer_bytes=config.sync_recv_buffer_mb * MiB or None,
+        inherited_fd=config.sync_fd)
+
+
+def udp_refusal(interface: str, port: int, error: object) -> str:
+    """The one line of a peer-sync port that cannot be bound, naming the setting."""
+    cause = error.socketError if isinstance(error, CannotListenError) else error
+    if isinstance(cause, OSError) and cause.strerror:
+        text = cause.strerror[:1].lower() + cause.strerror[1:]
+    else:
+        text = str(cause)
+    hint = ("set QUEEN_UDP_BIND or HOST" if getattr(cause, "errno", None) == errno.EADDRNOTAVAIL
+            else "set QUEEN_UDP_NOTIFY_PORT")
+    return f"cannot listen on UDP {interface}:{port}: {text} ({hint})"
+
+
+def open_udp_socket(interface: str, port: int) -> socket.socket:
+    """A bound, non-blocking UDP socket for worker 1 to inherit (``NUM_WORKERS``); called
+    before the reactor runs, it refuses to start with one line when the port is taken."""
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        udp.bind((interface, port))
+    except OSError as err:
+        udp.close()
+        refuse_to_start(udp_refusal(interface, port, err))
+    udp.setblocking(False)
+    return udp
+
+
+class ClusterNotices:
+    """What this process tells its peers: ``QueueEngine``'s ``PeerNotices`` and the
+    maintenance callback.
+
+    :param sync: the peer-sync service.
+    """
+
+    def __init__(self, sync: PeerSync):
+        self._sync = sync
+
+    def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
+        self._sync.announce_messages(keys)  # type: ignore[arg-type]  # None = any partition
+
+    def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
+        self._sync.announce_config_set(queue, config)
+
+    def announce_config_delete(self, queue: str) -> None:
+        self._sync.announce_config_delete(queue)
+
+    def announce_maintenance(self, key: str, enabled: bool) -> None:
+        self._sync.announce_maintenance(key, enabled)
+
+
+
+def sibling_wakeups(waiters: WaiterRegistry, notices: ClusterNotices
+                    ) -> Callable[[str, Optional[str]], None]:
+    """Worker 1's handler of a sibling's ``queen_wakeup`` notice (a committed push or a
+    lease release there): wake the pops parked here and tell the peers."""
+
+    def woken(queue: str, partition: Optional[str]) -> None:
+        waiters.notify(queue, partition)
+        notices.announce_messages([(queue, partition)])
+
+    return woken
+
+
+def sync_handlers(waiters: WaiterRegistry, cache: QueueConfigCache, maintenance: Maintenance,
+                  relay: Optional[Callable[[str, Optional[str]], None]] = None
+                  ) -> SyncHandlers:
+    """What a peer's datagram does here (see the module docstring)."""
+
+    def message_available(queue: str, partition: Optional[str]) -> None:
+        waiters.notify(queue, partition)
+        if relay is not None:
+            relay(queue, partition)
+
+    return SyncHandlers(message_available=message_available,
+                        config_set=cache.apply_peer_config, config_delete=cache.forget,
+                        maintenance=maintenance.apply_from_peer)
+
+
+class SyncService(service.MultiService):
+    """Holds the :class:`PeerSync`; a port that cannot be bound stops the server with one
+    line naming ``QUEEN_UDP_NOTIFY_PORT`` instead of a traceback.
+
+    :param sync: the peer-sync service (its only child).
+    :param reactor: stopped by :func:`~queen_tw.startup.fatal` if binding fails only once
+        the reactor runs (no twistd privileged step, as in tests).
+    """
+
+    def __init__(self, sync: PeerSync, reactor):
+        super().__init__()
+        self.sync = sync
+        self._reactor = reactor
+        sync.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        reason = self._bind()
+        if reason is not None:
+            refuse_to_start(reason)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        reason = self._bind()
+        if reason is not None:
+            fatal(self._reactor, reason)
+            return
+        super().startService()
+
+    def _bind(self) -> Optional[str]:
+        try:
+            self.sync.bind()
+        except SyncPortUnavailable as err:
+            settings = self.sync.settings
+            return udp_refusal(settings.interface, settings.port, err.__context__ or err)
+        return None
+
+
+class SharedState:
+    """The read-only view of ``GET /api/v1/system/shared-state`` (WIRE 3.7).
+
+    :param sync: peer transport and liveness counters.
+    :param cache: the queue config cache counters.
+    :param maintenance: the two flags as this process knows them.
+    """
+
+    def __init__(self, sync: PeerSync, cache: QueueConfigCache, maintenance: Maintenance):
+        self._sync = sync
+        self._cache = cache
+        self._maintenance = maintenance
+
+    def stats(self) -> Dict[str, Any]:
+        body = self._sync.stats()
+        body["queue_config_cache"] = self._cache.stats()
+        body["maintenance_mode"] = self._maintenance.maintenance_mode
+        body["pop_maintenance_mode"] = self._maintenance.pop_maintenance_mode
+        return body
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The peer-sync parts of one process (see :mod:`queen_tw.cluster.wiring`)."""
+
+    service: SyncService
+    notices: ClusterNotices
+    shared_state: SharedState
+    relay_to: Callable[[Callable[[str, Optional[str]], None]], None]
+
+
+def peer_sync(config: Config, waiters: WaiterRegistry, cache: QueueConfigCache,
+              maintenance: Maintenance, reactor, in_group: bool) -> Optional[Cluster]:
+    """The UDP peer sync when QUEEN_UDP_PEERS is set and QUEEN_SYNC_ENABLED is not false;
+    with NUM_WORKERS only worker 1 (the one given the parent's socket) runs it."""
+    if not config.sync_wanted or (in_group and config.sync_fd is None):
+        return None
+    relays: List[Callable[[str, Optional[str]], None]] = []
+
+    def relay(queue: str, partition: Optional[str]) -> None:
+        for each in relays:
+            each(queue, partition)
+
+    sync = PeerSync(sync_settings(config), sync_handlers(waiters, cache, maintenance, relay),
+                    reactor)
+    notices = ClusterNotices(sync)
+    maintenance.announce_changes_to(notices.announce_maintenance)
+    return Cluster(SyncService(sync, reactor), notices, SharedState(sync, cache, maintenance),
+                    relays.append)
