@@ -2,6 +2,7 @@
 several PeerSync instances in this process talking over real loopback UDP sockets."""
 
 import random
+import socket
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
@@ -497,6 +498,9 @@ async def test_stats_have_the_wire_3_7_shape():
             "messages_received", "messages_dropped", "signature_failures",
             "sequence_rejections"}
         assert stats["transport"]["peers"] == ["127.0.0.1:9", "127.0.0.1:10"]
+        assert stats["transport"]["peer_addresses"] == [
+            {"peer": "127.0.0.1:9", "address": "127.0.0.1"},
+            {"peer": "127.0.0.1:10", "address": "127.0.0.1"}]
         assert stats["transport"]["port"] == a.port != 0
         assert len(stats["transport"]["session_id"]) == 32
         assert set(stats["server_health"]) == {"servers_tracked", "servers_alive",
@@ -504,5 +508,44 @@ async def test_stats_have_the_wire_3_7_shape():
                                                "restarts_detected"}
         await a.stopService()
         assert a.stats()["running"] is False
+    finally:
+        await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inherited_socket_is_used_instead_of_binding_the_port():
+    cluster = _Cluster()
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        inherited.bind(("127.0.0.1", 0))
+        inherited.setblocking(False)
+        got = _Recorder()
+        a = cluster.sync([], got, inherited_fd=inherited.fileno())
+        assert a.port == inherited.getsockname()[1]
+        cluster.sync([a.port], server_id="b:1").announce_messages([("orders", "eu")])
+
+        assert await got.wait_for(1) == [("message", "orders", "eu")]
+    finally:
+        await cluster.stop()
+        inherited.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_host_name_is_resolved_and_sent_to():
+    cluster = _Cluster()
+    try:
+        got = _Recorder()
+        a = cluster.sync([], got)
+        settings = SyncSettings(peers=[PeerAddress("localhost", a.port)], port=0,
+                                interface="127.0.0.1", secret=SECRET, heartbeat_ms=60_000,
+                                dead_threshold_ms=120_000, server_id="b:1")
+        b = PeerSync(settings, _Recorder().handlers(), reactor)
+        b.startService()
+        cluster.started.append(b)
+        await eventually(lambda: _transport(b)["peer_addresses"] == [
+            {"peer": f"localhost:{a.port}", "address": "127.0.0.1"}], "localhost resolved")
+        b.announce_messages([("orders", "eu")])
+
+        assert await got.wait_for(1) == [("message", "orders", "eu")]
     finally:
         await cluster.stop()

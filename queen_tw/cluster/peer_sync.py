@@ -249,6 +249,7 @@ class PeerSync(service.MultiService):
                 "port": self.port,
                 "peer_count": len(settings.peers),
                 "peers": [str(peer) for peer in settings.peers],
+                "peer_addresses": self._resolver.describe(),
                 "learned_identities_count": len(self._learned),
                 "learned_identities": dict(self._learned),
                 "messages_sent": self.messages_sent,
