@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING
 from queen_tw.cluster.pg_wakeups import PostgresWakeups
-from queen_tw.cluster.wiring import peer_sync, sibling_wakeups
+from queen_tw.cluster.wiring import peer_sync, sibling_shared_state, sibling_wakeups
 from queen_tw.cluster.workers import WorkerSupervisor, worker_base_env
 from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
@@ -150,7 +150,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),
                      admin=admin, maintenance=durability.maintenance,
-                     shared_state=cluster.shared_state if cluster else None)
+                     shared_state=cluster.shared_state if cluster else sibling_shared_state(
+                         config, config_cache, durability.maintenance, reactor, in_group))
     for job in background_jobs(config, db, stats, reactor):
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags

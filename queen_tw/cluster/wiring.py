@@ -25,7 +25,13 @@ it:
   it from PostgreSQL, the maintenance flags within ``QUEEN_CACHE_REFRESH_INTERVAL_MS`` and an
   encryption flag within ``QUEEN_QUEUE_CONFIG_TTL_MS`` (the bounds that hold for any lost
   datagram); likewise siblings learn a peer's config or maintenance change that way (the
-  worker flag re-read runs every second).
+  worker flag re-read runs every second);
+- the shared-state route answers from any worker: worker 1 publishes its counters for the
+  siblings (:mod:`queen_tw.cluster.worker_stats`).
+
+Why worker 1 rather than the parent: the parent runs no database pool, no waiters and no
+caches, so everything a datagram changes would need a second hop to reach a worker; worker 1
+applies it where it lands and only its siblings need the PostgreSQL hop they already have.
 """
 
 import errno
@@ -41,6 +47,11 @@ from twisted.logger import Logger
 from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.cluster.peer_sync import PeerSync, SyncHandlers, SyncPortUnavailable, SyncSettings
 from queen_tw.cluster.peers import parse_peers
+from queen_tw.cluster.worker_stats import (
+    PublishedSharedState,
+    publisher_service,
+    stats_path,
+)
 from queen_tw.config import Config
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.maintenance import Maintenance
@@ -233,5 +244,16 @@ def peer_sync(config: Config, waiters: WaiterRegistry, cache: QueueConfigCache,
                     reactor)
     notices = ClusterNotices(sync)
     maintenance.announce_changes_to(notices.announce_maintenance)
-    return Cluster(SyncService(sync, reactor), notices, SharedState(sync, cache, maintenance),
-                    relays.append)
+    holder = SyncService(sync, reactor)
+    if in_group:  # worker 1: its siblings answer shared-state from what it publishes
+        publisher_service(stats_path(config.file_buffer_dir), sync.stats,
+                          reactor).setServiceParent(holder)
+    return Cluster(holder, notices, SharedState(sync, cache, maintenance), relays.append)
+
+
+def sibling_shared_state(config: Config, cache: QueueConfigCache, maintenance: Maintenance,
+                         clock, in_group: bool) -> Optional[PublishedSharedState]:
+    """The shared-state view of a NUM_WORKERS worker other than 1 (None anywhere else)."""
+    if not (in_group and config.sync_wanted and config.sync_fd is None):
+        return None
+    return PublishedSharedState(stats_path(config.file_buffer_dir), cache, maintenance, clock)

@@ -11,6 +11,10 @@ over the processes that accept on it. The parent serves nothing itself:
 - on stop, it sends SIGTERM to every worker and waits for them; a worker still running
   :data:`~queen_tw.lifecycle.WORKER_KILL_AFTER_S` later gets SIGKILL, inside the parent's
   own stop budget (the numbers live in ``queen_tw.lifecycle``).
+
+With peer sync on, the parent also binds the one UDP socket of the instance and hands it to
+worker 1 alone (descriptor 4, ``QUEEN_SYNC_FD``); why and how the other workers take part is
+told in :mod:`queen_tw.cluster.wiring`.
 """
 
 import os
@@ -25,6 +29,7 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 
+from queen_tw.cluster.wiring import open_udp_socket
 from queen_tw.config import Config
 from queen_tw.lifecycle import WORKER_KILL_AFTER_S
 from queen_tw.listening import open_listening_socket
@@ -34,6 +39,8 @@ from queen_tw.startup import EXIT_FAILURE, fatal
 log = Logger()
 
 INHERITED_FD = 3
+SYNC_FD = 4
+"""Where worker 1 finds the peer-sync UDP socket."""
 RESTART_BACKOFF = (1.0, 2.0, 30.0)
 """Restart delay of a worker that died: 1 s, doubling up to 30 s while it keeps dying young."""
 STEADY_S = 60.0
@@ -69,6 +76,7 @@ class WorkerSupervisor(service.Service):
         self._base_env = base_env
         self._kill_after = kill_after
         self._socket: Optional[socket.socket] = None
+        self._sync_socket: Optional[socket.socket] = None
         self._workers: Dict[int, _Worker] = {}
         self._processes: Dict[int, IProcessTransport] = {}
         self._restarts: Dict[int, Backoff] = {}
@@ -78,16 +86,23 @@ class WorkerSupervisor(service.Service):
         # in use refuses to start with one line instead of leaving a parent without workers.
         super().privilegedStartService()
         self._socket = open_listening_socket(self._config.host, self._config.port)
+        self._open_sync_socket()
 
     def startService(self):
         super().startService()
         if self._socket is None:  # started without twistd's privileged step
             self._socket = open_listening_socket(self._config.host, self._config.port)
+            self._open_sync_socket()
         listening = self._socket
         log.info("{n} workers sharing {host}:{port}", n=self._config.num_workers,
                  host=self._config.host, port=listening.getsockname()[1])
         for index in range(self._config.num_workers):
             self._spawn(index, listening)
+
+    def _open_sync_socket(self) -> None:
+        if self._config.sync_wanted:
+            self._sync_socket = open_udp_socket(self._config.udp_interface,
+                                                self._config.udp_notify_port)
 
     def _spawn(self, index: int, listening: socket.socket) -> None:
         env = dict(self._base_env)
@@ -95,12 +110,15 @@ class WorkerSupervisor(service.Service):
         env.update({"NUM_WORKERS": "1", "QUEEN_LISTEN_FD": str(INHERITED_FD),
                     "WORKER_ID": f"{self._config.worker_id}-{index + 1}"})
         env.pop("QUEEN_EMBEDDED_PG", None)  # the parent runs it; workers use its PG_* settings
+        child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2, INHERITED_FD: listening.fileno()}
+        if index == 0 and self._sync_socket is not None:  # worker 1 owns the peer sync
+            env["QUEEN_SYNC_FD"] = str(SYNC_FD)
+            child_fds[SYNC_FD] = self._sync_socket.fileno()
         worker = _Worker(self, index, self._reactor.seconds())
         args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logfile=-", "queen"]
         self._processes[index] = self._reactor.spawnProcess(
-            worker, sys.executable, args, env=env,
-            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: listening.fileno()})
+            worker, sys.executable, args, env=env, childFDs=child_fds)
         self._workers[index] = worker
 
     def worker_ended(self, worker: _Worker, reason) -> None:
@@ -137,8 +155,9 @@ class WorkerSupervisor(service.Service):
         def finished(_):
             if kill_timer.active():
                 kill_timer.cancel()
-            if self._socket is not None:
-                self._socket.close()
+            for held in (self._socket, self._sync_socket):
+                if held is not None:
+                    held.close()
         return done.addBoth(finished)
 
     def _kill_all(self) -> None:
