@@ -38,6 +38,7 @@ counted, replayed and ordered like its own.
 import base64
 import bisect
 import datetime
+import errno
 import json
 import os
 from collections import Counter
@@ -377,6 +378,11 @@ class FileBuffer:
 
     def _create_segment(self) -> _Active:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:  # the directory was unusable at open: never write unlocked
+            try:
+                self._lock = adoption.claim(self.directory, attempts=1)
+            except adoption.DirectoryInUse as err:
+                raise OSError(errno.EBUSY, str(err)) from err
         seq = self._next_seq
         self._next_seq += 1
         path = self.directory / SEGMENT_NAME.format(seq)
