@@ -135,12 +135,17 @@ def test_a_live_owners_directory_is_left_alone_and_adopted_after_it_dies(root: P
 
     clock.advance(ADOPTION_INTERVAL_MS / 1000)
     assert buffer.pending == 0 and segments(alive) == ["segment-000000000001.jsonl"]
+    buffer.append([item("b", 1)])  # through this process, while the other one still runs
 
     adoption.release(owner)  # the process ends
     clock.advance(ADOPTION_INTERVAL_MS / 1000)
 
     assert looking.runs == 2 and looking.failures == 0
-    assert buffer.pending == 1 and segments(alive) == []
+    assert buffer.pending == 2 and segments(alive) == []
+    buffer.append([item("b", 2)])  # after the adoption: behind the adopted record
+    store = RecordingStore()
+    assert replay(Replayer(buffer, store, max_batch=10)) == [None]
+    assert stored_ids(store) == ["b-1", "b-0", "b-2"]
     looking.stopService()
 
 
@@ -170,6 +175,18 @@ def test_an_adoption_cut_short_by_a_crash_resumes_in_the_same_order(root: Path) 
     assert replay(Replayer(buffer, store, max_batch=10)) == [None]
     assert stored_ids(store) == ["a-0", "a-1", "a-2", "a-3"]
     assert not adopted.exists()
+
+
+def test_an_adopted_directory_emptied_just_before_a_crash_is_removed_and_keeps_its_number(
+        root: Path) -> None:
+    own = root / "queen-tw-1-1"
+    dead_owner(own / "adopted-000000000004-queen-tw-1-3")
+
+    buffer = opened(worker_buffer(root))
+    buffer.append([item("a", 0)])
+
+    assert sorted(p.name for p in own.iterdir()) == [adoption.LOCK_NAME,
+                                                     "segment-000000000005.jsonl"]
 
 
 def test_what_a_dead_adopter_was_adopting_is_handed_on_first(root: Path) -> None:

@@ -167,6 +167,8 @@ def take_orphans(own: Path, root: Path, held: Collection[Path],
         seq = adopted_seq(directory.name) if directory.parent == own else None
         try:
             if not _orphaned_segments(directory):
+                if seq is not None:  # its last segment was stored just before a crash
+                    _remove_unlocked(directory)
                 continue
             lock = try_lock(directory)
         except OSError:
@@ -246,6 +248,13 @@ def _subdirectories(directory: Path) -> List[Path]:
                       if d.is_dir() and not d.is_symlink() and d.name != records.FAILED_DIR)
     except OSError:
         return []
+
+
+def _remove_unlocked(directory: Path) -> None:
+    """Removes an empty adopted directory unless a live process holds it."""
+    lock = try_lock(directory)
+    if lock is not None:
+        finish(Orphan(directory, 0, lock, directory))
 
 
 def _remove_adopted(directory: Path) -> None:

@@ -268,10 +268,11 @@ class FileBuffer:
         self.adopted_directories += 1
         self.adopted_records += orphan.records
         log.info("file buffer {dir}: adopted {n} records in {files} segments from {source}, "
-                 "left by a process that no longer runs ({failed} records it had given up on "
-                 "stay in its failed/)", dir=str(self.directory), n=orphan.records,
-                 files=len(orphan.segments), source=str(orphan.source),
-                 failed=orphan.source_failed)
+                 "left by a process that no longer runs", dir=str(self.directory),
+                 n=orphan.records, files=len(orphan.segments), source=str(orphan.source))
+        if orphan.source_failed:
+            log.warn("file buffer {source}: {n} records its process had given up on stay in "
+                     "its failed/", source=str(orphan.source), n=orphan.source_failed)
 
     async def _finish(self, orphan: adoption.Orphan) -> None:
         """The adopted directory's last segment is stored: removes it, drops its lock."""
