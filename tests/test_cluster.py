@@ -1,0 +1,418 @@
+"""Three real ``twistd queen`` instances over one PostgreSQL, synced over UDP (issue #16).
+
+Each test proves an effect of a datagram by making every other explanation too slow: the
+long-poll fallback (``POP_WAIT_*``) and the periodic re-read of configs and maintenance
+flags (``QUEEN_CACHE_REFRESH_INTERVAL_MS``) are set to 10 minutes, so what happens within
+a test's 30 s ceiling was carried by the peer datagrams. No test measures elapsed time.
+
+The cluster runs on a PostgreSQL of this module's own: maintenance flags are cluster-wide
+(``queen.system_state``) and would make every other server of a shared database buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import psycopg2
+import pytest
+from psycopg2.extensions import connection
+from queen import Queen
+
+from queen_tw.config import Config
+
+from faultkit import private_postgres
+from support import count_messages, lease_seconds_left, unique_name, wait_until
+from tests.cluster_support import (
+    DEAD_THRESHOLD_MS,
+    HEARTBEAT_MS,
+    SECRET,
+    SLOW_FALLBACK_MS,
+    Announcer,
+    Cluster,
+    ClusterNode,
+    db_now,
+    lossy_namespace,
+    namespace_unavailable,
+    pop_queries_since,
+    store_silently,
+    wait_parked,
+)
+
+pytestmark = pytest.mark.fault
+
+SLOW = {"POP_WAIT_INITIAL_INTERVAL_MS": SLOW_FALLBACK_MS,
+        "POP_WAIT_MAX_INTERVAL_MS": SLOW_FALLBACK_MS,
+        "QUEEN_CACHE_REFRESH_INTERVAL_MS": SLOW_FALLBACK_MS,
+        "QUEEN_QUEUE_CONFIG_TTL_MS": SLOW_FALLBACK_MS,
+        "QUEEN_ENCRYPTION_KEY": "5eed" * 16}
+LONG_POLL_MS = 25_000
+"""A parked pop that nothing wakes answers 204 after this: the test then fails on it."""
+
+
+@pytest.fixture(scope="module")
+def pg_env() -> Iterator[dict[str, str]]:
+    with private_postgres() as postgres:
+        yield postgres.pg_env()
+
+
+@pytest.fixture
+def db(pg_env: dict[str, str]) -> Iterator[connection]:
+    conn = psycopg2.connect(Config.from_sources(pg_env, {}).dsn)
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_env: dict[str, str]) -> Iterator[Cluster]:
+    """A, B and C with the slow fallbacks; tests that kill B start it again."""
+    nodes = Cluster(pg_env, **SLOW)
+    try:
+        nodes.start()
+        nodes.wait_all_alive()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def long_polls() -> Iterator[ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(8, thread_name_prefix="long-poll")
+    yield executor
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def configure(node: ClusterNode, queue: str, **options: Any) -> None:
+    answer = node.post("/api/v1/configure", {"queue": queue, "options": options})
+    assert answer.status_code == 200, answer.text
+
+
+def push(node: ClusterNode, queue: str, transaction_id: str, partition: str = "Default",
+         expect: str = "queued") -> None:
+    answer = node.post("/api/v1/push", {"items": [
+        {"queue": queue, "partition": partition, "transactionId": transaction_id,
+         "payload": {"id": transaction_id}}]})
+    assert answer.status_code == 201, answer.text
+    assert answer.json()[0]["status"] == expect, answer.text
+
+
+def long_poll(node: ClusterNode, queue: str, partition: str | None = None,
+              **params: Any) -> httpx.Response:
+    path = f"/api/v1/pop/queue/{queue}" + (f"/partition/{partition}" if partition else "")
+    return node.get(path, wait="true", timeout=str(LONG_POLL_MS), **params)
+
+
+def delivered(answer: httpx.Response) -> list[str]:
+    assert answer.status_code in (200, 204), answer.text
+    return [m["transactionId"] for m in answer.json()["messages"]] \
+        if answer.status_code == 200 else []
+
+
+# -- wake-ups --------------------------------------------------------------------------
+
+def test_a_push_on_a_wakes_a_long_poll_parked_on_c(cluster: Cluster, db: connection,
+                                                   long_polls: ThreadPoolExecutor) -> None:
+    a, c = cluster["a"], cluster["c"]
+    queue = unique_name()
+    configure(a, queue)
+    received_before = c.transport("messages_received")
+    since = db_now(db)
+    parked = long_polls.submit(long_poll, c, queue)
+    wait_parked(db, c, since, parked)
+
+    push(a, queue, "wake-1")
+
+    # the fallback re-check comes after 10 minutes: an answer within the long poll's
+    # 25 s can only come from A's MESSAGE_AVAILABLE
+    assert delivered(parked.result(timeout=LONG_POLL_MS / 1000 + 10)) == ["wake-1"]
+    assert c.transport("messages_received") > received_before
+
+
+def test_one_push_batch_wakes_partition_and_wildcard_waiters_on_b_and_c(
+        cluster: Cluster, db: connection, long_polls: ThreadPoolExecutor) -> None:
+    """One push batch on A into two partitions of one queue and one of another: a pop
+    parked on each partition (on B and on C) and a wildcard pop of the other queue (on C)
+    each get their message (one announcement per distinct queue/partition of the batch)."""
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    queue, other = unique_name(), unique_name()
+    configure(a, queue)
+    configure(a, other)
+    parked: dict[str, Future[httpx.Response]] = {}
+    for key, node, name, partition in (("p1@b", b, queue, "p1"), ("p2@c", c, queue, "p2"),
+                                       ("any@c", c, other, None)):
+        since = db_now(db)
+        parked[key] = long_polls.submit(long_poll, node, name, partition)
+        wait_parked(db, node, since, parked[key])
+
+    answer = a.post("/api/v1/push", {"items": [
+        {"queue": queue, "partition": "p1", "transactionId": "p1", "payload": {}},
+        {"queue": queue, "partition": "p2", "transactionId": "p2", "payload": {}},
+        {"queue": other, "partition": "x", "transactionId": "x", "payload": {}}]})
+    assert answer.status_code == 201, answer.text
+
+    got = {key: delivered(f.result(timeout=LONG_POLL_MS / 1000 + 10))
+           for key, f in parked.items()}
+    assert got == {"p1@b": ["p1"], "p2@c": ["p2"], "any@c": ["x"]}
+
+
+# -- liveness --------------------------------------------------------------------------
+
+def test_a_killed_peer_is_reported_dead_and_its_restart_is_counted(cluster: Cluster) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    cluster.wait_all_alive()
+    restarts = {node.name: node.health("restarts_detected") for node in (a, c)}
+
+    b.kill()
+    # the "within": B stops sending at once, so after the dead threshold plus one
+    # heartbeat period (the sweep) it is dead; the rest of the ceiling is slack
+    ceiling = (DEAD_THRESHOLD_MS + HEARTBEAT_MS) / 1000 + 10
+    for node in (a, c):
+        wait_until(lambda node=node: node.health("servers_dead") == 1
+                   and node.health("servers_alive") == 1, timeout=ceiling,
+                   message=f"{node.name} reporting B dead")
+
+    b.start()
+    for node in (a, c):
+        wait_until(lambda node=node: node.health("servers_alive") == 2
+                   and node.health("servers_dead") == 0,
+                   message=f"{node.name} seeing B alive again")
+        assert node.health("restarts_detected") == restarts[node.name] + 1, node.shared_state()
+
+
+# -- shared configuration and flags -----------------------------------------------------
+
+def stored_encrypted(db: connection, queue: str, partition: str) -> list[bool]:
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT m.is_encrypted FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id
+                           WHERE q.name = %s AND p.name = %s
+                           ORDER BY m.created_at, m.id""", (queue, partition))
+        return [row[0] for row in cursor.fetchall()]
+
+
+def test_a_queue_reconfigured_on_a_is_honoured_by_c_at_once(cluster: Cluster,
+                                                            db: connection) -> None:
+    """leaseTime 30 -> 900 and encryption switched on, on A. PostgreSQL is the truth for the
+    lease time (the pop function reads it in its own transaction), so C hands out 900 s at
+    once; the encryption flag is the one setting C caches (for 10 minutes here), so C
+    sealing pushes proves A's QUEUE_CONFIG_SET reached it."""
+    a, c = cluster["a"], cluster["c"]
+    queue = unique_name()
+    configure(a, queue, leaseTime=30)
+    push(c, queue, "before")  # C now caches "not encrypted" for this queue
+    first = c.get(f"/api/v1/pop/queue/{queue}", wait="false")
+    assert delivered(first) == ["before"]
+    left = lease_seconds_left(db, first.json()["messages"][0]["leaseId"])
+    assert left is not None and 0 < left <= 30
+    assert stored_encrypted(db, queue, "Default") == [False]
+
+    configure(a, queue, leaseTime=900, encryptionEnabled=True)
+    pushed = iter(range(1000))
+    wait_until(lambda: push(c, queue, f"after-{next(pushed)}", partition="second")
+               or stored_encrypted(db, queue, "second")[-1], interval=0.05,
+               message="C sealing the queue's pushes")
+
+    second = c.get(f"/api/v1/pop/queue/{queue}/partition/second", wait="false")
+    assert delivered(second) == ["after-0"]
+    left = lease_seconds_left(db, second.json()["messages"][0]["leaseId"])
+    assert left is not None and 30 < left <= 900, left
+
+
+def test_maintenance_set_on_a_diverts_pushes_on_c_and_drains_when_cleared(
+        cluster: Cluster, db: connection) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    queue = unique_name()
+    configure(a, queue)
+    try:
+        answer = a.post("/api/v1/system/maintenance", {"enabled": True})
+        assert answer.status_code == 200, answer.text
+        # C re-reads the flag every 10 minutes: seeing it now is A's datagram
+        for node in (b, c):
+            wait_until(lambda node=node: node.shared_state()["maintenance_mode"] is True,
+                       message=f"{node.name} in maintenance")
+        for n in range(20):
+            push(c, queue, f"m{n}", expect="buffered")
+        assert count_messages(db, queue) == 0
+    finally:
+        answer = a.post("/api/v1/system/maintenance", {"enabled": False})
+        assert answer.status_code == 200, answer.text
+
+    wait_until(lambda: c.shared_state()["maintenance_mode"] is False,
+               message="C out of maintenance")
+    wait_until(lambda: count_messages(db, queue) == 20, message="C's buffer drained")
+    seen: list[str] = []
+    while True:
+        answer = b.get(f"/api/v1/pop/queue/{queue}", wait="false", batch="100",
+                       autoAck="true")
+        if answer.status_code == 204:
+            break
+        seen.extend(delivered(answer))
+    assert sorted(seen) == sorted(f"m{n}" for n in range(20))
+
+
+# -- a sender without the secret ------------------------------------------------------
+
+def test_datagrams_with_the_wrong_secret_are_counted_and_wake_nobody(
+        cluster: Cluster, db: connection, long_polls: ThreadPoolExecutor) -> None:
+    a = cluster["a"]
+    nodes = list(cluster.nodes.values())
+    queue = unique_name()
+    configure(a, queue)
+    since = db_now(db)
+    parked = long_polls.submit(long_poll, a, queue, "Default")
+    wait_parked(db, a, since, parked)
+    store_silently(db, queue, "Default", "silent-1", {"n": 1})  # no instance hears of it
+    before = {node.name: node.transport("signature_failures") for node in nodes}
+    after_store = db_now(db)
+
+    intruder = Announcer("intruder:9", secret="not-the-" + SECRET)
+    unsigned = Announcer("intruder:10", secret=None)
+    try:
+        for _ in range(5):
+            intruder.message_available(queue, "Default", [n.udp_port for n in nodes])
+        unsigned.message_available(queue, "Default", [n.udp_port for n in nodes])
+    finally:
+        intruder.close()
+        unsigned.close()
+    for node in nodes:
+        wait_until(lambda node=node: node.transport("signature_failures")
+                   >= before[node.name] + 6, message=f"{node.name} rejecting 6 datagrams")
+
+    assert not parked.done(), f"a forged datagram woke the pop: {parked.result()}"
+    assert pop_queries_since(db, a, after_store) == [], "a forged datagram started a pop"
+
+    # the control: the same announcement, signed with the cluster's secret, does wake it
+    honest = Announcer("cluster-test:1", secret=SECRET)
+    try:
+        honest.message_available(queue, "Default", [a.udp_port])
+    finally:
+        honest.close()
+    assert delivered(parked.result(timeout=LONG_POLL_MS / 1000 + 10)) == ["silent-1"]
+
+
+# -- 30 % of the datagrams lost for real --------------------------------------------------
+
+def test_with_30_percent_of_datagrams_lost_every_waiter_gets_its_message_once(
+        pg_env: dict[str, str], db: connection) -> None:
+    why_not = namespace_unavailable(pg_env)
+    if why_not:
+        pytest.skip(f"real packet loss needs a network namespace: {why_not}")
+    partitions, rounds = 12, 4
+    with lossy_namespace(threads=partitions + 4) as namespace:
+        lossy = Cluster(pg_env, spawn=namespace.call, POP_WAIT_INITIAL_INTERVAL_MS="100",
+                        POP_WAIT_MAX_INTERVAL_MS="400")
+        try:
+            namespace.drop([node.udp_port for node in lossy.nodes.values()], percent=30)
+            lossy.start()
+            a, b, c = lossy["a"], lossy["b"], lossy["c"]
+            queue = unique_name()
+            namespace.call(lambda: configure(a, queue))
+            received: dict[str, list[str]] = collections.defaultdict(list)
+            for round_ in range(rounds):
+                waiters = {}
+                for n in range(partitions):
+                    node, partition = (b, c)[n % 2], f"p{n}"
+                    waiters[partition] = namespace.submit(
+                        lambda node=node, p=partition: long_poll(node, queue, p, autoAck="true"))
+                answer = namespace.call(lambda r=round_: a.post("/api/v1/push", {"items": [
+                    {"queue": queue, "partition": f"p{n}", "transactionId": f"r{r}-p{n}",
+                     "payload": {}} for n in range(partitions)]}))
+                assert answer.status_code == 201, answer.text
+                for partition, waiter in waiters.items():
+                    received[partition].extend(
+                        delivered(waiter.result(timeout=LONG_POLL_MS / 1000 + 10)))
+            dropped = namespace.dropped()
+        finally:
+            lossy.stop()
+
+    everything = [t for ids in received.values() for t in ids]
+    duplicates = [t for t, k in collections.Counter(everything).items() if k > 1]
+    assert not duplicates, f"delivered twice: {duplicates}"
+    assert sorted(everything) == sorted(f"r{r}-p{n}" for r in range(rounds)
+                                        for n in range(partitions))
+    for partition, ids in received.items():
+        assert all(t.endswith(f"-{partition}") for t in ids), (partition, ids)
+    assert count_messages(db, queue) == partitions * rounds
+    assert dropped > 0, "the loss rule dropped nothing: the test proved nothing"
+
+
+# -- the official client with the three URLs ---------------------------------------------
+
+def test_official_client_with_three_urls_survives_an_instance_killed_and_restarted(
+        cluster: Cluster) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    queue = unique_name()
+    configure(a, queue, leaseTime=5)
+    total = 150
+    acknowledged: list[str] = []
+    consumed: list[str] = []
+    producer_done = threading.Event()
+
+    async def produce(client: Queen) -> None:
+        for n in range(total):
+            transaction_id = f"fo-{n}"
+            while True:  # as an application would: retry the same id until acknowledged
+                try:
+                    results = await client.queue(queue).push(
+                        [{"transactionId": transaction_id, "data": {"n": n}}])
+                except Exception:  # every instance failed this once: try again
+                    await asyncio.sleep(0.2)
+                    continue
+                if results and results[0].get("status") in ("queued", "duplicate"):
+                    acknowledged.append(transaction_id)
+                    break
+            if n == total // 3:
+                await asyncio.to_thread(b.kill)
+            if n == 2 * total // 3:
+                await asyncio.to_thread(cluster.start, b)
+        producer_done.set()
+
+    async def consume(client: Queen) -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if producer_done.is_set() and set(acknowledged) <= set(consumed):
+                return
+            try:
+                messages = await (client.queue(queue).batch(10).wait(True)
+                                  .timeout_millis(1000).pop())
+            except Exception:
+                await asyncio.sleep(0.2)
+                continue
+            for message in messages or []:
+                try:
+                    await client.ack(message, True)
+                except Exception:
+                    continue  # its lease runs out and it comes again
+                consumed.append(message["transactionId"])
+
+    async def scenario() -> None:
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        options = dict(urls=[a.url, b.url, c.url], load_balancing_strategy="round-robin",
+                       health_retry_after_millis=500, retry_attempts=2,
+                       retry_delay_millis=100, timeout_millis=10_000)
+        producer, consumer = Queen(**options), Queen(**options)
+        try:
+            await asyncio.gather(produce(producer), consume(consumer))
+        finally:
+            await producer.close()
+            await consumer.close()
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    asyncio.run(asyncio.wait_for(scenario(), 150))
+    assert b.running
+    assert len(acknowledged) == total
+    missing = set(acknowledged) - set(consumed)
+    assert not missing, f"acknowledged but never consumed: {sorted(missing)}"
+    assert set(consumed) <= set(acknowledged)
