@@ -1,7 +1,7 @@
 """Long-poll wake-up latency and the cost of idle parked pops (issue #4).
 
     .venv/bin/python bench/wakeup_latency.py [--waiters 1000] [--queues 100] [--pushes 200]
-                                             [--idle-seconds 10]
+                                             [--idle-seconds 10] [--instances 1]
 
 Starts a private embedded PostgreSQL (with ``track_functions = pl`` so the database counts
 ``queen.pop_request`` calls) and parks ``--waiters`` long-poll pops (``wait=true``,
@@ -16,6 +16,15 @@ keep-alive connection. A delivered pop re-parks at once, so the number stays con
    count the database pop attempts a wake-up costs (PostgreSQL publishes function counts
    lazily, so the script waits for them to settle).
 
+With ``--instances N`` (N > 1) it measures the cross-instance wake-up instead (issue #16):
+N servers on the one PostgreSQL, synced over loopback UDP (``QUEEN_UDP_PEERS``, a shared
+secret), each with the fallback re-check slowed to 60 s so that only a local wake-up or a
+peer's datagram can deliver. The ``--waiters`` are spread over the instances, every waiter
+of a queue on the same instance (queue q on instance q mod N), and every push goes to
+instance 0: a message for a queue parked elsewhere can only arrive through the datagram.
+Push → receive latency is reported for those remote deliveries and, for comparison, for
+the local ones. Report: ``bench/out/wakeup_latency_cross.md``.
+
 Prints a markdown report and writes it to ``bench/out/wakeup_latency.md``.
 """
 
@@ -25,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -32,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import httpx
 import psycopg2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,11 +82,15 @@ def pop_attempts(dsn: str) -> int:
 
 
 class Waiters:
-    """Parked long polls; records when each message arrives, keyed by its payload."""
+    """Parked long polls; records when each message arrives, keyed by its payload.
 
-    def __init__(self, port: int, queues: List[str], count: int):
-        self._port, self._queues, self._count = port, queues, count
+    Waiters of queue number q poll the server on ``ports[q % len(ports)]``.
+    """
+
+    def __init__(self, ports: List[int], queues: List[str], count: int):
+        self._ports, self._queues, self._count = ports, queues, count
         self.queue = lambda n: queues[n % len(queues)]
+        self.port_of = lambda n: ports[n % len(queues) % len(ports)]
         self.received: Dict[str, float] = {}
         self.parked = 0
         self.errors = 0
@@ -83,11 +98,11 @@ class Waiters:
         self._tasks: List[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(self._loop(self._queues[n % len(self._queues)]))
+        self._tasks = [asyncio.ensure_future(self._loop(self.queue(n), self.port_of(n)))
                        for n in range(self._count)]
 
-    async def _loop(self, queue: str) -> None:
-        conn = Connection("127.0.0.1", self._port)
+    async def _loop(self, queue: str, port: int) -> None:
+        conn = Connection("127.0.0.1", port)
         path = f"/api/v1/pop/queue/{queue}?wait=true&timeout=60000&autoAck=true"
         while not self._stop:
             self.parked += 1
@@ -106,14 +121,14 @@ class Waiters:
             task.cancel()
 
 
-async def park(args, server: ServerProcess) -> Waiters:
+async def park(args, servers: List[ServerProcess]) -> Waiters:
     queues = [f"wake-{n}" for n in range(args.queues)]
-    control = Connection("127.0.0.1", server.port)
+    control = Connection("127.0.0.1", servers[0].port)
     for queue in queues:
         status, _ = await control.request("POST", "/api/v1/configure",
                                           json.dumps({"queue": queue}).encode())
         assert status == 200
-    waiters = Waiters(server.port, queues, args.waiters)
+    waiters = Waiters([server.port for server in servers], queues, args.waiters)
     waiters.start()
     await asyncio.sleep(3)  # every pop made its first attempt and parked
     return waiters
@@ -121,6 +136,12 @@ async def park(args, server: ServerProcess) -> Waiters:
 
 async def push_one_by_one(args, server: ServerProcess, waiters: Waiters) -> List[float]:
     """Pushes --pushes messages 50 ms apart; returns push→receive latencies in ms."""
+    return sorted((await latencies_by_push(args, server, waiters)).values())
+
+
+async def latencies_by_push(args, server: ServerProcess, waiters: Waiters) -> Dict[int, float]:
+    """Pushes --pushes messages 50 ms apart, push n to queue n; returns push→receive
+    latency in ms by push number (pushes never received are missing)."""
     control = Connection("127.0.0.1", server.port)
     sent: Dict[str, float] = {}
     for n in range(args.pushes):
@@ -134,13 +155,13 @@ async def push_one_by_one(args, server: ServerProcess, waiters: Waiters) -> List
     deadline = time.monotonic() + 10
     while len(waiters.received) < args.pushes and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    return sorted(1000 * (waiters.received[tag] - at) for tag, at in sent.items()
-                  if tag in waiters.received)
+    return {n: 1000 * (waiters.received[tag] - at)
+            for n, (tag, at) in enumerate(sent.items()) if tag in waiters.received}
 
 
 async def measure_latency_and_idle(args, pg: EmbeddedPostgres, server: ServerProcess,
                                    dsn: str) -> Dict:
-    waiters = await park(args, server)
+    waiters = await park(args, [server])
     attempts_before = pop_attempts(dsn)
     pg_pids = postgres_pids(pg)
     server_cpu, pg_cpu = cpu_seconds([server.pid]), cpu_seconds(pg_pids)
@@ -162,7 +183,7 @@ async def measure_latency_and_idle(args, pg: EmbeddedPostgres, server: ServerPro
 
 
 async def measure_attempts(args, server: ServerProcess, dsn: str) -> float:
-    waiters = await park(args, server)
+    waiters = await park(args, [server])
     await asyncio.sleep(11)  # let idle backends publish their function counts
     before = pop_attempts(dsn)
     latencies = await push_one_by_one(args, server, waiters)
@@ -171,6 +192,109 @@ async def measure_attempts(args, server: ServerProcess, dsn: str) -> float:
     waiters.stop()
     assert len(latencies) == args.pushes
     return (after - before) / args.pushes
+
+
+def percentiles(latencies: List[float]) -> Dict[str, float]:
+    ordered = sorted(latencies)
+    if not ordered:
+        return {"count": 0, "p50_ms": float("nan"), "p99_ms": float("nan"),
+                "max_ms": float("nan")}
+    return {"count": len(ordered), "p50_ms": statistics.median(ordered),
+            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "max_ms": ordered[-1]}
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cluster_env(count: int) -> List[Dict[str, str]]:
+    """Per-instance environment of a ``count``-instance cluster on loopback UDP."""
+    ports = [free_udp_port() for _ in range(count)]
+    return [{"QUEEN_UDP_NOTIFY_PORT": str(port),
+             "QUEEN_UDP_PEERS": ",".join(f"127.0.0.1:{other}" for other in ports
+                                         if other != port),
+             "QUEEN_SYNC_SECRET": "bench-secret", "NUM_WORKERS": "1",
+             "POP_WAIT_INITIAL_INTERVAL_MS": "60000", "POP_WAIT_MAX_INTERVAL_MS": "60000"}
+            for port in ports]
+
+
+def shared_state(server: ServerProcess) -> Dict:
+    return httpx.get(f"{server.url}/api/v1/system/shared-state", timeout=10).json()
+
+
+def shared_counter(server: ServerProcess, field: str) -> int:
+    return int(shared_state(server)["transport"][field])
+
+
+def wait_peers_alive(servers: List[ServerProcess], ceiling_s: float = 30.0) -> None:
+    """Until every instance has heard heartbeats from all the others."""
+    deadline = time.monotonic() + ceiling_s
+    while not all(shared_state(s)["server_health"]["servers_alive"] == len(servers) - 1
+                  for s in servers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the instances did not see each other alive")
+        time.sleep(0.1)
+
+
+async def measure_cross_instance(args, servers: List[ServerProcess]) -> Dict:
+    """Waiters spread over the instances (a queue's waiters on one instance), pushes on
+    instance 0; latencies split into remote (datagram) and local deliveries."""
+    waiters = await park(args, servers)
+    received_before = [shared_counter(s, "messages_received") for s in servers[1:]]
+    by_push = await latencies_by_push(args, servers[0], waiters)
+    waiters.stop()
+    local_port = servers[0].port
+    remote = [ms for n, ms in by_push.items() if waiters.port_of(n) != local_port]
+    local = [ms for n, ms in by_push.items() if waiters.port_of(n) == local_port]
+    return {
+        "instances": len(servers), "waiters": args.waiters, "queues": args.queues,
+        "pushes": args.pushes, "delivered": len(by_push), "errors": waiters.errors,
+        "remote": percentiles(remote), "local": percentiles(local),
+        "datagrams_received_by_peers": sum(
+            shared_counter(s, "messages_received") - before
+            for s, before in zip(servers[1:], received_before, strict=True)),
+    }
+
+
+def render_cross(r: Dict) -> str:
+    rows = []
+    for label, key in (("on another instance (peer datagram)", "remote"),
+                       ("on the pushing instance (local)", "local")):
+        figures = r[key]
+        rows.append(f"| {label} | {figures['count']} | {figures['p50_ms']:.1f} ms | "
+                    f"{figures['p99_ms']:.1f} ms | {figures['max_ms']:.1f} ms |")
+    return "\n".join([
+        f"{r['waiters']:,} parked long polls on {r['queues']} queues spread over "
+        f"{r['instances']} instances (each queue's waiters on one instance), fallback "
+        "re-check at 60 s; every push on instance 0:",
+        "",
+        "| delivered | pushes | p50 | p99 | max |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"{r['pushes']} pushes 50 ms apart, {r['delivered']} delivered, {r['errors']} errors; "
+        f"datagrams received by the other instances meanwhile: "
+        f"{r['datagrams_received_by_peers']} (heartbeats included).",
+    ])
+
+
+def run_cross_instance(args, env: Dict[str, str], root: Path, quiet: Dict[str, str]) -> None:
+    servers: List[ServerProcess] = []
+    try:
+        for n, sync in enumerate(cluster_env(args.instances)):
+            servers.append(ServerProcess(env, root / f"instance-{n}", dict(quiet, **sync)))
+            servers[-1].start()
+        wait_peers_alive(servers)
+        result = asyncio.run(measure_cross_instance(args, servers))
+        report = render_cross(result)
+        print(report)
+        save_report("wakeup_latency_cross", report, result)
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def render(r: Dict) -> str:
@@ -202,6 +326,8 @@ def main() -> int:
     parser.add_argument("--queues", type=int, default=100)
     parser.add_argument("--pushes", type=int, default=200)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--instances", type=int, default=1,
+                        help="more than 1: the cross-instance wake-up of a UDP-synced cluster")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="queen-tw-wakeup-"))
@@ -219,6 +345,9 @@ def main() -> int:
         connection.close()
         quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
                  "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn"}
+        if args.instances > 1:
+            run_cross_instance(args, env, root, quiet)
+            return 0
         server = ServerProcess(env, root / "server", quiet).start()
         result = asyncio.run(measure_latency_and_idle(args, pg, server, dsn))
         server.stop()
