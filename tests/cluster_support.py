@@ -225,6 +225,9 @@ def namespace_unavailable(pg_env: Mapping[str, str]) -> str | None:
             return f"`{tool}` is not installed (apt-get install -y iproute2 nftables)"
     if not pg_env.get("PG_HOST", "").startswith("/"):
         return "PostgreSQL is not on a unix socket, which a namespace could reach"
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"this sandbox refuses new network namespaces ({probe.stderr.strip()})"
     return None
 
 

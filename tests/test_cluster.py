@@ -73,15 +73,27 @@ def db(pg_env: dict[str, str]) -> Iterator[connection]:
         conn.close()
 
 
+def show_logs_if_failed(request: pytest.FixtureRequest, failed_before: int,
+                        nodes: Cluster) -> None:
+    """The end of every instance's log on the terminal when a test failed meanwhile (the
+    suite's report hook knows only the ``server`` fixtures, and ``stop`` deletes the logs)."""
+    if request.session.testsfailed > failed_before:
+        terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+        if terminal is not None:
+            terminal.write_line(f"\nqueen-tw cluster logs:\n{nodes.log_tails()}")
+
+
 @pytest.fixture(scope="module")
-def cluster(pg_env: dict[str, str]) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, pg_env: dict[str, str]) -> Iterator[Cluster]:
     """A, B and C with the slow fallbacks; tests that kill B start it again."""
     nodes = Cluster(pg_env, **SLOW)
+    failed_before = request.session.testsfailed
     try:
         nodes.start()
         nodes.wait_all_alive()
         yield nodes
     finally:
+        show_logs_if_failed(request, failed_before, nodes)
         nodes.stop()
 
 
@@ -304,7 +316,7 @@ def test_datagrams_with_the_wrong_secret_are_counted_and_wake_nobody(
 # -- 30 % of the datagrams lost for real --------------------------------------------------
 
 def test_with_30_percent_of_datagrams_lost_every_waiter_gets_its_message_once(
-        pg_env: dict[str, str], db: connection) -> None:
+        request: pytest.FixtureRequest, pg_env: dict[str, str], db: connection) -> None:
     why_not = namespace_unavailable(pg_env)
     if why_not:
         pytest.skip(f"real packet loss needs a network namespace: {why_not}")
@@ -333,6 +345,9 @@ def test_with_30_percent_of_datagrams_lost_every_waiter_gets_its_message_once(
                     received[partition].extend(
                         delivered(waiter.result(timeout=LONG_POLL_MS / 1000 + 10)))
             dropped = namespace.dropped()
+        except BaseException:
+            show_logs_if_failed(request, -1, lossy)
+            raise
         finally:
             lossy.stop()
 
