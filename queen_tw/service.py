@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING
 from queen_tw.cluster.pg_wakeups import PostgresWakeups
-from queen_tw.cluster.wiring import peer_sync, sibling_shared_state, sibling_wakeups
+from queen_tw.cluster.wiring import build_cluster
 from queen_tw.cluster.workers import WorkerSupervisor, worker_base_env
 from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
@@ -134,15 +134,15 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     waiters = WaiterRegistry()
     config_cache = QueueConfigCache(reactor, config.queue_config_ttl_ms / 1000.0)
-    cluster = peer_sync(config, waiters, config_cache, durability.maintenance, reactor, in_group)
-    # ^ None without QUEEN_UDP_PEERS, with QUEEN_SYNC_ENABLED=false, on workers other than 1
+    cluster = build_cluster(config, waiters, config_cache, durability.maintenance, reactor,
+                            in_group)  # UDP peer sync, and the bus between NUM_WORKERS workers
     engine = QueueEngine(
         db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
         PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,
                    config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms),
         engine_limits(config), failover=durability.failover,
         pop_paused=lambda: durability.maintenance.pop_maintenance_mode or gate.stopping,
-        config_cache=config_cache, peers=cluster.notices if cluster else None)
+        config_cache=config_cache, peers=cluster.notices)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, waiters),
                          Browser(db, waiters, make_cipher(config.encryption_key)), stats, waiters)
@@ -150,8 +150,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),
                      admin=admin, maintenance=durability.maintenance,
-                     shared_state=cluster.shared_state if cluster else sibling_shared_state(
-                         config, config_cache, durability.maintenance, reactor, in_group))
+                     shared_state=cluster.shared_state)
     for job in background_jobs(config, db, stats, reactor):
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags
@@ -160,18 +159,16 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     endpoint: IStreamServerEndpoint
     if in_group:
         endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, config.listen_fd, socket.AF_INET)
-        wakeups = top.add("jobs", PostgresWakeups(
-            config.dsn, config.worker_id,
-            sibling_wakeups(waiters, cluster.notices) if cluster else waiters.notify, reactor))
-        if cluster:  # worker 1: a peer's wake-up reaches the sibling workers too
-            cluster.relay_to(wakeups.relay)
+        cluster.attach(top.add("jobs", PostgresWakeups(
+            config.dsn, config.worker_id, cluster.wake, reactor,
+            on_notice=cluster.siblings.received if cluster.siblings else None)))
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
     top.add("replay", durability.replay_service(engine.store))
     top.add("drain", InFlightDrain(engine.busy, reactor))
     top.add("listener", ListenerService(endpoint, site, reactor, listen_address(config)))
     top.add("waiters", WaitersService(waiters))
-    if cluster:
+    if cluster.service is not None:
         top.add("jobs", cluster.service)
     return top
 

@@ -334,7 +334,7 @@ def test_sync_disabled_keeps_the_udp_port_closed_even_with_peers(make_server) ->
 # --- NUM_WORKERS --------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pair_with_workers(pg_env: Dict[str, str]) -> Iterator[Pair]:
     workdir = Path(tempfile.mkdtemp(prefix="queen-tw-sync-workers-"))
     made = start_pair(pg_env, workdir, a_extra={"NUM_WORKERS": "2"})
@@ -375,6 +375,58 @@ def test_with_workers_one_socket_carries_wake_ups_both_ways(pair_with_workers: P
             body = shared_state(fresh)
         assert body["running"] is True and body["server_health"]["servers_alive"] == 1
         assert body["transport"]["port"] == int(pair.a.env["QUEEN_UDP_NOTIFY_PORT"])
+
+
+def _fresh(url: str) -> httpx.Client:
+    """A client on a new connection: the kernel may hand it to either worker."""
+    return httpx.Client(base_url=url, timeout=10)
+
+
+def test_with_workers_encryption_switched_on_by_a_peer_reaches_every_worker(
+        pair_with_workers: Pair, db) -> None:
+    pair = pair_with_workers
+    queue = unique_name()
+    for n in range(8):  # every worker of A caches the queue as plain, for ten minutes
+        with _fresh(pair.a.url) as client:
+            push_items(client, [{"queue": queue, "payload": f"plain-{n}"}])
+
+    configure(pair.to_b, queue, encryptionEnabled=True)
+
+    def next_pushes_sealed() -> bool:
+        stored_before = len(_stored_encrypted(db, queue))
+        for n in range(8):
+            with _fresh(pair.a.url) as client:
+                push_items(client, [{"queue": queue, "payload": f"secret-{n}"}])
+        return all(_stored_encrypted(db, queue)[stored_before:])
+
+    wait_until(next_pushes_sealed, message="A sealing the queue's pushes")
+    # a lucky round may have met one worker only: from now on every round must be sealed
+    assert all(next_pushes_sealed() for _ in range(4)), "a worker of A still stores plaintext"
+
+
+def test_with_workers_changes_made_through_any_worker_reach_the_peer(
+        pair_with_workers: Pair, db) -> None:
+    pair = pair_with_workers
+    queues = [unique_name() for _ in range(6)]
+    push_items(pair.to_b, [{"queue": q, "payload": "plain"} for q in queues])  # B caches plain
+
+    for queue in queues:  # each through whichever worker takes the connection
+        with _fresh(pair.a.url) as client:
+            configure(client, queue, encryptionEnabled=True)
+
+    def b_seals_them_all() -> bool:
+        push_items(pair.to_b, [{"queue": q, "payload": "secret"} for q in queues])
+        return all(_stored_encrypted(db, q)[-1] for q in queues)
+
+    wait_until(b_seals_them_all, message="B sealing the pushes of every queue configured on A")
+    try:
+        for enabled in (True, False, True, False):
+            with _fresh(pair.a.url) as client:
+                client.post("/api/v1/system/maintenance/pop", json={"enabled": enabled})
+            wait_until(lambda on=enabled: shared_state(pair.to_b)["pop_maintenance_mode"] is on,
+                       message=f"B applying pop maintenance {enabled} set on A")
+    finally:
+        pair.to_a.post("/api/v1/system/maintenance/pop", json={"enabled": False})
 
 
 # --- startup refusals ---------------------------------------------------------------------

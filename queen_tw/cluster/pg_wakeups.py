@@ -8,10 +8,13 @@ its own notices are skipped (it woke them locally already).
 
 With peer sync, worker 1 also sends such a notice (:meth:`PostgresWakeups.relay`) for each
 wake-up a peer instance announced, so its siblings' pops wake too (see
-:mod:`queen_tw.cluster.wiring`).
+:mod:`queen_tw.cluster.wiring`). The same connection carries the workers' config and
+maintenance changes on channel ``queen_sync`` (JSON, :meth:`PostgresWakeups.publish`; see
+:mod:`queen_tw.cluster.sibling_bus`).
 """
 
-from typing import Callable, Optional
+import json
+from typing import Any, Callable, Dict, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,6 +26,7 @@ from queen_tw.services.retry import Backoff
 log = Logger()
 
 CHANNEL = "queen_wakeup"
+SYNC_CHANNEL = "queen_sync"
 SESSION_SETTING = {"queen__wakeup": "on"}
 PING_MS = 5000
 """How often the LISTEN connection is checked (a lost one is noticed within this)."""
@@ -38,7 +42,7 @@ class PostgresWakeups(PeriodicService):
     """
 
     def __init__(self, dsn: str, worker_id: str, wake: Callable[[str, Optional[str]], object],
-                 reactor):
+                 reactor, on_notice: Optional[Callable[[Dict[str, Any]], None]] = None):
         # any failure here is the connection's: logged as an outage, never a traceback
         super().__init__("wake-up listener", PING_MS, self._keep_listening, reactor, now=True,
                          retry=Backoff(0.5, maximum=10.0), expected=(Exception,),
@@ -46,6 +50,7 @@ class PostgresWakeups(PeriodicService):
         self._dsn = dsn
         self._worker_id = worker_id
         self._wake = wake
+        self._on_notice = on_notice
         self._reactor = reactor
         self._connection: Optional[txpostgres.Connection] = None
 
@@ -65,6 +70,8 @@ class PostgresWakeups(PeriodicService):
             await connection.connect(self._dsn)
             connection.addNotifyObserver(self._on_notify)
             await connection.runOperation(f"LISTEN {CHANNEL}")
+            if self._on_notice is not None:
+                await connection.runOperation(f"LISTEN {SYNC_CHANNEL}")
         except Exception:
             _close(connection)
             raise
@@ -77,18 +84,39 @@ class PostgresWakeups(PeriodicService):
         """Wakes the sibling workers' pops on ``queue`` / ``partition`` (a peer instance's
         push). Advisory like the datagram it comes from: without a connection right now it
         is skipped, and the siblings' fallback timers cover it."""
+        self._notify(CHANNEL, "\n".join([queue, partition or "", self._worker_id]))
+
+    def publish(self, notice: Dict[str, Any]) -> None:
+        """Sends ``notice`` (JSON) to the sibling workers on ``queen_sync``; skipped without
+        a connection right now (their periodic re-reads cover it)."""
+        self._notify(SYNC_CHANNEL, json.dumps(dict(notice, sender=self._worker_id)))
+
+    def _notify(self, channel: str, payload: str) -> None:
         if self._connection is None:
-            log.debug("wake-up of {queue} not relayed: no LISTEN connection", queue=queue)
+            log.debug("{channel} notice not sent: no LISTEN connection", channel=channel)
             return
-        payload = "\n".join([queue, partition or "", self._worker_id])
-        sent = self._connection.runOperation("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
-        sent.addErrback(lambda failure: log.debug("wake-up relay failed: {error}",
+        sent = self._connection.runOperation("SELECT pg_notify(%s, %s)", (channel, payload))
+        sent.addErrback(lambda failure: log.debug("{channel} notice failed: {error}",
+                                                  channel=channel,
                                                   error=failure.getErrorMessage()))
 
     def _on_notify(self, notify) -> None:
+        if notify.channel == SYNC_CHANNEL:
+            self._sync_notice(notify.payload)
+            return
         queue, partition, sender = (notify.payload.split("\n") + [None, None])[:3]
         if sender != self._worker_id and queue:
             self._wake(queue, partition or None)
+
+    def _sync_notice(self, payload: str) -> None:
+        try:
+            notice = json.loads(payload)
+        except ValueError:
+            log.debug("ignored a {channel} notice that is not JSON", channel=SYNC_CHANNEL)
+            return
+        if isinstance(notice, dict) and notice.get("sender") != self._worker_id \
+                and self._on_notice is not None:
+            self._on_notice(notice)
 
     def _drop(self) -> None:
         if self._connection is not None:

@@ -21,11 +21,11 @@ it:
   its siblings;
 - a sibling's committed push reaches worker 1 on that channel (the push functions NOTIFY),
   and worker 1 announces it to the peers;
-- a sibling's configure or maintenance toggle is not seen by worker 1 at once: peers learn
-  it from PostgreSQL, the maintenance flags within ``QUEEN_CACHE_REFRESH_INTERVAL_MS`` and an
-  encryption flag within ``QUEEN_QUEUE_CONFIG_TTL_MS`` (the bounds that hold for any lost
-  datagram); likewise siblings learn a peer's config or maintenance change that way (the
-  worker flag re-read runs every second);
+- a configure, queue delete or maintenance toggle made through any worker goes to the
+  others as a NOTIFY on ``queen_sync`` (:mod:`queen_tw.cluster.sibling_bus`): each applies
+  it at once and worker 1 announces it to the peers; a peer's change heard by worker 1 goes
+  to its siblings the same way. Lost notices are covered by the periodic re-reads (the
+  flags every second on workers, the config cache within ``QUEEN_QUEUE_CONFIG_TTL_MS``);
 - the shared-state route answers from any worker: worker 1 publishes its counters for the
   siblings (:mod:`queen_tw.cluster.worker_stats`).
 
@@ -37,7 +37,6 @@ applies it where it lands and only its siblings need the PostgreSQL hop they alr
 import errno
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.application import service
@@ -47,12 +46,15 @@ from twisted.logger import Logger
 from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.cluster.peer_sync import PeerSync, SyncHandlers, SyncPortUnavailable, SyncSettings
 from queen_tw.cluster.peers import parse_peers
+from queen_tw.cluster.pg_wakeups import PostgresWakeups
+from queen_tw.cluster.sibling_bus import SiblingBus
 from queen_tw.cluster.worker_stats import (
     PublishedSharedState,
     publisher_service,
     stats_path,
 )
 from queen_tw.config import Config
+from queen_tw.engine.queue_engine import PeerNotices
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.maintenance import Maintenance
 from queen_tw.startup import fatal, refuse_to_start
@@ -60,6 +62,9 @@ from queen_tw.startup import fatal, refuse_to_start
 log = Logger()
 
 MiB = 1024 * 1024
+
+WakeupRelay = Callable[[str, Optional[str]], None]
+"""Hands a peer's wake-up ``(queue, partition)`` to the sibling workers."""
 
 
 def server_identity(config: Config, hostname: Optional[str] = None) -> str:
@@ -110,54 +115,65 @@ def open_udp_socket(interface: str, port: int) -> socket.socket:
 
 
 class ClusterNotices:
-    """What this process tells its peers: ``QueueEngine``'s ``PeerNotices`` and the
-    maintenance callback.
+    """What worker 1 or a single process tells its peers (``QueueEngine``'s ``PeerNotices``,
+    the maintenance callback), and, on worker 1, its sibling workers.
 
     :param sync: the peer-sync service.
+    :param siblings: worker 1's bus to its sibling workers (None in a single process).
     """
 
-    def __init__(self, sync: PeerSync):
+    def __init__(self, sync: PeerSync, siblings: Optional[SiblingBus] = None):
         self._sync = sync
+        self._siblings = siblings
 
     def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
         self._sync.announce_messages(keys)  # type: ignore[arg-type]  # None = any partition
 
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
         self._sync.announce_config_set(queue, config)
+        if self._siblings is not None:
+            self._siblings.announce_config_set(queue, config)
 
     def announce_config_delete(self, queue: str) -> None:
         self._sync.announce_config_delete(queue)
+        if self._siblings is not None:
+            self._siblings.announce_config_delete(queue)
 
     def announce_maintenance(self, key: str, enabled: bool) -> None:
         self._sync.announce_maintenance(key, enabled)
-
-
-
-def sibling_wakeups(waiters: WaiterRegistry, notices: ClusterNotices
-                    ) -> Callable[[str, Optional[str]], None]:
-    """Worker 1's handler of a sibling's ``queen_wakeup`` notice (a committed push or a
-    lease release there): wake the pops parked here and tell the peers."""
-
-    def woken(queue: str, partition: Optional[str]) -> None:
-        waiters.notify(queue, partition)
-        notices.announce_messages([(queue, partition)])
-
-    return woken
+        if self._siblings is not None:
+            self._siblings.announce_maintenance(key, enabled)
 
 
 def sync_handlers(waiters: WaiterRegistry, cache: QueueConfigCache, maintenance: Maintenance,
-                  relay: Optional[Callable[[str, Optional[str]], None]] = None
+                  siblings: Optional[SiblingBus], wakeup_relays: List[WakeupRelay]
                   ) -> SyncHandlers:
-    """What a peer's datagram does here (see the module docstring)."""
+    """What a peer's datagram does here (see the module docstring); on worker 1 each change
+    is passed on to the sibling workers too (wake-ups through ``wakeup_relays``, filled once
+    the LISTEN connection exists)."""
 
     def message_available(queue: str, partition: Optional[str]) -> None:
         waiters.notify(queue, partition)
-        if relay is not None:
+        for relay in wakeup_relays:
             relay(queue, partition)
 
-    return SyncHandlers(message_available=message_available,
-                        config_set=cache.apply_peer_config, config_delete=cache.forget,
-                        maintenance=maintenance.apply_from_peer)
+    def config_set(queue: str, config: Dict[str, Any]) -> None:
+        cache.apply_peer_config(queue, config)
+        if siblings is not None:
+            siblings.announce_config_set(queue, config)
+
+    def config_delete(queue: str) -> None:
+        cache.forget(queue)
+        if siblings is not None:
+            siblings.announce_config_delete(queue)
+
+    def maintenance_set(key: str, enabled: bool) -> None:
+        maintenance.apply_from_peer(key, enabled)
+        if siblings is not None:
+            siblings.announce_maintenance(key, enabled)
+
+    return SyncHandlers(message_available=message_available, config_set=config_set,
+                        config_delete=config_delete, maintenance=maintenance_set)
 
 
 class SyncService(service.MultiService):
@@ -218,42 +234,77 @@ class SharedState:
         return body
 
 
-@dataclass(frozen=True)
 class Cluster:
-    """The peer-sync parts of one process (see :mod:`queen_tw.cluster.wiring`)."""
+    """The peer-sync parts of one process, whichever its role (see the module docstring).
 
-    service: SyncService
-    notices: ClusterNotices
-    shared_state: SharedState
-    relay_to: Callable[[Callable[[str, Optional[str]], None]], None]
+    :param notices: for ``QueueEngine`` (None: nobody to tell).
+    :param shared_state: for the shared-state routes (None: sync off).
+    :param service: the UDP side, in stage ``jobs`` (None: not this process).
+    :param siblings: the bus between NUM_WORKERS workers (None in a single process).
+    :param wake: handler of the sibling workers' ``queen_wakeup`` notices.
+    :param wakeup_relays: where worker 1 hands peers' wake-ups for its siblings.
+    """
+
+    def __init__(self, notices: Optional[PeerNotices],
+                 shared_state: SharedState | PublishedSharedState | None,
+                 service: Optional[SyncService], siblings: Optional[SiblingBus],
+                 wake: Callable[[str, Optional[str]], object],
+                 wakeup_relays: Optional[List[WakeupRelay]] = None):
+        self.notices = notices
+        self.shared_state = shared_state
+        self.service = service
+        self.siblings = siblings
+        self.wake = wake
+        self._wakeup_relays = wakeup_relays if wakeup_relays is not None else []
+
+    def attach(self, wakeups: PostgresWakeups) -> None:
+        """NUM_WORKERS: the LISTEN connection carries this worker's notices to its siblings
+        (and, on worker 1, peers' wake-ups)."""
+        if self.siblings is not None:
+            self.siblings.attach(wakeups.publish)
+        if self.service is not None:
+            self._wakeup_relays.append(wakeups.relay)
 
 
-def peer_sync(config: Config, waiters: WaiterRegistry, cache: QueueConfigCache,
-              maintenance: Maintenance, reactor, in_group: bool) -> Optional[Cluster]:
-    """The UDP peer sync when QUEEN_UDP_PEERS is set and QUEEN_SYNC_ENABLED is not false;
-    with NUM_WORKERS only worker 1 (the one given the parent's socket) runs it."""
-    if not config.sync_wanted or (in_group and config.sync_fd is None):
-        return None
-    relays: List[Callable[[str, Optional[str]], None]] = []
-
-    def relay(queue: str, partition: Optional[str]) -> None:
-        for each in relays:
-            each(queue, partition)
-
-    sync = PeerSync(sync_settings(config), sync_handlers(waiters, cache, maintenance, relay),
-                    reactor)
-    notices = ClusterNotices(sync)
+def build_cluster(config: Config, waiters: WaiterRegistry, cache: QueueConfigCache,
+                  maintenance: Maintenance, reactor, in_group: bool) -> Cluster:
+    """The peer-sync parts for this process: the UDP sync when QUEEN_UDP_PEERS is set and
+    QUEEN_SYNC_ENABLED is not false (with NUM_WORKERS, on worker 1 only: the one given the
+    parent's socket), and the bus between workers when this is one of NUM_WORKERS."""
+    siblings = SiblingBus(cache, maintenance) if in_group else None
+    if not config.sync_wanted:
+        if siblings is not None:
+            maintenance.announce_changes_to(siblings.announce_maintenance)
+        return Cluster(siblings, None, None, siblings, waiters.notify)
+    if in_group and config.sync_fd is None:  # a worker other than 1
+        assert siblings is not None
+        maintenance.announce_changes_to(siblings.announce_maintenance)
+        return Cluster(siblings, PublishedSharedState(stats_path(config.file_buffer_dir), cache,
+                                                      maintenance, reactor),
+                       None, siblings, waiters.notify)
+    relays: List[WakeupRelay] = []
+    sync = PeerSync(sync_settings(config),
+                    sync_handlers(waiters, cache, maintenance, siblings, relays), reactor)
+    notices = ClusterNotices(sync, siblings)
     maintenance.announce_changes_to(notices.announce_maintenance)
     holder = SyncService(sync, reactor)
-    if in_group:  # worker 1: its siblings answer shared-state from what it publishes
+    wake: Callable[[str, Optional[str]], object] = waiters.notify
+    if siblings is not None:  # worker 1
+        siblings.forward_to(sync)
         publisher_service(stats_path(config.file_buffer_dir), sync.stats,
                           reactor).setServiceParent(holder)
-    return Cluster(holder, notices, SharedState(sync, cache, maintenance), relays.append)
+        wake = sibling_wakeups(waiters, notices)
+    return Cluster(notices, SharedState(sync, cache, maintenance), holder, siblings, wake,
+                   relays)
 
 
-def sibling_shared_state(config: Config, cache: QueueConfigCache, maintenance: Maintenance,
-                         clock, in_group: bool) -> Optional[PublishedSharedState]:
-    """The shared-state view of a NUM_WORKERS worker other than 1 (None anywhere else)."""
-    if not (in_group and config.sync_wanted and config.sync_fd is None):
-        return None
-    return PublishedSharedState(stats_path(config.file_buffer_dir), cache, maintenance, clock)
+def sibling_wakeups(waiters: WaiterRegistry, notices: ClusterNotices
+                    ) -> Callable[[str, Optional[str]], None]:
+    """Worker 1's handler of a sibling's ``queen_wakeup`` notice (a committed push or a
+    lease release there): wake the pops parked here and tell the peers."""
+
+    def woken(queue: str, partition: Optional[str]) -> None:
+        waiters.notify(queue, partition)
+        notices.announce_messages([(queue, partition)])
+
+    return woken
