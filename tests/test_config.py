@@ -225,3 +225,50 @@ def test_markdown_table_lists_every_option() -> None:
     table = markdown_table()
     for spec in OPTIONS:
         assert f"`{spec.env}`" in table and f"`--{spec.flag}`" in table
+
+
+# --- cluster sync (WIRE.md 5 "Cluster sync", 6) ----------------------------------------
+
+
+def test_sync_defaults_leave_sync_off_until_peers_are_set() -> None:
+    config = Config.defaults()
+    assert (config.udp_peers, config.udp_notify_port, config.sync_enabled,
+            config.sync_secret, config.sync_heartbeat_ms, config.sync_dead_threshold_ms) == (
+        "", 6633, True, "", 1000, 5000)
+    assert config.sync_wanted is False
+    assert parse({"QUEEN_UDP_PEERS": "b:6633"}).sync_wanted is True
+    assert parse({"QUEEN_UDP_PEERS": "b:6633", "QUEEN_SYNC_ENABLED": "false"}).sync_wanted \
+        is False
+
+
+def test_udp_socket_binds_host_unless_udp_bind_is_set() -> None:
+    assert parse({"HOST": "10.1.2.3"}).udp_interface == "10.1.2.3"
+    assert parse({"HOST": "10.1.2.3", "QUEEN_UDP_BIND": "10.9.9.9"}).udp_interface == "10.9.9.9"
+
+
+@pytest.mark.parametrize("peers, reason", [
+    ("a:1,b:0", "QUEEN_UDP_PEERS: peer 'b:0': port '0' is not a number from 1 to 65535"),
+    ("http://a/path", "QUEEN_UDP_PEERS: peer 'http://a/path': expected host[:port]"),
+    ("a b", "QUEEN_UDP_PEERS: peer 'a b': 'a b' is not a host name"),
+])
+def test_a_bad_peer_entry_is_refused_naming_the_setting(peers: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse({"QUEEN_UDP_PEERS": peers})
+    assert str(refused.value).startswith(reason)
+
+
+def test_a_peer_without_a_port_is_refused_when_the_local_port_is_any() -> None:
+    with pytest.raises(ConfigError, match="QUEEN_UDP_PEERS: peer 'b' needs a port"):
+        parse({"QUEEN_UDP_PEERS": "a:7000,b", "QUEEN_UDP_NOTIFY_PORT": "0"})
+
+
+def test_the_dead_threshold_must_exceed_the_heartbeat() -> None:
+    with pytest.raises(ConfigError, match="QUEEN_SYNC_DEAD_THRESHOLD_MS: must be more than "
+                                          r"QUEEN_SYNC_HEARTBEAT_MS \(2000\), got 2000"):
+        parse({"QUEEN_SYNC_HEARTBEAT_MS": "2000", "QUEEN_SYNC_DEAD_THRESHOLD_MS": "2000"})
+
+
+def test_the_sync_secret_stays_out_of_repr_but_reaches_worker_processes() -> None:
+    config = parse({"QUEEN_SYNC_SECRET": "hush-hush"})
+    assert "hush-hush" not in repr(config)
+    assert config.as_env()["QUEEN_SYNC_SECRET"] == "hush-hush"
