@@ -244,12 +244,15 @@ def test_maintenance_switched_on_one_instance_applies_on_its_peer_at_once(pair: 
 
         [result] = push_items(pair.to_b, [{"queue": queue, "payload": "held"}])
         assert result["status"] == "buffered"
+        [poll] = parked(pair.a.url, queue)  # woken only by B announcing its replay
     finally:
         pair.to_a.post("/api/v1/system/maintenance", json={"enabled": False})
 
     wait_until(lambda: not shared_state(pair.to_b)["maintenance_mode"],
                message="B leaving maintenance mode")
     wait_until(lambda: count_messages(db, queue) == 1, message="B's buffer draining")
+    answer = poll.result()
+    assert answer.status_code == 200 and answer.json()["messages"][0]["data"] == "held"
 
 
 def test_pop_maintenance_switched_on_one_instance_applies_on_its_peer(pair: Pair) -> None:
@@ -503,6 +506,24 @@ def test_cache_keeps_at_most_max_entries_dropping_the_oldest() -> None:
     cache.store({"c": True})
 
     assert cache.encrypted(["a", "b", "c"]) == {"b": False, "c": True}
+
+
+def test_a_read_overtaken_by_a_change_is_not_cached() -> None:
+    cache = QueueConfigCache(task.Clock(), ttl=60)
+    before = cache.changes  # a push starts reading the flag of "q" from PostgreSQL
+
+    cache.apply_peer_config("q", {"encryption_enabled": True})  # a peer's configure lands
+    cache.remember_read({"q": False}, before)  # the read returns the row it saw earlier
+
+    assert cache.encrypted(["q"]) == {"q": True}
+
+
+def test_a_read_with_no_change_meanwhile_is_cached() -> None:
+    cache = QueueConfigCache(task.Clock(), ttl=60)
+
+    cache.remember_read({"q": False}, cache.changes)
+
+    assert cache.encrypted(["q"]) == {"q": False}
 
 
 @pytest.mark.parametrize("config", [{"encryption_enabled": "yes"}, {}, ["x"], None])

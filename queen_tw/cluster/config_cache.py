@@ -16,6 +16,10 @@ queue's payload in plaintext:
   exists without any cache for the length of one push (flags read, then the insert), so a
   short TTL keeps the guarantee of the uncached server while saving nearly every read.
 
+A read from PostgreSQL that was overtaken by a change (it began before a configure or a
+peer's datagram arrived, and may have read the old row) is used for the push that made it,
+like any read, but not cached: :meth:`QueueConfigCache.remember_read` drops it.
+
 Only the encryption flag is kept: it is the only setting the server reads outside the SQL
 functions, which read every other setting in their own transaction.
 """
@@ -54,10 +58,12 @@ class QueueConfigCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.changes = 0
+        """How many changes (configure, delete, peer config) arrived; see :meth:`remember_read`."""
 
     def encrypted(self, queues: Iterable[str]) -> Dict[str, bool]:
-        """The known flags of ``queues``; the ones missing here must be read (and
-        :meth:`store`\\ d) by the caller. Counts one hit or miss per queue."""
+        """The known flags of ``queues``; the caller reads the missing ones from PostgreSQL
+        and hands them to :meth:`remember_read`. Counts one hit or miss per queue."""
         now = self._clock.seconds()
         known: Dict[str, bool] = {}
         for queue in queues:
@@ -70,7 +76,19 @@ class QueueConfigCache:
         return known
 
     def store(self, flags: Mapping[str, bool]) -> None:
-        """Records flags read from PostgreSQL or learned from a configure."""
+        """Records flags that are news: a configure's answer, a peer's config."""
+        self.changes += 1
+        self._write(flags)
+
+    def remember_read(self, flags: Mapping[str, bool], changes_before: int) -> None:
+        """Caches flags read from PostgreSQL, unless a change arrived since the read began
+        (``changes_before`` = :attr:`changes` then): the read may predate it."""
+        if self.changes != changes_before:
+            log.debug("queue flags read overtaken by a change; not cached")
+            return
+        self._write(flags)
+
+    def _write(self, flags: Mapping[str, bool]) -> None:
         if self._ttl <= 0:
             return
         now = self._clock.seconds()
@@ -82,6 +100,7 @@ class QueueConfigCache:
 
     def forget(self, queue: str) -> None:
         """The queue was deleted (here or on a peer): the next push reads it again."""
+        self.changes += 1
         self._entries.pop(queue, None)
 
     def apply_peer_config(self, queue: str, config: Any) -> None:

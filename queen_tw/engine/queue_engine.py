@@ -243,10 +243,11 @@ class QueueEngine:
         encrypted = self._config_cache.encrypted(queues)
         unknown = [queue for queue in queues if queue not in encrypted]
         if unknown:
+            changes_before = self._config_cache.changes
             flags = await self._db.call("queue_flags", unknown)
             read = {queue: bool(flags.get(queue, {}).get("encryptionEnabled"))
                     for queue in unknown}  # a queue that does not exist yet is created plain
-            self._config_cache.store(read)
+            self._config_cache.remember_read(read, changes_before)
             encrypted.update(read)
         sealed = []
         for item in items:
