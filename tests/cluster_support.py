@@ -92,19 +92,33 @@ class ClusterNode(ServerProcess):
     def health(self, field: str) -> int:
         return int(self.shared_state()["server_health"][field])
 
+    def counted(self, field: str, at_least: int) -> bool:
+        """Whether the transport counter ``field`` has reached ``at_least``."""
+        return self.transport(field) >= at_least
+
+    def sees_peers(self, alive: int, dead: int) -> bool:
+        health = self.shared_state()["server_health"]
+        return bool(health["servers_alive"] == alive and health["servers_dead"] == dead)
+
+    def in_maintenance(self, enabled: bool) -> bool:
+        """Whether this instance's own push-maintenance flag is ``enabled``."""
+        return bool(self.shared_state()["maintenance_mode"] is enabled)
+
 
 class Cluster:
     """``names`` instances on one PostgreSQL, each listing all the others in
     ``QUEEN_UDP_PEERS``, with one shared secret and fast heartbeats.
 
+    :param env: environment overrides of every instance.
     :param spawn: runs a callable where the instances must live (a namespace's threads);
         by default, right here.
     """
 
-    def __init__(self, pg_env: Mapping[str, str], names: tuple[str, ...] = ("a", "b", "c"),
-                 spawn: Callable[[Callable[[], T]], T] | None = None, **env: str):
+    def __init__(self, pg_env: Mapping[str, str], env: Mapping[str, str] | None = None, *,
+                 names: tuple[str, ...] = ("a", "b", "c"),
+                 spawn: Callable[[Callable[[], Any]], Any] | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="queen-tw-cluster-"))
-        self._spawn = spawn or (lambda call: call())
+        self._spawn: Callable[[Callable[[], Any]], Any] = spawn or (lambda call: call())
         ports = {name: free_udp_port() for name in names}
         self.nodes: dict[str, ClusterNode] = {}
         for name in names:
@@ -113,7 +127,7 @@ class Cluster:
             self.nodes[name] = ClusterNode(name, pg_env, self.root / name, ports[name], {
                 "QUEEN_UDP_PEERS": peers, "QUEEN_SYNC_SECRET": SECRET,
                 "QUEEN_SYNC_HEARTBEAT_MS": str(HEARTBEAT_MS),
-                "QUEEN_SYNC_DEAD_THRESHOLD_MS": str(DEAD_THRESHOLD_MS), **env})
+                "QUEEN_SYNC_DEAD_THRESHOLD_MS": str(DEAD_THRESHOLD_MS), **(env or {})})
 
     def __getitem__(self, name: str) -> ClusterNode:
         return self.nodes[name]

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import httpx
@@ -86,7 +87,7 @@ def show_logs_if_failed(request: pytest.FixtureRequest, failed_before: int,
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, pg_env: dict[str, str]) -> Iterator[Cluster]:
     """A, B and C with the slow fallbacks; tests that kill B start it again."""
-    nodes = Cluster(pg_env, **SLOW)
+    nodes = Cluster(pg_env, SLOW)
     failed_before = request.session.testsfailed
     try:
         nodes.start()
@@ -189,14 +190,12 @@ def test_a_killed_peer_is_reported_dead_and_its_restart_is_counted(cluster: Clus
     # heartbeat period (the sweep) it is dead; the rest of the ceiling is slack
     ceiling = (DEAD_THRESHOLD_MS + HEARTBEAT_MS) / 1000 + 10
     for node in (a, c):
-        wait_until(lambda node=node: node.health("servers_dead") == 1
-                   and node.health("servers_alive") == 1, timeout=ceiling,
+        wait_until(partial(node.sees_peers, alive=1, dead=1), timeout=ceiling,
                    message=f"{node.name} reporting B dead")
 
     b.start()
     for node in (a, c):
-        wait_until(lambda node=node: node.health("servers_alive") == 2
-                   and node.health("servers_dead") == 0,
+        wait_until(partial(node.sees_peers, alive=2, dead=0),
                    message=f"{node.name} seeing B alive again")
         assert node.health("restarts_detected") == restarts[node.name] + 1, node.shared_state()
 
@@ -231,9 +230,12 @@ def test_a_queue_reconfigured_on_a_is_honoured_by_c_at_once(cluster: Cluster,
 
     configure(a, queue, leaseTime=900, encryptionEnabled=True)
     pushed = iter(range(1000))
-    wait_until(lambda: push(c, queue, f"after-{next(pushed)}", partition="second")
-               or stored_encrypted(db, queue, "second")[-1], interval=0.05,
-               message="C sealing the queue's pushes")
+
+    def next_push_sealed() -> bool:
+        push(c, queue, f"after-{next(pushed)}", partition="second")
+        return stored_encrypted(db, queue, "second")[-1]
+
+    wait_until(next_push_sealed, interval=0.05, message="C sealing the queue's pushes")
 
     second = c.get(f"/api/v1/pop/queue/{queue}/partition/second", wait="false")
     assert delivered(second) == ["after-0"]
@@ -251,8 +253,7 @@ def test_maintenance_set_on_a_diverts_pushes_on_c_and_drains_when_cleared(
         assert answer.status_code == 200, answer.text
         # C re-reads the flag every 10 minutes: seeing it now is A's datagram
         for node in (b, c):
-            wait_until(lambda node=node: node.shared_state()["maintenance_mode"] is True,
-                       message=f"{node.name} in maintenance")
+            wait_until(partial(node.in_maintenance, True), message=f"{node.name} in maintenance")
         for n in range(20):
             push(c, queue, f"m{n}", expect="buffered")
         assert count_messages(db, queue) == 0
@@ -260,8 +261,7 @@ def test_maintenance_set_on_a_diverts_pushes_on_c_and_drains_when_cleared(
         answer = a.post("/api/v1/system/maintenance", {"enabled": False})
         assert answer.status_code == 200, answer.text
 
-    wait_until(lambda: c.shared_state()["maintenance_mode"] is False,
-               message="C out of maintenance")
+    wait_until(partial(c.in_maintenance, False), message="C out of maintenance")
     wait_until(lambda: count_messages(db, queue) == 20, message="C's buffer drained")
     seen: list[str] = []
     while True:
@@ -298,8 +298,8 @@ def test_datagrams_with_the_wrong_secret_are_counted_and_wake_nobody(
         intruder.close()
         unsigned.close()
     for node in nodes:
-        wait_until(lambda node=node: node.transport("signature_failures")
-                   >= before[node.name] + 6, message=f"{node.name} rejecting 6 datagrams")
+        wait_until(partial(node.counted, "signature_failures", before[node.name] + 6),
+                   message=f"{node.name} rejecting 6 datagrams")
 
     assert not parked.done(), f"a forged datagram woke the pop: {parked.result()}"
     assert pop_queries_since(db, a, after_store) == [], "a forged datagram started a pop"
@@ -322,23 +322,23 @@ def test_with_30_percent_of_datagrams_lost_every_waiter_gets_its_message_once(
         pytest.skip(f"real packet loss needs a network namespace: {why_not}")
     partitions, rounds = 12, 4
     with lossy_namespace(threads=partitions + 4) as namespace:
-        lossy = Cluster(pg_env, spawn=namespace.call, POP_WAIT_INITIAL_INTERVAL_MS="100",
-                        POP_WAIT_MAX_INTERVAL_MS="400")
+        lossy = Cluster(pg_env, {"POP_WAIT_INITIAL_INTERVAL_MS": "100",
+                                 "POP_WAIT_MAX_INTERVAL_MS": "400"}, spawn=namespace.call)
         try:
             namespace.drop([node.udp_port for node in lossy.nodes.values()], percent=30)
             lossy.start()
             a, b, c = lossy["a"], lossy["b"], lossy["c"]
             queue = unique_name()
-            namespace.call(lambda: configure(a, queue))
+            namespace.call(partial(configure, a, queue))
             received: dict[str, list[str]] = collections.defaultdict(list)
             for round_ in range(rounds):
                 waiters = {}
                 for n in range(partitions):
                     node, partition = (b, c)[n % 2], f"p{n}"
                     waiters[partition] = namespace.submit(
-                        lambda node=node, p=partition: long_poll(node, queue, p, autoAck="true"))
-                answer = namespace.call(lambda r=round_: a.post("/api/v1/push", {"items": [
-                    {"queue": queue, "partition": f"p{n}", "transactionId": f"r{r}-p{n}",
+                        partial(long_poll, node, queue, partition, autoAck="true"))
+                answer = namespace.call(partial(a.post, "/api/v1/push", {"items": [
+                    {"queue": queue, "partition": f"p{n}", "transactionId": f"r{round_}-p{n}",
                      "payload": {}} for n in range(partitions)]}))
                 assert answer.status_code == 201, answer.text
                 for partition, waiter in waiters.items():
@@ -365,7 +365,7 @@ def test_with_30_percent_of_datagrams_lost_every_waiter_gets_its_message_once(
 # -- the official client with the three URLs ---------------------------------------------
 
 def test_official_client_with_three_urls_survives_an_instance_killed_and_restarted(
-        cluster: Cluster) -> None:
+        cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
     a, b, c = cluster["a"], cluster["b"], cluster["c"]
     queue = unique_name()
     configure(a, queue, leaseTime=5)
@@ -413,10 +413,12 @@ def test_official_client_with_three_urls_survives_an_instance_killed_and_restart
 
     async def scenario() -> None:
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        options = dict(urls=[a.url, b.url, c.url], load_balancing_strategy="round-robin",
-                       health_retry_after_millis=500, retry_attempts=2,
-                       retry_delay_millis=100, timeout_millis=10_000)
-        producer, consumer = Queen(**options), Queen(**options)
+        def client() -> Queen:
+            return Queen(urls=[a.url, b.url, c.url], load_balancing_strategy="round-robin",
+                         health_retry_after_millis=500, retry_attempts=2,
+                         retry_delay_millis=100, timeout_millis=10_000)
+
+        producer, consumer = client(), client()
         try:
             await asyncio.gather(produce(producer), consume(consumer))
         finally:
@@ -426,6 +428,9 @@ def test_official_client_with_three_urls_survives_an_instance_killed_and_restart
                 signal.signal(sig, handler)
 
     asyncio.run(asyncio.wait_for(scenario(), 150))
+    # the client prints each request that failed on one URL and went on to the next: the
+    # run really lost B under both clients' feet
+    assert f"Request failed for {b.url}" in capsys.readouterr().out
     assert b.running
     assert len(acknowledged) == total
     missing = set(acknowledged) - set(consumed)
