@@ -23,6 +23,10 @@ import pytest
 from twisted.internet import task
 
 from queen_tw.cluster.config_cache import QueueConfigCache, wire_config
+from queen_tw.cluster.sibling_bus import SiblingBus
+from queen_tw.db.pool import Database
+from queen_tw.failover.buffer import FileBuffer
+from queen_tw.maintenance import Maintenance
 
 from tests.http_helpers import configure, pop
 from tests.support import ServerProcess, count_messages, unique_name, wait_until
@@ -474,6 +478,86 @@ def test_a_udp_port_in_use_refuses_to_start_with_one_line(tmp_path: Path, worker
 
     assert_refused_with(result, f"cannot listen on UDP 127.0.0.1:{taken}: address already in "
                                 "use (set QUEEN_UDP_NOTIFY_PORT)")
+
+
+# --- maintenance flags from a peer, on their own --------------------------------------------
+
+
+@pytest.fixture
+def flags(tmp_path: Path) -> Maintenance:
+    """A Maintenance whose database is never reached (peer changes need none)."""
+    clock = task.Clock()
+    return Maintenance(Database("host=/nonexistent", 1, clock),
+                       FileBuffer(str(tmp_path / "buffer"), 10), clock)
+
+
+def test_a_peer_flag_applies_at_once_and_is_not_announced_back(flags: Maintenance) -> None:
+    announced: List[Any] = []
+    flags.announce_changes_to(lambda key, enabled: announced.append((key, enabled)))
+
+    flags.apply_from_peer("maintenance_mode", True)
+    flags.apply_from_peer("pop_maintenance_mode", True)
+
+    assert flags.maintenance_mode and flags.pop_maintenance_mode
+    assert announced == []  # only changes made here are announced: no echo between peers
+
+
+@pytest.mark.parametrize("key, enabled", [("maintenance_mode", "true"), ("other_flag", True),
+                                          ("pop_maintenance_mode", 1)])
+def test_a_malformed_peer_flag_is_ignored(flags: Maintenance, key: str, enabled: Any) -> None:
+    flags.apply_from_peer(key, enabled)
+
+    assert not flags.maintenance_mode and not flags.pop_maintenance_mode
+
+
+class RecordingPeers:
+    """Stands in for the UDP side of worker 1: records what would be announced."""
+
+    def __init__(self) -> None:
+        self.said: List[Any] = []
+
+    def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
+        self.said.append(("config_set", queue))
+
+    def announce_config_delete(self, queue: str) -> None:
+        self.said.append(("config_delete", queue))
+
+    def announce_maintenance(self, key: str, enabled: bool) -> None:
+        self.said.append(("maintenance", key, enabled))
+
+
+def test_worker_1_applies_and_forwards_a_sibling_change(flags: Maintenance) -> None:
+    cache = QueueConfigCache(task.Clock(), ttl=60)
+    bus, peers = SiblingBus(cache, flags), RecordingPeers()
+    bus.forward_to(peers)
+
+    bus.received({"kind": "config_set", "queue": "q", "config": {"encryption_enabled": True},
+                  "sender": "w2"})
+    bus.received({"kind": "maintenance", "key": "maintenance_mode", "enabled": True,
+                  "sender": "w2"})
+
+    assert cache.encrypted(["q"]) == {"q": True} and flags.maintenance_mode
+    assert peers.said == [("config_set", "q"), ("maintenance", "maintenance_mode", True)]
+
+
+@pytest.mark.parametrize("notice", [
+    {"kind": "config_set", "queue": "q", "config": "x"},
+    {"kind": "config_delete", "queue": 7},
+    {"kind": "maintenance", "key": "other", "enabled": True},
+    {"kind": "maintenance", "key": "maintenance_mode", "enabled": "on"},
+    {"kind": "unknown"}, {},
+])
+def test_a_malformed_sibling_notice_changes_nothing(flags: Maintenance,
+                                                    notice: Dict[str, Any]) -> None:
+    cache = QueueConfigCache(task.Clock(), ttl=60)
+    cache.store({"q": False})
+    bus, peers = SiblingBus(cache, flags), RecordingPeers()
+    bus.forward_to(peers)
+
+    bus.received(notice)
+
+    assert cache.encrypted(["q"]) == {"q": False} and not flags.maintenance_mode
+    assert peers.said == []
 
 
 # --- the cache on its own -----------------------------------------------------------------
