@@ -1,9 +1,18 @@
 """Three real ``twistd queen`` instances over one PostgreSQL, synced over UDP (issue #16).
 
 Each test proves an effect of a datagram by making every other explanation too slow: the
-long-poll fallback (``POP_WAIT_*``) and the periodic re-read of configs and maintenance
-flags (``QUEEN_CACHE_REFRESH_INTERVAL_MS``) are set to 10 minutes, so what happens within
-a test's 30 s ceiling was carried by the peer datagrams. No test measures elapsed time.
+long-poll fallback (``POP_WAIT_*``), the periodic re-read of maintenance flags
+(``QUEEN_CACHE_REFRESH_INTERVAL_MS``) and the trust in a cached queue config
+(``QUEEN_QUEUE_CONFIG_TTL_MS``) are set to 10 minutes, so what happens within a test's 30 s
+ceiling was carried by the peer datagrams. No test measures elapsed time. A long-poll is
+known to be parked once its instance's first pop query has finished in PostgreSQL
+(``pg_stat_activity``, by the instance's ``application_name``), so a push sent after that
+cannot be found by the first attempt.
+
+The datagram-loss test runs its own three instances in a network namespace whose loopback
+drops 30 % of their UDP for real (nftables), with the fallback fast again: it shows that
+loss costs latency, never a message. The client test drives the official Python client
+with the three URLs while one instance is SIGKILLed and restarted.
 
 The cluster runs on a PostgreSQL of this module's own: maintenance flags are cluster-wide
 (``queen.system_state``) and would make every other server of a shared database buffer.
