@@ -166,11 +166,12 @@ def pop_queries_since(db: connection, node: ClusterNode, since: Any) -> list[str
     """States of ``node``'s connections whose latest query is a pop started after ``since``.
 
     A parked long-poll is proven parked once its first attempt has finished (``idle``) and
-    found nothing; a wake-up shows as a new attempt.
+    found nothing; a wake-up shows as a new attempt. Pops are calls of the ``queen.pop…``
+    SQL functions; the flag re-read mentions ``pop_maintenance_mode`` and is not one.
     """
     with db.cursor() as cursor:
         cursor.execute("""SELECT state FROM pg_stat_activity
-                           WHERE application_name = %s AND query ILIKE '%%pop%%'
+                           WHERE application_name = %s AND query ILIKE '%%queen.pop%%'
                              AND query_start > %s""", (node.worker_id, since))
         return [row[0] for row in cursor.fetchall()]
 
