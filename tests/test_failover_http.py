@@ -6,6 +6,7 @@ PostgreSQL of its own (maintenance mode is cluster-wide: the shared database sta
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -142,7 +143,7 @@ def test_a_buffer_directory_lost_while_serving_answers_503_never_buffered(
         fleet: Fleet, maintenance_off) -> None:
     # (one unusable at start stops the server instead: tests/test_startup.py)
     server = fleet.server()
-    server.buffer_dir.rmdir()  # nothing buffered yet: the directory is still empty
+    shutil.rmtree(server.buffer_dir)  # nothing buffered yet: only the directory's lock file
     server.buffer_dir.write_text("a regular file where the buffer directory was")
     queue = unique_name()
     set_maintenance(server.url, True)
