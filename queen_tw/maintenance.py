@@ -88,7 +88,7 @@ class Maintenance:
                       enabled=enabled)
             return
         self._peer_changes[key] += 1
-        self._apply(key, enabled)
+        self._apply(key, enabled, " (announced by a peer)")
 
     @property
     def maintenance_mode(self) -> bool:
@@ -110,7 +110,7 @@ class Maintenance:
         stored = await self._db.call("system_state_get")
         for key in self._flags:
             if self._peer_changes[key] == changes_before[key]:
-                self._apply(key, _enabled(stored.get(key)))
+                self._apply(key, _enabled(stored.get(key)), " (read from PostgreSQL)")
             # else: read before a peer's change arrived, so it may predate it: the peer's
             # value stays until the next re-read
         self.loaded = True
@@ -147,9 +147,10 @@ class Maintenance:
         if self._announce is not None:
             self._announce(key, enabled)
 
-    def _apply(self, key: str, enabled: bool) -> None:
+    def _apply(self, key: str, enabled: bool, source: str = "") -> None:
         if self._flags[key] != enabled:
-            log.info("{flag} is now {state}", flag=key, state="on" if enabled else "off")
+            log.info("{flag} is now {state}{source}", flag=key,
+                     state="on" if enabled else "off", source=source)
         self._flags[key] = enabled
 
 

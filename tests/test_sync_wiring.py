@@ -318,6 +318,14 @@ def test_garbage_datagrams_are_counted_as_dropped_and_the_server_keeps_serving(
     assert pair.to_b.get("/health").status_code == 200
 
 
+def test_the_synced_instances_logged_no_traceback(pair: Pair) -> None:
+    """Runs after the tests above used the pair: nothing they did raised anywhere."""
+    for server in (pair.a, pair.b):
+        log = server.log_text()
+        assert "peer sync listening on UDP 127.0.0.1" in log
+        assert "Traceback" not in log and "Unhandled" not in log, server.log_tail(80)
+
+
 def test_without_peers_shared_state_is_not_initialized(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for route in SHARED_STATE_ROUTES:
@@ -434,6 +442,12 @@ def test_with_workers_changes_made_through_any_worker_reach_the_peer(
                        message=f"B applying pop maintenance {enabled} set on A")
     finally:
         pair.to_a.post("/api/v1/system/maintenance/pop", json={"enabled": False})
+
+
+def test_the_instances_with_workers_logged_no_traceback(pair_with_workers: Pair) -> None:
+    for server in (pair_with_workers.a, pair_with_workers.b):
+        log = server.log_text()
+        assert "Traceback" not in log and "Unhandled" not in log, server.log_tail(80)
 
 
 # --- startup refusals ---------------------------------------------------------------------

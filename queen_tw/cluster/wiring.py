@@ -37,7 +37,7 @@ applies it where it lands and only its siblings need the PostgreSQL hop they alr
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
@@ -127,7 +127,8 @@ class ClusterNotices:
         self._siblings = siblings
 
     def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
-        self._sync.announce_messages(keys)  # type: ignore[arg-type]  # None = any partition
+        # PeerSync's hint says str, its datagram allows None (WIRE 6.1: any partition)
+        self._sync.announce_messages(cast(Iterable[Tuple[str, str]], keys))
 
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
         self._sync.announce_config_set(queue, config)
