@@ -23,7 +23,8 @@ peer's datagram can deliver. The ``--waiters`` are spread over the instances, ev
 of a queue on the same instance (queue q on instance q mod N), and every push goes to
 instance 0: a message for a queue parked elsewhere can only arrive through the datagram.
 Push → receive latency is reported for those remote deliveries and, for comparison, for
-the local ones. Report: ``bench/out/wakeup_latency_cross.md``.
+the local ones (the idle and attempts-per-push phases are not run in this mode). Report:
+``bench/out/wakeup_latency_cross.md``.
 
 Prints a markdown report and writes it to ``bench/out/wakeup_latency.md``.
 """
