@@ -280,8 +280,8 @@ def build_cluster(config: Config, waiters: WaiterRegistry, cache: QueueConfigCac
     if in_group and config.sync_fd is None:  # a worker other than 1
         assert siblings is not None
         maintenance.announce_changes_to(siblings.announce_maintenance)
-        return Cluster(siblings, PublishedSharedState(stats_path(config.file_buffer_dir), cache,
-                                                      maintenance, reactor),
+        published = stats_path(config.file_buffer_dir, server_identity(config))
+        return Cluster(siblings, PublishedSharedState(published, cache, maintenance, reactor),
                        None, siblings, waiters.notify)
     relays: List[WakeupRelay] = []
     sync = PeerSync(sync_settings(config),
@@ -292,7 +292,7 @@ def build_cluster(config: Config, waiters: WaiterRegistry, cache: QueueConfigCac
     wake: Callable[[str, Optional[str]], object] = waiters.notify
     if siblings is not None:  # worker 1
         siblings.forward_to(sync)
-        publisher_service(stats_path(config.file_buffer_dir), sync.stats,
+        publisher_service(stats_path(config.file_buffer_dir, server_identity(config)), sync.stats,
                           reactor).setServiceParent(holder)
         wake = sibling_wakeups(waiters, notices)
     return Cluster(notices, SharedState(sync, cache, maintenance), holder, siblings, wake,

@@ -2,15 +2,17 @@
 
 Only worker 1 runs the peer sync (see :mod:`queen_tw.cluster.wiring`), but the kernel hands
 an HTTP request to any worker, so ``GET /api/v1/system/shared-state`` must answer the same
-from each. Worker 1 writes its counters to a small JSON file in ``FILE_BUFFER_DIR`` (the
-directory every worker of the instance shares, and no other instance uses) every
-:data:`PUBLISH_MS`; the other workers read it when asked and add their own queue config
-cache and maintenance flags. The counters a sibling shows are at most a second old; when the
-file is older than :data:`STALE_S` (worker 1 gone or restarting), ``running`` is False.
+from each. Worker 1 writes its counters every :data:`PUBLISH_MS` to a small JSON file in
+``FILE_BUFFER_DIR``, the directory every worker of the instance shares (named after the
+instance's identity, so instances that share a volume keep apart); the other workers read it
+when asked and add their own queue config cache and maintenance flags. The counters a
+sibling shows are at most a second old; when the file is older than :data:`STALE_S` (worker
+1 gone or restarting), ``running`` is False.
 """
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -24,15 +26,17 @@ from queen_tw.services.periodic import PeriodicService
 
 log = Logger()
 
-STATS_FILE = ".peer-sync-stats.json"
+STATS_FILE = ".peer-sync-stats-{identity}.json"
 """Hidden, so nothing that scans the buffer directory for segments takes it for one."""
 PUBLISH_MS = 1000
 STALE_S = 5.0
 
 
-def stats_path(file_buffer_dir: str) -> Path:
-    """Where worker 1 publishes and its siblings read."""
-    return Path(file_buffer_dir) / STATS_FILE
+def stats_path(file_buffer_dir: str, identity: str) -> Path:
+    """Where worker 1 of the instance ``identity`` (``<hostname>:<udp port>``) publishes and
+    its siblings read."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", identity)
+    return Path(file_buffer_dir) / STATS_FILE.format(identity=safe)
 
 
 def publisher_service(path: Path, stats: Callable[[], Dict[str, Any]],
