@@ -69,8 +69,9 @@ class Maintenance:
         self._flags: Dict[str, bool] = {MAINTENANCE: False, POP_MAINTENANCE: False}
         self.loaded = False
         self._announce: Optional[Callable[[str, bool], None]] = None
-        # per flag, how many peer changes arrived: a re-read begun before one must not undo it
-        self._peer_changes: Dict[str, int] = {MAINTENANCE: 0, POP_MAINTENANCE: 0}
+        # per flag, how many changes (here or from a peer) were applied: a re-read begun
+        # before one may have read the old row and must not undo it
+        self._changes: Dict[str, int] = {MAINTENANCE: 0, POP_MAINTENANCE: 0}
 
     def announce_changes_to(self, announce: Callable[[str, bool], None]) -> None:
         """``announce(key, enabled)`` is called after each change made through this
@@ -87,7 +88,7 @@ class Maintenance:
             log.debug("ignored a peer's maintenance change {key}={enabled!r}", key=key,
                       enabled=enabled)
             return
-        self._peer_changes[key] += 1
+        self._changes[key] += 1
         self._apply(key, enabled, " (announced by a peer)")
 
     @property
@@ -106,13 +107,13 @@ class Maintenance:
 
     async def refresh(self) -> Dict[str, bool]:
         """Re-reads the flags from PostgreSQL; raises ``DatabaseUnavailable`` when it cannot."""
-        changes_before = dict(self._peer_changes)
+        changes_before = dict(self._changes)
         stored = await self._db.call("system_state_get")
         for key in self._flags:
-            if self._peer_changes[key] == changes_before[key]:
+            if self._changes[key] == changes_before[key]:
                 self._apply(key, _enabled(stored.get(key)), " (read from PostgreSQL)")
-            # else: read before a peer's change arrived, so it may predate it: the peer's
-            # value stays until the next re-read
+            # else: read before a change was applied, so it may predate it: the change
+            # stays until the next re-read
         self.loaded = True
         return dict(self._flags)
 
@@ -143,6 +144,7 @@ class Maintenance:
 
     async def _set(self, key: str, enabled: bool) -> None:
         await self._db.call("system_state_set", key, {"enabled": enabled})
+        self._changes[key] += 1
         self._apply(key, enabled)
         if self._announce is not None:
             self._announce(key, enabled)
