@@ -41,7 +41,8 @@ STOP_ORDER: Tuple[Tuple[str, str], ...] = (
     ("listener", "stops accepting connections"),
     ("drain", "waits for the database work the batchers already accepted"),
     ("replay", "lets the replay batch in flight finish and starts no other"),
-    ("jobs", "maintenance flags refresh, retention, eviction, statistics, wake-up listener"),
+    ("jobs", "maintenance flags refresh, retention, eviction, statistics, wake-up listener, "
+             "buffer adoption, peer sync (UDP, heartbeats; worker 1's stats publisher)"),
     ("database", "closes the pool (or ends the schema installation) once nothing uses it"),
     ("buffer", "writes the queued records and closes the segment: pushes may fall back to "
                "it until the pool is closed"),

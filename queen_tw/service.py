@@ -145,7 +145,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         config_cache=config_cache, peers=cluster.notices)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, waiters),
-                         Browser(db, waiters, make_cipher(config.encryption_key)), stats, waiters)
+                         Browser(db, waiters, make_cipher(config.encryption_key)), stats)
     root = http_root(engine, config.worker_id,
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),

@@ -106,7 +106,15 @@ class SyncHandlers:
 
 
 class SyncPortUnavailable(Exception):
-    """The UDP port cannot be bound; the message names ``QUEEN_UDP_NOTIFY_PORT``."""
+    """The UDP port cannot be bound; the message names ``QUEEN_UDP_NOTIFY_PORT``.
+
+    :ivar cause: the ``OSError`` (or Twisted's ``CannotListenError``) of the bind, so the
+        caller can word the refusal for its cause.
+    """
+
+    def __init__(self, message: str, cause: BaseException):
+        super().__init__(message)
+        self.cause = cause
 
 
 class _SyncProtocol(DatagramProtocol):
@@ -192,7 +200,7 @@ class PeerSync(service.MultiService):
             reason = getattr(error, "socketError", None) or error
             raise SyncPortUnavailable(
                 f"QUEEN_UDP_NOTIFY_PORT={settings.port}: cannot listen on UDP "
-                f"{settings.interface}:{settings.port} ({reason})") from None
+                f"{settings.interface}:{settings.port} ({reason})", error) from None
         if settings.recv_buffer_bytes:
             self._set_receive_buffer(settings.recv_buffer_bytes)
         log.info("peer sync listening on UDP {interface}:{port} as {server_id}, "
@@ -213,8 +221,9 @@ class PeerSync(service.MultiService):
         stopped.addCallback(self._unbind)
         return stopped
 
-    def announce_messages(self, keys: Iterable[Tuple[str, str]]) -> None:
-        """One ``MESSAGE_AVAILABLE`` per distinct ``(queue, partition)`` in ``keys``."""
+    def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
+        """One ``MESSAGE_AVAILABLE`` per distinct ``(queue, partition)`` in ``keys``; a
+        ``None`` partition wakes every waiter of the queue."""
         for queue, partition in dict.fromkeys(keys):
             self._send(dg.MESSAGE_AVAILABLE,
                        {"queue": queue, "partition": partition, "ts": self._now_ms()})

@@ -37,7 +37,7 @@ applies it where it lands and only its siblings need the PostgreSQL hop they alr
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
@@ -128,7 +128,7 @@ class ClusterNotices:
 
     def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
         # PeerSync's hint says str, its datagram allows None (WIRE 6.1: any partition)
-        self._sync.announce_messages(cast(Iterable[Tuple[str, str]], keys))
+        self._sync.announce_messages(keys)
 
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
         self._sync.announce_config_set(queue, config)
@@ -210,7 +210,7 @@ class SyncService(service.MultiService):
             self.sync.bind()
         except SyncPortUnavailable as err:
             settings = self.sync.settings
-            return udp_refusal(settings.interface, settings.port, err.__context__ or err)
+            return udp_refusal(settings.interface, settings.port, err.cause)
         return None
 
 
