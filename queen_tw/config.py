@@ -184,8 +184,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("max_body_bytes", "QUEEN_MAX_BODY_BYTES", "int", 64 * MiB,
          "Largest accepted request body in bytes", minimum=1),
     _opt("encryption_key", "QUEEN_ENCRYPTION_KEY", "key", None,
-         "64 hex characters (AES-256) for encrypted queues; unset or malformed = off. "
+         "64 hex characters (AES-256) for encrypted queues; unset = off (configuring an "
+         "encrypted queue is then refused); malformed = refuse to start. "
          "Prefer the environment: flags show up in ps"),
+    _opt("listen", "QUEEN_LISTEN", "str", "",
+         "Twisted endpoint description of the HTTP listener, e.g. "
+         "ssl:6632:privateKey=key.pem:certKey=cert.pem, tcp:6632:interface=127.0.0.1 or "
+         "unix:/run/queen.sock; empty = tcp on HOST:PORT (NUM_WORKERS > 1 needs it empty)"),
     _opt("listen_fd", "QUEEN_LISTEN_FD", "int", None,
          "Serve on this inherited listening socket instead of PORT (set by NUM_WORKERS for "
          "its worker processes; not for direct use)", minimum=0),
@@ -236,8 +241,8 @@ class Config:
     """The parsed, validated settings of one server process (see :data:`OPTIONS`).
 
     Build it with :meth:`from_sources` (or :meth:`defaults` in tests); defaults live in the
-    option table only.  ``warnings`` holds messages the server should log at start, e.g.
-    a malformed encryption key that was ignored.  ``migrate_only`` is a run mode, not a
+    option table only.  ``warnings`` holds messages the server should log at start.
+    ``migrate_only`` is a run mode, not a
     setting: the ``--migrate-only`` flag of :data:`RUN_FLAGS`, with no environment variable
     (set in a service's environment it would make every restart exit).  Secrets are kept
     out of ``repr``.
@@ -302,6 +307,7 @@ class Config:
     max_pending_items: int
     max_body_bytes: int
     encryption_key: bytes | None = dataclasses.field(repr=False)
+    listen: str
     listen_fd: int | None
     embedded_pg: str | None
     udp_peers: str
@@ -435,7 +441,7 @@ def _parse(spec: OptionSpec, raw: str | None, warnings: list[str]) -> Any:
     if raw is None or (raw.strip() == "" and spec.kind not in ("str", "choice")):
         return spec.default
     if spec.kind == "key":
-        return _parse_key(spec, raw, warnings)
+        return _parse_key(spec, raw)
     return _PARSERS[spec.kind](spec, raw)
 
 
@@ -500,12 +506,12 @@ def _parse_path(spec: OptionSpec, raw: str) -> str | None:
     return raw.strip() or None
 
 
-def _parse_key(spec: OptionSpec, raw: str, warnings: list[str]) -> bytes | None:
-    """64 hex characters -> 32 key bytes.
+def _parse_key(spec: OptionSpec, raw: str) -> bytes | None:
+    """64 hex characters -> 32 key bytes; anything else refuses to start.
 
-    WIRE.md says a malformed key turns encryption off rather than stopping the server, so
-    this returns None and records a warning for the server to log.  The key itself never
-    appears in the message.
+    WIRE.md let a malformed key turn encryption off, and encrypted queues then stored
+    plaintext without anyone asking for it (issue 17): a typo in a secret must stop the
+    server, not weaken it.  The key itself never appears in the message.
     """
     text = raw.strip()
     if len(text) == 64:
@@ -513,11 +519,9 @@ def _parse_key(spec: OptionSpec, raw: str, warnings: list[str]) -> bytes | None:
             return bytes.fromhex(text)
         except ValueError:
             pass
-    warnings.append(
-        f"{spec.env} is malformed (expected 64 hex characters, got {len(text)} characters); "
-        "encryption is OFF and encrypted queues store plaintext"
-    )
-    return None
+    raise ConfigError(
+        f"{spec.env}: expected 64 hex characters (a 32-byte AES-256 key), got {len(text)} "
+        "characters" + ("" if len(text) != 64 else " that are not all hex digits"))
 
 
 _PARSERS: dict[str, Callable[[OptionSpec, str], Any]] = {
@@ -556,6 +560,9 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
         peers = parse_peers(values["udp_peers"], values["udp_notify_port"])
     except ValueError as err:
         raise ConfigError(f"QUEEN_UDP_PEERS: {err}") from None
+    if values["listen"].strip() and values["num_workers"] > 1:
+        raise ConfigError("QUEEN_LISTEN: not supported with NUM_WORKERS > 1 (the workers share "
+                          "one TCP socket on HOST:PORT); leave it empty or set NUM_WORKERS=1")
     portless = [str(peer.host) for peer in peers if peer.port == 0]
     if portless:
         raise ConfigError(f"QUEEN_UDP_PEERS: peer {portless[0]!r} needs a port when "

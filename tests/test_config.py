@@ -122,11 +122,19 @@ def test_encryption_key_of_64_hex_chars_becomes_32_bytes() -> None:
 
 
 @pytest.mark.parametrize("bad", ["abc", KEY_HEX[:-2], KEY_HEX + "00", "zz" * 32])
-def test_malformed_encryption_key_turns_encryption_off_with_a_warning(bad: str) -> None:
-    config = parse({"QUEEN_ENCRYPTION_KEY": bad})
-    assert config.encryption_key is None
-    assert len(config.warnings) == 1 and "QUEEN_ENCRYPTION_KEY" in config.warnings[0]
-    assert bad not in config.warnings[0]
+def test_malformed_encryption_key_is_refused_without_echoing_it(bad: str) -> None:
+    with pytest.raises(ConfigError, match="^QUEEN_ENCRYPTION_KEY: expected 64 hex") as refused:
+        parse({"QUEEN_ENCRYPTION_KEY": bad})
+    assert bad not in str(refused.value)
+
+
+def test_listen_description_is_refused_with_several_workers() -> None:
+    with pytest.raises(ConfigError, match="^QUEEN_LISTEN: not supported with NUM_WORKERS"):
+        parse({"QUEEN_LISTEN": "tcp:6632", "NUM_WORKERS": "2"})
+
+
+def test_listen_description_is_kept_as_given() -> None:
+    assert parse({"QUEEN_LISTEN": "unix:/run/queen.sock"}).listen == "unix:/run/queen.sock"
 
 
 def test_unset_encryption_key_is_off_without_warning() -> None:
