@@ -1,5 +1,11 @@
 """The HTTP listening socket: serve on it, or end the process saying why it cannot be had.
 
+Where to listen is a Twisted endpoint description (``QUEEN_LISTEN`` / ``--listen``), so
+native TLS (``ssl:6632:privateKey=key.pem:certKey=cert.pem``), a unix socket or a tcp
+interface is a setting, not code; left empty it is today's TCP on ``HOST:PORT``. A
+description Twisted cannot parse, or whose certificate or key file cannot be loaded, refuses
+to start with one line naming ``QUEEN_LISTEN``.
+
 A port already in use used to leave a traceback in the log and a process that kept running
 without a listener, so a supervisor (systemd's ``Restart=on-failure``) never noticed. Here a
 refused listen ends the process with one line such as ``queen-tw: cannot listen on
@@ -13,7 +19,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python.failure import Failure
@@ -30,16 +36,18 @@ _HINTS = {
 }
 
 
-def listen_refusal(address: str, error: object) -> str:
+def listen_refusal(address: str, error: object, setting: str | None = None) -> str:
     """The one-line reason for a refused listen on ``address`` (``host:port``).
 
     ``error`` is the ``OSError`` of ``bind``/``listen`` or Twisted's ``CannotListenError``
-    wrapping one; the operator's next step is named for the usual causes.
+    wrapping one; the operator's next step is named for the usual causes, or is "check
+    ``setting``" when the address came from that setting (``QUEEN_LISTEN``).
     """
     cause = error.socketError if isinstance(error, CannotListenError) else error
     if isinstance(cause, OSError) and cause.strerror:
         text = cause.strerror[:1].lower() + cause.strerror[1:]
-        hint = _HINTS.get(cause.errno or 0, "check HOST and PORT")
+        hint = (f"check {setting}" if setting
+                else _HINTS.get(cause.errno or 0, "check HOST and PORT"))
         return f"cannot listen on {address}: {text} ({hint})"
     return f"cannot listen on {address}: {cause}"
 
@@ -48,7 +56,46 @@ def listen_address(config: Config) -> str:
     """Where a process listens, as its refusal would name it."""
     if config.listen_fd is not None:
         return f"the inherited socket (QUEEN_LISTEN_FD={config.listen_fd})"
+    if config.listen.strip():
+        return config.listen.strip()
     return f"{config.host}:{config.port}"
+
+
+def described_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """The endpoint of a ``QUEEN_LISTEN`` description; refuses to start when it is unusable.
+
+    ``serverFromString`` parses and, for ``ssl:``, loads the key and certificate at once, so
+    a typo or a missing file is found here, before anything else starts. Its parsers raise
+    whatever they meet (``ValueError`` for the syntax, ``OSError`` for a file, pyOpenSSL's
+    errors for a file that is not a PEM key or certificate), hence the broad catch: every
+    one of them ends the same way, one line naming the setting.
+    """
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except Exception as err:
+        refuse_to_start(f"QUEEN_LISTEN: cannot use {description!r}: {_reason(err)}")
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or error.__class__.__name__
+
+
+def http_listener(config: Config, factory: Any, reactor: Any) -> ListenerService:
+    """The listener of ``config``: the inherited socket of a ``NUM_WORKERS`` worker, else the
+    ``QUEEN_LISTEN`` description, else TCP on ``HOST:PORT``."""
+    if config.listen_fd is not None:
+        endpoint: IStreamServerEndpoint = endpoints.AdoptedStreamServerEndpoint(
+            reactor, config.listen_fd, socket.AF_INET)
+        return ListenerService(endpoint, factory, reactor, listen_address(config))
+    description = config.listen.strip()
+    if description:
+        return ListenerService(described_endpoint(reactor, description), factory, reactor,
+                               description, setting="QUEEN_LISTEN")
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    return ListenerService(endpoint, factory, reactor, listen_address(config))
 
 
 class ListenerService(service.Service):
@@ -63,14 +110,17 @@ class ListenerService(service.Service):
     :param factory: the protocol factory (the HTTP site).
     :param reactor: tells whether the reactor runs yet and is stopped by a late failure.
     :param address: ``host:port`` (or a description) for the refusal message.
+    :param setting: the setting ``address`` came from, named in the refusal's hint (None:
+        the usual HOST/PORT hints).
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, reactor: Any,
-                 address: str) -> None:
+                 address: str, setting: str | None = None) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._reactor = reactor
         self._address = address
+        self._setting = setting
         self._listening: defer.Deferred[Any] | None = None
 
     def privilegedStartService(self) -> None:
@@ -101,7 +151,7 @@ class ListenerService(service.Service):
     def _listen_failed(self, failure: Failure, refused: list[str]) -> None:
         if failure.check(defer.CancelledError):
             return  # stopped before the port was open
-        reason = listen_refusal(self._address, failure.value)
+        reason = listen_refusal(self._address, failure.value, self._setting)
         if self._reactor.running:
             fatal(self._reactor, reason)
         else:

@@ -8,12 +8,10 @@ the background jobs, the HTTP listener. Each service is placed in a stage of
 
 import gc
 import signal
-import socket
 from typing import List
 
 from twisted.application import service
-from twisted.internet import endpoints, threads
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet import threads
 from twisted.logger import Logger
 
 from queen_tw.cluster.config_cache import QueueConfigCache
@@ -41,7 +39,7 @@ from queen_tw.lifecycle import (
     ServerTree,
     ShutdownGate,
 )
-from queen_tw.listening import ListenerService, listen_address
+from queen_tw.listening import http_listener
 from queen_tw.services.database import DatabaseService, MigrationService
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
@@ -156,17 +154,13 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top.add("jobs", durability.refresh_service())  # the maintenance flags
     top.add("jobs", durability.adoption_service())  # buffers of processes no longer running
     site = make_site(root, config.max_body_bytes)
-    endpoint: IStreamServerEndpoint
     if in_group:
-        endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, config.listen_fd, socket.AF_INET)
         cluster.attach(top.add("jobs", PostgresWakeups(
             config.dsn, config.worker_id, cluster.wake, reactor,
             on_notice=cluster.siblings.received if cluster.siblings else None)))
-    else:
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
     top.add("replay", durability.replay_service(engine.store))
     top.add("drain", InFlightDrain(engine.busy, reactor))
-    top.add("listener", ListenerService(endpoint, site, reactor, listen_address(config)))
+    top.add("listener", http_listener(config, site, reactor))  # QUEEN_LISTEN, or HOST:PORT
     top.add("waiters", WaitersService(waiters))
     if cluster.service is not None:
         top.add("jobs", cluster.service)
