@@ -21,6 +21,7 @@ from queen_tw.http.answers import json_answer, method_not_allowed, not_found
 from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
+from queen_tw.http.openapi import OpenApiRoutes
 from queen_tw.http.resources import ResourceRoutes
 from queen_tw.http.system import SharedStateView, SystemRoutes
 from queen_tw.maintenance import Maintenance
@@ -80,10 +81,21 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     :param maintenance: flags and file buffer of the system routes (404 without).
     :param shared_state: peer-sync statistics (None: sync off, ``not_initialized``).
     """
-    messaging = MessagingRoutes(engine, pop_defaults)
-    return HotRoutes(messaging, Routes([
-        messaging,
+    sets = route_sets(engine, worker_id, pop_defaults, admin, maintenance, shared_state)
+    return HotRoutes(sets[0], Routes(sets))
+
+
+def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
+               admin: Optional[AdminEngines] = None,
+               maintenance: Optional[Maintenance] = None,
+               shared_state: Optional[SharedStateView] = None) -> List[Any]:
+    """Every route module of the site, the messaging routes first (the hot shortcut calls
+    them). The OpenAPI test reads their URL maps, so a route added here must be documented.
+    Parameters as for :func:`http_root`."""
+    return [
+        MessagingRoutes(engine, pop_defaults),
         ResourceRoutes(engine, admin),
         GroupRoutes(admin),
         SystemRoutes(engine, worker_id, maintenance, shared_state),
-    ]))
+        OpenApiRoutes(),
+    ]

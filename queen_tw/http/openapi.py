@@ -1,0 +1,333 @@
+"""The OpenAPI 3.1 document of the whole HTTP API, served at ``GET /api/v1/openapi.json``.
+
+One table below says, for every routed path and method, its parameters (with the types,
+enums and bounds that :mod:`queen_tw.http.query` and :mod:`queen_tw.http.parsing` enforce),
+its bodies, its answers and its access level (WIRE.md 4.2, as the ``x-queen-level``
+extension). tests/test_openapi.py proves the table and the Klein URL maps agree both ways, and
+tests/test_fuzz.py drives schemathesis with it against a live server, so the document cannot
+drift from what is served without a test failing. The document is built once per process.
+"""
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from klein import Klein
+
+from queen_tw import __version__, jsoncodec
+from queen_tw.http import openapi_schemas as schemas
+from queen_tw.http.answers import answering_errors
+from queen_tw.http.messaging import SUBSCRIPTION_MODES
+from queen_tw.http.openapi_schemas import Schema, ref
+from queen_tw.http.query import INT32_MAX, MESSAGE_STATUSES
+
+OPENAPI_PATH = "/api/v1/openapi.json"
+
+PUBLIC, READ_ONLY, READ_WRITE, ADMIN = "PUBLIC", "READ_ONLY", "READ_WRITE", "ADMIN"
+
+_DESCRIPTIONS = {
+    400: "malformed body, path or query parameter",
+    401: "authentication is on and the token is missing or invalid",
+    403: "the token's role is below the route's level",
+    404: "not found",
+    503: "PostgreSQL unreachable or the server overloaded (Retry-After: 1)",
+}
+
+
+def _query(name: str, schema: Schema, description: str = "") -> Dict[str, Any]:
+    parameter: Dict[str, Any] = {"name": name, "in": "query", "required": False,
+                                 "schema": schema}
+    if description:
+        parameter["description"] = description
+    return parameter
+
+
+def _path(name: str, schema: Schema) -> Dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _int(minimum: int, maximum: int = INT32_MAX) -> Schema:
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+
+
+_QUEUE = _path("queue", schemas.NAME)
+_PARTITION = _path("partition", schemas.NAME)
+_GROUP = _path("group", {"type": "string", "minLength": 1})
+_PARTITION_ID = _path("partitionId", schemas.UUID)
+_TRANSACTION_ID = _path("transactionId", {"type": "string", "minLength": 1})
+_PAGE = (_query("limit", _int(1), "page size; values above 1000 are capped"),
+         _query("offset", _int(0)))
+_NAME_FILTER = {"type": "string", "maxLength": schemas.MAX_NAME_LENGTH,
+                "pattern": schemas.NAME_PATTERN}
+_DELETE_METADATA = _query("deleteMetadata", schemas.BOOLEAN,
+                          "also drop the group's subscription records (default true)")
+
+_POP_PARAMS = (
+    _query("batch", _int(1), "most messages in the answer (above 10000: 10000)"),
+    _query("wait", schemas.BOOLEAN, "long-poll until a message comes or timeout passes"),
+    _query("timeout", _int(-INT32_MAX), "long-poll limit in ms; <= 0 answers at once"),
+    _query("consumerGroup", schemas.SHORT_TEXT, "default __QUEUE_MODE__ (queue mode)"),
+    _query("autoAck", schemas.BOOLEAN),
+    _query("subscriptionMode", {"type": "string", "enum": sorted(SUBSCRIPTION_MODES)}),
+    _query("subscriptionFrom", {"type": "string"}, "'now' or an ISO-8601 timestamp"),
+)
+_PARTITIONS = _query("partitions", _int(1), "most partitions claimed by this pop")
+
+
+class _Op:
+    """One documented operation: what it reads, what it answers, who may call it."""
+
+    def __init__(self, operation_id: str, summary: str, level: str,
+                 answers: Dict[int, Optional[Schema]],
+                 parameters: Sequence[Dict[str, Any]] = (),
+                 body: Optional[Schema] = None, body_required: bool = False,
+                 errors: Sequence[int] = (400, 503)):
+        self.operation_id = operation_id
+        self.summary = summary
+        self.level = level
+        self.answers = answers
+        self.parameters = list(parameters)
+        self.body = body
+        self.body_required = body_required
+        self.errors = errors
+
+    def document(self) -> Dict[str, Any]:
+        """The OpenAPI operation object."""
+        responses: Dict[str, Any] = {}
+        for code, schema in self.answers.items():
+            if schema is None:
+                responses[str(code)] = {"description": "nothing to deliver (no body)"}
+            else:
+                responses[str(code)] = {"description": "success",
+                                        "content": {"application/json": {"schema": schema}}}
+        codes = list(self.errors)
+        if self.level != PUBLIC:
+            codes += [401, 403]
+        for code in sorted(codes):
+            responses[str(code)] = {"$ref": f"#/components/responses/E{code}"}
+        operation: Dict[str, Any] = {
+            "operationId": self.operation_id, "summary": self.summary,
+            "x-queen-level": self.level, "responses": responses}
+        if self.level == PUBLIC:
+            operation["security"] = []
+        if self.parameters:
+            operation["parameters"] = self.parameters
+        if self.body is not None:
+            operation["requestBody"] = {
+                "required": self.body_required,
+                "content": {"application/json": {"schema": self.body}}}
+        return operation
+
+
+def _list_of(name: str) -> Schema:
+    return {"type": "object", "required": [name], "properties": {name: {"type": "array"}}}
+
+
+_ANY_OBJECT: Schema = {"type": "object"}
+_ANY_ARRAY: Schema = {"type": "array", "items": {"type": "object"}}
+
+_MESSAGE_KEY = (_PARTITION_ID, _TRANSACTION_ID)
+
+OPERATIONS: List[Tuple[str, str, _Op]] = [
+    # -- the message path (WIRE.md 2.1-2.7) --
+    ("/api/v1/configure", "post", _Op(
+        "configure", "Create or replace one queue's options", READ_WRITE,
+        {200: ref("ConfigureAnswer")}, body=ref("ConfigureRequest"), body_required=True)),
+    ("/api/v1/push", "post", _Op(
+        "push", "Push messages (one result per item, in order)", READ_WRITE,
+        {201: {"type": "array", "items": ref("PushResult")}},
+        body=ref("PushRequest"), body_required=True)),
+    ("/api/v1/pop/queue/{queue}", "get", _Op(
+        "popQueue", "Pop from any partition of a queue", READ_WRITE,
+        {200: ref("PopAnswer"), 204: None}, [_QUEUE, *_POP_PARAMS, _PARTITIONS])),
+    ("/api/v1/pop/queue/{queue}/partition/{partition}", "get", _Op(
+        "popPartition", "Pop from one partition", READ_WRITE,
+        {200: ref("PopAnswer"), 204: None}, [_QUEUE, _PARTITION, *_POP_PARAMS])),
+    ("/api/v1/pop", "get", _Op(
+        "popNamespace", "Pop from the queues of a namespace and/or task", READ_WRITE,
+        {200: ref("PopAnswer"), 204: None},
+        [_query("namespace", {"type": "string"}, "namespace or task is required"),
+         _query("task", {"type": "string"}), *_POP_PARAMS, _PARTITIONS])),
+    ("/api/v1/ack", "post", _Op(
+        "ack", "Acknowledge one message", READ_WRITE,
+        {200: {"type": "array", "items": ref("AckResult")}},
+        body=ref("AckRequest"), body_required=True)),
+    ("/api/v1/ack/batch", "post", _Op(
+        "ackBatch", "Acknowledge several messages", READ_WRITE,
+        {200: {"type": "array", "items": ref("AckResult")}},
+        body=ref("AckBatchRequest"), body_required=True)),
+    ("/api/v1/transaction", "post", _Op(
+        "transaction", "Pushes and acks that commit together or not at all", READ_WRITE,
+        {200: ref("TransactionAnswer")}, body=ref("TransactionRequest"), body_required=True)),
+    ("/api/v1/lease/{leaseId}/extend", "post", _Op(
+        "extendLease", "Extend every partition lease held under one lease id", READ_WRITE,
+        {200: ref("LeaseExtendAnswer")}, [_path("leaseId", schemas.UUID)],
+        body=ref("LeaseExtendRequest"), errors=(400, 404, 503))),
+    # -- queues and the resource browser (WIRE.md 2.7, 3.1) --
+    ("/api/v1/resources/queues", "get", _Op(
+        "listQueues", "Every queue with its counts", READ_ONLY, {200: _list_of("queues")})),
+    ("/api/v1/resources/queues/{queue}", "get", _Op(
+        "getQueue", "One queue with its partitions", READ_ONLY, {200: _ANY_OBJECT}, [_QUEUE],
+        errors=(400, 404, 503))),
+    ("/api/v1/resources/queues/{queue}", "delete", _Op(
+        "deleteQueue", "Delete a queue and everything in it", ADMIN,
+        {200: ref("QueueDeleted")}, [_QUEUE])),
+    ("/api/v1/queues/{queue}/clear", "delete", _Op(
+        "clearQueue", "Delete a queue's (or one partition's) messages", ADMIN,
+        {200: _ANY_OBJECT}, [_QUEUE, _query("partition", _NAME_FILTER)])),
+    ("/api/v1/resources/overview", "get", _Op(
+        "overview", "Counts over the whole server", READ_ONLY, {200: _ANY_OBJECT})),
+    ("/api/v1/resources/namespaces", "get", _Op(
+        "namespaces", "Namespaces with their counts", READ_ONLY, {200: _list_of("namespaces")})),
+    ("/api/v1/resources/tasks", "get", _Op(
+        "tasks", "Tasks with their counts", READ_ONLY, {200: _list_of("tasks")})),
+    ("/api/v1/resources/partitions", "get", _Op(
+        "partitions", "Partitions, optionally of one queue", READ_ONLY,
+        {200: _list_of("partitions")}, [_query("queue", _NAME_FILTER), *_PAGE])),
+    ("/api/v1/stats/refresh", "post", _Op(
+        "refreshStats", "Recompute the statistics now", ADMIN, {200: _ANY_OBJECT})),
+    # -- messages, dead letters, traces (WIRE.md 3.2, 3.3, 3.6) --
+    ("/api/v1/messages", "get", _Op(
+        "listMessages", "Messages, newest first", READ_ONLY, {200: _list_of("messages")},
+        [_query("queue", _NAME_FILTER), _query("partition", _NAME_FILTER),
+         _query("ns", {"type": "string"}), _query("namespace", {"type": "string"}),
+         _query("task", {"type": "string"}),
+         _query("status", {"type": "string", "enum": list(MESSAGE_STATUSES)}),
+         _query("from", schemas.TIMESTAMP), _query("to", schemas.TIMESTAMP), *_PAGE])),
+    ("/api/v1/messages/{partitionId}/{transactionId}", "get", _Op(
+        "getMessage", "One message with its payload", READ_ONLY, {200: _ANY_OBJECT},
+        _MESSAGE_KEY, errors=(400, 404, 503))),
+    ("/api/v1/messages/{partitionId}/{transactionId}", "delete", _Op(
+        "deleteMessage", "Delete one message", READ_WRITE, {200: _ANY_OBJECT}, _MESSAGE_KEY,
+        errors=(400, 404, 503))),
+    ("/api/v1/messages/{partitionId}/{transactionId}/retry", "post", _Op(
+        "retryMessage", "Enqueue a copy of a message at its partition's tail", READ_WRITE,
+        {200: _ANY_OBJECT}, _MESSAGE_KEY, errors=(400, 404, 503))),
+    ("/api/v1/messages/{partitionId}/{transactionId}/dlq", "post", _Op(
+        "deadLetterMessage", "Move a message to the dead-letter queue", READ_WRITE,
+        {200: _ANY_OBJECT}, _MESSAGE_KEY, body=ref("MessageDlqRequest"),
+        errors=(400, 404, 503))),
+    ("/api/v1/dlq", "get", _Op(
+        "deadLetters", "Dead letters, newest failure first", READ_ONLY,
+        {200: _list_of("messages")},
+        [_query("queue", _NAME_FILTER), _query("consumerGroup", {"type": "string"}),
+         _query("partition", _NAME_FILTER), _query("from", schemas.TIMESTAMP),
+         _query("to", schemas.TIMESTAMP), *_PAGE])),
+    ("/api/v1/traces", "post", _Op(
+        "addTrace", "Record a trace event on a message", READ_WRITE,
+        {201: ref("TraceCreated")}, body=ref("TraceRequest"), body_required=True,
+        errors=(400, 404, 503))),
+    ("/api/v1/traces/{partitionId}/{transactionId}", "get", _Op(
+        "listTraces", "A message's trace events, oldest first", READ_ONLY,
+        {200: ref("Traces")}, _MESSAGE_KEY)),
+    # -- consumer groups (WIRE.md 3.5) --
+    ("/api/v1/consumer-groups", "get", _Op(
+        "listGroups", "One row per (group, queue)", READ_ONLY, {200: _ANY_ARRAY})),
+    ("/api/v1/consumer-groups/lagging", "get", _Op(
+        "laggingGroups", "Partitions whose oldest unconsumed message is old", READ_ONLY,
+        {200: _ANY_ARRAY}, [_query("minLagSeconds", _int(0))])),
+    ("/api/v1/consumer-groups/{group}", "get", _Op(
+        "getGroup", "A group's partitions per queue", READ_ONLY, {200: _ANY_OBJECT},
+        [_GROUP])),
+    ("/api/v1/consumer-groups/{group}", "delete", _Op(
+        "deleteGroup", "Drop a group's cursors and leases", ADMIN, {200: _ANY_OBJECT},
+        [_GROUP, _DELETE_METADATA])),
+    ("/api/v1/consumer-groups/{group}/queues/{queue}", "delete", _Op(
+        "deleteGroupForQueue", "Drop a group's cursors and leases on one queue", ADMIN,
+        {200: _ANY_OBJECT}, [_GROUP, _QUEUE, _DELETE_METADATA])),
+    ("/api/v1/consumer-groups/{group}/subscription", "post", _Op(
+        "setSubscription", "Move the start of a group's subscriptions", READ_WRITE,
+        {200: _ANY_OBJECT}, [_GROUP], body=ref("SubscriptionRequest"), body_required=True)),
+    ("/api/v1/consumer-groups/{group}/queues/{queue}/seek", "post", _Op(
+        "seek", "Move a group's cursors on a queue to the end or a time", READ_WRITE,
+        {200: _ANY_OBJECT}, [_GROUP, _QUEUE], body=ref("SeekRequest"), body_required=True)),
+    ("/api/v1/consumer-groups/{group}/queues/{queue}/partitions/{partition}/seek", "post",
+     _Op("seekPartition", "Move a group's cursor on one partition to its end", READ_WRITE,
+         {200: _ANY_OBJECT}, [_GROUP, _QUEUE, _PARTITION], errors=(400, 404, 503))),
+    # -- the server itself (WIRE.md 2.8, 3.7) --
+    ("/health", "get", _Op(
+        "health", "Whether the database answers", PUBLIC,
+        {200: ref("Health"), 503: ref("Health")}, errors=())),
+    ("/api/v1/system/maintenance", "get", _Op(
+        "maintenanceStatus", "The push maintenance flag and the file buffer", ADMIN,
+        {200: ref("MaintenanceStatus")}, errors=(503,))),
+    ("/api/v1/system/maintenance", "post", _Op(
+        "setMaintenance", "Divert pushes to the file buffer (or drain it)", ADMIN,
+        {200: ref("MaintenanceSet")}, body=ref("EnabledFlag"), body_required=True)),
+    ("/api/v1/system/maintenance/pop", "get", _Op(
+        "popMaintenanceStatus", "The pop maintenance flag", ADMIN,
+        {200: ref("PopMaintenance")}, errors=(503,))),
+    ("/api/v1/system/maintenance/pop", "post", _Op(
+        "setPopMaintenance", "Make every pop answer 204 (or stop)", ADMIN,
+        {200: ref("PopMaintenance")}, body=ref("EnabledFlag"), body_required=True)),
+    ("/api/v1/status/buffers", "get", _Op(
+        "bufferStatus", "The file buffer of this worker", READ_ONLY,
+        {200: ref("BufferStatus")}, errors=(503,))),
+    ("/internal/api/notify", "post", _Op(
+        "notify", "Wake the pops waiting on a queue here and on the peers", ADMIN,
+        {200: ref("NotifyAnswer")}, body=ref("NotifyRequest"), body_required=True,
+        errors=(400,))),
+    ("/api/v1/system/shared-state", "get", _Op(
+        "sharedState", "Peer-sync statistics", ADMIN, {200: ref("SharedState")}, errors=())),
+    ("/internal/api/shared-state/stats", "get", _Op(
+        "sharedStateInternal", "Peer-sync statistics (alias)", ADMIN,
+        {200: ref("SharedState")}, errors=())),
+    ("/internal/api/inter-instance/stats", "get", _Op(
+        "interInstanceStats", "Peer-sync statistics (alias)", ADMIN,
+        {200: ref("SharedState")}, errors=())),
+    (OPENAPI_PATH, "get", _Op(
+        "openapi", "This document", PUBLIC, {200: {"type": "object"}}, errors=())),
+]
+
+
+def _error_responses() -> Dict[str, Any]:
+    return {f"E{code}": {"description": text,
+                         "content": {"application/json": {"schema": ref("Error")}}}
+            for code, text in _DESCRIPTIONS.items()}
+
+
+@functools.cache
+def openapi_document() -> Dict[str, Any]:
+    """The document as a dict (built once; callers must not change it)."""
+    paths: Dict[str, Dict[str, Any]] = {}
+    for path, method, operation in OPERATIONS:
+        paths.setdefault(path, {})[method] = operation.document()
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "queen-tw",
+            "version": __version__,
+            "description": (
+                "PostgreSQL-backed message queue, wire-compatible with Queen MQ (docs/API.md). "
+                "Every 4xx/5xx body is {\"error\": text}. Every path also answers OPTIONS "
+                "with 204 and CORS headers, without authentication. With JWT_ENABLED=true "
+                "each operation needs a bearer token whose role reaches its x-queen-level."),
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "bearerFormat": "JWT"}},
+            "schemas": schemas.COMPONENTS,
+            "responses": _error_responses(),
+        },
+    }
+
+
+@functools.cache
+def _document_bytes() -> bytes:
+    return jsoncodec.dumps(openapi_document())
+
+
+class OpenApiRoutes:
+    """Serves the document (public, WIRE.md 4.2 as extended here)."""
+
+    app = answering_errors(Klein())
+
+    @app.route(OPENAPI_PATH, methods=["GET"])
+    def openapi(self, request):
+        request.setResponseCode(200)
+        body = _document_bytes()
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body

@@ -1,0 +1,194 @@
+"""JSON Schemas of the bodies the HTTP API reads and writes, for the OpenAPI document.
+
+They describe what the route code accepts and answers (see :mod:`queen_tw.http.parsing`,
+:mod:`queen_tw.http.query` and docs/API.md), not an ideal: the schemathesis run in
+tests/test_fuzz.py checks every answer against them, so a schema that is stricter or looser
+than the server shows up there. Success bodies list the keys clients rely on and leave the
+rest open, since the contract lets the server add keys.
+"""
+
+from typing import Any, Dict, List
+
+from queen_tw.http.parsing import MAX_NAME_LENGTH, QUEUE_OPTIONS
+from queen_tw.http.query import INT32_MAX, MESSAGE_STATUSES
+
+Schema = Dict[str, Any]
+
+NAME_PATTERN = "^[^/\\u0000]*$"
+"""A queue or partition name is one path segment of the pop routes: no ``/`` and no NUL."""
+
+
+def ref(name: str) -> Schema:
+    """A reference to ``components/schemas/name``."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    """``schema`` or JSON null (clients send null for an unset optional field)."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(required: List[str], **properties: Schema) -> Schema:
+    """An object with ``properties`` (``required`` among them) that may carry other keys."""
+    schema: Schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+STRING: Schema = {"type": "string"}
+BOOLEAN: Schema = {"type": "boolean"}
+INTEGER: Schema = {"type": "integer"}
+UUID: Schema = {"type": "string", "format": "uuid"}
+TIMESTAMP: Schema = {"type": "string", "description": "ISO-8601, UTC with Z"}
+NAME: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH,
+                "pattern": NAME_PATTERN}
+SHORT_TEXT: Schema = {"type": "string", "maxLength": MAX_NAME_LENGTH}
+ANY_JSON: Schema = {"description": "any JSON value"}
+
+
+def _option(kind: str, name: str) -> Schema:
+    """A configure option: a JSON value or its string form (WIRE.md 2.1)."""
+    if kind == "bool":
+        return nullable({"anyOf": [BOOLEAN, {"type": "string", "enum": ["true", "false"]}]})
+    low = -INT32_MAX if name == "priority" else 0
+    return nullable({"anyOf": [
+        {"type": "integer", "minimum": low, "maximum": INT32_MAX},
+        {"type": "string", "pattern": "^[0-9]{1,9}$"}]})
+
+
+def _echoed_option(kind: str) -> Schema:
+    return BOOLEAN if kind == "bool" else INTEGER
+
+
+_PUSH_ITEM = obj(
+    ["queue"],
+    queue=NAME,
+    partition=nullable(NAME),
+    payload=ANY_JSON,
+    transactionId=nullable(SHORT_TEXT),
+    traceId=nullable(UUID),
+    producerSub={"description": "ignored: the server stamps the token's sub"})
+
+_ACK_FIELDS: Dict[str, Schema] = {
+    "transactionId": {"type": "string", "minLength": 1},
+    "partitionId": UUID,
+    "status": nullable({"type": "string",
+                        "enum": ["completed", "success", "failed", "dlq", "retry"]}),
+    "consumerGroup": nullable(SHORT_TEXT),
+    "leaseId": nullable({"anyOf": [UUID, {"const": ""}]}),
+    "error": nullable({"type": "string", "maxLength": 10_000}),
+}
+
+_POPPED_MESSAGE = obj(
+    ["id", "transactionId", "partitionId", "leaseId", "partition", "consumerGroup",
+     "data", "traceId", "producerSub", "createdAt"],
+    id=UUID, transactionId=STRING, partitionId=UUID, leaseId=STRING, partition=STRING,
+    consumerGroup=STRING, data=ANY_JSON, traceId=nullable(STRING),
+    producerSub=nullable(STRING), createdAt=TIMESTAMP, queue=STRING, retryCount=INTEGER)
+
+_HEALTH = obj(
+    ["status", "database", "server", "worker_id", "version"],
+    status={"enum": ["healthy", "unhealthy"]},
+    database={"enum": ["connected", "disconnected"]},
+    server=STRING, worker_id=STRING, version=STRING,
+    shared_state=obj(["enabled"], enabled=BOOLEAN),
+    queen=obj(["worker_id", "status"], worker_id=STRING, status=STRING),
+    file_buffer=obj(["pending", "failed", "healthy"], pending=INTEGER, failed=INTEGER,
+                    healthy=BOOLEAN))
+
+_PAGED_LIST = {"type": "object"}
+
+COMPONENTS: Dict[str, Schema] = {
+    "Error": {"type": "object", "required": ["error"],
+              "properties": {"error": {"type": "string"}}},
+    "ConfigureRequest": obj(
+        ["queue"], queue=NAME, namespace=nullable(SHORT_TEXT), task=nullable(SHORT_TEXT),
+        options=nullable(obj([], **{name: _option(kind, name)
+                                    for name, (kind, _default) in QUEUE_OPTIONS.items()}))),
+    "ConfigureAnswer": obj(
+        ["configured", "queueId", "partitionId", "queue", "namespace", "task", "options"],
+        configured={"const": True}, queueId=UUID, partitionId=UUID, queue=STRING,
+        namespace=STRING, task=STRING,
+        options=obj(list(QUEUE_OPTIONS), **{name: _echoed_option(kind)
+                                            for name, (kind, _default) in
+                                            QUEUE_OPTIONS.items()})),
+    "PushItem": _PUSH_ITEM,
+    "PushRequest": obj(["items"], items=array(ref("PushItem")),
+                       bufferMs=ANY_JSON, bufferMax=ANY_JSON),
+    "PushResult": obj(["status"], index=INTEGER,
+                      status={"enum": ["queued", "duplicate", "buffered", "failed"]},
+                      transaction_id=STRING, message_id=UUID, partition_id=UUID,
+                      trace_id=nullable(STRING), queueName=STRING, error=nullable(STRING)),
+    "PopAnswer": obj(
+        ["success", "messages"], success={"const": True}, queue=nullable(STRING),
+        partition=nullable(STRING), partitionId=nullable(UUID), leaseId=STRING,
+        consumerGroup=STRING, messages=array(_POPPED_MESSAGE), partitionsClaimed=INTEGER),
+    "AckRequest": obj(["transactionId", "partitionId"], **_ACK_FIELDS),
+    "AckBatchRequest": obj(
+        ["acknowledgments"], consumerGroup=nullable(SHORT_TEXT),
+        acknowledgments=array(obj(["transactionId", "partitionId"], **_ACK_FIELDS))),
+    "AckResult": obj(["index", "transactionId", "success", "error"],
+                     index=INTEGER, transactionId=STRING, success=BOOLEAN,
+                     error=nullable(STRING), queueName=nullable(STRING),
+                     partitionName=nullable(STRING), leaseReleased=BOOLEAN, dlq=BOOLEAN),
+    "TransactionRequest": {
+        "type": "object", "required": ["operations"], "additionalProperties": False,
+        "properties": {
+            "operations": {"type": "array", "minItems": 1, "items": {"anyOf": [
+                obj(["type", "items"], type={"const": "push"},
+                    items={"type": "array", "minItems": 1, "items": ref("PushItem")}),
+                obj(["type", "transactionId", "partitionId"], type={"const": "ack"},
+                    consumer_group=nullable(SHORT_TEXT), **_ACK_FIELDS)]}},
+            "requiredLeases": nullable(array({"anyOf": [UUID, {"const": ""}]})),
+            "kv": {"type": ["array", "null"], "maxItems": 0,
+                   "description": "not supported yet: anything but null or [] is refused"},
+            "timers": {"type": ["array", "null"], "maxItems": 0,
+                       "description": "not supported yet: anything but null or [] is refused"},
+        }},
+    "TransactionAnswer": obj(["transactionId", "success", "results"],
+                             transactionId=nullable(STRING), success=BOOLEAN,
+                             results=array({"type": "object"}), error=nullable(STRING)),
+    "LeaseExtendRequest": obj([], seconds=nullable(
+        {"type": "integer", "minimum": 1, "maximum": INT32_MAX})),
+    "LeaseExtendAnswer": obj(["leaseId", "success", "leaseExpiresAt"], leaseId=UUID,
+                             success={"const": True}, leaseExpiresAt=TIMESTAMP,
+                             newExpiresAt=TIMESTAMP, expiresAt=TIMESTAMP),
+    "QueueDeleted": obj(["deleted", "queue", "existed"], deleted={"const": True},
+                        queue=STRING, existed=BOOLEAN),
+    "Health": _HEALTH,
+    "MessageDlqRequest": obj([], consumerGroup=nullable(SHORT_TEXT),
+                             error=nullable({"type": "string", "maxLength": 10_000})),
+    "TraceRequest": obj(
+        ["transactionId", "partitionId", "data"],
+        transactionId={"type": "string", "minLength": 1}, partitionId=UUID,
+        consumerGroup=nullable(SHORT_TEXT), eventType=nullable(SHORT_TEXT),
+        traceNames=nullable({"anyOf": [STRING, array(STRING)]}),
+        data={"not": {"type": "null"}, "description": "any JSON value but null"}),
+    "TraceCreated": obj(["success", "traceId"], success={"const": True}, traceId=STRING),
+    "Traces": obj(["traces"], traces=array({"type": "object"})),
+    "SubscriptionRequest": obj(["subscriptionTimestamp"], subscriptionTimestamp=TIMESTAMP),
+    "SeekRequest": obj([], toEnd=nullable(BOOLEAN), timestamp=nullable(TIMESTAMP)),
+    "EnabledFlag": obj(["enabled"], enabled=BOOLEAN),
+    "NotifyRequest": obj(["queue"], queue=NAME, partition=nullable(NAME)),
+    "MaintenanceStatus": obj(
+        ["maintenanceMode", "popMaintenanceMode", "bufferedMessages", "bufferHealthy",
+         "bufferStats"], maintenanceMode=BOOLEAN, popMaintenanceMode=BOOLEAN,
+        bufferedMessages=INTEGER, bufferHealthy=BOOLEAN, bufferStats={"type": "object"}),
+    "MaintenanceSet": obj(["maintenanceMode", "bufferedMessages", "bufferHealthy", "message"],
+                          maintenanceMode=BOOLEAN, bufferedMessages=INTEGER,
+                          bufferHealthy=BOOLEAN, message=STRING),
+    "PopMaintenance": obj(["popMaintenanceMode", "message"], popMaintenanceMode=BOOLEAN,
+                          message=STRING),
+    "BufferStatus": obj(["pending", "failed", "healthy", "dbHealthy", "worker"],
+                        pending=INTEGER, failed=INTEGER, healthy=BOOLEAN, fsyncs=INTEGER,
+                        dbHealthy=BOOLEAN, worker=STRING),
+    "SharedState": obj(["enabled"], enabled=BOOLEAN, reason=STRING),
+    "NotifyAnswer": obj(["status"], status={"const": "ok"}),
+    "Listing": _PAGED_LIST,
+    "MessageStatus": {"enum": list(MESSAGE_STATUSES)},
+}
