@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from queen_tw.auth.keys import key_family, load_public_key
 from queen_tw.cluster.peers import parse_peers
 from queen_tw.logs import route_twistd
 from queen_tw.startup import refuse_to_start
@@ -225,6 +226,41 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("sync_fd", "QUEEN_SYNC_FD", "int", None,
          "Use this inherited UDP socket for peer sync (set by NUM_WORKERS for worker 1; "
          "not for direct use)", minimum=0),
+    # --- JWT authentication (WIRE.md 4) -------------------------------------------------
+    _opt("jwt_enabled", "JWT_ENABLED", "bool", False,
+         "Require a bearer token (JWT) on every route but the skipped paths"),
+    _opt("jwt_algorithm", "JWT_ALGORITHM", "named", "HS256",
+         "HS256 (JWT_SECRET), RS256 (RS256/384/512 by JWT_PUBLIC_KEY, else JWT_JWKS_URL), "
+         "EdDSA (Ed25519 by JWT_PUBLIC_KEY, else JWT_JWKS_URL) or auto (by the token's alg, "
+         "among the algorithms of the configured keys)",
+         choices=("HS256", "RS256", "EdDSA", "auto")),
+    _opt("jwt_secret", "JWT_SECRET", "str", "",
+         "HS256 shared secret; required with JWT_ALGORITHM=HS256 (the server refuses to start "
+         "without it). Prefer the environment: flags show up in ps"),
+    _opt("jwt_jwks_url", "JWT_JWKS_URL", "str", "",
+         "http(s) URL of the identity provider's key set (JWKS) for RS256/EdDSA tokens"),
+    _opt("jwt_public_key", "JWT_PUBLIC_KEY", "str", "",
+         "RSA or Ed25519 public key: PEM text (newlines may be written \\n) or the path of a "
+         "PEM file; used before JWT_JWKS_URL"),
+    _opt("jwt_issuer", "JWT_ISSUER", "str", "", "Required iss claim; empty = not checked"),
+    _opt("jwt_audience", "JWT_AUDIENCE", "str", "", "Required aud claim; empty = not checked"),
+    _opt("jwt_clock_skew", "JWT_CLOCK_SKEW", "int", 30,
+         "Leeway in seconds for exp, nbf and iat", minimum=0),
+    _opt("jwt_skip_paths", "JWT_SKIP_PATHS", "str", "/health,/metrics/prometheus,/metrics,/",
+         "Comma list of paths served without a token (exact, or a prefix when the entry "
+         "ends in / and is not /)"),
+    _opt("jwt_jwks_refresh_interval", "JWT_JWKS_REFRESH_INTERVAL", "int", 3600,
+         "Seconds after which the JWKS is fetched again (in the background)", minimum=1),
+    _opt("jwt_jwks_timeout_ms", "JWT_JWKS_TIMEOUT_MS", "int", 5000,
+         "Longest wait for the JWKS, in ms", minimum=1),
+    _opt("jwt_roles_claim", "JWT_ROLES_CLAIM", "str", "role", "Claim holding one role name"),
+    _opt("jwt_roles_array_claim", "JWT_ROLES_ARRAY_CLAIM", "str", "roles",
+         "Claim holding an array of role names"),
+    _opt("jwt_role_admin", "JWT_ROLE_ADMIN", "str", "admin", "Role name of the admin level"),
+    _opt("jwt_role_read_write", "JWT_ROLE_READ_WRITE", "str", "read-write",
+         "Role name of the read-write level"),
+    _opt("jwt_role_read_only", "JWT_ROLE_READ_ONLY", "str", "read-only",
+         "Role name of the read-only level"),
 )
 
 # Upstream or seed names that queen-tw accepts and ignores (WIRE.md section 5,
@@ -320,6 +356,22 @@ class Config:
     sync_recv_buffer_mb: int
     queue_config_ttl_ms: int
     sync_fd: int | None
+    jwt_enabled: bool
+    jwt_algorithm: str
+    jwt_secret: str = dataclasses.field(repr=False)
+    jwt_jwks_url: str
+    jwt_public_key: str
+    jwt_issuer: str
+    jwt_audience: str
+    jwt_clock_skew: int
+    jwt_skip_paths: str
+    jwt_jwks_refresh_interval: int
+    jwt_jwks_timeout_ms: int
+    jwt_roles_claim: str
+    jwt_roles_array_claim: str
+    jwt_role_admin: str
+    jwt_role_read_write: str
+    jwt_role_read_only: str
     migrate_only: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -501,6 +553,17 @@ def _parse_choice(spec: OptionSpec, raw: str) -> str:
     raise ConfigError(f"{spec.env}: expected one of {allowed}, got {raw!r}")
 
 
+def _parse_named(spec: OptionSpec, raw: str) -> str:
+    """One of the spec's choices, case-insensitive, returned as the table spells it
+    (``hs256`` -> ``HS256``, ``eddsa`` -> ``EdDSA``)."""
+    word = raw.strip().lower()
+    for choice in spec.choices:
+        if choice.lower() == word:
+            return choice
+    allowed = ", ".join(spec.choices)
+    raise ConfigError(f"{spec.env}: expected one of {allowed}, got {raw!r}")
+
+
 def _parse_path(spec: OptionSpec, raw: str) -> str | None:
     """A directory name; blank means unset."""
     return raw.strip() or None
@@ -530,6 +593,7 @@ _PARSERS: dict[str, Callable[[OptionSpec, str], Any]] = {
     "bool": _parse_bool,
     "str": _parse_str,
     "choice": _parse_choice,
+    "named": _parse_named,
     "path": _parse_path,
 }
 
@@ -567,6 +631,37 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
     if portless:
         raise ConfigError(f"QUEEN_UDP_PEERS: peer {portless[0]!r} needs a port when "
                           "QUEEN_UDP_NOTIFY_PORT is 0")
+    if values["jwt_enabled"]:
+        _check_jwt_keys(values)
+
+
+def _check_jwt_keys(values: Mapping[str, Any]) -> None:
+    """With JWT on, the configured algorithm must have a key to verify with.
+
+    Upstream starts without one and answers every request 500 (``HS256 secret not
+    configured``); a server that cannot admit anyone is refused at start instead. A
+    JWT_PUBLIC_KEY that cannot be read or is of the wrong kind is refused too.
+    """
+    algorithm, secret = values["jwt_algorithm"], values["jwt_secret"]
+    url, pem = values["jwt_jwks_url"].strip(), values["jwt_public_key"].strip()
+    if url and not url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"JWT_JWKS_URL: expected an http:// or https:// URL, got {url!r}")
+    family = None
+    if pem:
+        try:
+            family = key_family(load_public_key(pem))
+        except ValueError as err:
+            raise ConfigError(f"JWT_PUBLIC_KEY: {err}") from None
+    if algorithm == "HS256" and not secret:
+        raise ConfigError("JWT_SECRET: required when JWT_ENABLED=true and JWT_ALGORITHM=HS256")
+    wanted = {"RS256": "RSA", "EdDSA": "EdDSA"}.get(algorithm)
+    if wanted and family not in (None, wanted):
+        raise ConfigError(f"JWT_PUBLIC_KEY: JWT_ALGORITHM={algorithm} needs an "
+                          f"{wanted} key, got an {family} key")
+    if wanted and not (family or url):
+        raise ConfigError(f"JWT_ALGORITHM={algorithm} needs JWT_PUBLIC_KEY or JWT_JWKS_URL")
+    if algorithm == "auto" and not (secret or pem or url):
+        raise ConfigError("JWT_ALGORITHM=auto needs JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL")
 
 
 _NOT_OPTIONS = frozenset({"warnings", "migrate_only"})
