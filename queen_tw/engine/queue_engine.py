@@ -8,7 +8,7 @@ import os
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
+from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -20,7 +20,7 @@ from queen_tw.db.pool import Database
 from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.popper import QUEUE_MODE, Delivery, PollTiming, Popper, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
-from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
+from queen_tw.errors import DatabaseUnavailable, InvalidRequest, NotFound, Unavailable
 from queen_tw.services.retry import OutageLog
 
 log = Logger()
@@ -62,9 +62,12 @@ class PushFailover(Protocol):
         """True when these items must bypass the database (maintenance mode, or a partition
         that still has buffered records waiting, so order within it holds)."""
 
-    async def buffer(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    async def buffer(self, items: List[Dict[str, Any]],
+                     plain_queues: AbstractSet[str]) -> List[Dict[str, Any]]:
         """Durably stores the items (fsync'd) and returns ``buffered`` results, or raises
-        ``Unavailable`` when that is impossible (disk full, unwritable directory)."""
+        ``Unavailable`` when that is impossible (disk full, unwritable directory).
+        ``plain_queues`` are known not to encrypt: with a key, every other queue's payloads
+        are sealed on disk (see ``queen_tw.failover.sealing``)."""
 
 
 @dataclass(frozen=True)
@@ -176,24 +179,35 @@ class QueueEngine:
             return []
         items = _with_transaction_ids(items)
         if self._failover is not None and self._failover.must_buffer(items):
-            return await self._failover.buffer(items)
+            return await self._buffer(self._failover, items)
         try:
             stored = await self.store(items)
         except DatabaseUnavailable as err:
             if self._failover is None:
                 raise
             self._diverted.failed(err.message)
-            return await self._failover.buffer(items)
+            return await self._buffer(self._failover, items)
         self._diverted.succeeded()
         return stored
+
+    async def _buffer(self, failover: PushFailover, items: List[Dict[str, Any]]
+                      ) -> List[Dict[str, Any]]:
+        """Hands items to the file buffer, telling it which queues are known not to encrypt
+        (from the cache only: PostgreSQL may be what is down). Without a key, a queue known
+        to encrypt is refused here as on the way to PostgreSQL."""
+        known = self._config_cache.encrypted(sorted({item["queue"] for item in items}))
+        if self._cipher is None:
+            _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
+        return await failover.buffer(
+            items, frozenset(queue for queue, encrypted in known.items() if not encrypted))
 
     async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Writes items to PostgreSQL (encrypting where the queue asks); no failover.
 
-        The file-buffer replay calls this too, so replayed items are stored the same way.
+        The file-buffer replay calls this too (with the buffer's seal taken off), so replayed
+        items are stored the same way.
         """
-        if self._cipher is not None:
-            items = await self._encrypt(items)
+        items = await self._encrypt(items)
         return await self.batchers["push"].submit(items)
 
     async def _push_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
@@ -236,9 +250,9 @@ class QueueEngine:
         return expand_push_answer(items, answer)
 
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        cipher = self._cipher
-        if cipher is None:
-            return items
+        """Items with the payloads of encrypted queues encrypted; raises ``Unavailable``
+        when one of their queues encrypts and this server has no key (storing plaintext
+        would break the queue's promise; the flags are read without a key too, for that)."""
         queues = sorted({item["queue"] for item in items})
         encrypted = self._config_cache.encrypted(queues)
         unknown = [queue for queue in queues if queue not in encrypted]
@@ -249,6 +263,10 @@ class QueueEngine:
                     for queue in unknown}  # a queue that does not exist yet is created plain
             self._config_cache.remember_read(read, changes_before)
             encrypted.update(read)
+        cipher = self._cipher
+        if cipher is None:
+            _refuse_unkeyed([queue for queue in queues if encrypted[queue]])
+            return items
         sealed = []
         for item in items:
             if encrypted[item["queue"]]:
@@ -338,9 +356,7 @@ class QueueEngine:
         prepared = []
         for op in operations:
             if op["type"] == "push":
-                items = _with_transaction_ids(op["items"])
-                if self._cipher is not None:
-                    items = await self._encrypt(items)
+                items = await self._encrypt(_with_transaction_ids(op["items"]))
                 op = dict(op, items=items)
             prepared.append(op)
         [outcome] = await self.batchers["transaction"].submit(
@@ -366,7 +382,12 @@ class QueueEngine:
     async def configure(self, queue: str, namespace: str, task: str,
                         options: Dict[str, Any]) -> Dict[str, Any]:
         """Creates or replaces ``queue``'s settings; this process and its peers see the new
-        encryption flag at once."""
+        encryption flag at once. ``encryptionEnabled`` without a key is refused (400, nothing
+        changed): the queue would promise encryption the server cannot give."""
+        if options.get("encryptionEnabled") and self._cipher is None:
+            raise InvalidRequest("encryptionEnabled needs QUEEN_ENCRYPTION_KEY, and this server "
+                                 "has none: set the key (64 hex characters) and restart, or "
+                                 "configure the queue without encryption; nothing was changed")
         answer = await self._db.call("configure_queue", {
             "queue": queue, "namespace": namespace, "task": task, "options": options})
         self._config_cache.store(
@@ -419,6 +440,15 @@ class QueueEngine:
 
     async def database_healthy(self) -> bool:
         return await self._db.ping()
+
+
+def _refuse_unkeyed(queues: List[str]) -> None:
+    """Raises ``Unavailable`` (503) naming the first of ``queues`` (encrypted queues met by a
+    server without a key), if any."""
+    if queues:
+        raise Unavailable(f"Queue {queues[0]} has encryptionEnabled but this server has no "
+                          "QUEEN_ENCRYPTION_KEY: its messages are refused rather than stored "
+                          "in plaintext; restart the server with the key")
 
 
 def expand_push_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]

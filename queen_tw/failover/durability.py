@@ -8,7 +8,9 @@
   :data:`ADOPTION_INTERVAL_MS` (``adoption``);
 - the :class:`~queen_tw.maintenance.Maintenance` flags and buffer status, and their refresh;
 - the :class:`FileFailover` handed to ``QueueEngine``;
-- the replay of the buffer into PostgreSQL.
+- the replay of the buffer into PostgreSQL;
+- with ``QUEEN_ENCRYPTION_KEY``, the seal on buffered payloads of encrypted queues, put on
+  by the failover and taken off by the replay (``sealing``).
 
 When each of these stops is said by :data:`queen_tw.lifecycle.STOP_ORDER`.
 """
@@ -21,11 +23,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from queen_tw.config import Config
+from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database
 from queen_tw.failover.adoption import DirectoryInUse
 from queen_tw.failover.buffer import FileBuffer
 from queen_tw.failover.policy import FileFailover
 from queen_tw.failover.replay import Replayer, ReplayService, Store
+from queen_tw.failover.sealing import BufferSeal
 from queen_tw.maintenance import Maintenance
 from queen_tw.services.periodic import PeriodicService
 from queen_tw.startup import refuse_to_start
@@ -66,7 +70,8 @@ class Durability:
         except OSError:
             pass  # an unusable directory: open() logs it and reports the buffer unhealthy
         self.maintenance = Maintenance(db, self.buffer, clock)
-        self.failover = FileFailover(self.buffer, self.maintenance)
+        self._seal = BufferSeal(make_cipher(config.encryption_key))
+        self.failover = FileFailover(self.buffer, self.maintenance, self._seal)
 
     def buffer_service(self) -> service.Service:
         """Opens the buffer at start, closes it at stop (stage ``buffer``)."""
@@ -86,8 +91,10 @@ class Durability:
                                self.buffer.adopt_orphans, self._clock)
 
     def replay_service(self, store: Store) -> ReplayService:
-        """Replays the buffer through ``store`` (``QueueEngine.store``; stage ``replay``)."""
-        replayer = Replayer(self.buffer, store, self._config.file_buffer_max_batch,
+        """Replays the buffer through ``store`` (``QueueEngine.store``; stage ``replay``),
+        unsealing sealed payloads first."""
+        replayer = Replayer(self.buffer, self._seal.unsealing(store),
+                            self._config.file_buffer_max_batch,
                             paused=self._replay_paused)
         return ReplayService(replayer, self._clock, self._config.file_buffer_flush_ms)
 

@@ -10,10 +10,11 @@ While the buffer is still reading what an earlier process left, it cannot tell w
 partitions have records waiting, so every push is diverted until it knows.
 """
 
-from typing import Any, Dict, List
+from typing import AbstractSet, Any, Dict, List, Optional
 
 from queen_tw.failover.buffer import FileBuffer
 from queen_tw.failover.records import DEFAULT_PARTITION, partition_key
+from queen_tw.failover.sealing import BufferSeal
 from queen_tw.maintenance import Maintenance
 
 
@@ -22,19 +23,27 @@ class FileFailover:
 
     :param buffer: where diverted pushes are written.
     :param maintenance: the cluster-wide maintenance flags.
+    :param seal: seals the payloads of queues that encrypt, or may (None: seals nothing).
     """
 
-    def __init__(self, buffer: FileBuffer, maintenance: Maintenance):
+    def __init__(self, buffer: FileBuffer, maintenance: Maintenance,
+                 seal: Optional[BufferSeal] = None):
         self._buffer = buffer
         self._maintenance = maintenance
+        self._seal = seal or BufferSeal(None)
 
     def must_buffer(self, items: List[Dict[str, Any]]) -> bool:
         return self._maintenance.maintenance_mode or self._buffer.holds_any(
             partition_key(item) for item in items)
 
-    async def buffer(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Writes the items durably and answers ``buffered`` for each; raises Unavailable."""
-        await self._buffer.append(items)
+    async def buffer(self, items: List[Dict[str, Any]],
+                     plain_queues: AbstractSet[str] = frozenset()) -> List[Dict[str, Any]]:
+        """Writes the items durably and answers ``buffered`` for each; raises Unavailable.
+
+        With a key, payloads are sealed unless their queue is in ``plain_queues`` (known not
+        to encrypt): see ``sealing``.
+        """
+        await self._buffer.append(self._seal.seal(items, plain_queues))
         return [{"index": index, "status": "buffered", "queue": item["queue"],
                  "partition": item.get("partition") or DEFAULT_PARTITION,
                  "transactionId": item["transactionId"],

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-RECORD_FIELDS = ("queue", "partition", "payload", "transactionId", "traceId", "producerSub")
-"""What a buffered push keeps: everything ``push_messages_core`` reads from an item.
-``payload`` stays absent when the request had none (it is stored as ``{}`` then)."""
+RECORD_FIELDS = ("queue", "partition", "payload", "transactionId", "traceId", "producerSub",
+                 "bufferSealed")
+"""What a buffered push keeps: everything ``push_messages_core`` reads from an item, and
+whether the buffer sealed its payload (``sealing``). ``payload`` stays absent when the
+request had none (it is stored as ``{}`` then)."""
 
 DEFAULT_PARTITION = "Default"
 

@@ -1,0 +1,276 @@
+"""Encrypted queues stay encrypted at rest, in the file buffer too, and are never weakened
+by a missing or malformed key (issue 17, point 7).
+
+The buffer tests run real servers on a PostgreSQL of their own (maintenance mode, which
+sends every push to the buffer, is cluster-wide) and grep every file under the buffer
+directory for a marker only the plaintext payload contains.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+import pytest
+from test_startup import assert_refused_with, run_queen
+
+from queen_tw.crypto import PayloadCipher
+from queen_tw.errors import Unavailable
+from queen_tw.failover.sealing import SEALED, BufferSeal
+
+from faultkit import Fleet, private_fleet, set_maintenance, wait_until
+from support import ServerProcess, unique_name
+
+KEY_HEX = "3c" * 32
+OTHER_KEY = bytes.fromhex("a7" * 32)
+
+
+# -- the seal itself ----------------------------------------------------------------------
+
+
+def test_the_seal_hides_payloads_of_queues_not_known_to_be_plain() -> None:
+    seal = BufferSeal(PayloadCipher(bytes.fromhex(KEY_HEX)))
+    items = [{"queue": "secret", "payload": {"s": "swordfish"}, "transactionId": "a"},
+             {"queue": "open", "payload": {"s": "daylight"}, "transactionId": "b"}]
+
+    written = seal.seal(items, plain_queues={"open"})
+
+    assert "swordfish" not in json.dumps(written[0]) and written[0][SEALED] is True
+    assert written[1] == items[1]  # known plain: as it came
+    assert items[0]["payload"] == {"s": "swordfish"}  # the request's own items are untouched
+    assert seal.unseal(written) == items
+
+
+def test_a_record_without_payload_has_nothing_to_seal() -> None:
+    seal = BufferSeal(PayloadCipher(bytes.fromhex(KEY_HEX)))
+    item = {"queue": "q", "transactionId": "a"}
+
+    assert seal.seal([item], plain_queues=set()) == [item]
+
+
+def test_without_a_key_nothing_is_sealed() -> None:
+    item = {"queue": "q", "payload": "x", "transactionId": "a"}
+
+    assert BufferSeal(None).seal([item], plain_queues=set()) == [item]
+
+
+@pytest.mark.parametrize("replaying_key", [None, OTHER_KEY])
+def test_a_sealed_record_without_its_key_holds_the_replay(replaying_key: bytes | None) -> None:
+    sealed = BufferSeal(PayloadCipher(bytes.fromhex(KEY_HEX))).seal(
+        [{"queue": "q", "payload": "x", "transactionId": "a"}], plain_queues=set())
+    other = BufferSeal(PayloadCipher(replaying_key) if replaying_key else None)
+
+    with pytest.raises(Unavailable, match="QUEEN_ENCRYPTION_KEY"):
+        other.unseal(sealed)
+
+
+# -- a malformed key ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["not-a-key", KEY_HEX[:-2], "zz" * 32])
+def test_a_malformed_key_refuses_to_start(bad: str, tmp_path: Path) -> None:
+    result = run_queen(env={"QUEEN_ENCRYPTION_KEY": bad,
+                            "FILE_BUFFER_DIR": str(tmp_path / "buffers")})
+
+    assert_refused_with(result, "QUEEN_ENCRYPTION_KEY: expected 64 hex characters")
+    assert bad not in result.stdout + result.stderr
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    with private_fleet() as servers:
+        yield servers
+
+
+@pytest.fixture
+def keyed(fleet: Fleet) -> Iterator[ServerProcess]:
+    """A server with a key; push maintenance is switched off again after the test."""
+    server = fleet.server(QUEEN_ENCRYPTION_KEY=KEY_HEX)
+    yield server
+    if server.running:
+        set_maintenance(server.url, False)
+
+
+def configure(url: str, queue: str, **options: Any) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/configure", json={"queue": queue, "options": options},
+                      timeout=20)
+
+
+def push(url: str, queue: str, payload: Any) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/push",
+                      json={"items": [{"queue": queue, "payload": payload}]}, timeout=20)
+
+
+def pop_one(url: str, queue: str) -> Any:
+    answer = httpx.get(f"{url}/api/v1/pop/queue/{queue}",
+                       params={"wait": "false", "autoAck": "true"}, timeout=20)
+    assert answer.status_code == 200, answer.text
+    [message] = answer.json()["messages"]
+    return message["data"]
+
+
+def buffered(url: str) -> int:
+    return httpx.get(f"{url}/api/v1/system/maintenance", timeout=10).json()["bufferedMessages"]
+
+
+def files_containing(directory: Path, marker: str) -> list[Path]:
+    """Every file under ``directory`` (segments, failed/, adopted directories, anything)
+    whose bytes contain ``marker``."""
+    return [path for path in directory.rglob("*")
+            if path.is_file() and marker.encode() in path.read_bytes()]
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return [path for path in directory.rglob("segment-*") if path.is_file()]
+
+
+def stored_rows(fleet: Fleet, queue: str) -> list[tuple[Any, bool]]:
+    """(payload, is_encrypted) of every message of ``queue`` in PostgreSQL."""
+    env = fleet.pg_env
+    with psycopg2.connect(host=env["PG_HOST"], port=env["PG_PORT"], user=env["PG_USER"],
+                          password=env["PG_PASSWORD"], dbname=env["PG_DB"]) as db, \
+            db.cursor() as cursor:
+        cursor.execute("""SELECT m.payload, m.is_encrypted FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id
+                           WHERE q.name = %s""", (queue,))
+        rows = cursor.fetchall()
+    db.close()
+    return rows
+
+
+def secret() -> dict[str, str]:
+    return {"secret": f"plaintext-marker-{uuid.uuid4().hex}"}
+
+
+# -- the file buffer ----------------------------------------------------------------------
+
+
+def test_buffered_payloads_of_an_encrypted_queue_never_reach_the_disk_in_plaintext(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    payload = secret()
+    set_maintenance(keyed.url, True)
+
+    answer = push(keyed.url, queue, payload)
+
+    assert answer.json()[0]["status"] == "buffered", answer.text
+    assert segment_files(keyed.buffer_dir)  # it is on disk...
+    assert files_containing(keyed.buffer_dir, payload["secret"]) == []  # ...sealed
+    set_maintenance(keyed.url, False)
+    wait_until(lambda: buffered(keyed.url) == 0, message="the replay")
+    assert pop_one(keyed.url, queue) == payload
+    [(stored, is_encrypted)] = stored_rows(fleet, queue)
+    assert is_encrypted and set(stored) == {"encrypted", "iv", "authTag"}  # encrypted once:
+    assert PayloadCipher(bytes.fromhex(KEY_HEX)).decrypt(stored) == payload  # opens to it
+
+
+def test_a_queue_known_to_be_plain_is_buffered_and_stored_as_it_came(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    queue = unique_name()
+    assert configure(keyed.url, queue).status_code == 200  # this server now knows: plain
+    payload = secret()
+    set_maintenance(keyed.url, True)
+
+    assert push(keyed.url, queue, payload).json()[0]["status"] == "buffered"
+
+    assert files_containing(keyed.buffer_dir, payload["secret"])  # not sealed
+    set_maintenance(keyed.url, False)
+    wait_until(lambda: buffered(keyed.url) == 0, message="the replay")
+    assert stored_rows(fleet, queue) == [(payload, False)]
+    assert pop_one(keyed.url, queue) == payload
+
+
+def test_a_queue_of_unknown_flag_is_sealed_and_stored_as_its_queue_asks_at_replay(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    """A queue this server has never seen (PostgreSQL may be down: it cannot ask) is sealed
+    on disk; at replay the seal comes off and the queue, created plain, stores plaintext."""
+    queue = unique_name()
+    payload = secret()
+    set_maintenance(keyed.url, True)
+
+    assert push(keyed.url, queue, payload).json()[0]["status"] == "buffered"
+
+    assert files_containing(keyed.buffer_dir, payload["secret"]) == []
+    set_maintenance(keyed.url, False)
+    wait_until(lambda: buffered(keyed.url) == 0, message="the replay")
+    assert stored_rows(fleet, queue) == [(payload, False)]  # not left sealed
+
+
+def test_sealed_records_left_by_a_killed_server_replay_after_restart(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    payloads = [secret() for _ in range(5)]
+    set_maintenance(keyed.url, True)
+    for payload in payloads:
+        assert push(keyed.url, queue, payload).json()[0]["status"] == "buffered"
+
+    keyed.kill()  # SIGKILL: no shutdown work at all
+
+    for payload in payloads:
+        assert files_containing(keyed.buffer_dir, payload["secret"]) == []
+    keyed.start()
+    assert buffered(keyed.url) == len(payloads)
+    set_maintenance(keyed.url, False)
+    wait_until(lambda: buffered(keyed.url) == 0, message="the replay after the restart")
+    assert [pop_one(keyed.url, queue) for _ in payloads] == payloads
+    assert all(is_encrypted for _, is_encrypted in stored_rows(fleet, queue))
+
+
+# -- no key -------------------------------------------------------------------------------
+
+
+def test_configuring_an_encrypted_queue_without_a_key_is_refused_and_changes_nothing(
+        fleet: Fleet) -> None:
+    server = fleet.server(QUEEN_ENCRYPTION_KEY="")
+    queue = unique_name()
+
+    answer = configure(server.url, queue, encryptionEnabled=True)
+
+    assert answer.status_code == 400
+    assert "QUEEN_ENCRYPTION_KEY" in answer.json()["error"]
+    assert httpx.get(f"{server.url}/api/v1/resources/queues/{queue}",
+                     timeout=10).status_code == 404
+
+
+def test_pushes_to_an_encrypted_queue_on_a_server_without_key_are_refused(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    """The queue was made encrypted by a keyed instance; an instance started without the key
+    must not store its messages in plaintext, nor buffer them."""
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    keyless = fleet.server(QUEEN_ENCRYPTION_KEY="", QUEEN_QUEUE_CONFIG_TTL_MS="600000")
+
+    refused = push(keyless.url, queue, secret())
+
+    assert refused.status_code == 503, refused.text
+    assert "has no QUEEN_ENCRYPTION_KEY" in refused.json()["error"]
+    assert stored_rows(fleet, queue) == []
+    set_maintenance(keyless.url, True)  # the flag is cached now: not buffered either
+    payload = secret()
+    assert push(keyless.url, queue, payload).status_code == 503
+    assert files_containing(keyless.buffer_dir, payload["secret"]) == []
+
+
+def test_a_transaction_pushing_to_an_encrypted_queue_without_a_key_is_refused(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    keyless = fleet.server(QUEEN_ENCRYPTION_KEY="")
+
+    answer = httpx.post(f"{keyless.url}/api/v1/transaction", json={"operations": [
+        {"type": "push", "items": [{"queue": queue, "payload": secret()}]}]}, timeout=20)
+
+    assert answer.status_code == 503, answer.text
+    assert stored_rows(fleet, queue) == []
+
