@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -95,7 +95,7 @@ def _signing_key(entry: Any) -> Optional[SigningKey]:
     kid, alg = entry.get("kid"), entry.get("alg")
     try:
         key = PyJWK(dict(entry)).key
-    except (PyJWKError, ValueError, TypeError) as err:
+    except (PyJWTError, ValueError, TypeError) as err:
         log.warn("JWKS key {kid} skipped: {reason}", kid=kid, reason=str(err))
         return None
     return SigningKey(kid if isinstance(kid, str) else None, key_family(key),
@@ -147,7 +147,7 @@ class JwksKeys:
                                 f"the JWKS does not hold exactly one {alg} key")
             raise AuthError(f"Unknown key ID: {kid}")
         if found.family != _family(alg) or (found.alg is not None and found.alg != alg):
-            raise AuthError(f"Token verification failed: key {kid} is not a {alg} key")
+            raise AuthError(f"Token verification failed: key {kid} cannot verify {alg} tokens")
         return found.key
 
     def _find(self, kid: Optional[str], alg: str) -> Optional[SigningKey]:
