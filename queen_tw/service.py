@@ -29,6 +29,7 @@ from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.failover.durability import Durability
+from queen_tw.http.auth_gate import guarded
 from queen_tw.http.messaging import PopDefaults
 from queen_tw.http.routes import http_root
 from queen_tw.http.site import make_site
@@ -153,7 +154,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags
     top.add("jobs", durability.adoption_service())  # buffers of processes no longer running
-    site = make_site(root, config.max_body_bytes)
+    site = make_site(guarded(root, config, reactor), config.max_body_bytes)  # JWT_ENABLED
     if in_group:
         cluster.attach(top.add("jobs", PostgresWakeups(
             config.dsn, config.worker_id, cluster.wake, reactor,

@@ -1,7 +1,8 @@
 """The message path of WIRE.md 2.2-2.6: push, pop, ack, transaction and lease extension.
 
 Push, pop and ack are also reached without Klein through :mod:`queen_tw.http.hot_routes`,
-which calls the same methods.
+which calls the same methods. Pushes (plain and in transactions) carry the ``producerSub``
+the auth gate admitted the request with (:func:`~queen_tw.http.auth_gate.producer_sub`).
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
 from queen_tw.errors import InvalidRequest
 from queen_tw.http import parsing, query
 from queen_tw.http.answers import answering_errors, json_answer, no_content
+from queen_tw.http.auth_gate import producer_sub
 
 MAX_POP_BATCH = 10_000
 SUBSCRIPTION_MODES = frozenset({"all", "new", "new-only", "from_beginning"})
@@ -44,7 +46,7 @@ class MessagingRoutes:
 
     @app.route("/api/v1/push", methods=["POST"])
     async def push(self, request):
-        items = parsing.push_items(parsing.read_json_object(request))
+        items = parsing.push_items(parsing.read_json_object(request), producer_sub(request))
         return json_answer(request, 201, await self._engine.push(items))
 
     # -- pop ----------------------------------------------------------------------------
@@ -120,7 +122,7 @@ class MessagingRoutes:
     @app.route("/api/v1/transaction", methods=["POST"])
     async def transaction(self, request):
         body = parsing.read_json_object(request)
-        ops = parsing.transaction_operations(body)
+        ops = parsing.transaction_operations(body, producer_sub(request))
         leases = parsing.required_leases(body)
         unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)
         if unknown is not None:

@@ -114,15 +114,20 @@ def required_timestamp(body: Mapping[str, Any], key: str, missing: str) -> str:
     return text
 
 
-def push_items(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """The validated ``items`` of a push (WIRE.md 2.2); one bad item rejects them all."""
+def push_items(body: Mapping[str, Any], producer_sub: Optional[str] = None
+               ) -> List[Dict[str, Any]]:
+    """The validated ``items`` of a push (WIRE.md 2.2); one bad item rejects them all.
+    ``producer_sub`` is stamped on each (see :func:`push_item`)."""
     items = body.get("items")
     if not isinstance(items, list):
         raise InvalidRequest("items array is required")
-    return [push_item(item, index) for index, item in enumerate(items)]
+    return [push_item(item, index, producer_sub) for index, item in enumerate(items)]
 
 
-def push_item(item: Any, index: int) -> Dict[str, Any]:
+def push_item(item: Any, index: int, producer_sub: Optional[str] = None) -> Dict[str, Any]:
+    """One validated push item. Its ``producerSub`` is the server's (WIRE.md 4.3): the
+    admitted token's ``sub`` given as ``producer_sub``, never the body's, which is dropped;
+    without one the item has none and the message stores NULL."""
     if not isinstance(item, dict):
         raise InvalidRequest(f"Item {index} must be an object")
     queue = item.get("queue")
@@ -142,7 +147,8 @@ def push_item(item: Any, index: int) -> Dict[str, Any]:
     trace_id = optional_text(item, "traceId", "TraceId")
     if trace_id:
         clean["traceId"] = require_uuid(trace_id, "TraceId")
-    # producerSub is always server-stamped (WIRE.md 4.3): the body's value is ignored.
+    if producer_sub:
+        clean["producerSub"] = producer_sub
     return clean
 
 
@@ -228,9 +234,10 @@ def _option_bool(name: str, value: Any) -> bool:
     raise InvalidRequest(f"{name} must be a boolean")
 
 
-def transaction_op(op: Any, index: int) -> Dict[str, Any]:
+def transaction_op(op: Any, index: int, producer_sub: Optional[str] = None) -> Dict[str, Any]:
     """One validated transaction operation (WIRE.md 2.5); an unknown type is kept as is
-    (it fails the transaction, not the request)."""
+    (it fails the transaction, not the request). Pushed items get ``producer_sub`` as in
+    :func:`push_item`."""
     if not isinstance(op, dict):
         raise InvalidRequest(f"Operation {index} must be an object")
     kind = op.get("type")
@@ -240,7 +247,8 @@ def transaction_op(op: Any, index: int) -> Dict[str, Any]:
         items = op.get("items")
         if not isinstance(items, list) or not items:
             raise InvalidRequest(f"Operation {index}: items array is required")
-        return {"type": "push", "items": [push_item(item, n) for n, item in enumerate(items)]}
+        return {"type": "push",
+                "items": [push_item(item, n, producer_sub) for n, item in enumerate(items)]}
     if kind == "ack":
         group = optional_text(op, "consumerGroup") or optional_text(op, "consumer_group")
         return dict(ack_item(op, group, 0), type="ack")
@@ -251,8 +259,10 @@ TRANSACTION_FIELDS = frozenset({"operations", "requiredLeases"})
 TRANSACTION_RIDERS = ("kv", "timers")  # WIRE2.md 5.1: guards and timers, not implemented yet
 
 
-def transaction_operations(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """The validated operations of ``POST /api/v1/transaction`` (WIRE.md 2.5).
+def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] = None
+                           ) -> List[Dict[str, Any]]:
+    """The validated operations of ``POST /api/v1/transaction`` (WIRE.md 2.5), pushes
+    stamped with ``producer_sub`` (:func:`push_item`).
 
     A rider (``kv``, ``timers``) or any other top-level field this server does not know may
     make the bundle conditional — a guard such as "only if this key is absent". Ignoring it
@@ -274,7 +284,7 @@ def transaction_operations(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
         raise InvalidRequest("operations array required")
     if not operations:
         raise InvalidRequest("operations array cannot be empty")
-    return [transaction_op(op, index) for index, op in enumerate(operations)]
+    return [transaction_op(op, index, producer_sub) for index, op in enumerate(operations)]
 
 
 def required_leases(body: Mapping[str, Any]) -> List[str]:

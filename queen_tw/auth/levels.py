@@ -1,0 +1,207 @@
+"""What each route requires and what each role may do (WIRE.md 4.2), in one table.
+
+:data:`ROUTE_LEVELS` names every route of the server by method and Klein rule with its
+level; a test compares it with the router, so a route added without a row fails the suite
+instead of silently getting a default. A request no row matches falls back on
+:data:`ADMIN_PREFIXES` (the WIRE's wildcard ``/api/v1/system/*``, ``/internal/api/*`` and
+``/api/v1/migration/*`` rows), then on READ_WRITE, as WIRE 4.2 says for unknown routes.
+
+Nothing here touches a request: :class:`RouteLevels` answers for a method and a path, which
+keeps the table testable without a server and cacheable per path.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+from typing import Callable, FrozenSet, Iterable, Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Map, RequestRedirect, Rule
+
+
+class Level(enum.IntEnum):
+    """What a route requires, lowest first: a role admits its own level and those below."""
+
+    PUBLIC = 0
+    READ_ONLY = 1
+    READ_WRITE = 2
+    ADMIN = 3
+
+
+_P, _RO, _RW, _AD = Level.PUBLIC, Level.READ_ONLY, Level.READ_WRITE, Level.ADMIN
+
+ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
+    # public: probes and the API description
+    ("GET", "/health", _P),
+    ("GET", "/metrics", _P),
+    ("GET", "/metrics/prometheus", _P),
+    ("GET", "/api/v1/openapi.json", _P),
+    # the message path
+    ("POST", "/api/v1/configure", _RW),
+    ("POST", "/api/v1/push", _RW),
+    ("GET", "/api/v1/pop", _RW),
+    ("GET", "/api/v1/pop/queue/<queue>", _RW),
+    ("GET", "/api/v1/pop/queue/<queue>/partition/<partition>", _RW),
+    ("POST", "/api/v1/ack", _RW),
+    ("POST", "/api/v1/ack/batch", _RW),
+    ("POST", "/api/v1/transaction", _RW),
+    ("POST", "/api/v1/lease/<lease_id>/extend", _RW),
+    # resources and statistics
+    ("GET", "/api/v1/resources/overview", _RO),
+    ("GET", "/api/v1/resources/queues", _RO),
+    ("GET", "/api/v1/resources/queues/<queue>", _RO),
+    ("DELETE", "/api/v1/resources/queues/<queue>", _AD),
+    ("GET", "/api/v1/resources/namespaces", _RO),
+    ("GET", "/api/v1/resources/tasks", _RO),
+    ("GET", "/api/v1/resources/partitions", _RO),
+    ("DELETE", "/api/v1/queues/<queue>/clear", _AD),  # queen-tw (inferred)
+    ("POST", "/api/v1/stats/refresh", _AD),
+    ("GET", "/api/v1/status/buffers", _RO),
+    # messages, dead letters, traces
+    ("GET", "/api/v1/messages", _RO),
+    ("GET", "/api/v1/messages/<partition_id>/<transaction_id>", _RO),
+    ("DELETE", "/api/v1/messages/<partition_id>/<transaction_id>", _RW),
+    ("POST", "/api/v1/messages/<partition_id>/<transaction_id>/retry", _RW),  # inferred
+    ("POST", "/api/v1/messages/<partition_id>/<transaction_id>/dlq", _RW),  # inferred
+    ("GET", "/api/v1/dlq", _RO),
+    ("POST", "/api/v1/traces", _RW),
+    ("GET", "/api/v1/traces/<partition_id>/<transaction_id>", _RO),
+    ("GET", "/api/v1/traces/by-name/<name>", _RO),
+    ("GET", "/api/v1/traces/names", _RO),
+    # consumer groups
+    ("GET", "/api/v1/consumer-groups", _RO),
+    ("GET", "/api/v1/consumer-groups/lagging", _RO),
+    ("GET", "/api/v1/consumer-groups/<group>", _RO),
+    ("DELETE", "/api/v1/consumer-groups/<group>", _AD),
+    ("DELETE", "/api/v1/consumer-groups/<group>/queues/<queue>", _AD),
+    ("POST", "/api/v1/consumer-groups/<group>/subscription", _RW),
+    ("POST", "/api/v1/consumer-groups/<group>/queues/<queue>/seek", _RW),
+    ("POST", "/api/v1/consumer-groups/<group>/queues/<queue>/partitions/<partition>/seek",
+     _RW),
+    # system, shared state, internal (also covered by ADMIN_PREFIXES)
+    ("GET", "/api/v1/system/maintenance", _AD),
+    ("POST", "/api/v1/system/maintenance", _AD),
+    ("GET", "/api/v1/system/maintenance/pop", _AD),
+    ("POST", "/api/v1/system/maintenance/pop", _AD),
+    ("GET", "/api/v1/system/shared-state", _AD),
+    ("GET", "/internal/api/shared-state/stats", _AD),
+    ("GET", "/internal/api/inter-instance/stats", _AD),
+    ("POST", "/internal/api/notify", _AD),
+    # streams (WIRE.md 3.9)
+    ("POST", "/streams/v1/queries", _RW),
+    ("POST", "/streams/v1/cycle", _RW),
+    ("POST", "/streams/v1/state/get", _RO),
+)
+"""(method, Klein rule, level) of every route; a GET row also covers HEAD."""
+
+ADMIN_PREFIXES = ("/api/v1/system/", "/internal/api/", "/api/v1/migration/")
+"""WIRE 4.2's wildcard ADMIN rows: a path under them that no row names is still ADMIN."""
+
+DEFAULT_LEVEL = Level.READ_WRITE
+"""WIRE 4.2: a route the table does not know requires read-write."""
+
+
+@dataclass(frozen=True)
+class RoleNames:
+    """The role names of a deployment (``JWT_ROLE_ADMIN``, ``_READ_WRITE``, ``_READ_ONLY``)."""
+
+    admin: str = "admin"
+    read_write: str = "read-write"
+    read_only: str = "read-only"
+
+    def clearance(self, roles: Iterable[str]) -> Level:
+        """The highest level ``roles`` admit; PUBLIC when none is a known role."""
+        held = frozenset(roles)
+        if self.admin in held:
+            return Level.ADMIN
+        if self.read_write in held:
+            return Level.READ_WRITE
+        if self.read_only in held:
+            return Level.READ_ONLY
+        return Level.PUBLIC
+
+
+class SkipPaths:
+    """``JWT_SKIP_PATHS``: paths served without authentication.
+
+    An entry ending in ``/`` (other than ``/`` itself) skips every path under it; any other
+    entry skips exactly its path, so the default ``/`` opens the root and nothing below it.
+    """
+
+    def __init__(self, entries: Iterable[str]):
+        self.entries = tuple(entry for entry in entries if entry)
+        self._prefixes = tuple(e for e in self.entries if e.endswith("/") and e != "/")
+        self._exact: FrozenSet[str] = frozenset(self.entries) - frozenset(self._prefixes)
+
+    @classmethod
+    def parse(cls, text: str) -> SkipPaths:
+        """The skip paths of a ``JWT_SKIP_PATHS`` comma list (blanks around entries dropped)."""
+        return cls(entry.strip() for entry in text.split(","))
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and (
+            path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes)))
+
+
+def routed_path(raw_path: bytes) -> Optional[str]:
+    """The path as the routes match it: each segment percent-decoded (as Twisted does for
+    ``request.postpath``) and read as UTF-8. None when no route can match it: a segment that
+    is not UTF-8 or holds an encoded ``/`` (the routes answer 400 for both)."""
+    if b"%" not in raw_path:
+        try:
+            return raw_path.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    segments = []
+    for segment in raw_path[1:].split(b"/"):
+        try:
+            text = unquote_to_bytes(segment).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if "/" in text:
+            return None
+        segments.append(text)
+    return "/" + "/".join(segments)
+
+
+class RouteLevels:
+    """The level a request needs, from :data:`ROUTE_LEVELS`, the skip paths and the defaults.
+
+    Answers are cached per (method, raw path) in a bounded LRU: the hot routes' paths are a
+    handful, and a pop's path repeats per queue, so the rule matching runs once per path.
+
+    :param skip: paths that need no token (``JWT_SKIP_PATHS``).
+    :param table: the (method, rule, level) rows; :data:`ROUTE_LEVELS` unless a test says.
+    :param cache_size: how many distinct (method, path) answers are kept.
+    """
+
+    def __init__(self, skip: SkipPaths,
+                 table: Iterable[Tuple[str, str, Level]] = ROUTE_LEVELS,
+                 cache_size: int = 4096):
+        self._skip = skip
+        self._map = Map([Rule(rule, methods=[method], endpoint=level)
+                         for method, rule, level in table])
+        self.level_of: Callable[[bytes, bytes], Level] = functools.lru_cache(
+            maxsize=cache_size)(self._level_of)
+
+    def _level_of(self, method: bytes, raw_path: bytes) -> Level:
+        """The level of ``method`` on ``raw_path`` (the request's path, no query string)."""
+        if method == b"OPTIONS":
+            return Level.PUBLIC  # WIRE 1.6: pre-flights are never checked
+        path = routed_path(raw_path)
+        if path is None:
+            return DEFAULT_LEVEL
+        if path in self._skip:
+            return Level.PUBLIC
+        try:
+            level, _ = self._map.bind("localhost", path_info=path,
+                                      default_method=method.decode("latin-1")).match()
+            return Level(level)
+        except (NotFound, MethodNotAllowed, RequestRedirect):
+            pass
+        if path.startswith(ADMIN_PREFIXES):
+            return Level.ADMIN
+        return DEFAULT_LEVEL
