@@ -80,6 +80,8 @@ def _reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror}{where}"
+    if type(error).__module__.startswith("OpenSSL"):  # its text is a list of OpenSSL codes
+        return f"not a usable PEM private key and certificate ({error})"
     return str(error) or error.__class__.__name__
 
 
