@@ -18,6 +18,19 @@ loopback port, then measures on the same machine and the same PostgreSQL:
 The report (markdown) is printed and written to ``bench/out/``. Figures are noisy on a
 2-core machine where the load generator, the server and PostgreSQL share the cores; the
 script runs each scenario once per call, so run it a few times and report medians.
+
+JWT authentication (WIRE.md 4):
+
+    .venv/bin/python bench/load.py --jwt            # the run above with auth on
+    .venv/bin/python bench/load.py --auth-compare   # push, pop+ack at batch 1, 100: off vs on
+
+With auth on the server gets ``JWT_ENABLED=true`` and an HS256 ``JWT_SECRET``, and every
+request carries ``Authorization: Bearer <token>`` (role read-write), one token per run as a
+client reuses its token. ``--auth-compare`` runs an auth-off and an auth-on server side by
+side on the same PostgreSQL and measures them in turn, batch by batch, so both see the same
+machine; it skips the pgbench parts, which do not depend on auth. Before measuring, an
+auth-on server must refuse a request without a token: figures of a server that ignores the
+token would measure nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import jwt
 import orjson  # the consumers' JSON: the load generator's CPU comes out of the server's cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,8 +68,9 @@ PAYLOAD = {"data": "x" * 180}  # ~200 bytes of JSON per message
 class Connection:
     """A minimal HTTP/1.1 keep-alive client: the load generator must cost little CPU."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, auth: str = ""):
         self._host, self._port = host, port
+        self._auth = f"Authorization: {auth}\r\n" if auth else ""
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
 
@@ -63,7 +78,7 @@ class Connection:
                       ) -> Tuple[int, bytes]:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\n{self._auth}"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         self._writer.write(head.encode() + b"\r\n" + (body or b""))
@@ -116,8 +131,8 @@ class Recorder:
 
 
 async def push_worker(port: int, queue: str, batch: int, deadline: float, worker: int,
-                      rec: Recorder) -> None:
-    conn = Connection("127.0.0.1", port)
+                      rec: Recorder, auth: str = "") -> None:
+    conn = Connection("127.0.0.1", port, auth)
     # The server gives each item its transactionId, so a request body depends only on its
     # first partition: built once, the generator spends its CPU on sending, not on JSON.
     bodies = [json.dumps({"items": [
@@ -145,8 +160,8 @@ async def push_worker(port: int, queue: str, batch: int, deadline: float, worker
 
 
 async def consume_worker(port: int, queue: str, batch: int, deadline: float,
-                         rec: Recorder, seen: set) -> None:
-    conn = Connection("127.0.0.1", port)
+                         rec: Recorder, seen: set, auth: str = "") -> None:
+    conn = Connection("127.0.0.1", port, auth)
     path = f"/api/v1/pop/queue/{queue}?batch={batch}&wait=true&timeout=500"
     while time.monotonic() < deadline:
         started = time.monotonic()
@@ -173,28 +188,28 @@ async def consume_worker(port: int, queue: str, batch: int, deadline: float,
         rec.messages += len(messages)
 
 
-async def run_push(port: int, queue: str, batch: int, seconds: float, connections: int
-                   ) -> Dict[str, float]:
+async def run_push(port: int, queue: str, batch: int, seconds: float, connections: int,
+                   auth: str = "") -> Dict[str, float]:
     rec = Recorder()
     deadline = time.monotonic() + seconds
     started = time.monotonic()
-    await asyncio.gather(*(push_worker(port, queue, batch, deadline, w, rec)
+    await asyncio.gather(*(push_worker(port, queue, batch, deadline, w, rec, auth)
                            for w in range(connections)))
     return rec.summary(time.monotonic() - started)
 
 
-async def run_consume(port: int, queue: str, batch: int, seconds: float, connections: int
-                      ) -> Tuple[Dict[str, float], int]:
+async def run_consume(port: int, queue: str, batch: int, seconds: float, connections: int,
+                      auth: str = "") -> Tuple[Dict[str, float], int]:
     rec, seen = Recorder(), set()
     deadline = time.monotonic() + seconds
     started = time.monotonic()
-    await asyncio.gather(*(consume_worker(port, queue, batch, deadline, rec, seen)
+    await asyncio.gather(*(consume_worker(port, queue, batch, deadline, rec, seen, auth)
                            for _ in range(connections)))
     return rec.summary(time.monotonic() - started), len(seen)
 
 
-async def prefill(port: int, queue: str, total: int) -> None:
-    conn = Connection("127.0.0.1", port)
+async def prefill(port: int, queue: str, total: int, auth: str = "") -> None:
+    conn = Connection("127.0.0.1", port, auth)
     for start in range(0, total, 1000):
         items = [{"queue": queue, "partition": f"p{i % PARTITIONS}", "payload": PAYLOAD}
                  for i in range(start, min(total, start + 1000))]
@@ -413,52 +428,162 @@ def empty_queen_tables(pg: EmbeddedPostgres) -> None:
     psql(pg, "CHECKPOINT")  # each measured run, raw or not, starts right after a checkpoint
 
 
-async def measure(args, pg: EmbeddedPostgres, server: ServerProcess) -> List[Dict]:
+async def measure_batch(args, pg: EmbeddedPostgres, server: ServerProcess,
+                        sampler: ProcessSampler, batch: int, auth: str = "") -> List[Dict]:
+    """The push row and the pop+ack row of one batch size against one server."""
+    rows = []
+    empty_queen_tables(pg)
+    queue = f"bench-push-{batch}-{int(time.time())}"
+    cpu0 = sampler.cpu_seconds()
+    push = await run_push(server.port, queue, batch, args.seconds, args.connections, auth)
+    push["cpu_pct"] = 100 * (sampler.cpu_seconds() - cpu0) / args.seconds
+    stored = count_stored(pg, queue)
+    push["stored"] = stored
+    push["answered_queued"] = push["messages"]
+    rows.append({"op": "push", "batch": batch, **push})
+
+    empty_queen_tables(pg)
+    queue = f"bench-consume-{batch}-{int(time.time())}"
+    # enough that a run does not drain it (a drained run would understate the rate)
+    total = min(max(batch * args.connections * 60, 60_000), 300_000)
+    await prefill(server.port, queue, total, auth)
+    psql(pg, "VACUUM ANALYZE queen.messages")  # as the raw consume prepares its table
+    psql(pg, "CHECKPOINT")
+    cpu0 = sampler.cpu_seconds()
+    consume, unique = await run_consume(server.port, queue, batch, args.seconds,
+                                        args.connections, auth)
+    consume["cpu_pct"] = 100 * (sampler.cpu_seconds() - cpu0) / args.seconds
+    consume["stored"] = total
+    consume["unique_consumed"] = unique
+    rows.append({"op": "pop+ack", "batch": batch, **consume})
+    return rows
+
+
+async def measure(args, pg: EmbeddedPostgres, server: ServerProcess, auth: str = ""
+                  ) -> List[Dict]:
     rows = []
     sampler = ProcessSampler(server.pid)
     sampler.start()
+    if auth:
+        await check_auth_is_enforced(server.port, auth)
     for batch in args.batches:
-        empty_queen_tables(pg)
-        queue = f"bench-push-{batch}-{int(time.time())}"
-        cpu0 = sampler.cpu_seconds()
-        push = await run_push(server.port, queue, batch, args.seconds, args.connections)
-        push["cpu_pct"] = 100 * (sampler.cpu_seconds() - cpu0) / args.seconds
-        stored = count_stored(pg, queue)
-        push["stored"] = stored
-        push["answered_queued"] = push["messages"]
-        rows.append({"op": "push", "batch": batch, **push})
-
-        empty_queen_tables(pg)
-        queue = f"bench-consume-{batch}-{int(time.time())}"
-        # enough that a run does not drain it (a drained run would understate the rate)
-        total = min(max(batch * args.connections * 60, 60_000), 300_000)
-        await prefill(server.port, queue, total)
-        psql(pg, "VACUUM ANALYZE queen.messages")  # as the raw consume prepares its table
-        psql(pg, "CHECKPOINT")
-        cpu0 = sampler.cpu_seconds()
-        consume, unique = await run_consume(server.port, queue, batch, args.seconds,
-                                            args.connections)
-        consume["cpu_pct"] = 100 * (sampler.cpu_seconds() - cpu0) / args.seconds
-        consume["stored"] = total
-        consume["unique_consumed"] = unique
-        rows.append({"op": "pop+ack", "batch": batch, **consume})
+        rows += await measure_batch(args, pg, server, sampler, batch, auth)
     sampler.stop()
     for row in rows:
         row["peak_rss_mb"] = sampler.peak_rss_mb
     return rows
 
 
+# --------------------------------------------------------------------------- JWT auth
+
+
+def jwt_env_and_header() -> Tuple[Dict[str, str], str]:
+    """Server variables that turn HS256 auth on, and the header value every request sends:
+    a read-write token (push, pop and ack need that level) valid for longer than a run."""
+    secret = os.urandom(32).hex()
+    now = int(time.time())
+    token = jwt.encode({"sub": "bench", "username": "bench", "role": "read-write",
+                        "iat": now, "exp": now + 6 * 3600}, secret, algorithm="HS256")
+    return {"JWT_ENABLED": "true", "JWT_SECRET": secret}, f"Bearer {token}"
+
+
+async def check_auth_is_enforced(port: int, auth: str) -> None:
+    """Refuses to measure an auth-on server that admits a request without a token."""
+    path = "/api/v1/resources/queues"
+    without, _ = await Connection("127.0.0.1", port).request("GET", path)
+    with_token, _ = await Connection("127.0.0.1", port, auth).request("GET", path)
+    if without != 401 or with_token != 200:
+        raise SystemExit(f"JWT auth is not enforced on port {port}: GET {path} answered "
+                         f"{without} without a token and {with_token} with one "
+                         "(expected 401 and 200); the figures would not measure auth")
+
+
+async def measure_auth_pair(args, pg: EmbeddedPostgres, servers: Dict[str, ServerProcess],
+                            auth: str) -> Dict[str, List[Dict]]:
+    """Each batch size against the auth-off server, then the auth-on one."""
+    samplers = {mode: ProcessSampler(server.pid) for mode, server in servers.items()}
+    await check_auth_is_enforced(servers["on"].port, auth)
+    rows: Dict[str, List[Dict]] = {"off": [], "on": []}
+    for batch in args.batches:
+        for mode in ("off", "on"):
+            rows[mode] += await measure_batch(args, pg, servers[mode], samplers[mode], batch,
+                                              auth if mode == "on" else "")
+    return rows
+
+
+def render_auth(args, rows: Dict[str, List[Dict]]) -> str:
+    """Auth-on against auth-off throughput, per operation and batch size, with the targets
+    of issue #17 (>= 90 % at batch 100, >= 80 % at batch 1)."""
+    targets = {1: 80, 100: 90}
+    lines = [
+        f"Machine: {platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
+        f" · {time.strftime('%Y-%m-%d %H:%M')} · CPython probe (3 M-step loop) "
+        f"{cpython_probe_ms():.0f} ms",
+        f"Command: `.venv/bin/python bench/load.py --auth-compare --seconds {args.seconds:g} "
+        f"--connections {args.connections} --batches {','.join(map(str, args.batches))}`",
+        "",
+        "| op | batch | auth off msg/s | auth on msg/s | on/off | target | p50 ms off/on "
+        "| p99 ms off/on | server CPU % off/on | errors off/on |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for off, on in zip(rows["off"], rows["on"], strict=True):
+        ratio = 100 * on["msg_per_s"] / off["msg_per_s"] if off["msg_per_s"] else 0.0
+        target = targets.get(off["batch"])
+        verdict = f">= {target} % {'met' if ratio >= target else 'MISSED'}" if target else "-"
+        lines.append(
+            f"| {off['op']} | {off['batch']} | {off['msg_per_s']:.0f} | {on['msg_per_s']:.0f} "
+            f"| {ratio:.0f} % | {verdict} | {off['p50_ms']:.1f} / {on['p50_ms']:.1f} "
+            f"| {off['p99_ms']:.1f} / {on['p99_ms']:.1f} "
+            f"| {off['cpu_pct']:.0f} / {on['cpu_pct']:.0f} "
+            f"| {off['errors']} / {on['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
+def auth_compare(args) -> int:
+    """``--auth-compare``: an auth-off and an auth-on server on one PostgreSQL, measured in
+    turn batch by batch."""
+    jwt_env, auth = jwt_env_and_header()
+    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-auth-"))
+    os.chmod(workdir, 0o755)
+    pg = EmbeddedPostgres(workdir / "pg")
+    pg.start()
+    extra = dict(e.split("=", 1) for e in args.env)
+    servers = {"off": ServerProcess(pg.pg_env(), workdir / "off", extra),
+               "on": ServerProcess(pg.pg_env(), workdir / "on", {**extra, **jwt_env})}
+    try:
+        for server in servers.values():
+            server.start()
+        rows = asyncio.run(measure_auth_pair(args, pg, servers, auth))
+    finally:
+        for server in servers.values():
+            server.stop()
+        pg.stop()
+    report = render_auth(args, rows)
+    print(report)
+    save_report(f"load-auth-{time.strftime('%Y%m%d-%H%M%S')}", report, rows)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--batches", default="1,10,100,1000")
+    parser.add_argument("--batches", default=None,
+                        help="comma list (default 1,10,100,1000; with --auth-compare 1,100)")
     parser.add_argument("--raw-clients", type=int, default=10,
                         help="pgbench clients (the server's pool size by default)")
     parser.add_argument("--env", action="append", default=[],
                         help="extra NAME=VALUE for the server (repeatable)")
+    parser.add_argument("--jwt", action="store_true",
+                        help="JWT auth on: HS256 secret, a bearer token on every request")
+    parser.add_argument("--auth-compare", action="store_true",
+                        help="push and pop+ack with auth off and on, side by side (no pgbench)")
     args = parser.parse_args()
-    args.batches = [int(b) for b in args.batches.split(",")]
+    default_batches = "1,100" if args.auth_compare else "1,10,100,1000"
+    args.batches = [int(b) for b in (args.batches or default_batches).split(",")]
+    if args.auth_compare:
+        return auth_compare(args)
+    jwt_env, auth = jwt_env_and_header() if args.jwt else ({}, "")
 
     workdir = Path(tempfile.mkdtemp(prefix="queen-bench-"))
     os.chmod(workdir, 0o755)
@@ -466,10 +591,10 @@ def main() -> int:
     pg.start()
     (workdir / "server").mkdir()
     server = ServerProcess(pg.pg_env(), workdir / "server",
-                           dict(e.split("=", 1) for e in args.env))
+                           {**dict(e.split("=", 1) for e in args.env), **jwt_env})
     try:
         server.start()
-        rows = asyncio.run(measure(args, pg, server))
+        rows = asyncio.run(measure(args, pg, server, auth))
         raw = {b: (raw_push(pg, b, args.seconds, args.raw_clients),
                    raw_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
         sql = {b: (sql_push(pg, b, args.seconds, args.raw_clients),
@@ -524,7 +649,8 @@ def render(args, rows, raw, sql) -> str:
         f"Machine: {platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
         f" · {time.strftime('%Y-%m-%d %H:%M')} · CPython probe (3 M-step loop) "
         f"{cpython_probe_ms():.0f} ms",
-        f"Command: `.venv/bin/python bench/load.py --seconds {args.seconds:g} "
+        f"Command: `.venv/bin/python bench/load.py {'--jwt ' if args.jwt else ''}"
+        f"--seconds {args.seconds:g} "
         f"--connections {args.connections} --batches {','.join(map(str, args.batches))}`",
         "",
         "| op | batch | msg/s | req/s | p50 ms | p99 ms | raw PG msg/s | ratio | server CPU % "
