@@ -40,5 +40,6 @@ class PayloadCipher:
 
 
 def make_cipher(key: Optional[bytes]) -> Optional[PayloadCipher]:
-    """A cipher when a key is configured; None means encrypted queues store plaintext."""
+    """A cipher when a key is configured; None (no key) makes the server refuse to configure
+    or push to encrypted queues rather than store their payloads in plaintext."""
     return PayloadCipher(key) if key else None
