@@ -6,7 +6,8 @@ the server's time (see bench/RESULTS.md). These five routes are recognised here 
 plain path and call the very same :class:`~queen_tw.http.messaging.MessagingRoutes` methods,
 with the same error answers; any other request — other routes, other methods (405 there),
 paths with escapes or empty segments, errors of routing — is handed to the composed routes
-unchanged, so both ways answer alike.
+unchanged, so both ways answer alike. The shortcut skips Klein, not authorization: with
+``JWT_ENABLED=true`` this resource sits behind :class:`~queen_tw.http.auth_gate.AuthGate`.
 """
 
 from typing import Any, Callable, Dict, Optional, Tuple
