@@ -9,11 +9,13 @@ drift from what is served without a test failing. The document is built once per
 """
 
 import functools
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from klein import Klein
 
 from queen_tw import __version__, jsoncodec
+from queen_tw.auth.levels import Level, RouteLevels, SkipPaths
 from queen_tw.http import openapi_schemas as schemas
 from queen_tw.http.answers import answering_errors
 from queen_tw.http.messaging import SUBSCRIPTION_MODES
@@ -22,7 +24,9 @@ from queen_tw.http.query import INT32_MAX, MESSAGE_STATUSES
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 
-PUBLIC, READ_ONLY, READ_WRITE, ADMIN = "PUBLIC", "READ_ONLY", "READ_WRITE", "ADMIN"
+_LEVELS = RouteLevels(SkipPaths(()))
+"""The auth gate's own table (WIRE.md 4.2), without skip paths: the level a deployment
+starts from, shown on each operation as ``x-queen-level``."""
 
 _DESCRIPTIONS = {
     400: "malformed body, path or query parameter",
@@ -76,22 +80,21 @@ _PARTITIONS = _query("partitions", _int(1), "most partitions claimed by this pop
 class _Op:
     """One documented operation: what it reads, what it answers, who may call it."""
 
-    def __init__(self, operation_id: str, summary: str, level: str,
+    def __init__(self, operation_id: str, summary: str,
                  answers: Dict[int, Optional[Schema]],
                  parameters: Sequence[Dict[str, Any]] = (),
                  body: Optional[Schema] = None, body_required: bool = False,
                  errors: Sequence[int] = (400, 503)):
         self.operation_id = operation_id
         self.summary = summary
-        self.level = level
         self.answers = answers
         self.parameters = list(parameters)
         self.body = body
         self.body_required = body_required
         self.errors = errors
 
-    def document(self) -> Dict[str, Any]:
-        """The OpenAPI operation object."""
+    def document(self, level: Level) -> Dict[str, Any]:
+        """The OpenAPI operation object, for a route of ``level``."""
         responses: Dict[str, Any] = {}
         for code, schema in self.answers.items():
             if schema is None:
@@ -100,14 +103,14 @@ class _Op:
                 responses[str(code)] = {"description": "success",
                                         "content": {"application/json": {"schema": schema}}}
         codes = list(self.errors)
-        if self.level != PUBLIC:
+        if level != Level.PUBLIC:
             codes += [401, 403]
         for code in sorted(codes):
             responses[str(code)] = {"$ref": f"#/components/responses/E{code}"}
         operation: Dict[str, Any] = {
             "operationId": self.operation_id, "summary": self.summary,
-            "x-queen-level": self.level, "responses": responses}
-        if self.level == PUBLIC:
+            "x-queen-level": level.name, "responses": responses}
+        if level == Level.PUBLIC:
             operation["security"] = []
         if self.parameters:
             operation["parameters"] = self.parameters
@@ -130,153 +133,160 @@ _MESSAGE_KEY = (_PARTITION_ID, _TRANSACTION_ID)
 OPERATIONS: List[Tuple[str, str, _Op]] = [
     # -- the message path (WIRE.md 2.1-2.7) --
     ("/api/v1/configure", "post", _Op(
-        "configure", "Create or replace one queue's options", READ_WRITE,
+        "configure", "Create or replace one queue's options",
         {200: ref("ConfigureAnswer")}, body=ref("ConfigureRequest"), body_required=True)),
     ("/api/v1/push", "post", _Op(
-        "push", "Push messages (one result per item, in order)", READ_WRITE,
+        "push", "Push messages (one result per item, in order)",
         {201: {"type": "array", "items": ref("PushResult")}},
         body=ref("PushRequest"), body_required=True)),
     ("/api/v1/pop/queue/{queue}", "get", _Op(
-        "popQueue", "Pop from any partition of a queue", READ_WRITE,
+        "popQueue", "Pop from any partition of a queue",
         {200: ref("PopAnswer"), 204: None}, [_QUEUE, *_POP_PARAMS, _PARTITIONS])),
     ("/api/v1/pop/queue/{queue}/partition/{partition}", "get", _Op(
-        "popPartition", "Pop from one partition", READ_WRITE,
+        "popPartition", "Pop from one partition",
         {200: ref("PopAnswer"), 204: None}, [_QUEUE, _PARTITION, *_POP_PARAMS])),
     ("/api/v1/pop", "get", _Op(
-        "popNamespace", "Pop from the queues of a namespace and/or task", READ_WRITE,
+        "popNamespace", "Pop from the queues of a namespace and/or task",
         {200: ref("PopAnswer"), 204: None},
         [_query("namespace", {"type": "string"}, "namespace or task is required"),
          _query("task", {"type": "string"}), *_POP_PARAMS, _PARTITIONS])),
     ("/api/v1/ack", "post", _Op(
-        "ack", "Acknowledge one message", READ_WRITE,
+        "ack", "Acknowledge one message",
         {200: {"type": "array", "items": ref("AckResult")}},
         body=ref("AckRequest"), body_required=True)),
     ("/api/v1/ack/batch", "post", _Op(
-        "ackBatch", "Acknowledge several messages", READ_WRITE,
+        "ackBatch", "Acknowledge several messages",
         {200: {"type": "array", "items": ref("AckResult")}},
         body=ref("AckBatchRequest"), body_required=True)),
     ("/api/v1/transaction", "post", _Op(
-        "transaction", "Pushes and acks that commit together or not at all", READ_WRITE,
+        "transaction", "Pushes and acks that commit together or not at all",
         {200: ref("TransactionAnswer")}, body=ref("TransactionRequest"), body_required=True)),
     ("/api/v1/lease/{leaseId}/extend", "post", _Op(
-        "extendLease", "Extend every partition lease held under one lease id", READ_WRITE,
+        "extendLease", "Extend every partition lease held under one lease id",
         {200: ref("LeaseExtendAnswer")}, [_path("leaseId", schemas.UUID)],
         body=ref("LeaseExtendRequest"), errors=(400, 404, 503))),
     # -- queues and the resource browser (WIRE.md 2.7, 3.1) --
     ("/api/v1/resources/queues", "get", _Op(
-        "listQueues", "Every queue with its counts", READ_ONLY, {200: _list_of("queues")})),
+        "listQueues", "Every queue with its counts", {200: _list_of("queues")})),
     ("/api/v1/resources/queues/{queue}", "get", _Op(
-        "getQueue", "One queue with its partitions", READ_ONLY, {200: _ANY_OBJECT}, [_QUEUE],
+        "getQueue", "One queue with its partitions", {200: _ANY_OBJECT}, [_QUEUE],
         errors=(400, 404, 503))),
     ("/api/v1/resources/queues/{queue}", "delete", _Op(
-        "deleteQueue", "Delete a queue and everything in it", ADMIN,
+        "deleteQueue", "Delete a queue and everything in it",
         {200: ref("QueueDeleted")}, [_QUEUE])),
     ("/api/v1/queues/{queue}/clear", "delete", _Op(
-        "clearQueue", "Delete a queue's (or one partition's) messages", ADMIN,
-        {200: _ANY_OBJECT}, [_QUEUE, _query("partition", _NAME_FILTER)])),
+        "clearQueue", "Delete a queue's (or one partition's) messages",
+        {200: _ANY_OBJECT}, [_QUEUE, _query("partition", _NAME_FILTER)],
+        errors=(400, 404, 503))),
     ("/api/v1/resources/overview", "get", _Op(
-        "overview", "Counts over the whole server", READ_ONLY, {200: _ANY_OBJECT})),
+        "overview", "Counts over the whole server", {200: _ANY_OBJECT})),
     ("/api/v1/resources/namespaces", "get", _Op(
-        "namespaces", "Namespaces with their counts", READ_ONLY, {200: _list_of("namespaces")})),
+        "namespaces", "Namespaces with their counts", {200: _list_of("namespaces")})),
     ("/api/v1/resources/tasks", "get", _Op(
-        "tasks", "Tasks with their counts", READ_ONLY, {200: _list_of("tasks")})),
+        "tasks", "Tasks with their counts", {200: _list_of("tasks")})),
     ("/api/v1/resources/partitions", "get", _Op(
-        "partitions", "Partitions, optionally of one queue", READ_ONLY,
+        "partitions", "Partitions, optionally of one queue",
         {200: _list_of("partitions")}, [_query("queue", _NAME_FILTER), *_PAGE])),
     ("/api/v1/stats/refresh", "post", _Op(
-        "refreshStats", "Recompute the statistics now", ADMIN, {200: _ANY_OBJECT})),
+        "refreshStats", "Recompute the statistics now", {200: _ANY_OBJECT})),
     # -- messages, dead letters, traces (WIRE.md 3.2, 3.3, 3.6) --
     ("/api/v1/messages", "get", _Op(
-        "listMessages", "Messages, newest first", READ_ONLY, {200: _list_of("messages")},
+        "listMessages", "Messages, newest first", {200: _list_of("messages")},
         [_query("queue", _NAME_FILTER), _query("partition", _NAME_FILTER),
          _query("ns", {"type": "string"}), _query("namespace", {"type": "string"}),
          _query("task", {"type": "string"}),
          _query("status", {"type": "string", "enum": list(MESSAGE_STATUSES)}),
          _query("from", schemas.TIMESTAMP), _query("to", schemas.TIMESTAMP), *_PAGE])),
     ("/api/v1/messages/{partitionId}/{transactionId}", "get", _Op(
-        "getMessage", "One message with its payload", READ_ONLY, {200: _ANY_OBJECT},
+        "getMessage", "One message with its payload", {200: _ANY_OBJECT},
         _MESSAGE_KEY, errors=(400, 404, 503))),
     ("/api/v1/messages/{partitionId}/{transactionId}", "delete", _Op(
-        "deleteMessage", "Delete one message", READ_WRITE, {200: _ANY_OBJECT}, _MESSAGE_KEY,
+        "deleteMessage", "Delete one message", {200: _ANY_OBJECT}, _MESSAGE_KEY,
         errors=(400, 404, 503))),
     ("/api/v1/messages/{partitionId}/{transactionId}/retry", "post", _Op(
-        "retryMessage", "Enqueue a copy of a message at its partition's tail", READ_WRITE,
+        "retryMessage", "Enqueue a copy of a message at its partition's tail",
         {200: _ANY_OBJECT}, _MESSAGE_KEY, errors=(400, 404, 503))),
     ("/api/v1/messages/{partitionId}/{transactionId}/dlq", "post", _Op(
-        "deadLetterMessage", "Move a message to the dead-letter queue", READ_WRITE,
+        "deadLetterMessage", "Move a message to the dead-letter queue",
         {200: _ANY_OBJECT}, _MESSAGE_KEY, body=ref("MessageDlqRequest"),
         errors=(400, 404, 503))),
     ("/api/v1/dlq", "get", _Op(
-        "deadLetters", "Dead letters, newest failure first", READ_ONLY,
+        "deadLetters", "Dead letters, newest failure first",
         {200: _list_of("messages")},
         [_query("queue", _NAME_FILTER), _query("consumerGroup", {"type": "string"}),
          _query("partition", _NAME_FILTER), _query("from", schemas.TIMESTAMP),
          _query("to", schemas.TIMESTAMP), *_PAGE])),
     ("/api/v1/traces", "post", _Op(
-        "addTrace", "Record a trace event on a message", READ_WRITE,
+        "addTrace", "Record a trace event on a message",
         {201: ref("TraceCreated")}, body=ref("TraceRequest"), body_required=True,
         errors=(400, 404, 503))),
     ("/api/v1/traces/{partitionId}/{transactionId}", "get", _Op(
-        "listTraces", "A message's trace events, oldest first", READ_ONLY,
+        "listTraces", "A message's trace events, oldest first",
         {200: ref("Traces")}, _MESSAGE_KEY)),
     # -- consumer groups (WIRE.md 3.5) --
     ("/api/v1/consumer-groups", "get", _Op(
-        "listGroups", "One row per (group, queue)", READ_ONLY, {200: _ANY_ARRAY})),
+        "listGroups", "One row per (group, queue)", {200: _ANY_ARRAY})),
     ("/api/v1/consumer-groups/lagging", "get", _Op(
-        "laggingGroups", "Partitions whose oldest unconsumed message is old", READ_ONLY,
+        "laggingGroups", "Partitions whose oldest unconsumed message is old",
         {200: _ANY_ARRAY}, [_query("minLagSeconds", _int(0))])),
     ("/api/v1/consumer-groups/{group}", "get", _Op(
-        "getGroup", "A group's partitions per queue", READ_ONLY, {200: _ANY_OBJECT},
+        "getGroup", "A group's partitions per queue", {200: _ANY_OBJECT},
         [_GROUP])),
     ("/api/v1/consumer-groups/{group}", "delete", _Op(
-        "deleteGroup", "Drop a group's cursors and leases", ADMIN, {200: _ANY_OBJECT},
+        "deleteGroup", "Drop a group's cursors and leases", {200: _ANY_OBJECT},
         [_GROUP, _DELETE_METADATA])),
     ("/api/v1/consumer-groups/{group}/queues/{queue}", "delete", _Op(
-        "deleteGroupForQueue", "Drop a group's cursors and leases on one queue", ADMIN,
+        "deleteGroupForQueue", "Drop a group's cursors and leases on one queue",
         {200: _ANY_OBJECT}, [_GROUP, _QUEUE, _DELETE_METADATA])),
     ("/api/v1/consumer-groups/{group}/subscription", "post", _Op(
-        "setSubscription", "Move the start of a group's subscriptions", READ_WRITE,
+        "setSubscription", "Move the start of a group's subscriptions",
         {200: _ANY_OBJECT}, [_GROUP], body=ref("SubscriptionRequest"), body_required=True)),
     ("/api/v1/consumer-groups/{group}/queues/{queue}/seek", "post", _Op(
-        "seek", "Move a group's cursors on a queue to the end or a time", READ_WRITE,
-        {200: _ANY_OBJECT}, [_GROUP, _QUEUE], body=ref("SeekRequest"), body_required=True)),
+        "seek", "Move a group's cursors on a queue to the end or a time",
+        {200: _ANY_OBJECT}, [_GROUP, _QUEUE], body=ref("SeekRequest"), body_required=True,
+        errors=(400, 404, 503))),
     ("/api/v1/consumer-groups/{group}/queues/{queue}/partitions/{partition}/seek", "post",
-     _Op("seekPartition", "Move a group's cursor on one partition to its end", READ_WRITE,
-         {200: _ANY_OBJECT}, [_GROUP, _QUEUE, _PARTITION], errors=(400, 404, 503))),
+     _Op("seekPartition", "Move a group's cursor on one partition to its end",
+        {200: _ANY_OBJECT}, [_GROUP, _QUEUE, _PARTITION], errors=(400, 404, 503))),
     # -- the server itself (WIRE.md 2.8, 3.7) --
     ("/health", "get", _Op(
-        "health", "Whether the database answers", PUBLIC,
+        "health", "Whether the database answers",
         {200: ref("Health"), 503: ref("Health")}, errors=())),
     ("/api/v1/system/maintenance", "get", _Op(
-        "maintenanceStatus", "The push maintenance flag and the file buffer", ADMIN,
+        "maintenanceStatus", "The push maintenance flag and the file buffer",
         {200: ref("MaintenanceStatus")}, errors=(503,))),
     ("/api/v1/system/maintenance", "post", _Op(
-        "setMaintenance", "Divert pushes to the file buffer (or drain it)", ADMIN,
+        "setMaintenance", "Divert pushes to the file buffer (or drain it)",
         {200: ref("MaintenanceSet")}, body=ref("EnabledFlag"), body_required=True)),
     ("/api/v1/system/maintenance/pop", "get", _Op(
-        "popMaintenanceStatus", "The pop maintenance flag", ADMIN,
+        "popMaintenanceStatus", "The pop maintenance flag",
         {200: ref("PopMaintenance")}, errors=(503,))),
     ("/api/v1/system/maintenance/pop", "post", _Op(
-        "setPopMaintenance", "Make every pop answer 204 (or stop)", ADMIN,
+        "setPopMaintenance", "Make every pop answer 204 (or stop)",
         {200: ref("PopMaintenance")}, body=ref("EnabledFlag"), body_required=True)),
     ("/api/v1/status/buffers", "get", _Op(
-        "bufferStatus", "The file buffer of this worker", READ_ONLY,
+        "bufferStatus", "The file buffer of this worker",
         {200: ref("BufferStatus")}, errors=(503,))),
     ("/internal/api/notify", "post", _Op(
-        "notify", "Wake the pops waiting on a queue here and on the peers", ADMIN,
+        "notify", "Wake the pops waiting on a queue here and on the peers",
         {200: ref("NotifyAnswer")}, body=ref("NotifyRequest"), body_required=True,
         errors=(400,))),
     ("/api/v1/system/shared-state", "get", _Op(
-        "sharedState", "Peer-sync statistics", ADMIN, {200: ref("SharedState")}, errors=())),
+        "sharedState", "Peer-sync statistics", {200: ref("SharedState")}, errors=())),
     ("/internal/api/shared-state/stats", "get", _Op(
-        "sharedStateInternal", "Peer-sync statistics (alias)", ADMIN,
+        "sharedStateInternal", "Peer-sync statistics (alias)",
         {200: ref("SharedState")}, errors=())),
     ("/internal/api/inter-instance/stats", "get", _Op(
-        "interInstanceStats", "Peer-sync statistics (alias)", ADMIN,
+        "interInstanceStats", "Peer-sync statistics (alias)",
         {200: ref("SharedState")}, errors=())),
     (OPENAPI_PATH, "get", _Op(
-        "openapi", "This document", PUBLIC, {200: {"type": "object"}}, errors=())),
+        "openapi", "This document", {200: {"type": "object"}}, errors=())),
 ]
+
+
+def _example_path(path: str) -> str:
+    """``path`` with each ``{variable}`` filled in, as a request would name it."""
+    return re.sub(r"\{[^{}]+\}", "x", path)
 
 
 def _error_responses() -> Dict[str, Any]:
@@ -290,7 +300,8 @@ def openapi_document() -> Dict[str, Any]:
     """The document as a dict (built once; callers must not change it)."""
     paths: Dict[str, Dict[str, Any]] = {}
     for path, method, operation in OPERATIONS:
-        paths.setdefault(path, {})[method] = operation.document()
+        level = _LEVELS.level_of(method.upper().encode(), _example_path(path).encode())
+        paths.setdefault(path, {})[method] = operation.document(level)
     return {
         "openapi": "3.1.0",
         "info": {
