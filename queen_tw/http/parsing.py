@@ -7,8 +7,8 @@ is wrong; nothing here touches the database. Query strings are read by
 
 import re
 import uuid
-from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional
+from datetime import UTC, datetime
+from typing import Any, Dict, List, Mapping, Optional, cast
 
 from queen_tw import jsoncodec
 from queen_tw.errors import InvalidRequest
@@ -94,15 +94,29 @@ def optional_text(body: Mapping[str, Any], key: str, what: Optional[str] = None,
     return value
 
 
+_UTC_DESIGNATOR = re.compile("[zZ]$")
+
+
 def timestamp(text: Optional[str], what: str) -> Optional[str]:
-    """An ISO-8601 timestamp, passed on unchanged once it parses."""
+    """An ISO-8601 timestamp, passed on as UTC in the one form PostgreSQL always reads
+    (``2024-05-01T12:00:00.250000+00:00``); a time without an offset is UTC (WIRE.md 1.5).
+
+    Python accepts forms PostgreSQL refuses (week dates such as ``2020-W01-1``, offsets
+    beyond 15:59), which answered 500 when handed on as sent; and an offset can push a
+    time out of years 1-9999, which PostgreSQL would read as BC or year 10000.
+    """
     if text is None or text == "":
         return None
     try:
-        datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(_UTC_DESIGNATOR.sub("+00:00", text))
     except ValueError:
         raise InvalidRequest(f"{what} must be an ISO-8601 timestamp") from None
-    return text
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC).isoformat()
+    except OverflowError:
+        raise InvalidRequest(f"{what} is out of range (years 1-9999 in UTC)") from None
 
 
 def required_timestamp(body: Mapping[str, Any], key: str, missing: str) -> str:
@@ -110,8 +124,7 @@ def required_timestamp(body: Mapping[str, Any], key: str, missing: str) -> str:
     text = optional_text(body, key)
     if not text:
         raise InvalidRequest(missing)
-    timestamp(text, key)
-    return text
+    return cast(str, timestamp(text, key))
 
 
 def push_items(body: Mapping[str, Any], producer_sub: Optional[str] = None
