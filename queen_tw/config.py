@@ -396,6 +396,8 @@ class Config:
                 raw = env.get(spec.env)
             values[spec.field] = _parse(spec, raw, warnings)
         _check_cross_field(values)
+        warnings.extend(f"{name} is an upstream setting queen-tw accepts and ignores"
+                        for name in IGNORED_ENV if env.get(name))
         return cls(**values, warnings=tuple(warnings))
 
     @classmethod

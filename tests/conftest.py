@@ -25,6 +25,9 @@ from queen_tw.db.embedded import EmbeddedPostgres
 
 from support import ServerProcess, pg_env_from_dsn, running_server
 
+TEST_ENCRYPTION_KEY = "5a" * 32
+"""QUEEN_ENCRYPTION_KEY of the shared server (64 hex characters)."""
+
 EXTERNAL_DSN_VARIABLE = "QUEEN_TEST_PG_DSN"
 
 
@@ -90,7 +93,9 @@ def db(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
 @pytest.fixture(scope="session")
 def server(pg_env: dict[str, str]) -> Iterator[ServerProcess]:
     """One queen-tw server shared by most tests (do not stop or reconfigure it)."""
-    with running_server(pg_env) as process:
+    # A key, as production servers of encrypted queues have: an encryptionEnabled queue is
+    # refused by a server without one.
+    with running_server(pg_env, QUEEN_ENCRYPTION_KEY=TEST_ENCRYPTION_KEY) as process:
         yield process
 
 

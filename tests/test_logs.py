@@ -16,8 +16,8 @@ from queen_tw.logs import AtLeast, event_as_json
 
 from support import ServerProcess
 
-MALFORMED_KEY = {"QUEEN_ENCRYPTION_KEY": "not-a-key"}
-"""Makes every server start log one warn line (encryption off) to look for."""
+IGNORED_SETTING = {"POLL_WORKER_INTERVAL": "100"}
+"""Makes every server start log one warn line (an upstream setting that is ignored)."""
 
 
 def event(level: LogLevel | None, text: str = "hello {who}", **fields: Any) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def test_stdout_for_a_daemon_is_refused(twistd_routing: None) -> None:
 
 def started_and_stopped(make_server: Callable[..., ServerProcess], **env: str) -> str:
     """The whole log of a server that started (answered /health) and then stopped."""
-    server = make_server(**MALFORMED_KEY, **env)
+    server = make_server(**IGNORED_SETTING, **env)
     server.stop()
     return server.log_text()
 
@@ -133,14 +133,14 @@ def test_log_level_warn_drops_info_lines_and_keeps_warnings(
         make_server: Callable[..., ServerProcess]) -> None:
     text = started_and_stopped(make_server, LOG_LEVEL="warn")
 
-    assert "QUEEN_ENCRYPTION_KEY is malformed" in text
+    assert "POLL_WORKER_INTERVAL is an upstream setting queen-tw accepts and ignores" in text
     assert "starting up" not in text  # twistd's own info line
 
 
 def test_log_level_info_keeps_info_lines(make_server: Callable[..., ServerProcess]) -> None:
     text = started_and_stopped(make_server, LOG_LEVEL="info")
 
-    assert "QUEEN_ENCRYPTION_KEY is malformed" in text
+    assert "POLL_WORKER_INTERVAL is an upstream setting queen-tw accepts and ignores" in text
     assert "starting up" in text
 
 
@@ -149,7 +149,7 @@ def test_log_format_json_writes_only_json_lines(make_server: Callable[..., Serve
 
     records = [json.loads(line) for line in text.splitlines()]
     assert records and all({"time", "level", "namespace", "message"} <= set(r) for r in records)
-    [warning] = [r for r in records if "QUEEN_ENCRYPTION_KEY" in r["message"]]
+    [warning] = [r for r in records if "POLL_WORKER_INTERVAL" in r["message"]]
     assert warning["level"] == "warn" and warning["namespace"].startswith("queen_tw.")
     assert warning["fields"]["warning"] == warning["message"]
     assert any(r["level"] == "info" and "starting up" in r["message"] for r in records)

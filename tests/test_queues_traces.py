@@ -499,17 +499,6 @@ def test_unencrypted_queue_stores_plaintext_on_a_keyed_server(encrypting, db):
                   pushed["message_id"]) == {"open": True}
 
 
-def test_encryption_enabled_without_key_stores_plaintext_and_round_trips(http, db):
-    queue = unique_name()
-    configure(http, queue, {"encryptionEnabled": True})
-
-    [pushed] = push(http, queue, [{"open": True}])
-
-    assert pop(http, queue)["messages"][0]["data"] == {"open": True}
-    assert scalar(db, "SELECT payload FROM queen.messages WHERE id = %s",
-                  pushed["message_id"]) == {"open": True}
-
-
 # -- SQL-level API (WIRE.md 7.2, 9.2) ---------------------------------------------------
 
 
