@@ -1,8 +1,9 @@
 """The queue settings a push needs before it reaches PostgreSQL, cached per queue.
 
-With a ``QUEEN_ENCRYPTION_KEY`` every push must know whether its queue has
-``encryptionEnabled`` (the payload is sealed in Python, before the SQL call). Reading
-``queue_flags`` for every request cost a round trip per push; this cache keeps the answer.
+Every push must know whether its queue has ``encryptionEnabled``: with a
+``QUEEN_ENCRYPTION_KEY`` the payload is sealed in Python before the SQL call, and without one
+such a push is refused rather than stored in plaintext. Reading ``queue_flags`` for every
+request cost a round trip per push; this cache keeps the answer.
 
 Correctness before hit rate, because a stale "not encrypted" would store an encrypted
 queue's payload in plaintext:
