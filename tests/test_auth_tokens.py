@@ -395,6 +395,17 @@ def test_a_token_without_exp_is_cached_for_a_bounded_time() -> None:
     assert made.cached(token) is None
 
 
+def test_an_exp_too_large_for_a_float_is_never_and_cached_for_a_bounded_time() -> None:
+    clock = system_clock()
+    made = verifier(clock)
+    body = ('{"sub": "alice", "exp": 1' + "0" * 400 + "}").encode()
+    token = b"Bearer " + jwt.api_jws.encode(body, SECRET, algorithm="HS256").encode()
+    identity = outcome(made, token)
+    assert isinstance(identity, Identity) and identity.expires_at == float("inf")
+    clock.advance(301)
+    assert made.cached(token) is None
+
+
 def test_the_cache_is_bounded_and_drops_the_least_recently_used() -> None:
     clock = system_clock()
     made = TokenVerifier(algorithm="HS256", clock=clock, secret=SECRET, cache_entries=2)

@@ -14,6 +14,7 @@ JWKS fetches are bounded by :mod:`queen_tw.auth.jwks`).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ CACHE_ENTRIES = 10_000
 """Verified tokens remembered at once; the least recently used is dropped first."""
 
 NO_EXPIRY_CACHE_S = 300.0
-"""How long a verified token without ``exp`` is remembered (it never expires by itself, but
-a key the IdP withdrew should stop admitting it eventually)."""
+"""How long a verified token without a finite ``exp`` is remembered (it never expires by
+itself, but a key the IdP withdrew should stop admitting it eventually)."""
 
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512")
 ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
@@ -199,10 +200,8 @@ class TokenVerifier:
         listed = claims.get(self._roles_array_claim)
         if isinstance(listed, list):
             roles.update(item for item in listed if isinstance(item, str) and item)
-        exp = claims.get("exp")
         return Identity(sub=sub if isinstance(sub, str) and sub else None,
-                        roles=frozenset(roles),
-                        expires_at=float(exp) if isinstance(exp, (int, float)) else None)
+                        roles=frozenset(roles), expires_at=_expiry(claims.get("exp")))
 
     def _recall(self, token: bytes) -> Optional[Identity]:
         """A remembered identity still valid at the clock's time (and marked recently used)."""
@@ -217,7 +216,7 @@ class TokenVerifier:
 
     def _remember(self, token: bytes, identity: Identity) -> None:
         """Keeps a verified token until ``exp`` + skew, dropping the least recently used."""
-        if identity.expires_at is not None:
+        if identity.expires_at is not None and math.isfinite(identity.expires_at):
             valid_until = identity.expires_at + self._skew
         else:
             valid_until = self._clock.seconds() + NO_EXPIRY_CACHE_S
@@ -225,6 +224,17 @@ class TokenVerifier:
         self._cache.move_to_end(token)
         while len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
+
+
+def _expiry(exp: Any) -> Optional[float]:
+    """``exp`` (which pyjwt has checked is an integer) in epoch seconds; an integer too large
+    for a float (a signed "never") is infinity."""
+    if not isinstance(exp, (int, float)):
+        return None
+    try:
+        return float(exp)
+    except OverflowError:
+        return math.inf
 
 
 def _strip_bearer(authorization: bytes) -> bytes:
