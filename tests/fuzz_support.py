@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import uuid
 from collections.abc import Mapping
 
 import hypothesis
@@ -86,24 +87,69 @@ def fuzz(base_url: str, examples_per_operation: int, headers: Mapping[str, str] 
     schema = schemathesis.openapi.from_url(base_url + OPENAPI_PATH)
     report = FuzzReport()
     session = requests.Session()
+    sent_headers = dict(headers or {})
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            _fuzz_operation(operation, mode, base_url, examples_per_operation,
-                            dict(headers or {}), request_timeout, seed, session, report)
+            _fuzz_operation(operation, mode, None, base_url, examples_per_operation,
+                            sent_headers, request_timeout, seed, session, report)
+        if _path_names(operation):
+            # random names and ids only ever reach "not found": once more on real data
+            known = _seed(base_url, sent_headers, session)
+            _fuzz_operation(operation, GenerationMode.POSITIVE,
+                            {name: known[name] for name in _path_names(operation)},
+                            base_url, examples_per_operation, sent_headers, request_timeout,
+                            seed, session, report)
     return report
 
 
-def _fuzz_operation(operation, mode: GenerationMode, base_url: str, examples: int,
-                    headers: dict[str, str], request_timeout: float, seed: int | None,
-                    session: requests.Session, report: FuzzReport) -> None:
-    label = f"{operation.method.upper()} {operation.path} ({mode.value})"
+SEED_QUEUE = "fuzz-seeded"
+
+
+def _path_names(operation) -> list[str]:
+    return [parameter.name for parameter in operation.path_parameters]
+
+
+def _seed(base_url: str, headers: dict[str, str], session: requests.Session) -> dict[str, str]:
+    """A queue with messages, a named group holding a lease on some: real values for every
+    path parameter of the document (queue, partition, group, partitionId, transactionId,
+    leaseId)."""
+    def post(path: str, body: object) -> requests.Response:
+        answer = session.post(base_url + path, json=body, headers=headers, timeout=30)
+        answer.raise_for_status()
+        return answer
+
+    # the fuzzer may have left maintenance on: pushes would go to the file buffer, pops 204
+    post("/api/v1/system/maintenance", {"enabled": False})
+    post("/api/v1/system/maintenance/pop", {"enabled": False})
+    post("/api/v1/configure", {"queue": SEED_QUEUE, "options": {"retryLimit": 1}})
+    pushed = post("/api/v1/push", {"items": [
+        {"queue": SEED_QUEUE, "partition": "p0", "payload": {"n": n}} for n in range(10)]})
+    stored = [item for item in pushed.json() if item["status"] == "queued"]
+    popped = session.get(
+        f"{base_url}/api/v1/pop/queue/{SEED_QUEUE}/partition/p0",
+        params={"batch": 3, "consumerGroup": "fuzz-group"}, headers=headers, timeout=30)
+    popped.raise_for_status()
+    lease = popped.json()["leaseId"] if popped.status_code == 200 else ""
+    return {"queue": SEED_QUEUE, "partition": "p0", "group": "fuzz-group",
+            "partitionId": stored[0]["partition_id"] if stored else str(uuid.uuid4()),
+            "transactionId": stored[0]["transaction_id"] if stored else "none",
+            "leaseId": lease or str(uuid.uuid4())}
+
+
+def _fuzz_operation(operation, mode: GenerationMode, path_parameters: dict[str, str] | None,
+                    base_url: str, examples: int, headers: dict[str, str],
+                    request_timeout: float, seed: int | None, session: requests.Session,
+                    report: FuzzReport) -> None:
+    label = f"{operation.method.upper()} {operation.path} ({mode.value}"
+    label += ", seeded)" if path_parameters else ")"
 
     @hypothesis.settings(
         max_examples=examples, deadline=None, database=None, print_blob=False,
         phases=[hypothesis.Phase.generate], report_multiple_bugs=True,
         suppress_health_check=list(hypothesis.HealthCheck))
-    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode,
+                                                 path_parameters=path_parameters))
     def run(case: schemathesis.Case) -> None:
         _cap_long_poll(case)
         try:

@@ -196,7 +196,7 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
          _query("ns", {"type": "string"}), _query("namespace", {"type": "string"}),
          _query("task", {"type": "string"}),
          _query("status", {"type": "string", "enum": list(MESSAGE_STATUSES)}),
-         _query("from", schemas.TIMESTAMP), _query("to", schemas.TIMESTAMP), *_PAGE])),
+         _query("from", schemas.TIME_INPUT), _query("to", schemas.TIME_INPUT), *_PAGE])),
     ("/api/v1/messages/{partitionId}/{transactionId}", "get", _Op(
         "getMessage", "One message with its payload", {200: _ANY_OBJECT},
         _MESSAGE_KEY, errors=(400, 404, 503))),
@@ -214,8 +214,8 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         "deadLetters", "Dead letters, newest failure first",
         {200: _list_of("messages")},
         [_query("queue", _NAME_FILTER), _query("consumerGroup", {"type": "string"}),
-         _query("partition", _NAME_FILTER), _query("from", schemas.TIMESTAMP),
-         _query("to", schemas.TIMESTAMP), *_PAGE])),
+         _query("partition", _NAME_FILTER), _query("from", schemas.TIME_INPUT),
+         _query("to", schemas.TIME_INPUT), *_PAGE])),
     ("/api/v1/traces", "post", _Op(
         "addTrace", "Record a trace event on a message",
         {201: ref("TraceCreated")}, body=ref("TraceRequest"), body_required=True,

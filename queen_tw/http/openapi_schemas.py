@@ -45,6 +45,9 @@ BOOLEAN: Schema = {"type": "boolean"}
 INTEGER: Schema = {"type": "integer"}
 UUID: Schema = {"type": "string", "format": "uuid"}
 TIMESTAMP: Schema = {"type": "string", "description": "ISO-8601, UTC with Z"}
+TIME_INPUT: Schema = {"type": "string", "format": "date-time",
+                      "description": "any ISO-8601 date or date-time Python reads; no offset "
+                                     "means UTC; years 1-9999 once in UTC"}
 NAME: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH,
                 "pattern": NAME_PATTERN}
 SHORT_TEXT: Schema = {"type": "string", "maxLength": MAX_NAME_LENGTH}
@@ -171,8 +174,10 @@ COMPONENTS: Dict[str, Schema] = {
         data={"not": {"type": "null"}, "description": "any JSON value but null"}),
     "TraceCreated": obj(["success", "traceId"], success={"const": True}, traceId=STRING),
     "Traces": obj(["traces"], traces=array({"type": "object"})),
-    "SubscriptionRequest": obj(["subscriptionTimestamp"], subscriptionTimestamp=TIMESTAMP),
-    "SeekRequest": obj([], toEnd=nullable(BOOLEAN), timestamp=nullable(TIMESTAMP)),
+    "SubscriptionRequest": obj(["subscriptionTimestamp"], subscriptionTimestamp=TIME_INPUT),
+    "SeekRequest": {"anyOf": [
+        obj(["toEnd"], toEnd={"const": True}, timestamp=ANY_JSON),
+        obj(["timestamp"], toEnd=nullable({"const": False}), timestamp=TIME_INPUT)]},
     "EnabledFlag": obj(["enabled"], enabled=BOOLEAN),
     "NotifyRequest": obj(["queue"], queue=NAME, partition=nullable(NAME)),
     "MaintenanceStatus": obj(
