@@ -121,10 +121,6 @@ class _Op:
         return operation
 
 
-def _list_of(name: str) -> Schema:
-    return {"type": "object", "required": [name], "properties": {name: {"type": "array"}}}
-
-
 _ANY_OBJECT: Schema = {"type": "object"}
 _ANY_ARRAY: Schema = {"type": "array", "items": {"type": "object"}}
 
@@ -167,7 +163,7 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         body=ref("LeaseExtendRequest"), errors=(400, 404, 503))),
     # -- queues and the resource browser (WIRE.md 2.7, 3.1) --
     ("/api/v1/resources/queues", "get", _Op(
-        "listQueues", "Every queue with its counts", {200: _list_of("queues")})),
+        "listQueues", "Every queue with its counts", {200: ref("QueueList")})),
     ("/api/v1/resources/queues/{queue}", "get", _Op(
         "getQueue", "One queue with its partitions", {200: _ANY_OBJECT}, [_QUEUE],
         errors=(400, 404, 503))),
@@ -179,19 +175,19 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         {200: _ANY_OBJECT}, [_QUEUE, _query("partition", _NAME_FILTER)],
         errors=(400, 404, 503))),
     ("/api/v1/resources/overview", "get", _Op(
-        "overview", "Counts over the whole server", {200: _ANY_OBJECT})),
+        "overview", "Counts over the whole server", {200: ref("Overview")})),
     ("/api/v1/resources/namespaces", "get", _Op(
-        "namespaces", "Namespaces with their counts", {200: _list_of("namespaces")})),
+        "namespaces", "Namespaces with their counts", {200: ref("NamespaceList")})),
     ("/api/v1/resources/tasks", "get", _Op(
-        "tasks", "Tasks with their counts", {200: _list_of("tasks")})),
+        "tasks", "Tasks with their counts", {200: ref("TaskList")})),
     ("/api/v1/resources/partitions", "get", _Op(
         "partitions", "Partitions, optionally of one queue",
-        {200: _list_of("partitions")}, [_query("queue", _NAME_FILTER), *_PAGE])),
+        {200: ref("PartitionList")}, [_query("queue", _NAME_FILTER), *_PAGE])),
     ("/api/v1/stats/refresh", "post", _Op(
         "refreshStats", "Recompute the statistics now", {200: _ANY_OBJECT})),
     # -- messages, dead letters, traces (WIRE.md 3.2, 3.3, 3.6) --
     ("/api/v1/messages", "get", _Op(
-        "listMessages", "Messages, newest first", {200: _list_of("messages")},
+        "listMessages", "Messages, newest first", {200: ref("MessageList")},
         [_query("queue", _NAME_FILTER), _query("partition", _NAME_FILTER),
          _query("ns", {"type": "string"}), _query("namespace", {"type": "string"}),
          _query("task", {"type": "string"}),
@@ -212,7 +208,7 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         errors=(400, 404, 503))),
     ("/api/v1/dlq", "get", _Op(
         "deadLetters", "Dead letters, newest failure first",
-        {200: _list_of("messages")},
+        {200: ref("DeadLetters")},
         [_query("queue", _NAME_FILTER), _query("consumerGroup", {"type": "string"}),
          _query("partition", _NAME_FILTER), _query("from", schemas.TIME_INPUT),
          _query("to", schemas.TIME_INPUT), *_PAGE])),
@@ -225,12 +221,12 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         {200: ref("Traces")}, _MESSAGE_KEY)),
     # -- consumer groups (WIRE.md 3.5) --
     ("/api/v1/consumer-groups", "get", _Op(
-        "listGroups", "One row per (group, queue)", {200: _ANY_ARRAY})),
+        "listGroups", "One row per (group, queue)", {200: ref("GroupRows")})),
     ("/api/v1/consumer-groups/lagging", "get", _Op(
         "laggingGroups", "Partitions whose oldest unconsumed message is old",
         {200: _ANY_ARRAY}, [_query("minLagSeconds", _int(0))])),
     ("/api/v1/consumer-groups/{group}", "get", _Op(
-        "getGroup", "A group's partitions per queue", {200: _ANY_OBJECT},
+        "getGroup", "A group's partitions per queue", {200: ref("GroupDetail")},
         [_GROUP])),
     ("/api/v1/consumer-groups/{group}", "delete", _Op(
         "deleteGroup", "Drop a group's cursors and leases", {200: _ANY_OBJECT},

@@ -104,7 +104,10 @@ _HEALTH = obj(
     file_buffer=obj(["pending", "failed", "healthy"], pending=INTEGER, failed=INTEGER,
                     healthy=BOOLEAN))
 
-_PAGED_LIST = {"type": "object"}
+NUMBER: Schema = {"type": "number"}
+_COUNTS = obj(["total", "pending"], total=INTEGER, pending=INTEGER, processing=INTEGER)
+_STATS = obj([], **{key: NUMBER for key in ("avg", "median", "min", "max")})
+_PAGE = {"limit": INTEGER, "offset": INTEGER, "total": INTEGER}
 
 COMPONENTS: Dict[str, Schema] = {
     "Error": {"type": "object", "required": ["error"],
@@ -194,6 +197,51 @@ COMPONENTS: Dict[str, Schema] = {
                         dbHealthy=BOOLEAN, worker=STRING),
     "SharedState": obj(["enabled"], enabled=BOOLEAN, reason=STRING),
     "NotifyAnswer": obj(["status"], status={"const": "ok"}),
-    "Listing": _PAGED_LIST,
+    "Overview": obj(
+        ["queues", "partitions", "namespaces", "tasks", "messages", "timestamp"],
+        queues=INTEGER, partitions=INTEGER, namespaces=INTEGER, tasks=INTEGER,
+        messages=obj(["total", "pending", "processing", "completed", "failed", "deadLetter"],
+                     **{key: INTEGER for key in ("total", "pending", "processing",
+                                                 "completed", "failed", "deadLetter")}),
+        lag=obj([], time=_STATS, offset=_STATS),
+        throughput=obj([], ingestedPerSecond=NUMBER, processedPerSecond=NUMBER),
+        timestamp=TIMESTAMP, statsAge=nullable(NUMBER)),
+    "QueueList": obj(["queues"], queues=array(obj(
+        ["id", "name", "namespace", "task", "createdAt", "partitions", "messages"],
+        id=UUID, name=STRING, namespace=STRING, task=STRING, createdAt=TIMESTAMP,
+        partitions=INTEGER, messages=_COUNTS))),
+    "NamespaceList": obj(["namespaces"], namespaces=array(obj(
+        ["namespace", "queues", "partitions", "messages"], namespace=STRING, queues=INTEGER,
+        partitions=INTEGER, messages=_COUNTS))),
+    "TaskList": obj(["tasks"], tasks=array(obj(
+        ["task", "queues", "partitions", "messages"], task=STRING, queues=INTEGER,
+        partitions=INTEGER, messages=_COUNTS))),
+    "PartitionList": obj(["partitions", *_PAGE], **_PAGE, partitions=array(obj(
+        ["id", "name", "queue", "createdAt", "messages"], id=UUID, name=STRING,
+        queue=STRING, createdAt=TIMESTAMP, lastActivity=nullable(TIMESTAMP),
+        messages=_COUNTS))),
+    "MessageList": obj(["messages"], mode={"type": "object"}, messages=array(obj(
+        ["id", "transactionId", "partitionId", "queue", "partition", "status", "createdAt"],
+        id=UUID, transactionId=STRING, partitionId=UUID, queuePath=STRING, queue=STRING,
+        partition=STRING, namespace=STRING, task=STRING, status=STRING,
+        traceId=nullable(STRING), producerSub=nullable(STRING), createdAt=TIMESTAMP,
+        leaseExpiresAt=nullable(TIMESTAMP)))),
+    "DeadLetters": obj(["messages", *_PAGE], **_PAGE, messages=array(obj(
+        ["id", "transactionId", "partitionId", "queue", "partition", "consumerGroup",
+         "errorMessage", "data", "createdAt", "failedAt"],
+        id=UUID, transactionId=STRING, partitionId=UUID, queue=STRING, partition=STRING,
+        consumerGroup=STRING, errorMessage=nullable(STRING), retryCount=INTEGER,
+        data=ANY_JSON, producerSub=nullable(STRING), createdAt=TIMESTAMP,
+        failedAt=TIMESTAMP))),
+    "GroupRows": array(obj(
+        ["name", "topics", "queueName", "state"], name=STRING, topics=array(STRING),
+        queueName=STRING, members=INTEGER, partitionsWithLag=INTEGER,
+        state={"enum": ["Lagging", "Stable", "Dead"]}, subscriptionMode=nullable(STRING),
+        subscriptionTimestamp=nullable(TIMESTAMP))),
+    "GroupDetail": {"type": "object", "additionalProperties": obj(
+        ["partitions"], partitions=array(obj(
+            ["partition", "offsetLag", "leaseActive"], partition=STRING, workerId=STRING,
+            offsetLag=INTEGER, timeLagSeconds=NUMBER, totalConsumed=INTEGER,
+            lastConsumedAt=nullable(TIMESTAMP), leaseActive=BOOLEAN)))},
     "MessageStatus": {"enum": list(MESSAGE_STATUSES)},
 }
