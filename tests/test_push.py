@@ -566,7 +566,7 @@ def test_push_racing_a_queue_delete_answers_every_item(http, pg_dsn):
     for answer in answers:
         body = answer.json()
         assert [r["index"] for r in body] == list(range(5))
-        assert all(r["status"] == "queued" for r in body)
+        assert all(r["status"] == "queued" for r in body), body
     # messages.partition_id has no foreign key: deleting partitions must take their messages
     connection = psycopg2.connect(pg_dsn)
     try:
