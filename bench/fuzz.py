@@ -72,7 +72,8 @@ def main() -> None:
     print(report.summary())
     for line in report.hangs + report.distinct_violations():
         print(" ", line)
-    sys.exit(1 if report.server_errors or report.hangs or report.violations else 0)
+    failed = report.server_errors or report.hangs or report.violations or report.refused_valid
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ class FuzzReport:
     def summary(self) -> str:
         statuses = ", ".join(f"{code}: {n}" for code, n in sorted(self.by_status.items()))
         return (f"{self.requests} requests ({statuses}); {self.server_errors} answers >= 500, "
-                f"{len(self.hangs)} hangs, {len(self.violations)} schema violations")
+                f"{len(self.hangs)} hangs, {len(self.violations)} schema violations, "
+                f"{self.refused_valid} valid requests refused 401/403")
 
 
 def _cap_long_poll(case: schemathesis.Case) -> None:
