@@ -240,7 +240,8 @@ COMPONENTS: Dict[str, Schema] = {
         subscriptionTimestamp=nullable(TIMESTAMP))),
     "GroupDetail": {"type": "object", "additionalProperties": obj(
         ["partitions"], partitions=array(obj(
-            ["partition", "offsetLag", "leaseActive"], partition=STRING, workerId=STRING,
+            ["partition", "offsetLag", "leaseActive"], partition=STRING,
+            workerId=nullable(STRING),
             offsetLag=INTEGER, timeLagSeconds=NUMBER, totalConsumed=INTEGER,
             lastConsumedAt=nullable(TIMESTAMP), leaseActive=BOOLEAN)))},
     "MessageStatus": {"enum": list(MESSAGE_STATUSES)},
