@@ -10,7 +10,7 @@ rest open, since the contract lets the server add keys.
 from typing import Any, Dict, List
 
 from queen_tw.http.parsing import MAX_NAME_LENGTH, QUEUE_OPTIONS
-from queen_tw.http.query import INT32_MAX, MESSAGE_STATUSES
+from queen_tw.http.query import INT32_MAX
 
 Schema = Dict[str, Any]
 
@@ -244,5 +244,4 @@ COMPONENTS: Dict[str, Schema] = {
             workerId=nullable(STRING),
             offsetLag=INTEGER, timeLagSeconds=NUMBER, totalConsumed=INTEGER,
             lastConsumedAt=nullable(TIMESTAMP), leaseActive=BOOLEAN)))},
-    "MessageStatus": {"enum": list(MESSAGE_STATUSES)},
 }
