@@ -337,7 +337,9 @@ def _served_routes() -> list[tuple[str, tuple[str, ...]]]:
 def _readme_routes() -> Iterator[tuple[str | None, str]]:
     """(method or None, path) of every route the README names in inline code, with an
     optional ``[...]`` part both left out and filled in; ``…/x`` shorthands are skipped."""
-    for span in re.findall(r"`([^`\n]+)`", _without_fences(README.read_text())):
+    # the generated option table shows defaults (JWT_SKIP_PATHS' is a list of paths), not routes
+    text = README.read_text().replace(markdown_table(), "")
+    for span in re.findall(r"`([^`\n]+)`", _without_fences(text)):
         match = re.fullmatch(r"(?:(GET|POST|PUT|DELETE|PATCH)\s+)?(/(?:api|health|internal|"
                              r"metrics|streams)[^\s?]*)(?:\?.*)?(?:\s.*)?", span)
         if not match:
