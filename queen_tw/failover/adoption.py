@@ -190,9 +190,9 @@ def _adopt(source: Path, source_lock: int, own: Path, seq: int) -> Orphan:
         orphan.lock = try_lock(target)  # a new, empty directory: nobody else locks it
         for number, path in enumerate(_orphaned_segments(source), start=1):
             os.rename(path, target / records.SEGMENT_NAME.format(number))
-        _fsync_directory(target)
+        records.fsync_directory(target)
         for directory in [source] + _adopted_in(source):
-            _fsync_directory(directory)
+            records.fsync_directory(directory)
         for directory in _adopted_in(source):
             _remove_adopted(directory)
         orphan.source_failed = _count_failed(source)
@@ -270,11 +270,3 @@ def _count_failed(directory: Path) -> int:
     if not failed.is_dir():
         return 0
     return sum(path.read_bytes().count(b"\n") for path in failed.iterdir() if path.is_file())
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

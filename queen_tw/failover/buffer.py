@@ -390,7 +390,7 @@ class FileBuffer:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      0o644)
         try:
-            _fsync_directory(self.directory)  # the new name must survive a crash too
+            records.fsync_directory(self.directory)  # the new name must survive a crash too
         except OSError:
             os.close(fd)
             _unlink_quietly(path)
@@ -544,14 +544,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _append_durably(path: Path, data: bytes) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -561,7 +553,7 @@ def _append_durably(path: Path, data: bytes) -> int:
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-    _fsync_directory(path.parent)
+    records.fsync_directory(path.parent)
     return size
 
 

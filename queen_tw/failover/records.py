@@ -11,6 +11,7 @@ fsync), so readers skip it. Anywhere else it is corruption, reported as such.
 """
 
 import json
+import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -98,3 +99,12 @@ def read_segment(path: Path) -> SegmentContents:
         else:
             contents.corrupt.append(line)
     return contents
+
+
+def fsync_directory(directory: Path) -> None:
+    """Makes the directory's entries (a created, renamed or removed file) survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
