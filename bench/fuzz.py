@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ def main() -> None:
     finally:
         server.stop()
         pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"auth {'on' if args.jwt_secret else 'off'}, {args.examples} examples per "
           f"operation and pass, {elapsed:.0f} s ({report.requests / elapsed:.0f} requests/s)")
     print(report.summary())
