@@ -36,14 +36,16 @@ def run_scenario(scenario: Coroutine[Any, Any, Any], timeout_s: float = SCENARIO
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str) -> AsyncIterator[Queen]:
-    """Open an official client on ``url`` and close it afterwards.
+async def connect(url: str, bearer: Optional[str] = None) -> AsyncIterator[Queen]:
+    """Open an official client on ``url`` (with ``bearer_token`` when given) and close it
+    afterwards.
 
     ``Queen()`` installs its own SIGINT/SIGTERM handlers and ``close()`` resets them to the
     defaults; the handlers pytest had are put back so Ctrl-C keeps working.
     """
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    client = Queen(url)
+    # with a positional URL the client drops every keyword, bearer_token included
+    client = Queen(url=url, bearer_token=bearer) if bearer is not None else Queen(url)
     try:
         yield client
     finally:

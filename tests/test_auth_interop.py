@@ -10,18 +10,15 @@ cluster-wide, so it runs on a PostgreSQL of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, Dict, List, Optional
 
 import httpx
 import jwt
 import pytest
-from queen import Queen
 
-from tests.client_helpers import pop_now, run_scenario
+from tests.client_helpers import connect, pop_now, run_scenario
 from tests.faultkit import Fleet, private_fleet
 from tests.support import WAIT_CEILING_S, running_server, unique_name
 
@@ -37,22 +34,6 @@ def token(role: str = "read-write", sub: str = SUB) -> str:
                        "exp": now + 3600}, SECRET, algorithm="HS256")
 
 
-@contextlib.asynccontextmanager
-async def connect_as(url: str, bearer: Optional[str]) -> AsyncIterator[Queen]:
-    """An official client with ``bearer_token``, closed afterwards; pytest's SIGINT/SIGTERM
-    handlers, which ``Queen()`` replaces and ``close()`` resets, are put back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    client = Queen(url=url, bearer_token=bearer)  # a positional URL drops every keyword
-    try:
-        yield client
-    finally:
-        try:
-            await client.close()
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
-
 @pytest.fixture(scope="module")
 def auth_server(pg_env: dict[str, str]) -> Iterator[Any]:
     with running_server(pg_env, prefix="queen-tw-interop-auth-", **JWT_ENV) as process:
@@ -63,7 +44,7 @@ def test_push_pop_ack_carry_the_token_sub(auth_server: Any) -> None:
     name = unique_name()
 
     async def scenario() -> Dict[str, Any]:
-        async with connect_as(auth_server.url, token()) as client:
+        async with connect(auth_server.url, token()) as client:
             await client.queue(name).create()
             pushed = await client.queue(name).push([{"data": {"invoice": 7}}])
             popped = await pop_now(client, name)
@@ -85,7 +66,7 @@ def test_transaction_acks_and_pushes_with_the_token_sub(auth_server: Any) -> Non
     source, target = unique_name(), unique_name()
 
     async def scenario() -> Dict[str, Any]:
-        async with connect_as(auth_server.url, token()) as client:
+        async with connect(auth_server.url, token()) as client:
             await client.queue(source).push([{"data": {"step": 1}}])
             [first] = await pop_now(client, source)
             committed = await (client.transaction().ack(first)
@@ -110,7 +91,7 @@ def test_consumer_receives_messages_with_the_token_sub(auth_server: Any) -> None
         async def handler(message: Dict[str, Any]) -> None:
             received.append(message)
 
-        async with connect_as(auth_server.url, token()) as client:
+        async with connect(auth_server.url, token()) as client:
             await client.queue(name).push([{"data": {"n": n}} for n in range(3)])
             await client.queue(name).batch(1).wait(False).limit(3).consume(handler)
         return received
@@ -130,7 +111,7 @@ def test_client_push_is_refused_without_a_token_or_with_a_read_only_one(
     name = unique_name()
 
     async def scenario() -> str:
-        async with connect_as(auth_server.url, bearer) as client:
+        async with connect(auth_server.url, bearer) as client:
             try:
                 await client.queue(name).push([{"data": 1}])
             except httpx.HTTPStatusError as refused:
@@ -156,8 +137,8 @@ def test_producer_sub_survives_the_file_buffer(buffering_server: Any) -> None:
     url = buffering_server.url
 
     async def scenario() -> Dict[str, Any]:
-        async with connect_as(url, token("admin", "ops")) as admin, \
-                connect_as(url, token()) as client:
+        async with connect(url, token("admin", "ops")) as admin, \
+                connect(url, token()) as client:
             await admin.admin.set_maintenance_mode(True)
             try:
                 buffered = await client.queue(name).push([{"data": {"via": "client"}}])

@@ -351,6 +351,15 @@ def test_a_signed_payload_that_is_not_an_object_is_a_decode_error() -> None:
     assert status == 401 and message.startswith("Token decode error: ")
 
 
+def _segments(token: bytes) -> list[bytes] | None:
+    """The decoded parts of a compact JWT, or None when a part is not base64url."""
+    try:
+        return [base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+                for part in token.split(b".")]
+    except ValueError:
+        return None
+
+
 def test_random_bytes_always_end_as_a_401() -> None:
     rng = random.Random(17)
     made = verifier(JWT_ALGORITHM="auto", JWT_PUBLIC_KEY=public_pem(RSA_KEY))
@@ -359,6 +368,10 @@ def test_random_bytes_always_end_as_a_401() -> None:
         mutated = bytearray(good)
         for _ in range(rng.randint(1, 8)):
             mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        if b"." in mutated and _segments(bytes(mutated)) == _segments(good):
+            # a changed last character can differ only in base64's unused low bits: the
+            # same header, claims and signature, i.e. the same token, rightly admitted
+            continue
         assert refusal(made, b"Bearer " + bytes(mutated))[0] == 401
         noise = bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
         assert refusal(made, noise)[0] == 401
