@@ -23,10 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from fuzz_support import fuzz  # noqa: E402
-
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
 
+from fuzz_support import fuzz  # noqa: E402
 from support import ServerProcess  # noqa: E402
 
 

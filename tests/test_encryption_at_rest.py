@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 import psycopg2
 import pytest
-from test_startup import assert_refused_with, run_queen
 
 from queen_tw.crypto import PayloadCipher
 from queen_tw.errors import Unavailable
 from queen_tw.failover.sealing import SEALED, BufferSeal
 
 from faultkit import Fleet, private_fleet, set_maintenance, wait_until
+from process_helpers import assert_refused_with, run_queen
 from support import ServerProcess, unique_name
 
 KEY_HEX = "3c" * 32

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import psycopg2
 import pytest
-from test_failover_buffer import RecordingStore, at_once, fired, item, opened, replay
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -30,6 +29,7 @@ from queen_tw.failover.durability import ADOPTION_INTERVAL_MS, Durability
 from queen_tw.failover.replay import Replayer
 from queen_tw.services.periodic import PeriodicService
 
+from buffer_helpers import RecordingStore, at_once, fired, item, opened, replay
 from faultkit import Fleet, Ledger, Producers, count, drain, private_fleet, report, set_maintenance
 from support import ServerProcess, count_messages, wait_until
 

@@ -29,8 +29,8 @@ from queen_tw.failover.buffer import FileBuffer
 from queen_tw.maintenance import Maintenance
 
 from tests.http_helpers import configure, pop
+from tests.process_helpers import assert_refused_with, run_queen
 from tests.support import ServerProcess, count_messages, unique_name, wait_until
-from tests.test_startup import assert_refused_with, run_queen
 
 KEY_HEX = "00112233445566778899aabbccddeeff" * 2
 FAR_MS = "600000"
@@ -88,10 +88,11 @@ def start_pair(pg_env: Dict[str, str], workdir: Path, a_extra: Optional[Dict[str
     return pair
 
 
-@pytest.fixture(scope="module")
-def pair(pg_env: Dict[str, str]) -> Iterator[Pair]:
-    workdir = Path(tempfile.mkdtemp(prefix="queen-tw-sync-"))
-    made = start_pair(pg_env, workdir)
+def running_pair(pg_env: Dict[str, str], prefix: str,
+                 a_extra: Optional[Dict[str, str]] = None) -> Iterator[Pair]:
+    """A started pair in a fresh directory, stopped and removed afterwards (for fixtures)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    made = start_pair(pg_env, workdir, a_extra)
     try:
         yield made
     finally:
@@ -99,6 +100,11 @@ def pair(pg_env: Dict[str, str]) -> Iterator[Pair]:
         for server in (made.a, made.b):
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair(pg_env: Dict[str, str]) -> Iterator[Pair]:
+    yield from running_pair(pg_env, "queen-tw-sync-")
 
 
 def shared_state(client: httpx.Client) -> Dict[str, Any]:
@@ -351,15 +357,7 @@ def test_sync_disabled_keeps_the_udp_port_closed_even_with_peers(make_server) ->
 
 @pytest.fixture(scope="module")
 def pair_with_workers(pg_env: Dict[str, str]) -> Iterator[Pair]:
-    workdir = Path(tempfile.mkdtemp(prefix="queen-tw-sync-workers-"))
-    made = start_pair(pg_env, workdir, a_extra={"NUM_WORKERS": "2"})
-    try:
-        yield made
-    finally:
-        made.close()
-        for server in (made.a, made.b):
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from running_pair(pg_env, "queen-tw-sync-workers-", a_extra={"NUM_WORKERS": "2"})
 
 
 def test_with_workers_one_socket_carries_wake_ups_both_ways(pair_with_workers: Pair) -> None:

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_startup import assert_refused_with, run_queen
 
+from process_helpers import assert_refused_with, run_queen
 from support import ServerProcess, free_port, unique_name, wait_until
 
 
