@@ -6,10 +6,11 @@ import random
 import struct
 
 import pytest
-from datagram_fuzz import SESSION, craft, hostile_datagrams
 
 from queen_tw.cluster import datagram as dg
 from queen_tw.cluster.datagram import Datagram, DatagramTooLarge, Rejected, ReplayGuard
+
+from datagram_fuzz import SESSION, craft, hostile_datagrams
 
 SECRET = "clé partagée".encode()
 

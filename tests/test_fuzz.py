@@ -14,9 +14,9 @@ from contextlib import contextmanager
 
 import jwt
 import pytest
+
 from fuzz_support import FuzzReport, fuzz
 from scratch_databases import scratch_database, server_env
-
 from support import ServerProcess, running_server
 
 EXAMPLES_PER_OPERATION = 11

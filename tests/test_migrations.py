@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import psycopg2
 import pytest
-from scratch_databases import record_schema_version, scratch_database, server_env
 
 from queen_tw.db.schema import (
     SchemaUpgradeError,
@@ -31,6 +30,7 @@ from queen_tw.db.schema import (
 )
 from queen_tw.paths import sql_dir
 
+from scratch_databases import record_schema_version, scratch_database, server_env
 from support import REPO_ROOT, running_server, unique_name
 
 # The last commit whose installer re-ran sql/NNN_*.sql by hash (queen.schema_files).

@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import pytest_twisted
-from datagram_fuzz import hostile_datagrams
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import globalLogPublisher
@@ -16,6 +15,8 @@ from twisted.python.failure import Failure
 from queen_tw.cluster import datagram as dg
 from queen_tw.cluster.peer_sync import PeerSync, SyncHandlers, SyncPortUnavailable, SyncSettings
 from queen_tw.cluster.peers import PeerAddress, PeerResolver, PeerTable, parse_peers
+
+from datagram_fuzz import hostile_datagrams
 
 SECRET = b"cluster secret"
 CEILING_S = 30.0

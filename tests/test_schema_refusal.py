@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from scratch_databases import scratch_database, server_env
 
+from scratch_databases import scratch_database, server_env
 from support import ServerProcess
 
 EXIT_CEILING_S = 90  # generous: the machine is shared; a healthy run takes a few seconds
