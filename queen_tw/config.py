@@ -156,6 +156,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "Statistics refresh period in ms", minimum=1),
     _opt("partition_cleanup_days", "PARTITION_CLEANUP_DAYS", "int", 30,
          "Drop empty partitions idle for this many days", minimum=0),
+    _opt("metrics_sample_interval_ms", "METRICS_SAMPLE_INTERVAL_MS", "int", 1000,
+         "How often event-loop lag, memory, CPU, pool and file buffer are sampled, in ms",
+         minimum=10),
+    _opt("metrics_aggregate_interval_s", "METRICS_AGGREGATE_INTERVAL_S", "int", 60,
+         "How often each worker writes its metrics rows to PostgreSQL, in seconds", minimum=1),
+    _opt("metrics_retention_days", "METRICS_RETENTION_DAYS", "int", 90,
+         "Metrics rows older than this many days are deleted", minimum=1),
     # --- file buffer (PostgreSQL outage) ------------------------------------------------
     _opt("file_buffer_dir", "FILE_BUFFER_DIR", "str", "/var/lib/queen/buffers",
          "Directory of the failover buffer; one per instance"),
@@ -314,6 +321,9 @@ class Config:
     eviction_batch_size: int
     stats_interval_ms: int
     partition_cleanup_days: int
+    metrics_sample_interval_ms: int
+    metrics_aggregate_interval_s: int
+    metrics_retention_days: int
     file_buffer_dir: str
     file_buffer_flush_ms: int
     file_buffer_max_batch: int
