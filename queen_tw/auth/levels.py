@@ -34,11 +34,13 @@ class Level(enum.IntEnum):
 _P, _RO, _RW, _AD = Level.PUBLIC, Level.READ_ONLY, Level.READ_WRITE, Level.ADMIN
 
 ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
-    # public: probes and the API description
+    # public: probes, the API description and the dashboard's static files
     ("GET", "/health", _P),
     ("GET", "/metrics", _P),
     ("GET", "/metrics/prometheus", _P),
     ("GET", "/api/v1/openapi.json", _P),
+    ("GET", "/", _P),
+    ("GET", "/dashboard/<name>", _P),
     # the message path
     ("POST", "/api/v1/configure", _RW),
     ("POST", "/api/v1/push", _RW),

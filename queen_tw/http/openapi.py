@@ -84,7 +84,8 @@ class _Op:
                  answers: Dict[int, Optional[Schema]],
                  parameters: Sequence[Dict[str, Any]] = (),
                  body: Optional[Schema] = None, body_required: bool = False,
-                 errors: Sequence[int] = (400, 503)):
+                 errors: Sequence[int] = (400, 503),
+                 media_types: Sequence[str] = ("application/json",)):
         self.operation_id = operation_id
         self.summary = summary
         self.answers = answers
@@ -92,6 +93,7 @@ class _Op:
         self.body = body
         self.body_required = body_required
         self.errors = errors
+        self.media_types = media_types
 
     def document(self, level: Level) -> Dict[str, Any]:
         """The OpenAPI operation object, for a route of ``level``."""
@@ -100,8 +102,8 @@ class _Op:
             if schema is None:
                 responses[str(code)] = {"description": "nothing to deliver (no body)"}
             else:
-                responses[str(code)] = {"description": "success",
-                                        "content": {"application/json": {"schema": schema}}}
+                responses[str(code)] = {"description": "success", "content": {
+                    media: {"schema": schema} for media in self.media_types}}
         codes = list(self.errors)
         if level != Level.PUBLIC:
             codes += [401, 403]
@@ -277,6 +279,14 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         {200: ref("SharedState")}, errors=())),
     (OPENAPI_PATH, "get", _Op(
         "openapi", "This document", {200: {"type": "object"}}, errors=())),
+    # -- the dashboard (issue 18 point 6): public static files --
+    ("/", "get", _Op(
+        "dashboard", "The dashboard page", {200: {"type": "string"}}, errors=(),
+        media_types=("text/html",))),
+    ("/dashboard/{name}", "get", _Op(
+        "dashboardFile", "A script or style sheet of the dashboard page",
+        {200: {"type": "string"}}, [_path("name", {"type": "string", "minLength": 1})],
+        errors=(400, 404), media_types=("text/javascript", "text/css", "image/svg+xml"))),
 ]
 
 

@@ -18,6 +18,7 @@ from werkzeug.routing import RequestRedirect
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.http.answers import json_answer, method_not_allowed, not_found
+from queen_tw.http.dashboard import DashboardRoutes
 from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
@@ -98,4 +99,5 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         GroupRoutes(admin),
         SystemRoutes(engine, worker_id, maintenance, shared_state),
         OpenApiRoutes(),
+        DashboardRoutes(),
     ]
