@@ -109,6 +109,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("log_format", "LOG_FORMAT", "choice", "text",
          "text (twistd's log lines) or json (one object per line: time, level, namespace, "
          "message, fields)", choices=("text", "json")),
+    _opt("access_log", "ACCESS_LOG", "bool", True,
+         "One info log line per request (method, path, status, duration, bytes, request id, "
+         "peer), namespace queen_tw.access"),
     # --- PostgreSQL ---------------------------------------------------------------------
     _opt("pg_host", "PG_HOST", "str", "localhost", "PostgreSQL host name or unix-socket directory"),
     _opt("pg_port", "PG_PORT", "int", 5432, "PostgreSQL port", minimum=1, maximum=65535),
@@ -297,6 +300,7 @@ class Config:
     worker_id: str
     log_level: str
     log_format: str
+    access_log: bool
     pg_host: str
     pg_port: int
     pg_user: str
@@ -747,7 +751,8 @@ class QueenOptions(usage.Options):
             raise usage.UsageError(str(err)) from None
         self.config = config.with_changes(migrate_only=bool(self["migrate-only"]))
         if self.parent is not None:
-            route_twistd(self.parent, config.log_level, config.log_format)
+            route_twistd(self.parent, config.log_level, config.log_format,
+                         worker=config.worker_id)
 
 
 # --- README table ----------------------------------------------------------------------

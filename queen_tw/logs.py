@@ -9,6 +9,11 @@ A ``--logger`` given by the operator is kept and filtered the same way.
 
 Every event passes through the filter, Twisted's own included: at ``warn`` the
 ``starting up`` lines go too.  ``trace`` is ``debug`` (twisted.logger has nothing below it).
+
+A JSON line names the process that wrote it (``worker``: ``WORKER_ID``, which each of
+``NUM_WORKERS`` workers gets as ``<WORKER_ID>-<n>``) and, for an event about a request (one
+with a ``request_id`` field: the access line, errors of the answer paths), that request's
+``X-Request-Id`` as ``requestId``.
 """
 
 from __future__ import annotations
@@ -70,19 +75,26 @@ class AtLeast:
         return PredicateResult.maybe
 
 
+def lets_through(level: str, event_level: LogLevel) -> bool:
+    """Whether ``LOG_LEVEL=level`` writes events of ``event_level`` (so a caller can skip
+    building events nobody will see)."""
+    return event_level >= LEVELS[level]
+
+
 def filtered(observer: ILogObserver, level: str) -> ILogObserver:
     """``observer`` behind the ``LOG_LEVEL`` filter."""
     return FilteringLogObserver(observer, [AtLeast(LEVELS[level])])
 
 
-def event_as_json(event: LogEvent) -> str:
+def event_as_json(event: LogEvent, worker: str | None = None) -> str:
     """One log event as one line of JSON (newline included).
 
     ``time`` (UTC, ISO 8601), ``level``, ``namespace`` and ``message`` (the rendered text)
-    come first; the event's own structured fields follow under ``fields``, so a field can
-    never overwrite them; a failure adds ``traceback``.  Values JSON cannot hold (objects,
-    NaN, dicts with non-text keys, cycles) are written as their ``str``: a log line is never
-    lost to its fields.
+    come first, then ``worker`` (when given) and ``requestId`` (the event's ``request_id``
+    field, when it has one); the event's other structured fields follow under ``fields``,
+    so a field can never overwrite them; a failure adds ``traceback``.  Values JSON cannot
+    hold (objects, NaN, dicts with non-text keys, cycles) are written as their ``str``: a
+    log line is never lost to its fields.
     """
     level = event.get("log_level")
     record: dict[str, Any] = {
@@ -92,8 +104,14 @@ def event_as_json(event: LogEvent) -> str:
         "namespace": event.get("log_namespace"),
         "message": formatEvent(event),
     }
+    if worker is not None:
+        record["worker"] = worker
+    request_id = event.get("request_id")
+    if request_id is not None:
+        record["requestId"] = request_id
     fields = {key: value for key, value in event.items()
-              if not key.startswith("log_") and key not in _LEGACY_KEYS}
+              if not key.startswith("log_") and key not in _LEGACY_KEYS
+              and key != "request_id"}
     if fields:
         record["fields"] = fields
     failure = event.get("log_failure")
@@ -114,10 +132,11 @@ _LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why
 """Keys a legacy ``twisted.python.log`` event carries besides its ``log_*`` ones."""
 
 
-def file_observer(out: IO[str], log_format: str) -> ILogObserver:
-    """Writes events to ``out`` as classic twistd text lines or as JSON lines."""
+def file_observer(out: IO[str], log_format: str, worker: str | None = None) -> ILogObserver:
+    """Writes events to ``out`` as classic twistd text lines or as JSON lines (those
+    naming ``worker``)."""
     if log_format == "json":
-        return FileLogObserver(out, event_as_json)
+        return FileLogObserver(out, lambda event: event_as_json(event, worker))
     return textFileLogObserver(out)
 
 
@@ -127,12 +146,14 @@ _routed: dict[str, Any] = {}
 """What :func:`twistd_observer` builds from, set once per process by :func:`route_twistd`."""
 
 
-def route_twistd(run_options: Any, level: str, log_format: str) -> None:
+def route_twistd(run_options: Any, level: str, log_format: str,
+                 worker: str | None = None) -> None:
     """Makes twistd log through :func:`twistd_observer` with ``level`` and ``log_format``.
 
     Called while ``twistd queen`` parses its options (twistd resolves ``--logger`` right
     after).  ``run_options`` are twistd's own options (``--logfile``, ``-n``, ``--syslog``,
-    ``--logger``).  Refuses to start when the format cannot be honoured.
+    ``--logger``); ``worker`` is written on every JSON line.  Refuses to start when the
+    format cannot be honoured.
     """
     user_logger = run_options.get("logger")
     if log_format == "json" and user_logger:
@@ -140,7 +161,7 @@ def route_twistd(run_options: Any, level: str, log_format: str) -> None:
                         "which picks its own format")
     if log_format == "json" and run_options.get("syslog"):
         refuse_to_start("LOG_FORMAT=json cannot be combined with twistd --syslog")
-    _routed.update(options=run_options, level=level, format=log_format,
+    _routed.update(options=run_options, level=level, format=log_format, worker=worker,
                    user_factory=_resolve(user_logger) if user_logger else None)
     run_options["logger"] = TWISTD_LOGGER
 
@@ -151,7 +172,7 @@ def twistd_observer() -> ILogObserver:
         raise RuntimeError(f"{TWISTD_LOGGER} is set by twistd queen, not by hand")
     user_factory: Callable[[], Any] | None = _routed["user_factory"]
     inner = user_factory() if user_factory is not None else _twistd_target(
-        _routed["options"], _routed["format"])
+        _routed["options"], _routed["format"], _routed["worker"])
     return filtered(_as_observer(inner), _routed["level"])
 
 
@@ -169,7 +190,7 @@ def _as_observer(observer: Any) -> ILogObserver:
     return LegacyLogObserverWrapper(observer)
 
 
-def _twistd_target(run_options: Any, log_format: str) -> Any:
+def _twistd_target(run_options: Any, log_format: str, worker: str | None) -> Any:
     """The observer twistd builds from its own options (``UnixAppLogger``), same choices:
     ``--syslog``; stdout for ``--logfile=-`` or ``-n`` without ``--logfile``; else the
     named file (``twistd.log`` by default) that SIGUSR1 rotates."""
@@ -182,11 +203,11 @@ def _twistd_target(run_options: Any, log_format: str) -> Any:
     if name == "-" and not nodaemon:
         refuse_to_start("--logfile=- needs -n: a daemon has no stdout")
     if name == "-" or (nodaemon and not name):
-        return file_observer(sys.stdout, log_format)
+        return file_observer(sys.stdout, log_format, worker)
     output = logfile.LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
         signal.signal(signal.SIGUSR1, lambda _signum, _frame: _rotate_soon(output))
-    return file_observer(output, log_format)
+    return file_observer(output, log_format, worker)
 
 
 def _rotate_soon(output: logfile.LogFile) -> None:

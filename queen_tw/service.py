@@ -12,7 +12,7 @@ from typing import List
 
 from twisted.application import service
 from twisted.internet import threads
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING
@@ -41,6 +41,7 @@ from queen_tw.lifecycle import (
     ShutdownGate,
 )
 from queen_tw.listening import http_listener
+from queen_tw.logs import lets_through
 from queen_tw.services.database import DatabaseService, MigrationService
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
@@ -154,7 +155,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags
     top.add("jobs", durability.adoption_service())  # buffers of processes no longer running
-    site = make_site(guarded(root, config, reactor), config.max_body_bytes)  # JWT_ENABLED
+    access_log = config.access_log and lets_through(config.log_level, LogLevel.info)
+    site = make_site(guarded(root, config, reactor), config.max_body_bytes,  # JWT_ENABLED
+                     access_log=access_log)
     if in_group:
         cluster.attach(top.add("jobs", PostgresWakeups(
             config.dsn, config.worker_id, cluster.wake, reactor,

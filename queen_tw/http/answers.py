@@ -14,6 +14,7 @@ from twisted.web.iweb import IRequest
 
 from queen_tw import jsoncodec
 from queen_tw.errors import QueenError
+from queen_tw.http.site import request_id_of
 
 log = Logger()
 
@@ -53,7 +54,8 @@ def error_answer(request, failure: Failure) -> bytes:
             request.setHeader(b"Retry-After", b"1")  # overload or outage: retry shortly
         return json_answer(request, error.status, {"error": error.message})
     log.failure("unexpected error on {method} {path}", failure,
-                method=request.method.decode(), path=request.path.decode(errors="replace"))
+                method=request.method.decode(), path=request.path.decode(errors="replace"),
+                request_id=request_id_of(request))
     return json_answer(request, 500, {"error": "Internal server error"})
 
 

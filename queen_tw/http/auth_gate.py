@@ -31,6 +31,7 @@ from queen_tw.auth.levels import Level, RoleNames, RouteLevels, SkipPaths
 from queen_tw.auth.tokens import Identity, TokenVerifier, make_verifier
 from queen_tw.config import Config
 from queen_tw.http.answers import error_answer, json_answer
+from queen_tw.http.site import request_id_of
 
 log = Logger()
 
@@ -85,7 +86,8 @@ class AuthGate(Resource):
         verified.addCallbacks(self._verified, self._refused, callbackArgs=(request, level, left),
                               errbackArgs=(request, left))
         verified.addErrback(lambda failure: log.failure("answering {path} failed", failure,
-                                                        path=_path(request)))
+                                                        path=_path(request),
+                                                        request_id=request_id_of(request)))
         return NOT_DONE_YET
 
     def _admit(self, request, identity: Identity, level: Level):
@@ -93,7 +95,8 @@ class AuthGate(Resource):
         if self._roles.clearance(identity.roles) < level:
             log.info("refused {method} {path} to {sub} (roles {roles}): the route needs "
                      "{needed}", method=request.method.decode("latin-1"), path=_path(request),
-                     sub=identity.sub, roles=sorted(identity.roles), needed=level.name)
+                     sub=identity.sub, roles=sorted(identity.roles), needed=level.name,
+                     request_id=request_id_of(request))
             return json_answer(request, 403, {"error": INSUFFICIENT})
         setattr(request, _IDENTITY, identity)
         return self._inner.render(request)
@@ -115,9 +118,10 @@ class AuthGate(Resource):
             return
         if error.status >= 500:
             log.warn("cannot verify tokens for {path}: {error}", path=_path(request),
-                     error=error.message)
+                     error=error.message, request_id=request_id_of(request))
         else:
-            log.debug("refused {path}: {error}", path=_path(request), error=error.message)
+            log.debug("refused {path}: {error}", path=_path(request), error=error.message,
+                      request_id=request_id_of(request))
             request.setHeader(b"WWW-Authenticate", b"Bearer")
         _finish(request, json_answer(request, error.status, {"error": error.message}))
 

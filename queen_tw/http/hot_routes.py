@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from queen_tw.http.answers import error_answer
 from queen_tw.http.messaging import MessagingRoutes
+from queen_tw.http.site import request_id_of
 
 log = Logger()
 
@@ -60,7 +61,8 @@ class HotRoutes(Resource):
             answer = defer.fail()
         answer.addCallbacks(self._write, self._failed,
                             callbackArgs=(request, finished), errbackArgs=(request, finished))
-        answer.addErrback(lambda failure: log.failure("writing an answer failed", failure))
+        answer.addErrback(lambda failure: log.failure("writing an answer failed", failure,
+                                                      request_id=request_id_of(request)))
         return NOT_DONE_YET
 
     def _route(self, request) -> Optional[Route]:
@@ -93,6 +95,7 @@ class HotRoutes(Resource):
         if finished[0]:
             if not failure.check(defer.CancelledError):
                 log.failure("error after the client left {path}", failure,
-                            path=request.path.decode(errors="replace"))
+                            path=request.path.decode(errors="replace"),
+                            request_id=request_id_of(request))
             return
         self._write(error_answer(request, failure), request, finished)
