@@ -243,11 +243,42 @@ class QueueEngine:
         answer = await self._db.call("push_store", items)
         names = {partition_id: (queue, name) for partition_id, queue, name in answer["partitions"]}
         updated = [names[partition_id] for partition_id in answer["updated"]]
+        self.announce_pushed(updated)
+        return expand_push_answer(items, answer)
+
+    @property
+    def database(self) -> Database:
+        """The pool this engine calls; the Streams engine, whose cycles include pushes and
+        acks, calls the same one."""
+        return self._db
+
+    def announce_pushed(self, updated: List[Tuple[str, str]]) -> None:
+        """Committed pushes to these (queue, partition)s: wakes the pops parked on them here
+        and tells the peers (one notice per partition, not per message). Pushes that another
+        SQL function stored (the streams cycle's sink pushes) are announced here too."""
         for queue, partition in updated:
             self._waiters.notify(queue, partition)
-        if updated:  # committed: one notice per partition of this call, not per message
+        if updated:
             self._peers.announce_messages(updated)
-        return expand_push_answer(items, answer)
+
+    def announce_released(self, released: Iterable[Tuple[str, str]]) -> None:
+        """Leases on these (queue, partition)s ended: the pops parked on them here may take
+        them now (as after an ack that ends a delivery)."""
+        for queue, partition in set(released):
+            self._waiters.notify(queue, partition)
+
+    async def prepare_push(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Validated push items made ready for a SQL function that stores them inside its
+        own transaction (the streams cycle): each gets its transactionId and the payloads of
+        encrypted queues are encrypted, as in :meth:`push`. Such a push cannot go to the file
+        buffer, so while its partitions' pushes must (maintenance, outage backlog) this
+        raises ``Unavailable`` rather than overtake them."""
+        if not items:
+            return items
+        if self._failover is not None and self._failover.must_buffer(items):
+            raise Unavailable("Pushes to these partitions are waiting in the file buffer "
+                              "(maintenance or outage); retry shortly")
+        return await self._encrypt(_with_transaction_ids(items))
 
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Items with the payloads of encrypted queues encrypted; raises ``Unavailable``

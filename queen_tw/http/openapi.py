@@ -33,6 +33,9 @@ _DESCRIPTIONS = {
     401: "authentication is on and the token is missing or invalid",
     403: "the token's role is below the route's level",
     404: "not found",
+    409: "a streams query of that name is registered with another config_hash (the body "
+         "also has success: false, query_id and name)",
+    413: "a streams state value above the size limit",
     503: "PostgreSQL unreachable or the server overloaded (Retry-After: 1)",
 }
 
@@ -127,6 +130,49 @@ _ANY_OBJECT: Schema = {"type": "object"}
 _ANY_ARRAY: Schema = {"type": "array", "items": {"type": "object"}}
 
 _MESSAGE_KEY = (_PARTITION_ID, _TRANSACTION_ID)
+
+_STREAM_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": schemas.MAX_NAME_LENGTH}
+_STREAMS_REGISTER = schemas.obj(
+    ["name", "source_queue", "config_hash"], name=_STREAM_NAME, source_queue=schemas.NAME,
+    sink_queue=schemas.nullable(schemas.NAME),
+    config_hash={"type": "string", "minLength": 1, "maxLength": 1024},
+    reset=schemas.nullable(schemas.BOOLEAN))
+_STREAMS_REGISTERED = schemas.obj(
+    ["success", "query_id", "name", "config_hash", "fresh", "reset"],
+    success={"const": True}, query_id=schemas.UUID, name=schemas.STRING,
+    config_hash=schemas.STRING, fresh=schemas.BOOLEAN, reset=schemas.BOOLEAN)
+_STATE_KEY: Schema = {"type": "string", "minLength": 1, "maxLength": 1024}
+_STREAMS_CYCLE = schemas.obj(
+    ["query_id", "partition_id"], query_id=schemas.UUID, partition_id=schemas.UUID,
+    consumer_group=schemas.nullable(schemas.SHORT_TEXT),
+    release_lease=schemas.nullable(schemas.BOOLEAN),
+    state_ops=schemas.nullable(schemas.array(schemas.obj(
+        ["type", "key"], type={"enum": ["upsert", "delete"]}, key=_STATE_KEY,
+        value={"description": "any JSON value; required for an upsert"}))),
+    push_items=schemas.nullable(schemas.array(ref("PushItem"))),
+    ack=schemas.nullable(schemas.obj(
+        ["transactionId"], transactionId=_STREAM_NAME, leaseId=schemas.nullable(schemas.UUID),
+        status=schemas.nullable({"enum": ["completed", "success", "failed", "dlq"]}),
+        count=schemas.nullable(_int(0)),
+        error=schemas.nullable({"type": "string", "maxLength": 10_000}))))
+_STREAMS_CYCLED = schemas.obj(
+    ["success", "query_id", "partition_id", "state_ops_applied", "push_results",
+     "ack_result"], success=schemas.BOOLEAN, query_id=schemas.UUID,
+    partition_id=schemas.UUID, state_ops_applied=schemas.INTEGER,
+    push_results=schemas.array(ref("PushResult")),
+    ack_result=schemas.nullable(schemas.obj(
+        ["success", "count", "lease_released", "dlq"], success=schemas.BOOLEAN,
+        count=schemas.INTEGER, lease_released=schemas.BOOLEAN, dlq=schemas.BOOLEAN)),
+    error=schemas.nullable(schemas.STRING))
+_STREAMS_STATE_GET = schemas.obj(
+    ["query_id", "partition_id"], query_id=schemas.UUID, partition_id=schemas.UUID,
+    keys=schemas.nullable(schemas.array(schemas.STRING)),
+    key_prefix=schemas.nullable({"type": "string", "maxLength": 1024}),
+    ripe_at_or_before=schemas.nullable({"type": "number"}))
+_STREAMS_STATE = schemas.obj(
+    ["success", "rows"], success={"const": True}, rows=schemas.array(schemas.obj(
+        ["key", "value", "updated_at"], key=schemas.STRING, value=schemas.ANY_JSON,
+        updated_at=schemas.TIMESTAMP)))
 
 OPERATIONS: List[Tuple[str, str, _Op]] = [
     # -- the message path (WIRE.md 2.1-2.7) --
@@ -279,6 +325,20 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         {200: ref("SharedState")}, errors=())),
     (OPENAPI_PATH, "get", _Op(
         "openapi", "This document", {200: {"type": "object"}}, errors=())),
+    # -- streams (WIRE.md 3.9) --
+    ("/streams/v1/queries", "post", _Op(
+        "registerStreamQuery", "Register a streaming query (idempotent for the same hash)",
+        {200: _STREAMS_REGISTERED}, body=_STREAMS_REGISTER, body_required=True,
+        errors=(400, 409, 503))),
+    ("/streams/v1/cycle", "post", _Op(
+        "streamCycle", "Commit a stream cycle: state ops, sink pushes and the source ack "
+        "in one transaction (a failure answers 200 with success false)",
+        {200: _STREAMS_CYCLED}, body=_STREAMS_CYCLE, body_required=True,
+        errors=(400, 404, 413, 503))),
+    ("/streams/v1/state/get", "post", _Op(
+        "streamState", "Read a streaming query's state on one partition",
+        {200: _STREAMS_STATE}, body=_STREAMS_STATE_GET, body_required=True,
+        errors=(400, 404, 503))),
     # -- the dashboard (issue 18 point 6): public static files --
     ("/", "get", _Op(
         "dashboard", "The dashboard page", {200: {"type": "string"}}, errors=(),

@@ -24,6 +24,7 @@ from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
 from queen_tw.http.openapi import OpenApiRoutes
 from queen_tw.http.resources import ResourceRoutes
+from queen_tw.http.streams import StreamRoutes
 from queen_tw.http.system import SharedStateView, SystemRoutes
 from queen_tw.maintenance import Maintenance
 
@@ -99,5 +100,6 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         GroupRoutes(admin),
         SystemRoutes(engine, worker_id, maintenance, shared_state),
         OpenApiRoutes(),
+        StreamRoutes(engine),
         DashboardRoutes(),
     ]
