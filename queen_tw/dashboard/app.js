@@ -165,22 +165,26 @@ function queueLink(name) {
 // -- pages ------------------------------------------------------------------------------
 
 async function overviewPage(load) {
-  const [status, queues, buffers, metrics] = await load.all([
-    "/api/v1/status", "/api/v1/resources/queues", "/api/v1/status/buffers", "/metrics"]);
+  const [status, overview, queues, buffers, metrics] = await load.all([
+    "/api/v1/status", "/api/v1/resources/overview", "/api/v1/resources/queues",
+    "/api/v1/status/buffers", "/metrics"]);
   const points = status && Array.isArray(status.throughput) ? status.throughput : [];
   const sum = (key) => points.reduce((total, point) => total + (Number(point[key]) || 0), 0);
-  const messages = (status && status.messages) || {};
+  // the statistics' counts when the status route has none
+  const messages = (status && status.messages) || (overview && overview.messages) || {};
   const workers = status && Array.isArray(status.workers) ? status.workers : null;
-  const dlq = status && status.deadLetterQueue ? status.deadLetterQueue.total : undefined;
+  const dlq = status && status.deadLetterQueue ? status.deadLetterQueue.total
+    : messages.deadLetter;
   const latest = points.length ? points[points.length - 1] : null;
+  const ingested = latest ? latest.ingestedPerSecond
+    : overview && overview.throughput && overview.throughput.ingestedPerSecond;
 
   const cards = h("div", { class: "cards" },
     card("Pushed (range)", status ? number(sum("pushMessages")) : "no data yet",
       "throughput-pushed"),
     card("Popped (range)", status ? number(sum("popMessages")) : "no data yet",
       "throughput-popped"),
-    card("Ingested / s", latest ? compact(Number(latest.ingestedPerSecond) || 0) : "–",
-      "ingested-rate"),
+    card("Ingested / s", Number.isFinite(ingested) ? compact(ingested) : "–", "ingested-rate"),
     card("Messages", number(messages.total), "messages-total"),
     card("Pending", number(messages.pending), "messages-pending"),
     card("Processing", number(messages.processing), "messages-processing"),
@@ -243,9 +247,9 @@ async function overviewPage(load) {
 }
 
 async function queuePage(load, name) {
-  const [queue, detail, recent] = await load.all([
+  const [queue, detail, recent, groups] = await load.all([
     `/api/v1/resources/queues/${enc(name)}`, `/api/v1/status/queues/${enc(name)}`,
-    `/api/v1/messages?queue=${enc(name)}&limit=50`]);
+    `/api/v1/messages?queue=${enc(name)}&limit=50`, "/api/v1/consumer-groups"]);
   const totals = (queue && queue.totals) || (detail && detail.totals) || {};
   const head = h("div", { class: "cards" },
     card("Depth", number(totals.total), "queue-total"),
@@ -266,6 +270,15 @@ async function queuePage(load, name) {
     ["Newest message", (p) => when(p.newestMessage)],
   ], partitions, (p) => ({ "data-partition": p.name })) : noData();
 
+  const groupRows = Array.isArray(groups) ? groups.filter((g) => g.queueName === name) : null;
+  const groupTable = groupRows ? table([
+    ["Group", (g) => g.name],
+    ["State", (g) => g.state],
+    ["Members", (g) => number(g.members)],
+    ["Partitions with lag", (g) => number(g.partitionsWithLag)],
+    ["Max time lag", (g) => seconds(Number(g.maxTimeLag))],
+  ], groupRows, (g) => ({ "data-group": g.name })) : noData();
+
   const lagRows = [];
   for (const partition of (detail && detail.partitions) || []) {
     for (const group of partition.consumerGroups || []) {
@@ -277,7 +290,8 @@ async function queuePage(load, name) {
     ["Partition", (r) => r.partition],
     ["Offset lag", (r) => number(r.offsetLag)],
     ["Time lag", (r) => seconds(Number(r.timeLagSeconds))],
-  ], lagRows, (r) => ({ "data-group": r.name })) : noData();
+  ], lagRows, (r) => ({ "data-lag-group": r.name, "data-lag-partition": r.partition }))
+    : noData();
 
   const messages = recent && Array.isArray(recent.messages) ? recent.messages : null;
   const messageTable = messages ? table([
@@ -291,7 +305,8 @@ async function queuePage(load, name) {
   const options = queue && queue.options ? h("details", {}, h("summary", {}, "Options"),
     h("pre", {}, JSON.stringify(queue.options, null, 2))) : null;
   return [h("h1", {}, `Queue ${name}`), head, options,
-    section("Partitions", partitionTable), section("Consumer groups and lag", lagTable),
+    section("Partitions", partitionTable), section("Consumer groups", groupTable),
+    section("Lag by partition", lagTable),
     section("Recent messages", messageTable)];
 }
 
@@ -433,6 +448,7 @@ let timer = null;
 
 async function refresh() {
   const mine = ++generation;
+  document.body.dataset.started = String(mine);
   const [page, render] = route();
   const load = new Loader();
   let content;
