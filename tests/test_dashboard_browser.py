@@ -208,14 +208,18 @@ def test_overview_shows_a_pushed_queue_and_nonzero_throughput(
 def test_queue_page_lists_its_partitions(api: httpx.Client, dash_server: ServerProcess,
                                          open_dashboard: Callable[[str], Dashboard]) -> None:
     queue = unique_name("test-dash-")
+    group = unique_name("group-")
     partitions = ["alpha", "beta", "gamma"]
     for partition in partitions:
         push(api, queue, [{"p": partition}], partition=partition, prefix=f"{partition}-")
+    poll_pop(api, queue, consumerGroup=group, subscriptionMode="all")
     dashboard = open_dashboard(dash_server.url)
 
     dashboard.open(f"#/queues/{queue}")
     for partition in partitions:
         dashboard.wait_for(f'tr[data-partition="{partition}"]')
+    dashboard.wait_for(f'tr[data-group="{group}"]')
+    dashboard.wait_for(f'tr[data-lag-group="{group}"]')
 
     listed = dashboard.page.eval_on_selector_all(
         "tr[data-partition]", "rows => rows.map(row => row.dataset.partition)")

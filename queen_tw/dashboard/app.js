@@ -410,7 +410,7 @@ function route() {
   const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean)
     .map((part) => decodeURIComponent(part));
   const [page, argument] = parts;
-  if (page === "queues" && argument) return ["overview", (load) => queuePage(load, argument)];
+  if (page === "queues" && argument) return ["queue", (load) => queuePage(load, argument)];
   if (page === "groups") return ["groups", groupsPage];
   if (page === "dlq") return ["dlq", (load) => dlqPage(load, argument)];
   if (page === "traces") return ["traces", (load) => tracesPage(load, argument)];

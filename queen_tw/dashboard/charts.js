@@ -82,7 +82,10 @@ export function lineChart({ title, unit = "", times, series }) {
   const labelled = times.length === 1 ? [0] : [0, Math.floor((times.length - 1) / 2),
     times.length - 1];
   for (const index of labelled) {
-    chart.append(svg("text", { x: x(times[index]), y: HEIGHT - 8, class: "tick x" },
+    // the first and last labels align to their ends so that none is cut at the edges
+    const edge = times.length === 1 ? "" : index === 0 ? " start"
+      : index === times.length - 1 ? " end" : "";
+    chart.append(svg("text", { x: x(times[index]), y: HEIGHT - 8, class: `tick x${edge}` },
       clock(times[index])));
   }
   series.forEach((line, number) => {
