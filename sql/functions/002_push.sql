@@ -79,6 +79,7 @@ DECLARE
     v_part_ids    uuid[];
     v_part_queues text[];
     v_part_names  text[];
+    v_part_seqs   bigint[];
     v_last        timestamptz;
     v_base        timestamptz;
     v_wanted      bigint;
@@ -144,9 +145,9 @@ BEGIN
          ORDER BY qu.id FOR NO KEY UPDATE;
         v_capped := FOUND;
         SELECT count(*), array_agg(l.id), array_agg(l.queue_name), array_agg(l.name),
-               max(l.last_message_at)
-          INTO v_locked, v_part_ids, v_part_queues, v_part_names, v_last
-          FROM (SELECT p.id, qu.name AS queue_name, p.name, p.last_message_at
+               max(l.last_message_at), array_agg(l.last_seq)
+          INTO v_locked, v_part_ids, v_part_queues, v_part_names, v_last, v_part_seqs
+          FROM (SELECT p.id, qu.name AS queue_name, p.name, p.last_message_at, p.last_seq
                   FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
                  WHERE (qu.name, p.name) IN (SELECT * FROM unnest(v_pair_queues, v_pair_parts))
                  ORDER BY p.id FOR NO KEY UPDATE OF p) l;
@@ -171,34 +172,40 @@ BEGIN
     -- over them go quadratic.
     -- (The join is push_items_placed's, written out: through the function, although the
     -- planner inlines it, this statement measured 5-15 % slower in four A/B pairs.)
+    -- seq: the item's position in its partition after the partition's last_seq (migration 4);
+    -- a duplicate's position, once a later one is stored, is recorded as a hole below.
     WITH placed AS (
         SELECT t.o - 1 AS idx, lp.id AS partition_id,
+               lp.last_seq + row_number() OVER (PARTITION BY lp.id ORDER BY t.o) AS seq,
                CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
                coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
                nullif(t.e->>'traceId', '')::uuid AS trace_id,
                nullif(t.e->>'producerSub', '') AS producer_sub,
                coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted
           FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
-          JOIN unnest(v_part_ids, v_part_queues, v_part_names) AS lp(id, queue_name, name)
+          JOIN unnest(v_part_ids, v_part_queues, v_part_names, v_part_seqs)
+               AS lp(id, queue_name, name, last_seq)
             ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
          WHERE t.o - 1 <> ALL (v_refused)
     ), inserted AS (
         INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
-                                    producer_sub, is_encrypted, created_at)
+                                    producer_sub, is_encrypted, created_at, seq)
         SELECT queen.uuid_v7(v_base + pl.idx * interval '1 microsecond'), pl.partition_id,
                pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
-               v_base + pl.idx * interval '1 microsecond'
+               v_base + pl.idx * interval '1 microsecond', pl.seq
           FROM placed pl
          ORDER BY pl.idx  -- within one array the first occurrence of a transactionId wins
         ON CONFLICT (partition_id, transaction_id) DO NOTHING
-        RETURNING id, partition_id, created_at
+        RETURNING id, partition_id, created_at, seq
     ), newest AS (
         UPDATE queen.partitions p
            SET last_message_at = n.last_at,
                last_message_id = n.last_id,
                message_count = p.message_count + n.cnt,
+               last_seq = n.last_seq,
                last_activity = clock_timestamp()
           FROM (SELECT ins.partition_id, max(ins.created_at) AS last_at, count(*) AS cnt,
+                       max(ins.seq) AS last_seq,
                        (array_agg(ins.id ORDER BY ins.created_at DESC))[1] AS last_id
                   FROM inserted ins GROUP BY ins.partition_id) n
          WHERE p.id = n.partition_id
@@ -219,6 +226,16 @@ BEGIN
           JOIN queen.messages m ON m.partition_id = d.partition_id
                                AND m.transaction_id = d.e->>'transactionId'
          WHERE d.idx <> ALL (v_refused) AND d.idx <> ALL (v_stored_at);
+        -- Their positions below a stored message are holes (022_stats_resources.sql).
+        INSERT INTO queen.partition_holes (partition_id, seq_lo, seq_hi)
+        SELECT d.partition_id, d.seq, d.seq
+          FROM (SELECT i.idx, i.partition_id,
+                       lp.last_seq + row_number() OVER (PARTITION BY i.partition_id ORDER BY i.idx) AS seq
+                  FROM queen.push_items_placed(p_items, v_part_ids, v_part_queues, v_part_names) i
+                  JOIN unnest(v_part_ids, v_part_seqs) AS lp(id, last_seq) ON lp.id = i.partition_id
+                 WHERE i.idx <> ALL (v_refused)) d
+          JOIN queen.partitions p ON p.id = d.partition_id
+         WHERE d.idx = ANY (v_dup_at) AND d.seq <= p.last_seq;
     END IF;
 
     v_answer := json_build_object(

@@ -83,33 +83,25 @@ BEGIN
 END
 $$;
 
--- Per-partition pending counts for the resource routes: messages after the queue-mode cursor.
+-- Per-partition counts for the resource routes (queen.partition_counts, 022_stats_resources.sql:
+-- a few index probes, never a scan of the partition's messages) and its oldest and newest
+-- stored message.
+-- (plpgsql: checked at its first call, when 022 has defined partition_counts.)
 CREATE OR REPLACE FUNCTION queen.partition_stats(p_partition uuid) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    WITH pc AS (
-        SELECT cursor_created_at, cursor_id, lease_id, lease_expires_at, lease_last_created_at,
-               lease_last_id
-          FROM queen.partition_consumers
-         WHERE partition_id = p_partition AND consumer_group = '__QUEUE_MODE__'
-    ), counted AS (
-        SELECT count(*) AS total,
-               count(*) FILTER (WHERE pc.cursor_created_at IS NULL
-                   OR (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)) AS after_cursor,
-               count(*) FILTER (WHERE pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
-                   AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
-                   AND (m.created_at, m.id) <= (pc.lease_last_created_at, pc.lease_last_id))
-                   AS processing,
-               (SELECT count(*) FROM queen.dead_letter_queue d WHERE d.partition_id = p_partition)
-                   AS dead_letter,
-               min(m.created_at) AS oldest, max(m.created_at) AS newest
-          FROM queen.messages m LEFT JOIN pc ON true
-         WHERE m.partition_id = p_partition
-    )
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (
     SELECT jsonb_build_object(
-        'total', total, 'pending', after_cursor - processing, 'processing', processing,
-        'completed', total - after_cursor - dead_letter, 'failed', 0, 'deadLetter', dead_letter,
-        'oldestMessage', queen.format_ts3(oldest), 'newestMessage', queen.format_ts3(newest))
-      FROM counted
+        'total', c.total, 'pending', c.pending, 'processing', c.processing,
+        'completed', c.completed, 'failed', 0, 'deadLetter', c.dead_letter,
+        'oldestMessage', queen.format_ts3((SELECT m.created_at FROM queen.messages m
+                                            WHERE m.partition_id = p_partition
+                                            ORDER BY m.created_at, m.id LIMIT 1)),
+        'newestMessage', queen.format_ts3((SELECT m.created_at FROM queen.messages m
+                                            WHERE m.partition_id = p_partition
+                                            ORDER BY m.created_at DESC, m.id DESC LIMIT 1)))
+      FROM queen.partition_counts(p_partition) c);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION queen.queue_detail(p_name text) RETURNS jsonb

@@ -1,7 +1,10 @@
 -- Statistics and the resource overview routes (WIRE.md 3.1, 3.5 stats/refresh).
--- Counts that need a look at every message (pending, completed, lag) come from a snapshot the
--- statistics service refreshes every STATS_INTERVAL_MS (tables queue_stats and system_stats in
--- migrations/0001_baseline.sql); cheap counts are read live.
+-- Counts never look at every message: they come from message positions (messages.seq,
+-- partitions.first_seq/last_seq, partition_consumers.cursor_seq and partition_holes, see
+-- migrations/0004_stats_counters.sql) and the maintained partitions.message_count, read with
+-- a few index probes per partition. The statistics service snapshots them every
+-- STATS_INTERVAL_MS (tables queue_stats and system_stats in migrations/0001_baseline.sql);
+-- the resource routes read the snapshot or the same functions live.
 
 -- The smallest UUIDv7 of a moment: message ids at or after it were created at or after it,
 -- so time windows over messages use the primary key.
@@ -21,7 +24,158 @@ LANGUAGE sql IMMUTABLE AS $$
       FROM unnest(p_values) v
 $$;
 
--- Recomputes every queue's counts and the cluster figures; returns a summary.
+-- Positions (migration 4). The position of the newest message at or before an order key
+-- (0 when none): one backward probe of the partition's order index.
+CREATE OR REPLACE FUNCTION queen.seq_at(p_partition uuid, p_at timestamptz, p_id uuid)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT m.seq FROM queen.messages m
+                      WHERE m.partition_id = p_partition
+                        AND (m.created_at, m.id) <= (p_at, p_id)
+                      ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0)
+$$;
+
+-- How many stored messages of a partition sit at positions 1..p_seq: the positions from the
+-- oldest stored one, less the holes among them.
+CREATE OR REPLACE FUNCTION queen.stored_through(p_partition uuid, p_first bigint, p_last bigint,
+                                                p_seq bigint)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_seq IS NULL OR p_seq < p_first THEN 0
+                ELSE least(p_seq, p_last) - p_first + 1
+                     - coalesce((SELECT sum(least(h.seq_hi, p_seq) - greatest(h.seq_lo, p_first) + 1)
+                                   FROM queen.partition_holes h
+                                  WHERE h.partition_id = p_partition
+                                    AND h.seq_lo <= p_seq AND h.seq_hi >= p_first), 0)::bigint
+           END
+$$;
+
+-- A cursor that moves (any writer: pops, acks, seeks, the DLQ route, transactions) records
+-- the position of the message it now stands on: found by its id (a primary-key probe), or,
+-- for a start-of-time or "after this moment" cursor or a message deleted since, by the order
+-- key. A BEFORE trigger, so the row is written once. (By id first: a statement that shifts
+-- a partition's times together, as the tests' pass_time does, keeps every position.)
+CREATE OR REPLACE FUNCTION queen.on_cursor_positioned() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.cursor_seq := coalesce(
+        (SELECT m.seq FROM queen.messages m
+          WHERE m.id = NEW.cursor_id AND m.partition_id = NEW.partition_id),
+        (SELECT m.seq FROM queen.messages m
+          WHERE m.partition_id = NEW.partition_id
+            AND (m.created_at, m.id) <= (NEW.cursor_created_at, NEW.cursor_id)
+          ORDER BY m.created_at DESC, m.id DESC LIMIT 1),
+        0);
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER partition_consumers_cursor_seq
+    BEFORE UPDATE OF cursor_created_at, cursor_id ON queen.partition_consumers
+    FOR EACH ROW
+    WHEN ((NEW.cursor_created_at, NEW.cursor_id) IS DISTINCT FROM (OLD.cursor_created_at, OLD.cursor_id))
+    EXECUTE FUNCTION queen.on_cursor_positioned();
+
+CREATE OR REPLACE TRIGGER partition_consumers_cursor_seq_new
+    BEFORE INSERT ON queen.partition_consumers
+    FOR EACH ROW WHEN (NEW.cursor_created_at > '-infinity')
+    EXECUTE FUNCTION queen.on_cursor_positioned();
+
+-- Deleted messages (retention, eviction, explicit deletes, clears): first_seq moves to the
+-- oldest message left, and deleted positions after it become holes. Runs after the count
+-- trigger of 002_push.sql (trigger names sort), which has locked these partition rows, so no
+-- push numbers messages in between.
+CREATE OR REPLACE FUNCTION queen.on_messages_deleted_positions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_parts uuid[];
+BEGIN
+    SELECT array_agg(DISTINCT partition_id) INTO v_parts FROM deleted_rows;
+    UPDATE queen.partitions p
+       SET first_seq = coalesce((SELECT m.seq FROM queen.messages m
+                                  WHERE m.partition_id = p.id
+                                  ORDER BY m.created_at, m.id LIMIT 1), p.last_seq + 1)
+     WHERE p.id = ANY(v_parts);
+    INSERT INTO queen.partition_holes (partition_id, seq_lo, seq_hi)
+    SELECT g.partition_id, min(g.seq), max(g.seq)
+      FROM (SELECT d.partition_id, d.seq,
+                   d.seq - row_number() OVER (PARTITION BY d.partition_id ORDER BY d.seq) AS island
+              FROM deleted_rows d JOIN queen.partitions p ON p.id = d.partition_id
+             WHERE d.seq > p.first_seq) g
+     GROUP BY g.partition_id, g.island;
+    DELETE FROM queen.partition_holes h USING queen.partitions p
+     WHERE p.id = ANY(v_parts) AND h.partition_id = p.id AND h.seq_hi < p.first_seq;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER messages_deleted_positions
+    AFTER DELETE ON queen.messages
+    REFERENCING OLD TABLE AS deleted_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION queen.on_messages_deleted_positions();
+
+-- The counts of one partition (p_partition) or of all, as the full recount defined them:
+-- total = stored; completed = at or before the queue-mode cursor, less dead letters;
+-- processing = after it, up to the last message of a live queue-mode lease; pending = the
+-- rest. A few index probes per partition, whatever it stores; dead letters are counted
+-- (index-only, per partition), so that one grows with the dead-letter table.
+CREATE OR REPLACE FUNCTION queen.partition_counts(p_partition uuid DEFAULT NULL)
+RETURNS TABLE (partition_id uuid, queue_id uuid, total bigint, pending bigint,
+               processing bigint, completed bigint, dead_letter bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT p.id, p.queue_id, p.message_count,
+           p.message_count - c.consumed - c.processing, c.processing,
+           c.consumed - c.dead_letter, c.dead_letter
+      FROM queen.partitions p
+      LEFT JOIN queen.partition_consumers pc
+             ON pc.partition_id = p.id AND pc.consumer_group = '__QUEUE_MODE__'
+      CROSS JOIN LATERAL (
+          SELECT consumed.n AS consumed,
+                 CASE WHEN pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                       AND (pc.lease_last_created_at, pc.lease_last_id)
+                           > (pc.cursor_created_at, pc.cursor_id)
+                      THEN queen.stored_through(p.id, p.first_seq, p.last_seq,
+                               queen.seq_at(p.id, pc.lease_last_created_at, pc.lease_last_id))
+                           - consumed.n
+                      ELSE 0 END AS processing,
+                 (SELECT count(*) FROM queen.dead_letter_queue d
+                   WHERE d.partition_id = p.id) AS dead_letter
+            FROM (SELECT queen.stored_through(p.id, p.first_seq, p.last_seq, pc.cursor_seq) AS n) consumed
+      ) c
+     WHERE p_partition IS NULL OR p.id = p_partition
+$$;
+
+-- Lag of every (group, partition) with work (the pending lookup's rows): messages after the
+-- group's cursor (or its subscription point where it has none) and the oldest of them.
+CREATE OR REPLACE FUNCTION queen.lag_counts()
+RETURNS TABLE (consumer_group text, partition_id uuid, oldest_unconsumed_at timestamptz,
+               offset_lag bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT x.consumer_group, x.partition_id,
+           queen.first_unconsumed(x.partition_id, x.at, x.id), x.lag
+      FROM (SELECT pp.consumer_group, pp.partition_id,
+                   coalesce(pc.cursor_created_at, s.subscription_from) AS at,
+                   coalesce(pc.cursor_id, queen.start_cursor_id(s.subscription_from)) AS id,
+                   CASE WHEN pc.partition_id IS NULL AND s.queue_id IS NULL THEN 0
+                        ELSE p.message_count - queen.stored_through(p.id, p.first_seq, p.last_seq,
+                                 coalesce(pc.cursor_seq,
+                                          queen.seq_at(p.id, s.subscription_from,
+                                                       queen.start_cursor_id(s.subscription_from))))
+                   END AS lag
+              FROM queen.partition_pending pp
+              JOIN queen.partitions p ON p.id = pp.partition_id
+              LEFT JOIN queen.consumer_subscriptions s
+                     ON s.queue_id = pp.queue_id AND s.consumer_group = pp.consumer_group
+              LEFT JOIN queen.partition_consumers pc
+                     ON pc.partition_id = pp.partition_id AND pc.consumer_group = pp.consumer_group) x
+     WHERE x.lag > 0
+$$;
+
+-- Recomputes every queue's counts and the cluster figures; returns a summary. Its cost
+-- follows the number of partitions and of lagging (group, partition) pairs, not of messages.
+-- Queues are read FOR KEY SHARE SKIP LOCKED: a queue that a DELETE holds is left out (its
+-- snapshot row goes with it), and one being counted cannot be deleted until this commits,
+-- so the upsert never meets a missing queue (no foreign-key violation).
 CREATE OR REPLACE FUNCTION queen.refresh_stats() RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -33,13 +187,21 @@ DECLARE
     v_queues   integer;
     v_lag      jsonb;
 BEGIN
+    WITH live AS (
+        SELECT qu.id FROM queen.queues qu ORDER BY qu.id FOR KEY SHARE SKIP LOCKED
+    ), counted AS (
+        SELECT c.queue_id, sum(c.total) AS total, sum(c.pending) AS pending,
+               sum(c.processing) AS processing, sum(c.completed) AS completed,
+               sum(c.dead_letter) AS dead_letter
+          FROM queen.partition_counts() c
+         GROUP BY c.queue_id
+    )
     INSERT INTO queen.queue_stats AS qs (queue_id, total, pending, processing, completed,
                                          dead_letter, computed_at)
-    SELECT p.queue_id, sum((s->>'total')::bigint), sum((s->>'pending')::bigint),
-           sum((s->>'processing')::bigint), sum((s->>'completed')::bigint),
-           sum((s->>'deadLetter')::bigint), now()
-      FROM queen.partitions p, LATERAL queen.partition_stats(p.id) s
-     GROUP BY p.queue_id
+    SELECT l.id, coalesce(c.total, 0), coalesce(c.pending, 0), coalesce(c.processing, 0),
+           coalesce(c.completed, 0), coalesce(c.dead_letter, 0), now()
+      FROM live l LEFT JOIN counted c ON c.queue_id = l.id
+     ORDER BY l.id
     ON CONFLICT (queue_id) DO UPDATE SET
         total = excluded.total, pending = excluded.pending, processing = excluded.processing,
         completed = excluded.completed, dead_letter = excluded.dead_letter,
@@ -48,13 +210,19 @@ BEGIN
 
     SELECT * INTO v_prev FROM queen.system_stats WHERE id = 1;
     SELECT coalesce(sum(total_consumed), 0) INTO v_consumed FROM queen.partition_consumers;
-    SELECT count(*) INTO v_ingested FROM queen.messages
-     WHERE id >= queen.uuid_v7_floor(now() - interval '60 seconds');
+    -- Messages stored in the last minute: from the partitions active in it, the stored
+    -- messages after the position of the last one older than the minute.
+    SELECT coalesce(sum(p.message_count - queen.stored_through(p.id, p.first_seq, p.last_seq,
+                            queen.seq_at(p.id, now() - interval '60 seconds',
+                                         '00000000-0000-0000-0000-000000000000'))), 0)
+      INTO v_ingested
+      FROM queen.partitions p
+     WHERE p.last_message_at >= now() - interval '60 seconds';
     v_elapsed := greatest(extract(epoch FROM now() - coalesce(v_prev.computed_at, now())), 0);
     SELECT jsonb_build_object(
                'time', queen.stats_of(array_agg(extract(epoch FROM now() - l.oldest_unconsumed_at)::double precision)),
                'offset', queen.stats_of(array_agg(l.offset_lag::double precision)))
-      INTO v_lag FROM queen.group_lag() l;
+      INTO v_lag FROM queen.lag_counts() l;
 
     INSERT INTO queen.system_stats AS ss (id, ingested_per_second, processed_per_second,
                                           consumed_total, lag, computed_at)
@@ -67,8 +235,6 @@ BEGIN
         processed_per_second = excluded.processed_per_second,
         consumed_total = excluded.consumed_total, lag = excluded.lag,
         computed_at = excluded.computed_at;
-
-    DELETE FROM queen.queue_stats qs WHERE NOT EXISTS (SELECT 1 FROM queen.queues q WHERE q.id = qs.queue_id);
 
     RETURN jsonb_build_object(
         'success', true, 'queues', v_queues,
@@ -152,13 +318,8 @@ BEGIN
                        'lastActivity', queen.format_ts3(h.last_activity),
                        'messages', jsonb_build_object(
                            'total', h.message_count,
-                           'pending', (SELECT count(*) FROM queen.messages m
-                                        LEFT JOIN queen.partition_consumers pc
-                                               ON pc.partition_id = h.id
-                                              AND pc.consumer_group = '__QUEUE_MODE__'
-                                        WHERE m.partition_id = h.id
-                                          AND (pc.partition_id IS NULL
-                                               OR (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)))))
+                           'pending', (SELECT c.pending + c.processing
+                                         FROM queen.partition_counts(h.id) c)))
                      ORDER BY h.queue_name, h.name)
               FROM (SELECT * FROM hits ORDER BY queue_name, name LIMIT v_limit OFFSET v_offset) h),
             '[]'::jsonb),
