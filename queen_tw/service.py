@@ -42,6 +42,8 @@ from queen_tw.lifecycle import (
 )
 from queen_tw.listening import http_listener
 from queen_tw.logs import lets_through
+from queen_tw.metrics.recorder import Recorder
+from queen_tw.metrics.wiring import Metrics
 from queen_tw.services.database import DatabaseService, MigrationService
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
@@ -136,13 +138,18 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     config_cache = QueueConfigCache(reactor, config.queue_config_ttl_ms / 1000.0)
     cluster = build_cluster(config, waiters, config_cache, durability.maintenance, reactor,
                             in_group)  # UDP peer sync, and the bus between NUM_WORKERS workers
+    recorder = Recorder(db_errors=lambda: db.failed_calls)  # counts on the message path
     engine = QueueEngine(
         db, waiters, reactor, make_cipher(config.encryption_key), config.worker_id,
         PollTiming(config.pop_wait_initial_interval_ms, config.pop_wait_backoff_threshold,
                    config.pop_wait_backoff_multiplier, config.pop_wait_max_interval_ms),
         engine_limits(config), failover=durability.failover,
         pop_paused=lambda: durability.maintenance.pop_maintenance_mode or gate.stopping,
-        config_cache=config_cache, peers=cluster.notices)
+        config_cache=config_cache, peers=cluster.notices, recorder=recorder)
+    metrics = Metrics(recorder, db, reactor, config.worker_id, config.metrics_sample_interval_ms,
+                      config.metrics_aggregate_interval_s, config.metrics_retention_days,
+                      parked=waiters.parked_by_queue, buffer=durability.maintenance,
+                      shared_state=cluster.shared_state, cache=config_cache)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, waiters),
                          Browser(db, waiters, make_cipher(config.encryption_key)), stats)
@@ -150,8 +157,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),
                      admin=admin, maintenance=durability.maintenance,
-                     shared_state=cluster.shared_state)
+                     shared_state=cluster.shared_state, metrics=metrics)
     for job in background_jobs(config, db, stats, reactor):
+        top.add("jobs", job)
+    for job in metrics.services():  # sampler; aggregator (its last write at stop)
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags
     top.add("jobs", durability.adoption_service())  # buffers of processes no longer running

@@ -9,6 +9,7 @@ after). "The previous installer" is the real one: its ``queen_tw/db/schema.py`` 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import time
@@ -37,6 +38,18 @@ from support import REPO_ROOT, running_server, unique_name
 LEGACY_COMMIT = "191c143cc07a29cb51d86153c8dbf79308ed359e"
 
 BOOKKEEPING_TABLES = ("schema_files", "schema_migrations", "schema_functions")
+
+SHIPPED = [(m.version, m.path.name) for m in migration_files(sql_dir())]
+"""(version, file name) of every migration shipped in sql/migrations/, in order."""
+
+LATEST = SHIPPED[-1][0]
+"""The newest shipped version; the tests' own migrations are numbered after it."""
+
+
+def next_migration(name: str, after: int = 0) -> str:
+    """The file name of a test's own migration ``name``: numbered ``after`` past the next
+    free number (``next_migration("test.sql")`` is ``0005_test.sql`` when 0004 is shipped)."""
+    return f"{LATEST + 1 + after:04d}_{name}"
 
 
 # -- databases --------------------------------------------------------------------------
@@ -152,13 +165,20 @@ def copy_of_sql(tmp_path: Path) -> Path:
 
 
 def test_baseline_builds_exactly_the_schema_of_the_previous_installer(new_database, tmp_path):
-    legacy, fresh = new_database(), new_database()
+    legacy, baseline, fresh = new_database(), new_database(), new_database()
     install_with_previous_installer(legacy, tmp_path)
+    only_baseline = tmp_path / "baseline"
+    (only_baseline / "functions").mkdir(parents=True)
+    (only_baseline / "migrations").mkdir()
+    shutil.copy(sql_dir() / "migrations" / "0001_baseline.sql", only_baseline / "migrations")
+    assert install_schema(baseline, only_baseline) == ["migrations/0001_baseline.sql"]
     assert install_schema(fresh, sql_dir()) == every_file(sql_dir())
 
-    assert table_shape(fresh) == table_shape(legacy)
-    assert routines(fresh) == routines(legacy)
-    assert len(table_shape(fresh)["columns"]) > 100  # a real schema, not two empty ones
+    # Migration 1 alone makes the previous installer's tables; later migrations only add.
+    assert table_shape(baseline) == table_shape(legacy)
+    assert len(table_shape(baseline)["columns"]) > 100  # a real schema, not two empty ones
+    # Every function and trigger the previous installer made is still made, same signature.
+    assert {name for _, name, _ in routines(legacy)} <= {name for _, name, _ in routines(fresh)}
 
 
 def test_database_of_the_previous_installer_is_adopted_as_version_1(new_database, tmp_path):
@@ -169,7 +189,8 @@ def test_database_of_the_previous_installer_is_adopted_as_version_1(new_database
     applied = install_schema(legacy, sql_dir())
 
     assert applied == every_file(sql_dir())
-    assert recorded_versions(legacy) == [(1, "0001_baseline.sql")]
+    assert recorded_versions(legacy)[0] == (1, "0001_baseline.sql")  # adopted, not re-run
+    assert recorded_versions(legacy) == SHIPPED
     assert table_shape(legacy) == table_shape(fresh)
     assert routines(legacy) == routines(fresh)
     assert install_schema(legacy, sql_dir()) == []
@@ -249,7 +270,7 @@ def test_installing_again_applies_nothing(new_database):
     before = routines(dsn)
 
     assert install_schema(dsn, sql_dir()) == []
-    assert recorded_versions(dsn) == [(1, "0001_baseline.sql")]
+    assert recorded_versions(dsn) == SHIPPED
     assert routines(dsn) == before
 
 
@@ -257,17 +278,17 @@ def test_a_new_migration_is_applied_once_and_recorded(new_database, tmp_path):
     dsn = new_database()
     install_schema(dsn, sql_dir())
     upgraded = copy_of_sql(tmp_path)
-    (upgraded / "migrations" / "0002_test.sql").write_text(
+    (upgraded / "migrations" / next_migration("test.sql")).write_text(
         "ALTER TABLE queen.queues ADD COLUMN test_note text NOT NULL DEFAULT 'none';\n")
 
     first = install_schema(dsn, upgraded)
     second = install_schema(dsn, upgraded)
 
     # Every function file follows a migration, so one a migration broke fails the upgrade.
-    assert first == ["migrations/0002_test.sql",
+    assert first == [f"migrations/{next_migration('test.sql')}",
                      *[f"functions/{path.name}" for path in function_files(upgraded)]]
     assert second == []
-    assert recorded_versions(dsn) == [(1, "0001_baseline.sql"), (2, "0002_test.sql")]
+    assert recorded_versions(dsn) == [*SHIPPED, (LATEST + 1, next_migration("test.sql"))]
     assert _query(dsn, "SELECT column_default FROM information_schema.columns "
                        "WHERE table_schema = 'queen' AND table_name = 'queues' "
                        "AND column_name = 'test_note'") == [("'none'::text",)]
@@ -294,9 +315,9 @@ def test_a_failed_upgrade_rolls_back_every_file_of_it(new_database, tmp_path):
     install_schema(dsn, sql_dir())
     before = (routines(dsn), table_shape(dsn), recorded_versions(dsn))
     upgraded = copy_of_sql(tmp_path)
-    (upgraded / "migrations" / "0002_good.sql").write_text(
+    (upgraded / "migrations" / next_migration("good.sql")).write_text(
         "ALTER TABLE queen.queues ADD COLUMN test_note text;\n")
-    (upgraded / "migrations" / "0003_bad.sql").write_text(
+    (upgraded / "migrations" / next_migration("bad.sql", after=1)).write_text(
         "CREATE TABLE queen.half_done (id integer);\n"
         "ALTER TABLE queen.queues ADD COLUMN name text;\n")
     state = upgraded / "functions" / "030_system_state.sql"
@@ -307,8 +328,8 @@ def test_a_failed_upgrade_rolls_back_every_file_of_it(new_database, tmp_path):
         install_schema(dsn, upgraded)
 
     assert str(failure.value) == (
-        'schema upgrade failed in migrations/0003_bad.sql: column "name" of relation "queues" '
-        "already exists; nothing was changed")
+        f"schema upgrade failed in migrations/{next_migration('bad.sql', after=1)}: column "
+        '"name" of relation "queues" already exists; nothing was changed')
     assert (routines(dsn), table_shape(dsn), recorded_versions(dsn)) == before
     assert _query(dsn, "SELECT to_regclass('queen.half_done')") == [(None,)]
 
@@ -317,15 +338,16 @@ def test_a_syntax_error_is_reported_with_its_file_and_line(new_database, tmp_pat
     dsn = new_database()
     install_schema(dsn, sql_dir())
     upgraded = copy_of_sql(tmp_path)
-    (upgraded / "migrations" / "0002_typo.sql").write_text(
+    typo = next_migration("typo.sql")
+    (upgraded / "migrations" / typo).write_text(
         "-- adds a column\n\nALTER TABLE queen.queues ADD COLUMN test_note text;\n"
         "ALTER TABEL queen.queues ADD COLUMN other text;\n")
 
-    with pytest.raises(SchemaUpgradeError, match=r"^schema upgrade failed in "
-                       r"migrations/0002_typo\.sql line 4: syntax error at or near \"TABEL\"; "
-                       r"nothing was changed$"):
+    with pytest.raises(SchemaUpgradeError, match=rf"^schema upgrade failed in "
+                       rf"migrations/{re.escape(typo)} line 4: syntax error at or near "
+                       r"\"TABEL\"; nothing was changed$"):
         install_schema(dsn, upgraded)
-    assert recorded_versions(dsn) == [(1, "0001_baseline.sql")]
+    assert recorded_versions(dsn) == SHIPPED
 
 
 def test_a_failing_function_file_rolls_back_the_migrations_before_it(new_database, tmp_path):
@@ -333,43 +355,47 @@ def test_a_failing_function_file_rolls_back_the_migrations_before_it(new_databas
     install_schema(dsn, sql_dir())
     before = (routines(dsn), table_shape(dsn))
     upgraded = copy_of_sql(tmp_path)
-    (upgraded / "migrations" / "0002_drop.sql").write_text(
+    (upgraded / "migrations" / next_migration("drop.sql")).write_text(
         "ALTER TABLE queen.system_state DROP COLUMN updated_at;\n")
 
     # system_state_set (an SQL function) names the dropped column: recreating it fails.
     with pytest.raises(SchemaUpgradeError, match=r"functions/030_system_state\.sql.*updated_at"):
         install_schema(dsn, upgraded)
     assert (routines(dsn), table_shape(dsn)) == before
-    assert recorded_versions(dsn) == [(1, "0001_baseline.sql")]
+    assert recorded_versions(dsn) == SHIPPED
 
 
 def test_a_database_newer_than_the_code_is_refused(new_database):
     dsn = new_database()
     install_schema(dsn, sql_dir())
-    record_schema_version(dsn, 2, "0002_from_the_future.sql")
+    future = next_migration("from_the_future.sql")
+    record_schema_version(dsn, LATEST + 1, future)
 
     with pytest.raises(SchemaUpgradeError) as refusal:
         install_schema(dsn, sql_dir())
     assert str(refusal.value) == (
-        "the database schema is at version 2 (0002_from_the_future.sql) but this queen-tw "
-        "knows versions up to 1 only; run a queen-tw at least as new as the one that upgraded "
-        "it; nothing was changed")
-    assert recorded_versions(dsn) == [(1, "0001_baseline.sql"), (2, "0002_from_the_future.sql")]
+        f"the database schema is at version {LATEST + 1} ({future}) but this queen-tw "
+        f"knows versions up to {LATEST} only; run a queen-tw at least as new as the one that "
+        "upgraded it; nothing was changed")
+    assert recorded_versions(dsn) == [*SHIPPED, (LATEST + 1, future)]
 
 
 def test_a_migration_recorded_under_another_name_is_refused(new_database, tmp_path):
     dsn = new_database()
     install_schema(dsn, sql_dir())
-    record_schema_version(dsn, 2, "0002_a.sql")
+    record_schema_version(dsn, LATEST + 1, next_migration("a.sql"))
     other = copy_of_sql(tmp_path)
-    (other / "migrations" / "0002_b.sql").write_text("SELECT 1;\n")
+    (other / "migrations" / next_migration("b.sql")).write_text("SELECT 1;\n")
 
-    with pytest.raises(SchemaUpgradeError, match="migration 2 is recorded as 0002_a.sql"):
+    with pytest.raises(SchemaUpgradeError, match=f"migration {LATEST + 1} is recorded as "
+                                                 f"{re.escape(next_migration('a.sql'))}"):
         install_schema(dsn, other)
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("0003_gap.sql", r"migration number 3 comes after a gap \(0003_gap\.sql\)"),
+    (next_migration("gap.sql", after=1),
+     rf"migration number {LATEST + 2} comes after a gap "
+     rf"\({re.escape(next_migration('gap.sql', after=1))}\)"),
     ("0001_twice.sql", r"migration number 1 is used twice \(0001_baseline\.sql, 0001_twice\.sql\)"),
     ("2_short.sql", r"migrations/2_short\.sql is not named NNNN_<name>\.sql"),
 ])

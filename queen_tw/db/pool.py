@@ -228,10 +228,19 @@ class Database:
         self._pool: Optional[_Pool] = None
         self._statements: Dict[Tuple[str, Tuple[bool, ...], str], str] = {}
         self._outage = OutageLog("PostgreSQL", reactor)
+        self.failed_calls = 0  # calls that raised (outage, deadline, SQL error): metrics
 
     @property
     def size(self) -> int:
         return self._size
+
+    def usage(self) -> Tuple[int, int, int]:
+        """(idle, active, waiting) now: free connections, connections running a call, and
+        calls waiting for a connection (read by the metrics sampler)."""
+        if self._pool is None:
+            return 0, 0, 0
+        return (len(self._pool.connections), len(self._pool.busy),
+                len(self._pool._semaphore.waiting))
 
     async def connect(self) -> None:
         """Opens every connection; raises if PostgreSQL cannot be reached now."""
@@ -282,11 +291,16 @@ class Database:
         try:
             rows = await self._pool.run_query_within(self._call_deadline, sql, params)
         except DeadlineExceeded as err:
+            self.failed_calls += 1
             self._outage.failed(f"{function}: {err}")
             raise
         except _DEAD as err:
+            self.failed_calls += 1
             self._outage.failed(f"{function}: {describe_error(err)}")
             raise DatabaseUnavailable("Database unavailable") from err
+        except Exception:
+            self.failed_calls += 1
+            raise
         self._outage.succeeded()
         return rows
 

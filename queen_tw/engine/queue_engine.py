@@ -8,6 +8,7 @@ import os
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from time import perf_counter
 from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from twisted.internet import defer
@@ -21,6 +22,7 @@ from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.popper import QUEUE_MODE, Delivery, PollTiming, Popper, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import DatabaseUnavailable, InvalidRequest, NotFound, Unavailable
+from queen_tw.metrics.recorder import Recorder
 from queen_tw.services.retry import OutageLog
 
 log = Logger()
@@ -131,6 +133,8 @@ class QueueEngine:
     :param pop_paused: True while pops must answer 204 at once (pop maintenance, shutdown).
     :param config_cache: queues' encryption flags (None: read PostgreSQL on every push).
     :param peers: told about committed pushes and queue changes (None: no peer sync).
+    :param recorder: counts every push, pop, ack and transaction (metrics; None: counted
+        where nobody reads it).
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
@@ -139,7 +143,7 @@ class QueueEngine:
                  failover: Optional[PushFailover] = None, push_shards: int = 2,
                  pop_paused: Callable[[], bool] = lambda: False,
                  config_cache: Optional[QueueConfigCache] = None,
-                 peers: Optional[PeerNotices] = None):
+                 peers: Optional[PeerNotices] = None, recorder: Optional[Recorder] = None):
         self._db = db
         self._config_cache = config_cache or QueueConfigCache(clock, ttl=0)
         self._peers: PeerNotices = peers or _NoPeers()
@@ -150,6 +154,7 @@ class QueueEngine:
         self._worker_id = worker_id
         self._failover = failover
         self._push_shards = push_shards
+        self.recorder = recorder or Recorder()
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              decrypt=lambda message: self._decrypt_field(message, "data"),
                              give_back=self._give_back, paused=pop_paused)
@@ -175,6 +180,17 @@ class QueueEngine:
         Every item gets its transactionId here, before any attempt, so a push that reached
         PostgreSQL but lost its answer dedupes when the buffer replays it.
         """
+        started = perf_counter()
+        try:
+            results = await self._push(items)
+        except Exception:
+            self.recorder.failed("push", perf_counter() - started)
+            raise
+        if items:
+            self.recorder.pushed(items, perf_counter() - started)
+        return results
+
+    async def _push(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if not items:
             return []
         items = _with_transaction_ids(items)
@@ -310,8 +326,17 @@ class QueueEngine:
 
     async def pop(self, request: PopRequest, gone: Optional[defer.Deferred] = None
                   ) -> Optional[Delivery]:
-        """See :meth:`Popper.pop`."""
-        return await self.popper.pop(request, gone)
+        """See :meth:`Popper.pop`. Latency is recorded for pops that do not wait (a long
+        poll's time is mostly the wait)."""
+        started = perf_counter()
+        try:
+            delivery = await self.popper.pop(request, gone)
+        except Exception:
+            self.recorder.failed("pop", perf_counter() - started)
+            raise
+        self.recorder.popped(request.queue, delivery,
+                             None if request.wait else perf_counter() - started)
+        return delivery
 
     async def _give_back(self, delivery: Delivery) -> None:
         """Releases the leases of a delivery nobody will receive (counter untouched)."""
@@ -338,7 +363,14 @@ class QueueEngine:
 
     async def ack(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Applies validated acks; returns one result per item in request order."""
-        return await self.batchers["ack"].submit(items)
+        started = perf_counter()
+        try:
+            results = await self.batchers["ack"].submit(items)
+        except Exception:
+            self.recorder.failed("ack", perf_counter() - started)
+            raise
+        self.recorder.acked(items, results, perf_counter() - started)
+        return results
 
     async def _ack_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
         """One ``ack_core`` call; each request keeps its own semantics (``req``)."""
@@ -379,6 +411,17 @@ class QueueEngine:
         Push items get transactionIds and encryption as in :meth:`push`; waiters of the
         pushed partitions wake once the transaction committed.
         """
+        started = perf_counter()
+        try:
+            outcome = await self._transaction(operations, required_leases)
+        except Exception:
+            self.recorder.failed("transaction", perf_counter() - started)
+            raise
+        self.recorder.transacted(operations, perf_counter() - started)
+        return outcome
+
+    async def _transaction(self, operations: List[Dict[str, Any]],
+                           required_leases: List[str]) -> Dict[str, Any]:
         pushed = [item for op in operations if op["type"] == "push" for item in op["items"]]
         if pushed and self._failover is not None and self._failover.must_buffer(pushed):
             # cannot be buffered (it is atomic with its acks) nor overtake buffered pushes

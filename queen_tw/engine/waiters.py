@@ -8,7 +8,7 @@ attempt for all the pops parked behind it) is the Popper's business, not the reg
 """
 
 from collections import defaultdict
-from typing import DefaultDict, List, Optional, Protocol, Set, Tuple
+from typing import DefaultDict, Dict, List, Optional, Protocol, Set, Tuple
 
 WaiterKey = Tuple[Optional[str], Optional[str]]
 
@@ -60,6 +60,15 @@ class WaiterRegistry:
 
     def __len__(self) -> int:
         return sum(len(w) for watchers in self._watchers.values() for w in watchers)
+
+    def parked_by_queue(self) -> Dict[str, int]:
+        """Parked pops per queue name (``""`` for pops spanning queues), for metrics."""
+        parked: Dict[str, int] = defaultdict(int)
+        for (queue, _), watchers in self._watchers.items():
+            count = sum(len(w) for w in watchers)
+            if count:
+                parked[queue or ""] += count
+        return dict(parked)
 
     def watch(self, queue: Optional[str], partition: Optional[str], watcher: Watcher) -> None:
         """Registers ``watcher`` for changes of ``queue``/``partition`` (None = any)."""

@@ -347,6 +347,27 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         "dashboardFile", "A script or style sheet of the dashboard page",
         {200: {"type": "string"}}, [_path("name", {"type": "string", "minLength": 1})],
         errors=(400, 404), media_types=("text/javascript", "text/css", "image/svg+xml"))),
+    # -- metrics (WIRE.md 3.8; queen_tw/http/metrics_routes.py): public --
+    ("/metrics", "get", _Op(
+        "metrics", "This worker's uptime, request and message totals and rates, pool, memory "
+        "(no V8 heap: its fields are 0) and CPU (microseconds)",
+        {200: {"type": "object", "required": ["uptime", "requests", "messages", "database",
+                                               "memory", "cpu"],
+               "properties": {
+                   "uptime": {"type": "number"},
+                   **{part: {"type": "object", "required": list(fields),
+                             "properties": {field: {"type": "number"} for field in fields}}
+                      for part, fields in (
+                          ("requests", ("total", "rate")), ("messages", ("total", "rate")),
+                          ("database", ("poolSize", "idleConnections", "waitingRequests")),
+                          ("memory", ("rss", "heapTotal", "heapUsed", "external",
+                                      "arrayBuffers")),
+                          ("cpu", ("user", "system")))}}}},
+        errors=())),
+    ("/metrics/prometheus", "get", _Op(
+        "prometheus", "Prometheus text format 0.0.4: this worker's families and, when "
+        "PostgreSQL answers, the cluster's", {200: {"type": "string"}}, errors=(),
+        media_types=("text/plain",))),
 ]
 
 

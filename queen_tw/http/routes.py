@@ -22,11 +22,13 @@ from queen_tw.http.dashboard import DashboardRoutes
 from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
+from queen_tw.http.metrics_routes import MetricsRoutes
 from queen_tw.http.openapi import OpenApiRoutes
 from queen_tw.http.resources import ResourceRoutes
 from queen_tw.http.streams import StreamRoutes
 from queen_tw.http.system import SharedStateView, SystemRoutes
 from queen_tw.maintenance import Maintenance
+from queen_tw.metrics.wiring import Metrics
 
 
 class Routes(Resource):
@@ -73,7 +75,8 @@ class Routes(Resource):
 def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
               admin: Optional[AdminEngines] = None,
               maintenance: Optional[Maintenance] = None,
-              shared_state: Optional[SharedStateView] = None) -> IResource:
+              shared_state: Optional[SharedStateView] = None,
+              metrics: Optional[Metrics] = None) -> IResource:
     """The site's root: every route of WIRE.md, push/pop/ack through the hot shortcut.
 
     :param engine: the message path.
@@ -82,15 +85,18 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     :param admin: consumer-group, browser, statistics and wake-up engines (404 without).
     :param maintenance: flags and file buffer of the system routes (404 without).
     :param shared_state: peer-sync statistics (None: sync off, ``not_initialized``).
+    :param metrics: the process's metrics, for ``/metrics`` (404 without).
     """
-    sets = route_sets(engine, worker_id, pop_defaults, admin, maintenance, shared_state)
+    sets = route_sets(engine, worker_id, pop_defaults, admin, maintenance, shared_state,
+                      metrics)
     return HotRoutes(sets[0], Routes(sets))
 
 
 def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
                admin: Optional[AdminEngines] = None,
                maintenance: Optional[Maintenance] = None,
-               shared_state: Optional[SharedStateView] = None) -> List[Any]:
+               shared_state: Optional[SharedStateView] = None,
+               metrics: Optional[Metrics] = None) -> List[Any]:
     """Every route module of the site, the messaging routes first (the hot shortcut calls
     them). The OpenAPI test reads their URL maps, so a route added here must be documented.
     Parameters as for :func:`http_root`."""
@@ -102,4 +108,5 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         OpenApiRoutes(),
         StreamRoutes(engine),
         DashboardRoutes(),
+        MetricsRoutes(metrics),
     ]
