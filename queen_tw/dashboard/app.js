@@ -9,6 +9,7 @@ import { compact, lineChart } from "./charts.js";
 const TOKEN_KEY = "queen-tw.token";
 const REFRESH_MS = 5000;
 const SHOWN_ROWS = 200;
+const CALL_TIMEOUT_MS = 15000; // a call that hangs is reported, not waited for forever
 
 // -- the API --------------------------------------------------------------------------
 
@@ -37,7 +38,8 @@ async function api(path, method = "GET") {
   if (token) headers.Authorization = `Bearer ${token}`;
   let answer;
   try {
-    answer = await fetch(path, { method, headers, cache: "no-store" });
+    answer = await fetch(path, { method, headers, cache: "no-store",
+      signal: AbortSignal.timeout(CALL_TIMEOUT_MS) });
   } catch (error) {
     throw new ApiError(method, path, 0, `the server cannot be reached (${error.message})`);
   }
