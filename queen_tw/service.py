@@ -23,6 +23,7 @@ from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database, call_deadline
 from queen_tw.engine.admin import AdminEngines
+from queen_tw.engine.analytics import Analytics
 from queen_tw.engine.batcher import BatchLimits
 from queen_tw.engine.browser import Browser
 from queen_tw.engine.consumer_groups import ConsumerGroups
@@ -152,7 +153,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                       shared_state=cluster.shared_state, cache=config_cache)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, waiters),
-                         Browser(db, waiters, make_cipher(config.encryption_key)), stats)
+                         Browser(db, waiters, make_cipher(config.encryption_key)), stats,
+                         Analytics(db, config.metrics_aggregate_interval_s,
+                                   config.metrics_retention_days))
     root = http_root(engine, config.worker_id,
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),

@@ -62,6 +62,19 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("DELETE", "/api/v1/queues/<queue>/clear", _AD),  # queen-tw (inferred)
     ("POST", "/api/v1/stats/refresh", _AD),
     ("GET", "/api/v1/status/buffers", _RO),
+    # status and analytics for dashboards (WIRE.md 3.4)
+    ("GET", "/api/v1/status", _RO),
+    ("GET", "/api/v1/status/queues", _RO),
+    ("GET", "/api/v1/status/queues/<queue>", _RO),
+    ("GET", "/api/v1/status/queues/<queue>/messages", _RO),
+    ("GET", "/api/v1/status/analytics", _RO),
+    ("GET", "/api/v1/analytics/system-metrics", _RO),
+    ("GET", "/api/v1/analytics/worker-metrics", _RO),
+    ("GET", "/api/v1/analytics/postgres-stats", _RO),
+    ("GET", "/api/v1/analytics/queue-lag", _RO),
+    ("GET", "/api/v1/analytics/queue-ops", _RO),
+    ("GET", "/api/v1/analytics/queue-parked-replicas", _RO),
+    ("GET", "/api/v1/analytics/retention", _RO),
     # messages, dead letters, traces
     ("GET", "/api/v1/messages", _RO),
     ("GET", "/api/v1/messages/<partition_id>/<transaction_id>", _RO),

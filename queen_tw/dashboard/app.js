@@ -245,7 +245,11 @@ async function overviewPage(load) {
     ["DB", (w) => (w.dbHealthy ? "healthy" : "DOWN")],
   ], workers, (w) => ({ "data-worker": w.workerId })) : noData();
 
-  return [cards, charts, section("Queues", queueTable), section("Workers", workerTable)];
+  const range = status && status.timeRange ? h("p", { class: "muted", "data-testid": "range" },
+    `From ${when(status.timeRange.from)} to ${when(status.timeRange.to)}`
+    + (status.bucketMinutes ? `, ${status.bucketMinutes}-minute buckets` : "")) : null;
+  return [cards, range, charts, section("Queues", queueTable),
+    section("Workers", workerTable)];
 }
 
 async function queuePage(load, name) {

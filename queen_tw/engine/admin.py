@@ -6,7 +6,9 @@ and statistics — hangs off :class:`AdminEngines`.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
+from queen_tw.engine.analytics import Analytics
 from queen_tw.engine.browser import Browser
 from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.services.stats import StatsRefresher
@@ -19,3 +21,4 @@ class AdminEngines:
     groups: ConsumerGroups
     browser: Browser
     stats: StatsRefresher
+    analytics: Optional[Analytics] = None  # the status and analytics routes (404 without)

@@ -21,6 +21,8 @@ from queen_tw.http.answers import answering_errors
 from queen_tw.http.messaging import SUBSCRIPTION_MODES
 from queen_tw.http.openapi_schemas import Schema, ref
 from queen_tw.http.query import INT32_MAX, MESSAGE_STATUSES
+from queen_tw.http.status import ANSWERS as STATUS_ANSWERS
+from queen_tw.http.status import INTERVALS, TIME_PARAMETER
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 
@@ -78,6 +80,12 @@ _POP_PARAMS = (
     _query("subscriptionFrom", {"type": "string"}, "'now' or an ISO-8601 timestamp"),
 )
 _PARTITIONS = _query("partitions", _int(1), "most partitions claimed by this pop")
+_RANGE = (_query("from", TIME_PARAMETER, "default: an hour before to"),
+          _query("to", TIME_PARAMETER, "default: now"))
+_QUEUE_FILTERS = (_query("queue", _NAME_FILTER, "404 if no such queue"),
+                  _query("namespace", {"type": "string"}), _query("task", {"type": "string"}))
+_WORKER_FILTERS = (_query("hostname", {"type": "string"}), _query("workerId", {"type": "string"}))
+_STATUS_LIMIT = _query("limit", {"type": "integer", "minimum": 1}, "values above 1000 are capped")
 
 
 class _Op:
@@ -311,6 +319,52 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
     ("/api/v1/status/buffers", "get", _Op(
         "bufferStatus", "The file buffer of this worker",
         {200: ref("BufferStatus")}, errors=(503,))),
+    # -- status and analytics for dashboards (WIRE.md 3.4; queen_tw/http/status.py) --
+    ("/api/v1/status", "get", _Op(
+        "status", "Throughput, queues, counts, leases, workers and errors over a range",
+        {200: STATUS_ANSWERS["status"]}, [*_RANGE, *_QUEUE_FILTERS], errors=(400, 404, 503))),
+    ("/api/v1/status/queues", "get", _Op(
+        "statusQueues", "A page of queues with their counts",
+        {200: STATUS_ANSWERS["queues"]},
+        [*_RANGE, *_QUEUE_FILTERS[1:], _STATUS_LIMIT, _query("offset", _int(0))])),
+    ("/api/v1/status/queues/{queue}", "get", _Op(
+        "statusQueue", "A queue, its options, partitions, cursors and group lag",
+        {200: STATUS_ANSWERS["queue"]}, [_QUEUE], errors=(400, 404, 503))),
+    ("/api/v1/status/queues/{queue}/messages", "get", _Op(
+        "statusQueueMessages", "A page of a queue's messages, newest first",
+        {200: STATUS_ANSWERS["queueMessages"]},
+        [_QUEUE, _STATUS_LIMIT, _query("offset", _int(0))], errors=(400, 404, 503))),
+    ("/api/v1/status/analytics", "get", _Op(
+        "statusAnalytics", "Queue operations per minute, hour or day",
+        {200: STATUS_ANSWERS["analytics"]},
+        [*_RANGE, *_QUEUE_FILTERS,
+         _query("interval", {"type": "string", "enum": list(INTERVALS)}, "default hour")],
+        errors=(400, 404, 503))),
+    ("/api/v1/analytics/system-metrics", "get", _Op(
+        "systemMetrics", "The workers' figures summed per time bucket",
+        {200: STATUS_ANSWERS["systemMetrics"]}, [*_RANGE, *_WORKER_FILTERS])),
+    ("/api/v1/analytics/worker-metrics", "get", _Op(
+        "workerMetrics", "One time series per worker",
+        {200: STATUS_ANSWERS["workerMetrics"]}, [*_RANGE, *_WORKER_FILTERS])),
+    ("/api/v1/analytics/postgres-stats", "get", _Op(
+        "postgresStats", "Database size, cache hits, connections, tables and indexes",
+        {200: STATUS_ANSWERS["postgresStats"]}, errors=(503,))),
+    ("/api/v1/analytics/queue-lag", "get", _Op(
+        "queueLag", "Pop lag per queue and time bucket",
+        {200: STATUS_ANSWERS["queueLag"]}, [*_RANGE, _QUEUE_FILTERS[0]],
+        errors=(400, 404, 503))),
+    ("/api/v1/analytics/queue-ops", "get", _Op(
+        "queueOps", "Operations per queue and time bucket",
+        {200: STATUS_ANSWERS["queueOps"]}, [*_RANGE, _QUEUE_FILTERS[0]],
+        errors=(400, 404, 503))),
+    ("/api/v1/analytics/queue-parked-replicas", "get", _Op(
+        "queueParkedReplicas", "Long polls parked per queue and time bucket",
+        {200: STATUS_ANSWERS["queueParked"]}, [*_RANGE, _QUEUE_FILTERS[0]],
+        errors=(400, 404, 503))),
+    ("/api/v1/analytics/retention", "get", _Op(
+        "retention", "Rows and oldest row of each table retention prunes",
+        {200: STATUS_ANSWERS["retention"]}, [*_RANGE, _QUEUE_FILTERS[0]],
+        errors=(400, 404, 503))),
     ("/internal/api/notify", "post", _Op(
         "notify", "Wake the pops waiting on a queue here and on the peers",
         {200: ref("NotifyAnswer")}, body=ref("NotifyRequest"), body_required=True,

@@ -25,6 +25,7 @@ from queen_tw.http.messaging import MessagingRoutes, PopDefaults
 from queen_tw.http.metrics_routes import MetricsRoutes
 from queen_tw.http.openapi import OpenApiRoutes
 from queen_tw.http.resources import ResourceRoutes
+from queen_tw.http.status import StatusRoutes
 from queen_tw.http.streams import StreamRoutes
 from queen_tw.http.system import SharedStateView, SystemRoutes
 from queen_tw.maintenance import Maintenance
@@ -104,6 +105,7 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         MessagingRoutes(engine, pop_defaults),
         ResourceRoutes(engine, admin),
         GroupRoutes(admin),
+        StatusRoutes(admin),
         SystemRoutes(engine, worker_id, maintenance, shared_state),
         OpenApiRoutes(),
         StreamRoutes(engine),
