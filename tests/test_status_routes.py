@@ -17,7 +17,7 @@ import pytest
 
 from tests.client_helpers import connect, run_scenario
 from tests.http_helpers import ack, pop, push
-from tests.support import unique_name
+from tests.support import unique_name, wait_until
 
 WORKERS = ("w-a", "w-b")
 BUCKETS = 3
@@ -557,6 +557,42 @@ def test_unknown_queue_answers_404(http, path):
 
     assert answer.status_code == 404
     assert answer.json() == {"error": "Queue not found"}
+
+
+# -- end to end: real traffic through the metrics writer ---------------------------------
+
+
+def test_real_traffic_shows_up_in_status_after_an_aggregate_interval(make_server):
+    server = make_server(METRICS_AGGREGATE_INTERVAL_S="1")
+    queue = unique_name("sq-e2e-")
+    with httpx.Client(base_url=server.url, timeout=40) as client:
+        push(client, queue, list(range(5)))
+        delivered = pop(client, queue, batch=3)
+        for message in delivered["messages"]:
+            ack(client, message)
+
+        def settled() -> Dict[str, Any] | None:
+            status = _get(client, "/api/v1/status", queue=queue)
+            entries = [q for q in status["queues"] if q["name"] == queue]
+            done = entries and entries[0]["pushMessages"] == 5 and entries[0]["ackSuccess"] == 3
+            return status if done else None
+
+        status = wait_until(settled, message="the queue's metrics rows")
+        ops = _get(client, "/api/v1/analytics/queue-ops", queue=queue)
+        system = _get(client, "/api/v1/analytics/system-metrics")
+
+    entry = status["queues"][0]
+    assert entry["popMessages"] == 3 and entry["ackFailed"] == 0 and entry["dlq"] == 0
+    assert sum(p["pushMessages"] for p in status["throughput"]) == 5
+    assert sum(p["ackSuccess"] for p in status["throughput"]) == 3
+    worker = [w for w in status["workers"] if w["pid"] == server.pid]
+    assert len(worker) == 1 and worker[0]["alive"] is True and worker[0]["rssBytes"] > 0
+    assert worker[0]["dbHealthy"] is True
+    points = ops["series"][0]["points"]
+    assert ops["series"][0]["queue"] == queue
+    assert sum(p["pushMessages"] for p in points) == 5
+    assert sum(p["pushRequests"] for p in points) == 1
+    assert system["series"] and system["series"][-1]["rssBytes"] > 0
 
 
 # -- the official client's Admin --------------------------------------------------------
