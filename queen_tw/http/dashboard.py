@@ -85,7 +85,7 @@ class DashboardRoutes:
             request.setHeader(b"X-Frame-Options", b"DENY")
         return answer
 
-    @app.route(ASSET_PREFIX + "<name>", methods=["GET"])
+    @app.route("/dashboard/<name>", methods=["GET"])  # = ASSET_PREFIX, written out
     def asset(self, request, name):
         return self._answer(request, name)
 
