@@ -24,19 +24,8 @@ LANGUAGE sql IMMUTABLE AS $$
       FROM unnest(p_values) v
 $$;
 
--- Positions (migration 4). The position of the newest message at or before an order key
--- (0 when none): one backward probe of the partition's order index.
-CREATE OR REPLACE FUNCTION queen.seq_at(p_partition uuid, p_at timestamptz, p_id uuid)
-RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT m.seq FROM queen.messages m
-                      WHERE m.partition_id = p_partition
-                        AND (m.created_at, m.id) <= (p_at, p_id)
-                      ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0)
-$$;
-
--- How many stored messages of a partition sit at positions 1..p_seq: the positions from the
--- oldest stored one, less the holes among them.
+-- Positions (migration 4): how many stored messages of a partition sit at positions
+-- 1..p_seq, i.e. the positions from the oldest stored one, less the holes among them.
 CREATE OR REPLACE FUNCTION queen.stored_through(p_partition uuid, p_first bigint, p_last bigint,
                                                 p_seq bigint)
 RETURNS bigint
@@ -117,58 +106,99 @@ CREATE OR REPLACE TRIGGER messages_deleted_positions
 -- The counts of one partition (p_partition) or of all, as the full recount defined them:
 -- total = stored; completed = at or before the queue-mode cursor, less dead letters;
 -- processing = after it, up to the last message of a live queue-mode lease; pending = the
--- rest. A few index probes per partition, whatever it stores; dead letters are counted
--- (index-only, per partition), so that one grows with the dead-letter table.
+-- rest. stored_through's arithmetic written out (a SQL function with a sub-select is never
+-- inlined, and a call per partition cost more than the probes): a few index probes per
+-- partition, whatever it stores. Dead letters are counted (index-only, per partition), so
+-- that one count grows with the dead-letter table, not with the queue.
 CREATE OR REPLACE FUNCTION queen.partition_counts(p_partition uuid DEFAULT NULL)
 RETURNS TABLE (partition_id uuid, queue_id uuid, total bigint, pending bigint,
                processing bigint, completed bigint, dead_letter bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT p.id, p.queue_id, p.message_count,
-           p.message_count - c.consumed - c.processing, c.processing,
-           c.consumed - c.dead_letter, c.dead_letter
-      FROM queen.partitions p
-      LEFT JOIN queen.partition_consumers pc
-             ON pc.partition_id = p.id AND pc.consumer_group = '__QUEUE_MODE__'
-      CROSS JOIN LATERAL (
-          SELECT consumed.n AS consumed,
-                 CASE WHEN pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
-                       AND (pc.lease_last_created_at, pc.lease_last_id)
-                           > (pc.cursor_created_at, pc.cursor_id)
-                      THEN queen.stored_through(p.id, p.first_seq, p.last_seq,
-                               queen.seq_at(p.id, pc.lease_last_created_at, pc.lease_last_id))
-                           - consumed.n
-                      ELSE 0 END AS processing,
-                 (SELECT count(*) FROM queen.dead_letter_queue d
-                   WHERE d.partition_id = p.id) AS dead_letter
-            FROM (SELECT queen.stored_through(p.id, p.first_seq, p.last_seq, pc.cursor_seq) AS n) consumed
-      ) c
-     WHERE p_partition IS NULL OR p.id = p_partition
+    SELECT x.id, x.queue_id, x.message_count, x.message_count - x.consumed - x.processing,
+           x.processing, x.consumed - x.dead_letter, x.dead_letter
+      FROM (
+        SELECT p.id, p.queue_id, p.message_count,
+               -- stored messages at positions first_seq..cursor_seq
+               CASE WHEN coalesce(pc.cursor_seq, 0) < p.first_seq THEN 0
+                    ELSE least(pc.cursor_seq, p.last_seq) - p.first_seq + 1
+                         - coalesce((SELECT sum(least(h.seq_hi, pc.cursor_seq)
+                                                - greatest(h.seq_lo, p.first_seq) + 1)
+                                       FROM queen.partition_holes h
+                                      WHERE h.partition_id = p.id
+                                        AND h.seq_lo <= pc.cursor_seq
+                                        AND h.seq_hi >= p.first_seq), 0)
+               END AS consumed,
+               -- stored messages after the cursor, up to the lease's last one
+               CASE WHEN le.seq IS NULL THEN 0
+                    ELSE le.seq - greatest(pc.cursor_seq, p.first_seq - 1)
+                         - coalesce((SELECT sum(least(h.seq_hi, le.seq)
+                                                - greatest(h.seq_lo, pc.cursor_seq + 1,
+                                                           p.first_seq) + 1)
+                                       FROM queen.partition_holes h
+                                      WHERE h.partition_id = p.id
+                                        AND h.seq_lo <= le.seq
+                                        AND h.seq_hi > greatest(pc.cursor_seq, p.first_seq - 1)),
+                                    0)
+               END AS processing,
+               (SELECT count(*) FROM queen.dead_letter_queue d
+                 WHERE d.partition_id = p.id) AS dead_letter
+          FROM queen.partitions p
+          LEFT JOIN queen.partition_consumers pc
+                 ON pc.partition_id = p.id AND pc.consumer_group = '__QUEUE_MODE__'
+          LEFT JOIN LATERAL (
+              SELECT m.seq FROM queen.messages m
+               WHERE pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                 AND m.partition_id = p.id
+                 AND (m.created_at, m.id) <= (pc.lease_last_created_at, pc.lease_last_id)
+                 AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
+               ORDER BY m.created_at DESC, m.id DESC LIMIT 1) le ON true
+         WHERE p_partition IS NULL OR p.id = p_partition
+      ) x
 $$;
 
--- Lag of every (group, partition) with work (the pending lookup's rows): messages after the
--- group's cursor (or its subscription point where it has none) and the oldest of them.
+-- Lag of every (group, partition) with work (the pending lookup's rows): the stored
+-- messages after the group's cursor (or its subscription point where it has none), and the
+-- oldest of them. Probes written out, as in partition_counts.
 CREATE OR REPLACE FUNCTION queen.lag_counts()
 RETURNS TABLE (consumer_group text, partition_id uuid, oldest_unconsumed_at timestamptz,
                offset_lag bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT x.consumer_group, x.partition_id,
-           queen.first_unconsumed(x.partition_id, x.at, x.id), x.lag
-      FROM (SELECT pp.consumer_group, pp.partition_id,
+    SELECT y.consumer_group, y.partition_id,
+           (SELECT m.created_at FROM queen.messages m
+             WHERE m.partition_id = y.partition_id AND (m.created_at, m.id) > (y.at, y.id)
+             ORDER BY m.created_at, m.id LIMIT 1),
+           y.lag
+      FROM (
+        SELECT x.consumer_group, x.partition_id, x.at, x.id,
+               CASE WHEN x.at IS NULL THEN 0
+                    WHEN x.seq < x.first_seq THEN x.message_count
+                    ELSE x.message_count - (least(x.seq, x.last_seq) - x.first_seq + 1
+                         - coalesce((SELECT sum(least(h.seq_hi, x.seq)
+                                                - greatest(h.seq_lo, x.first_seq) + 1)
+                                       FROM queen.partition_holes h
+                                      WHERE h.partition_id = x.partition_id
+                                        AND h.seq_lo <= x.seq AND h.seq_hi >= x.first_seq), 0))
+               END AS lag
+          FROM (
+            SELECT pp.consumer_group, pp.partition_id, p.message_count, p.first_seq, p.last_seq,
                    coalesce(pc.cursor_created_at, s.subscription_from) AS at,
                    coalesce(pc.cursor_id, queen.start_cursor_id(s.subscription_from)) AS id,
-                   CASE WHEN pc.partition_id IS NULL AND s.queue_id IS NULL THEN 0
-                        ELSE p.message_count - queen.stored_through(p.id, p.first_seq, p.last_seq,
-                                 coalesce(pc.cursor_seq,
-                                          queen.seq_at(p.id, s.subscription_from,
-                                                       queen.start_cursor_id(s.subscription_from))))
-                   END AS lag
+                   coalesce(pc.cursor_seq, (
+                       SELECT m.seq FROM queen.messages m
+                        WHERE m.partition_id = pp.partition_id
+                          AND (m.created_at, m.id)
+                              <= (s.subscription_from, queen.start_cursor_id(s.subscription_from))
+                        ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0) AS seq
               FROM queen.partition_pending pp
               JOIN queen.partitions p ON p.id = pp.partition_id
               LEFT JOIN queen.consumer_subscriptions s
                      ON s.queue_id = pp.queue_id AND s.consumer_group = pp.consumer_group
               LEFT JOIN queen.partition_consumers pc
-                     ON pc.partition_id = pp.partition_id AND pc.consumer_group = pp.consumer_group) x
-     WHERE x.lag > 0
+                     ON pc.partition_id = pp.partition_id AND pc.consumer_group = pp.consumer_group
+            OFFSET 0  -- kept apart: seq is used three times below, its probe runs once
+          ) x
+      ) y
+     WHERE y.lag > 0
 $$;
 
 -- Recomputes every queue's counts and the cluster figures; returns a summary. Its cost
@@ -212,9 +242,10 @@ BEGIN
     SELECT coalesce(sum(total_consumed), 0) INTO v_consumed FROM queen.partition_consumers;
     -- Messages stored in the last minute: from the partitions active in it, the stored
     -- messages after the position of the last one older than the minute.
-    SELECT coalesce(sum(p.message_count - queen.stored_through(p.id, p.first_seq, p.last_seq,
-                            queen.seq_at(p.id, now() - interval '60 seconds',
-                                         '00000000-0000-0000-0000-000000000000'))), 0)
+    SELECT coalesce(sum(p.message_count - queen.stored_through(p.id, p.first_seq, p.last_seq, (
+               SELECT m.seq FROM queen.messages m
+                WHERE m.partition_id = p.id AND m.created_at < now() - interval '60 seconds'
+                ORDER BY m.created_at DESC, m.id DESC LIMIT 1))), 0)
       INTO v_ingested
       FROM queen.partitions p
      WHERE p.last_message_at >= now() - interval '60 seconds';
