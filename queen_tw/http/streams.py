@@ -42,11 +42,16 @@ class StreamRoutes:
     app = answering_errors(Klein())
 
     def __init__(self, messages: Optional[QueueEngine] = None):
-        self._engine = None if messages is None else StreamsEngine(messages.database, messages)
+        self._messages = messages
+        self._engine: Optional[StreamsEngine] = None
 
     def _streams(self) -> StreamsEngine:
+        """The engine, built at the first streams request (nothing to build for a site
+        that never gets one)."""
         if self._engine is None:
-            raise NotFound("Not found")
+            if self._messages is None:
+                raise NotFound("Not found")
+            self._engine = StreamsEngine(self._messages.database, self._messages)
         return self._engine
 
     @app.route("/streams/v1/queries", methods=["POST"])
