@@ -390,6 +390,20 @@ def test_status_queue_messages_are_newest_first_and_paged(http):
     http.delete(f"/api/v1/resources/queues/{queue}")
 
 
+def test_status_queue_messages_merge_partitions_newest_first(http):
+    queue = unique_name("sq-merge-")
+    push(http, queue, [0, 1], partition="p1", prefix="a")
+    push(http, queue, [0, 1], partition="p2", prefix="b")
+    push(http, queue, [0], partition="p1", prefix="c")
+
+    page = _get(http, f"/api/v1/status/queues/{queue}/messages", limit=3, offset=1)
+
+    assert [m["queuePath"].split("/")[1] + ":" + m["transactionId"]
+            for m in page["messages"]] == ["p2:b1", "p2:b0", "p1:a1"]
+    assert page["pagination"]["total"] == 5
+    http.delete(f"/api/v1/resources/queues/{queue}")
+
+
 # -- /api/v1/status/analytics and /api/v1/analytics/* -----------------------------------
 
 

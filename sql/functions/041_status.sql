@@ -286,7 +286,8 @@ END
 $$;
 
 -- GET /api/v1/status/queues/{queue}: the queue, its options, and per partition its counts,
--- its queue-mode cursor and the lag of every consumer group that has a cursor there.
+-- its queue-mode cursor and the lag of every consumer group that has a cursor there; all
+-- from positions and index probes, so its cost follows partitions and groups, not messages.
 CREATE OR REPLACE FUNCTION queen.status_queue(p_name text) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -298,9 +299,13 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
-    WITH parts AS (
-        SELECT p.id, p.name, p.created_at, queen.partition_stats(p.id) AS s
-          FROM queen.partitions p WHERE p.queue_id = qu.id
+    WITH parts AS (  -- counts from positions (022_stats_resources.sql): no message is counted
+        SELECT p.id, p.name, p.created_at, p.message_count, p.first_seq, p.last_seq,
+               jsonb_build_object('total', c.total, 'pending', c.pending,
+                                  'processing', c.processing, 'completed', c.completed,
+                                  'deadLetter', c.dead_letter) AS s
+          FROM queen.partitions p CROSS JOIN LATERAL queen.partition_counts(p.id) c
+         WHERE p.queue_id = qu.id
     )
     SELECT (SELECT coalesce(jsonb_agg(jsonb_build_object(
                'id', sp.id, 'name', sp.name, 'createdAt', queen.format_ts3(sp.created_at),
@@ -314,10 +319,8 @@ BEGIN
                'consumerGroups', coalesce((
                    SELECT jsonb_agg(jsonb_build_object(
                               'name', pc.consumer_group,
-                              'offsetLag', (SELECT count(*) FROM queen.messages m
-                                             WHERE m.partition_id = sp.id
-                                               AND (m.created_at, m.id)
-                                                   > (pc.cursor_created_at, pc.cursor_id)),
+                              'offsetLag', sp.message_count - queen.stored_through(
+                                  sp.id, sp.first_seq, sp.last_seq, pc.cursor_seq),
                               'timeLagSeconds', coalesce(round(extract(epoch FROM now()
                                   - queen.first_unconsumed(sp.id, pc.cursor_created_at,
                                                            pc.cursor_id))::numeric, 3), 0))
@@ -380,7 +383,11 @@ BEGIN
                      ORDER BY h.created_at DESC, h.id DESC)
               FROM (SELECT m.id, m.transaction_id, m.partition_id, m.created_at,
                            p.name AS partition_name
-                      FROM queen.messages m JOIN queen.partitions p ON p.id = m.partition_id
+                      FROM queen.partitions p
+                      CROSS JOIN LATERAL (  -- each partition's newest, by its order index
+                            SELECT m.* FROM queen.messages m WHERE m.partition_id = p.id
+                             ORDER BY m.created_at DESC, m.id DESC
+                             LIMIT p_limit::bigint + p_offset) m
                      WHERE p.queue_id = v_queue
                      ORDER BY m.created_at DESC, m.id DESC
                      LIMIT p_limit OFFSET p_offset) h), '[]'::jsonb),
