@@ -2,15 +2,16 @@
 
 Each operation is one call of a function in ``sql/functions/050_streams.sql``. A cycle is
 one PostgreSQL transaction (the source ack, the state ops and the sink pushes); its sink
-pushes are prepared as any push's (transactionIds, encryption of encrypted queues) and, once
-committed, wake the pops parked on the sink partitions here and on the peers, through the
-message path's own notification (:meth:`QueueEngine.announce_pushed`).
+pushes are prepared as any push's (transactionIds, encryption of encrypted queues), stored by
+the same ``push_store`` and, once committed, answered and announced as any push's: results
+by ``expand_push_answer``, wake-ups of the pops parked on the sink partitions (here and on
+the peers) by :meth:`QueueEngine.announce_pushed`.
 """
 
 from typing import Any, Dict, List, Optional
 
 from queen_tw.db.pool import Database
-from queen_tw.engine.queue_engine import QueueEngine
+from queen_tw.engine.queue_engine import QueueEngine, expand_push_answer
 from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
 
 UNKNOWN_QUERY = "Unknown query_id {}: register the query first (POST /streams/v1/queries)"
@@ -69,10 +70,13 @@ class StreamsEngine:
             "state_ops": state_ops, "push_items": prepared, "ack": ack})
         if not answer.pop("found"):
             raise NotFound(UNKNOWN_QUERY.format(query_id))
-        updates = answer.pop("partitionUpdates", None) or ()
+        pushed = answer.pop("pushed", None)
         source = answer.pop("source", None)
-        self._messages.announce_pushed(
-            [(update["queue"], update["partition"]) for update in updates])
+        answer["push_results"] = []
+        if pushed is not None:  # committed: results and wake-ups as for POST /api/v1/push
+            answer["push_results"] = expand_push_answer(prepared, pushed)
+            names = {partition: (queue, name) for partition, queue, name in pushed["partitions"]}
+            self._messages.announce_pushed([names[partition] for partition in pushed["updated"]])
         if source and source.get("leaseReleased") and source.get("queue"):
             self._messages.announce_released([(source["queue"], source["partition"])])
         return answer

@@ -85,12 +85,13 @@ $$;
 -- or that another consumer now holds fails the cycle before anything is written. With
 -- release_lease (the default) the lease ends with the cycle; without it the lease is kept
 -- while part of the delivery is unacknowledged, so that tail comes back, in order, after it
--- expires (the SDK's gate). The sink pushes are push_messages_core's, so sink queues keep
+-- expires (the SDK's gate). The sink pushes are push_store's (as POST /api/v1/push), so sink queues keep
 -- their dedupe, maxSize and ordering; an item refused (maxSize) fails the cycle.
--- Returns {found: false} for an unknown query; else the WIRE answer {success, query_id,
--- partition_id, state_ops_applied, push_results, ack_result} plus partitionUpdates (sink
--- partitions that got messages) and source ({queue, partition, leaseReleased}) for the
--- server's wake-ups; or, after a rollback, {success: false, error, ...} with nothing applied.
+-- Returns {found: false} for an unknown query; else {success, query_id, partition_id,
+-- state_ops_applied, ack_result} plus pushed (push_store's compact answer, or null: the
+-- server expands it into the WIRE push_results and wakes the sink partitions it names) and
+-- source ({queue, partition, leaseReleased}: a released lease wakes the source's pops); or,
+-- after a rollback, {success: false, error, ...} with nothing applied.
 CREATE OR REPLACE FUNCTION queen.streams_cycle(p jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -107,8 +108,8 @@ DECLARE
     v_acked     jsonb;
     v_released  boolean := false;
     v_drop      boolean;
-    v_pushed    jsonb := '{"items": [], "partition_updates": []}'::jsonb;
-    v_refused   jsonb;
+    v_pushed    jsonb;
+    v_refused   integer;
     v_ack_out   jsonb := 'null'::jsonb;
     v_source    jsonb := 'null'::jsonb;
 BEGIN
@@ -195,26 +196,25 @@ BEGIN
         DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at;
 
         IF jsonb_array_length(v_items) > 0 THEN
-            v_pushed := queen.push_messages_core(v_items)::jsonb;
-            SELECT r INTO v_refused FROM jsonb_array_elements(v_pushed->'items') r
-             WHERE r->>'status' NOT IN ('queued', 'duplicate') LIMIT 1;
-            IF v_refused IS NOT NULL THEN
-                RAISE EXCEPTION 'sink push item % refused: %; nothing was applied',
-                                v_refused->>'index', v_refused->>'error';
+            v_pushed := queen.push_store(v_items)::jsonb;
+            IF jsonb_array_length(v_pushed->'refused') > 0 THEN
+                v_refused := (v_pushed->'refused'->>0)::integer;
+                RAISE EXCEPTION 'sink push item % refused: Queue % has reached its max '
+                                'capacity (% messages); nothing was applied',
+                                v_refused, v_items->v_refused->>'queue',
+                                v_pushed->'maxSize'->>(v_items->v_refused->>'queue');
             END IF;
         END IF;
     EXCEPTION WHEN others THEN
         -- Everything inside the block is rolled back (a subtransaction).
         RETURN jsonb_build_object('found', true, 'success', false, 'error', SQLERRM,
                                   'query_id', v_query_id, 'partition_id', v_partition,
-                                  'state_ops_applied', 0, 'push_results', '[]'::jsonb,
-                                  'ack_result', NULL);
+                                  'state_ops_applied', 0, 'ack_result', NULL);
     END;
     RETURN jsonb_build_object('found', true, 'success', true, 'query_id', v_query_id,
                               'partition_id', v_partition,
                               'state_ops_applied', jsonb_array_length(v_ops),
-                              'push_results', v_pushed->'items', 'ack_result', v_ack_out,
-                              'partitionUpdates', v_pushed->'partition_updates',
+                              'ack_result', v_ack_out, 'pushed', v_pushed,
                               'source', v_source);
 END
 $$;
