@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, Dict, List, Optional
 
 import httpx
+import jwt
 import psycopg2.extensions
 import pytest
 
@@ -522,3 +523,64 @@ def test_a_cycle_that_ends_the_lease_wakes_a_pop_parked_on_the_source(
         reply = poll.result()
     assert reply.status_code == 200, "the parked pop on the source was not woken"
     assert [m["id"] for m in reply.json()["messages"]] == [messages[1]["id"]]
+
+
+# -- pushes that cannot go to PostgreSQL now; who pushed -----------------------------------
+
+
+def test_in_push_maintenance_a_cycle_with_sink_pushes_applies_nothing(
+        http: httpx.Client, db: psycopg2.extensions.connection):
+    stream = _Stream(http, messages=1)
+    messages = stream.pop(http)
+    partition = messages[0]["partitionId"]
+    before = _group_row(db, partition, stream.group)
+    assert http.post("/api/v1/system/maintenance", json={"enabled": True}).status_code == 200
+    try:
+        # a cycle cannot wait in the file buffer (it is atomic with its ack)
+        answer = _cycle(http, stream.query_id, partition, stream.group,
+                        state_ops=[{"type": "upsert", "key": "k", "value": 1}],
+                        push_items=[{"queue": stream.sink, "payload": {}}],
+                        ack=_ack_of(messages))
+    finally:
+        assert http.post("/api/v1/system/maintenance",
+                         json={"enabled": False}).status_code == 200
+    assert answer["success"] is False and "file buffer" in answer["error"]
+    _assert_nothing_applied(http, db, stream, partition, before, [])
+
+
+JWT_SECRET = "streams-test-secret-long-enough-for-hs256"
+
+
+def _token(role: str, sub: str = "stream-worker") -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "role": role, "iat": now, "exp": now + 3600}, JWT_SECRET,
+                      algorithm="HS256")
+
+
+def test_sink_pushes_carry_the_tokens_sub_and_levels_hold(
+        make_server, db: psycopg2.extensions.connection):
+    server = make_server(JWT_ENABLED="true", JWT_SECRET=JWT_SECRET)
+    writer = {"Authorization": f"Bearer {_token('read-write', 'alice')}"}
+    reader = {"Authorization": f"Bearer {_token('read-only')}"}
+    with httpx.Client(base_url=server.url, timeout=30, headers=writer) as http:
+        stream = _Stream(http, messages=1)
+        messages = stream.pop(http)
+        partition = messages[0]["partitionId"]
+        cycle = {"query_id": stream.query_id, "partition_id": partition,
+                 "consumer_group": stream.group,
+                 "push_items": [{"queue": stream.sink, "payload": {"by": "cycle"},
+                                 "producerSub": "mallory"}], "ack": _ack_of(messages)}
+        refused = http.post("/streams/v1/cycle", json=cycle, headers=reader)
+        assert refused.status_code == 403  # READ_WRITE route
+        answer = http.post("/streams/v1/cycle", json=cycle)
+        assert answer.status_code == 200 and answer.json()["success"] is True, answer.text
+        state = http.post("/streams/v1/state/get", headers=reader, json={
+            "query_id": stream.query_id, "partition_id": partition})
+        assert state.status_code == 200  # READ_ONLY route
+        assert http.post("/streams/v1/queries", headers=reader, json={
+            "name": unique_name("test-q-"), "source_queue": "q",
+            "config_hash": "h"}).status_code == 403
+    with db.cursor() as cursor:
+        cursor.execute("SELECT producer_sub FROM queen.messages WHERE id = %s",
+                       (answer.json()["push_results"][0]["message_id"],))
+        assert cursor.fetchone()[0] == "alice"  # the token's sub, never the body's
