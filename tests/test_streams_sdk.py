@@ -81,6 +81,9 @@ def build(q):
     if kind == "session":
         windowed = keyed.window_session(gap=1, event_time=TS, idle_flush_ms=0)
         return windowed.reduce(lambda acc, d: acc + d["n"], 0).map(labelled)
+    if kind == "flush":  # processing time: windows of a quiet partition close by the timer
+        windowed = keyed.window_tumbling(seconds=1, idle_flush_ms=300)
+        return windowed.reduce(lambda acc, d: acc + d["n"], 0).map(labelled)
     if kind == "aggregate":
         windowed = keyed.window_tumbling(seconds=1, event_time=TS, idle_flush_ms=0)
         return windowed.aggregate({"count": lambda d: 1, "sum": lambda d: d["n"],
@@ -368,6 +371,30 @@ def test_session_windows_close_on_gaps_and_their_sums_are_exact(
                 last = e["ts"]
             expected[(partition, key, start, total)] += 1
     assert sum(expected.values()) == 12
+    rows = pipeline.wait_for(db, sum(expected.values()), workers)
+    assert _window_rows(rows, "sum") == expected
+
+
+def test_idle_flush_closes_the_windows_of_a_quiet_partition(
+        server: ServerProcess, http: httpx.Client, db: psycopg2.extensions.connection,
+        workers: List[Worker]):
+    # processing time: each event's window is its createdAt's second; nothing arrives after
+    # the pushes, so only the idle-flush timer (state/get with ripe_at_or_before) closes them
+    plan = {f"p{p}": [{"k": "ab"[i % 2], "n": i + 1, "ts": 0} for i in range(12)]
+            for p in range(2)}
+    pipeline = _Pipeline(http, plan)
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT p.name, m.payload->>'k', (m.payload->>'n')::int,
+                                 floor(extract(epoch FROM m.created_at) * 1000)::bigint
+                            FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""",
+                       (pipeline.source,))
+        sums: Dict[Tuple[str, str, int], int] = collections.defaultdict(int)
+        for partition, key, n, created_ms in cursor.fetchall():
+            sums[(partition, key, created_ms // 1000 * 1000)] += n
+    expected = collections.Counter((p, k, ws, total) for (p, k, ws), total in sums.items())
+    pipeline.start(server, workers, "flush", batch=50)
     rows = pipeline.wait_for(db, sum(expected.values()), workers)
     assert _window_rows(rows, "sum") == expected
 
