@@ -8,6 +8,7 @@ a 413, a pre-flight, the auth gate's 401 and 403, or nobody because the client l
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import socket
@@ -20,6 +21,11 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from twisted.logger import LogLevel, formatEvent, textFileLogObserver
+from twisted.python.failure import Failure
+
+from queen_tw.http.site import ACCESS_FORMAT
+from queen_tw.logs import event_message, file_observer
 
 from support import ServerProcess, running_server, unique_name, wait_until
 
@@ -301,3 +307,48 @@ def test_each_worker_of_an_instance_names_itself_on_its_lines(
     access = [r for r in lines if r["namespace"] == "queen_tw.access"]
     assert access and {r["worker"] for r in access} <= {f"{WORKER}-1", f"{WORKER}-2"}
     assert all(r["worker"] in (WORKER, f"{WORKER}-1", f"{WORKER}-2") for r in lines)
+
+
+# --- the fast renderers give what Twisted's own would --------------------------------------
+
+
+def twisted_events() -> list[dict[str, Any]]:
+    """Events of the shapes the server logs: fields with format specs and attribute access,
+    a call in the format, a failure, a missing field, braces in a value, a legacy event."""
+    try:
+        raise ValueError("broken on purpose")
+    except ValueError:
+        failure = Failure()
+    base = {"log_namespace": "queen_tw.test", "log_level": LogLevel.info, "log_time": 1.5e9}
+    return [
+        {**base, "log_format": ACCESS_FORMAT, "peer": "127.0.0.1", "method": "GET",
+         "path": "/x?{y}", "status": 200, "bytes": 12, "durationMs": 0.25, "request_id": "a"},
+        {**base, "log_format": "{n:.2f} {who!r} {obj.real} {items[0]}", "n": 1 / 3,
+         "who": "x", "obj": 3, "items": ["first"]},
+        {**base, "log_format": "called {f()}", "f": lambda: "back"},
+        {**base, "log_format": "it broke\nsecond line", "log_failure": failure,
+         "log_level": LogLevel.critical},
+        {**base, "log_format": "missing {nothing}"},
+        {"log_legacy": True, "message": ("legacy", "text"), "isError": 0, "system": "-",
+         "log_time": 1.5e9, "log_format": "{log_text}", "log_text": "legacy text"},
+    ]
+
+
+def test_messages_render_as_twisted_renders_them() -> None:
+    for event in twisted_events():
+        if "nothing" in event["log_format"]:
+            assert event_message(event).startswith("Unable to format event")
+        else:
+            assert event_message(event) == formatEvent(event)
+
+
+def test_text_lines_are_twistds_classic_lines() -> None:
+    ours, theirs = io.StringIO(), io.StringIO()
+    observer, reference = file_observer(ours, "text"), textFileLogObserver(theirs)
+
+    for event in twisted_events():
+        observer(dict(event))
+        reference(dict(event))
+
+    assert ours.getvalue() == theirs.getvalue()
+    assert '[queen_tw.test#info] 127.0.0.1 "GET /x?{y}" 200 12B 0.25ms id=a\n' in ours.getvalue()
