@@ -141,8 +141,12 @@ def event_message(event: LogEvent) -> str:
     return formatEvent(event)
 
 
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False, allow_nan=False)
+"""One encoder for every line: ``json.dumps`` with these options would build one per call."""
+
+
 def _dumps(record: dict[str, Any]) -> str:
-    return json.dumps(record, default=str, ensure_ascii=False, allow_nan=False) + "\n"
+    return _ENCODER.encode(record) + "\n"
 
 
 _LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
