@@ -117,8 +117,8 @@ BEGIN
         RETURN jsonb_build_object('found', false);
     END IF;
     BEGIN
-        -- One cycle per (query, partition) at a time: a worker's idle flush and its cycles
-        -- never interleave their reads and writes of the same state rows.
+        -- Cycles of one (query, partition) commit one after the other: a worker's idle
+        -- flush and its cycles write the same state rows.
         PERFORM pg_advisory_xact_lock(hashtextextended(
             'queen_streams:' || v_query_id::text || ':' || v_partition::text, 0));
 
