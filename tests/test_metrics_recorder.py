@@ -133,6 +133,20 @@ def test_ack_results_success_failed_and_dlq():
     assert (activity.ack_success, activity.ack_failed, activity.dlq) == (1, 1, 1)
 
 
+def test_a_batch_of_alike_acks_counts_the_same_as_one_by_one():
+    batch, single = Recorder(wall=Wall()), Recorder(wall=Wall())
+    items = [{"status": "failed"}] * 3
+    results = [{"success": True, "queueName": "q", "dlq": dead} for dead in (True, False, True)]
+    batch.acked(items, results, 0.001)
+    for item, result in zip(items, results, strict=True):
+        single.acked([item], [result], 0.001)
+    for recorder in (batch, single):
+        counts, activity = recorder.current.counts, recorder.current.queues["q"]
+        assert (counts.ack_failed, counts.ack_success, counts.dlq) == (3, 0, 2)
+        assert (activity.ack_failed, activity.dlq) == (3, 2)
+    assert batch.current.counts.ack_messages == single.current.counts.ack_messages == 3
+
+
 def test_transactions_count_once_per_queue_pushed_to():
     recorder = Recorder(wall=Wall())
     recorder.transacted([{"type": "push", "items": [{"queue": "a"}, {"queue": "a"}]},

@@ -277,8 +277,10 @@ def test_prometheus_answers_while_postgres_is_stopped():
         wait_until(lambda: value(scrape(http), "queen_file_buffer_db_healthy") == 1 or None,
                    message="the pg families back")
         log = server.log_text()
+    # the outage is logged once by the scrape, and the metrics loops never fail as a bug
     assert log.count("metrics snapshot (PostgreSQL) failing") <= 1
-    assert "Traceback" not in log
+    assert "metrics sampler run failed" not in log
+    assert "metrics write run failed" not in log
 
 
 def test_stopping_writes_the_last_interval(pg_env, own_database):

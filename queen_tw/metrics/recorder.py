@@ -33,6 +33,10 @@ QUEUE_COUNTERS: Tuple[str, ...] = (
 _SUCCESS_STATUSES = frozenset({"completed", "success"})
 _FAILED_STATUSES = frozenset({"failed", "dlq"})
 _QUEUE_OF = itemgetter("queue")
+_STATUS_OF = itemgetter("status")
+_QUEUE_NAME_OF = itemgetter("queueName")
+_SUCCESS_OF = itemgetter("success")
+_DLQ_OF = itemgetter("dlq")
 
 # Pop answers carry their messages as PostgreSQL's JSON text (see queen_tw.engine.popper).
 # Payloads inside it are jsonb's text form, which always writes '", "' and '": "' with a
@@ -214,6 +218,8 @@ class Recorder:
         counts.ack_requests += 1
         counts.ack_messages += len(items)
         interval.latency["ack"].observe(seconds)
+        if len(items) > 1 and self._acked_alike(interval, items, results):
+            return
         for item, result in zip(items, results, strict=True):
             if not result.get("success"):
                 continue
@@ -228,6 +234,32 @@ class Recorder:
             if result.get("dlq"):
                 counts.dlq += 1
                 activity.dlq += 1
+
+    @staticmethod
+    def _acked_alike(interval: Interval, items: List[Dict[str, Any]],
+                     results: List[Dict[str, Any]]) -> bool:
+        """The usual batch (one status, one queue, every ack accepted) counted with C-level
+        passes instead of a Python loop per item; False when the batch is mixed."""
+        try:
+            statuses = set(map(_STATUS_OF, items))
+            queues = set(map(_QUEUE_NAME_OF, results))
+            accepted = sum(map(_SUCCESS_OF, results))
+            dead = sum(map(_DLQ_OF, results))
+        except KeyError:
+            return False
+        if len(statuses) != 1 or len(queues) != 1 or accepted != len(results):
+            return False
+        [status], [queue] = statuses, queues
+        counts, activity = interval.counts, interval.queue(queue or "")
+        if status in _SUCCESS_STATUSES:
+            counts.ack_success += accepted
+            activity.ack_success += accepted
+        elif status in _FAILED_STATUSES:
+            counts.ack_failed += accepted
+            activity.ack_failed += accepted
+        counts.dlq += dead
+        activity.dlq += dead
+        return True
 
     def transacted(self, operations: List[Dict[str, Any]], seconds: float) -> None:
         """A transaction of ``operations`` answered after ``seconds``; it counts for each
