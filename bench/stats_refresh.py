@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -188,6 +189,7 @@ def main() -> int:
         connection.close()
     finally:
         pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     report = render(args, rows)
     print(report)
