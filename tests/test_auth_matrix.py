@@ -95,8 +95,9 @@ ROUTED = routed()
 
 def wire_level(method: str, rule: str) -> Level:
     """WIRE 4.2's level for a route, restated from its prose (not from the gate's table)."""
-    if rule in ("/health", "/metrics", "/metrics/prometheus", "/api/v1/openapi.json"):
-        return Level.PUBLIC  # probes; the OpenAPI document is public (issue #17 point 8)
+    if rule in ("/health", "/metrics", "/metrics/prometheus", "/api/v1/openapi.json", "/",
+                "/dashboard/<name>"):
+        return Level.PUBLIC  # probes, the dashboard; the OpenAPI document (issue #17 point 8)
     if rule.startswith(("/api/v1/system/", "/internal/api/", "/api/v1/migration/")):
         return Level.ADMIN
     if (method, rule) in {("DELETE", "/api/v1/resources/queues/<queue>"),
@@ -253,7 +254,8 @@ def test_preflight_is_answered_without_a_token(client: httpx.Client) -> None:
     answer = client.options("/api/v1/system/maintenance")
 
     assert answer.status_code == 204
-    assert answer.headers["access-control-allow-headers"] == "Content-Type, Authorization"
+    assert answer.headers["access-control-allow-headers"] == (
+        "Content-Type, Authorization, X-Request-Id")
 
 
 def test_roles_array_claim_grants_the_highest_listed_role(client: httpx.Client) -> None:

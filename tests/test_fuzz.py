@@ -20,9 +20,9 @@ from scratch_databases import scratch_database, server_env
 from support import ServerProcess, running_server
 
 EXAMPLES_PER_OPERATION = 11
-"""Examples per operation and pass in each run: 45 operations, valid and schema-breaking,
-plus a valid pass on real data for the 17 with path parameters, in two runs: about 2 270
-requests (the issue asks for 2 000), in about 70 s on the CI machine."""
+"""Examples per operation and pass in each run: every operation of the document, valid and
+schema-breaking, plus a valid pass on real data for those with path parameters; the two runs
+together must send at least :data:`MIN_REQUESTS` (the issue asks for 2 000)."""
 MIN_REQUESTS = 2_000
 SECRET = "fuzz-secret-long-enough-for-hs256"
 

@@ -46,7 +46,7 @@ def test_wrong_method_on_a_known_route_answers_405_with_allow(http, method, path
 
 @pytest.mark.parametrize("method,path", [
     ("GET", "/api/v1/no-such-route"), ("DELETE", "/api/v1/push/extra"),
-    ("GET", "/"), ("POST", "/internal/api/nothing"),
+    ("GET", "/nothing-here"), ("POST", "/internal/api/nothing"),
 ])
 def test_unknown_paths_still_answer_404(http, method, path):
     assert_json_error(http.request(method, path), 404, "Not found")
