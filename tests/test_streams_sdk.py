@@ -183,10 +183,9 @@ def _push_plan(http: httpx.Client, queue: str, plan: Dict[str, List[Event]]) -> 
     """Pushes every event in its own request, at least 2 ms after the one before.
 
     The SDK orders a popped batch by (createdAt truncated to the millisecond, id) and acks
-    the last of that order; queen-tw's message ids do not yet sort in push order within one
-    millisecond (see the xfail test below), so events pushed in one request would be
-    reordered and partly redelivered. Spacing the pushes keeps every createdAt in its own
-    millisecond, where the SDK's order is the server's.
+    the last of that order. Since ids carry the sub-millisecond fraction they sort in push
+    order (see the test of one push below); spacing still keeps the SDK's event-time
+    windows apart from createdAt coincidences, as the pipelines here were written for.
     """
     for partition, events in plan.items():
         for event in events:
@@ -460,10 +459,6 @@ def _sdk_order_key(message: Dict[str, Any]) -> Tuple[int, str]:
     return int(created.timestamp() * 1000), message["id"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "queen.uuid_v7 (sql/functions/002_push.sql) fills the 12 bits after the millisecond "
-    "with random bits, so ids of one push do not sort in push order; the fix is to put the "
-    "sub-millisecond fraction of created_at there (RFC 9562, method 3)"))
 def test_one_push_pops_in_the_order_the_sdk_sorts_it(http: httpx.Client):
     queue = unique_name()
     answer = http.post("/api/v1/push", json={"items": [

@@ -1,15 +1,20 @@
 -- Push: the one implementation behind POST /api/v1/push, transactions, the file-buffer replay
 -- and the SQL-level API (push_messages_v2 / _v3, WIRE.md 9.2). Set-based: one call per batch.
 
--- A time-ordered UUID (version 7) whose first 48 bits are the Unix time in ms of `ts`, the rest
--- random. random() (PostgreSQL's per-backend generator, seeded from the strong source when the
--- backend starts) is used instead of gen_random_uuid(): its strong-random read per row was most
--- of a push's id cost. Ids need to be unique, not secret; 74 random bits per millisecond are
--- (each random() call is used for at most 32 bits, well within its 53).
+-- A time-ordered UUID (version 7): the first 48 bits are the Unix time in ms of `ts`, the next
+-- 12 its sub-millisecond fraction (RFC 9562 method 3), the rest random. random() (PostgreSQL's
+-- per-backend generator, seeded from the strong source when the backend starts) is used
+-- instead of gen_random_uuid(): its strong-random read per row was most of a push's id cost.
+-- Ids need to be unique, not secret; 62 random bits per 1/4096 ms are plenty (each random()
+-- call is used for at most 32 bits, well within its 53).
 CREATE OR REPLACE FUNCTION queen.uuid_v7(ts timestamptz) RETURNS uuid
 LANGUAGE sql VOLATILE AS $$
     SELECT (lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0')
-            || '7' || lpad(to_hex(floor(random() * 4096)::int), 3, '0')
+            -- the sub-millisecond fraction (RFC 9562 method 3): ids of one push, whose
+            -- timestamps step by a microsecond, sort in push order within a millisecond
+            || '7' || lpad(to_hex(floor((extract(epoch FROM ts) * 1000
+                                         - floor(extract(epoch FROM ts) * 1000)) * 4096)::int),
+                           3, '0')
             || to_hex(8 + floor(random() * 4)::int)  -- RFC 9562 variant
             || lpad(to_hex(floor(random() * 268435456)::int), 7, '0')
             || lpad(to_hex(floor(random() * 4294967296)::bigint), 8, '0'))::uuid
