@@ -391,6 +391,61 @@ def test_traces_are_listed_oldest_first_with_their_fields(http):
         assert re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$", trace["created_at"])
 
 
+def test_trace_names_count_events_and_messages_newest_use_first(http):
+    queue = unique_name()
+    pushed = push(http, queue, ["x", "y"])
+    older, newer = f"{queue}-older", f"{queue}-newer"
+    for transaction, names in (("t0", [older]), ("t1", [older]), ("t1", [older, newer])):
+        answer = http.post("/api/v1/traces", json={
+            "transactionId": transaction, "partitionId": pushed[0]["partition_id"],
+            "traceNames": names, "data": {}})
+        assert answer.status_code == 201
+
+    answer = http.get("/api/v1/traces/names", params={"limit": 1000})
+
+    assert answer.status_code == 200
+    body = answer.json()
+    rows = {row["trace_name"]: row for row in body["trace_names"]}
+    assert (rows[older]["trace_count"], rows[older]["message_count"]) == (3, 2)
+    assert (rows[newer]["trace_count"], rows[newer]["message_count"]) == (1, 1)
+    names = [row["trace_name"] for row in body["trace_names"]]
+    assert names.index(newer) < names.index(older)  # both last seen at the third event: name
+    assert body["total"] >= 2 and body["pagination"] == {"limit": 1000, "offset": 0}
+
+
+def test_traces_by_name_carry_their_message_decrypted_and_page(http):
+    queue = unique_name()
+    configure(http, queue, {"encryptionEnabled": True})
+    pushed = push(http, queue, [{"order": 1}, {"order": 2}])
+    name = f"{queue}-order"
+    for step, message in enumerate(pushed):
+        answer = http.post("/api/v1/traces", json={
+            "transactionId": message["transaction_id"], "partitionId": message["partition_id"],
+            "traceNames": [name], "eventType": f"step-{step}", "data": {"step": step}})
+        assert answer.status_code == 201
+
+    answer = http.get(f"/api/v1/traces/by-name/{name}")
+    second_page = http.get(f"/api/v1/traces/by-name/{name}", params={"limit": 1, "offset": 1})
+
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["total"] == 2
+    assert [t["event_type"] for t in body["traces"]] == ["step-0", "step-1"]
+    assert [t["message_payload"] for t in body["traces"]] == [{"order": 1}, {"order": 2}]
+    assert {(t["queue_name"], t["partition_name"]) for t in body["traces"]} == {
+        (queue, "Default")}
+    assert [t["transaction_id"] for t in body["traces"]] == ["t0", "t1"]
+    assert [t["data"] for t in second_page.json()["traces"]] == [{"step": 1}]
+    assert http.get("/api/v1/traces/by-name/no-such-trace-name").json()["traces"] == []
+
+
+def test_trace_listing_refuses_a_bad_limit(http):
+    answer = http.get("/api/v1/traces/names", params={"limit": "many"})
+
+    assert answer.status_code == 400
+    assert "limit" in answer.json()["error"]
+
+
 def test_trace_defaults_to_queue_mode_group_and_info_event(http):
     queue = unique_name()
     [pushed] = push(http, queue, ["x"])

@@ -510,6 +510,15 @@ class QueueEngine:
     async def traces(self, partition_id: str, transaction_id: str) -> Dict[str, Any]:
         return await self._db.call("list_traces", partition_id, transaction_id)
 
+    async def trace_names(self, limit: int, offset: int) -> Dict[str, Any]:
+        return await self._db.call("trace_names", limit, offset)
+
+    async def traces_by_name(self, name: str, limit: int, offset: int) -> Dict[str, Any]:
+        page = await self._db.call("traces_by_name", name, limit, offset)
+        for row in page["traces"]:
+            self._decrypt_in_place(row, "message_payload")
+        return page
+
     # -- health -------------------------------------------------------------------------
 
     async def database_healthy(self) -> bool:

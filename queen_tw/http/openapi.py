@@ -275,6 +275,13 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
     ("/api/v1/traces/{partitionId}/{transactionId}", "get", _Op(
         "listTraces", "A message's trace events, oldest first",
         {200: ref("Traces")}, _MESSAGE_KEY)),
+    ("/api/v1/traces/names", "get", _Op(
+        "traceNames", "Trace names with their event and message counts, newest use first",
+        {200: ref("TraceNames")}, [*_PAGE])),
+    ("/api/v1/traces/by-name/{name}", "get", _Op(
+        "tracesByName", "The trace events carrying a name, oldest first, with their messages",
+        {200: ref("TracesByName")}, [_path("name", {"type": "string", "minLength": 1}), *_PAGE],
+        errors=(400, 503))),
     # -- consumer groups (WIRE.md 3.5) --
     ("/api/v1/consumer-groups", "get", _Op(
         "listGroups", "One row per (group, queue)", {200: ref("GroupRows")})),

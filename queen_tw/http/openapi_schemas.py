@@ -177,6 +177,11 @@ COMPONENTS: Dict[str, Schema] = {
         data={"not": {"type": "null"}, "description": "any JSON value but null"}),
     "TraceCreated": obj(["success", "traceId"], success={"const": True}, traceId=STRING),
     "Traces": obj(["traces"], traces=array({"type": "object"})),
+    "TraceNames": obj(["trace_names", "total", "pagination"],
+                      trace_names=array({"type": "object"}), total=INTEGER,
+                      pagination={"type": "object"}),
+    "TracesByName": obj(["traces", "total", "pagination"], traces=array({"type": "object"}),
+                        total=INTEGER, pagination={"type": "object"}),
     "SubscriptionRequest": obj(["subscriptionTimestamp"], subscriptionTimestamp=TIME_INPUT),
     "SeekRequest": {"anyOf": [
         obj(["toEnd"], toEnd={"const": True}, timestamp=ANY_JSON),

@@ -167,6 +167,18 @@ class ResourceRoutes:
             "data": body["data"]})
         return json_answer(request, 201, {"success": True, "traceId": trace_id})
 
+    @app.route("/api/v1/traces/names", methods=["GET"])
+    async def trace_names(self, request):
+        page = query.page(request, 50)
+        return json_answer(request, 200, await self._engine.trace_names(
+            page["limit"], page["offset"]))
+
+    @app.route("/api/v1/traces/by-name/<name>", methods=["GET"])
+    async def traces_by_name(self, request, name):
+        page = query.page(request, 100)
+        return json_answer(request, 200, await self._engine.traces_by_name(
+            parsing.path_text(name, "name"), page["limit"], page["offset"]))
+
     @app.route("/api/v1/traces/<partition_id>/<transaction_id>", methods=["GET"])
     async def list_traces(self, request, partition_id, transaction_id):
         return json_answer(request, 200, await self._engine.traces(

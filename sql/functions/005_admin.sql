@@ -219,3 +219,50 @@ LANGUAGE sql STABLE AS $$
       FROM queen.message_traces t
      WHERE t.partition_id = p_partition AND t.transaction_id = p_transaction
 $$;
+
+-- GET /api/v1/traces/names: every trace name with its events and messages, newest use first.
+CREATE OR REPLACE FUNCTION queen.trace_names(p_limit integer, p_offset integer) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    WITH names AS (
+        SELECT n.name, count(*) AS traces, count(DISTINCT t.message_id) AS messages,
+               max(t.created_at) AS last_seen
+          FROM queen.message_traces t, unnest(t.trace_names) AS n(name)
+         GROUP BY n.name
+    )
+    SELECT jsonb_build_object(
+        'trace_names', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'trace_name', p.name, 'trace_count', p.traces,
+                       'message_count', p.messages, 'last_seen', queen.format_ts3(p.last_seen))
+                     ORDER BY p.last_seen DESC, p.name)
+              FROM (SELECT * FROM names ORDER BY last_seen DESC, name
+                    LIMIT p_limit OFFSET p_offset) p), '[]'::jsonb),
+        'total', (SELECT count(*) FROM names),
+        'pagination', jsonb_build_object('limit', p_limit, 'offset', p_offset))
+$$;
+
+-- GET /api/v1/traces/by-name/{name}: the events carrying a name, oldest first, each with its
+-- message (payload as stored: the engine decrypts; isEncrypted says whether it must).
+CREATE OR REPLACE FUNCTION queen.traces_by_name(p_name text, p_limit integer, p_offset integer)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'traces', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'id', t.id, 'event_type', t.event_type, 'data', t.data,
+                       'consumer_group', t.consumer_group, 'worker_id', t.worker_id,
+                       'created_at', queen.format_ts3(t.created_at),
+                       'trace_names', to_jsonb(t.trace_names),
+                       'transaction_id', t.transaction_id, 'partition_id', t.partition_id,
+                       'queue_name', qu.name, 'partition_name', p.name,
+                       'message_payload', m.payload, 'isEncrypted', m.is_encrypted)
+                     ORDER BY t.created_at, t.id)
+              FROM (SELECT * FROM queen.message_traces
+                     WHERE trace_names @> ARRAY[p_name]
+                     ORDER BY created_at, id LIMIT p_limit OFFSET p_offset) t
+              JOIN queen.messages m ON m.id = t.message_id
+              JOIN queen.partitions p ON p.id = t.partition_id
+              JOIN queen.queues qu ON qu.id = p.queue_id), '[]'::jsonb),
+        'total', (SELECT count(*) FROM queen.message_traces WHERE trace_names @> ARRAY[p_name]),
+        'pagination', jsonb_build_object('limit', p_limit, 'offset', p_offset))
+$$;
