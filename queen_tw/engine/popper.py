@@ -50,6 +50,11 @@ class Delivery(dict):
         super().__init__(fields, messages=messages)
         self._text = text
 
+    @property
+    def raw_text(self) -> Optional[str]:
+        """The messages as PostgreSQL's json text, or None when they are a parsed list."""
+        return self._text
+
     def message_list(self) -> List[Dict[str, Any]]:
         if self._text is not None:
             return json.loads(self._text)

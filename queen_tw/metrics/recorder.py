@@ -14,6 +14,7 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from queen_tw.engine.popper import Delivery
 from queen_tw.metrics.histogram import AGE_BOUNDS_MS, LATENCY_BOUNDS_S, Histogram
 
 OPS: Tuple[str, ...] = ("push", "pop", "ack", "transaction")
@@ -335,7 +336,7 @@ def delivery_facts(delivery: Mapping[str, Any]) -> Tuple[int, Optional[float]]:
     """How many messages a pop answer holds and the creation time (Unix seconds) of its
     first one, the oldest of its first partition; without parsing the messages when they
     are still PostgreSQL's text."""
-    text = getattr(delivery, "_text", None)  # queen_tw.engine.popper.Delivery's raw text
+    text = delivery.raw_text if isinstance(delivery, Delivery) else None
     if text is None:
         messages = delivery.get("messages") or []
         first = messages[0].get("createdAt") if messages else None
