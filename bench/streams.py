@@ -17,13 +17,9 @@ until every event is acknowledged. Reports events/s over the run, the latency of
 sees them), and checks every window sum on the sink against what was pushed. The source is
 vacuumed between the prefill and the run, so both prefills below start the run alike.
 
-The SDK orders a popped batch by createdAt to the millisecond, then by id, and queen-tw's
-ids do not yet sort in push order within a millisecond (queen.uuid_v7 fills the bits after
-the millisecond with random ones; see the xfail test in tests/test_streams_sdk.py). So by
-default this script replaces queen.uuid_v7 in its private database with the fix proposed for
-sql/functions/002_push.sql (the sub-millisecond fraction in those 12 bits, RFC 9562 method
-3) and pushes 1000 events per request. With ``--spaced-prefill`` it runs the code as shipped
-and pushes one event per request instead, each partition's 1.1 ms apart (slow to prefill).
+The prefill pushes 1000 events per request (ids of one push sort in push order, as the SDK's
+batch order needs); ``--spaced-prefill`` pushes one event per request instead, each
+partition's 1.1 ms apart (slow to prefill), as the SDK tests do.
 
 Prints a markdown report and writes it to ``bench/out/streams.md``.
 """
@@ -57,20 +53,6 @@ from queen_tw.config import Config  # noqa: E402
 from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
 
 from support import ServerProcess  # noqa: E402
-
-UUID_V7_FIX = """
-CREATE OR REPLACE FUNCTION queen.uuid_v7(ts timestamptz) RETURNS uuid
-LANGUAGE sql VOLATILE AS $$
-    SELECT (lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0')
-            || '7' || lpad(to_hex(floor((extract(epoch FROM ts) * 1000
-                                         - floor(extract(epoch FROM ts) * 1000)) * 4096)::int),
-                           3, '0')
-            || to_hex(8 + floor(random() * 4)::int)
-            || lpad(to_hex(floor(random() * 268435456)::int), 7, '0')
-            || lpad(to_hex(floor(random() * 4294967296)::bigint), 8, '0'))::uuid
-$$;
-"""
-"""The proposed queen.uuid_v7: ids of one partition sort as their created_at (see above)."""
 
 BASE_MS = 1_700_000_000_000
 STEP_MS = 10
@@ -203,8 +185,7 @@ def render(r: Dict[str, Any]) -> str:
     return "\n".join([
         "## Streams: keyBy + tumbling window (bench/streams.py)",
         "",
-        f"Machine: {r['machine']}. Command: `{r['command']}`. queen.uuid_v7 "
-        f"{r['uuid_v7']}.",
+        f"Machine: {r['machine']}. Command: `{r['command']}`.",
         "",
         f"- events: {r['events']} over {r['partitions']} partitions, {r['keys']} keys, "
         f"batch {r['batch']}, maxPartitions {r['max_partitions']}, {r['workers']} worker(s)",
@@ -228,7 +209,7 @@ def main() -> int:
     parser.add_argument("--max-partitions", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--spaced-prefill", action="store_true",
-                        help="keep queen.uuid_v7 as shipped; push events one by one")
+                        help="push events one by one, each partition's 1.1 ms apart")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="queen-tw-streams-bench-"))
@@ -241,9 +222,6 @@ def main() -> int:
         quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
                  "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn", "ACCESS_LOG": "false"}
         server = ServerProcess(env, root / "server", quiet).start()
-        if not args.spaced_prefill:
-            with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
-                cursor.execute(UUID_V7_FIX)
         source, sink, name = "bench-stream-source", "bench-stream-sink", "bench-stream"
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for queue in (source, sink):
@@ -272,8 +250,7 @@ def main() -> int:
             "events_per_s": total / run["elapsed"], "prefill_s": prefill_s,
             "cycle_ms": percentiles(run["cycles"]), "state_get_ms": percentiles(run["reads"]),
             "windows": sum(expected.values()), "exact": got == expected,
-            "errors": len(run["errors"]),
-            "uuid_v7": "as shipped" if args.spaced_prefill else "with the proposed fix"}
+            "errors": len(run["errors"])}
         report = render(result)
         print(report)
         save_report("streams", report, result)
