@@ -77,6 +77,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_existed boolean;
 BEGIN
+    -- Waits for running stats refreshes (queen.queue_delete_lock, 022_stats_resources.sql).
+    PERFORM pg_advisory_xact_lock(queen.queue_delete_lock());
     DELETE FROM queen.queues WHERE name = p_name;
     v_existed := FOUND;
     RETURN jsonb_build_object('deleted', true, 'queue', p_name, 'existed', v_existed);

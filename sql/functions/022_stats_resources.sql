@@ -201,11 +201,17 @@ LANGUAGE sql STABLE AS $$
      WHERE y.lag > 0
 $$;
 
+-- Held exclusive by queen.delete_queue, shared by queen.refresh_stats (see there).
+CREATE OR REPLACE FUNCTION queen.queue_delete_lock() RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT 737003::bigint $$;
+
 -- Recomputes every queue's counts and the cluster figures; returns a summary. Its cost
 -- follows the number of partitions and of lagging (group, partition) pairs, not of messages.
--- Queues are read FOR KEY SHARE SKIP LOCKED: a queue that a DELETE holds is left out (its
--- snapshot row goes with it), and one being counted cannot be deleted until this commits,
--- so the upsert never meets a missing queue (no foreign-key violation).
+-- It holds queen.queue_delete_lock() shared, so no queue is deleted while it counts and the
+-- upsert never meets a missing queue (no foreign-key violation). An advisory lock rather
+-- than FOR KEY SHARE on the queue rows: row share lockers join each other's lock past a
+-- waiting DELETE, and refreshes that overlap (several instances, POST stats/refresh) would
+-- starve it; the lock manager queues a new shared request behind the waiting delete.
 CREATE OR REPLACE FUNCTION queen.refresh_stats() RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -217,8 +223,9 @@ DECLARE
     v_queues   integer;
     v_lag      jsonb;
 BEGIN
+    PERFORM pg_advisory_xact_lock_shared(queen.queue_delete_lock());
     WITH live AS (
-        SELECT qu.id FROM queen.queues qu ORDER BY qu.id FOR KEY SHARE SKIP LOCKED
+        SELECT qu.id FROM queen.queues qu
     ), counted AS (
         SELECT c.queue_id, sum(c.total) AS total, sum(c.pending) AS pending,
                sum(c.processing) AS processing, sum(c.completed) AS completed,
