@@ -171,17 +171,18 @@ BEGIN
     -- partition and every key is unique within the call (it names the item in RETURNING).
     v_base := greatest(clock_timestamp(), v_last + interval '1 microsecond');
 
-    -- One pass: a duplicate (stored before, or earlier in this array) is left out by the unique
-    -- key, not probed for first. RETURNING names each stored item by its order key (base + its
-    -- position). No CTE is joined to another: their row estimates are poor, and nested loops
-    -- over them go quadratic.
+    -- One statement. RETURNING names each stored item by its order key (base + its position).
+    -- No CTE is joined to another: their row estimates are poor, and nested loops over them go
+    -- quadratic.
     -- (The join is push_items_placed's, written out: through the function, although the
     -- planner inlines it, this statement measured 5-15 % slower in four A/B pairs.)
-    -- seq: the item's position in its partition after the partition's last_seq (migration 4);
-    -- a duplicate's position, once a later one is stored, is recorded as a hole below.
-    WITH placed AS (
-        SELECT t.o - 1 AS idx, lp.id AS partition_id,
-               lp.last_seq + row_number() OVER (PARTITION BY lp.id ORDER BY t.o) AS seq,
+    -- seq: the item's position in its partition after the partition's last_seq (migration 4),
+    -- whose offset is seq - 1 (migration 6). Only what is stored is numbered, so offsets are
+    -- dense: an item whose transactionId the partition holds already (the lock makes that
+    -- probe final) or that repeats an earlier item of this array is a duplicate and left out
+    -- first; the unique key below stays as a guard.
+    WITH items AS (
+        SELECT t.o - 1 AS idx, lp.id AS partition_id, lp.last_seq,
                CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
                coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
                nullif(t.e->>'traceId', '')::uuid AS trace_id,
@@ -192,6 +193,15 @@ BEGIN
                AS lp(id, queue_name, name, last_seq)
             ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
          WHERE t.o - 1 <> ALL (v_refused)
+    ), fresh AS (
+        SELECT i.*, row_number() OVER (PARTITION BY i.partition_id, i.txid ORDER BY i.idx) AS nth
+          FROM items i
+         WHERE NOT EXISTS (SELECT 1 FROM queen.messages m
+                            WHERE m.partition_id = i.partition_id AND m.transaction_id = i.txid)
+    ), placed AS (
+        SELECT f.*, f.last_seq + row_number() OVER (PARTITION BY f.partition_id ORDER BY f.idx) AS seq
+          FROM fresh f
+         WHERE f.nth = 1
     ), inserted AS (
         INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
                                     producer_sub, is_encrypted, created_at, seq)
@@ -199,7 +209,7 @@ BEGIN
                pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
                v_base + pl.idx * interval '1 microsecond', pl.seq
           FROM placed pl
-         ORDER BY pl.idx  -- within one array the first occurrence of a transactionId wins
+         ORDER BY pl.idx  -- rows land in the heap in array order
         ON CONFLICT (partition_id, transaction_id) DO NOTHING
         RETURNING id, partition_id, created_at, seq
     ), newest AS (
@@ -208,6 +218,7 @@ BEGIN
                last_message_id = n.last_id,
                message_count = p.message_count + n.cnt,
                last_seq = n.last_seq,
+               last_write_at = now(),  -- the transaction's start: see queen.partitions_changed
                last_activity = clock_timestamp()
           FROM (SELECT ins.partition_id, max(ins.created_at) AS last_at, count(*) AS cnt,
                        max(ins.seq) AS last_seq,
@@ -231,16 +242,6 @@ BEGIN
           JOIN queen.messages m ON m.partition_id = d.partition_id
                                AND m.transaction_id = d.e->>'transactionId'
          WHERE d.idx <> ALL (v_refused) AND d.idx <> ALL (v_stored_at);
-        -- Their positions below a stored message are holes (022_stats_resources.sql).
-        INSERT INTO queen.partition_holes (partition_id, seq_lo, seq_hi)
-        SELECT d.partition_id, d.seq, d.seq
-          FROM (SELECT i.idx, i.partition_id,
-                       lp.last_seq + row_number() OVER (PARTITION BY i.partition_id ORDER BY i.idx) AS seq
-                  FROM queen.push_items_placed(p_items, v_part_ids, v_part_queues, v_part_names) i
-                  JOIN unnest(v_part_ids, v_part_seqs) AS lp(id, last_seq) ON lp.id = i.partition_id
-                 WHERE i.idx <> ALL (v_refused)) d
-          JOIN queen.partitions p ON p.id = d.partition_id
-         WHERE d.idx = ANY (v_dup_at) AND d.seq <= p.last_seq;
     END IF;
 
     v_answer := json_build_object(

@@ -206,7 +206,9 @@ BEGIN
                || ',"traceId":' || coalesce('"' || m.trace_id || '"', 'null')
                || ',"producerSub":' || coalesce(to_json(m.producer_sub)::text, 'null')
                || ',"createdAt":"' || queen.format_ts6(m.created_at)
-               || '","retryCount":' || v_pc.retry_count || '}',
+               || '","retryCount":' || v_pc.retry_count
+               -- 2.x: the delivery's attempt (1 = first) and the message's offset (migration 6)
+               || ',"deliveryAttempt":' || (v_pc.retry_count + 1) || ',"offset":' || (m.seq - 1) || '}',
                ',' ORDER BY m.created_at, m.id) || ']'),
            count(*),
            -- the last message: one order for every aggregate, the scan's own, so none sorts
@@ -407,7 +409,13 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_group      text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
     v_batch      integer := greatest(coalesce((p_req->>'batch')::integer, 1), 1);
-    v_max_parts  integer := greatest(coalesce((p_req->>'partitions')::integer, 1), 1);
+    v_max_parts  integer := (p_req->>'partitions')::integer;  -- NULL: not given
+    -- Autopilot (WIRE2 8.3): when the server sizes the width, it is the ready partitions
+    -- divided by autoShare (the server's live pops of this lane, as its controller weighs
+    -- them), at most 64 and batch.
+    v_share      numeric := (p_req->>'autoShare')::numeric;  -- NULL: width not the server's
+    v_oldest_ms  bigint;          -- age of the first claimed partition's oldest message
+    v_conflate   boolean := false;  -- the group's stored conflation policy (WIRE2 8.4)
     v_auto_ack   boolean := coalesce((p_req->>'autoAck')::boolean, false);
     v_worker     text := p_req->>'workerId';
     v_lease_secs integer := coalesce((p_req->>'leaseSeconds')::integer, 0);
@@ -453,6 +461,10 @@ BEGIN
         result := json_build_object('success', true, 'needsSubscription', true);
         RETURN;
     END IF;
+    -- Partitions not given: 1, or batch (at most 64) for a conflating group, which gets one
+    -- message per partition (WIRE2 8.4).
+    v_max_parts := CASE WHEN v_max_parts IS NOT NULL THEN greatest(v_max_parts, 1)
+                        WHEN v_conflate THEN least(v_batch, 64) ELSE 1 END;
 
     IF p_req->>'partition' IS NOT NULL THEN
         SELECT p.id INTO v_single FROM queen.partitions p
@@ -473,7 +485,9 @@ BEGIN
         END IF;
     ELSE
         FOR v_cand IN
-            SELECT pp.partition_id AS id, s.sub_from, count(*) OVER () AS total
+            SELECT pp.partition_id AS id, s.sub_from, count(*) OVER () AS total,
+                   coalesce(pc.cursor_created_at, s.sub_from) AS cursor_at,
+                   coalesce(pc.cursor_id, queen.start_cursor_id(s.sub_from)) AS cursor_id
               FROM queen.partition_pending pp
               JOIN unnest(v_queue_ids, v_froms) AS s(queue_id, sub_from) ON s.queue_id = pp.queue_id
               JOIN queen.queues qu ON qu.id = pp.queue_id
@@ -496,6 +510,9 @@ BEGIN
              ORDER BY qu.priority DESC, pc.last_served_at NULLS FIRST, pp.partition_id
         LOOP
             v_examined := v_examined + 1;
+            IF v_examined = 1 AND v_share IS NOT NULL THEN
+                v_max_parts := least(64, v_batch, greatest(1, ceil(v_cand.total / greatest(v_share, 0.01))));
+            END IF;
             SELECT * INTO v_got FROM queen.pop_partition(v_cand.id, v_group, v_batch - v_count,
                                                          v_lease_id, v_worker, v_lease_secs,
                                                          v_cand.sub_from);
@@ -503,6 +520,14 @@ BEGIN
                 IF v_count = 0 THEN
                     v_first := v_got;
                     v_first_id := v_cand.id;
+                    IF v_share IS NOT NULL THEN  -- what the autopilot steers by
+                        SELECT floor(extract(epoch FROM now() - m.created_at) * 1000)
+                          INTO v_oldest_ms
+                          FROM queen.messages m
+                         WHERE m.partition_id = v_cand.id
+                           AND (m.created_at, m.id) > (v_cand.cursor_at, v_cand.cursor_id)
+                         ORDER BY m.created_at, m.id LIMIT 1;
+                    END IF;
                 END IF;
                 v_parts := v_parts || v_got.messages;
                 v_encrypted := v_encrypted || v_got.encrypted_ids;
@@ -522,7 +547,8 @@ BEGIN
         result := json_build_object(
             'success', true, 'consumerGroup', v_group,
             'queues', to_json(v_names),
-            'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single));
+            'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single),
+            'conflation', v_conflate, 'width', v_max_parts);
         RETURN;
     END IF;
 
@@ -545,6 +571,7 @@ BEGIN
         'consumerGroup', v_group,
         'partitionsClaimed', cardinality(v_parts),
         'more', v_more,
+        'conflation', v_conflate, 'width', v_max_parts, 'oldestMs', v_oldest_ms,
         'encryptedIds', CASE WHEN cardinality(v_encrypted) > 0 THEN to_json(v_encrypted) END);
     messages := CASE WHEN cardinality(v_parts) = 1 THEN v_parts[1]
                      ELSE (SELECT json_agg(x.e ORDER BY a.k, x.i)::text
@@ -576,6 +603,8 @@ BEGIN
             'consumerGroup', coalesce(v_req->>'consumerGroup', v_req->>'consumer_group'),
             'batch', coalesce(v_req->'batch', v_req->'batch_size'),
             'partitions', v_req->'partitions',
+            'autoShare', v_req->'autoShare',
+            'conflation', v_req->'conflation',
             'autoAck', coalesce(v_req->'autoAck', v_req->'auto_ack'),
             'workerId', coalesce(v_req->>'workerId', v_req->>'worker_id'),
             'leaseSeconds', coalesce(v_req->'leaseSeconds', v_req->'lease_seconds'),
