@@ -62,8 +62,10 @@ LANGUAGE sql STABLE AS $$
         ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
 $$;
 
--- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?}]
--- (camelCase keys, as the HTTP body; the server validates types before calling).
+-- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?,
+--          id?}] (camelCase keys, as the HTTP body; the server validates types before calling).
+-- id: a message id minted before the push (a timer's, promised when it was scheduled; a
+-- compressed frame's, minted by the client); the server never takes it from a request body.
 -- Returns a compact answer the caller expands (the server in Python, push_messages_core below
 -- in SQL), so PostgreSQL builds no object per item. Items are named by their index:
 --   {"stored": [indexes stored], "ids": [their message ids, aligned],
@@ -187,7 +189,8 @@ BEGIN
                coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
                nullif(t.e->>'traceId', '')::uuid AS trace_id,
                nullif(t.e->>'producerSub', '') AS producer_sub,
-               coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted
+               coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted,
+               nullif(t.e->>'id', '')::uuid AS given_id
           FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
           JOIN unnest(v_part_ids, v_part_queues, v_part_names, v_part_seqs)
                AS lp(id, queue_name, name, last_seq)
@@ -205,7 +208,8 @@ BEGIN
     ), inserted AS (
         INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
                                     producer_sub, is_encrypted, created_at, seq)
-        SELECT queen.uuid_v7(v_base + pl.idx * interval '1 microsecond'), pl.partition_id,
+        SELECT coalesce(pl.given_id, queen.uuid_v7(v_base + pl.idx * interval '1 microsecond')),
+               pl.partition_id,
                pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
                v_base + pl.idx * interval '1 microsecond', pl.seq
           FROM placed pl
