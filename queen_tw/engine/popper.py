@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from queen_tw.db.pool import Database
+from queen_tw.engine import autopilot
 from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
 from queen_tw.errors import Unavailable
@@ -62,6 +63,7 @@ class Delivery(dict):
 
 
 LotKey = Tuple[Optional[str], Optional[str], Optional[str], Optional[str], str]
+LaneKey = Tuple[Optional[str], Optional[str], Optional[str], str]
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,17 @@ class PopRequest:
     """One validated pop.
 
     ``queue`` with ``partition`` None means any partition of that queue; ``queue`` None
-    means every queue matching ``namespace`` and/or ``task``.
+    means every queue matching ``namespace`` and/or ``task``. ``partitions`` None: not
+    given (1, or batch up to 64 for a conflating group, or the autopilot's choice).
+    ``autopilot``: the request carried ``autopilot=true`` (its answer echoes the sizing);
+    ``conflation``: it asked for last-value delivery (WIRE2 8.3, 8.4).
     """
 
     queue: Optional[str]
     partition: Optional[str]
     consumer_group: str = QUEUE_MODE
     batch: int = 1
-    partitions: int = 1
+    partitions: Optional[int] = None
     auto_ack: bool = False
     wait: bool = False
     timeout_ms: int = 30000
@@ -84,18 +89,31 @@ class PopRequest:
     subscription_from: Optional[str] = None
     namespace: Optional[str] = None
     task: Optional[str] = None
+    autopilot: bool = False
+    conflation: bool = False
 
     @property
     def lot_key(self) -> LotKey:
         """Pops that may share one database attempt."""
         return (self.queue, self.partition, self.namespace, self.task, self.consumer_group)
 
-    def as_sql(self, worker_id: str) -> Dict[str, Any]:
+    @property
+    def lane(self) -> LaneKey:
+        """The (queue or namespace/task, group) whose autopilot and policy this pop shares."""
+        return (self.queue, self.namespace, self.task, self.consumer_group)
+
+    @property
+    def width_delegated(self) -> bool:
+        """The autopilot chooses how many partitions this pop claims."""
+        return self.autopilot and self.partitions is None and self.partition is None
+
+    def as_sql(self, worker_id: str, share: Optional[float] = None) -> Dict[str, Any]:
         return {
             "queue": self.queue, "partition": self.partition,
             "namespace": self.namespace, "task": self.task,
             "consumerGroup": self.consumer_group, "batch": self.batch,
-            "partitions": self.partitions, "autoAck": self.auto_ack, "workerId": worker_id,
+            "partitions": self.partitions, "autoShare": share, "conflation": self.conflation,
+            "autoAck": self.auto_ack, "workerId": worker_id,
             "subscriptionMode": self.subscription_mode,
             "subscriptionFrom": self.subscription_from,
             "deferSubscription": True,
@@ -170,6 +188,8 @@ class Popper:
         self._give_back = give_back
         self._paused = paused
         self._lots: Dict[LotKey, ParkingLot] = {}
+        self._conflating: Dict[LaneKey, bool] = {}  # stored policies the pops reported
+        self.autopilot = autopilot.Autopilot(clock)
         self.batcher = Batcher("pop", self._pop_batch, clock, limits)
         self.attempts = 0
 
@@ -187,6 +207,14 @@ class Popper:
         """
         if self._paused():
             return None
+        self.autopilot.entered(request.lane)
+        try:
+            return await self._pop(request, gone)
+        finally:
+            self.autopilot.left(request.lane)
+
+    async def _pop(self, request: PopRequest, gone: Optional[defer.Deferred]
+                   ) -> Optional[Delivery]:
         lot = self._lot(request) if request.wait and request.timeout_ms > 0 else None
         deadline = self._clock.seconds() + request.timeout_ms / 1000.0
         outcome = Attempt()
@@ -222,7 +250,8 @@ class Popper:
         """One try at the database. An outage counts as "nothing yet": consumers' loops exit
         on a pop error, so pops answer 204 and /health reports the outage (WIRE.md 2.3.8)."""
         self.attempts += 1
-        wanted = request.as_sql(self._worker_id)
+        wanted = request.as_sql(self._worker_id, self.autopilot.share(request.lane)
+                                if request.width_delegated else None)
         try:
             [result] = await self.batcher.submit([wanted])
             if result.get("needsSubscription"):
@@ -240,6 +269,7 @@ class Popper:
                      error=result.get("error"))
             return Attempt()
         text = result.pop("messages", None)
+        self._learn(request, result)
         if not text:
             retry_in = result.get("retryInMs")
             return Attempt(retry_in=max(retry_in, 1) / 1000.0 if retry_in is not None else None,
@@ -253,6 +283,50 @@ class Popper:
                     self._decrypt(message)
             return Attempt(delivery=Delivery(result, messages), more=more)
         return Attempt(delivery=Delivery(result, orjson.Fragment(text), text), more=more)
+
+    def _learn(self, request: PopRequest, result: Dict[str, Any]) -> None:
+        """Takes the autopilot's and conflation's facts out of a pop result, feeds the
+        autopilot, and adds the 2.x fields the answer carries (WIRE2 8.2)."""
+        conflating = result.pop("conflation", None)
+        width = result.pop("width", None)
+        self.autopilot.learn(request.lane, width, result.pop("oldestMs", None))
+        if request.autopilot:
+            result["autopilot"] = autopilot.echo(width or 1, request.batch)
+        if conflating is None:
+            return
+        if len(self._conflating) > 10_000:
+            self._conflating.clear()
+        self._conflating[request.lane] = conflating
+        result.update(self._policy_fields(request, conflating))
+
+    @staticmethod
+    def _policy_fields(request: PopRequest, conflating: bool) -> Dict[str, Any]:
+        """``conflation`` when the group's stored policy conflates, ``conflationConflict``
+        when the request asked otherwise (the stored policy wins)."""
+        fields: Dict[str, Any] = {}
+        if conflating:
+            fields["conflation"] = True
+        if conflating != request.conflation:
+            fields["conflationConflict"] = True
+        return fields
+
+    def empty_answer(self, request: PopRequest) -> Optional[Dict[str, Any]]:
+        """The body of a pop that delivered nothing, or None for a bodiless 204.
+
+        A pop that asked for conflation, or whose group conflates, answers 200 with an empty
+        list (a 204 reads as "this broker ignores conflation" to the 2.x client); the policy
+        is the one the group's last pop here reported, else the request's.
+        """
+        conflating = self._conflating.get(request.lane)
+        if not request.conflation and not conflating:
+            return None
+        body: Dict[str, Any] = {"success": True, "messages": []}
+        body.update(self._policy_fields(
+            request, request.conflation if conflating is None else conflating))
+        if request.autopilot:
+            body["autopilot"] = autopilot.echo(self.autopilot.last_width(request.lane),
+                                               request.batch)
+        return body
 
     def close(self) -> None:
         """Answers every parked pop now (the server stops)."""

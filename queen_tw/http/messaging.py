@@ -10,6 +10,7 @@ from typing import Optional
 
 from klein import Klein
 
+from queen_tw.engine.autopilot import AUTOPILOT_BATCH
 from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
 from queen_tw.errors import InvalidRequest
 from queen_tw.http import parsing, query
@@ -77,7 +78,8 @@ class MessagingRoutes:
         gone.addErrback(lambda _: None)  # a client that left is not an error
         delivery = await self._engine.pop(wanted, gone)
         if delivery is None:
-            return no_content(request)
+            empty = self._engine.popper.empty_answer(wanted)
+            return no_content(request) if empty is None else json_answer(request, 200, empty)
         return json_answer(request, 200, delivery)
 
     def _pop_request(self, request, queue: Optional[str],
@@ -86,12 +88,22 @@ class MessagingRoutes:
         if len(group) > parsing.MAX_NAME_LENGTH:
             raise InvalidRequest(
                 f"consumerGroup is longer than {parsing.MAX_NAME_LENGTH} characters")
-        batch = query.integer(request, "batch", self._defaults.batch, 1)
+        autopilot = query.flag(request, "autopilot")
+        conflation = query.flag(request, "conflation")
+        auto_ack = query.flag(request, "autoAck")
+        if conflation and group == QUEUE_MODE:
+            raise InvalidRequest("conflation needs a consumerGroup (queue mode never conflates)")
+        if conflation and auto_ack:
+            raise InvalidRequest("conflation cannot be combined with autoAck")
+        # WIRE2 8.3: under autopilot an omitted batch is the server's to choose.
+        batch = query.integer(request, "batch",
+                              AUTOPILOT_BATCH if autopilot else self._defaults.batch, 1)
+        partitions = query.integer(request, "partitions", 0, 1) or None
         return PopRequest(
             queue=queue, partition=partition, consumer_group=group,
             batch=min(batch, MAX_POP_BATCH),
-            partitions=query.integer(request, "partitions", 1, 1) if partition is None else 1,
-            auto_ack=query.flag(request, "autoAck"),
+            partitions=partitions if partition is None else None,
+            autopilot=autopilot, conflation=conflation, auto_ack=auto_ack,
             wait=query.flag(request, "wait"),
             # WIRE.md 2.3.1: a timeout <= 0 answers at once
             timeout_ms=query.integer(request, "timeout", self._defaults.timeout_ms,
