@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
+import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from queen_tw import jsoncodec
 from queen_tw.cluster.config_cache import QueueConfigCache, wire_config
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
@@ -212,6 +214,8 @@ class QueueEngine:
         (from the cache only: PostgreSQL may be what is down). Without a key, a queue known
         to encrypt is refused here as on the way to PostgreSQL."""
         known = self._config_cache.encrypted(sorted({item["queue"] for item in items}))
+        items = [dict(item, payload=plain_payload(item["payload"]))
+                 if isinstance(item.get("payload"), orjson.Fragment) else item for item in items]
         if self._cipher is None:
             _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
         return await failover.buffer(
@@ -317,7 +321,8 @@ class QueueEngine:
         sealed = []
         for item in items:
             if encrypted[item["queue"]]:
-                item = dict(item, payload=cipher.encrypt(item.get("payload", {})),
+                payload = plain_payload(item.get("payload", {}))
+                item = dict(item, payload=cipher.encrypt(payload),
                             isEncrypted=True)
             sealed.append(item)
         return sealed
@@ -391,10 +396,15 @@ class QueueEngine:
 
     async def extend_lease(self, lease_id: str, seconds: Optional[int]) -> str:
         """Extends every live partition lease of ``lease_id``; returns the earliest expiry."""
+        return (await self.renew_lease(lease_id, seconds))["expiresAt"]
+
+    async def renew_lease(self, lease_id: str, seconds: Optional[int]) -> Dict[str, Any]:
+        """As :meth:`extend_lease`, answering ``{expiresAt, renewed}``: the earliest new
+        expiry and how many partitions' leases were extended (WIRE2.md 10)."""
         [outcome] = await self.batchers["renew_lease"].submit(
             [{"leaseId": lease_id, "seconds": seconds}])
         if outcome.get("expiresAt"):
-            return outcome["expiresAt"]
+            return {"expiresAt": outcome["expiresAt"], "renewed": outcome.get("renewed", 1)}
         raise NotFound("Lease expired" if outcome["found"] else "Lease not found")
 
     async def _renew_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
@@ -532,6 +542,15 @@ def _refuse_unkeyed(queues: List[str]) -> None:
         raise Unavailable(f"Queue {queues[0]} has encryptionEnabled but this server has no "
                           "QUEEN_ENCRYPTION_KEY: its messages are refused rather than stored "
                           "in plaintext; restart the server with the key")
+
+
+def plain_payload(payload: Any) -> Any:
+    """A payload as a Python value. A binary push passes its payloads through as
+    ``orjson.Fragment`` (JSON text written into the database parameter as it came); where
+    the value itself is needed (encryption, the file buffer) it is parsed here."""
+    if isinstance(payload, orjson.Fragment):
+        return jsoncodec.loads(orjson.dumps(payload))  # big numbers stay exact
+    return payload
 
 
 def expand_push_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]

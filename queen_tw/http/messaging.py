@@ -13,7 +13,7 @@ from klein import Klein
 from queen_tw.engine.autopilot import AUTOPILOT_BATCH
 from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
 from queen_tw.errors import InvalidRequest
-from queen_tw.http import parsing, query
+from queen_tw.http import binary_push, parsing, query
 from queen_tw.http.answers import answering_errors, json_answer, no_content
 from queen_tw.http.auth_gate import producer_sub
 
@@ -47,8 +47,18 @@ class MessagingRoutes:
 
     @app.route("/api/v1/push", methods=["POST"])
     async def push(self, request):
+        if binary_push.is_binary(request):
+            return await self._push_binary(request)
         items = parsing.push_items(parsing.read_json_object(request), producer_sub(request))
         return json_answer(request, 201, await self._engine.push(items))
+
+    async def _push_binary(self, request):
+        """A ``QPB1`` body (WIRE2.md 9.1, 9.2): answered as its JSON push would be, or
+        with the counts only when it asks (flag 2)."""
+        body = binary_push.read_push(request)
+        results = await self._engine.push(body.items)
+        return json_answer(request, 201,
+                           binary_push.counts_answer(results) if body.counts_only else results)
 
     # -- pop ----------------------------------------------------------------------------
 
@@ -133,7 +143,8 @@ class MessagingRoutes:
 
     @app.route("/api/v1/transaction", methods=["POST"])
     async def transaction(self, request):
-        body = parsing.read_json_object(request)
+        binary = binary_push.read_transaction(request) if binary_push.is_binary(request) else None
+        body = binary.as_json_body() if binary else parsing.read_json_object(request)
         ops = parsing.transaction_operations(body, producer_sub(request))
         leases = parsing.required_leases(body)
         unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)
@@ -142,7 +153,10 @@ class MessagingRoutes:
             return json_answer(request, 200, {
                 "transactionId": None, "success": False, "results": [],
                 "error": f"Unknown operation type: {unknown['type']}"})
-        return json_answer(request, 200, await self._engine.transaction(ops, leases))
+        outcome = await self._engine.transaction(ops, leases)
+        if binary and binary.counts_only:
+            outcome = binary_push.transaction_counts(outcome, ops)
+        return json_answer(request, 200, outcome)
 
     @app.route("/api/v1/lease/<lease_id>/extend", methods=["POST"])
     async def extend_lease(self, request, lease_id):
@@ -152,7 +166,9 @@ class MessagingRoutes:
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)
                                     or not 0 < seconds <= query.INT32_MAX):
             raise InvalidRequest("seconds must be a positive integer")
-        expires = await self._engine.extend_lease(lease_id, seconds)
-        return json_answer(request, 200, {
-            "leaseId": lease_id, "success": True, "leaseExpiresAt": expires,
-            "newExpiresAt": expires, "expiresAt": expires})
+        renewal = await self._engine.renew_lease(lease_id, seconds)
+        expires = renewal["expiresAt"]
+        return json_answer(request, 200, {  # every name a client reads it by (WIRE2.md 10)
+            "leaseId": lease_id, "success": True, "renewed": renewal["renewed"],
+            "leaseExpiresAt": expires, "newExpiresAt": expires, "expiresAt": expires,
+            "lease_expires_at": expires})

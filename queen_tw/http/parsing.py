@@ -247,6 +247,12 @@ def _option_bool(name: str, value: Any) -> bool:
     raise InvalidRequest(f"{name} must be a boolean")
 
 
+class ValidatedPush(dict):
+    """A push operation whose items were validated already (the pushes of a binary
+    transaction body, which carry the ids their client minted); a JSON body never makes
+    one, so a JSON push cannot name its message ids."""
+
+
 def transaction_op(op: Any, index: int, producer_sub: Optional[str] = None) -> Dict[str, Any]:
     """One validated transaction operation (WIRE.md 2.5); an unknown type is kept as is
     (it fails the transaction, not the request). Pushed items get ``producer_sub`` as in
@@ -256,6 +262,8 @@ def transaction_op(op: Any, index: int, producer_sub: Optional[str] = None) -> D
     kind = op.get("type")
     if not isinstance(kind, str):
         raise InvalidRequest(f"Operation {index} needs a type")
+    if isinstance(op, ValidatedPush):
+        return op  # a binary transaction's frames, checked by queen_tw.http.binary_push
     if kind == "push":
         items = op.get("items")
         if not isinstance(items, list) or not items:

@@ -208,7 +208,14 @@ BEGIN
     ), inserted AS (
         INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
                                     producer_sub, is_encrypted, created_at, seq)
-        SELECT coalesce(pl.given_id, queen.uuid_v7(v_base + pl.idx * interval '1 microsecond')),
+        -- A given id some stored message already has (a client reusing the id of another
+        -- message: a retry of the same message is a duplicate above, never reaches this) would
+        -- fail the whole call on the primary key: that message gets an id of ours instead,
+        -- which its answer names.
+        SELECT CASE WHEN pl.given_id IS NULL
+                      OR EXISTS (SELECT 1 FROM queen.messages x WHERE x.id = pl.given_id)
+                    THEN queen.uuid_v7(v_base + pl.idx * interval '1 microsecond')
+                    ELSE pl.given_id END,
                pl.partition_id,
                pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
                v_base + pl.idx * interval '1 microsecond', pl.seq

@@ -281,11 +281,13 @@ LANGUAGE sql AS $$
 $$;
 
 -- Extends every live lease row held under p_lease_id to max(current, now + seconds); seconds
--- defaults to the queue's leaseTime. Returns {found, expired, expiresAt (earliest new expiry)}.
+-- defaults to the queue's leaseTime. Returns {found, expired, expiresAt (earliest new expiry),
+-- renewed (how many partitions' leases were extended, WIRE2 10)}.
 CREATE OR REPLACE FUNCTION queen.extend_lease(p_lease_id uuid, p_seconds integer) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_expires timestamptz;
+    v_renewed integer;
 BEGIN
     WITH extended AS (
         UPDATE queen.partition_consumers pc
@@ -295,9 +297,9 @@ BEGIN
          WHERE pc.lease_id = p_lease_id AND pc.lease_expires_at > now() AND p.id = pc.partition_id
         RETURNING pc.lease_expires_at
     )
-    SELECT min(lease_expires_at) INTO v_expires FROM extended;
+    SELECT min(lease_expires_at), count(*) INTO v_expires, v_renewed FROM extended;
     IF v_expires IS NOT NULL THEN
-        RETURN jsonb_build_object('found', true, 'expired', false,
+        RETURN jsonb_build_object('found', true, 'expired', false, 'renewed', v_renewed,
                                   'expiresAt', queen.format_ts3(v_expires));
     END IF;
     RETURN jsonb_build_object(

@@ -1,0 +1,414 @@
+"""Binary push and transaction bodies over raw HTTP (WIRE2.md 9.1-9.3).
+
+The bodies are built here byte by byte (the layout of the 2.6.0 client's encoder, written
+anew), so a corrupt one can be made exactly: each malformed body must answer 400 with an
+``error`` that names the fault, and store nothing. The decoder's pure functions are checked
+without a server first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import httpx
+import orjson
+import pytest
+import zstandard
+
+from queen_tw.engine.queue_engine import plain_payload
+from queen_tw.errors import InvalidRequest
+from queen_tw.http import binary_push
+
+from tests.http_helpers import configure
+from tests.support import count_messages, unique_name
+
+BINARY = {"Content-Type": "application/x-queen-push"}
+LIMIT = 64 * 1024 * 1024
+
+# -- the encoder (WIRE2.md 9.1-9.3) ----------------------------------------------------------
+
+
+def text16(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<H", len(data)) + data
+
+
+def zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=1, write_content_size=True).compress(data)
+
+
+def v7_id(offset_ms: int = 0) -> bytes:
+    """A version-7 UUID's 16 bytes (the client's recipe: time in ms, then random bits)."""
+    stamp = (time.time_ns() // 1_000_000 + offset_ms).to_bytes(6, "big")
+    tail = bytearray(os.urandom(10))
+    tail[0] = 0x70 | (tail[0] & 0x0F)
+    tail[2] = 0x80 | (tail[2] & 0x3F)
+    return stamp + bytes(tail)
+
+
+def frame(message_id: bytes, transaction_id: str, payload: bytes, flags: int = 0) -> bytes:
+    txn = transaction_id.encode()
+    return (struct.pack("<I", 1 + 16 + 2 + len(txn) + len(payload)) + bytes([flags])
+            + message_id + struct.pack("<H", len(txn)) + txn + payload)
+
+
+Message = Tuple[bytes, str, bytes]  # (id, transactionId, payload JSON)
+
+
+def framed_group(queue: str, partition: str, messages: Sequence[Message],
+                 count: Optional[int] = None, z: Optional[bytes] = None) -> bytes:
+    if z is None:
+        z = zstd(b"".join(frame(*m) for m in messages))
+    n = len(messages) if count is None else count
+    return text16(queue) + text16(partition) + struct.pack("<II", n, len(z)) + z
+
+
+def framed_body(groups: Sequence[bytes], flags: int = 8) -> bytes:
+    return b"QPB1" + bytes([flags]) + struct.pack("<I", len(groups)) + b"".join(groups)
+
+
+def plain_body(groups: Sequence[Tuple[str, str, Sequence[Tuple[Optional[str], bytes]]]],
+               flags: int = 4) -> bytes:
+    """flags 4 (every item has a transactionId), with 1 the body zstd-compressed."""
+    body = struct.pack("<I", len(groups))
+    for queue, partition, items in groups:
+        body += text16(queue) + text16(partition) + struct.pack("<I", len(items))
+        for transaction_id, payload in items:
+            if flags & 4:
+                body += text16(transaction_id or "")
+            body += struct.pack("<I", len(payload)) + payload
+    if flags & 1:
+        return b"QPB1" + bytes([flags]) + struct.pack("<I", len(body)) + zstd(body)
+    return b"QPB1" + bytes([flags]) + body
+
+
+def transaction_body(head: Dict[str, Any], groups: Sequence[bytes], flags: int = 0) -> bytes:
+    data = json.dumps(head).encode()
+    return (b"QTB1" + bytes([flags]) + struct.pack("<I", len(data)) + data
+            + struct.pack("<I", len(groups)) + b"".join(groups))
+
+
+def id_text(message_id: bytes) -> str:
+    return str(uuid.UUID(bytes=message_id))
+
+
+def messages(count: int, prefix: str = "t") -> List[Message]:
+    return [(v7_id(), f"{prefix}{n}", orjson.dumps({"n": n, "text": "é ✓"}))
+            for n in range(count)]
+
+
+def post(http: httpx.Client, body: bytes, path: str = "/api/v1/push") -> httpx.Response:
+    return http.post(path, content=body, headers=BINARY)
+
+
+def pop_all(http: httpx.Client, queue: str, partition: Optional[str] = None
+            ) -> List[Dict[str, Any]]:
+    path = f"/api/v1/pop/queue/{queue}" + (f"/partition/{partition}" if partition else "")
+    answer = http.get(path, params={"wait": "false", "batch": 1000})
+    assert answer.status_code in (200, 204), answer.text
+    return answer.json()["messages"] if answer.status_code == 200 else []
+
+
+# -- the decoder alone --------------------------------------------------------------------
+
+
+def test_framed_body_decodes_to_push_items_with_the_client_ids_and_raw_payloads():
+    sent = messages(3)
+    body = framed_body([framed_group("q", "p", sent)])
+    decoded = binary_push.decode_push(body, "alice", LIMIT)
+    assert not decoded.counts_only
+    assert [item["id"] for item in decoded.items] == [id_text(m[0]) for m in sent]
+    assert [item["transactionId"] for item in decoded.items] == ["t0", "t1", "t2"]
+    assert {(item["queue"], item["partition"], item["producerSub"])
+            for item in decoded.items} == {("q", "p", "alice")}
+    # the payload bytes pass through as they came
+    assert orjson.dumps([item["payload"] for item in decoded.items]) == (
+        b"[" + b",".join(m[2] for m in sent) + b"]")
+    assert [plain_payload(item["payload"]) for item in decoded.items] == [
+        {"n": n, "text": "é ✓"} for n in range(3)]
+
+
+def test_frame_without_transaction_id_uses_its_message_id_text():
+    message_id = v7_id()
+    body = framed_body([framed_group("q", "p", [(message_id, "", b"1")])])
+    [item] = binary_push.decode_push(body, None, LIMIT).items
+    assert item["transactionId"] == item["id"] == id_text(message_id)
+    assert "producerSub" not in item
+
+
+def test_plain_body_with_transaction_ids_and_zstd_body_decode_alike():
+    groups = [("q", "a", [("x1", b'{"a":1}'), ("", b"null")]), ("q", "b", [("x3", b"[]")])]
+    for flags in (4, 5, 6, 7):
+        decoded = binary_push.decode_push(plain_body(groups, flags), None, LIMIT)
+        assert decoded.counts_only == bool(flags & 2)
+        assert [(i["partition"], i.get("transactionId")) for i in decoded.items] == [
+            ("a", "x1"), ("a", None), ("b", "x3")]
+        assert [plain_payload(i["payload"]) for i in decoded.items] == [{"a": 1}, None, []]
+
+
+def test_big_numbers_stay_exact_in_the_plain_value():
+    body = plain_body([("q", "p", [("t", b'{"n": 123456789012345678901234567890}')])])
+    [item] = binary_push.decode_push(body, None, LIMIT).items
+    assert plain_payload(item["payload"]) == {"n": 123456789012345678901234567890}
+
+
+def _refusal(body: bytes, limit: int = LIMIT) -> str:
+    with pytest.raises(InvalidRequest) as raised:
+        binary_push.decode_push(body, None, limit)
+    return raised.value.message
+
+
+def test_decoder_names_what_is_wrong():
+    good = messages(2)
+    not_v7 = bytearray(v7_id())
+    not_v7[6] = 0x40 | (not_v7[6] & 0x0F)
+    cases = {
+        "must start with QPB1": b"QPX1\x08" + struct.pack("<I", 0),
+        "unknown flags": b"QPB1\x18" + struct.pack("<I", 0),
+        "truncated": framed_body([framed_group("q", "p", good)])[:-5],
+        "holds 2 frames, its header says 3": framed_body([framed_group("q", "p", good,
+                                                                      count=3)]),
+        "bytes after its 1 frames": framed_body([framed_group("q", "p", good, count=1)]),
+        "not a version-7 UUID": framed_body([framed_group("q", "p", [(bytes(not_v7), "t",
+                                                                      b"1")])]),
+        "not a zstd frame": framed_body([framed_group("q", "p", good, z=b"not zstd at all")]),
+        "flags must be 0": framed_body([framed_group(
+            "q", "p", [], count=1, z=zstd(frame(v7_id(), "t", b"1", flags=1)))]),
+        "payload is not valid JSON": framed_body([framed_group("q", "p", [(v7_id(), "t",
+                                                                          b"{nope")])]),
+        "Queue is not UTF-8": b"QPB1\x08" + struct.pack("<IH", 1, 2) + b"\xff\xfe",
+        "Queue must not be empty": framed_body([framed_group("", "p", good)]),
+        "repeats a message id": framed_body([framed_group("q", "p", [good[0], good[0]])]),
+        "after its last group": framed_body([framed_group("q", "p", good)]) + b"x",
+        "\\u0000": framed_body([framed_group("q", "p", [(v7_id(), "t", b'"a\\u0000"')])]),
+        "raw_len is 5": b"QPB1\x05" + struct.pack("<I", 5) + zstd(struct.pack("<I", 0)),
+    }
+    for expected, body in cases.items():
+        assert expected in _refusal(body), expected
+
+
+def test_a_frame_expanding_past_the_body_limit_is_refused_before_it_is_decompressed():
+    body = framed_body([framed_group("q", "p", [(v7_id(), "t", b'"' + b"x" * 5000 + b'"')])])
+    assert "more than the 1000 a request may carry" in _refusal(body, limit=1000)
+
+
+def test_transaction_body_puts_the_head_operations_before_the_pushes():
+    sent = messages(2)
+    head = {"operations": [{"type": "ack", "transactionId": "a", "partitionId": "p"}],
+            "requiredLeases": []}
+    decoded = binary_push.decode_transaction(
+        transaction_body(head, [framed_group("q", "p", sent)]), "bob", LIMIT)
+    body = decoded.as_json_body()
+    assert [op["type"] for op in body["operations"]] == ["ack", "push"]
+    assert [item["id"] for item in body["operations"][1]["items"]] == [
+        id_text(m[0]) for m in sent]
+    with pytest.raises(InvalidRequest, match="must start with QTB1"):
+        binary_push.decode_transaction(b"QPB1\x00", None, LIMIT)
+    with pytest.raises(InvalidRequest, match="head is not valid JSON"):
+        binary_push.decode_transaction(b"QTB1\x00\x02\x00\x00\x00{x" + b"\x00" * 4, None, LIMIT)
+
+
+# -- over HTTP ----------------------------------------------------------------------------
+
+
+def test_framed_push_answers_as_json_and_stores_each_message_under_its_client_id(http, db):
+    queue = unique_name()
+    sent = messages(3)
+    answer = post(http, framed_body([framed_group(queue, "p1", sent)]))
+    assert answer.status_code == 201, answer.text
+    results = answer.json()
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert {r["status"] for r in results} == {"queued"}
+    assert [r["message_id"] for r in results] == [id_text(m[0]) for m in sent]
+    assert [r["transaction_id"] for r in results] == ["t0", "t1", "t2"]
+    assert {r["queueName"] for r in results} == {queue}
+    popped = pop_all(http, queue, "p1")
+    assert [(m["id"], m["transactionId"], m["data"]) for m in popped] == [
+        (id_text(m[0]), m[1], json.loads(m[2])) for m in sent]
+    with db.cursor() as cursor:
+        cursor.execute("SELECT min(created_at) > now() - interval '1 minute' FROM queen.messages"
+                       " WHERE id = ANY(%s::uuid[])", ([id_text(m[0]) for m in sent],))
+        assert cursor.fetchone()[0] is True  # createdAt is the server's time
+
+
+def test_same_framed_bytes_twice_store_once_and_answer_the_stored_ids(http, db):
+    queue = unique_name()
+    body = framed_body([framed_group(queue, "p", messages(4))])
+    first = post(http, body).json()
+    again = post(http, body)
+    assert again.status_code == 201
+    assert [r["status"] for r in again.json()] == ["duplicate"] * 4
+    assert [r["message_id"] for r in again.json()] == [r["message_id"] for r in first]
+    assert count_messages(db, queue) == 4
+
+
+def test_plain_and_zstd_bodies_and_counts_answer(http, db):
+    queue = unique_name()
+    items = [("a", b'{"k": 1}'), ("", b'"text"'), ("a", b"2")]  # "a" twice: a duplicate
+    answer = post(http, plain_body([(queue, "p", items)], flags=4))
+    assert answer.status_code == 201
+    statuses = [r["status"] for r in answer.json()]
+    assert statuses == ["queued", "queued", "duplicate"]
+    counts = post(http, plain_body([(queue, "p", [("b", b"3"), ("a", b"4")])], flags=7))
+    assert counts.status_code == 201
+    assert counts.json() == {"count": 2, "queued": 1, "duplicate": 1, "buffered": 0,
+                             "error": None}
+    assert [m["data"] for m in pop_all(http, queue)] == [{"k": 1}, "text", 3]
+    assert count_messages(db, queue) == 3
+
+
+def test_binary_and_json_pushes_to_one_partition_keep_their_order(http):
+    queue = unique_name()
+    for n in range(3):
+        post(http, framed_body([framed_group(queue, "p", [(v7_id(), f"b{n}",
+                                                           orjson.dumps(f"binary {n}"))])]))
+        http.post("/api/v1/push", json={"items": [
+            {"queue": queue, "partition": "p", "payload": f"json {n}"}]})
+    assert [m["data"] for m in pop_all(http, queue, "p")] == [
+        f"{kind} {n}" for n in range(3) for kind in ("binary", "json")]
+
+
+def test_an_id_another_message_has_gets_a_server_id_instead_of_failing(http):
+    queue = unique_name()
+    message_id = v7_id()
+    first = post(http, framed_body([framed_group(queue, "p", [(message_id, "one", b"1")])]))
+    second = post(http, framed_body([framed_group(queue, "p", [(message_id, "two", b"2")])]))
+    assert second.status_code == 201, second.text
+    [stored] = second.json()
+    assert stored["status"] == "queued"
+    assert stored["message_id"] != first.json()[0]["message_id"] == id_text(message_id)
+    assert [m["data"] for m in pop_all(http, queue)] == [1, 2]
+
+
+def test_max_size_refuses_the_items_over_it_as_for_json(http):
+    queue = unique_name()
+    configure(http, queue, maxSize=2)
+    answer = post(http, framed_body([framed_group(queue, "p", messages(3))]))
+    assert [r["status"] for r in answer.json()] == ["queued", "queued", "failed"]
+    assert "max capacity" in answer.json()[2]["error"]
+
+
+def test_encrypted_queue_stores_ciphertext_and_pops_the_payload(http, db):
+    queue = unique_name()
+    configure(http, queue, encryptionEnabled=True)
+    sent = messages(2)
+    assert post(http, framed_body([framed_group(queue, "p", sent)])).status_code == 201
+    with db.cursor() as cursor:
+        cursor.execute("SELECT bool_and(is_encrypted), bool_and(payload ? 'encrypted') "
+                       "FROM queen.messages WHERE id = ANY(%s::uuid[])",
+                       ([id_text(m[0]) for m in sent],))
+        assert cursor.fetchone() == (True, True)
+    assert [m["data"] for m in pop_all(http, queue)] == [json.loads(m[2]) for m in sent]
+
+
+def good_group(queue: str) -> bytes:
+    """A well-formed group, put first in a corrupt body: a body refused late must not have
+    stored it either."""
+    return framed_group(queue, "first", messages(2, "g"))
+
+
+def with_good_group(queue: str, bad: bytes) -> bytes:
+    return framed_body([good_group(queue), bad])
+
+
+def plain_item(transaction_id: str, payload: bytes) -> bytes:
+    return text16(transaction_id) + struct.pack("<I", len(payload)) + payload
+
+
+CORRUPT = {
+    "bad magic": (lambda q: b"QPBX" + with_good_group(q, framed_group(q, "p", messages(1)))[4:],
+                  "must start with QPB1"),
+    "bad length": (lambda q: with_good_group(q, framed_group(q, "p", messages(1)))[:-1],
+                   "truncated"),
+    "bad count": (lambda q: with_good_group(q, framed_group(q, "p", messages(2), count=5)),
+                  "its header says 5"),
+    "id not v7": (lambda q: with_good_group(q, framed_group(q, "p", [
+        (uuid.uuid4().bytes, "t", b"1")])), "not a version-7 UUID"),
+    "bad zstd": (lambda q: with_good_group(q, framed_group(q, "p", messages(1),
+                                                           z=zstd(b"x" * 64)[:-4])),
+                 "zstd frame"),
+    "bad JSON payload": (lambda q: with_good_group(q, framed_group(q, "p", [
+        *messages(2), (v7_id(), "bad", b"{'single': 1}")])), "not valid JSON"),
+    "truncated": (lambda q: with_good_group(q, framed_group(q, "p", messages(3)))[:-40],
+                  "truncated"),
+    "bad count in a plain body": (
+        lambda q: (b"QPB1\x04" + struct.pack("<I", 2)
+                   + text16(q) + text16("first") + struct.pack("<I", 1) + plain_item("g", b"1")
+                   + text16(q) + text16("p") + struct.pack("<I", 3) + plain_item("a", b"2")),
+        "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_body_answers_400_naming_the_fault_and_stores_nothing(http, db, case):
+    queue = unique_name()
+    make, expected = CORRUPT[case]
+    answer = post(http, make(queue))
+    assert answer.status_code == 400, answer.text
+    assert expected in answer.json()["error"]
+    assert count_messages(db, queue) == 0
+
+
+def test_empty_and_json_bodies_with_the_binary_type_are_refused(http):
+    assert post(http, b"").status_code == 400
+    answer = post(http, b'{"items": []}')
+    assert answer.status_code == 400 and "QPB1" in answer.json()["error"]
+
+
+def test_binary_transaction_acks_and_pushes_in_one_commit_with_head_results_first(http, db):
+    source, target = unique_name(), unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": source, "payload": "in"}]})
+    popped = http.get(f"/api/v1/pop/queue/{source}", params={"wait": "false"}).json()
+    message = popped["messages"][0]
+    sent = messages(2)
+    head = {"operations": [{"type": "ack", "transactionId": message["transactionId"],
+                            "partitionId": message["partitionId"],
+                            "leaseId": message["leaseId"], "status": "completed"}],
+            "requiredLeases": [message["leaseId"]]}
+    answer = post(http, transaction_body(head, [framed_group(target, "p", sent)]),
+                  "/api/v1/transaction")
+    assert answer.status_code == 200, answer.text
+    outcome = answer.json()
+    assert outcome["success"] is True
+    assert [(r["index"], r["type"]) for r in outcome["results"]] == [
+        (0, "ack"), (1, "push"), (2, "push")]
+    assert [r["messageId"] for r in outcome["results"][1:]] == [id_text(m[0]) for m in sent]
+    assert [m["data"] for m in pop_all(http, target)] == [json.loads(m[2]) for m in sent]
+    assert http.get(f"/api/v1/pop/queue/{source}", params={"wait": "false"}).status_code == 204
+
+
+def test_binary_transaction_with_a_failing_ack_stores_nothing_and_counts_flag(http, db):
+    target = unique_name()
+    head = {"operations": [{"type": "ack", "transactionId": "never",
+                            "partitionId": str(uuid.uuid4()), "status": "completed"}]}
+    answer = post(http, transaction_body(head, [framed_group(target, "p", messages(2))]),
+                  "/api/v1/transaction")
+    assert answer.status_code == 200 and answer.json()["success"] is False
+    assert count_messages(db, target) == 0
+    counted = post(http, transaction_body({}, [framed_group(target, "p", messages(3))],
+                                          flags=2), "/api/v1/transaction")
+    assert counted.status_code == 200, counted.text
+    assert {k: counted.json()[k] for k in ("success", "pushed", "duplicate", "acked",
+                                           "results")} == {
+        "success": True, "pushed": 3, "duplicate": 0, "acked": 0, "results": []}
+    assert post(http, b"QTB1\x00\x01\x00\x00\x00[" + b"\x00" * 4,
+                "/api/v1/transaction").status_code == 400
+
+
+def test_lease_extend_answers_renewed_partitions_and_every_expiry_name(http):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": p, "payload": p} for p in ("a", "b", "c")]})
+    popped = http.get(f"/api/v1/pop/queue/{queue}",
+                      params={"wait": "false", "partitions": 2, "batch": 10}).json()
+    answer = http.post(f"/api/v1/lease/{popped['leaseId']}/extend", json={"seconds": 60})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is True and body["renewed"] == 2
+    assert body["newExpiresAt"] == body["expiresAt"] == body["lease_expires_at"] == \
+        body["leaseExpiresAt"]
