@@ -109,6 +109,9 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("POST", "/streams/v1/queries", _RW),
     ("POST", "/streams/v1/cycle", _RW),
     ("POST", "/streams/v1/state/get", _RO),
+    # reads by offset (WIRE2.md 1.5, 6)
+    ("POST", "/api/v1/fetch", _RO),
+    ("POST", "/api/v1/partitions/changed", _RO),
 )
 """(method, Klein rule, level) of every route; a GET row also covers HEAD."""
 

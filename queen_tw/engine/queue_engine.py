@@ -150,6 +150,7 @@ class QueueEngine:
         self._config_cache = config_cache or QueueConfigCache(clock, ttl=0)
         self._peers: PeerNotices = peers or _NoPeers()
         self._waiters = waiters
+        self._clock = clock
         self._diverted = OutageLog("pushes to PostgreSQL", clock,
                                    meanwhile="writing them to the file buffer")
         self._cipher = cipher
@@ -271,6 +272,21 @@ class QueueEngine:
         """The pool this engine calls; the Streams engine, whose cycles include pushes and
         acks, calls the same one."""
         return self._db
+
+    @property
+    def waiters(self) -> WaiterRegistry:
+        """Who is parked on which partitions; reads by offset long-poll here as pops do."""
+        return self._waiters
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The time source of long-poll deadlines."""
+        return self._clock
+
+    def decrypt_field(self, row: Dict[str, Any], field: str) -> None:
+        """Turns ``row[field]``, an encrypted payload as stored, into its plaintext in place;
+        left as stored (and logged) without a key or with the wrong one."""
+        self._decrypt_field(row, field)
 
     def announce_pushed(self, updated: List[Tuple[str, str]]) -> None:
         """Committed pushes to these (queue, partition)s: wakes the pops parked on them here

@@ -400,6 +400,13 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         "streamState", "Read a streaming query's state on one partition",
         {200: _STREAMS_STATE}, body=_STREAMS_STATE_GET, body_required=True,
         errors=(400, 404, 503))),
+    # -- reads by offset (WIRE2.md 6): no lease, no cursor --
+    ("/api/v1/fetch", "post", _Op(
+        "fetch", "Read partitions' records from offsets (long poll with maxWaitMs)",
+        {200: ref("FetchAnswer")}, body=ref("FetchRequest"))),
+    ("/api/v1/partitions/changed", "post", _Op(
+        "partitionsChanged", "A queue's partitions, or those written since a time, by pages",
+        {200: ref("PartitionsChangedAnswer")}, body=ref("PartitionsChangedRequest"))),
     # -- the dashboard (issue 18 point 6): public static files --
     ("/", "get", _Op(
         "dashboard", "The dashboard page", {200: {"type": "string"}}, errors=(),

@@ -92,7 +92,8 @@ _POPPED_MESSAGE = obj(
      "data", "traceId", "producerSub", "createdAt"],
     id=UUID, transactionId=STRING, partitionId=UUID, leaseId=STRING, partition=STRING,
     consumerGroup=STRING, data=ANY_JSON, traceId=nullable(STRING),
-    producerSub=nullable(STRING), createdAt=TIMESTAMP, queue=STRING, retryCount=INTEGER)
+    producerSub=nullable(STRING), createdAt=TIMESTAMP, queue=STRING, retryCount=INTEGER,
+    deliveryAttempt=INTEGER, offset=INTEGER)
 
 _HEALTH = obj(
     ["status", "database", "server", "worker_id", "version"],
@@ -109,7 +110,39 @@ _COUNTS = obj(["total", "pending"], total=INTEGER, pending=INTEGER, processing=I
 _STATS = obj([], **{key: NUMBER for key in ("avg", "median", "min", "max")})
 _PAGE = {"limit": INTEGER, "offset": INTEGER, "total": INTEGER}
 
+_READ_ERRORS: Schema = {"enum": ["UNKNOWN_TOPIC_OR_PARTITION", "OFFSET_OUT_OF_RANGE",
+                                  "BAD_CURSOR"]}
+_READS: Dict[str, Schema] = {
+    "FetchRequest": obj(
+        [], entries=nullable({**array(obj(
+            ["queue", "offset"], queue=NAME,
+            partition=nullable({"anyOf": [NAME, INTEGER]}),
+            offset={"type": "integer", "minimum": 0},
+            maxBytes=nullable(INTEGER))), "maxItems": 1024}),
+        maxBytes=nullable(INTEGER), maxWaitMs=nullable({"type": "integer", "minimum": 0}),
+        minBytes=nullable(INTEGER)),
+    "FetchAnswer": obj(["entries"], entries=array(obj(
+        ["queue", "partition", "records", "highWatermark", "logStartOffset"],
+        queue=STRING, partition=STRING, highWatermark=INTEGER, logStartOffset=INTEGER,
+        error=_READ_ERRORS, records=array(obj(
+            ["offset", "transactionId", "payload", "ts"], offset=INTEGER,
+            transactionId=STRING, payload=ANY_JSON, ts=TIMESTAMP))))),
+    "PartitionsChangedRequest": obj(
+        [], entries=nullable({**array(obj(
+            ["queue"], queue=NAME, since=nullable(STRING), after=nullable(STRING),
+            limit=nullable(INTEGER))), "maxItems": 64})),
+    "PartitionsChangedAnswer": obj(
+        ["entries", "safeTime"], safeTime=TIMESTAMP, safeTimeDegraded=BOOLEAN,
+        entries=array(obj(
+            ["queue", "partitions", "next"], queue=STRING, next=nullable(STRING),
+            error=_READ_ERRORS, partitions=array(obj(
+                ["name", "id", "lastOffset", "logStart", "lastWriteAt"], name=STRING, id=UUID,
+                lastOffset=INTEGER, logStart=INTEGER, lastWriteAt=nullable(TIMESTAMP)))))),
+}
+"""Reads by offset (WIRE2.md 6)."""
+
 COMPONENTS: Dict[str, Schema] = {
+    **_READS,
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": {"type": "string"}}},
     "ConfigureRequest": obj(

@@ -24,6 +24,7 @@ from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
 from queen_tw.http.metrics_routes import MetricsRoutes
 from queen_tw.http.openapi import OpenApiRoutes
+from queen_tw.http.reads import ReadRoutes
 from queen_tw.http.resources import ResourceRoutes
 from queen_tw.http.status import StatusRoutes
 from queen_tw.http.streams import StreamRoutes
@@ -109,6 +110,7 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         SystemRoutes(engine, worker_id, maintenance, shared_state),
         OpenApiRoutes(),
         StreamRoutes(engine),
+        ReadRoutes(engine),
         DashboardRoutes(),
         MetricsRoutes(metrics),
     ]
