@@ -24,8 +24,9 @@ from queen_tw.engine.queue_engine import plain_payload
 from queen_tw.errors import InvalidRequest
 from queen_tw.http import binary_push
 
+from tests.faultkit import private_fleet, set_maintenance
 from tests.http_helpers import configure
-from tests.support import count_messages, unique_name
+from tests.support import count_messages, unique_name, wait_until
 
 BINARY = {"Content-Type": "application/x-queen-push"}
 LIMIT = 64 * 1024 * 1024
@@ -412,3 +413,25 @@ def test_lease_extend_answers_renewed_partitions_and_every_expiry_name(http):
     assert body["success"] is True and body["renewed"] == 2
     assert body["newExpiresAt"] == body["expiresAt"] == body["lease_expires_at"] == \
         body["leaseExpiresAt"]
+
+
+def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
+    """The file buffer writes JSON: a binary push's pass-through payloads are turned into
+    values on the way there (an encrypted queue's sealed), and replayed like any push."""
+    with private_fleet() as fleet:
+        server = fleet.server(QUEEN_CACHE_REFRESH_INTERVAL_MS="200",
+                              QUEEN_ENCRYPTION_KEY="5a" * 32)
+        plain, sealed = unique_name(), unique_name()
+        with httpx.Client(base_url=server.url, timeout=20) as http:
+            configure(http, sealed, encryptionEnabled=True)
+            set_maintenance(server.url, True)
+            sent = {queue: messages(3) for queue in (plain, sealed)}
+            for queue, group in sent.items():
+                answer = post(http, framed_body([framed_group(queue, "p", group)]))
+                assert [r["status"] for r in answer.json()] == ["buffered"] * 3, answer.text
+            set_maintenance(server.url, False)
+            for queue, group in sent.items():
+                delivered = wait_until(lambda q=queue: pop_all(http, q) or None, 20, 0.2,
+                                       "the buffer replayed")
+                assert [(m["transactionId"], m["data"]) for m in delivered] == [
+                    (m[1], json.loads(m[2])) for m in group]
