@@ -74,10 +74,13 @@ $$;
 -- contact records the decision (queue mode: the beginning; named groups: from the request, or
 -- p_inherited when a namespace subscription decided it) and seeds the pending lookup; later
 -- calls just read the record, whatever the request says (2.3.6 point 5). With p_create false
--- a missing record answers NULL and nothing is written (see subscribe_for).
-CREATE OR REPLACE FUNCTION queen.subscribe(p_queue uuid, p_group text, p_mode text, p_from text,
-                                           p_inherited timestamptz DEFAULT NULL,
-                                           p_create boolean DEFAULT true)
+-- a missing record answers NULL and nothing is written (see subscribe_for). The first contact
+-- also fixes the group's conflation policy (p_conflation; WIRE2 8.4, migration 7).
+-- (A development version had this as a 7-argument queen.subscribe: dropped where it exists.)
+DROP FUNCTION IF EXISTS queen.subscribe(uuid, text, text, text, timestamptz, boolean, boolean);
+CREATE OR REPLACE FUNCTION queen.subscribe_group(p_queue uuid, p_group text, p_mode text,
+                                                 p_from text, p_inherited timestamptz,
+                                                 p_create boolean, p_conflation boolean)
 RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -102,8 +105,8 @@ BEGIN
     -- Exclusive on the queue's lookup lock: no push commits between the record and the seeding.
     PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(p_queue::text));
     INSERT INTO queen.consumer_subscriptions (queue_id, consumer_group, subscription_mode,
-                                              subscription_from)
-    VALUES (p_queue, p_group, v_mode, v_from)
+                                              subscription_from, conflation)
+    VALUES (p_queue, p_group, v_mode, v_from, p_conflation AND p_group <> '__QUEUE_MODE__')
     ON CONFLICT (queue_id, consumer_group) DO NOTHING;
     IF FOUND THEN
         PERFORM queen.seed_pending(p_queue, p_group, v_from);
@@ -113,6 +116,15 @@ BEGIN
      WHERE queue_id = p_queue AND consumer_group = p_group;
     RETURN v_from;
 END
+$$;
+
+-- subscribe_group for a group without a conflation policy (the earlier release's signature).
+CREATE OR REPLACE FUNCTION queen.subscribe(p_queue uuid, p_group text, p_mode text, p_from text,
+                                           p_inherited timestamptz DEFAULT NULL,
+                                           p_create boolean DEFAULT true)
+RETURNS timestamptz
+LANGUAGE sql AS $$
+    SELECT queen.subscribe_group(p_queue, p_group, p_mode, p_from, p_inherited, p_create, false)
 $$;
 
 -- Creates the (partition, group) row when the group first lands on a partition, starting at
@@ -157,12 +169,17 @@ DECLARE
     v_last_at  timestamptz;
     v_lease    integer;
     v_shared   text;
+    v_skip_at  timestamptz;
+    v_skip_id  uuid;
 BEGIN
     n := 0;
     SELECT p.id, p.name, p.last_message_at, qu.id AS queue_id, qu.name AS queue_name,
-           qu.lease_time, qu.delayed_processing, qu.window_buffer
+           qu.lease_time, qu.delayed_processing, qu.window_buffer,
+           coalesce(cs.conflation, false) AS conflation
       INTO v_part
       FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
+      LEFT JOIN queen.consumer_subscriptions cs
+             ON cs.queue_id = qu.id AND cs.consumer_group = p_group
      WHERE p.id = p_partition;
     IF NOT FOUND OR v_part.last_message_at IS NULL THEN
         RETURN;
@@ -191,6 +208,24 @@ BEGIN
        OR (v_pc.lease_id IS NOT NULL AND v_pc.lease_expires_at > now())
        OR (v_pc.retry_after IS NOT NULL AND v_pc.retry_after > now()) THEN
         RETURN;
+    END IF;
+
+    -- Conflation (WIRE2 8.4): only the newest visible message is handed out. Reading on from
+    -- the one before it delivers it alone, while the lease still starts at the cursor: its
+    -- completed ack moves the cursor over the whole span, a failed one retries the span.
+    IF v_part.conflation THEN
+        SELECT m.created_at, m.id INTO v_skip_at, v_skip_id
+          FROM queen.messages m
+         WHERE m.partition_id = p_partition
+           AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
+           AND (v_part.delayed_processing = 0
+                OR m.created_at <= now() - make_interval(secs => v_part.delayed_processing))
+         ORDER BY m.created_at DESC, m.id DESC
+         OFFSET 1 LIMIT 1;
+        IF FOUND THEN
+            v_pc.cursor_created_at := v_skip_at;
+            v_pc.cursor_id := v_skip_id;
+        END IF;
     END IF;
 
     -- Each message's JSON text is put together by concatenation: the fields shared by the
@@ -291,7 +326,9 @@ BEGIN
     FOR v_q IN SELECT * FROM queen.pop_scope(p_req) LOOP
         queue_id := v_q.id;
         queue_name := v_q.name;
-        sub_from := queen.subscribe(v_q.id, p_group, v_mode, v_from, v_inherited, p_create);
+        sub_from := queen.subscribe_group(v_q.id, p_group, v_mode, v_from, v_inherited,
+                                          p_create,
+                                          coalesce((p_req->>'conflation')::boolean, false));
         RETURN NEXT;
     END LOOP;
 END
@@ -415,7 +452,7 @@ DECLARE
     -- them), at most 64 and batch.
     v_share      numeric := (p_req->>'autoShare')::numeric;  -- NULL: width not the server's
     v_oldest_ms  bigint;          -- age of the first claimed partition's oldest message
-    v_conflate   boolean := false;  -- the group's stored conflation policy (WIRE2 8.4)
+    v_conflate   boolean;         -- the group's stored conflation policy (WIRE2 8.4)
     v_auto_ack   boolean := coalesce((p_req->>'autoAck')::boolean, false);
     v_worker     text := p_req->>'workerId';
     v_lease_secs integer := coalesce((p_req->>'leaseSeconds')::integer, 0);
@@ -439,8 +476,8 @@ BEGIN
     -- The usual pop: one queue the group already subscribed to (one indexed read instead of
     -- subscribe_scope's statements, a fifth of a batch-1 pop's database time).
     IF p_req->>'queue' IS NOT NULL THEN
-        SELECT ARRAY[qu.id], ARRAY[qu.name], ARRAY[cs.subscription_from]
-          INTO v_queue_ids, v_names, v_froms
+        SELECT ARRAY[qu.id], ARRAY[qu.name], ARRAY[cs.subscription_from], cs.conflation
+          INTO v_queue_ids, v_names, v_froms, v_conflate
           FROM queen.queues qu
           JOIN queen.consumer_subscriptions cs
             ON cs.queue_id = qu.id AND cs.consumer_group = v_group
@@ -460,6 +497,11 @@ BEGIN
     IF array_position(v_froms, NULL) IS NOT NULL THEN
         result := json_build_object('success', true, 'needsSubscription', true);
         RETURN;
+    END IF;
+    IF v_conflate IS NULL THEN  -- namespace pops: conflating when every queue's record says so
+        SELECT coalesce(bool_and(cs.conflation), false) INTO v_conflate
+          FROM queen.consumer_subscriptions cs
+         WHERE cs.queue_id = ANY(v_queue_ids) AND cs.consumer_group = v_group;
     END IF;
     -- Partitions not given: 1, or batch (at most 64) for a conflating group, which gets one
     -- message per partition (WIRE2 8.4).

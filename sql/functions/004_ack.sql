@@ -83,13 +83,22 @@ BEGIN
            AND (v_key.leases IS NULL OR v_key.leases = ARRAY[v_pc.lease_id]) THEN
             -- Most acks settle the rest of the delivery at once: its ids, sorted, equal the
             -- items' (a third of the cost of searching the items' array for every message).
-            SELECT array_agg(m.transaction_id COLLATE "C" ORDER BY m.transaction_id COLLATE "C")
-                   = v_key.txids
-              INTO v_whole
-              FROM queen.messages m
-             WHERE m.partition_id = v_key.partition_id
-               AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
-               AND (m.created_at, m.id) <= (v_pc.lease_last_created_at, v_pc.lease_last_id);
+            -- A one-message delivery is settled by its last message alone: a conflating
+            -- group's (WIRE2 8.4) spans every message since the cursor, which are not read.
+            IF v_pc.lease_count = 1 AND cardinality(v_key.txids) = 1 THEN
+                v_whole := EXISTS (SELECT 1 FROM queen.messages m
+                                    WHERE m.partition_id = v_key.partition_id
+                                      AND m.transaction_id = v_key.txids[1]
+                                      AND m.id = v_pc.lease_last_id);
+            ELSE
+                SELECT array_agg(m.transaction_id COLLATE "C"
+                                 ORDER BY m.transaction_id COLLATE "C") = v_key.txids
+                  INTO v_whole
+                  FROM queen.messages m
+                 WHERE m.partition_id = v_key.partition_id
+                   AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
+                   AND (m.created_at, m.id) <= (v_pc.lease_last_created_at, v_pc.lease_last_id);
+            END IF;
             IF v_whole THEN
                 v_n := cardinality(v_key.txids);
                 v_last_at := v_pc.lease_last_created_at;
