@@ -71,9 +71,11 @@ PAYLOAD = {"data": "x" * 180}  # ~200 bytes of JSON per message
 class Connection:
     """A minimal HTTP/1.1 keep-alive client: the load generator must cost little CPU."""
 
-    def __init__(self, host: str, port: int, auth: str = ""):
+    def __init__(self, host: str, port: int, auth: str = "",
+                 content_type: str = "application/json"):
         self._host, self._port = host, port
         self._auth = f"Authorization: {auth}\r\n" if auth else ""
+        self._content_type = content_type  # of request bodies (binary pushes: push_formats.py)
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
 
@@ -83,7 +85,7 @@ class Connection:
             self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
         head = f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\n{self._auth}"
         if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            head += f"Content-Type: {self._content_type}\r\nContent-Length: {len(body)}\r\n"
         self._writer.write(head.encode() + b"\r\n" + (body or b""))
         status_line = await self._reader.readline()
         status = int(status_line.split()[1])
