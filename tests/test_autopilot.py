@@ -265,3 +265,17 @@ def test_the_share_never_asks_for_more_than_64_partitions_per_ready_one():
 
     assert autopilot.share(LANE) == 1 / MAX_WIDTH
     assert autopilot.last_width(LANE) == 1
+
+
+def test_lanes_idle_for_a_minute_are_forgotten_once_the_table_is_large():
+    clock = Clock()
+    autopilot = Autopilot(clock)
+    for n in range(1000):
+        autopilot.entered(("q", None, None, f"g{n}"))
+        autopilot.left(("q", None, None, f"g{n}"))
+    autopilot.entered(LANE)  # still live: kept however old
+    clock.advance(61)
+
+    autopilot.entered(("q", None, None, "newcomer"))
+
+    assert len(autopilot) == 2

@@ -57,6 +57,11 @@ class Autopilot:
         self._clock = clock
         self._target = target_age_ms
         self._lanes: Dict[Hashable, _Lane] = {}
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        """Lanes whose state is kept."""
+        return len(self._lanes)
 
     def entered(self, lane: Hashable) -> None:
         """A pop of ``lane`` started here (it counts among the live pops until it leaves)."""
@@ -113,9 +118,11 @@ class Autopilot:
     def _forget_idle(self) -> None:
         """Keeps the table small: lanes nobody popped for a minute go (their state is
         rebuilt in a few pops)."""
-        if len(self._lanes) < _LARGE_TABLE:
+        now = self._clock.seconds()
+        if len(self._lanes) < _LARGE_TABLE or now < self._next_sweep:
             return
-        cutoff = self._clock.seconds() - _FORGET_AFTER
+        self._next_sweep = now + _FORGET_AFTER / 4  # one pass per 15 s, whatever comes
+        cutoff = now - _FORGET_AFTER
         for key in [key for key, state in self._lanes.items()
                     if state.live == 0 and state.last_seen < cutoff]:
             del self._lanes[key]
