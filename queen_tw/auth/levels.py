@@ -109,6 +109,12 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("POST", "/streams/v1/queries", _RW),
     ("POST", "/streams/v1/cycle", _RW),
     ("POST", "/streams/v1/state/get", _RO),
+    # KV state and locks (WIRE2.md 1.5, 2, 4): POST even for read-only batches
+    ("POST", "/api/v1/kv", _RW),
+    ("GET", "/api/v1/kv/<ns>/<path:key>", _RO),
+    ("PUT", "/api/v1/kv/<ns>/<path:key>", _RW),
+    ("DELETE", "/api/v1/kv/<ns>/<path:key>", _RW),
+    ("POST", "/api/v1/locks", _RW),
     # reads by offset (WIRE2.md 1.5, 6)
     ("POST", "/api/v1/fetch", _RO),
     ("POST", "/api/v1/partitions/changed", _RO),

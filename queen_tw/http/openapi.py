@@ -37,7 +37,7 @@ _DESCRIPTIONS = {
     404: "not found",
     409: "a streams query of that name is registered with another config_hash (the body "
          "also has success: false, query_id and name)",
-    413: "a streams state value above the size limit",
+    413: "a streams state value, a KV key or a KV value above its size limit",
     503: "PostgreSQL unreachable or the server overloaded (Retry-After: 1)",
 }
 
@@ -86,6 +86,36 @@ _QUEUE_FILTERS = (_query("queue", _NAME_FILTER, "404 if no such queue"),
                   _query("namespace", {"type": "string"}), _query("task", {"type": "string"}))
 _WORKER_FILTERS = (_query("hostname", {"type": "string"}), _query("workerId", {"type": "string"}))
 _STATUS_LIMIT = _query("limit", {"type": "integer", "minimum": 1}, "values above 1000 are capped")
+
+
+_KV_NS = _path("ns", {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"})
+_KV_KEY = _path("key", {"type": "string", "minLength": 1,
+                        "description": "may contain '/' (a catch-all); at most 512 bytes"})
+_KV_OPS = {"type": "array", "maxItems": 256, "items": {
+    "type": "object", "required": ["op", "ns"],
+    "properties": {"op": {"enum": ["get", "getMany", "getPrefix", "put", "putIfAbsent",
+                                   "delete", "incr", "check"]},
+                   "ns": {"type": "string"}}}}
+_KV_REQUEST: Schema = {"anyOf": [schemas.obj(["operations"], operations=_KV_OPS), _KV_OPS]}
+_KV_ELEMENT = schemas.obj([], index=schemas.INTEGER, op=schemas.STRING,
+                          applied=schemas.BOOLEAN, found=schemas.BOOLEAN, key=schemas.STRING,
+                          version=schemas.INTEGER, ok=schemas.BOOLEAN)
+_KV_ANSWER = schemas.obj([], results=schemas.array(_KV_ELEMENT), ok={"const": False},
+                         reason={"const": "kv_precondition"}, failedIndex=schemas.INTEGER,
+                         kvReason=schemas.STRING)
+_KV_PUT: Schema = {"type": "object", "properties": {
+    "value": schemas.ANY_JSON, "ttlSeconds": schemas.INTEGER, "forever": {"const": True},
+    "expect": schemas.INTEGER, "required": schemas.BOOLEAN}}
+_KV_DELETE: Schema = {"type": "object", "properties": {
+    "expect": schemas.INTEGER, "required": schemas.BOOLEAN}}
+_LOCK_OPS = {"type": "array", "maxItems": 64, "items": {
+    "type": "object", "required": ["op", "name"],
+    "properties": {"op": {"enum": ["acquire", "renew", "release", "get"]},
+                   "name": {"type": "string", "minLength": 1}}}}
+_LOCKS_REQUEST: Schema = {"anyOf": [schemas.obj(["operations"], operations=_LOCK_OPS),
+                                    _LOCK_OPS]}
+_LOCKS_ANSWER = schemas.obj(["results"], results=schemas.array(schemas.obj(
+    ["index", "op", "name"], index=schemas.INTEGER, op=schemas.STRING, name=schemas.STRING)))
 
 
 class _Op:
@@ -407,6 +437,23 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
     ("/api/v1/partitions/changed", "post", _Op(
         "partitionsChanged", "A queue's partitions, or those written since a time, by pages",
         {200: ref("PartitionsChangedAnswer")}, body=ref("PartitionsChangedRequest"))),
+    # -- KV state and locks (WIRE2.md 2, 4; queen_tw/http/kv.py) --
+    ("/api/v1/kv", "post", _Op(
+        "kv", "KV ops in one transaction, results index-aligned (a lost precondition is a "
+        "verdict: 200)", {200: _KV_ANSWER}, body=_KV_REQUEST, body_required=True,
+        errors=(400, 413, 503))),
+    ("/api/v1/kv/{ns}/{key}", "get", _Op(
+        "kvGet", "One key (the get element, ETag = version)", {200: _KV_ELEMENT},
+        [_KV_NS, _KV_KEY])),
+    ("/api/v1/kv/{ns}/{key}", "put", _Op(
+        "kvPut", "Write one key", {200: _KV_ELEMENT}, [_KV_NS, _KV_KEY], body=_KV_PUT,
+        body_required=True, errors=(400, 413, 503))),
+    ("/api/v1/kv/{ns}/{key}", "delete", _Op(
+        "kvDelete", "Delete one key", {200: _KV_ELEMENT}, [_KV_NS, _KV_KEY],
+        body=_KV_DELETE)),
+    ("/api/v1/locks", "post", _Op(
+        "locks", "Lock and semaphore ops (independent), one result each",
+        {200: _LOCKS_ANSWER}, body=_LOCKS_REQUEST, body_required=True)),
     # -- the dashboard (issue 18 point 6): public static files --
     ("/", "get", _Op(
         "dashboard", "The dashboard page", {200: {"type": "string"}}, errors=(),

@@ -21,6 +21,7 @@ from queen_tw.http.answers import json_answer, method_not_allowed, not_found
 from queen_tw.http.dashboard import DashboardRoutes
 from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
+from queen_tw.http.kv import KvRoutes
 from queen_tw.http.messaging import MessagingRoutes, PopDefaults
 from queen_tw.http.metrics_routes import MetricsRoutes
 from queen_tw.http.openapi import OpenApiRoutes
@@ -113,4 +114,5 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         ReadRoutes(engine),
         DashboardRoutes(),
         MetricsRoutes(metrics),
+        KvRoutes(engine),
     ]
