@@ -84,10 +84,8 @@ def _still_leased(db, message: dict) -> bool:
 
 
 GUARDED = {
-    "kv-guard": {"kv": [{"op": "check", "ns": "queen-locks", "key": "job#0", "expect": 3,
-                         "required": True}]},
-    "kv-once": {"kv": [{"op": "putIfAbsent", "ns": "dedupe", "key": "m1", "value": True,
-                        "required": True}]},
+    "kv-once-without-expiry": {"kv": [{"op": "putIfAbsent", "ns": "dedupe", "key": "m1",
+                                       "value": True, "required": True}]},
     "timers": {"timers": [{"op": "schedule", "queue": "later", "timerKey": "k",
                            "delayMs": 1000}]},
     "kv-not-an-array": {"kv": {"op": "check"}},

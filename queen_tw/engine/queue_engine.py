@@ -431,15 +431,17 @@ class QueueEngine:
     # -- transactions -------------------------------------------------------------------
 
     async def transaction(self, operations: List[Dict[str, Any]],
-                          required_leases: List[str]) -> Dict[str, Any]:
-        """Runs validated push and ack operations atomically (``run_transaction``).
+                          required_leases: List[str],
+                          riders: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Runs validated push and ack operations atomically (``run_transaction``), with the
+        validated ``riders`` (``{"kv": [...]}``, WIRE2.md 5) in the same transaction.
 
         Push items get transactionIds and encryption as in :meth:`push`; waiters of the
         pushed partitions wake once the transaction committed.
         """
         started = perf_counter()
         try:
-            outcome = await self._transaction(operations, required_leases)
+            outcome = await self._transaction(operations, required_leases, riders or {})
         except Exception:
             self.recorder.failed("transaction", perf_counter() - started)
             raise
@@ -447,7 +449,8 @@ class QueueEngine:
         return outcome
 
     async def _transaction(self, operations: List[Dict[str, Any]],
-                           required_leases: List[str]) -> Dict[str, Any]:
+                           required_leases: List[str],
+                           riders: Dict[str, Any]) -> Dict[str, Any]:
         pushed = [item for op in operations if op["type"] == "push" for item in op["items"]]
         if pushed and self._failover is not None and self._failover.must_buffer(pushed):
             # cannot be buffered (it is atomic with its acks) nor overtake buffered pushes
@@ -460,7 +463,7 @@ class QueueEngine:
                 op = dict(op, items=items)
             prepared.append(op)
         [outcome] = await self.batchers["transaction"].submit(
-            [{"operations": prepared, "requiredLeases": required_leases}])
+            [dict(riders, operations=prepared, requiredLeases=required_leases)])
         return outcome
 
     async def _transaction_batch(self, jobs: List[List[Dict[str, Any]]]

@@ -147,13 +147,14 @@ class MessagingRoutes:
         body = binary.as_json_body() if binary else parsing.read_json_object(request)
         ops = parsing.transaction_operations(body, producer_sub(request))
         leases = parsing.required_leases(body)
+        riders = parsing.transaction_riders(body)
         unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)
         if unknown is not None:
             # WIRE.md 2.5: an unknown operation fails the transaction (200, success false).
             return json_answer(request, 200, {
                 "transactionId": None, "success": False, "results": [],
                 "error": f"Unknown operation type: {unknown['type']}"})
-        outcome = await self._engine.transaction(ops, leases)
+        outcome = await self._engine.transaction(ops, leases, riders)
         if binary and binary.counts_only:
             outcome = binary_push.transaction_counts(outcome, ops)
         return json_answer(request, 200, outcome)

@@ -178,14 +178,15 @@ COMPONENTS: Dict[str, Schema] = {
     "TransactionRequest": {
         "type": "object", "required": ["operations"], "additionalProperties": False,
         "properties": {
-            "operations": {"type": "array", "minItems": 1, "items": {"anyOf": [
+            "operations": {"type": "array", "items": {"anyOf": [
                 obj(["type", "items"], type={"const": "push"},
                     items={"type": "array", "minItems": 1, "items": ref("PushItem")}),
                 obj(["type", "transactionId", "partitionId"], type={"const": "ack"},
                     consumer_group=nullable(SHORT_TEXT), **_ACK_FIELDS)]}},
             "requiredLeases": nullable(array({"anyOf": [UUID, {"const": ""}]})),
-            "kv": {"type": ["array", "null"], "maxItems": 0,
-                   "description": "not supported yet: anything but null or [] is refused"},
+            "kv": {"type": ["array", "null"], "maxItems": 64, "items": {"type": "object"},
+                   "description": "KV ops (WIRE2.md 5.1), lock guards first; with an empty "
+                                  "operations array, this alone makes the bundle"},
             "timers": {"type": ["array", "null"], "maxItems": 0,
                        "description": "not supported yet: anything but null or [] is refused"},
         }},

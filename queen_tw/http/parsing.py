@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, cast
 
 from queen_tw import jsoncodec
 from queen_tw.errors import InvalidRequest
+from queen_tw.http import kv_input
 
 MAX_NAME_LENGTH = 255
 
@@ -277,24 +278,20 @@ def transaction_op(op: Any, index: int, producer_sub: Optional[str] = None) -> D
 
 
 TRANSACTION_FIELDS = frozenset({"operations", "requiredLeases"})
-TRANSACTION_RIDERS = ("kv", "timers")  # WIRE2.md 5.1: guards and timers, not implemented yet
+TRANSACTION_RIDERS = ("kv", "timers")  # WIRE2.md 5.1: KV ops (lock guards first) and timers
 
 
 def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] = None
                            ) -> List[Dict[str, Any]]:
     """The validated operations of ``POST /api/v1/transaction`` (WIRE.md 2.5), pushes
-    stamped with ``producer_sub`` (:func:`push_item`).
+    stamped with ``producer_sub`` (:func:`push_item`). ``operations`` may be empty when a
+    rider is not (a guard-only or timer-only bundle, WIRE2.md 5.1); the riders are read by
+    :func:`transaction_riders`.
 
-    A rider (``kv``, ``timers``) or any other top-level field this server does not know may
-    make the bundle conditional — a guard such as "only if this key is absent". Ignoring it
-    would commit the bundle without its condition, so it is refused before anything runs;
-    an absent, null or empty rider is what the clients send without one.
+    Any top-level field this server does not know may make the bundle conditional — a guard
+    such as "only if this key is absent". Ignoring it would commit the bundle without its
+    condition, so it is refused before anything runs.
     """
-    for rider in TRANSACTION_RIDERS:
-        if body.get(rider) not in (None, []):
-            raise InvalidRequest(
-                f"Transaction '{rider}' riders are not supported by this server yet; "
-                "the transaction was refused and nothing was applied")
     unknown = sorted(set(body) - TRANSACTION_FIELDS - set(TRANSACTION_RIDERS))
     if unknown:
         raise InvalidRequest(
@@ -303,9 +300,31 @@ def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] 
     operations = body.get("operations")
     if not isinstance(operations, list):
         raise InvalidRequest("operations array required")
-    if not operations:
+    if not operations and all(body.get(rider) in (None, []) for rider in TRANSACTION_RIDERS):
         raise InvalidRequest("operations array cannot be empty")
     return [transaction_op(op, index, producer_sub) for index, op in enumerate(operations)]
+
+
+def transaction_riders(body: Mapping[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """The riders of a transaction body (WIRE2.md 5.1), JSON or binary (its head), validated:
+    ``{"kv": [...]}`` as ``queen.kv_apply`` takes them; an absent, null or empty rider is
+    left out. A ``timers`` rider is refused (400, nothing applied) until timers exist here."""
+    riders: Dict[str, List[Dict[str, Any]]] = {}
+    kv = body.get("kv")
+    if kv not in (None, []):
+        if not isinstance(kv, list):
+            raise InvalidRequest("Transaction 'kv' rider must be an array of KV ops; nothing "
+                                 "was applied")
+        try:
+            riders["kv"] = kv_input.kv_ops(kv, in_transaction=True)
+        except kv_input.KvInputError as err:
+            raise kv_input.KvInputError(
+                err.code, err.reason, f"Transaction 'kv' rider refused, nothing was applied: "
+                f"{err.message}", err.status) from None
+    if body.get("timers") not in (None, []):
+        raise InvalidRequest("Transaction 'timers' riders are not supported by this server "
+                             "yet; the transaction was refused and nothing was applied")
+    return riders
 
 
 def required_leases(body: Mapping[str, Any]) -> List[str]:

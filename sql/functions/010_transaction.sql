@@ -1,10 +1,15 @@
 -- Atomic transactions (WIRE.md 2.5, 9.4): push and ack operations commit together or not at all.
 
 -- p: {operations: [{type: "push", items: [...]} | {type: "ack", transactionId, partitionId,
---     status?, consumerGroup?, leaseId?, error?}], requiredLeases: [uuid text...]}.
--- Items and acks are validated by the server first; push items already carry transactionIds.
+--     status?, consumerGroup?, leaseId?, error?}], requiredLeases: [uuid text...],
+--     kv?: [KV ops as queen.kv_apply takes them (WIRE2.md 5.1), lock guards first]}.
+-- Items, acks and KV ops are validated by the server first; push items already carry
+-- transactionIds. The kv rider runs first (its rows are locked before any queue or partition,
+-- WIRE2.md 5.3); its results follow the operations' in `results` (WIRE2.md 5.2).
 -- Returns {transactionId, success, results, partitionUpdates} or, after a rollback,
--- {transactionId, success: false, error, results: [evaluated so far]}.
+-- {transactionId, success: false, error, results: [evaluated so far]}, or, when a `required`
+-- KV op (a lock guard, a once) lost, {transactionId, success: false, reason:
+-- "kv_precondition", failedIndex (flat), kvReason, version, value, error}.
 CREATE OR REPLACE FUNCTION queen.run_transaction(p jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -17,8 +22,16 @@ DECLARE
     v_item    jsonb;
     v_acked   jsonb;
     v_lease   text;
+    v_kv      jsonb := '[]'::jsonb;
 BEGIN
     BEGIN
+        IF jsonb_array_length(coalesce(p->'kv', '[]'::jsonb)) > 0 THEN
+            v_kv := queen.kv_apply(p->'kv', (
+                SELECT coalesce(sum(CASE WHEN e->>'type' = 'push'
+                                         THEN jsonb_array_length(e->'items') ELSE 1 END), 0)
+                  FROM jsonb_array_elements(p->'operations') e)::integer);
+        END IF;
+
         FOR v_lease IN SELECT jsonb_array_elements_text(coalesce(p->'requiredLeases', '[]'::jsonb)) LOOP
             IF v_lease <> '' AND EXISTS (
                     SELECT 1 FROM queen.partition_consumers
@@ -68,7 +81,15 @@ BEGIN
                 END IF;
             END IF;
         END LOOP;
-    EXCEPTION WHEN others THEN
+        v_results := v_results || (SELECT coalesce(jsonb_agg(e || '{"type": "kv"}'::jsonb
+                                                             ORDER BY n), '[]'::jsonb)
+                                     FROM jsonb_array_elements(v_kv) WITH ORDINALITY t(e, n));
+    EXCEPTION WHEN SQLSTATE 'QKV01' THEN
+        RETURN jsonb_build_object(
+            'transactionId', v_tx_id, 'success', false, 'reason', 'kv_precondition',
+            'results', '[]'::jsonb,
+            'error', 'A required KV precondition failed; nothing was applied') || SQLERRM::jsonb;
+    WHEN others THEN
         -- Everything inside the block is rolled back; the results gathered so far are kept.
         RETURN jsonb_build_object('transactionId', v_tx_id, 'success', false, 'error', SQLERRM,
                                   'results', v_results);
@@ -80,9 +101,16 @@ $$;
 
 -- Several transactions in one call (the server's transaction Batcher): each one still commits
 -- or rolls back on its own (run_transaction's exception block is a subtransaction); answers in
--- input order.
+-- input order. The KV locks of every bundle are taken first, in their one global order: a
+-- bundle's locks outlive it to the end of the call, so taking them bundle by bundle would let
+-- two calls take the same keys in opposite orders, or a KV lock after a partition lock.
 CREATE OR REPLACE FUNCTION queen.run_transactions(p_list jsonb) RETURNS jsonb
-LANGUAGE sql AS $$
-    SELECT coalesce(jsonb_agg(queen.run_transaction(t.p) ORDER BY t.o), '[]'::jsonb)
-      FROM jsonb_array_elements(p_list) WITH ORDINALITY AS t(p, o)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM queen.kv_lock(jsonb_agg(o))
+       FROM jsonb_array_elements(p_list) t,
+            jsonb_array_elements(coalesce(t->'kv', '[]'::jsonb)) o;
+    RETURN (SELECT coalesce(jsonb_agg(queen.run_transaction(t.p) ORDER BY t.o), '[]'::jsonb)
+              FROM jsonb_array_elements(p_list) WITH ORDINALITY AS t(p, o));
+END
 $$;
