@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
-from binary_bodies import framed_body, framed_group, plain_body, v7_id  # tests/ (via load)
+from binary_bodies import framed_body, framed_group, id_text, plain_body, v7_id  # tests/ (via load)
 from load import (
     PARTITIONS,
     PAYLOAD,
@@ -129,9 +129,10 @@ def compressed_bodies(queue: str, batch: int, ready: int) -> Callable[[], bytes]
     measurement starts, any more on demand (counted against the load generator)."""
 
     def make(n: int) -> bytes:
-        stamp_ids = [v7_id() for _ in range(batch)]
+        ids = [v7_id() for _ in range(batch)]
+        # each frame's transactionId is its id's text, as the 2.6.0 client sends it
         return framed_body([framed_group(queue, f"p{n % PARTITIONS}",
-                                         [(i, "", PAYLOAD_BYTES) for i in stamp_ids])])
+                                         [(i, id_text(i), PAYLOAD_BYTES) for i in ids])])
 
     pool = [make(n) for n in range(ready)]
     made: Iterator[int] = iter(range(1 << 62))
