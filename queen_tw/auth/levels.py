@@ -55,6 +55,7 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("GET", "/api/v1/resources/overview", _RO),
     ("GET", "/api/v1/resources/queues", _RO),
     ("GET", "/api/v1/resources/queues/<queue>", _RO),
+    ("GET", "/api/v1/resources/queues/<queue>/depth", _RO),  # WIRE2.md 1.5, 10
     ("DELETE", "/api/v1/resources/queues/<queue>", _AD),
     ("GET", "/api/v1/resources/namespaces", _RO),
     ("GET", "/api/v1/resources/tasks", _RO),
@@ -109,15 +110,15 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("POST", "/streams/v1/queries", _RW),
     ("POST", "/streams/v1/cycle", _RW),
     ("POST", "/streams/v1/state/get", _RO),
+    # reads by offset (WIRE2.md 1.5, 6)
+    ("POST", "/api/v1/fetch", _RO),
+    ("POST", "/api/v1/partitions/changed", _RO),
     # KV state and locks (WIRE2.md 1.5, 2, 4): POST even for read-only batches
     ("POST", "/api/v1/kv", _RW),
     ("GET", "/api/v1/kv/<ns>/<path:key>", _RO),
     ("PUT", "/api/v1/kv/<ns>/<path:key>", _RW),
     ("DELETE", "/api/v1/kv/<ns>/<path:key>", _RW),
     ("POST", "/api/v1/locks", _RW),
-    # reads by offset (WIRE2.md 1.5, 6)
-    ("POST", "/api/v1/fetch", _RO),
-    ("POST", "/api/v1/partitions/changed", _RO),
 )
 """(method, Klein rule, level) of every route; a GET row also covers HEAD."""
 

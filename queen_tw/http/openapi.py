@@ -78,6 +78,10 @@ _POP_PARAMS = (
     _query("autoAck", schemas.BOOLEAN),
     _query("subscriptionMode", {"type": "string", "enum": sorted(SUBSCRIPTION_MODES)}),
     _query("subscriptionFrom", {"type": "string"}, "'now' or an ISO-8601 timestamp"),
+    _query("autopilot", schemas.BOOLEAN,
+           "the server chooses batch (100) and partitions when they are left out (WIRE2 8.3)"),
+    _query("conflation", schemas.BOOLEAN, "last-value delivery for a named group; 400 in "
+           "queue mode or with autoAck (WIRE2 8.4)"),
 )
 _PARTITIONS = _query("partitions", _int(1), "most partitions claimed by this pop")
 _RANGE = (_query("from", TIME_PARAMETER, "default: an hour before to"),
@@ -252,6 +256,11 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         "listQueues", "Every queue with its counts", {200: ref("QueueList")})),
     ("/api/v1/resources/queues/{queue}", "get", _Op(
         "getQueue", "One queue with its partitions", {200: _ANY_OBJECT}, [_QUEUE],
+        errors=(400, 404, 503))),
+    ("/api/v1/resources/queues/{queue}/depth", "get", _Op(
+        "getQueueDepth", "A queue's backlog per partition, for one group or the worst of them",
+        {200: ref("QueueDepth")},
+        [_QUEUE, _query("group", schemas.SHORT_TEXT, "default: every group's worst")],
         errors=(400, 404, 503))),
     ("/api/v1/resources/queues/{queue}", "delete", _Op(
         "deleteQueue", "Delete a queue and everything in it",

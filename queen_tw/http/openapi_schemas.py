@@ -166,7 +166,15 @@ COMPONENTS: Dict[str, Schema] = {
     "PopAnswer": obj(
         ["success", "messages"], success={"const": True}, queue=nullable(STRING),
         partition=nullable(STRING), partitionId=nullable(UUID), leaseId=STRING,
-        consumerGroup=STRING, messages=array(_POPPED_MESSAGE), partitionsClaimed=INTEGER),
+        consumerGroup=STRING, messages=array(_POPPED_MESSAGE), partitionsClaimed=INTEGER,
+        autopilot=obj(["partitions", "batch", "waitMs"], partitions=INTEGER, batch=INTEGER,
+                      waitMs=INTEGER),
+        conflation={"const": True}, conflationConflict={"const": True}),
+    "QueueDepth": obj(
+        ["queue", "group", "pending", "partitionsPending", "conflation", "effectivePending",
+         "partitions"], queue=STRING, group=nullable(STRING), pending=INTEGER,
+        partitionsPending=INTEGER, conflation=BOOLEAN, effectivePending=INTEGER,
+        partitions=array(obj(["partition", "pending"], partition=STRING, pending=INTEGER))),
     "AckRequest": obj(["transactionId", "partitionId"], **_ACK_FIELDS),
     "AckBatchRequest": obj(
         ["acknowledgments"], consumerGroup=nullable(SHORT_TEXT),

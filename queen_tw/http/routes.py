@@ -19,6 +19,7 @@ from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.http.answers import json_answer, method_not_allowed, not_found
 from queen_tw.http.dashboard import DashboardRoutes
+from queen_tw.http.depth import DepthRoutes
 from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.kv import KvRoutes
@@ -106,6 +107,7 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     return [
         MessagingRoutes(engine, pop_defaults),
         ResourceRoutes(engine, admin),
+        DepthRoutes(engine),
         GroupRoutes(admin),
         StatusRoutes(admin),
         SystemRoutes(engine, worker_id, maintenance, shared_state),
