@@ -157,6 +157,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "Rows evicted per statement", minimum=1),
     _opt("stats_interval_ms", "STATS_INTERVAL_MS", "int", 10000,
          "Statistics refresh period in ms", minimum=1),
+    _opt("timers_sweep_interval_ms", "QUEEN_TIMERS_SWEEP_INTERVAL_MS", "int", 1000,
+         "Longest sleep of the timer sweeper, in ms (it wakes when the next timer is due; "
+         "this bounds how late a timer scheduled on another instance fires)", minimum=10),
+    _opt("timers_sweep_batch", "QUEEN_TIMERS_SWEEP_BATCH", "int", 500,
+         "Due timers fired per sweep transaction", minimum=1, maximum=10000),
     _opt("partition_cleanup_days", "PARTITION_CLEANUP_DAYS", "int", 30,
          "Drop empty partitions idle for this many days", minimum=0),
     _opt("metrics_sample_interval_ms", "METRICS_SAMPLE_INTERVAL_MS", "int", 1000,
@@ -324,6 +329,8 @@ class Config:
     eviction_interval_ms: int
     eviction_batch_size: int
     stats_interval_ms: int
+    timers_sweep_interval_ms: int
+    timers_sweep_batch: int
     partition_cleanup_days: int
     metrics_sample_interval_ms: int
     metrics_aggregate_interval_s: int

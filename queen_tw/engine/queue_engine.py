@@ -316,6 +316,12 @@ class QueueEngine:
                               "(maintenance or outage); retry shortly")
         return await self._encrypt(_with_transaction_ids(items))
 
+    async def seal(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Items (``queue``, ``payload``) with the payloads of encrypted queues encrypted
+        (``isEncrypted`` set), as a push stores them; for payloads kept elsewhere until they
+        become messages (timers). Raises ``Unavailable`` as a push does without a key."""
+        return await self._encrypt(items)
+
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Items with the payloads of encrypted queues encrypted; raises ``Unavailable``
         when one of their queues encrypts and this server has no key (storing plaintext

@@ -1,0 +1,391 @@
+-- Timers (WIRE2.md 3): the batch schedule / reschedule / cancel, the reads, and the sweep that
+-- fires due timers as messages. Table: migration 9. Python side: queen_tw/engine/timers.py.
+
+-- Fires after this many failed attempts go to queen.timer_dead_letters (WIRE2 3.4).
+CREATE OR REPLACE FUNCTION queen.timers_max_attempts() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 5 $$;
+
+-- One timer as peek (with its payload, base64) and list (without) answer it (WIRE2 3.3).
+CREATE OR REPLACE FUNCTION queen.timer_view(t queen.timers, p_with_payload boolean)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+               'queue', t.queue, 'timerKey', t.timer_key, 'partition', t.partition,
+               'deliverAt', queen.format_ts6(t.deliver_at), 'txn', t.txn,
+               'messageId', t.message_id, 'payloadZstd', t.payload_zstd,
+               'encrypted', t.encrypted, 'producerSub', t.producer_sub,
+               'attempts', t.attempts, 'lastError', t.last_error,
+               'claimed', t.claim_token IS NOT NULL AND t.claimed_until > clock_timestamp(),
+               'createdAt', queen.format_ts6(t.created_at),
+               'updatedAt', queen.format_ts6(t.updated_at))
+           || CASE WHEN p_with_payload
+                   THEN jsonb_build_object('payload', replace(encode(t.payload, 'base64'),
+                                                              chr(10), ''))
+                   ELSE '{}'::jsonb END
+$$;
+
+-- Schedule, reschedule (the same upsert) and cancel, in one call; results index-aligned
+-- (WIRE2 3.1). p_items are ops the server validated and prepared (engine/timers.py):
+--   {op, queue, timerKey, partition?, txn?, delayMs?, payload? (base64 of the bytes to keep),
+--    payloadZstd?, body? (the decompressed JSON of a payloadZstd payload), encrypted?}
+-- with each (queue, timerKey) at most once. p_producer_sub: the caller's token sub.
+-- Callable inside another transaction (the timers rider of POST /api/v1/transaction): the
+-- rows of its keys are locked first, in (queue, timerKey) order, the order WIRE2 5.3 gives.
+-- A row a sweeper has claimed (in flight, its claim not expired) is neither replaced nor
+-- cancelled: too_late. The message id is minted here: the fired message will carry it.
+CREATE OR REPLACE FUNCTION queen.timers_schedule(p_items jsonb, p_producer_sub text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now     timestamptz := clock_timestamp();
+    v_results jsonb;
+BEGIN
+    IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
+        RETURN '[]'::jsonb;
+    END IF;
+    PERFORM 1 FROM queen.timers t
+     WHERE (t.queue, t.timer_key) IN (SELECT e->>'queue', e->>'timerKey'
+                                        FROM jsonb_array_elements(p_items) e)
+     ORDER BY t.queue, t.timer_key
+       FOR UPDATE;
+
+    WITH ops AS (
+        SELECT (x.o - 1)::int AS idx, x.e->>'op' AS op, x.e->>'queue' AS queue,
+               x.e->>'timerKey' AS timer_key, x.e
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS x(e, o)
+    ), existing AS (  -- as locked above
+        SELECT ops.idx FROM ops
+          JOIN queen.timers t ON t.queue = ops.queue AND t.timer_key = ops.timer_key
+    ), upserted AS (
+        INSERT INTO queen.timers AS t (queue, timer_key, partition, deliver_at, visible_at, txn,
+                                       message_id, payload, payload_zstd, body, encrypted,
+                                       producer_sub, created_at, updated_at)
+        SELECT ops.queue, ops.timer_key, coalesce(ops.e->>'partition', 'Default'), d.at, d.at,
+               ops.e->>'txn', queen.uuid_v7(v_now), decode(ops.e->>'payload', 'base64'),
+               coalesce((ops.e->>'payloadZstd')::boolean, false), ops.e->'body',
+               coalesce((ops.e->>'encrypted')::boolean, false), p_producer_sub, v_now, v_now
+          FROM ops
+         CROSS JOIN LATERAL (SELECT v_now + make_interval(
+                                 secs => (ops.e->>'delayMs')::double precision / 1000) AS at) d
+         WHERE ops.op IN ('schedule', 'reschedule')
+        ON CONFLICT (queue, timer_key) DO UPDATE SET
+               partition = excluded.partition, deliver_at = excluded.deliver_at,
+               visible_at = excluded.visible_at, txn = excluded.txn,
+               message_id = excluded.message_id, payload = excluded.payload,
+               payload_zstd = excluded.payload_zstd, body = excluded.body,
+               encrypted = excluded.encrypted, producer_sub = excluded.producer_sub,
+               attempts = 0, last_error = NULL, claim_token = NULL, claimed_until = NULL,
+               updated_at = excluded.updated_at
+         WHERE t.claim_token IS NULL OR t.claimed_until <= v_now
+        RETURNING t.queue, t.timer_key, t.txn, t.message_id, t.deliver_at,
+                  (t.xmax = 0) AS inserted
+    ), cancelled AS (
+        DELETE FROM queen.timers t USING ops
+         WHERE ops.op = 'cancel' AND t.queue = ops.queue AND t.timer_key = ops.timer_key
+           AND (t.claim_token IS NULL OR t.claimed_until <= v_now)
+        RETURNING t.queue, t.timer_key, t.txn
+    )
+    SELECT jsonb_agg(CASE
+               WHEN u.timer_key IS NOT NULL THEN jsonb_build_object(
+                   'ok', true, 'status', CASE WHEN u.inserted THEN 'scheduled'
+                                              ELSE 'rescheduled' END,
+                   'queue', ops.queue, 'timerKey', ops.timer_key, 'txn', u.txn,
+                   'messageId', u.message_id, 'deliverAt', queen.format_ts6(u.deliver_at))
+               WHEN c.timer_key IS NOT NULL THEN jsonb_build_object(
+                   'ok', true, 'status', 'cancelled', 'queue', ops.queue,
+                   'timerKey', ops.timer_key, 'txn', c.txn)
+               WHEN ops.op = 'cancel' AND ops.idx NOT IN (SELECT idx FROM existing)
+               THEN jsonb_build_object(
+                   'ok', false, 'status', 'absent', 'queue', ops.queue,
+                   'timerKey', ops.timer_key, 'txn', ops.e->'txn')
+               ELSE jsonb_build_object(
+                   'ok', false, 'status', 'too_late', 'queue', ops.queue,
+                   'timerKey', ops.timer_key)
+           END ORDER BY ops.idx)
+      INTO v_results
+      FROM ops
+      LEFT JOIN upserted u ON u.queue = ops.queue AND u.timer_key = ops.timer_key
+      LEFT JOIN cancelled c ON c.queue = ops.queue AND c.timer_key = ops.timer_key;
+    RETURN v_results;
+END
+$$;
+
+-- GET /api/v1/timers/{queue}/{key}: the row with its payload, or found: false.
+CREATE OR REPLACE FUNCTION queen.timer_peek(p_queue text, p_key text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT jsonb_build_object('found', true) || queen.timer_view(t, true)
+           FROM queen.timers t WHERE t.queue = p_queue AND t.timer_key = p_key),
+        jsonb_build_object('found', false, 'queue', p_queue, 'timerKey', p_key))
+$$;
+
+-- GET /api/v1/timers/{queue}: a keyset page in timer_key byte order, after p_after (exclusive).
+CREATE OR REPLACE FUNCTION queen.timers_list(p_queue text, p_after text, p_limit integer)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    WITH page AS (
+        SELECT t, t.timer_key, row_number() OVER (ORDER BY t.timer_key) AS n
+          FROM queen.timers t
+         WHERE t.queue = p_queue AND (p_after IS NULL OR t.timer_key > p_after)
+         ORDER BY t.timer_key
+         LIMIT p_limit + 1
+    )
+    SELECT jsonb_build_object(
+        'rows', coalesce(jsonb_agg(queen.timer_view(p.t, false) ORDER BY p.n)
+                         FILTER (WHERE p.n <= p_limit), '[]'::jsonb),
+        'truncated', count(*) > p_limit,
+        'nextAfter', CASE WHEN count(*) > p_limit
+                          THEN max(p.timer_key) FILTER (WHERE p.n = p_limit) END)
+      FROM page p
+$$;
+
+-- A failed fire of these rows (aligned arrays): attempts + 1, the error kept, the claim
+-- dropped and the row hidden for a backoff of 1, 2, 4, 8 s; at the fifth failure the row
+-- moves to queen.timer_dead_letters. Returns how many moved.
+CREATE OR REPLACE FUNCTION queen.timers_failed(p_queues text[], p_keys text[],
+                                               p_errors text[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_dead integer;
+BEGIN
+    UPDATE queen.timers t
+       SET attempts = t.attempts + 1, last_error = f.error,
+           visible_at = clock_timestamp() + power(2, t.attempts) * interval '1 second',
+           claim_token = NULL, claimed_until = NULL, updated_at = clock_timestamp()
+      FROM unnest(p_queues, p_keys, p_errors) AS f(queue, timer_key, error)
+     WHERE t.queue = f.queue AND t.timer_key = f.timer_key;
+    WITH dead AS (
+        DELETE FROM queen.timers t USING unnest(p_queues, p_keys) AS f(queue, timer_key)
+         WHERE t.queue = f.queue AND t.timer_key = f.timer_key
+           AND t.attempts >= queen.timers_max_attempts()
+        RETURNING t.*
+    )
+    INSERT INTO queen.timer_dead_letters (queue, timer_key, partition, deliver_at, txn,
+                                          message_id, payload, payload_zstd, body, encrypted,
+                                          producer_sub, attempts, last_error)
+    SELECT queue, timer_key, partition, deliver_at, txn, message_id, payload, payload_zstd,
+           body, encrypted, producer_sub, attempts, last_error
+      FROM dead;
+    GET DIAGNOSTICS v_dead = ROW_COUNT;
+    RETURN v_dead;
+END
+$$;
+
+-- Fires rows the caller holds locked (aligned arrays of their keys), in that order: one push
+-- of their messages (id = the promised messageId, transactionId = txn, producerSub = the
+-- scheduler's; queue and partition created if missing), and the rows delivered or deduped
+-- (their txn is already in the partition: nothing pushed) are deleted, all in the caller's
+-- transaction. A row the push refuses (maxSize) counts a failed attempt. p_bodies: what to
+-- push instead of the stored payloads, aligned, [{payload, isEncrypted}] (the encryption
+-- envelopes the server made for a queue that started encrypting after the timer was
+-- scheduled); NULL = the stored ones.
+-- Returns {fired, duplicates, failed, dead, updated: [[queue, partition], ...]}.
+CREATE OR REPLACE FUNCTION queen.timers_fire(p_queues text[], p_keys text[], p_bodies jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_items   jsonb;
+    v_queues  text[];
+    v_keys    text[];
+    v_answer  jsonb;
+    v_refused integer[];
+    v_dead    integer := 0;
+BEGIN
+    SELECT jsonb_agg(jsonb_build_object(
+               'queue', t.queue, 'partition', t.partition,
+               'payload', CASE WHEN p_bodies IS NOT NULL THEN p_bodies->(k.o::int - 1)->'payload'
+                               ELSE coalesce(t.body, convert_from(t.payload, 'UTF8')::jsonb) END,
+               'transactionId', t.txn, 'producerSub', t.producer_sub,
+               'isEncrypted', CASE WHEN p_bodies IS NOT NULL
+                                   THEN (p_bodies->(k.o::int - 1)->>'isEncrypted')::boolean
+                                   ELSE t.encrypted END,
+               'id', t.message_id) ORDER BY k.o),
+           array_agg(t.queue ORDER BY k.o), array_agg(t.timer_key ORDER BY k.o)
+      INTO v_items, v_queues, v_keys
+      FROM unnest(p_queues, p_keys) WITH ORDINALITY AS k(queue, timer_key, o)
+      JOIN queen.timers t ON t.queue = k.queue AND t.timer_key = k.timer_key;
+    IF v_items IS NULL THEN
+        RETURN '{"fired": 0, "duplicates": 0, "failed": 0, "dead": 0, "updated": []}'::jsonb;
+    END IF;
+
+    v_answer := queen.push_store(v_items)::jsonb;
+    v_refused := ARRAY(SELECT x::int FROM jsonb_array_elements_text(v_answer->'refused') x);
+    DELETE FROM queen.timers t
+     USING unnest(v_queues, v_keys) WITH ORDINALITY AS k(queue, timer_key, o)
+     WHERE t.queue = k.queue AND t.timer_key = k.timer_key AND (k.o - 1) <> ALL (v_refused);
+    IF cardinality(v_refused) > 0 THEN
+        v_dead := queen.timers_failed(
+            ARRAY(SELECT v_queues[i + 1] FROM unnest(v_refused) i),
+            ARRAY(SELECT v_keys[i + 1] FROM unnest(v_refused) i),
+            ARRAY(SELECT format('Queue %s has reached its max capacity', v_queues[i + 1])
+                    FROM unnest(v_refused) i));
+    END IF;
+    RETURN jsonb_build_object(
+        'fired', jsonb_array_length(v_answer->'stored'),
+        'duplicates', jsonb_array_length(v_answer->'duplicates'),
+        'failed', cardinality(v_refused), 'dead', v_dead,
+        'updated', (SELECT coalesce(jsonb_agg(jsonb_build_array(x->>1, x->>2)), '[]'::jsonb)
+                      FROM jsonb_array_elements(v_answer->'partitions') x
+                     WHERE v_answer->'updated' @> jsonb_build_array(x->>0)));
+END
+$$;
+
+-- timers_fire one row at a time, each in its own subtransaction: the fallback when a batch
+-- fails on a row it cannot push (a poisoned row must not hold back every other timer). A
+-- row that fails counts a failed attempt with the error; transient errors (deadlock,
+-- serialization, lock or statement timeout) are raised, and spend no attempt.
+CREATE OR REPLACE FUNCTION queen.timers_fire_each(p_queues text[], p_keys text[])
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_total jsonb := '{"fired": 0, "duplicates": 0, "failed": 0, "dead": 0, "updated": []}';
+    v_one   jsonb;
+    v_error text;
+BEGIN
+    FOR i IN 1..coalesce(cardinality(p_queues), 0) LOOP
+        BEGIN
+            v_one := queen.timers_fire(p_queues[i:i], p_keys[i:i], NULL);
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', '57014') THEN
+                RAISE;
+            END IF;
+            v_error := SQLERRM;
+            v_one := jsonb_build_object(
+                'fired', 0, 'duplicates', 0, 'failed', 1, 'updated', '[]'::jsonb,
+                'dead', queen.timers_failed(p_queues[i:i], p_keys[i:i], ARRAY[v_error]));
+        END;
+        v_total := jsonb_build_object(
+            'fired', (v_total->>'fired')::int + (v_one->>'fired')::int,
+            'duplicates', (v_total->>'duplicates')::int + (v_one->>'duplicates')::int,
+            'failed', (v_total->>'failed')::int + (v_one->>'failed')::int,
+            'dead', (v_total->>'dead')::int + (v_one->>'dead')::int,
+            'updated', (v_total->'updated') || (v_one->'updated'));
+    END LOOP;
+    RETURN v_total;
+END
+$$;
+
+-- One sweep: takes up to p_limit due rows (oldest visible first; rows another sweeper holds
+-- are skipped) and fires them in this one transaction, except rows whose queue encrypts
+-- while their payload is plain (the queue started encrypting after they were scheduled):
+-- those are claimed for p_lease_ms under one token and returned with their JSON for the
+-- server to encrypt (timers_fire_claimed); a claim that is not fired in time becomes due
+-- again. Returns the fire's counts plus
+--   claimed: {token, rows: [{queue, timerKey, body}]} or null,
+--   taken: rows taken, nextDueMs: ms until the next row is due (<= 0: due now; null: none).
+CREATE OR REPLACE FUNCTION queen.timers_sweep(p_limit integer, p_lease_ms integer)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now     timestamptz := clock_timestamp();
+    v_queues  text[];
+    v_keys    text[];
+    v_plain   boolean[];
+    v_taken   integer;
+    v_fire_q  text[];
+    v_fire_k  text[];
+    v_fired   jsonb;
+    v_token   uuid;
+    v_claimed jsonb;
+    v_next    double precision;
+BEGIN
+    SELECT coalesce(array_agg(d.queue ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
+           coalesce(array_agg(d.timer_key ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
+           coalesce(array_agg(d.needs_key ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
+           count(*)
+      INTO v_queues, v_keys, v_plain, v_taken
+      FROM (SELECT t.queue, t.timer_key, t.visible_at,
+                   coalesce(qu.encryption_enabled, false) AND NOT t.encrypted AS needs_key
+              FROM queen.timers t LEFT JOIN queen.queues qu ON qu.name = t.queue
+             WHERE t.visible_at <= v_now
+             ORDER BY t.visible_at
+             LIMIT p_limit
+               FOR UPDATE OF t SKIP LOCKED) d;
+
+    v_fire_q := ARRAY(SELECT v_queues[i] FROM generate_subscripts(v_queues, 1) i
+                       WHERE NOT v_plain[i] ORDER BY i);
+    v_fire_k := ARRAY(SELECT v_keys[i] FROM generate_subscripts(v_keys, 1) i
+                       WHERE NOT v_plain[i] ORDER BY i);
+    BEGIN
+        v_fired := queen.timers_fire(v_fire_q, v_fire_k, NULL);
+    EXCEPTION WHEN OTHERS THEN
+        IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', '57014') THEN
+            RAISE;
+        END IF;
+        v_fired := queen.timers_fire_each(v_fire_q, v_fire_k);
+    END;
+
+    IF v_taken > cardinality(v_fire_q) THEN
+        v_token := gen_random_uuid();
+        WITH claimed AS (
+            UPDATE queen.timers t
+               SET claim_token = v_token,
+                   claimed_until = v_now + p_lease_ms * interval '1 millisecond',
+                   visible_at = v_now + p_lease_ms * interval '1 millisecond'
+              FROM generate_subscripts(v_queues, 1) i
+             WHERE v_plain[i] AND t.queue = v_queues[i] AND t.timer_key = v_keys[i]
+            RETURNING t.queue, t.timer_key,
+                      coalesce(t.body, convert_from(t.payload, 'UTF8')::jsonb) AS body
+        )
+        SELECT jsonb_build_object('token', v_token, 'rows', jsonb_agg(jsonb_build_object(
+                   'queue', c.queue, 'timerKey', c.timer_key, 'body', c.body)))
+          INTO v_claimed
+          FROM claimed c;
+    END IF;
+
+    SELECT extract(epoch FROM min(t.visible_at) - clock_timestamp()) * 1000
+      INTO v_next
+      FROM queen.timers t;
+    RETURN v_fired || jsonb_build_object('claimed', v_claimed, 'taken', v_taken,
+                                         'nextDueMs', v_next);
+END
+$$;
+
+-- Fires rows this server claimed in a sweep (p_token), with the payloads it made for them:
+-- p_rows [{queue, timerKey, payload, isEncrypted}]. A row whose claim another sweeper has
+-- taken over since (its claim expired) is left alone: that sweeper fires it.
+CREATE OR REPLACE FUNCTION queen.timers_fire_claimed(p_token uuid, p_rows jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues text[];
+    v_keys   text[];
+    v_bodies jsonb;
+BEGIN
+    SELECT coalesce(array_agg(l.queue ORDER BY l.o), '{}'),
+           coalesce(array_agg(l.timer_key ORDER BY l.o), '{}'),
+           coalesce(jsonb_agg(l.e ORDER BY l.o), '[]'::jsonb)
+      INTO v_queues, v_keys, v_bodies
+      FROM (SELECT t.queue, t.timer_key, r.e, r.o
+              FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS r(e, o)
+              JOIN queen.timers t ON t.queue = r.e->>'queue' AND t.timer_key = r.e->>'timerKey'
+             WHERE t.claim_token = p_token
+             ORDER BY t.queue, t.timer_key
+               FOR UPDATE OF t) l;
+    RETURN queen.timers_fire(v_queues, v_keys, v_bodies);
+END
+$$;
+
+-- A claimed fire the server could not prepare (no key for an encrypted queue): a failed
+-- attempt for each row of p_rows [{queue, timerKey}] still under this claim.
+CREATE OR REPLACE FUNCTION queen.timers_fail_claimed(p_token uuid, p_rows jsonb,
+                                                     p_error text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues text[];
+    v_keys   text[];
+BEGIN
+    SELECT coalesce(array_agg(l.queue), '{}'), coalesce(array_agg(l.timer_key), '{}')
+      INTO v_queues, v_keys
+      FROM (SELECT t.queue, t.timer_key
+              FROM jsonb_array_elements(p_rows) AS r(e)
+              JOIN queen.timers t ON t.queue = r.e->>'queue' AND t.timer_key = r.e->>'timerKey'
+             WHERE t.claim_token = p_token
+             ORDER BY t.queue, t.timer_key
+               FOR UPDATE OF t) l;
+    RETURN queen.timers_failed(v_queues, v_keys,
+                               array_fill(p_error, ARRAY[cardinality(v_queues)]));
+END
+$$;
