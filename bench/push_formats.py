@@ -32,13 +32,17 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
-from binary_bodies import framed_body, framed_group, id_text, plain_body, v7_id  # tests/ (via load)
-from load import (
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # as bench/load.py: the package and tests/
+
+from binary_bodies import framed_body, framed_group, id_text, plain_body, v7_id  # noqa: E402
+from load import (  # noqa: E402
     PARTITIONS,
     PAYLOAD,
     Connection,
@@ -49,9 +53,9 @@ from load import (
     save_report,
 )
 
-from queen_tw.db.embedded import EmbeddedPostgres
+from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
 
-from support import ServerProcess
+from support import ServerProcess  # noqa: E402
 
 BINARY_TYPE = "application/x-queen-push"
 PAYLOAD_BYTES = json.dumps(PAYLOAD, separators=(",", ":")).encode()
