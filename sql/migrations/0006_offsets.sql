@@ -7,8 +7,8 @@
 -- partition lock it holds to commit, so in commit order; never rewritten by a delete
 -- (retention moves first_seq, other deletes leave holes). The one way it fell short: the push
 -- numbered the duplicates it then did not store, leaving holes in live positions. From this
--- migration on the push numbers only what it stores (sql/functions/002_push.sql leaves
--- duplicates out before numbering), so seq is dense and
+-- migration on only what the push stores keeps a number (sql/functions/002_push.sql closes
+-- the gaps of a push that met duplicates before it commits), so seq is dense and
 --
 --     offset = seq - 1,  highWatermark = last_seq,  logStartOffset = first_seq - 1.
 --
