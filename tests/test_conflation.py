@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 from tests.client26 import run26
 from tests.http_helpers import ack, configure, dead_letters, pop, pop_answer, push
-from tests.support import count_messages, expire_leases, unique_name
+from tests.support import count_messages, expire_leases, pass_time, unique_name
 
 GROUP = "last-value"
 
@@ -90,6 +90,37 @@ def test_failures_use_the_retry_budget_then_the_newest_goes_to_the_dlq(http):
 
     assert [entry["data"] for entry in dead_letters(http, queue)["messages"]] == ["newest"]
     assert conflating_pop(http, queue)["messages"] == []
+
+
+def test_the_newest_visible_message_is_the_one_delayed_processing_lets_through(http, db):
+    queue = unique_name()
+    configure(http, queue, delayedProcessing=60)
+    push(http, queue, ["a", "b"], prefix="old")
+    pass_time(db, queue, 120)
+    push(http, queue, ["c"], prefix="new")
+
+    [visible] = conflating_pop(http, queue)["messages"]
+    assert visible["data"] == "b"
+    ack(http, visible, consumerGroup=GROUP)
+
+    assert conflating_pop(http, queue)["messages"] == []  # "c" is not due yet
+
+
+def test_a_namespace_pop_conflates_each_queue_of_a_conflating_group(http):
+    namespace = unique_name("ns-")
+    queues = [unique_name(), unique_name()]
+    for queue in queues:
+        answer = http.post("/api/v1/configure", json={"queue": queue, "namespace": namespace})
+        assert answer.status_code == 200, answer.text
+        push(http, queue, [f"{queue}-{n}" for n in range(3)])
+
+    answer = http.get("/api/v1/pop", params={
+        "namespace": namespace, "consumerGroup": GROUP, "conflation": "true",
+        "batch": "10", "wait": "false"})
+
+    assert answer.status_code == 200, answer.text
+    assert sorted(data_of(answer.json())) == sorted(f"{queue}-2" for queue in queues)
+    assert answer.json()["conflation"] is True
 
 
 def test_a_long_poll_is_woken_by_a_push_and_delivers_the_newest(http):
