@@ -46,6 +46,7 @@ from queen_tw.logs import lets_through
 from queen_tw.metrics.recorder import Recorder
 from queen_tw.metrics.wiring import Metrics
 from queen_tw.services.database import DatabaseService, MigrationService
+from queen_tw.services.kv_sweep import kv_sweep_service
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
 from queen_tw.startup import check_can_start
@@ -163,6 +164,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                      shared_state=cluster.shared_state, metrics=metrics)
     for job in background_jobs(config, db, stats, reactor):
         top.add("jobs", job)
+    top.add("jobs", kv_sweep_service(db, config.retention_interval_ms, reactor))  # expired KV
     for job in metrics.services():  # sampler; aggregator (its last write at stop)
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags

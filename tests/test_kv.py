@@ -12,7 +12,7 @@ import httpx
 import pytest
 from client26 import run26
 
-from support import unique_name
+from support import unique_name, wait_until
 
 
 def kv(http: httpx.Client, *ops: Dict[str, Any]) -> Dict[str, Any]:
@@ -381,3 +381,24 @@ def test_the_2_6_client_kv_helpers(server):
         "stale": [False, "version"], "deleted": True, "absent": False,
         "listed": [f"list/{n}" for n in range(5)], "many": [["list/1"], ["nope"]],
         "error": ["KvError", "kv_bad_request", "kv_bad_namespace"]}
+
+
+# -- the sweeper -----------------------------------------------------------------------------
+
+def test_the_sweeper_deletes_expired_rows_and_keeps_live_ones(make_server, db):
+    server = make_server(RETENTION_INTERVAL="300")
+    ns = ns_name()
+    with httpx.Client(base_url=server.url) as client:
+        results(client, *({"op": "put", "ns": ns, "key": f"k{n}", "value": n, "ttlSeconds": 60}
+                          for n in range(3)))
+    expire(db, ns, "k0")
+    expire(db, ns, "k1")
+
+    def stored() -> List[str]:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT key FROM queen.kv WHERE namespace = %s ORDER BY key", (ns,))
+            keys = [row[0] for row in cursor.fetchall()]
+        db.commit()
+        return keys
+
+    assert wait_until(lambda: stored() == ["k2"] or None, timeout=10)
