@@ -466,3 +466,18 @@ def test_client_changed_since_pages_both_ways_and_safe_time_chains(http, server,
     assert [p["name"] for p in since_then["partitions"]] == ["p0500", "zz-new"]
     assert since_then["partitions"][0]["lastOffset"] == 1
     assert since_then["safeTime"] >= settled["safeTime"]
+
+
+def test_a_long_poll_whose_client_leaves_ends_cleanly(http, server):
+    queue = unique_name()
+    push(http, queue, ["only"])
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/api/v1/fetch", timeout=0.5, json={
+            "entries": [{"queue": queue, "offset": 1}], "maxWaitMs": 2000})
+    time.sleep(2.5)  # past the poll's deadline: nothing may be left to fire
+    push(http, queue, ["next"], prefix="next")  # nor a wake-up to a watch long gone
+    [entry] = fetch(http, {"queue": queue, "offset": 1})
+    assert [r["payload"] for r in entry["records"]] == ["next"]
+    log = server.log_text()
+    assert "AlreadyCalledError" not in log and "parked fetch" not in log
+    assert "Unhandled error in Deferred" not in log

@@ -197,6 +197,6 @@ class _Watch:
             self._timer.cancel()
         self._timer = None
         waiting, self._waiting = self._waiting, None
-        if waiting is not None:
+        if waiting is not None and not waiting.called:  # called: cancelled (client gone)
             waiting.callback(woken)
 
