@@ -2,6 +2,8 @@
 or roll back with its pushes and acks; results layout of 5.2; no deadlock between bundles
 naming the same keys in opposite orders (5.3). Real server, PostgreSQL and 2.6.0 client."""
 
+import base64
+import json
 import threading
 from typing import Any, Dict, List
 
@@ -166,6 +168,65 @@ def test_concurrent_bundles_on_the_same_keys_in_opposite_orders_do_not_deadlock(
         for key in "abcd":  # each key is in 6 of the 12 orders
             assert kv_get(client, ns, key)["value"] == rounds * 6
     assert count_messages(db, target) == rounds * len(orders)
+
+
+def timer_op(queue: str, key: str, delay_ms: int = 0) -> Dict[str, Any]:
+    payload = base64.b64encode(json.dumps({"timer": key}).encode()).decode()
+    return {"op": "schedule", "queue": queue, "timerKey": key, "txn": f"txn-{key}",
+            "delayMs": delay_ms, "payload": payload}
+
+
+def timers_of(db, queue: str) -> List[str]:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT timer_key FROM queen.timers WHERE queue = %s ORDER BY 1",
+                       (queue,))
+        keys = [row[0] for row in cursor.fetchall()]
+    db.commit()
+    return keys
+
+
+def test_timers_ride_after_kv_in_the_flat_layout_and_commit_with_the_bundle(http, db):
+    target, later, ns = unique_name(), unique_name(), unique_name("ns-").lower()
+    body = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "push", "items": [{"queue": target, "payload": 1}]}],
+        "kv": [{"op": "put", "ns": ns, "key": "k", "value": 1, "forever": True}],
+        "timers": [timer_op(later, "t1", 60_000), timer_op(later, "t2", 60_000)]}).json()
+    assert body["success"] is True, body
+    layout = [(r["index"], r["type"]) for r in body["results"]]
+    assert layout == [(0, "push"), (1, "kv"), (2, "timer"), (3, "timer")]
+    assert body["results"][2]["status"] == "scheduled" and body["results"][2]["ok"] is True
+    assert timers_of(db, later) == ["t1", "t2"]
+
+
+def test_a_failed_guard_rolls_back_the_timers_too(http, db):
+    later, ns = unique_name(), unique_name("ns-").lower()
+    body = http.post("/api/v1/transaction", json={"operations": [], "kv": [
+        {"op": "check", "ns": ns, "key": "gate", "expect": 7, "required": True}],
+        "timers": [timer_op(later, "t", 60_000)]}).json()
+    assert body["success"] is False and body["reason"] == "kv_precondition"
+    assert body["failedIndex"] == 0
+    assert timers_of(db, later) == []
+
+
+def test_a_timer_only_bundle_schedules_under_the_callers_promised_ids(http, db):
+    later = unique_name()
+    body = http.post("/api/v1/transaction", json={"operations": [],
+                                                  "timers": [timer_op(later, "soon", 5)]}).json()
+    assert body["success"] is True and body["results"][0]["type"] == "timer"
+    with db.cursor() as cursor:
+        cursor.execute("SELECT message_id::text, txn FROM queen.timers WHERE queue = %s",
+                       (later,))
+        assert cursor.fetchall() == [(body["results"][0]["messageId"], "txn-soon")]
+    db.commit()
+
+
+def test_a_bad_timer_rider_refuses_the_transaction(http, db):
+    target = unique_name()
+    answer = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "push", "items": [{"queue": target, "payload": 1}]}],
+        "timers": [{"op": "schedule", "queue": target, "timerKey": "k", "delayMs": 5}]})
+    assert answer.status_code == 400 and "nothing was applied" in answer.json()["error"]
+    assert count_messages(db, target) == 0
 
 
 CLIENT_ONCE = """

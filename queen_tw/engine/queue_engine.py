@@ -469,8 +469,17 @@ class QueueEngine:
                 op = dict(op, items=items)
             prepared.append(op)
         [outcome] = await self.batchers["transaction"].submit(
-            [dict(riders, operations=prepared, requiredLeases=required_leases)])
+            [dict(riders, operations=prepared, requiredLeases=required_leases,
+                  **await self._prepared_timers(riders))])
         return outcome
+
+    async def _prepared_timers(self, riders: Dict[str, Any]) -> Dict[str, Any]:
+        """The ``timers`` rider made ready for ``queen.timers_schedule`` as the timers route
+        makes it (payloads of encrypted queues encrypted), or nothing without one."""
+        if not riders.get("timers"):
+            return {}
+        from queen_tw.engine.timers import TimersEngine  # it imports this module
+        return {"timers": await TimersEngine(self._db, self).prepare(riders["timers"])}
 
     async def _transaction_batch(self, jobs: List[List[Dict[str, Any]]]
                                  ) -> List[List[Dict[str, Any]]]:

@@ -154,6 +154,8 @@ class MessagingRoutes:
             return json_answer(request, 200, {
                 "transactionId": None, "success": False, "results": [],
                 "error": f"Unknown operation type: {unknown['type']}"})
+        if riders.get("timers"):
+            riders = dict(riders, producerSub=producer_sub(request))  # the timers' scheduler
         outcome = await self._engine.transaction(ops, leases, riders)
         if binary and binary.counts_only:
             outcome = binary_push.transaction_counts(outcome, ops)

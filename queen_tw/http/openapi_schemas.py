@@ -195,8 +195,8 @@ COMPONENTS: Dict[str, Schema] = {
             "kv": {"type": ["array", "null"], "maxItems": 64, "items": {"type": "object"},
                    "description": "KV ops (WIRE2.md 5.1), lock guards first; with an empty "
                                   "operations array, this alone makes the bundle"},
-            "timers": {"type": ["array", "null"], "maxItems": 0,
-                       "description": "not supported yet: anything but null or [] is refused"},
+            "timers": {"type": ["array", "null"], "maxItems": 256, "items": {"type": "object"},
+                       "description": "timer ops (WIRE2.md 3.1, 5.1)"},
         }},
     "TransactionAnswer": obj(["transactionId", "success", "results"],
                              transactionId=nullable(STRING), success=BOOLEAN,

@@ -305,11 +305,12 @@ def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] 
     return [transaction_op(op, index, producer_sub) for index, op in enumerate(operations)]
 
 
-def transaction_riders(body: Mapping[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+def transaction_riders(body: Mapping[str, Any]) -> Dict[str, Any]:
     """The riders of a transaction body (WIRE2.md 5.1), JSON or binary (its head), validated:
-    ``{"kv": [...]}`` as ``queen.kv_apply`` takes them; an absent, null or empty rider is
-    left out. A ``timers`` rider is refused (400, nothing applied) until timers exist here."""
-    riders: Dict[str, List[Dict[str, Any]]] = {}
+    ``{"kv": [...], "timers": [...]}``, KV ops as ``queen.kv_apply`` takes them and timer ops
+    as :func:`queen_tw.http.timers.timer_operations` makes them; an absent, null or empty
+    rider is left out. A refused op refuses the whole transaction (4xx, nothing applied)."""
+    riders: Dict[str, Any] = {}
     kv = body.get("kv")
     if kv not in (None, []):
         if not isinstance(kv, list):
@@ -322,8 +323,13 @@ def transaction_riders(body: Mapping[str, Any]) -> Dict[str, List[Dict[str, Any]
                 err.code, err.reason, f"Transaction 'kv' rider refused, nothing was applied: "
                 f"{err.message}", err.status) from None
     if body.get("timers") not in (None, []):
-        raise InvalidRequest("Transaction 'timers' riders are not supported by this server "
-                             "yet; the transaction was refused and nothing was applied")
+        from queen_tw.http.timers import TimersRefused, timer_operations  # it imports parsing
+        try:
+            riders["timers"] = timer_operations(body["timers"], where="timers")
+        except TimersRefused as err:
+            raise TimersRefused(err.status, err.code, err.reason,
+                                f"Transaction 'timers' rider refused, nothing was applied: "
+                                f"{err.message}") from None
     return riders
 
 

@@ -2,10 +2,12 @@
 
 -- p: {operations: [{type: "push", items: [...]} | {type: "ack", transactionId, partitionId,
 --     status?, consumerGroup?, leaseId?, error?}], requiredLeases: [uuid text...],
---     kv?: [KV ops as queen.kv_apply takes them (WIRE2.md 5.1), lock guards first]}.
+--     kv?: [KV ops as queen.kv_apply takes them (WIRE2.md 5.1), lock guards first],
+--     timers?: [timer ops as queen.timers_schedule takes them], producerSub?: the caller's sub}.
 -- Items, acks and KV ops are validated by the server first; push items already carry
--- transactionIds. The kv rider runs first (its rows are locked before any queue or partition,
--- WIRE2.md 5.3); its results follow the operations' in `results` (WIRE2.md 5.2).
+-- transactionIds. The kv rider runs first, then the timers rider (KV rows, then timer rows,
+-- are locked before any queue or partition, WIRE2.md 5.3); their results follow the
+-- operations' in `results` (WIRE2.md 5.2), typed "kv" and "timer", at flat indexes.
 -- Returns {transactionId, success, results, partitionUpdates} or, after a rollback,
 -- {transactionId, success: false, error, results: [evaluated so far]}, or, when a `required`
 -- KV op (a lock guard, a once) lost, {transactionId, success: false, reason:
@@ -23,13 +25,18 @@ DECLARE
     v_acked   jsonb;
     v_lease   text;
     v_kv      jsonb := '[]'::jsonb;
+    v_timers  jsonb := '[]'::jsonb;
+    v_flat    integer;
 BEGIN
     BEGIN
+        SELECT coalesce(sum(CASE WHEN e->>'type' = 'push'
+                                 THEN jsonb_array_length(e->'items') ELSE 1 END), 0)
+          INTO v_flat FROM jsonb_array_elements(p->'operations') e;
         IF jsonb_array_length(coalesce(p->'kv', '[]'::jsonb)) > 0 THEN
-            v_kv := queen.kv_apply(p->'kv', (
-                SELECT coalesce(sum(CASE WHEN e->>'type' = 'push'
-                                         THEN jsonb_array_length(e->'items') ELSE 1 END), 0)
-                  FROM jsonb_array_elements(p->'operations') e)::integer);
+            v_kv := queen.kv_apply(p->'kv', v_flat);
+        END IF;
+        IF jsonb_array_length(coalesce(p->'timers', '[]'::jsonb)) > 0 THEN
+            v_timers := queen.timers_schedule(p->'timers', p->>'producerSub');
         END IF;
 
         FOR v_lease IN SELECT jsonb_array_elements_text(coalesce(p->'requiredLeases', '[]'::jsonb)) LOOP
@@ -83,7 +90,12 @@ BEGIN
         END LOOP;
         v_results := v_results || (SELECT coalesce(jsonb_agg(e || '{"type": "kv"}'::jsonb
                                                              ORDER BY n), '[]'::jsonb)
-                                     FROM jsonb_array_elements(v_kv) WITH ORDINALITY t(e, n));
+                                     FROM jsonb_array_elements(v_kv) WITH ORDINALITY t(e, n))
+                               || (SELECT coalesce(jsonb_agg(e || jsonb_build_object(
+                                       'type', 'timer',
+                                       'index', v_flat + jsonb_array_length(v_kv) + n - 1)
+                                       ORDER BY n), '[]'::jsonb)
+                                     FROM jsonb_array_elements(v_timers) WITH ORDINALITY t(e, n));
     EXCEPTION WHEN SQLSTATE 'QKV01' THEN
         RETURN jsonb_build_object(
             'transactionId', v_tx_id, 'success', false, 'reason', 'kv_precondition',
