@@ -241,6 +241,29 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("sync_fd", "QUEEN_SYNC_FD", "int", None,
          "Use this inherited UDP socket for peer sync (set by NUM_WORKERS for worker 1; "
          "not for direct use)", minimum=0),
+    # --- ephemeral queues (WIRE2.md 7; RAM only, per instance) --------------------------
+    _opt("ephemeral_max_bytes", "QUEEN_EPHEMERAL_MAX_BYTES", "int", 256 * MiB,
+         "Payload bytes all ephemeral queues of this instance may hold together; a push "
+         "beyond it answers 503 ephemeral_unavailable; 0 = no limit", minimum=0),
+    _opt("ephemeral_queue_max_bytes", "QUEEN_EPHEMERAL_QUEUE_MAX_BYTES", "int", 16 * MiB,
+         "maxBytes of an ephemeral queue that declares none", minimum=1),
+    _opt("ephemeral_queue_max_length", "QUEEN_EPHEMERAL_QUEUE_MAX_LENGTH", "int", 10000,
+         "maxLength (messages) of an ephemeral queue that declares none", minimum=1),
+    _opt("ephemeral_lease_s", "QUEEN_EPHEMERAL_LEASE_S", "int", 30,
+         "leaseSeconds of an ephemeral queue that declares none", minimum=1, maximum=86400),
+    _opt("ephemeral_retry_limit", "QUEEN_EPHEMERAL_RETRY_LIMIT", "int", 3,
+         "retryLimit (redeliveries before a message is dropped) of an ephemeral queue that "
+         "declares none", minimum=0, maximum=1000),
+    _opt("ephemeral_refresh_ms", "QUEEN_EPHEMERAL_REFRESH_MS", "int", 30000,
+         "How often the declared ephemeral queues are re-read from PostgreSQL, in ms (a "
+         "configure or delete made on another instance reaches this one within it)",
+         minimum=100),
+    _opt("ephemeral_peers", "QUEEN_EPHEMERAL_PEERS", "str", "",
+         "Comma list of the base URLs (http://host:port) of every instance serving ephemeral "
+         "queues, this one included, the same on each: a queue is owned by one of them and "
+         "the others relay its requests there; empty = this instance serves its own"),
+    _opt("ephemeral_self", "QUEEN_EPHEMERAL_SELF", "str", "",
+         "This instance's entry in QUEEN_EPHEMERAL_PEERS (required with it)"),
     # --- JWT authentication (WIRE.md 4) -------------------------------------------------
     _opt("jwt_enabled", "JWT_ENABLED", "bool", False,
          "Require a bearer token (JWT) on every route but the skipped paths"),
@@ -393,6 +416,14 @@ class Config:
     jwt_role_admin: str
     jwt_role_read_write: str
     jwt_role_read_only: str
+    ephemeral_max_bytes: int
+    ephemeral_queue_max_bytes: int
+    ephemeral_queue_max_length: int
+    ephemeral_lease_s: int
+    ephemeral_retry_limit: int
+    ephemeral_refresh_ms: int
+    ephemeral_peers: str
+    ephemeral_self: str
     migrate_only: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -654,6 +685,11 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
     if portless:
         raise ConfigError(f"QUEEN_UDP_PEERS: peer {portless[0]!r} needs a port when "
                           "QUEEN_UDP_NOTIFY_PORT is 0")
+    members = [p.strip().rstrip("/") for p in values["ephemeral_peers"].split(",") if p.strip()]
+    if members and values["ephemeral_self"].strip().rstrip("/") not in members:
+        raise ConfigError("QUEEN_EPHEMERAL_SELF: must be this instance's own entry of "
+                          f"QUEEN_EPHEMERAL_PEERS ({', '.join(members)}), "
+                          f"got {values['ephemeral_self']!r}")
     if values["jwt_enabled"]:
         _check_jwt_keys(values)
 
