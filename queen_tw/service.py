@@ -29,6 +29,7 @@ from queen_tw.engine.browser import Browser
 from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
 from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.ephemeral.service import EphemeralService, defaults_of, placement_of
 from queen_tw.failover.durability import Durability
 from queen_tw.http.auth_gate import guarded
 from queen_tw.http.messaging import PopDefaults
@@ -157,11 +158,17 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                          Browser(db, waiters, make_cipher(config.encryption_key)), stats,
                          Analytics(db, config.metrics_aggregate_interval_s,
                                    config.metrics_retention_days))
+    # Ephemeral queues live in one process's RAM: NUM_WORKERS workers would each hold a part
+    # of every queue, so workers serve none (404, which the 2.6.0 client reads as unsupported).
+    ephemeral = None if in_group else top.add("waiters", EphemeralService(
+        db, reactor, defaults_of(config), config.ephemeral_refresh_ms,
+        placement_of(config))).ephemeral
     root = http_root(engine, config.worker_id,
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),
                      admin=admin, maintenance=durability.maintenance,
-                     shared_state=cluster.shared_state, metrics=metrics)
+                     shared_state=cluster.shared_state, metrics=metrics,
+                     ephemeral=ephemeral)
     for job in background_jobs(config, db, stats, reactor):
         top.add("jobs", job)
     top.add("jobs", kv_sweep_service(db, config.retention_interval_ms, reactor))  # expired KV

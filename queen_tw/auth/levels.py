@@ -110,6 +110,15 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("POST", "/streams/v1/queries", _RW),
     ("POST", "/streams/v1/cycle", _RW),
     ("POST", "/streams/v1/state/get", _RO),
+    # ephemeral queues (WIRE2.md 1.5, 7)
+    ("POST", "/api/v1/ephemeral/configure", _RW),
+    ("POST", "/api/v1/ephemeral/reset", _RW),
+    ("DELETE", "/api/v1/ephemeral/queue/<queue>", _RW),
+    ("POST", "/api/v1/ephemeral/push", _RW),
+    ("GET", "/api/v1/ephemeral/pop", _RW),
+    ("POST", "/api/v1/ephemeral/ack", _RW),
+    ("GET", "/api/v1/ephemeral/queues", _RO),
+    ("GET", "/api/v1/ephemeral/queues/<queue>/depth", _RO),
     # reads by offset (WIRE2.md 1.5, 6)
     ("POST", "/api/v1/fetch", _RO),
     ("POST", "/api/v1/partitions/changed", _RO),

@@ -16,6 +16,7 @@ from klein import Klein
 
 from queen_tw import __version__, jsoncodec
 from queen_tw.auth.levels import Level, RouteLevels, SkipPaths
+from queen_tw.http import ephemeral_schemas as eph
 from queen_tw.http import openapi_schemas as schemas
 from queen_tw.http.answers import answering_errors
 from queen_tw.http.messaging import SUBSCRIPTION_MODES
@@ -38,6 +39,7 @@ _DESCRIPTIONS = {
     409: "a streams query of that name is registered with another config_hash (the body "
          "also has success: false, query_id and name)",
     413: "a streams state value, a KV key or a KV value above its size limit",
+    429: "an ephemeral queue is full and its policy is reject (code queue_full; Retry-After)",
     503: "PostgreSQL unreachable or the server overloaded (Retry-After: 1)",
 }
 
@@ -463,6 +465,39 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
     ("/api/v1/locks", "post", _Op(
         "locks", "Lock and semaphore ops (independent), one result each",
         {200: _LOCKS_ANSWER}, body=_LOCKS_REQUEST, body_required=True)),
+    # -- ephemeral queues (WIRE2.md 7; queen_tw/http/ephemeral.py): {error, code} refusals --
+    ("/api/v1/ephemeral/configure", "post", _Op(
+        "ephemeralConfigure", "Declare an ephemeral queue (options stored in PostgreSQL)",
+        {201: eph.DECLARATION}, body=eph.CONFIGURE, body_required=True)),
+    ("/api/v1/ephemeral/reset", "post", _Op(
+        "ephemeralReset", "Drop an ephemeral queue's messages, leases and cursors",
+        {200: eph.RESET_ANSWER}, body=eph.QUEUE_ONLY, body_required=True, errors=(400,))),
+    ("/api/v1/ephemeral/queue/{queue}", "delete", _Op(
+        "ephemeralDelete", "Delete an ephemeral queue and its declaration",
+        {200: eph.DELETE_ANSWER}, [_path("queue", eph.PATH_NAME)])),
+    ("/api/v1/ephemeral/push", "post", _Op(
+        "ephemeralPush", "Push to one partition of an ephemeral queue, all or nothing",
+        {201: eph.PUSH_ANSWER}, body=eph.PUSH, body_required=True, errors=(400, 429, 503))),
+    ("/api/v1/ephemeral/pop", "get", _Op(
+        "ephemeralPop", "Pop from an ephemeral queue (an empty list, never 204)",
+        {200: eph.POP_ANSWER},
+        [{**_query("queue", eph.NAME), "required": True}, _query("partition", eph.NAME),
+         _query("group", eph.NAME, "none = queue mode"),
+         _query("batch", _int(1), "most messages (above 10000: 10000)"),
+         _query("wait", schemas.BOOLEAN),
+         _query("timeout", _int(0), "long-poll limit in ms (above 300000: 300000)"),
+         _query("autoAck", schemas.BOOLEAN, "commit at delivery, no lease")],
+        errors=(400,))),
+    ("/api/v1/ephemeral/ack", "post", _Op(
+        "ephemeralAck", "Settle deliveries: acked, redelivered, stale or unknown per id",
+        {200: eph.ACK_ANSWER}, body=eph.ACK, body_required=True, errors=(400,))),
+    ("/api/v1/ephemeral/queues", "get", _Op(
+        "ephemeralQueues", "This instance's ephemeral queues with gauges and options",
+        {200: eph.QUEUES_ANSWER}, errors=())),
+    ("/api/v1/ephemeral/queues/{queue}/depth", "get", _Op(
+        "ephemeralDepth", "An ephemeral queue's backlog per partition and group",
+        {200: eph.DEPTH_ANSWER}, [_path("queue", eph.PATH_NAME), _query("group", eph.NAME)],
+        errors=(400, 404))),
     # -- the dashboard (issue 18 point 6): public static files --
     ("/", "get", _Op(
         "dashboard", "The dashboard page", {200: {"type": "string"}}, errors=(),

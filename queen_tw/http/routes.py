@@ -17,9 +17,11 @@ from werkzeug.routing import RequestRedirect
 
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
+from queen_tw.ephemeral.service import Ephemeral
 from queen_tw.http.answers import json_answer, method_not_allowed, not_found
 from queen_tw.http.dashboard import DashboardRoutes
 from queen_tw.http.depth import DepthRoutes
+from queen_tw.http.ephemeral import EphemeralRoutes
 from queen_tw.http.groups import GroupRoutes
 from queen_tw.http.hot_routes import HotRoutes
 from queen_tw.http.kv import KvRoutes
@@ -80,7 +82,8 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
               admin: Optional[AdminEngines] = None,
               maintenance: Optional[Maintenance] = None,
               shared_state: Optional[SharedStateView] = None,
-              metrics: Optional[Metrics] = None) -> IResource:
+              metrics: Optional[Metrics] = None,
+              ephemeral: Optional[Ephemeral] = None) -> IResource:
     """The site's root: every route of WIRE.md, push/pop/ack through the hot shortcut.
 
     :param engine: the message path.
@@ -90,9 +93,10 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     :param maintenance: flags and file buffer of the system routes (404 without).
     :param shared_state: peer-sync statistics (None: sync off, ``not_initialized``).
     :param metrics: the process's metrics, for ``/metrics`` (404 without).
+    :param ephemeral: the ephemeral queues of this process (404 without).
     """
     sets = route_sets(engine, worker_id, pop_defaults, admin, maintenance, shared_state,
-                      metrics)
+                      metrics, ephemeral=ephemeral)
     return HotRoutes(sets[0], Routes(sets))
 
 
@@ -100,7 +104,8 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
                admin: Optional[AdminEngines] = None,
                maintenance: Optional[Maintenance] = None,
                shared_state: Optional[SharedStateView] = None,
-               metrics: Optional[Metrics] = None) -> List[Any]:
+               metrics: Optional[Metrics] = None,
+               ephemeral: Optional[Ephemeral] = None) -> List[Any]:
     """Every route module of the site, the messaging routes first (the hot shortcut calls
     them). The OpenAPI test reads their URL maps, so a route added here must be documented.
     Parameters as for :func:`http_root`."""
@@ -116,5 +121,6 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         ReadRoutes(engine),
         DashboardRoutes(),
         MetricsRoutes(metrics),
+        EphemeralRoutes(ephemeral),
         KvRoutes(engine),
     ]

@@ -1,0 +1,147 @@
+"""Ephemeral queues on two instances (``QUEEN_EPHEMERAL_PEERS``): each queue has one owner
+and the other instance relays its requests there, so any instance serves any request."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, Dict, List, Tuple
+
+import httpx
+import pytest
+
+from queen_tw.ephemeral.placement import Placement
+
+from tests.client26 import run26
+from tests.support import ServerProcess, unique_name
+
+EPH = "/api/v1/ephemeral"
+
+
+@pytest.fixture
+def pair(make_server) -> Tuple[ServerProcess, ServerProcess]:
+    first, second = make_server(start=False), make_server(start=False)
+    peers = f"{first.url},{second.url}"
+    for server in (first, second):
+        server.env.update(QUEEN_EPHEMERAL_PEERS=peers, QUEEN_EPHEMERAL_SELF=server.url)
+        server.start()
+    return first, second
+
+
+def owned_by(pair: Tuple[ServerProcess, ServerProcess], index: int) -> str:
+    """A fresh queue name whose owner is ``pair[index]``."""
+    placement = Placement([server.url for server in pair], pair[0].url)
+    owner = pair[index].url
+    while True:
+        name = unique_name()
+        if (placement.owner(name) or pair[0].url) == owner:
+            return name
+
+
+def post(url: str, path: str, body: Dict[str, Any], **headers: str) -> httpx.Response:
+    return httpx.post(url + path, json=body, headers=headers, timeout=30)
+
+
+def pop(url: str, queue: str, **params: Any) -> List[Dict[str, Any]]:
+    answer = httpx.get(f"{url}{EPH}/pop", params={"queue": queue, **params}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["messages"]
+
+
+def test_any_instance_serves_a_queue_owned_by_the_other(pair) -> None:
+    first, second = pair
+    queue = owned_by(pair, 1)
+    answer = post(first.url, f"{EPH}/push", {"queue": queue, "messages": [
+        {"payload": n} for n in range(4)]})
+    assert answer.status_code == 201 and answer.json() == {"pushed": 4}
+    got = pop(first.url, queue, batch=2) + pop(second.url, queue, batch=2)
+    assert [m["payload"] for m in got] == [0, 1, 2, 3]  # one ring: competing, in order
+    acked = post(first.url, f"{EPH}/ack", {"queue": queue, "acks": [
+        {"id": m["id"]} for m in got]})
+    assert [r["outcome"] for r in acked.json()["results"]] == ["acked"] * 4
+    depths = [httpx.get(f"{s.url}{EPH}/queues/{queue}/depth").json() for s in pair]
+    assert depths[0] == depths[1] and depths[0]["pending"] == 0
+
+
+def test_a_relayed_long_poll_is_woken_by_a_push_on_the_owner(pair) -> None:
+    first, second = pair
+    queue = owned_by(pair, 1)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    waiting = pool.submit(pop, first.url, queue, wait="true", timeout=20000)
+    time.sleep(0.5)
+    assert not waiting.done()
+    post(second.url, f"{EPH}/push", {"queue": queue, "messages": [{"payload": "hi"}]})
+    assert [m["payload"] for m in waiting.result(timeout=30)] == ["hi"]
+    pool.shutdown()
+
+
+def test_configure_through_a_non_owner_applies_at_the_owner_at_once(pair) -> None:
+    first, second = pair
+    queue = owned_by(pair, 1)
+    answer = post(first.url, f"{EPH}/configure", {"queue": queue, "options": {"maxLength": 1}})
+    assert answer.status_code == 201, answer.text
+    assert post(second.url, f"{EPH}/push", {"queue": queue, "messages": [
+        {"payload": 1}]}).status_code == 201
+    full = post(first.url, f"{EPH}/push", {"queue": queue, "messages": [{"payload": 2}]})
+    assert full.status_code == 429 and full.json()["code"] == "queue_full"
+    assert full.headers.get("Retry-After")
+
+
+def test_the_listing_shows_each_queue_once_from_any_instance(pair) -> None:
+    first, second = pair
+    mine, theirs = owned_by(pair, 0), owned_by(pair, 1)
+    post(first.url, f"{EPH}/configure", {"queue": theirs})  # declared: loaded by both
+    for queue in (mine, theirs):
+        post(second.url, f"{EPH}/push", {"queue": queue, "messages": [{"payload": "abc"}]})
+    listings = [httpx.get(f"{s.url}{EPH}/queues").json() for s in pair]
+    for listing in listings:
+        names = [row["queue"] for row in listing["queues"]]
+        assert names.count(mine) == 1 and names.count(theirs) == 1
+        assert listing["cellBytes"] == 10
+    assert listings[0] == listings[1]
+
+
+def test_a_relayed_request_is_never_relayed_again(pair) -> None:
+    first, _ = pair
+    queue = owned_by(pair, 1)
+    answer = post(first.url, f"{EPH}/push", {"queue": queue, "messages": [{"payload": 1}]},
+                  **{"x-queen-eph-fwd": "1"})
+    assert answer.status_code == 503 and answer.json()["code"] == "owner_moved"
+
+
+def test_an_owner_that_is_down_answers_503_and_the_rest_keeps_working(pair) -> None:
+    first, second = pair
+    theirs, mine = owned_by(pair, 1), owned_by(pair, 0)
+    second.stop()
+    answer = post(first.url, f"{EPH}/push", {"queue": theirs, "messages": [{"payload": 1}]})
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["code"] == "ephemeral_forward_failed"
+    assert post(first.url, f"{EPH}/push", {"queue": mine, "messages": [
+        {"payload": 1}]}).status_code == 201
+    assert [m["payload"] for m in pop(first.url, mine)] == [1]
+
+
+ROUND_ROBIN = """
+async def scenario(client, args):
+    eph, queue = client.ephemeral, args["queue"]
+    for n in range(6):
+        await eph.push(queue, [n])
+    seen, outcomes = [], []
+    for _ in range(6):
+        got = await eph.pop(queue, group="workers")
+        seen += [m["payload"] for m in got["messages"]]
+        acks = await eph.ack(queue, got["messages"], group="workers")
+        outcomes += [r["outcome"] for r in acks["results"]]
+    return {"seen": seen, "outcomes": outcomes}
+"""
+
+
+def test_the_client_with_both_urls_round_robin(pair) -> None:
+    first, second = pair
+    out = run26(first.url, ROUND_ROBIN, queue=owned_by(pair, 0),
+                client_options={"urls": [first.url, second.url],
+                                "load_balancing_strategy": "round-robin"})
+    assert out == {"seen": list(range(6)), "outcomes": ["acked"] * 6}
+    # the queue lives on the first: the second saw these requests only from the client
+    for verb in ("push", "ack"):  # its pops keep to one URL (affinity)
+        assert f"/api/v1/ephemeral/{verb}" in second.log_text()
