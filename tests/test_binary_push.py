@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import uuid
 from typing import Any, Dict, List, Optional
 
 import httpx
+import jwt
 import orjson
 import pytest
 
@@ -35,7 +37,7 @@ from tests.binary_bodies import (
 )
 from tests.faultkit import private_fleet, set_maintenance
 from tests.http_helpers import configure
-from tests.support import count_messages, unique_name, wait_until
+from tests.support import count_messages, running_server, unique_name, wait_until
 
 BINARY = {"Content-Type": "application/x-queen-push"}
 LIMIT = 64 * 1024 * 1024
@@ -380,3 +382,28 @@ def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
                                        "the buffer replayed")
                 assert [(m["transactionId"], m["data"]) for m in delivered] == [
                     (m[1], json.loads(m[2])) for m in group]
+
+
+def test_binary_push_and_transaction_carry_the_tokens_sub_and_need_read_write(pg_env):
+    """With auth on, a binary push is the push route: read-write, and its messages get the
+    admitted token's ``sub`` as ``producerSub``, as a JSON push's do."""
+    secret = "binary-push-secret-long-enough-for-hs256"
+
+    def bearer(sub: str, role: str) -> Dict[str, str]:
+        claims = {"sub": sub, "role": role, "exp": int(time.time()) + 600}
+        return {**BINARY, "Authorization": f"Bearer {jwt.encode(claims, secret, 'HS256')}"}
+
+    queue = unique_name()
+    with running_server(pg_env, prefix="queen-tw-binary-", JWT_ENABLED="true",
+                        JWT_SECRET=secret) as server, \
+            httpx.Client(base_url=server.url, timeout=20) as http:
+        body = framed_body([framed_group(queue, "p", messages(2))])
+        refused = http.post("/api/v1/push", content=body, headers=bearer("viewer", "read-only"))
+        assert refused.status_code == 403
+        writer = bearer("svc-binary", "read-write")
+        assert http.post("/api/v1/push", content=body, headers=writer).status_code == 201
+        txn = transaction_body({}, [framed_group(queue, "p", messages(1, "x"))])
+        assert http.post("/api/v1/transaction", content=txn, headers=writer).json()["success"]
+        popped = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", "batch": 10},
+                          headers={"Authorization": writer["Authorization"]}).json()
+        assert [m["producerSub"] for m in popped["messages"]] == ["svc-binary"] * 3
