@@ -9,6 +9,7 @@ without a server first.
 from __future__ import annotations
 
 import json
+import random
 import struct
 import time
 import uuid
@@ -138,6 +139,34 @@ def test_decoder_names_what_is_wrong():
     }
     for expected, body in cases.items():
         assert expected in _refusal(body), expected
+
+
+def test_mutated_bodies_are_decoded_or_refused_never_crash():
+    """Random byte flips, cuts and splices of valid bodies: the decoder either decodes them or
+    raises InvalidRequest (a 400), never anything else (a 500)."""
+    rng = random.Random(20)
+    bodies = [framed_body([framed_group("q", "p", messages(3)), framed_group("q", "r",
+                                                                             messages(1))]),
+              plain_body([("q", "p", [("a", b'{"x": [1, 2]}'), ("", b"null")])], flags=5),
+              plain_body([("q", "p", [(None, b'"s"')])], flags=2),
+              transaction_body({"operations": []}, [framed_group("q", "p", messages(2))])]
+    for _ in range(3000):
+        body = bytearray(rng.choice(bodies))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(body))
+            action = rng.randrange(3)
+            if action == 0:
+                body[at] = rng.randrange(256)
+            elif action == 1:
+                del body[at:at + rng.randint(1, 8)]
+            else:
+                body[at:at] = rng.randbytes(rng.randint(1, 8))
+        decode = (binary_push.decode_transaction if body[:4] == b"QTB1"
+                  else binary_push.decode_push)
+        try:
+            decode(bytes(body), None, LIMIT)
+        except InvalidRequest:
+            pass
 
 
 def test_a_frame_expanding_past_the_body_limit_is_refused_before_it_is_decompressed():
