@@ -28,6 +28,7 @@ from queen_tw.engine.batcher import BatchLimits
 from queen_tw.engine.browser import Browser
 from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.engine.queue_engine import EngineLimits, PollTiming, QueueEngine
+from queen_tw.engine.timers import TimersEngine
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.ephemeral.service import EphemeralService, defaults_of, placement_of
 from queen_tw.failover.durability import Durability
@@ -50,6 +51,7 @@ from queen_tw.services.database import DatabaseService, MigrationService
 from queen_tw.services.kv_sweep import kv_sweep_service
 from queen_tw.services.retention import Cleaner, eviction_service, retention_service
 from queen_tw.services.stats import StatsRefresher, stats_service
+from queen_tw.services.timer_sweeper import TimerSweeper
 from queen_tw.startup import check_can_start
 
 log = Logger()
@@ -163,12 +165,13 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     ephemeral = None if in_group else top.add("waiters", EphemeralService(
         db, reactor, defaults_of(config), config.ephemeral_refresh_ms,
         placement_of(config))).ephemeral
+    timers = TimersEngine(db, engine)  # WIRE2 3; its sweeper (below) fires due timers
     root = http_root(engine, config.worker_id,
                      PopDefaults(config.default_batch_size, config.default_timeout_ms,
                                  config.default_subscription_mode),
                      admin=admin, maintenance=durability.maintenance,
                      shared_state=cluster.shared_state, metrics=metrics,
-                     ephemeral=ephemeral)
+                     ephemeral=ephemeral, timers=timers)
     for job in background_jobs(config, db, stats, reactor):
         top.add("jobs", job)
     top.add("jobs", kv_sweep_service(db, config.retention_interval_ms, reactor))  # expired KV
@@ -176,6 +179,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         top.add("jobs", job)
     top.add("jobs", durability.refresh_service())  # the maintenance flags
     top.add("jobs", durability.adoption_service())  # buffers of processes no longer running
+    top.add("jobs", TimerSweeper(timers, reactor, config.timers_sweep_interval_ms,
+                                 config.timers_sweep_batch))  # any instance may
     access_log = config.access_log and lets_through(config.log_level, LogLevel.info)
     site = make_site(guarded(root, config, reactor), config.max_body_bytes,  # JWT_ENABLED
                      access_log=access_log)

@@ -136,7 +136,8 @@ def _seed(base_url: str, headers: dict[str, str], session: requests.Session) -> 
             "partitionId": stored[0]["partition_id"] if stored else str(uuid.uuid4()),
             "transactionId": stored[0]["transaction_id"] if stored else "none",
             "leaseId": lease or str(uuid.uuid4()),
-            "name": "app.js"}  # a dashboard file; also a harmless trace name
+            "name": "app.js",  # a dashboard file; also a harmless trace name
+            "timerKey": "fuzz-timer"}
 
 
 def _fuzz_operation(operation, mode: GenerationMode, path_parameters: dict[str, str] | None,

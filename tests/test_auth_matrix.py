@@ -113,6 +113,8 @@ def wire_level(method: str, rule: str) -> Level:
         return Level.READ_ONLY
     if (method, rule) == ("POST", "/streams/v1/state/get"):
         return Level.READ_ONLY
+    if method == "GET" and rule.startswith("/api/v1/timers/"):
+        return Level.READ_ONLY  # WIRE2 1.5: timer reads
     if method == "GET" and rule.startswith("/api/v1/ephemeral/queues"):
         return Level.READ_ONLY  # WIRE2.md 1.5: the ephemeral listing and depth reads
     if (method, rule) in {("POST", "/api/v1/fetch"), ("POST", "/api/v1/partitions/changed")}:

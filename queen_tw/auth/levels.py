@@ -128,6 +128,11 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("PUT", "/api/v1/kv/<ns>/<path:key>", _RW),
     ("DELETE", "/api/v1/kv/<ns>/<path:key>", _RW),
     ("POST", "/api/v1/locks", _RW),
+    # timers (WIRE2.md 1.5, 3)
+    ("POST", "/api/v1/timers", _RW),
+    ("GET", "/api/v1/timers/<queue>", _RO),
+    ("GET", "/api/v1/timers/<queue>/<path:timer_key>", _RO),
+    ("DELETE", "/api/v1/timers/<queue>/<path:timer_key>", _RW),
 )
 """(method, Klein rule, level) of every route; a GET row also covers HEAD."""
 

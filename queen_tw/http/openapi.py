@@ -38,7 +38,8 @@ _DESCRIPTIONS = {
     404: "not found",
     409: "a streams query of that name is registered with another config_hash (the body "
          "also has success: false, query_id and name)",
-    413: "a streams state value, a KV key or a KV value above its size limit",
+    413: "a streams state value, a KV key or a KV value, or a timer payload above its "
+         "size limit",
     429: "an ephemeral queue is full and its policy is reject (code queue_full; Retry-After)",
     503: "PostgreSQL unreachable or the server overloaded (Retry-After: 1)",
 }
@@ -217,6 +218,39 @@ _STREAMS_STATE = schemas.obj(
     ["success", "rows"], success={"const": True}, rows=schemas.array(schemas.obj(
         ["key", "value", "updated_at"], key=schemas.STRING, value=schemas.ANY_JSON,
         updated_at=schemas.TIMESTAMP)))
+
+_TIMER_KEY: Schema = {"type": "string", "minLength": 1, "maxLength": 1024}
+_TIMER_OP = schemas.obj(
+    ["op", "queue", "timerKey"], op={"enum": ["schedule", "reschedule", "cancel"]},
+    queue=schemas.NAME, timerKey=_TIMER_KEY, partition=schemas.nullable(schemas.NAME),
+    txn=schemas.nullable({"type": "string", "maxLength": schemas.MAX_NAME_LENGTH,
+                          "description": "the fired message's transactionId; required to "
+                                         "schedule"}),
+    delayMs={"type": "number", "description": "ms from now; required to schedule; "
+                                              "above 90 days 403"},
+    payload={"type": "string", "contentEncoding": "base64",
+             "description": "the message body (JSON), base64; required to schedule"},
+    payloadZstd=schemas.nullable(schemas.BOOLEAN))
+_TIMER_RESULT = schemas.obj(
+    ["ok", "status", "queue", "timerKey"], ok=schemas.BOOLEAN,
+    status={"enum": ["scheduled", "rescheduled", "cancelled", "absent", "too_late"]},
+    queue=schemas.STRING, timerKey=schemas.STRING, txn=schemas.nullable(schemas.STRING),
+    messageId=schemas.UUID, deliverAt=schemas.TIMESTAMP)
+_TIMER_FIELDS: Dict[str, Schema] = dict(
+    queue=schemas.STRING, timerKey=schemas.STRING, partition=schemas.STRING,
+    deliverAt=schemas.TIMESTAMP, txn=schemas.STRING, messageId=schemas.UUID,
+    payloadZstd=schemas.BOOLEAN, encrypted=schemas.BOOLEAN,
+    producerSub=schemas.nullable(schemas.STRING), attempts=schemas.INTEGER,
+    lastError=schemas.nullable(schemas.STRING), claimed=schemas.BOOLEAN,
+    createdAt=schemas.TIMESTAMP, updatedAt=schemas.TIMESTAMP)
+_TIMER_PEEK = schemas.obj(["found", "queue", "timerKey"], found=schemas.BOOLEAN,
+                          payload={"type": "string", "contentEncoding": "base64"},
+                          **_TIMER_FIELDS)
+_TIMER_PAGE = schemas.obj(["rows", "truncated", "nextAfter"],
+                          rows=schemas.array(schemas.obj(list(_TIMER_FIELDS), **_TIMER_FIELDS)),
+                          truncated=schemas.BOOLEAN,
+                          nextAfter=schemas.nullable(schemas.STRING))
+_TIMER_PATH = (_QUEUE, _path("timerKey", _TIMER_KEY))
 
 OPERATIONS: List[Tuple[str, str, _Op]] = [
     # -- the message path (WIRE.md 2.1-2.7) --
@@ -498,6 +532,25 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         "ephemeralDepth", "An ephemeral queue's backlog per partition and group",
         {200: eph.DEPTH_ANSWER}, [_path("queue", eph.PATH_NAME), _query("group", eph.NAME)],
         errors=(400, 404))),
+    # -- timers (WIRE2.md 3; refusals in the {error, reason, detail} envelope) --
+    ("/api/v1/timers", "post", _Op(
+        "timersBatch", "Schedule, reschedule or cancel timers (at most 256 ops, one "
+        "transaction); results index-aligned, verdicts (too_late, absent) are 200s",
+        {200: schemas.obj(["results"], results=schemas.array(_TIMER_RESULT))},
+        body=schemas.obj(["operations"], operations=schemas.array(_TIMER_OP)),
+        body_required=True, errors=(400, 413, 503))),
+    ("/api/v1/timers/{queue}", "get", _Op(
+        "timersList", "A keyset page of a queue's pending timers, in timerKey byte order",
+        {200: _TIMER_PAGE},
+        [_QUEUE, _query("after", {"type": "string"}, "exclusive timerKey cursor"),
+         _query("limit", {"type": "string"}, "default 100, clamped to 1..1000")])),
+    ("/api/v1/timers/{queue}/{timerKey}", "get", _Op(
+        "timerPeek", "One pending timer with its payload as stored (found false if none)",
+        {200: _TIMER_PEEK}, _TIMER_PATH)),
+    ("/api/v1/timers/{queue}/{timerKey}", "delete", _Op(
+        "timerCancel", "Cancel a pending timer: cancelled, absent (maybe delivered) or "
+        "too_late (being fired)", {200: _TIMER_RESULT},
+        [*_TIMER_PATH, _query("txn", {"type": "string"}, "echoed when absent")])),
     # -- the dashboard (issue 18 point 6): public static files --
     ("/", "get", _Op(
         "dashboard", "The dashboard page", {200: {"type": "string"}}, errors=(),

@@ -17,6 +17,7 @@ from werkzeug.routing import RequestRedirect
 
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
+from queen_tw.engine.timers import TimersEngine
 from queen_tw.ephemeral.service import Ephemeral
 from queen_tw.http.answers import json_answer, method_not_allowed, not_found
 from queen_tw.http.dashboard import DashboardRoutes
@@ -33,6 +34,7 @@ from queen_tw.http.resources import ResourceRoutes
 from queen_tw.http.status import StatusRoutes
 from queen_tw.http.streams import StreamRoutes
 from queen_tw.http.system import SharedStateView, SystemRoutes
+from queen_tw.http.timers import TimerRoutes
 from queen_tw.maintenance import Maintenance
 from queen_tw.metrics.wiring import Metrics
 
@@ -83,7 +85,8 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
               maintenance: Optional[Maintenance] = None,
               shared_state: Optional[SharedStateView] = None,
               metrics: Optional[Metrics] = None,
-              ephemeral: Optional[Ephemeral] = None) -> IResource:
+              ephemeral: Optional[Ephemeral] = None,
+              timers: Optional[TimersEngine] = None) -> IResource:
     """The site's root: every route of WIRE.md, push/pop/ack through the hot shortcut.
 
     :param engine: the message path.
@@ -93,10 +96,11 @@ def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     :param maintenance: flags and file buffer of the system routes (404 without).
     :param shared_state: peer-sync statistics (None: sync off, ``not_initialized``).
     :param metrics: the process's metrics, for ``/metrics`` (404 without).
+    :param timers: the timers' engine (WIRE2 3; 404 without).
     :param ephemeral: the ephemeral queues of this process (404 without).
     """
     sets = route_sets(engine, worker_id, pop_defaults, admin, maintenance, shared_state,
-                      metrics, ephemeral=ephemeral)
+                      metrics, ephemeral=ephemeral, timers=timers)
     return HotRoutes(sets[0], Routes(sets))
 
 
@@ -105,7 +109,8 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
                maintenance: Optional[Maintenance] = None,
                shared_state: Optional[SharedStateView] = None,
                metrics: Optional[Metrics] = None,
-               ephemeral: Optional[Ephemeral] = None) -> List[Any]:
+               ephemeral: Optional[Ephemeral] = None,
+               timers: Optional[TimersEngine] = None) -> List[Any]:
     """Every route module of the site, the messaging routes first (the hot shortcut calls
     them). The OpenAPI test reads their URL maps, so a route added here must be documented.
     Parameters as for :func:`http_root`."""
@@ -123,4 +128,5 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         MetricsRoutes(metrics),
         EphemeralRoutes(ephemeral),
         KvRoutes(engine),
+        TimerRoutes(timers),
     ]
