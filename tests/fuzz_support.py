@@ -68,6 +68,10 @@ class FuzzReport:
 
 
 def _cap_long_poll(case: schemathesis.Case) -> None:
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("maxWaitMs"), int) \
+            and not isinstance(body["maxWaitMs"], bool) and body["maxWaitMs"] > 0:
+        body["maxWaitMs"] = LONG_POLL_CAP_MS  # a fetch's long poll (WIRE2 6.2)
     query = case.query
     if not isinstance(query, dict) or "wait" not in query:
         return
@@ -137,7 +141,8 @@ def _seed(base_url: str, headers: dict[str, str], session: requests.Session) -> 
             "transactionId": stored[0]["transaction_id"] if stored else "none",
             "leaseId": lease or str(uuid.uuid4()),
             "name": "app.js",  # a dashboard file; also a harmless trace name
-            "timerKey": "fuzz-timer"}
+            "timerKey": "fuzz-timer",
+            "ns": "fuzz-ns", "key": "fuzz/key"}  # a KV namespace and key (may hold '/')
 
 
 def _fuzz_operation(operation, mode: GenerationMode, path_parameters: dict[str, str] | None,
