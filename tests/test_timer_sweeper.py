@@ -126,3 +126,20 @@ def test_stop_waits_for_the_sweep_in_progress_and_plans_no_more(sweeper, timers,
     assert stopped.called
     clock.advance(5)
     assert len(timers.calls) == 1
+
+
+def test_nothing_fires_while_paused_and_the_pause_is_rechecked(timers, clock):
+    paused = [True]
+    service = TimerSweeper(timers, clock, interval_ms=1000, batch=BATCH,  # type: ignore[arg-type]
+                           paused=lambda: paused[0])
+    service.startService()
+    clock.advance(0)
+    clock.advance(1.0)
+    assert timers.calls == []
+    paused[0] = False
+    clock.advance(0.999)
+    assert timers.calls == []
+    clock.advance(0.001)
+    assert timers.starts() == [2.0]
+    timers.answer()
+    service.stopService()

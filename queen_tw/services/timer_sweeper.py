@@ -8,12 +8,14 @@ until the next timer is due (the database says how long), never longer than ``in
 but held by another sweeper, a short ``retry_ms``. A timer scheduled here that is due before
 the planned wake-up moves it earlier (:meth:`TimerSweeper.nudge`).
 
-Failures are logged (an unreachable PostgreSQL once per outage) and the next sweep comes
-after ``interval_ms``; a sweep interrupted by a crash rolls back, and its timers are due again.
-``stopService`` waits for the sweep in progress.
+While pushes go to the file buffer (push maintenance mode, ``paused``) nothing fires: a fired
+timer must not overtake the buffered pushes of its partition; the timers wait, checked every
+``interval_ms``. Failures are logged (an unreachable PostgreSQL once per outage) and the next
+sweep comes after ``interval_ms``; a sweep interrupted by a crash rolls back, and its timers
+are due again. ``stopService`` waits for the sweep in progress.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer
@@ -38,18 +40,21 @@ class TimerSweeper(service.Service):
     :param batch: timers fired per SQL call.
     :param lease_ms: how long a claimed timer (one the server must encrypt) stays claimed.
     :param retry_ms: sleep while due timers are held by another sweeper.
+    :param paused: True while nothing may fire (push maintenance mode).
     """
 
     name = "timer sweeper"
 
     def __init__(self, timers: TimersEngine, clock: IReactorTime, interval_ms: int,
-                 batch: int = 500, lease_ms: int = 30_000, retry_ms: int = 20):
+                 batch: int = 500, lease_ms: int = 30_000, retry_ms: int = 20,
+                 paused: Callable[[], bool] = lambda: False):
         self._timers = timers
         self._clock = clock
         self._interval = interval_ms / 1000.0
         self._batch = batch
         self._lease_ms = lease_ms
         self._retry = retry_ms / 1000.0
+        self._paused = paused
         self._outage = OutageLog(self.name, clock, quiet_start=True)
         self._call: Optional[IDelayedCall] = None
         self._current: Optional[defer.Deferred] = None
@@ -92,6 +97,9 @@ class TimerSweeper(service.Service):
 
     def _sweep(self) -> None:
         self._call = None
+        if self._paused():
+            self._wake_in(self._interval)
+            return
         self._current = defer.ensureDeferred(self._sweep_due())
         self._current.addCallbacks(self._swept, self._failed)
 
