@@ -403,6 +403,20 @@ def test_a_full_queue_counts_a_failed_attempt_and_backs_off(http, db):
     assert len(stored_messages(db, queue)) == 1
 
 
+def test_a_row_that_cannot_be_pushed_fails_alone_and_the_others_fire(http, db):
+    queue = unique_name()
+    batch(http, *[schedule_op(queue, key, {"key": key}, 60_000) for key in ("a", "b", "c")])
+    with db.cursor() as cursor:  # a corrupted row: its bytes are no JSON document
+        cursor.execute("UPDATE queen.timers SET payload = convert_to('{broken', 'UTF8')"
+                       " WHERE queue = %s AND timer_key = 'b'", (queue,))
+        cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s",
+                       (queue,))
+    wait_until(lambda: len(stored_messages(db, queue)) == 2, 30, message="a and c fired")
+    assert sorted(row[2]["key"] for row in stored_messages(db, queue)) == ["a", "c"]
+    attempts, error = wait_until(lambda: timer_row(db, queue, "b"), 30)
+    assert attempts == 1 and "json" in error.lower()
+
+
 def test_the_fifth_failed_fire_moves_the_timer_to_the_dead_letters(http, db):
     queue = unique_name()
     [result] = batch(http, schedule_op(queue, "k", {"dead": 1}, 60_000))
