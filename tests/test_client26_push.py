@@ -187,3 +187,30 @@ def test_binary_transaction_pushes_and_acks_and_the_client_gets_its_own_order(se
         (0, "push"), (1, "ack"), (2, "ack"), (3, "push")]
     assert seen["left"] == 0
     assert seen["moved"] == ["first", "second"]
+
+
+RIDER = """
+async def scenario(client, args):
+    wire = record_wire(client)
+    await client.queue(args["origin"]).push([{"data": "in"}])
+    popped = await client.queue(args["origin"]).batch(1).wait(False).pop()
+    tx = client.transaction().ack(popped)
+    tx.kv.put(args["ns"], "seen", {"n": 1}, forever=True)
+    result = await tx.queue(args["target"]).push([{"data": "out"}]).commit()
+    stored = await client.kv.get(args["ns"], "seen")
+    moved = await client.queue(args["target"]).batch(10).wait(False).pop()
+    return {"wire": wire, "result": result, "kv": dict(stored),
+            "moved": [m["data"] for m in moved]}
+"""
+
+
+def test_binary_transaction_carries_its_kv_rider_in_the_head(server):
+    seen = scenario26(server.url, RIDER, origin=unique_name(), target=unique_name(),
+                      ns=unique_name("ns-"), client_options=COMPRESSED)
+    assert "wire" in seen, seen
+    assert ["POST", "transaction", "QTB1/0"] in seen["wire"], seen
+    result = seen["result"]
+    assert result["success"] is True, result
+    assert [r["type"] for r in result["results"]] == ["ack", "push", "kv"]
+    assert seen["kv"]["found"] is True and seen["kv"]["value"] == {"n": 1}
+    assert seen["moved"] == ["out"]
