@@ -171,7 +171,13 @@ def test_mutated_bodies_are_decoded_or_refused_never_crash():
 
 def test_a_frame_expanding_past_the_body_limit_is_refused_before_it_is_decompressed():
     body = framed_body([framed_group("q", "p", [(v7_id(), "t", b'"' + b"x" * 5000 + b'"')])])
-    assert "more than the 1000 a request may carry" in _refusal(body, limit=1000)
+    assert "more than the 1000 the request may still carry" in _refusal(body, limit=1000)
+
+
+def test_the_frames_of_all_groups_together_are_bounded_by_the_body_limit():
+    group = framed_group("q", "p", [(v7_id(), "t", b'"' + b"x" * 400 + b'"')])
+    binary_push.decode_push(framed_body([group]), None, 1000)  # one group fits
+    assert "the request may still carry" in _refusal(framed_body([group] * 3), limit=1000)
 
 
 def test_transaction_body_puts_the_head_operations_before_the_pushes():

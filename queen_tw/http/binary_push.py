@@ -118,7 +118,8 @@ def is_binary(request) -> bool:
 
 def decode_push(body: bytes, producer_sub: Optional[str], max_bytes: int) -> PushBody:
     """The items of a ``QPB1`` body. ``producer_sub`` is stamped on each item as on a JSON
-    push; ``max_bytes`` bounds what a zstd frame may expand to (the request body limit)."""
+    push; ``max_bytes`` bounds what its zstd frames may expand to, all together (the request
+    body limit: a small body of highly compressed frames must not fill the memory)."""
     reader = _Reader(body, "push body")
     if reader.take(4, "magic") != PUSH_MAGIC:
         raise InvalidRequest("Binary push body must start with QPB1")
@@ -128,6 +129,7 @@ def decode_push(body: bytes, producer_sub: Optional[str], max_bytes: int) -> Pus
     if flags & FLAG_ZSTD:
         raw_len = reader.u32("raw_len")
         reader = _Reader(_unzstd(reader.rest(), "push body", max_bytes, raw_len), "push body")
+        max_bytes -= raw_len
     if flags & FLAG_FRAMES:
         items = _framed_groups(reader, max_bytes)
     else:
@@ -267,6 +269,7 @@ def _framed_groups(reader: _Reader, max_bytes: int) -> List[Dict[str, Any]]:
         count = reader.u32("message count")
         frames = _unzstd(reader.take(reader.u32("z_len"), "zstd frame"),
                          f"group {group}", max_bytes)
+        max_bytes -= len(frames)  # what every group expands to counts against one limit
         _read_frames(frames, count, group, queue, partition, items, payloads)
         nul_possible = nul_possible or _NUL_ESCAPE in frames
     _check_payloads(payloads, nul_possible)
@@ -343,7 +346,7 @@ def _unzstd(frame: bytes, what: str, max_bytes: int, expected: Optional[int] = N
         raise InvalidRequest(f"Binary {what}: the zstd frame does not declare its size")
     if declared > max_bytes:
         raise InvalidRequest(f"Binary {what}: the zstd frame expands to {declared} bytes, "
-                             f"more than the {max_bytes} a request may carry")
+                             f"more than the {max_bytes} the request may still carry")
     if expected is not None and declared != expected:
         raise InvalidRequest(f"Binary {what}: raw_len is {expected} but the zstd frame "
                              f"holds {declared} bytes")
