@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Dict, List, Optional
+from urllib.parse import quote
 
 import httpx
 import jwt
@@ -148,6 +149,16 @@ def test_cancel_route_answers_cancelled_then_absent_with_the_callers_txn(http):
     assert bare["status"] == "absent" and bare["txn"] is None
 
 
+def test_keys_with_odd_characters_are_reachable_by_their_paths(http):
+    queue = unique_name()
+    keys = ["a/", "a//b", "%", "%2F", "é/ü", "?x", "#h", "a b", "+"]
+    batch(http, *[schedule_op(queue, key, delay_ms=60_000) for key in keys])
+    for key in keys:  # encoded as the 2.6.0 client does: '/' kept
+        path = f"/api/v1/timers/{quote(queue, safe='')}/{quote(key, safe='/')}"
+        assert http.get(path).json()["timerKey"] == key
+        assert http.delete(path).json()["status"] == "cancelled", key
+
+
 def test_batch_mixes_schedule_and_cancel_index_aligned(http):
     queue = unique_name()
     batch(http, schedule_op(queue, "old", delay_ms=60_000))
@@ -240,6 +251,9 @@ BAD_OPS = [
     ({"queue": 7}, "timers_bad_queue"),
     ({"timerKey": ""}, "timers_key_required"),
     ({"timerKey": "k" * 1025}, "timers_bad_key"),
+    ({"timerKey": "/a"}, "timers_bad_key"),
+    ({"timerKey": "a/../b"}, "timers_bad_key"),
+    ({"timerKey": "."}, "timers_bad_key"),
     ({"partition": ""}, "timers_bad_partition"),
     ({"payload": None}, "timers_payload_required"),
     ({"payload": "not base64!"}, "timers_bad_payload"),

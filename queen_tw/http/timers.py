@@ -160,6 +160,11 @@ def _timer_key(value: Any, where: str) -> str:
         _bad("timers_bad_key", f"{where}.timerKey is longer than {MAX_KEY_LENGTH} characters")
     if "\x00" in value:
         _bad("timers_bad_key", f"{where}.timerKey must not contain \\u0000")
+    if value.startswith("/") or any(part in (".", "..") for part in value.split("/")):
+        # the peek and cancel paths could not name it: URLs merge a leading '//' and
+        # resolve dot segments, so such a timer could be neither read nor cancelled
+        _bad("timers_bad_key", f"{where}.timerKey must not start with '/' nor have a '.' "
+                               "or '..' segment (the timer routes' paths could not name it)")
     return value
 
 
