@@ -404,6 +404,26 @@ def test_a_queue_that_starts_encrypting_after_schedule_gets_an_encrypted_message
     assert is_encrypted is True and "1234" not in json.dumps(payload)
 
 
+def test_a_claim_its_sweeper_never_fires_is_taken_over_when_it_expires(http, db):
+    queue = unique_name()
+    configure(http, queue)
+    [result] = batch(http, schedule_op(queue, "k", {"pin": "0000"}, 60_000))
+    configure(http, queue, encryptionEnabled=True)  # a plain timer now needs the server
+    with db.cursor() as cursor:  # a sweeper that claims it, then dies without firing it
+        cursor.execute("BEGIN")
+        cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s", (queue,))
+        cursor.execute("SELECT queen.timers_sweep(1000, 1500)")
+        claimed = cursor.fetchone()[0]["claimed"]
+        cursor.execute("COMMIT")
+    assert {"queue": queue, "timerKey": "k"} in [
+        {key: row[key] for key in ("queue", "timerKey")} for row in claimed["rows"]]
+    assert peek(http, queue, "k")["claimed"] is True
+    message = delivered(http, queue)
+    assert (message["id"], message["data"]) == (result["messageId"], {"pin": "0000"})
+    [(_, _, _, is_encrypted, _)] = stored_messages(db, queue)
+    assert is_encrypted is True
+
+
 def test_a_full_queue_counts_a_failed_attempt_and_backs_off(http, db):
     queue = unique_name()
     configure(http, queue, maxSize=1)
