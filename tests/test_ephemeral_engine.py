@@ -293,3 +293,41 @@ def test_a_window_holds_leased_messages_at_most_half_their_lease(engine, clock):
     assert not answer.called
     clock.advance(0.1)
     assert [(json.loads(d.payload), d.attempts) for d in answer.result] == [(1, 1)]
+
+
+# -- declarations (a hand-driven stand-in for the pool: the race needs exact ordering) --------
+
+
+class _HeldCalls:
+    """Answers each ``call`` when the test says so."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call(self, function, *args):
+        answer = defer.Deferred()
+        self.calls.append((function, args, answer))
+        return answer
+
+
+def test_a_load_overtaken_by_a_configure_does_not_undo_it(engine):
+    from queen_tw.ephemeral.declarations import Declarations
+    db = _HeldCalls()
+    declarations = Declarations(db, engine)
+    loading = defer.ensureDeferred(declarations.load())
+    configuring = defer.ensureDeferred(declarations.configure("q", {"maxLength": 5}))
+    db.calls[1][2].callback({"queue": "q", "options": {"maxLength": 5}})
+    db.calls[0][2].callback([])  # read before the configure stored its row
+    assert loading.called and configuring.called
+    assert engine.queues["q"].declared and engine.queues["q"].settings.max_length == 5
+
+
+def test_first_requests_share_one_load(engine):
+    from queen_tw.ephemeral.declarations import Declarations
+    db = _HeldCalls()
+    declarations = Declarations(db, engine)
+    waiting = [defer.ensureDeferred(declarations.ready()) for _ in range(3)]
+    assert len(db.calls) == 1 and not any(w.called for w in waiting)
+    db.calls[0][2].callback([{"queue": "d", "options": {"policy": "dropOldest"}}])
+    assert all(w.called for w in waiting) and declarations.loaded
+    assert engine.queues["d"].settings.policy == "dropOldest"

@@ -5,9 +5,11 @@ changes nothing (503), and a stored one that the process did not live to apply i
 the next start.
 """
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from queen_tw.db.pool import Database
 from queen_tw.ephemeral.engine import EphemeralEngine
@@ -29,35 +31,60 @@ class Declarations:
         self._db = db
         self._engine = engine
         self.loaded = False
+        self._changes = 0  # configures and deletes made here: a load that saw fewer is stale
+        self._loading: Optional[defer.Deferred] = None
 
     async def ready(self) -> None:
         """Loads the declarations if no load has succeeded yet (the first requests after a
-        start may come before the first periodic load); with PostgreSQL away the queues
-        stay as they are (implicit, defaults) and the request goes on."""
-        if not self.loaded:
-            try:
-                await self.load()
-            except Unavailable:
-                pass
+        start may come before the first periodic load; they share one load); with
+        PostgreSQL away the queues stay as they are (implicit, defaults) and the request
+        goes on."""
+        if self.loaded:
+            return
+        loading = self._loading
+        if loading is None:
+            loading = self._loading = defer.ensureDeferred(self.load())
+            loading.addBoth(self._loaded)  # may run at once (no pool yet)
+        waiting: defer.Deferred = defer.Deferred()
+
+        def done(_: Any) -> None:
+            waiting.callback(None)
+        loading.addCallback(done)
+        await waiting
+
+    def _loaded(self, result: Any) -> None:
+        """Ends a shared load; requests go on whatever it did."""
+        self._loading = None
+        if isinstance(result, Failure) and not result.check(Unavailable):
+            log.failure("loading the ephemeral declarations failed", result)
+        # Unavailable: PostgreSQL is away; the periodic load reports that and retries
 
     async def configure(self, name: str, options: Dict[str, Any]) -> Dict[str, Any]:
         """Stores ``options`` (checked) for ``name``, then applies them; returns the stored
         declaration ``{queue, options}``. PostgreSQL errors propagate, nothing applied."""
         stored = await self._db.call("ephemeral_declare", name, options)
+        self._changes += 1
         self._engine.declare(name, options)
         return stored
 
     async def delete(self, name: str) -> Dict[str, Any]:
         """Removes the declaration, then the queue's rings; ``{queue, deleted, declared}``."""
         declared = bool(await self._db.call("ephemeral_forget", name))
+        self._changes += 1
         removed = self._engine.remove(name)
         return {"queue": name, "deleted": removed or declared, "declared": declared}
 
     async def load(self) -> int:
         """Applies every stored declaration (at start, then now and then, so a configure
         or delete made on another instance reaches this one); a queue declared here whose
-        row is gone becomes implicit. Returns how many declarations there are."""
+        row is gone becomes implicit. Returns how many declarations there are.
+
+        A load that a configure or delete made here overtook applies nothing (it read the
+        rows before that change, and would undo it): the next load brings it all."""
+        changes = self._changes
         rows: List[Dict[str, Any]] = await self._db.call("ephemeral_declarations")
+        if changes != self._changes:
+            return len(rows)
         names = set()
         for row in rows:
             try:
