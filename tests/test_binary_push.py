@@ -399,7 +399,8 @@ def test_lease_extend_answers_renewed_partitions_and_every_expiry_name(http):
 
 def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
     """The file buffer writes JSON: a binary push's pass-through payloads are turned into
-    values on the way there (an encrypted queue's sealed), and replayed like any push."""
+    values on the way there (an encrypted queue's sealed), and replayed like any push, each
+    message under the id its client minted."""
     with private_fleet() as fleet:
         server = fleet.server(QUEEN_CACHE_REFRESH_INTERVAL_MS="200",
                               QUEEN_ENCRYPTION_KEY="5a" * 32)
@@ -415,8 +416,8 @@ def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
             for queue, group in sent.items():
                 delivered = wait_until(lambda q=queue: pop_all(http, q) or None, 20, 0.2,
                                        "the buffer replayed")
-                assert [(m["transactionId"], m["data"]) for m in delivered] == [
-                    (m[1], json.loads(m[2])) for m in group]
+                assert [(m["id"], m["transactionId"], m["data"]) for m in delivered] == [
+                    (id_text(m[0]), m[1], json.loads(m[2])) for m in group]
 
 
 def test_binary_push_and_transaction_carry_the_tokens_sub_and_need_read_write(pg_env):

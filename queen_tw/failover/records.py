@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 RECORD_FIELDS = ("queue", "partition", "payload", "transactionId", "traceId", "producerSub",
-                 "bufferSealed")
-"""What a buffered push keeps: everything ``push_messages_core`` reads from an item, and
-whether the buffer sealed its payload (``sealing``). ``payload`` stays absent when the
+                 "id", "bufferSealed")
+"""What a buffered push keeps: everything ``push_messages_core`` reads from an item (``id``:
+the message id a compressed push's client minted, WIRE2.md 9.2, kept through the buffer),
+and whether the buffer sealed its payload (``sealing``). ``payload`` stays absent when the
 request had none (it is stored as ``{}`` then)."""
 
 DEFAULT_PARTITION = "Default"
