@@ -145,3 +145,24 @@ def test_the_client_with_both_urls_round_robin(pair) -> None:
     # the queue lives on the first: the second saw these requests only from the client
     for verb in ("push", "ack"):  # its pops keep to one URL (affinity)
         assert f"/api/v1/ephemeral/{verb}" in second.log_text()
+
+
+def test_every_member_computes_the_same_owners_and_each_gets_a_share() -> None:
+    members = ["http://a:1", "http://b:2", "http://c:3"]
+    views = [Placement(members, me) for me in members]
+    owners = []
+    for n in range(600):
+        seen = {view.owner(f"q{n}") or view.me for view in views}
+        assert len(seen) == 1
+        owners.append(seen.pop())
+    assert all(owners.count(member) > 120 for member in members)
+
+
+def test_self_must_be_one_of_the_peers() -> None:
+    from queen_tw.config import Config, ConfigError
+    env = {"QUEEN_EPHEMERAL_PEERS": "http://a:1, http://b:2/"}
+    assert Config.from_sources({**env, "QUEEN_EPHEMERAL_SELF": "http://b:2"}, {})
+    with pytest.raises(ConfigError, match="QUEEN_EPHEMERAL_SELF"):
+        Config.from_sources({**env, "QUEEN_EPHEMERAL_SELF": "http://c:3"}, {})
+    with pytest.raises(ConfigError, match="QUEEN_EPHEMERAL_SELF"):
+        Config.from_sources(env, {})
