@@ -287,7 +287,7 @@ class EphemeralEngine:
                 cursor.attempts[sequence] = attempts
                 cursor.leased[sequence] = token
             out.append(Delivery(mint_id(self.epoch, partition, sequence), partition,
-                                attempts, ring.messages[sequence - ring.head][0]))
+                                attempts, ring.payload(sequence)))
         if auto_ack:
             self._freed(queue, *ring.trim_consumed())
         return out

@@ -72,10 +72,8 @@ class Ring:
             cursor = self.cursors[group] = Cursor(self.head)
         return cursor
 
-    def payload(self, sequence: int) -> Optional[bytes]:
-        """The message numbered ``sequence``, if it is still kept."""
-        if sequence < self.head or sequence >= self.tail:
-            return None
+    def payload(self, sequence: int) -> bytes:
+        """The payload of a kept message (``head <= sequence < tail``)."""
         return self.messages[sequence - self.head][0]
 
     def next_for(self, cursor: Cursor, count: int) -> List[int]:

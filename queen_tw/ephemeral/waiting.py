@@ -47,10 +47,6 @@ class LongPolls:
         self._stopped = False
         engine.on_ready = self.wake
 
-    def parked(self) -> int:
-        """How many pops wait now."""
-        return sum(len(waiting) for waiting in self._parked.values())
-
     def waited_on(self, queue: str) -> bool:
         """Whether a pop is parked on ``queue``."""
         return bool(self._parked.get(queue))
