@@ -142,7 +142,7 @@ def _seed(base_url: str, headers: dict[str, str], session: requests.Session) -> 
             "leaseId": lease or str(uuid.uuid4()),
             "name": "app.js",  # a dashboard file; also a harmless trace name
             "timerKey": "fuzz-timer",
-            "ns": "fuzz-ns", "key": "fuzz/key"}  # a KV namespace and key (may hold '/')
+            "ns": "fuzz-ns", "key": "fuzz-key"}  # a KV namespace and key
 
 
 def _fuzz_operation(operation, mode: GenerationMode, path_parameters: dict[str, str] | None,

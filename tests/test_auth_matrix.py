@@ -119,6 +119,8 @@ def wire_level(method: str, rule: str) -> Level:
         return Level.READ_ONLY  # WIRE2.md 1.5: the ephemeral listing and depth reads
     if (method, rule) in {("POST", "/api/v1/fetch"), ("POST", "/api/v1/partitions/changed")}:
         return Level.READ_ONLY  # reads by offset (WIRE2.md 1.5)
+    if (method, rule) == ("GET", "/api/v1/kv/<ns>/<path:key>"):
+        return Level.READ_ONLY  # WIRE2.md 1.5: the KV path GET (POST /api/v1/kv is RW)
     return Level.READ_WRITE
 
 

@@ -109,7 +109,7 @@ def _kv_op(op: Any, index: int, in_transaction: bool) -> Dict[str, Any]:
     if not isinstance(op, dict):
         raise _bad("kv_bad_op", f"op {index} must be an object")
     name = op.get("op")
-    if name not in _FIELDS:
+    if not isinstance(name, str) or name not in _FIELDS:
         raise _bad("kv_unknown_op", f"op {index}: unknown op {name!r}; one of "
                    + ", ".join(sorted(_FIELDS)))
     tenant = _TENANT_FIELDS & set(op)
@@ -296,7 +296,7 @@ def _lock_op(op: Any, index: int) -> Dict[str, Any]:
     if not isinstance(op, dict):
         raise _lock_bad("locks_bad_op", f"op {index} must be an object")
     name = op.get("op")
-    if name not in _LOCK_FIELDS:
+    if not isinstance(name, str) or name not in _LOCK_FIELDS:
         raise _lock_bad("locks_unknown_op", f"op {index}: unknown op {name!r}; one of "
                         "acquire, renew, release, get")
     unknown = sorted(set(op) - _LOCK_FIELDS[name])
