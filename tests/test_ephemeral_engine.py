@@ -331,3 +331,13 @@ def test_first_requests_share_one_load(engine):
     db.calls[0][2].callback([{"queue": "d", "options": {"policy": "dropOldest"}}])
     assert all(w.called for w in waiting) and declarations.loaded
     assert engine.queues["d"].settings.policy == "dropOldest"
+
+
+def test_requests_wait_for_a_hung_first_load_only_briefly(engine, clock):
+    from queen_tw.ephemeral.declarations import READY_WAIT_S, Declarations
+    db = _HeldCalls()
+    waiting = defer.ensureDeferred(Declarations(db, engine).ready())
+    clock.advance(READY_WAIT_S - 0.1)
+    assert not waiting.called
+    clock.advance(0.1)
+    assert waiting.called  # PostgreSQL never answered: the request goes on without it

@@ -19,6 +19,9 @@ from queen_tw.errors import Unavailable
 
 log = Logger()
 
+READY_WAIT_S = 2.0
+"""Longest wait of a request for the first load of the declarations."""
+
 
 class Declarations:
     """Stores declarations and applies them to the engine.
@@ -37,8 +40,8 @@ class Declarations:
     async def ready(self) -> None:
         """Loads the declarations if no load has succeeded yet (the first requests after a
         start may come before the first periodic load; they share one load); with
-        PostgreSQL away the queues stay as they are (implicit, defaults) and the request
-        goes on."""
+        PostgreSQL away or slow (over :data:`READY_WAIT_S`) the queues stay as they are
+        (implicit, defaults) and the request goes on."""
         if self.loaded:
             return
         loading = self._loading
@@ -48,8 +51,11 @@ class Declarations:
         waiting: defer.Deferred = defer.Deferred()
 
         def done(_: Any) -> None:
-            waiting.callback(None)
+            if not waiting.called:
+                waiting.callback(None)
         loading.addCallback(done)
+        # a hung PostgreSQL must not hold pushes and pops: past this, they go on without it
+        self._engine.clock.callLater(READY_WAIT_S, done, None)
         await waiting
 
     def _loaded(self, result: Any) -> None:
