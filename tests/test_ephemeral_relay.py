@@ -18,14 +18,18 @@ from tests.support import ServerProcess, unique_name
 EPH = "/api/v1/ephemeral"
 
 
-@pytest.fixture
-def pair(make_server) -> Tuple[ServerProcess, ServerProcess]:
-    first, second = make_server(start=False), make_server(start=False)
+def start_pair(make_server, **env: str) -> Tuple[ServerProcess, ServerProcess]:
+    first, second = make_server(start=False, **env), make_server(start=False, **env)
     peers = f"{first.url},{second.url}"
     for server in (first, second):
         server.env.update(QUEEN_EPHEMERAL_PEERS=peers, QUEEN_EPHEMERAL_SELF=server.url)
         server.start()
     return first, second
+
+
+@pytest.fixture
+def pair(make_server) -> Tuple[ServerProcess, ServerProcess]:
+    return start_pair(make_server)
 
 
 def owned_by(pair: Tuple[ServerProcess, ServerProcess], index: int) -> str:
@@ -166,3 +170,29 @@ def test_self_must_be_one_of_the_peers() -> None:
         Config.from_sources({**env, "QUEEN_EPHEMERAL_SELF": "http://c:3"}, {})
     with pytest.raises(ConfigError, match="QUEEN_EPHEMERAL_SELF"):
         Config.from_sources(env, {})
+
+
+def test_the_relay_passes_the_callers_token_and_the_owner_checks_it(make_server) -> None:
+    import jwt
+    secret = "relay-secret-that-is-long-enough-for-hs256"
+    pair = start_pair(make_server, JWT_ENABLED="true", JWT_SECRET=secret)
+    first, second = pair
+    queue = owned_by(pair, 1)
+    body = {"queue": queue, "messages": [{"payload": 1}]}
+
+    def bearer(role: str) -> str:
+        now = int(time.time())
+        token = jwt.encode({"sub": "t", "role": role, "iat": now, "exp": now + 600}, secret,
+                           algorithm="HS256")
+        return f"Bearer {token}"
+
+    assert post(first.url, f"{EPH}/push", body).status_code == 401
+    assert post(first.url, f"{EPH}/push", body,
+                Authorization=bearer("read-only")).status_code == 403
+    assert post(first.url, f"{EPH}/push", body,
+                Authorization=bearer("read-write")).status_code == 201
+    # the owner itself refuses a relayed-looking request without a token
+    assert post(second.url, f"{EPH}/push", body, **{"x-queen-eph-fwd": "1"}).status_code == 401
+    depth = httpx.get(f"{first.url}{EPH}/queues/{queue}/depth",
+                      headers={"Authorization": bearer("read-only")})
+    assert depth.status_code == 200 and depth.json()["pending"] == 1
