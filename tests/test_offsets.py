@@ -20,6 +20,7 @@ import pytest
 from queen_tw.db.schema import install_schema
 from queen_tw.paths import sql_dir
 
+from tests.client26 import run26
 from tests.http_helpers import configure, pop, push
 from tests.scratch_databases import scratch_database
 from tests.support import REPO_ROOT, pass_time, unique_name
@@ -280,3 +281,16 @@ def test_upgrade_renumbers_positions_with_holes_densely(old_database):
             assert cursor.fetchone()[0] == 0
     finally:
         connection.close()
+
+
+CLIENT_POP = """
+async def scenario(client, args):
+    messages = await client.queue(args["queue"]).batch(3).wait(False).pop()
+    return [[m.get("offset"), m.get("deliveryAttempt")] for m in messages]
+"""
+
+
+def test_the_2_6_client_pops_offsets_and_delivery_attempts(http, server):
+    queue = unique_name()
+    push(http, queue, ["a", "b", "c", "d"])
+    assert run26(server.url, CLIENT_POP, queue=queue) == [[0, 1], [1, 1], [2, 1]]
