@@ -152,87 +152,79 @@ BEGIN
 END
 $$;
 
--- getMany: rows in key byte order within the byte budget, missing keys in request order.
--- p_budget is the bytes of values the call may still read; returns the element and the budget
--- left as {element, budget}.
+-- The multi-key reads share one byte budget per call: rows are taken in key byte order while
+-- the bytes read before them are under the budget (so the row straddling it is included),
+-- then the page stops with `truncated`. Each returns {element, budget (what is left)}.
+
+-- getMany: rows in key byte order, missing keys in request order (keys cut by the budget are
+-- in neither list).
 CREATE OR REPLACE FUNCTION queen.kv_get_many(o jsonb, p_now timestamptz, p_budget bigint)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_row       queen.kv;
-    v_rows      jsonb := '[]'::jsonb;
-    v_truncated boolean := false;
-BEGIN
-    FOR v_row IN
-        SELECT k.* FROM queen.kv k
-         WHERE k.namespace = o->>'ns'
-           AND k.key IN (SELECT jsonb_array_elements_text(o->'keys'))
-           AND (k.expires_at IS NULL OR k.expires_at > p_now)
-         ORDER BY k.key
-    LOOP
-        IF p_budget <= 0 THEN
-            v_truncated := true;
-            EXIT;
-        END IF;
-        v_rows := v_rows || queen.kv_row_json(v_row);
-        p_budget := p_budget - octet_length(v_row.value::text);
-    END LOOP;
-    RETURN jsonb_build_object('budget', p_budget, 'element', jsonb_build_object(
-        'op', o->'op', 'rows', v_rows, 'truncated', v_truncated,
-        'missing', (SELECT coalesce(jsonb_agg(DISTINCT_k.k ORDER BY DISTINCT_k.n), '[]'::jsonb)
-                      FROM (SELECT k, min(n) AS n
-                              FROM jsonb_array_elements_text(o->'keys') WITH ORDINALITY t(k, n)
-                             GROUP BY k) DISTINCT_k
-                     WHERE NOT EXISTS (
-                           SELECT 1 FROM queen.kv x
-                            WHERE x.namespace = o->>'ns' AND x.key = DISTINCT_k.k
-                              AND (x.expires_at IS NULL OR x.expires_at > p_now)))));
-END
+LANGUAGE sql STABLE AS $$
+    WITH wanted AS (
+        SELECT k, min(n) AS n FROM jsonb_array_elements_text(o->'keys') WITH ORDINALITY t(k, n)
+         GROUP BY k
+    ), live AS (
+        SELECT r.*, coalesce(sum(r.cost) OVER (ORDER BY r.key ROWS BETWEEN UNBOUNDED PRECEDING
+                                                AND 1 PRECEDING), 0) AS before
+          FROM (SELECT k.*, octet_length(k.value::text) AS cost FROM queen.kv k
+                 WHERE k.namespace = o->>'ns' AND k.key IN (SELECT w.k FROM wanted w)
+                   AND (k.expires_at IS NULL OR k.expires_at > p_now)) r
+    ), page AS (
+        SELECT coalesce(jsonb_agg(queen.kv_row_json(
+                   ROW(l.namespace, l.key, l.value, l.version, l.expires_at, l.created_at,
+                       l.updated_at)::queen.kv) ORDER BY l.key)
+                            FILTER (WHERE l.before < p_budget), '[]'::jsonb) AS rows,
+               coalesce(sum(l.cost) FILTER (WHERE l.before < p_budget), 0) AS spent,
+               coalesce(bool_or(l.before >= p_budget), false) AS truncated
+          FROM live l
+    )
+    SELECT jsonb_build_object('budget', p_budget - page.spent, 'element', jsonb_build_object(
+        'op', o->'op', 'rows', page.rows, 'truncated', page.truncated,
+        'missing', (SELECT coalesce(jsonb_agg(w.k ORDER BY w.n), '[]'::jsonb) FROM wanted w
+                     WHERE w.k NOT IN (SELECT l.key FROM live l))))
+      FROM page
 $$;
 
 -- getPrefix: one page of the keys starting with `prefix`, after the `after` cursor
--- (exclusive), in byte order; limit already clamped. Same budget convention as kv_get_many.
+-- (exclusive), in byte order; limit already clamped. The range [prefix, prefix || U+10FFFF]
+-- holds every key starting with the prefix except keys whose next character is U+10FFFF
+-- followed by more (a noncharacter; such keys are not listed).
 CREATE OR REPLACE FUNCTION queen.kv_get_prefix(o jsonb, p_now timestamptz, p_budget bigint)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_prefix    text := o->>'prefix';
-    v_keys_only boolean := coalesce((o->>'keysOnly')::boolean, false);
-    v_limit     integer := (o->>'limit')::integer;
-    v_row       queen.kv;
-    v_rows      jsonb := '[]'::jsonb;
-    v_count     integer := 0;
-    v_last      text;
-    v_truncated boolean := false;
-BEGIN
-    -- The range [prefix, prefix || U+10FFFF] holds every key starting with the prefix
-    -- except keys whose next character is U+10FFFF followed by more (a noncharacter; such
-    -- keys are not listed).
-    FOR v_row IN
-        SELECT k.* FROM queen.kv k
+LANGUAGE sql STABLE AS $$
+    WITH candidates AS (
+        SELECT k.*, CASE WHEN (o->>'keysOnly')::boolean THEN octet_length(k.key)
+                         ELSE octet_length(k.value::text) END AS cost
+          FROM queen.kv k
          WHERE k.namespace = o->>'ns'
-           AND k.key >= greatest(v_prefix, o->>'after' COLLATE "C")
-           AND k.key <= v_prefix || chr(1114111)
-           AND starts_with(k.key, v_prefix)
-           AND (o->>'after' IS NULL OR k.key > o->>'after' COLLATE "C")
+           AND k.key >= greatest(o->>'prefix', o->>'after') COLLATE "C"
+           AND k.key <= (o->>'prefix') || chr(1114111) COLLATE "C"
+           AND starts_with(k.key, o->>'prefix')
+           AND (o->>'after' IS NULL OR k.key > (o->>'after') COLLATE "C")
            AND (k.expires_at IS NULL OR k.expires_at > p_now)
          ORDER BY k.key
-         LIMIT v_limit + 1
-    LOOP
-        IF v_count >= v_limit OR p_budget <= 0 THEN
-            v_truncated := true;
-            EXIT;
-        END IF;
-        v_rows := v_rows || queen.kv_row_json(v_row, NOT v_keys_only);
-        p_budget := p_budget - CASE WHEN v_keys_only THEN octet_length(v_row.key)
-                                    ELSE octet_length(v_row.value::text) END;
-        v_count := v_count + 1;
-        v_last := v_row.key;
-    END LOOP;
-    RETURN jsonb_build_object('budget', p_budget, 'element', jsonb_build_object(
-        'op', o->'op', 'rows', v_rows, 'truncated', v_truncated,
-        'nextAfter', CASE WHEN v_truncated THEN v_last END));
-END
+         LIMIT (o->>'limit')::integer + 1
+    ), ranked AS (
+        SELECT c.*, row_number() OVER w AS n,
+               coalesce(sum(c.cost) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                        0) AS before
+          FROM candidates c WINDOW w AS (ORDER BY c.key)
+    ), page AS (
+        SELECT coalesce(jsonb_agg(queen.kv_row_json(
+                   ROW(r.namespace, r.key, r.value, r.version, r.expires_at, r.created_at,
+                       r.updated_at)::queen.kv, NOT (o->>'keysOnly')::boolean) ORDER BY r.key)
+                   FILTER (WHERE r.kept), '[]'::jsonb) AS rows,
+               coalesce(sum(r.cost) FILTER (WHERE r.kept), 0) AS spent,
+               max(r.key) FILTER (WHERE r.kept) AS last,
+               coalesce(bool_or(NOT r.kept), false) AS truncated
+          FROM (SELECT ranked.*, ranked.n <= (o->>'limit')::integer
+                                 AND ranked.before < p_budget AS kept FROM ranked) r
+    )
+    SELECT jsonb_build_object('budget', p_budget - page.spent, 'element', jsonb_build_object(
+        'op', o->'op', 'rows', page.rows, 'truncated', page.truncated,
+        'nextAfter', CASE WHEN page.truncated THEN page.last END))
+      FROM page
 $$;
 
 -- Applies validated ops (see the top of this file) as one unit: locks, then writes and
