@@ -19,8 +19,11 @@ import httpx
 import jwt
 import orjson
 import pytest
+import pytest_twisted
+from twisted.internet import defer
 
 from queen_tw.engine.queue_engine import plain_payload
+from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import InvalidRequest
 from queen_tw.http import binary_push
 
@@ -36,6 +39,7 @@ from tests.binary_bodies import (
     v7_id,
     zstd,
 )
+from tests.engine_support import ONE_CALL_AT_A_TIME, in_process_engine
 from tests.faultkit import private_fleet, set_maintenance
 from tests.http_helpers import configure
 from tests.support import count_messages, running_server, unique_name, wait_until
@@ -443,3 +447,27 @@ def test_binary_push_and_transaction_carry_the_tokens_sub_and_need_read_write(pg
         popped = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", "batch": 10},
                           headers={"Authorization": writer["Authorization"]}).json()
         assert [m["producerSub"] for m in popped["messages"]] == ["svc-binary"] * 3
+
+
+@pytest.fixture
+def engine(pg_env, server):
+    """The engine in this process (the reactor of pytest-twisted), one push call at a time."""
+    with in_process_engine(pg_env, WaiterRegistry(), limits=ONE_CALL_AT_A_TIME) as queue_engine:
+        yield queue_engine
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_client_id_in_two_fused_requests_fails_neither(engine):
+    """Two requests naming the same client-minted id (a misbehaving client) fused into one
+    database call: the first keeps the id, the repeat gets a server id (push_store checks a
+    given id before it takes it), and neither fails on the primary key."""
+    queue, given = unique_name(), v7_id().hex()
+    batcher = engine.batchers["push"]  # the store step of engine.push, in one reactor tick
+    calls = batcher.calls
+    # one partition: both rows in one INSERT, which the primary key would fail as a whole
+    pushes = [batcher.submit([{"queue": queue, "partition": "p", "transactionId": txn,
+                               "id": given, "payload": txn}]) for txn in ("a", "b")]
+    results = [r[0] for r in await defer.gatherResults(pushes)]
+    assert batcher.calls - calls == 1  # fused
+    assert [r["status"] for r in results] == ["queued", "queued"]
+    assert results[0]["message_id"] == str(uuid.UUID(given)) != results[1]["message_id"]
