@@ -116,6 +116,7 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     Parameters as for :func:`http_root`."""
     return [
         MessagingRoutes(engine, pop_defaults),
+        KvRoutes(engine),  # early: a request is matched against each app's map in turn
         ResourceRoutes(engine, admin),
         DepthRoutes(engine),
         GroupRoutes(admin),
@@ -127,6 +128,5 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
         DashboardRoutes(),
         MetricsRoutes(metrics),
         EphemeralRoutes(ephemeral),
-        KvRoutes(engine),
         TimerRoutes(timers),
     ]
