@@ -12,6 +12,7 @@ import httpx
 import pytest
 from client26 import run26
 
+from faultkit import Fleet, health_code, private_postgres
 from support import unique_name, wait_until
 
 
@@ -402,3 +403,28 @@ def test_the_sweeper_deletes_expired_rows_and_keeps_live_ones(make_server, db):
         return keys
 
     assert wait_until(lambda: stored() == ["k2"] or None, timeout=10)
+
+
+# -- outage ------------------------------------------------------------------------------------
+
+def test_kv_and_locks_answer_503_envelopes_with_retry_after_while_postgres_is_down():
+    with private_postgres() as postgres:
+        fleet = Fleet(postgres.pg_env())
+        try:
+            server = fleet.server()
+            with httpx.Client(base_url=server.url, timeout=20) as client:
+                assert results(client, {"op": "get", "ns": "n", "key": "k"})[0]["found"] is False
+                postgres.stop()
+                try:
+                    wait_until(lambda: health_code(server.url) == 503, 10,
+                               message="/health 503")
+                    down = client.post("/api/v1/kv", json=[{"op": "get", "ns": "n",
+                                                            "key": "k"}])
+                    locks = client.post("/api/v1/locks", json=[{"op": "get", "name": "l"}])
+                finally:
+                    postgres.start()
+        finally:
+            fleet.close()
+    assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+    assert down.json()["error"] == "kv_unavailable" and down.json()["detail"]
+    assert locks.status_code == 503 and locks.json()["error"] == "locks_unavailable"

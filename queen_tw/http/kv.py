@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from queen_tw import jsoncodec
 from queen_tw.engine.kv import KvEngine
 from queen_tw.engine.queue_engine import QueueEngine
-from queen_tw.errors import NotFound
+from queen_tw.errors import NotFound, Unavailable
 from queen_tw.http.answers import answering_errors, json_answer
 from queen_tw.http.kv_input import KvInputError, kv_ops, lock_ops, operations_of
 
@@ -53,6 +53,15 @@ class KvRoutes:
         error = failure.value
         assert isinstance(error, KvInputError)  # the only type this handler is given
         return json_answer(request, error.status, error.envelope())
+
+    @app.handle_errors(Unavailable)
+    def _unavailable(self, request, failure: Failure) -> bytes:
+        # transient (PostgreSQL unreachable, overload): the client retries (WIRE2.md 1.2, 1.3)
+        surface = "locks" if request.path.startswith(b"/api/v1/locks") else "kv"
+        request.setHeader(b"Retry-After", b"1")
+        return json_answer(request, 503, {"error": f"{surface}_unavailable",
+                                          "reason": "database_unavailable",
+                                          "detail": str(failure.value)})
 
     answering_errors(app)  # every other error as the rest of the site answers it
 
