@@ -158,6 +158,9 @@ class QueueEngine:
         self._failover = failover
         self._push_shards = push_shards
         self.recorder = recorder or Recorder()
+        self.timer_scheduled: Callable[[float], None] = lambda delay_ms: None
+        """Told the delay (ms) of the nearest timer a committed call scheduled: the timer
+        sweeper's wake-up once it is wired (``TimersEngine.on_scheduled``)."""
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              decrypt=lambda message: self._decrypt_field(message, "data"),
                              give_back=self._give_back, paused=pop_paused)
@@ -471,6 +474,10 @@ class QueueEngine:
         [outcome] = await self.batchers["transaction"].submit(
             [dict(riders, operations=prepared, requiredLeases=required_leases,
                   **await self._prepared_timers(riders))])
+        scheduled = [op["delayMs"] for op in riders.get("timers") or ()
+                     if op["op"] != "cancel"]
+        if scheduled and outcome.get("success"):
+            self.timer_scheduled(min(scheduled))  # the sweeper wakes if it is due sooner
         return outcome
 
     async def _prepared_timers(self, riders: Dict[str, Any]) -> Dict[str, Any]:

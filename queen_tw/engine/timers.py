@@ -49,8 +49,17 @@ class TimersEngine:
     def __init__(self, db: Database, messages: QueueEngine):
         self._db = db
         self._messages = messages
-        self.on_scheduled: Callable[[float], None] = lambda delay_ms: None
-        """Told the delay (ms) of the nearest timer each schedule call created or moved."""
+
+    @property
+    def on_scheduled(self) -> Callable[[float], None]:
+        """Told the delay (ms) of the nearest timer a committed call scheduled (the sweeper's
+        :meth:`~queen_tw.services.timer_sweeper.TimerSweeper.nudge`). It is the message
+        path's hook, so the ``timers`` rider of a transaction reaches the same sweeper."""
+        return self._messages.timer_scheduled
+
+    @on_scheduled.setter
+    def on_scheduled(self, hook: Callable[[float], None]) -> None:
+        self._messages.timer_scheduled = hook
 
     async def apply(self, ops: List[Dict[str, Any]], producer_sub: Optional[str]
                     ) -> List[Dict[str, Any]]:
