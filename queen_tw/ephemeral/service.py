@@ -76,8 +76,10 @@ class EphemeralService(service.MultiService):
         engine = EphemeralEngine(clock, defaults, epoch)
         self.ephemeral = Ephemeral(engine, LongPolls(engine), Declarations(db, engine),
                                    placement or Placement(), Relay(clock))
+        # a load only reads: at stop, one hung on PostgreSQL is left behind after 1 s
         PeriodicService("ephemeral declarations", refresh_ms, self._load, clock, now=True,
-                        retry=Backoff(0.5, 2.0, 5.0), quiet_start=True).setServiceParent(self)
+                        retry=Backoff(0.5, 2.0, 5.0), quiet_start=True,
+                        stop_timeout=1.0).setServiceParent(self)
         PeriodicService("ephemeral ttl", TTL_SWEEP_MS, self._sweep, clock
                         ).setServiceParent(self)
 
