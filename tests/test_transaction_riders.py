@@ -255,3 +255,13 @@ def test_the_2_6_client_once_gate_commits_once_and_returns_the_loss(server, db):
     assert count_messages(db, target) == 1
     with httpx.Client(base_url=server.url) as client:
         assert kv_get(client, ns, "seen")["value"] == 1
+
+
+def test_a_binary_transaction_carries_its_riders_too(server, db):
+    source, target, ns = unique_name(), unique_name(), unique_name("ns-").lower()
+    out = run26(server.url, CLIENT_ONCE, src=source, target=target, ns=ns,
+                client_options={"binary_push": True, "push_compression": True})
+    assert out[0]["success"] is True
+    assert out[1] == {"success": False, "reason": "kv_precondition", "failedIndex": 2,
+                      "kvReason": "exists"}
+    assert count_messages(db, target) == 1
