@@ -168,6 +168,17 @@ def test_incr_creates_counts_and_keeps_its_first_expiry(http):
     assert back["value"] == 3  # shortest form: 3, not 3.0
 
 
+def test_incr_is_exact_decimal_arithmetic(http):
+    ns = ns_name()
+    results(http, {"op": "incr", "ns": ns, "key": "c", "delta": 0.1, "forever": True})
+    [sum_] = results(http, {"op": "incr", "ns": ns, "key": "c", "delta": 0.2, "forever": True})
+    assert sum_["value"] == 0.3  # not 0.30000000000000004
+    [big] = results(http, {"op": "incr", "ns": ns, "key": "b", "delta": 2**62, "forever": True})
+    [bigger] = results(http, {"op": "incr", "ns": ns, "key": "b", "delta": 2**62,
+                              "forever": True})
+    assert big["value"] == 2**62 and bigger["value"] == 2**63  # beyond bigint, still exact
+
+
 def test_incr_over_a_bound_refuses_without_spending(http):
     ns = ns_name()
     for _ in range(3):
