@@ -439,3 +439,29 @@ def test_kv_and_locks_answer_503_envelopes_with_retry_after_while_postgres_is_do
     assert down.status_code == 503 and down.headers["Retry-After"] == "1"
     assert down.json()["error"] == "kv_unavailable" and down.json()["detail"]
     assert locks.status_code == 503 and locks.json()["error"] == "locks_unavailable"
+
+
+CLIENT_SUPERVISION = """
+import base64, json
+
+async def scenario(client, args):
+    await client.queue(args["queue"]).push([{"data": {"n": 1}}])
+    seen = []
+
+    async def handler(message):
+        seen.append(message["data"])
+
+    await (client.queue(args["queue"]).supervision({"group": args["group"]})
+           .limit(1).each().consume(handler))
+    rows = await client.kv.list_all("queen-supervisor", args["group"] + "/")
+    chunks = [r for r in rows if r["key"].endswith("/chunk/0000")]
+    status = json.loads(base64.b64decode(chunks[0]["value"]["data"]))
+    return {"seen": seen, "keys": sorted(r["key"].rsplit("/", 2)[-1] if r["key"].endswith("/head")
+                                         else "chunk" for r in rows),
+            "state": status["state"]}
+"""
+
+
+def test_the_2_6_client_consumer_supervision_publishes_its_status_in_kv(server):
+    out = run26(server.url, CLIENT_SUPERVISION, queue=unique_name(), group="app-" + ns_name())
+    assert out == {"seen": [{"n": 1}], "keys": ["chunk", "head"], "state": "stopped"}
