@@ -196,3 +196,45 @@ def test_the_relay_passes_the_callers_token_and_the_owner_checks_it(make_server)
     depth = httpx.get(f"{first.url}{EPH}/queues/{queue}/depth",
                       headers={"Authorization": bearer("read-only")})
     assert depth.status_code == 200 and depth.json()["pending"] == 1
+
+
+def test_a_relayed_pop_whose_client_leaves_gives_its_messages_back(pair) -> None:
+    first, second = pair
+    queue = owned_by(pair, 1)
+    post(first.url, f"{EPH}/configure", {"queue": queue, "options": {
+        "windowBuffer": {"ms": 20000}}})
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    leaving = pool.submit(httpx.get, f"{first.url}{EPH}/pop", params={
+        "queue": queue, "wait": "true", "timeout": 20000, "batch": 5}, timeout=1.0)
+    time.sleep(0.3)
+    post(second.url, f"{EPH}/push", {"queue": queue, "messages": [{"payload": "kept"}]})
+    with pytest.raises(httpx.ReadTimeout):
+        leaving.result(timeout=30)
+    pool.shutdown()
+    deadline = time.monotonic() + 10
+    again: List[Dict[str, Any]] = []
+    while not again and time.monotonic() < deadline:
+        again = pop(second.url, queue)
+        time.sleep(0.05)
+    assert [(m["payload"], m["attempts"]) for m in again] == [("kept", 1)]
+    for server in pair:
+        assert "Traceback" not in server.log_text()
+
+
+def test_an_owner_that_hangs_answers_503_after_the_relay_deadline(pair) -> None:
+    import os
+    import signal
+    first, second = pair
+    queue = owned_by(pair, 1)
+    os.kill(second.pid, signal.SIGSTOP)  # accepts connections (backlog), answers nothing
+    try:
+        started = time.monotonic()
+        answer = httpx.get(f"{first.url}{EPH}/pop", timeout=30, params={
+            "queue": queue, "wait": "true", "timeout": 100})
+        waited = time.monotonic() - started
+    finally:
+        os.kill(second.pid, signal.SIGCONT)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["code"] == "ephemeral_forward_failed"
+    assert "did not answer within 5.1 s" in answer.json()["error"]
+    assert waited < 20  # the long poll's 0.1 s + 5 s of slack, not the client's 30 s

@@ -82,12 +82,12 @@ class Relay:
         try:
             response = await sent
             content = await treq.content(response)
-        except defer.CancelledError:
-            if gone:
-                raise
-            raise ForwardFailed(f"the owner of this queue ({owner}) did not answer within "
-                                f"{timeout:g} s") from None
         except Exception as err:
+            if gone:  # cancelled for a client that left: there is no one to answer
+                raise defer.CancelledError() from None
+            if _cancelled(err):
+                raise ForwardFailed(f"the owner of this queue ({owner}) did not answer "
+                                    f"within {timeout:g} s") from None
             raise ForwardFailed(f"could not reach the owner of this queue ({owner}): "
                                 f"{err}") from None
         request.setResponseCode(response.code)
@@ -113,6 +113,15 @@ class Relay:
         except Exception as err:
             raise ForwardFailed(f"could not read the ephemeral queues of {owner}: "
                                 f"{err}") from None
+
+
+def _cancelled(error: Exception) -> bool:
+    """Whether ``error`` is treq's timeout: a cancellation, bare or as the reason why no
+    response came."""
+    if isinstance(error, defer.CancelledError):
+        return True
+    reasons = getattr(error, "reasons", None) or []
+    return any(reason.check(defer.CancelledError) for reason in reasons)
 
 
 def _first(values: Optional[List[bytes]]) -> Optional[bytes]:
