@@ -171,6 +171,28 @@ def test_batch_mixes_schedule_and_cancel_index_aligned(http):
     assert peek(http, queue, "new")["found"] is True
 
 
+def test_concurrent_calls_naming_new_keys_in_other_orders_never_deadlock(server):
+    queue = unique_name()
+    keys = [f"k{n:03d}" for n in range(250)]
+    statuses: List[int] = []
+
+    def call(seed: int) -> None:
+        order = keys[seed % 2::2] + keys[1 - seed % 2::2]  # two interleaved orders
+        order = order if seed % 4 < 2 else order[::-1]
+        with httpx.Client(base_url=server.url, timeout=40) as client:
+            for round_ in range(10):
+                answer = client.post("/api/v1/timers", json={"operations": [
+                    schedule_op(queue, f"r{round_}-{key}", delay_ms=60_000) for key in order]})
+                statuses.append(answer.status_code)
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 80
+
+
 def test_a_claimed_timer_is_too_late_to_reschedule_or_cancel(http, db):
     queue = unique_name()
     batch(http, schedule_op(queue, "k", delay_ms=60_000))

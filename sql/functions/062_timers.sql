@@ -5,6 +5,11 @@
 CREATE OR REPLACE FUNCTION queen.timers_max_attempts() RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT 5 $$;
 
+-- The class of the timers' advisory locks (the two-integer form keeps them apart from the
+-- schema's other advisory locks): one lock per (queue, timerKey), see timers_schedule.
+CREATE OR REPLACE FUNCTION queen.timers_lock_class() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 737020 $$;
+
 -- One timer as peek (with its payload, base64) and list (without) answer it (WIRE2 3.3).
 CREATE OR REPLACE FUNCTION queen.timer_view(t queen.timers, p_with_payload boolean)
 RETURNS jsonb
@@ -29,31 +34,39 @@ $$;
 --   {op, queue, timerKey, partition?, txn?, delayMs?, payload? (base64 of the bytes to keep),
 --    payloadZstd?, body? (the decompressed JSON of a payloadZstd payload), encrypted?}
 -- with each (queue, timerKey) at most once. p_producer_sub: the caller's token sub.
--- Callable inside another transaction (the timers rider of POST /api/v1/transaction): the
--- rows of its keys are locked first, in (queue, timerKey) order, the order WIRE2 5.3 gives.
+-- Callable inside another transaction (the timers rider of POST /api/v1/transaction).
+-- Concurrency: each key is locked first by a transaction-level advisory lock, all of them in
+-- lock-id order, before any row is touched (keys that have no row yet included), so two calls
+-- naming the same keys in any order run one after the other and never deadlock; in a
+-- transaction these come after the KV locks and before any queue or partition lock (WIRE2 5.3).
+-- Sweepers never wait for them: they skip locked rows.
 -- A row a sweeper has claimed (in flight, its claim not expired) is neither replaced nor
 -- cancelled: too_late. The message id is minted here: the fired message will carry it.
 CREATE OR REPLACE FUNCTION queen.timers_schedule(p_items jsonb, p_producer_sub text)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_now     timestamptz := clock_timestamp();
+    v_now     timestamptz;
     v_results jsonb;
+    v_lock    integer;
 BEGIN
     IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
         RETURN '[]'::jsonb;
     END IF;
-    PERFORM 1 FROM queen.timers t
-     WHERE (t.queue, t.timer_key) IN (SELECT e->>'queue', e->>'timerKey'
-                                        FROM jsonb_array_elements(p_items) e)
-     ORDER BY t.queue, t.timer_key
-       FOR UPDATE;
+    FOR v_lock IN
+        SELECT DISTINCT hashtext((e->>'queue') || '/' || (e->>'timerKey'))
+          FROM jsonb_array_elements(p_items) e
+         ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(queen.timers_lock_class(), v_lock);
+    END LOOP;
+    v_now := clock_timestamp();  -- after the wait: deliverAt counts from when it applies
 
     WITH ops AS (
         SELECT (x.o - 1)::int AS idx, x.e->>'op' AS op, x.e->>'queue' AS queue,
                x.e->>'timerKey' AS timer_key, x.e
           FROM jsonb_array_elements(p_items) WITH ORDINALITY AS x(e, o)
-    ), existing AS (  -- as locked above
+    ), existing AS (  -- rows there now (one a sweeper is firing right now included)
         SELECT ops.idx FROM ops
           JOIN queen.timers t ON t.queue = ops.queue AND t.timer_key = ops.timer_key
     ), upserted AS (
