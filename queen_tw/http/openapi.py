@@ -505,7 +505,7 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         {201: eph.DECLARATION}, body=eph.CONFIGURE, body_required=True)),
     ("/api/v1/ephemeral/reset", "post", _Op(
         "ephemeralReset", "Drop an ephemeral queue's messages, leases and cursors",
-        {200: eph.RESET_ANSWER}, body=eph.QUEUE_ONLY, body_required=True, errors=(400,))),
+        {200: eph.RESET_ANSWER}, body=eph.QUEUE_ONLY, body_required=True)),
     ("/api/v1/ephemeral/queue/{queue}", "delete", _Op(
         "ephemeralDelete", "Delete an ephemeral queue and its declaration",
         {200: eph.DELETE_ANSWER}, [_path("queue", eph.PATH_NAME)])),
@@ -520,18 +520,17 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
          _query("batch", _int(1), "most messages (above 10000: 10000)"),
          _query("wait", schemas.BOOLEAN),
          _query("timeout", _int(0), "long-poll limit in ms (above 300000: 300000)"),
-         _query("autoAck", schemas.BOOLEAN, "commit at delivery, no lease")],
-        errors=(400,))),
+         _query("autoAck", schemas.BOOLEAN, "commit at delivery, no lease")])),
     ("/api/v1/ephemeral/ack", "post", _Op(
         "ephemeralAck", "Settle deliveries: acked, redelivered, stale or unknown per id",
-        {200: eph.ACK_ANSWER}, body=eph.ACK, body_required=True, errors=(400,))),
+        {200: eph.ACK_ANSWER}, body=eph.ACK, body_required=True)),
     ("/api/v1/ephemeral/queues", "get", _Op(
-        "ephemeralQueues", "This instance's ephemeral queues with gauges and options",
-        {200: eph.QUEUES_ANSWER}, errors=())),
+        "ephemeralQueues", "Every ephemeral queue (of every QUEEN_EPHEMERAL_PEERS member) "
+        "with gauges and options", {200: eph.QUEUES_ANSWER}, errors=(503,))),
     ("/api/v1/ephemeral/queues/{queue}/depth", "get", _Op(
         "ephemeralDepth", "An ephemeral queue's backlog per partition and group",
         {200: eph.DEPTH_ANSWER}, [_path("queue", eph.PATH_NAME), _query("group", eph.NAME)],
-        errors=(400, 404))),
+        errors=(400, 404, 503))),
     # -- timers (WIRE2.md 3; refusals in the {error, reason, detail} envelope) --
     ("/api/v1/timers", "post", _Op(
         "timersBatch", "Schedule, reschedule or cancel timers (at most 256 ops, one "
