@@ -503,3 +503,12 @@ def test_a_pop_whose_client_leaves_gives_its_messages_back(make_server) -> None:
         again = wait_until(lambda: pop(http, queue), 10, message="the message given back")
         assert [(m["payload"], m["attempts"]) for m in again] == [("kept", 1)]
     assert "Traceback" not in server.log_text()
+
+
+def test_bad_reset_and_depth_are_400(http: httpx.Client) -> None:
+    refused(http.post(f"{EPH}/reset", json={}), 400, "ephemeral_bad_request")
+    refused(http.post(f"{EPH}/reset", json={"queue": 7}), 400, "ephemeral_bad_request")
+    queue = unique_name()
+    pushed(http, queue, [1])
+    refused(http.get(f"{EPH}/queues/{queue}/depth", params={"group": "a\u0003"}), 400,
+            "ephemeral_bad_request")
