@@ -1,32 +1,61 @@
-"""Timers on a cluster (WIRE2.md 3.4): three real ``twistd queen`` instances on one
-PostgreSQL, each running its sweeper; thousands of timers scheduled through all three; one
-instance SIGKILLed while PostgreSQL shows it inside a sweep. Every timer fires exactly once,
-as the message id and transactionId promised at schedule time, and none is lost.
+"""Timers on a cluster (WIRE2.md 3.4): three real ``twistd queen`` instances on a PostgreSQL
+of their own (no other server's sweeper takes part), each running its sweeper, synced over UDP.
+
+- Thousands of timers scheduled through all three; one instance SIGKILLed while PostgreSQL
+  shows it inside a sweep: every timer fires exactly once, as the message id and
+  transactionId promised at schedule time, and none is lost.
+- A fired timer wakes a long-poll parked on another instance as a push does (the fallback
+  re-check is 10 minutes: only a local wake-up or a peer's datagram can answer it in time).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Dict, List
 
+import httpx
+import psycopg2
 import pytest
 
-from tests.cluster_support import Cluster, ClusterNode
+from queen_tw.config import Config
+
+from faultkit import private_postgres
+from tests.cluster_support import SLOW_FALLBACK_MS, Cluster, ClusterNode, db_now, wait_parked
 from tests.support import unique_name, wait_until
 
 TIMERS = 3000
 PARTITIONS = 12
-SWEEP = {"QUEEN_TIMERS_SWEEP_BATCH": "100", "QUEEN_TIMERS_SWEEP_INTERVAL_MS": "1000"}
+SWEEP = {"QUEEN_TIMERS_SWEEP_BATCH": "100", "QUEEN_TIMERS_SWEEP_INTERVAL_MS": "1000",
+         "POP_WAIT_INITIAL_INTERVAL_MS": SLOW_FALLBACK_MS,
+         "POP_WAIT_MAX_INTERVAL_MS": SLOW_FALLBACK_MS}
+
+
+@pytest.fixture(scope="module")
+def pg_env() -> Iterator[dict[str, str]]:
+    with private_postgres() as postgres:
+        yield postgres.pg_env()
 
 
 @pytest.fixture
+def db(pg_env: dict[str, str]) -> Iterator[Any]:
+    connection = psycopg2.connect(Config.from_sources(pg_env, {}).dsn)
+    connection.autocommit = True
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
 def cluster(pg_env: dict[str, str]) -> Iterator[Cluster]:
     nodes = Cluster(pg_env, SWEEP)
     try:
         nodes.start()
+        nodes.wait_all_alive()
         yield nodes
     finally:
         nodes.stop()
@@ -67,6 +96,22 @@ def pending(db: Any, queue: str) -> int:
     with db.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM queen.timers WHERE queue = %s", (queue,))
         return int(cursor.fetchone()[0])
+
+
+def test_a_fired_timer_wakes_a_long_poll_parked_on_another_instance(cluster, db):
+    queue = unique_name()
+    parked_on = cluster["b"]
+    answers: List[httpx.Response] = []
+    since = db_now(db)
+    poll = threading.Thread(target=lambda: answers.append(httpx.get(
+        f"{parked_on.url}/api/v1/pop/queue/{queue}", params={"wait": "true",
+                                                              "timeout": 25_000}, timeout=40)))
+    poll.start()
+    wait_parked(db, parked_on, since)  # it looked, found nothing, and waits
+    [result] = schedule(cluster["a"], queue, [1], 300)
+    poll.join(40)
+    assert answers and answers[0].status_code == 200, answers
+    assert answers[0].json()["messages"][0]["id"] == result["messageId"]
 
 
 def test_every_timer_fires_exactly_once_when_a_sweeper_is_killed_mid_sweep(cluster, db):
