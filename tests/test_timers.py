@@ -588,6 +588,34 @@ def test_official_client_schedules_lists_peeks_cancels_and_receives(server):
     assert message["data"] == {"orderId": 1, "v": 2}
 
 
+SCENARIO_ZSTD = """
+import json
+from queen.http import zstd
+
+async def scenario(client, args):
+    q = args["queue"]
+    compress, _ = zstd.require()
+    body = {"report": "x" * 5000, "rows": list(range(100))}
+    frame = compress(json.dumps(body).encode())
+    scheduled = await client.timer(q).key("zipped").payload(frame, zstd=True).after_ms(100) \
+        .schedule()
+    messages = []
+    for _ in range(60):
+        messages = await client.queue(q).batch(1).wait(True).timeout_millis(1000).pop()
+        if messages:
+            break
+    return {"scheduled": dict(scheduled), "data": messages[0]["data"] if messages else None,
+            "id": messages[0]["id"] if messages else None, "sent": len(frame)}
+"""
+
+
+def test_official_client_payload_zstd_fires_the_decompressed_body(server):
+    seen = run26(server.url, SCENARIO_ZSTD, queue=unique_name())
+    assert "raised" not in seen, seen
+    assert seen["data"] == {"report": "x" * 5000, "rows": list(range(100))}
+    assert seen["id"] == seen["scheduled"]["messageId"] and seen["sent"] < 1000
+
+
 SCENARIO_CODES = """
 async def scenario(client, args):
     q = args["queue"]
