@@ -11,7 +11,7 @@ too, then :meth:`TimersEngine.prepare` and ``queen.timers_schedule``.
 import base64
 import binascii
 import math
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 import zstandard
 from klein import Klein
@@ -196,7 +196,7 @@ def _delay_ms(value: Any, where: str) -> float:
     return max(value, -HORIZON_MS)
 
 
-def _payload(value: Any, zstd: bool, where: str) -> tuple:
+def _payload(value: Any, zstd: bool, where: str) -> Tuple[str, Any]:
     """(the base64 text, the JSON it carries): decoded, decompressed when ``zstd``, and
     parsed, since the timer will become a message with a JSON body."""
     if not isinstance(value, str):
