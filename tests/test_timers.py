@@ -414,6 +414,18 @@ def test_an_encrypted_queue_keeps_the_envelope_and_delivers_plain(http, db):
     assert is_encrypted is True and "4111" not in json.dumps(payload)
 
 
+def test_a_server_without_the_key_refuses_timers_of_an_encrypted_queue(http, make_server):
+    queue = unique_name()
+    configure(http, queue, encryptionEnabled=True)  # through the shared server, which has it
+    keyless = make_server()
+    answer = httpx.post(f"{keyless.url}/api/v1/timers", timeout=40,
+                        json={"operations": [schedule_op(queue, "k", {"card": 1}, 60_000)]})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+    assert answer.json()["error"] == "timers_unavailable"
+    assert "QUEEN_ENCRYPTION_KEY" in answer.json()["detail"]
+    assert peek(http, queue, "k")["found"] is False
+
+
 def test_a_queue_that_starts_encrypting_after_schedule_gets_an_encrypted_message(http, db):
     queue = unique_name()
     configure(http, queue)
