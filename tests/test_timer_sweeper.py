@@ -109,14 +109,28 @@ def test_a_schedule_during_a_sweep_is_honoured_when_it_ends(sweeper, timers, clo
     assert timers.starts() == [0, 0.15]
 
 
-def test_a_failed_sweep_is_retried_after_the_interval(sweeper, timers, clock):
-    timers.fail(DatabaseUnavailable("Database unavailable"))
-    clock.advance(0.999)
-    assert len(timers.calls) == 1
-    clock.advance(0.001)
+def test_an_outage_is_retried_every_interval_a_bug_ever_later(sweeper, timers, clock):
+    for _ in range(3):
+        timers.fail(DatabaseUnavailable("Database unavailable"))
+        clock.advance(1.0)
+    assert timers.starts() == [0, 1.0, 2.0, 3.0]
+    waits = []
+    for _ in range(7):
+        timers.fail(RuntimeError("a bug"))
+        waits.append(until_next_sweep(timers, clock))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    timers.answer(next_due_ms=None)  # works again: the next bug waits one interval
+    until_next_sweep(timers, clock)
     timers.fail(RuntimeError("a bug"))
-    clock.advance(1.0)
-    assert timers.starts() == [0, 1.0, 2.0]
+    assert until_next_sweep(timers, clock) == 1.0
+
+
+def until_next_sweep(timers: ScriptedTimers, clock: task.Clock) -> float:
+    """Advances the clock in 0.5 s steps until the next sweep starts; returns the wait."""
+    started, calls = clock.seconds(), len(timers.calls)
+    while len(timers.calls) == calls:
+        clock.advance(0.5)
+    return clock.seconds() - started
 
 
 def test_stop_waits_for_the_sweep_in_progress_and_plans_no_more(sweeper, timers, clock):

@@ -29,6 +29,9 @@ from queen_tw.services.retry import OutageLog, describe_error
 
 log = Logger()
 
+MAX_BUG_DELAY_S = 30.0
+"""Longest wait after repeated unexpected sweep failures."""
+
 
 class TimerSweeper(service.Service):
     """Fires due timers, sleeping until the next one is due.
@@ -59,6 +62,7 @@ class TimerSweeper(service.Service):
         self._call: Optional[IDelayedCall] = None
         self._current: Optional[defer.Deferred] = None
         self._nudged_at: Optional[float] = None  # a nudge that came during a sweep
+        self._bugs_in_a_row = 0  # unexpected failures since the last success: backs off
         self.sweeps = 0
         self.fired = 0
         timers.on_scheduled = self.nudge
@@ -114,6 +118,7 @@ class TimerSweeper(service.Service):
 
     def _swept(self, outcome: SweepOutcome) -> None:
         self._outage.succeeded()
+        self._bugs_in_a_row = 0
         delay = self._interval
         if outcome.next_due_ms is not None:
             due_in = outcome.next_due_ms / 1000.0
@@ -121,11 +126,18 @@ class TimerSweeper(service.Service):
         self._plan(delay)
 
     def _failed(self, failure: Failure) -> None:
+        """An outage is retried every interval (timers fire as soon as PostgreSQL is back);
+        anything else is a bug, logged with its traceback, and retried after a doubling
+        delay (up to :data:`MAX_BUG_DELAY_S`) so that it does not fill the log."""
+        delay = self._interval
         if failure.check(Unavailable):
             self._outage.failed(describe_error(failure.value))  # type: ignore[arg-type]
         else:
-            log.failure("timer sweep failed; next sweep in {s}s", failure, s=self._interval)
-        self._plan(self._interval)
+            self._bugs_in_a_row += 1
+            delay = min(self._interval * 2 ** (self._bugs_in_a_row - 1),
+                        max(MAX_BUG_DELAY_S, self._interval))
+            log.failure("timer sweep failed; next sweep in {s:g}s", failure, s=delay)
+        self._plan(delay)
 
     def _plan(self, delay: float) -> None:
         self._current = None
