@@ -123,6 +123,13 @@ def timer_operation(raw: Any, where: str) -> Dict[str, Any]:
         _bad("timers_txn_required", f"{where}.txn is required (the fired message's "
                                     "transactionId)")
     op["txn"] = txn
+    return _with_message_fields(op, raw, where)
+
+
+def _with_message_fields(op: Dict[str, Any], raw: Dict[str, Any], where: str
+                         ) -> Dict[str, Any]:
+    """``op`` (a schedule or reschedule) with what its message will be: partition, delay
+    and payload."""
     partition = raw.get("partition")
     if partition is not None:
         op["partition"] = _checked_name(partition, f"{where}.partition",
