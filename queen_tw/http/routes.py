@@ -8,12 +8,11 @@ In front of it all, :class:`~queen_tw.http.hot_routes.HotRoutes` takes push, pop
 straight to the messaging routes.
 """
 
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import Any, List, Optional, Sequence
 
-from klein import Klein
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import Map, RequestRedirect
 
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
@@ -42,6 +41,10 @@ from queen_tw.metrics.wiring import Metrics
 class Routes(Resource):
     """Dispatches each request to the route module that knows its path.
 
+    Every app's rules are copied into one URL map whose endpoints name the app, so a request
+    is matched once whatever the number of apps (trying each app's map in turn cost ~10 us
+    per map before the right one, ~190 us for the last).
+
     :param route_sets: objects with a Klein ``app`` (bound to the object by attribute
         access); their paths must not overlap.
     """
@@ -50,10 +53,15 @@ class Routes(Resource):
 
     def __init__(self, route_sets: Sequence[Any]):
         super().__init__()
-        self._apps: List[Tuple[Klein, IResource]] = []
-        for routes in route_sets:
+        self._resources: List[IResource] = []
+        self._map = Map()
+        for index, routes in enumerate(route_sets):
             app = routes.app  # bound to ``routes``: its methods receive ``self``
-            self._apps.append((app, app.resource()))
+            self._resources.append(app.resource())
+            for rule in app.url_map.iter_rules():
+                copy = rule.empty()
+                copy.endpoint = index
+                self._map.add(copy)
 
     def render(self, request):
         if any(b"/" in segment for segment in request.postpath):
@@ -65,19 +73,14 @@ class Routes(Resource):
         except UnicodeDecodeError:
             return json_answer(request, 400, {"error": "The path is not valid UTF-8"})
         method = request.method.decode("latin-1")
-        allowed: Set[str] = set()
-        for app, resource in self._apps:
-            try:
-                app.url_map.bind("localhost", path_info=path, default_method=method).match()
-            except MethodNotAllowed as err:
-                allowed.update(err.valid_methods or ())
-                continue
-            except (NotFound, RequestRedirect):
-                continue  # a redirect would only merge slashes: no route has this path
-            return resource.render(request)
-        if allowed:
-            return method_not_allowed(request, allowed)
-        return not_found(request)
+        try:
+            index, _ = self._map.bind("localhost", path_info=path,
+                                      default_method=method).match()
+        except MethodNotAllowed as err:
+            return method_not_allowed(request, set(err.valid_methods or ()))
+        except (NotFound, RequestRedirect):
+            return not_found(request)  # a redirect would only merge slashes: no route has this path
+        return self._resources[index].render(request)
 
 
 def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
@@ -116,8 +119,8 @@ def route_sets(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
     Parameters as for :func:`http_root`."""
     return [
         MessagingRoutes(engine, pop_defaults),
-        KvRoutes(engine),  # early: a request is matched against each app's map in turn
-        EphemeralRoutes(ephemeral),  # early too: ~10 us per map tried before it (measured)
+        KvRoutes(engine),
+        EphemeralRoutes(ephemeral),
         ResourceRoutes(engine, admin),
         DepthRoutes(engine),
         GroupRoutes(admin),
