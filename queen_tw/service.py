@@ -157,7 +157,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                       shared_state=cluster.shared_state, cache=config_cache)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, waiters),
-                         Browser(db, waiters, make_cipher(config.encryption_key)), stats,
+                         Browser(db, waiters, make_cipher(config.encryption_key),
+                                 timer_scheduled=lambda delay: engine.timer_scheduled(delay)),
+                         stats,
                          Analytics(db, config.metrics_aggregate_interval_s,
                                    config.metrics_retention_days))
     # Ephemeral queues live in one process's RAM: NUM_WORKERS workers would each hold a part

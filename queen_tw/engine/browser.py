@@ -3,19 +3,28 @@
 Reads come from ``sql/functions/022_stats_resources.sql`` and
 ``sql/functions/023_messages.sql``; payloads are decrypted here, as on every read path.
 Actions that put a message back in front of consumers (retry, clear, dead-letter) wake the
-pops parked on its queue.
+pops parked on its queue. A timer whose fire failed for good (WIRE2 3.4) is a dead letter of
+the message it promised, which was never stored: retrying or deleting a message that does not
+exist tries the timers' dead letters with the same (partition, transaction id) next
+(``sql/functions/062_timers.sql``).
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from twisted.logger import Logger
 
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
 from queen_tw.engine.waiters import WaiterRegistry
-from queen_tw.errors import NotFound
+from queen_tw.errors import NotFound, QueenError
 
 log = Logger()
+
+
+class TimerKeyTaken(QueenError):
+    """A dead timer cannot be retried: its key has been scheduled again since it died."""
+
+    status = 409
 
 
 class Browser:
@@ -24,12 +33,16 @@ class Browser:
     :param db: the pool.
     :param waiters: woken when an action makes messages deliverable.
     :param cipher: decrypts stored payloads; None when no key is configured.
+    :param timer_scheduled: told the delay (ms) of a timer a retry scheduled again, so the
+        timer sweeper wakes for it (``QueueEngine.timer_scheduled``).
     """
 
-    def __init__(self, db: Database, waiters: WaiterRegistry, cipher: Optional[PayloadCipher]):
+    def __init__(self, db: Database, waiters: WaiterRegistry, cipher: Optional[PayloadCipher],
+                 timer_scheduled: Callable[[float], None] = lambda delay_ms: None):
         self._db = db
         self._waiters = waiters
         self._cipher = cipher
+        self._timer_scheduled = timer_scheduled
 
     # -- resources ----------------------------------------------------------------------
 
@@ -63,12 +76,30 @@ class Browser:
         return detail
 
     async def delete_message(self, partition_id: str, transaction_id: str) -> Dict[str, Any]:
-        return self._found(await self._db.call("delete_message", partition_id, transaction_id))
+        """Deletes the message, or else the dead letters of the timer that promised it."""
+        answer = await self._db.call("delete_message", partition_id, transaction_id)
+        if answer.get("notFound"):
+            answer = await self._db.call("timer_dead_letter_delete", partition_id,
+                                         transaction_id)
+        return self._found(answer)
 
     async def retry_message(self, partition_id: str, transaction_id: str) -> Dict[str, Any]:
-        """Enqueues a copy at the partition's tail and forgets its dead letters."""
-        answer = self._found(await self._db.call("retry_message", partition_id, transaction_id))
+        """Enqueues a copy at the partition's tail and forgets its dead letters; a dead
+        timer's message (never stored) is scheduled again instead, due now."""
+        answer = await self._db.call("retry_message", partition_id, transaction_id)
+        if answer.get("notFound"):
+            return await self._retry_dead_timer(partition_id, transaction_id)
         self._waiters.notify(answer.pop("queue"), answer.pop("partition"))
+        return answer
+
+    async def _retry_dead_timer(self, partition_id: str, transaction_id: str
+                                ) -> Dict[str, Any]:
+        answer = self._found(await self._db.call("timer_dead_letter_retry", partition_id,
+                                                 transaction_id))
+        if answer.get("conflict"):
+            raise TimerKeyTaken(f"Timer {answer['timerKey']} has been scheduled again since it "
+                                "died; cancel that timer to retry this one")
+        self._timer_scheduled(0)
         return answer
 
     async def dead_letter_message(self, partition_id: str, transaction_id: str, group: str,

@@ -37,7 +37,8 @@ _DESCRIPTIONS = {
     403: "the token's role is below the route's level",
     404: "not found",
     409: "a streams query of that name is registered with another config_hash (the body "
-         "also has success: false, query_id and name)",
+         "also has success: false, query_id and name); a dead timer's retry whose timerKey "
+         "has been scheduled again",
     413: "a streams state value, a KV key or a KV value, or a timer payload above its "
          "size limit",
     429: "an ephemeral queue is full and its policy is reject (code queue_full; Retry-After)",
@@ -331,8 +332,9 @@ OPERATIONS: List[Tuple[str, str, _Op]] = [
         "deleteMessage", "Delete one message", {200: _ANY_OBJECT}, _MESSAGE_KEY,
         errors=(400, 404, 503))),
     ("/api/v1/messages/{partitionId}/{transactionId}/retry", "post", _Op(
-        "retryMessage", "Enqueue a copy of a message at its partition's tail",
-        {200: _ANY_OBJECT}, _MESSAGE_KEY, errors=(400, 404, 503))),
+        "retryMessage", "Enqueue a copy of a message at its partition's tail (a dead "
+        "timer's message: schedule the timer again, due now)",
+        {200: _ANY_OBJECT}, _MESSAGE_KEY, errors=(400, 404, 409, 503))),
     ("/api/v1/messages/{partitionId}/{transactionId}/dlq", "post", _Op(
         "deadLetterMessage", "Move a message to the dead-letter queue",
         {200: _ANY_OBJECT}, _MESSAGE_KEY, body=ref("MessageDlqRequest"),

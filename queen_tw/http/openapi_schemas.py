@@ -278,10 +278,10 @@ COMPONENTS: Dict[str, Schema] = {
     "DeadLetters": obj(["messages", *_PAGE], **_PAGE, messages=array(obj(
         ["id", "transactionId", "partitionId", "queue", "partition", "consumerGroup",
          "errorMessage", "data", "createdAt", "failedAt"],
-        id=UUID, transactionId=STRING, partitionId=UUID, queue=STRING, partition=STRING,
-        consumerGroup=STRING, errorMessage=nullable(STRING), retryCount=INTEGER,
-        data=ANY_JSON, producerSub=nullable(STRING), createdAt=TIMESTAMP,
-        failedAt=TIMESTAMP))),
+        id=UUID, transactionId=STRING, partitionId=nullable(UUID), queue=STRING,
+        partition=STRING, consumerGroup=STRING, errorMessage=nullable(STRING),
+        retryCount=INTEGER, data=ANY_JSON, producerSub=nullable(STRING), createdAt=TIMESTAMP,
+        failedAt=TIMESTAMP, timerKey=STRING))),
     "GroupRows": array(obj(
         ["name", "topics", "queueName", "state"], name=STRING, topics=array(STRING),
         queueName=STRING, members=INTEGER, partitionsWithLag=INTEGER,

@@ -146,6 +146,12 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- f: {queue, consumerGroup?, partition?, from?, to?, limit, offset}. Newest failure first.
+-- Two kinds of dead letters, filtered, counted and paged together in this one query: the
+-- messages' (queen.dead_letter_queue) and the timers' whose fire failed for good
+-- (queen.timer_dead_letters, WIRE2 3.4). A timer's row is listed under the consumer group
+-- "__timer__" with the message it promised (id, transactionId, the payload it would have
+-- delivered); its createdAt is when it was due, its partitionId null when no such partition
+-- exists (a timer is keyed by names), and it names its timerKey.
 CREATE OR REPLACE FUNCTION queen.dlq_list(f jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -155,10 +161,8 @@ DECLARE
     v_total  bigint;
 BEGIN
     WITH hits AS (
-        SELECT d.*, m.transaction_id, m.payload, m.is_encrypted, m.producer_sub, m.created_at,
-               p.name AS partition_name, qu.name AS queue_name
+        SELECT false AS is_timer, d.id, d.failed_at
           FROM queen.dead_letter_queue d
-          JOIN queen.messages m ON m.id = d.message_id
           JOIN queen.partitions p ON p.id = d.partition_id
           JOIN queen.queues qu ON qu.id = p.queue_id
          WHERE (f->>'queue' IS NULL OR qu.name = f->>'queue')
@@ -166,19 +170,51 @@ BEGIN
            AND (f->>'partition' IS NULL OR p.name = f->>'partition')
            AND (f->>'from' IS NULL OR d.failed_at >= (f->>'from')::timestamptz)
            AND (f->>'to' IS NULL OR d.failed_at <= (f->>'to')::timestamptz)
+        UNION ALL
+        SELECT true, t.id, t.failed_at
+          FROM queen.timer_dead_letters t
+         WHERE coalesce(f->>'consumerGroup', '__timer__') = '__timer__'
+           AND (f->>'queue' IS NULL OR t.queue = f->>'queue')
+           AND (f->>'partition' IS NULL OR t.partition = f->>'partition')
+           AND (f->>'from' IS NULL OR t.failed_at >= (f->>'from')::timestamptz)
+           AND (f->>'to' IS NULL OR t.failed_at <= (f->>'to')::timestamptz)
+    ), page AS (
+        SELECT * FROM hits ORDER BY failed_at DESC, is_timer, id DESC
+         LIMIT v_limit OFFSET v_offset
+    ), shown AS (
+        SELECT h.failed_at, h.is_timer, h.id, jsonb_build_object(
+                   'id', d.message_id, 'transactionId', m.transaction_id,
+                   'partitionId', d.partition_id, 'queue', qu.name, 'partition', p.name,
+                   'consumerGroup', d.consumer_group, 'errorMessage', d.error_message,
+                   'retryCount', d.retry_count, 'data', m.payload,
+                   'isEncrypted', m.is_encrypted, 'producerSub', m.producer_sub,
+                   'createdAt', queen.format_ts3(m.created_at),
+                   'failedAt', queen.format_ts3(d.failed_at)) AS row
+          FROM page h
+          JOIN queen.dead_letter_queue d ON d.id = h.id
+          JOIN queen.messages m ON m.id = d.message_id
+          JOIN queen.partitions p ON p.id = d.partition_id
+          JOIN queen.queues qu ON qu.id = p.queue_id
+         WHERE NOT h.is_timer
+        UNION ALL
+        SELECT h.failed_at, h.is_timer, h.id, jsonb_build_object(
+                   'id', t.message_id, 'transactionId', t.txn, 'partitionId', p.id,
+                   'queue', t.queue, 'partition', t.partition, 'consumerGroup', '__timer__',
+                   'errorMessage', t.last_error, 'retryCount', t.attempts,
+                   'data', queen.timer_dead_letter_data(t.payload, t.body),
+                   'isEncrypted', t.encrypted, 'producerSub', t.producer_sub,
+                   'createdAt', queen.format_ts3(t.deliver_at),
+                   'failedAt', queen.format_ts3(t.failed_at), 'timerKey', t.timer_key)
+          FROM page h
+          JOIN queen.timer_dead_letters t ON t.id = h.id
+          LEFT JOIN queen.queues qu ON qu.name = t.queue
+          LEFT JOIN queen.partitions p ON p.queue_id = qu.id AND p.name = t.partition
+         WHERE h.is_timer
     )
     SELECT (SELECT count(*) FROM hits),
-           (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                'id', h.message_id, 'transactionId', h.transaction_id,
-                'partitionId', h.partition_id, 'queue', h.queue_name,
-                'partition', h.partition_name, 'consumerGroup', h.consumer_group,
-                'errorMessage', h.error_message, 'retryCount', h.retry_count,
-                'data', h.payload, 'isEncrypted', h.is_encrypted, 'producerSub', h.producer_sub,
-                'createdAt', queen.format_ts3(h.created_at),
-                'failedAt', queen.format_ts3(h.failed_at)) ORDER BY h.failed_at DESC, h.id DESC),
-                '[]'::jsonb)
-              FROM (SELECT * FROM hits ORDER BY failed_at DESC, id DESC
-                    LIMIT v_limit OFFSET v_offset) h)
+           (SELECT coalesce(jsonb_agg(s.row ORDER BY s.failed_at DESC, s.is_timer, s.id DESC),
+                            '[]'::jsonb)
+              FROM shown s)
       INTO v_total, v_rows;
     RETURN jsonb_build_object('messages', v_rows, 'total', v_total, 'limit', v_limit,
                               'offset', v_offset,

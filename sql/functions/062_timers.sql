@@ -402,3 +402,86 @@ BEGIN
                                array_fill(p_error, ARRAY[cardinality(v_queues)]));
 END
 $$;
+
+-- Dead timers (queen.timer_dead_letters) as the dead-letter routes show and handle them:
+-- GET /api/v1/dlq lists them (queen.dlq_list), and the message routes that retry or delete
+-- a dead letter by (partitionId, transactionId) reach them when no message has that key.
+
+-- The JSON a dead timer would have delivered: its decompressed body, or its payload's text (an
+-- encryption envelope when encrypted). A payload that is no JSON text (the very reason some
+-- timers die) is shown as a JSON string of its base64, so a listing never fails on it.
+CREATE OR REPLACE FUNCTION queen.timer_dead_letter_data(p_payload bytea, p_body jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_body IS NOT NULL THEN
+        RETURN p_body;
+    END IF;
+    BEGIN
+        RETURN convert_from(p_payload, 'UTF8')::jsonb;
+    EXCEPTION WHEN invalid_text_representation OR character_not_in_repertoire THEN
+        RETURN to_jsonb(replace(encode(p_payload, 'base64'), chr(10), ''));
+    END;
+END
+$$;
+
+-- POST /api/v1/messages/{p}/{t}/retry of a dead timer (the partition's queue and name, and
+-- the txn it promised): the newest such dead letter is scheduled again, due now, with no
+-- attempt spent and its promised message id, and every dead letter of that message is
+-- forgotten. The key is locked as timers_schedule locks it; a key scheduled again since the
+-- timer died is left as it is: {conflict: true, timerKey}. {notFound: true} when none.
+CREATE OR REPLACE FUNCTION queen.timer_dead_letter_retry(p_partition uuid, p_txn text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_dead queen.timer_dead_letters;
+    v_now  timestamptz;
+BEGIN
+    SELECT t.* INTO v_dead
+      FROM queen.partitions p
+      JOIN queen.queues qu ON qu.id = p.queue_id
+      JOIN queen.timer_dead_letters t ON t.queue = qu.name AND t.partition = p.name
+     WHERE p.id = p_partition AND t.txn = p_txn
+     ORDER BY t.failed_at DESC, t.id DESC
+     LIMIT 1
+       FOR UPDATE OF t;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('notFound', true);
+    END IF;
+    PERFORM pg_advisory_xact_lock(queen.timers_lock_class(),
+                                  hashtext(v_dead.queue || '/' || v_dead.timer_key));
+    v_now := clock_timestamp();
+    INSERT INTO queen.timers (queue, timer_key, partition, deliver_at, visible_at, txn,
+                              message_id, payload, payload_zstd, body, encrypted, producer_sub,
+                              created_at, updated_at)
+    VALUES (v_dead.queue, v_dead.timer_key, v_dead.partition, v_now, v_now, v_dead.txn,
+            v_dead.message_id, v_dead.payload, v_dead.payload_zstd, v_dead.body,
+            v_dead.encrypted, v_dead.producer_sub, v_now, v_now)
+    ON CONFLICT (queue, timer_key) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('conflict', true, 'timerKey', v_dead.timer_key);
+    END IF;
+    DELETE FROM queen.timer_dead_letters t
+     WHERE t.queue = v_dead.queue AND t.partition = v_dead.partition AND t.txn = p_txn;
+    RETURN jsonb_build_object('success', true, 'messageId', v_dead.message_id,
+                              'transactionId', p_txn, 'timerKey', v_dead.timer_key,
+                              'deliverAt', queen.format_ts6(v_now));
+END
+$$;
+
+-- DELETE /api/v1/messages/{p}/{t} of a dead timer: every dead letter of that message goes.
+CREATE OR REPLACE FUNCTION queen.timer_dead_letter_delete(p_partition uuid, p_txn text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM queen.timer_dead_letters t
+     USING queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
+     WHERE p.id = p_partition AND t.queue = qu.name AND t.partition = p.name
+       AND t.txn = p_txn;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('notFound', true);
+    END IF;
+    RETURN jsonb_build_object('success', true, 'partitionId', p_partition,
+                              'transactionId', p_txn, 'message', 'Timer dead letter deleted');
+END
+$$;
