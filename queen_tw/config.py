@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.python import usage
 
 from queen_tw.auth.keys import key_family, load_public_key
@@ -113,14 +114,22 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "One info log line per request (method, path, status, duration, bytes, request id, "
          "peer), namespace queen_tw.access"),
     # --- PostgreSQL ---------------------------------------------------------------------
-    _opt("pg_host", "PG_HOST", "str", "localhost", "PostgreSQL host name or unix-socket directory"),
-    _opt("pg_port", "PG_PORT", "int", 5432, "PostgreSQL port", minimum=1, maximum=65535),
+    _opt("pg_host", "PG_HOST", "str", "localhost",
+         "PostgreSQL host name or unix-socket directory; a comma list (host[:port] each, a "
+         "missing port is PG_PORT) connects to whichever is read-write (primary failover)"),
+    _opt("pg_port", "PG_PORT", "ports", "5432",
+         "PostgreSQL port (1-65535), or a comma list of them matching PG_HOST's hosts one "
+         "to one"),
     _opt("pg_user", "PG_USER", "str", "postgres", "PostgreSQL user"),
     _opt("pg_password", "PG_PASSWORD", "str", "postgres", "PostgreSQL password"),
     _opt("pg_db", "PG_DB", "str", "postgres", "PostgreSQL database (the schema is always queen)"),
     _opt("pg_use_ssl", "PG_USE_SSL", "bool", False, "Connect with TLS"),
     _opt("pg_ssl_reject_unauthorized", "PG_SSL_REJECT_UNAUTHORIZED", "bool", True,
          "With PG_USE_SSL: true = sslmode require, false = sslmode prefer"),
+    _opt("pg_dsn", "QUEEN_PG_DSN", "str", "",
+         "Full libpq connection string (keywords or postgresql:// URI), e.g. several hosts "
+         "with target_session_attrs=read-write; replaces PG_HOST, PG_PORT, PG_USER, "
+         "PG_PASSWORD, PG_DB and the SSL flags; the DB_* session settings are still added"),
     _opt("db_pool_size", "DB_POOL_SIZE", "int", 10,
          "PostgreSQL connections in the pool (upstream's 150 is sized for a C++ server)",
          minimum=1),
@@ -330,12 +339,13 @@ class Config:
     log_format: str
     access_log: bool
     pg_host: str
-    pg_port: int
+    pg_port: str
     pg_user: str
     pg_password: str = dataclasses.field(repr=False)
     pg_db: str
     pg_use_ssl: bool
     pg_ssl_reject_unauthorized: bool
+    pg_dsn: str = dataclasses.field(repr=False)
     db_pool_size: int
     db_connection_timeout_ms: int
     db_statement_timeout_ms: int
@@ -505,16 +515,23 @@ class Config:
     def dsn(self) -> str:
         """A libpq keyword DSN for the configured PostgreSQL.
 
-        ``pg_host`` may be a unix-socket directory (libpq treats a leading ``/`` as one).
+        ``pg_host`` may be a unix-socket directory (libpq treats a leading ``/`` as one), or
+        a comma list of hosts: libpq then tries them in turn and keeps the first read-write
+        one (``target_session_attrs``), which is how a reconnect finds a promoted standby.
+        ``pg_dsn``, when set, replaces the ``PG_*`` connection (see :func:`_dsn_with_session`).
         Statement and lock timeouts travel as startup ``options`` so every connection of
         every pool gets them without an extra round trip; ``application_name`` is the
         worker id so ``pg_stat_activity`` shows which instance holds a connection.
         """
         startup = (f"-c statement_timeout={self.db_statement_timeout_ms} "
                    f"-c lock_timeout={self.db_lock_timeout_ms}")
+        if self.pg_dsn.strip():
+            return _dsn_with_session(self.pg_dsn, startup, self.worker_id,
+                                     str(math.ceil(self.db_connection_timeout_ms / 1000)))
+        hosts, ports = host_list(self.pg_host, self.pg_port)
         parts = {
-            "host": self.pg_host,
-            "port": str(self.pg_port),
+            "host": ",".join(hosts),
+            "port": ",".join(ports),
             "user": self.pg_user,
             "password": self.pg_password,
             "dbname": self.pg_db,
@@ -523,10 +540,72 @@ class Config:
             "application_name": self.worker_id,
             "options": startup,
         }
+        if len(hosts) > 1:
+            parts["target_session_attrs"] = "read-write"
         return " ".join(f"{key}={_quote_dsn_value(value)}" for key, value in parts.items())
 
 
 _FIELDS = frozenset(spec.field for spec in OPTIONS)
+
+
+def host_list(pg_host: str, pg_port: str) -> tuple[list[str], list[str]]:
+    """PG_HOST and PG_PORT as libpq's parallel host and port lists.
+
+    Each comma-separated host is ``host``, ``host:port``, ``[ipv6]`` or ``[ipv6]:port``; a
+    unix-socket directory (leading ``/``) and a bare IPv6 address are taken whole. A host
+    without its own port takes PG_PORT, or its entry of PG_PORT's list. A single host
+    without a port gives exactly ``([PG_HOST], [PG_PORT])``.
+    """
+    entries = [entry.strip() for entry in pg_host.split(",")] if "," in pg_host else [pg_host]
+    defaults = pg_port.split(",")
+    if len(defaults) == 1:
+        defaults = defaults * len(entries)
+    elif len(defaults) != len(entries):
+        raise ConfigError(f"PG_PORT: {len(defaults)} ports for the {len(entries)} hosts of "
+                          "PG_HOST; give one port, or one per host")
+    hosts, ports = [], []
+    for entry, default in zip(entries, defaults, strict=True):
+        host, port = _host_and_port(entry, default)
+        hosts.append(host)
+        ports.append(port)
+    return hosts, ports
+
+
+def _host_and_port(entry: str, default_port: str) -> tuple[str, str]:
+    if not entry:
+        raise ConfigError("PG_HOST: an entry of the host list is empty")
+    host, port = entry, ""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif not entry.startswith(("/", "@")) and entry.count(":") == 1:
+        host, port = entry.split(":")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"PG_HOST: expected a port from 1 to 65535 in {entry!r}")
+    return host, port
+
+
+def _dsn_with_session(dsn: str, startup: str, application_name: str,
+                      connect_timeout: str) -> str:
+    """QUEEN_PG_DSN plus what every queen-tw session needs.
+
+    The DB_* timeouts are appended to the DSN's own ``options``; ``application_name`` and
+    ``connect_timeout`` are defaults the DSN may override; several hosts default to
+    ``target_session_attrs=read-write`` (never land on a standby).
+    """
+    try:
+        given = parse_dsn(dsn)
+    except Exception as err:  # psycopg2.ProgrammingError: libpq's own message
+        raise ConfigError(f"QUEEN_PG_DSN: not a libpq connection string ({str(err).strip()})") \
+            from None
+    given["options"] = f"{given.get('options', '')} {startup}".strip()
+    given.setdefault("application_name", application_name)
+    given.setdefault("connect_timeout", connect_timeout)
+    if "," in given.get("host", "") + given.get("hostaddr", ""):
+        given.setdefault("target_session_attrs", "read-write")
+    return str(make_dsn(**given))
 
 
 def _quote_dsn_value(value: str) -> str:
@@ -559,6 +638,16 @@ def _parse_int(spec: OptionSpec, raw: str) -> int:
         raise ConfigError(f"{spec.env}: expected an integer, got {raw!r}") from None
     _check_bounds(spec, value)
     return value
+
+
+def _parse_ports(spec: OptionSpec, raw: str) -> str:
+    """A port, or a comma list of ports (one per host of a host list), normalized."""
+    ports = [part.strip() for part in raw.split(",")]
+    for port in ports:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{spec.env}: expected a port from 1 to 65535 or a comma list "
+                              f"of them, got {raw!r}")
+    return ",".join(str(int(port)) for port in ports)
 
 
 def _parse_float(spec: OptionSpec, raw: str) -> float:
@@ -643,6 +732,7 @@ def _parse_key(spec: OptionSpec, raw: str) -> bytes | None:
 
 _PARSERS: dict[str, Callable[[OptionSpec, str], Any]] = {
     "int": _parse_int,
+    "ports": _parse_ports,
     "float": _parse_float,
     "bool": _parse_bool,
     "str": _parse_str,
@@ -692,6 +782,9 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
                           f"got {values['ephemeral_self']!r}")
     if values["jwt_enabled"]:
         _check_jwt_keys(values)
+    host_list(values["pg_host"], values["pg_port"])
+    if values["pg_dsn"].strip():
+        _dsn_with_session(values["pg_dsn"], "", "", "")
 
 
 def _check_jwt_keys(values: Mapping[str, Any]) -> None:

@@ -234,7 +234,7 @@ def engine_limits(config: Config) -> EngineLimits:
 
 def _pg_fields(pg_env: dict) -> dict:
     return {
-        "pg_host": pg_env["PG_HOST"], "pg_port": int(pg_env["PG_PORT"]),
+        "pg_host": pg_env["PG_HOST"], "pg_port": pg_env["PG_PORT"],
         "pg_user": pg_env["PG_USER"], "pg_password": pg_env["PG_PASSWORD"],
-        "pg_db": pg_env["PG_DB"],
+        "pg_db": pg_env["PG_DB"], "pg_dsn": "",  # the private PostgreSQL, not QUEEN_PG_DSN
     }

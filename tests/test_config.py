@@ -22,7 +22,7 @@ def test_defaults_match_the_documented_values() -> None:
         6632, "0.0.0.0", 1, "queen-tw-1")
     assert (config.log_level, config.log_format) == ("info", "text")
     assert (config.pg_host, config.pg_port, config.pg_user, config.pg_password, config.pg_db) == (
-        "localhost", 5432, "postgres", "postgres", "postgres")
+        "localhost", "5432", "postgres", "postgres", "postgres")
     assert config.pg_use_ssl is False and config.pg_ssl_reject_unauthorized is True
     assert config.db_pool_size == 10
     assert config.pop_wait_backoff_multiplier == 2.0

@@ -17,6 +17,13 @@ Faults, and what the pool does about them:
   PostgreSQL answers, so a query that was given up on may still commit later; pushes are safe
   because their transactionIds are fixed before any attempt and the buffer replay dedupes.
 
+- A PostgreSQL that answers but refuses writes (SQLSTATE 25006 read_only_sql_transaction: a
+  demoted primary, a standby behind the address, ``default_transaction_read_only``) is
+  treated as lost too: the connection is closed and reconnected, and the call fails with
+  ``DatabaseUnavailable`` (pushes go to the file buffer). With several hosts in the DSN and
+  ``target_session_attrs=read-write`` (``Config.dsn``), libpq tries each host on reconnect
+  and keeps the one that is writable now, which is how a promoted standby is found.
+
 Either way the outage is logged through one :class:`~queen_tw.services.retry.OutageLog`:
 a line when the first connection is lost or call fails, a reminder every 30 s, a line when
 a connection or a call works again; not a line per connection and per failed call.
@@ -40,6 +47,9 @@ log = Logger()
 
 _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead,
          txpostgres.RollbackFailed, error.ConnectionClosed)
+# A write refused by a server that is (now) read-only: this connection is no use for queen.
+_READ_ONLY = psycopg2.errors.ReadOnlySqlTransaction
+_UNAVAILABLE = _DEAD + (_READ_ONLY,)
 # How soon a query refused unsent by a dead connection is offered to the pool again.
 _UNSENT_RETRY_DELAY = 0.02
 
@@ -53,6 +63,11 @@ def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float
     plus 5 s, or 35 s without one), never under 2 s."""
     milliseconds = inflight_deadline_ms or (statement_timeout_ms or 30000) + 5000
     return max(milliseconds, 2000) / 1000.0
+
+
+def _is_dead(failure: Failure) -> bool:
+    """The detector's test: txpostgres' own (broken connection), plus a read-only server."""
+    return bool(reconnection.defaultDeathChecker(failure) or failure.check(_READ_ONLY))
 
 
 def _reconnect_backoff():
@@ -82,7 +97,8 @@ class _Connection(txpostgres.Connection):
 
     def __init__(self, reactor=None, cooperator=None):
         super().__init__(reactor, cooperator,
-                         detector=_Detector(reconnectionIterator=_reconnect_backoff,
+                         detector=_Detector(deathChecker=_is_dead,
+                                            reconnectionIterator=_reconnect_backoff,
                                             reactor=reactor))
 
     def doRead(self):
@@ -294,7 +310,7 @@ class Database:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {err}")
             raise
-        except _DEAD as err:
+        except _UNAVAILABLE as err:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {describe_error(err)}")
             raise DatabaseUnavailable("Database unavailable") from err
