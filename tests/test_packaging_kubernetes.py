@@ -152,6 +152,21 @@ def test_helm_lints_the_chart_without_errors() -> None:
     assert [m for m in report["messages"] if m["severity"] > 1] == [], report["messages"]
 
 
+@pytest.mark.parametrize("values", [
+    {"replicas": 3},                                   # a typo of replicaCount
+    {"replicaCount": 0},
+    {"peerSync": {"udpPort": "6633"}},
+    {"server": {"numWorkers": 0}},
+    {"postgresql": {"host": ""}},
+    {"env": [{"name": "pg_host", "value": "db"}]},
+], ids=["typo", "no-replicas", "port-as-text", "no-workers", "no-pg-host", "env-case"])
+def test_values_the_schema_refuses_do_not_render(values: dict[str, Any]) -> None:
+    helm = _require(helm_python, "helm-python-sdk", "helm-python-sdk==0.2.2")
+
+    with pytest.raises(helm.HelmValuesError):
+        render(values)
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_rendered_object_is_valid_kubernetes(objects: list[dict[str, Any]],
                                                    version: str) -> None:
