@@ -45,7 +45,7 @@ Key = Tuple[str, str]  # (partition name, transactionId)
 def backup(api: Api, args: argparse.Namespace) -> int:
     """Writes the queue's declaration and every message to ``args.file`` (atomically)."""
     detail = api.get(path_of("api", "v1", "resources", "queues", args.queue))
-    partitions = [p["name"] for p in detail.get("partitions", [])]
+    partitions = sorted(p["name"] for p in detail.get("partitions", []))
     trace_ids = _trace_ids(api, args.queue)
     target = Path(args.file)
     partial = target.with_name(target.name + ".partial")
