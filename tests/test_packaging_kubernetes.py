@@ -18,10 +18,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -29,7 +30,7 @@ from queen_tw.cluster.peers import parse_peers
 from queen_tw.config import OPTIONS, Config
 from queen_tw.lifecycle import STOP_BUDGET_S
 
-from support import REPO_ROOT, ServerProcess
+from support import REPO_ROOT, ServerProcess, free_port
 
 try:
     import helm_python
@@ -435,9 +436,30 @@ def test_the_probe_passes_on_a_serving_server(server: ServerProcess, mode: str) 
     assert result.returncode == 0, result.stderr
 
 
-def test_the_probe_fails_when_nothing_answers() -> None:
-    from support import free_port
+def test_a_server_started_with_the_ha_pod_env_passes_the_probes(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """The HA pod's env, as rendered (NUM_WORKERS, JWT, encryption key, signed peer sync to
+    the three pods' DNS names), starts a real server; only what points outside this machine
+    is swapped: PostgreSQL, the buffer directory, and ports that are free here."""
+    udp_port = free_port()
+    values = yaml.safe_load(HA_VALUES.read_text())
+    values["peerSync"]["udpPort"] = udp_port
+    env = literal_env(render(values))
+    local = {name: value for name, value in env.items()
+             if not name.startswith("PG_") and name not in ("FILE_BUFFER_DIR", "PORT")}
+    assert local["NUM_WORKERS"] == "2" and local["QUEEN_UDP_PEERS"].count(",") == 2
 
+    server = make_server(**local)
+
+    health = httpx.get(f"{server.url}/health", timeout=5).json()
+    assert health["shared_state"] == {"enabled": True}  # the peer sync runs
+    for mode in ("live", "ready", "ready-db"):
+        result = run_probe(mode, server.port)
+        assert result.returncode == 0, result.stderr
+
+
+def test_the_probe_fails_when_nothing_answers() -> None:
     result = run_probe("live", free_port())
 
     assert result.returncode == 1
