@@ -279,6 +279,12 @@ def test_probes_ask_health_through_the_probe_script(objects: list[dict[str, Any]
     assert queen["readinessProbe"]["exec"]["command"] == ["python", script, "ready"]
 
 
+def test_readiness_can_require_the_database() -> None:
+    strict = render({"probes": {"readiness": {"requireDatabase": True}}})
+
+    assert container(strict)["readinessProbe"]["exec"]["command"][-1] == "ready-db"
+
+
 def test_a_pod_gets_time_for_its_graceful_stop(objects: list[dict[str, Any]]) -> None:
     pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
     [_, pre_stop_sleep] = container(objects)["lifecycle"]["preStop"]["exec"]["command"]
@@ -337,6 +343,19 @@ def test_the_peers_are_every_pod_under_the_headless_service(
     peers = parse_peers(literal_env(ha_objects)["QUEEN_UDP_PEERS"], udp_port)
     assert [str(peer) for peer in peers] == [f"{name}-{i}.{domain}:{udp_port}"
                                             for i in range(statefulset["spec"]["replicas"])]
+
+
+def test_the_ha_pods_spread_over_nodes_and_zones(ha_objects: list[dict[str, Any]]) -> None:
+    pod = one(ha_objects, "StatefulSet")["spec"]["template"]["spec"]
+    [preferred] = pod["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    [zones] = pod["topologySpreadConstraints"]
+
+    term = preferred["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert selects_the_pods(term["labelSelector"]["matchLabels"], ha_objects)
+    assert zones["topologyKey"] == "topology.kubernetes.io/zone"
+    assert selects_the_pods(zones["labelSelector"]["matchLabels"], ha_objects)
 
 
 def test_the_disruption_budget_lets_one_pod_go_at_a_time(
