@@ -10,10 +10,12 @@ detection of the pool.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 from psycopg2.extensions import parse_dsn
+from queen import Queen
 from twisted.internet import reactor
 
 from queen_tw.config import Config, ConfigError
@@ -29,7 +32,8 @@ from queen_tw.db.embedded import EmbeddedPostgres, _pg_install_dir
 from queen_tw.db.pool import Database
 from queen_tw.errors import DatabaseUnavailable
 
-from faultkit import Fleet, Producers, count, drain, private_postgres, report
+from client_helpers import connect, run_scenario
+from faultkit import Fleet, Ledger, Producers, Sent, count, drain, private_postgres, report
 from support import wait_until
 
 QUEUE = "failover-q"
@@ -266,6 +270,51 @@ def _timed_notes(producers: Producers) -> list[tuple[float, str]]:
     return notes
 
 
+async def _official_client_pushes(client: Queen, ledger: Ledger, stop: asyncio.Event) -> None:
+    """The official 0.15.0 client pushing to partitions of its own (c0, c1) until ``stop``,
+    each message sent again with its transactionId until it is acknowledged."""
+    seqs = {"c0": 0, "c1": 0}
+    while not stop.is_set():
+        for partition, seq in seqs.items():
+            sent = Sent(partition, seq, str(uuid.uuid4()))
+            with ledger.lock:
+                ledger.sent[sent.transaction_id] = sent
+            item = {"transactionId": sent.transaction_id,
+                    "data": {"partition": partition, "seq": seq}}
+            while not sent.acknowledged:
+                try:
+                    [result] = await client.queue(QUEUE).partition(partition).push([item])
+                    sent.statuses.append(result["status"])
+                    ledger.note(f"client {result['status']}")
+                except Exception as err:  # the client's own retries gave up: send it again
+                    ledger.note(f"client {err.__class__.__name__}")
+                    await asyncio.sleep(0.2)
+            seqs[partition] += 1
+        await asyncio.sleep(0.01)
+
+
+async def _switch_under_load(url: str, pair: Pair, producers: Producers,
+                             notes: list[tuple[float, str]]) -> dict[str, float]:
+    """Runs the official client's pushes beside the raw producers and the pop+ack load,
+    kills the primary, promotes the standby, and waits until pushes are stored again."""
+    async with connect(url) as client:
+        stop = asyncio.Event()
+        pushing = asyncio.create_task(_official_client_pushes(client, producers.ledger, stop))
+        await asyncio.to_thread(wait_until, lambda: producers.sent_count() > 150, 30,
+                                message="load running")
+        killed_at = time.monotonic()
+        await asyncio.to_thread(pair.kill_primary_and_promote)
+        promoted_at = time.monotonic()
+        await asyncio.to_thread(
+            wait_until, lambda: any(t > promoted_at and what == "queued"
+                                    for t, what in notes[-50:]),
+            30, interval=0.1, message="pushes stored in PostgreSQL again")
+        await asyncio.sleep(2)  # load after the switch too
+        stop.set()
+        await pushing
+    return {"killed": killed_at, "promoted": promoted_at}
+
+
 @pytest.mark.fault
 def test_acknowledged_pushes_survive_a_primary_killed_and_a_standby_promoted() -> None:
     root = Path(tempfile.mkdtemp(prefix="queen-tw-pgfailover-"))
@@ -274,26 +323,20 @@ def test_acknowledged_pushes_survive_a_primary_killed_and_a_standby_promoted() -
     try:
         pair.start()
         fleet = Fleet(pair.pg_env())
-        server = fleet.server(LIBQUEEN_INFLIGHT_DEADLINE_MS="3000")
+        server = fleet.server()
         producers = Producers(server.url, QUEUE, threads=3, partitions_each=2, limit=10_000,
                               pause=0.01)
         notes = _timed_notes(producers)
         producers.start()
         watchers = Watchers(server.url).start()
-        wait_until(lambda: producers.sent_count() > 150, 30, message="load running")
-
-        killed_at = time.monotonic()
-        pair.kill_primary_and_promote()
-        promoted_at = time.monotonic()
-        wait_until(lambda: any(t > promoted_at and what == "queued" for t, what in notes[-50:]),
-                   30, interval=0.1, message="pushes stored in PostgreSQL again")
-        time.sleep(2)  # load after the switch too
+        times = run_scenario(_switch_under_load(server.url, pair, producers, notes))
         ledger = producers.stop()
         watchers.stop()
 
         delivered = drain(server.url, QUEUE, ledger.partitions())
         result = count(ledger, delivered)
         report("pg failover", result)
+        killed_at, promoted_at = times["killed"], times["promoted"]
         back_at = next(t for t, what in notes if t > promoted_at and what == "queued")
         print(f"[fault] pg failover: promote took {promoted_at - killed_at:.2f}s, pushes "
               f"stored in PostgreSQL again {back_at - killed_at:.2f}s after the kill, "
@@ -306,6 +349,7 @@ def test_acknowledged_pushes_survive_a_primary_killed_and_a_standby_promoted() -
         assert not producers.errors, producers.errors
         result.assert_nothing_lost()
         assert result.acknowledged == result.sent
+        assert {"c0", "c1"} <= set(ledger.partitions())  # the official client's pushes too
         assert watchers.acked > 0 and watchers.successes[-1] > promoted_at
     finally:
         if fleet is not None:
