@@ -7,6 +7,7 @@ database.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -291,6 +292,21 @@ def test_backup_delete_restore_keeps_messages_and_order(server: ServerProcess,
     assert "0 queued, 60 duplicate" in again.stdout
     popped = http.get(f"/api/v1/pop/queue/{queue}/partition/p1", params={"batch": 100})
     assert [m["transactionId"] for m in popped.json()["messages"]] == by_partition["p1"]
+
+
+def test_backup_reads_partitions_the_fetch_budget_left_out(server: ServerProcess,
+                                                          http: httpx.Client,
+                                                          tmp_path: Path) -> None:
+    """Six ~900 KB messages in six partitions: a 4 MiB fetch call holds four of them, so
+    the other partitions answer without records and must be asked again, not skipped."""
+    queue = unique_name("cli-big-")
+    payloads = {f"p{n}": base64.b64encode(os.urandom(675_000)).decode() for n in range(6)}
+    for partition, payload in payloads.items():
+        push(http, queue, [{"partition": partition, "payload": payload}])
+    target = tmp_path / "big.jsonl"
+    done = cli("backup", queue, str(target), url=server.url)
+    assert done.returncode == 0, done.stderr
+    assert {m["partition"]: m["payload"] for m in _messages(target)} == payloads
 
 
 def test_restore_refuses_a_bad_file(server: ServerProcess, tmp_path: Path) -> None:

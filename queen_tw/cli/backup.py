@@ -30,6 +30,9 @@ from queen_tw.cli.output import print_json
 
 FETCH_ENTRIES = 1024
 """Partitions per ``POST /api/v1/fetch`` (the route's limit)."""
+FETCH_CALL_BYTES = 4 * 1024 * 1024
+"""Payload bytes asked per fetch call: bounds the CLI's memory per answer (the route allows
+64 MiB); a partition left out by the budget is asked again in the next call."""
 LIST_PAGE = 1000
 """Messages per ``GET /api/v1/messages`` page (the route's cap)."""
 PUSH_ITEMS = 500
@@ -88,13 +91,14 @@ def _records(api: Api, queue: str, partitions: List[str]
         offsets = {name: 0 for name in chunk}
         ends: Dict[str, int] = {}
         while offsets:
-            answer = api.post("/api/v1/fetch", {"entries": [
+            answer = api.post("/api/v1/fetch", {"maxBytes": FETCH_CALL_BYTES, "entries": [
                 {"queue": queue, "partition": name, "offset": offset}
                 for name, offset in offsets.items()]})
+            delivered = any(entry["records"] for entry in answer["entries"])
             for entry in answer["entries"]:
                 name = entry["partition"]
                 ends.setdefault(name, entry["highWatermark"])
-                offsets[name] = _next_offset(entry, offsets[name], found[name])
+                offsets[name] = _next_offset(entry, offsets[name], found[name], delivered)
                 if offsets[name] >= ends[name]:
                     del offsets[name]
         for name in chunk:
@@ -102,15 +106,23 @@ def _records(api: Api, queue: str, partitions: List[str]
                 yield name, record
 
 
-def _next_offset(entry: Dict[str, Any], asked: int, found: List[Dict[str, Any]]) -> int:
-    """Where the next fetch of this partition starts; past its end when it is done."""
+def _next_offset(entry: Dict[str, Any], asked: int, found: List[Dict[str, Any]],
+                 call_delivered: bool) -> int:
+    """Where the next fetch of this partition starts; past its end when it is done.
+
+    An entry without records while others got some may only have met the call's byte
+    budget, so it is asked again; a call that delivered nothing at all means nothing is
+    left (the first record of a call always comes, however large).
+    """
     error = entry.get("error")
     if error == "OFFSET_OUT_OF_RANGE" and asked < entry["logStartOffset"]:
         return int(entry["logStartOffset"])  # older messages were removed by retention
     if error == "UNKNOWN_TOPIC_OR_PARTITION":
         raise CliError(f"the queue disappeared during the backup ({error})")
-    if error or not entry["records"]:
-        return 2**63  # nothing more up to the end (or past it): done
+    if error or not call_delivered:
+        return 2**63  # past its end, or nothing left up to it: done
+    if not entry["records"]:
+        return asked
     found.extend(entry["records"])
     return int(entry["records"][-1]["offset"]) + 1
 
