@@ -8,9 +8,9 @@ partition, each partition in offset (commit) order::
      "traceId": null, "createdAt": "2026-12-05T07:50:05.815323Z", "offset": 0}
 
 Reading uses bulk routes: ``POST /api/v1/fetch`` gives payloads (decrypted), transaction ids
-and times of up to 1 024 partitions per call, and ``GET /api/v1/messages`` (1 000 per page)
-the trace ids; only a message pushed between the two is looked up alone. Every message in
-PostgreSQL is included, consumed or not; pushes still in a file buffer are not.
+and times of up to 1 024 partitions per call, and ``GET /api/v1/messages`` the trace ids, a
+time window of up to 1 000 messages per call. Every message in PostgreSQL is included,
+consumed or not; pushes still in a file buffer are not.
 
 Restoring pushes the lines in file order, in batches, keeping each message's partition,
 transactionId and traceId: order per partition holds, and a message already there (a
@@ -38,9 +38,6 @@ LIST_PAGE = 1000
 PUSH_ITEMS = 500
 PUSH_BYTES = 4 * 1024 * 1024
 """A restore batch ends at whichever comes first (the server takes 64 MiB bodies)."""
-EPOCH = "1970-01-01T00:00:00Z"
-
-Key = Tuple[str, str]  # (partition name, transactionId)
 
 
 # -- backup -----------------------------------------------------------------------------
@@ -49,7 +46,6 @@ def backup(api: Api, args: argparse.Namespace) -> int:
     """Writes the queue's declaration and every message to ``args.file`` (atomically)."""
     detail = api.get(path_of("api", "v1", "resources", "queues", args.queue))
     partitions = sorted(p["name"] for p in detail.get("partitions", []))
-    trace_ids = _trace_ids(api, args.queue)
     target = Path(args.file)
     partial = target.with_name(target.name + ".partial")
     count = 0
@@ -59,13 +55,16 @@ def backup(api: Api, args: argparse.Namespace) -> int:
                              "namespace": detail.get("namespace") or "",
                              "task": detail.get("task") or "",
                              "options": detail.get("options") or {}}))
-            for partition, record in _records(api, args.queue, partitions):
-                trace_id = _trace_id(api, args.queue, partition, record, trace_ids)
-                out.write(_line({"type": "message", "partition": partition,
-                                 "transactionId": record["transactionId"],
-                                 "payload": record.get("payload"), "traceId": trace_id,
-                                 "createdAt": record.get("ts"), "offset": record["offset"]}))
-                count += 1
+            for partition, records in _records(api, args.queue, partitions):
+                trace_ids = _trace_ids(api, args.queue, partition, records)
+                for record in records:
+                    out.write(_line({
+                        "type": "message", "partition": partition,
+                        "transactionId": record["transactionId"],
+                        "payload": record.get("payload"),
+                        "traceId": trace_ids.get(record["transactionId"]),
+                        "createdAt": record.get("ts"), "offset": record["offset"]}))
+                count += len(records)
         os.replace(partial, target)
     except OSError as err:
         raise CliError(f"cannot write {target}: {err.strerror or err}", EXIT_USAGE) from None
@@ -82,9 +81,8 @@ def backup(api: Api, args: argparse.Namespace) -> int:
 
 
 def _records(api: Api, queue: str, partitions: List[str]
-             ) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Every record of every partition, partition by partition, in offset order, up to the
-    end each partition had when it was first read."""
+             ) -> Iterator[Tuple[str, List[Dict[str, Any]]]]:
+    """Each partition's records in offset order, up to the end it had when first read."""
     for start in range(0, len(partitions), FETCH_ENTRIES):
         chunk = partitions[start:start + FETCH_ENTRIES]
         found: Dict[str, List[Dict[str, Any]]] = {name: [] for name in chunk}
@@ -102,8 +100,7 @@ def _records(api: Api, queue: str, partitions: List[str]
                 if offsets[name] >= ends[name]:
                     del offsets[name]
         for name in chunk:
-            for record in found[name]:
-                yield name, record
+            yield name, found[name]
 
 
 def _next_offset(entry: Dict[str, Any], asked: int, found: List[Dict[str, Any]],
@@ -127,39 +124,28 @@ def _next_offset(entry: Dict[str, Any], asked: int, found: List[Dict[str, Any]],
     return int(entry["records"][-1]["offset"]) + 1
 
 
-def _trace_ids(api: Api, queue: str) -> Dict[Key, Optional[str]]:
-    """(partition, transactionId) -> traceId of every message listed now.
+def _trace_ids(api: Api, queue: str, partition: str, records: List[Dict[str, Any]]
+               ) -> Dict[str, Optional[str]]:
+    """transactionId -> traceId of the partition's ``records`` (only the listing has them).
 
-    Pages run newest first, so a push meanwhile only repeats rows (kept once).
+    Read in time windows of up to a page of records each (``from``/``to`` of the window's
+    oldest and newest), so each listing reads the rows of that window only, not the whole
+    table; a full page is followed by the next one.
     """
-    trace_ids: Dict[Key, Optional[str]] = {}
-    offset = 0
-    while True:
-        page = api.get("/api/v1/messages", query={"queue": queue, "from": EPOCH,
-                                                  "limit": LIST_PAGE, "offset": offset})
-        rows = page.get("messages", [])
-        trace_ids.update(((m["partition"], m["transactionId"]), m.get("traceId"))
-                         for m in rows)
-        offset += len(rows)
-        if len(rows) < LIST_PAGE:
-            return trace_ids
-
-
-def _trace_id(api: Api, queue: str, partition: str, record: Dict[str, Any],
-              known: Dict[Key, Optional[str]]) -> Optional[str]:
-    """The record's traceId: listed already, or (pushed after the listing) looked up."""
-    key = (partition, record["transactionId"])
-    if key in known:
-        return known[key]
-    try:
-        detail = api.get("/api/v1/messages", query={
-            "queue": queue, "partition": partition, "from": record.get("ts") or EPOCH,
-            "limit": LIST_PAGE})
-    except HttpError:
-        return None
-    for message in detail.get("messages", []):
-        known[(message["partition"], message["transactionId"])] = message.get("traceId")
-    return known.get(key)
+    trace_ids: Dict[str, Optional[str]] = {}
+    for start in range(0, len(records), LIST_PAGE):
+        times = [record["ts"] for record in records[start:start + LIST_PAGE]]
+        window = {"queue": queue, "partition": partition, "from": min(times),
+                  "to": max(times), "limit": LIST_PAGE}
+        offset = 0
+        while True:
+            page = api.get("/api/v1/messages", query={**window, "offset": offset})
+            rows = page.get("messages", [])
+            trace_ids.update((m["transactionId"], m.get("traceId")) for m in rows)
+            offset += len(rows)
+            if len(rows) < LIST_PAGE:
+                break
+    return trace_ids
 
 
 def _line(data: Dict[str, Any]) -> str:
