@@ -107,7 +107,7 @@ def _execute(dsn: str, *statements: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_server_that_turned_read_only_is_an_outage_until_it_takes_writes(
-        postgres: EmbeddedPostgres) -> None:
+        postgres: EmbeddedPostgres, lines: list[str]) -> None:
     dsn = Config.from_sources(postgres.pg_env(), {}).dsn
     _execute(dsn, "CREATE SCHEMA IF NOT EXISTS queen",
              "CREATE TABLE IF NOT EXISTS queen.ro_probe (n int)",
@@ -120,8 +120,10 @@ async def test_a_server_that_turned_read_only_is_an_outage_until_it_takes_writes
         _execute(dsn, "ALTER SYSTEM SET default_transaction_read_only = on",
                  "SELECT pg_reload_conf()")
         time.sleep(0.3)  # the backends read the reloaded file at their next command
-        with pytest.raises(DatabaseUnavailable):
-            await db.call("ro_write")
+        for _ in range(6):  # each refusal recycles a connection, which comes back read-only
+            with pytest.raises(DatabaseUnavailable):
+                await db.call("ro_write")
+            await _sleep(0.3)
         _execute(dsn, "ALTER SYSTEM RESET default_transaction_read_only",
                  "SELECT pg_reload_conf()")
         written = None
@@ -132,6 +134,9 @@ async def test_a_server_that_turned_read_only_is_an_outage_until_it_takes_writes
             except DatabaseUnavailable:
                 await _sleep(0.1)
         assert written == 1
+        assert len([line for line in lines if line.startswith("PostgreSQL failing")]) == 1, lines
+        assert len([line for line in lines
+                    if line.startswith("PostgreSQL working again")]) == 1, lines
     finally:
         db.close()
         _execute(dsn, "ALTER SYSTEM RESET default_transaction_read_only", "SELECT pg_reload_conf()")

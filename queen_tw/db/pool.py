@@ -80,6 +80,14 @@ class _Detector(reconnection.DeadConnectionDetector):
 
     pool_closed = False
     outage: Optional[OutageLog] = None  # the pool's, set when the pool is built
+    # Dropped for refusing a write: reconnecting proves nothing (a single host that is still
+    # read-only takes the connection again), so only a call that works ends the outage.
+    refused_writes = False
+
+    def checkForDeadConnection(self, f):
+        if f.check(_READ_ONLY):
+            self.refused_writes = True
+        return super().checkForDeadConnection(f)
 
     def reconnect(self):
         if self.pool_closed:
@@ -87,8 +95,9 @@ class _Detector(reconnection.DeadConnectionDetector):
         return super().reconnect()
 
     def connectionRecovered(self):
-        if not self.pool_closed and self.outage is not None:
+        if not self.pool_closed and self.outage is not None and not self.refused_writes:
             self.outage.succeeded()
+        self.refused_writes = False
         return super().connectionRecovered()
 
 
