@@ -186,36 +186,43 @@ def test_dlq_list_retry_and_purge(server: ServerProcess, http: httpx.Client) -> 
 
 # -- maintenance, the buffer, JWT (servers of their own) --------------------------------
 
-def test_maintenance_and_buffer_replay(make_server) -> None:
-    server = make_server()
+def test_maintenance_and_buffer_replay(make_server, pg_env: dict[str, str],
+                                       pg_dsn: str) -> None:
+    # the flags hold for every server of a database: a database of its own, so the shared
+    # server never starts buffering the other tests' pushes
+    with scratch_database(pg_dsn) as dsn:
+        server = make_server(**server_env(pg_env, dsn))
+        try:
+            _switch_maintenance_and_replay(server)
+        finally:
+            server.stop()
+
+
+def _switch_maintenance_and_replay(server: ServerProcess) -> None:
     queue = unique_name("cli-buf-")
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        try:
-            on = cli("maintenance", "on", url=server.url)
-            assert on.returncode == 0, on.stderr
-            assert "push maintenance: on" in on.stdout
-            answers = push(http, queue, [{"partition": "p", "payload": n} for n in range(4)])
-            assert {a["status"] for a in answers} == {"buffered"}
-            buffered = ok_json("buffer", "status", url=server.url)
-            assert buffered["pending"] == 4
-            assert "pending:  4" in cli("buffer", "status", url=server.url).stdout
+        on = cli("maintenance", "on", url=server.url)
+        assert on.returncode == 0, on.stderr
+        assert "push maintenance: on" in on.stdout
+        answers = push(http, queue, [{"partition": "p", "payload": n} for n in range(4)])
+        assert {a["status"] for a in answers} == {"buffered"}
+        assert ok_json("buffer", "status", url=server.url)["pending"] == 4
+        assert "pending:  4" in cli("buffer", "status", url=server.url).stdout
 
-            replay = cli("buffer", "replay", "--wait", "20", url=server.url)
-            assert replay.returncode == 0, replay.stderr
-            assert "switched off" in replay.stdout and "buffer empty" in replay.stdout
-            assert ok_json("maintenance", url=server.url)["maintenanceMode"] is False
-            fetched = http.post("/api/v1/fetch", json={"entries": [
-                {"queue": queue, "partition": "p", "offset": 0}]}).json()
-            assert [r["payload"] for r in fetched["entries"][0]["records"]] == [0, 1, 2, 3]
+        replay = cli("buffer", "replay", "--wait", "20", url=server.url)
+        assert replay.returncode == 0, replay.stderr
+        assert "switched off" in replay.stdout and "buffer empty" in replay.stdout
+        assert ok_json("maintenance", url=server.url)["maintenanceMode"] is False
+        fetched = http.post("/api/v1/fetch", json={"entries": [
+            {"queue": queue, "partition": "p", "offset": 0}]}).json()
+        assert [r["payload"] for r in fetched["entries"][0]["records"]] == [0, 1, 2, 3]
 
-            pop_on = ok_json("maintenance", "on", "--pop", url=server.url)
-            assert pop_on["popMaintenanceMode"] is True
-            assert http.get(f"/api/v1/pop/queue/{queue}").status_code == 204
-            off = cli("maintenance", "off", "--pop", url=server.url)
-            assert "pop maintenance: off" in off.stdout
-        finally:  # the flags are cluster-wide: never leave them on for later tests
-            http.post("/api/v1/system/maintenance", json={"enabled": False})
-            http.post("/api/v1/system/maintenance/pop", json={"enabled": False})
+        assert ok_json("maintenance", "on", "--pop", url=server.url)["popMaintenanceMode"]
+        assert http.get(f"/api/v1/pop/queue/{queue}").status_code == 204
+        off = cli("maintenance", "off", "--pop", url=server.url)
+        assert "pop maintenance: off" in off.stdout
+        assert len(http.get(f"/api/v1/pop/queue/{queue}",
+                            params={"batch": 10}).json()["messages"]) == 4
 
 
 def _token(role: str) -> str:
