@@ -25,7 +25,7 @@ import pytest
 import pytest_twisted
 from psycopg2.extensions import parse_dsn
 from queen import Queen
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 
 from queen_tw.config import Config, ConfigError
 from queen_tw.db.embedded import EmbeddedPostgres, _pg_install_dir
@@ -119,7 +119,7 @@ async def test_a_server_that_turned_read_only_is_an_outage_until_it_takes_writes
         assert await db.call("ro_write") == 1
         _execute(dsn, "ALTER SYSTEM SET default_transaction_read_only = on",
                  "SELECT pg_reload_conf()")
-        time.sleep(0.3)  # the backends read the reloaded file at their next command
+        await _sleep(0.3)  # the backends read the reloaded file when signalled
         for _ in range(6):  # each refusal recycles a connection, which comes back read-only
             with pytest.raises(DatabaseUnavailable):
                 await db.call("ro_write")
@@ -143,7 +143,6 @@ async def test_a_server_that_turned_read_only_is_an_outage_until_it_takes_writes
 
 
 async def _sleep(seconds: float) -> None:
-    from twisted.internet import task
     await task.deferLater(reactor, seconds, lambda: None)
 
 
