@@ -9,7 +9,7 @@ the buffer's details admin.
 
 import argparse
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from queen_tw.cli.api import EXIT_ERROR, EXIT_USAGE, Api, CliError, HttpError, path_of
 from queen_tw.cli.output import print_fields, print_json, print_table
@@ -25,27 +25,30 @@ REPLAY_POLL_S = 0.5
 def status(api: Api, args: argparse.Namespace) -> int:
     """Health, counts and flags in one view; exit 1 when the server says it is unhealthy."""
     health = api.get("/health", accept=(200, 503))
-    overview = api.get("/api/v1/resources/overview")
+    overview, overview_error = _unless_unavailable(lambda: api.get("/api/v1/resources/overview"))
     flags = _maintenance_if_allowed(api)
     healthy = isinstance(health, dict) and health.get("status") == "healthy"
     if args.json:
         print_json({"health": health, "overview": overview, "maintenance": flags})
         return 0 if healthy else EXIT_ERROR
     buffer = health.get("file_buffer") or {}
-    messages = overview.get("messages") or {}
+    messages = (overview or {}).get("messages") or {}
+    counts = (", ".join(f"{key} {value}" for key, value in messages.items())
+              if overview is not None else f"unavailable ({overview_error})")
     fields: List[Any] = [
         ("server", f"{api.base_url} ({health.get('server')} {health.get('version')}, "
                    f"worker {health.get('worker_id')})"),
         ("status", health.get("status")), ("database", health.get("database")),
-        ("queues", overview.get("queues")), ("partitions", overview.get("partitions")),
-        ("messages", ", ".join(f"{key} {value}" for key, value in messages.items())),
+        ("queues", (overview or {}).get("queues")),
+        ("partitions", (overview or {}).get("partitions")),
+        ("messages", counts),
         ("file buffer", f"pending {buffer.get('pending', '-')}, failed "
                         f"{buffer.get('failed', '-')}, "
                         f"{'healthy' if buffer.get('healthy') else 'UNHEALTHY'}"),
         ("peer sync", "on" if (health.get("shared_state") or {}).get("enabled") else "off"),
     ]
     if flags is None:
-        fields.append(("maintenance", "unknown (needs an admin token)"))
+        fields.append(("maintenance", "unknown (needs an admin token, or the database)"))
     else:
         fields.append(("maintenance", f"push {_on(flags.get('maintenanceMode'))}, pop "
                                       f"{_on(flags.get('popMaintenanceMode'))}"))
@@ -262,13 +265,25 @@ def buffer_replay(api: Api, args: argparse.Namespace) -> int:
 
 
 def _maintenance_if_allowed(api: Api) -> Optional[Dict[str, Any]]:
-    """The maintenance flags, or None when this token may not read them (admin only)."""
+    """The maintenance flags, or None when this token may not read them (admin only) or
+    the server cannot tell (PostgreSQL down)."""
     try:
         return api.get("/api/v1/system/maintenance")
     except HttpError as err:
-        if err.status in (401, 403):
+        if err.status in (401, 403) or err.status >= 500:
             return None
         raise
+
+
+def _unless_unavailable(read: Callable[[], Any]) -> "tuple[Any, Optional[str]]":
+    """``(answer, None)``, or ``(None, reason)`` when the server answers 5xx (PostgreSQL
+    down: the status still shows what ``/health`` knows)."""
+    try:
+        return read(), None
+    except HttpError as err:
+        if err.status < 500:
+            raise
+        return None, f"HTTP {err.status}: {err.reason}"
 
 
 def _on(flag: Any) -> str:
