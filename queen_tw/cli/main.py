@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("queue", metavar="QUEUE")
         command.add_argument("file", metavar="FILE")
 
-    schema = sub.add_parser("migrate", help="install or upgrade the schema, then exit",
-                            description=migrate.__doc__)
+    schema = sub.add_parser(
+        "migrate", help="install or upgrade the schema, then exit",
+        description="Install or upgrade the queen schema on the PostgreSQL the server's PG_* "
+                    "settings (environment, or the flags below) name, as twistd queen "
+                    "--migrate-only does, without starting a server.")
     schema.set_defaults(run=migrate, offline=True)
     schema.add_argument("--wait", type=float, default=30.0,
                         help="seconds to retry while PostgreSQL does not answer (default 30)")
