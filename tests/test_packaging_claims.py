@@ -32,8 +32,11 @@ TOOL_ENV = frozenset({
 })
 """Variables the Dockerfile sets for Python and pip themselves, not for queen-tw."""
 
-TEST_ENV = {"QUEEN_TEST_PG_DSN": REPO / "tests" / "conftest.py"}
-"""Variables of the test suite, each with the file that reads it."""
+TEST_ENV = {"QUEEN_TEST_PG_DSN": REPO / "tests" / "conftest.py",
+            # the admin CLI's, not the server's
+            "QUEEN_URL": REPO / "queen_tw" / "cli" / "main.py",
+            "QUEEN_TOKEN": REPO / "queen_tw" / "cli" / "main.py"}
+"""Variables of the test suite and of the admin CLI, each with the file that reads it."""
 
 NOT_YET = re.compile(r"not yet", re.IGNORECASE)
 
