@@ -79,3 +79,46 @@ async def test_a_finished_call_lets_go_of_its_parameters_without_the_cycle_colle
         assert watched() is None
     finally:
         gc.enable()
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_that_deadlock_are_retried_in_place_on_live_connections(database, pg_env):
+    """PostgreSQL ends one of two deadlocked calls with 40P01 after undoing all of it: the pool
+    runs that call again (the connection is fine), instead of reporting the database down —
+    which sent a push that raced a queue delete to the file buffer."""
+    import psycopg2
+
+    setup = psycopg2.connect(Config.from_sources(pg_env, {}).dsn)
+    setup.autocommit = True
+    with setup.cursor() as cursor:
+        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
+        [(schema_is_ours,)] = cursor.fetchall()
+        cursor.execute("""
+            CREATE SCHEMA IF NOT EXISTS queen;
+            CREATE TABLE IF NOT EXISTS queen.test_deadlock_rows (id int PRIMARY KEY, n int);
+            INSERT INTO queen.test_deadlock_rows VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING;
+            CREATE OR REPLACE FUNCTION queen.test_deadlock_pair(first int, second int)
+            RETURNS int LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE queen.test_deadlock_rows SET n = n + 1 WHERE id = first;
+                PERFORM pg_sleep(0.3);
+                UPDATE queen.test_deadlock_rows SET n = n + 1 WHERE id = second;
+                RETURN first;
+            END $$;""")
+    try:
+        retries_before = database.rolled_back_retries
+        one = defer.ensureDeferred(database.call("test_deadlock_pair", 1, 2))
+        other = defer.ensureDeferred(database.call("test_deadlock_pair", 2, 1))
+        assert sorted(await defer.gatherResults([one, other])) == [1, 2]
+        assert database.rolled_back_retries == retries_before + 1
+        assert database.alive_connections() == 3  # nobody was dropped for the deadlock
+        with setup.cursor() as cursor:
+            cursor.execute("SELECT sum(n) FROM queen.test_deadlock_rows")
+            assert cursor.fetchone() == (4,)  # each call applied once: the loser's first try undone
+    finally:
+        with setup.cursor() as cursor:
+            cursor.execute("DROP FUNCTION queen.test_deadlock_pair(int, int);"
+                           "DROP TABLE queen.test_deadlock_rows")
+            if schema_is_ours:
+                cursor.execute("DROP SCHEMA queen")
+        setup.close()

@@ -50,6 +50,11 @@ _DEAD = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.Connec
 # A write refused by a server that is (now) read-only: this connection is no use for queen.
 _READ_ONLY = psycopg2.errors.ReadOnlySqlTransaction
 _UNAVAILABLE = _DEAD + (_READ_ONLY,)
+# A deadlock or serialization failure (SQLSTATE class 40): PostgreSQL undid the whole call and
+# the connection is fine, so the call is run again. psycopg2 files these under
+# OperationalError, which txpostgres' detector would take for a broken connection.
+_ROLLED_BACK = psycopg2.errors.TransactionRollbackError
+_ROLLED_BACK_RETRIES = 3
 # How soon a query refused unsent by a dead connection is offered to the pool again.
 _UNSENT_RETRY_DELAY = 0.02
 
@@ -67,6 +72,8 @@ def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float
 
 def _is_dead(failure: Failure) -> bool:
     """The detector's test: txpostgres' own (broken connection), plus a read-only server."""
+    if failure.check(_ROLLED_BACK):
+        return False
     return bool(reconnection.defaultDeathChecker(failure) or failure.check(_READ_ONLY))
 
 
@@ -254,6 +261,7 @@ class Database:
         self._statements: Dict[Tuple[str, Tuple[bool, ...], str], str] = {}
         self._outage = OutageLog("PostgreSQL", reactor)
         self.failed_calls = 0  # calls that raised (outage, deadline, SQL error): metrics
+        self.rolled_back_retries = 0  # calls run again after a deadlock or serialization failure
 
     @property
     def size(self) -> int:
@@ -314,10 +322,13 @@ class Database:
         params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
         try:
-            rows = await self._pool.run_query_within(self._call_deadline, sql, params)
+            rows = await self._run_again_if_rolled_back(sql, params)
         except DeadlineExceeded as err:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {err}")
+            raise
+        except _ROLLED_BACK:
+            self.failed_calls += 1
             raise
         except _UNAVAILABLE as err:
             self.failed_calls += 1
@@ -328,6 +339,21 @@ class Database:
             raise
         self._outage.succeeded()
         return rows
+
+    async def _run_again_if_rolled_back(self, sql: str, params: Tuple[Any, ...]
+                                        ) -> List[Tuple[Any, ...]]:
+        """Every call is one statement in its own transaction, so one that PostgreSQL ended
+        with a deadlock or serialization failure left nothing behind and can simply run again."""
+        pool = self._pool
+        assert pool is not None  # _run checked it
+        for retry in range(_ROLLED_BACK_RETRIES + 1):
+            try:
+                return await pool.run_query_within(self._call_deadline, sql, params)
+            except _ROLLED_BACK:
+                if retry == _ROLLED_BACK_RETRIES:
+                    raise
+                self.rolled_back_retries += 1
+        raise AssertionError("unreachable")
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when PostgreSQL answers ``SELECT 1`` within ``timeout`` seconds."""
