@@ -71,14 +71,9 @@ class PeriodicService(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        finished = cancel_and_wait(self._call, self._current)
         self._call = None
-        if self._current is None or self._current.called:
-            return defer.succeed(None)
-        finished: defer.Deferred = defer.Deferred()
-        self._current.addBoth(_fire, finished)
-        if self._stop_timeout is not None:
+        if self._stop_timeout is not None and not finished.called:
             finished.addTimeout(self._stop_timeout, self._clock)
             finished.addErrback(self._still_running)
         return finished
@@ -112,6 +107,19 @@ class PeriodicService(service.Service):
         failure.trap(defer.TimeoutError)
         log.warn("{name} still running {s}s after the stop; going on", name=self.name,
                  s=self._stop_timeout)
+
+
+def cancel_and_wait(planned: Optional[IDelayedCall], current: Optional[defer.Deferred]
+                    ) -> defer.Deferred:
+    """A loop's stop: cancels its planned run and returns a Deferred that fires (with None)
+    once the run in progress, if any, has ended, leaving that run's result to its own chain."""
+    if planned is not None and planned.active():
+        planned.cancel()
+    if current is None or current.called:
+        return defer.succeed(None)
+    finished: defer.Deferred = defer.Deferred()
+    current.addBoth(_fire, finished)
+    return finished
 
 
 def _fire(result: Any, waiting: defer.Deferred) -> Any:

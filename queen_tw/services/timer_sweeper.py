@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from queen_tw.engine.timers import SweepOutcome, TimersEngine
 from queen_tw.errors import Unavailable
+from queen_tw.services.periodic import cancel_and_wait
 from queen_tw.services.retry import OutageLog, describe_error
 
 log = Logger()
@@ -73,13 +74,8 @@ class TimerSweeper(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        finished = cancel_and_wait(self._call, self._current)
         self._call = None
-        if self._current is None or self._current.called:
-            return defer.succeed(None)
-        finished: defer.Deferred = defer.Deferred()
-        self._current.addBoth(lambda result: finished.callback(None))
         return finished
 
     def nudge(self, delay_ms: float) -> None:
