@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -28,6 +28,10 @@ from queen_tw.startup import fatal, refuse_to_start
 
 if TYPE_CHECKING:
     from queen_tw.config import Config
+
+# How long a NUM_WORKERS worker waits for its first try at PostgreSQL before sharing the
+# listening socket anyway (a hung database must not keep it from buffering pushes).
+WORKER_JOIN_WAIT_S = 5.0
 
 _HINTS = {
     errno.EADDRINUSE: "set PORT or --port",
@@ -85,13 +89,31 @@ def _reason(error: Exception) -> str:
     return str(error) or error.__class__.__name__
 
 
-def http_listener(config: Config, factory: Any, reactor: Any) -> ListenerService:
+def http_listener(config: Config, factory: Any, reactor: Any,
+                  database_tried: Callable[[], defer.Deferred[None]] | None = None
+                  ) -> ListenerService:
     """The listener of ``config``: the inherited socket of a ``NUM_WORKERS`` worker, else the
-    ``QUEEN_LISTEN`` description, else TCP on ``HOST:PORT``."""
+    ``QUEEN_LISTEN`` description, else TCP on ``HOST:PORT``.
+
+    A worker shares its socket with siblings that may already serve, so it takes connections
+    only once ``database_tried`` fires (its first attempt to reach PostgreSQL ended) or
+    :data:`WORKER_JOIN_WAIT_S` passed: otherwise a worker (re)starting beside healthy siblings
+    answers part of the traffic with 503 "Database unavailable" for no reason. A lone process
+    listens at once, so ``/health`` says what it is doing from the start.
+    """
     if config.listen_fd is not None:
         endpoint: IStreamServerEndpoint = endpoints.AdoptedStreamServerEndpoint(
             reactor, config.listen_fd, socket.AF_INET)
-        return ListenerService(endpoint, factory, reactor, listen_address(config))
+        not_before = None
+        if database_tried is not None:
+            tried = database_tried
+
+            def not_before() -> defer.Deferred[None]:
+                # PostgreSQL down or hung: join anyway, pushes then go to the file buffer
+                return tried().addTimeout(WORKER_JOIN_WAIT_S, reactor,
+                                          onTimeoutCancel=lambda *_: None)
+        return ListenerService(endpoint, factory, reactor, listen_address(config),
+                               not_before=not_before)
     description = config.listen.strip()
     if description:
         return ListenerService(described_endpoint(reactor, description), factory, reactor,
@@ -114,11 +136,14 @@ class ListenerService(service.Service):
     :param address: ``host:port`` (or a description) for the refusal message.
     :param setting: the setting ``address`` came from, named in the refusal's hint (None:
         the usual HOST/PORT hints).
+    :param not_before: when given, listening waits until the Deferred it returns fires.
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, reactor: Any,
-                 address: str, setting: str | None = None) -> None:
+                 address: str, setting: str | None = None,
+                 not_before: Callable[[], defer.Deferred[None]] | None = None) -> None:
         self._endpoint = endpoint
+        self._not_before = not_before
         self._factory = factory
         self._reactor = reactor
         self._address = address
@@ -129,7 +154,11 @@ class ListenerService(service.Service):
         """Listens now (twistd: before the reactor runs and before privileges are shed)."""
         super().privilegedStartService()
         refused: list[str] = []
-        self._listening = self._endpoint.listen(self._factory)
+        if self._not_before is None:
+            self._listening = self._endpoint.listen(self._factory)
+        else:
+            self._listening = self._not_before().addCallback(
+                lambda _: self._endpoint.listen(self._factory))
         self._listening.addErrback(self._listen_failed, refused)
         if refused:  # failed at once: raised here, a Deferred would swallow the SystemExit
             refuse_to_start(refused[0])

@@ -136,7 +136,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                   call_deadline(config.db_inflight_deadline_ms, config.db_statement_timeout_ms))
     durability = Durability(config, db, reactor, worker=in_group)  # file buffer + maintenance
     top.add("buffer", durability.buffer_service())
-    top.add("database", DatabaseService(config.dsn, db, reactor))
+    database = top.add("database", DatabaseService(config.dsn, db, reactor))
     gate = top.add("gate", ShutdownGate())
 
     waiters = WaiterRegistry()
@@ -193,7 +193,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
             on_notice=cluster.siblings.received if cluster.siblings else None)))
     top.add("replay", durability.replay_service(engine.store))
     top.add("drain", InFlightDrain(engine.busy, reactor))
-    top.add("listener", http_listener(config, site, reactor))  # QUEEN_LISTEN, or HOST:PORT
+    top.add("listener", http_listener(config, site, reactor,  # QUEEN_LISTEN, or HOST:PORT
+                                      database_tried=database.first_attempt_ended))
     top.add("waiters", WaitersService(waiters))
     if cluster.service is not None:
         top.add("jobs", cluster.service)

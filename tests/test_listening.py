@@ -10,9 +10,11 @@ import pytest
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 
-from queen_tw.listening import ListenerService, listen_refusal, open_listening_socket
+from queen_tw.config import Config
+from queen_tw.listening import (WORKER_JOIN_WAIT_S, ListenerService, http_listener,
+                                listen_refusal, open_listening_socket)
 
 
 class LateEndpoint:
@@ -96,6 +98,54 @@ def test_stopping_before_the_port_opens_cancels_quietly() -> None:
     listener.stopService()
 
     assert not reactor.hasStopped
+
+
+def worker_listener(reactor: MemoryReactorClock, tried: defer.Deferred[None]
+                    ) -> ListenerService:
+    """The listener of one of NUM_WORKERS processes; its inherited socket is closed by the
+    endpoint once adopted."""
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
+    config = Config.defaults().with_changes(listen_fd=inherited)
+    return http_listener(config, Factory(), reactor, database_tried=lambda: tried)
+
+
+def test_a_worker_takes_connections_only_once_its_database_was_tried() -> None:
+    reactor = MemoryReactorClock()
+    tried: defer.Deferred[None] = defer.Deferred()
+    listener = worker_listener(reactor, tried)
+    listener.privilegedStartService()
+    listener.startService()
+    assert reactor.adoptedPorts == []  # siblings answer meanwhile, not a 503 from this one
+
+    tried.callback(None)
+
+    [(_, family, _)] = reactor.adoptedPorts
+    assert family == socket.AF_INET
+
+
+def test_a_worker_whose_database_hangs_joins_after_a_bound() -> None:
+    reactor = MemoryReactorClock()
+    listener = worker_listener(reactor, defer.Deferred())  # never fires: PostgreSQL hung
+    listener.startService()
+    reactor.advance(WORKER_JOIN_WAIT_S - 0.1)
+    assert reactor.adoptedPorts == []
+
+    reactor.advance(0.2)
+
+    assert len(reactor.adoptedPorts) == 1  # it serves: pushes go to its file buffer
+
+
+def test_a_worker_stopped_while_waiting_for_its_database_never_listens() -> None:
+    reactor = MemoryReactorClock()
+    tried: defer.Deferred[None] = defer.Deferred()
+    listener = worker_listener(reactor, tried)
+    listener.startService()
+
+    listener.stopService()
+    tried.callback(None)
+    reactor.advance(WORKER_JOIN_WAIT_S)
+
+    assert reactor.adoptedPorts == [] and not reactor.hasStopped
 
 
 def test_shared_socket_on_a_taken_port_ends_the_process(taken_port: int) -> None:

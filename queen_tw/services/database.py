@@ -45,6 +45,8 @@ class _SchemaService(service.Service):
         self._install = install
         self._outage = OutageLog("PostgreSQL connection", reactor)
         self._work: Optional[defer.Deferred] = None
+        self._first_attempt_over = False
+        self._first_attempt_waiters: List[defer.Deferred] = []
 
     def startService(self) -> None:
         super().startService()
@@ -58,11 +60,32 @@ class _SchemaService(service.Service):
         if self._work is not None and not self._work.called:
             self._work.cancel()
 
+    def first_attempt_ended(self) -> defer.Deferred:
+        """Fires (with None) once the first attempt has connected or failed: a worker of a
+        NUM_WORKERS group takes its share of the connections only then (see
+        :func:`queen_tw.listening.http_listener`)."""
+        if self._first_attempt_over:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._first_attempt_waiters.append(waiter)
+        return waiter
+
     async def _attempt(self) -> None:
-        applied = await threads.deferToThread(self._install, self._dsn, sql_dir())
-        if applied:
-            log.info("schema files applied: {files}", files=", ".join(applied))
-        await self._after_install()
+        try:
+            applied = await threads.deferToThread(self._install, self._dsn, sql_dir())
+            if applied:
+                log.info("schema files applied: {files}", files=", ".join(applied))
+            await self._after_install()
+        finally:
+            self._end_first_attempt()
+
+    def _end_first_attempt(self) -> None:
+        if self._first_attempt_over:
+            return
+        self._first_attempt_over = True
+        waiters, self._first_attempt_waiters = self._first_attempt_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)  # a no-op on one cancelled by a stop
 
     async def _after_install(self) -> None:
         """What follows a successful installation, inside the same retried attempt."""
