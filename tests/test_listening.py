@@ -13,8 +13,13 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 
 from queen_tw.config import Config
-from queen_tw.listening import (WORKER_JOIN_WAIT_S, ListenerService, http_listener,
-                                listen_refusal, open_listening_socket)
+from queen_tw.listening import (
+    WORKER_JOIN_WAIT_S,
+    ListenerService,
+    http_listener,
+    listen_refusal,
+    open_listening_socket,
+)
 
 
 class LateEndpoint:
