@@ -4,6 +4,11 @@ The IdP below serves a key set the test can rotate, break (503), or make hang, a
 requests it received, which is how the fetch floor is proven. Time (refresh interval, fetch
 floor, fetch timeout, token cache) runs on a ``task.Clock`` the test drives; only the HTTP
 exchange itself uses the real reactor, awaited, never slept on.
+
+The last tests put the real :class:`~queen_tw.http.auth_gate.AuthGate` in front, on its own
+loopback port, to pin what a client sees while the IdP is down: WIRE 4.1's 500
+``Failed to fetch JWKS`` while no key set was ever fetched, 401 ``Unknown key ID`` once one
+was, always as a JSON error, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from twisted.web import resource, server
 
 from queen_tw.auth.errors import AuthError
 from queen_tw.auth.jwks import FETCH_FLOOR_S, JwksKeys, JwksUnavailable, parse_key_set
+from queen_tw.auth.levels import RoleNames, RouteLevels, SkipPaths
 from queen_tw.auth.tokens import Identity, TokenVerifier, make_verifier
 from queen_tw.config import Config
+from queen_tw.http.auth_gate import AuthGate
+from queen_tw.http.site import make_site
 
 from support import free_port, wait_until_reactor
 
@@ -240,6 +248,20 @@ async def test_an_idp_that_does_not_answer_times_out_as_failed_to_fetch(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fetch_that_times_out_is_logged_as_a_timeout(
+        verifier: TokenVerifier, idp_url: tuple[FakeIdP, str], clock: task.Clock,
+        lines: list[str]) -> None:
+    idp, url = idp_url
+    idp.hang = True
+    pending = defer.ensureDeferred(verify(verifier, mint(RSA_1, "k1")))
+    await wait_until_reactor(lambda: idp.requests == 1, message="the JWKS request")
+    clock.advance(5.0)
+    await pending
+    assert [line for line in lines if "JWKS" in line] == [
+        f"JWKS fetch from {url} failed: no answer within 5 s; no keys yet"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_idp_down_mid_run_keeps_the_keys_held(
         verifier: TokenVerifier, idp: FakeIdP, clock: task.Clock) -> None:
     assert isinstance(await verify(verifier, mint(RSA_1, "k1")), Identity)
@@ -286,3 +308,66 @@ def test_a_key_set_without_a_usable_signature_key_is_a_failed_fetch(body: bytes)
 def test_encryption_keys_and_unusable_entries_are_skipped() -> None:
     body = json.dumps({"keys": [jwk(RSA_2, "enc", use="enc"), "junk", jwk(RSA_1, "k1")]})
     assert [key.kid for key in parse_key_set(body.encode())] == ["k1"]
+
+
+class Admitted(resource.Resource):
+    """The routes behind the gate: 200 for whoever the gate lets through."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return b"{}"
+
+
+async def through_the_gate(verifier: TokenVerifier,
+                           header: bytes) -> tuple[int, Any, Any]:
+    """Status, decoded body and headers of ``POST /api/v1/push`` with ``header`` as its
+    ``Authorization``, answered by an AuthGate on a loopback port of its own."""
+    site = make_site(AuthGate(Admitted(), verifier, RouteLevels(SkipPaths([])), RoleNames()),
+                     1 << 20)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        answer = await treq.post(f"http://127.0.0.1:{port.getHost().port}/api/v1/push",
+                                 b"{}", headers={b"Authorization": [header]},
+                                 persistent=False)
+        return answer.code, json.loads(await answer.content()), answer.headers
+    finally:
+        await defer.maybeDeferred(port.stopListening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gate_answers_500_failed_to_fetch_jwks_while_no_key_set_was_ever_fetched(
+        verifier: TokenVerifier, idp: FakeIdP, lines: list[str]) -> None:
+    idp.down = True
+    code, body, headers = await through_the_gate(verifier, mint(RSA_1, "k1"))
+    assert (code, body) == (500, {"error": "Failed to fetch JWKS"})
+    assert not headers.hasHeader(b"WWW-Authenticate")  # not the caller's fault
+    assert any("JWKS fetch from" in line and "failed: HTTP 503; no keys yet" in line
+               for line in lines)
+    assert any("cannot verify tokens for /api/v1/push: Failed to fetch JWKS" in line
+               for line in lines)
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gate_answers_500_when_the_idp_refuses_connections(
+        clock: task.Clock) -> None:
+    url = f"http://127.0.0.1:{free_port()}/jwks"
+    made = TokenVerifier(algorithm="RS256", clock=clock,
+                         jwks=JwksKeys(url, clock, treq, timeout_s=5,
+                                       refresh_interval_s=REFRESH_S))
+    code, body, _ = await through_the_gate(made, mint(RSA_1, "k9"))
+    assert (code, body) == (500, {"error": "Failed to fetch JWKS"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gate_answers_401_unknown_key_id_while_the_idp_is_down_with_keys_held(
+        verifier: TokenVerifier, idp: FakeIdP, clock: task.Clock) -> None:
+    assert (await through_the_gate(verifier, mint(RSA_1, "k1")))[:2] == (200, {})
+    idp.down = True
+    clock.advance(FETCH_FLOOR_S)  # so the unknown kid really asks the IdP, which fails
+    code, body, headers = await through_the_gate(verifier, mint(RSA_2, "k2"))
+    assert (code, body) == (401, {"error": "Unknown key ID: k2"})
+    assert headers.getRawHeaders(b"WWW-Authenticate") == [b"Bearer"]
+    assert idp.requests == 2

@@ -28,6 +28,7 @@ from jwt.exceptions import PyJWTError
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from queen_tw.auth.errors import AuthError
 from queen_tw.auth.keys import PublicKey, key_family
@@ -174,7 +175,7 @@ class JwksKeys:
         self._last_attempt = now
         self._waiting = [waiter]
         fetch = defer.Deferred.fromCoroutine(self._download())
-        fetch.addTimeout(self._timeout_s, self._clock)
+        fetch.addTimeout(self._timeout_s, self._clock, onTimeoutCancel=_timed_out)
         fetch.addCallbacks(self._loaded, self._failed)
         fetch.addBoth(self._wake)
         return waiter
@@ -195,10 +196,10 @@ class JwksKeys:
                  how="loaded" if first else "refreshed", url=self._url, count=len(keys),
                  kids=", ".join(str(key.kid) for key in keys))
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         """Logs a failed fetch; the keys held (if any) stay in use."""
-        reason = ("no answer within the timeout" if failure.check(defer.TimeoutError)
-                  else failure.getErrorMessage() or failure.type.__name__)
+        reason = (f"no answer within {self._timeout_s:g} s" if failure.check(defer.TimeoutError)
+                  else failure.getErrorMessage() or type(failure.value).__name__)
         log.warn("JWKS fetch from {url} failed: {reason}; {kept}", url=self._url,
                  reason=reason, kept=(f"keeping {len(self._keys)} keys"
                                       if self._loaded_at is not None else "no keys yet"))
@@ -208,6 +209,14 @@ class JwksKeys:
         waiting, self._waiting = self._waiting or [], None
         for waiter in waiting:
             waiter.callback(None)
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    """A fetch cancelled by its timeout, as a :class:`~twisted.internet.defer.TimeoutError`
+    whatever the HTTP client wrapped the cancellation in (treq fails with a
+    ``ResponseNeverReceived`` holding the ``CancelledError``, which ``addTimeout``'s default
+    would pass on unrecognised)."""
+    return Failure(defer.TimeoutError(f"no answer within {timeout:g} s"))
 
 
 def _family(alg: str) -> str:
