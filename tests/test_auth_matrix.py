@@ -330,6 +330,8 @@ def test_skipped_path_needs_no_token_but_others_do() -> None:
     (b"GET", b"/api/v1/%73tatus/buffers", Level.READ_ONLY),
     (b"GET", b"/api/v1/resources/queues/a%2Fb", Level.READ_WRITE),  # the routes refuse it
     (b"GET", b"/api/v1/resources/queues/%ff", Level.READ_WRITE),
+    (b"GET", b"/api/v1/kv/ns/a%2Fb", Level.READ_ONLY),  # the key's encoded '/' is routed
+    (b"DELETE", b"/api/v1/timers/q/a%2Fb", Level.READ_WRITE),
     (b"GET", b"/health", Level.PUBLIC),
     (b"GET", b"/health/", Level.READ_WRITE),  # not the skip path; no route either
 ])
@@ -344,6 +346,11 @@ def test_routed_path_decodes_as_the_routes_do() -> None:
     assert routed_path(b"/api/v1/resources/queues/caf%C3%A9") == "/api/v1/resources/queues/café"
     assert routed_path(b"/api/v1/resources/queues/a%2Fb") is None
     assert routed_path(b"/api/v1/resources/queues/%ff") is None
+    # catch-all keys (KV, timers) take an encoded '/' into the key; their other names do not
+    assert routed_path(b"/api/v1/kv/ns/a%2Fb/c") == "/api/v1/kv/ns/a/b/c"
+    assert routed_path(b"/api/v1/timers/q/a%2Fb") == "/api/v1/timers/q/a/b"
+    assert routed_path(b"/api/v1/kv/n%2Fs/a") is None
+    assert routed_path(b"/api/v1/timers/q%2Fx/a") is None
 
 
 def test_role_names_are_configurable() -> None:

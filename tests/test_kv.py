@@ -355,6 +355,17 @@ def test_path_routes_put_get_delete_with_slashes_in_the_key(http):
     assert in_body.status_code == 400 and in_body.json()["reason"] == "kv_path_field_in_body"
 
 
+
+def test_path_routes_decode_an_encoded_slash_in_the_key_once(http):
+    ns = ns_name()
+    put = http.put(f"/api/v1/kv/{ns}/a%2Fb/c", json={"value": "slashed", "forever": True})
+    assert put.status_code == 200 and put.json()["applied"] is True
+    # the same key as the one written with plain separators, and as the POST route names it
+    assert http.get(f"/api/v1/kv/{ns}/a/b/c").json()["value"] == "slashed"
+    assert results(http, {"op": "get", "ns": ns, "key": "a/b/c"})[0]["value"] == "slashed"
+    in_ns = http.get(f"/api/v1/kv/{ns}%2Fx/a")
+    assert in_ns.status_code == 400 and "must not contain '/'" in in_ns.json()["error"]
+
 # -- the 2.6.0 client -----------------------------------------------------------------
 
 CLIENT_KV = """

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, Iterable, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -185,25 +186,48 @@ class SkipPaths:
             path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes)))
 
 
+def _catch_all_segments() -> Dict[Tuple[str, ...], int]:
+    """For each route ending in a catch-all (``<path:...>``: KV keys and timer keys contain
+    '/', WIRE2 2.4 and 3.2), its leading fixed segments -> the catch-all's first segment."""
+    found: Dict[Tuple[str, ...], int] = {}
+    for _, rule, _ in ROUTE_LEVELS:
+        segments = rule[1:].split("/")
+        if segments[-1].startswith("<path:"):
+            fixed = tuple(itertools.takewhile(lambda segment: not segment.startswith("<"),
+                                              segments))
+            found[fixed] = len(segments) - 1
+    return found
+
+
+_CATCH_ALL_SEGMENTS = _catch_all_segments()
+
+
+def slash_refused(segments: Sequence[str]) -> bool:
+    """True when a decoded path segment holds a '/' (sent as ``%2F``) where no route could
+    tell it from a separator: anywhere but in a catch-all, where it decodes once into the key
+    (as WIRE2 2.4 asks)."""
+    tail = len(segments)
+    for fixed, first in _CATCH_ALL_SEGMENTS.items():
+        if len(segments) > first and tuple(segments[:len(fixed)]) == fixed:
+            tail = first
+    return any("/" in segment for segment in segments[:tail])
+
+
 def routed_path(raw_path: bytes) -> Optional[str]:
     """The path as the routes match it: each segment percent-decoded (as Twisted does for
     ``request.postpath``) and read as UTF-8. None when no route can match it: a segment that
-    is not UTF-8 or holds an encoded ``/`` (the routes answer 400 for both)."""
+    is not UTF-8 or holds a refused encoded ``/`` (the routes answer 400 for both)."""
     if b"%" not in raw_path:
         try:
             return raw_path.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    segments = []
-    for segment in raw_path[1:].split(b"/"):
-        try:
-            text = unquote_to_bytes(segment).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if "/" in text:
-            return None
-        segments.append(text)
-    return "/" + "/".join(segments)
+    try:
+        segments = [unquote_to_bytes(segment).decode("utf-8")
+                    for segment in raw_path[1:].split(b"/")]
+    except UnicodeDecodeError:
+        return None
+    return None if slash_refused(segments) else "/" + "/".join(segments)
 
 
 class RouteLevels:

@@ -14,6 +14,7 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect
 
+from queen_tw.auth.levels import slash_refused
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.engine.timers import TimersEngine
@@ -64,14 +65,14 @@ class Routes(Resource):
                 self._map.add(copy)
 
     def render(self, request):
-        if any(b"/" in segment for segment in request.postpath):
-            # %2F decoded inside a segment: no route could tell it from a separator
-            return json_answer(request, 400, {"error": "A name in the path must not contain '/'"})
         # The path as Klein matches it: Twisted's percent-decoded segments.
         try:
-            path = "/" + "/".join(segment.decode("utf-8") for segment in request.postpath)
+            segments = [segment.decode("utf-8") for segment in request.postpath]
         except UnicodeDecodeError:
             return json_answer(request, 400, {"error": "The path is not valid UTF-8"})
+        if slash_refused(segments):
+            return json_answer(request, 400, {"error": "A name in the path must not contain '/'"})
+        path = "/" + "/".join(segments)
         method = request.method.decode("latin-1")
         try:
             index, _ = self._map.bind("localhost", path_info=path,
