@@ -149,6 +149,23 @@ async def test_rsa_and_ed25519_keys_of_the_set_verify_their_tokens(
     assert idp.requests == 1
 
 
+def private_jwk(private_key: Any, kid: str) -> dict[str, Any]:
+    """The JWK of the private key itself (with "d"): what a misconfigured IdP publishes."""
+    algorithm = (jwt.algorithms.OKPAlgorithm if isinstance(private_key, ed25519.Ed25519PrivateKey)
+                 else jwt.algorithms.RSAAlgorithm)
+    return {**json.loads(algorithm.to_jwk(private_key)), "kid": kid}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_published_private_key_verifies_by_its_public_half(
+        verifier: TokenVerifier, idp: FakeIdP) -> None:
+    idp.keys = [private_jwk(RSA_1, "k1"), private_jwk(ED_1, "ed")]
+    assert "d" in idp.keys[0] and "d" in idp.keys[1]
+    for header in (mint(RSA_1, "k1"), mint(ED_1, "ed", "EdDSA")):
+        assert isinstance(await verify(verifier, header), Identity)
+    assert await refusal(verifier, mint(RSA_2, "k1")) == (401, "Invalid token signature")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_key_pinned_to_another_alg_is_refused(verifier: TokenVerifier,
                                                        idp: FakeIdP) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 from twisted.internet import defer
@@ -99,6 +101,12 @@ def _signing_key(entry: Any) -> Optional[SigningKey]:
     except (PyJWTError, ValueError, TypeError) as err:
         log.warn("JWKS key {kid} skipped: {reason}", kid=kid, reason=str(err))
         return None
+    if isinstance(key, (RSAPrivateKey, Ed25519PrivateKey)):
+        # An IdP that publishes the private half ("d") is misconfigured; only the public half
+        # verifies, and classing the private key by type would mistake its family.
+        log.warn("JWKS key {kid} publishes its private part; only its public key is used",
+                 kid=kid)
+        key = key.public_key()
     return SigningKey(kid if isinstance(kid, str) else None, key_family(key),
                       alg if isinstance(alg, str) else None, key)
 
