@@ -12,21 +12,12 @@ the server runs with JWT on (HS256) and every request carries an admin token.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from harness import running_stack
 
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-
-from fuzz_support import fuzz  # noqa: E402
-from support import ServerProcess  # noqa: E402
+from fuzz_support import fuzz
 
 
 def _admin_token(secret: str) -> str:
@@ -49,25 +40,15 @@ def main() -> None:
                         help="run the server with JWT_ENABLED=true and this HS256 secret")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-fuzz-"))
-    os.chmod(workdir, 0o755)
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
     env = {}
     headers = {}
     if args.jwt_secret:
         env = {"JWT_ENABLED": "true", "JWT_ALGORITHM": "HS256", "JWT_SECRET": args.jwt_secret}
         headers = {"Authorization": f"Bearer {_admin_token(args.jwt_secret)}"}
-    server = ServerProcess(pg.pg_env(), workdir / "server", env)
-    try:
-        server.start()
+    with running_stack("queen-bench-fuzz-", env) as stack:
         started = time.monotonic()
-        report = fuzz(server.url, args.examples, headers, args.timeout, args.seed)
+        report = fuzz(stack.server.url, args.examples, headers, args.timeout, args.seed)
         elapsed = time.monotonic() - started
-    finally:
-        server.stop()
-        pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     print(f"auth {'on' if args.jwt_secret else 'off'}, {args.examples} examples per "
           f"operation and pass, {elapsed:.0f} s ({report.requests / elapsed:.0f} requests/s)")
     print(report.summary())

@@ -29,22 +29,16 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
+from harness import QUIET_SERVER_ENV, running_stack
+from load import Connection, save_report
+from wakeup_latency import cpu_seconds, postgres_pids
 
-from load import Connection, save_report  # noqa: E402
-from wakeup_latency import cpu_seconds, postgres_pids  # noqa: E402
+from queen_tw.db.embedded import EmbeddedPostgres
 
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-
-from support import ServerProcess  # noqa: E402
+from support import ServerProcess
 
 NS = "bench"
 VALUE = {"data": "x" * 88}  # ~100 bytes of JSON
@@ -163,22 +157,11 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=1000)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="queen-tw-kv-"))
-    pg = EmbeddedPostgres(root / "data")
-    pg.start()
-    server = None
-    try:
-        quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
-                 "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn"}
-        server = ServerProcess(pg.pg_env(), root / "server", quiet).start()
-        result = measure(args, pg, server)
+    with running_stack("queen-tw-kv-", QUIET_SERVER_ENV) as stack:
+        result = measure(args, stack.pg, stack.server)
         report = render(result)
         print(report)
         save_report("kv", report, result)
-    finally:
-        if server is not None:
-            server.stop()
-        pg.stop()
     return 0
 
 

@@ -52,14 +52,11 @@ from typing import Dict, List, Optional, Tuple
 
 import jwt
 import orjson  # the consumers' JSON: the load generator's CPU comes out of the server's cores
+from harness import REPO, running_stack
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from queen_tw.db.embedded import EmbeddedPostgres, _pg_install_dir
 
-from queen_tw.db.embedded import EmbeddedPostgres, _pg_install_dir  # noqa: E402
-
-from support import ServerProcess  # noqa: E402
+from support import ServerProcess
 
 PARTITIONS = 10
 PAYLOAD = {"data": "x" * 180}  # ~200 bytes of JSON per message
@@ -608,21 +605,11 @@ def auth_compare(args) -> int:
     """``--auth-compare``: an auth-off and an auth-on server on one PostgreSQL, measured in
     turn batch by batch."""
     jwt_env, auth = jwt_env_and_header()
-    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-auth-"))
-    os.chmod(workdir, 0o755)
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
     extra = dict(e.split("=", 1) for e in args.env)
-    servers = {"off": ServerProcess(pg.pg_env(), workdir / "off", extra),
-               "on": ServerProcess(pg.pg_env(), workdir / "on", {**extra, **jwt_env})}
-    try:
-        for server in servers.values():
-            server.start()
-        rounds = asyncio.run(measure_auth_pair(args, pg, servers, auth))
-    finally:
-        for server in servers.values():
-            server.stop()
-        pg.stop()
+    with running_stack("queen-bench-auth-", with_server=False) as stack:
+        servers = {"off": stack.start_server("off", extra),
+                   "on": stack.start_server("on", {**extra, **jwt_env})}
+        rounds = asyncio.run(measure_auth_pair(args, stack.pg, servers, auth))
     report = render_auth(args, rounds)
     print(report)
     save_report(f"load-auth-{time.strftime('%Y%m%d-%H%M%S')}", report, rounds)
@@ -652,23 +639,14 @@ def main() -> int:
         return auth_compare(args)
     jwt_env, auth = jwt_env_and_header() if args.jwt else ({}, "")
 
-    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-"))
-    os.chmod(workdir, 0o755)
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
-    (workdir / "server").mkdir()
-    server = ServerProcess(pg.pg_env(), workdir / "server",
-                           {**dict(e.split("=", 1) for e in args.env), **jwt_env})
-    try:
-        server.start()
-        rows = asyncio.run(measure(args, pg, server, auth))
+    with running_stack("queen-bench-",
+                       {**dict(e.split("=", 1) for e in args.env), **jwt_env}) as stack:
+        pg = stack.pg
+        rows = asyncio.run(measure(args, pg, stack.server, auth))
         raw = {b: (raw_push(pg, b, args.seconds, args.raw_clients),
                    raw_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
         sql = {b: (sql_push(pg, b, args.seconds, args.raw_clients),
                    sql_consume(pg, b, args.seconds, args.raw_clients)) for b in args.batches}
-    finally:
-        server.stop()
-        pg.stop()
 
     report = render(args, rows, raw, sql)
     print(report)

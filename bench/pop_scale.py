@@ -19,25 +19,13 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import httpx
 import psycopg2
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from queen_tw.config import Config  # noqa: E402
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-
-from support import ServerProcess  # noqa: E402
-
-sys.path.insert(0, str(REPO / "bench"))
-from load import save_report  # noqa: E402
+from harness import running_stack
+from load import save_report
 
 # What pop_request ran before the lookup existed: every partition of the queue.
 FULL_SCAN = """
@@ -167,27 +155,17 @@ def main() -> int:
     parser.add_argument("--pending", type=int, default=5)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="queen-tw-popscale-"))
-    pg = EmbeddedPostgres(root / "data")
-    pg.start()
-    server = None
-    try:
-        env = pg.pg_env()
-        dsn = Config.from_sources(env, {}).dsn
-        server = ServerProcess(env, root / "server", {
-            "STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
-            "LOG_LEVEL": "warn"}).start()
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            measure(client, dsn, 10, 100, args.pending)  # warm-up: caches, plans, JIT of paths
-            rows = [measure(client, dsn, int(n), args.rounds, args.pending)
+    quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
+             "LOG_LEVEL": "warn"}  # eviction stays on, as it always did here
+    with running_stack("queen-tw-popscale-", quiet) as stack:
+        with httpx.Client(base_url=stack.server.url, timeout=60) as client:
+            # warm-up: caches, plans, JIT of paths
+            measure(client, stack.dsn, 10, 100, args.pending)
+            rows = [measure(client, stack.dsn, int(n), args.rounds, args.pending)
                     for n in args.partitions.split(",")]
         report = render(rows, args.rounds)
         print(report)
         save_report("pop_scale", report, rows)
-    finally:
-        if server is not None:
-            server.stop()
-        pg.stop()
     return 0
 
 

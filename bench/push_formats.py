@@ -31,18 +31,15 @@ import asyncio
 import json
 import os
 import platform
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # as bench/load.py: the package and tests/
+from harness import running_stack  # first: puts tests/ (binary_bodies) on sys.path
 
-from binary_bodies import framed_body, framed_group, id_text, plain_body, v7_id  # noqa: E402
-from load import (  # noqa: E402
+# isort: split
+from binary_bodies import framed_body, framed_group, id_text, plain_body, v7_id
+from load import (
     PARTITIONS,
     PAYLOAD,
     Connection,
@@ -53,9 +50,9 @@ from load import (  # noqa: E402
     save_report,
 )
 
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
+from queen_tw.db.embedded import EmbeddedPostgres
 
-from support import ServerProcess  # noqa: E402
+from support import ServerProcess
 
 BINARY_TYPE = "application/x-queen-push"
 PAYLOAD_BYTES = json.dumps(PAYLOAD, separators=(",", ":")).encode()
@@ -299,20 +296,9 @@ def main() -> int:
                         help="extra NAME=VALUE for the server (repeatable)")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-formats-"))
-    os.chmod(workdir, 0o755)
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
-    (workdir / "server").mkdir()
-    server = ServerProcess(pg.pg_env(), workdir / "server",
-                           dict(e.split("=", 1) for e in args.env))
-    try:
-        server.start()
-        rows = asyncio.run(measure(args, server, pg))
-    finally:
-        server.stop()
-        pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with running_stack("queen-bench-formats-",
+                       dict(e.split("=", 1) for e in args.env)) as stack:
+        rows = asyncio.run(measure(args, stack.server, stack.pg))
     report = render(args, rows)
     print(report)
     save_report(f"push-formats-{time.strftime('%Y%m%d-%H%M%S')}", report, rows)

@@ -29,18 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Dict
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-
-from load import (  # noqa: E402
+from harness import running_stack
+from load import (
     PAYLOAD,
     RAW_CONSUME,
     RAW_INSERT,
@@ -48,13 +41,12 @@ from load import (  # noqa: E402
     SQL_CONSUME,
     SQL_PUSH,
     EmbeddedPostgres,
-    ServerProcess,
     empty_queen_tables,
     pgbench,
     psql,
     save_report,
 )
-from push_formats import tree_cpu_seconds  # noqa: E402
+from push_formats import tree_cpu_seconds
 
 PARTITION_ID = "('00000000-0000-0000-0000-0000000000' || lpad(:p::text, 2, '0'))::uuid"
 
@@ -230,26 +222,15 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-segments-"))
-    os.chmod(workdir, 0o755)
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
-    (workdir / "server").mkdir()
-    server = ServerProcess(pg.pg_env(), workdir / "server", {})
-    try:
-        server.start()  # installs the queen schema
-        server.stop()
-        probe = Probe(pg, args.seconds, args.clients)
+    with running_stack("queen-bench-segments-") as stack:  # the server installs the schema
+        stack.server.stop()
+        probe = Probe(stack.pg, args.seconds, args.clients)
         results: Dict[str, Phases] = {
             "queen (today)": layout_queen(probe, args.batch),
             "rows (floor)": layout_rows(probe, args.batch),
             "segments": layout_segments(probe, args.batch, keys=False),
             "segments+keys": layout_segments(probe, args.batch, keys=True),
         }
-    finally:
-        server.stop()
-        pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     report = render(args, results)
     print(report)
     save_report(f"segments-probe-{time.strftime('%Y%m%d-%H%M%S')}", report, results)

@@ -25,23 +25,17 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import psycopg2
+from harness import REPO, running_stack
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-from queen_tw.db.schema import install_schema  # noqa: E402
-from queen_tw.paths import sql_dir  # noqa: E402
+from queen_tw.db.schema import install_schema
+from queen_tw.paths import sql_dir
 
 BEFORE_COMMIT = "2e1b845"
 QUEUES = 10
@@ -155,14 +149,10 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    workdir = Path(tempfile.mkdtemp(prefix="queen-bench-stats-"))
-    os.chmod(workdir, 0o755)
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
     rows: List[Dict[str, object]] = []
-    try:
-        install_schema(pg.dsn, sql_dir())
-        connection = psycopg2.connect(pg.dsn)
+    with running_stack("queen-bench-stats-", with_server=False) as stack:
+        install_schema(stack.pg.dsn, sql_dir())
+        connection = psycopg2.connect(stack.pg.dsn)
         connection.autocommit = True
         with connection.cursor() as cursor:
             if args.before:
@@ -187,9 +177,6 @@ def main() -> int:
                                  "p95": p95(before)})
                     print(rows[-1], flush=True)
         connection.close()
-    finally:
-        pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
     report = render(args, rows)
     print(report)

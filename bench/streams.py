@@ -34,25 +34,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import httpx
 import psycopg2
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from load import Connection, save_report  # noqa: E402
-
-from queen_tw.config import Config  # noqa: E402
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-
-from support import ServerProcess  # noqa: E402
+from harness import QUIET_SERVER_ENV, running_stack
+from load import Connection, save_report
 
 BASE_MS = 1_700_000_000_000
 STEP_MS = 10
@@ -212,16 +200,9 @@ def main() -> int:
                         help="push events one by one, each partition's 1.1 ms apart")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="queen-tw-streams-bench-"))
-    pg = EmbeddedPostgres(root / "data")
-    pg.start()
-    server = None
-    try:
-        env = pg.pg_env()
-        dsn = Config.from_sources(env, {}).dsn
-        quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
-                 "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn", "ACCESS_LOG": "false"}
-        server = ServerProcess(env, root / "server", quiet).start()
+    quiet = {**QUIET_SERVER_ENV, "ACCESS_LOG": "false"}
+    with running_stack("queen-tw-streams-bench-", quiet) as stack:
+        server, dsn = stack.server, stack.dsn
         source, sink, name = "bench-stream-source", "bench-stream-sink", "bench-stream"
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for queue in (source, sink):
@@ -255,10 +236,6 @@ def main() -> int:
         print(report)
         save_report("streams", report, result)
         return 0 if result["exact"] else 1
-    finally:
-        if server is not None:
-            server.stop()
-        pg.stop()
 
 
 if __name__ == "__main__":

@@ -23,27 +23,19 @@ import base64
 import json
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Dict, List
 
 import httpx
 import psycopg2
+from harness import QUIET_SERVER_ENV, running_stack
+from load import save_report
+from wakeup_latency import cpu_seconds, postgres_pids
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
+from queen_tw.db.embedded import EmbeddedPostgres
 
-from load import save_report  # noqa: E402
-from wakeup_latency import cpu_seconds, postgres_pids  # noqa: E402
-
-from queen_tw.config import Config  # noqa: E402
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-
-from support import ServerProcess  # noqa: E402
+from support import ServerProcess
 
 CALL_SIZE = 256
 QUEUE = "bench-timers"
@@ -144,25 +136,13 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=1)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="queen-tw-timers-"))
-    pg = EmbeddedPostgres(root / "data")
-    pg.start()
-    servers: List[ServerProcess] = []
-    try:
-        env = pg.pg_env()
-        dsn = Config.from_sources(env, {}).dsn
-        quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
-                 "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn"}
+    with running_stack("queen-tw-timers-", with_server=False) as stack:
         for n in range(args.instances):
-            servers.append(ServerProcess(env, root / f"server-{n}", quiet).start())
-        result = measure(args, pg, servers, dsn)
+            stack.start_server(f"server-{n}", QUIET_SERVER_ENV)
+        result = measure(args, stack.pg, stack.servers, stack.dsn)
         report = render(result)
         print(report)
         save_report("timers", report, result)
-    finally:
-        for server in servers:
-            server.stop()
-        pg.stop()
     return 0
 
 

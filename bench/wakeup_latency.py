@@ -38,25 +38,18 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import httpx
 import psycopg2
+from harness import QUIET_SERVER_ENV, Stack, running_stack
+from load import Connection, save_report  # Connection: a minimal keep-alive HTTP client
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
+from queen_tw.db.embedded import EmbeddedPostgres
 
-from load import Connection, save_report  # noqa: E402  (minimal keep-alive HTTP client)
-
-from queen_tw.config import Config  # noqa: E402
-from queen_tw.db.embedded import EmbeddedPostgres  # noqa: E402
-
-from support import ServerProcess  # noqa: E402
+from support import ServerProcess
 
 
 def cpu_seconds(pids: List[int]) -> float:
@@ -282,20 +275,14 @@ def render_cross(r: Dict) -> str:
     ])
 
 
-def run_cross_instance(args, env: Dict[str, str], root: Path, quiet: Dict[str, str]) -> None:
-    servers: List[ServerProcess] = []
-    try:
-        for n, sync in enumerate(cluster_env(args.instances)):
-            servers.append(ServerProcess(env, root / f"instance-{n}", dict(quiet, **sync)))
-            servers[-1].start()
-        wait_peers_alive(servers)
-        result = asyncio.run(measure_cross_instance(args, servers))
-        report = render_cross(result)
-        print(report)
-        save_report("wakeup_latency_cross", report, result)
-    finally:
-        for server in servers:
-            server.stop()
+def run_cross_instance(args, stack: Stack) -> None:
+    servers = [stack.start_server(f"instance-{n}", dict(QUIET_SERVER_ENV, **sync))
+               for n, sync in enumerate(cluster_env(args.instances))]
+    wait_peers_alive(servers)
+    result = asyncio.run(measure_cross_instance(args, servers))
+    report = render_cross(result)
+    print(report)
+    save_report("wakeup_latency_cross", report, result)
 
 
 def render(r: Dict) -> str:
@@ -331,37 +318,27 @@ def main() -> int:
                         help="more than 1: the cross-instance wake-up of a UDP-synced cluster")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="queen-tw-wakeup-"))
-    pg = EmbeddedPostgres(root / "data")
-    pg.start()
-    server: Optional[ServerProcess] = None
-    try:
-        env = pg.pg_env()
-        dsn = Config.from_sources(env, {}).dsn
+    with running_stack("queen-tw-wakeup-", with_server=False) as stack:
+        dsn = stack.dsn
         connection = psycopg2.connect(dsn)
         connection.autocommit = True
         with connection.cursor() as cursor:
             cursor.execute("ALTER SYSTEM SET track_functions = 'pl'")
             cursor.execute("SELECT pg_reload_conf()")
         connection.close()
-        quiet = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
-                 "EVICTION_INTERVAL": "3600000", "LOG_LEVEL": "warn"}
         if args.instances > 1:
-            run_cross_instance(args, env, root, quiet)
+            run_cross_instance(args, stack)
             return 0
-        server = ServerProcess(env, root / "server", quiet).start()
-        result = asyncio.run(measure_latency_and_idle(args, pg, server, dsn))
+        server = stack.start_server("server", QUIET_SERVER_ENV)
+        result = asyncio.run(measure_latency_and_idle(args, stack.pg, server, dsn))
         server.stop()
-        server = ServerProcess(env, root / "slow-fallback", dict(
-            quiet, POP_WAIT_INITIAL_INTERVAL_MS="60000", POP_WAIT_MAX_INTERVAL_MS="60000")).start()
+        server = stack.start_server("slow-fallback", dict(
+            QUIET_SERVER_ENV, POP_WAIT_INITIAL_INTERVAL_MS="60000",
+            POP_WAIT_MAX_INTERVAL_MS="60000"))
         result["attempts_per_push"] = asyncio.run(measure_attempts(args, server, dsn))
         report = render(result)
         print(report)
         save_report("wakeup_latency", report, result)
-    finally:
-        if server is not None:
-            server.stop()
-        pg.stop()
     return 0
 
 
