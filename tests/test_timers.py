@@ -23,7 +23,6 @@ from urllib.parse import quote
 
 import httpx
 import jwt
-import psycopg2
 import pytest
 import zstandard
 
@@ -112,28 +111,6 @@ def test_schedule_promises_the_id_and_txn_the_fired_message_carries(http, db):
     assert created_at >= promised  # "not before", never early
     assert peek(http, queue, "order-9") == {"found": False, "queue": queue,
                                             "timerKey": "order-9"}
-
-
-def test_a_timer_whose_partition_is_locked_holds_back_no_other_timer(http, db, pg_dsn):
-    held, free = unique_name(), unique_name()
-    push(http, held, [{"before": True}], partition="busy")
-    locker = psycopg2.connect(pg_dsn)
-    try:
-        with locker.cursor() as cursor:  # what a long transaction pushing there holds
-            cursor.execute(
-                "SELECT p.id FROM queen.partitions p JOIN queen.queues q ON q.id = p.queue_id"
-                " WHERE q.name = %s AND p.name = 'busy' FOR NO KEY UPDATE OF p", (held,))
-            assert cursor.rowcount == 1
-        batch(http, schedule_op(held, "waits", partition="busy"))
-        batch(http, schedule_op(free, "goes"))
-        assert delivered(http, free, within=10.0)["transactionId"] == "txn-goes"
-        assert peek(http, held, "waits")["found"] is True  # not fired, not failed
-        assert timer_row(db, held, "waits") == (0, None)
-    finally:
-        locker.rollback()
-        locker.close()
-    pop(http, held, autoAck="true")  # the message pushed before
-    assert delivered(http, held)["transactionId"] == "txn-waits"
 
 
 def test_reschedule_replaces_payload_txn_and_id_and_only_it_fires(http, db):

@@ -279,43 +279,6 @@ BEGIN
 END
 $$;
 
--- Which of the timers' targets (aligned queue and partition names) this transaction could lock
--- without waiting: false where another transaction holds the partition's row or, for a
--- capped queue (maxSize), the queue's row, as push_store locks them. Every lock taken is kept
--- to the end of the transaction. Aligned with the input.
-CREATE OR REPLACE FUNCTION queen.timers_targets_free(p_queues text[], p_parts text[])
-RETURNS boolean[]
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_busy_queues text[];
-    v_busy_parts  text[];  -- queue || chr(1) || partition
-BEGIN
-    IF coalesce(cardinality(p_queues), 0) = 0 THEN
-        RETURN '{}';
-    END IF;
-    v_busy_queues := ARRAY(
-        SELECT qu.name FROM queen.queues qu
-         WHERE qu.max_size > 0 AND qu.name = ANY(p_queues)
-        EXCEPT
-        SELECT l.name FROM (SELECT qu.id, qu.name FROM queen.queues qu
-                             WHERE qu.max_size > 0 AND qu.name = ANY(p_queues)
-                             ORDER BY qu.id FOR NO KEY UPDATE SKIP LOCKED) l);
-    v_busy_parts := ARRAY(
-        SELECT qu.name || chr(1) || p.name
-          FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
-         WHERE (qu.name, p.name) IN (SELECT * FROM unnest(p_queues, p_parts))
-        EXCEPT
-        SELECT l.key FROM (SELECT p.id, qu.name || chr(1) || p.name AS key
-                             FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
-                            WHERE (qu.name, p.name) IN (SELECT * FROM unnest(p_queues, p_parts))
-                            ORDER BY p.id FOR NO KEY UPDATE OF p SKIP LOCKED) l);
-    RETURN ARRAY(SELECT NOT (t.queue = ANY(v_busy_queues)
-                             OR t.queue || chr(1) || t.part = ANY(v_busy_parts))
-                   FROM unnest(p_queues, p_parts) WITH ORDINALITY AS t(queue, part, o)
-                  ORDER BY t.o);
-END
-$$;
-
 -- One sweep: takes up to p_limit due rows (oldest visible first; rows another sweeper holds
 -- are skipped) and fires them in this one transaction, except rows whose queue encrypts
 -- while their payload is plain (the queue started encrypting after they were scheduled):
@@ -323,8 +286,7 @@ $$;
 -- server to encrypt (timers_fire_claimed); a claim that is not fired in time becomes due
 -- again. Returns the fire's counts plus
 --   claimed: {token, rows: [{queue, timerKey, body}]} or null,
---   taken: rows taken (not those left for a busy target, see timers_targets_free),
---   nextDueMs: ms until the next row is due (<= 0: due now; null: none).
+--   taken: rows taken, nextDueMs: ms until the next row is due (<= 0: due now; null: none).
 CREATE OR REPLACE FUNCTION queen.timers_sweep(p_limit integer, p_lease_ms integer)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -333,8 +295,6 @@ DECLARE
     v_queues  text[];
     v_keys    text[];
     v_plain   boolean[];
-    v_parts   text[];
-    v_ready   boolean[];
     v_taken   integer;
     v_fire_q  text[];
     v_fire_k  text[];
@@ -346,29 +306,15 @@ BEGIN
     SELECT coalesce(array_agg(d.queue ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
            coalesce(array_agg(d.timer_key ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
            coalesce(array_agg(d.needs_key ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
-           coalesce(array_agg(d.partition ORDER BY d.visible_at, d.queue, d.timer_key), '{}')
-      INTO v_queues, v_keys, v_plain, v_parts
-      FROM (SELECT t.queue, t.timer_key, t.visible_at, t.partition,
+           count(*)
+      INTO v_queues, v_keys, v_plain, v_taken
+      FROM (SELECT t.queue, t.timer_key, t.visible_at,
                    coalesce(qu.encryption_enabled, false) AND NOT t.encrypted AS needs_key
               FROM queen.timers t LEFT JOIN queen.queues qu ON qu.name = t.queue
              WHERE t.visible_at <= v_now
              ORDER BY t.visible_at
              LIMIT p_limit
                FOR UPDATE OF t SKIP LOCKED) d;
-
-    -- A timer whose partition (or capped queue) another transaction holds is left for a later
-    -- sweep: waiting for that lock would hold back every other due timer of this sweep. The
-    -- targets are locked here without waiting, in push_store's order (capped queues, then
-    -- partitions by id), so the push below takes them again at once. Partitions that do not
-    -- exist yet are the push's to create.
-    v_ready := queen.timers_targets_free(v_queues, v_parts);
-    v_queues := ARRAY(SELECT v_queues[i] FROM generate_subscripts(v_ready, 1) i
-                       WHERE v_ready[i] ORDER BY i);
-    v_keys := ARRAY(SELECT v_keys[i] FROM generate_subscripts(v_ready, 1) i
-                     WHERE v_ready[i] ORDER BY i);
-    v_plain := ARRAY(SELECT v_plain[i] FROM generate_subscripts(v_ready, 1) i
-                      WHERE v_ready[i] ORDER BY i);
-    v_taken := cardinality(v_queues);
 
     v_fire_q := ARRAY(SELECT v_queues[i] FROM generate_subscripts(v_queues, 1) i
                        WHERE NOT v_plain[i] ORDER BY i);
