@@ -353,6 +353,13 @@ def test_routed_path_decodes_as_the_routes_do() -> None:
     assert routed_path(b"/api/v1/timers/q%2Fx/a") is None
 
 
+def test_catch_all_keys_with_a_newline_get_their_routes_level() -> None:
+    levels = RouteLevels(SkipPaths.parse("/health"))
+
+    assert levels.level_of(b"GET", b"/api/v1/kv/ns/a%0Ab") is Level.READ_ONLY
+    assert levels.level_of(b"GET", b"/api/v1/timers/q/a%0Ab") is Level.READ_ONLY
+
+
 def test_role_names_are_configurable() -> None:
     names = RoleNames(admin="queen-admin", read_write="producer", read_only="viewer")
 

@@ -354,8 +354,6 @@ def test_path_routes_put_get_delete_with_slashes_in_the_key(http):
     in_body = http.put(f"/api/v1/kv/{ns}/k", json={"value": 1, "forever": True, "key": "x"})
     assert in_body.status_code == 400 and in_body.json()["reason"] == "kv_path_field_in_body"
 
-
-
 def test_path_routes_decode_an_encoded_slash_in_the_key_once(http):
     ns = ns_name()
     put = http.put(f"/api/v1/kv/{ns}/a%2Fb/c", json={"value": "slashed", "forever": True})
@@ -365,6 +363,14 @@ def test_path_routes_decode_an_encoded_slash_in_the_key_once(http):
     assert results(http, {"op": "get", "ns": ns, "key": "a/b/c"})[0]["value"] == "slashed"
     in_ns = http.get(f"/api/v1/kv/{ns}%2Fx/a")
     assert in_ns.status_code == 400 and "must not contain '/'" in in_ns.json()["error"]
+
+
+def test_path_routes_reach_keys_with_control_characters(http):
+    ns = ns_name()
+    put = http.put(f"/api/v1/kv/{ns}/line%0Abreak%09tab", json={"value": 1, "forever": True})
+    assert put.status_code == 200 and put.json()["applied"] is True
+    assert results(http, {"op": "get", "ns": ns, "key": "line\nbreak\ttab"})[0]["value"] == 1
+    assert http.delete(f"/api/v1/kv/{ns}/line%0Abreak%09tab").json()["applied"] is True
 
 # -- the 2.6.0 client -----------------------------------------------------------------
 

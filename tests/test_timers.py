@@ -151,7 +151,7 @@ def test_cancel_route_answers_cancelled_then_absent_with_the_callers_txn(http):
 
 def test_keys_with_odd_characters_are_reachable_by_their_paths(http):
     queue = unique_name()
-    keys = ["a/", "a//b", "%", "%2F", "é/ü", "?x", "#h", "a b", "+"]
+    keys = ["a/", "a//b", "%", "%2F", "é/ü", "?x", "#h", "a b", "+", "line\nbreak", "tab\t"]
     batch(http, *[schedule_op(queue, key, delay_ms=60_000) for key in keys])
     for key in keys:  # encoded as the 2.6.0 client does: '/' kept
         path = f"/api/v1/timers/{quote(queue, safe='')}/{quote(key, safe='/')}"

@@ -20,7 +20,7 @@ from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Tupl
 from urllib.parse import unquote_to_bytes
 
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import Map, RequestRedirect, Rule
+from werkzeug.routing import Map, PathConverter, RequestRedirect, Rule
 
 
 class Level(enum.IntEnum):
@@ -186,6 +186,18 @@ class SkipPaths:
             path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes)))
 
 
+class CatchAllConverter(PathConverter):
+    """``<path:...>`` as the catch-all keys need it: any character after the first, control
+    characters (a newline) included, which werkzeug's own path converter does not match."""
+
+    regex = "[^/][\\s\\S]*?"
+
+
+ROUTE_CONVERTERS = {"path": CatchAllConverter}
+"""The converters of every URL map that routes or classes requests (the routes' Klein apps,
+the router, the auth levels), so that they all match the same paths."""
+
+
 def _catch_all_segments() -> Dict[Tuple[str, ...], int]:
     """For each route ending in a catch-all (``<path:...>``: KV keys and timer keys contain
     '/', WIRE2 2.4 and 3.2), its leading fixed segments -> the catch-all's first segment."""
@@ -246,7 +258,7 @@ class RouteLevels:
                  cache_size: int = 4096):
         self._skip = skip
         self._map = Map([Rule(rule, methods=[method], endpoint=level)
-                         for method, rule, level in table])
+                         for method, rule, level in table], converters=ROUTE_CONVERTERS)
         self.level_of: Callable[[bytes, bytes], Level] = functools.lru_cache(
             maxsize=cache_size)(self._level_of)
 

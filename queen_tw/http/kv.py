@@ -13,6 +13,7 @@ from klein import Klein
 from twisted.python.failure import Failure
 
 from queen_tw import jsoncodec
+from queen_tw.auth.levels import ROUTE_CONVERTERS
 from queen_tw.engine.kv import KvEngine
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.errors import NotFound, Unavailable
@@ -47,6 +48,7 @@ class KvRoutes:
     """
 
     app = Klein()
+    app.url_map.converters.update(ROUTE_CONVERTERS)  # before any rule is added
 
     @app.handle_errors(KvInputError)
     def _refused(self, request, failure: Failure) -> bytes:

@@ -14,7 +14,7 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect
 
-from queen_tw.auth.levels import slash_refused
+from queen_tw.auth.levels import ROUTE_CONVERTERS, slash_refused
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.engine.timers import TimersEngine
@@ -55,7 +55,7 @@ class Routes(Resource):
     def __init__(self, route_sets: Sequence[Any]):
         super().__init__()
         self._resources: List[IResource] = []
-        self._map = Map()
+        self._map = Map(converters=ROUTE_CONVERTERS)
         for index, routes in enumerate(route_sets):
             app = routes.app  # bound to ``routes``: its methods receive ``self``
             self._resources.append(app.resource())

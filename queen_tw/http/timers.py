@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from queen_tw import jsoncodec
+from queen_tw.auth.levels import ROUTE_CONVERTERS
 from queen_tw.engine.timers import TimersEngine
 from queen_tw.errors import InvalidRequest, NotFound, PayloadTooLarge, QueenError, Unavailable
 from queen_tw.http import parsing, query
@@ -236,6 +237,7 @@ class TimerRoutes:
     """
 
     app = Klein()
+    app.url_map.converters.update(ROUTE_CONVERTERS)  # before any rule is added
 
     def __init__(self, timers: Optional[TimersEngine] = None):
         self._timers = timers
