@@ -1,6 +1,7 @@
 """When the timer sweeper sweeps (queen_tw/services/timer_sweeper.py), on a ``task.Clock``:
 at start, again at once after a full batch, when the next timer is due (never later than the
-interval, a short retry while due timers are held elsewhere), earlier when a nearer timer is
+interval, a short retry while due timers are held by another sweeper, a longer one while
+their partition is held by another transaction), earlier when a nearer timer is
 scheduled here, after the interval when a sweep fails; and it stops after the sweep in
 progress. The sweeps themselves are the SQL's, tested against PostgreSQL in test_timers.py;
 here a scripted engine answers them, so the schedule is checked to the millisecond.
@@ -15,7 +16,7 @@ from twisted.internet import defer, task
 
 from queen_tw.engine.timers import SweepOutcome
 from queen_tw.errors import DatabaseUnavailable
-from queen_tw.services.timer_sweeper import TimerSweeper
+from queen_tw.services.timer_sweeper import HELD_RETRY_S, TimerSweeper
 
 BATCH = 10
 
@@ -34,8 +35,9 @@ class ScriptedTimers:
         self.calls.append((self.clock.seconds(), pending))
         return await pending
 
-    def answer(self, taken: int = 0, next_due_ms: Optional[float] = None) -> None:
-        self.calls[-1][1].callback(SweepOutcome(taken, taken, next_due_ms))
+    def answer(self, taken: int = 0, next_due_ms: Optional[float] = None,
+               deferred: int = 0) -> None:
+        self.calls[-1][1].callback(SweepOutcome(taken, taken, deferred, next_due_ms))
 
     def fail(self, error: Exception) -> None:
         self.calls[-1][1].errback(error)
@@ -91,6 +93,17 @@ def test_a_full_batch_is_followed_at_once_by_the_next(sweeper, timers, clock):
     assert len(timers.calls) == 2
     clock.advance(0.02)
     assert timers.starts() == [0, 0, 0.02]
+
+
+def test_timers_left_for_a_held_partition_are_retried_after_a_quarter_second(
+        sweeper, timers, clock):
+    timers.answer(taken=3, next_due_ms=-5, deferred=2)
+    clock.advance(HELD_RETRY_S - 0.001)
+    assert len(timers.calls) == 1
+    clock.advance(0.001)
+    assert timers.starts() == [0, HELD_RETRY_S]
+    timers.answer(taken=BATCH, next_due_ms=-5, deferred=2)  # a full batch still goes on
+    assert timers.starts() == [0, HELD_RETRY_S, HELD_RETRY_S]
 
 
 def test_a_nearer_schedule_moves_the_wake_up_earlier_never_later(sweeper, timers, clock):

@@ -13,7 +13,7 @@ schedule that is due before the sweeper's next wake-up tells it through ``on_sch
 
 import base64
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from queen_tw import jsoncodec
 from queen_tw.db.pool import Database
@@ -29,12 +29,15 @@ class SweepOutcome:
 
     :param taken: due rows it took (fired, failed or claimed).
     :param fired: messages pushed.
+    :param deferred: due rows left for a later sweep because another transaction holds
+        their partition (``queen.timers_lock_targets``).
     :param next_due_ms: milliseconds until the next timer is due by the database's clock
         (<= 0: some are due now, held by another sweeper; None: no timers at all).
     """
 
     taken: int
     fired: int
+    deferred: int
     next_due_ms: Optional[float]
 
 
@@ -114,14 +117,19 @@ class TimersEngine:
         encrypting here (claimed for ``lease_ms``); wakes the pops of their partitions."""
         answer = await self._db.call("timers_sweep", limit, lease_ms)
         self._announce(answer["updated"])
-        fired = answer["fired"]
+        fired, deferred, next_due_ms = answer["fired"], answer["deferred"], answer["nextDueMs"]
         if answer.get("claimed"):
-            fired += await self._fire_claimed(answer["claimed"])
-        return SweepOutcome(answer["taken"], fired, answer["nextDueMs"])
+            claimed_fired, claimed_deferred = await self._fire_claimed(answer["claimed"])
+            fired += claimed_fired
+            if claimed_deferred:  # their claims were given up: due again now
+                deferred += claimed_deferred
+                next_due_ms = min(next_due_ms if next_due_ms is not None else 0, 0)
+        return SweepOutcome(answer["taken"], fired, deferred, next_due_ms)
 
-    async def _fire_claimed(self, claimed: Dict[str, Any]) -> int:
+    async def _fire_claimed(self, claimed: Dict[str, Any]) -> Tuple[int, int]:
         """Encrypts the payloads of claimed rows (their queue encrypts; they were scheduled
-        plain) and fires them; without a key each counts a failed attempt."""
+        plain) and fires them; without a key each counts a failed attempt. Returns the
+        messages fired and the rows deferred (their partition held)."""
         rows = claimed["rows"]
         keys = [{"queue": row["queue"], "timerKey": row["timerKey"]} for row in rows]
         try:
@@ -131,12 +139,12 @@ class TimersEngine:
             raise  # the claims expire and the rows are swept again
         except Unavailable as err:
             await self._db.call("timers_fail_claimed", claimed["token"], keys, err.message)
-            return 0
+            return 0, 0
         fires = [dict(key, payload=item["payload"], isEncrypted=bool(item.get("isEncrypted")))
                  for key, item in zip(keys, sealed, strict=True)]
         answer = await self._db.call("timers_fire_claimed", claimed["token"], fires)
         self._announce(answer["updated"])
-        return answer["fired"]
+        return answer["fired"], answer["deferred"]
 
     def _announce(self, updated: List[List[str]]) -> None:
         if updated:

@@ -5,8 +5,10 @@ sweepers of several instances share the work without waiting on each other) and 
 in one transaction; a full batch is followed at once by the next. Then the sweeper sleeps
 until the next timer is due (the database says how long), never longer than ``interval_ms``
 (which bounds how late a timer scheduled on another instance fires) and, when timers are due
-but held by another sweeper, a short ``retry_ms``. A timer scheduled here that is due before
-the planned wake-up moves it earlier (:meth:`TimerSweeper.nudge`).
+but held by another sweeper, a short ``retry_ms`` (a quarter second when their partition is
+held by another transaction: those timers wait, and the sweep fires the others meanwhile). A
+timer scheduled here that is due before the planned wake-up moves it earlier
+(:meth:`TimerSweeper.nudge`).
 
 While pushes go to the file buffer (push maintenance mode, ``paused``) nothing fires: a fired
 timer must not overtake the buffered pushes of its partition; the timers wait, checked every
@@ -32,6 +34,10 @@ log = Logger()
 
 MAX_BUG_DELAY_S = 30.0
 """Longest wait after repeated unexpected sweep failures."""
+
+HELD_RETRY_S = 0.25
+"""Wait before sweeping again when a sweep left due timers because another transaction held
+their partition (each such sweep has already waited up to ``queen.timers_lock_budget``)."""
 
 
 class TimerSweeper(service.Service):
@@ -118,7 +124,8 @@ class TimerSweeper(service.Service):
         delay = self._interval
         if outcome.next_due_ms is not None:
             due_in = outcome.next_due_ms / 1000.0
-            delay = min(delay, due_in if due_in > 0 else self._retry)
+            retry = self._retry if not outcome.deferred else max(self._retry, HELD_RETRY_S)
+            delay = min(delay, due_in if due_in > 0 else retry)
         self._plan(delay)
 
     def _failed(self, failure: Failure) -> None:

@@ -62,6 +62,40 @@ LANGUAGE sql STABLE AS $$
         ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
 $$;
 
+-- Creates the (queue, partition) pairs that do not exist yet (aligned arrays), and takes KEY
+-- SHARE on their queues so none is deleted under the caller until it commits. False when a
+-- queue went between its creation and that lock (deleted meanwhile): the caller goes again.
+-- Shared by push_store and the timer sweep, which creates its targets before locking them.
+CREATE OR REPLACE FUNCTION queen.create_partitions(p_queues text[], p_partitions text[])
+RETURNS boolean
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_queue_names text[] := ARRAY(SELECT DISTINCT unnest(p_queues));
+    v_locked      bigint;
+BEGIN
+    INSERT INTO queen.queues (name, namespace, task)
+    SELECT q, queen.namespace_of(q), queen.task_of(q)
+      FROM unnest(v_queue_names) AS s(q)
+     WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
+    ON CONFLICT (name) DO NOTHING;
+    PERFORM 1 FROM queen.queues qu
+     WHERE qu.name = ANY(v_queue_names)
+     ORDER BY qu.id FOR KEY SHARE;
+    GET DIAGNOSTICS v_locked = ROW_COUNT;
+    IF v_locked <> cardinality(v_queue_names) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO queen.partitions (queue_id, name)
+    SELECT qu.id, w.p
+      FROM unnest(p_queues, p_partitions) AS w(q, p)
+      JOIN queen.queues qu ON qu.name = w.q
+     WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
+                        WHERE x.queue_id = qu.id AND x.name = w.p)
+    ON CONFLICT (queue_id, name) DO NOTHING;
+    RETURN true;
+END
+$$;
+
 -- Items: [{queue, partition?, payload?, transactionId?, traceId?, producerSub?, isEncrypted?,
 --          id?}] (camelCase keys, as the HTTP body; the server validates types before calling).
 -- id: a message id minted before the push (a timer's, promised when it was scheduled; a
@@ -82,7 +116,6 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_pair_queues text[];
     v_pair_parts  text[];
-    v_queue_names text[];
     v_part_ids    uuid[];
     v_part_queues text[];
     v_part_names  text[];
@@ -121,28 +154,13 @@ BEGIN
      WHERE (qu.name, p.name) IN (SELECT * FROM unnest(v_pair_queues, v_pair_parts));
 
     FOR v_attempt IN 1..5 LOOP
+        -- A queue deleted or an idle partition cleaned up between the creation and the lock
+        -- below would silently drop items: the lock counts, and we go again.
         IF v_found <> v_wanted OR v_attempt > 1 THEN
-            -- Create what is missing, under KEY SHARE so no queue is deleted under us until
-            -- commit. A queue deleted or an idle partition cleaned up between this and the
-            -- lock below would silently drop items: the lock counts, and we go again.
-            v_queue_names := ARRAY(SELECT DISTINCT unnest(v_pair_queues));
-            INSERT INTO queen.queues (name, namespace, task)
-            SELECT q, queen.namespace_of(q), queen.task_of(q)
-              FROM unnest(v_queue_names) AS s(q)
-             WHERE NOT EXISTS (SELECT 1 FROM queen.queues x WHERE x.name = s.q)
-            ON CONFLICT (name) DO NOTHING;
-            PERFORM 1 FROM queen.queues qu
-             WHERE qu.name = ANY(v_queue_names)
-             ORDER BY qu.id FOR KEY SHARE;
-            GET DIAGNOSTICS v_locked = ROW_COUNT;
-            CONTINUE WHEN v_locked <> cardinality(v_queue_names);
-            INSERT INTO queen.partitions (queue_id, name)
-            SELECT qu.id, w.p
-              FROM unnest(v_pair_queues, v_pair_parts) AS w(q, p)
-              JOIN queen.queues qu ON qu.name = w.q
-             WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
-                                WHERE x.queue_id = qu.id AND x.name = w.p)
-            ON CONFLICT (queue_id, name) DO NOTHING;
+            IF NOT queen.create_partitions(v_pair_queues, v_pair_parts) THEN
+                v_locked := 0;
+                CONTINUE;
+            END IF;
         END IF;
 
         -- Lock capacity-limited queues, then the partitions, always in id order (no deadlocks).

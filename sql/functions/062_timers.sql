@@ -279,47 +279,262 @@ BEGIN
 END
 $$;
 
+-- How long one sweep may wait, in all, for the partitions (and capacity-limited queues) of
+-- the timers it fires: short of deadlock_timeout, so that a sweep waiting on a partition while
+-- holding others gives up before a push waiting on one of those would be failed as a
+-- deadlock; and short, since the pushes to the partitions it holds wait for it meanwhile.
+CREATE OR REPLACE FUNCTION queen.timers_lock_budget() RETURNS interval
+LANGUAGE sql STABLE AS $$
+    SELECT least(interval '200 milliseconds', current_setting('deadlock_timeout')::interval / 2)
+$$;
+
+-- Locks what a push of timers to the (queue, partition) targets would lock (aligned arrays;
+-- repeats allowed), without the head-of-line wait a plain push would make: a partition held
+-- by a long transaction must not stall every other timer. Returns the targets it did not
+-- lock (queue, partition) and, among them, the queues it could not lock (held_queues: every
+-- partition of such a queue is held back, so the sweep leaves the whole queue); their timers
+-- wait for a later sweep.
+--
+-- The targets that do not exist yet are created first (a fired timer re-creates its queue as
+-- a push would; that may wait on a concurrent creation of the same one). Then every lock is
+-- tried without waiting: each queue (FOR NO KEY UPDATE when capacity-limited, as push_store
+-- takes it; FOR SHARE otherwise, so that no configuration change makes it capacity-limited,
+-- and no delete removes it, before the fire), then each partition; and only the ones held by
+-- others are waited for, in that order, until p_deadline (see timers_lock_budget): a
+-- partition busy with pushes is had within milliseconds, one a transaction keeps is given
+-- up. Each wait is bounded by the time left, never raised above the session's own
+-- lock_timeout, and is a subtransaction: a call makes at most 16 (with the creation). Only
+-- the ones that got their lock keep a subtransaction id; a sweep whose waits get more than
+-- the 64 a backend caches costs other backends' visibility checks more, nothing else.
+CREATE OR REPLACE FUNCTION queen.timers_lock_targets(p_queues text[], p_partitions text[],
+                                                     p_deadline timestamptz,
+                                                     OUT queue text[], OUT partition text[],
+                                                     OUT held_queues text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues  text[];
+    v_parts   text[];
+    v_missing record;
+    v_capped  uuid[];
+    v_plain   uuid[];
+    v_ids     uuid[];
+    v_got_q   uuid[];
+    v_got_p   uuid[];
+    v_wait    record;
+    v_waits   integer := 0;
+    v_saved   text := current_setting('lock_timeout');
+BEGIN
+    SELECT coalesce(array_agg(w.q), '{}'), coalesce(array_agg(w.p), '{}') INTO v_queues, v_parts
+      FROM (SELECT DISTINCT q, p FROM unnest(p_queues, p_partitions) AS u(q, p)) w;
+    SELECT array_agg(w.q) AS queues, array_agg(w.p) AS parts INTO v_missing
+      FROM unnest(v_queues, v_parts) AS w(q, p)
+     WHERE NOT EXISTS (SELECT 1 FROM queen.queues qu
+                         JOIN queen.partitions pa ON pa.queue_id = qu.id AND pa.name = w.p
+                        WHERE qu.name = w.q);
+    IF v_missing.queues IS NOT NULL THEN
+        -- (tried even when the budget is spent: an uncontended creation waits for nothing)
+        PERFORM queen.timers_wait_setting(p_deadline, v_saved, 1);
+        BEGIN
+            PERFORM queen.create_partitions(v_missing.queues, v_missing.parts);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- still missing: their timers wait
+        END;
+        PERFORM set_config('lock_timeout', v_saved, true);
+        v_waits := 1;
+    END IF;
+    SELECT coalesce(array_agg(DISTINCT qu.id) FILTER (WHERE qu.max_size > 0), '{}'),
+           coalesce(array_agg(DISTINCT qu.id) FILTER (WHERE qu.max_size <= 0), '{}'),
+           coalesce(array_agg(pa.id), '{}')
+      INTO v_capped, v_plain, v_ids
+      FROM unnest(v_queues, v_parts) AS w(q, p)
+      JOIN queen.queues qu ON qu.name = w.q
+      JOIN queen.partitions pa ON pa.queue_id = qu.id AND pa.name = w.p;
+
+    SELECT coalesce(array_agg(l.id), '{}') INTO v_got_q
+      FROM (SELECT qu.id FROM queen.queues qu WHERE qu.id = ANY(v_capped)
+             ORDER BY qu.id FOR NO KEY UPDATE SKIP LOCKED) l;
+    SELECT v_got_q || coalesce(array_agg(l.id), '{}') INTO v_got_q
+      FROM (SELECT qu.id FROM queen.queues qu WHERE qu.id = ANY(v_plain)
+             ORDER BY qu.id FOR SHARE SKIP LOCKED) l;
+    SELECT coalesce(array_agg(l.id), '{}') INTO v_got_p
+      FROM (SELECT pa.id FROM queen.partitions pa WHERE pa.id = ANY(v_ids)
+               AND pa.queue_id = ANY(v_got_q)
+             ORDER BY pa.id FOR NO KEY UPDATE SKIP LOCKED) l;
+
+    FOR v_wait IN
+        SELECT 1 AS kind, x.id FROM unnest(v_capped) AS x(id) WHERE x.id <> ALL (v_got_q)
+        UNION ALL
+        SELECT 2, x.id FROM unnest(v_plain) AS x(id) WHERE x.id <> ALL (v_got_q)
+        UNION ALL
+        SELECT 3, x.id FROM unnest(v_ids) AS x(id) WHERE x.id <> ALL (v_got_p)
+        ORDER BY 1, 2
+    LOOP
+        CONTINUE WHEN v_wait.kind = 3
+                      AND NOT EXISTS (SELECT 1 FROM queen.partitions pa
+                                       WHERE pa.id = v_wait.id AND pa.queue_id = ANY(v_got_q));
+        EXIT WHEN v_waits >= 15 OR NOT queen.timers_wait_setting(p_deadline, v_saved, 0);
+        v_waits := v_waits + 1;
+        BEGIN
+            IF v_wait.kind = 1 THEN
+                PERFORM 1 FROM queen.queues WHERE id = v_wait.id FOR NO KEY UPDATE;
+            ELSIF v_wait.kind = 2 THEN
+                PERFORM 1 FROM queen.queues WHERE id = v_wait.id FOR SHARE;
+            ELSE
+                PERFORM 1 FROM queen.partitions
+                 WHERE id = v_wait.id AND queue_id = ANY(v_got_q) FOR NO KEY UPDATE;
+            END IF;
+            IF FOUND AND v_wait.kind < 3 THEN
+                v_got_q := v_got_q || v_wait.id;
+            ELSIF FOUND THEN
+                v_got_p := v_got_p || v_wait.id;
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- still held: its timers wait
+        END;
+    END LOOP;
+    PERFORM set_config('lock_timeout', v_saved, true);
+    -- A queue locked FOR SHARE that became capacity-limited before the lock (a configuration
+    -- committed in between) would make push_store wait for the stronger lock: it is held.
+    v_got_q := ARRAY(SELECT qu.id FROM queen.queues qu WHERE qu.id = ANY(v_got_q)
+                        AND (qu.max_size <= 0 OR qu.id = ANY(v_capped)));
+
+    SELECT coalesce(array_agg(w.q), '{}'), coalesce(array_agg(w.p), '{}') INTO queue, partition
+      FROM unnest(v_queues, v_parts) AS w(q, p)
+     WHERE NOT EXISTS (SELECT 1 FROM queen.queues qu
+                         JOIN queen.partitions pa ON pa.queue_id = qu.id AND pa.name = w.p
+                        WHERE qu.name = w.q AND pa.id = ANY(v_got_p)
+                          AND qu.id = ANY(v_got_q));
+    held_queues := ARRAY(SELECT qu.name FROM queen.queues qu
+                          WHERE qu.id = ANY(v_capped || v_plain) AND qu.id <> ALL (v_got_q));
+END
+$$;
+
+-- Sets lock_timeout to the time left until p_deadline, at least p_floor_ms, never above the
+-- session's own (p_saved, 0 = none): false, and nothing set, when that leaves no time.
+CREATE OR REPLACE FUNCTION queen.timers_wait_setting(p_deadline timestamptz, p_saved text,
+                                                     p_floor_ms integer)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_left_ms bigint := greatest(ceil(extract(epoch FROM p_deadline - clock_timestamp()) * 1000),
+                                 p_floor_ms);
+    v_own_ms  double precision := extract(epoch FROM p_saved::interval) * 1000;
+BEGIN
+    IF v_left_ms < 1 THEN
+        RETURN false;
+    END IF;
+    IF v_own_ms > 0 THEN
+        v_left_ms := least(v_left_ms, ceil(v_own_ms)::bigint);
+    END IF;
+    PERFORM set_config('lock_timeout', v_left_ms::text, true);
+    RETURN true;
+END
+$$;
+
 -- One sweep: takes up to p_limit due rows (oldest visible first; rows another sweeper holds
 -- are skipped) and fires them in this one transaction, except rows whose queue encrypts
 -- while their payload is plain (the queue started encrypting after they were scheduled):
 -- those are claimed for p_lease_ms under one token and returned with their JSON for the
 -- server to encrypt (timers_fire_claimed); a claim that is not fired in time becomes due
--- again. Returns the fire's counts plus
+-- again.
+-- A partition's timers fire in order: of each partition the sweep takes only the due rows
+-- before the first one it does not hold (one another sweeper holds goes first, with its
+-- successors left for later). Rows whose partition or queue stays held by another
+-- transaction (timers_lock_targets) are deferred: left due as they are, with every other
+-- row of that partition or queue, and the sweep takes other rows in their place, in up to
+-- eight rounds. The rows fire in the order they became due (claimed rows after the sweep,
+-- when timers_fire_claimed pushes them: their place among their partition's is not kept).
+-- Returns the fire's counts plus
 --   claimed: {token, rows: [{queue, timerKey, body}]} or null,
---   taken: rows taken, nextDueMs: ms until the next row is due (<= 0: due now; null: none).
+--   taken: rows taken (fired, failed or claimed), deferred: rows left for a held partition,
+--   nextDueMs: ms until the next row is due (<= 0: due now; null: none).
 CREATE OR REPLACE FUNCTION queen.timers_sweep(p_limit integer, p_lease_ms integer)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_now     timestamptz := clock_timestamp();
-    v_queues  text[];
-    v_keys    text[];
-    v_plain   boolean[];
-    v_taken   integer;
-    v_fire_q  text[];
-    v_fire_k  text[];
-    v_fired   jsonb;
-    v_token   uuid;
-    v_claimed jsonb;
-    v_next    double precision;
+    v_now      timestamptz := clock_timestamp();
+    v_deadline timestamptz := clock_timestamp() + queen.timers_lock_budget();
+    v_queues   text[] := '{}';  -- the rows taken
+    v_keys     text[] := '{}';
+    v_plain    boolean[] := '{}';
+    v_held_q   text[] := '{}';  -- the targets held by others: (queue, partition) ...
+    v_held_p   text[] := '{}';
+    v_held_qs  text[] := '{}';  -- ... and whole queues
+    v_deferred integer := 0;
+    v_round    record;
+    v_held     record;
+    v_fire_q   text[];
+    v_fire_k   text[];
+    v_fired    jsonb;
+    v_token    uuid;
+    v_claimed  jsonb;
+    v_next     double precision;
 BEGIN
-    SELECT coalesce(array_agg(d.queue ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
-           coalesce(array_agg(d.timer_key ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
-           coalesce(array_agg(d.needs_key ORDER BY d.visible_at, d.queue, d.timer_key), '{}'),
-           count(*)
-      INTO v_queues, v_keys, v_plain, v_taken
-      FROM (SELECT t.queue, t.timer_key, t.visible_at,
+    FOR v_round_no IN 1..8 LOOP
+        WITH candidates AS (
+            SELECT t.queue, t.timer_key, t.partition, t.visible_at,
                    coalesce(qu.encryption_enabled, false) AND NOT t.encrypted AS needs_key
               FROM queen.timers t LEFT JOIN queen.queues qu ON qu.name = t.queue
              WHERE t.visible_at <= v_now
-             ORDER BY t.visible_at
-             LIMIT p_limit
-               FOR UPDATE OF t SKIP LOCKED) d;
+               AND t.queue <> ALL (v_held_qs)
+               AND (t.queue, t.partition) NOT IN (SELECT * FROM unnest(v_held_q, v_held_p))
+               AND (t.queue, t.timer_key) NOT IN (SELECT * FROM unnest(v_queues, v_keys))
+             ORDER BY t.visible_at, t.queue, t.timer_key
+             LIMIT p_limit - cardinality(v_queues)
+               FOR UPDATE OF t SKIP LOCKED
+        ), firsts AS (  -- per partition, its first due row this sweep does not hold
+            SELECT c.queue, c.partition, f.visible_at, f.timer_key
+              FROM (SELECT DISTINCT queue, partition FROM candidates) c
+              LEFT JOIN LATERAL (
+                  SELECT e.visible_at, e.timer_key FROM queen.timers e
+                   WHERE e.queue = c.queue AND e.partition = c.partition
+                     AND e.visible_at <= v_now
+                     AND (e.queue, e.timer_key) NOT IN (SELECT * FROM unnest(v_queues, v_keys))
+                     AND (e.queue, e.timer_key) NOT IN (SELECT x.queue, x.timer_key
+                                                          FROM candidates x)
+                   ORDER BY e.visible_at, e.timer_key
+                   LIMIT 1) f ON true
+        )
+        SELECT coalesce(array_agg(c.queue), '{}') AS queues,
+               coalesce(array_agg(c.timer_key), '{}') AS keys,
+               coalesce(array_agg(c.partition), '{}') AS parts,
+               coalesce(array_agg(c.needs_key), '{}') AS plain
+          INTO v_round
+          FROM candidates c JOIN firsts f ON f.queue = c.queue AND f.partition = c.partition
+         WHERE f.visible_at IS NULL
+            OR (c.visible_at, c.timer_key) < (f.visible_at, f.timer_key);
+        EXIT WHEN cardinality(v_round.queues) = 0;
 
-    v_fire_q := ARRAY(SELECT v_queues[i] FROM generate_subscripts(v_queues, 1) i
-                       WHERE NOT v_plain[i] ORDER BY i);
-    v_fire_k := ARRAY(SELECT v_keys[i] FROM generate_subscripts(v_keys, 1) i
-                       WHERE NOT v_plain[i] ORDER BY i);
+        -- Only the rows fired here need their partitions; claimed ones are pushed later,
+        -- but wait with the others of a held partition or queue.
+        SELECT * INTO v_held
+          FROM queen.timers_lock_targets(
+                   ARRAY(SELECT r.q FROM unnest(v_round.queues, v_round.plain) AS r(q, n)
+                          WHERE NOT r.n),
+                   ARRAY(SELECT r.p FROM unnest(v_round.parts, v_round.plain) AS r(p, n)
+                          WHERE NOT r.n),
+                   v_deadline);
+        v_held_q := v_held_q || v_held.queue;
+        v_held_p := v_held_p || v_held.partition;
+        v_held_qs := v_held_qs || v_held.held_queues;
+        SELECT v_queues || coalesce(array_agg(r.q), '{}'),
+               v_keys || coalesce(array_agg(r.k), '{}'),
+               v_plain || coalesce(array_agg(r.n), '{}'),
+               v_deferred + cardinality(v_round.queues) - count(*)
+          INTO v_queues, v_keys, v_plain, v_deferred
+          FROM unnest(v_round.queues, v_round.keys, v_round.parts, v_round.plain)
+               AS r(q, k, p, n)
+         WHERE (r.q, r.p) NOT IN (SELECT * FROM unnest(v_held.queue, v_held.partition))
+           AND r.q <> ALL (v_held.held_queues);
+        EXIT WHEN cardinality(v_held.queue) = 0 OR cardinality(v_queues) >= p_limit;
+    END LOOP;
+
+    SELECT coalesce(array_agg(t.queue ORDER BY t.visible_at, t.queue, t.timer_key), '{}'),
+           coalesce(array_agg(t.timer_key ORDER BY t.visible_at, t.queue, t.timer_key), '{}')
+      INTO v_fire_q, v_fire_k
+      FROM unnest(v_queues, v_keys, v_plain) AS k(queue, timer_key, plain)
+      JOIN queen.timers t ON t.queue = k.queue AND t.timer_key = k.timer_key
+     WHERE NOT k.plain;
     BEGIN
         v_fired := queen.timers_fire(v_fire_q, v_fire_k, NULL);
     EXCEPTION WHEN OTHERS THEN
@@ -329,7 +544,7 @@ BEGIN
         v_fired := queen.timers_fire_each(v_fire_q, v_fire_k);
     END;
 
-    IF v_taken > cardinality(v_fire_q) THEN
+    IF cardinality(v_queues) > cardinality(v_fire_q) THEN
         v_token := gen_random_uuid();
         WITH claimed AS (
             UPDATE queen.timers t
@@ -338,11 +553,11 @@ BEGIN
                    visible_at = v_now + p_lease_ms * interval '1 millisecond'
               FROM generate_subscripts(v_queues, 1) i
              WHERE v_plain[i] AND t.queue = v_queues[i] AND t.timer_key = v_keys[i]
-            RETURNING t.queue, t.timer_key,
+            RETURNING i, t.queue, t.timer_key,
                       coalesce(t.body, convert_from(t.payload, 'UTF8')::jsonb) AS body
         )
         SELECT jsonb_build_object('token', v_token, 'rows', jsonb_agg(jsonb_build_object(
-                   'queue', c.queue, 'timerKey', c.timer_key, 'body', c.body)))
+                   'queue', c.queue, 'timerKey', c.timer_key, 'body', c.body) ORDER BY c.i))
           INTO v_claimed
           FROM claimed c;
     END IF;
@@ -350,33 +565,57 @@ BEGIN
     SELECT extract(epoch FROM min(t.visible_at) - clock_timestamp()) * 1000
       INTO v_next
       FROM queen.timers t;
-    RETURN v_fired || jsonb_build_object('claimed', v_claimed, 'taken', v_taken,
-                                         'nextDueMs', v_next);
+    RETURN v_fired || jsonb_build_object('claimed', v_claimed, 'taken', cardinality(v_queues),
+                                         'deferred', v_deferred, 'nextDueMs', v_next);
 END
 $$;
 
 -- Fires rows this server claimed in a sweep (p_token), with the payloads it made for them:
 -- p_rows [{queue, timerKey, payload, isEncrypted}]. A row whose claim another sweeper has
--- taken over since (its claim expired) is left alone: that sweeper fires it.
+-- taken over since (its claim expired) is left alone: that sweeper fires it. A row whose
+-- partition stays held (timers_lock_targets) gives its claim up and is due again at once:
+-- the next sweep claims it anew. Returns timers_fire's counts plus deferred.
 CREATE OR REPLACE FUNCTION queen.timers_fire_claimed(p_token uuid, p_rows jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
     v_keys   text[];
+    v_parts  text[];
     v_bodies jsonb;
+    v_held   record;
+    v_fire   record;
 BEGIN
     SELECT coalesce(array_agg(l.queue ORDER BY l.o), '{}'),
            coalesce(array_agg(l.timer_key ORDER BY l.o), '{}'),
-           coalesce(jsonb_agg(l.e ORDER BY l.o), '[]'::jsonb)
-      INTO v_queues, v_keys, v_bodies
-      FROM (SELECT t.queue, t.timer_key, r.e, r.o
+           coalesce(array_agg(l.partition ORDER BY l.o), '{}')
+      INTO v_queues, v_keys, v_parts
+      FROM (SELECT t.queue, t.timer_key, t.partition, r.o
               FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS r(e, o)
               JOIN queen.timers t ON t.queue = r.e->>'queue' AND t.timer_key = r.e->>'timerKey'
              WHERE t.claim_token = p_token
              ORDER BY t.queue, t.timer_key
                FOR UPDATE OF t) l;
-    RETURN queen.timers_fire(v_queues, v_keys, v_bodies);
+    SELECT * INTO v_held
+      FROM queen.timers_lock_targets(v_queues, v_parts,
+                                     clock_timestamp() + queen.timers_lock_budget());
+    UPDATE queen.timers t
+       SET claim_token = NULL, claimed_until = NULL,
+           visible_at = least(t.deliver_at, clock_timestamp())
+      FROM unnest(v_queues, v_keys, v_parts) AS k(queue, timer_key, partition)
+     WHERE t.queue = k.queue AND t.timer_key = k.timer_key
+       AND (k.queue, k.partition) IN (SELECT * FROM unnest(v_held.queue, v_held.partition));
+    SELECT coalesce(array_agg(k.queue ORDER BY k.o), '{}') AS queues,
+           coalesce(array_agg(k.timer_key ORDER BY k.o), '{}') AS keys,
+           coalesce(jsonb_agg(p_rows->(r.o::int - 1) ORDER BY k.o), '[]'::jsonb) AS bodies,
+           count(*) AS n
+      INTO v_fire
+      FROM unnest(v_queues, v_keys, v_parts) WITH ORDINALITY AS k(queue, timer_key, partition, o)
+      JOIN jsonb_array_elements(p_rows) WITH ORDINALITY AS r(e, o)
+        ON r.e->>'queue' = k.queue AND r.e->>'timerKey' = k.timer_key
+     WHERE (k.queue, k.partition) NOT IN (SELECT * FROM unnest(v_held.queue, v_held.partition));
+    RETURN queen.timers_fire(v_fire.queues, v_fire.keys, v_fire.bodies)
+           || jsonb_build_object('deferred', cardinality(v_queues) - v_fire.n);
 END
 $$;
 
