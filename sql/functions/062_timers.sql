@@ -303,7 +303,7 @@ $$;
 -- others are waited for, in that order, until p_deadline (see timers_lock_budget): a
 -- partition busy with pushes is had within milliseconds, one a transaction keeps is given
 -- up. Each wait is bounded by the time left, never raised above the session's own
--- lock_timeout, and is a subtransaction: a call makes at most 16 (with the creation). Only
+-- lock_timeout, and is a subtransaction: a call makes at most 15 (the creation included). Only
 -- the ones that got their lock keep a subtransaction id; a sweep whose waits get more than
 -- the 64 a backend caches costs other backends' visibility checks more, nothing else.
 CREATE OR REPLACE FUNCTION queen.timers_lock_targets(p_queues text[], p_partitions text[],
@@ -380,8 +380,7 @@ BEGIN
             ELSIF v_wait.kind = 2 THEN
                 PERFORM 1 FROM queen.queues WHERE id = v_wait.id FOR SHARE;
             ELSE
-                PERFORM 1 FROM queen.partitions
-                 WHERE id = v_wait.id AND queue_id = ANY(v_got_q) FOR NO KEY UPDATE;
+                PERFORM 1 FROM queen.partitions WHERE id = v_wait.id FOR NO KEY UPDATE;
             END IF;
             IF FOUND AND v_wait.kind < 3 THEN
                 v_got_q := v_got_q || v_wait.id;
