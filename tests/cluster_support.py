@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,8 +47,14 @@ SLOW_FALLBACK_MS = "600000"
 datagram can explain a wake-up, a config change or a maintenance flag seen by a peer."""
 
 QUIET = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
-         "EVICTION_INTERVAL": "3600000", "NUM_WORKERS": "1"}
-"""Background jobs out of the way: the only pop queries an instance runs are the tests'."""
+         "EVICTION_INTERVAL": "3600000", "QUEEN_TIMERS_SWEEP_INTERVAL_MS": SLOW_FALLBACK_MS,
+         "NUM_WORKERS": "1"}
+"""Background jobs out of the way: the only pop queries an instance runs are the tests'.
+
+The timer sweeper matters most: the pool reuses its first free connection, so a sweep that
+starts a few milliseconds after a pop attempt overwrites the query ``pg_stat_activity`` shows
+for it, and :func:`wait_parked` never sees the attempt end. With no timer due, it now sweeps
+once at start (and when a timer scheduled on it comes due)."""
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -110,12 +116,14 @@ class Cluster:
     ``QUEEN_UDP_PEERS``, with one shared secret and fast heartbeats.
 
     :param env: environment overrides of every instance.
+    :param node_env: further overrides of single instances, by name.
     :param spawn: runs a callable where the instances must live (a namespace's threads);
         by default, right here.
     """
 
     def __init__(self, pg_env: Mapping[str, str], env: Mapping[str, str] | None = None, *,
                  names: tuple[str, ...] = ("a", "b", "c"),
+                 node_env: Mapping[str, Mapping[str, str]] | None = None,
                  spawn: Callable[[Callable[[], Any]], Any] | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="queen-tw-cluster-"))
         self._spawn: Callable[[Callable[[], Any]], Any] = spawn or (lambda call: call())
@@ -127,7 +135,8 @@ class Cluster:
             self.nodes[name] = ClusterNode(name, pg_env, self.root / name, ports[name], {
                 "QUEEN_UDP_PEERS": peers, "QUEEN_SYNC_SECRET": SECRET,
                 "QUEEN_SYNC_HEARTBEAT_MS": str(HEARTBEAT_MS),
-                "QUEEN_SYNC_DEAD_THRESHOLD_MS": str(DEAD_THRESHOLD_MS), **(env or {})})
+                "QUEEN_SYNC_DEAD_THRESHOLD_MS": str(DEAD_THRESHOLD_MS), **(env or {}),
+                **(node_env or {}).get(name, {})})
 
     def __getitem__(self, name: str) -> ClusterNode:
         return self.nodes[name]
@@ -176,13 +185,72 @@ def pop_queries_since(db: connection, node: ClusterNode, since: Any) -> list[str
         return [row[0] for row in cursor.fetchall()]
 
 
-def wait_parked(db: connection, node: ClusterNode, since: Any,
-                pending: Future[Any] | None = None) -> None:
-    """Until ``node`` has finished a pop attempt begun after ``since`` (the long-poll sent
-    then has looked, found nothing and parked). ``pending``, the long-poll itself, must not
-    have answered meanwhile."""
-    wait_until(lambda: "idle" in pop_queries_since(db, node, since),
-               message=f"the first pop attempt on {node.name}")
+QUEUE_MODE = "__QUEUE_MODE__"
+"""The consumer group of a pop without one (queue mode)."""
+
+
+class PopAttempts:
+    """The pop calls one instance finished after a moment, as far as ``pg_stat_activity``
+    (which shows each connection's latest query only) lets a sampler see them.
+
+    A call counts as finished when its connection shows it ``idle``, or when a call seen
+    running has been replaced by a later query on that connection: the pool reuses its
+    first free connection, so a background query (a declarations re-read, a sweep) can
+    overwrite a finished pop within milliseconds.
+    """
+
+    def __init__(self, db: connection, node: ClusterNode, since: Any):
+        self._db, self._node, self._since = db, node, since
+        self._running: dict[int, Any] = {}  # pid -> start of the pop call seen running there
+        self.finished: list[Any] = []       # starts of the pop calls known to have finished
+
+    def sample(self) -> None:
+        with self._db.cursor() as cursor:
+            cursor.execute("""SELECT pid, state, query_start, query ILIKE '%%queen.pop%%'
+                                FROM pg_stat_activity
+                               WHERE application_name = %s AND query_start > %s""",
+                           (self._node.worker_id, self._since))
+            for pid, state, started, is_pop in cursor.fetchall():
+                seen = self._running.get(pid)
+                if seen is not None and started > seen:
+                    self.finished.append(self._running.pop(pid))
+                if is_pop and state == "idle":
+                    self.finished.append(started)
+                elif is_pop:
+                    self._running[pid] = started
+
+
+def first_contact_done(db: connection, queues: Sequence[str], group: str, after: Any) -> bool:
+    """Whether a pop call started at ``after`` ran with the subscriptions of ``group`` to
+    ``queues`` in place. A group's first pop answers "needs a subscription", the server
+    records it in a call of its own and pops again: only that second call is the attempt
+    that parks. A queue that does not exist needs none."""
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT bool_and(cs.created_at IS NOT NULL AND cs.created_at < %s)
+                            FROM queen.queues q
+                            LEFT JOIN queen.consumer_subscriptions cs
+                                   ON cs.queue_id = q.id AND cs.consumer_group = %s
+                           WHERE q.name = ANY(%s)""", (after, group, list(queues)))
+        [(ready,)] = cursor.fetchall()
+        return ready is not False  # NULL: none of the queues exists
+
+
+def wait_parked(db: connection, node: ClusterNode, since: Any, queues: Sequence[str],
+                pending: Future[Any] | None = None, group: str = QUEUE_MODE) -> None:
+    """Until ``node`` has finished the first attempt of a long-poll of ``group`` on
+    ``queues`` sent after ``since``: it looked, found nothing, and is parked, so whatever
+    is stored next can reach it only through a wake-up. ``pending``, the long-poll itself,
+    must not have answered meanwhile."""
+    attempts = PopAttempts(db, node, since)
+
+    def attempted() -> bool:
+        if pending is not None and pending.done():
+            return True
+        attempts.sample()
+        return any(first_contact_done(db, queues, group, started)
+                   for started in attempts.finished)
+
+    wait_until(attempted, interval=0.005, message=f"the first pop attempt on {node.name}")
     if pending is not None:
         assert not pending.done(), f"the long-poll answered at once: {pending.result()}"
 

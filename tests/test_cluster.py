@@ -5,8 +5,9 @@ long-poll fallback (``POP_WAIT_*``), the periodic re-read of maintenance flags
 (``QUEEN_CACHE_REFRESH_INTERVAL_MS``) and the trust in a cached queue config
 (``QUEEN_QUEUE_CONFIG_TTL_MS``) are set to 10 minutes, so what happens within a test's 30 s
 ceiling was carried by the peer datagrams. No test measures elapsed time. A long-poll is
-known to be parked once its instance's first pop query has finished in PostgreSQL
-(``pg_stat_activity``, by the instance's ``application_name``), so a push sent after that
+known to be parked once its instance's first pop attempt has finished in PostgreSQL
+(``pg_stat_activity``, by the instance's ``application_name``; a group's first contact is
+two pop calls around its subscription, see ``wait_parked``), so a push sent after that
 cannot be found by the first attempt.
 
 The datagram-loss test runs its own three instances in a network namespace whose loopback
@@ -150,7 +151,7 @@ def test_a_push_on_a_wakes_a_long_poll_parked_on_c(cluster: Cluster, db: connect
     received_before = c.transport("messages_received")
     since = db_now(db)
     parked = long_polls.submit(long_poll, c, queue)
-    wait_parked(db, c, since, parked)
+    wait_parked(db, c, since, [queue], parked)
 
     push(a, queue, "wake-1")
 
@@ -174,7 +175,7 @@ def test_one_push_batch_wakes_partition_and_wildcard_waiters_on_b_and_c(
                                        ("any@c", c, other, None)):
         since = db_now(db)
         parked[key] = long_polls.submit(long_poll, node, name, partition)
-        wait_parked(db, node, since, parked[key])
+        wait_parked(db, node, since, [name], parked[key])
 
     answer = a.post("/api/v1/push", {"items": [
         {"queue": queue, "partition": "p1", "transactionId": "p1", "payload": {}},
@@ -292,7 +293,7 @@ def test_datagrams_with_the_wrong_secret_are_counted_and_wake_nobody(
     configure(a, queue)
     since = db_now(db)
     parked = long_polls.submit(long_poll, a, queue, "Default")
-    wait_parked(db, a, since, parked)
+    wait_parked(db, a, since, [queue], parked)
     store_silently(db, queue, "Default", "silent-1", {"n": 1})  # no instance hears of it
     before = {node.name: node.transport("signature_failures") for node in nodes}
     after_store = db_now(db)

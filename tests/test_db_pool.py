@@ -110,7 +110,9 @@ async def test_calls_that_deadlock_are_retried_in_place_on_live_connections(data
         one = defer.ensureDeferred(database.call("test_deadlock_pair", 1, 2))
         other = defer.ensureDeferred(database.call("test_deadlock_pair", 2, 1))
         assert sorted(await defer.gatherResults([one, other])) == [1, 2]
-        assert database.rolled_back_retries == retries_before + 1
+        # At least once: on a loaded machine the loser's second try can take row 2 before the
+        # winner's backend wakes to take it, and the pair deadlocks again (also retried).
+        assert database.rolled_back_retries >= retries_before + 1
         assert database.alive_connections() == 3  # nobody was dropped for the deadlock
         with setup.cursor() as cursor:
             cursor.execute("SELECT sum(n) FROM queen.test_deadlock_rows")

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List
 
-import httpx
 import psycopg2
 import pytest
 
@@ -32,6 +31,11 @@ PARTITIONS = 12
 SWEEP = {"QUEEN_TIMERS_SWEEP_BATCH": "100", "QUEEN_TIMERS_SWEEP_INTERVAL_MS": "1000",
          "POP_WAIT_INITIAL_INTERVAL_MS": SLOW_FALLBACK_MS,
          "POP_WAIT_MAX_INTERVAL_MS": SLOW_FALLBACK_MS}
+PARKED_ON = "b"
+"""The instance the wake-up test parks its long poll on. It sweeps only when a timer
+scheduled on it comes due (see ``QUIET`` in cluster_support: a sweep every second would
+hide the parked pop's attempt from ``wait_parked``); a and c sweep every second, so the
+kill test still has a sweeper that looks on its own after the kill."""
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def db(pg_env: dict[str, str]) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def cluster(pg_env: dict[str, str]) -> Iterator[Cluster]:
-    nodes = Cluster(pg_env, SWEEP)
+    nodes = Cluster(pg_env, SWEEP, node_env={
+        PARKED_ON: {"QUEEN_TIMERS_SWEEP_INTERVAL_MS": SLOW_FALLBACK_MS}})
     try:
         nodes.start()
         nodes.wait_all_alive()
@@ -100,18 +105,16 @@ def pending(db: Any, queue: str) -> int:
 
 def test_a_fired_timer_wakes_a_long_poll_parked_on_another_instance(cluster, db):
     queue = unique_name()
-    parked_on = cluster["b"]
-    answers: List[httpx.Response] = []
+    parked_on = cluster[PARKED_ON]
     since = db_now(db)
-    poll = threading.Thread(target=lambda: answers.append(httpx.get(
-        f"{parked_on.url}/api/v1/pop/queue/{queue}", params={"wait": "true",
-                                                              "timeout": 25_000}, timeout=40)))
-    poll.start()
-    wait_parked(db, parked_on, since)  # it looked, found nothing, and waits
-    [result] = schedule(cluster["a"], queue, [1], 300)
-    poll.join(40)
-    assert answers and answers[0].status_code == 200, answers
-    assert answers[0].json()["messages"][0]["id"] == result["messageId"]
+    with ThreadPoolExecutor(1) as long_polls:
+        parked = long_polls.submit(parked_on.get, f"/api/v1/pop/queue/{queue}", wait="true",
+                                   timeout=25_000)
+        wait_parked(db, parked_on, since, [queue], parked)  # it looked, found nothing, and waits
+        [result] = schedule(cluster["a"], queue, [1], 300)
+        answer = parked.result(40)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["messages"][0]["id"] == result["messageId"]
 
 
 def test_every_timer_fires_exactly_once_when_a_sweeper_is_killed_mid_sweep(cluster, db):
