@@ -53,8 +53,8 @@ QUIET = {"STATS_INTERVAL_MS": "3600000", "RETENTION_INTERVAL": "3600000",
 
 The timer sweeper matters most: the pool reuses its first free connection, so a sweep that
 starts a few milliseconds after a pop attempt overwrites the query ``pg_stat_activity`` shows
-for it, and :func:`wait_parked` never sees the attempt end. With no timer due, it now sweeps
-once at start (and when a timer scheduled on it comes due)."""
+for it, and :func:`wait_parked` sees the attempt end only if it sampled it running. With no
+timer due, it sweeps once at start (and when a timer scheduled on it comes due)."""
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -202,7 +202,7 @@ class PopAttempts:
     def __init__(self, db: connection, node: ClusterNode, since: Any):
         self._db, self._node, self._since = db, node, since
         self._running: dict[int, Any] = {}  # pid -> start of the pop call seen running there
-        self.finished: list[Any] = []       # starts of the pop calls known to have finished
+        self.finished: set[Any] = set()     # starts of the pop calls known to have finished
 
     def sample(self) -> None:
         with self._db.cursor() as cursor:
@@ -213,9 +213,9 @@ class PopAttempts:
             for pid, state, started, is_pop in cursor.fetchall():
                 seen = self._running.get(pid)
                 if seen is not None and started > seen:
-                    self.finished.append(self._running.pop(pid))
+                    self.finished.add(self._running.pop(pid))
                 if is_pop and state == "idle":
-                    self.finished.append(started)
+                    self.finished.add(started)
                 elif is_pop:
                     self._running[pid] = started
 
