@@ -37,3 +37,10 @@ class Unavailable(QueenError):
 
 class DatabaseUnavailable(Unavailable):
     """PostgreSQL could not be reached or the connection broke mid-call."""
+
+
+class DatabaseBusy(Unavailable):
+    """PostgreSQL undid a call (deadlock or serialization failure) every time the pool ran it.
+
+    Nothing of the call was applied, and the database is up: the client may simply retry
+    (503), and a push is not diverted to the file buffer as in an outage."""

@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 
 from queen_tw.config import Config
 from queen_tw.db.pool import Database
-from queen_tw.errors import DatabaseUnavailable
+from queen_tw.errors import DatabaseBusy, DatabaseUnavailable
 
 
 @pytest.fixture
@@ -124,3 +124,34 @@ async def test_calls_that_deadlock_are_retried_in_place_on_live_connections(data
             if schema_is_ours:
                 cursor.execute("DROP SCHEMA queen")
         setup.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_undone_at_every_retry_fails_as_busy_not_as_a_bug_or_an_outage(
+        database, db):
+    """A call PostgreSQL undoes every time (here a serialization failure on each run) is
+    given up after the retries as DatabaseBusy: a 503 for the client, not a 500 and not an
+    outage that would divert pushes to the file buffer. No connection is dropped for it."""
+    with db.cursor() as cursor:
+        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
+        [(schema_is_ours,)] = cursor.fetchall()
+        cursor.execute("""
+            CREATE SCHEMA IF NOT EXISTS queen;
+            CREATE OR REPLACE FUNCTION queen.test_always_conflicts() RETURNS int
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+            END $$;""")
+    try:
+        retries_before = database.rolled_back_retries
+        with pytest.raises(DatabaseBusy) as raised:
+            await database.call("test_always_conflicts")
+        assert raised.value.status == 503
+        assert database.rolled_back_retries == retries_before + 3  # four runs in all
+        assert database.alive_connections() == 3
+        assert await database.ping()
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP FUNCTION queen.test_always_conflicts()")
+            if schema_is_ours:
+                cursor.execute("DROP SCHEMA queen")

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from queen_tw import jsoncodec
-from queen_tw.errors import DatabaseUnavailable
+from queen_tw.errors import DatabaseBusy, DatabaseUnavailable
 from queen_tw.services.retry import OutageLog, describe_error
 
 log = Logger()
@@ -327,9 +327,13 @@ class Database:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {err}")
             raise
-        except _ROLLED_BACK:
+        except _ROLLED_BACK as err:
             self.failed_calls += 1
-            raise
+            log.warn("{function}: undone by PostgreSQL {n} times in a row ({error}); "
+                     "answered as busy", function=function, n=_ROLLED_BACK_RETRIES + 1,
+                     error=describe_error(err))
+            raise DatabaseBusy("Database busy: conflicting transactions undid the request; "
+                               "nothing was applied, retry") from err
         except _UNAVAILABLE as err:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {describe_error(err)}")

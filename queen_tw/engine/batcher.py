@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from queen_tw.errors import Unavailable
+from queen_tw.errors import DatabaseBusy, Unavailable
 
 log = Logger()
 
@@ -135,17 +135,18 @@ class Batcher:
         try:
             results = await self._run_batch([job.items for job in jobs])
         except Unavailable as err:
-            for job in jobs:
-                job.done.errback(err)
+            if not isinstance(err, DatabaseBusy) or len(jobs) == 1:
+                for job in jobs:
+                    job.done.errback(err)
+                return
+            # PostgreSQL kept undoing the fused call: each job on its own holds fewer locks
+            await self._run_one_by_one(jobs, err)
             return
         except DatabaseError as err:
             if len(jobs) == 1:
                 jobs[0].done.errback()
                 return
-            log.warn("fused {name} call of {n} jobs failed ({error}); retrying them one by one",
-                     name=self.name, n=len(jobs), error=str(err).strip())
-            for job in jobs:
-                await self._run([job])
+            await self._run_one_by_one(jobs, err)
             return
         except Exception:
             log.failure("fused {name} call of {n} jobs failed", name=self.name, n=len(jobs))
@@ -156,6 +157,13 @@ class Batcher:
         for job, result in zip(jobs, results, strict=True):
             self.jobs_done += 1
             job.done.callback(result)
+
+    async def _run_one_by_one(self, jobs: List[_Pending], err: Exception) -> None:
+        """A fused call failed as a whole: each job alone finds its own fault (or succeeds)."""
+        log.warn("fused {name} call of {n} jobs failed ({error}); retrying them one by one",
+                 name=self.name, n=len(jobs), error=str(err).strip())
+        for job in jobs:
+            await self._run([job])
 
     def _finished(self, result: Any) -> None:
         self._in_flight -= 1

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from queen_tw import jsoncodec
 from queen_tw.db.pool import Database
 from queen_tw.engine.queue_engine import QueueEngine
-from queen_tw.errors import DatabaseUnavailable, Unavailable
+from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, Unavailable
 
 SCHEDULING_OPS = ("schedule", "reschedule")
 
@@ -135,7 +135,7 @@ class TimersEngine:
         try:
             sealed = await self._messages.seal(
                 [{"queue": row["queue"], "payload": row["body"]} for row in rows])
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, DatabaseBusy):
             raise  # the claims expire and the rows are swept again
         except Unavailable as err:
             await self._db.call("timers_fail_claimed", claimed["token"], keys, err.message)
