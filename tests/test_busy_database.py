@@ -110,3 +110,77 @@ def test_pushes_fused_with_one_postgresql_keeps_undoing_are_stored_all_the_same(
     assert refused.result().status_code == 503, refused.result().text
     assert {tid: a.status_code for tid, a in answers.items()} == {tid: 201 for tid in clean}
     assert sorted(stored(db, queue)) == sorted([f"{conflicting_prefix}slow", *clean])
+
+
+def test_a_streams_cycle_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
+        http: httpx.Client, db: Any, conflicting_prefix: str) -> None:
+    """The cycle's sink push conflicts at every retry: the whole cycle (state, ack, sinks)
+    is undone and the worker is told to retry (503), not that its cycle failed for good."""
+    source, sink = unique_name(), unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": source, "partition": "p",
+                                               "payload": {"n": 1}}]}).raise_for_status()
+    registered = http.post("/streams/v1/queries", json={
+        "name": unique_name("busy-q-"), "source_queue": source, "sink_queue": sink,
+        "config_hash": "h1", "reset": False})
+    query_id = registered.json()["query_id"]
+    group = f"streams.{query_id}"
+    popped = http.get(f"/api/v1/pop/queue/{source}", params={"consumerGroup": group})
+    message = popped.json()["messages"][0]
+    cycle = {"query_id": query_id, "partition_id": message["partitionId"],
+             "consumer_group": group,
+             "state_ops": [{"type": "upsert", "key": "sum", "value": 1}],
+             "push_items": [{"queue": sink, "partition": "p", "payload": {"sum": 1},
+                             "transactionId": f"{conflicting_prefix}conflict-sink"}],
+             "ack": {"transactionId": message["transactionId"],
+                     "leaseId": message["leaseId"], "status": "completed", "count": 1}}
+
+    answer = http.post("/streams/v1/cycle", json=cycle)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    state = http.post("/streams/v1/state/get", json={
+        "query_id": query_id, "partition_id": message["partitionId"]})
+    assert state.json()["rows"] == []
+    assert stored(db, sink) == []
+    with db.cursor() as cursor:
+        cursor.execute("SELECT total_consumed FROM queen.partition_consumers"
+                       " WHERE partition_id = %s AND consumer_group = %s",
+                       (message["partitionId"], group))
+        assert cursor.fetchone()[0] == 0
+
+    drop_conflicts(db)
+    retried = http.post("/streams/v1/cycle", json=cycle)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["success"] is True, retried.text
+    assert stored(db, sink) == [f"{conflicting_prefix}conflict-sink"]
+
+
+def test_a_transaction_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
+        http: httpx.Client, db: Any, conflicting_prefix: str) -> None:
+    """A conflict inside the transaction is not its verdict (200 success false): the
+    client is told to retry (503), the ack is undone with the push, and the retry commits."""
+    source, target = unique_name(), unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": source, "partition": "p",
+                                               "payload": "in"}]}).raise_for_status()
+    message = http.get(f"/api/v1/pop/queue/{source}", params={"wait": "false"}).json()[
+        "messages"][0]
+    bundle = {"operations": [
+        {"type": "ack", "transactionId": message["transactionId"],
+         "partitionId": message["partitionId"], "leaseId": message["leaseId"]},
+        {"type": "push", "items": [{"queue": target, "partition": "p", "payload": "out",
+                                    "transactionId": f"{conflicting_prefix}conflict-tx"}]}],
+        "requiredLeases": [message["leaseId"]]}
+
+    answer = http.post("/api/v1/transaction", json=bundle)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    assert stored(db, target) == []
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.partition_consumers WHERE partition_id = %s"
+                       " AND lease_id = %s", (message["partitionId"], message["leaseId"]))
+        assert cursor.fetchone()[0] == 1  # the ack was undone with the push
+
+    drop_conflicts(db)
+    retried = http.post("/api/v1/transaction", json=bundle)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["success"] is True, retried.text
+    assert stored(db, target) == [f"{conflicting_prefix}conflict-tx"]

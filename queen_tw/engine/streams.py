@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from queen_tw.db.pool import Database
 from queen_tw.engine.queue_engine import QueueEngine, expand_push_answer
-from queen_tw.errors import DatabaseUnavailable, NotFound, Unavailable
+from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, NotFound, Unavailable
 
 UNKNOWN_QUERY = "Unknown query_id {}: register the query first (POST /streams/v1/queries)"
 
@@ -60,8 +60,8 @@ class StreamsEngine:
         nothing applied. Raises NotFound for an unknown query."""
         try:
             prepared = await self._messages.prepare_push(push_items)
-        except DatabaseUnavailable:
-            raise
+        except (DatabaseUnavailable, DatabaseBusy):
+            raise  # the client retries the cycle (503), as when streams_cycle meets them
         except Unavailable as err:  # maintenance or no key: not storable now, nothing done
             return _failed(query_id, partition_id, err.message)
         answer = await self._db.call("streams_cycle", {

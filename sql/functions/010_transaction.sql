@@ -102,6 +102,11 @@ BEGIN
             'results', '[]'::jsonb,
             'error', 'A required KV precondition failed; nothing was applied') || SQLERRM::jsonb;
     WHEN others THEN
+        -- A deadlock or serialization failure (class 40) is no answer about the transaction:
+        -- the call is undone and run again (queen_tw/db/pool.py), and 503 if it keeps failing.
+        IF SQLSTATE LIKE '40%' THEN
+            RAISE;
+        END IF;
         -- Everything inside the block is rolled back; the results gathered so far are kept.
         RETURN jsonb_build_object('transactionId', v_tx_id, 'success', false, 'error', SQLERRM,
                                   'results', v_results);

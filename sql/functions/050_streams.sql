@@ -206,6 +206,9 @@ BEGIN
             END IF;
         END IF;
     EXCEPTION WHEN others THEN
+        IF SQLSTATE LIKE '40%' THEN
+            RAISE;  -- a conflict, not the cycle's failure: run again (as run_transaction)
+        END IF;
         -- Everything inside the block is rolled back (a subtransaction).
         RETURN jsonb_build_object('found', true, 'success', false, 'error', SQLERRM,
                                   'query_id', v_query_id, 'partition_id', v_partition,
