@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.binary_bodies import framed_body, framed_group, id_text, v7_id
 from tests.support import unique_name, wait_until
 
 
@@ -184,3 +185,68 @@ def test_a_transaction_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
     assert retried.status_code == 200, retried.text
     assert retried.json()["success"] is True, retried.text
     assert stored(db, target) == [f"{conflicting_prefix}conflict-tx"]
+
+
+@pytest.fixture
+def held_after_insert(db: Any) -> Iterator[str]:
+    """A transactionId: while the test runs, a push that stores a message with this id waits
+    a second after inserting it, before it commits (its row and index entries are in place)."""
+    transaction_id = f"held-{uuid.uuid4().hex[:8]}"
+    with db.cursor() as cursor:
+        cursor.execute(f"""
+            CREATE FUNCTION queen.test_hold_after_insert() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.transaction_id = '{transaction_id}' THEN
+                    PERFORM pg_sleep(1);
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_hold_after_insert AFTER INSERT ON queen.messages
+               FOR EACH ROW EXECUTE FUNCTION queen.test_hold_after_insert();""")
+    try:
+        yield transaction_id
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP TRIGGER test_hold_after_insert ON queen.messages;"
+                           "DROP FUNCTION queen.test_hold_after_insert()")
+
+
+def test_a_client_id_stored_meanwhile_by_a_concurrent_push_is_retried_not_a_500(
+        http: httpx.Client, db: Any, held_after_insert: str) -> None:
+    """Two compressed pushes carry the same client-minted id to two partitions (no lock in
+    common). The second checks the id while the first has inserted it but not committed, then
+    meets it on the primary key: that used to be a 500. Now the call runs again, sees the id
+    and stores the message under an id of the server's, as when the id was taken earlier."""
+    queue = unique_name()
+    for partition in ("p1", "p2"):  # the queue and partitions exist: no lock in common
+        http.post("/api/v1/push", json={"items": [{"queue": queue, "partition": partition,
+                                                   "payload": 0}]}).raise_for_status()
+    message_id = v7_id()
+
+    def push(partition: str, transaction_id: str) -> httpx.Response:
+        return http.post("/api/v1/push", headers={"Content-Type": "application/x-queen-push"},
+                         content=framed_body([framed_group(queue, partition, [
+                             (message_id, transaction_id, b"1")])]))
+
+    def first_push_holding_its_insert() -> bool:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                           " AND query LIKE '%push_store%'")
+            return bool(cursor.fetchone()[0])
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(push, "p1", held_after_insert)
+        wait_until(first_push_holding_its_insert, message="the first push inside PostgreSQL")
+        second = pool.submit(push, "p2", "second")
+        first_answer, second_answer = first.result(), second.result()
+    assert first_answer.status_code == 201, first_answer.text
+    assert second_answer.status_code == 201, second_answer.text
+    assert first_answer.json()[0]["message_id"] == id_text(message_id)
+    [stored_second] = second_answer.json()
+    assert stored_second["status"] == "queued"
+    assert stored_second["message_id"] != id_text(message_id)
+    with db.cursor() as cursor:
+        cursor.execute("SELECT transaction_id FROM queen.messages WHERE id = %s",
+                       (stored_second["message_id"],))
+        assert cursor.fetchone() == ("second",)
