@@ -24,6 +24,13 @@ Faults, and what the pool does about them:
   ``target_session_attrs=read-write`` (``Config.dsn``), libpq tries each host on reconnect
   and keeps the one that is writable now, which is how a promoted standby is found.
 
+- A statement PostgreSQL cancels because it waited or ran too long (SQLSTATE 55P03
+  ``lock_timeout``: a row it needs is held by another transaction; 57014 ``statement_timeout``)
+  leaves its connection sound: the connection is kept, and the call fails with
+  ``DatabaseUnavailable`` (pushes go to the file buffer, other requests answer 503). This is
+  not an outage: one :class:`~queen_tw.services.retry.OutageLog` of its own says when
+  statements start and stop being cancelled.
+
 Either way the outage is logged through one :class:`~queen_tw.services.retry.OutageLog`:
 a line when the first connection is lost or call fails, a reminder every 30 s, a line when
 a connection or a call works again; not a line per connection and per failed call.
@@ -55,6 +62,9 @@ _UNAVAILABLE = _DEAD + (_READ_ONLY,)
 # OperationalError, which txpostgres' detector would take for a broken connection.
 _ROLLED_BACK = psycopg2.errors.TransactionRollbackError
 _ROLLED_BACK_RETRIES = 3
+# Statements PostgreSQL cancelled (lock_timeout, statement_timeout) on a sound connection.
+# psycopg2 files them under OperationalError too.
+_CANCELLED = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled)
 # How soon a query refused unsent by a dead connection is offered to the pool again.
 _UNSENT_RETRY_DELAY = 0.02
 
@@ -72,7 +82,7 @@ def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float
 
 def _is_dead(failure: Failure) -> bool:
     """The detector's test: txpostgres' own (broken connection), plus a read-only server."""
-    if failure.check(_ROLLED_BACK):
+    if failure.check(_ROLLED_BACK, *_CANCELLED):
         return False
     return bool(reconnection.defaultDeathChecker(failure) or failure.check(_READ_ONLY))
 
@@ -260,6 +270,10 @@ class Database:
         self._pool: Optional[_Pool] = None
         self._statements: Dict[Tuple[str, Tuple[bool, ...], str], str] = {}
         self._outage = OutageLog("PostgreSQL", reactor)
+        self._cancelled = OutageLog(
+            "PostgreSQL statements", reactor,
+            meanwhile="cancelled by lock_timeout or statement_timeout: answered 503 (pushes "
+                      "go to the file buffer); the connections are sound and kept")
         self.failed_calls = 0  # calls that raised (outage, deadline, SQL error): metrics
         self.rolled_back_retries = 0  # calls run again after a deadlock or serialization failure
 
@@ -334,6 +348,10 @@ class Database:
                      error=describe_error(err))
             raise DatabaseBusy("Database busy: conflicting transactions undid the request; "
                                "nothing was applied, retry") from err
+        except _CANCELLED as err:
+            self.failed_calls += 1
+            self._cancelled.failed(f"{function}: {describe_error(err)}")
+            raise DatabaseUnavailable(f"Database unavailable: {describe_error(err)}") from err
         except _UNAVAILABLE as err:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {describe_error(err)}")
@@ -342,6 +360,7 @@ class Database:
             self.failed_calls += 1
             raise
         self._outage.succeeded()
+        self._cancelled.succeeded()
         return rows
 
     async def _run_again_if_rolled_back(self, sql: str, params: Tuple[Any, ...]

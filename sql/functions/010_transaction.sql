@@ -104,7 +104,8 @@ BEGIN
     WHEN others THEN
         -- A deadlock or serialization failure (class 40) is no answer about the transaction:
         -- the call is undone and run again (queen_tw/db/pool.py), and 503 if it keeps failing.
-        IF SQLSTATE LIKE '40%' THEN
+        -- Nor is a lock it waited for past lock_timeout (55P03): 503, the client retries.
+        IF SQLSTATE LIKE '40%' OR SQLSTATE = '55P03' THEN
             RAISE;
         END IF;
         -- Everything inside the block is rolled back; the results gathered so far are kept.

@@ -206,8 +206,8 @@ BEGIN
             END IF;
         END IF;
     EXCEPTION WHEN others THEN
-        IF SQLSTATE LIKE '40%' THEN
-            RAISE;  -- a conflict, not the cycle's failure: run again (as run_transaction)
+        IF SQLSTATE LIKE '40%' OR SQLSTATE = '55P03' THEN
+            RAISE;  -- a conflict or a lock wait, not the cycle's verdict (as run_transaction)
         END IF;
         -- Everything inside the block is rolled back (a subtransaction).
         RETURN jsonb_build_object('found', true, 'success', false, 'error', SQLERRM,
