@@ -155,3 +155,35 @@ async def test_a_call_undone_at_every_retry_fails_as_busy_not_as_a_bug_or_an_out
             cursor.execute("DROP FUNCTION queen.test_always_conflicts()")
             if schema_is_ours:
                 cursor.execute("DROP SCHEMA queen")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_statement_cancelled_by_statement_timeout_keeps_its_connection(pg_env, db):
+    """PostgreSQL cancels a statement that runs past DB_STATEMENT_TIMEOUT on a connection that
+    is fine: the call fails as DatabaseUnavailable naming the timeout (a push would go to the
+    file buffer), and the connection is neither dropped nor reconnected."""
+    slow = Database(Config.from_sources({**pg_env, "DB_STATEMENT_TIMEOUT": "100"}, {}).dsn,
+                    1, reactor)
+    await slow.connect()
+    with db.cursor() as cursor:
+        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
+        [(schema_is_ours,)] = cursor.fetchall()
+        cursor.execute("""
+            CREATE SCHEMA IF NOT EXISTS queen;
+            CREATE OR REPLACE FUNCTION queen.test_sleeps() RETURNS int
+            LANGUAGE sql AS $$ SELECT 1 FROM pg_sleep(1) $$;""")
+    try:
+        [connection] = _pool_connections(slow)
+        before = connection._connection.get_backend_pid()
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await slow.call("test_sleeps")
+        assert "statement_timeout" in raised.value.message
+        assert slow.alive_connections() == 1
+        assert await slow.ping()
+        assert connection._connection.get_backend_pid() == before
+    finally:
+        slow.close()
+        with db.cursor() as cursor:
+            cursor.execute("DROP FUNCTION queen.test_sleeps()")
+            if schema_is_ours:
+                cursor.execute("DROP SCHEMA queen")

@@ -62,9 +62,18 @@ _UNAVAILABLE = _DEAD + (_READ_ONLY,)
 # OperationalError, which txpostgres' detector would take for a broken connection.
 _ROLLED_BACK = psycopg2.errors.TransactionRollbackError
 _ROLLED_BACK_RETRIES = 3
+
+
+class StatementCancelled(Exception):
+    """PostgreSQL cancelled a statement of ours (statement_timeout, or an administrator's
+    pg_cancel_backend). txpostgres turns that error into a bare CancelledError, which would
+    read as the caller's own cancellation, so the pool names it with this instead."""
+
+
 # Statements PostgreSQL cancelled (lock_timeout, statement_timeout) on a sound connection.
 # psycopg2 files them under OperationalError too.
-_CANCELLED = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled)
+_CANCELLED = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled,
+              StatementCancelled)
 # How soon a query refused unsent by a dead connection is offered to the pool again.
 _UNSENT_RETRY_DELAY = 0.02
 
@@ -203,6 +212,7 @@ class _Pool(txpostgres.ConnectionPool):
         def run(_):
             connection = self._take_connection()
             query = connection.runQuery(sql, params)
+            query.addErrback(_cancelled_by_postgresql)
             query.addBoth(finished, connection)
 
         def finished(result, connection):
@@ -250,6 +260,14 @@ class _Pool(txpostgres.ConnectionPool):
         return connection
 
 
+def _cancelled_by_postgresql(failure: Failure) -> Failure:
+    """A query's CancelledError: nothing here cancels a query once sent (see the module
+    docstring), so PostgreSQL did."""
+    failure.trap(defer.CancelledError)
+    return Failure(StatementCancelled("canceling statement: statement_timeout or an "
+                                      "administrator's cancel"))
+
+
 class Database:
     """A fixed-size pool of reconnecting connections with JSON function calls.
 
@@ -272,8 +290,7 @@ class Database:
         self._outage = OutageLog("PostgreSQL", reactor)
         self._cancelled = OutageLog(
             "PostgreSQL statements", reactor,
-            meanwhile="cancelled by lock_timeout or statement_timeout: answered 503 (pushes "
-                      "go to the file buffer); the connections are sound and kept")
+            meanwhile="answered 503 (pushes go to the file buffer); connections kept")
         self.failed_calls = 0  # calls that raised (outage, deadline, SQL error): metrics
         self.rolled_back_retries = 0  # calls run again after a deadlock or serialization failure
 

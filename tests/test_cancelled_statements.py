@@ -1,8 +1,9 @@
-"""A statement PostgreSQL cancels after DB_LOCK_TIMEOUT (a row it needs is held by another
-transaction) is no outage: the request answers 503 naming the timeout (a push goes to the file
-buffer and is delivered in order later), the pool keeps its connections, and transactions
-answer 503 rather than a verdict. Real server, real PostgreSQL; the "other transaction" is
-this test's own connection holding a row lock."""
+"""A statement PostgreSQL cancels is no outage: one that waited past DB_LOCK_TIMEOUT (a row
+it needs is held by another transaction) or ran past DB_STATEMENT_TIMEOUT. The request answers
+503 naming the cancellation (a push goes to the file buffer and is delivered in order later),
+the pool keeps its connections, and transactions answer 503 rather than a verdict. Real
+server, real PostgreSQL; the "other transaction" is this test's own connection holding a row
+lock, the slow statement a trigger that sleeps."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import pytest
 from tests.support import ServerProcess, unique_name, wait_until
 
 LOCK_TIMEOUT_MS = "400"
+STATEMENT_TIMEOUT_MS = "1500"
 
 
 @pytest.fixture
 def server(make_server: Any) -> ServerProcess:
     """A server of its own: its connections are told apart by their application_name."""
-    return make_server(DB_LOCK_TIMEOUT=LOCK_TIMEOUT_MS,
+    return make_server(DB_LOCK_TIMEOUT=LOCK_TIMEOUT_MS, DB_STATEMENT_TIMEOUT=STATEMENT_TIMEOUT_MS,
                        WORKER_ID=f"lock-timeouts-{uuid.uuid4().hex[:8]}")
 
 
@@ -141,3 +143,61 @@ def test_a_push_waiting_past_lock_timeout_is_buffered_and_delivered_in_order(
     wait_until(buffer_drained, message="the buffered pushes replayed")
     answer = httpx.get(f"{url}/api/v1/pop/queue/{queue}", params={"wait": "false", "batch": 10})
     assert [m["data"] for m in answer.json()["messages"]] == [0, 1, 2]
+
+
+@pytest.fixture
+def slow_transaction_id(server: ServerProcess, db: Any) -> Iterator[str]:
+    """A transactionId: while the test runs, storing a message with it takes longer than
+    DB_STATEMENT_TIMEOUT (the server above installed the schema the trigger goes on)."""
+    transaction_id = f"slow-{uuid.uuid4().hex[:8]}"
+    with db.cursor() as cursor:
+        cursor.execute(f"""
+            CREATE FUNCTION queen.test_slow_insert() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.transaction_id = '{transaction_id}' THEN
+                    PERFORM pg_sleep(3);
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_slow_insert BEFORE INSERT ON queen.messages
+               FOR EACH ROW EXECUTE FUNCTION queen.test_slow_insert();""")
+    try:
+        yield transaction_id
+    finally:
+        drop_slow_insert(db)
+
+
+def drop_slow_insert(db: Any) -> None:
+    with db.cursor() as cursor:
+        cursor.execute("DROP TRIGGER IF EXISTS test_slow_insert ON queen.messages;"
+                       "DROP FUNCTION IF EXISTS queen.test_slow_insert()")
+
+
+def test_a_push_cancelled_by_statement_timeout_is_buffered_not_a_500(
+        server: ServerProcess, db: Any, slow_transaction_id: str) -> None:
+    """txpostgres reports a statement_timeout as a bare CancelledError, which reached the
+    client as a 500: the push is now buffered like any push PostgreSQL could not take."""
+    queue = unique_name()
+    url = server.url
+    pool = backends(db, worker_id(server))
+    answer = httpx.post(f"{url}/api/v1/push", timeout=30, json={"items": [
+        {"queue": queue, "partition": "p", "payload": "slow",
+         "transactionId": slow_transaction_id}]})
+    assert answer.status_code == 201, answer.text
+    assert answer.json()[0]["status"] == "buffered"
+    assert backends(db, worker_id(server)) == pool
+    log = server.log_path.read_text()
+    assert "PostgreSQL statements failing: push_store: canceling statement" in log
+    assert "] PostgreSQL failing" not in log
+
+    drop_slow_insert(db)  # PostgreSQL is quick again: the buffer delivers the push once
+
+    def buffer_drained() -> bool:
+        maintenance = httpx.get(f"{url}/api/v1/system/maintenance").json()
+        return maintenance["bufferedMessages"] == 0
+
+    wait_until(buffer_drained, message="the buffered push replayed")
+    popped = httpx.get(f"{url}/api/v1/pop/queue/{queue}", params={"wait": "false"}).json()
+    assert [(m["transactionId"], m["data"]) for m in popped["messages"]] == [
+        (slow_transaction_id, "slow")]
