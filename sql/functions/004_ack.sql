@@ -66,12 +66,20 @@ BEGIN
          WHERE p.id = v_key.partition_id;
         v_found := FOUND;
         IF v_found THEN
-            INSERT INTO queen.partition_consumers (partition_id, consumer_group)
-            VALUES (v_key.partition_id, v_key.consumer_group)
-            ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+            -- The group's row is there once it popped; an ack must create it otherwise.
             SELECT * INTO v_pc FROM queen.partition_consumers
              WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group
                FOR UPDATE;
+            IF NOT FOUND THEN
+                -- (also when a queue delete took the row meanwhile: then the partition is
+                -- gone too, and the ack finds nothing)
+                v_found := queen.add_consumer_row(v_key.partition_id, v_key.consumer_group);
+                SELECT * INTO v_pc FROM queen.partition_consumers
+                 WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group
+                   FOR UPDATE;
+            END IF;
+        END IF;
+        IF v_found THEN
             v_cursor_at := v_pc.cursor_created_at;
             v_cursor_id := v_pc.cursor_id;
             v_held := v_pc.lease_id;
@@ -207,6 +215,12 @@ BEGIN
             END IF;
             -- failed with no delivery in flight (already released): a no-op reported as success
 
+            -- A message deleted meanwhile (DELETE of it, retention) has nothing to keep.
+            IF v_dlq AND NOT EXISTS (SELECT 1 FROM queen.messages
+                                      WHERE id = v_it.message_id FOR KEY SHARE) THEN
+                v_dlq := false;
+                v_error := 'Message not found';
+            END IF;
             IF v_dlq THEN
                 INSERT INTO queen.dead_letter_queue (message_id, partition_id, consumer_group,
                                                      error_message, retry_count)
@@ -265,6 +279,21 @@ BEGIN
         'settled', array_to_json(v_settled),
         'results', (SELECT coalesce(json_agg(json_build_object('pos', n - 1, 'result', r)), '[]')
                       FROM unnest(v_results) WITH ORDINALITY AS x(r, n) WHERE r IS NOT NULL));
+END
+$$;
+
+-- The (partition, group) row, made with the defaults an ack needs: false when the partition
+-- is gone (deleted since the caller read it, e.g. with its queue).
+CREATE OR REPLACE FUNCTION queen.add_consumer_row(p_partition uuid, p_group text)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO queen.partition_consumers (partition_id, consumer_group)
+    VALUES (p_partition, p_group)
+    ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+    RETURN true;
+EXCEPTION WHEN foreign_key_violation THEN
+    RETURN false;
 END
 $$;
 

@@ -230,8 +230,10 @@ DECLARE
     v_message uuid;
     v_trace   uuid;
 BEGIN
+    -- KEY SHARE: a delete of the message under way is waited for (then: not found).
     SELECT id INTO v_message FROM queen.messages
-     WHERE partition_id = (p->>'partitionId')::uuid AND transaction_id = p->>'transactionId';
+     WHERE partition_id = (p->>'partitionId')::uuid AND transaction_id = p->>'transactionId'
+       FOR KEY SHARE;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;

@@ -238,7 +238,9 @@ DECLARE
     v_queue   uuid;
     v_updated integer;
 BEGIN
-    SELECT id INTO v_queue FROM queen.queues WHERE name = p_queue;
+    -- KEY SHARE: a delete of the queue under way is waited for (then: not found) rather than
+    -- met on a foreign key by the rows written below.
+    SELECT id INTO v_queue FROM queen.queues WHERE name = p_queue FOR KEY SHARE;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
@@ -284,9 +286,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_part record;
 BEGIN
+    -- KEY SHARE: a delete of the queue under way is waited for (then: not found) rather than
+    -- met by the insert below on the foreign key.
     SELECT p.id, p.last_message_at, p.last_message_id INTO v_part
       FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
-     WHERE qu.name = p_queue AND p.name = p_partition;
+     WHERE qu.name = p_queue AND p.name = p_partition
+       FOR KEY SHARE OF p;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;

@@ -212,7 +212,8 @@ BEGIN
       FROM queen.messages m
       JOIN queen.partitions p ON p.id = m.partition_id
       JOIN queen.queues qu ON qu.id = p.queue_id
-     WHERE m.partition_id = p_partition AND m.transaction_id = p_transaction;
+     WHERE m.partition_id = p_partition AND m.transaction_id = p_transaction
+       FOR KEY SHARE OF m, p;  -- a delete under way is waited for: its copy must not revive it
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
@@ -256,7 +257,8 @@ BEGIN
       FROM queen.messages m
       JOIN queen.partitions p ON p.id = m.partition_id
       JOIN queen.queues qu ON qu.id = p.queue_id
-     WHERE m.partition_id = p_partition AND m.transaction_id = p_transaction;
+     WHERE m.partition_id = p_partition AND m.transaction_id = p_transaction
+       FOR KEY SHARE OF m, p;  -- a delete under way is waited for (then: not found)
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
