@@ -17,6 +17,11 @@ class InvalidRequest(QueenError):
     status = 400
 
 
+class RefusedByDatabase(InvalidRequest):
+    """PostgreSQL refused the request's data as beyond one of its limits (SQLSTATE class 54,
+    e.g. a value too long for an index): the same request would be refused again."""
+
+
 class NotFound(QueenError):
     """Unknown route, queue, lease or message."""
 

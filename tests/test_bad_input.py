@@ -208,6 +208,18 @@ def test_pop_with_consumer_group_longer_than_255_answers_400(http):
     assert_json_error(answer, 400)
 
 
+@pytest.mark.parametrize("route", ["seek", "partitions/p/seek", "../subscription"])
+def test_consumer_group_routes_with_a_group_longer_than_255_answer_400(http, route):
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "partition": "p",
+                                               "payload": 1}]}).raise_for_status()
+    path = f"/api/v1/consumer-groups/{'g' * 3000}/queues/{queue}/{route}"
+    answer = http.post(path.replace(f"/queues/{queue}/../", "/"), json={
+        "toEnd": True, "subscriptionTimestamp": "2020-01-01T00:00:00Z"})
+
+    assert_json_error(answer, 400, "consumerGroup is longer than 255 characters")
+
+
 def test_pop_with_unparsable_numbers_answers_400_naming_the_first(http):
     queue = unique_name()
     http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n} for n in range(3)]})
@@ -337,6 +349,18 @@ def test_trace_with_non_uuid_partition_answers_400(http):
                                                "data": {}})
 
     assert_json_error(answer, 400)
+
+
+def test_trace_name_longer_than_255_answers_400_before_postgresql_sees_it(http):
+    """A 3000-character name is too long for the trace-name index: PostgreSQL refused it,
+    which answered 503 as if the database were down."""
+    pushed = http.post("/api/v1/push", json={"items": [
+        {"queue": unique_name(), "payload": 1}]}).json()[0]
+    answer = http.post("/api/v1/traces", json={
+        "transactionId": pushed["transaction_id"], "partitionId": pushed["partition_id"],
+        "data": {}, "traceNames": ["ok", "n" * 3000]})
+
+    assert_json_error(answer, 400, "a trace name is longer than 255 characters")
 
 
 def test_trace_list_with_non_uuid_partition_answers_400(http):

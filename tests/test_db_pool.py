@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 
 from queen_tw.config import Config
 from queen_tw.db.pool import Database
-from queen_tw.errors import DatabaseBusy, DatabaseUnavailable
+from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
 
 
 @pytest.fixture
@@ -185,5 +185,38 @@ async def test_a_statement_cancelled_by_statement_timeout_keeps_its_connection(p
         slow.close()
         with db.cursor() as cursor:
             cursor.execute("DROP FUNCTION queen.test_sleeps()")
+            if schema_is_ours:
+                cursor.execute("DROP SCHEMA queen")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_outage(
+        database, db):
+    """A value too long for an index (SQLSTATE class 54) is the request's fault: the call
+    fails as RefusedByDatabase (400), not as an outage (503, connection dropped)."""
+    with db.cursor() as cursor:
+        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
+        [(schema_is_ours,)] = cursor.fetchall()
+        cursor.execute("""
+            CREATE SCHEMA IF NOT EXISTS queen;
+            CREATE OR REPLACE FUNCTION queen.test_beyond_limits() RETURNS int
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'index row size 3016 exceeds btree maximum 2704'
+                      USING ERRCODE = 'program_limit_exceeded';
+            END $$;""")
+    try:
+        backends = sorted(c._connection.get_backend_pid() for c in _pool_connections(database))
+        with pytest.raises(RefusedByDatabase) as raised:
+            await database.call("test_beyond_limits")
+        assert raised.value.status == 400
+        assert "index row size" in raised.value.message
+        assert database.alive_connections() == 3
+        assert await database.ping()
+        assert sorted(c._connection.get_backend_pid()
+                      for c in _pool_connections(database)) == backends
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP FUNCTION queen.test_beyond_limits()")
             if schema_is_ours:
                 cursor.execute("DROP SCHEMA queen")

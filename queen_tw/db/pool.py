@@ -31,6 +31,10 @@ Faults, and what the pool does about them:
   not an outage: one :class:`~queen_tw.services.retry.OutageLog` of its own says when
   statements start and stop being cancelled.
 
+- A statement beyond one of PostgreSQL's limits (SQLSTATE class 54, e.g. a value too long
+  for an index) is the request's fault: :class:`~queen_tw.errors.RefusedByDatabase` (400),
+  connection kept. The routes check lengths first; this is the net for what they miss.
+
 Either way the outage is logged through one :class:`~queen_tw.services.retry.OutageLog`:
 a line when the first connection is lost or call fails, a reminder every 30 s, a line when
 a connection or a call works again; not a line per connection and per failed call.
@@ -46,7 +50,7 @@ from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from queen_tw import jsoncodec
-from queen_tw.errors import DatabaseBusy, DatabaseUnavailable
+from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
 from queen_tw.services.retry import OutageLog, describe_error
 
 log = Logger()
@@ -70,6 +74,11 @@ class StatementCancelled(Exception):
     read as the caller's own cancellation, so the pool names it with this instead."""
 
 
+# A statement beyond one of PostgreSQL's limits (class 54: a value too long for an index, a
+# statement too complex): the request's data, not the connection; psycopg2 files it under
+# OperationalError.
+_BEYOND_LIMITS = "54"
+
 # Statements PostgreSQL cancelled (lock_timeout, statement_timeout) on a sound connection.
 # psycopg2 files them under OperationalError too.
 _CANCELLED = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled,
@@ -91,9 +100,13 @@ def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float
 
 def _is_dead(failure: Failure) -> bool:
     """The detector's test: txpostgres' own (broken connection), plus a read-only server."""
-    if failure.check(_ROLLED_BACK, *_CANCELLED):
+    if failure.check(_ROLLED_BACK, *_CANCELLED) or _beyond_limits(failure.value):
         return False
     return bool(reconnection.defaultDeathChecker(failure) or failure.check(_READ_ONLY))
+
+
+def _beyond_limits(error: Optional[BaseException]) -> bool:
+    return (getattr(error, "pgcode", None) or "").startswith(_BEYOND_LIMITS)
 
 
 def _reconnect_backoff():
@@ -371,6 +384,11 @@ class Database:
             raise DatabaseUnavailable(f"Database unavailable: {describe_error(err)}") from err
         except _UNAVAILABLE as err:
             self.failed_calls += 1
+            if _beyond_limits(err):
+                log.warn("{function}: refused by PostgreSQL ({error}); answered 400",
+                         function=function, error=describe_error(err))
+                raise RefusedByDatabase(
+                    f"PostgreSQL refused the request: {describe_error(err)}") from err
             self._outage.failed(f"{function}: {describe_error(err)}")
             raise DatabaseUnavailable("Database unavailable") from err
         except Exception:

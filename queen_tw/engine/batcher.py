@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from queen_tw.errors import DatabaseBusy, Unavailable
+from queen_tw.errors import DatabaseBusy, RefusedByDatabase, Unavailable
 
 log = Logger()
 
@@ -142,7 +142,7 @@ class Batcher:
             # PostgreSQL kept undoing the fused call: each job on its own holds fewer locks
             await self._run_one_by_one(jobs, err)
             return
-        except DatabaseError as err:
+        except (DatabaseError, RefusedByDatabase) as err:
             if len(jobs) == 1:
                 jobs[0].done.errback()
                 return

@@ -42,18 +42,18 @@ class GroupRoutes:
     @app.route("/api/v1/consumer-groups/<group>", methods=["GET"])
     async def group_detail(self, request, group):
         return json_answer(request, 200, await self._groups().detail(
-            parsing.path_text(group, "consumerGroup")))
+            parsing.group_name(group)))
 
     @app.route("/api/v1/consumer-groups/<group>", methods=["DELETE"])
     async def delete_group(self, request, group):
         return json_answer(request, 200, await self._groups().delete(
-            parsing.path_text(group, "consumerGroup"), None,
+            parsing.group_name(group), None,
             query.flag(request, "deleteMetadata", True)))
 
     @app.route("/api/v1/consumer-groups/<group>/queues/<queue>", methods=["DELETE"])
     async def delete_group_for_queue(self, request, group, queue):
         return json_answer(request, 200, await self._groups().delete(
-            parsing.path_text(group, "consumerGroup"), parsing.check_name(queue, "queue"),
+            parsing.group_name(group), parsing.check_name(queue, "queue"),
             query.flag(request, "deleteMetadata", True)))
 
     @app.route("/api/v1/consumer-groups/<group>/subscription", methods=["POST"])
@@ -62,7 +62,7 @@ class GroupRoutes:
             parsing.read_json_object(request), "subscriptionTimestamp",
             "Missing subscriptionTimestamp in request body")
         return json_answer(request, 200, await self._groups().set_subscription_timestamp(
-            parsing.path_text(group, "consumerGroup"), timestamp))
+            parsing.group_name(group), timestamp))
 
     @app.route("/api/v1/consumer-groups/<group>/queues/<queue>/seek", methods=["POST"])
     async def seek(self, request, group, queue):
@@ -73,12 +73,12 @@ class GroupRoutes:
         timestamp = None if to_end else parsing.timestamp(
             parsing.optional_text(body, "timestamp"), "timestamp")
         return json_answer(request, 200, await self._groups().seek(
-            parsing.path_text(group, "consumerGroup"), parsing.check_name(queue, "queue"),
+            parsing.group_name(group), parsing.check_name(queue, "queue"),
             to_end, timestamp))
 
     @app.route("/api/v1/consumer-groups/<group>/queues/<queue>/partitions/<partition>/seek",
                methods=["POST"])
     async def seek_partition(self, request, group, queue, partition):
         return json_answer(request, 200, await self._groups().seek_partition(
-            parsing.path_text(group, "consumerGroup"), parsing.check_name(queue, "queue"),
+            parsing.group_name(group), parsing.check_name(queue, "queue"),
             parsing.check_name(partition, "partition")))

@@ -55,6 +55,14 @@ def path_text(segment: str, what: str) -> str:
     return segment
 
 
+def group_name(segment: str) -> str:
+    """A consumer group named by a path segment: as :func:`path_text`, at most 255
+    characters (what pops accept, and what fits PostgreSQL's indexes)."""
+    if len(segment) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"consumerGroup is longer than {MAX_NAME_LENGTH} characters")
+    return path_text(segment, "consumerGroup")
+
+
 def optional_name(value: Optional[str], what: str) -> Optional[str]:
     """A name filter from a query string: absent or empty means no filter."""
     return check_name(value, what) if value else None

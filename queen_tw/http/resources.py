@@ -159,6 +159,9 @@ class ResourceRoutes:
         if names is not None and not (isinstance(names, list)
                                       and all(isinstance(n, str) for n in names)):
             raise InvalidRequest("traceNames must be a string or an array of strings")
+        if names and max(map(len, names)) > parsing.MAX_NAME_LENGTH:
+            raise InvalidRequest(
+                f"a trace name is longer than {parsing.MAX_NAME_LENGTH} characters")
         trace_id = await self._engine.add_trace({
             "transactionId": body["transactionId"], "partitionId": body["partitionId"],
             "consumerGroup": parsing.optional_text(body, "consumerGroup") or QUEUE_MODE,
