@@ -197,6 +197,25 @@ def test_incr_over_a_bound_refuses_without_spending(http):
     assert under["applied"] is False and under["reason"] == "limit"
 
 
+def test_incr_past_1e308_is_refused_with_limit_and_the_key_stays_readable(http):
+    """A result the server could not read back (an integer past 4300 digits, a decimal past
+    float range) used to be stored and answered 500; every later read of the key too."""
+    ns = ns_name()
+    huge = int("9" * 4300)
+    [stored] = results(http, {"op": "put", "ns": ns, "key": "big", "value": huge,
+                              "forever": True})
+    [over] = results(http, {"op": "incr", "ns": ns, "key": "big", "delta": 1, "forever": True})
+    assert over["applied"] is False and over["reason"] == "limit", over
+    assert over["value"] == huge and over["version"] == stored["version"]
+    results(http, {"op": "put", "ns": ns, "key": "dec", "value": 10**307 * 9,
+                   "forever": True})
+    [beyond] = results(http, {"op": "incr", "ns": ns, "key": "dec", "delta": 10**307 + 0.5,
+                              "forever": True})
+    assert beyond["applied"] is False and beyond["reason"] == "limit", beyond
+    [got] = results(http, {"op": "get", "ns": ns, "key": "big"})
+    assert got["value"] == huge and got["version"] == stored["version"]
+
+
 def test_incr_on_a_non_number_is_refused_with_type(http):
     ns = ns_name()
     results(http, {"op": "put", "ns": ns, "key": "s", "value": "text", "forever": True})

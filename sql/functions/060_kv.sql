@@ -106,8 +106,12 @@ BEGIN
                                       'key', v_key, 'value', 0, 'version', v_version);
         END IF;
         v_number := coalesce((v_cur.value #>> '{}')::numeric, 0);
+        -- Besides min and max, every result stays within ±1e308: the server reads values
+        -- back as JSON numbers (a float beyond that is infinite, an integer past 4300 digits
+        -- is refused), so a greater one would be stored and then unreadable.
         IF (o->>'min' IS NOT NULL AND v_number + (o->>'delta')::numeric < (o->>'min')::numeric)
            OR (o->>'max' IS NOT NULL AND v_number + (o->>'delta')::numeric > (o->>'max')::numeric)
+           OR abs(v_number + (o->>'delta')::numeric) >= 1e308
         THEN
             RETURN jsonb_build_object('op', o->'op', 'applied', false, 'reason', 'limit',
                                       'key', v_key, 'value', to_jsonb(trim_scale(v_number)),
