@@ -128,8 +128,9 @@ LANGUAGE sql AS $$
 $$;
 
 -- Creates the (partition, group) row when the group first lands on a partition, starting at
--- the group's subscription point. False when another transaction is creating it right now:
--- the caller skips the partition instead of waiting for that transaction.
+-- the group's subscription point. False when another transaction is creating it right now
+-- (the caller skips the partition instead of waiting for that transaction), or when the
+-- partition is gone.
 CREATE OR REPLACE FUNCTION queen.ensure_consumer(p_partition uuid, p_group text, p_from timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
@@ -142,9 +143,14 @@ BEGIN
                                      hashtext(p_partition::text || '/' || p_group)) THEN
         RETURN false;
     END IF;
-    INSERT INTO queen.partition_consumers (partition_id, consumer_group, cursor_created_at, cursor_id)
-    VALUES (p_partition, p_group, p_from, queen.start_cursor_id(p_from))
-    ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+    BEGIN  -- (a block of its own: the usual call above pays no subtransaction)
+        INSERT INTO queen.partition_consumers (partition_id, consumer_group, cursor_created_at,
+                                               cursor_id)
+        VALUES (p_partition, p_group, p_from, queen.start_cursor_id(p_from))
+        ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+    EXCEPTION WHEN foreign_key_violation THEN
+        RETURN false;  -- the partition was deleted meanwhile (an idle one by retention's cleanup)
+    END;
     RETURN true;
 END
 $$;

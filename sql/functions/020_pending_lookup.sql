@@ -90,26 +90,40 @@ CREATE OR REPLACE FUNCTION queen.seed_pending(p_queue uuid, p_group text, p_from
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_count integer;
+    v_count   integer;
+    v_attempt integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(p_queue::text));
-    INSERT INTO queen.partition_pending AS pp
-           (queue_id, consumer_group, partition_id, last_message_at, last_message_id)
-    SELECT p.queue_id, p_group, p.id, p.last_message_at, p.last_message_id
-      FROM queen.partitions p
-      LEFT JOIN queen.partition_consumers pc
-             ON pc.partition_id = p.id AND pc.consumer_group = p_group
-     WHERE p.queue_id = p_queue
-       AND p.last_message_id IS NOT NULL
-       AND CASE WHEN pc.partition_id IS NULL THEN p.last_message_at > p_from
-                ELSE (p.last_message_at, p.last_message_id) > (pc.cursor_created_at, pc.cursor_id)
-           END
-     ORDER BY p.id
-    ON CONFLICT (queue_id, consumer_group, partition_id) DO UPDATE
-       SET last_message_at = excluded.last_message_at, last_message_id = excluded.last_message_id
-     WHERE (pp.last_message_at, pp.last_message_id)
-           < (excluded.last_message_at, excluded.last_message_id);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    RETURN v_count;
+    -- A partition the scan still sees can be deleted meanwhile (an idle one by retention's
+    -- cleanup, or with its queue): the insert then waits for that delete and fails on the
+    -- foreign key. Once it failed the delete has committed, so the scan run again skips it.
+    FOR v_attempt IN 1..3 LOOP
+        BEGIN
+            INSERT INTO queen.partition_pending AS pp
+                   (queue_id, consumer_group, partition_id, last_message_at, last_message_id)
+            SELECT p.queue_id, p_group, p.id, p.last_message_at, p.last_message_id
+              FROM queen.partitions p
+              LEFT JOIN queen.partition_consumers pc
+                     ON pc.partition_id = p.id AND pc.consumer_group = p_group
+             WHERE p.queue_id = p_queue
+               AND p.last_message_id IS NOT NULL
+               AND CASE WHEN pc.partition_id IS NULL THEN p.last_message_at > p_from
+                        ELSE (p.last_message_at, p.last_message_id)
+                             > (pc.cursor_created_at, pc.cursor_id)
+                   END
+             ORDER BY p.id
+            ON CONFLICT (queue_id, consumer_group, partition_id) DO UPDATE
+               SET last_message_at = excluded.last_message_at,
+                   last_message_id = excluded.last_message_id
+             WHERE (pp.last_message_at, pp.last_message_id)
+                   < (excluded.last_message_at, excluded.last_message_id);
+            GET DIAGNOSTICS v_count = ROW_COUNT;
+            RETURN v_count;
+        EXCEPTION WHEN foreign_key_violation THEN
+            IF v_attempt = 3 THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
 END
 $$;

@@ -35,6 +35,8 @@ DECLARE
     v_retention integer := 0;
     v_completed integer := 0;
     v_evicted   integer := 0;
+    v_whys      text[];
+    v_deleted   integer := 0;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(737001) THEN
         RETURN jsonb_build_object('locked', false, 'more', false);
@@ -80,20 +82,37 @@ BEGIN
     ), unique_doomed AS (
         SELECT DISTINCT ON (id) id, partition_id, why FROM doomed ORDER BY id, why
     )
-    SELECT array_agg(id), array_agg(DISTINCT partition_id),
-           count(*) FILTER (WHERE why = 'retention'), count(*) FILTER (WHERE why = 'completed'),
-           count(*) FILTER (WHERE why = 'evicted')
-      INTO v_ids, v_parts, v_retention, v_completed, v_evicted
+    SELECT array_agg(id), array_agg(DISTINCT partition_id), array_agg(why)
+      INTO v_ids, v_parts, v_whys
       FROM unique_doomed;
 
     IF v_ids IS NOT NULL THEN
         PERFORM 1 FROM queen.partitions WHERE id = ANY(v_parts) ORDER BY id FOR NO KEY UPDATE;
-        DELETE FROM queen.messages WHERE id = ANY(v_ids);
+        -- A message out on a live lease stays until the lease ends: deleted under it, its ack
+        -- would find nothing and the lease would hold the partition until it expired. (This
+        -- statement's snapshot sees the leases committed since the scan above.)
+        WITH gone AS (
+            DELETE FROM queen.messages m
+             WHERE m.id = ANY(v_ids)
+               AND NOT EXISTS (
+                   SELECT 1 FROM queen.partition_consumers pc
+                    WHERE pc.partition_id = m.partition_id
+                      AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                      AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
+                      AND (m.created_at, m.id)
+                          <= (pc.lease_last_created_at, pc.lease_last_id))
+            RETURNING m.id
+        )
+        SELECT count(*) FILTER (WHERE d.why = 'retention'),
+               count(*) FILTER (WHERE d.why = 'completed'),
+               count(*) FILTER (WHERE d.why = 'evicted'), count(*)
+          INTO v_retention, v_completed, v_evicted, v_deleted
+          FROM gone JOIN unnest(v_ids, v_whys) AS d(id, why) ON d.id = gone.id;
     END IF;
 
+    -- more: the batch was full of deletable messages (leased ones wait for the next turn)
     RETURN jsonb_build_object('locked', true, 'retention', v_retention, 'completed', v_completed,
-                              'evicted', v_evicted,
-                              'more', coalesce(array_length(v_ids, 1), 0) >= p_batch);
+                              'evicted', v_evicted, 'more', v_deleted >= p_batch);
 END
 $$;
 
