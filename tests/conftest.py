@@ -90,6 +90,18 @@ def db(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
         connection.close()
 
 
+@pytest.fixture
+def holder(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
+    """A connection whose open transaction holds the rows a test locks with ``FOR UPDATE``
+    (what a long transaction or a stuck admin session does); rolled back at the end."""
+    connection = psycopg2.connect(pg_dsn)
+    try:
+        yield connection
+    finally:
+        connection.rollback()
+        connection.close()
+
+
 @pytest.fixture(scope="session")
 def server(pg_env: dict[str, str]) -> Iterator[ServerProcess]:
     """One queen-tw server shared by most tests (do not stop or reconfigure it)."""

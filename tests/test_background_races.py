@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.http_helpers import configure
+from tests.pg_faults import Trigger, asleep
 from tests.support import ServerProcess, unique_name, wait_until
 
 IDLE_PREFIX = "idle-"
@@ -30,25 +31,11 @@ def cleaning_server(make_server: Any, db: Any) -> Iterator[ServerProcess]:
     """A server whose retention runs every 0.3 s and drops partitions idle for a day; its
     delete of partitions named ``idle-…`` sleeps three seconds after the rows are gone."""
     server = make_server(RETENTION_INTERVAL="300", PARTITION_CLEANUP_DAYS="1")
-    with db.cursor() as cursor:
-        cursor.execute(f"""
-            CREATE FUNCTION queen.test_slow_partition_delete() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM gone WHERE name LIKE '{IDLE_PREFIX}%') THEN
-                    PERFORM pg_sleep(3);
-                END IF;
-                RETURN NULL;
-            END $$;
-            CREATE TRIGGER test_slow_partition_delete AFTER DELETE ON queen.partitions
-                REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
-                EXECUTE FUNCTION queen.test_slow_partition_delete();""")
-    try:
+    with Trigger(db, "queen.partitions", "AFTER DELETE", f"""
+            IF EXISTS (SELECT 1 FROM gone WHERE name LIKE '{IDLE_PREFIX}%') THEN
+                PERFORM pg_sleep(3);
+            END IF;""", for_each_statement=True):
         yield server
-    finally:
-        with db.cursor() as cursor:
-            cursor.execute("DROP TRIGGER test_slow_partition_delete ON queen.partitions;"
-                           "DROP FUNCTION queen.test_slow_partition_delete()")
 
 
 def queue_with_a_message(http: httpx.Client) -> str:
@@ -80,13 +67,8 @@ def during_cleanup(db: Any, partition_id: str,
         cursor.execute("UPDATE queen.partitions SET last_activity = now() - interval '2 days'"
                        " WHERE id = %s", (partition_id,))
 
-    def cleaning() -> bool:
-        with db.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                           " AND query LIKE '%cleanup_partitions%'")
-            return bool(cursor.fetchone()[0])
-
-    wait_until(cleaning, message="the partition cleanup inside PostgreSQL")
+    wait_until(lambda: asleep(db, "%cleanup_partitions%"),
+               message="the partition cleanup inside PostgreSQL")
     answer = request()
     with db.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM queen.partitions WHERE id = %s", (partition_id,))

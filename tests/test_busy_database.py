@@ -8,45 +8,43 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.binary_bodies import framed_body, framed_group, id_text, v7_id
+from tests.pg_faults import Trigger, asleep
 from tests.support import unique_name, wait_until
+
+CONFLICT_PREFIX = "conflicts-"
+
+
+@dataclass
+class Conflicts:
+    """The test's transactionId prefix, and :meth:`end` to make PostgreSQL accept them."""
+
+    prefix: str
+    trigger: Trigger
+
+    def end(self) -> None:
+        self.trigger.drop()
 
 
 @pytest.fixture
-def conflicting_prefix(db: Any) -> Iterator[str]:
-    """A transactionId prefix: while the test runs, PostgreSQL refuses to insert a message
-    whose id goes on with ``conflict`` (a serialization failure) and takes half a second for
-    one that goes on with ``slow``."""
-    prefix = f"conflicts-{uuid.uuid4().hex[:8]}-"
-    with db.cursor() as cursor:
-        cursor.execute(f"""
-            CREATE FUNCTION queen.test_refuse_as_conflict() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.transaction_id LIKE '{prefix}conflict%' THEN
-                    RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
-                ELSIF NEW.transaction_id LIKE '{prefix}slow%' THEN
-                    PERFORM pg_sleep(0.5);
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER test_refuse_as_conflict BEFORE INSERT ON queen.messages
-               FOR EACH ROW EXECUTE FUNCTION queen.test_refuse_as_conflict();""")
-    try:
-        yield prefix
-    finally:
-        drop_conflicts(db)
-
-
-def drop_conflicts(db: Any) -> None:
-    with db.cursor() as cursor:
-        cursor.execute("DROP TRIGGER IF EXISTS test_refuse_as_conflict ON queen.messages;"
-                       "DROP FUNCTION IF EXISTS queen.test_refuse_as_conflict()")
+def conflicts(db: Any) -> Iterator[Conflicts]:
+    """While the test runs (or until it drops the trigger), PostgreSQL refuses to insert a
+    message whose transactionId starts with ``conflict`` after the test's prefix (a
+    serialization failure) and takes half a second for one going on with ``slow``."""
+    prefix = f"{CONFLICT_PREFIX}{uuid.uuid4().hex[:8]}-"
+    with Trigger(db, "queen.messages", "BEFORE INSERT", f"""
+            IF NEW.transaction_id LIKE '{prefix}conflict%' THEN
+                RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+            ELSIF NEW.transaction_id LIKE '{prefix}slow%' THEN
+                PERFORM pg_sleep(0.5);
+            END IF;""") as installed:
+        yield Conflicts(prefix, installed)
 
 
 def stored(db: Any, queue: str) -> list[str]:
@@ -59,10 +57,10 @@ def stored(db: Any, queue: str) -> list[str]:
 
 
 def test_a_push_postgresql_keeps_undoing_is_a_503_with_nothing_stored_or_buffered(
-        http: httpx.Client, db: Any, conflicting_prefix: str) -> None:
+        http: httpx.Client, db: Any, conflicts: Conflicts) -> None:
     queue = unique_name()
     items = [{"queue": queue, "partition": "p", "payload": {"n": n},
-              "transactionId": f"{conflicting_prefix}conflict-{n}"} for n in range(3)]
+              "transactionId": f"{conflicts.prefix}conflict-{n}"} for n in range(3)]
 
     answer = http.post("/api/v1/push", json={"items": items})
     assert answer.status_code == 503, answer.text
@@ -72,7 +70,7 @@ def test_a_push_postgresql_keeps_undoing_is_a_503_with_nothing_stored_or_buffere
     maintenance = http.get("/api/v1/system/maintenance").json()
     assert maintenance["bufferedMessages"] == 0  # not taken for an outage
 
-    drop_conflicts(db)  # the conflict is over: the client's retry goes through, once
+    conflicts.end()  # the conflict is over: the client's retry goes through, once
     retried = http.post("/api/v1/push", json={"items": items})
     assert retried.status_code == 201, retried.text
     assert [r["status"] for r in retried.json()] == ["queued"] * 3
@@ -80,7 +78,7 @@ def test_a_push_postgresql_keeps_undoing_is_a_503_with_nothing_stored_or_buffere
 
 
 def test_pushes_fused_with_one_postgresql_keeps_undoing_are_stored_all_the_same(
-        make_server: Any, db: Any, conflicting_prefix: str) -> None:
+        make_server: Any, db: Any, conflicts: Conflicts) -> None:
     """Pushes that wait behind a call are fused into the next one: when PostgreSQL keeps
     undoing that call, its jobs are run one by one, so only the conflicting push is refused.
     One push call at a time, and a slow push first, make them all wait and fuse."""
@@ -92,29 +90,23 @@ def test_pushes_fused_with_one_postgresql_keeps_undoing_are_stored_all_the_same(
             {"queue": queue, "partition": "p", "transactionId": transaction_id,
              "payload": {}}]})
 
-    def slow_push_in_flight() -> bool:
-        with db.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-                           " AND wait_event = 'PgSleep' AND query LIKE %s",
-                           (f"%{conflicting_prefix}slow%",))
-            return bool(cursor.fetchone()[0])
-
     clean = [f"clean-{n}" for n in range(6)]
     with ThreadPoolExecutor(len(clean) + 2) as pool:
-        slow = pool.submit(push, f"{conflicting_prefix}slow")
-        wait_until(slow_push_in_flight, message="the slow push inside PostgreSQL")
+        slow = pool.submit(push, f"{conflicts.prefix}slow")
+        wait_until(lambda: asleep(db, f"%{conflicts.prefix}slow%"),
+                   message="the slow push inside PostgreSQL")
         sent = [pool.submit(push, tid) for tid in clean[:3]]
-        refused = pool.submit(push, f"{conflicting_prefix}conflict")
+        refused = pool.submit(push, f"{conflicts.prefix}conflict")
         sent += [pool.submit(push, tid) for tid in clean[3:]]
         answers = dict(zip(clean, (future.result() for future in sent), strict=True))
     assert slow.result().status_code == 201, slow.result().text
     assert refused.result().status_code == 503, refused.result().text
     assert {tid: a.status_code for tid, a in answers.items()} == {tid: 201 for tid in clean}
-    assert sorted(stored(db, queue)) == sorted([f"{conflicting_prefix}slow", *clean])
+    assert sorted(stored(db, queue)) == sorted([f"{conflicts.prefix}slow", *clean])
 
 
 def test_a_streams_cycle_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
-        http: httpx.Client, db: Any, conflicting_prefix: str) -> None:
+        http: httpx.Client, db: Any, conflicts: Conflicts) -> None:
     """The cycle's sink push conflicts at every retry: the whole cycle (state, ack, sinks)
     is undone and the worker is told to retry (503), not that its cycle failed for good."""
     source, sink = unique_name(), unique_name()
@@ -131,7 +123,7 @@ def test_a_streams_cycle_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
              "consumer_group": group,
              "state_ops": [{"type": "upsert", "key": "sum", "value": 1}],
              "push_items": [{"queue": sink, "partition": "p", "payload": {"sum": 1},
-                             "transactionId": f"{conflicting_prefix}conflict-sink"}],
+                             "transactionId": f"{conflicts.prefix}conflict-sink"}],
              "ack": {"transactionId": message["transactionId"],
                      "leaseId": message["leaseId"], "status": "completed", "count": 1}}
 
@@ -148,15 +140,15 @@ def test_a_streams_cycle_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
                        (message["partitionId"], group))
         assert cursor.fetchone()[0] == 0
 
-    drop_conflicts(db)
+    conflicts.end()
     retried = http.post("/streams/v1/cycle", json=cycle)
     assert retried.status_code == 200, retried.text
     assert retried.json()["success"] is True, retried.text
-    assert stored(db, sink) == [f"{conflicting_prefix}conflict-sink"]
+    assert stored(db, sink) == [f"{conflicts.prefix}conflict-sink"]
 
 
 def test_a_transaction_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
-        http: httpx.Client, db: Any, conflicting_prefix: str) -> None:
+        http: httpx.Client, db: Any, conflicts: Conflicts) -> None:
     """A conflict inside the transaction is not its verdict (200 success false): the
     client is told to retry (503), the ack is undone with the push, and the retry commits."""
     source, target = unique_name(), unique_name()
@@ -168,7 +160,7 @@ def test_a_transaction_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
         {"type": "ack", "transactionId": message["transactionId"],
          "partitionId": message["partitionId"], "leaseId": message["leaseId"]},
         {"type": "push", "items": [{"queue": target, "partition": "p", "payload": "out",
-                                    "transactionId": f"{conflicting_prefix}conflict-tx"}]}],
+                                    "transactionId": f"{conflicts.prefix}conflict-tx"}]}],
         "requiredLeases": [message["leaseId"]]}
 
     answer = http.post("/api/v1/transaction", json=bundle)
@@ -180,11 +172,11 @@ def test_a_transaction_postgresql_keeps_undoing_is_a_503_with_nothing_applied(
                        " AND lease_id = %s", (message["partitionId"], message["leaseId"]))
         assert cursor.fetchone()[0] == 1  # the ack was undone with the push
 
-    drop_conflicts(db)
+    conflicts.end()
     retried = http.post("/api/v1/transaction", json=bundle)
     assert retried.status_code == 200, retried.text
     assert retried.json()["success"] is True, retried.text
-    assert stored(db, target) == [f"{conflicting_prefix}conflict-tx"]
+    assert stored(db, target) == [f"{conflicts.prefix}conflict-tx"]
 
 
 @pytest.fixture
@@ -192,24 +184,11 @@ def held_after_insert(db: Any) -> Iterator[str]:
     """A transactionId: while the test runs, a push that stores a message with this id waits
     a second after inserting it, before it commits (its row and index entries are in place)."""
     transaction_id = f"held-{uuid.uuid4().hex[:8]}"
-    with db.cursor() as cursor:
-        cursor.execute(f"""
-            CREATE FUNCTION queen.test_hold_after_insert() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.transaction_id = '{transaction_id}' THEN
-                    PERFORM pg_sleep(1);
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER test_hold_after_insert AFTER INSERT ON queen.messages
-               FOR EACH ROW EXECUTE FUNCTION queen.test_hold_after_insert();""")
-    try:
+    with Trigger(db, "queen.messages", "AFTER INSERT", f"""
+            IF NEW.transaction_id = '{transaction_id}' THEN
+                PERFORM pg_sleep(1);
+            END IF;"""):
         yield transaction_id
-    finally:
-        with db.cursor() as cursor:
-            cursor.execute("DROP TRIGGER test_hold_after_insert ON queen.messages;"
-                           "DROP FUNCTION queen.test_hold_after_insert()")
 
 
 def test_a_client_id_stored_meanwhile_by_a_concurrent_push_is_retried_not_a_500(
@@ -229,15 +208,10 @@ def test_a_client_id_stored_meanwhile_by_a_concurrent_push_is_retried_not_a_500(
                          content=framed_body([framed_group(queue, partition, [
                              (message_id, transaction_id, b"1")])]))
 
-    def first_push_holding_its_insert() -> bool:
-        with db.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                           " AND query LIKE '%push_store%'")
-            return bool(cursor.fetchone()[0])
-
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(push, "p1", held_after_insert)
-        wait_until(first_push_holding_its_insert, message="the first push inside PostgreSQL")
+        wait_until(lambda: asleep(db, "%push_store%"),
+                   message="the first push inside PostgreSQL")
         second = pool.submit(push, "p2", "second")
         first_answer, second_answer = first.result(), second.result()
     assert first_answer.status_code == 201, first_answer.text

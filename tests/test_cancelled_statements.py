@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psycopg2
 import pytest
 
+from tests.pg_faults import Trigger
 from tests.support import ServerProcess, unique_name, wait_until
 
 LOCK_TIMEOUT_MS = "400"
@@ -26,17 +26,6 @@ def server(make_server: Any) -> ServerProcess:
     """A server of its own: its connections are told apart by their application_name."""
     return make_server(DB_LOCK_TIMEOUT=LOCK_TIMEOUT_MS, DB_STATEMENT_TIMEOUT=STATEMENT_TIMEOUT_MS,
                        WORKER_ID=f"lock-timeouts-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture
-def holder(pg_dsn: str) -> Iterator[Any]:
-    """A connection in an open transaction, to hold row locks with ``FOR UPDATE``."""
-    connection = psycopg2.connect(pg_dsn)
-    try:
-        yield connection
-    finally:
-        connection.rollback()
-        connection.close()
 
 
 def backends(db: Any, worker_id: str) -> set[int]:
@@ -146,38 +135,22 @@ def test_a_push_waiting_past_lock_timeout_is_buffered_and_delivered_in_order(
 
 
 @pytest.fixture
-def slow_transaction_id(server: ServerProcess, db: Any) -> Iterator[str]:
-    """A transactionId: while the test runs, storing a message with it takes longer than
-    DB_STATEMENT_TIMEOUT (the server above installed the schema the trigger goes on)."""
+def slow_insert(server: ServerProcess, db: Any) -> Iterator[tuple[str, Trigger]]:
+    """A transactionId whose message takes longer than DB_STATEMENT_TIMEOUT to store, until
+    the test drops the trigger (the server above installed the schema it goes on)."""
     transaction_id = f"slow-{uuid.uuid4().hex[:8]}"
-    with db.cursor() as cursor:
-        cursor.execute(f"""
-            CREATE FUNCTION queen.test_slow_insert() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.transaction_id = '{transaction_id}' THEN
-                    PERFORM pg_sleep(3);
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER test_slow_insert BEFORE INSERT ON queen.messages
-               FOR EACH ROW EXECUTE FUNCTION queen.test_slow_insert();""")
-    try:
-        yield transaction_id
-    finally:
-        drop_slow_insert(db)
-
-
-def drop_slow_insert(db: Any) -> None:
-    with db.cursor() as cursor:
-        cursor.execute("DROP TRIGGER IF EXISTS test_slow_insert ON queen.messages;"
-                       "DROP FUNCTION IF EXISTS queen.test_slow_insert()")
+    with Trigger(db, "queen.messages", "BEFORE INSERT", f"""
+            IF NEW.transaction_id = '{transaction_id}' THEN
+                PERFORM pg_sleep(3);
+            END IF;""") as installed:
+        yield transaction_id, installed
 
 
 def test_a_push_cancelled_by_statement_timeout_is_buffered_not_a_500(
-        server: ServerProcess, db: Any, slow_transaction_id: str) -> None:
+        server: ServerProcess, db: Any, slow_insert: tuple[str, Trigger]) -> None:
     """txpostgres reports a statement_timeout as a bare CancelledError, which reached the
     client as a 500: the push is now buffered like any push PostgreSQL could not take."""
+    slow_transaction_id, slowness = slow_insert
     queue = unique_name()
     url = server.url
     pool = backends(db, worker_id(server))
@@ -191,7 +164,7 @@ def test_a_push_cancelled_by_statement_timeout_is_buffered_not_a_500(
     assert "PostgreSQL statements failing: push_store: canceling statement" in log
     assert "] PostgreSQL failing" not in log
 
-    drop_slow_insert(db)  # PostgreSQL is quick again: the buffer delivers the push once
+    slowness.drop()  # PostgreSQL is quick again: the buffer delivers the push once
 
     def buffer_drained() -> bool:
         maintenance = httpx.get(f"{url}/api/v1/system/maintenance").json()

@@ -14,6 +14,8 @@ from queen_tw.config import Config
 from queen_tw.db.pool import Database
 from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
 
+from tests.pg_faults import queen_function
+
 
 @pytest.fixture
 def database(pg_env):
@@ -32,6 +34,11 @@ def _believe_dead(connections) -> None:
 
 def _pool_connections(db: Database):
     return sorted(db._pool.connections | db._pool.busy, key=id)
+
+
+def _backend_pids(db: Database):
+    """The PostgreSQL backends of the pool's connections: they change when one reconnects."""
+    return sorted(c._connection.get_backend_pid() for c in _pool_connections(db))
 
 
 @pytest_twisted.ensureDeferred
@@ -132,17 +139,10 @@ async def test_a_call_undone_at_every_retry_fails_as_busy_not_as_a_bug_or_an_out
     """A call PostgreSQL undoes every time (here a serialization failure on each run) is
     given up after the retries as DatabaseBusy: a 503 for the client, not a 500 and not an
     outage that would divert pushes to the file buffer. No connection is dropped for it."""
-    with db.cursor() as cursor:
-        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
-        [(schema_is_ours,)] = cursor.fetchall()
-        cursor.execute("""
-            CREATE SCHEMA IF NOT EXISTS queen;
-            CREATE OR REPLACE FUNCTION queen.test_always_conflicts() RETURNS int
-            LANGUAGE plpgsql AS $$
+    with queen_function(db, "test_always_conflicts()", """RETURNS int LANGUAGE plpgsql AS $$
             BEGIN
                 RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
-            END $$;""")
-    try:
+            END $$"""):
         retries_before = database.rolled_back_retries
         with pytest.raises(DatabaseBusy) as raised:
             await database.call("test_always_conflicts")
@@ -150,11 +150,6 @@ async def test_a_call_undone_at_every_retry_fails_as_busy_not_as_a_bug_or_an_out
         assert database.rolled_back_retries == retries_before + 3  # four runs in all
         assert database.alive_connections() == 3
         assert await database.ping()
-    finally:
-        with db.cursor() as cursor:
-            cursor.execute("DROP FUNCTION queen.test_always_conflicts()")
-            if schema_is_ours:
-                cursor.execute("DROP SCHEMA queen")
 
 
 @pytest_twisted.ensureDeferred
@@ -165,28 +160,18 @@ async def test_a_statement_cancelled_by_statement_timeout_keeps_its_connection(p
     slow = Database(Config.from_sources({**pg_env, "DB_STATEMENT_TIMEOUT": "100"}, {}).dsn,
                     1, reactor)
     await slow.connect()
-    with db.cursor() as cursor:
-        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
-        [(schema_is_ours,)] = cursor.fetchall()
-        cursor.execute("""
-            CREATE SCHEMA IF NOT EXISTS queen;
-            CREATE OR REPLACE FUNCTION queen.test_sleeps() RETURNS int
-            LANGUAGE sql AS $$ SELECT 1 FROM pg_sleep(1) $$;""")
     try:
-        [connection] = _pool_connections(slow)
-        before = connection._connection.get_backend_pid()
-        with pytest.raises(DatabaseUnavailable) as raised:
-            await slow.call("test_sleeps")
-        assert "statement_timeout" in raised.value.message
-        assert slow.alive_connections() == 1
-        assert await slow.ping()
-        assert connection._connection.get_backend_pid() == before
+        with queen_function(db, "test_sleeps()",
+                            "RETURNS int LANGUAGE sql AS $$ SELECT 1 FROM pg_sleep(1) $$"):
+            backends = _backend_pids(slow)
+            with pytest.raises(DatabaseUnavailable) as raised:
+                await slow.call("test_sleeps")
+            assert "statement_timeout" in raised.value.message
+            assert slow.alive_connections() == 1
+            assert await slow.ping()
+            assert _backend_pids(slow) == backends
     finally:
         slow.close()
-        with db.cursor() as cursor:
-            cursor.execute("DROP FUNCTION queen.test_sleeps()")
-            if schema_is_ours:
-                cursor.execute("DROP SCHEMA queen")
 
 
 @pytest_twisted.ensureDeferred
@@ -194,29 +179,16 @@ async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_ou
         database, db):
     """A value too long for an index (SQLSTATE class 54) is the request's fault: the call
     fails as RefusedByDatabase (400), not as an outage (503, connection dropped)."""
-    with db.cursor() as cursor:
-        cursor.execute("SELECT to_regnamespace('queen') IS NULL")
-        [(schema_is_ours,)] = cursor.fetchall()
-        cursor.execute("""
-            CREATE SCHEMA IF NOT EXISTS queen;
-            CREATE OR REPLACE FUNCTION queen.test_beyond_limits() RETURNS int
-            LANGUAGE plpgsql AS $$
+    with queen_function(db, "test_beyond_limits()", """RETURNS int LANGUAGE plpgsql AS $$
             BEGIN
                 RAISE EXCEPTION 'index row size 3016 exceeds btree maximum 2704'
                       USING ERRCODE = 'program_limit_exceeded';
-            END $$;""")
-    try:
-        backends = sorted(c._connection.get_backend_pid() for c in _pool_connections(database))
+            END $$"""):
+        backends = _backend_pids(database)
         with pytest.raises(RefusedByDatabase) as raised:
             await database.call("test_beyond_limits")
         assert raised.value.status == 400
         assert "index row size" in raised.value.message
         assert database.alive_connections() == 3
         assert await database.ping()
-        assert sorted(c._connection.get_backend_pid()
-                      for c in _pool_connections(database)) == backends
-    finally:
-        with db.cursor() as cursor:
-            cursor.execute("DROP FUNCTION queen.test_beyond_limits()")
-            if schema_is_ours:
-                cursor.execute("DROP SCHEMA queen")
+        assert _backend_pids(database) == backends

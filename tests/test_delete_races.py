@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.pg_faults import Trigger, asleep
 from tests.support import unique_name, wait_until
 
 
@@ -23,25 +24,11 @@ def slow_prefix(http: httpx.Client, db: Any) -> Iterator[str]:
     """A transactionId prefix: while the test runs, a statement that deletes a message whose
     id starts with it sleeps two seconds after the rows are gone (uncommitted)."""
     prefix = f"slowdel-{uuid.uuid4().hex[:8]}-"
-    with db.cursor() as cursor:
-        cursor.execute(f"""
-            CREATE FUNCTION queen.test_slow_delete() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM gone WHERE transaction_id LIKE '{prefix}%') THEN
-                    PERFORM pg_sleep(2);
-                END IF;
-                RETURN NULL;
-            END $$;
-            CREATE TRIGGER test_slow_delete AFTER DELETE ON queen.messages
-                REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
-                EXECUTE FUNCTION queen.test_slow_delete();""")
-    try:
+    with Trigger(db, "queen.messages", "AFTER DELETE", f"""
+            IF EXISTS (SELECT 1 FROM gone WHERE transaction_id LIKE '{prefix}%') THEN
+                PERFORM pg_sleep(2);
+            END IF;""", for_each_statement=True):
         yield prefix
-    finally:
-        with db.cursor() as cursor:
-            cursor.execute("DROP TRIGGER test_slow_delete ON queen.messages;"
-                           "DROP FUNCTION queen.test_slow_delete()")
 
 
 def leased(http: httpx.Client, queue: str, transaction_id: str) -> dict[str, Any]:
@@ -56,15 +43,9 @@ def leased(http: httpx.Client, queue: str, transaction_id: str) -> dict[str, Any
 def during(db: Any, delete: Callable[[], httpx.Response],
            request: Callable[[], httpx.Response]) -> tuple[httpx.Response, httpx.Response]:
     """Sends ``delete``, waits until PostgreSQL is inside it, sends ``request``."""
-    def deleting() -> bool:
-        with db.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                           " AND pid <> pg_backend_pid()")
-            return bool(cursor.fetchone()[0])
-
     with ThreadPoolExecutor(2) as pool:
         deleted = pool.submit(delete)
-        wait_until(deleting, message="the delete inside PostgreSQL")
+        wait_until(lambda: asleep(db), message="the delete inside PostgreSQL")
         answered = pool.submit(request)
         return deleted.result(), answered.result()
 
@@ -84,36 +65,22 @@ def delete_message(http: httpx.Client, message: dict[str, Any]) -> Callable[[], 
         f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}")
 
 
-@pytest.mark.parametrize("status", ["completed", "failed", "dlq"])
-def test_an_ack_meeting_its_queue_delete_finds_no_message(
-        http: httpx.Client, db: Any, slow_prefix: str, status: str) -> None:
+@pytest.mark.parametrize("status,deleted", [
+    ("completed", "queue"), ("failed", "queue"), ("dlq", "queue"), ("dlq", "message")])
+def test_an_ack_meeting_a_delete_finds_no_message_and_keeps_no_dead_letter(
+        http: httpx.Client, db: Any, slow_prefix: str, status: str, deleted: str) -> None:
     queue = unique_name()
     message = leased(http, queue, f"{slow_prefix}a")
     ack = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
            "leaseId": message["leaseId"], "status": status}
+    delete = delete_queue(http, queue) if deleted == "queue" else delete_message(http, message)
 
-    deleted, acked = during(db, delete_queue(http, queue),
-                            lambda: http.post("/api/v1/ack", json=ack))
-    assert deleted.status_code == 200, deleted.text
+    gone, acked = during(db, delete, lambda: http.post("/api/v1/ack", json=ack))
+    assert gone.status_code == 200, gone.text
     assert acked.status_code == 200, acked.text
     [result] = acked.json()
     assert result["success"] is False and result["error"] == "Message not found", result
-    assert not queue_exists(db, queue)
-
-
-def test_a_dlq_ack_meeting_the_delete_of_its_message_finds_no_message(
-        http: httpx.Client, db: Any, slow_prefix: str) -> None:
-    queue = unique_name()
-    message = leased(http, queue, f"{slow_prefix}a")
-    ack = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
-           "leaseId": message["leaseId"], "status": "dlq"}
-
-    deleted, acked = during(db, delete_message(http, message),
-                            lambda: http.post("/api/v1/ack", json=ack))
-    assert deleted.status_code == 200, deleted.text
-    assert acked.status_code == 200, acked.text
-    [result] = acked.json()
-    assert result["success"] is False and result["error"] == "Message not found", result
+    assert queue_exists(db, queue) is (deleted == "message")
     with db.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM queen.dead_letter_queue WHERE partition_id = %s",
                        (message["partitionId"],))
@@ -140,38 +107,39 @@ def test_a_seek_meeting_its_queue_delete_is_404(
     assert not queue_exists(db, queue)
 
 
-def test_a_trace_meeting_its_queue_delete_is_404(
-        http: httpx.Client, db: Any, slow_prefix: str) -> None:
+def trace(http: httpx.Client, message: dict[str, Any]) -> httpx.Response:
+    return http.post("/api/v1/traces", json={
+        "transactionId": message["transactionId"], "partitionId": message["partitionId"],
+        "data": {"step": 1}})
+
+
+def move_to_dead_letters(http: httpx.Client, message: dict[str, Any]) -> httpx.Response:
+    return http.post(f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}"
+                     "/dlq", json={"consumerGroup": "ops"})
+
+
+def retry(http: httpx.Client, message: dict[str, Any]) -> httpx.Response:
+    return http.post(
+        f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}/retry")
+
+
+MESSAGE_ROUTES = {  # what is deleted meanwhile, and the request that names it
+    "trace, queue deleted": (delete_queue, trace),
+    "dead-letter move, message deleted": (delete_message, move_to_dead_letters),
+    "retry, queue deleted": (delete_queue, retry),
+}
+
+
+@pytest.mark.parametrize("case", MESSAGE_ROUTES)
+def test_a_message_route_meeting_a_delete_is_404_and_revives_nothing(
+        http: httpx.Client, db: Any, slow_prefix: str, case: str) -> None:
+    """(A retry used to answer 200 and bring the deleted queue back with its copy.)"""
+    delete, request = MESSAGE_ROUTES[case]
     queue = unique_name()
     message = leased(http, queue, f"{slow_prefix}a")
-    trace = {"transactionId": message["transactionId"], "partitionId": message["partitionId"],
-             "data": {"step": 1}}
+    target = queue if delete is delete_queue else message
 
-    deleted, traced = during(db, delete_queue(http, queue),
-                             lambda: http.post("/api/v1/traces", json=trace))
+    deleted, answered = during(db, delete(http, target), lambda: request(http, message))
     assert deleted.status_code == 200, deleted.text
-    assert traced.status_code == 404, traced.text
-
-
-def test_a_dead_letter_move_meeting_the_delete_of_its_message_is_404(
-        http: httpx.Client, db: Any, slow_prefix: str) -> None:
-    queue = unique_name()
-    message = leased(http, queue, f"{slow_prefix}a")
-    path = f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}/dlq"
-
-    deleted, moved = during(db, delete_message(http, message),
-                            lambda: http.post(path, json={"consumerGroup": "ops"}))
-    assert deleted.status_code == 200, deleted.text
-    assert moved.status_code == 404, moved.text
-
-
-def test_a_retry_meeting_its_queue_delete_is_404_and_does_not_revive_the_queue(
-        http: httpx.Client, db: Any, slow_prefix: str) -> None:
-    queue = unique_name()
-    message = leased(http, queue, f"{slow_prefix}a")
-    path = f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}/retry"
-
-    deleted, retried = during(db, delete_queue(http, queue), lambda: http.post(path))
-    assert deleted.status_code == 200, deleted.text
-    assert retried.status_code == 404, retried.text
-    assert not queue_exists(db, queue)
+    assert answered.status_code == 404, answered.text
+    assert queue_exists(db, queue) is (delete is delete_message)

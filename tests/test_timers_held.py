@@ -33,18 +33,6 @@ FAR_MS = 600_000  # scheduled this far ahead, made due by the test's own transac
 
 
 @pytest.fixture
-def holder(pg_dsn: str) -> Iterator[Any]:
-    """A connection whose open transaction holds partitions (what a long transaction,
-    a stuck admin session or a slow queue delete does to a partition row)."""
-    connection = psycopg2.connect(pg_dsn)
-    try:
-        yield connection
-    finally:
-        connection.rollback()
-        connection.close()
-
-
-@pytest.fixture
 def sweeping(pg_dsn: str) -> Iterator[Any]:
     """A connection that sweeps by hand; a wait of 5 s on a lock fails its statement."""
     connection = psycopg2.connect(pg_dsn)
