@@ -74,11 +74,11 @@ class Pair:
         self.to_b.close()
 
 
-def start_pair(pg_env: Dict[str, str], workdir: Path, a_extra: Optional[Dict[str, str]] = None
-               ) -> Pair:
+def start_pair(pg_env: Dict[str, str], workdir: Path, a_extra: Optional[Dict[str, str]] = None,
+               b_extra: Optional[Dict[str, str]] = None) -> Pair:
     udp_a, udp_b = free_udp_port(), free_udp_port()
     a = ServerProcess(pg_env, workdir / "a", sync_env(udp_a, udp_b, "sync-a", **(a_extra or {})))
-    b = ServerProcess(pg_env, workdir / "b", sync_env(udp_b, udp_a, "sync-b"))
+    b = ServerProcess(pg_env, workdir / "b", sync_env(udp_b, udp_a, "sync-b", **(b_extra or {})))
     a.start(timeout=60)
     b.start(timeout=60)
     pair = Pair(a, b)
@@ -89,10 +89,11 @@ def start_pair(pg_env: Dict[str, str], workdir: Path, a_extra: Optional[Dict[str
 
 
 def running_pair(pg_env: Dict[str, str], prefix: str,
-                 a_extra: Optional[Dict[str, str]] = None) -> Iterator[Pair]:
+                 a_extra: Optional[Dict[str, str]] = None,
+                 b_extra: Optional[Dict[str, str]] = None) -> Iterator[Pair]:
     """A started pair in a fresh directory, stopped and removed afterwards (for fixtures)."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    made = start_pair(pg_env, workdir, a_extra)
+    made = start_pair(pg_env, workdir, a_extra, b_extra)
     try:
         yield made
     finally:
@@ -440,6 +441,47 @@ def test_with_workers_changes_made_through_any_worker_reach_the_peer(
                        message=f"B applying pop maintenance {enabled} set on A")
     finally:
         pair.to_a.post("/api/v1/system/maintenance/pop", json={"enabled": False})
+
+
+@pytest.fixture(scope="module")
+def pair_both_with_workers(pg_env: Dict[str, str]) -> Iterator[Pair]:
+    yield from running_pair(pg_env, "queen-tw-sync-both-workers-",
+                            a_extra={"NUM_WORKERS": "2"}, b_extra={"NUM_WORKERS": "2"})
+
+
+def datagrams_sent(pair: Pair) -> int:
+    return sum(shared_state(c)["transport"]["messages_sent"] for c in (pair.to_a, pair.to_b))
+
+
+def test_two_instances_with_workers_do_not_echo_each_others_notices(
+        pair_both_with_workers: Pair) -> None:
+    """Both instances' workers hear every NOTIFY of the database. Relaying the other
+    instance's notices made A and B echo one push or one maintenance toggle without end
+    (thousands of datagrams a second, the flags flipping on and off on every worker)."""
+    pair = pair_both_with_workers
+    push_items(pair.to_a, [{"queue": unique_name(), "payload": 1}])
+    for enabled in (True, False):
+        answer = pair.to_a.post("/api/v1/system/maintenance", json={"enabled": enabled})
+        assert answer.status_code == 200, answer.text
+
+    def off_on(url: str) -> bool:
+        with _fresh(url) as client:  # a new connection: either worker may take it
+            return shared_state(client)["maintenance_mode"] is False
+
+    def settled() -> bool:  # every worker of both instances sees maintenance off
+        return all(off_on(url) for url in (pair.a.url, pair.b.url) for _ in range(4))
+
+    wait_until(settled, message="maintenance off on every worker")
+    before, started = datagrams_sent(pair), time.monotonic()
+    time.sleep(3)  # a window to measure a rate in, not a wait for an event
+    rate = (datagrams_sent(pair) - before) / (time.monotonic() - started)
+    assert rate < 100, f"{rate:.0f} datagrams/s: the instances echo each other"  # heartbeats: ~10
+    queue = unique_name()
+    statuses = set()
+    for n, url in enumerate([pair.a.url, pair.b.url] * 4):
+        with _fresh(url) as client:
+            statuses.add(push_items(client, [{"queue": queue, "payload": n}])[0]["status"])
+    assert statuses == {"queued"}
 
 
 def test_the_instances_with_workers_logged_no_traceback(pair_with_workers: Pair) -> None:

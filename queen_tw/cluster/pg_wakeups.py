@@ -11,6 +11,11 @@ wake-up a peer instance announced, so its siblings' pops wake too (see
 :mod:`queen_tw.cluster.wiring`). The same connection carries the workers' config and
 maintenance changes on channel ``queen_sync`` (JSON, :meth:`PostgresWakeups.publish`; see
 :mod:`queen_tw.cluster.sibling_bus`).
+
+Both channels are the whole database's: every instance's workers hear every notice. Each
+worker acts only on its siblings' (same instance, by worker name). Acting on another
+instance's too made two such instances echo each other without end: a notice heard by B's
+worker 1 went to A by datagram, A's worker 1 relayed it on the channel, B's heard it again.
 """
 
 import json
@@ -20,6 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from txpostgres import txpostgres
 
+from queen_tw.cluster.worker_names import instance_of
 from queen_tw.services.periodic import PeriodicService
 from queen_tw.services.retry import Backoff
 
@@ -49,6 +55,7 @@ class PostgresWakeups(PeriodicService):
                          stop_timeout=1.0)
         self._dsn = dsn
         self._worker_id = worker_id
+        self._instance = instance_of(worker_id)
         self._wake = wake
         self._on_notice = on_notice
         self._reactor = reactor
@@ -105,7 +112,7 @@ class PostgresWakeups(PeriodicService):
             self._sync_notice(notify.payload)
             return
         queue, partition, sender = (notify.payload.split("\n") + [None, None])[:3]
-        if sender != self._worker_id and queue:
+        if self._from_sibling(sender) and queue:
             self._wake(queue, partition or None)
 
     def _sync_notice(self, payload: str) -> None:
@@ -114,9 +121,14 @@ class PostgresWakeups(PeriodicService):
         except ValueError:
             log.debug("ignored a {channel} notice that is not JSON", channel=SYNC_CHANNEL)
             return
-        if isinstance(notice, dict) and notice.get("sender") != self._worker_id \
+        if isinstance(notice, dict) and self._from_sibling(notice.get("sender")) \
                 and self._on_notice is not None:
             self._on_notice(notice)
+
+    def _from_sibling(self, sender: Any) -> bool:
+        """Sent by another worker of this instance (this one's own notices: woken already)."""
+        return (isinstance(sender, str) and sender != self._worker_id
+                and instance_of(sender) == self._instance)
 
     def _drop(self) -> None:
         if self._connection is not None:

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 
 from queen_tw.cluster.wiring import open_udp_socket
+from queen_tw.cluster.worker_names import worker_name
 from queen_tw.config import Config
 from queen_tw.lifecycle import WORKER_KILL_AFTER_S
 from queen_tw.listening import open_listening_socket
@@ -108,7 +109,7 @@ class WorkerSupervisor(service.Service):
         env = dict(self._base_env)
         env.update(self._config.as_env())
         env.update({"NUM_WORKERS": "1", "QUEEN_LISTEN_FD": str(INHERITED_FD),
-                    "WORKER_ID": f"{self._config.worker_id}-{index + 1}"})
+                    "WORKER_ID": worker_name(self._config.worker_id, index)})
         env.pop("QUEEN_EMBEDDED_PG", None)  # the parent runs it; workers use its PG_* settings
         child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2, INHERITED_FD: listening.fileno()}
         if index == 0 and self._sync_socket is not None:  # worker 1 owns the peer sync
