@@ -22,7 +22,7 @@ it never reaches into the buffer or the failover policy.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -69,6 +69,7 @@ class Maintenance:
         self._flags: Dict[str, bool] = {MAINTENANCE: False, POP_MAINTENANCE: False}
         self.loaded = False
         self._announce: Optional[Callable[[str, bool], None]] = None
+        self._observers: List[Callable[[str, bool], None]] = []
         # per flag, how many changes (here or from a peer) were applied: a re-read begun
         # before one may have read the old row and must not undo it
         self._changes: Dict[str, int] = {MAINTENANCE: 0, POP_MAINTENANCE: 0}
@@ -77,6 +78,11 @@ class Maintenance:
         """``announce(key, enabled)`` is called after each change made through this
         process (the peer sync tells the other instances)."""
         self._announce = announce
+
+    def on_change(self, observer: Callable[[str, bool], None]) -> None:
+        """``observer(key, enabled)`` is called whenever a flag changes here, however the
+        change came (this process, a peer, a sibling worker, a re-read)."""
+        self._observers.append(observer)
 
     def apply_from_peer(self, key: str, enabled: bool) -> None:
         """A peer changed a flag (it is stored in PostgreSQL already): applied at once.
@@ -150,10 +156,13 @@ class Maintenance:
             self._announce(key, enabled)
 
     def _apply(self, key: str, enabled: bool, source: str = "") -> None:
-        if self._flags[key] != enabled:
-            log.info("{flag} is now {state}{source}", flag=key,
-                     state="on" if enabled else "off", source=source)
+        if self._flags[key] == enabled:
+            return
+        log.info("{flag} is now {state}{source}", flag=key,
+                 state="on" if enabled else "off", source=source)
         self._flags[key] = enabled
+        for observer in self._observers:
+            observer(key, enabled)
 
 
 def _enabled(value: Any) -> bool:

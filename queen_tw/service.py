@@ -45,6 +45,7 @@ from queen_tw.lifecycle import (
 )
 from queen_tw.listening import http_listener
 from queen_tw.logs import lets_through
+from queen_tw.maintenance import POP_MAINTENANCE
 from queen_tw.metrics.recorder import Recorder
 from queen_tw.metrics.wiring import Metrics
 from queen_tw.services.database import DatabaseService, MigrationService
@@ -151,6 +152,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         engine_limits(config), failover=durability.failover,
         pop_paused=lambda: durability.maintenance.pop_maintenance_mode or gate.stopping,
         config_cache=config_cache, peers=cluster.notices, recorder=recorder)
+    durability.maintenance.on_change(  # pop maintenance answers the parked pops at once too
+        lambda key, enabled: engine.popper.close() if key == POP_MAINTENANCE and enabled
+        else None)
     metrics = Metrics(recorder, db, reactor, config.worker_id, config.metrics_sample_interval_ms,
                       config.metrics_aggregate_interval_s, config.metrics_retention_days,
                       parked=waiters.parked_by_queue, buffer=durability.maintenance,

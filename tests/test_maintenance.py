@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -129,6 +130,27 @@ def test_pop_maintenance_answers_204_at_once_even_to_long_polls(http: httpx.Clie
 
     delivered = pop_all(http, queue)
     assert [m["data"]["seq"] for m in delivered] == [0]
+
+
+def test_pop_maintenance_answers_the_long_polls_already_parked_at_once(
+        http: httpx.Client) -> None:
+    """They used to stay parked and take the next message pushed meanwhile."""
+    queue = unique_name()
+    with ThreadPoolExecutor(2) as pool:
+        parked = [pool.submit(http.get, f"/api/v1/pop/queue/{queue}",
+                              params={"wait": "true", "timeout": 20000}, timeout=30)
+                  for _ in range(2)]
+        time.sleep(0.5)  # a documented minimum for the pops to park, not a bound
+        started = time.monotonic()
+        set_maintenance(http.base_url, True, pop=True)
+        try:
+            push(http, queue, "Default", range(1))
+            answers = [p.result() for p in parked]
+        finally:
+            set_maintenance(http.base_url, False, pop=True)
+    assert [a.status_code for a in answers] == [204, 204]
+    assert time.monotonic() - started < 10
+    assert [m["data"]["seq"] for m in pop_all(http, queue)] == [0]  # nobody took it
 
 
 def test_every_server_of_the_database_follows_the_flags(fleet: Fleet, http: httpx.Client

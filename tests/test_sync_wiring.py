@@ -281,6 +281,25 @@ def test_pop_maintenance_switched_on_one_instance_applies_on_its_peer(pair: Pair
     assert pop(pair.to_b, queue)["messages"][0]["data"] == "waiting"
 
 
+def test_pop_maintenance_set_on_one_instance_answers_the_pops_parked_on_its_peer(
+        pair: Pair) -> None:
+    queue = unique_name()
+    configure(pair.to_b, queue)
+    polls = parked(pair.b.url, queue, count=2)
+    try:
+        started = time.monotonic()
+        pair.to_a.post("/api/v1/system/maintenance/pop", json={"enabled": True})
+        answers = [poll.result() for poll in polls]
+        waited = time.monotonic() - started
+        push_items(pair.to_a, [{"queue": queue, "payload": "after"}])
+    finally:
+        pair.to_a.post("/api/v1/system/maintenance/pop", json={"enabled": False})
+    assert [a.status_code for a in answers] == [204, 204]
+    assert waited < 10, f"answered after {waited:.1f} s: at their 20 s timeout, not at once"
+    wait_until(lambda: not shared_state(pair.to_b)["pop_maintenance_mode"])
+    assert pop(pair.to_b, queue)["messages"][0]["data"] == "after"
+
+
 # --- shared state -------------------------------------------------------------------------
 
 

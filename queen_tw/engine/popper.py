@@ -249,6 +249,8 @@ class Popper:
     async def attempt(self, request: PopRequest) -> Attempt:
         """One try at the database. An outage counts as "nothing yet": consumers' loops exit
         on a pop error, so pops answer 204 and /health reports the outage (WIRE.md 2.3.8)."""
+        if self._paused():  # pop maintenance came on while this pop was parked
+            return Attempt()
         self.attempts += 1
         wanted = request.as_sql(self._worker_id, self.autopilot.share(request.lane)
                                 if request.width_delegated else None)
