@@ -178,6 +178,26 @@ def test_a_batch_over_many_partitions_wakes_a_parked_pop_per_partition(pair: Pai
     assert sorted(a.json()["messages"][0]["partition"] for a in answers) == ["p0", "p1", "p2"]
 
 
+def test_an_ack_ending_a_lease_on_one_instance_wakes_a_pop_parked_on_its_peer(
+        pair: Pair) -> None:
+    """The next consumer of a partition waits on B while A's consumer holds its lease: the
+    ack on A that ends the delivery used to wake only A's pops."""
+    queue = unique_name()
+    configure(pair.to_a, queue)
+    push_items(pair.to_a, [{"queue": queue, "payload": n} for n in ("first", "second")])
+    held = pop(pair.to_a, queue, batch=1)["messages"][0]
+    [poll] = parked(pair.b.url, queue)  # the partition is leased: nothing to take yet
+
+    acked = pair.to_a.post("/api/v1/ack", json={
+        "transactionId": held["transactionId"], "partitionId": held["partitionId"],
+        "leaseId": held["leaseId"], "status": "completed"})
+    assert acked.json()[0]["leaseReleased"] is True, acked.text
+
+    answer = poll.result()
+    assert answer.status_code == 200, "the pop on B timed out: no wake-up arrived"
+    assert answer.json()["messages"][0]["data"] == "second"
+
+
 def test_internal_notify_on_one_instance_wakes_pops_parked_on_its_peer(pair: Pair, db) -> None:
     queue = unique_name()
     configure(pair.to_a, queue)

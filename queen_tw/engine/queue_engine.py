@@ -301,10 +301,14 @@ class QueueEngine:
             self._peers.announce_messages(updated)
 
     def announce_released(self, released: Iterable[Tuple[str, str]]) -> None:
-        """Leases on these (queue, partition)s ended: the pops parked on them here may take
-        them now (as after an ack that ends a delivery)."""
-        for queue, partition in set(released):
+        """Leases on these (queue, partition)s ended: the pops parked on them, here and on
+        the peers, may take them now (as after an ack that ends a delivery). Workers of one
+        instance hear it from the ack's NOTIFY, and worker 1 tells the peers the same."""
+        ended = sorted(set(released))
+        for queue, partition in ended:
             self._waiters.notify(queue, partition)
+        if ended:
+            self._peers.announce_messages(ended)
 
     async def prepare_push(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Validated push items made ready for a SQL function that stores them inside its
@@ -414,10 +418,8 @@ class QueueEngine:
         return split
 
     def _wake_released(self, results: Iterable[Dict[str, Any]]) -> None:
-        released = {(r["queueName"], r["partitionName"]) for r in results
-                    if r.get("leaseReleased") and r.get("queueName")}
-        for queue, partition in released:
-            self._waiters.notify(queue, partition)
+        self.announce_released((r["queueName"], r["partitionName"]) for r in results
+                               if r.get("leaseReleased") and r.get("queueName"))
 
     async def extend_lease(self, lease_id: str, seconds: Optional[int]) -> str:
         """Extends every live partition lease of ``lease_id``; returns the earliest expiry."""
