@@ -407,6 +407,27 @@ def test_wrong_method_on_a_known_route_answers_405_json(http, method, path):
     assert_json_error(answer, 405, "Method not allowed")
 
 
+@pytest.mark.parametrize("path", ["/api/v1/pop/queue/{queue}",
+                                  "/api/v1/pop/queue/{queue}/partition/Default",
+                                  "/api/v1/pop?namespace={queue}"])
+@pytest.mark.parametrize("auto_ack", ["false", "true"])
+def test_head_on_a_pop_route_is_405_and_hands_nothing_out(http, path, auto_ack):
+    """HEAD matched the GET rule and ran the pop, whose answer Twisted then dropped: its
+    messages were leased (or, with autoAck, consumed) and nobody received them."""
+    queue = unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "namespace": queue}
+              ).raise_for_status()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n}
+                                              for n in range(3)]}).raise_for_status()
+    url = path.format(queue=queue)
+    answer = http.head(url, params={"batch": 10, "autoAck": auto_ack})
+
+    assert answer.status_code == 405, answer.status_code
+    assert answer.headers["Allow"] == "GET"
+    popped = http.get(f"/api/v1/pop/queue/{queue}", params={"batch": 10, "wait": "false"})
+    assert [m["data"] for m in popped.json()["messages"]] == [0, 1, 2]
+
+
 def test_oversized_body_answers_413_json(make_server):
     small = make_server(QUEEN_MAX_BODY_BYTES="1000")
     queue = unique_name()

@@ -38,6 +38,13 @@ from queen_tw.http.timers import TimerRoutes
 from queen_tw.maintenance import Maintenance
 from queen_tw.metrics.wiring import Metrics
 
+# GET routes that hand messages out. HEAD matches every GET rule (werkzeug) and Twisted then
+# drops the body: on these it would lease or consume messages nobody receives, so HEAD is
+# refused there (405) instead.
+CONSUMING_GETS = frozenset({
+    "/api/v1/pop", "/api/v1/pop/queue/<queue>", "/api/v1/pop/queue/<queue>/partition/<partition>",
+    "/api/v1/ephemeral/pop"})
+
 
 class Routes(Resource):
     """Dispatches each request to the route module that knows its path.
@@ -75,13 +82,15 @@ class Routes(Resource):
         path = "/" + "/".join(segments)
         method = request.method.decode("latin-1")
         try:
-            index, _ = self._map.bind("localhost", path_info=path,
-                                      default_method=method).match()
+            rule, _ = self._map.bind("localhost", path_info=path,
+                                     default_method=method).match(return_rule=True)
         except MethodNotAllowed as err:
             return method_not_allowed(request, set(err.valid_methods or ()))
         except (NotFound, RequestRedirect):
             return not_found(request)  # a redirect would only merge slashes: no route has this path
-        return self._resources[index].render(request)
+        if method == "HEAD" and rule.rule in CONSUMING_GETS:
+            return method_not_allowed(request, {"GET"})
+        return self._resources[rule.endpoint].render(request)
 
 
 def http_root(engine: QueueEngine, worker_id: str, pop_defaults: PopDefaults,
