@@ -208,6 +208,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     # --- limits, encryption, development ------------------------------------------------
     _opt("max_body_bytes", "QUEEN_MAX_BODY_BYTES", "int", 64 * MiB,
          "Largest accepted request body in bytes", minimum=1),
+    _opt("max_push_items", "QUEEN_MAX_PUSH_ITEMS", "int", 100000,
+         "Most messages one push or transaction may carry (JSON or binary, counted before "
+         "a compressed body is expanded); beyond it 413", minimum=1),
     _opt("encryption_key", "QUEEN_ENCRYPTION_KEY", "key", None,
          "64 hex characters (AES-256) for encrypted queues; unset = off (configuring an "
          "encrypted queue is then refused); malformed = refuse to start. "
@@ -396,6 +399,7 @@ class Config:
     renew_lease_max_concurrent: int
     max_pending_items: int
     max_body_bytes: int
+    max_push_items: int
     encryption_key: bytes | None = dataclasses.field(repr=False)
     listen: str
     listen_fd: int | None

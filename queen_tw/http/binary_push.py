@@ -38,7 +38,7 @@ import zstandard
 from queen_tw import jsoncodec
 from queen_tw.errors import InvalidRequest
 from queen_tw.http.auth_gate import producer_sub
-from queen_tw.http.parsing import MAX_NAME_LENGTH, ValidatedPush, check_name
+from queen_tw.http.parsing import MAX_NAME_LENGTH, ValidatedPush, check_name, check_push_count
 
 CONTENT_TYPE = b"application/x-queen-push"
 PUSH_MAGIC = b"QPB1"
@@ -94,12 +94,19 @@ class TransactionBody:
 
 def read_push(request) -> PushBody:
     """The decoded binary push body of ``request`` (see :func:`decode_push`)."""
-    return decode_push(_content(request), producer_sub(request), _limit(request))
+    return decode_push(_content(request), producer_sub(request), _limit(request),
+                       max_items(request))
 
 
 def read_transaction(request) -> TransactionBody:
     """The decoded binary transaction body of ``request`` (see :func:`decode_transaction`)."""
-    return decode_transaction(_content(request), producer_sub(request), _limit(request))
+    return decode_transaction(_content(request), producer_sub(request), _limit(request),
+                              max_items(request))
+
+
+def max_items(request) -> Optional[int]:
+    """QUEEN_MAX_PUSH_ITEMS, as the site bound it to its requests."""
+    return getattr(request, "max_push_items", None)
 
 
 def _content(request) -> bytes:
@@ -116,10 +123,13 @@ def is_binary(request) -> bool:
     return kind is not None and kind.split(b";", 1)[0].strip().lower() == CONTENT_TYPE
 
 
-def decode_push(body: bytes, producer_sub: Optional[str], max_bytes: int) -> PushBody:
+def decode_push(body: bytes, producer_sub: Optional[str], max_bytes: int,
+                max_messages: Optional[int] = None) -> PushBody:
     """The items of a ``QPB1`` body. ``producer_sub`` is stamped on each item as on a JSON
     push; ``max_bytes`` bounds what its zstd frames may expand to, all together (the request
-    body limit: a small body of highly compressed frames must not fill the memory)."""
+    body limit: a small body of highly compressed frames must not fill the memory), and
+    ``max_messages`` how many messages its groups may declare (413 beyond, checked before a
+    group's frames are expanded)."""
     reader = _Reader(body, "push body")
     if reader.take(4, "magic") != PUSH_MAGIC:
         raise InvalidRequest("Binary push body must start with QPB1")
@@ -131,15 +141,15 @@ def decode_push(body: bytes, producer_sub: Optional[str], max_bytes: int) -> Pus
         reader = _Reader(_unzstd(reader.rest(), "push body", max_bytes, raw_len), "push body")
         max_bytes -= raw_len
     if flags & FLAG_FRAMES:
-        items = _framed_groups(reader, max_bytes)
+        items = _framed_groups(reader, max_bytes, max_messages)
     else:
-        items = _plain_groups(reader, bool(flags & FLAG_TRANSACTION_IDS))
+        items = _plain_groups(reader, bool(flags & FLAG_TRANSACTION_IDS), max_messages)
     reader.finish()
     return PushBody(_stamped(items, producer_sub), bool(flags & FLAG_COUNTS))
 
 
-def decode_transaction(body: bytes, producer_sub: Optional[str],
-                       max_bytes: int) -> TransactionBody:
+def decode_transaction(body: bytes, producer_sub: Optional[str], max_bytes: int,
+                       max_messages: Optional[int] = None) -> TransactionBody:
     """The head and the pushed items of a ``QTB1`` body (see :func:`decode_push`)."""
     reader = _Reader(body, "transaction body")
     if reader.take(4, "magic") != TRANSACTION_MAGIC:
@@ -149,7 +159,7 @@ def decode_transaction(body: bytes, producer_sub: Optional[str],
         raise InvalidRequest(
             f"Binary transaction body has unknown flags {flags & ~_TRANSACTION_FLAGS:#x}")
     head_bytes = reader.take(reader.u32("head length"), "head")
-    items = _framed_groups(reader, max_bytes)
+    items = _framed_groups(reader, max_bytes, max_messages)
     reader.finish()
     return TransactionBody(_head(head_bytes), _stamped(items, producer_sub),
                            bool(flags & FLAG_COUNTS))
@@ -236,14 +246,17 @@ def _transaction_id(data: bytes) -> str:
     return text
 
 
-def _plain_groups(reader: _Reader, with_transaction_ids: bool) -> List[Dict[str, Any]]:
+def _plain_groups(reader: _Reader, with_transaction_ids: bool,
+                  max_messages: Optional[int]) -> List[Dict[str, Any]]:
     """Groups without frames: each item a length-prefixed payload (and transactionId)."""
     items: List[Dict[str, Any]] = []
     payloads: List[bytes] = []
     for _ in range(reader.u32("group count")):
         queue = reader.name("Queue")
         partition = reader.name("Partition")
-        for _ in range(reader.u32("item count")):
+        count = reader.u32("item count")
+        check_push_count(len(items) + count, max_messages)
+        for _ in range(count):
             item: Dict[str, Any] = {"queue": queue, "partition": partition}
             if with_transaction_ids:
                 transaction_id = _transaction_id(reader.take(reader.u16("TransactionId length"),
@@ -258,7 +271,8 @@ def _plain_groups(reader: _Reader, with_transaction_ids: bool) -> List[Dict[str,
     return items
 
 
-def _framed_groups(reader: _Reader, max_bytes: int) -> List[Dict[str, Any]]:
+def _framed_groups(reader: _Reader, max_bytes: int,
+                   max_messages: Optional[int]) -> List[Dict[str, Any]]:
     """Groups of zstd-compressed frames, each with the message id its client minted."""
     items: List[Dict[str, Any]] = []
     payloads: List[bytes] = []
@@ -267,6 +281,7 @@ def _framed_groups(reader: _Reader, max_bytes: int) -> List[Dict[str, Any]]:
         queue = reader.name("Queue")
         partition = reader.name("Partition")
         count = reader.u32("message count")
+        check_push_count(len(items) + count, max_messages)
         frames = _unzstd(reader.take(reader.u32("z_len"), "zstd frame"),
                          f"group {group}", max_bytes)
         max_bytes -= len(frames)  # what every group expands to counts against one limit

@@ -49,7 +49,8 @@ class MessagingRoutes:
     async def push(self, request):
         if binary_push.is_binary(request):
             return await self._push_binary(request)
-        items = parsing.push_items(parsing.read_json_object(request), producer_sub(request))
+        items = parsing.push_items(parsing.read_json_object(request), producer_sub(request),
+                                   binary_push.max_items(request))
         return json_answer(request, 201, await self._engine.push(items))
 
     async def _push_binary(self, request):
@@ -145,7 +146,8 @@ class MessagingRoutes:
     async def transaction(self, request):
         binary = binary_push.read_transaction(request) if binary_push.is_binary(request) else None
         body = binary.as_json_body() if binary else parsing.read_json_object(request)
-        ops = parsing.transaction_operations(body, producer_sub(request))
+        ops = parsing.transaction_operations(body, producer_sub(request),
+                                             binary_push.max_items(request))
         leases = parsing.required_leases(body)
         riders = parsing.transaction_riders(body)
         unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)

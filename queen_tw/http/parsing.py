@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Dict, List, Mapping, Optional, cast
 
 from queen_tw import jsoncodec
-from queen_tw.errors import InvalidRequest
+from queen_tw.errors import InvalidRequest, PayloadTooLarge
 from queen_tw.http import kv_input
 
 MAX_NAME_LENGTH = 255
@@ -136,14 +136,24 @@ def required_timestamp(body: Mapping[str, Any], key: str, missing: str) -> str:
     return cast(str, timestamp(text, key))
 
 
-def push_items(body: Mapping[str, Any], producer_sub: Optional[str] = None
-               ) -> List[Dict[str, Any]]:
+def push_items(body: Mapping[str, Any], producer_sub: Optional[str] = None,
+               max_items: Optional[int] = None) -> List[Dict[str, Any]]:
     """The validated ``items`` of a push (WIRE.md 2.2); one bad item rejects them all.
-    ``producer_sub`` is stamped on each (see :func:`push_item`)."""
+    ``producer_sub`` is stamped on each (see :func:`push_item`); more than ``max_items``
+    (QUEEN_MAX_PUSH_ITEMS) is 413."""
     items = body.get("items")
     if not isinstance(items, list):
         raise InvalidRequest("items array is required")
+    check_push_count(len(items), max_items)
     return [push_item(item, index, producer_sub) for index, item in enumerate(items)]
+
+
+def check_push_count(count: int, max_items: Optional[int]) -> None:
+    """413 for a request carrying more messages than QUEEN_MAX_PUSH_ITEMS: its items cost
+    the server hundreds of bytes each, whatever the body, and go to PostgreSQL in one call."""
+    if max_items is not None and count > max_items:
+        raise PayloadTooLarge(f"The request carries {count} messages; at most {max_items} "
+                              "are accepted in one (QUEEN_MAX_PUSH_ITEMS): split it")
 
 
 def push_item(item: Any, index: int, producer_sub: Optional[str] = None) -> Dict[str, Any]:
@@ -289,10 +299,11 @@ TRANSACTION_FIELDS = frozenset({"operations", "requiredLeases"})
 TRANSACTION_RIDERS = ("kv", "timers")  # WIRE2.md 5.1: KV ops (lock guards first) and timers
 
 
-def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] = None
-                           ) -> List[Dict[str, Any]]:
+def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] = None,
+                           max_items: Optional[int] = None) -> List[Dict[str, Any]]:
     """The validated operations of ``POST /api/v1/transaction`` (WIRE.md 2.5), pushes
-    stamped with ``producer_sub`` (:func:`push_item`). ``operations`` may be empty when a
+    stamped with ``producer_sub`` (:func:`push_item`), at most ``max_items`` messages in
+    all (413 beyond). ``operations`` may be empty when a
     rider is not (a guard-only or timer-only bundle, WIRE2.md 5.1); the riders are read by
     :func:`transaction_riders`.
 
@@ -308,6 +319,9 @@ def transaction_operations(body: Mapping[str, Any], producer_sub: Optional[str] 
     operations = body.get("operations")
     if not isinstance(operations, list):
         raise InvalidRequest("operations array required")
+    check_push_count(sum(len(op["items"]) for op in operations
+                         if isinstance(op, dict) and isinstance(op.get("items"), list)),
+                     max_items)
     if not operations and all(body.get(rider) in (None, []) for rider in TRANSACTION_RIDERS):
         raise InvalidRequest("operations array cannot be empty")
     return [transaction_op(op, index, producer_sub) for index, op in enumerate(operations)]

@@ -94,6 +94,7 @@ class QueenRequest(Request):
     """
 
     max_body_bytes = 64 * 1024 * 1024
+    max_push_items = 100000
     access_log = False
 
     request_id: Optional[str] = None
@@ -180,13 +181,15 @@ class _QuietSite(Site):
         pass
 
 
-def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False) -> Site:
+def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False,
+              max_push_items: int = QueenRequest.max_push_items) -> Site:
     """A Site serving ``resource`` with :class:`QueenRequest`; ``access_log`` turns on one
-    info line per request (``ACCESS_LOG``)."""
-    limit, logged = max_body_bytes, access_log
+    info line per request (``ACCESS_LOG``); ``max_push_items`` is QUEEN_MAX_PUSH_ITEMS."""
+    limit, logged, items = max_body_bytes, access_log, max_push_items
 
     class BoundQueenRequest(QueenRequest):
         max_body_bytes = limit
+        max_push_items = items
         access_log = logged
 
     # parsePOSTFormSubmission: Twisted would parse every POST's Content-Type with the email
