@@ -208,6 +208,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     # --- limits, encryption, development ------------------------------------------------
     _opt("max_body_bytes", "QUEEN_MAX_BODY_BYTES", "int", 64 * MiB,
          "Largest accepted request body in bytes", minimum=1),
+    _opt("request_read_timeout_ms", "QUEEN_REQUEST_READ_TIMEOUT_MS", "int", 120000,
+         "Time a request's headers and body may take to arrive, from its first byte, in ms; "
+         "then 408 and the connection is closed (0 = no limit)", minimum=0),
     _opt("max_push_items", "QUEEN_MAX_PUSH_ITEMS", "int", 100000,
          "Most messages one push or transaction may carry (JSON or binary, counted before "
          "a compressed body is expanded); beyond it 413", minimum=1),
@@ -400,6 +403,7 @@ class Config:
     max_pending_items: int
     max_body_bytes: int
     max_push_items: int
+    request_read_timeout_ms: int
     encryption_key: bytes | None = dataclasses.field(repr=False)
     listen: str
     listen_fd: int | None

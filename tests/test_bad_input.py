@@ -7,6 +7,8 @@ A bad request answers 400 (or 404/413) with ``Content-Type: application/json`` a
 from __future__ import annotations
 
 import json
+import socket
+import time
 import uuid
 from typing import Any, Dict
 
@@ -478,6 +480,61 @@ def test_a_request_over_the_message_limit_is_413_and_stores_nothing(make_server,
         assert "QUEEN_MAX_PUSH_ITEMS" in assert_json_error(answer, 413)
     assert accepted.status_code == 201, accepted.text
     assert count_messages(db, queue) == 5
+
+
+def _trickle(port: int, head: bytes, then: bytes, every: float = 0.2) -> bytes:
+    """Sends ``head``, then ``then`` one byte every ``every`` seconds while the server keeps
+    the connection; returns what the server answered before closing it."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for byte in then:
+            time.sleep(every)
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            sock.setblocking(False)
+            try:
+                answer += sock.recv(4096)
+            except BlockingIOError:
+                pass
+            sock.setblocking(True)
+            if answer:
+                break
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(4096):
+                answer += chunk
+        except OSError:
+            pass
+    return answer
+
+
+def test_a_request_trickling_past_the_read_timeout_is_408_and_closed(make_server, db):
+    """Twisted's idle timeout starts over with every byte: one byte every half minute held
+    a connection for good (slow clients could use up the server's file descriptors)."""
+    slow = make_server(QUEEN_REQUEST_READ_TIMEOUT_MS="1000")
+    queue = unique_name()
+    body = json.dumps({"items": [{"queue": queue, "payload": "slow"}]}).encode()
+    head = (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+
+    started = time.monotonic()
+    in_body = _trickle(slow.port, head, body)
+    in_headers = _trickle(slow.port, b"GET /health HTTP/1.1\r\n", b"Host: x" * 40)
+
+    for answer in (in_body, in_headers):
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"did not arrive in time" in answer
+    assert time.monotonic() - started < 10
+    assert count_messages(db, queue) == 0
+    with httpx.Client(base_url=slow.url, timeout=20) as client:  # a long poll is not cut
+        popped = client.get(f"/api/v1/pop/queue/{queue}",
+                            params={"wait": "true", "timeout": 2500})
+        assert popped.status_code == 204
+        assert client.post("/api/v1/push", content=body,
+                           headers={"Content-Type": "application/json"}).status_code == 201
 
 
 # -- every error is JSON, every answer has CORS -----------------------------------------

@@ -1,5 +1,5 @@
-"""The HTTP site: request ids, the access log, CORS on every answer, OPTIONS pre-flight, and
-the request body limit.
+"""The HTTP site: request ids, the access log, CORS on every answer, OPTIONS pre-flight, the
+request body limit, and the time a request may take to arrive.
 
 These are properties of every request, so they live in the request class instead of in each
 route: a route never sees an oversized body or a pre-flight, and every answer — the hot
@@ -15,7 +15,11 @@ import re
 import time
 from typing import Any, Optional
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -174,17 +178,76 @@ class QueenRequest(Request):
         self.finish()
 
 
+_TOO_SLOW = json.dumps({"error": "Request Timeout: the request did not arrive in time"}
+                       ).encode()
+
+
+class _DeadlineChannel(HTTPChannel):
+    """An HTTP channel that gives each request ``site.read_timeout`` seconds from its first
+    byte to arrive whole (headers and body), then answers 408 and closes the connection.
+
+    Twisted's idle timeout starts over with every byte, so a client sending one byte every
+    half minute held its connection (and a file descriptor) for good. The clock stops once
+    the request is read: a long poll waits as long as it asks. Bytes a client sends while
+    its previous request is being answered (pipelining) start no clock until it is done.
+    """
+
+    _read_timer: Optional[IDelayedCall] = None
+    site: Optional[Site] = None  # set by the Site that builds the channel
+
+    def dataReceived(self, data: bytes) -> None:
+        limit = getattr(self.site, "read_timeout", 0)
+        if data and limit and self._read_timer is None and not self._handlingRequest:
+            self._read_timer = self.callLater(limit, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_read_timer()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_read_timer()
+        super().connectionLost(reason)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            if self._read_timer.active():
+                self._read_timer.cancel()
+            self._read_timer = None
+
+    def _too_slow(self) -> None:
+        self._read_timer = None
+        if self.transport is None:
+            return
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json"
+                             b"\r\nConnection: close\r\nContent-Length: "
+                             + str(len(_TOO_SLOW)).encode() + b"\r\n\r\n" + _TOO_SLOW)
+        self.loseConnection()
+
+
+def _deadline_channel(factory: Site) -> _GenericHTTPChannelProtocol:
+    # What Twisted's own factory function does (a private class of twisted.web.http, which
+    # picks HTTP/1.1 or HTTP/2 per connection), with the channel above.
+    return _GenericHTTPChannelProtocol(_DeadlineChannel())
+
+
 class _QuietSite(Site):
-    """A Site without twistd's own access log: :class:`QueenRequest` writes ours."""
+    """A Site without twistd's own access log (:class:`QueenRequest` writes ours), whose
+    connections give each request ``read_timeout`` seconds to arrive (0 = no limit)."""
+
+    protocol = _deadline_channel
+    read_timeout = 0.0
 
     def log(self, request) -> None:
         pass
 
 
 def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False,
-              max_push_items: int = QueenRequest.max_push_items) -> Site:
+              max_push_items: int = QueenRequest.max_push_items,
+              read_timeout_ms: int = 0) -> Site:
     """A Site serving ``resource`` with :class:`QueenRequest`; ``access_log`` turns on one
-    info line per request (``ACCESS_LOG``); ``max_push_items`` is QUEEN_MAX_PUSH_ITEMS."""
+    info line per request (``ACCESS_LOG``); ``max_push_items`` is QUEEN_MAX_PUSH_ITEMS and
+    ``read_timeout_ms`` QUEEN_REQUEST_READ_TIMEOUT_MS."""
     limit, logged, items = max_body_bytes, access_log, max_push_items
 
     class BoundQueenRequest(QueenRequest):
@@ -196,4 +259,5 @@ def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False
     # package looking for HTML forms, ~17 % of a small push's CPU (py-spy). We take JSON only.
     site = _QuietSite(resource, parsePOSTFormSubmission=False)
     site.requestFactory = BoundQueenRequest
+    site.read_timeout = read_timeout_ms / 1000.0
     return site
