@@ -172,3 +172,36 @@ def test_the_leased_message_goes_once_its_lease_ends(make_server: Any, db: Any) 
             return cursor.fetchone()[0] == 0
 
     wait_until(gone, message="the eviction once the lease is over")
+
+
+def test_leased_messages_first_in_line_do_not_hold_back_retention_elsewhere(
+        http: httpx.Client, db: Any) -> None:
+    """Leased messages are passed over when retention picks its batch: picked and then left
+    alone, a lease covering a batch's worth of old messages kept every later cycle from
+    deleting anything anywhere."""
+    leased_queues = [unique_name() for _ in range(4)]
+    other = unique_name()
+    for queue in [*leased_queues, other]:
+        configure(http, queue, retentionSeconds=1, leaseTime=300)
+        http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n}
+                                                  for n in range(2)]}).raise_for_status()
+    for queue in leased_queues:
+        popped = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", "batch": 2})
+        assert len(popped.json()["messages"]) == 2
+
+    def stored(queue: str) -> int:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM queen.messages m"
+                           "  JOIN queen.partitions p ON p.id = m.partition_id"
+                           "  JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s",
+                           (queue,))
+            return cursor.fetchone()[0]
+
+    def one_cycle_cleaned_other() -> bool:  # batches of two, as many as it takes
+        with db.cursor() as cursor:
+            cursor.execute("SELECT queen.cleanup_cycle(2, true, false)")
+        return stored(other) == 0
+
+    wait_until(one_cycle_cleaned_other, timeout=15, interval=0.2,
+               message="retention reaching the unleased queue past the leased ones")
+    assert [stored(queue) for queue in leased_queues] == [2] * 4

@@ -23,6 +23,19 @@ LANGUAGE sql STABLE AS $$
      LIMIT 1
 $$;
 
+-- Whether a message is out on a live lease (inside the span some group's delivery in flight
+-- covers). Retention and eviction leave it until the lease ends: deleted under it, its ack
+-- would find nothing and the lease would hold the partition until it expired.
+CREATE OR REPLACE FUNCTION queen.out_on_lease(p_partition uuid, p_at timestamptz, p_id uuid)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM queen.partition_consumers pc
+                    WHERE pc.partition_id = p_partition
+                      AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                      AND (p_at, p_id) > (pc.cursor_created_at, pc.cursor_id)
+                      AND (p_at, p_id) <= (pc.lease_last_created_at, pc.lease_last_id))
+$$;
+
 -- One bounded cleanup step: at most p_batch messages deleted, spread over the rules asked
 -- for. Returns {locked, retention, completed, evicted, more}; more = the batch was full.
 CREATE OR REPLACE FUNCTION queen.cleanup_cycle(p_batch integer, p_retention boolean,
@@ -36,7 +49,6 @@ DECLARE
     v_completed integer := 0;
     v_evicted   integer := 0;
     v_whys      text[];
-    v_deleted   integer := 0;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(737001) THEN
         RETURN jsonb_build_object('locked', false, 'more', false);
@@ -51,6 +63,7 @@ BEGIN
                   SELECT m.id, m.partition_id FROM queen.messages m
                    WHERE m.partition_id = p.id
                      AND m.created_at < now() - make_interval(secs => qu.retention_seconds)
+                     AND NOT queen.out_on_lease(m.partition_id, m.created_at, m.id)
                    ORDER BY m.created_at, m.id LIMIT p_batch) m
              WHERE p_retention AND qu.retention_seconds > 0
             UNION ALL
@@ -75,6 +88,7 @@ BEGIN
                    WHERE m.partition_id = p.id
                      AND m.created_at < now() - make_interval(secs => qu.max_wait_time_seconds)
                      AND (c.at IS NULL OR (m.created_at, m.id) > (c.at, c.id))
+                     AND NOT queen.out_on_lease(m.partition_id, m.created_at, m.id)
                    ORDER BY m.created_at, m.id LIMIT p_batch) m
              WHERE p_eviction AND qu.max_wait_time_seconds > 0
         ) d
@@ -88,31 +102,23 @@ BEGIN
 
     IF v_ids IS NOT NULL THEN
         PERFORM 1 FROM queen.partitions WHERE id = ANY(v_parts) ORDER BY id FOR NO KEY UPDATE;
-        -- A message out on a live lease stays until the lease ends: deleted under it, its ack
-        -- would find nothing and the lease would hold the partition until it expired. (This
-        -- statement's snapshot sees the leases committed since the scan above.)
+        -- Asked again: this statement's snapshot sees the leases committed since the scan.
         WITH gone AS (
             DELETE FROM queen.messages m
              WHERE m.id = ANY(v_ids)
-               AND NOT EXISTS (
-                   SELECT 1 FROM queen.partition_consumers pc
-                    WHERE pc.partition_id = m.partition_id
-                      AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
-                      AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
-                      AND (m.created_at, m.id)
-                          <= (pc.lease_last_created_at, pc.lease_last_id))
+               AND NOT queen.out_on_lease(m.partition_id, m.created_at, m.id)
             RETURNING m.id
         )
         SELECT count(*) FILTER (WHERE d.why = 'retention'),
                count(*) FILTER (WHERE d.why = 'completed'),
-               count(*) FILTER (WHERE d.why = 'evicted'), count(*)
-          INTO v_retention, v_completed, v_evicted, v_deleted
+               count(*) FILTER (WHERE d.why = 'evicted')
+          INTO v_retention, v_completed, v_evicted
           FROM gone JOIN unnest(v_ids, v_whys) AS d(id, why) ON d.id = gone.id;
     END IF;
 
-    -- more: the batch was full of deletable messages (leased ones wait for the next turn)
     RETURN jsonb_build_object('locked', true, 'retention', v_retention, 'completed', v_completed,
-                              'evicted', v_evicted, 'more', v_deleted >= p_batch);
+                              'evicted', v_evicted,
+                              'more', coalesce(array_length(v_ids, 1), 0) >= p_batch);
 END
 $$;
 
