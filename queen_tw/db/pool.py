@@ -66,6 +66,11 @@ _UNAVAILABLE = _DEAD + (_READ_ONLY,)
 # OperationalError, which txpostgres' detector would take for a broken connection.
 _ROLLED_BACK = psycopg2.errors.TransactionRollbackError
 _ROLLED_BACK_RETRIES = 3
+# Unique keys a concurrent call can take between a function's check and its insert: a
+# message id given to a push (a client-minted one) that another push, on a partition it
+# holds no lock in common with, stored first. Run again, the check sees it (push_store then
+# mints an id of ours), so such a violation is retried in place like a serialization failure.
+_RACED_KEYS = frozenset({"messages_pkey"})
 
 
 class StatementCancelled(Exception):
@@ -410,6 +415,10 @@ class Database:
             except _ROLLED_BACK:
                 if retry == _ROLLED_BACK_RETRIES:
                     raise
+                self.rolled_back_retries += 1
+            except psycopg2.errors.UniqueViolation as err:
+                if err.diag.constraint_name not in _RACED_KEYS or retry == _ROLLED_BACK_RETRIES:
+                    raise  # (a repeat within the call itself: the batcher splits the call)
                 self.rolled_back_retries += 1
         raise AssertionError("unreachable")
 

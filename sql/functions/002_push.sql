@@ -136,7 +136,6 @@ DECLARE
     v_dup_ids     uuid[] := '{}';
     v_updated     uuid[];
     v_answer      json;
-    v_constraint  text;
 BEGIN
     IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
         RETURN '{"stored": [], "ids": [], "duplicates": [], "duplicateIds": [], "refused": [],
@@ -204,71 +203,58 @@ BEGIN
     -- number. Every item is numbered here, duplicates included (probing for them first cost
     -- 10-15 % of a push of 100); when some turn out duplicates, the messages stored after
     -- them move down below.
-    -- A given id the EXISTS below does not see because a concurrent call (another partition,
-    -- so no lock in common) stored it after this statement began fails on the primary key. The
-    -- statement is undone and the call runs again (a serialization failure, which the server
-    -- retries in place): the id is then seen, and the message gets an id of ours.
-    BEGIN
-        WITH placed AS (
-            SELECT t.o - 1 AS idx, lp.id AS partition_id,
-                   lp.last_seq + row_number() OVER (PARTITION BY lp.id ORDER BY t.o) AS seq,
-                   CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
-                   coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
-                   nullif(t.e->>'traceId', '')::uuid AS trace_id,
-                   nullif(t.e->>'producerSub', '') AS producer_sub,
-                   coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted,
-                   nullif(t.e->>'id', '')::uuid AS given_id
-              FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
-              JOIN unnest(v_part_ids, v_part_queues, v_part_names, v_part_seqs)
-                   AS lp(id, queue_name, name, last_seq)
-                ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
-             WHERE t.o - 1 <> ALL (v_refused)
-        ), inserted AS (
-            INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
-                                        producer_sub, is_encrypted, created_at, seq)
-            -- A given id some stored message already has (a client reusing the id of another
-            -- message; a retry of the same message is a duplicate, not stored whatever id) would
-            -- fail the whole call on the primary key: that message gets an id of ours instead,
-            -- which its answer names.
-            SELECT CASE WHEN pl.given_id IS NULL
-                          OR EXISTS (SELECT 1 FROM queen.messages x WHERE x.id = pl.given_id)
-                        THEN queen.uuid_v7(v_base + pl.idx * interval '1 microsecond')
-                        ELSE pl.given_id END,
-                   pl.partition_id,
-                   pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
-                   v_base + pl.idx * interval '1 microsecond', pl.seq
-              FROM placed pl
-             ORDER BY pl.idx  -- within one array the first occurrence of a transactionId wins
-            ON CONFLICT (partition_id, transaction_id) DO NOTHING
-            RETURNING id, partition_id, created_at
-        ), newest AS (
-            UPDATE queen.partitions p
-               SET last_message_at = n.last_at,
-                   last_message_id = n.last_id,
-                   message_count = p.message_count + n.cnt,
-                   last_seq = p.last_seq + n.cnt,  -- dense: see the renumbering below
-                   last_write_at = now(),  -- the transaction's start: see queen.partitions_changed
-                   last_activity = clock_timestamp()
-              FROM (SELECT ins.partition_id, max(ins.created_at) AS last_at, count(*) AS cnt,
-                           (array_agg(ins.id ORDER BY ins.created_at DESC))[1] AS last_id
-                      FROM inserted ins GROUP BY ins.partition_id) n
-             WHERE p.id = n.partition_id
-            RETURNING p.id
-        )
-        SELECT coalesce(array_agg((extract(epoch FROM ins.created_at - v_base) * 1000000)::int), '{}'),
-               coalesce(array_agg(ins.id), '{}'),
-               (SELECT coalesce(array_agg(n.id), '{}') FROM newest n),
-               coalesce(array_agg(ins.partition_id), '{}')
-          INTO v_stored_at, v_stored_ids, v_updated, v_stored_parts
-          FROM inserted ins;
-    EXCEPTION WHEN unique_violation THEN
-        GET STACKED DIAGNOSTICS v_constraint = CONSTRAINT_NAME;
-        IF v_constraint <> 'messages_pkey' THEN
-            RAISE;
-        END IF;
-        RAISE EXCEPTION 'push: a message id given to this push was stored by a concurrent push'
-              USING ERRCODE = 'serialization_failure';
-    END;
+    WITH placed AS (
+        SELECT t.o - 1 AS idx, lp.id AS partition_id,
+               lp.last_seq + row_number() OVER (PARTITION BY lp.id ORDER BY t.o) AS seq,
+               CASE WHEN t.e ? 'payload' THEN t.e->'payload' ELSE '{}'::jsonb END AS payload,
+               coalesce(nullif(t.e->>'transactionId', ''), gen_random_uuid()::text) AS txid,
+               nullif(t.e->>'traceId', '')::uuid AS trace_id,
+               nullif(t.e->>'producerSub', '') AS producer_sub,
+               coalesce((t.e->>'isEncrypted')::boolean, false) AS is_encrypted,
+               nullif(t.e->>'id', '')::uuid AS given_id
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+          JOIN unnest(v_part_ids, v_part_queues, v_part_names, v_part_seqs)
+               AS lp(id, queue_name, name, last_seq)
+            ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
+         WHERE t.o - 1 <> ALL (v_refused)
+    ), inserted AS (
+        INSERT INTO queen.messages (id, partition_id, transaction_id, payload, trace_id,
+                                    producer_sub, is_encrypted, created_at, seq)
+        -- A given id some stored message already has (a client reusing the id of another
+        -- message; a retry of the same message is a duplicate, not stored whatever id) would
+        -- fail the whole call on the primary key: that message gets an id of ours instead,
+        -- which its answer names.
+        SELECT CASE WHEN pl.given_id IS NULL
+                      OR EXISTS (SELECT 1 FROM queen.messages x WHERE x.id = pl.given_id)
+                    THEN queen.uuid_v7(v_base + pl.idx * interval '1 microsecond')
+                    ELSE pl.given_id END,
+               pl.partition_id,
+               pl.txid, pl.payload, pl.trace_id, pl.producer_sub, pl.is_encrypted,
+               v_base + pl.idx * interval '1 microsecond', pl.seq
+          FROM placed pl
+         ORDER BY pl.idx  -- within one array the first occurrence of a transactionId wins
+        ON CONFLICT (partition_id, transaction_id) DO NOTHING
+        RETURNING id, partition_id, created_at
+    ), newest AS (
+        UPDATE queen.partitions p
+           SET last_message_at = n.last_at,
+               last_message_id = n.last_id,
+               message_count = p.message_count + n.cnt,
+               last_seq = p.last_seq + n.cnt,  -- dense: see the renumbering below
+               last_write_at = now(),  -- the transaction's start: see queen.partitions_changed
+               last_activity = clock_timestamp()
+          FROM (SELECT ins.partition_id, max(ins.created_at) AS last_at, count(*) AS cnt,
+                       (array_agg(ins.id ORDER BY ins.created_at DESC))[1] AS last_id
+                  FROM inserted ins GROUP BY ins.partition_id) n
+         WHERE p.id = n.partition_id
+        RETURNING p.id
+    )
+    SELECT coalesce(array_agg((extract(epoch FROM ins.created_at - v_base) * 1000000)::int), '{}'),
+           coalesce(array_agg(ins.id), '{}'),
+           (SELECT coalesce(array_agg(n.id), '{}') FROM newest n),
+           coalesce(array_agg(ins.partition_id), '{}')
+      INTO v_stored_at, v_stored_ids, v_updated, v_stored_parts
+      FROM inserted ins;
 
     -- The items neither stored nor refused are duplicates: they answer with the id of the
     -- message stored before, or earlier in this array (visible now to a new statement).
