@@ -38,7 +38,13 @@ import zstandard
 from queen_tw import jsoncodec
 from queen_tw.errors import InvalidRequest
 from queen_tw.http.auth_gate import producer_sub
-from queen_tw.http.parsing import MAX_NAME_LENGTH, ValidatedPush, check_name, check_push_count
+from queen_tw.http.parsing import (
+    MAX_NAME_LENGTH,
+    ValidatedPush,
+    check_name,
+    check_push_count,
+    push_limit,
+)
 
 CONTENT_TYPE = b"application/x-queen-push"
 PUSH_MAGIC = b"QPB1"
@@ -95,18 +101,13 @@ class TransactionBody:
 def read_push(request) -> PushBody:
     """The decoded binary push body of ``request`` (see :func:`decode_push`)."""
     return decode_push(_content(request), producer_sub(request), _limit(request),
-                       max_items(request))
+                       push_limit(request))
 
 
 def read_transaction(request) -> TransactionBody:
     """The decoded binary transaction body of ``request`` (see :func:`decode_transaction`)."""
     return decode_transaction(_content(request), producer_sub(request), _limit(request),
-                              max_items(request))
-
-
-def max_items(request) -> Optional[int]:
-    """QUEEN_MAX_PUSH_ITEMS, as the site bound it to its requests."""
-    return getattr(request, "max_push_items", None)
+                              push_limit(request))
 
 
 def _content(request) -> bytes:

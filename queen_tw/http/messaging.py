@@ -50,7 +50,7 @@ class MessagingRoutes:
         if binary_push.is_binary(request):
             return await self._push_binary(request)
         items = parsing.push_items(parsing.read_json_object(request), producer_sub(request),
-                                   binary_push.max_items(request))
+                                   parsing.push_limit(request))
         return json_answer(request, 201, await self._engine.push(items))
 
     async def _push_binary(self, request):
@@ -147,7 +147,7 @@ class MessagingRoutes:
         binary = binary_push.read_transaction(request) if binary_push.is_binary(request) else None
         body = binary.as_json_body() if binary else parsing.read_json_object(request)
         ops = parsing.transaction_operations(body, producer_sub(request),
-                                             binary_push.max_items(request))
+                                             parsing.push_limit(request))
         leases = parsing.required_leases(body)
         riders = parsing.transaction_riders(body)
         unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)

@@ -148,6 +148,11 @@ def push_items(body: Mapping[str, Any], producer_sub: Optional[str] = None,
     return [push_item(item, index, producer_sub) for index, item in enumerate(items)]
 
 
+def push_limit(request: Any) -> Optional[int]:
+    """QUEEN_MAX_PUSH_ITEMS, as the site bound it to its requests (None outside the site)."""
+    return getattr(request, "max_push_items", None)
+
+
 def check_push_count(count: int, max_items: Optional[int]) -> None:
     """413 for a request carrying more messages than QUEEN_MAX_PUSH_ITEMS: its items cost
     the server hundreds of bytes each, whatever the body, and go to PostgreSQL in one call."""
