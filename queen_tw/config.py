@@ -529,10 +529,14 @@ class Config:
         ``pg_dsn``, when set, replaces the ``PG_*`` connection (see :func:`_dsn_with_session`).
         Statement and lock timeouts travel as startup ``options`` so every connection of
         every pool gets them without an extra round trip; ``application_name`` is the
-        worker id so ``pg_stat_activity`` shows which instance holds a connection.
+        worker id so ``pg_stat_activity`` shows which instance holds a connection. The
+        worker id also travels as the ``queen.worker`` setting, which names the sender of the
+        wake-up notices the SQL functions send: ``application_name`` cannot, as QUEEN_PG_DSN
+        may set its own and PostgreSQL cuts it to 63 bytes.
         """
         startup = (f"-c statement_timeout={self.db_statement_timeout_ms} "
-                   f"-c lock_timeout={self.db_lock_timeout_ms}")
+                   f"-c lock_timeout={self.db_lock_timeout_ms} "
+                   f"-c queen.worker={_option_value(self.worker_id)}")
         if self.pg_dsn.strip():
             return _dsn_with_session(self.pg_dsn, startup, self.worker_id,
                                      str(math.ceil(self.db_connection_timeout_ms / 1000)))
@@ -614,6 +618,11 @@ def _dsn_with_session(dsn: str, startup: str, application_name: str,
     if "," in given.get("host", "") + given.get("hostaddr", ""):
         given.setdefault("target_session_attrs", "read-write")
     return str(make_dsn(**given))
+
+
+def _option_value(value: str) -> str:
+    """Escape a value for libpq's ``options`` (spaces split arguments there)."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
 def _quote_dsn_value(value: str) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
+import psycopg2
 import pytest
-from psycopg2.extensions import parse_dsn
+from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.python import usage
 
 from queen_tw.config import OPTIONS, Config, ConfigError, QueenOptions, markdown_table
@@ -157,7 +160,26 @@ def test_dsn_points_at_a_unix_socket_directory() -> None:
     assert parts["connect_timeout"] == "3"
     assert parts["sslmode"] == "disable"
     assert parts["application_name"] == "w'1"
-    assert parts["options"] == "-c statement_timeout=30000 -c lock_timeout=10000"
+    assert parts["options"] == ("-c statement_timeout=30000 -c lock_timeout=10000 "
+                                "-c queen.worker=w'1")
+
+
+@pytest.mark.parametrize("dsn_variable", [False, True])
+def test_every_session_names_its_worker_in_queen_worker(pg_env: dict[str, str],
+                                                        dsn_variable: bool) -> None:
+    # The wake-up notices' sender (cluster/pg_wakeups.py): exact, however long or spaced,
+    # and also when QUEEN_PG_DSN brings an application_name of its own.
+    worker = "night shift \\ " + "w" * 80 + "-2"
+    env = {**pg_env, "WORKER_ID": worker}
+    if dsn_variable:
+        given = parse_dsn(parse(pg_env).dsn)
+        env["QUEEN_PG_DSN"] = make_dsn(**{key: given[key] for key in ("host", "port", "user",
+                                                                       "password", "dbname")},
+                                       application_name="billing")
+    with closing(psycopg2.connect(parse(env).dsn)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('queen.worker'), "
+                       "current_setting('statement_timeout')")
+        assert cursor.fetchone() == (worker, "30s")
 
 
 @pytest.mark.parametrize("use_ssl,reject,mode", [("true", "true", "require"),

@@ -5,6 +5,8 @@ import os
 import time
 
 import httpx
+import pytest
+from psycopg2.extensions import make_dsn
 
 from tests.support import unique_name
 
@@ -39,10 +41,24 @@ def test_workers_share_the_port_and_each_serves_requests(make_server):
     assert _worker_ids_seen(server.url, wanted=2) == {"multi-1", "multi-2"}
 
 
-def test_push_in_one_worker_wakes_long_polls_parked_in_the_others(make_server):
+def _dsn_naming_the_application(pg_env: dict) -> str:
+    """QUEEN_PG_DSN for the test database with an application_name of its own, as
+    deployments set to tell their services apart in pg_stat_activity."""
+    return make_dsn(host=pg_env["PG_HOST"], port=pg_env["PG_PORT"], user=pg_env["PG_USER"],
+                    password=pg_env.get("PG_PASSWORD", ""), dbname=pg_env["PG_DB"],
+                    application_name="billing-queue")
+
+
+@pytest.mark.parametrize("connection", ["PG_*", "QUEEN_PG_DSN with application_name"])
+def test_push_in_one_worker_wakes_long_polls_parked_in_the_others(make_server, pg_env,
+                                                                   connection):
+    # The DSN case: every worker's connections then share one application_name, so the
+    # notices must name their sending worker some other way (queen.worker).
+    own_dsn = {"QUEEN_PG_DSN": _dsn_naming_the_application(pg_env)} if "DSN" in connection \
+        else {}
     # No fallback re-checks within the test: only a wake-up can deliver in time.
     server = make_server(NUM_WORKERS="2", POP_WAIT_INITIAL_INTERVAL_MS="30000",
-                         POP_WAIT_MAX_INTERVAL_MS="30000")
+                         POP_WAIT_MAX_INTERVAL_MS="30000", **own_dsn)
     queue = unique_name()
 
     def parked_pop(_):

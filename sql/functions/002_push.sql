@@ -292,7 +292,7 @@ BEGIN
     -- Worker processes of one server wake each other's long polls (cluster/pg_wakeups.py).
     IF cardinality(v_updated) > 0 AND current_setting('queen.wakeup', true) = 'on' THEN
         PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), lp.queue_name, lp.name,
-                                                    current_setting('application_name')))
+                                                    current_setting('queen.worker', true)))
            FROM unnest(v_part_ids, v_part_queues, v_part_names) AS lp(id, queue_name, name)
           WHERE lp.id = ANY(v_updated);
     END IF;

@@ -144,7 +144,7 @@ BEGIN
                  WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group;
                 IF v_released AND current_setting('queen.wakeup', true) = 'on' THEN
                     PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), v_cfg.queue_name,
-                                      v_cfg.partition_name, current_setting('application_name')));
+                                      v_cfg.partition_name, current_setting('queen.worker', true)));
                 END IF;
                 v_settled := v_settled || json_build_object(
                     'req', v_key.req, 'partitionId', v_key.partition_id,
@@ -268,7 +268,7 @@ BEGIN
         END IF;
         IF v_released AND current_setting('queen.wakeup', true) = 'on' THEN
             PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), v_cfg.queue_name,
-                              v_cfg.partition_name, current_setting('application_name')));
+                              v_cfg.partition_name, current_setting('queen.worker', true)));
         END IF;
         FOREACH v_pos IN ARRAY v_group_pos LOOP
             v_results[v_pos] := v_results[v_pos] || jsonb_build_object('leaseReleased', v_released);

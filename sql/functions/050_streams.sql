@@ -164,7 +164,7 @@ BEGIN
                 IF current_setting('queen.wakeup', true) = 'on' THEN
                     PERFORM pg_notify('queen_wakeup', concat_ws(chr(10), v_acked->>'queueName',
                                       v_acked->>'partitionName',
-                                      current_setting('application_name')));
+                                      current_setting('queen.worker', true)));
                 END IF;
             END IF;
             v_ack_out := jsonb_build_object('success', true, 'count', v_count,
