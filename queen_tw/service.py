@@ -160,8 +160,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                       parked=waiters.parked_by_queue, buffer=durability.maintenance,
                       shared_state=cluster.shared_state, cache=config_cache)
     stats = StatsRefresher(db)
-    admin = AdminEngines(ConsumerGroups(db, waiters),
-                         Browser(db, waiters, make_cipher(config.encryption_key),
+    admin = AdminEngines(ConsumerGroups(db, engine.wake_everywhere),
+                         Browser(db, engine.wake_everywhere, make_cipher(config.encryption_key),
                                  timer_scheduled=lambda delay: engine.timer_scheduled(delay)),
                          stats,
                          Analytics(db, config.metrics_aggregate_interval_s,

@@ -188,6 +188,27 @@ def test_one_push_batch_wakes_partition_and_wildcard_waiters_on_b_and_c(
     assert got == {"p1@b": ["p1"], "p2@c": ["p2"], "any@c": ["x"]}
 
 
+def test_a_seek_back_on_a_wakes_the_groups_long_poll_parked_on_c(
+        cluster: Cluster, db: connection, long_polls: ThreadPoolExecutor) -> None:
+    """A cursor moved back through A's admin route makes a consumed message pending again:
+    C's parked pop of that group gets it (announced, not stored: no push wakes anyone)."""
+    a, c = cluster["a"], cluster["c"]
+    queue, group = unique_name(), "rewinder"
+    configure(a, queue)
+    push(a, queue, "again")
+    first = a.get(f"/api/v1/pop/queue/{queue}", consumerGroup=group, autoAck="true")
+    assert delivered(first) == ["again"]
+    since = db_now(db)
+    parked = long_polls.submit(long_poll, c, queue, consumerGroup=group)
+    wait_parked(db, c, since, [queue], parked, group=group)
+
+    seek = a.post(f"/api/v1/consumer-groups/{group}/queues/{queue}/seek",
+                  {"timestamp": "2000-01-01T00:00:00.000Z"})
+    assert seek.status_code == 200, seek.text
+
+    assert delivered(parked.result(timeout=LONG_POLL_MS / 1000 + 10)) == ["again"]
+
+
 # -- liveness --------------------------------------------------------------------------
 
 def test_a_killed_peer_is_reported_dead_and_its_restart_is_counted(cluster: Cluster) -> None:

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from psycopg2.extensions import make_dsn
 
+from tests.cluster_support import store_silently
 from tests.support import unique_name
 
 
@@ -78,6 +79,35 @@ def test_push_in_one_worker_wakes_long_polls_parked_in_the_others(make_server, p
 
     assert [code for code, _ in outcomes] == [200] * 6
     assert max(waited for _, waited in outcomes) < 10  # woken, not timed out at 20 s
+
+
+def test_internal_notify_through_any_worker_wakes_the_long_polls_of_every_worker(
+        make_server, db):
+    # Messages stored behind the server's back (no NOTIFY): only /internal/api/notify,
+    # whichever worker it reaches, can make the pops parked in the other worker see them.
+    server = make_server(NUM_WORKERS="2", POP_WAIT_INITIAL_INTERVAL_MS="30000",
+                         POP_WAIT_MAX_INTERVAL_MS="30000")
+    queue = unique_name()
+    assert httpx.post(f"{server.url}/api/v1/configure",
+                      json={"queue": queue, "options": {}}).status_code == 200
+
+    def parked_pop(_):
+        with httpx.Client(base_url=server.url, timeout=40) as own_connection:
+            return own_connection.get(f"/api/v1/pop/queue/{queue}",
+                                      params={"wait": "true", "timeout": 20000})
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        parked = [pool.submit(parked_pop, n) for n in range(6)]
+        time.sleep(1.5)  # let every pop park (each on its own connection, spread over workers)
+        for n in range(6):
+            store_silently(db, queue, f"p{n}", f"m{n}", n)
+        notified = httpx.post(f"{server.url}/internal/api/notify", json={"queue": queue})
+        assert notified.status_code == 200, notified.text
+        answers = [future.result(timeout=30) for future in parked]
+
+    assert [answer.status_code for answer in answers] == [200] * 6
+    assert sorted(m["transactionId"] for answer in answers
+                  for m in answer.json()["messages"]) == [f"m{n}" for n in range(6)]
 
 
 def test_sigterm_stops_every_worker(make_server):

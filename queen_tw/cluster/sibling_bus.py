@@ -49,11 +49,15 @@ class SiblingBus:
         self._cache = cache
         self._maintenance = maintenance
         self._send: Optional[Callable[[Notice], None]] = None
+        self._relay: Optional[Callable[[str, Optional[str]], None]] = None
         self._peers: Optional[PeerAnnouncer] = None
 
-    def attach(self, send: Callable[[Notice], None]) -> None:
-        """``send(notice)`` delivers a notice to the siblings (the LISTEN connection)."""
+    def attach(self, send: Callable[[Notice], None],
+               relay: Callable[[str, Optional[str]], None]) -> None:
+        """``send(notice)`` delivers a notice to the siblings and ``relay(queue, partition)``
+        a wake-up (both over the LISTEN connection)."""
         self._send = send
+        self._relay = relay
 
     def forward_to(self, peers: PeerAnnouncer) -> None:
         """Worker 1: siblings' changes are announced to the peer instances too."""
@@ -61,6 +65,15 @@ class SiblingBus:
 
     def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
         """Nothing to do: the push functions NOTIFY ``queen_wakeup`` at commit already."""
+
+    def announce_available(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
+        """Wakes the siblings' pops on these partitions; worker 1, hearing it, tells the
+        peers too (``wiring.sibling_wakeups``)."""
+        if self._relay is None:
+            log.debug("wake-up not relayed to the sibling workers: not listening yet")
+            return
+        for queue, partition in keys:
+            self._relay(queue, partition)
 
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
         self._tell({"kind": "config_set", "queue": queue, "config": config})

@@ -130,6 +130,12 @@ class ClusterNotices:
         # PeerSync's hint says str, its datagram allows None (WIRE 6.1: any partition)
         self._sync.announce_messages(keys)
 
+    def announce_available(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
+        keys = list(keys)
+        self._sync.announce_messages(keys)
+        if self._siblings is not None:
+            self._siblings.announce_available(keys)
+
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
         self._sync.announce_config_set(queue, config)
         if self._siblings is not None:
@@ -262,7 +268,7 @@ class Cluster:
         """NUM_WORKERS: the LISTEN connection carries this worker's notices to its siblings
         (and, on worker 1, peers' wake-ups)."""
         if self.siblings is not None:
-            self.siblings.attach(wakeups.publish)
+            self.siblings.attach(wakeups.publish, wakeups.relay)
         if self.service is not None:
             self._wakeup_relays.append(wakeups.relay)
 

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
-from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.engine.waiters import Wake
 from queen_tw.errors import NotFound, QueenError
 
 log = Logger()
@@ -31,16 +31,17 @@ class Browser:
     """The resource and message routes' engine.
 
     :param db: the pool.
-    :param waiters: woken when an action makes messages deliverable.
+    :param wake: wakes the pops parked where an action made messages deliverable, here, in
+        the sibling workers and on the peers (``QueueEngine.wake_everywhere``).
     :param cipher: decrypts stored payloads; None when no key is configured.
     :param timer_scheduled: told the delay (ms) of a timer a retry scheduled again, so the
         timer sweeper wakes for it (``QueueEngine.timer_scheduled``).
     """
 
-    def __init__(self, db: Database, waiters: WaiterRegistry, cipher: Optional[PayloadCipher],
+    def __init__(self, db: Database, wake: Wake, cipher: Optional[PayloadCipher],
                  timer_scheduled: Callable[[float], None] = lambda delay_ms: None):
         self._db = db
-        self._waiters = waiters
+        self._wake_pops = wake
         self._cipher = cipher
         self._timer_scheduled = timer_scheduled
 
@@ -89,7 +90,7 @@ class Browser:
         answer = await self._db.call("retry_message", partition_id, transaction_id)
         if answer.get("notFound"):
             return await self._retry_dead_timer(partition_id, transaction_id)
-        self._waiters.notify(answer.pop("queue"), answer.pop("partition"))
+        self._wake_pops([(answer.pop("queue"), answer.pop("partition"))])
         return answer
 
     async def _retry_dead_timer(self, partition_id: str, transaction_id: str
@@ -106,7 +107,7 @@ class Browser:
                                   error: Optional[str]) -> Dict[str, Any]:
         answer = self._found(await self._db.call("dead_letter_message", partition_id,
                                                  transaction_id, group, error))
-        self._waiters.notify(answer.pop("queue"), answer.pop("partition"))
+        self._wake_pops([(answer.pop("queue"), answer.pop("partition"))])
         return answer
 
     async def clear_queue(self, queue: str, partition: Optional[str]) -> Dict[str, Any]:
@@ -114,7 +115,7 @@ class Browser:
         answer = await self._db.call("clear_queue", queue, partition)
         if answer.get("notFound"):
             raise NotFound("Queue not found")
-        self._waiters.notify(queue, partition)
+        self._wake_pops([(queue, partition)])
         return answer
 
     @staticmethod

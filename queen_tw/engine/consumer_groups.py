@@ -8,7 +8,7 @@ touched, since those pops may now have something to take.
 from typing import Any, Dict, Iterable, List, Optional
 
 from queen_tw.db.pool import Database
-from queen_tw.engine.waiters import WaiterRegistry
+from queen_tw.engine.waiters import Wake
 from queen_tw.errors import NotFound
 
 
@@ -16,12 +16,13 @@ class ConsumerGroups:
     """The consumer-group routes' engine.
 
     :param db: the pool.
-    :param waiters: woken for the queues whose cursors or leases changed.
+    :param wake: wakes the pops parked on the queues whose cursors or leases changed, here,
+        in the sibling workers and on the peers (``QueueEngine.wake_everywhere``).
     """
 
-    def __init__(self, db: Database, waiters: WaiterRegistry):
+    def __init__(self, db: Database, wake: Wake):
         self._db = db
-        self._waiters = waiters
+        self._wake_pops = wake
 
     async def list(self) -> List[Dict[str, Any]]:
         """One row per (group, queue), queue mode included."""
@@ -64,9 +65,8 @@ class ConsumerGroups:
         answer = await self._db.call("seek_consumer_group_partition", group, queue, partition)
         if answer.get("notFound"):
             raise NotFound("Partition not found")
-        self._waiters.notify(queue, partition)
+        self._wake_pops([(queue, partition)])
         return answer
 
     def _wake(self, queues: Iterable[str]) -> None:
-        for queue in queues:
-            self._waiters.notify(queue, None)
+        self._wake_pops((queue, None) for queue in queues)

@@ -39,6 +39,11 @@ class PeerNotices(Protocol):
     def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
         """New messages were committed in these (queue, partition)s (None: any partition)."""
 
+    def announce_available(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
+        """These (queue, partition)s may have something for parked pops for a reason no SQL
+        function NOTIFYs (a cursor moved back, ``/internal/api/notify``): the peers and the
+        sibling workers are told."""
+
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
         """``queue`` was (re)configured; ``config`` has the WIRE 6.1 fields."""
 
@@ -50,6 +55,9 @@ class _NoPeers:
     """The notices of a server without peer sync: nobody to tell."""
 
     def announce_messages(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
+        pass
+
+    def announce_available(self, keys: Iterable[Tuple[str, Optional[str]]]) -> None:
         pass
 
     def announce_config_set(self, queue: str, config: Dict[str, Any]) -> None:
@@ -530,11 +538,20 @@ class QueueEngine:
         return outcome
 
     def announce_available(self, queue: str, partition: Optional[str]) -> int:
-        """``POST /internal/api/notify``: wakes the local pops parked on ``queue``
-        (``partition``, or any of its partitions when None) and tells the peers; returns
+        """``POST /internal/api/notify``: wakes the pops parked on ``queue`` (``partition``,
+        or any of its partitions when None) everywhere (:meth:`wake_everywhere`); returns
         how many local pops that concerned."""
-        woken = self._waiters.notify(queue, partition)
-        self._peers.announce_messages([(queue, partition)])
+        return self.wake_everywhere([(queue, partition)])
+
+    def wake_everywhere(self, keys: Iterable[Tuple[str, Optional[str]]]) -> int:
+        """Wakes the pops parked on these (queue, partition)s (None: any partition of the
+        queue) here, in the sibling workers and on the peers, for changes no SQL function
+        announces (an admin action moved a cursor back, ended a lease, queued a copy).
+        Returns how many local pops that concerned."""
+        keys = list(dict.fromkeys(keys))
+        woken = sum(self._waiters.notify(queue, partition) for queue, partition in keys)
+        if keys:
+            self._peers.announce_available(keys)
         return woken
 
     async def queue_detail(self, queue: str) -> Dict[str, Any]:

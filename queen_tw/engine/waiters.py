@@ -8,9 +8,13 @@ attempt for all the pops parked behind it) is the Popper's business, not the reg
 """
 
 from collections import defaultdict
-from typing import DefaultDict, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Callable, DefaultDict, Dict, Iterable, List, Optional, Protocol, Set, Tuple
 
 WaiterKey = Tuple[Optional[str], Optional[str]]
+
+# Wakes the pops parked on these (queue, partition)s, here and elsewhere
+# (``QueueEngine.wake_everywhere``); the admin engines are given one.
+Wake = Callable[[Iterable[Tuple[str, Optional[str]]]], object]
 
 
 class Watcher(Protocol):
