@@ -10,12 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import httpx
+import psycopg2
 import pytest
+
+from queen_tw.config import Config
 
 from faultkit import Fleet, private_fleet, set_maintenance, wait_until
 from support import unique_name
+from tests.pg_faults import Trigger, asleep
 
 FAST_FLAGS = {"QUEEN_CACHE_REFRESH_INTERVAL_MS": "200"}
 
@@ -151,6 +156,27 @@ def test_pop_maintenance_answers_the_long_polls_already_parked_at_once(
     assert [a.status_code for a in answers] == [204, 204]
     assert time.monotonic() - started < 10
     assert [m["data"]["seq"] for m in pop_all(http, queue)] == [0]  # nobody took it
+
+
+def test_a_long_poll_whose_attempt_runs_when_pop_maintenance_comes_on_answers_at_once(
+        fleet: Fleet, http: httpx.Client) -> None:
+    """The switch answers the pops parked at that moment; one still in PostgreSQL then (here a
+    group's first contact, held by a trigger) must not park afterwards for its whole wait."""
+    queue = unique_name()
+    assert http.post("/api/v1/configure", json={"queue": queue}).status_code == 200
+    with closing(psycopg2.connect(Config.from_sources(fleet.pg_env, {}).dsn)) as db, \
+            ThreadPoolExecutor(1) as pool:
+        db.autocommit = True
+        with Trigger(db, "queen.consumer_subscriptions", "BEFORE INSERT",
+                     "PERFORM pg_sleep(2);"):
+            pending = pool.submit(http.get, f"/api/v1/pop/queue/{queue}", timeout=60,
+                                  params={"wait": "true", "timeout": 40000,
+                                          "consumerGroup": "latecomer"})
+            wait_until(lambda: asleep(db), 10, 0.02, "the pop's first contact in PostgreSQL")
+            set_maintenance(http.base_url, True, pop=True)
+            answer = pending.result(timeout=20)  # not after its 40 s
+    set_maintenance(http.base_url, False, pop=True)
+    assert answer.status_code == 204
 
 
 def test_every_server_of_the_database_follows_the_flags(fleet: Fleet, http: httpx.Client

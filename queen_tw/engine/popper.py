@@ -234,6 +234,9 @@ class Popper:
                 return None
             if lot.wakes == wakes_before:  # nothing changed while the attempt ran: park
                 break
+        if self._paused():  # pop maintenance came on during the attempt: nothing to wait for
+            self._leave(lot)
+            return None
         parked = lot.park(request, deadline - self._clock.seconds(), outcome)
         if gone is not None:
             gone.addBoth(lambda _: lot.leave(parked))
