@@ -19,7 +19,7 @@ import pytest
 
 from tests.client26 import run26
 from tests.http_helpers import configure, pop, push
-from tests.support import db_clock_iso, pass_time, unique_name
+from tests.support import db_clock_iso, pass_time, unique_name, wait_until
 
 TIMESTAMP_6 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -124,6 +124,40 @@ def test_an_offset_retention_deleted_is_out_of_range_and_the_log_start_moves(htt
     assert (before["logStartOffset"], before["highWatermark"]) == (3, 6)
     assert offsets_of(kept) == [3, 4, 5]
     assert [r["payload"] for r in kept["records"]] == [{"n": 3}, {"n": 4}, {"n": 5}]
+
+
+def test_a_partition_cleaned_up_when_idle_numbers_on_from_its_old_offsets(http, db):
+    """PARTITION_CLEANUP_DAYS drops an empty idle partition's row: its offsets must survive it
+    (a reader resuming at its stored offset would otherwise skip what comes next)."""
+    queue = unique_name()
+    push(http, queue, ["a", "b", "c"], partition="p1")
+    assert http.delete(f"/api/v1/queues/{queue}/clear").status_code == 200
+    with db.cursor() as cursor:
+        cursor.execute("""UPDATE queen.partitions SET last_activity = now() - interval '40 days'
+                           WHERE name = 'p1'
+                             AND queue_id = (SELECT id FROM queen.queues WHERE name = %s)""",
+                       (queue,))
+
+    def dropped() -> bool:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT queen.cleanup_partitions(30, 1000)")
+            cursor.execute("""SELECT count(*) FROM queen.partitions p JOIN queen.queues q
+                                ON q.id = p.queue_id WHERE q.name = %s AND p.name = 'p1'""",
+                           (queue,))
+            return cursor.fetchone()[0] == 0
+    wait_until(dropped, message="the idle partition dropped")
+
+    [gone] = fetch(http, {"queue": queue, "partition": "p1", "offset": 3})
+    assert (gone["records"], gone["highWatermark"], gone["logStartOffset"]) == ([], 3, 3)
+    assert "error" not in gone
+    push(http, queue, ["d"], partition="p1", prefix="again")
+    [back] = fetch(http, {"queue": queue, "partition": "p1", "offset": 3})
+    assert [(r["offset"], r["payload"]) for r in back["records"]] == [(3, "d")]
+    assert (back["highWatermark"], back["logStartOffset"]) == (4, 3)
+    with db.cursor() as cursor:  # the kept offsets went back into the partition's row
+        cursor.execute("""SELECT count(*) FROM queen.dropped_partitions d JOIN queen.queues q
+                            ON q.id = d.queue_id WHERE q.name = %s""", (queue,))
+        assert cursor.fetchone()[0] == 0
 
 
 def _incompressible(size: int) -> str:

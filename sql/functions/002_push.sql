@@ -85,13 +85,20 @@ BEGIN
     IF v_locked <> cardinality(v_queue_names) THEN
         RETURN false;
     END IF;
-    INSERT INTO queen.partitions (queue_id, name)
-    SELECT qu.id, w.p
-      FROM unnest(p_queues, p_partitions) AS w(q, p)
-      JOIN queen.queues qu ON qu.name = w.q
-     WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
-                        WHERE x.queue_id = qu.id AND x.name = w.p)
-    ON CONFLICT (queue_id, name) DO NOTHING;
+    -- A name cleaned up before numbers on from its old offsets (migration 12).
+    WITH made AS (
+        INSERT INTO queen.partitions (queue_id, name, last_seq, first_seq)
+        SELECT qu.id, w.p, coalesce(d.last_seq, 0), coalesce(d.last_seq, 0) + 1
+          FROM unnest(p_queues, p_partitions) AS w(q, p)
+          JOIN queen.queues qu ON qu.name = w.q
+          LEFT JOIN queen.dropped_partitions d ON d.queue_id = qu.id AND d.name = w.p
+         WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
+                            WHERE x.queue_id = qu.id AND x.name = w.p)
+        ON CONFLICT (queue_id, name) DO NOTHING
+        RETURNING queue_id, name
+    )
+    DELETE FROM queen.dropped_partitions d USING made
+     WHERE d.queue_id = made.queue_id AND d.name = made.name;
     RETURN true;
 END
 $$;

@@ -133,17 +133,25 @@ BEGIN
     IF p_days <= 0 OR NOT pg_try_advisory_xact_lock(737001) THEN
         RETURN 0;
     END IF;
-    DELETE FROM queen.partitions
-     WHERE id IN (SELECT p.id FROM queen.partitions p
-                   WHERE p.message_count = 0 AND p.name <> 'Default'
-                     AND p.last_activity < now() - make_interval(days => p_days)
-                     AND NOT EXISTS (SELECT 1 FROM queen.messages m WHERE m.partition_id = p.id)
-                     AND NOT EXISTS (SELECT 1 FROM queen.partition_consumers pc
-                                      WHERE pc.partition_id = p.id AND pc.lease_id IS NOT NULL
-                                        AND pc.lease_expires_at > now())
-                   ORDER BY p.id LIMIT p_batch
-                   FOR UPDATE OF p SKIP LOCKED);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
+    -- The offsets stay (migration 12): the name, pushed to again, numbers on from them.
+    WITH gone AS (
+        DELETE FROM queen.partitions
+         WHERE id IN (SELECT p.id FROM queen.partitions p
+                       WHERE p.message_count = 0 AND p.name <> 'Default'
+                         AND p.last_activity < now() - make_interval(days => p_days)
+                         AND NOT EXISTS (SELECT 1 FROM queen.messages m WHERE m.partition_id = p.id)
+                         AND NOT EXISTS (SELECT 1 FROM queen.partition_consumers pc
+                                          WHERE pc.partition_id = p.id AND pc.lease_id IS NOT NULL
+                                            AND pc.lease_expires_at > now())
+                       ORDER BY p.id LIMIT p_batch
+                       FOR UPDATE OF p SKIP LOCKED)
+        RETURNING queue_id, name, last_seq
+    ), kept AS (
+        INSERT INTO queen.dropped_partitions (queue_id, name, last_seq)
+        SELECT queue_id, name, last_seq FROM gone WHERE last_seq > 0
+        ON CONFLICT (queue_id, name) DO UPDATE SET last_seq = excluded.last_seq
+    )
+    SELECT count(*) INTO v_count FROM gone;
     RETURN v_count;
 END
 $$;

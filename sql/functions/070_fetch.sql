@@ -46,11 +46,14 @@ BEGIN
       FROM (SELECT j.i, j.e->>'queue' AS queue, j.e->>'partition' AS part,
                    (j.e->>'offset')::bigint AS off, (j.e->>'maxBytes')::bigint AS max_bytes,
                    qu.id AS queue_id, p.id AS pid,
-                   -- a partition not written yet is an empty log
-                   coalesce(p.last_seq, 0) AS high, coalesce(p.first_seq - 1, 0) AS log_start
+                   -- a partition not written yet, or cleaned up (migration 12), is an empty log
+                   coalesce(p.last_seq, d.last_seq, 0) AS high,
+                   coalesce(p.first_seq - 1, d.last_seq, 0) AS log_start
               FROM jsonb_array_elements(p_entries) WITH ORDINALITY AS j(e, i)
               LEFT JOIN queen.queues qu ON qu.name = j.e->>'queue'
-              LEFT JOIN queen.partitions p ON p.queue_id = qu.id AND p.name = j.e->>'partition') x;
+              LEFT JOIN queen.partitions p ON p.queue_id = qu.id AND p.name = j.e->>'partition'
+              LEFT JOIN queen.dropped_partitions d
+                     ON p.id IS NULL AND d.queue_id = qu.id AND d.name = j.e->>'partition') x;
     IF v_queues IS NULL THEN
         body := '{"entries":[]}';
         any_error := false;
