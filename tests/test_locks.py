@@ -67,6 +67,8 @@ def test_renew_gives_a_new_token_and_the_old_one_stops_working(http):
     stranger = lock_op(http, op="renew", name=name, token=held["token"], ttlSeconds=30,
                        owner="b")
     assert stranger["renewed"] is False and stranger["reason"] == "lost"
+    ownerless = lock_op(http, op="renew", name=name, token=held["token"], ttlSeconds=30)
+    assert ownerless["renewed"] is False and ownerless["reason"] == "lost"
     [holder] = lock_op(http, op="get", name=name)["holders"]
     assert holder["token"] == lost_answer["token"] and holder["renewedAt"] is not None
     assert lock_op(http, op="release", name=name, token=holder["token"])["released"] is True

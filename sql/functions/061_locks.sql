@@ -96,8 +96,9 @@ DECLARE
     v_cur  queen.kv := queen.kv_live('queen-locks', v_name || '#' || v_slot, p_now);
     v_row  queen.kv;
 BEGIN
-    IF v_cur.key IS NULL OR NOT (v_cur.version = (o->>'token')::bigint
-                                 OR v_cur.value->>'owner' = o->>'owner') THEN
+    -- (coalesce: a renew without `owner` compares NULL, which must count as "not the holder")
+    IF v_cur.key IS NULL OR NOT (coalesce(v_cur.version = (o->>'token')::bigint, false)
+                                 OR coalesce(v_cur.value->>'owner' = o->>'owner', false)) THEN
         RETURN jsonb_build_object('renewed', false, 'reason', 'lost', 'slot', v_slot,
                                   'holders', queen.lock_owners(queen.lock_holders(v_name, p_now)));
     END IF;
