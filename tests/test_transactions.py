@@ -69,6 +69,33 @@ def test_expired_required_lease_fails_the_transaction(http, db):
     assert count_messages(db, sink) == 0
 
 
+@pytest.mark.parametrize("second_consumer_acks", ["retry", "completed"])
+def test_an_ack_without_lease_is_fenced_by_the_only_required_lease(http, db,
+                                                                    second_consumer_acks):
+    """A 0.15.0 client's ack op carries no leaseId: the transaction's single required lease
+    fences it (WIRE2 5.1), also once the lease is no longer stored (expired, redelivered to
+    another consumer, who settled it)."""
+    source, sink = unique_name(), unique_name()
+    _push(http, source)
+    late = _pop(http, source, batch=1)["messages"][0]
+    expire_leases(db, source)
+    again = _pop(http, source, batch=1)["messages"][0]
+    assert again["transactionId"] == late["transactionId"]
+    settled = http.post("/api/v1/ack", json={
+        "transactionId": again["transactionId"], "partitionId": again["partitionId"],
+        "leaseId": again["leaseId"], "status": second_consumer_acks})
+    assert settled.status_code == 200 and settled.json()[0]["success"] is True, settled.text
+
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": late["transactionId"],
+                        "partitionId": late["partitionId"]},
+                       {"type": "push", "items": [{"queue": sink, "payload": 1}]}],
+        "requiredLeases": [late["leaseId"]]}).json()
+
+    assert body["success"] is False and "lease" in body["error"], body
+    assert count_messages(db, sink) == 0
+
+
 def test_duplicate_push_in_a_transaction_is_reported_not_fatal(http, db):
     queue = unique_name()
     first = _push(http, queue)[0]

@@ -27,6 +27,11 @@ DECLARE
     v_kv      jsonb := '[]'::jsonb;
     v_timers  jsonb := '[]'::jsonb;
     v_flat    integer;
+    -- An ack op without its own leaseId is fenced by the only lease the caller listed, when
+    -- it listed exactly one (WIRE2.md 5.1; 0.15.0 clients never put leaseId on ack ops).
+    v_borrowed text := (SELECT min(l) FROM jsonb_array_elements_text(
+                                             coalesce(p->'requiredLeases', '[]'::jsonb)) l
+                         WHERE l <> '' HAVING count(DISTINCT l) = 1);
 BEGIN
     BEGIN
         SELECT coalesce(sum(CASE WHEN e->>'type' = 'push'
@@ -76,6 +81,9 @@ BEGIN
                        AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
                        AND NOT (p->'requiredLeases' ? pc.lease_id::text)) THEN
                     RAISE EXCEPTION 'Partition % is held under another lease', v_op->>'partitionId';
+                END IF;
+                IF coalesce(v_op->>'leaseId', '') = '' AND v_borrowed IS NOT NULL THEN
+                    v_op := v_op || jsonb_build_object('leaseId', v_borrowed);
                 END IF;
                 v_acked := queen.ack_messages(jsonb_build_array(v_op)) -> 0;
                 v_results := v_results || jsonb_build_array(jsonb_build_object(
