@@ -260,6 +260,21 @@ def test_acked_leases_do_not_pile_up_in_the_timer_heap(engine):
     assert len(engine._leases) <= 2048
 
 
+def test_the_pop_that_compacts_the_lease_heap_keeps_its_lease(clock):
+    # The heap is compacted when it passes 1024 entries; the pop that triggered it once
+    # lost its own entry (marked leased only afterwards), so its message never came back.
+    engine = EphemeralEngine(clock, Defaults(max_bytes=10_000_000, queue_max_bytes=1_000_000,
+                                             queue_max_length=5000, lease_seconds=5,
+                                             retry_limit=2), epoch=7)
+    engine.push("q", "p", payloads(*range(1025)))
+    for _ in range(1025):
+        assert len(engine.take("q", "p", Q, 1, False)) == 1
+    clock.advance(6)
+    again = engine.take("q", "p", Q, 2000, False)
+    assert seen(again) == list(range(1025))
+    assert {each.attempts for each in again} == {2}
+
+
 def test_idle_implicit_queues_are_forgotten_declared_ones_stay(engine, clock):
     engine.take("inbox", None, Q, 1, False)
     engine.take("parked", None, Q, 1, False)

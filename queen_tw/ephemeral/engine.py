@@ -277,7 +277,8 @@ class EphemeralEngine:
         sequences = ring.next_for(cursor, count)
         if not sequences:
             return []
-        token = 0 if auto_ack else self._lease(queue, partition, group, sequences)
+        if not auto_ack:
+            self._lease(queue, partition, group, cursor, sequences)
         out = []
         for sequence in sequences:
             attempts = cursor.attempts.get(sequence, 0) + 1
@@ -285,7 +286,6 @@ class EphemeralEngine:
                 cursor.attempts.pop(sequence, None)
             else:
                 cursor.attempts[sequence] = attempts
-                cursor.leased[sequence] = token
             out.append(Delivery(mint_id(self.epoch, partition, sequence), partition,
                                 attempts, ring.payload(sequence)))
         if auto_ack:
@@ -294,10 +294,14 @@ class EphemeralEngine:
 
     # -- leases -------------------------------------------------------------------------
 
-    def _lease(self, queue: EphemeralQueue, partition: str, group: str,
-               sequences: List[int]) -> int:
-        """Registers one lease over a pop's sequences; one timer serves the earliest."""
+    def _lease(self, queue: EphemeralQueue, partition: str, group: str, cursor: Cursor,
+               sequences: List[int]) -> None:
+        """Leases a pop's sequences to ``group`` under one new token; one timer serves the
+        earliest deadline. The cursor is marked before the heap may be compacted, which
+        keeps only the entries some cursor still holds."""
         self._lease_token += 1
+        for sequence in sequences:
+            cursor.leased[sequence] = self._lease_token
         deadline = self.clock.seconds() + queue.settings.lease_seconds
         heapq.heappush(self._leases, (deadline, self._lease_token, queue.name, partition,
                                       group, tuple(sequences)))
@@ -305,7 +309,6 @@ class EphemeralEngine:
             self._compact_leases()
         if self._lease_timer is None or deadline < self._lease_timer.getTime():
             self._arm_lease_timer()
-        return self._lease_token
 
     def _compact_leases(self) -> None:
         """Drops the heap entries whose messages were all acked (or reset, or dropped)
