@@ -118,6 +118,27 @@ def test_drop_oldest_keeps_the_newest_and_counts_skips(engine):
                                                   "skipped": 2}]
 
 
+def test_drop_oldest_makes_room_in_other_partitions_once_its_own_is_empty(engine, clock):
+    # A feed per room: one room filling the queue must not lock the other rooms out.
+    engine.declare("q", parse_options({"maxLength": 4, "policy": "dropOldest"}))
+    engine.push("q", "a", payloads("a1", "a2"))
+    clock.advance(1)
+    engine.push("q", "c", payloads("c1"))
+    clock.advance(1)
+    engine.push("q", "a", payloads("a3"))
+    engine.push("q", "b", payloads("b1", "b2"))  # 6 > 4: b has nothing to drop yet
+    assert engine.queue("q").drops["bounds"] == 2
+    assert seen(engine.take("q", None, "g", 10, True)) == ["a3", "b1", "b2", "c1"]
+
+
+def test_drop_oldest_refuses_a_push_larger_than_the_queue(engine):
+    engine.declare("q", parse_options({"maxLength": 2, "policy": "dropOldest"}))
+    engine.push("q", "a", payloads(1))
+    with pytest.raises(QueueFull):
+        engine.push("q", "b", payloads(1, 2, 3))
+    assert seen(engine.take("q", None, "g", 10, True)) == [1]
+
+
 def test_broker_budget_refuses_with_nothing_changed(engine):
     engine.push("a", "p", [b"x" * 900])
     engine.push("b", "p", [b"x" * 900])

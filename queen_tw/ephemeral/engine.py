@@ -16,7 +16,7 @@ request; time comes from the injected ``IReactorTime``.
 import heapq
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -58,6 +58,18 @@ class EphemeralQueue:
         self.length = 0
         self.drops = {"bounds": 0, "ttl": 0, "retry": 0}
         self.used_at = 0.0  # last push, pop or ack: idle implicit queues are forgotten
+
+
+def _oldest_first(queue: EphemeralQueue, pushed_to: Ring) -> Iterator[Ring]:
+    """The ring of each message a ``dropOldest`` push may drop, in the order it drops them:
+    the partition pushed to, oldest first, then the queue's other partitions, oldest first
+    across them (a partition that floods the queue eats its own backlog before the others')."""
+    for _ in pushed_to.messages:
+        yield pushed_to
+    others = [ring for ring in queue.rings.values() if ring is not pushed_to]
+    ages = [[(at, n) for _, at in ring.messages] for n, ring in enumerate(others)]
+    for _, n in heapq.merge(*ages):
+        yield others[n]
 
 
 def mint_id(epoch: int, partition: str, sequence: int) -> str:
@@ -175,13 +187,15 @@ class EphemeralEngine:
         size = sum(len(payload) for payload in payloads)
         evict = self._evictions_needed(queue, ring, len(payloads), size)
         budget = self.defaults.max_bytes
-        freed = sum(len(ring.messages[i][0]) for i in range(evict))
+        freed = sum(len(victim.messages[i][0])
+                    for victim, count in evict.items() for i in range(count))
         if budget and self.bytes - freed + size > budget:
             raise NoRoom(f"this server's ephemeral queues hold {self.bytes} bytes and "
                          f"QUEEN_EPHEMERAL_MAX_BYTES is {budget}")
-        for _ in range(evict):
-            self._freed(queue, *ring.drop_oldest())
-        queue.drops["bounds"] += evict
+        for victim, count in evict.items():
+            for _ in range(count):
+                self._freed(queue, *victim.drop_oldest())
+            queue.drops["bounds"] += count
         ring.append(payloads, size, self.clock.seconds())
         queue.length += len(payloads)
         queue.bytes += size
@@ -190,26 +204,29 @@ class EphemeralEngine:
         return len(payloads)
 
     def _evictions_needed(self, queue: EphemeralQueue, ring: Ring, count: int,
-                          size: int) -> int:
-        """How many of the ring's oldest messages must go for the push to fit the queue's
-        bounds (0 when it fits); raises QueueFull when it cannot fit."""
+                          size: int) -> Dict[Ring, int]:
+        """How many of each ring's oldest messages must go for the push to ``ring`` to fit
+        the queue's bounds (empty when it fits); raises QueueFull when it cannot fit."""
         settings = queue.settings
         if (queue.length + count <= settings.max_length
                 and queue.bytes + size <= settings.max_bytes):
-            return 0
+            return {}
         if settings.policy == "reject":
             raise QueueFull(f"the ephemeral queue {queue.name!r} is at its maxBytes "
                             f"({settings.max_bytes}) / maxLength ({settings.max_length}) "
                             "and its policy is reject")
-        length, held, evict = queue.length, queue.bytes, 0
+        length, held = queue.length, queue.bytes
+        evict: Dict[Ring, int] = {}
+        victims = _oldest_first(queue, ring)
         while length + count > settings.max_length or held + size > settings.max_bytes:
-            if evict == len(ring.messages):
+            victim = next(victims, None)
+            if victim is None:
                 raise QueueFull(f"this push ({count} messages, {size} bytes) does not fit "
                                 f"the bounds of the ephemeral queue {queue.name!r} even "
                                 "after dropping its oldest messages")
-            held -= len(ring.messages[evict][0])
+            held -= len(victim.messages[evict.get(victim, 0)][0])
             length -= 1
-            evict += 1
+            evict[victim] = evict.get(victim, 0) + 1
         return evict
 
     def _tidy(self, queue: EphemeralQueue, ring: Ring) -> None:
