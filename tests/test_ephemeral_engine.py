@@ -44,6 +44,19 @@ def test_competing_pops_of_one_group_share_the_messages_in_order(engine):
     assert [each.attempts for each in first + second] == [1, 1, 1]
 
 
+def test_pops_without_partition_take_the_partitions_in_turn(engine):
+    # A partition with a backlog, kept full, must not starve the ones after it.
+    engine.declare("q", parse_options({"maxLength": 1000}))
+    engine.push("q", "a", payloads(*range(50)))
+    engine.push("q", "b", payloads("b"))
+    engine.push("q", "c", payloads("c"))
+    served = [engine.take("q", None, "g", 1, True)[0].partition for _ in range(5)]
+    assert served == ["a", "b", "c", "a", "a"]
+    engine.push("q", "b", payloads("b2"))
+    assert [d.partition for d in engine.take("q", None, "g", 3, True)] == ["b", "a", "a"]
+    assert seen(engine.take("q", "a", "g", 100, True)) == list(range(5, 50))  # order kept
+
+
 def test_distinct_groups_each_see_every_message(engine):
     engine.take("q", None, "a", 1, False)  # both groups known before the push
     engine.take("q", None, "b", 1, False)

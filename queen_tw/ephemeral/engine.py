@@ -13,6 +13,7 @@ of an id minted before a restart answers ``stale``. Nothing here reads PostgreSQ
 request; time comes from the injected ``IReactorTime``.
 """
 
+import bisect
 import heapq
 import secrets
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ class EphemeralQueue:
         self.options: Dict[str, Any] = options or {}
         self.rings: Dict[str, Ring] = {}
         self.groups: Set[str] = set()  # every group that popped: new rings start a cursor for each
+        # per group, the partition a pop without one tries first: the one after the partition
+        # that served the group's last such pop (a busy partition never starves the others)
+        self.turns: Dict[str, str] = {}
         self.bytes = 0
         self.length = 0
         self.drops = {"bounds": 0, "ttl": 0, "retry": 0}
@@ -70,6 +74,12 @@ def _oldest_first(queue: EphemeralQueue, pushed_to: Ring) -> Iterator[Ring]:
     ages = [[(at, n) for _, at in ring.messages] for n, ring in enumerate(others)]
     for _, n in heapq.merge(*ages):
         yield others[n]
+
+
+def _in_turn(names: List[str], last: Optional[str]) -> List[str]:
+    """``names`` (sorted) rotated to start after ``last``."""
+    start = bisect.bisect_right(names, last) if last is not None else 0
+    return names[start:] + names[:start]
 
 
 def mint_id(epoch: int, partition: str, sequence: int) -> str:
@@ -267,7 +277,8 @@ class EphemeralEngine:
     def take(self, name: str, partition: Optional[str], group: str, count: int,
              auto_ack: bool) -> List[Delivery]:
         """Up to ``count`` messages for ``group``: from one partition, or from every
-        partition in name order. Leased for the queue's ``leaseSeconds`` unless
+        partition in name order, starting after the one that served the group's previous
+        pop without a partition. Leased for the queue's ``leaseSeconds`` unless
         ``auto_ack`` (then the group is past them at once). Never waits."""
         queue = self.queue(name)
         if group not in queue.groups:
@@ -278,12 +289,14 @@ class EphemeralEngine:
             self._ring(queue, partition)
             names: Iterable[str] = (partition,)
         else:
-            names = sorted(queue.rings)
+            names = _in_turn(sorted(queue.rings), queue.turns.get(group))
         out: List[Delivery] = []
         for ring_name in names:
             if len(out) >= count:
                 break
             out.extend(self._take_from(queue, ring_name, group, count - len(out), auto_ack))
+        if partition is None and out:
+            queue.turns[group] = out[0].partition
         return out
 
     def _take_from(self, queue: EphemeralQueue, partition: str, group: str, count: int,
