@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from typing import Any, Dict, List, Optional
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -166,6 +167,21 @@ def test_depth_per_partition_and_group(http: httpx.Client) -> None:
 
 def test_depth_of_an_unknown_queue_is_the_one_404(http: httpx.Client) -> None:
     refused(http.get(f"{EPH}/queues/{unique_name()}/depth"), 404, "ephemeral_queue_not_found")
+
+
+@pytest.mark.parametrize("suffix", ["/x", "/depth", "/a/b"])
+def test_a_queue_name_with_slashes_is_read_and_deleted_through_its_encoded_path(
+        http: httpx.Client, suffix: str) -> None:
+    # WIRE2 7 allows '/' in names; the 2.6.0 client sends the path segment as quote(safe='').
+    queue = unique_name() + suffix
+    pushed(http, queue, [1, 2])
+    path_name = quote(queue, safe="")
+    depth = http.get(f"{EPH}/queues/{path_name}/depth")
+    assert depth.status_code == 200, depth.text
+    assert (depth.json()["queue"], depth.json()["pending"]) == (queue, 2)
+    gone = http.delete(f"{EPH}/queue/{path_name}")
+    assert gone.json() == {"queue": queue, "deleted": True, "declared": False}, gone.text
+    refused(http.get(f"{EPH}/queues/{path_name}/depth"), 404, "ephemeral_queue_not_found")
 
 
 # -- consumption model -------------------------------------------------------------------
@@ -430,6 +446,8 @@ def test_bad_configure_is_400(http: httpx.Client, body: Dict[str, Any], fragment
     ({"queue": "q", "messages": [1]}, "messages[0]"),
     ({"queue": "q", "partition": "", "messages": [{"payload": 1}]}, "partition"),
     ({"queue": "q", "partition": 5, "messages": [{"payload": 1}]}, "partition"),
+    ({"queue": "q", "partition": "p\x7f", "messages": [{"payload": 1}]}, "partition"),
+    ({"queue": "q", "partition": "p\x85", "messages": [{"payload": 1}]}, "partition"),
     ({"queue": "q", "messages": [{"payload": 1}] * 10_001}, "10000"),
 ])
 def test_bad_push_is_400_and_stores_nothing(http: httpx.Client, body: Dict[str, Any],

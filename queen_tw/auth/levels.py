@@ -114,12 +114,12 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     # ephemeral queues (WIRE2.md 1.5, 7)
     ("POST", "/api/v1/ephemeral/configure", _RW),
     ("POST", "/api/v1/ephemeral/reset", _RW),
-    ("DELETE", "/api/v1/ephemeral/queue/<queue>", _RW),
+    ("DELETE", "/api/v1/ephemeral/queue/<path:queue>", _RW),
     ("POST", "/api/v1/ephemeral/push", _RW),
     ("GET", "/api/v1/ephemeral/pop", _RW),
     ("POST", "/api/v1/ephemeral/ack", _RW),
     ("GET", "/api/v1/ephemeral/queues", _RO),
-    ("GET", "/api/v1/ephemeral/queues/<queue>/depth", _RO),
+    ("GET", "/api/v1/ephemeral/queues/<path:queue>/depth", _RO),
     # reads by offset (WIRE2.md 1.5, 6)
     ("POST", "/api/v1/fetch", _RO),
     ("POST", "/api/v1/partitions/changed", _RO),
@@ -198,16 +198,18 @@ ROUTE_CONVERTERS = {"path": CatchAllConverter}
 the router, the auth levels), so that they all match the same paths."""
 
 
-def _catch_all_segments() -> Dict[Tuple[str, ...], int]:
-    """For each route ending in a catch-all (``<path:...>``: KV keys and timer keys contain
-    '/', WIRE2 2.4 and 3.2), its leading fixed segments -> the catch-all's first segment."""
-    found: Dict[Tuple[str, ...], int] = {}
+def _catch_all_segments() -> Dict[Tuple[str, ...], Tuple[int, int]]:
+    """For each route with a catch-all (``<path:...>``: KV keys and timer keys contain '/',
+    WIRE2 2.4 and 3.2; ephemeral queue names may, WIRE2 7), its leading fixed segments ->
+    (the catch-all's first segment, how many segments follow it)."""
+    found: Dict[Tuple[str, ...], Tuple[int, int]] = {}
     for _, rule, _ in ROUTE_LEVELS:
         segments = rule[1:].split("/")
-        if segments[-1].startswith("<path:"):
-            fixed = tuple(itertools.takewhile(lambda segment: not segment.startswith("<"),
-                                              segments))
-            found[fixed] = len(segments) - 1
+        for index, segment in enumerate(segments):
+            if segment.startswith("<path:"):
+                fixed = tuple(itertools.takewhile(lambda part: not part.startswith("<"),
+                                                  segments))
+                found[fixed] = (index, len(segments) - index - 1)
     return found
 
 
@@ -218,11 +220,11 @@ def slash_refused(segments: Sequence[str]) -> bool:
     """True when a decoded path segment holds a '/' (sent as ``%2F``) where no route could
     tell it from a separator: anywhere but in a catch-all, where it decodes once into the key
     (as WIRE2 2.4 asks)."""
-    tail = len(segments)
-    for fixed, first in _CATCH_ALL_SEGMENTS.items():
-        if len(segments) > first and tuple(segments[:len(fixed)]) == fixed:
-            tail = first
-    return any("/" in segment for segment in segments[:tail])
+    for fixed, (first, after) in _CATCH_ALL_SEGMENTS.items():
+        if len(segments) > first + after and tuple(segments[:len(fixed)]) == fixed:
+            segments = [*segments[:first], *segments[len(segments) - after:]]
+            break
+    return any("/" in segment for segment in segments)
 
 
 def routed_path(raw_path: bytes) -> Optional[str]:

@@ -49,7 +49,7 @@ def check_name(value: Any, what: str) -> str:
         raise BadRequest(f"{what} is required (a non-empty string)")
     if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise BadRequest(f"{what} is longer than {MAX_NAME_BYTES} bytes")
-    if any(ord(char) < 0x20 for char in value):
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in value):  # C0, DEL, C1
         raise BadRequest(f"control characters are not allowed in {what}")
     return value
 
@@ -185,7 +185,7 @@ class EphemeralRoutes:
         return _at_owner(request, parts, queue, lambda: json_answer(
             request, 200, {"queue": queue, "dropped": parts.engine.reset(queue)}))
 
-    @app.route("/api/v1/ephemeral/queue/<queue>", methods=["DELETE"])
+    @app.route("/api/v1/ephemeral/queue/<path:queue>", methods=["DELETE"])
     def delete(self, request, queue):
         parts = self._parts()
         queue = check_name(queue, "queue")
@@ -251,7 +251,7 @@ class EphemeralRoutes:
         return json_answer(request, 200, {"queues": rows, "count": len(rows),
                                           "cellBytes": cell_bytes})
 
-    @app.route("/api/v1/ephemeral/queues/<queue>/depth", methods=["GET"])
+    @app.route("/api/v1/ephemeral/queues/<path:queue>/depth", methods=["GET"])
     def depth(self, request, queue):
         parts = self._parts()
         try:
