@@ -261,6 +261,8 @@ BAD_OPS = [
     ({"messageId": str(uuid.uuid4())}, "timers_server_owned_field"),
     ({"deliverAt": "2030-01-01T00:00:00Z"}, "timers_server_owned_field"),
     ({"_internal": 1}, "timers_server_owned_field"),
+    ({"tenantName": "acme"}, "timers_server_owned_field"),
+    ({"tenant_key": "acme"}, "timers_server_owned_field"),
     ({"attempts": 0}, "timers_server_owned_field"),
     ({"delayMs": None}, "timers_delay_required"),
     ({"delayMs": "100"}, "timers_bad_delay"),

@@ -50,10 +50,10 @@ LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
 OPS = ("schedule", "reschedule", "cancel")
 
 SERVER_OWNED = frozenset({
-    "producerSub", "producer_sub", "messageId", "message_id", "tenant", "tenantId",
-    "tenant_id", "deliverAt", "deliver_at", "delaySeconds", "delay_seconds", "attempts",
-    "claimToken", "claim_token", "claimedUntil"})
-"""Fields the server owns (WIRE2 3.1): refused, never ignored; so is any ``_`` field."""
+    "producerSub", "producer_sub", "messageId", "message_id", "deliverAt", "deliver_at",
+    "delaySeconds", "delay_seconds", "attempts", "claimToken", "claim_token", "claimedUntil"})
+"""Fields the server owns (WIRE2 3.1): refused, never ignored; so is any field starting
+with ``_`` or ``tenant`` (``tenant*``)."""
 
 
 class TimersRefused(QueenError):
@@ -107,7 +107,7 @@ def timer_operation(raw: Any, where: str) -> Dict[str, Any]:
     if not isinstance(raw, dict):
         _bad("timers_bad_op", f"{where} must be an object")
     for field in raw:
-        if field in SERVER_OWNED or field.startswith("_"):
+        if field in SERVER_OWNED or field.startswith(("_", "tenant")):
             _bad("timers_server_owned_field",
                  f"{where}.{field} is set by the server and cannot be sent")
     kind = raw.get("op")
