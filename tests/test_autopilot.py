@@ -102,6 +102,21 @@ def test_the_single_partition_route_has_nothing_to_widen(http):
     assert delivery["autopilot"] == {"partitions": 1, "batch": AUTOPILOT_BATCH, "waitMs": 0}
 
 
+def test_a_conflating_groups_single_partition_route_echoes_width_one(http):
+    queue = unique_name()
+    push_spread(http, queue, 2, per_partition=3)
+
+    delivery = pop(http, queue, "p1", autopilot="true", consumerGroup="latest",
+                   conflation="true")
+
+    assert delivery["partitionsClaimed"] == 1
+    assert delivery["autopilot"] == {"partitions": 1, "batch": AUTOPILOT_BATCH, "waitMs": 0}
+    empty = pop_answer(http, queue, "p1", autopilot="true", consumerGroup="latest",
+                       conflation="true", wait="false")  # leased: the 200 empty answer
+    assert empty.status_code == 200 and empty.json()["messages"] == [], empty.text
+    assert empty.json()["autopilot"]["partitions"] == 1
+
+
 def test_a_pop_without_autopilot_keeps_the_old_answer(http):
     queue = unique_name()
     push_spread(http, queue, 3)

@@ -510,9 +510,10 @@ BEGIN
          WHERE cs.queue_id = ANY(v_queue_ids) AND cs.consumer_group = v_group;
     END IF;
     -- Partitions not given: 1, or batch (at most 64) for a conflating group, which gets one
-    -- message per partition (WIRE2 8.4).
+    -- message per partition (WIRE2 8.4), unless the route names its one partition.
     v_max_parts := CASE WHEN v_max_parts IS NOT NULL THEN greatest(v_max_parts, 1)
-                        WHEN v_conflate THEN least(v_batch, 64) ELSE 1 END;
+                        WHEN v_conflate AND p_req->>'partition' IS NULL THEN least(v_batch, 64)
+                        ELSE 1 END;
 
     IF p_req->>'partition' IS NOT NULL THEN
         SELECT p.id INTO v_single FROM queen.partitions p
