@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 import uuid
 from typing import Any, Dict
@@ -15,7 +16,16 @@ from typing import Any, Dict
 import httpx
 import pytest
 
-from tests.binary_bodies import framed_body, framed_group, plain_body, transaction_body
+from tests.binary_bodies import (
+    frame,
+    framed_body,
+    framed_group,
+    plain_body,
+    text16,
+    transaction_body,
+    v7_id,
+    zstd,
+)
 from tests.error_answers import assert_json_error
 from tests.support import count_messages, unique_name
 
@@ -460,7 +470,9 @@ def test_a_request_over_the_message_limit_is_413_and_stores_nothing(make_server,
     small = make_server(QUEEN_MAX_PUSH_ITEMS="5")
     queue = unique_name()
     items = [{"queue": queue, "payload": n} for n in range(6)]
-    huge_group = framed_group(queue, "p", [], count=2_000_000, z=b"not even zstd")
+    # six frames declared, the zstd frame big enough to hold them but corrupt after its
+    # header: a 413 proves the count was checked before anything was decompressed
+    huge_group = framed_group(queue, "p", [], count=6, z=zstd(bytes(6 * 64))[:-4])
     binary = {"Content-Type": "application/x-queen-push"}
 
     with httpx.Client(base_url=small.url, timeout=20) as client:
@@ -480,6 +492,22 @@ def test_a_request_over_the_message_limit_is_413_and_stores_nothing(make_server,
         assert "QUEEN_MAX_PUSH_ITEMS" in assert_json_error(answer, 413)
     assert accepted.status_code == 201, accepted.text
     assert count_messages(db, queue) == 5
+
+
+def test_a_count_its_bytes_cannot_hold_is_400_not_413(http, db):
+    """A group declaring more messages than its bytes can hold is malformed (WIRE2 9.1),
+    not a request too large, even past QUEEN_MAX_PUSH_ITEMS."""
+    queue = unique_name()
+    binary = {"Content-Type": "application/x-queen-push"}
+    one = zstd(frame(v7_id(), "t", b"1"))
+    for body in (framed_body([framed_group(queue, "p", [], count=200_000, z=one)]),
+                 framed_body([framed_group(queue, "p", [], count=0xFFFFFFFF, z=one)]),
+                 b"QPB1\x04" + struct.pack("<I", 1) + text16(queue) + text16("p")
+                 + struct.pack("<I", 200_000) + text16("t") + struct.pack("<I", 1) + b"1"):
+        answer = http.post("/api/v1/push", headers=binary, content=body)
+        assert "200000" in assert_json_error(answer, 400) \
+            or "4294967295" in answer.json()["error"]
+    assert count_messages(db, queue) == 0
 
 
 def _trickle(port: int, head: bytes, then: bytes, every: float = 0.2) -> bytes:

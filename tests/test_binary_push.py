@@ -124,7 +124,7 @@ def test_decoder_names_what_is_wrong():
         "must start with QPB1": b"QPX1\x08" + struct.pack("<I", 0),
         "unknown flags": b"QPB1\x18" + struct.pack("<I", 0),
         "truncated": framed_body([framed_group("q", "p", good)])[:-5],
-        "holds 2 frames, its header says 3": framed_body([framed_group("q", "p", good,
+        "its header says 3": framed_body([framed_group("q", "p", good,
                                                                       count=3)]),
         "bytes after its 1 frames": framed_body([framed_group("q", "p", good, count=1)]),
         "not a version-7 UUID": framed_body([framed_group("q", "p", [(bytes(not_v7), "t",
@@ -323,6 +323,17 @@ CORRUPT = {
         *messages(2), (v7_id(), "bad", b"{'single': 1}")])), "not valid JSON"),
     "truncated": (lambda q: with_good_group(q, framed_group(q, "p", messages(3)))[:-40],
                   "truncated"),
+    # payloads orjson reads that PostgreSQL would refuse as sent (they used to be 500s)
+    "number beyond numeric": (lambda q: with_good_group(q, framed_group(q, "p", [
+        (v7_id(), "tiny", b'{"x": 1e-16384}')])), "value overflows numeric format"),
+    "byte order mark": (lambda q: with_good_group(q, framed_group(q, "p", [
+        (v7_id(), "bom", b'\xef\xbb\xbf{"a": 1}')])), "not valid JSON"),
+    "UTF-16 payload": (lambda q: with_good_group(q, framed_group(q, "p", [
+        (v7_id(), "utf16", '"ab"'.encode("utf-16-be"))])), "not valid JSON"),
+    "trailing NUL byte": (lambda q: with_good_group(q, framed_group(q, "p", [
+        (v7_id(), "nul", b"1\x00")])), "not valid JSON"),
+    "nested past 512": (lambda q: with_good_group(q, framed_group(q, "p", [
+        (v7_id(), "deep", b"[" * 600 + b"]" * 600)])), "nested deeper than 512"),
     "bad count in a plain body": (
         lambda q: (b"QPB1\x04" + struct.pack("<I", 2)
                    + text16(q) + text16("first") + struct.pack("<I", 1) + plain_item("g", b"1")
@@ -339,6 +350,17 @@ def test_corrupt_body_answers_400_naming_the_fault_and_stores_nothing(http, db, 
     assert answer.status_code == 400, answer.text
     assert expected in answer.json()["error"]
     assert count_messages(db, queue) == 0
+
+
+def test_payloads_near_the_limits_are_stored_as_sent(http, db):
+    # the prefilter also matches text and numbers PostgreSQL can hold: those pass
+    queue = unique_name()
+    kept = [b'{"x": 1e-16383}', b'{"x": 1.5e-16382}', b'"1e-99999 is only text"',
+            b"[" * 500 + b"]" * 500]
+    answer = post(http, framed_body([framed_group(queue, "p", [
+        (v7_id(), f"t{n}", payload) for n, payload in enumerate(kept)])]))
+    assert answer.status_code == 201, answer.text
+    assert count_messages(db, queue) == len(kept)
 
 
 def test_empty_and_json_bodies_with_the_binary_type_are_refused(http):

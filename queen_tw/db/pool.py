@@ -32,8 +32,10 @@ Faults, and what the pool does about them:
   statements start and stop being cancelled.
 
 - A statement beyond one of PostgreSQL's limits (SQLSTATE class 54, e.g. a value too long
-  for an index) is the request's fault: :class:`~queen_tw.errors.RefusedByDatabase` (400),
-  connection kept. The routes check lengths first; this is the net for what they miss.
+  for an index) or refused for its data (class 22, e.g. a number in a binary push's payload
+  beyond what numeric holds) is the request's fault:
+  :class:`~queen_tw.errors.RefusedByDatabase` (400), connection kept. The routes check
+  their input first; this is the net for what they miss.
 
 Either way the outage is logged through one :class:`~queen_tw.services.retry.OutageLog`:
 a line when the first connection is lost or call fails, a reminder every 30 s, a line when
@@ -396,6 +398,12 @@ class Database:
                     f"PostgreSQL refused the request: {describe_error(err)}") from err
             self._outage.failed(f"{function}: {describe_error(err)}")
             raise DatabaseUnavailable("Database unavailable") from err
+        except psycopg2.DataError as err:  # class 22
+            self.failed_calls += 1
+            log.warn("{function}: refused by PostgreSQL ({error}); answered 400",
+                     function=function, error=describe_error(err))
+            raise RefusedByDatabase(
+                f"PostgreSQL refused the request: {describe_error(err)}") from err
         except Exception:
             self.failed_calls += 1
             raise

@@ -30,7 +30,7 @@ malformed body stores nothing. It yields the items a JSON push would (see
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import orjson
 import zstandard
@@ -252,10 +252,15 @@ def _plain_groups(reader: _Reader, with_transaction_ids: bool,
     """Groups without frames: each item a length-prefixed payload (and transactionId)."""
     items: List[Dict[str, Any]] = []
     payloads: List[bytes] = []
-    for _ in range(reader.u32("group count")):
+    least = 4 + (2 if with_transaction_ids else 0)  # the length fields of an item
+    for group in range(reader.u32("group count")):
         queue = reader.name("Queue")
         partition = reader.name("Partition")
         count = reader.u32("item count")
+        left = len(reader.data) - reader.pos
+        if count > left // least:  # a malformed count is a 400, not a request too large
+            raise InvalidRequest(f"Binary push is truncated: group {group} declares {count} "
+                                 f"items, the {left} bytes left hold at most {left // least}")
         check_push_count(len(items) + count, max_messages)
         for _ in range(count):
             item: Dict[str, Any] = {"queue": queue, "partition": partition}
@@ -268,7 +273,7 @@ def _plain_groups(reader: _Reader, with_transaction_ids: bool,
             payloads.append(payload)
             item["payload"] = orjson.Fragment(payload) if payload else _NULL
             items.append(item)
-    _check_payloads(payloads, _NUL_ESCAPE in reader.data)
+    _check_payloads(payloads, [reader.data])
     return items
 
 
@@ -277,18 +282,22 @@ def _framed_groups(reader: _Reader, max_bytes: int,
     """Groups of zstd-compressed frames, each with the message id its client minted."""
     items: List[Dict[str, Any]] = []
     payloads: List[bytes] = []
-    nul_possible = False
+    blobs: List[bytes] = []
     for group in range(reader.u32("group count")):
         queue = reader.name("Queue")
         partition = reader.name("Partition")
         count = reader.u32("message count")
+        compressed = reader.take(reader.u32("z_len"), "zstd frame")
+        most = _declared_size(compressed, f"group {group}") // (4 + _FRAME_HEAD)
+        if count > most:  # a malformed count is a 400, not a request too large
+            raise InvalidRequest(f"Binary push group {group} holds at most {most} frames, "
+                                 f"its header says {count}")
         check_push_count(len(items) + count, max_messages)
-        frames = _unzstd(reader.take(reader.u32("z_len"), "zstd frame"),
-                         f"group {group}", max_bytes)
+        frames = _unzstd(compressed, f"group {group}", max_bytes)
         max_bytes -= len(frames)  # what every group expands to counts against one limit
         _read_frames(frames, count, group, queue, partition, items, payloads)
-        nul_possible = nul_possible or _NUL_ESCAPE in frames
-    _check_payloads(payloads, nul_possible)
+        blobs.append(frames)
+    _check_payloads(payloads, blobs)
     ids = {item["id"] for item in items}
     if len(ids) != len(items):
         raise InvalidRequest("Binary push body repeats a message id")
@@ -354,12 +363,7 @@ def _hyphenated(hex_id: str) -> str:
 def _unzstd(frame: bytes, what: str, max_bytes: int, expected: Optional[int] = None) -> bytes:
     """One zstd frame, decompressed; its declared content size must be known, within
     ``max_bytes`` and equal to ``expected`` when given."""
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError as err:
-        raise InvalidRequest(f"Binary {what}: not a zstd frame ({err})") from None
-    if declared < 0:
-        raise InvalidRequest(f"Binary {what}: the zstd frame does not declare its size")
+    declared = _declared_size(frame, what)
     if declared > max_bytes:
         raise InvalidRequest(f"Binary {what}: the zstd frame expands to {declared} bytes, "
                              f"more than the {max_bytes} the request may still carry")
@@ -379,26 +383,56 @@ def _unzstd(frame: bytes, what: str, max_bytes: int, expected: Optional[int] = N
     return raw
 
 
-def _check_payloads(payloads: List[bytes], nul_possible: bool) -> None:
-    """Each payload must be one JSON document that PostgreSQL stores as a JSON push's
-    would be (see :mod:`queen_tw.jsoncodec`). orjson checks them all in one C loop; only a
-    refused one, or any when the body holds a NUL escape (which PostgreSQL refuses and
-    orjson reads), takes the careful path, which also names it."""
+def _declared_size(frame: bytes, what: str) -> int:
+    """The content size a zstd frame's header declares (a 400 when it has none)."""
+    try:
+        declared = int(zstandard.frame_content_size(frame))
+    except zstandard.ZstdError as err:
+        raise InvalidRequest(f"Binary {what}: not a zstd frame ({err})") from None
+    if declared < 0:
+        raise InvalidRequest(f"Binary {what}: the zstd frame does not declare its size")
+    return declared
+
+
+def _check_payloads(payloads: List[bytes], blobs: List[bytes]) -> None:
+    """Each payload must be one JSON document that a JSON push would accept (see
+    :mod:`queen_tw.jsoncodec`). orjson checks them all in one C loop; the careful check, which
+    also names the problem, runs only where orjson refused, or where the bytes may hold what
+    orjson reads but the JSON path would not take: a NUL escape anywhere in the body
+    (``blobs``), nesting past jsoncodec.MAX_DEPTH (only a payload that long has that many
+    brackets). What PostgreSQL alone refuses (a number beyond its numeric) is a 400 too
+    (queen_tw/db/pool.py)."""
     try:
         deque(map(orjson.loads, payloads), maxlen=0)
-        clean = True
+        suspects: Iterable[int] = ()
+        if any(_NUL_ESCAPE in blob for blob in blobs):
+            suspects = range(len(payloads))
+        else:
+            suspects = [index for index, payload in enumerate(payloads)
+                        if len(payload) > 2 * jsoncodec.MAX_DEPTH
+                        and payload.count(b"[") + payload.count(b"{") > jsoncodec.MAX_DEPTH]
     except orjson.JSONDecodeError:
-        clean = False
-    if clean and not nul_possible:
-        return
-    for index, payload in enumerate(payloads):
-        if not payload:
+        suspects = range(len(payloads))
+    for index in suspects:
+        if not payloads[index]:
             continue  # an empty payload is null
         try:
-            jsoncodec.loads(payload)
+            _check_payload(payloads[index])
         except (ValueError, UnicodeDecodeError) as err:
             raise InvalidRequest(f"Binary push item {index}: payload is not valid JSON: "
                                  f"{err}") from None
+
+
+def _check_payload(payload: bytes) -> None:
+    """Raises ValueError naming why PostgreSQL would not store ``payload`` as it is."""
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # Decoded strictly: json.loads(bytes) would read UTF-16 or skip a byte order mark,
+        # while PostgreSQL takes the bytes as sent.
+        jsoncodec.loads(payload.decode("utf-8"))
+    else:
+        jsoncodec.loads(payload)  # valid UTF-8 JSON: its NUL and depth checks
 
 
 def counts_answer(results: List[Dict[str, Any]]) -> Dict[str, Any]:
