@@ -57,6 +57,15 @@ def test_pops_without_partition_take_the_partitions_in_turn(engine):
     assert seen(engine.take("q", "a", "g", 100, True)) == list(range(5, 50))  # order kept
 
 
+def test_pops_naming_partitions_that_hold_nothing_keep_no_state(engine):
+    engine.declare("q", parse_options({"maxLength": 10}))
+    for n in range(100):
+        assert engine.take("q", f"nobody-{n}", "g", 1, False) == []
+    assert engine.queue("q").rings == {}
+    engine.push("q", "nobody-7", payloads("late"))  # the group's cursor starts at the head
+    assert seen(engine.take("q", "nobody-7", "g", 1, True)) == ["late"]
+
+
 def test_distinct_groups_each_see_every_message(engine):
     engine.take("q", None, "a", 1, False)  # both groups known before the push
     engine.take("q", None, "b", 1, False)

@@ -286,7 +286,8 @@ class EphemeralEngine:
             for ring in queue.rings.values():
                 ring.cursor(group)
         if partition is not None:
-            self._ring(queue, partition)
+            if partition not in queue.rings:  # a pop makes no ring: names cost memory
+                return []
             names: Iterable[str] = (partition,)
         else:
             names = _in_turn(sorted(queue.rings), queue.turns.get(group))
