@@ -105,6 +105,23 @@ def test_the_listing_shows_each_queue_once_from_any_instance(pair) -> None:
     assert listings[0] == listings[1]
 
 
+def test_the_listing_names_a_member_that_is_down_and_shows_the_rest(pair) -> None:
+    first, second = pair
+    mine, theirs = owned_by(pair, 0), owned_by(pair, 1)
+    for queue in (mine, theirs):
+        post(first.url, f"{EPH}/push", {"queue": queue, "messages": [{"payload": 1}]})
+    second.kill()
+
+    answer = httpx.get(f"{first.url}{EPH}/queues", timeout=30)
+
+    assert answer.status_code == 200, answer.text
+    listed = [row["queue"] for row in answer.json()["queues"]]  # (others' declared ones too)
+    assert mine in listed and theirs not in listed
+    assert answer.json()["unreachable"] == [second.url]
+    assert "unreachable" not in httpx.get(f"{first.url}{EPH}/queues", timeout=30,
+                                          headers={"x-queen-eph-fwd": "1"}).json()
+
+
 def test_a_relayed_request_is_never_relayed_again(pair) -> None:
     first, _ = pair
     queue = owned_by(pair, 1)

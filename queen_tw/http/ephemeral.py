@@ -242,14 +242,26 @@ class EphemeralRoutes:
         rows = [row for row in parts.engine.listing()
                 if parts.placement.owner(row["queue"]) is None]
         cell_bytes = parts.engine.bytes
+        unreachable: List[str] = []
         if not is_forwarded(request):  # the owners' rows, once, from the instance asked
-            for member in parts.placement.others():
-                theirs = await parts.relay.fetch(member, "/api/v1/ephemeral/queues", request)
+            members = parts.placement.others()
+            answers = await defer.DeferredList(
+                [defer.ensureDeferred(parts.relay.fetch(member, "/api/v1/ephemeral/queues",
+                                                        request)) for member in members],
+                consumeErrors=True)
+            for member, (fetched, theirs) in zip(members, answers, strict=True):
+                if not fetched:  # a member down: its queues are missing, the rest is listed
+                    log.warn("ephemeral listing without {member}: {error}", member=member,
+                             error=theirs.getErrorMessage())
+                    unreachable.append(member)
+                    continue
                 rows.extend(theirs["queues"])
                 cell_bytes += theirs["cellBytes"]
         rows.sort(key=lambda row: row["queue"])
-        return json_answer(request, 200, {"queues": rows, "count": len(rows),
-                                          "cellBytes": cell_bytes})
+        body = {"queues": rows, "count": len(rows), "cellBytes": cell_bytes}
+        if unreachable:
+            body["unreachable"] = unreachable
+        return json_answer(request, 200, body)
 
     @app.route("/api/v1/ephemeral/queues/<path:queue>/depth", methods=["GET"])
     def depth(self, request, queue):

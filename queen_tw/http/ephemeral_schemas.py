@@ -51,6 +51,7 @@ ACK_ANSWER = obj(["results"], results=array(obj(
 _DROPS = obj(["bounds", "ttl", "retry"], bounds=INTEGER, ttl=INTEGER, retry=INTEGER)
 _TIER: Schema = {"enum": ["declared", "implicit"]}
 QUEUES_ANSWER = obj(["queues", "count", "cellBytes"], count=INTEGER, cellBytes=INTEGER,
+                    unreachable=array(STRING),  # members that did not answer, when any
                     queues=array(obj(
                         ["queue", "tier", "depth", "bytes", "partitions", "groups", "drops",
                          "options"], queue=STRING, tier=_TIER, depth=INTEGER, bytes=INTEGER,
