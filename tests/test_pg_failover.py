@@ -68,7 +68,8 @@ def test_a_full_dsn_keeps_its_settings_and_gains_the_session_timeouts() -> None:
     parts = parse_dsn(config.dsn)
     assert (parts["host"], parts["port"], parts["dbname"]) == ("a,b", "1,2", "db")
     assert parts["application_name"] == "mine"
-    assert parts["options"] == "-c work_mem=8MB -c statement_timeout=30000 -c lock_timeout=10000"
+    assert parts["options"] == ("-c work_mem=8MB -c statement_timeout=30000 "
+                                "-c lock_timeout=10000 -c queen.worker=queen-tw-1")
     assert parts["target_session_attrs"] == "read-write"
     assert "secret" not in repr(config)
 
