@@ -8,6 +8,7 @@ without a server first.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import random
 import struct
@@ -323,9 +324,7 @@ CORRUPT = {
         *messages(2), (v7_id(), "bad", b"{'single': 1}")])), "not valid JSON"),
     "truncated": (lambda q: with_good_group(q, framed_group(q, "p", messages(3)))[:-40],
                   "truncated"),
-    # payloads orjson reads that PostgreSQL would refuse as sent (they used to be 500s)
-    "number beyond numeric": (lambda q: with_good_group(q, framed_group(q, "p", [
-        (v7_id(), "tiny", b'{"x": 1e-16384}')])), "value overflows numeric format"),
+    # payloads that JSON pushes refuse, or that PostgreSQL would refuse as sent (500s once)
     "byte order mark": (lambda q: with_good_group(q, framed_group(q, "p", [
         (v7_id(), "bom", b'\xef\xbb\xbf{"a": 1}')])), "not valid JSON"),
     "UTF-16 payload": (lambda q: with_good_group(q, framed_group(q, "p", [
@@ -350,6 +349,36 @@ def test_corrupt_body_answers_400_naming_the_fault_and_stores_nothing(http, db, 
     assert answer.status_code == 400, answer.text
     assert expected in answer.json()["error"]
     assert count_messages(db, queue) == 0
+
+
+def test_a_payload_postgresql_refuses_fails_its_partition_only(http, db):
+    """1e-16384 is JSON orjson reads (as 0.0), sent to PostgreSQL as written: beyond what
+    its numeric holds. The partition holding it answers failed (nothing of it stored, order
+    intact), the other partition of the request is stored; no 500."""
+    queue = unique_name()
+    body = framed_body([good_group(queue), framed_group(queue, "p", [
+        (v7_id(), "before", b"1"), (v7_id(), "tiny", b'{"x": 1e-16384}')])])
+    answer = post(http, body)
+    assert answer.status_code == 201, answer.text
+    statuses = [(item["transaction_id"], item["status"]) for item in answer.json()]
+    assert statuses == [("g0", "queued"), ("g1", "queued"), ("before", "failed"),
+                        ("tiny", "failed")]
+    assert "value overflows numeric format" in answer.json()[3]["error"]
+    assert count_messages(db, queue) == 2
+
+
+def test_a_refused_payload_fails_only_its_own_request_when_fused(http, db):
+    queue = unique_name()
+    bad = framed_body([framed_group(queue, "p", [(v7_id(), "tiny", b"1e-16384")])])
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(http.post, "/api/v1/push", json={"items": [
+            {"queue": queue, "partition": "p", "transactionId": f"ok{n}", "payload": n}]})
+            for n in range(6)]
+        refused = pool.submit(post, http, bad)
+        answers = [future.result() for future in goods]
+    assert [answer.json()[0]["status"] for answer in answers] == ["queued"] * 6
+    assert refused.result().json()[0]["status"] == "failed"
+    assert count_messages(db, queue) == 6
 
 
 def test_payloads_near_the_limits_are_stored_as_sent(http, db):

@@ -23,7 +23,13 @@ from queen_tw.db.pool import Database
 from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.popper import QUEUE_MODE, Delivery, PollTiming, Popper, PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
-from queen_tw.errors import DatabaseUnavailable, InvalidRequest, NotFound, Unavailable
+from queen_tw.errors import (
+    DatabaseUnavailable,
+    InvalidRequest,
+    NotFound,
+    RefusedByDatabase,
+    Unavailable,
+)
 from queen_tw.metrics.recorder import Recorder
 from queen_tw.services.retry import OutageLog
 
@@ -118,6 +124,30 @@ def random_uuid4s(count: int) -> List[str]:
     text = raw.hex()
     return [f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
             for h in (text[n:n + 32] for n in range(0, 32 * count, 32))]
+
+
+def _partition_key(item: Dict[str, Any]) -> Tuple[str, str]:
+    return item["queue"], item.get("partition", "Default")
+
+
+def _smaller_calls(items: List[Dict[str, Any]], jobs_of: List[int]
+                   ) -> Optional[List[List[int]]]:
+    """The positions of ``items`` split per partition, or, when they are all of one, per
+    request (``jobs_of``); None for one request's items of one partition."""
+    for key in (lambda p: _partition_key(items[p]), jobs_of.__getitem__):
+        groups: Dict[Any, List[int]] = {}
+        for position in range(len(items)):
+            groups.setdefault(key(position), []).append(position)
+        if len(groups) > 1:
+            return list(groups.values())
+    return None
+
+
+def _refused(item: Dict[str, Any], error: str) -> Dict[str, Any]:
+    """The answer of an item PostgreSQL refused to store (nothing of its call was)."""
+    return {"index": 0, "status": "failed", "queue": item["queue"],
+            "partition": item.get("partition", "Default"),
+            "transaction_id": item.get("transactionId"), "error": error}
 
 
 def _first_error(failure):
@@ -251,12 +281,13 @@ class QueueEngine:
         order: items of one partition always share a call, so their array order holds.
         """
         flat = [item for job in jobs for item in job]
+        job_of = [number for number, job in enumerate(jobs) for _ in job]
         shards: Dict[int, List[int]] = defaultdict(list)
         for position, item in enumerate(flat):
-            key = (item["queue"], item.get("partition", "Default"))
-            shards[hash(key) % self._push_shards].append(position)
+            shards[hash(_partition_key(item)) % self._push_shards].append(position)
         outcomes = await defer.gatherResults(
-            [defer.ensureDeferred(self._push_call([flat[p] for p in positions]))
+            [defer.ensureDeferred(self._push_shard([flat[p] for p in positions],
+                                                   [job_of[p] for p in positions]))
              for positions in shards.values()], consumeErrors=True).addErrback(_first_error)
         answers: List[Any] = [None] * len(flat)
         for positions, stored in zip(shards.values(), outcomes, strict=True):
@@ -270,6 +301,27 @@ class QueueEngine:
             results.append(mine)
             start += len(job)
         return results
+
+    async def _push_shard(self, items: List[Dict[str, Any]], jobs_of: List[int]
+                          ) -> List[Dict[str, Any]]:
+        """One ``push_store`` call. When PostgreSQL refuses data in it (a binary push's
+        payload it cannot store as sent: RefusedByDatabase), nothing of it was stored; the
+        items go again in smaller calls, one after the other (per partition, then per request
+        within one partition, so order holds), and only the items of the request and
+        partition holding the refused data answer ``failed``."""
+        try:
+            return await self._push_call(items)
+        except RefusedByDatabase as err:
+            parts = _smaller_calls(items, jobs_of)
+            if parts is None:
+                return [_refused(item, str(err)) for item in items]
+            answers: List[Dict[str, Any]] = [{}] * len(items)
+            for positions in parts:
+                stored = await self._push_shard([items[p] for p in positions],
+                                                [jobs_of[p] for p in positions])
+                for position, answer in zip(positions, stored, strict=True):
+                    answers[position] = answer
+            return answers
 
     async def _push_call(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         answer = await self._db.call("push_store", items)
