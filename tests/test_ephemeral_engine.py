@@ -266,6 +266,19 @@ def test_window_answers_after_its_ms(engine, clock):
     assert seen(answer.result) == [1, 2]
 
 
+def test_a_reset_while_a_window_holds_leased_messages_takes_them_out(engine, clock):
+    engine.declare("q", parse_options({"windowBuffer": {"ms": 500}}))
+    polls = LongPolls(engine)
+    answer = polls.pop("q", None, Q, 10, False, True, 30_000)
+    engine.push("q", "p", payloads(1))
+    engine.reset("q")  # the held message is gone, its lease void
+    engine.push("q", "p", payloads(2))
+    clock.advance(0.5)
+    (kept,) = answer.result
+    assert seen([kept]) == [2]
+    assert engine.ack("q", Q, [(kept.id, "completed")]) == [(kept.id, "acked")]
+
+
 def test_window_never_outlasts_the_pop_timeout(engine, clock):
     engine.declare("q", parse_options({"windowBuffer": {"ms": 60_000}}))
     polls = LongPolls(engine)

@@ -400,6 +400,22 @@ class EphemeralEngine:
         ring.redeliver(cursor, sequence)
         return True
 
+    def still_leased(self, name: str, group: str, deliveries: List[Delivery]
+                     ) -> List[Delivery]:
+        """The leased ``deliveries`` whose lease still holds: a reset, delete, ``dropOldest``
+        or TTL drop ended the others while a window held them, and their messages are gone."""
+        queue = self.queues.get(name)
+        if queue is None:
+            return []
+        kept = []
+        for delivery in deliveries:
+            parsed = parse_id(delivery.id)
+            ring = queue.rings.get(delivery.partition)
+            cursor = ring.cursors.get(group) if ring is not None else None
+            if parsed is not None and cursor is not None and parsed[2] in cursor.leased:
+                kept.append(delivery)
+        return kept
+
     def give_back_unseen(self, name: str, group: str, deliveries: List[Delivery]) -> None:
         """Deliveries that never reached their client (it went away while its pop waited):
         their leases end now and they come back without counting an attempt. Committed

@@ -125,6 +125,9 @@ class LongPolls:
     def _finish(self, parked: _Parked) -> None:
         self._forget(parked)
         if not parked.deferred.called:
+            if not parked.auto_ack:  # a reset, delete or drop meanwhile voided some leases
+                parked.held = self._engine.still_leased(parked.queue, parked.group,
+                                                        parked.held)
             parked.deferred.callback(parked.held)
 
     def _abandon(self, parked: _Parked) -> None:
