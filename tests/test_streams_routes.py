@@ -381,6 +381,76 @@ def test_an_ack_of_an_unknown_message_applies_nothing(
 # -- bad input -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("release_lease, lease", [(False, True), (True, False)])
+def test_a_cycle_sent_again_after_it_committed_applies_nothing(
+        http: httpx.Client, db: psycopg2.extensions.connection, release_lease: bool,
+        lease: bool):
+    """The SDK resends a cycle whose answer it lost: the resend must not push or ack twice
+    (with the lease kept, or without a leaseId to fence it)."""
+    stream = _Stream(http, messages=3)
+    messages = stream.pop(http)
+    partition = messages[0]["partitionId"]
+    ack = _ack_of(messages[:1])
+    if not lease:
+        del ack["leaseId"]
+    body = dict(release_lease=release_lease, ack=ack,
+                push_items=[{"queue": stream.sink, "payload": {"v": 1}}])
+    assert _cycle(http, stream.query_id, partition, stream.group, **body)["success"] is True
+    before = _group_row(db, partition, stream.group)
+
+    again = _cycle(http, stream.query_id, partition, stream.group, **body)
+
+    assert again["success"] is False and "acknowledged already" in again["error"]
+    assert _sink_payloads(http, stream.sink) == [{"v": 1}]
+    assert _group_row(db, partition, stream.group) == before
+
+
+def test_a_cycle_acking_a_message_its_lease_did_not_deliver_applies_nothing(
+        http: httpx.Client, db: psycopg2.extensions.connection):
+    stream = _Stream(http, messages=5)
+    messages = stream.pop(http, batch=2)
+    partition = messages[0]["partitionId"]
+    before = _group_row(db, partition, stream.group)
+    answer = _cycle(http, stream.query_id, partition, stream.group, ack={
+        "transactionId": "t4", "leaseId": messages[0]["leaseId"], "status": "completed",
+        "count": 2})
+    assert answer["success"] is False and "did not deliver" in answer["error"]
+    assert _group_row(db, partition, stream.group) == before
+    expire_leases(db, stream.source)
+    assert [m["transactionId"] for m in stream.pop(http)] == ["t0", "t1", "t2", "t3", "t4"]
+
+
+def test_total_consumed_counts_the_messages_the_cursor_moved_over(
+        http: httpx.Client, db: psycopg2.extensions.connection):
+    stream = _Stream(http, messages=3)
+    messages = stream.pop(http)
+    partition = messages[0]["partitionId"]
+    answer = _cycle(http, stream.query_id, partition, stream.group,
+                    ack=_ack_of(messages, count=1000))
+    assert answer["success"] is True
+    assert _group_row(db, partition, stream.group)[2] == 3
+
+
+def test_an_ack_counting_the_whole_delivery_settles_it_whichever_message_it_names(
+        http: httpx.Client, db: psycopg2.extensions.connection):
+    """The SDKs order a batch by (createdAt to the millisecond, id) and name its last
+    message; ids a 2.6.0 client mints for one binary push share their millisecond, so that
+    message may sit anywhere in the delivery. Naming the count of all of it settles all."""
+    stream = _Stream(http, messages=4)
+    messages = stream.pop(http)
+    partition = messages[0]["partitionId"]
+    answer = _cycle(http, stream.query_id, partition, stream.group,
+                    ack={**_ack_of(messages), "transactionId": messages[1]["transactionId"]})
+    assert answer["success"] is True and answer["ack_result"]["lease_released"] is True
+    assert _group_row(db, partition, stream.group)[:2] == (messages[-1]["id"], None)
+    assert stream.pop(http) is None  # nothing comes back
+    partial = _Stream(http, messages=4)  # a count short of the delivery acks what it names
+    got = partial.pop(http)
+    _cycle(http, partial.query_id, got[0]["partitionId"], partial.group,
+           ack={**_ack_of(got[:2]), "transactionId": got[1]["transactionId"]})
+    assert [m["transactionId"] for m in partial.pop(http)] == ["t2", "t3"]
+
+
 def test_unknown_query_id_is_404_for_cycle_and_state_get(http: httpx.Client):
     unknown, partition = str(uuid.uuid4()), str(uuid.uuid4())
     cycle = http.post("/streams/v1/cycle", json={

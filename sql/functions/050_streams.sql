@@ -92,6 +92,55 @@ $$;
 -- server expands it into the WIRE push_results and wakes the sink partitions it names) and
 -- source ({queue, partition, leaseReleased}: a released lease wakes the source's pops); or,
 -- after a rollback, {success: false, error, ...} with nothing applied.
+-- The transactionId a cycle's ack settles, given the group's row as the ack finds it (p_pc,
+-- locked by the caller; NULL fields when the group has none). Raises, so that nothing of the cycle is applied, when the named message is
+-- already behind the cursor (the same cycle sent again after its answer was lost) or, under
+-- the live lease, beyond what that lease delivered. A completed ack whose count covers every
+-- message still unacknowledged in the delivery settles the whole delivery, whichever of its
+-- messages it names: the SDKs name the last message in their own order (createdAt to the
+-- millisecond, then id), which for ids a client minted within one millisecond (a 2.6.0
+-- binary push) is not the delivery's order.
+CREATE OR REPLACE FUNCTION queen.stream_ack_target(p_ack jsonb, p_partition uuid,
+                                                   p_lease uuid, p_status text,
+                                                   p_count integer,
+                                                   p_pc queen.partition_consumers)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_txid    text := p_ack->>'transactionId';
+    v_named   record;
+    v_pending integer;
+BEGIN
+    SELECT m.id, m.created_at INTO v_named FROM queen.messages m
+     WHERE m.partition_id = p_partition AND m.transaction_id = v_txid;
+    IF p_pc.partition_id IS NULL OR v_named.id IS NULL THEN
+        RETURN v_txid;  -- ack_core answers for these
+    END IF;
+    IF (v_named.created_at, v_named.id) <= (p_pc.cursor_created_at, p_pc.cursor_id) THEN
+        RAISE EXCEPTION 'ack of % failed: it was acknowledged already; nothing was applied',
+                        v_txid;
+    END IF;
+    IF p_pc.lease_id IS NULL OR p_pc.lease_expires_at <= now() OR p_lease <> p_pc.lease_id THEN
+        RETURN v_txid;  -- no live delivery this ack belongs to: ack_core's checks decide
+    END IF;
+    IF (v_named.created_at, v_named.id) > (p_pc.lease_last_created_at, p_pc.lease_last_id) THEN
+        RAISE EXCEPTION 'ack of % failed: the lease did not deliver it; nothing was applied',
+                        v_txid;
+    END IF;
+    IF p_status IN ('completed', 'success') THEN
+        SELECT count(*) INTO v_pending FROM queen.messages m
+         WHERE m.partition_id = p_partition
+           AND (m.created_at, m.id) > (p_pc.cursor_created_at, p_pc.cursor_id)
+           AND (m.created_at, m.id) <= (p_pc.lease_last_created_at, p_pc.lease_last_id);
+        IF p_count >= v_pending THEN
+            SELECT m.transaction_id INTO v_txid FROM queen.messages m
+             WHERE m.id = p_pc.lease_last_id;
+        END IF;
+    END IF;
+    RETURN v_txid;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queen.streams_cycle(p jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -112,6 +161,9 @@ DECLARE
     v_refused   integer;
     v_ack_out   jsonb := 'null'::jsonb;
     v_source    jsonb := 'null'::jsonb;
+    v_pc        queen.partition_consumers%ROWTYPE;  -- the group's row before the ack
+    v_txid      text;     -- the message acked
+    v_moved     integer;  -- messages the cursor moved over
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM queen_streams.queries WHERE id = v_query_id) THEN
         RETURN jsonb_build_object('found', false);
@@ -134,8 +186,12 @@ BEGIN
                                 'another consumer; nothing was applied',
                                 v_lease, v_partition, v_group;
             END IF;
+            SELECT * INTO v_pc FROM queen.partition_consumers
+             WHERE partition_id = v_partition AND consumer_group = v_group FOR UPDATE;
+            v_txid := queen.stream_ack_target(v_ack, v_partition, v_lease, v_status, v_count,
+                                              v_pc);
             v_acked := queen.ack_messages(jsonb_build_array(jsonb_build_object(
-                'transactionId', v_ack->>'transactionId', 'partitionId', v_partition,
+                'transactionId', v_txid, 'partitionId', v_partition,
                 'consumerGroup', v_group, 'leaseId', v_lease,
                 'status', CASE WHEN v_status IN ('failed', 'dlq') THEN 'dlq' ELSE 'completed' END,
                 'error', coalesce(nullif(v_ack->>'error', ''), 'Stream cycle reported failure'))))
@@ -145,20 +201,27 @@ BEGIN
                                 v_ack->>'transactionId', v_acked->>'error';
             END IF;
             v_released := coalesce((v_acked->>'leaseReleased')::boolean, false);
-            -- ack_core counted one consumed message; the cycle handled count of them. The
-            -- lease ends here unless the caller keeps it for the unacknowledged tail (only a
-            -- lease the ack named: without one there is no telling whose lease is held).
-            SELECT pc.lease_id = v_lease INTO v_drop FROM queen.partition_consumers pc
+            -- ack_core counted one consumed message (none for a dead letter); the cursor moved
+            -- over v_moved. The lease ends here unless the caller keeps it for the
+            -- unacknowledged tail (only a lease the ack named: without one there is no
+            -- telling whose lease is held).
+            SELECT pc.lease_id = v_lease,
+                   (SELECT count(*) FROM queen.messages m
+                     WHERE m.partition_id = v_partition
+                       AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
+                       AND (m.created_at, m.id) <= (pc.cursor_created_at, pc.cursor_id))
+              INTO v_drop, v_moved
+              FROM queen.partition_consumers pc
              WHERE pc.partition_id = v_partition AND pc.consumer_group = v_group;
             v_drop := v_release AND coalesce(v_drop, false);
             UPDATE queen.partition_consumers
-               SET total_consumed = total_consumed + greatest(v_count - 1, 0),
+               SET total_consumed = total_consumed + greatest(v_moved - 1, 0),
                    lease_id = CASE WHEN v_drop THEN NULL ELSE lease_id END,
                    lease_expires_at = CASE WHEN v_drop THEN NULL ELSE lease_expires_at END,
                    retry_count = CASE WHEN v_drop THEN 0 ELSE retry_count END,
                    batches_consumed = batches_consumed + CASE WHEN v_drop THEN 1 ELSE 0 END
              WHERE partition_id = v_partition AND consumer_group = v_group
-               AND (v_count > 1 OR v_drop);
+               AND (v_moved > 1 OR v_drop);
             IF v_drop THEN
                 v_released := true;
                 IF current_setting('queen.wakeup', true) = 'on' THEN
