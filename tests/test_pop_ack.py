@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Dict, List
 
 import httpx
+import pytest
 
 from queen_tw.engine.queue_engine import expand_ack_answer
 
@@ -346,6 +347,37 @@ def test_dlq_status_ack_moves_the_message_to_the_dlq_at_once(http):
     assert [e["data"] for e in dlq["messages"]] == ["poison"]
     assert "unparseable" in dlq["messages"][0]["errorMessage"]
     assert [m["data"] for m in pop(http, queue)["messages"]] == ["fine"]
+
+
+@pytest.mark.parametrize("first", ["failed", "retry"])
+def test_a_dlq_ack_after_a_failure_in_one_request_never_skips_the_failed_message(http, first):
+    queue = unique_name()
+    configure(http, queue, retryLimit=3, retryDelay=0)
+    push(http, queue, ["a", "b", "c"])
+    m = pop(http, queue, batch=3)["messages"]
+    answer = http.post("/api/v1/ack/batch", json={"acknowledgments": [
+        {"transactionId": m[0]["transactionId"], "partitionId": m[0]["partitionId"],
+         "leaseId": m[0]["leaseId"], "status": first, "error": "boom"},
+        {"transactionId": m[1]["transactionId"], "partitionId": m[1]["partitionId"],
+         "leaseId": m[1]["leaseId"], "status": "dlq", "error": "poison"}]})
+    assert answer.status_code == 200, answer.text
+    again = pop(http, queue, batch=10)
+    assert [x["data"] for x in again["messages"]] == ["a", "b", "c"]  # all back, in order
+    assert dead_letters(http, queue)["messages"] == []
+
+
+def test_an_ack_of_a_message_its_lease_did_not_deliver_is_refused(http):
+    queue = unique_name()
+    push(http, queue, ["a", "b", "c", "d"])
+    m = pop(http, queue, batch=2)["messages"]
+    later = pop(http, queue, batch=10, consumerGroup="peek")["messages"][3]  # never leased
+    answer = http.post("/api/v1/ack", json={
+        "transactionId": later["transactionId"], "partitionId": later["partitionId"],
+        "leaseId": m[0]["leaseId"], "status": "completed"})
+    assert answer.json()[0]["success"] is False
+    assert answer.json()[0]["error"] == "Message was not delivered under this lease"
+    ack(http, m[1])
+    assert [x["data"] for x in pop(http, queue, batch=10)["messages"]] == ["c", "d"]
 
 
 def test_dlq_lists_only_the_asked_queue(http):

@@ -183,6 +183,12 @@ BEGIN
                 -- (against the lease as the request found it: its own first failure, which
                 -- ends the delivery, must not fail the request's other items)
                 v_error := 'Invalid or expired lease';
+            ELSIF v_it.lease_id IS NOT NULL
+                  AND (v_it.created_at, v_it.message_id)
+                      > (v_pc.lease_last_created_at, v_pc.lease_last_id) THEN
+                -- its lease never handed it out: moving the cursor there would skip what lies
+                -- between
+                v_error := 'Message was not delivered under this lease';
             ELSIF (v_it.created_at, v_it.message_id) <= (v_cursor_at, v_cursor_id) THEN
                 NULL;  -- already consumed: a harmless repeat
             ELSIF v_it.status IN ('completed', 'success') THEN
@@ -197,7 +203,9 @@ BEGIN
                     v_pc.lease_id := NULL;
                 END IF;
             ELSIF v_it.status = 'dlq' THEN
-                v_dlq := true;
+                -- after a failure to be retried, ignored like a completion: moving the cursor
+                -- past the dead letter would skip the failed message
+                v_dlq := v_failure IS DISTINCT FROM 'retry';
             ELSIF v_failure = 'exhausted' THEN
                 v_dlq := true;
             ELSIF v_failure IS NULL AND v_pc.lease_id IS NOT NULL THEN
