@@ -10,6 +10,7 @@ wake-up, not by the timer, and no test asserts how long anything took.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import List, Optional
@@ -558,3 +559,43 @@ def test_a_client_that_disconnects_leaves_no_waiter_and_takes_no_lease(client, s
     delivery = wait_until(lambda: pop(client, queue),
                           message="the message free for the next consumer")
     assert delivery["messages"][0]["data"] == "for-whoever-is-here"
+
+
+def _pop_and_leave_while_the_sql_runs(port: int, target: str, db) -> None:
+    """Sends a pop on a raw socket and closes it while the pop's SQL waits for a table lock
+    this test holds; the SQL then completes for a client that is gone."""
+    with db.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute("LOCK TABLE queen.messages IN ACCESS EXCLUSIVE MODE")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            wait_until(lambda: asleep_on_lock(db), message="the pop waiting for the lock")
+        time.sleep(0.3)  # the close reaches the server
+        cursor.execute("ROLLBACK")
+
+
+def asleep_on_lock(db) -> bool:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                       " AND pid <> pg_backend_pid() AND query LIKE '%pop%'")
+        return bool(cursor.fetchone()[0])
+
+
+@pytest.mark.parametrize("route", [
+    "/api/v1/pop/queue/{q}?batch=10&wait=false",  # the hot shortcut
+    "/api/v1/pop/queue/{q}/partition/%44efault?batch=10&wait=false",  # the composed routes
+    "/api/v1/pop?namespace=ns-{q}&batch=10&wait=false",
+])
+def test_a_pop_whose_client_left_during_its_sql_gives_its_messages_back(server, http, db,
+                                                                       route):
+    queue = unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "namespace": f"ns-{queue}"})
+    push(http, queue, [0, 1, 2])
+    with db.cursor() as cursor:  # the lock below must not wait for another test's session
+        cursor.execute("SET lock_timeout = '5s'")
+
+    _pop_and_leave_while_the_sql_runs(server.port, route.format(q=queue), db)
+
+    delivery = wait_until(lambda: pop(http, queue, batch=10),
+                          message="the messages free for the next consumer")
+    assert [m["data"] for m in delivery["messages"]] == [0, 1, 2]

@@ -6,9 +6,12 @@ the auth gate admitted the request with (:func:`~queen_tw.http.auth_gate.produce
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from queen_tw.engine.autopilot import AUTOPILOT_BATCH
 from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
@@ -16,6 +19,8 @@ from queen_tw.errors import InvalidRequest
 from queen_tw.http import binary_push, parsing, query
 from queen_tw.http.answers import answering_errors, json_answer, no_content
 from queen_tw.http.auth_gate import producer_sub
+
+log = Logger()
 
 MAX_POP_BATCH = 10_000
 SUBSCRIPTION_MODES = frozenset({"all", "new", "new-only", "from_beginning"})
@@ -84,7 +89,13 @@ class MessagingRoutes:
             self._pop_request(request, None, None),
             namespace=namespace or None, task=task or None))
 
-    async def _pop(self, request, wanted: PopRequest):
+    def _pop(self, request, wanted: PopRequest) -> defer.Deferred:
+        # Klein cancels a route's Deferred when its client leaves; a cancel reaching the pop
+        # would drop a delivery its SQL still makes (leased to nobody until expiry). The pop
+        # watches ``gone`` instead and gives back what it took.
+        return _shielded(defer.ensureDeferred(self._pop_answer(request, wanted)))
+
+    async def _pop_answer(self, request, wanted: PopRequest) -> bytes:
         gone = request.notifyFinish()
         gone.addErrback(lambda _: None)  # a client that left is not an error
         delivery = await self._engine.pop(wanted, gone)
@@ -177,3 +188,20 @@ class MessagingRoutes:
             "leaseId": lease_id, "success": True, "renewed": renewal["renewed"],
             "leaseExpiresAt": expires, "newExpiresAt": expires, "expiresAt": expires,
             "lease_expires_at": expires})
+
+
+def _shielded(work: defer.Deferred) -> defer.Deferred:
+    """``work``'s outcome, in a Deferred whose cancellation does not reach ``work``."""
+    shield: defer.Deferred = defer.Deferred()
+
+    def passed(outcome: Any) -> None:
+        if not shield.called:
+            if isinstance(outcome, Failure):
+                shield.errback(outcome)
+            else:
+                shield.callback(outcome)
+        elif isinstance(outcome, Failure):  # the client left before it failed
+            log.failure("pop failed after its client left", outcome)
+
+    work.addBoth(passed)
+    return shield
