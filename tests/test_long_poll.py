@@ -577,7 +577,7 @@ def _pop_and_leave_while_the_sql_runs(port: int, target: str, db) -> None:
 def asleep_on_lock(db) -> bool:
     with db.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                       " AND pid <> pg_backend_pid() AND query LIKE '%pop%'")
+                       " AND pid <> pg_backend_pid() AND query LIKE '%queen.%'")
         return bool(cursor.fetchone()[0])
 
 
