@@ -555,6 +555,7 @@ def test_a_request_trickling_past_the_read_timeout_is_408_and_closed(make_server
     for answer in (in_body, in_headers):
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"did not arrive in time" in answer
+        assert b"Access-Control-Allow-Origin: *" in answer and b"X-Request-Id: " in answer
     assert time.monotonic() - started < 10
     assert count_messages(db, queue) == 0
     with httpx.Client(base_url=slow.url, timeout=20) as client:  # a long poll is not cut
@@ -563,6 +564,49 @@ def test_a_request_trickling_past_the_read_timeout_is_408_and_closed(make_server
         assert popped.status_code == 204
         assert client.post("/api/v1/push", content=body,
                            headers={"Content-Type": "application/json"}).status_code == 201
+
+
+def _raw_answer(port: int, request: bytes) -> bytes:
+    """Everything the server sends back to ``request`` before it closes the connection."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", b"400"),
+    (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+     b"Content-Length: 3\r\n\r\n{}", b"400"),
+    (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"zz\r\n", b"400"),
+    (b"GET /api/v1/resources/queues?x=" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+     b"414"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n", b"431"),
+], ids=["malformed header", "two lengths", "bad chunk size", "long request line",
+        "long header"])
+def test_requests_twisted_cannot_parse_get_a_json_error_with_cors(server, request_bytes,
+                                                                  status):
+    answer = _raw_answer(server.port, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    assert b"Access-Control-Allow-Origin: *" in head and b"X-Request-Id: " in head
+    assert json.loads(body)["error"]
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_invited(make_server):
+    small = make_server(QUEEN_MAX_BODY_BYTES="1000")
+    answer = _raw_answer(small.port, b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 5000000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"100 Continue" not in answer
+    assert b"larger than 1000 bytes" in answer
 
 
 # -- every error is JSON, every answer has CORS -----------------------------------------

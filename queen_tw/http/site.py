@@ -41,6 +41,7 @@ ACCESS_FORMAT = ('{peer} "{method} {path}" {status} {bytes}B {durationMs}ms '
 """The access line's text: rendered only by an observer that writes it (lazy)."""
 
 access_log = Logger(namespace="queen_tw.access")
+log = Logger()
 
 _ACCEPTABLE_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 """A client's ``X-Request-Id`` is kept when it is 1 to 128 visible ASCII characters."""
@@ -178,10 +179,6 @@ class QueenRequest(Request):
         self.finish()
 
 
-_TOO_SLOW = json.dumps({"error": "Request Timeout: the request did not arrive in time"}
-                       ).encode()
-
-
 class _DeadlineChannel(HTTPChannel):
     """An HTTP channel that gives each request ``site.read_timeout`` seconds from its first
     byte to arrive whole (headers and body), then answers 408 and closes the connection.
@@ -215,13 +212,51 @@ class _DeadlineChannel(HTTPChannel):
                 self._read_timer.cancel()
             self._read_timer = None
 
+    def allHeadersReceived(self) -> None:
+        # A declared body over the limit is refused before it is read (and before Twisted
+        # invites it with "100 Continue"); chunked bodies are counted as they come.
+        # The request answers its 413 at once (id echoed, access line written), and the
+        # connection closes after it rather than read what follows as a next request.
+        limit = getattr(getattr(self.site, "requestFactory", None), "max_body_bytes", None)
+        if limit is not None and self.length is not None and self.length > limit:
+            self.persistent = False
+            self.requests[-1].gotLength(self.length)
+            self.length = 0  # no body is read: Twisted hands the request over right away
+            return
+        super().allHeadersReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to what it cannot parse (a malformed header, conflicting lengths,
+        # a bad chunk size, too many headers) is a bare status line.
+        self._answer_and_close(b"400 Bad Request", "Malformed HTTP request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if getattr(self, "_HTTPChannel__first_line", 0):  # Twisted's own state, name-mangled
+            self._answer_and_close(b"414 URI Too Long", "The request line is longer than "
+                                   f"{self.MAX_LENGTH} bytes")
+        else:
+            self._answer_and_close(b"431 Request Header Fields Too Large",
+                                   f"A header line is longer than {self.MAX_LENGTH} bytes")
+
     def _too_slow(self) -> None:
         self._read_timer = None
+        self._answer_and_close(b"408 Request Timeout",
+                               "Request Timeout: the request did not arrive in time")
+
+    def _answer_and_close(self, status: bytes, error: str) -> None:
+        """An answer from the channel itself, for a request no route will see: a JSON error
+        with CORS headers and a request id, like every answer; then the connection closes."""
+        self._stop_read_timer()
         if self.transport is None:
             return
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json"
-                             b"\r\nConnection: close\r\nContent-Length: "
-                             + str(len(_TOO_SLOW)).encode() + b"\r\n\r\n" + _TOO_SLOW)
+        body = json.dumps({"error": error}).encode()
+        head = [b"HTTP/1.1 " + status, b"Content-Type: application/json",
+                b"Connection: close", b"Content-Length: %d" % len(body),
+                REQUEST_ID_HEADER + b": " + _ids.next().encode("ascii"),
+                *(name + b": " + value for name, value in CORS_HEADERS.items())]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        log.debug("answered {status} from the connection itself: {error}",
+                  status=status.decode(), error=error)
         self.loseConnection()
 
 
