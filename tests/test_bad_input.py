@@ -437,6 +437,8 @@ def test_head_on_a_pop_route_is_405_and_hands_nothing_out(http, path, auto_ack):
 
     assert answer.status_code == 405, answer.status_code
     assert answer.headers["Allow"] == "GET"
+    other = http.post(url)  # another method's 405 lists only what is answered
+    assert (other.status_code, other.headers["Allow"]) == (405, "GET")
     popped = http.get(f"/api/v1/pop/queue/{queue}", params={"batch": 10, "wait": "false"})
     assert [m["data"] for m in popped.json()["messages"]] == [0, 1, 2]
 

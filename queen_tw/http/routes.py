@@ -81,11 +81,15 @@ class Routes(Resource):
             return json_answer(request, 400, {"error": "A name in the path must not contain '/'"})
         path = "/" + "/".join(segments)
         method = request.method.decode("latin-1")
+        urls = self._map.bind("localhost", path_info=path, default_method=method)
         try:
-            rule, _ = self._map.bind("localhost", path_info=path,
-                                     default_method=method).match(return_rule=True)
+            rule, _ = urls.match(return_rule=True)
         except MethodNotAllowed as err:
-            return method_not_allowed(request, set(err.valid_methods or ()))
+            allowed = set(err.valid_methods or ())
+            if "GET" in allowed and urls.match(method="GET", return_rule=True)[0].rule \
+                    in CONSUMING_GETS:
+                allowed.discard("HEAD")  # answered 405 below: it would pop for nobody
+            return method_not_allowed(request, allowed)
         except (NotFound, RequestRedirect):
             return not_found(request)  # a redirect would only merge slashes: no route has this path
         if method == "HEAD" and rule.rule in CONSUMING_GETS:
