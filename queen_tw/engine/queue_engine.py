@@ -589,16 +589,11 @@ class QueueEngine:
         self._waiters.notify(queue, None)
         return outcome
 
-    def announce_available(self, queue: str, partition: Optional[str]) -> int:
-        """``POST /internal/api/notify``: wakes the pops parked on ``queue`` (``partition``,
-        or any of its partitions when None) everywhere (:meth:`wake_everywhere`); returns
-        how many local pops that concerned."""
-        return self.wake_everywhere([(queue, partition)])
-
     def wake_everywhere(self, keys: Iterable[Tuple[str, Optional[str]]]) -> int:
         """Wakes the pops parked on these (queue, partition)s (None: any partition of the
         queue) here, in the sibling workers and on the peers, for changes no SQL function
-        announces (an admin action moved a cursor back, ended a lease, queued a copy).
+        announces (an admin action moved a cursor back, ended a lease, queued a copy;
+        ``POST /internal/api/notify``).
         Returns how many local pops that concerned."""
         keys = list(dict.fromkeys(keys))
         woken = sum(self._waiters.notify(queue, partition) for queue, partition in keys)

@@ -76,6 +76,18 @@ def _oldest_first(queue: EphemeralQueue, pushed_to: Ring) -> Iterator[Ring]:
         yield others[n]
 
 
+def _held_by(queue: EphemeralQueue, group: str, delivery: Delivery
+             ) -> Optional[Tuple[Ring, Cursor, int]]:
+    """The ring, the group's cursor and the sequence a delivery of ``queue`` names (None
+    when its id is not one of ours or its ring or cursor is gone)."""
+    parsed = parse_id(delivery.id)
+    ring = queue.rings.get(delivery.partition)
+    cursor = ring.cursors.get(group) if ring is not None else None
+    if parsed is None or ring is None or cursor is None:
+        return None
+    return ring, cursor, parsed[2]
+
+
 def _in_turn(names: List[str], last: Optional[str]) -> List[str]:
     """``names`` (sorted) rotated to start after ``last``."""
     start = bisect.bisect_right(names, last) if last is not None else 0
@@ -409,10 +421,8 @@ class EphemeralEngine:
             return []
         kept = []
         for delivery in deliveries:
-            parsed = parse_id(delivery.id)
-            ring = queue.rings.get(delivery.partition)
-            cursor = ring.cursors.get(group) if ring is not None else None
-            if parsed is not None and cursor is not None and parsed[2] in cursor.leased:
+            held = _held_by(queue, group, delivery)
+            if held is not None and held[2] in held[1].leased:
                 kept.append(delivery)
         return kept
 
@@ -425,12 +435,10 @@ class EphemeralEngine:
             return
         returned = False
         for delivery in deliveries:
-            parsed = parse_id(delivery.id)
-            ring = queue.rings.get(delivery.partition)
-            cursor = ring.cursors.get(group) if ring is not None else None
-            if parsed is None or ring is None or cursor is None:
+            held = _held_by(queue, group, delivery)
+            if held is None:
                 continue
-            sequence = parsed[2]
+            ring, cursor, sequence = held
             if cursor.leased.pop(sequence, None) is None:
                 continue
             cursor.attempts[sequence] = cursor.attempts.get(sequence, 1) - 1

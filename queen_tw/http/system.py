@@ -129,8 +129,8 @@ class SystemRoutes:
         if not queue:
             raise InvalidRequest("queue is required")
         partition = parsing.optional_text(body, "partition") or None
-        self._engine.announce_available(parsing.check_name(queue, "queue"),
-                                        partition and parsing.check_name(partition, "partition"))
+        self._engine.wake_everywhere([(parsing.check_name(queue, "queue"),
+                                       partition and parsing.check_name(partition, "partition"))])
         return json_answer(request, 200, {"status": "ok"})
 
     @app.route("/api/v1/system/shared-state", methods=["GET"])
