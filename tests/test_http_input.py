@@ -5,6 +5,7 @@ point 8). Values the official clients send keep working.
 
 from __future__ import annotations
 
+import gzip
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -259,3 +260,26 @@ def test_delete_consumer_group_with_unusable_delete_metadata_answers_400(http):
 ])
 def test_usable_listing_parameters_keep_working(http, path, params):
     assert http.get(path, params=params).status_code == 200
+
+
+# -- bodies in a content coding the server does not read ----------------------------------
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate, gzip", "br"])
+def test_a_compressed_body_answers_415_naming_the_coding_and_stores_nothing(http, db, coding):
+    queue = unique_name()
+    body = gzip.compress(push_body(queue, '{"n": 1}').encode())
+    answer = http.post("/api/v1/push", content=body,
+                       headers={"Content-Type": "application/json", "Content-Encoding": coding})
+    assert_json_error(answer, 415)
+    assert coding.split(",")[0] in answer.json()["error"]
+    assert count_messages(db, queue) == 0
+
+
+def test_identity_content_coding_is_read_as_usual(http, db):
+    queue = unique_name()
+    answer = http.post("/api/v1/push", content=push_body(queue, '{"n": 1}').encode(),
+                       headers={"Content-Type": "application/json",
+                                "Content-Encoding": "identity"})
+    assert answer.status_code == 201, answer.text
+    assert count_messages(db, queue) == 1

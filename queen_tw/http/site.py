@@ -90,6 +90,15 @@ class _Discard(io.BytesIO):
         return len(data)
 
 
+def _content_encoding(request: Request) -> Optional[str]:
+    """The body's content coding when it is one the server cannot read (anything but
+    ``identity``), else None."""
+    values = request.requestHeaders.getRawHeaders(b"content-encoding") or []
+    codings = [c.strip().lower() for v in values for c in v.decode("latin-1").split(",")]
+    unread = [c for c in codings if c and c != "identity"]
+    return ", ".join(unread) if unread else None
+
+
 class QueenRequest(Request):
     """A request that carries an id, writes an access line, adds CORS headers, answers
     OPTIONS and refuses oversized bodies.
@@ -145,6 +154,12 @@ class QueenRequest(Request):
             return
         if self._too_large:
             self._refuse(413, f"Request body larger than {self.max_body_bytes} bytes")
+            return
+        encoding = _content_encoding(self)
+        if encoding is not None:
+            # A compressed body would reach the routes as bytes that fail to parse: say why.
+            self._refuse(415, f"Content-Encoding {encoding!r} is not supported: send the body "
+                              "uncompressed (binary pushes compress their frames themselves)")
             return
         super().process()
 
