@@ -284,6 +284,24 @@ def test_namespace_lot_ignores_pushes_to_queues_known_not_to_match():
     assert len(popper.asked) == 2
 
 
+def test_namespace_lot_forgets_unrelated_queues_once_a_queue_is_reconfigured():
+    clock, popper = Clock(), ScriptedPopper()
+    changes = [0]
+    request = PopRequest(queue=None, partition=None, namespace="ns", wait=True)
+    lot = ParkingLot(request, popper, clock, Backoff(10_000, 3, 2.0, 10_000),
+                     lambda: changes[0])
+    popper.queues = ["ns-a"]
+    lot.park(request, 30, Attempt(queues=["ns-a"]))
+    lot.wake("moved", None)                     # learnt unrelated
+    assert lot.wake("moved", None) == 0
+
+    changes[0] += 1                             # a configure (it may have moved "moved")
+    popper.queues = ["ns-a", "moved"]
+
+    assert lot.wake("moved", None) == 1
+    assert len(popper.asked) == 2
+
+
 def test_registry_wakes_partition_wildcard_and_any_queue_watchers():
     registry = WaiterRegistry()
     clock, popper = Clock(), ScriptedPopper()
@@ -404,6 +422,30 @@ async def test_pops_parked_on_other_queues_are_not_woken(engine, waiters):
     assert waiters.notifications > notifications  # the push did notify
     assert engine.popper.attempts == attempts  # but no attempt ran for the watched queue
     assert not poll.called and engine.popper.parked == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_configured_into_a_namespace_wakes_that_namespace_s_parked_pop(engine):
+    """The namespace lot learnt the queue as unrelated before the configure moved it in;
+    with no fallback re-check, only a wake-up can answer the pop."""
+    namespace, queue = unique_name(), unique_name()
+    await engine.configure(f"{namespace}.anchor", "", "", {})
+    poll = defer.ensureDeferred(engine.pop(PopRequest(
+        queue=None, partition=None, namespace=namespace, wait=True, timeout_ms=8_000)))
+    await _parked(engine, 1)
+    attempts = engine.popper.attempts
+    await engine.push([{"queue": queue, "payload": "before"}])  # not in the namespace yet
+    await wait_until_reactor(lambda: engine.popper.attempts > attempts,
+                             message="the attempt that learns the queue is unrelated")
+    await wait_until_reactor(lambda: not any(lot.running for lot in engine.popper._lots.values()),
+                             message="that attempt done")
+    assert not poll.called
+
+    await engine.configure(queue, namespace, "", {})
+    await engine.push([{"queue": queue, "payload": "after"}])
+
+    delivery = await poll
+    assert delivery is not None and _data(delivery) == ["before"]
 
 
 # -- end to end, over the socket ----------------------------------------------------------

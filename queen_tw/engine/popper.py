@@ -172,13 +172,16 @@ class Popper:
     :param decrypt: turns an encrypted message's ``data`` back into plaintext, in place.
     :param give_back: releases the leases of a delivery nobody will receive.
     :param paused: True while pop maintenance is on (every pop answers "nothing" at once).
+    :param settings_changes: a count that grows with every queue configure or delete seen
+        here (own, a peer's, a sibling's); see :class:`ParkingLot`.
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  worker_id: str, poll_timing: PollTiming, limits: BatchLimits,
                  decrypt: Callable[[Dict[str, Any]], None],
                  give_back: Callable[[Delivery], Awaitable[None]],
-                 paused: Callable[[], bool] = lambda: False):
+                 paused: Callable[[], bool] = lambda: False,
+                 settings_changes: Callable[[], int] = lambda: 0):
         self._db = db
         self._waiters = waiters
         self._clock = clock
@@ -187,6 +190,7 @@ class Popper:
         self._decrypt = decrypt
         self._give_back = give_back
         self._paused = paused
+        self._settings_changes = settings_changes
         self._lots: Dict[LotKey, ParkingLot] = {}
         self._conflating: Dict[LaneKey, bool] = {}  # stored policies the pops reported
         self.autopilot = autopilot.Autopilot(clock)
@@ -342,7 +346,7 @@ class Popper:
         lot = self._lots.get(request.lot_key)
         if lot is None:
             lot = self._lots[request.lot_key] = ParkingLot(
-                request, self, self._clock, self._poll_timing.backoff())
+                request, self, self._clock, self._poll_timing.backoff(), self._settings_changes)
             self._waiters.watch(request.queue, request.partition, lot)
         lot.users += 1
         return lot
@@ -403,7 +407,7 @@ class ParkingLot:
     """
 
     def __init__(self, request: PopRequest, popper: LotOwner, clock: IReactorTime,
-                 backoff: Backoff):
+                 backoff: Backoff, settings_changes: Callable[[], int] = lambda: 0):
         self.key = request.lot_key
         self.queue = request.queue
         self.partition = request.partition
@@ -416,6 +420,10 @@ class ParkingLot:
         self._matching: Set[str] = set()      # namespace lots: queues known to match
         self._unrelated: Set[str] = set()     # namespace lots: queues known not to
         self._asked: Set[str] = set()
+        # A configure can move a queue into this lot's namespace: what was learnt as
+        # unrelated holds only while no configure or delete has been seen since.
+        self._settings_changes = settings_changes
+        self._unrelated_as_of = settings_changes()
         self._attempts = 0      # attempts running for this lot's pops
         self._retry_in: Optional[float] = None  # when the database said to look again
         self.users = 0          # pops in their first attempt or parked here
@@ -428,6 +436,9 @@ class ParkingLot:
 
     def wake(self, queue: str, partition: Optional[str]) -> int:
         if self.queue is None:  # namespace/task lot: only queues that may match
+            if self._settings_changes() != self._unrelated_as_of:
+                self._unrelated.clear()
+                self._unrelated_as_of = self._settings_changes()
             if queue in self._unrelated:
                 return 0
             if queue not in self._matching:

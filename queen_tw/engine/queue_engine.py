@@ -201,7 +201,8 @@ class QueueEngine:
         sweeper's wake-up once it is wired (``TimersEngine.on_scheduled``)."""
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              decrypt=lambda message: self._decrypt_field(message, "data"),
-                             give_back=self._give_back, paused=pop_paused)
+                             give_back=self._give_back, paused=pop_paused,
+                             settings_changes=lambda: self._config_cache.changes)
         self.batchers = {
             "push": Batcher("push", self._push_batch, clock, limits.push),
             "pop": self.popper.batcher,
