@@ -211,6 +211,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("request_read_timeout_ms", "QUEEN_REQUEST_READ_TIMEOUT_MS", "int", 120000,
          "Time a request's headers and body may take to arrive, from its first byte, in ms; "
          "then 408 and the connection is closed (0 = no limit)", minimum=0),
+    _opt("max_client_connections", "QUEEN_MAX_CLIENT_CONNECTIONS", "int", 0,
+         "Open connections one client address may hold; a connection beyond it is answered "
+         "503 and closed (0 = no limit; behind a proxy every client has the proxy's "
+         "address)", minimum=0),
     _opt("max_push_items", "QUEEN_MAX_PUSH_ITEMS", "int", 100000,
          "Most messages one push or transaction may carry (JSON or binary, counted before "
          "a compressed body is expanded); beyond it 413", minimum=1),
@@ -402,6 +406,7 @@ class Config:
     renew_lease_max_concurrent: int
     max_pending_items: int
     max_body_bytes: int
+    max_client_connections: int
     max_push_items: int
     request_read_timeout_ms: int
     encryption_key: bytes | None = dataclasses.field(repr=False)

@@ -191,7 +191,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     access_log = config.access_log and lets_through(config.log_level, LogLevel.info)
     site = make_site(guarded(root, config, reactor), config.max_body_bytes,  # JWT_ENABLED
                      access_log=access_log, max_push_items=config.max_push_items,
-                     read_timeout_ms=config.request_read_timeout_ms)
+                     read_timeout_ms=config.request_read_timeout_ms,
+                     max_client_connections=config.max_client_connections)
     if in_group:
         cluster.attach(top.add("jobs", PostgresWakeups(
             config.dsn, config.worker_id, cluster.wake, reactor,

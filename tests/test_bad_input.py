@@ -568,6 +568,48 @@ def test_a_request_trickling_past_the_read_timeout_is_408_and_closed(make_server
                            headers={"Content-Type": "application/json"}).status_code == 201
 
 
+def _health_over(sock: socket.socket) -> bytes:
+    """One keep-alive ``GET /health`` on an open connection; its whole answer."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_connections_over_the_per_client_cap_get_503_and_are_closed(make_server):
+    """Each connection holds a file descriptor: without a cap one client could take them
+    all, and at the process's limit every other client would be refused."""
+    capped = make_server(QUEEN_MAX_CLIENT_CONNECTIONS="3")
+    held = [socket.create_connection(("127.0.0.1", capped.port), timeout=10) for _ in range(3)]
+    try:
+        for sock in held:
+            assert _health_over(sock).startswith(b"HTTP/1.1 200 ")
+
+        refused = _raw_answer(capped.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 503 "), refused
+        assert b"QUEEN_MAX_CLIENT_CONNECTIONS" in refused
+        assert b"Access-Control-Allow-Origin: *" in refused and b"X-Request-Id: " in refused
+        assert _health_over(held[0]).startswith(b"HTTP/1.1 200 ")  # the held ones still work
+
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the server counts the close once it has read it
+            answer = _raw_answer(capped.port, b"GET /health HTTP/1.1\r\nHost: x\r\n"
+                                              b"Connection: close\r\n\r\n")
+            if answer.startswith(b"HTTP/1.1 200 ") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    finally:
+        for sock in held:
+            sock.close()
+    assert "refusing new connections from 127.0.0.1" in capped.log_path.read_text()
+
+
 def _raw_answer(port: int, request: bytes) -> bytes:
     """Everything the server sends back to ``request`` before it closes the connection."""
     answer = b""

@@ -7,6 +7,7 @@ shortcut's, Klein's, a 404, a 413, the auth gate's 401 — carries ``X-Request-I
 :meth:`QueenRequest.process` is where every request starts.
 """
 
+import collections
 import io
 import itertools
 import json
@@ -205,7 +206,25 @@ class _DeadlineChannel(HTTPChannel):
     """
 
     _read_timer: Optional[IDelayedCall] = None
+    _counted_client: Optional[str] = None  # the address this connection counts against
     site: Optional[Site] = None  # set by the Site that builds the channel
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = self.site
+        if not isinstance(site, _QuietSite) or not site.max_client_connections \
+                or self.transport is None:
+            return
+        client = getattr(self.transport.getPeer(), "host", None)
+        if client is None:
+            return
+        if not site.admit(client):
+            self._answer_and_close(
+                b"503 Service Unavailable",
+                f"Too many connections from {client}: at most {site.max_client_connections} "
+                "(QUEEN_MAX_CLIENT_CONNECTIONS); reuse connections or close idle ones")
+            return
+        self._counted_client = client
 
     def dataReceived(self, data: bytes) -> None:
         limit = getattr(self.site, "read_timeout", 0)
@@ -219,6 +238,9 @@ class _DeadlineChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_read_timer()
+        if self._counted_client is not None and isinstance(self.site, _QuietSite):
+            self.site.release(self._counted_client)
+            self._counted_client = None
         super().connectionLost(reason)
 
     def _stop_read_timer(self) -> None:
@@ -283,10 +305,39 @@ def _deadline_channel(factory: Site) -> _GenericHTTPChannelProtocol:
 
 class _QuietSite(Site):
     """A Site without twistd's own access log (:class:`QueenRequest` writes ours), whose
-    connections give each request ``read_timeout`` seconds to arrive (0 = no limit)."""
+    connections give each request ``read_timeout`` seconds to arrive (0 = no limit), and
+    which lets one client address hold at most ``max_client_connections`` connections
+    (0 = no limit): each holds a file descriptor, and at the process's limit every client
+    would be refused."""
 
     protocol = _deadline_channel
     read_timeout = 0.0
+    max_client_connections = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._open_by_client: collections.Counter = collections.Counter()
+        self._refusing: set = set()  # clients at the limit whose refusal was logged
+
+    def admit(self, client: str) -> bool:
+        """Counts a new connection from ``client``; False (not counted) when it already
+        holds as many as allowed. The first refusal of a run is logged."""
+        if self._open_by_client[client] >= self.max_client_connections:
+            if client not in self._refusing:
+                self._refusing.add(client)
+                log.warn("refusing new connections from {client}: it holds {limit} "
+                         "(QUEEN_MAX_CLIENT_CONNECTIONS)", client=client,
+                         limit=self.max_client_connections)
+            return False
+        self._open_by_client[client] += 1
+        return True
+
+    def release(self, client: str) -> None:
+        """A counted connection of ``client`` closed."""
+        self._open_by_client[client] -= 1
+        self._refusing.discard(client)
+        if self._open_by_client[client] <= 0:
+            del self._open_by_client[client]
 
     def log(self, request) -> None:
         pass
@@ -294,10 +345,11 @@ class _QuietSite(Site):
 
 def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False,
               max_push_items: int = QueenRequest.max_push_items,
-              read_timeout_ms: int = 0) -> Site:
+              read_timeout_ms: int = 0, max_client_connections: int = 0) -> Site:
     """A Site serving ``resource`` with :class:`QueenRequest`; ``access_log`` turns on one
-    info line per request (``ACCESS_LOG``); ``max_push_items`` is QUEEN_MAX_PUSH_ITEMS and
-    ``read_timeout_ms`` QUEEN_REQUEST_READ_TIMEOUT_MS."""
+    info line per request (``ACCESS_LOG``); ``max_push_items`` is QUEEN_MAX_PUSH_ITEMS,
+    ``read_timeout_ms`` QUEEN_REQUEST_READ_TIMEOUT_MS and ``max_client_connections``
+    QUEEN_MAX_CLIENT_CONNECTIONS."""
     limit, logged, items = max_body_bytes, access_log, max_push_items
 
     class BoundQueenRequest(QueenRequest):
@@ -310,4 +362,5 @@ def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False
     site = _QuietSite(resource, parsePOSTFormSubmission=False)
     site.requestFactory = BoundQueenRequest
     site.read_timeout = read_timeout_ms / 1000.0
+    site.max_client_connections = max_client_connections
     return site
