@@ -77,14 +77,18 @@ class RecordingStore:
     def __init__(self) -> None:
         self.stored: list[dict[str, Any]] = []
         self.refuse: set[str] = set()
+        self.poison: set[str] = set()  # as PostgreSQL refusing data: its partition's call fails
         self.unavailable = False
 
     def __call__(self, items: list[dict[str, Any]]) -> defer.Deferred:
         if self.unavailable:
             return defer.fail(DatabaseUnavailable("Database unavailable"))
         results = []
+        poisoned = {entry["partition"] for entry in items if entry["transactionId"] in self.poison}
         for entry in items:
-            if entry["transactionId"] in self.refuse:
+            if entry["partition"] in poisoned:
+                results.append({"status": "failed", "error": "PostgreSQL refused the request"})
+            elif entry["transactionId"] in self.refuse:
                 results.append({"status": "failed", "error": "queue has reached its max capacity"})
             else:
                 duplicate = any(s["transactionId"] == entry["transactionId"] for s in self.stored)

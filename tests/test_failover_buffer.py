@@ -232,6 +232,27 @@ def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Pa
     assert reopened.failed == 1  # still counted and reported after a restart
 
 
+def test_a_refused_record_fails_alone_and_the_rest_of_its_partition_waits_behind_it(
+        tmp_path: Path) -> None:
+    """PostgreSQL refusing one record fails its partition's whole call: the records are
+    tried one by one, and the ones after the culprit wait (it might still go through)
+    until the last attempt gives it up."""
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+    buffer.append([item("a", 0), item("a", 1), item("a", 2), item("b", 0), item("a", 3)])
+    store = RecordingStore()
+    store.poison.add("a-2")
+    replayer = Replayer(buffer, store, max_batch=10, max_attempts=3)
+
+    for _ in range(2):
+        [held] = replay(replayer)
+        assert held.check(ReplayHeld)
+        assert [s["transactionId"] for s in store.stored] == ["b-0", "a-0", "a-1"]
+    assert replay(replayer) == [None]
+
+    assert [s["transactionId"] for s in store.stored] == ["b-0", "a-0", "a-1", "a-3"]
+    assert buffer.pending == 0 and buffer.failed == 1
+
+
 @pytest.mark.parametrize("line", [b"", b"00000000 {}\n", b"zzzzzzzz {\"queue\":\"q\"}\n",
                                   b"12345678 {\"queue\":\"q\"}\n", b"{\"queue\":\"q\"}\n"])
 def test_damaged_lines_do_not_decode(line: bytes) -> None:

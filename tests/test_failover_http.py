@@ -109,6 +109,32 @@ def test_a_torn_record_left_by_a_crash_is_skipped(fleet: Fleet) -> None:
     assert status(server.url)["bufferStats"]["failedCount"] == 0
 
 
+def test_a_record_postgresql_refuses_fails_alone_and_its_neighbours_are_stored(
+        fleet: Fleet) -> None:
+    """PostgreSQL refusing one record's data fails the whole call of its partition, good
+    records included; the replay must find the one culprit, not fail them all."""
+    server = fleet.server(start=False)
+    queue = unique_name()
+    items = [{"queue": queue, "partition": "p", "transactionId": f"t-{n}", "payload": n}
+             for n in range(5)]
+    items[2]["traceId"] = "not-a-uuid"  # nothing the HTTP routes would let through
+    items.insert(3, {"queue": queue, "partition": "other", "transactionId": "o", "payload": 9})
+    server.buffer_dir.mkdir(parents=True)
+    (server.buffer_dir / "segment-000000000001.jsonl").write_bytes(
+        b"".join(records.encode(entry) for entry in items))
+
+    server.start()
+
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 30, 0.1)
+    assert [m["data"] for m in pop_partition(server.url, queue, "p")] == [0, 1, 3, 4]
+    assert [m["data"] for m in pop_partition(server.url, queue, "other")] == [9]
+    assert status(server.url)["bufferStats"]["failedCount"] == 1
+    [failed_file] = list((server.buffer_dir / "failed").iterdir())
+    [line] = failed_file.read_bytes().splitlines()
+    entry = json.loads(line[9:])
+    assert entry["record"]["transactionId"] == "t-2" and "refused" in entry["error"]
+
+
 def test_a_record_that_keeps_failing_goes_to_failed_and_its_partition_keeps_order(
         fleet: Fleet, maintenance_off) -> None:
     server = fleet.server(FILE_BUFFER_MAX_BATCH="1")

@@ -17,7 +17,9 @@ up to 2 s, and logs the outage once when it starts and once when it ends). A bat
 items that fail for another reason (a full queue, a bad record) is tried again as a whole —
 the stored ones answer ``duplicate`` — up to ``max_attempts`` times with backoff; then its
 failing records go to ``failed/`` with their error, are counted and logged, and the replay
-moves on. Nothing is dropped silently.
+moves on. Nothing is dropped silently. The records that fail are tried one by one each time,
+since PostgreSQL refusing one record's data fails its whole call: only the culprit is given
+up, and the records behind it in its partition wait for it.
 """
 
 from dataclasses import dataclass
@@ -118,7 +120,8 @@ class Replayer:
             if self.stopping or self._paused():
                 return False
             batch = progress.records[progress.next:progress.next + self._max_batch]
-            failures = await self._store_batch(batch)
+            failures = await self._store_batch(
+                batch, last_attempt=progress.attempts + 1 >= self._max_attempts)
             if failures:
                 progress.attempts += 1
                 if progress.attempts < self._max_attempts:
@@ -131,11 +134,16 @@ class Replayer:
             progress.attempts = 0
         return True
 
-    async def _store_batch(self, batch: List[Dict[str, Any]]) -> List[Tuple[Any, str]]:
+    async def _store_batch(self, batch: List[Dict[str, Any]], last_attempt: bool
+                           ) -> List[Tuple[Any, str]]:
         """Stores a batch; returns the (record, error) of every record that did not make it.
 
-        Raises ``Unavailable`` when PostgreSQL cannot be reached. A batch that fails as a
-        whole for another reason is stored record by record to find the culprits.
+        Raises ``Unavailable`` when PostgreSQL cannot be reached. When records of a batch fail
+        (the whole call raised, or PostgreSQL refused data and so failed every record of that
+        partition's call, good ones included), those records are stored one by one to find
+        the culprits. Until the ``last_attempt``, a partition's records stop at its first
+        failure (it may be passing, like a full queue, and must not be overtaken); on the
+        last one every other record goes on, since the failures go to ``failed/``.
         """
         try:
             results = await self._store(batch)
@@ -144,13 +152,31 @@ class Replayer:
         except Exception as err:
             if len(batch) == 1:
                 return [(batch[0], f"{err.__class__.__name__}: {err}")]
-            failures: List[Tuple[Any, str]] = []
-            for item in batch:
-                failures.extend(await self._store_batch([item]))
-            return failures
+            return await self._store_one_by_one(batch, last_attempt)
+        unstored = [item for item, result in zip(batch, results, strict=True)
+                    if result.get("status") not in STORED]
+        if len(batch) > 1 and unstored:
+            return await self._store_one_by_one(unstored, last_attempt)
         return [(item, result.get("error") or f"status {result.get('status')}")
                 for item, result in zip(batch, results, strict=True)
                 if result.get("status") not in STORED]
+
+    async def _store_one_by_one(self, records: List[Dict[str, Any]], last_attempt: bool
+                                ) -> List[Tuple[Any, str]]:
+        failures: List[Tuple[Any, str]] = []
+        stopped: set = set()  # partitions whose records wait behind a failed one
+        for record in records:
+            partition = _partition_of(record)
+            if partition in stopped:
+                failures.append((record, "waits behind an earlier record of its partition "
+                                         "that failed"))
+                continue
+            failed = await self._store_batch([record], last_attempt)
+            if failed:
+                failures.extend(failed)
+                if not last_attempt:
+                    stopped.add(partition)
+        return failures
 
     async def _give_up(self, progress: _Progress, failures: List[Tuple[Any, str]]) -> None:
         try:
@@ -183,6 +209,12 @@ class ReplayService(PeriodicService):
     def stopService(self) -> defer.Deferred:
         self._replayer.stopping = True
         return super().stopService()
+
+
+def _partition_of(record: Any) -> Tuple[Any, Any]:
+    if not isinstance(record, dict):
+        return (None, None)
+    return (record.get("queue"), record.get("partition") or "Default")
 
 
 def _describe(record: Any) -> str:
