@@ -187,7 +187,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top.add("jobs", durability.adoption_service())  # buffers of processes no longer running
     top.add("jobs", TimerSweeper(  # any instance may; none fires while pushes are buffered
         timers, reactor, config.timers_sweep_interval_ms, config.timers_sweep_batch,
-        paused=lambda: durability.maintenance.maintenance_mode))
+        paused=durability.timers_paused))
     access_log = config.access_log and lets_through(config.log_level, LogLevel.info)
     site = make_site(guarded(root, config, reactor), config.max_body_bytes,  # JWT_ENABLED
                      access_log=access_log, max_push_items=config.max_push_items,

@@ -5,6 +5,7 @@ PostgreSQL of its own (maintenance mode is cluster-wide: the shared database sta
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import time
@@ -163,6 +164,32 @@ def test_a_record_that_keeps_failing_goes_to_failed_and_its_partition_keeps_orde
     [failed_file] = list((server.buffer_dir / "failed").iterdir())
     entry = json.loads(failed_file.read_bytes()[9:-1])
     assert entry["record"]["transactionId"] == "poison" and "max capacity" in entry["error"]
+
+
+def test_a_due_timer_fires_only_after_the_buffered_pushes_of_its_partition(
+        fleet: Fleet, maintenance_off) -> None:
+    """A fired timer is a push: it must not overtake what the buffer holds for its
+    partition. The replay is slowed down (one record a call, a backlog in front)."""
+    server = fleet.server(FILE_BUFFER_MAX_BATCH="1", QUEEN_TIMERS_SWEEP_INTERVAL_MS="50")
+    queue = unique_name()
+    answer = httpx.post(f"{server.url}/api/v1/timers", timeout=10, json={"operations": [{
+        "op": "schedule", "queue": queue, "partition": "p", "timerKey": "k",
+        "payload": base64.b64encode(b'"timer"').decode(), "delayMs": 1500, "txn": "timer"}]})
+    assert answer.status_code == 200, answer.text
+    set_maintenance(server.url, True)
+    for start in range(0, 300, 100):
+        push(server.url, [{"queue": queue, "partition": "filler", "payload": n}
+                          for n in range(start, start + 100)])
+    assert push(server.url, [{"queue": queue, "partition": "p", "payload": "pushed"}]
+                ).json()[0]["status"] == "buffered"
+    time.sleep(2)  # the timer is due now; maintenance holds it
+
+    set_maintenance(server.url, False)
+
+    wait_until(lambda: status(server.url)["bufferedMessages"] == 0, 60, 0.1)
+    wait_until(lambda: not httpx.get(f"{server.url}/api/v1/timers/{queue}/k", timeout=10
+                                     ).json()["found"], 20, 0.1)  # fired
+    assert [m["data"] for m in pop_partition(server.url, queue, "p")] == ["pushed", "timer"]
 
 
 def test_a_buffer_directory_lost_while_serving_answers_503_never_buffered(

@@ -152,6 +152,12 @@ class FileBuffer:
         """True while there is anything for the replay to do."""
         return bool(self._counts) or bool(self._sealed)
 
+    @property
+    def may_hold_records(self) -> bool:
+        """True while records wait for the replay, or may (until :meth:`open` has read what
+        an earlier process left)."""
+        return not self._opened or self.has_work
+
     def holds_any(self, keys: Iterable[Tuple[str, str]]) -> bool:
         """True when one of these (queue, partition) still has records waiting, or may have:
         always True until :meth:`open` has read what an earlier process left."""

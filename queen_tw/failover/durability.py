@@ -98,6 +98,13 @@ class Durability:
                             paused=self._replay_paused)
         return ReplayService(replayer, self._clock, self._config.file_buffer_flush_ms)
 
+    def timers_paused(self) -> bool:
+        """No timer fires while this process's buffer holds pushes, or may (not opened yet,
+        push maintenance, flags unknown): a fired timer is a push, and it must not overtake
+        the buffered pushes of its partition (the replay has them in file order)."""
+        return (not self.maintenance.loaded or self.maintenance.maintenance_mode
+                or self.buffer.may_hold_records)
+
     def _replay_paused(self) -> bool:
         """No replay in push maintenance, nor before the flags are known (it may be on)."""
         return not self.maintenance.loaded or self.maintenance.maintenance_mode

@@ -10,10 +10,11 @@ held by another transaction: those timers wait, and the sweep fires the others m
 timer scheduled here that is due before the planned wake-up moves it earlier
 (:meth:`TimerSweeper.nudge`).
 
-While pushes go to the file buffer (push maintenance mode, ``paused``) nothing fires: a fired
-timer must not overtake the buffered pushes of its partition; the timers wait, checked every
-``interval_ms``. Failures are logged (an unreachable PostgreSQL once per outage) and the next
-sweep comes after ``interval_ms``; a sweep interrupted by a crash rolls back, and its timers
+While pushes go to the file buffer (push maintenance mode) or wait in it for the replay
+(``paused``: ``Durability.timers_paused``) nothing fires: a fired timer must not overtake the
+buffered pushes of its partition; the timers wait, checked every ``interval_ms``. Failures
+are logged (an unreachable PostgreSQL once per outage) and the next sweep comes after
+``interval_ms``; a sweep interrupted by a crash rolls back, and its timers
 are due again. ``stopService`` waits for the sweep in progress.
 """
 
@@ -50,7 +51,7 @@ class TimerSweeper(service.Service):
     :param batch: timers fired per SQL call.
     :param lease_ms: how long a claimed timer (one the server must encrypt) stays claimed.
     :param retry_ms: sleep while due timers are held by another sweeper.
-    :param paused: True while nothing may fire (push maintenance mode).
+    :param paused: True while nothing may fire (pushes go to, or wait in, the file buffer).
     """
 
     name = "timer sweeper"
