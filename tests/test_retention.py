@@ -186,6 +186,38 @@ def test_completed_retention_keeps_messages_of_a_group_that_has_not_consumed_the
     assert _count(db, queue) == 1
 
 
+def test_completed_retention_waits_for_a_namespace_group_on_a_queue_it_has_not_popped(
+        client, db):
+    """A group subscribed to a namespace consumes every queue of it, those made after its
+    last namespace pop included (its record there is written at its next pop)."""
+    namespace, first, later = unique_name("ns-"), unique_name(), unique_name()
+
+    def configure_in_namespace(queue: str) -> None:
+        answer = client.post("/api/v1/configure", json={
+            "queue": queue, "namespace": namespace, "options": {"completedRetentionSeconds": 1}})
+        assert answer.status_code == 200, answer.text
+
+    configure_in_namespace(first)
+    push(client, first, ["a"])
+    group_pop = client.get("/api/v1/pop", params={"namespace": namespace,
+                                                   "consumerGroup": "G", "wait": "false"})
+    assert group_pop.status_code == 200, group_pop.text
+    ack(client, group_pop.json()["messages"][0], consumerGroup="G")
+    configure_in_namespace(later)
+    push(client, later, ["m0", "m1", "m2"])
+    for message in pop(client, later, batch=10)["messages"]:  # queue mode consumes them all
+        ack(client, message)
+
+    _after_a_cleaning_run(client, db)
+
+    assert _count(db, later) == 3
+    depth = client.get(f"/api/v1/resources/queues/{later}/depth").json()
+    assert depth["pending"] == 3, depth
+    delivered = client.get("/api/v1/pop", params={"namespace": namespace, "consumerGroup": "G",
+                                                   "batch": 10, "wait": "false"})
+    assert [m["data"] for m in delivered.json()["messages"]] == ["m0", "m1", "m2"]
+
+
 def test_max_wait_time_evicts_unconsumed_messages_in_the_retention_cycle(client, db):
     queue = unique_name()
     configure(client, queue, maxWaitTimeSeconds=1)

@@ -2,6 +2,29 @@
 -- timestamp, seeks. Every function is one JSON-in/JSON-out call; the pending lookup of
 -- 020_pending_lookup.sql is kept in step wherever cursors are dropped or moved back.
 
+-- Every group that consumes queue p_queue, with its subscription point: the groups with a
+-- record for the queue, and the groups subscribed to a namespace/task the queue belongs to
+-- (WIRE.md 2.3.6 point 6) that have not popped it yet, whose record is written at their next
+-- namespace pop with the namespace record's point (queen.subscribe_scope). Retention and depth
+-- count both: a queue made after a group's namespace pop is that group's to consume already.
+CREATE OR REPLACE FUNCTION queen.queue_readers(p_queue uuid)
+RETURNS TABLE (consumer_group text, subscription_from timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT s.consumer_group, s.subscription_from
+      FROM queen.consumer_subscriptions s
+     WHERE s.queue_id = p_queue
+    UNION ALL
+    SELECT ns.consumer_group, min(ns.subscription_from)
+      FROM queen.namespace_subscriptions ns
+      JOIN queen.queues qu ON qu.id = p_queue
+     WHERE (ns.namespace <> '' OR ns.task <> '')
+       AND (ns.namespace = '' OR ns.namespace = qu.namespace)
+       AND (ns.task = '' OR ns.task = qu.task)
+       AND NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions s
+                        WHERE s.queue_id = p_queue AND s.consumer_group = ns.consumer_group)
+     GROUP BY ns.consumer_group
+$$;
+
 -- The first unconsumed message of a group in a partition: after its cursor, or after its
 -- subscription point where it has no cursor yet.
 CREATE OR REPLACE FUNCTION queen.first_unconsumed(p_partition uuid, p_after_at timestamptz,

@@ -8,17 +8,16 @@
 -- then locks their partitions in id order, and only then deletes.
 
 -- The point up to which every consumer of the partition's queue has consumed: the smallest
--- cursor over the subscribed groups (a group without a cursor there counts at its
+-- cursor over its readers (queen.queue_readers: a group without a cursor there counts at its
 -- subscription point). NULL when no group ever subscribed.
 CREATE OR REPLACE FUNCTION queen.consumed_by_all(p_partition uuid, p_queue uuid,
                                                  OUT at timestamptz, OUT id uuid)
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(pc.cursor_created_at, s.subscription_from),
            coalesce(pc.cursor_id, queen.start_cursor_id(s.subscription_from))
-      FROM queen.consumer_subscriptions s
+      FROM queen.queue_readers(p_queue) s
       LEFT JOIN queen.partition_consumers pc
              ON pc.partition_id = p_partition AND pc.consumer_group = s.consumer_group
-     WHERE s.queue_id = p_queue
      ORDER BY 1, 2
      LIMIT 1
 $$;
