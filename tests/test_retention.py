@@ -218,6 +218,20 @@ def test_completed_retention_waits_for_a_namespace_group_on_a_queue_it_has_not_p
     assert [m["data"] for m in delivered.json()["messages"]] == ["m0", "m1", "m2"]
 
 
+def test_a_failed_message_removed_by_retention_leaves_no_retry_count_to_the_next(client, db):
+    queue = unique_name()
+    configure(client, queue, retentionSeconds=1, retryLimit=1, retryDelay=0)
+    push(client, queue, ["old"], prefix="old")
+    assert ack(client, pop(client, queue)["messages"][0], status="failed")["success"]
+    _cleaned(db, queue)  # "old" removed while its group waits to retry it
+
+    push(client, queue, ["new"], prefix="new")
+    [message] = pop(client, queue)["messages"]
+
+    assert (message["data"], message["retryCount"], message["deliveryAttempt"]) == ("new", 0, 1)
+    assert ack(client, message, status="failed")["dlq"] is False  # retryLimit 1: one retry left
+
+
 def test_max_wait_time_evicts_unconsumed_messages_in_the_retention_cycle(client, db):
     queue = unique_name()
     configure(client, queue, maxWaitTimeSeconds=1)

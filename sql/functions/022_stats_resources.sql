@@ -94,6 +94,21 @@ BEGIN
      GROUP BY g.partition_id, g.island;
     DELETE FROM queen.partition_holes h USING queen.partitions p
      WHERE p.id = ANY(v_parts) AND h.partition_id = p.id AND h.seq_hi < p.first_seq;
+    -- A group cooling down after a failed delivery whose next message is gone (retention,
+    -- eviction, a delete) starts its next delivery afresh: the retry count was that message's,
+    -- and carried over it would dead-letter the next one early.
+    UPDATE queen.partition_consumers pc
+       SET retry_count = 0, retry_after = NULL
+     WHERE pc.partition_id = ANY(v_parts)
+       AND pc.retry_count > 0
+       AND (pc.lease_id IS NULL OR pc.lease_expires_at <= now())
+       AND EXISTS (SELECT 1 FROM deleted_rows d
+                    WHERE d.partition_id = pc.partition_id
+                      AND (d.created_at, d.id) > (pc.cursor_created_at, pc.cursor_id)
+                      AND NOT EXISTS (SELECT 1 FROM queen.messages m
+                                       WHERE m.partition_id = pc.partition_id
+                                         AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
+                                         AND (m.created_at, m.id) < (d.created_at, d.id)));
     RETURN NULL;
 END
 $$;
