@@ -75,6 +75,23 @@ def test_partitions_lists_a_queues_partitions_with_counts_and_paging(http):
     assert len(first["partitions"]) == 1 and first["total"] == 2
 
 
+def test_queue_totals_stay_apart_when_a_named_group_dead_letters(http):
+    """The totals are queue mode's view; a named group's dead letter is counted in
+    deadLetter without being taken off queue mode's completed (which went negative)."""
+    queue = unique_name()
+    configure(http, queue, retryLimit=0)
+    push(http, queue, ["a", "b"])
+    [message] = pop(http, queue, consumerGroup="G")["messages"]
+    assert ack(http, message, status="failed", consumerGroup="G")["dlq"] is True
+    ack(http, pop(http, queue)["messages"][0])  # queue mode completes "a"
+
+    totals = http.get(f"/api/v1/resources/queues/{queue}").json()["totals"]
+
+    assert {key: totals[key] for key in ("total", "pending", "processing", "completed",
+                                         "deadLetter")} == \
+        {"total": 2, "pending": 1, "processing": 0, "completed": 1, "deadLetter": 1}
+
+
 # -- messages: reads --------------------------------------------------------------------
 
 

@@ -119,18 +119,20 @@ CREATE OR REPLACE TRIGGER messages_deleted_positions
     FOR EACH STATEMENT EXECUTE FUNCTION queen.on_messages_deleted_positions();
 
 -- The counts of one partition (p_partition) or of all, as the full recount defined them:
--- total = stored; completed = at or before the queue-mode cursor, less dead letters;
--- processing = after it, up to the last message of a live queue-mode lease; pending = the
--- rest. stored_through's arithmetic written out (a SQL function with a sub-select is never
--- inlined, and a call per partition cost more than the probes): a few index probes per
--- partition, whatever it stores. Dead letters are counted (index-only, per partition), so
+-- total = stored; completed = at or before the queue-mode cursor, less the ones queue mode
+-- dead-lettered; processing = after it, up to the last message of a live queue-mode lease;
+-- pending = the rest; dead_letter = the partition's messages in the dead-letter table,
+-- whichever group put them there (one a named group dead-lettered is pending for queue mode
+-- too: the other counts are queue mode's view). stored_through's arithmetic written out (a
+-- SQL function with a sub-select is never inlined, and a call per partition cost more than
+-- the probes): a few index probes per partition, whatever it stores. Dead letters are counted per partition (one index range), so
 -- that one count grows with the dead-letter table, not with the queue.
 CREATE OR REPLACE FUNCTION queen.partition_counts(p_partition uuid DEFAULT NULL)
 RETURNS TABLE (partition_id uuid, queue_id uuid, total bigint, pending bigint,
                processing bigint, completed bigint, dead_letter bigint)
 LANGUAGE sql STABLE AS $$
     SELECT x.id, x.queue_id, x.message_count, x.message_count - x.consumed - x.processing,
-           x.processing, x.consumed - x.dead_letter, x.dead_letter
+           x.processing, x.consumed - dl.own, dl.dead_letter
       FROM (
         SELECT p.id, p.queue_id, p.message_count,
                -- stored messages at positions first_seq..cursor_seq
@@ -154,9 +156,7 @@ LANGUAGE sql STABLE AS $$
                                         AND h.seq_lo <= le.seq
                                         AND h.seq_hi > greatest(pc.cursor_seq, p.first_seq - 1)),
                                     0)
-               END AS processing,
-               (SELECT count(*) FROM queen.dead_letter_queue d
-                 WHERE d.partition_id = p.id) AS dead_letter
+               END AS processing
           FROM queen.partitions p
           LEFT JOIN queen.partition_consumers pc
                  ON pc.partition_id = p.id AND pc.consumer_group = '__QUEUE_MODE__'
@@ -169,6 +169,12 @@ LANGUAGE sql STABLE AS $$
                ORDER BY m.created_at DESC, m.id DESC LIMIT 1) le ON true
          WHERE p_partition IS NULL OR p.id = p_partition
       ) x
+      CROSS JOIN LATERAL (
+          SELECT count(DISTINCT d.message_id) AS dead_letter,
+                 count(DISTINCT d.message_id)
+                     FILTER (WHERE d.consumer_group = '__QUEUE_MODE__') AS own
+            FROM queen.dead_letter_queue d
+           WHERE d.partition_id = x.id) dl
 $$;
 
 -- Lag of every (group, partition) with work (the pending lookup's rows): the stored
