@@ -28,7 +28,8 @@ from tests.http_helpers import ack, configure, pop, push
 from tests.scratch_databases import scratch_database
 from tests.support import REPO_ROOT, pass_time, unique_name
 
-# The pre-change partition_stats: every message of the partition looked at.
+# The pre-change partition_stats: every message of the partition looked at (dead letters as
+# queen.partition_counts defines them: distinct messages; completed less queue mode's own).
 RECOUNT = """
     WITH pc AS (
         SELECT cursor_created_at, cursor_id, lease_id, lease_expires_at, lease_last_created_at,
@@ -43,12 +44,15 @@ RECOUNT = """
                    AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
                    AND (m.created_at, m.id) <= (pc.lease_last_created_at, pc.lease_last_id))
                    AS processing,
-               (SELECT count(*) FROM queen.dead_letter_queue d WHERE d.partition_id = %(p)s)
-                   AS dead_letter
+               (SELECT count(DISTINCT d.message_id) FROM queen.dead_letter_queue d
+                 WHERE d.partition_id = %(p)s) AS dead_letter,
+               (SELECT count(DISTINCT d.message_id) FROM queen.dead_letter_queue d
+                 WHERE d.partition_id = %(p)s AND d.consumer_group = '__QUEUE_MODE__')
+                   AS own_dead_letter
           FROM queen.messages m LEFT JOIN pc ON true
          WHERE m.partition_id = %(p)s
     )
-    SELECT total, after_cursor - processing, processing, total - after_cursor - dead_letter,
+    SELECT total, after_cursor - processing, processing, total - after_cursor - own_dead_letter,
            dead_letter
       FROM counted
 """
