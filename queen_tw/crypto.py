@@ -34,9 +34,12 @@ class PayloadCipher:
         }
 
     def decrypt(self, stored: Any) -> Any:
+        return json.loads(self.decrypt_text(stored))
+
+    def decrypt_text(self, stored: Any) -> str:
+        """The payload's JSON text as it was sealed."""
         sealed = base64.b64decode(stored["encrypted"]) + base64.b64decode(stored["authTag"])
-        plain = self._aead.decrypt(base64.b64decode(stored["iv"]), sealed, None)
-        return json.loads(plain)
+        return self._aead.decrypt(base64.b64decode(stored["iv"]), sealed, None).decode()
 
 
 def make_cipher(key: Optional[bytes]) -> Optional[PayloadCipher]:

@@ -294,6 +294,40 @@ def test_encrypted_queue_stores_ciphertext_and_pops_the_payload(http, db):
     assert [m["data"] for m in pop_all(http, queue)] == [json.loads(m[2]) for m in sent]
 
 
+def test_plain_payloads_beside_encrypted_ones_go_out_as_stored(http, db):
+    """An answer holding an encrypted payload is opened in place: the plain payloads beside
+    it keep their stored text (digits beyond a double's, trailing zeros) and their depth."""
+    queue = unique_name()
+    exact = b'{"x":0.12345678901234567890123,"y":1.50,"tiny":1e-400}'
+    deep = json.loads("[" * 509 + "]" * 509)
+    assert post(http, framed_body([framed_group(queue, "p", [(v7_id(), "exact", exact)])])
+                ).status_code == 201
+    assert http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": "p", "payload": deep}]}).status_code == 201
+    configure(http, queue, encryptionEnabled=True)
+    assert http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": "p", "payload": {"secret": 1}}]}).status_code == 201
+
+    fetched = http.post("/api/v1/fetch", json={"entries": [
+        {"queue": queue, "partition": "p", "offset": 0}]})
+    popped = http.get(f"/api/v1/pop/queue/{queue}/partition/p",
+                      params={"wait": "false", "batch": 10})
+
+    with db.cursor() as cursor:
+        cursor.execute("SELECT m.payload::text FROM queen.messages m JOIN queen.partitions p "
+                       "ON p.id = m.partition_id JOIN queen.queues q ON q.id = p.queue_id "
+                       "WHERE q.name = %s AND m.transaction_id = 'exact'", (queue,))
+        [(stored,)] = cursor.fetchall()
+    assert "0.12345678901234567890123" in stored and "1.50" in stored
+    for answer in (fetched, popped):
+        assert answer.status_code == 200, answer.text
+        assert stored in answer.text
+    records = fetched.json()["entries"][0]["records"]
+    assert [r["payload"] for r in records[1:]] == [deep, {"secret": 1}]
+    assert all("encrypted" not in r for r in records)
+    assert [m["data"] for m in popped.json()["messages"][1:]] == [deep, {"secret": 1}]
+
+
 def good_group(queue: str) -> bytes:
     """A well-formed group, put first in a corrupt body: a body refused late must not have
     stored it either."""

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from queen_tw.db.pool import Database
 from queen_tw.engine import autopilot
 from queen_tw.engine.batcher import Batcher, BatchLimits
+from queen_tw.engine.sealed_answers import OpenPayload, open_pop_messages
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
 from queen_tw.errors import Unavailable
 
@@ -44,8 +45,8 @@ class Delivery(dict):
     """A pop's answer body. Its ``messages`` are PostgreSQL's json text, put into the HTTP
     answer as they are (``orjson.Fragment``): parsing and re-encoding 100 messages was most
     of a pop's cost in the server. :meth:`message_list` parses them when something needs
-    to look inside (giving a delivery back); deliveries with encrypted messages are parsed
-    and decrypted up front and carry a list."""
+    to look inside (giving a delivery back). Encrypted payloads are opened in the text
+    itself (``sealed_answers``). A delivery made from a parsed list (no text) keeps it."""
 
     def __init__(self, fields: Dict[str, Any], messages: Any, text: Optional[str] = None):
         super().__init__(fields, messages=messages)
@@ -169,7 +170,7 @@ class Popper:
     :param worker_id: stamped on leases.
     :param poll_timing: fallback timer of parked pops.
     :param limits: pop Batcher limits.
-    :param decrypt: turns an encrypted message's ``data`` back into plaintext, in place.
+    :param open_payload: an encrypted message's stored ``data`` as plaintext JSON text.
     :param give_back: releases the leases of a delivery nobody will receive.
     :param paused: True while pop maintenance is on (every pop answers "nothing" at once).
     :param settings_changes: a count that grows with every queue configure or delete seen
@@ -178,7 +179,7 @@ class Popper:
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
                  worker_id: str, poll_timing: PollTiming, limits: BatchLimits,
-                 decrypt: Callable[[Dict[str, Any]], None],
+                 open_payload: OpenPayload,
                  give_back: Callable[[Delivery], Awaitable[None]],
                  paused: Callable[[], bool] = lambda: False,
                  settings_changes: Callable[[], int] = lambda: 0):
@@ -187,7 +188,7 @@ class Popper:
         self._clock = clock
         self._worker_id = worker_id
         self._poll_timing = poll_timing
-        self._decrypt = decrypt
+        self._open_payload = open_payload
         self._give_back = give_back
         self._paused = paused
         self._settings_changes = settings_changes
@@ -284,13 +285,9 @@ class Popper:
             return Attempt(retry_in=max(retry_in, 1) / 1000.0 if retry_in is not None else None,
                            queues=result.get("queues"))
         more = result.pop("more", True)
-        encrypted = set(result.pop("encryptedIds", None) or ())
+        encrypted = result.pop("encryptedIds", None)
         if encrypted:
-            messages = json.loads(text)
-            for message in messages:
-                if message["id"] in encrypted:
-                    self._decrypt(message)
-            return Attempt(delivery=Delivery(result, messages), more=more)
+            text = open_pop_messages(text, encrypted, self._open_payload)
         return Attempt(delivery=Delivery(result, orjson.Fragment(text), text), more=more)
 
     def _learn(self, request: PopRequest, result: Dict[str, Any]) -> None:

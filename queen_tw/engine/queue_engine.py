@@ -200,7 +200,7 @@ class QueueEngine:
         """Told the delay (ms) of the nearest timer a committed call scheduled: the timer
         sweeper's wake-up once it is wired (``TimersEngine.on_scheduled``)."""
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
-                             decrypt=lambda message: self._decrypt_field(message, "data"),
+                             open_payload=self.open_payload,
                              give_back=self._give_back, paused=pop_paused,
                              settings_changes=lambda: self._config_cache.changes)
         self.batchers = {
@@ -346,6 +346,18 @@ class QueueEngine:
     def clock(self) -> IReactorTime:
         """The time source of long-poll deadlines."""
         return self._clock
+
+    def open_payload(self, stored: Any) -> Optional[str]:
+        """A stored encrypted payload's plaintext JSON text; None (logged) without a key or
+        with the wrong one: the caller hands out what is stored."""
+        if self._cipher is None:
+            log.error("cannot decrypt a stored payload: this server has no QUEEN_ENCRYPTION_KEY")
+            return None
+        try:
+            return self._cipher.decrypt_text(stored)
+        except Exception as err:  # wrong key or tampered row
+            log.error("cannot decrypt a stored payload: {error}", error=err)
+            return None
 
     def decrypt_field(self, row: Dict[str, Any], field: str) -> None:
         """Turns ``row[field]``, an encrypted payload as stored, into its plaintext in place;

@@ -13,14 +13,14 @@ is never missed.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from queen_tw import jsoncodec
 from queen_tw.db.pool import Database
+from queen_tw.engine.sealed_answers import OpenPayload, open_fetch_records
 from queen_tw.engine.waiters import WaiterRegistry
 
 MAX_RECORDS_PER_ENTRY = 10_000
@@ -95,16 +95,15 @@ class OffsetReads:
     :param db: the pool.
     :param waiters: where a long-polling fetch watches its partitions.
     :param clock: long-poll deadlines.
-    :param decrypt: turns an encrypted message's stored ``payload`` back into plaintext, in
-        place (as the pop does with ``data``).
+    :param open_payload: an encrypted record's stored ``payload`` as plaintext JSON text.
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
-                 decrypt: Callable[[Dict[str, Any]], None]):
+                 open_payload: OpenPayload):
         self._db = db
         self._waiters = waiters
         self._clock = clock
-        self._decrypt = decrypt
+        self._open_payload = open_payload
 
     async def fetch(self, request: FetchRequest) -> orjson.Fragment:
         """The WIRE2 6.2 answer: records of every entry, in request order."""
@@ -139,17 +138,8 @@ class OffsetReads:
             "fetch_records", [entry.as_sql() for entry in request.entries],
             request.call_bytes, MAX_RECORDS_PER_ENTRY)
         if encrypted:
-            body = self._decrypted(body)
+            body = open_fetch_records(body, self._open_payload)
         return _Read(body, payload_bytes, any_error)
-
-    def _decrypted(self, body: str) -> str:
-        """The answer with every encrypted payload in plaintext and its marker gone."""
-        answer = jsoncodec.loads(body)
-        for entry in answer["entries"]:
-            for record in entry["records"]:
-                if record.pop("encrypted", False):
-                    self._decrypt(record)
-        return jsoncodec.dumps_text(answer)
 
     @staticmethod
     def _finished(read: _Read) -> orjson.Fragment:

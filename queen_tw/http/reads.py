@@ -51,7 +51,7 @@ class ReadRoutes:
             messages = self._messages
             self._engine = OffsetReads(
                 messages.database, messages.waiters, messages.clock,
-                decrypt=lambda record: messages.decrypt_field(record, "payload"))
+                open_payload=messages.open_payload)
         return self._engine
 
     @app.route("/api/v1/fetch", methods=["POST"])
