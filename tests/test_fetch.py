@@ -187,6 +187,19 @@ def test_byte_caps_per_entry_and_per_call_and_the_first_record_always_goes(http)
     assert offsets_of(first) == offsets_of(second) == [0, 1, 2, 3, 4]
 
 
+def test_an_encrypted_queue_is_capped_by_its_payload_bytes_not_its_ciphertext(http):
+    plain, sealed = unique_name(), unique_name()
+    configure(http, sealed, encryptionEnabled=True)
+    for queue in (plain, sealed):
+        push(http, queue, [_incompressible(1000) for _ in range(6)], partition="a")
+
+    [from_plain] = fetch(http, {"queue": plain, "partition": "a", "offset": 0, "maxBytes": 4100})
+    [from_sealed] = fetch(http, {"queue": sealed, "partition": "a", "offset": 0,
+                                 "maxBytes": 4100})
+
+    assert offsets_of(from_sealed) == offsets_of(from_plain) == [0, 1, 2, 3]
+
+
 def test_an_entry_returns_at_most_ten_thousand_records(http):
     queue = unique_name()
     answer = http.post("/api/v1/push", json={"items": [

@@ -7,7 +7,8 @@
 -- fetch: p_entries = [{queue, partition, offset, maxBytes}] as the server checked them
 -- (partition named, 0 <= offset, 1 <= maxBytes). Records are contiguous from each entry's
 -- offset, at most p_record_cap per entry, while the entry's maxBytes and the call's
--- p_call_bytes hold, counting each record's stored payload size (at least 1); the call's first
+-- p_call_bytes hold, counting each record's stored payload size (at least 1; an encrypted
+-- one's plaintext length, read off its base64 ciphertext, not the envelope's); the call's first
 -- record goes out whatever its size, so one large record never stalls a reader.
 -- Returns the WIRE answer as json text (``body``), with the payload bytes it holds, whether an
 -- entry carries an error (the long poll returns at once then) and whether a record is
@@ -69,7 +70,9 @@ BEGIN
         IF v_errors[n] IS NULL AND v_pids[n] IS NOT NULL AND v_offsets[n] < v_highs[n]
            AND (NOT v_delivered OR bytes < p_call_bytes) THEN
             FOR v_size IN
-                SELECT greatest(coalesce(pg_column_size(m.payload), 0), 1)
+                SELECT greatest(coalesce(CASE WHEN m.is_encrypted
+                                              THEN length(m.payload->>'encrypted') * 3 / 4
+                                              ELSE pg_column_size(m.payload) END, 0), 1)
                   FROM queen.messages m
                  WHERE m.partition_id = v_pids[n] AND m.seq > v_offsets[n]
                  ORDER BY m.seq
