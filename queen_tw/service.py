@@ -18,7 +18,7 @@ from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.cluster.pg_wakeups import SESSION_SETTING as WAKEUP_SETTING
 from queen_tw.cluster.pg_wakeups import PostgresWakeups
 from queen_tw.cluster.wiring import build_cluster
-from queen_tw.cluster.workers import WorkerSupervisor, worker_base_env
+from queen_tw.cluster.workers import WorkerSupervisor, parent_watch, worker_base_env
 from queen_tw.config import Config
 from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database, call_deadline
@@ -131,6 +131,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     if config.num_workers > 1 and not in_group:
         top.add("workers", WorkerSupervisor(config, reactor, worker_base_env()))
         return top
+    watch = parent_watch() if in_group else None  # a worker stops once its parent is gone
+    if watch is not None:
+        top.add("jobs", watch)
 
     db = Database(config.dsn_with_settings(**WAKEUP_SETTING) if in_group else config.dsn,
                   config.db_pool_size, reactor,

@@ -119,3 +119,22 @@ def test_sigterm_stops_every_worker(make_server):
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+def test_workers_stop_when_their_parent_is_killed_and_a_restart_serves_again(make_server):
+    """Left running, the workers of a SIGKILLed parent kept the port (the restarted parent
+    could not listen) and nobody would restart them."""
+    server = make_server(NUM_WORKERS="2")
+    workers = _children(server.pid)
+    assert len(workers) == 2
+    server.kill()
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert "the parent process" in server.log_text()
+
+    server.start()
+    assert len(_children(server.pid)) == 2
+    assert len(_worker_ids_seen(server.url, 2)) == 2  # both new workers serve

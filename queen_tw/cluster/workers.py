@@ -12,6 +12,10 @@ over the processes that accept on it. The parent serves nothing itself:
   :data:`~queen_tw.lifecycle.WORKER_KILL_AFTER_S` later gets SIGKILL, inside the parent's
   own stop budget (the numbers live in ``queen_tw.lifecycle``).
 
+A worker whose parent is gone (SIGKILLed, crashed) stops itself gracefully within a second
+(:func:`parent_watch`): left running it would keep the port, so a restarted parent could not
+listen, and nobody would restart it when it died.
+
 With peer sync on, the parent also binds the one UDP socket of the instance and hands it to
 worker 1 alone (descriptor 4, ``QUEEN_SYNC_FD``); why and how the other workers take part is
 told in :mod:`queen_tw.cluster.wiring`.
@@ -23,7 +27,7 @@ import socket
 import sys
 from typing import Dict, Optional
 
-from twisted.application import service
+from twisted.application import internet, service
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
@@ -46,6 +50,9 @@ RESTART_BACKOFF = (1.0, 2.0, 30.0)
 """Restart delay of a worker that died: 1 s, doubling up to 30 s while it keeps dying young."""
 STEADY_S = 60.0
 """A worker that ran this long before dying is restarted after the initial delay again."""
+PARENT_ENV = "QUEEN_WORKER_PARENT"
+"""The parent's pid, as a worker is told it (internal: set by the parent, not an option)."""
+PARENT_CHECK_S = 1.0
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -109,7 +116,8 @@ class WorkerSupervisor(service.Service):
         env = dict(self._base_env)
         env.update(self._config.as_env())
         env.update({"NUM_WORKERS": "1", "QUEEN_LISTEN_FD": str(INHERITED_FD),
-                    "WORKER_ID": worker_name(self._config.worker_id, index)})
+                    "WORKER_ID": worker_name(self._config.worker_id, index),
+                    PARENT_ENV: str(os.getpid())})
         env.pop("QUEEN_EMBEDDED_PG", None)  # the parent runs it; workers use its PG_* settings
         child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2, INHERITED_FD: listening.fileno()}
         if index == 0 and self._sync_socket is not None:  # worker 1 owns the peer sync
@@ -176,6 +184,26 @@ class WorkerSupervisor(service.Service):
             process.signalProcess(signum)
         except Exception:  # already gone
             pass
+
+
+def parent_watch(environ: Optional[Dict[str, str]] = None) -> Optional[service.Service]:
+    """For a worker: a check, every second from the start, that the parent which started it
+    is still its parent; once it is not, the worker sends itself SIGTERM (the graceful stop).
+    None for a process no parent started as a worker."""
+    parent = (os.environ if environ is None else environ).get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return None
+    stopping = False
+
+    def check() -> None:
+        nonlocal stopping
+        if stopping or os.getppid() == int(parent):
+            return
+        stopping = True
+        log.warn("the parent process {pid} is gone: stopping this worker", pid=parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return internet.TimerService(PARENT_CHECK_S, check)
 
 
 def worker_base_env() -> Dict[str, str]:
