@@ -44,6 +44,12 @@ class DatabaseUnavailable(Unavailable):
     """PostgreSQL could not be reached or the connection broke mid-call."""
 
 
+class QueueSettingsChanged(Unavailable):
+    """A push met a queue whose ``encryptionEnabled`` changed after the server read it (a
+    configure through another worker or instance, not yet known here): PostgreSQL stored
+    nothing rather than keep a payload in plaintext. Read the flags again and retry (503)."""
+
+
 class DatabaseBusy(Unavailable):
     """PostgreSQL undid a call (deadlock or serialization failure) every time the pool ran it.
 

@@ -274,3 +274,54 @@ def test_a_transaction_pushing_to_an_encrypted_queue_without_a_key_is_refused(
     assert answer.status_code == 503, answer.text
     assert stored_rows(fleet, queue) == []
 
+
+
+# -- a flag that changed after a server read it -------------------------------------------
+
+
+def _cached_as_plain(fleet: Fleet, queue: str) -> ServerProcess:
+    """A keyed instance that pushed to ``queue`` once and so holds its flag (plain) for ten
+    minutes, unaware of configures made elsewhere (no peer sync here; with it, a lost
+    datagram or a NUM_WORKERS sibling not told yet is the same)."""
+    stale = fleet.server(QUEEN_ENCRYPTION_KEY=KEY_HEX, QUEEN_QUEUE_CONFIG_TTL_MS="600000")
+    assert push(stale.url, queue, {"before": True}).status_code == 201
+    return stale
+
+
+def transaction_push(url: str, queue: str, payload: Any) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/transaction", timeout=20, json={
+        "operations": [{"type": "push", "items": [{"queue": queue, "payload": payload}]}]})
+
+
+def test_a_push_to_a_queue_encrypted_elsewhere_is_stored_encrypted(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    queue = unique_name()
+    stale = _cached_as_plain(fleet, queue)
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+
+    payload = secret()
+    pushed = push(stale.url, queue, payload)
+
+    assert pushed.status_code == 201 and pushed.json()[0]["status"] == "queued", pushed.text
+    rows = stored_rows(fleet, queue)
+    assert sorted(encrypted for _, encrypted in rows) == [False, True]  # before; this one
+    assert not any(payload["secret"] in json.dumps(stored) for stored, _ in rows)
+    assert pop_one(stale.url, queue) == {"before": True}
+    assert pop_one(stale.url, queue) == payload
+
+
+def test_a_transaction_to_a_queue_encrypted_elsewhere_answers_503_then_stores_encrypted(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    queue = unique_name()
+    stale = _cached_as_plain(fleet, queue)
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    payload = secret()
+
+    first = transaction_push(stale.url, queue, payload)
+    again = transaction_push(stale.url, queue, payload)
+
+    assert first.status_code == 503 and "encryptionEnabled" in first.json()["error"]
+    assert again.status_code == 200 and again.json()["success"] is True, again.text
+    rows = stored_rows(fleet, queue)
+    assert sorted(encrypted for _, encrypted in rows) == [False, True]
+    assert not any(payload["secret"] in json.dumps(stored) for stored, _ in rows)

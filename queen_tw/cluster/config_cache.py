@@ -104,6 +104,12 @@ class QueueConfigCache:
         self.changes += 1
         self._entries.pop(queue, None)
 
+    def forget_all(self) -> None:
+        """PostgreSQL found a flag out of date (a push refused with QueueSettingsChanged):
+        every queue is read again."""
+        self.changes += 1
+        self._entries.clear()
+
     def apply_peer_config(self, queue: str, config: Any) -> None:
         """A peer's ``QUEUE_CONFIG_SET`` (WIRE 6.1): takes ``encryption_enabled`` from it.
 

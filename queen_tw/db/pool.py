@@ -52,7 +52,12 @@ from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from queen_tw import jsoncodec
-from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
+from queen_tw.errors import (
+    DatabaseBusy,
+    DatabaseUnavailable,
+    QueueSettingsChanged,
+    RefusedByDatabase,
+)
 from queen_tw.services.retry import OutageLog, describe_error
 
 log = Logger()
@@ -85,6 +90,9 @@ class StatementCancelled(Exception):
 # statement too complex): the request's data, not the connection; psycopg2 files it under
 # OperationalError.
 _BEYOND_LIMITS = "54"
+
+# A push refused because a queue's encryption flag changed under it (sql/functions/002_push.sql).
+_SETTINGS_CHANGED = "QE001"
 
 # Statements PostgreSQL cancelled (lock_timeout, statement_timeout) on a sound connection.
 # psycopg2 files them under OperationalError too.
@@ -404,6 +412,13 @@ class Database:
                      function=function, error=describe_error(err))
             raise RefusedByDatabase(
                 f"PostgreSQL refused the request: {describe_error(err)}") from err
+        except psycopg2.DatabaseError as err:
+            self.failed_calls += 1
+            if err.pgcode == _SETTINGS_CHANGED:
+                raise QueueSettingsChanged(
+                    "A queue's encryptionEnabled changed while the request was under way; "
+                    "nothing was applied, retry") from err
+            raise
         except Exception:
             self.failed_calls += 1
             raise

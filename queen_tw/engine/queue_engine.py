@@ -27,6 +27,7 @@ from queen_tw.errors import (
     DatabaseUnavailable,
     InvalidRequest,
     NotFound,
+    QueueSettingsChanged,
     RefusedByDatabase,
     Unavailable,
 )
@@ -270,8 +271,13 @@ class QueueEngine:
         The file-buffer replay calls this too (with the buffer's seal taken off), so replayed
         items are stored the same way.
         """
-        items = await self._encrypt(items)
-        return await self.batchers["push"].submit(items)
+        try:
+            return await self.batchers["push"].submit(await self._encrypt(items))
+        except QueueSettingsChanged:
+            # a queue began encrypting after its flag was read here (another worker or
+            # instance configured it): PostgreSQL stored nothing; read the flags again
+            self._config_cache.forget_all()
+            return await self.batchers["push"].submit(await self._encrypt(items))
 
     async def _push_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
         """Stores the items of several requests; results split back per job.
@@ -566,7 +572,12 @@ class QueueEngine:
     async def _transaction_batch(self, jobs: List[List[Dict[str, Any]]]
                                  ) -> List[List[Dict[str, Any]]]:
         """One ``run_transactions`` call; each transaction commits or rolls back on its own."""
-        outcomes = await self._db.call("run_transactions", [item for job in jobs for item in job])
+        try:
+            outcomes = await self._db.call("run_transactions",
+                                           [item for job in jobs for item in job])
+        except QueueSettingsChanged:
+            self._config_cache.forget_all()  # the client's retry encrypts with fresh flags
+            raise
         updated: List[Tuple[str, Optional[str]]] = []
         for outcome in outcomes:
             for update in outcome.pop("partitionUpdates", None) or ():

@@ -134,6 +134,7 @@ DECLARE
     v_locked      bigint;
     v_attempt     integer;
     v_capped      boolean;
+    v_sealed      boolean;  -- a locked partition's queue encrypts
     v_refused     integer[] := '{}';
     v_stored_at   integer[];
     v_stored_ids  uuid[];
@@ -179,9 +180,10 @@ BEGIN
          ORDER BY qu.id FOR NO KEY UPDATE;
         v_capped := FOUND;
         SELECT count(*), array_agg(l.id), array_agg(l.queue_name), array_agg(l.name),
-               max(l.last_message_at), array_agg(l.last_seq)
-          INTO v_locked, v_part_ids, v_part_queues, v_part_names, v_last, v_part_seqs
-          FROM (SELECT p.id, qu.name AS queue_name, p.name, p.last_message_at, p.last_seq
+               max(l.last_message_at), array_agg(l.last_seq), bool_or(l.encryption_enabled)
+          INTO v_locked, v_part_ids, v_part_queues, v_part_names, v_last, v_part_seqs, v_sealed
+          FROM (SELECT p.id, qu.name AS queue_name, p.name, p.last_message_at, p.last_seq,
+                       qu.encryption_enabled
                   FROM queen.partitions p JOIN queen.queues qu ON qu.id = p.queue_id
                  WHERE (qu.name, p.name) IN (SELECT * FROM unnest(v_pair_queues, v_pair_parts))
                  ORDER BY p.id FOR NO KEY UPDATE OF p) l;
@@ -189,6 +191,20 @@ BEGIN
     END LOOP;
     IF v_locked IS DISTINCT FROM v_wanted THEN
         RAISE EXCEPTION 'push: % of % partitions could not be created and locked', v_locked, v_wanted;
+    END IF;
+
+    -- A payload in plaintext for a queue that encrypts: the server decided from a flag it
+    -- read before a configure committed (another worker's cache, a peer not told yet).
+    -- Nothing is stored; the server reads the flag again (QueueSettingsChanged).
+    IF v_sealed THEN
+        PERFORM 1 FROM queen.push_items_placed(p_items, v_part_ids, v_part_queues, v_part_names) i
+          JOIN queen.queues qu ON qu.name = i.e->>'queue'
+         WHERE qu.encryption_enabled AND NOT coalesce((i.e->>'isEncrypted')::boolean, false)
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'push: a payload in plaintext for a queue with encryptionEnabled'
+                  USING ERRCODE = 'QE001';
+        END IF;
     END IF;
 
     IF v_capped THEN

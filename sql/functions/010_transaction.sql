@@ -113,7 +113,8 @@ BEGIN
         -- A deadlock or serialization failure (class 40) is no answer about the transaction:
         -- the call is undone and run again (queen_tw/db/pool.py), and 503 if it keeps failing.
         -- Nor is a lock it waited for past lock_timeout (55P03): 503, the client retries.
-        IF SQLSTATE LIKE '40%' OR SQLSTATE = '55P03' THEN
+        -- Nor a push whose encryption flag changed under it (QE001, 002_push.sql): 503 too.
+        IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', 'QE001') THEN
             RAISE;
         END IF;
         -- Everything inside the block is rolled back; the results gathered so far are kept.

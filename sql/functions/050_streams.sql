@@ -269,8 +269,8 @@ BEGIN
             END IF;
         END IF;
     EXCEPTION WHEN others THEN
-        IF SQLSTATE LIKE '40%' OR SQLSTATE = '55P03' THEN
-            RAISE;  -- a conflict or a lock wait, not the cycle's verdict (as run_transaction)
+        IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', 'QE001') THEN
+            RAISE;  -- a conflict, a lock wait, a stale encryption flag: not the cycle's verdict
         END IF;
         -- Everything inside the block is rolled back (a subtransaction).
         RETURN jsonb_build_object('found', true, 'success', false, 'error', SQLERRM,

@@ -260,7 +260,7 @@ BEGIN
         BEGIN
             v_one := queen.timers_fire(p_queues[i:i], p_keys[i:i], NULL);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', '57014') THEN
+            IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', '57014', 'QE001') THEN
                 RAISE;
             END IF;
             v_error := SQLERRM;
@@ -537,7 +537,7 @@ BEGIN
     BEGIN
         v_fired := queen.timers_fire(v_fire_q, v_fire_k, NULL);
     EXCEPTION WHEN OTHERS THEN
-        IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', '57014') THEN
+        IF SQLSTATE LIKE '40%' OR SQLSTATE IN ('55P03', '57014', 'QE001') THEN
             RAISE;
         END IF;
         v_fired := queen.timers_fire_each(v_fire_q, v_fire_k);
