@@ -302,6 +302,28 @@ def test_namespace_lot_forgets_unrelated_queues_once_a_queue_is_reconfigured():
     assert len(popper.asked) == 2
 
 
+def test_an_attempt_overtaken_by_a_configure_teaches_no_unrelated_queue():
+    """An attempt read the namespace's queues before a configure moved "moved" in, and a
+    push to "moved" came during it: its old answer must not leave "moved" marked unrelated,
+    or the lot would ignore pushes to it from then on."""
+    clock, popper = Clock(), ScriptedPopper()
+    changes = [0]
+    request = PopRequest(queue=None, partition=None, namespace="ns", wait=True)
+    lot = ParkingLot(request, popper, clock, Backoff(10_000, 3, 2.0, 10_000),
+                     lambda: changes[0])
+    lot.park(request, 30, Attempt(queues=["ns-a"]))
+    popper.hold_each = True
+    lot.wake("moved", None)                     # attempt 1 starts: "moved" not in ns yet
+    changes[0] += 1                             # the configure lands meanwhile
+    lot.wake("moved", None)                     # and a push to "moved": one more attempt owed
+    popper.held[0].callback(Attempt(queues=["ns-a"]))           # attempt 1's old answer
+    popper.held[1].callback(Attempt(queues=["ns-a", "moved"]))  # attempt 2's
+    popper.hold_each = False
+
+    assert lot.wake("moved", None) == 1         # still tried, not ignored
+    assert len(popper.asked) == 3
+
+
 def test_registry_wakes_partition_wildcard_and_any_queue_watchers():
     registry = WaiterRegistry()
     clock, popper = Clock(), ScriptedPopper()

@@ -507,12 +507,13 @@ class ParkingLot:
                     break  # a wake-up still pending stays dirty for the attempts running
                 self._dirty = False  # this attempt starts after every wake-up so far
                 head.served = True
+                settings_before = self._settings_changes()
                 try:
                     outcome = await self._popper.attempt(head.request)
                 finally:
                     head.served = False
                 if outcome.delivery is None:
-                    self._learn(outcome)
+                    self._learn(outcome, settings_before)
                     if outcome.retry_in is not None:  # the soonest hint of any attempt
                         self._retry_in = min(outcome.retry_in, math.inf if self._retry_in is None
                                              else self._retry_in)
@@ -561,12 +562,16 @@ class ParkingLot:
         if self._line:
             self._kick()
 
-    def _learn(self, outcome: Attempt) -> None:
-        """Namespace lots remember which queues match, to ignore pushes elsewhere."""
+    def _learn(self, outcome: Attempt, settings_before: Optional[int] = None) -> None:
+        """Namespace lots remember which queues match, to ignore pushes elsewhere. An attempt
+        that began before a configure or delete (``settings_before``: the count then) may
+        have seen the old membership: it teaches nothing about unrelated queues."""
         if self.queue is not None or outcome.queues is None:
             return
         self._matching = set(outcome.queues)
-        self._unrelated |= self._asked - self._matching
+        if settings_before is None or settings_before == self._settings_changes():
+            self._unrelated |= self._asked - self._matching
+        self._unrelated -= self._matching
         self._asked.clear()
         if len(self._unrelated) > 10_000:
             self._unrelated.clear()
