@@ -1,6 +1,8 @@
 """AES-256-GCM payload encryption at rest (WIRE.md 2.2 point 5)."""
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 from typing import Any, Optional
@@ -40,6 +42,12 @@ class PayloadCipher:
         """The payload's JSON text as it was sealed."""
         sealed = base64.b64decode(stored["encrypted"]) + base64.b64decode(stored["authTag"])
         return self._aead.decrypt(base64.b64decode(stored["iv"]), sealed, None).decode()
+
+
+def key_check(key: bytes) -> str:
+    """A digest naming ``key`` without revealing it: what PostgreSQL keeps to tell a server
+    started with another key (``queen.encryption_key_check``)."""
+    return hmac.new(key, b"queen-tw encryption key check 1", hashlib.sha256).hexdigest()
 
 
 def make_cipher(key: Optional[bytes]) -> Optional[PayloadCipher]:

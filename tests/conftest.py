@@ -23,10 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from queen_tw.config import Config
 from queen_tw.db.embedded import EmbeddedPostgres
 
-from support import ServerProcess, pg_env_from_dsn, running_server
-
-TEST_ENCRYPTION_KEY = "5a" * 32
-"""QUEEN_ENCRYPTION_KEY of the shared server (64 hex characters)."""
+from support import TEST_ENCRYPTION_KEY, ServerProcess, pg_env_from_dsn, running_server
 
 EXTERNAL_DSN_VARIABLE = "QUEEN_TEST_PG_DSN"
 

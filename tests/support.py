@@ -99,6 +99,12 @@ def pg_env_from_dsn(dsn: str) -> dict[str, str]:
     return env
 
 
+TEST_ENCRYPTION_KEY = "5a" * 32
+"""QUEEN_ENCRYPTION_KEY of the shared server (64 hex characters). Every keyed server on the
+shared database uses it: a server with another key refuses to start on a database holding
+payloads encrypted with this one."""
+
+
 class ServerProcess:
     """The real queen-tw server (``twistd -n queen``) in a subprocess on a loopback port.
 

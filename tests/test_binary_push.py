@@ -43,7 +43,13 @@ from tests.binary_bodies import (
 from tests.engine_support import ONE_CALL_AT_A_TIME, in_process_engine
 from tests.faultkit import private_fleet, set_maintenance
 from tests.http_helpers import configure
-from tests.support import count_messages, running_server, unique_name, wait_until
+from tests.support import (
+    TEST_ENCRYPTION_KEY,
+    count_messages,
+    running_server,
+    unique_name,
+    wait_until,
+)
 
 BINARY = {"Content-Type": "application/x-queen-push"}
 LIMIT = 64 * 1024 * 1024
@@ -492,7 +498,7 @@ def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
     message under the id its client minted."""
     with private_fleet() as fleet:
         server = fleet.server(QUEEN_CACHE_REFRESH_INTERVAL_MS="200",
-                              QUEEN_ENCRYPTION_KEY="5a" * 32)
+                              QUEEN_ENCRYPTION_KEY=TEST_ENCRYPTION_KEY)
         plain, sealed = unique_name(), unique_name()
         with httpx.Client(base_url=server.url, timeout=20) as http:
             configure(http, sealed, encryptionEnabled=True)

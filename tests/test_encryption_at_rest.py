@@ -325,3 +325,39 @@ def test_a_transaction_to_a_queue_encrypted_elsewhere_answers_503_then_stores_en
     rows = stored_rows(fleet, queue)
     assert sorted(encrypted for _, encrypted in rows) == [False, True]
     assert not any(payload["secret"] in json.dumps(stored) for stored, _ in rows)
+
+
+# -- the key the database was written with ------------------------------------------------
+
+
+def test_a_server_with_another_key_refuses_to_start_on_encrypted_payloads(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    """It would hand them out undecrypted, and seal new ones no other instance could open."""
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    assert push(keyed.url, queue, secret()).status_code == 201
+    other = fleet.server(start=False, QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex())
+
+    try:
+        other.start()  # /health may answer before the key is checked, or never
+    except RuntimeError:
+        pass
+    wait_until(lambda: not other.running, 30)
+
+    assert other.process is not None and other.process.returncode == 1
+    assert "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads were " \
+           "written with" in other.log_text()
+    assert fleet.server(QUEEN_ENCRYPTION_KEY=KEY_HEX).running  # the right key still starts
+
+
+def test_a_new_key_is_taken_while_nothing_encrypted_is_stored() -> None:
+    with private_fleet() as fresh:
+        first = fresh.server(QUEEN_ENCRYPTION_KEY=KEY_HEX)
+        queue = unique_name()
+        assert push(first.url, queue, {"plain": True}).status_code == 201
+        first.stop()
+
+        second = fresh.server(QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex())
+
+        wait_until(lambda: "this key is recorded instead" in second.log_text(), 20)
+        assert pop_one(second.url, queue) == {"plain": True}

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import httpx
 import pytest
 
-from tests.support import unique_name
+from tests.support import TEST_ENCRYPTION_KEY, unique_name
 
 DEFAULT_OPTIONS: Dict[str, Any] = {
     "priority": 0, "leaseTime": 300, "retryLimit": 3, "retryDelay": 1000, "maxSize": 0,
@@ -475,7 +475,7 @@ def test_traces_of_a_message_without_any_is_empty(http):
 @pytest.fixture
 def encrypting(make_server):
     """A client for a server with an encryption key."""
-    process = make_server(QUEEN_ENCRYPTION_KEY="11" * 32)
+    process = make_server(QUEEN_ENCRYPTION_KEY=TEST_ENCRYPTION_KEY)  # the database's key
     with httpx.Client(base_url=process.url, timeout=20) as client:
         yield client
 

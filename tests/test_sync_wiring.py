@@ -30,9 +30,14 @@ from queen_tw.maintenance import Maintenance
 
 from tests.http_helpers import configure, pop
 from tests.process_helpers import assert_refused_with, run_queen
-from tests.support import ServerProcess, count_messages, unique_name, wait_until
+from tests.support import (
+    TEST_ENCRYPTION_KEY,
+    ServerProcess,
+    count_messages,
+    unique_name,
+    wait_until,
+)
 
-KEY_HEX = "00112233445566778899aabbccddeeff" * 2
 FAR_MS = "600000"
 """Ten minutes: no fallback timer fires within a test."""
 PARKING_MOMENT_S = 0.5
@@ -58,7 +63,7 @@ def sync_env(own_port: int, peer_port: int, worker_id: str, **extra: str) -> Dic
             "QUEEN_SYNC_HEARTBEAT_MS": "200", "QUEEN_SYNC_DEAD_THRESHOLD_MS": "3000",
             "POP_WAIT_INITIAL_INTERVAL_MS": FAR_MS, "POP_WAIT_MAX_INTERVAL_MS": FAR_MS,
             "QUEEN_CACHE_REFRESH_INTERVAL_MS": FAR_MS, "QUEEN_QUEUE_CONFIG_TTL_MS": FAR_MS,
-            "QUEEN_ENCRYPTION_KEY": KEY_HEX, "WORKER_ID": worker_id, **extra}
+            "QUEEN_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY, "WORKER_ID": worker_id, **extra}
 
 
 class Pair:

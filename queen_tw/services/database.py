@@ -52,7 +52,8 @@ class _SchemaService(service.Service):
         super().startService()
         self._work = defer.ensureDeferred(retry_with_backoff(
             self._attempt, self._reactor, _connect_backoff(), self._outage,
-            keep_trying=lambda: bool(self.running), give_up_on=(SchemaUpgradeError,)))
+            keep_trying=lambda: bool(self.running),
+            give_up_on=(SchemaUpgradeError, EncryptionKeyMismatch)))
         self._work.addCallbacks(self._ready, self._refused)
 
     def stopService(self):
@@ -96,10 +97,14 @@ class _SchemaService(service.Service):
     def _refused(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
             return  # stopped before PostgreSQL answered
-        if failure.check(SchemaUpgradeError):
+        if failure.check(SchemaUpgradeError, EncryptionKeyMismatch):
             fatal(self._reactor, str(failure.value))
             return
         log.failure("preparing PostgreSQL failed", failure)
+
+
+class EncryptionKeyMismatch(Exception):
+    """The database holds payloads encrypted with another QUEEN_ENCRYPTION_KEY."""
 
 
 class DatabaseService(_SchemaService):
@@ -107,15 +112,32 @@ class DatabaseService(_SchemaService):
 
     The HTTP listener does not wait for it: until the pool is open every database call fails
     fast with 503 and ``/health`` says ``unhealthy``. Stopping closes the pool.
+
+    :param key_check: the digest of QUEEN_ENCRYPTION_KEY (``crypto.key_check``), None without
+        a key. Once connected it is compared with the one the database recorded; a database
+        holding payloads encrypted with another key stops the server (status 1): it would hand
+        them out undecrypted and seal new ones the other instances could never open.
     """
 
-    def __init__(self, dsn: str, db: Database, reactor, install: Installer = install_schema):
+    def __init__(self, dsn: str, db: Database, reactor, install: Installer = install_schema,
+                 key_check: Optional[str] = None):
         super().__init__(dsn, reactor, install)
         self._db = db
+        self._key_check = key_check
 
     async def _after_install(self) -> None:
         await self._db.connect()
         log.info("connected to PostgreSQL with {n} connections", n=self._db.size)
+        if self._key_check is not None:
+            verdict = await self._db.call("encryption_key_check", self._key_check)
+            if verdict == "mismatch":
+                raise EncryptionKeyMismatch(
+                    "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads "
+                    "were written with: start with that key (payloads are never re-encrypted "
+                    "with another)")
+            if verdict == "replaced":
+                log.warn("QUEEN_ENCRYPTION_KEY differs from the one recorded before; no "
+                         "encrypted payload is stored, so this key is recorded instead")
 
     def stopService(self):
         super().stopService()

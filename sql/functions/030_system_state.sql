@@ -15,3 +15,36 @@ LANGUAGE sql AS $$
     ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now()
     RETURNING value
 $$;
+
+-- The encryption key check (key 'encryption_key_check', {"check": text}): a digest of the
+-- QUEEN_ENCRYPTION_KEY that wrote this database's encrypted payloads, never the key. A server
+-- with a key calls this once connected: 'recorded' (none yet), 'matches', 'replaced' (another
+-- key, but nothing encrypted is stored: the new key takes over) or 'mismatch' (another key and
+-- encrypted payloads it cannot read: the server refuses to start rather than hand them out
+-- undecrypted or seal new ones no other instance could open). Serialised by the row lock.
+CREATE OR REPLACE FUNCTION queen.encryption_key_check(p_check text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_stored text;
+BEGIN
+    INSERT INTO queen.system_state (key, value)
+    VALUES ('encryption_key_check', jsonb_build_object('check', p_check))
+    ON CONFLICT (key) DO NOTHING;
+    IF FOUND THEN
+        RETURN 'recorded';
+    END IF;
+    SELECT value->>'check' INTO v_stored FROM queen.system_state
+     WHERE key = 'encryption_key_check' FOR UPDATE;
+    IF v_stored = p_check THEN
+        RETURN 'matches';
+    END IF;
+    IF EXISTS (SELECT 1 FROM queen.messages WHERE is_encrypted)
+       OR EXISTS (SELECT 1 FROM queen.timers WHERE encrypted)
+       OR EXISTS (SELECT 1 FROM queen.timer_dead_letters WHERE encrypted) THEN
+        RETURN 'mismatch';
+    END IF;
+    UPDATE queen.system_state SET value = jsonb_build_object('check', p_check), updated_at = now()
+     WHERE key = 'encryption_key_check';
+    RETURN 'replaced';
+END
+$$;
