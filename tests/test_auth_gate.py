@@ -205,3 +205,22 @@ async def test_a_bug_in_verification_is_a_json_500_not_a_traceback() -> None:
         await serving.close()
 
     assert (code, json.loads(body)) == (500, {"error": "Internal server error"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_authorization_headers_are_refused_whichever_comes_first() -> None:
+    """Which header a client or a proxy meant is anyone's guess: one bad and one good token
+    must not be admitted by their order."""
+    serving = Serving(CountingVerifier())
+    good, bad = f"Bearer {token()}".encode(), b"Bearer junk"
+    try:
+        answers = [await treq.request("POST", serving.base + "/api/v1/push", persistent=False,
+                                      headers={b"Authorization": pair})
+                   for pair in ([bad, good], [good, bad], [good, good])]
+        bodies = [json.loads(await answer.content()) for answer in answers]
+    finally:
+        await serving.close()
+
+    assert [answer.code for answer in answers] == [401, 401, 401]
+    assert all("Several Authorization headers" in body["error"] for body in bodies)
+    assert serving.routes.rendered == []

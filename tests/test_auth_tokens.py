@@ -437,3 +437,12 @@ def test_a_cached_token_still_needs_its_header_to_fit() -> None:
     outcome(made, mint())
     assert made.cached(None) is None
     assert made.cached(b"x" * 9000) is None
+
+
+@pytest.mark.parametrize("sub", ["mal\x00lory", "lone-\ud800"])
+def test_a_subject_no_message_could_carry_is_refused(sub: str) -> None:
+    """The sub becomes each pushed message's producerSub: PostgreSQL cannot store a NUL or a
+    lone surrogate, and every push signed with it failed instead of a clean 401."""
+    status, message = refusal(verifier(), mint(sub=sub))
+
+    assert status == 401 and "sub claim" in message

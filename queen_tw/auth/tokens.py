@@ -191,8 +191,13 @@ class TokenVerifier:
             raise AuthError(f"Token verification failed: {err}") from None
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
-        """The :class:`Identity` of verified claims; role claims of other types are ignored."""
+        """The :class:`Identity` of verified claims; role claims of other types are ignored.
+        A ``sub`` that could not be stored as a message's ``producerSub`` (a NUL, a lone
+        surrogate) is refused here, rather than fail every push it signs."""
         sub = claims.get("sub")
+        if isinstance(sub, str) and not _storable(sub):
+            raise AuthError("Invalid token: the sub claim holds a NUL character or a lone "
+                            "surrogate")
         roles = set()
         role = claims.get(self._roles_claim)
         if isinstance(role, str) and role:
@@ -224,6 +229,17 @@ class TokenVerifier:
         self._cache.move_to_end(token)
         while len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
+
+
+def _storable(text: str) -> bool:
+    """True when PostgreSQL can store ``text``: no NUL, and valid UTF-8 once encoded."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _expiry(exp: Any) -> Optional[float]:

@@ -76,7 +76,13 @@ class AuthGate(Resource):
         level = self._levels.level_of(request.method, request.path)
         if level is Level.PUBLIC:
             return self._inner.render(request)
-        header = request.getHeader(b"authorization")
+        headers = request.requestHeaders.getRawHeaders(b"authorization") or [None]
+        if len(headers) > 1:
+            # which one a proxy or the client meant is anyone's guess: refuse, never pick
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+            return json_answer(request, 401, {"error": "Several Authorization headers: send "
+                                                        "exactly one"})
+        header = headers[0]
         identity = self._verifier.cached(header)
         if identity is not None:
             return self._admit(request, identity, level)
