@@ -16,6 +16,7 @@ the route's level, and neither 401 nor 403 (nor a 5xx) otherwise: no cell may by
 from __future__ import annotations
 
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -366,3 +367,38 @@ def test_role_names_are_configurable() -> None:
     assert names.clearance({"producer"}) is Level.READ_WRITE
     assert names.clearance({"viewer", "queen-admin"}) is Level.ADMIN
     assert names.clearance({"read-write"}) is Level.PUBLIC  # the default names mean nothing now
+
+
+def _answer_to_headers_alone(port: int, head: bytes) -> bytes:
+    """What the server answers to a request's head whose body is never sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("size, expect", [(60 * 1024 * 1024, True), (10 * 1024 * 1024, False)])
+def test_an_anonymous_body_is_refused_without_being_read(auth_server: Any, size: int,
+                                                         expect: bool) -> None:
+    """No token, a route that needs one: the 401 comes before the body (never invited with
+    100 Continue), and the connection closes; an anonymous client cannot make the server
+    take in bodies of up to QUEEN_MAX_BODY_BYTES."""
+    head = (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + (b"Expect: 100-continue\r\n" if expect else b"")
+            + b"Content-Length: " + str(size).encode() + b"\r\n\r\n")
+
+    answer = _answer_to_headers_alone(auth_server.port, head)
+
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"100 Continue" not in answer and b"Authentication required" in answer
+
+
+def test_a_small_anonymous_body_is_read_and_answered_401(client: httpx.Client) -> None:
+    answer = client.post("/api/v1/push", json={"items": [{"queue": "q", "payload": 1}]})
+
+    assert_json_error(answer, 401)

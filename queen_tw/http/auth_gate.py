@@ -23,6 +23,7 @@ from typing import Any, Callable, List, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -95,6 +96,15 @@ class AuthGate(Resource):
                                                         path=_path(request),
                                                         request_id=request_id_of(request)))
         return NOT_DONE_YET
+
+    def refuses_unread(self, method: bytes, uri: bytes, headers: Headers) -> bool:
+        """True when a request will be refused whatever its body: it has no Authorization
+        header and its route needs one. The site then answers it without reading the body
+        (``site._DeadlineChannel``): an anonymous client must not make the server take in
+        and hold bodies up to QUEEN_MAX_BODY_BYTES."""
+        if headers.hasHeader(b"authorization"):
+            return False
+        return self._levels.level_of(method, uri.split(b"?", 1)[0]) is not Level.PUBLIC
 
     def _admit(self, request, identity: Identity, level: Level):
         """The inner routes' answer when ``identity`` may use a ``level`` route, else 403."""

@@ -33,6 +33,9 @@ CORS_HEADERS = {
     b"Access-Control-Expose-Headers": b"X-Request-Id",
 }
 
+UNREAD_ABOVE_BYTES = 1024 * 1024
+"""An anonymous body larger than this, for a route that needs a token, is refused unread."""
+
 CLIENT_LEFT = 499
 """The status an access line gives a request whose client closed the connection before the
 answer was finished (nginx's convention; nothing with this code is ever sent)."""
@@ -260,7 +263,27 @@ class _DeadlineChannel(HTTPChannel):
             self.requests[-1].gotLength(self.length)
             self.length = 0  # no body is read: Twisted hands the request over right away
             return
+        if self._refused_unread():
+            self.persistent = False
+            self.requests[-1].gotLength(0)
+            self.length = 0  # handed over bodiless: the auth gate answers its 401
+            return
         super().allHeadersReceived()
+
+    def _refused_unread(self) -> bool:
+        """A body the auth gate will refuse whatever it holds (no token on a route that needs
+        one), which the client waits to be invited to send ("Expect: 100-continue") or which
+        is large: not read. A small body without that header is read as usual: closing on
+        unread bytes can reset the connection before the client reads the 401."""
+        refuses = getattr(getattr(self.site, "resource", None), "refuses_unread", None)
+        if refuses is None or not self.length:
+            return False
+        request = self.requests[-1]
+        expect = request.requestHeaders.getRawHeaders(b"expect") or []
+        if self.length <= UNREAD_ABOVE_BYTES and b"100-continue" not in \
+                [value.strip().lower() for value in expect]:
+            return False
+        return refuses(self._command, self._path, request.requestHeaders)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's answer to what it cannot parse (a malformed header, conflicting lengths,
