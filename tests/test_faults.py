@@ -279,3 +279,32 @@ def test_during_an_outage_pops_answer_204_and_acks_503(fleet: Fleet,
         assert again.json()[0]["success"] is True
         second = http.get(f"/api/v1/pop/queue/{queue}").json()["messages"]
         assert [m["data"] for m in second] == [1]
+
+
+def test_a_503_from_a_frozen_postgres_means_the_kv_write_was_not_applied(
+        fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    """The client resends on 5xx: a call answered 503 at the deadline and committed once
+    PostgreSQL woke up would count a KV increment, a lock, a transaction twice."""
+    server = fleet.server(**SERVER_ENV)
+    ns, queue = unique_name(), unique_name()
+    incr = {"operations": [{"op": "incr", "ns": ns, "key": "hits", "forever": True}]}
+    transaction = {"operations": [{"type": "push", "items": [{"queue": queue, "payload": 1}]}],
+                   "kv": [{"op": "incr", "ns": ns, "key": "tx", "forever": True}]}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.post("/api/v1/kv", json=incr).status_code == 200
+
+        postgres.freeze()
+        try:
+            frozen_incr = http.post("/api/v1/kv", json=incr)
+            frozen_transaction = http.post("/api/v1/transaction", json=transaction)
+        finally:
+            postgres.thaw()
+
+        assert frozen_incr.status_code == 503 and frozen_transaction.status_code == 503
+        wait_until(lambda: health_code(server.url) == 200, 15, message="/health 200 again")
+        time.sleep(1)  # the abandoned calls reach PostgreSQL now, and are rolled back
+        read = http.post("/api/v1/kv", json={"operations": [
+            {"op": "get", "ns": ns, "key": "hits"}, {"op": "get", "ns": ns, "key": "tx"}]})
+        values = [result.get("value") for result in read.json()["results"]]
+        assert values == [1, None], read.text
+        assert http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"}).status_code == 204

@@ -16,6 +16,10 @@ Faults, and what the pool does about them:
   which would freeze the reactor along with the database. The connection stays busy until
   PostgreSQL answers, so a query that was given up on may still commit later; pushes are safe
   because their transactionIds are fixed before any attempt and the buffer replay dedupes.
+  Calls that are not safe to apply twice (a KV increment, a lock, a transaction) go through
+  :meth:`Database.call_or_nothing` instead: the statement runs inside ``BEGIN`` and the
+  commit is sent only if it answered before the deadline, so their 503 means "not applied";
+  a query given up on is rolled back when PostgreSQL gets to it.
 
 - A PostgreSQL that answers but refuses writes (SQLSTATE 25006 read_only_sql_transaction: a
   demoted primary, a standby behind the address, ``default_transaction_read_only``) is
@@ -106,6 +110,11 @@ class DeadlineExceeded(DatabaseUnavailable):
     """PostgreSQL did not answer a call in time (frozen, overloaded or unreachable)."""
 
 
+class CommitUnconfirmed(DatabaseUnavailable):
+    """An all-or-nothing call's commit was sent and not confirmed in time: its outcome is
+    unknown (the one case :meth:`Database.call_or_nothing` cannot rule out)."""
+
+
 def call_deadline(inflight_deadline_ms: int, statement_timeout_ms: int) -> float:
     """Seconds a call may take (``LIBQUEEN_INFLIGHT_DEADLINE_MS``; 0 = the statement timeout
     plus 5 s, or 35 s without one), never under 2 s."""
@@ -191,6 +200,7 @@ class _Pool(txpostgres.ConnectionPool):
         self.reactor = reactor  # read by the base class while it builds the connections
         super().__init__(None, *connargs, **connkw)
         self.busy: Set[_Connection] = set()
+        self._commit_timeout = 35.0  # the Database sets its call deadline
         for connection in self.connections:
             connection.detector.outage = outage
 
@@ -203,12 +213,15 @@ class _Pool(txpostgres.ConnectionPool):
             if connection.pollable() is not None:
                 connection.close()
 
-    def run_query_within(self, timeout: float, sql: str, params: Tuple[Any, ...]
-                         ) -> defer.Deferred:
+    def run_query_within(self, timeout: float, sql: str, params: Tuple[Any, ...],
+                         or_nothing: bool = False) -> defer.Deferred:
         """``runQuery`` on a free connection (a live one if any), answered within ``timeout``.
 
         Waiting for a free connection is given up at the deadline; a query already sent is
         left to finish on its own (see the module docstring) and its late result dropped.
+        ``or_nothing``: the query runs in a transaction committed only when it answered in
+        time (rolled back otherwise); the commit itself gets another ``timeout``, after which
+        the outcome is unknown (:class:`CommitUnconfirmed`).
         A query refused unsent by a connection known dead is tried again on another while
         some connection is alive: right after PostgreSQL restarts, connections come back one
         by one (each on its own backoff), and /health is green as soon as the first is.
@@ -239,7 +252,11 @@ class _Pool(txpostgres.ConnectionPool):
 
         def run(_):
             connection = self._take_connection()
-            query = connection.runQuery(sql, params)
+            if or_nothing:
+                query = defer.ensureDeferred(self._or_nothing(connection, sql, params,
+                                                              lambda: outcome.called, timer))
+            else:
+                query = connection.runQuery(sql, params)
             query.addErrback(_cancelled_by_postgresql)
             query.addBoth(finished, connection)
 
@@ -276,6 +293,28 @@ class _Pool(txpostgres.ConnectionPool):
         acquire_slot()
         return outcome
 
+    async def _or_nothing(self, connection: "_Connection", sql: str, params: Tuple[Any, ...],
+                          given_up: Callable[[], bool], timer: Any) -> Any:
+        """``sql`` in a transaction, committed only if nobody gave up on it meanwhile."""
+        try:
+            rows = await connection.runQuery("BEGIN; " + sql, params)
+        except BaseException:
+            await _quietly(connection.runOperation("ROLLBACK"))
+            raise
+        if given_up():
+            await _quietly(connection.runOperation("ROLLBACK"))
+            return rows  # dropped by the caller: it answered "not applied" already
+        if timer.active():  # from here the commit decides: "not applied" would be a guess
+            timer.cancel()
+        committing = connection.runOperation("COMMIT")
+        try:
+            await committing.addTimeout(self._commit_timeout, self.reactor)
+        except defer.TimeoutError:
+            raise CommitUnconfirmed(
+                f"Database did not confirm the commit within {self._commit_timeout:g}s: the "
+                "request may or may not have been applied") from None
+        return rows
+
     def any_alive(self) -> bool:
         return any(c.alive for c in self.connections | self.busy)
 
@@ -286,6 +325,14 @@ class _Pool(txpostgres.ConnectionPool):
         self.connections.remove(connection)
         self.busy.add(connection)
         return connection
+
+
+async def _quietly(operation: defer.Deferred) -> None:
+    """Awaits a clean-up statement; its failure (a dead connection) changes nothing."""
+    try:
+        await operation
+    except Exception as err:
+        log.debug("clean-up statement failed: {error}", error=err)
 
 
 def _cancelled_by_postgresql(failure: Failure) -> Failure:
@@ -337,6 +384,7 @@ class Database:
     async def connect(self) -> None:
         """Opens every connection; raises if PostgreSQL cannot be reached now."""
         pool = _Pool(self._reactor, self._outage, self._dsn, min=self._size)
+        pool._commit_timeout = self._call_deadline
         try:
             await pool.start()
         except Exception:
@@ -368,20 +416,28 @@ class Database:
         rows = await self._run(function, args, "SELECT queen.{}({})")
         return rows[0][0]
 
+    async def call_or_nothing(self, function: str, *args: Any) -> Any:
+        """:meth:`call` for a function not safe to apply twice (KV, locks, transactions): its
+        ``DatabaseUnavailable`` means nothing was applied, a deadline included, so the
+        client may resend (see the module docstring); only :class:`CommitUnconfirmed`
+        leaves the outcome unknown."""
+        rows = await self._run(function, args, "SELECT queen.{}({})", or_nothing=True)
+        return rows[0][0]
+
     async def call_rows(self, function: str, *args: Any) -> List[Tuple[Any, ...]]:
         """Runs ``SELECT * FROM queen.<function>(args…)`` (a set-returning function) and
         returns its rows; otherwise as :meth:`call`."""
         return await self._run(function, args, "SELECT * FROM queen.{}({})")
 
-    async def _run(self, function: str, args: Tuple[Any, ...], shape: str
-                   ) -> List[Tuple[Any, ...]]:
+    async def _run(self, function: str, args: Tuple[Any, ...], shape: str,
+                   or_nothing: bool = False) -> List[Tuple[Any, ...]]:
         if self._pool is None:
             raise DatabaseUnavailable("Database unavailable")
         sql = self._statement(function, args, shape)
         params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
         try:
-            rows = await self._run_again_if_rolled_back(sql, params)
+            rows = await self._run_again_if_rolled_back(sql, params, or_nothing)
         except DeadlineExceeded as err:
             self.failed_calls += 1
             self._outage.failed(f"{function}: {err}")
@@ -426,15 +482,16 @@ class Database:
         self._cancelled.succeeded()
         return rows
 
-    async def _run_again_if_rolled_back(self, sql: str, params: Tuple[Any, ...]
-                                        ) -> List[Tuple[Any, ...]]:
+    async def _run_again_if_rolled_back(self, sql: str, params: Tuple[Any, ...],
+                                        or_nothing: bool = False) -> List[Tuple[Any, ...]]:
         """Every call is one statement in its own transaction, so one that PostgreSQL ended
         with a deadlock or serialization failure left nothing behind and can simply run again."""
         pool = self._pool
         assert pool is not None  # _run checked it
         for retry in range(_ROLLED_BACK_RETRIES + 1):
             try:
-                return await pool.run_query_within(self._call_deadline, sql, params)
+                return await pool.run_query_within(self._call_deadline, sql, params,
+                                                   or_nothing)
             except _ROLLED_BACK:
                 if retry == _ROLLED_BACK_RETRIES:
                     raise

@@ -573,8 +573,8 @@ class QueueEngine:
                                  ) -> List[List[Dict[str, Any]]]:
         """One ``run_transactions`` call; each transaction commits or rolls back on its own."""
         try:
-            outcomes = await self._db.call("run_transactions",
-                                           [item for job in jobs for item in job])
+            outcomes = await self._db.call_or_nothing(  # its 503 must mean "not applied"
+                "run_transactions", [item for job in jobs for item in job])
         except QueueSettingsChanged:
             self._config_cache.forget_all()  # the client's retry encrypts with fresh flags
             raise
