@@ -7,6 +7,7 @@ scenario it checks and a wrong answer fails where it happened.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Dict, List, Optional
 
 import httpx
@@ -76,3 +77,18 @@ def dead_letters(http: httpx.Client, queue: str) -> Dict[str, Any]:
     answer = http.get("/api/v1/dlq", params={"queue": queue})
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def raw_answer(port: int, request: bytes) -> bytes:
+    """Everything the server on ``port`` sends back to the raw ``request`` bytes before it
+    closes the connection (for what no HTTP client would send: half a request, a head
+    whose body never comes)."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer

@@ -16,7 +16,6 @@ the route's level, and neither 401 nor 403 (nor a 5xx) otherwise: no cell may by
 from __future__ import annotations
 
 import re
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from queen_tw.http.openapi import openapi_document
 from queen_tw.http.routes import route_sets
 
 from tests.error_answers import assert_json_error
+from tests.http_helpers import raw_answer
 from tests.support import running_server, unique_name
 
 SECRET = "matrix-secret-that-is-long-enough-for-hs256"
@@ -369,19 +369,6 @@ def test_role_names_are_configurable() -> None:
     assert names.clearance({"read-write"}) is Level.PUBLIC  # the default names mean nothing now
 
 
-def _answer_to_headers_alone(port: int, head: bytes) -> bytes:
-    """What the server answers to a request's head whose body is never sent."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head)
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
-    return answer
-
-
 @pytest.mark.parametrize("size, expect", [(60 * 1024 * 1024, True), (10 * 1024 * 1024, False)])
 def test_an_anonymous_body_is_refused_without_being_read(auth_server: Any, size: int,
                                                          expect: bool) -> None:
@@ -392,7 +379,7 @@ def test_an_anonymous_body_is_refused_without_being_read(auth_server: Any, size:
             + (b"Expect: 100-continue\r\n" if expect else b"")
             + b"Content-Length: " + str(size).encode() + b"\r\n\r\n")
 
-    answer = _answer_to_headers_alone(auth_server.port, head)
+    answer = raw_answer(auth_server.port, head)  # its body is never sent
 
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert b"100 Continue" not in answer and b"Authentication required" in answer

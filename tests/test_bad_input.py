@@ -27,6 +27,7 @@ from tests.binary_bodies import (
     zstd,
 )
 from tests.error_answers import assert_json_error
+from tests.http_helpers import raw_answer
 from tests.support import count_messages, unique_name
 
 A_UUID = "0190a0b0-0000-7000-8000-000000000000"
@@ -589,7 +590,7 @@ def test_connections_over_the_per_client_cap_get_503_and_are_closed(make_server)
         for sock in held:
             assert _health_over(sock).startswith(b"HTTP/1.1 200 ")
 
-        refused = _raw_answer(capped.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        refused = raw_answer(capped.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert refused.startswith(b"HTTP/1.1 503 "), refused
         assert b"QUEEN_MAX_CLIENT_CONNECTIONS" in refused
         assert b"Access-Control-Allow-Origin: *" in refused and b"X-Request-Id: " in refused
@@ -598,7 +599,7 @@ def test_connections_over_the_per_client_cap_get_503_and_are_closed(make_server)
         held.pop().close()
         deadline = time.monotonic() + 10
         while True:  # the server counts the close once it has read it
-            answer = _raw_answer(capped.port, b"GET /health HTTP/1.1\r\nHost: x\r\n"
+            answer = raw_answer(capped.port, b"GET /health HTTP/1.1\r\nHost: x\r\n"
                                               b"Connection: close\r\n\r\n")
             if answer.startswith(b"HTTP/1.1 200 ") or time.monotonic() > deadline:
                 break
@@ -608,19 +609,6 @@ def test_connections_over_the_per_client_cap_get_503_and_are_closed(make_server)
         for sock in held:
             sock.close()
     assert "refusing new connections from 127.0.0.1" in capped.log_path.read_text()
-
-
-def _raw_answer(port: int, request: bytes) -> bytes:
-    """Everything the server sends back to ``request`` before it closes the connection."""
-    answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
-    return answer
 
 
 @pytest.mark.parametrize("request_bytes, status", [
@@ -636,7 +624,7 @@ def _raw_answer(port: int, request: bytes) -> bytes:
         "long header"])
 def test_requests_twisted_cannot_parse_get_a_json_error_with_cors(server, request_bytes,
                                                                   status):
-    answer = _raw_answer(server.port, request_bytes)
+    answer = raw_answer(server.port, request_bytes)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
     assert b"Access-Control-Allow-Origin: *" in head and b"X-Request-Id: " in head
@@ -645,7 +633,7 @@ def test_requests_twisted_cannot_parse_get_a_json_error_with_cors(server, reques
 
 def test_a_declared_body_over_the_limit_is_refused_before_it_is_invited(make_server):
     small = make_server(QUEEN_MAX_BODY_BYTES="1000")
-    answer = _raw_answer(small.port, b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_answer(small.port, b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
                          b"Content-Length: 5000000000\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]

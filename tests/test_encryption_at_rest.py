@@ -279,13 +279,16 @@ def test_a_transaction_pushing_to_an_encrypted_queue_without_a_key_is_refused(
 # -- a flag that changed after a server read it -------------------------------------------
 
 
-def _cached_as_plain(fleet: Fleet, queue: str) -> ServerProcess:
-    """A keyed instance that pushed to ``queue`` once and so holds its flag (plain) for ten
-    minutes, unaware of configures made elsewhere (no peer sync here; with it, a lost
-    datagram or a NUM_WORKERS sibling not told yet is the same)."""
+def _encrypted_elsewhere(keyed: ServerProcess, fleet: Fleet) -> tuple[str, ServerProcess]:
+    """A queue, and a keyed instance that pushed to it once and so holds its flag (plain)
+    for ten minutes; then ``keyed`` makes the queue encrypt, and that instance is not told
+    (no peer sync here; with it, a lost datagram or a NUM_WORKERS sibling not told yet is
+    the same)."""
+    queue = unique_name()
     stale = fleet.server(QUEEN_ENCRYPTION_KEY=KEY_HEX, QUEEN_QUEUE_CONFIG_TTL_MS="600000")
     assert push(stale.url, queue, {"before": True}).status_code == 201
-    return stale
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    return queue, stale
 
 
 def transaction_push(url: str, queue: str, payload: Any) -> httpx.Response:
@@ -295,10 +298,7 @@ def transaction_push(url: str, queue: str, payload: Any) -> httpx.Response:
 
 def test_a_push_to_a_queue_encrypted_elsewhere_is_stored_encrypted(
         keyed: ServerProcess, fleet: Fleet) -> None:
-    queue = unique_name()
-    stale = _cached_as_plain(fleet, queue)
-    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
-
+    queue, stale = _encrypted_elsewhere(keyed, fleet)
     payload = secret()
     pushed = push(stale.url, queue, payload)
 
@@ -312,9 +312,7 @@ def test_a_push_to_a_queue_encrypted_elsewhere_is_stored_encrypted(
 
 def test_a_transaction_to_a_queue_encrypted_elsewhere_answers_503_then_stores_encrypted(
         keyed: ServerProcess, fleet: Fleet) -> None:
-    queue = unique_name()
-    stale = _cached_as_plain(fleet, queue)
-    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    queue, stale = _encrypted_elsewhere(keyed, fleet)
     payload = secret()
 
     first = transaction_push(stale.url, queue, payload)

@@ -110,15 +110,20 @@ def test_internal_notify_through_any_worker_wakes_the_long_polls_of_every_worker
                   for m in answer.json()["messages"]) == [f"m{n}" for n in range(6)]
 
 
+def _all_gone(pids: list, within: float) -> bool:
+    """Waits up to ``within`` seconds for every process of ``pids`` to exit."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        time.sleep(0.1)
+    return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
 def test_sigterm_stops_every_worker(make_server):
     server = make_server(NUM_WORKERS="2")
     workers = _children(server.pid)
     assert len(workers) == 2
     server.stop()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
-        time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert _all_gone(workers, 10)
 
 
 def test_workers_stop_when_their_parent_is_killed_and_a_restart_serves_again(make_server):
@@ -129,10 +134,7 @@ def test_workers_stop_when_their_parent_is_killed_and_a_restart_serves_again(mak
     assert len(workers) == 2
     server.kill()
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
-        time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert _all_gone(workers, 30)
     assert "the parent process" in server.log_text()
 
     server.start()
