@@ -13,6 +13,7 @@ prove nothing). Each test prints its counts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -308,3 +309,48 @@ def test_a_503_from_a_frozen_postgres_means_the_kv_write_was_not_applied(
         values = [result.get("value") for result in read.json()["results"]]
         assert values == [1, None], read.text
         assert http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"}).status_code == 204
+
+
+def test_a_commit_not_confirmed_in_time_answers_503_and_blocks_nothing(
+        fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    """A KV write whose COMMIT outlasts the deadline: its outcome is unknown (503 saying so),
+    and the server keeps serving meanwhile (cancelling the commit would have blocked the
+    reactor until PostgreSQL answered)."""
+    import psycopg2
+
+    server = fleet.server(**SERVER_ENV)
+    ns = unique_name()
+    incr = {"operations": [{"op": "incr", "ns": ns, "key": "k", "forever": True}]}
+    db = psycopg2.connect(postgres.dsn)
+    db.autocommit = True
+    with db.cursor() as cursor:
+        cursor.execute("""
+            CREATE FUNCTION queen.zz_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER zz_slow_commit AFTER INSERT OR UPDATE ON queen.kv
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                EXECUTE FUNCTION queen.zz_slow_commit()""")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            writing = pool.submit(http.post, "/api/v1/kv", json=incr)
+            time.sleep(0.5)
+            while not writing.done():  # served all along, each within a second
+                assert httpx.get(f"{server.url}/api/v1/openapi.json", timeout=1).status_code \
+                    == 200
+                time.sleep(0.2)
+            answer = writing.result()
+            waited = time.monotonic() - started
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP TRIGGER zz_slow_commit ON queen.kv;"
+                           "DROP FUNCTION queen.zz_slow_commit()")
+        db.close()
+
+    assert answer.status_code == 503 and "did not confirm the commit" in answer.text
+    assert waited < 4.5  # the commit timeout (the call deadline), not the 5 s commit
+    read = {"operations": [{"op": "get", "ns": ns, "key": "k"}]}
+    wait_until(lambda: httpx.post(f"{server.url}/api/v1/kv", json=read, timeout=10).json()
+               ["results"][0].get("value") == 1, 15, message="the commit, applied after all")
+    assert "Traceback" not in server.log_text()

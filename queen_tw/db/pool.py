@@ -232,6 +232,7 @@ class _Pool(txpostgres.ConnectionPool):
             f"Database did not answer within {timeout:g}s")))
 
         def _give_up(reason: Optional[Exception] = None) -> None:
+            # (never cancels a query sent: psycopg2's cancel would block the reactor)
             forget()
             if not slot.called:
                 slot.cancel()
@@ -250,11 +251,22 @@ class _Pool(txpostgres.ConnectionPool):
             acquire = None
             params = ()
 
+        def committing() -> None:
+            # From here the commit decides: "not applied" at the deadline would be a guess.
+            # Its own timer answers "unknown"; the commit is left to finish on its own.
+            nonlocal timer
+            if timer.active():
+                timer.cancel()
+            timer = self.reactor.callLater(self._commit_timeout, lambda: _give_up(
+                CommitUnconfirmed(f"Database did not confirm the commit within "
+                                  f"{self._commit_timeout:g}s: the request may or may not "
+                                  "have been applied")))
+
         def run(_):
             connection = self._take_connection()
             if or_nothing:
-                query = defer.ensureDeferred(self._or_nothing(connection, sql, params,
-                                                              lambda: outcome.called, timer))
+                query = defer.ensureDeferred(self._or_nothing(
+                    connection, sql, params, lambda: outcome.called, committing))
             else:
                 query = connection.runQuery(sql, params)
             query.addErrback(_cancelled_by_postgresql)
@@ -293,9 +305,11 @@ class _Pool(txpostgres.ConnectionPool):
         acquire_slot()
         return outcome
 
-    async def _or_nothing(self, connection: "_Connection", sql: str, params: Tuple[Any, ...],
-                          given_up: Callable[[], bool], timer: Any) -> Any:
-        """``sql`` in a transaction, committed only if nobody gave up on it meanwhile."""
+    @staticmethod
+    async def _or_nothing(connection: "_Connection", sql: str, params: Tuple[Any, ...],
+                          given_up: Callable[[], bool], committing: Callable[[], None]) -> Any:
+        """``sql`` in a transaction, committed only if nobody gave up on it meanwhile;
+        ``committing`` is told just before the commit is sent."""
         try:
             rows = await connection.runQuery("BEGIN; " + sql, params)
         except BaseException:
@@ -304,15 +318,8 @@ class _Pool(txpostgres.ConnectionPool):
         if given_up():
             await _quietly(connection.runOperation("ROLLBACK"))
             return rows  # dropped by the caller: it answered "not applied" already
-        if timer.active():  # from here the commit decides: "not applied" would be a guess
-            timer.cancel()
-        committing = connection.runOperation("COMMIT")
-        try:
-            await committing.addTimeout(self._commit_timeout, self.reactor)
-        except defer.TimeoutError:
-            raise CommitUnconfirmed(
-                f"Database did not confirm the commit within {self._commit_timeout:g}s: the "
-                "request may or may not have been applied") from None
+        committing()
+        await connection.runOperation("COMMIT")
         return rows
 
     def any_alive(self) -> bool:
