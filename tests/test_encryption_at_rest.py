@@ -334,28 +334,41 @@ def test_a_server_with_another_key_refuses_to_start_on_encrypted_payloads(
     queue = unique_name()
     assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
     assert push(keyed.url, queue, secret()).status_code == 201
-    other = fleet.server(start=False, QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex())
+    log = _refused_to_start(fleet.server(start=False, QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex()))
 
-    try:
-        other.start()  # /health may answer before the key is checked, or never
-    except RuntimeError:
-        pass
-    wait_until(lambda: not other.running, 30)
-
-    assert other.process is not None and other.process.returncode == 1
     assert "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads were " \
-           "written with" in other.log_text()
+           "written with" in log
     assert fleet.server(QUEEN_ENCRYPTION_KEY=KEY_HEX).running  # the right key still starts
 
 
-def test_a_new_key_is_taken_while_nothing_encrypted_is_stored() -> None:
+def _refused_to_start(server: ServerProcess) -> str:
+    """Starts ``server`` expecting it to stop by itself with status 1; its log."""
+    try:
+        server.start()  # /health may answer before the key is checked, or never
+    except RuntimeError:
+        pass
+    wait_until(lambda: not server.running, 30)
+    assert server.process is not None and server.process.returncode == 1
+    return server.log_text()
+
+
+def test_a_new_key_is_refused_until_the_record_is_deleted_even_with_nothing_encrypted(
+        ) -> None:
+    """Instances with the recorded key may be running: they would seal payloads the new
+    key cannot open. Changing keys is an operator's step."""
     with private_fleet() as fresh:
         first = fresh.server(QUEEN_ENCRYPTION_KEY=KEY_HEX)
         queue = unique_name()
         assert push(first.url, queue, {"plain": True}).status_code == 201
         first.stop()
 
-        second = fresh.server(QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex())
+        log = _refused_to_start(fresh.server(start=False, QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex()))
 
-        wait_until(lambda: "this key is recorded instead" in second.log_text(), 20)
+        assert "stop every instance, delete the record" in log
+        env = fresh.pg_env
+        with psycopg2.connect(host=env["PG_HOST"], port=env["PG_PORT"], user=env["PG_USER"],
+                              dbname=env["PG_DB"]) as db, db.cursor() as cursor:
+            cursor.execute("DELETE FROM queen.system_state WHERE key = 'encryption_key_check'")
+        db.close()
+        second = fresh.server(QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex())
         assert pop_one(second.url, queue) == {"plain": True}

@@ -7,9 +7,11 @@ retrying will not fix it) is different: the process says so in one line and exit
 status 1, so a supervisor and the operator see it at once.
 """
 
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import psycopg2
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -104,7 +106,30 @@ class _SchemaService(service.Service):
 
 
 class EncryptionKeyMismatch(Exception):
-    """The database holds payloads encrypted with another QUEEN_ENCRYPTION_KEY."""
+    """The database recorded another QUEEN_ENCRYPTION_KEY."""
+
+
+_KEY_CHANGE = ("to change the key, stop every instance, delete the record (DELETE FROM "
+               "queen.system_state WHERE key = 'encryption_key_check') and start them all "
+               "with the new key")
+
+
+def check_encryption_key(dsn: str, key_check: str) -> None:
+    """Compares this server's key digest with the database's (blocking; recording it when it
+    is the first). Raises :class:`EncryptionKeyMismatch` for another key: with encrypted
+    payloads stored it could not read them, and without, instances with the recorded key may
+    be running and would seal payloads this one could not open."""
+    with closing(psycopg2.connect(dsn)) as connection, connection, connection.cursor() as cursor:
+        cursor.execute("SELECT queen.encryption_key_check(%s)", (key_check,))
+        [(verdict,)] = cursor.fetchall()
+    if verdict == "mismatch":
+        raise EncryptionKeyMismatch(
+            "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads were "
+            "written with: start with that key (payloads are never re-encrypted)")
+    if verdict == "differs":
+        raise EncryptionKeyMismatch(
+            "QUEEN_ENCRYPTION_KEY is not the key recorded for this database (nothing "
+            f"encrypted is stored yet, but instances with that key may run); {_KEY_CHANGE}")
 
 
 class DatabaseService(_SchemaService):
@@ -114,9 +139,8 @@ class DatabaseService(_SchemaService):
     fast with 503 and ``/health`` says ``unhealthy``. Stopping closes the pool.
 
     :param key_check: the digest of QUEEN_ENCRYPTION_KEY (``crypto.key_check``), None without
-        a key. Once connected it is compared with the one the database recorded; a database
-        holding payloads encrypted with another key stops the server (status 1): it would hand
-        them out undecrypted and seal new ones the other instances could never open.
+        a key. Before the pool opens it is compared with the one the database recorded
+        (:func:`check_encryption_key`); another key stops the server (status 1).
     """
 
     def __init__(self, dsn: str, db: Database, reactor, install: Installer = install_schema,
@@ -126,18 +150,10 @@ class DatabaseService(_SchemaService):
         self._key_check = key_check
 
     async def _after_install(self) -> None:
+        if self._key_check is not None:  # before any request can use the pool
+            await threads.deferToThread(check_encryption_key, self._dsn, self._key_check)
         await self._db.connect()
         log.info("connected to PostgreSQL with {n} connections", n=self._db.size)
-        if self._key_check is not None:
-            verdict = await self._db.call("encryption_key_check", self._key_check)
-            if verdict == "mismatch":
-                raise EncryptionKeyMismatch(
-                    "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads "
-                    "were written with: start with that key (payloads are never re-encrypted "
-                    "with another)")
-            if verdict == "replaced":
-                log.warn("QUEEN_ENCRYPTION_KEY differs from the one recorded before; no "
-                         "encrypted payload is stored, so this key is recorded instead")
 
     def stopService(self):
         super().stopService()

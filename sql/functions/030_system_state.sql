@@ -17,11 +17,12 @@ LANGUAGE sql AS $$
 $$;
 
 -- The encryption key check (key 'encryption_key_check', {"check": text}): a digest of the
--- QUEEN_ENCRYPTION_KEY that wrote this database's encrypted payloads, never the key. A server
--- with a key calls this once connected: 'recorded' (none yet), 'matches', 'replaced' (another
--- key, but nothing encrypted is stored: the new key takes over) or 'mismatch' (another key and
--- encrypted payloads it cannot read: the server refuses to start rather than hand them out
--- undecrypted or seal new ones no other instance could open). Serialised by the row lock.
+-- database's QUEEN_ENCRYPTION_KEY, never the key. A server with a key calls this before it
+-- opens its pool: 'recorded' (the first key), 'matches', 'mismatch' (another key, and
+-- encrypted payloads it cannot read are stored) or 'differs' (another key, nothing encrypted
+-- stored yet; instances with the recorded key may still be running and encrypt any time). The
+-- server refuses to start on the last two: it would hand payloads out undecrypted and seal
+-- new ones no other instance could open. Changing the key is an operator's step (README).
 CREATE OR REPLACE FUNCTION queen.encryption_key_check(p_check text) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -43,8 +44,6 @@ BEGIN
        OR EXISTS (SELECT 1 FROM queen.timer_dead_letters WHERE encrypted) THEN
         RETURN 'mismatch';
     END IF;
-    UPDATE queen.system_state SET value = jsonb_build_object('check', p_check), updated_at = now()
-     WHERE key = 'encryption_key_check';
-    RETURN 'replaced';
+    RETURN 'differs';
 END
 $$;
