@@ -325,6 +325,29 @@ def test_a_transaction_to_a_queue_encrypted_elsewhere_answers_503_then_stores_en
     assert not any(payload["secret"] in json.dumps(stored) for stored, _ in rows)
 
 
+def test_a_stream_cycle_to_a_sink_encrypted_elsewhere_answers_503_once(
+        keyed: ServerProcess, fleet: Fleet) -> None:
+    sink, stale = _encrypted_elsewhere(keyed, fleet)
+    source = unique_name()
+    [pushed] = push(stale.url, source, {"n": 1}).json()
+    registered = httpx.post(f"{stale.url}/streams/v1/queries", timeout=20, json={
+        "name": unique_name("test-q-"), "source_queue": source, "sink_queue": sink,
+        "config_hash": "h1", "reset": False})
+    payload = secret()
+    cycle = {"query_id": registered.json()["query_id"], "partition_id": pushed["partition_id"],
+             "consumer_group": "g", "state_ops": [], "ack": None,
+             "push_items": [{"queue": sink, "payload": payload}]}
+
+    first = httpx.post(f"{stale.url}/streams/v1/cycle", json=cycle, timeout=20)
+    again = httpx.post(f"{stale.url}/streams/v1/cycle", json=cycle, timeout=20)
+
+    assert first.status_code == 503, first.text
+    assert again.status_code == 200 and again.json()["success"] is True, again.text
+    assert sorted(encrypted for _, encrypted in stored_rows(fleet, sink)) == [False, True]
+    assert not any(payload["secret"] in json.dumps(stored)
+                   for stored, _ in stored_rows(fleet, sink))
+
+
 # -- the key the database was written with ------------------------------------------------
 
 

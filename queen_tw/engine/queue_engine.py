@@ -402,6 +402,17 @@ class QueueEngine:
                               "(maintenance or outage); retry shortly")
         return await self._encrypt(_with_transaction_ids(items))
 
+    async def call_storing_pushes(self, function: str, *args: Any) -> Any:
+        """An all-or-nothing call of a SQL function that stores pushes :meth:`prepare_push`
+        made (transactions, stream cycles): its 503 means nothing was applied. When a queue
+        began encrypting after its flag was read here (QueueSettingsChanged), the flags are
+        forgotten, so the client's retry encrypts with fresh ones."""
+        try:
+            return await self._db.call_or_nothing(function, *args)
+        except QueueSettingsChanged:
+            self._config_cache.forget_all()
+            raise
+
     async def seal(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Items (``queue``, ``payload``) with the payloads of encrypted queues encrypted
         (``isEncrypted`` set), as a push stores them; for payloads kept elsewhere until they
@@ -572,12 +583,8 @@ class QueueEngine:
     async def _transaction_batch(self, jobs: List[List[Dict[str, Any]]]
                                  ) -> List[List[Dict[str, Any]]]:
         """One ``run_transactions`` call; each transaction commits or rolls back on its own."""
-        try:
-            outcomes = await self._db.call_or_nothing(  # its 503 must mean "not applied"
-                "run_transactions", [item for job in jobs for item in job])
-        except QueueSettingsChanged:
-            self._config_cache.forget_all()  # the client's retry encrypts with fresh flags
-            raise
+        outcomes = await self.call_storing_pushes(
+            "run_transactions", [item for job in jobs for item in job])
         updated: List[Tuple[str, Optional[str]]] = []
         for outcome in outcomes:
             for update in outcome.pop("partitionUpdates", None) or ():

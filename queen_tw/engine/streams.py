@@ -64,7 +64,7 @@ class StreamsEngine:
             raise  # the client retries the cycle (503), as when streams_cycle meets them
         except Unavailable as err:  # maintenance or no key: not storable now, nothing done
             return _failed(query_id, partition_id, err.message)
-        answer = await self._db.call_or_nothing("streams_cycle", {  # a 503: not applied
+        answer = await self._messages.call_storing_pushes("streams_cycle", {
             "query_id": query_id, "partition_id": partition_id,
             "consumer_group": consumer_group, "release_lease": release_lease,
             "state_ops": state_ops, "push_items": prepared, "ack": ack})
