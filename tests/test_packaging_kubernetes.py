@@ -30,7 +30,7 @@ from queen_tw.cluster.peers import parse_peers
 from queen_tw.config import OPTIONS, Config
 from queen_tw.lifecycle import STOP_BUDGET_S
 
-from support import REPO_ROOT, ServerProcess, free_port
+from support import REPO_ROOT, TEST_ENCRYPTION_KEY, ServerProcess, free_port
 
 try:
     import helm_python
@@ -62,8 +62,9 @@ SECRET_ENV = {"PG_PASSWORD", "JWT_SECRET", "QUEEN_ENCRYPTION_KEY", "QUEEN_SYNC_S
 """Settings that must come from a Secret, never from a literal in the manifests."""
 
 SECRET_SAMPLES = {"PG_USER": "app", "PG_PASSWORD": "pw", "JWT_SECRET": "s" * 32,
-                  "QUEEN_ENCRYPTION_KEY": "0" * 64, "QUEEN_SYNC_SECRET": "k" * 32}
-"""What each Secret-fed setting could hold, to parse the rendered env as the server would."""
+                  "QUEEN_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY, "QUEEN_SYNC_SECRET": "k" * 32}
+"""What each Secret-fed setting could hold, to parse the rendered env as the server would
+(the encryption key is the test database's: a server with another refuses to start)."""
 
 OPTION_NAMES = {spec.env for spec in OPTIONS}
 
