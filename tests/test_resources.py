@@ -92,6 +92,21 @@ def test_queue_totals_stay_apart_when_a_named_group_dead_letters(http):
         {"total": 2, "pending": 1, "processing": 0, "completed": 1, "deadLetter": 1}
 
 
+def test_queue_totals_stay_apart_when_queue_mode_dead_letters_a_message_ahead_of_it(http):
+    queue = unique_name()
+    push(http, queue, ["a", "b", "c"])
+    [a] = pop(http, queue)["messages"]
+    ack(http, a)  # queue mode consumed "a"; "b" and "c" are ahead of its cursor
+    detail = http.get("/api/v1/messages", params={"queue": queue}).json()["messages"]
+    c = next(m for m in detail if m["transactionId"] == "t2")
+    moved = http.post(f"/api/v1/messages/{c['partitionId']}/t2/dlq", json={})
+    assert moved.status_code == 200 and moved.json()["dlq"] is True, moved.text
+
+    totals = http.get(f"/api/v1/resources/queues/{queue}").json()["totals"]
+
+    assert (totals["total"], totals["completed"], totals["deadLetter"]) == (3, 1, 1), totals
+
+
 # -- messages: reads --------------------------------------------------------------------
 
 

@@ -47,7 +47,10 @@ RECOUNT = """
                (SELECT count(DISTINCT d.message_id) FROM queen.dead_letter_queue d
                  WHERE d.partition_id = %(p)s) AS dead_letter,
                (SELECT count(DISTINCT d.message_id) FROM queen.dead_letter_queue d
-                 WHERE d.partition_id = %(p)s AND d.consumer_group = '__QUEUE_MODE__')
+                  JOIN queen.messages dm ON dm.id = d.message_id
+                  LEFT JOIN pc ON true
+                 WHERE d.partition_id = %(p)s AND d.consumer_group = '__QUEUE_MODE__'
+                   AND (dm.created_at, dm.id) <= (pc.cursor_created_at, pc.cursor_id))
                    AS own_dead_letter
           FROM queen.messages m LEFT JOIN pc ON true
          WHERE m.partition_id = %(p)s

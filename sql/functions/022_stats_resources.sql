@@ -120,7 +120,7 @@ CREATE OR REPLACE TRIGGER messages_deleted_positions
 
 -- The counts of one partition (p_partition) or of all, as the full recount defined them:
 -- total = stored; completed = at or before the queue-mode cursor, less the ones queue mode
--- dead-lettered; processing = after it, up to the last message of a live queue-mode lease;
+-- dead-lettered there (one it dead-lettered ahead of its cursor is still pending); processing = after it, up to the last message of a live queue-mode lease;
 -- pending = the rest; dead_letter = the partition's messages in the dead-letter table,
 -- whichever group put them there (one a named group dead-lettered is pending for queue mode
 -- too: the other counts are queue mode's view). stored_through's arithmetic written out (a
@@ -134,7 +134,7 @@ LANGUAGE sql STABLE AS $$
     SELECT x.id, x.queue_id, x.message_count, x.message_count - x.consumed - x.processing,
            x.processing, x.consumed - dl.own, dl.dead_letter
       FROM (
-        SELECT p.id, p.queue_id, p.message_count,
+        SELECT p.id, p.queue_id, p.message_count, coalesce(pc.cursor_seq, 0) AS cursor_seq,
                -- stored messages at positions first_seq..cursor_seq
                CASE WHEN coalesce(pc.cursor_seq, 0) < p.first_seq THEN 0
                     ELSE least(pc.cursor_seq, p.last_seq) - p.first_seq + 1
@@ -172,8 +172,10 @@ LANGUAGE sql STABLE AS $$
       CROSS JOIN LATERAL (
           SELECT count(DISTINCT d.message_id) AS dead_letter,
                  count(DISTINCT d.message_id)
-                     FILTER (WHERE d.consumer_group = '__QUEUE_MODE__') AS own
+                     FILTER (WHERE d.consumer_group = '__QUEUE_MODE__'
+                               AND m.seq <= x.cursor_seq) AS own
             FROM queen.dead_letter_queue d
+            JOIN queen.messages m ON m.id = d.message_id
            WHERE d.partition_id = x.id) dl
 $$;
 
