@@ -15,6 +15,7 @@ from queen_tw.db.pool import Database
 from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
 
 from tests.pg_faults import queen_function
+from tests.support import wait_until_reactor
 
 
 @pytest.fixture
@@ -192,3 +193,29 @@ async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_ou
         assert database.alive_connections() == 3
         assert await database.ping()
         assert _backend_pids(database) == backends
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_all_or_nothing_call_answering_after_the_resend_safe_window_is_rolled_back(
+        database, db):
+    """A client gives up after 30 s and resends, so an all-or-nothing call must not commit
+    past its window even inside the (longer) call deadline; here the window is 1 s."""
+    database._pool.resend_safe_s = 1.0
+    with db.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS public.test_or_nothing (n int)")
+        cursor.execute("TRUNCATE public.test_or_nothing")
+    try:
+        with queen_function(db, "test_writes_slowly()", """RETURNS int LANGUAGE sql AS $$
+                INSERT INTO public.test_or_nothing VALUES (1);
+                SELECT 1 FROM pg_sleep(1.5) $$"""):
+            with pytest.raises(DatabaseUnavailable) as raised:
+                await database.call_or_nothing("test_writes_slowly")
+            assert "did not answer within 1s" in raised.value.message
+            await wait_until_reactor(lambda: database.alive_connections() == 3
+                                     and not database._pool.busy, message="the call ended")
+        with db.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM public.test_or_nothing")
+            assert cursor.fetchone()[0] == 0  # rolled back once PostgreSQL answered
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP TABLE public.test_or_nothing")

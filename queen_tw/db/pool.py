@@ -196,6 +196,13 @@ class _Connection(txpostgres.Connection):
 class _Pool(txpostgres.ConnectionPool):
     connectionFactory = _Connection
 
+    resend_safe_s = 20.0
+    """An all-or-nothing call commits only if it answered within this (or the call deadline
+    when shorter): the official clients give up on a request after 30 s and send it again,
+    which must never find the first attempt committed after all."""
+    commit_wait_s = 5.0
+    """How long an all-or-nothing call waits for its commit before answering "unknown"."""
+
     def __init__(self, reactor, outage: OutageLog, *connargs, **connkw):
         self.reactor = reactor  # read by the base class while it builds the connections
         super().__init__(None, *connargs, **connkw)
@@ -220,12 +227,15 @@ class _Pool(txpostgres.ConnectionPool):
         Waiting for a free connection is given up at the deadline; a query already sent is
         left to finish on its own (see the module docstring) and its late result dropped.
         ``or_nothing``: the query runs in a transaction committed only when it answered in
-        time (rolled back otherwise); the commit itself gets another ``timeout``, after which
-        the outcome is unknown (:class:`CommitUnconfirmed`).
+        time, here at most :attr:`resend_safe_s` (rolled back otherwise); the commit itself
+        gets at most :attr:`commit_wait_s` more, after which the outcome is unknown
+        (:class:`CommitUnconfirmed`).
         A query refused unsent by a connection known dead is tried again on another while
         some connection is alive: right after PostgreSQL restarts, connections come back one
         by one (each on its own backoff), and /health is green as soon as the first is.
         """
+        if or_nothing:
+            timeout = min(timeout, self.resend_safe_s)
         outcome: defer.Deferred = defer.Deferred(lambda _: _give_up())
         slot: defer.Deferred = defer.succeed(None)
         timer = self.reactor.callLater(timeout, lambda: _give_up(DeadlineExceeded(
@@ -257,10 +267,10 @@ class _Pool(txpostgres.ConnectionPool):
             nonlocal timer
             if timer.active():
                 timer.cancel()
-            timer = self.reactor.callLater(self._commit_timeout, lambda: _give_up(
-                CommitUnconfirmed(f"Database did not confirm the commit within "
-                                  f"{self._commit_timeout:g}s: the request may or may not "
-                                  "have been applied")))
+            wait = min(self._commit_timeout, self.commit_wait_s)
+            timer = self.reactor.callLater(wait, lambda: _give_up(
+                CommitUnconfirmed(f"Database did not confirm the commit within {wait:g}s: "
+                                  "the request may or may not have been applied")))
 
         def run(_):
             connection = self._take_connection()
