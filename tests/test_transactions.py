@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 import pytest
 
 from tests.client_helpers import connect, pop_now, run_scenario
-from tests.support import count_messages, expire_leases, unique_name
+from tests.support import count_messages, expire_leases, lease_ends_in, unique_name
 
 
 def _push(http, queue: str, n: int = 1, partition: str = "Default") -> List[Dict[str, Any]]:
@@ -92,7 +92,37 @@ def test_an_ack_without_lease_is_fenced_by_the_only_required_lease(http, db,
                        {"type": "push", "items": [{"queue": sink, "payload": 1}]}],
         "requiredLeases": [late["leaseId"]]}).json()
 
-    assert body["success"] is False and "lease" in body["error"], body
+    assert body["success"] is False and "lease" in body["error"].lower(), body
+    assert count_messages(db, sink) == 0
+
+
+def test_a_lease_taken_over_after_it_expired_fails_a_transaction_listing_two_leases(http, db):
+    """With two leases listed, ack ops without leaseId are fenced by neither; the expired one
+    must still fail the transaction after another consumer took its partition over and
+    settled the message, or both consumers' results commit for one message."""
+    source, sink = unique_name(), unique_name()
+    _push(http, source, partition="p1")
+    _push(http, source, partition="p2")
+    first = _pop(http, source, batch=1)["messages"][0]
+    second = _pop(http, source, batch=1)["messages"][0]
+    assert first["partitionId"] != second["partitionId"]
+    lease_ends_in(db, first["leaseId"], -1)
+    again = http.get(f"/api/v1/pop/queue/{source}/partition/{first['partition']}",
+                     params={"batch": 1}).json()["messages"][0]
+    assert again["transactionId"] == first["transactionId"] and again["leaseId"] != \
+        first["leaseId"]
+    settled = http.post("/api/v1/ack", json={
+        "transactionId": again["transactionId"], "partitionId": again["partitionId"],
+        "leaseId": again["leaseId"], "status": "completed"})
+    assert settled.json()[0]["success"] is True, settled.text
+
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": m["transactionId"],
+                        "partitionId": m["partitionId"]} for m in (first, second)]
+        + [{"type": "push", "items": [{"queue": sink, "payload": "late result"}]}],
+        "requiredLeases": [first["leaseId"], second["leaseId"]]}).json()
+
+    assert body["success"] is False and first["leaseId"] in body["error"], body
     assert count_messages(db, sink) == 0
 
 

@@ -275,6 +275,13 @@ BEGIN
     END IF;
     queue_name := v_part.queue_name;
     partition_name := v_part.name;
+    -- A lease still on the row expired (live ones returned above): this pop takes the
+    -- partition over, and a transaction of the old holder must still find it expired
+    -- (migration 13).
+    IF v_pc.lease_id IS NOT NULL THEN
+        INSERT INTO queen.expired_leases (lease_id) VALUES (v_pc.lease_id)
+        ON CONFLICT (lease_id) DO NOTHING;
+    END IF;
     IF p_lease_id IS NULL THEN
         UPDATE queen.partition_consumers
            SET cursor_created_at = v_last_at, cursor_id = last_id,

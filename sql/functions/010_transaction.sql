@@ -45,9 +45,12 @@ BEGIN
         END IF;
 
         FOR v_lease IN SELECT jsonb_array_elements_text(coalesce(p->'requiredLeases', '[]'::jsonb)) LOOP
-            IF v_lease <> '' AND EXISTS (
+            -- expired on its row, or expired and taken over by another pop (migration 13)
+            IF v_lease <> '' AND (EXISTS (
                     SELECT 1 FROM queen.partition_consumers
-                     WHERE lease_id = v_lease::uuid AND lease_expires_at <= now()) THEN
+                     WHERE lease_id = v_lease::uuid AND lease_expires_at <= now())
+                 OR EXISTS (SELECT 1 FROM queen.expired_leases
+                             WHERE lease_id = v_lease::uuid)) THEN
                 RAISE EXCEPTION 'Lease % has expired', v_lease;
             END IF;
         END LOOP;
