@@ -283,3 +283,9 @@ def test_identity_content_coding_is_read_as_usual(http, db):
                                 "Content-Encoding": "identity"})
     assert answer.status_code == 201, answer.text
     assert count_messages(db, queue) == 1
+
+
+def test_a_content_coding_on_a_request_without_a_body_changes_nothing(http):
+    answer = http.get("/health", headers={"Content-Encoding": "gzip"})
+
+    assert answer.status_code == 200, answer.text

@@ -159,7 +159,7 @@ class QueenRequest(Request):
         if self._too_large:
             self._refuse(413, f"Request body larger than {self.max_body_bytes} bytes")
             return
-        encoding = _content_encoding(self)
+        encoding = _content_encoding(self) if self._received else None  # a body to read
         if encoding is not None:
             # A compressed body would reach the routes as bytes that fail to parse: say why.
             self._refuse(415, f"Content-Encoding {encoding!r} is not supported: send the body "
