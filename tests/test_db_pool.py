@@ -219,3 +219,35 @@ async def test_an_all_or_nothing_call_answering_after_the_resend_safe_window_is_
     finally:
         with db.cursor() as cursor:
             cursor.execute("DROP TABLE public.test_or_nothing")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_resend_safe_window_covers_every_run_of_a_call_not_each(database, db):
+    """A run PostgreSQL undid (a serialization failure) is run again, but within what is
+    left of the window: here the first run fails at 1.5 s of a 2 s window, and the second,
+    which would write and answer at 3 s, must be rolled back."""
+    database._pool.resend_safe_s = 2.0
+    with db.cursor() as cursor:
+        cursor.execute("CREATE SEQUENCE IF NOT EXISTS public.test_runs;"
+                       "CREATE TABLE IF NOT EXISTS public.test_window (n int)")
+    try:
+        with queen_function(db, "test_conflicts_then_writes()", """RETURNS int
+                LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF nextval('public.test_runs') = 1 THEN
+                        PERFORM pg_sleep(1.5);
+                        RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure';
+                    END IF;
+                    INSERT INTO public.test_window VALUES (1);
+                    PERFORM pg_sleep(1.5);
+                    RETURN 1;
+                END $$"""):
+            with pytest.raises(DatabaseUnavailable):
+                await database.call_or_nothing("test_conflicts_then_writes")
+            await wait_until_reactor(lambda: not database._pool.busy, message="the call ended")
+        with db.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM public.test_window")
+            assert cursor.fetchone()[0] == 0
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP TABLE public.test_window; DROP SEQUENCE public.test_runs")

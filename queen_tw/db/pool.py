@@ -502,13 +502,20 @@ class Database:
     async def _run_again_if_rolled_back(self, sql: str, params: Tuple[Any, ...],
                                         or_nothing: bool = False) -> List[Tuple[Any, ...]]:
         """Every call is one statement in its own transaction, so one that PostgreSQL ended
-        with a deadlock or serialization failure left nothing behind and can simply run again."""
+        with a deadlock or serialization failure left nothing behind and can simply run again.
+        An all-or-nothing call's window covers all its runs, not each."""
         pool = self._pool
         assert pool is not None  # _run checked it
+        window = min(self._call_deadline, pool.resend_safe_s) if or_nothing else None
+        ends = self._reactor.seconds() + window if window is not None else 0.0
         for retry in range(_ROLLED_BACK_RETRIES + 1):
+            timeout = self._call_deadline
+            if window is not None:
+                timeout = ends - self._reactor.seconds()
+                if timeout <= 0:
+                    raise DeadlineExceeded(f"Database did not answer within {window:g}s")
             try:
-                return await pool.run_query_within(self._call_deadline, sql, params,
-                                                   or_nothing)
+                return await pool.run_query_within(timeout, sql, params, or_nothing)
             except _ROLLED_BACK:
                 if retry == _ROLLED_BACK_RETRIES:
                     raise

@@ -125,8 +125,9 @@ CREATE OR REPLACE TRIGGER messages_deleted_positions
 -- whichever group put them there (one a named group dead-lettered is pending for queue mode
 -- too: the other counts are queue mode's view). stored_through's arithmetic written out (a
 -- SQL function with a sub-select is never inlined, and a call per partition cost more than
--- the probes): a few index probes per partition, whatever it stores. Dead letters are counted per partition (one index range), so
--- that one count grows with the dead-letter table, not with the queue.
+-- the probes): a few index probes per partition, whatever it stores. Dead letters are
+-- counted per partition (one index range and a key probe each), so that count grows with the
+-- dead-letter table, not with the queue.
 CREATE OR REPLACE FUNCTION queen.partition_counts(p_partition uuid DEFAULT NULL)
 RETURNS TABLE (partition_id uuid, queue_id uuid, total bigint, pending bigint,
                processing bigint, completed bigint, dead_letter bigint)
