@@ -239,7 +239,7 @@ class _Pool(txpostgres.ConnectionPool):
         outcome: defer.Deferred = defer.Deferred(lambda _: _give_up())
         slot: defer.Deferred = defer.succeed(None)
         timer = self.reactor.callLater(timeout, lambda: _give_up(DeadlineExceeded(
-            f"Database did not answer within {timeout:g}s")))
+            f"Database did not answer within {timeout:.3g}s")))
 
         def _give_up(reason: Optional[Exception] = None) -> None:
             # (never cancels a query sent: psycopg2's cancel would block the reactor)
