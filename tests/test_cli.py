@@ -327,6 +327,24 @@ def test_backup_delete_restore_keeps_messages_and_order(server: ServerProcess,
     assert [m["transactionId"] for m in popped.json()["messages"]] == by_partition["p1"]
 
 
+def test_payloads_with_unicode_line_separators_survive_backup_and_restore(
+        server: ServerProcess, http: httpx.Client, tmp_path: Path) -> None:
+    """The lines are JSON written without ASCII escapes: U+2028, U+2029 and U+0085 stay raw
+    inside them, and reading the file must not break lines there."""
+    queue = unique_name("cli-separators-")
+    payloads = ["line\u2028sep", "para\u2029graph", "next\u0085line", {"k\u2028": "\x0c\x1c"}]
+    push(http, queue, [{"payload": payload} for payload in payloads])
+    target = tmp_path / "separators.jsonl"
+    assert cli("backup", queue, str(target), url=server.url).returncode == 0
+
+    copy = unique_name("cli-separators-copy-")
+    restored = cli("restore", copy, str(target), url=server.url)
+
+    assert restored.returncode == 0, restored.stderr
+    popped = http.get(f"/api/v1/pop/queue/{copy}", params={"batch": 10, "wait": "false"})
+    assert [m["data"] for m in popped.json()["messages"]] == payloads
+
+
 def test_backup_reads_partitions_the_fetch_budget_left_out(server: ServerProcess,
                                                           http: httpx.Client,
                                                           tmp_path: Path) -> None:

@@ -191,7 +191,10 @@ def read_backup(path: Path) -> Tuple[Optional[Dict[str, Any]], List[Tuple[int, D
                        EXIT_USAGE) from None
     header: Optional[Dict[str, Any]] = None
     messages: List[Tuple[int, Dict[str, Any]]] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+2029, U+0085 and
+    # other separators a payload may hold unescaped (the lines are written ensure_ascii=False).
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.rstrip("\r")
         if not raw.strip():
             continue
         line = _parsed(path, number, raw)
