@@ -470,6 +470,24 @@ async def test_a_queue_configured_into_a_namespace_wakes_that_namespace_s_parked
     assert delivery is not None and _data(delivery) == ["before"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_given_back_is_not_counted_as_a_clients_ack(engine):
+    """A pop whose client left gives its delivery back through the ack path; the metrics
+    must not count that as an ack some client made."""
+    queue = unique_name()
+    await engine.push([{"queue": queue, "payload": "x"}])
+    delivery = await engine.pop(PopRequest(queue=queue, partition=None))
+    counts = engine.recorder.current.counts
+    acks_before = (counts.ack_requests, counts.ack_messages)
+
+    await engine._give_back(delivery)  # what a pop does when its client is gone
+
+    counts = engine.recorder.current.counts
+    assert (counts.ack_requests, counts.ack_messages) == acks_before
+    again = await engine.pop(PopRequest(queue=queue, partition=None))
+    assert _data(again) == ["x"]
+
+
 # -- end to end, over the socket ----------------------------------------------------------
 #
 # The server's fallback re-check comes only every 10 minutes and a pop waits up to 30 s, so

@@ -33,6 +33,11 @@ class Wall:
         return self.now
 
 
+
+def _pushed(recorder: Recorder, items: list, seconds: float) -> None:
+    """A push of ``items`` that stored every one."""
+    recorder.pushed(items, [{"status": "queued"} for _ in items], seconds)
+
 def delivery(queue: str, created: list[str], payload: Any = None) -> Delivery:
     """A pop answer as the popper builds it: the messages as PostgreSQL's text."""
     parts = []
@@ -79,8 +84,8 @@ def test_empty_histogram_summarises_as_zeros():
 
 def test_push_counts_requests_and_messages_per_queue():
     recorder = Recorder(wall=Wall())
-    recorder.pushed([{"queue": "a"}, {"queue": "b"}, {"queue": "a"}], 0.002)
-    recorder.pushed([{"queue": "a"}], 0.004)
+    _pushed(recorder, [{"queue": "a"}, {"queue": "b"}, {"queue": "a"}], 0.002)
+    _pushed(recorder, [{"queue": "a"}], 0.004)
     counts = recorder.current.counts
     assert (counts.push_requests, counts.push_messages) == (2, 4)
     a, b = recorder.current.queues["a"], recorder.current.queues["b"]
@@ -168,13 +173,13 @@ def test_an_unwritten_interval_is_merged_into_the_next_and_kept_until_written():
     wall = Wall()
     errors = [0]
     recorder = Recorder(wall=wall, db_errors=lambda: errors[0])
-    recorder.pushed([{"queue": "a"}], 0.001)
+    _pushed(recorder, [{"queue": "a"}], 0.001)
     errors[0] = 2
     wall.now += 60
     first = recorder.take_interval()
     assert (first.counts.push_messages, first.counts.db_errors) == (1, 2)
     # the write failed: not written() -> still unwritten, merged into the next
-    recorder.pushed([{"queue": "a"}, {"queue": "b"}], 0.001)
+    _pushed(recorder, [{"queue": "a"}, {"queue": "b"}], 0.001)
     assert recorder.unwritten().push_messages == 3
     wall.now += 60
     merged = recorder.take_interval()
@@ -231,7 +236,7 @@ def test_sampler_rates_over_its_window():
     sampler = Sampler(recorder, clock, 1.0)
     sampler.sample()
     for _ in range(10):
-        recorder.pushed([{"queue": "q"}, {"queue": "q"}], 0.001)
+        _pushed(recorder, [{"queue": "q"}, {"queue": "q"}], 0.001)
     clock.advance(2)
     sample = sampler.sample()
     assert sample.requests_rate == 5.0
@@ -267,7 +272,7 @@ def test_document_has_the_worker_row_queue_rows_and_totals():
     wall, clock, db = Wall(), task.Clock(), RecordingDb()
     recorder = Recorder(wall=wall)
     aggregator = aggregator_for(recorder, clock, db, {"idle": 1})
-    recorder.pushed([{"queue": "q"}] * 3, 0.002)
+    _pushed(recorder, [{"queue": "q"}] * 3, 0.002)
     wall.now += 60
     defer.ensureDeferred(aggregator.write())
     [(function, document)] = db.calls
@@ -291,13 +296,13 @@ def test_a_failed_write_keeps_the_counts_for_the_next_and_logs_once():
     aggregator = aggregator_for(recorder, clock, db, {})
     service = AggregatorService(aggregator, clock, 10)
     service.startService()
-    recorder.pushed([{"queue": "q"}], 0.001)
+    _pushed(recorder, [{"queue": "q"}], 0.001)
     db.down = True
     for _ in range(3):
         wall.now += 10
         clock.advance(10)
     assert db.calls == []
-    recorder.pushed([{"queue": "q"}], 0.001)
+    _pushed(recorder, [{"queue": "q"}], 0.001)
     db.down = False
     clock.advance(10)
     [(_, document)] = db.calls
@@ -335,7 +340,7 @@ def test_cluster_totals_add_the_unwritten_counts_and_leave_out_pg_without_a_snap
     sampler = Sampler(recorder, task.Clock(), 1.0, pool=FakePool())
     postgres = PostgresCollector(recorder)
     registry = make_registry(ProcessCollector(recorder, sampler), postgres)
-    recorder.pushed([{"queue": "q"}] * 4, 0.002)
+    _pushed(recorder, [{"queue": "q"}] * 4, 0.002)
     postgres.feed({"totals": {"push_messages": 10, "ack_failed": 1}, "queues": [],
                    "workers": [], "dlqDepth": 3, "dlqByQueue": {"q": 3}, "depth": {}})
     samples = parse(generate_latest(registry))
@@ -351,3 +356,15 @@ def test_cluster_totals_add_the_unwritten_counts_and_leave_out_pg_without_a_snap
     samples = parse(generate_latest(registry))
     assert not any(name.startswith("queen_cluster_") for name, _ in samples)
     assert samples[("queen_file_buffer_db_healthy", ())] == 0
+
+
+def test_duplicates_and_refused_items_are_not_counted_as_pushed_messages():
+    recorder = Recorder()
+    items = [{"queue": "a"}, {"queue": "a"}, {"queue": "b"}, {"queue": "b"}]
+    recorder.pushed(items, [{"status": "queued"}, {"status": "duplicate"},
+                            {"status": "failed"}, {"status": "buffered"}], 0.001)
+
+    interval = recorder.current
+    assert (interval.counts.push_requests, interval.counts.push_messages) == (1, 2)
+    assert interval.queue("a").push_messages == 1 and interval.queue("b").push_messages == 1
+    assert interval.queue("a").push_requests == 1 and interval.queue("b").push_requests == 1

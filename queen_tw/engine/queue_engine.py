@@ -233,7 +233,7 @@ class QueueEngine:
             self.recorder.failed("push", perf_counter() - started)
             raise
         if items:
-            self.recorder.pushed(items, perf_counter() - started)
+            self.recorder.pushed(items, results, perf_counter() - started)
         return results
 
     async def _push(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -463,10 +463,11 @@ class QueueEngine:
         return delivery
 
     async def _give_back(self, delivery: Delivery) -> None:
-        """Releases the leases of a delivery nobody will receive (counter untouched)."""
+        """Releases the leases of a delivery nobody will receive (counter untouched; not an
+        ack of any client's, so the metrics do not count it)."""
         if not delivery.get("leaseId"):
             return
-        await self.ack([
+        await self.batchers["ack"].submit([
             {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
              "status": "retry", "consumerGroup": m["consumerGroup"], "leaseId": m["leaseId"]}
             for m in delivery.message_list()])

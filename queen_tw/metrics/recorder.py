@@ -34,6 +34,7 @@ QUEUE_COUNTERS: Tuple[str, ...] = (
 _SUCCESS_STATUSES = frozenset({"completed", "success"})
 _FAILED_STATUSES = frozenset({"failed", "dlq"})
 _QUEUE_OF = itemgetter("queue")
+_ACCEPTED = frozenset({"queued", "buffered"})
 _STATUS_OF = itemgetter("status")
 _QUEUE_NAME_OF = itemgetter("queueName")
 _SUCCESS_OF = itemgetter("success")
@@ -169,21 +170,30 @@ class Recorder:
 
     # -- the message path: called once per request ----------------------------------------
 
-    def pushed(self, items: List[Dict[str, Any]], seconds: float) -> None:
-        """A push of ``items`` (validated, with their ``queue``) answered after ``seconds``."""
+    def pushed(self, items: List[Dict[str, Any]], results: List[Dict[str, Any]],
+               seconds: float) -> None:
+        """A push of ``items`` (validated, with their ``queue``) answered ``results`` after
+        ``seconds``. Messages count when stored or buffered: not a duplicate (nothing new)
+        nor an item refused (maxSize, data PostgreSQL refused)."""
         interval = self.current
         interval.counts.push_requests += 1
-        interval.counts.push_messages += len(items)
         interval.latency["push"].observe(seconds)
-        per_queue: Iterable[Tuple[str, int]]
-        if len(items) == 1:
-            per_queue = ((items[0]["queue"], 1),)
+        statuses = list(map(_STATUS_OF, results))
+        if statuses.count("queued") + statuses.count("buffered") == len(statuses):
+            accepted = items  # the usual push: every item stored, checked at C speed
         else:
-            per_queue = Counter(map(_QUEUE_OF, items)).items()
+            accepted = [item for item, status in zip(items, statuses, strict=True)
+                        if status in _ACCEPTED]
+        interval.counts.push_messages += len(accepted)
+        for queue in set(map(_QUEUE_OF, items)):
+            interval.queue(queue).push_requests += 1
+        per_queue: Iterable[Tuple[str, int]]
+        if len(accepted) == 1:
+            per_queue = ((accepted[0]["queue"], 1),)
+        else:
+            per_queue = Counter(map(_QUEUE_OF, accepted)).items()
         for queue, count in per_queue:
-            activity = interval.queue(queue)
-            activity.push_requests += 1
-            activity.push_messages += count
+            interval.queue(queue).push_messages += count
 
     def popped(self, queue: Optional[str], delivery: Optional[Mapping[str, Any]],
                seconds: Optional[float]) -> None:
