@@ -163,7 +163,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     metrics = Metrics(recorder, db, reactor, config.worker_id, config.metrics_sample_interval_ms,
                       config.metrics_aggregate_interval_s, config.metrics_retention_days,
                       parked=waiters.parked_by_queue, buffer=durability.maintenance,
-                      shared_state=cluster.shared_state, cache=config_cache)
+                      shared_state=cluster.shared_state, cache=config_cache,
+                      one_of_workers=in_group)
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, engine.wake_everywhere),
                          Browser(db, engine.wake_everywhere, make_cipher(config.encryption_key),

@@ -368,3 +368,19 @@ def test_duplicates_and_refused_items_are_not_counted_as_pushed_messages():
     assert (interval.counts.push_requests, interval.counts.push_messages) == (1, 2)
     assert interval.queue("a").push_messages == 1 and interval.queue("b").push_messages == 1
     assert interval.queue("a").push_requests == 1 and interval.queue("b").push_requests == 1
+
+
+def test_a_workers_cluster_totals_are_the_written_ones_alone():
+    """Scrapes of a NUM_WORKERS port reach either worker: each adding its own unwritten
+    counts made the cluster counters go down from one scrape to the next."""
+    recorder = Recorder(wall=Wall())
+    postgres = PostgresCollector(None)
+    sampler = Sampler(recorder, task.Clock(), 1.0, pool=FakePool())
+    registry = make_registry(ProcessCollector(recorder, sampler), postgres)
+    _pushed(recorder, [{"queue": "q"}] * 4, 0.002)
+    postgres.feed({"totals": {"push_messages": 10}, "queues": [], "workers": [],
+                   "dlqDepth": 0, "dlqByQueue": {}, "depth": {}})
+
+    samples = parse(generate_latest(registry))
+
+    assert samples[("queen_cluster_push_messages_total", (("scope", "cluster"),))] == 10

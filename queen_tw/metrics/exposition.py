@@ -145,10 +145,12 @@ class ProcessCollector(Collector):
 class PostgresCollector(Collector):
     """The cluster-wide families, from the snapshot of the current scrape.
 
-    :param recorder: its unwritten counts join the cluster totals.
+    :param recorder: its unwritten counts join the cluster totals; None (a NUM_WORKERS worker)
+        shows the written totals alone: scrapes of one port go to either worker, and each
+        adding its own unwritten counts made the counters go down from one to the next.
     """
 
-    def __init__(self, recorder: Recorder):
+    def __init__(self, recorder: Optional[Recorder]):
         self._recorder = recorder
         self._snapshot: Optional[Mapping[str, Any]] = None
 
@@ -160,7 +162,8 @@ class PostgresCollector(Collector):
         snapshot = self._snapshot
         if snapshot is None:
             return
-        yield from _cluster(snapshot.get("totals") or {}, self._recorder.unwritten())
+        unwritten = self._recorder.unwritten() if self._recorder is not None else Counts()
+        yield from _cluster(snapshot.get("totals") or {}, unwritten)
         yield from _queues(snapshot.get("queues") or [], snapshot.get("depth") or {})
         yield from _workers(snapshot.get("workers") or [])
         depth = GaugeMetricFamily("queen_dlq_depth", "Messages in the dead-letter queue",

@@ -6,8 +6,10 @@ the routes of :mod:`queen_tw.http.metrics_routes`.
 
 Several workers (NUM_WORKERS) or instances answer one coherent view: the process families
 describe the worker that answered the scrape; the ``pg`` families are read from PostgreSQL,
-where every worker writes its own rows, so any worker answers the same for them (up to the
-counts the other workers have not written yet, at most one aggregate interval).
+where every worker writes its own rows, so any worker answers the same for them. A lone
+process adds the counts it has not written yet; a NUM_WORKERS worker does not (scrapes of the
+port reach either worker, and each adding its own made counters go down between scrapes), so
+there the cluster counters trail by up to one aggregate interval.
 """
 
 from typing import Any, Dict, List, Optional
@@ -54,13 +56,14 @@ class Metrics:
     :param buffer: the file buffer and the maintenance flag.
     :param shared_state: peer sync (None: off).
     :param cache: the queue config cache.
+    :param one_of_workers: this process is a NUM_WORKERS worker (see the module docstring).
     """
 
     def __init__(self, recorder: Recorder, db: Database, clock: IReactorTime, worker_id: str,
                  sample_interval_ms: int, aggregate_interval_s: int, retention_days: int,
                  parked=dict, buffer: Optional[BufferView] = None,
                  shared_state: Optional[SharedStateView] = None,
-                 cache: Optional[CacheView] = None):
+                 cache: Optional[CacheView] = None, one_of_workers: bool = False):
         self.recorder = recorder
         self._db = db
         self._clock = clock
@@ -72,7 +75,7 @@ class Metrics:
         self._db_answered = False
         self._process = ProcessCollector(recorder, self.sampler, shared_state, cache,
                                          db_healthy=lambda: self._db_answered)
-        self._postgres = PostgresCollector(recorder)
+        self._postgres = PostgresCollector(None if one_of_workers else recorder)
         self._registry = make_registry(self._process, self._postgres)
         self._scrape_outage = OutageLog("metrics snapshot (PostgreSQL)", clock,
                                         meanwhile="scrapes answer the process families only")
