@@ -155,9 +155,29 @@ def test_a_batch_of_alike_acks_counts_the_same_as_one_by_one():
 def test_transactions_count_once_per_queue_pushed_to():
     recorder = Recorder(wall=Wall())
     recorder.transacted([{"type": "push", "items": [{"queue": "a"}, {"queue": "a"}]},
-                         {"type": "ack", "items": [{}]}], 0.01)
+                         {"type": "ack", "items": [{}]}], {"success": False}, 0.01)
     assert recorder.current.counts.transactions == 1
     assert recorder.current.queues["a"].transactions == 1
+    assert recorder.current.counts.push_messages == 0  # rolled back: nothing stored
+
+
+def test_a_committed_transaction_counts_its_stored_pushes_acks_and_dead_letters():
+    recorder = Recorder(wall=Wall())
+    operations = [{"type": "ack", "status": "completed"}, {"type": "ack", "status": "failed"},
+                  {"type": "push", "items": [{"queue": "a"}, {"queue": "a"}]}]
+    outcome = {"success": True, "results": [
+        {"type": "ack", "success": True, "dlq": False},
+        {"type": "ack", "success": True, "dlq": True},
+        {"type": "push", "status": "queued", "queueName": "a"},
+        {"type": "push", "status": "duplicate", "queueName": "a"}]}
+
+    recorder.transacted(operations, outcome, 0.01)
+
+    counts = recorder.current.counts
+    assert (counts.push_messages, counts.push_requests) == (1, 0)
+    assert (counts.ack_messages, counts.ack_success, counts.ack_failed, counts.dlq) == \
+        (2, 1, 1, 1)
+    assert recorder.current.queues["a"].push_messages == 1
 
 
 def test_failed_requests_count_as_requests_with_latency():

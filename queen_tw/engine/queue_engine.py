@@ -547,7 +547,7 @@ class QueueEngine:
         except Exception:
             self.recorder.failed("transaction", perf_counter() - started)
             raise
-        self.recorder.transacted(operations, perf_counter() - started)
+        self.recorder.transacted(operations, outcome, perf_counter() - started)
         return outcome
 
     async def _transaction(self, operations: List[Dict[str, Any]],

@@ -272,16 +272,38 @@ class Recorder:
         activity.dlq += dead
         return True
 
-    def transacted(self, operations: List[Dict[str, Any]], seconds: float) -> None:
-        """A transaction of ``operations`` answered after ``seconds``; it counts for each
-        queue it pushed to."""
+    def transacted(self, operations: List[Dict[str, Any]], outcome: Mapping[str, Any],
+                   seconds: float) -> None:
+        """A transaction of ``operations`` answered ``outcome`` after ``seconds``; it counts
+        for each queue it pushed to. A committed one also counts what it did as the push and
+        ack routes would: messages stored, ack results, dead-letter moves (not as requests:
+        the request was the transaction)."""
         interval = self.current
-        interval.counts.transactions += 1
+        counts = interval.counts
+        counts.transactions += 1
         interval.latency["transaction"].observe(seconds)
         queues = {item["queue"] for op in operations if op.get("type") == "push"
                   for item in op.get("items", ())}
         for queue in queues:
             interval.queue(queue).transactions += 1
+        if not outcome.get("success"):
+            return  # rolled back: nothing of it happened
+        results = outcome.get("results") or []
+        for result in results:
+            if result.get("type") == "push" and result.get("status") == "queued":
+                counts.push_messages += 1
+                interval.queue(result.get("queueName") or "").push_messages += 1
+        acks = [result for result in results if result.get("type") == "ack"]
+        ack_ops = [op for op in operations if op.get("type") == "ack"]
+        for op, result in zip(ack_ops, acks, strict=False):  # one result per ack op
+            counts.ack_messages += 1
+            status = op.get("status") or "completed"
+            if status in _SUCCESS_STATUSES:
+                counts.ack_success += 1
+            elif status in _FAILED_STATUSES:
+                counts.ack_failed += 1
+            if result.get("dlq"):
+                counts.dlq += 1
 
     def failed(self, op: str, seconds: float) -> None:
         """A request of ``op`` raised (refused input, overload, outage) after ``seconds``."""
