@@ -168,7 +168,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     stats = StatsRefresher(db)
     admin = AdminEngines(ConsumerGroups(db, engine.wake_everywhere),
                          Browser(db, engine.wake_everywhere, make_cipher(config.encryption_key),
-                                 timer_scheduled=lambda delay: engine.timer_scheduled(delay)),
+                                 timer_scheduled=lambda delay: engine.timer_scheduled(delay),
+                                 dead_lettered=recorder.dead_lettered),
                          stats,
                          Analytics(db, config.metrics_aggregate_interval_s,
                                    config.metrics_retention_days))

@@ -330,3 +330,17 @@ def test_stopping_writes_the_last_interval(pg_env, own_database):
                               "WHERE queue_name = %s", queue) == [(3,)]
     assert rows(own_database, "SELECT value FROM queen.metrics_totals "
                               "WHERE counter = 'push_messages'") == [(3,)]
+
+
+def test_the_dlq_action_counts_as_a_dead_letter_move(pg_env, own_database):
+    queue = unique_name("metrics-dlq-")
+    with running_server(server_env(pg_env, own_database)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        pushed = http.post("/api/v1/push", json={"items": [
+            {"queue": queue, "transactionId": "t0", "payload": 1}]}).json()
+        before = value(scrape(http), "queen_cluster_dlq_total", scope="cluster")
+
+        moved = http.post(f"/api/v1/messages/{pushed[0]['partition_id']}/t0/dlq")
+
+        assert moved.json()["dlq"] is True
+        assert value(scrape(http), "queen_cluster_dlq_total", scope="cluster") == before + 1

@@ -36,14 +36,18 @@ class Browser:
     :param cipher: decrypts stored payloads; None when no key is configured.
     :param timer_scheduled: told the delay (ms) of a timer a retry scheduled again, so the
         timer sweeper wakes for it (``QueueEngine.timer_scheduled``).
+    :param dead_lettered: told the queue of a message the DLQ action moved to the dead-letter
+        queue (``Recorder.dead_lettered``: the metrics count it as acks' moves are).
     """
 
     def __init__(self, db: Database, wake: Wake, cipher: Optional[PayloadCipher],
-                 timer_scheduled: Callable[[float], None] = lambda delay_ms: None):
+                 timer_scheduled: Callable[[float], None] = lambda delay_ms: None,
+                 dead_lettered: Callable[[str], None] = lambda queue: None):
         self._db = db
         self._wake_pops = wake
         self._cipher = cipher
         self._timer_scheduled = timer_scheduled
+        self._dead_lettered = dead_lettered
 
     # -- resources ----------------------------------------------------------------------
 
@@ -107,7 +111,10 @@ class Browser:
                                   error: Optional[str]) -> Dict[str, Any]:
         answer = self._found(await self._db.call("dead_letter_message", partition_id,
                                                  transaction_id, group, error))
-        self._wake_pops([(answer.pop("queue"), answer.pop("partition"))])
+        queue = answer.pop("queue")
+        self._wake_pops([(queue, answer.pop("partition"))])
+        if answer.get("dlq"):
+            self._dead_lettered(queue)
         return answer
 
     async def clear_queue(self, queue: str, partition: Optional[str]) -> Dict[str, Any]:

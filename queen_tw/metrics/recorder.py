@@ -305,6 +305,12 @@ class Recorder:
             if result.get("dlq"):
                 counts.dlq += 1
 
+    def dead_lettered(self, queue: str) -> None:
+        """An operator moved a message of ``queue`` to the dead-letter queue."""
+        interval = self.current
+        interval.counts.dlq += 1
+        interval.queue(queue).dlq += 1
+
     def failed(self, op: str, seconds: float) -> None:
         """A request of ``op`` raised (refused input, overload, outage) after ``seconds``."""
         interval = self.current
