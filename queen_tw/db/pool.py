@@ -203,11 +203,11 @@ class _Pool(txpostgres.ConnectionPool):
     commit_wait_s = 5.0
     """How long an all-or-nothing call waits for its commit before answering "unknown"."""
 
-    def __init__(self, reactor, outage: OutageLog, *connargs, **connkw):
+    def __init__(self, reactor, outage: OutageLog, call_deadline: float, *connargs, **connkw):
         self.reactor = reactor  # read by the base class while it builds the connections
         super().__init__(None, *connargs, **connkw)
         self.busy: Set[_Connection] = set()
-        self._commit_timeout = 35.0  # the Database sets its call deadline
+        self._call_deadline = call_deadline  # bounds the commit wait too
         for connection in self.connections:
             connection.detector.outage = outage
 
@@ -267,7 +267,7 @@ class _Pool(txpostgres.ConnectionPool):
             nonlocal timer
             if timer.active():
                 timer.cancel()
-            wait = min(self._commit_timeout, self.commit_wait_s)
+            wait = min(self._call_deadline, self.commit_wait_s)
             timer = self.reactor.callLater(wait, lambda: _give_up(
                 CommitUnconfirmed(f"Database did not confirm the commit within {wait:g}s: "
                                   "the request may or may not have been applied")))
@@ -400,8 +400,8 @@ class Database:
 
     async def connect(self) -> None:
         """Opens every connection; raises if PostgreSQL cannot be reached now."""
-        pool = _Pool(self._reactor, self._outage, self._dsn, min=self._size)
-        pool._commit_timeout = self._call_deadline
+        pool = _Pool(self._reactor, self._outage, self._call_deadline, self._dsn,
+                     min=self._size)
         try:
             await pool.start()
         except Exception:
