@@ -7,7 +7,11 @@ subscriptionFrom=now|timestamp, decided at a group's first contact with a queue 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import httpx
+import pytest
 
 from tests.http_helpers import ack, pop, pop_answer, push
 from tests.support import db_clock_iso, unique_name
@@ -281,3 +285,54 @@ def test_ten_consumers_drain_a_thousand_new_partitions_without_an_early_empty_po
 
     assert early_empties == []
     assert sorted(consumed) == list(range(1000))
+
+
+def _long_poll_in_background(server, queue, **params):
+    """Starts a long-polling pop (wait=true, 20 s) in a thread; returns (thread, answers)."""
+    answers: list = []
+
+    def run():
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            answers.append(pop_answer(client, queue, wait="true", timeout=20000, **params))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, answers
+
+
+@pytest.mark.parametrize("mode", [{"subscriptionMode": "new"}, {"subscriptionFrom": "now"}])
+def test_new_mode_long_poll_on_a_queue_not_created_yet_gets_the_creating_message(
+        http, server, mode):
+    """A consumer waiting with mode new before the queue exists subscribed when it started
+    waiting: the push that creates the queue is new to it, not history."""
+    queue = unique_name()
+    thread, answers = _long_poll_in_background(server, queue, consumerGroup="late", **mode)
+    time.sleep(1.0)  # its first attempt finds no queue (a slower one makes the test fail)
+    push(http, queue, ["first"])
+    thread.join(30)
+
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert [m["data"] for m in answers[0].json()["messages"]] == ["first"]
+    # history before the wait still does not count: a second group subscribing now skips it
+    assert pop_answer(http, queue, consumerGroup="other", subscriptionMode="new").status_code == 204
+
+
+def test_new_mode_namespace_long_poll_before_any_queue_gets_the_creating_message(http, server):
+    namespace = unique_name()
+    queue = f"{namespace}.jobs"
+    answers: list = []
+
+    def run():
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            answers.append(client.get("/api/v1/pop", params={
+                "namespace": namespace, "consumerGroup": "late", "subscriptionMode": "new",
+                "wait": "true", "timeout": 20000}))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)  # its first attempt finds no queue in the namespace
+    push(http, queue, ["first"])
+    thread.join(30)
+
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert [m["data"] for m in answers[0].json()["messages"]] == ["first"]

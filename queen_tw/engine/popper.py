@@ -18,7 +18,7 @@ message or a window buffer matures).
 import json
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
 import orjson
@@ -75,7 +75,9 @@ class PopRequest:
     means every queue matching ``namespace`` and/or ``task``. ``partitions`` None: not
     given (1, or batch up to 64 for a conflating group, or the autopilot's choice).
     ``autopilot``: the request carried ``autopilot=true`` (its answer echoes the sizing);
-    ``conflation``: it asked for last-value delivery (WIRE2 8.3, 8.4).
+    ``conflation``: it asked for last-value delivery (WIRE2 8.3, 8.4). ``waiting_since``:
+    the database time its first attempt found no queue to subscribe to; a group starting at
+    "now" starts there, so the push that creates the queue is not history to a long poll.
     """
 
     queue: Optional[str]
@@ -92,6 +94,7 @@ class PopRequest:
     task: Optional[str] = None
     autopilot: bool = False
     conflation: bool = False
+    waiting_since: Optional[str] = None
 
     @property
     def lot_key(self) -> LotKey:
@@ -117,6 +120,7 @@ class PopRequest:
             "autoAck": self.auto_ack, "workerId": worker_id,
             "subscriptionMode": self.subscription_mode,
             "subscriptionFrom": self.subscription_from,
+            "waitingSince": self.waiting_since,
             "deferSubscription": True,
         }
 
@@ -142,6 +146,7 @@ class Attempt:
     retry_in: Optional[float] = None
     queues: Optional[List[str]] = None
     more: bool = True  # after a delivery: may another pop find something right now?
+    no_queue_at: Optional[str] = None  # the scope held no queue at this database time
 
 
 class LotOwner(Protocol):
@@ -226,6 +231,8 @@ class Popper:
         while lot is None or not len(lot):
             wakes_before = lot.wakes if lot is not None else 0
             outcome = await self.attempt(request)
+            if outcome.no_queue_at is not None and request.waiting_since is None:
+                request = replace(request, waiting_since=outcome.no_queue_at)
             if outcome.delivery is not None:
                 if gone is not None and gone.called:
                     await self._give_back(outcome.delivery)
@@ -283,7 +290,7 @@ class Popper:
         if not text:
             retry_in = result.get("retryInMs")
             return Attempt(retry_in=max(retry_in, 1) / 1000.0 if retry_in is not None else None,
-                           queues=result.get("queues"))
+                           queues=result.get("queues"), no_queue_at=result.get("noQueueAt"))
         more = result.pop("more", True)
         encrypted = result.pop("encryptedIds", None)
         if encrypted:

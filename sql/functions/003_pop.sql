@@ -30,13 +30,16 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- First-contact decision of a named group (2.3.6): a timestamp, "now", or the beginning.
--- An unparsable subscriptionFrom is ignored (point 7).
-CREATE OR REPLACE FUNCTION queen.subscription_start(p_mode text, p_from text) RETURNS timestamptz
+-- An unparsable subscriptionFrom is ignored (point 7). "Now" is p_since when given: the
+-- database time at which a long poll began waiting for a queue that did not exist yet, so
+-- the push that creates the queue is new to that consumer, not history.
+CREATE OR REPLACE FUNCTION queen.subscription_start(p_mode text, p_from text,
+                                                    p_since timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_from IS NOT NULL AND p_from <> '' THEN
         IF lower(p_from) = 'now' THEN
-            RETURN now();
+            RETURN least(now(), p_since);
         END IF;
         BEGIN
             RETURN p_from::timestamptz;
@@ -45,10 +48,16 @@ BEGIN
         END;
     END IF;
     IF lower(coalesce(p_mode, '')) IN ('new', 'new-only') THEN
-        RETURN now();
+        RETURN least(now(), p_since);
     END IF;
     RETURN '-infinity';
 END
+$$;
+
+-- The decision of a group that is not waiting (the earlier release's signature).
+CREATE OR REPLACE FUNCTION queen.subscription_start(p_mode text, p_from text) RETURNS timestamptz
+LANGUAGE sql AS $$
+    SELECT queen.subscription_start(p_mode, p_from, NULL)
 $$;
 
 -- How the decision is reported by the consumer-group routes.
@@ -76,11 +85,15 @@ $$;
 -- calls just read the record, whatever the request says (2.3.6 point 5). With p_create false
 -- a missing record answers NULL and nothing is written (see subscribe_for). The first contact
 -- also fixes the group's conflation policy (p_conflation; WIRE2 8.4, migration 7).
--- (A development version had this as a 7-argument queen.subscribe: dropped where it exists.)
+-- p_since: see subscription_start.
+-- (A development version had this as a 7-argument queen.subscribe, and an earlier release
+-- without p_since: both dropped where they exist.)
 DROP FUNCTION IF EXISTS queen.subscribe(uuid, text, text, text, timestamptz, boolean, boolean);
+DROP FUNCTION IF EXISTS queen.subscribe_group(uuid, text, text, text, timestamptz, boolean, boolean);
 CREATE OR REPLACE FUNCTION queen.subscribe_group(p_queue uuid, p_group text, p_mode text,
                                                  p_from text, p_inherited timestamptz,
-                                                 p_create boolean, p_conflation boolean)
+                                                 p_create boolean, p_conflation boolean,
+                                                 p_since timestamptz)
 RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -99,7 +112,7 @@ BEGIN
         v_from := p_inherited;
         v_mode := CASE WHEN p_inherited = '-infinity' THEN 'all' ELSE 'timestamp' END;
     ELSE
-        v_from := queen.subscription_start(p_mode, p_from);
+        v_from := queen.subscription_start(p_mode, p_from, p_since);
         v_mode := queen.subscription_mode_name(p_mode, p_from);
     END IF;
     -- Exclusive on the queue's lookup lock: no push commits between the record and the seeding.
@@ -124,7 +137,8 @@ CREATE OR REPLACE FUNCTION queen.subscribe(p_queue uuid, p_group text, p_mode te
                                            p_create boolean DEFAULT true)
 RETURNS timestamptz
 LANGUAGE sql AS $$
-    SELECT queen.subscribe_group(p_queue, p_group, p_mode, p_from, p_inherited, p_create, false)
+    SELECT queen.subscribe_group(p_queue, p_group, p_mode, p_from, p_inherited, p_create, false,
+                                 NULL)
 $$;
 
 -- Creates the (partition, group) row when the group first lands on a partition, starting at
@@ -325,12 +339,14 @@ DECLARE
     v_inherited timestamptz;
     v_mode      text := p_req->>'subscriptionMode';
     v_from      text := p_req->>'subscriptionFrom';
+    v_since     timestamptz := (p_req->>'waitingSince')::timestamptz;
 BEGIN
     IF p_req->>'queue' IS NULL AND p_group <> '__QUEUE_MODE__' AND p_create THEN
         INSERT INTO queen.namespace_subscriptions (namespace, task, consumer_group,
                                                    subscription_mode, subscription_from)
         VALUES (coalesce(p_req->>'namespace', ''), coalesce(p_req->>'task', ''), p_group,
-                queen.subscription_mode_name(v_mode, v_from), queen.subscription_start(v_mode, v_from))
+                queen.subscription_mode_name(v_mode, v_from),
+                queen.subscription_start(v_mode, v_from, v_since))
         ON CONFLICT (namespace, task, consumer_group) DO NOTHING;
         SELECT subscription_from INTO v_inherited FROM queen.namespace_subscriptions
          WHERE namespace = coalesce(p_req->>'namespace', '') AND task = coalesce(p_req->>'task', '')
@@ -341,7 +357,8 @@ BEGIN
         queue_name := v_q.name;
         sub_from := queen.subscribe_group(v_q.id, p_group, v_mode, v_from, v_inherited,
                                           p_create,
-                                          coalesce((p_req->>'conflation')::boolean, false));
+                                          coalesce((p_req->>'conflation')::boolean, false),
+                                          v_since);
         RETURN NEXT;
     END LOOP;
 END
@@ -503,8 +520,8 @@ BEGIN
           FROM queen.subscribe_scope(p_req, v_group, NOT v_defer)
                WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
     END IF;
-    IF v_queue_ids IS NULL THEN
-        result := json_build_object('success', true, 'queues', '[]'::json);
+    IF v_queue_ids IS NULL THEN  -- nothing to subscribe to yet: when that was seen
+        result := json_build_object('success', true, 'queues', '[]'::json, 'noQueueAt', now());
         RETURN;
     END IF;
     IF array_position(v_froms, NULL) IS NOT NULL THEN
