@@ -170,6 +170,17 @@ def test_unknown_mode_and_unparsable_from_mean_all(http):
     assert garbage_from == ["h"]
 
 
+def test_an_infinite_subscription_from_is_no_point_in_time_and_means_all(http):
+    """PostgreSQL parses 'infinity': taken as a time, the group would never see a message."""
+    queue = unique_name()
+    push(http, queue, ["h"])
+
+    assert _drain(http, queue, consumerGroup="g1", subscriptionFrom="infinity") == ["h"]
+    assert _drain(http, queue, consumerGroup="g2", subscriptionFrom="-infinity") == ["h"]
+    groups = {g["name"]: g for g in http.get("/api/v1/consumer-groups").json()}
+    assert groups["g1"]["subscriptionMode"] == "all"
+
+
 def test_first_contact_decides_and_later_modes_are_ignored(http):
     queue = unique_name()
     push(http, queue, ["h1"], prefix="h1-")

@@ -29,6 +29,20 @@ LANGUAGE sql IMMUTABLE AS $$
                 ELSE 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid END
 $$;
 
+-- subscriptionFrom as a point in time, NULL when it is none: unparsable, or one of
+-- PostgreSQL's infinities ('infinity' would start a group after every message ever).
+CREATE OR REPLACE FUNCTION queen.subscription_timestamp(p_from text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_at timestamptz;
+BEGIN
+    v_at := p_from::timestamptz;
+    RETURN CASE WHEN isfinite(v_at) THEN v_at END;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$;
+
 -- First-contact decision of a named group (2.3.6): a timestamp, "now", or the beginning.
 -- An unparsable subscriptionFrom is ignored (point 7). "Now" is p_since when given: the
 -- database time at which a long poll began waiting for a queue that did not exist yet, so
@@ -41,11 +55,9 @@ BEGIN
         IF lower(p_from) = 'now' THEN
             RETURN least(now(), p_since);
         END IF;
-        BEGIN
-            RETURN p_from::timestamptz;
-        EXCEPTION WHEN others THEN
-            NULL;
-        END;
+        IF queen.subscription_timestamp(p_from) IS NOT NULL THEN
+            RETURN queen.subscription_timestamp(p_from);
+        END IF;
     END IF;
     IF lower(coalesce(p_mode, '')) IN ('new', 'new-only') THEN
         RETURN least(now(), p_since);
@@ -68,12 +80,9 @@ BEGIN
         IF lower(p_from) = 'now' THEN
             RETURN 'new';
         END IF;
-        BEGIN
-            PERFORM p_from::timestamptz;
+        IF queen.subscription_timestamp(p_from) IS NOT NULL THEN
             RETURN 'timestamp';
-        EXCEPTION WHEN others THEN
-            NULL;
-        END;
+        END IF;
     END IF;
     RETURN CASE WHEN lower(coalesce(p_mode, '')) IN ('new', 'new-only') THEN 'new' ELSE 'all' END;
 END
