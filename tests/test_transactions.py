@@ -126,6 +126,55 @@ def test_a_lease_taken_over_after_it_expired_fails_a_transaction_listing_two_lea
     assert count_messages(db, sink) == 0
 
 
+def _operator_dead_letters(http, message):
+    answer = http.post(f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}/dlq",
+                       json={"consumerGroup": "g"})
+    assert answer.status_code == 200, answer.text
+
+
+def _operator_seeks_group(http, message):
+    answer = http.post(f"/api/v1/consumer-groups/g/queues/{message['queue']}/seek",
+                       json={"toEnd": True})
+    assert answer.status_code == 200, answer.text
+
+
+def _operator_seeks_partition(http, message):
+    answer = http.post(f"/api/v1/consumer-groups/g/queues/{message['queue']}/partitions/"
+                       f"{message['partition']}/seek")
+    assert answer.status_code == 200, answer.text
+
+
+def _operator_clears(http, message):
+    answer = http.delete(f"/api/v1/queues/{message['queue']}/clear",
+                         params={"partition": message["partition"]})
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("operator", [_operator_dead_letters, _operator_seeks_group,
+                                      _operator_seeks_partition, _operator_clears])
+def test_a_lease_an_operator_ended_fails_a_transaction_listing_two_leases(http, db, operator):
+    """A dead letter by hand, a seek or a clear ends the delivery under way: its holder's late
+    transaction (two leases listed, so its ack ops carry no lease of their own) must fail,
+    or a message the operator dead-lettered is settled and its result pushed as well."""
+    source, sink = unique_name(), unique_name()
+    _push(http, source, partition="p1")
+    _push(http, source, partition="p2")
+    first = _pop(http, source, batch=1, consumerGroup="g")["messages"][0]
+    second = _pop(http, source, batch=1, consumerGroup="g")["messages"][0]
+    assert first["partitionId"] != second["partitionId"]
+    operator(http, first)
+
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": m["transactionId"],
+                        "partitionId": m["partitionId"], "consumerGroup": "g"}
+                       for m in (first, second)]
+        + [{"type": "push", "items": [{"queue": sink, "payload": "late result"}]}],
+        "requiredLeases": [first["leaseId"], second["leaseId"]]}).json()
+
+    assert body["success"] is False and first["leaseId"] in body["error"], body
+    assert count_messages(db, sink) == 0
+
+
 def test_duplicate_push_in_a_transaction_is_reported_not_fatal(http, db):
     queue = unique_name()
     first = _push(http, queue)[0]

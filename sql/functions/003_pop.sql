@@ -178,6 +178,16 @@ BEGIN
 END
 $$;
 
+-- Leases that ended for their holder without an ack: expired and taken over, or ended by an
+-- operator (seek, clear, a dead letter by hand). A transaction listing one must fail, as it
+-- would on the row of a lease that expired (migration 13); the caller holds the rows' locks.
+CREATE OR REPLACE FUNCTION queen.note_ended_leases(p_leases uuid[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO queen.expired_leases (lease_id)
+    SELECT DISTINCT l FROM unnest(p_leases) AS l WHERE l IS NOT NULL
+    ON CONFLICT (lease_id) DO NOTHING
+$$;
+
 -- Tries to deliver from one partition to one group: ``messages`` is the json text of the array
 -- handed out, put together here and never parsed again (NULL when the partition is leased,
 -- cooling down, in its window, or has nothing due), ``n`` its length, ``last_id`` the last
@@ -291,6 +301,7 @@ BEGIN
     IF n = 0 THEN
         -- A lease that expired with nothing left to redeliver is simply over.
         IF v_pc.lease_id IS NOT NULL THEN
+            PERFORM queen.note_ended_leases(ARRAY[v_pc.lease_id]);
             UPDATE queen.partition_consumers SET lease_id = NULL, lease_expires_at = NULL
              WHERE partition_id = p_partition AND consumer_group = p_group;
         END IF;
@@ -301,10 +312,7 @@ BEGIN
     -- A lease still on the row expired (live ones returned above): this pop takes the
     -- partition over, and a transaction of the old holder must still find it expired
     -- (migration 13).
-    IF v_pc.lease_id IS NOT NULL THEN
-        INSERT INTO queen.expired_leases (lease_id) VALUES (v_pc.lease_id)
-        ON CONFLICT (lease_id) DO NOTHING;
-    END IF;
+    PERFORM queen.note_ended_leases(ARRAY[v_pc.lease_id]);
     IF p_lease_id IS NULL THEN
         UPDATE queen.partition_consumers
            SET cursor_created_at = v_last_at, cursor_id = last_id,

@@ -268,6 +268,11 @@ BEGIN
         RETURN jsonb_build_object('notFound', true);
     END IF;
     PERFORM queen.lock_lookups(ARRAY[v_queue]);
+    PERFORM queen.note_ended_leases(ARRAY(
+        SELECT pc.lease_id FROM queen.partition_consumers pc
+          JOIN queen.partitions p ON p.id = pc.partition_id
+         WHERE p.queue_id = v_queue AND pc.consumer_group = p_group AND pc.lease_id IS NOT NULL
+         ORDER BY pc.partition_id FOR UPDATE OF pc));
     WITH targets AS (
         SELECT pc.partition_id,
                CASE WHEN p_to_end THEN p.last_message_at ELSE t.created_at END AS at,
@@ -318,6 +323,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
+    PERFORM queen.note_ended_leases(ARRAY(
+        SELECT lease_id FROM queen.partition_consumers
+         WHERE partition_id = v_part.id AND consumer_group = p_group AND lease_id IS NOT NULL
+           FOR UPDATE));
     INSERT INTO queen.partition_consumers AS pc (partition_id, consumer_group, cursor_created_at, cursor_id)
     VALUES (v_part.id, p_group, coalesce(v_part.last_message_at, '-infinity'),
             coalesce(v_part.last_message_id, '00000000-0000-0000-0000-000000000000'::uuid))

@@ -273,6 +273,7 @@ BEGIN
                       AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
                       AND (m.created_at, m.id) < (v_m.created_at, v_m.id))
        AND (v_m.created_at, v_m.id) > (v_pc.cursor_created_at, v_pc.cursor_id) THEN
+        PERFORM queen.note_ended_leases(ARRAY[v_pc.lease_id]);
         UPDATE queen.partition_consumers
            SET cursor_created_at = v_m.created_at, cursor_id = v_m.id,
                lease_id = NULL, lease_expires_at = NULL, retry_count = 0, retry_after = NULL
@@ -302,6 +303,10 @@ BEGIN
     v_parts := coalesce(v_parts, '{}');
     DELETE FROM queen.messages WHERE partition_id = ANY(v_parts);
     GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    PERFORM queen.note_ended_leases(ARRAY(
+        SELECT lease_id FROM queen.partition_consumers
+         WHERE partition_id = ANY(v_parts) AND lease_id IS NOT NULL
+         ORDER BY partition_id, consumer_group FOR UPDATE));
     UPDATE queen.partition_consumers
        SET lease_id = NULL, lease_expires_at = NULL, retry_count = 0, retry_after = NULL
      WHERE partition_id = ANY(v_parts) AND lease_id IS NOT NULL;
