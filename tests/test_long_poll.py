@@ -681,3 +681,34 @@ def test_a_pop_whose_client_left_during_its_sql_gives_its_messages_back(server, 
     delivery = wait_until(lambda: pop(http, queue, batch=10),
                           message="the messages free for the next consumer")
     assert [m["data"] for m in delivery["messages"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("route", [
+    "/api/v1/pop/queue/{q}?batch=10&wait=false&autoAck=true",
+    "/api/v1/pop/queue/{q}?batch=10&wait=false&autoAck=true&consumerGroup=g",
+    "/api/v1/pop?namespace=ns-{q}&batch=10&wait=false&autoAck=true&partitions=2",
+])
+def test_an_auto_ack_pop_whose_client_left_during_its_sql_undoes_its_commit(server, http, db,
+                                                                           route):
+    """autoAck commits at delivery; when the client is known gone before its answer is
+    written, the cursor goes back (nobody moved it since), so no message is lost."""
+    queue = unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "namespace": f"ns-{queue}"})
+    http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": f"p{n % 2}", "payload": n} for n in range(4)]})
+    with db.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '5s'")
+
+    _pop_and_leave_while_the_sql_runs(server.port, route.format(q=queue), db)
+
+    group = {"consumerGroup": "g"} if "consumerGroup=g" in route else {}
+    seen = []
+    for _ in range(4):
+        delivery = wait_until(lambda: pop(http, queue, batch=10, **group),
+                              message="the messages free for the next consumer")
+        seen += [m["data"] for m in delivery["messages"]]
+        for message in delivery["messages"]:
+            assert ack(http, message, **group)["success"]
+        if len(seen) >= 4:
+            break
+    assert sorted(seen) == [0, 1, 2, 3]

@@ -772,3 +772,28 @@ def test_first_ack_of_a_fresh_session_for_an_unknown_partition_is_message_not_fo
         [results] = cursor.fetchone()
 
     assert [(r["success"], r["error"]) for r in results] == [(False, "Message not found")]
+
+
+def _auto_ack_span(message: Dict[str, Any]) -> Dict[str, Any]:
+    return {"partitionId": message["partitionId"], "consumerGroup": message["consumerGroup"],
+            "firstAt": message["createdAt"], "firstId": message["id"],
+            "lastAt": message["createdAt"], "lastId": message["id"], "count": 1}
+
+
+def test_undoing_an_auto_ack_delivery_needs_the_cursor_where_it_left_it(http, db):
+    """queen.undo_auto_ack (a client gone before its autoAck answer): only the delivery the
+    cursor still stands at goes back, and then exactly to where its pop found the cursor."""
+    queue = unique_name()
+    push(http, queue, ["m1", "m2", "m3"])
+    first = pop(http, queue, autoAck="true")["messages"][0]
+    second = pop(http, queue, autoAck="true")["messages"][0]
+
+    def undo(message):
+        with db.cursor() as cursor:
+            cursor.execute("SELECT queen.undo_auto_ack(%s::jsonb)",
+                           (json.dumps([_auto_ack_span(message)]),))
+            return cursor.fetchone()[0]
+
+    assert undo(first) == []  # the second pop read past it: going back would repeat m2
+    assert undo(second) == [second["partitionId"]]
+    assert [m["data"] for m in pop(http, queue, batch=10)["messages"]] == ["m2", "m3"]

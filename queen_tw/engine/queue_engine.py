@@ -464,13 +464,40 @@ class QueueEngine:
 
     async def _give_back(self, delivery: Delivery) -> None:
         """Releases the leases of a delivery nobody will receive (counter untouched; not an
-        ack of any client's, so the metrics do not count it)."""
+        ack of any client's, so the metrics do not count it); an autoAck delivery, which
+        holds no lease, is undone instead."""
         if not delivery.get("leaseId"):
+            await self._undo_auto_ack(delivery)
             return
         await self.batchers["ack"].submit([
             {"transactionId": m["transactionId"], "partitionId": m["partitionId"],
              "status": "retry", "consumerGroup": m["consumerGroup"], "leaseId": m["leaseId"]}
             for m in delivery.message_list()])
+
+    async def _undo_auto_ack(self, delivery: Delivery) -> None:
+        """Moves back the cursors an autoAck delivery committed, its client having left
+        before the answer was written (see queen.undo_auto_ack)."""
+        spans: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        for message in delivery.message_list():
+            span = spans.setdefault((message["partitionId"], message["consumerGroup"]), {
+                "partitionId": message["partitionId"], "consumerGroup": message["consumerGroup"],
+                "firstAt": message["createdAt"], "firstId": message["id"], "count": 0,
+                "queue": message["queue"], "partition": message["partition"]})
+            span.update(lastAt=message["createdAt"], lastId=message["id"],
+                        count=span["count"] + 1)
+        try:
+            undone = set(await self._db.call("undo_auto_ack", list(spans.values())))
+        except Exception as err:
+            log.warn("autoAck delivery of {n} message(s) to a client that left could not be "
+                     "undone; they count as consumed ({error})",
+                     n=sum(s["count"] for s in spans.values()), error=err)
+            return
+        kept = sum(s["count"] for s in spans.values() if s["partitionId"] not in undone)
+        log.info("autoAck delivery to a client that left: {back} message(s) deliverable "
+                 "again{kept}", back=sum(s["count"] for s in spans.values()) - kept,
+                 kept=f", {kept} not (read past meanwhile)" if kept else "")
+        self.announce_released((s["queue"], s["partition"]) for s in spans.values()
+                               if s["partitionId"] in undone)
 
     def _decrypt_in_place(self, row: Dict[str, Any], field: str) -> None:
         if row.pop("isEncrypted", False):

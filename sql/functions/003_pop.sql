@@ -731,3 +731,60 @@ LANGUAGE sql AS $$
       FROM queen.pop_batch(p_reqs) WITH ORDINALITY AS b(idx, result, messages, n)
 $$;
 
+
+-- An autoAck delivery whose client left before its answer was written (the server saw the
+-- connection close): autoAck committed it at the pop, so left alone its messages would be
+-- lost. Each partition's cursor goes back to where that pop found it, when it still stands
+-- at the delivery's last message with no lease on it (nobody read further meanwhile; if
+-- somebody did, going back would deliver their messages twice, and nothing is undone).
+-- Items: one per (partition, group): {partitionId, consumerGroup, firstAt, firstId, lastAt,
+-- lastId, count}. Returns the ids of the partitions whose messages are deliverable again
+-- (a JSON array).
+CREATE OR REPLACE FUNCTION queen.undo_auto_ack(p_items jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_it     record;
+    v_before record;
+    v_undone uuid[] := '{}';
+BEGIN
+    FOR v_it IN
+        SELECT (e->>'partitionId')::uuid AS partition_id,
+               coalesce(nullif(e->>'consumerGroup', ''), '__QUEUE_MODE__') AS consumer_group,
+               (e->>'firstAt')::timestamptz AS first_at, (e->>'firstId')::uuid AS first_id,
+               (e->>'lastAt')::timestamptz AS last_at, (e->>'lastId')::uuid AS last_id,
+               (e->>'count')::int AS n
+          FROM jsonb_array_elements(p_items) e
+         ORDER BY 1, 2
+    LOOP
+        -- where the pop found the cursor: any point after the message before the first one
+        -- and before the first one is the same cursor
+        SELECT m.created_at, m.id INTO v_before
+          FROM queen.messages m
+         WHERE m.partition_id = v_it.partition_id
+           AND (m.created_at, m.id) < (v_it.first_at, v_it.first_id)
+         ORDER BY m.created_at DESC, m.id DESC LIMIT 1;
+        UPDATE queen.partition_consumers
+           SET cursor_created_at = coalesce(v_before.created_at, '-infinity'),
+               cursor_id = coalesce(v_before.id, '00000000-0000-0000-0000-000000000000'::uuid),
+               total_consumed = greatest(total_consumed - v_it.n, 0),
+               batches_consumed = greatest(batches_consumed - 1, 0)
+         WHERE partition_id = v_it.partition_id AND consumer_group = v_it.consumer_group
+           AND cursor_created_at = v_it.last_at AND cursor_id = v_it.last_id
+           AND lease_id IS NULL;
+        CONTINUE WHEN NOT FOUND;
+        v_undone := v_undone || v_it.partition_id;
+        -- the pending lookup forgot the partition when the cursor reached its newest message
+        INSERT INTO queen.partition_pending AS pp
+               (queue_id, consumer_group, partition_id, last_message_at, last_message_id)
+        SELECT p.queue_id, v_it.consumer_group, p.id, p.last_message_at, p.last_message_id
+          FROM queen.partitions p
+         WHERE p.id = v_it.partition_id AND p.last_message_id IS NOT NULL
+        ON CONFLICT (queue_id, consumer_group, partition_id) DO UPDATE
+           SET last_message_at = excluded.last_message_at,
+               last_message_id = excluded.last_message_id
+         WHERE (pp.last_message_at, pp.last_message_id)
+               < (excluded.last_message_at, excluded.last_message_id);
+    END LOOP;
+    RETURN to_jsonb(v_undone);
+END
+$$;
