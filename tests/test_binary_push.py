@@ -515,6 +515,41 @@ def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
                     (id_text(m[0]), m[1], json.loads(m[2])) for m in group]
 
 
+def test_a_buffered_binary_push_keeps_its_payload_text_exact():
+    """A binary push stores its payload text as it came (numbers beyond a double included);
+    one buffered while PostgreSQL takes no writes must come back the same, not re-read as
+    doubles (the payload went through the buffer as a value until this was fixed)."""
+    exact = b'{"price":12345678901234.123456789,"tiny":1.00000000000000000001,' \
+            b'"big":123456789012345678901234567890}'
+    with private_fleet() as fleet:
+        server = fleet.server()
+        direct, buffered = unique_name(), unique_name()
+        with httpx.Client(base_url=server.url, timeout=20) as http:
+            assert post(http, framed_body([framed_group(direct, "p", [
+                (v7_id(), "t0", exact)])])).status_code == 201
+            set_maintenance(server.url, True)
+            answer = post(http, framed_body([framed_group(buffered, "p", [
+                (v7_id(), "t0", exact)])]))
+            assert [r["status"] for r in answer.json()] == ["buffered"], answer.text
+            set_maintenance(server.url, False)
+            texts = {}
+            for queue in (direct, buffered):
+                texts[queue] = wait_until(lambda q=queue: _popped_text(http, q), 20, 0.2,
+                                          "the buffer replayed")
+    assert texts[buffered] == texts[direct]
+    assert b"12345678901234.123456789" in texts[direct] and b"1.00000000000000000001" in \
+        texts[direct]
+
+
+def _popped_text(http: httpx.Client, queue: str) -> Optional[bytes]:
+    """The popped message's ``data`` as the server wrote it (numbers unparsed), None when
+    nothing came."""
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", "autoAck": "true"})
+    if answer.status_code != 200:
+        return None
+    return answer.content.split(b'"data":', 1)[1].split(b',"traceId"', 1)[0]
+
+
 def test_binary_push_and_transaction_carry_the_tokens_sub_and_need_read_write(pg_env):
     """With auth on, a binary push is the push route: read-write, and its messages get the
     admitted token's ``sub`` as ``producerSub``, as a JSON push's do."""

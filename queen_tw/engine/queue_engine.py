@@ -256,14 +256,17 @@ class QueueEngine:
                       ) -> List[Dict[str, Any]]:
         """Hands items to the file buffer, telling it which queues are known not to encrypt
         (from the cache only: PostgreSQL may be what is down). Without a key, a queue known
-        to encrypt is refused here as on the way to PostgreSQL."""
+        to encrypt is refused here as on the way to PostgreSQL. A binary push's payload text
+        goes to the buffer as it came, unless the buffer seals it (a value is encrypted)."""
         known = self._config_cache.encrypted(sorted({item["queue"] for item in items}))
-        items = [dict(item, payload=plain_payload(item["payload"]))
-                 if isinstance(item.get("payload"), orjson.Fragment) else item for item in items]
+        plain_queues = frozenset(queue for queue, encrypted in known.items() if not encrypted)
         if self._cipher is None:
             _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
-        return await failover.buffer(
-            items, frozenset(queue for queue, encrypted in known.items() if not encrypted))
+        else:
+            items = [dict(item, payload=plain_payload(item["payload"]))
+                     if isinstance(item.get("payload"), orjson.Fragment)
+                     and item["queue"] not in plain_queues else item for item in items]
+        return await failover.buffer(items, plain_queues)
 
     async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Writes items to PostgreSQL (encrypting where the queue asks); no failover.

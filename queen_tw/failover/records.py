@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-RECORD_FIELDS = ("queue", "partition", "payload", "transactionId", "traceId", "producerSub",
-                 "id", "bufferSealed")
+import orjson
+
+RECORD_FIELDS = ("queue", "partition", "payload", "payloadText", "transactionId", "traceId",
+                 "producerSub", "id", "bufferSealed")
 """What a buffered push keeps: everything ``push_messages_core`` reads from an item (``id``:
 the message id a compressed push's client minted, WIRE2.md 9.2, kept through the buffer),
 and whether the buffer sealed its payload (``sealing``). ``payload`` stays absent when the
-request had none (it is stored as ``{}`` then)."""
+request had none (it is stored as ``{}`` then). A binary push's payload, passed through as
+JSON text (``orjson.Fragment``), is kept as that text in ``payloadText``: read back as a
+value, its numbers beyond a double would lose digits (see :func:`item_of`)."""
 
 DEFAULT_PARTITION = "Default"
 
@@ -52,9 +56,21 @@ def partition_key(item: Dict[str, Any]) -> Tuple[str, str]:
 
 def encode(item: Dict[str, Any]) -> bytes:
     """One record line for a validated push item."""
-    body = json.dumps({key: item[key] for key in RECORD_FIELDS if key in item},
-                      separators=(",", ":"), ensure_ascii=False).encode()
+    record = {key: item[key] for key in RECORD_FIELDS if key in item}
+    if isinstance(record.get("payload"), orjson.Fragment):
+        record["payloadText"] = orjson.dumps(record.pop("payload")).decode()
+    body = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
     return encode_line(body)
+
+
+def item_of(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The push item of a decoded record: ``payloadText`` goes back to the store as the JSON
+    text it was (``orjson.Fragment``)."""
+    if "payloadText" not in record:
+        return record
+    item = dict(record)
+    item["payload"] = orjson.Fragment(item.pop("payloadText").encode())
+    return item
 
 
 def encode_line(body: bytes) -> bytes:

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidTag
 
 from queen_tw.crypto import PayloadCipher
 from queen_tw.errors import Unavailable
+from queen_tw.failover.records import item_of
 from queen_tw.failover.replay import Store
 
 SEALED = "bufferSealed"
@@ -62,7 +63,8 @@ class BufferSeal:
 
         Raises ``Unavailable`` when a sealed payload cannot be opened (no key, another key).
         """
-        return [self._open(record) if record.get(SEALED) else record for record in records]
+        return [self._open(record) if record.get(SEALED) else item_of(record)
+                for record in records]
 
     def unsealing(self, store: Store) -> Store:
         """``store`` (``QueueEngine.store``) for buffered records: unseals, then stores."""
