@@ -65,10 +65,12 @@ VOLUME ["/var/lib/queen/buffers"]
 # configured; containers on one network reach it without a published port.
 EXPOSE 6632
 
-# /health answers 200 once the server serves HTTP. Python's urllib, so no curl in the image;
-# it assumes the default tcp listener (with QUEEN_LISTEN set, override the health check).
+# Healthy = the server answers GET /health at all: 200, or 503 while PostgreSQL is away (it
+# then keeps serving and buffers pushes; an unhealthy mark there would invite a restart that
+# helps nothing). The body says which. Python's http.client, so no curl in the image; it
+# assumes the default tcp listener (with QUEEN_LISTEN set, override the health check).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '6632'), timeout=2)"]
+    CMD ["python", "-c", "import http.client, os; c = http.client.HTTPConnection('127.0.0.1', int(os.environ.get('PORT', '6632')), timeout=2); c.request('GET', '/health'); c.getresponse()"]
 
 # twistd is PID 1, without tini: it installs its own SIGTERM and SIGINT handlers (a graceful
 # stop of at most 25 s: parked pops answered, accepted work drained, file buffer flushed),

@@ -134,7 +134,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "PostgreSQL connections in the pool (upstream's 150 is sized for a C++ server)",
          minimum=1),
     _opt("db_connection_timeout_ms", "DB_CONNECTION_TIMEOUT", "int", 2000,
-         "Connect timeout in ms (libpq rounds up to whole seconds, minimum 2)", minimum=0),
+         "Connect timeout in ms (libpq rounds up to whole seconds, minimum 2); 0 = none: "
+         "a connect then waits as long as the network lets it", minimum=0),
     _opt("db_statement_timeout_ms", "DB_STATEMENT_TIMEOUT", "int", 30000,
          "statement_timeout in ms, 0 = none", minimum=0),
     _opt("db_lock_timeout_ms", "DB_LOCK_TIMEOUT", "int", 10000,

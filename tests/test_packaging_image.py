@@ -39,7 +39,8 @@ from queen_tw.cluster.peers import parse_peers
 from queen_tw.config import OPTIONS, Config
 from queen_tw.lifecycle import STOP_BUDGET_S
 
-from tests.support import ServerProcess, unique_name
+from tests.faultkit import Fleet, health_code, private_postgres
+from tests.support import ServerProcess, unique_name, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -183,6 +184,43 @@ def test_the_image_health_check_passes_on_a_serving_server_and_fails_on_a_closed
     down = subprocess.run(command, env={**os.environ, "PORT": "1"},
                           capture_output=True, timeout=10)
     assert down.returncode != 0
+
+
+@pytest.fixture(scope="module")
+def server_without_postgres():
+    """A serving server whose PostgreSQL was stopped: /health answers 503, pushes are
+    buffered."""
+    with private_postgres() as postgres:
+        fleet = Fleet(postgres.pg_env())
+        try:
+            server = fleet.server()
+            postgres.stop()
+            wait_until(lambda: health_code(server.url, 2) == 503, 30, 0.2,
+                       "/health answering 503")
+            yield server
+        finally:
+            fleet.close()
+
+
+def _compose_health_command() -> list[str]:
+    test = _compose()["services"]["queen-1"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"], test
+    return [sys.executable, *test[2:]]
+
+
+def test_the_health_checks_pass_while_postgresql_is_away(server_without_postgres) -> None:
+    """The server serves (and buffers pushes) through a database outage: the image's and
+    compose's health checks and the unit's readiness wait must not call it down."""
+    env = {**os.environ, "PORT": str(server_without_postgres.port)}
+    image = subprocess.run([sys.executable, *_healthcheck_command()[1:]], env=env,
+                           capture_output=True, timeout=10)
+    assert image.returncode == 0, image.stderr
+    unit = subprocess.run(_readiness_command(), env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert unit.returncode == 0, unit.stderr
+    compose = [word.replace("6632", str(server_without_postgres.port))
+               for word in _compose_health_command()]
+    assert subprocess.run(compose, capture_output=True, timeout=10).returncode == 0
 
 
 # --- compose -----------------------------------------------------------------------------

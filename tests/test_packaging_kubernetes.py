@@ -434,8 +434,9 @@ def test_the_ha_values_point_at_the_cnpg_primary_service_and_its_secret(
     for setting, key in (("PG_USER", "username"), ("PG_PASSWORD", "password")):
         assert env[setting]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-app", "key": key}
     values = literal_env(ha_objects)
-    connections = (one(ha_objects, "StatefulSet")["spec"]["replicas"]
-                   * int(values["NUM_WORKERS"]) * int(values["DB_POOL_SIZE"]))
+    workers = int(values["NUM_WORKERS"])
+    per_worker = int(values["DB_POOL_SIZE"]) + (1 if workers > 1 else 0)  # + the LISTEN relay
+    connections = one(ha_objects, "StatefulSet")["spec"]["replicas"] * workers * per_worker
     max_connections = int(cluster["spec"]["postgresql"]["parameters"]["max_connections"])
     assert connections + 10 <= max_connections  # room for the operator and psql
 
