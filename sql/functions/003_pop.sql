@@ -311,8 +311,10 @@ BEGIN
     partition_name := v_part.name;
     -- A lease still on the row expired (live ones returned above): this pop takes the
     -- partition over, and a transaction of the old holder must still find it expired
-    -- (migration 13).
-    PERFORM queen.note_ended_leases(ARRAY[v_pc.lease_id]);
+    -- (migration 13). (Tested here: the common pop, on a free row, pays no statement.)
+    IF v_pc.lease_id IS NOT NULL THEN
+        PERFORM queen.note_ended_leases(ARRAY[v_pc.lease_id]);
+    END IF;
     IF p_lease_id IS NULL THEN
         UPDATE queen.partition_consumers
            SET cursor_created_at = v_last_at, cursor_id = last_id,
