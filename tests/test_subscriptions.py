@@ -298,13 +298,13 @@ def test_ten_consumers_drain_a_thousand_new_partitions_without_an_early_empty_po
     assert sorted(consumed) == list(range(1000))
 
 
-def _long_poll_in_background(server, queue, **params):
+def _long_poll_in_background(server, queue, timeout=20000, **params):
     """Starts a long-polling pop (wait=true, 20 s) in a thread; returns (thread, answers)."""
     answers: list = []
 
     def run():
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            answers.append(pop_answer(client, queue, wait="true", timeout=20000, **params))
+            answers.append(pop_answer(client, queue, wait="true", timeout=timeout, **params))
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -344,6 +344,24 @@ def test_new_mode_namespace_long_poll_before_any_queue_gets_the_creating_message
     time.sleep(1.0)  # its first attempt finds no queue in the namespace
     push(http, queue, ["first"])
     thread.join(30)
+
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert [m["data"] for m in answers[0].json()["messages"]] == ["first"]
+
+
+def test_a_second_new_mode_waiter_that_joined_the_line_gets_the_creating_message(http, server):
+    """A pop that joins a line of waiting pops of its group parks without an attempt of its
+    own; when the first one has timed out, it is the one that meets the creating push."""
+    queue = unique_name()
+    first, _ = _long_poll_in_background(server, queue, consumerGroup="fleet",
+                                        subscriptionMode="new", timeout=1500)
+    time.sleep(0.5)
+    second, answers = _long_poll_in_background(server, queue, consumerGroup="fleet",
+                                               subscriptionMode="new")
+    first.join(30)  # 204 after 1.5 s: the second pop is now first in line
+    time.sleep(0.5)
+    push(http, queue, ["first"])
+    second.join(30)
 
     assert answers and answers[0].status_code == 200, answers and answers[0].text
     assert [m["data"] for m in answers[0].json()["messages"]] == ["first"]

@@ -432,6 +432,7 @@ class ParkingLot:
         self._retry_in: Optional[float] = None  # when the database said to look again
         self.users = 0          # pops in their first attempt or parked here
         self.wakes = 0
+        self._no_queue_at: Optional[str] = None  # the first attempt that found no queue
 
     def __len__(self) -> int:
         return sum(1 for parked in self._line if parked.waiting)
@@ -463,6 +464,8 @@ class ParkingLot:
     def park(self, request: PopRequest, timeout: float, last: Attempt) -> _Parked:
         """Queues a pop whose own attempt found nothing; it is answered by a later attempt,
         or with None after ``timeout`` seconds."""
+        if request.waiting_since is None and self._no_queue_at is not None:
+            request = replace(request, waiting_since=self._no_queue_at)
         parked = _Parked(request)
         parked.deadline = self._clock.callLater(max(timeout, 0), self.leave, parked)
         self._line.append(parked)
@@ -572,7 +575,15 @@ class ParkingLot:
     def _learn(self, outcome: Attempt, settings_before: Optional[int] = None) -> None:
         """Namespace lots remember which queues match, to ignore pushes elsewhere. An attempt
         that began before a configure or delete (``settings_before``: the count then) may
-        have seen the old membership: it teaches nothing about unrelated queues."""
+        have seen the old membership: it teaches nothing about unrelated queues.
+        An attempt that found no queue at all dates the wait of every pop in line (see
+        ``PopRequest.waiting_since``), those that joined without an attempt of their own
+        included."""
+        if outcome.no_queue_at is not None:
+            self._no_queue_at = self._no_queue_at or outcome.no_queue_at
+            for parked in self._line:
+                if parked.request.waiting_since is None:
+                    parked.request = replace(parked.request, waiting_since=self._no_queue_at)
         if self.queue is not None or outcome.queues is None:
             return
         self._matching = set(outcome.queues)
