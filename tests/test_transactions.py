@@ -1,5 +1,8 @@
 """Atomic transactions (WIRE.md 2.5, 9.4): over HTTP and through the official client."""
 
+import json
+import threading
+import time
 from typing import Any, Dict, List
 
 import pytest
@@ -269,4 +272,42 @@ def test_official_client_transaction_rollback_raises_and_applies_nothing(server,
 
     error = run_scenario(scenario())
     assert error is not None and "Message not found" in error
+    assert count_messages(db, sink) == 0
+
+
+@pytest.mark.parametrize("partition_seek", [False, True])
+def test_a_seek_that_waits_for_a_pop_committing_its_lease_fences_that_lease(
+        http, db, holder, partition_seek):
+    """The seek meets a pop's lease still uncommitted: it must wait for it and note the lease
+    it ends, not skip the row it saw free (the late transaction would then commit)."""
+    source, other, sink = unique_name(), unique_name(), unique_name()
+    _push(http, source, partition="p1")
+    done = _pop(http, source, consumerGroup="g")["messages"][0]
+    http.post("/api/v1/ack", json={"transactionId": done["transactionId"],
+                                   "partitionId": done["partitionId"], "consumerGroup": "g",
+                                   "leaseId": done["leaseId"]}).raise_for_status()
+    _push(http, source, partition="p1")
+    _push(http, other, partition="p2")
+    second = _pop(http, other, consumerGroup="g")["messages"][0]
+    with holder.cursor() as cursor:  # a pop whose transaction has not committed yet
+        cursor.execute("SELECT messages FROM queen.pop_batch(%s::jsonb)", (json.dumps([
+            {"queue": source, "partition": "p1", "consumerGroup": "g", "batch": 1,
+             "workerId": "w"}]),))
+        (first,) = json.loads(cursor.fetchone()[0])
+    path = (f"/api/v1/consumer-groups/g/queues/{source}/partitions/p1/seek" if partition_seek
+            else f"/api/v1/consumer-groups/g/queues/{source}/seek")
+    seek = threading.Thread(target=lambda: http.post(path, json={"toEnd": True}))
+    seek.start()
+    time.sleep(1.0)  # the seek is waiting for the pop's row
+    holder.commit()
+    seek.join(30)
+
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": m["transactionId"],
+                        "partitionId": m["partitionId"], "consumerGroup": "g"}
+                       for m in (first, second)]
+        + [{"type": "push", "items": [{"queue": sink, "payload": "late result"}]}],
+        "requiredLeases": [first["leaseId"], second["leaseId"]]}).json()
+
+    assert body["success"] is False and first["leaseId"] in body["error"], body
     assert count_messages(db, sink) == 0

@@ -268,10 +268,12 @@ BEGIN
         RETURN jsonb_build_object('notFound', true);
     END IF;
     PERFORM queen.lock_lookups(ARRAY[v_queue]);
+    -- Every row of the group is locked, leased or not: a pop committing a lease right now
+    -- is waited for and its lease read (a lease filter would skip the row it still sees free).
     PERFORM queen.note_ended_leases(ARRAY(
         SELECT pc.lease_id FROM queen.partition_consumers pc
           JOIN queen.partitions p ON p.id = pc.partition_id
-         WHERE p.queue_id = v_queue AND pc.consumer_group = p_group AND pc.lease_id IS NOT NULL
+         WHERE p.queue_id = v_queue AND pc.consumer_group = p_group
          ORDER BY pc.partition_id FOR UPDATE OF pc));
     WITH targets AS (
         SELECT pc.partition_id,
@@ -323,9 +325,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
-    PERFORM queen.note_ended_leases(ARRAY(
+    PERFORM queen.note_ended_leases(ARRAY(  -- locked leased or not: see above
         SELECT lease_id FROM queen.partition_consumers
-         WHERE partition_id = v_part.id AND consumer_group = p_group AND lease_id IS NOT NULL
+         WHERE partition_id = v_part.id AND consumer_group = p_group
            FOR UPDATE));
     INSERT INTO queen.partition_consumers AS pc (partition_id, consumer_group, cursor_created_at, cursor_id)
     VALUES (v_part.id, p_group, coalesce(v_part.last_message_at, '-infinity'),
