@@ -1,7 +1,10 @@
 """NUM_WORKERS: processes sharing the port, wake-ups across them, graceful stop."""
 
 import concurrent.futures
+import json
 import os
+import re
+import socket
 import time
 
 import httpx
@@ -9,7 +12,8 @@ import pytest
 from psycopg2.extensions import make_dsn
 
 from tests.cluster_support import store_silently
-from tests.support import unique_name
+from tests.support import expire_leases, unique_name, wait_until
+from tests.test_long_poll import asleep_on_lock
 
 
 def _worker_ids_seen(url: str, wanted: int, attempts: int = 400) -> set:
@@ -140,3 +144,64 @@ def test_workers_stop_when_their_parent_is_killed_and_a_restart_serves_again(mak
     server.start()
     assert len(_children(server.pid)) == 2
     assert len(_worker_ids_seen(server.url, 2)) == 2  # both new workers serve
+
+
+def _client_on_worker(url: str, worker: str) -> httpx.Client:
+    """A keep-alive client whose connection the kernel gave to ``worker``."""
+    for _ in range(400):
+        client = httpx.Client(base_url=url, timeout=40)
+        if client.get("/health").json()["worker_id"] == worker:
+            return client
+        client.close()
+    raise AssertionError(f"no connection reached {worker}")
+
+
+def _socket_on_worker(port: int, worker: str) -> socket.socket:
+    """A raw keep-alive socket accepted by ``worker`` (asked through /health on it)."""
+    for _ in range(400):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, rest = sock.recv(65536).partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        if json.loads(rest)["worker_id"] == worker:
+            return sock
+        sock.close()
+    raise AssertionError(f"no socket reached {worker}")
+
+
+def test_an_undone_auto_ack_delivery_wakes_the_long_polls_of_the_other_worker(
+        make_server, db):
+    """An autoAck pop whose client left during its SQL moves the cursor back in worker 1;
+    the pop parked in worker 2 must hear of it (no SQL NOTIFY says so)."""
+    server = make_server(NUM_WORKERS="2", WORKER_ID="undo", POP_WAIT_INITIAL_INTERVAL_MS="30000",
+                         POP_WAIT_MAX_INTERVAL_MS="30000")
+    queue = unique_name()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": "x"}]})
+        assert http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"}).status_code == 200
+    parked_client = _client_on_worker(server.url, "undo-2")
+    leaving = _socket_on_worker(server.port, "undo-1")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        parked = pool.submit(parked_client.get, f"/api/v1/pop/queue/{queue}",
+                             params={"wait": "true", "timeout": 15000})
+        time.sleep(1.0)  # parked in worker 2: the message is leased
+        expire_leases(db, queue)  # no wake-up: the parked pop does not look again by itself
+        with db.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '5s'")
+            cursor.execute("BEGIN")
+            cursor.execute("LOCK TABLE queen.messages IN ACCESS EXCLUSIVE MODE")
+            leaving.sendall(f"GET /api/v1/pop/queue/{queue}?wait=false&autoAck=true "
+                            "HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            wait_until(lambda: asleep_on_lock(db), message="the autoAck pop waiting")
+            leaving.close()
+            time.sleep(0.3)  # the close reaches worker 1
+            cursor.execute("ROLLBACK")
+        started = time.monotonic()
+        answer = parked.result(timeout=30)
+    parked_client.close()
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["messages"][0]["data"] == "x"
+    assert time.monotonic() - started < 10  # woken, not answered 204 at its timeout

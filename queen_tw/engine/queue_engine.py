@@ -499,8 +499,9 @@ class QueueEngine:
         log.info("autoAck delivery to a client that left: {back} message(s) deliverable "
                  "again{kept}", back=sum(s["count"] for s in spans.values()) - kept,
                  kept=f", {kept} not (read past meanwhile)" if kept else "")
-        self.announce_released((s["queue"], s["partition"]) for s in spans.values()
-                               if s["partitionId"] in undone)
+        # no SQL NOTIFY tells the sibling workers: wake_everywhere does
+        self.wake_everywhere((s["queue"], s["partition"]) for s in spans.values()
+                             if s["partitionId"] in undone)
 
     def _decrypt_in_place(self, row: Dict[str, Any], field: str) -> None:
         if row.pop("isEncrypted", False):
