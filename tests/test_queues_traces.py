@@ -682,3 +682,34 @@ def test_health_answers_healthy(http):
     assert body["status"] == "healthy"
     assert body["database"] == "connected"
     assert body["queen"]["status"] == "active"
+
+
+def test_a_transaction_id_and_a_trace_name_holding_a_slash_are_reachable_by_path(http):
+    """Push takes any transactionId and /traces any name, '/' included: the routes naming
+    them in the path (the dashboard's links, sent as %2F) must find them."""
+    queue = unique_name()
+    configure(http, queue, {"retryLimit": 0, "dlqAfterMaxRetries": True})
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": {"o": 1}, "transactionId": "order/42"},
+        {"queue": queue, "payload": {"o": 2}, "transactionId": "order/43/retry"}]})
+    assert answer.status_code == 201, answer.text
+    partition = answer.json()[0]["partition_id"]
+    name = f"{queue}/created"
+    assert http.post("/api/v1/traces", json={
+        "transactionId": "order/42", "partitionId": partition, "traceNames": [name],
+        "data": {}}).status_code == 201
+
+    detail = http.get(f"/api/v1/messages/{partition}/order%2F42")
+    tricky = http.get(f"/api/v1/messages/{partition}/order%2F43%2Fretry")
+    traced = http.get(f"/api/v1/traces/by-name/{name.replace('/', '%2F')}")
+    dead = http.post(f"/api/v1/messages/{partition}/order%2F42/dlq", json={})
+    retried = http.post(f"/api/v1/messages/{partition}/order%2F42/retry")
+    deleted = http.delete(f"/api/v1/messages/{partition}/order%2F43%2Fretry")
+
+    assert detail.status_code == 200 and detail.json()["transactionId"] == "order/42", detail.text
+    assert tricky.status_code == 200 and tricky.json()["transactionId"] == "order/43/retry"
+    assert traced.status_code == 200 and traced.json()["total"] == 1, traced.text
+    assert dead.status_code == 200 and dead.json()["success"] is True, dead.text
+    assert retried.status_code == 200, retried.text
+    assert deleted.status_code == 200, deleted.text
+    assert http.get(f"/api/v1/messages/{partition}/order%2F43%2Fretry").status_code == 404

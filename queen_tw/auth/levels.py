@@ -79,14 +79,14 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("GET", "/api/v1/analytics/retention", _RO),
     # messages, dead letters, traces
     ("GET", "/api/v1/messages", _RO),
-    ("GET", "/api/v1/messages/<partition_id>/<transaction_id>", _RO),
-    ("DELETE", "/api/v1/messages/<partition_id>/<transaction_id>", _RW),
-    ("POST", "/api/v1/messages/<partition_id>/<transaction_id>/retry", _RW),  # inferred
-    ("POST", "/api/v1/messages/<partition_id>/<transaction_id>/dlq", _RW),  # inferred
+    ("GET", "/api/v1/messages/<partition_id>/<path:transaction_id>", _RO),
+    ("DELETE", "/api/v1/messages/<partition_id>/<path:transaction_id>", _RW),
+    ("POST", "/api/v1/messages/<partition_id>/<path:transaction_id>/retry", _RW),  # inferred
+    ("POST", "/api/v1/messages/<partition_id>/<path:transaction_id>/dlq", _RW),  # inferred
     ("GET", "/api/v1/dlq", _RO),
     ("POST", "/api/v1/traces", _RW),
     ("GET", "/api/v1/traces/<partition_id>/<transaction_id>", _RO),
-    ("GET", "/api/v1/traces/by-name/<name>", _RO),
+    ("GET", "/api/v1/traces/by-name/<path:name>", _RO),
     ("GET", "/api/v1/traces/names", _RO),
     # consumer groups
     ("GET", "/api/v1/consumer-groups", _RO),
@@ -200,8 +200,10 @@ the router, the auth levels), so that they all match the same paths."""
 
 def _catch_all_segments() -> Dict[Tuple[str, ...], Tuple[int, int]]:
     """For each route with a catch-all (``<path:...>``: KV keys and timer keys contain '/',
-    WIRE2 2.4 and 3.2; ephemeral queue names may, WIRE2 7), its leading fixed segments ->
-    (the catch-all's first segment, how many segments follow it)."""
+    WIRE2 2.4 and 3.2; ephemeral queue names may, WIRE2 7; so may a message's transactionId
+    and a trace name, which nothing refuses at push), its leading fixed segments -> (the
+    catch-all's first segment, how many segments follow it, the fewest of the routes sharing
+    those fixed segments: ``…/{t}`` and ``…/{t}/retry``)."""
     found: Dict[Tuple[str, ...], Tuple[int, int]] = {}
     for _, rule, _ in ROUTE_LEVELS:
         segments = rule[1:].split("/")
@@ -209,7 +211,8 @@ def _catch_all_segments() -> Dict[Tuple[str, ...], Tuple[int, int]]:
             if segment.startswith("<path:"):
                 fixed = tuple(itertools.takewhile(lambda part: not part.startswith("<"),
                                                   segments))
-                found[fixed] = (index, len(segments) - index - 1)
+                after = len(segments) - index - 1
+                found[fixed] = (index, min(after, found.get(fixed, (index, after))[1]))
     return found
 
 

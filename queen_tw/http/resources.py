@@ -104,22 +104,22 @@ class ResourceRoutes:
         return json_answer(request, 200, await self._admin_engines().browser.messages(
             query.message_filters(request)))
 
-    @app.route("/api/v1/messages/<partition_id>/<transaction_id>", methods=["GET"])
+    @app.route("/api/v1/messages/<partition_id>/<path:transaction_id>", methods=["GET"])
     async def message_detail(self, request, partition_id, transaction_id):
         return json_answer(request, 200, await self._admin_engines().browser.message(
             *_message_key(partition_id, transaction_id)))
 
-    @app.route("/api/v1/messages/<partition_id>/<transaction_id>", methods=["DELETE"])
+    @app.route("/api/v1/messages/<partition_id>/<path:transaction_id>", methods=["DELETE"])
     async def delete_message(self, request, partition_id, transaction_id):
         return json_answer(request, 200, await self._admin_engines().browser.delete_message(
             *_message_key(partition_id, transaction_id)))
 
-    @app.route("/api/v1/messages/<partition_id>/<transaction_id>/retry", methods=["POST"])
+    @app.route("/api/v1/messages/<partition_id>/<path:transaction_id>/retry", methods=["POST"])
     async def retry_message(self, request, partition_id, transaction_id):
         return json_answer(request, 200, await self._admin_engines().browser.retry_message(
             *_message_key(partition_id, transaction_id)))
 
-    @app.route("/api/v1/messages/<partition_id>/<transaction_id>/dlq", methods=["POST"])
+    @app.route("/api/v1/messages/<partition_id>/<path:transaction_id>/dlq", methods=["POST"])
     async def dead_letter_message(self, request, partition_id, transaction_id):
         key = _message_key(partition_id, transaction_id)
         body = parsing.read_json_object(request)
@@ -176,7 +176,7 @@ class ResourceRoutes:
         return json_answer(request, 200, await self._engine.trace_names(
             page["limit"], page["offset"]))
 
-    @app.route("/api/v1/traces/by-name/<name>", methods=["GET"])
+    @app.route("/api/v1/traces/by-name/<path:name>", methods=["GET"])
     async def traces_by_name(self, request, name):
         page = query.page(request, 100)
         return json_answer(request, 200, await self._engine.traces_by_name(
