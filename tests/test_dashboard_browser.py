@@ -20,6 +20,7 @@ import httpx
 import jwt
 import pytest
 
+from tests.faultkit import Fleet, private_postgres
 from tests.http_helpers import ack, configure, poll_pop, push
 from tests.support import ServerProcess, running_server, unique_name, wait_until
 
@@ -375,4 +376,65 @@ def test_with_jwt_the_page_loads_and_works_once_a_token_is_entered(
     assert stored == token
     assert dashboard.banner() is None
     assert dashboard.page.inner_text("#token-state") == "token set"
+    dashboard.finish()
+
+
+def test_a_refused_retry_stays_on_the_banner_across_the_next_refresh(
+        api: httpx.Client, dash_server: ServerProcess,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    queue = unique_name("test-dash-")
+    configure(api, queue)
+    pushed = push(api, queue, [{"order": 8}], prefix="gone-")[0]
+    api.post(f"/api/v1/messages/{pushed['partition_id']}/gone-0/dlq", json={}).raise_for_status()
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.failed_loads_expected = True
+    dashboard.open(f"#/dlq/{queue}")
+    row = dashboard.wait_for('tr[data-dlq-message="gone-0"]')
+    api.delete(f"/api/v1/messages/{pushed['partition_id']}/gone-0").raise_for_status()
+
+    row.locator("button[data-retry]").click()
+    dashboard.wait_for("#banner")
+    dashboard.refresh()  # what the auto-refresh does every 5 s
+
+    text = dashboard.banner()
+    assert text is not None and "/retry: HTTP 404" in text, text
+    dashboard.finish()
+
+
+def test_a_hash_that_is_no_escape_renders_a_page_without_an_error(
+        dash_server: ServerProcess, open_dashboard: Callable[[str], Dashboard]) -> None:
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.failed_loads_expected = True  # the queue "%E0%A4" does not exist: 404
+    dashboard.open("#/traces")
+    before = dashboard.loaded()
+
+    dashboard.page.evaluate("location.hash = '#/queues/%E0%A4'")
+    dashboard.page.wait_for_function(f"() => Number(document.body.dataset.loaded) > {before}",
+                                     timeout=UI_WAIT_MS)
+
+    assert "Traces" not in dashboard.page.inner_text("main h1")
+    dashboard.finish()  # no uncaught "URI malformed"
+
+
+def test_a_hung_postgresql_shows_on_the_banner_not_as_stale_healthy_data(
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """Calls that hang longer than the refresh period: each auto-refresh used to overtake
+    the last, none finished, and the page showed the data from before the hang as current."""
+    with private_postgres() as postgres:
+        fleet = Fleet(postgres.pg_env())
+        try:
+            server = fleet.server()
+            dashboard = open_dashboard(server.url)
+            dashboard.failed_loads_expected = True
+            dashboard.open("#/groups")
+            postgres.freeze()
+            try:
+                banner = dashboard.page.locator("#banner")
+                banner.wait_for(state="visible", timeout=60_000)  # calls end at 15 s
+                text = banner.inner_text()
+            finally:
+                postgres.thaw()
+        finally:
+            fleet.close()
+    assert "/api/v1/consumer-groups" in text, text
     dashboard.finish()

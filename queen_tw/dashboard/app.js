@@ -347,6 +347,7 @@ async function retry(message) {
     notify(`Message ${message.transactionId} queued again as ${answer.transactionId}`);
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
+    refusal = { error, at: Date.now() };
     showBanner([error]);
     return;
   }
@@ -412,9 +413,17 @@ async function tracesPage(load, traceName) {
 
 // -- routing, refresh, banner ------------------------------------------------------------
 
+// A hand-typed hash may hold a "%" that is no escape: the part is then taken as written.
+function decodedPart(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part;
+  }
+}
+
 function route() {
-  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean)
-    .map((part) => decodeURIComponent(part));
+  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodedPart);
   const [page, argument] = parts;
   if (page === "queues" && argument) return ["queue", (load) => queuePage(load, argument)];
   if (page === "groups") return ["groups", groupsPage];
@@ -451,6 +460,11 @@ function notify(text) {
 
 let generation = 0;
 let timer = null;
+let rendering = 0; // refreshes under way
+// The last refused action (a retry): shown with every refresh for REFUSAL_SHOWN_MS, so the
+// next auto-refresh does not hide it before anyone could read it.
+let refusal = null;
+const REFUSAL_SHOWN_MS = 30000;
 
 async function refresh() {
   const mine = ++generation;
@@ -458,28 +472,40 @@ async function refresh() {
   const [page, render] = route();
   const load = new Loader();
   let content;
+  rendering += 1;
   try {
     content = await render(load);
   } catch (error) {
     // a bug in a page: say so where the page would be, never a blank screen
     content = [h("p", { class: "bad" }, `This page failed to render: ${error.message}`)];
     console.warn(error);
+  } finally {
+    rendering -= 1;
   }
   if (mine !== generation) return; // a newer refresh (or navigation) has started
   document.getElementById("view").replaceChildren(...content.filter(Boolean));
   for (const link of document.querySelectorAll("nav a")) {
     link.classList.toggle("active", link.dataset.page === page);
   }
-  showBanner(load.failures);
+  const recent = refusal && Date.now() - refusal.at < REFUSAL_SHOWN_MS ? [refusal.error] : [];
+  showBanner([...load.failures, ...recent]);
   document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = String(mine);
+}
+
+// An auto-refresh never overtakes a refresh still waiting for the API: when calls take longer
+// than REFRESH_MS (PostgreSQL hangs), overtaking each one would finish none, and the page
+// would go on showing the last data as current, with no banner; waited for, the calls end
+// at CALL_TIMEOUT_MS and their failures are shown.
+function autoRefresh() {
+  if (!rendering) refresh();
 }
 
 function schedule() {
   clearInterval(timer);
   timer = null;
   if (document.getElementById("auto-refresh").checked) {
-    timer = setInterval(refresh, REFRESH_MS);
+    timer = setInterval(autoRefresh, REFRESH_MS);
   }
 }
 
