@@ -129,6 +129,20 @@ def test_a_lease_taken_over_after_it_expired_fails_a_transaction_listing_two_lea
     assert count_messages(db, sink) == 0
 
 
+def _assert_late_transaction_fenced(http, db, first, second, sink: str) -> None:
+    """The holder of ``first`` and ``second`` (group g) acks both and pushes a result in one
+    transaction listing both leases; ``first``'s lease ended, so nothing may commit."""
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": m["transactionId"],
+                        "partitionId": m["partitionId"], "consumerGroup": "g"}
+                       for m in (first, second)]
+        + [{"type": "push", "items": [{"queue": sink, "payload": "late result"}]}],
+        "requiredLeases": [first["leaseId"], second["leaseId"]]}).json()
+
+    assert body["success"] is False and first["leaseId"] in body["error"], body
+    assert count_messages(db, sink) == 0
+
+
 def _operator_dead_letters(http, message):
     answer = http.post(f"/api/v1/messages/{message['partitionId']}/{message['transactionId']}/dlq",
                        json={"consumerGroup": "g"})
@@ -167,15 +181,7 @@ def test_a_lease_an_operator_ended_fails_a_transaction_listing_two_leases(http, 
     assert first["partitionId"] != second["partitionId"]
     operator(http, first)
 
-    body = http.post("/api/v1/transaction", json={
-        "operations": [{"type": "ack", "transactionId": m["transactionId"],
-                        "partitionId": m["partitionId"], "consumerGroup": "g"}
-                       for m in (first, second)]
-        + [{"type": "push", "items": [{"queue": sink, "payload": "late result"}]}],
-        "requiredLeases": [first["leaseId"], second["leaseId"]]}).json()
-
-    assert body["success"] is False and first["leaseId"] in body["error"], body
-    assert count_messages(db, sink) == 0
+    _assert_late_transaction_fenced(http, db, first, second, sink)
 
 
 def test_duplicate_push_in_a_transaction_is_reported_not_fatal(http, db):
@@ -302,12 +308,4 @@ def test_a_seek_that_waits_for_a_pop_committing_its_lease_fences_that_lease(
     holder.commit()
     seek.join(30)
 
-    body = http.post("/api/v1/transaction", json={
-        "operations": [{"type": "ack", "transactionId": m["transactionId"],
-                        "partitionId": m["partitionId"], "consumerGroup": "g"}
-                       for m in (first, second)]
-        + [{"type": "push", "items": [{"queue": sink, "payload": "late result"}]}],
-        "requiredLeases": [first["leaseId"], second["leaseId"]]}).json()
-
-    assert body["success"] is False and first["leaseId"] in body["error"], body
-    assert count_messages(db, sink) == 0
+    _assert_late_transaction_fenced(http, db, first, second, sink)
