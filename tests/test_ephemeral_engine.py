@@ -412,3 +412,32 @@ def test_requests_wait_for_a_hung_first_load_only_briefly(engine, clock):
     assert not waiting.called
     clock.advance(0.1)
     assert waiting.called  # PostgreSQL never answered: the request goes on without it
+
+
+def test_idle_groups_are_forgotten_unless_they_hold_a_lease(engine, clock):
+    """A group per subscriber that pops once and goes: its cursors would stay in every ring
+    forever, and every push and pop pays for each one."""
+    engine.declare("q", parse_options({"maxLength": 10, "policy": "dropOldest",
+                                       "leaseSeconds": 3600}))
+    engine.push("q", "p", payloads(1, 2))
+    for n in range(100):
+        engine.take("q", "p", f"gone-{n}", 1, True)
+    engine.take("q", "p", "holding", 1, False)  # a lease it has not acked
+    clock.advance(200)
+    engine.take("q", "p", "active", 1, True)
+    clock.advance(100)
+
+    engine.forget_idle(300, lambda name: False)
+
+    queue = engine.queue("q")
+    assert sorted(queue.groups) == ["active", "holding"]
+    assert sorted(queue.rings["p"].cursors) == ["active", "holding"]
+    assert seen(engine.take("q", "p", "gone-0", 5, True)) == [2]  # back as a new group
+
+
+def test_groups_of_a_queue_with_a_parked_pop_are_kept(engine, clock):
+    engine.push("q", "p", payloads(1))
+    engine.take("q", "p", "g", 1, True)
+    clock.advance(400)
+    engine.forget_idle(300, lambda name: name == "q")
+    assert list(engine.queue("q").groups) == ["g"]

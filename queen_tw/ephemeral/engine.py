@@ -54,7 +54,9 @@ class EphemeralQueue:
         self.declared = declared
         self.options: Dict[str, Any] = options or {}
         self.rings: Dict[str, Ring] = {}
-        self.groups: Set[str] = set()  # every group that popped: new rings start a cursor for each
+        # every group that popped, with its last pop or ack: new rings start a cursor for
+        # each; an idle one is forgotten (see EphemeralEngine.forget_idle)
+        self.groups: Dict[str, float] = {}
         # per group, the partition a pop without one tries first: the one after the partition
         # that served the group's last such pop (a busy partition never starves the others)
         self.turns: Dict[str, str] = {}
@@ -275,14 +277,33 @@ class EphemeralEngine:
         """Forgets implicit queues that hold nothing, had no push, pop or ack for
         ``idle_seconds`` and have no parked pop (``waited_on``): a request-reply inbox
         per client would otherwise keep its name and cursors forever. Declared queues stay.
-        Returns how many were forgotten."""
+        Also forgets, in queues without a parked pop, every group with no pop or ack for
+        ``idle_seconds`` and no lease held: a group per subscriber would otherwise keep a
+        cursor in every ring forever, and every push and pop pays for each cursor. A group
+        that comes back starts again as a new one. Returns how many queues were forgotten."""
         cutoff = self.clock.seconds() - idle_seconds
         idle = [name for name, queue in self.queues.items()
                 if not queue.declared and queue.length == 0 and queue.used_at <= cutoff
                 and not waited_on(name)]
         for name in idle:
             self.remove(name)
+        for name, queue in self.queues.items():
+            if not waited_on(name):
+                self._forget_idle_groups(queue, cutoff)
         return len(idle)
+
+    def _forget_idle_groups(self, queue: EphemeralQueue, cutoff: float) -> None:
+        gone = [group for group, used_at in queue.groups.items() if used_at <= cutoff
+                and not any(ring.cursors[group].leased for ring in queue.rings.values()
+                            if group in ring.cursors)]
+        for group in gone:
+            del queue.groups[group]
+            queue.turns.pop(group, None)
+            for ring in queue.rings.values():
+                ring.cursors.pop(group, None)
+        if gone:
+            for ring in queue.rings.values():
+                self._freed(queue, *ring.trim_consumed())
 
     # -- pop ----------------------------------------------------------------------------
 
@@ -294,9 +315,9 @@ class EphemeralEngine:
         ``auto_ack`` (then the group is past them at once). Never waits."""
         queue = self.queue(name)
         if group not in queue.groups:
-            queue.groups.add(group)
             for ring in queue.rings.values():
                 ring.cursor(group)
+        queue.groups[group] = self.clock.seconds()
         if partition is not None:
             if partition not in queue.rings:  # a pop makes no ring: names cost memory
                 return []
@@ -456,6 +477,8 @@ class EphemeralEngine:
         queue = self.queues.get(name)
         if queue is not None:
             queue.used_at = self.clock.seconds()
+            if group in queue.groups:
+                queue.groups[group] = queue.used_at
         results = []
         touched: Set[Ring] = set()
         redelivered = False
