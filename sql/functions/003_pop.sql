@@ -55,9 +55,8 @@ BEGIN
         IF lower(p_from) = 'now' THEN
             RETURN least(now(), p_since);
         END IF;
-        IF queen.subscription_timestamp(p_from) IS NOT NULL THEN
-            RETURN queen.subscription_timestamp(p_from);
-        END IF;
+        RETURN coalesce(queen.subscription_timestamp(p_from),
+                        queen.subscription_start(p_mode, NULL, p_since));
     END IF;
     IF lower(coalesce(p_mode, '')) IN ('new', 'new-only') THEN
         RETURN least(now(), p_since);
