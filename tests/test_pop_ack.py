@@ -797,3 +797,41 @@ def test_undoing_an_auto_ack_delivery_needs_the_cursor_where_it_left_it(http, db
     assert undo(first) == []  # the second pop read past it: going back would repeat m2
     assert undo(second) == [second["partitionId"]]
     assert [m["data"] for m in pop(http, queue, batch=10)["messages"]] == ["m2", "m3"]
+
+
+# -- the byte budget of one answer --------------------------------------------------------
+
+BIG_TEXT = "x" * (30 * 1024 * 1024)  # 30 MiB: two fit under the 64 MiB budget, three do not
+
+
+def test_a_pop_of_big_messages_stops_at_the_byte_budget_and_loses_none(http):
+    """40 such messages made a 1.2 GB answer, over PostgreSQL's string limit: the pop failed
+    every time and answered 204, as if the queue were empty."""
+    queue = unique_name()
+    configure(http, queue)
+    for n in range(4):
+        push(http, queue, [{"n": n, "text": BIG_TEXT}], prefix=f"big{n}-")
+
+    first = pop(http, queue, batch=4)
+    assert first is not None
+    assert [m["data"]["n"] for m in first["messages"]] == [0, 1, 2]
+    for message in first["messages"]:
+        assert ack(http, message)["success"] is True
+    second = pop(http, queue, batch=4)
+    assert second is not None
+    assert [m["data"]["n"] for m in second["messages"]] == [3]
+
+
+def test_a_pop_across_partitions_claims_none_past_the_byte_budget(http):
+    queue = unique_name()
+    configure(http, queue)
+    for n in range(4):
+        push(http, queue, [{"n": n, "text": BIG_TEXT}], partition=f"p{n}", prefix="big-")
+
+    first = pop(http, queue, batch=10, partitions=10, consumerGroup="g")
+    assert first is not None
+    taken = {m["data"]["n"] for m in first["messages"]}
+    assert len(taken) == 3
+    second = pop(http, queue, batch=10, partitions=10, consumerGroup="g")
+    assert second is not None
+    assert {m["data"]["n"] for m in second["messages"]} == {0, 1, 2, 3} - taken

@@ -194,6 +194,13 @@ $$;
 -- when none).
 -- p_lease_id NULL means autoAck: the cursor moves at once and no lease remains.
 -- p_lease_seconds > 0 overrides the queue's leaseTime (the SQL-level API's lease_seconds).
+-- What one pop answer may carry in payload text: without a bound, a batch of big messages
+-- built an answer over PostgreSQL's 1 GB string limit, which failed the pop every time (the
+-- partition looked empty to that consumer forever). 64 MiB plus at most one message (the
+-- largest a push body takes) per pop, also across the partitions of one pop.
+CREATE OR REPLACE FUNCTION queen.pop_byte_budget() RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT 64 * 1024 * 1024::bigint $$;
+
 CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p_batch integer,
                                                p_lease_id uuid, p_worker text,
                                                p_lease_seconds integer, p_from timestamptz,
@@ -275,7 +282,7 @@ BEGIN
                 || ',"leaseId":"' || coalesce(p_lease_id::text, '') || '","data":';
     SELECT ('[' || string_agg(
                '{"id":"' || m.id || '","transactionId":' || to_json(m.transaction_id)
-               || ',"partitionId":"' || m.partition_id || '"' || v_shared || coalesce(m.payload::text, 'null')
+               || ',"partitionId":"' || m.partition_id || '"' || v_shared || coalesce(m.body, 'null')
                || ',"traceId":' || coalesce('"' || m.trace_id || '"', 'null')
                || ',"producerSub":' || coalesce(to_json(m.producer_sub)::text, 'null')
                || ',"createdAt":"' || queen.format_ts6(m.created_at)
@@ -289,13 +296,20 @@ BEGIN
            (array_agg(m.id ORDER BY m.created_at, m.id))[count(*)::int],
            array_agg(m.id) FILTER (WHERE m.is_encrypted)
       INTO messages, n, v_last_at, last_id, encrypted_ids
-      FROM (SELECT * FROM queen.messages m
-             WHERE m.partition_id = p_partition
-               AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
-               AND (v_part.delayed_processing = 0
-                    OR m.created_at <= now() - make_interval(secs => v_part.delayed_processing))
-             ORDER BY m.created_at, m.id
-             LIMIT greatest(p_batch, 1)) m;
+      FROM (SELECT * FROM (
+              SELECT t.*, sum(octet_length(t.body)) OVER (ORDER BY t.created_at, t.id)
+                          - octet_length(t.body) AS bytes_before
+                FROM (SELECT m.*, m.payload::text AS body FROM queen.messages m
+                       WHERE m.partition_id = p_partition
+                         AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)
+                         AND (v_part.delayed_processing = 0
+                              OR m.created_at <= now() - make_interval(secs => v_part.delayed_processing))
+                       ORDER BY m.created_at, m.id
+                       LIMIT greatest(p_batch, 1)) t) b
+             -- The byte budget (queen.pop_byte_budget): payloads are taken while the bytes
+             -- before them are under it, so one message always goes, whatever its size.
+             WHERE b.bytes_before IS NULL OR b.bytes_before < queen.pop_byte_budget()
+             ORDER BY b.created_at, b.id) m;
 
     IF n = 0 THEN
         -- A lease that expired with nothing left to redeliver is simply over.
@@ -516,6 +530,7 @@ DECLARE
     v_parts      text[] := '{}';  -- the message arrays (json text) of the claimed partitions
     v_encrypted  uuid[] := '{}';  -- their messages whose data the server decrypts
     v_count      integer := 0;    -- messages in them
+    v_bytes      bigint := 0;     -- their json text (queen.pop_byte_budget)
     v_last_id    uuid;
     v_examined   integer := 0;
     v_more       boolean := false;
@@ -570,6 +585,7 @@ BEGIN
             v_first := v_got;
             v_first_id := v_single;
             v_parts := ARRAY[v_got.messages];
+            v_bytes := octet_length(v_got.messages);
             v_encrypted := v_got.encrypted_ids;
             v_count := v_got.n;
             v_last_id := v_got.last_id;
@@ -625,7 +641,9 @@ BEGIN
                 v_count := v_count + v_got.n;
                 v_last_id := v_got.last_id;
                 v_more := v_cand.total > v_examined;  -- candidates this pop did not look at
-                EXIT WHEN cardinality(v_parts) >= v_max_parts OR v_count >= v_batch;
+                v_bytes := v_bytes + octet_length(v_got.messages);
+                EXIT WHEN cardinality(v_parts) >= v_max_parts OR v_count >= v_batch
+                       OR v_bytes >= queen.pop_byte_budget();
             END IF;
         END LOOP;
     END IF;
@@ -643,9 +661,9 @@ BEGIN
         RETURN;
     END IF;
 
-    -- With autoAck the last partition is not leased: the batch cap may have left messages
+    -- With autoAck the last partition is not leased: the batch cap (or the byte budget) may have left messages
     -- another pop can take at once.
-    IF v_auto_ack AND NOT v_more AND v_count >= v_batch THEN
+    IF v_auto_ack AND NOT v_more AND (v_count >= v_batch OR v_bytes >= queen.pop_byte_budget()) THEN
         v_more := EXISTS (
             SELECT 1 FROM queen.messages m, queen.messages last
              WHERE last.id = v_last_id
