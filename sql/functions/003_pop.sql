@@ -187,6 +187,14 @@ LANGUAGE sql AS $$
     ON CONFLICT (lease_id) DO NOTHING
 $$;
 
+-- What one pop answer may carry in payload text: without a bound, a batch of big messages
+-- built an answer over PostgreSQL's 1 GB string limit, which failed the pop every time (the
+-- partition looked empty to that consumer forever). Each partition's read stops at 64 MiB
+-- plus one message (the largest a push body takes); a pop across partitions claims no
+-- further partition once its answer holds 64 MiB.
+CREATE OR REPLACE FUNCTION queen.pop_byte_budget() RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT 64 * 1024 * 1024::bigint $$;
+
 -- Tries to deliver from one partition to one group: ``messages`` is the json text of the array
 -- handed out, put together here and never parsed again (NULL when the partition is leased,
 -- cooling down, in its window, or has nothing due), ``n`` its length, ``last_id`` the last
@@ -194,13 +202,6 @@ $$;
 -- when none).
 -- p_lease_id NULL means autoAck: the cursor moves at once and no lease remains.
 -- p_lease_seconds > 0 overrides the queue's leaseTime (the SQL-level API's lease_seconds).
--- What one pop answer may carry in payload text: without a bound, a batch of big messages
--- built an answer over PostgreSQL's 1 GB string limit, which failed the pop every time (the
--- partition looked empty to that consumer forever). 64 MiB plus at most one message (the
--- largest a push body takes) per pop, also across the partitions of one pop.
-CREATE OR REPLACE FUNCTION queen.pop_byte_budget() RETURNS bigint
-LANGUAGE sql IMMUTABLE AS $$ SELECT 64 * 1024 * 1024::bigint $$;
-
 CREATE OR REPLACE FUNCTION queen.pop_partition(p_partition uuid, p_group text, p_batch integer,
                                                p_lease_id uuid, p_worker text,
                                                p_lease_seconds integer, p_from timestamptz,
@@ -661,8 +662,8 @@ BEGIN
         RETURN;
     END IF;
 
-    -- With autoAck the last partition is not leased: the batch cap (or the byte budget) may have left messages
-    -- another pop can take at once.
+    -- With autoAck the last partition is not leased: the batch cap (or the byte budget) may
+    -- have left messages another pop can take at once.
     IF v_auto_ack AND NOT v_more AND (v_count >= v_batch OR v_bytes >= queen.pop_byte_budget()) THEN
         v_more := EXISTS (
             SELECT 1 FROM queen.messages m, queen.messages last
