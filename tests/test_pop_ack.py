@@ -801,7 +801,7 @@ def test_undoing_an_auto_ack_delivery_needs_the_cursor_where_it_left_it(http, db
 
 # -- the byte budget of one answer --------------------------------------------------------
 
-BIG_TEXT = "x" * (30 * 1024 * 1024)  # 30 MiB: two fit under the 64 MiB budget, three do not
+BIG_TEXT = "x" * (30 * 1024 * 1024)  # 30 MiB: 0, 30, 60 MiB before the first three, 90 the 4th
 
 
 def test_a_pop_of_big_messages_stops_at_the_byte_budget_and_loses_none(http):
