@@ -187,6 +187,19 @@ def test_byte_caps_per_entry_and_per_call_and_the_first_record_always_goes(http)
     assert offsets_of(first) == offsets_of(second) == [0, 1, 2, 3, 4]
 
 
+def test_compressible_payloads_count_their_full_size_not_their_stored_one(http):
+    """PostgreSQL compresses a repetitive payload when it stores it: counted at that size, a
+    fetch of 30 MiB payloads took every record and overran PostgreSQL's 1 GB string limit."""
+    queue = unique_name()
+    push(http, queue, ["a" * 1_000_000 for _ in range(6)], partition="a")
+
+    [entry] = fetch(http, {"queue": queue, "partition": "a", "offset": 0,
+                           "maxBytes": 3_500_000})
+
+    assert offsets_of(entry) == [0, 1, 2]
+    assert all(record["payload"] == "a" * 1_000_000 for record in entry["records"])
+
+
 def test_an_encrypted_queue_is_capped_by_its_payload_bytes_not_its_ciphertext(http):
     plain, sealed = unique_name(), unique_name()
     configure(http, sealed, encryptionEnabled=True)

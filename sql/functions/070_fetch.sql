@@ -7,9 +7,11 @@
 -- fetch: p_entries = [{queue, partition, offset, maxBytes}] as the server checked them
 -- (partition named, 0 <= offset, 1 <= maxBytes). Records are contiguous from each entry's
 -- offset, at most p_record_cap per entry, while the entry's maxBytes and the call's
--- p_call_bytes hold, counting each record's stored payload size (at least 1; an encrypted
--- one's plaintext length, read off its base64 ciphertext, not the envelope's); the call's first
--- record goes out whatever its size, so one large record never stalls a reader.
+-- p_call_bytes hold, counting each record's payload as the answer carries it: its JSON text
+-- (at least 1 byte; an encrypted one's plaintext length, read off its base64 ciphertext, not
+-- the envelope's). Not its stored size: PostgreSQL compresses a repetitive payload, and
+-- counted so small, enough of them overran the 1 GB limit of the answer's text. The call's
+-- first record goes out whatever its size, so one large record never stalls a reader.
 -- Returns the WIRE answer as json text (``body``), with the payload bytes it holds, whether an
 -- entry carries an error (the long poll returns at once then) and whether a record is
 -- encrypted (those carry "encrypted": true for the server to decrypt and remove).
@@ -72,7 +74,7 @@ BEGIN
             FOR v_size IN
                 SELECT greatest(coalesce(CASE WHEN m.is_encrypted
                                               THEN length(m.payload->>'encrypted') * 3 / 4
-                                              ELSE pg_column_size(m.payload) END, 0), 1)
+                                              ELSE octet_length(m.payload::text) END, 0), 1)
                   FROM queen.messages m
                  WHERE m.partition_id = v_pids[n] AND m.seq > v_offsets[n]
                  ORDER BY m.seq
