@@ -23,6 +23,7 @@ cannot write the document back (it stops at 254 levels), or when the slow path r
 
 import json
 import math
+import re
 from typing import Any, List, Optional, Tuple
 
 import orjson
@@ -33,6 +34,7 @@ MAX_DEPTH = 512
 _DIGIT_MAP = bytes(0x31 if 0x30 <= byte <= 0x39 else 0x30 for byte in range(256))
 _LONG_NUMBER = b"1" * 19
 _NUL_ESCAPE = b"\\u0000"
+_STAND_IN = re.compile(rb'"\\u0000(\d+)\\u0000"')
 
 
 class UnstorableJSON(ValueError):
@@ -40,11 +42,38 @@ class UnstorableJSON(ValueError):
 
 
 def dumps(value: Any) -> bytes:
-    """Compact UTF-8 JSON."""
+    """Compact UTF-8 JSON; an ``orjson.Fragment`` (JSON text kept as it came, such as a
+    binary push's payload) is written as that text on either path."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, or a foreign type
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, or too deep
+        return _dumps_slowly(value)
+
+
+def _dumps_slowly(value: Any) -> bytes:
+    """:func:`dumps` by the standard library, which writes any integer and nests to
+    :data:`MAX_DEPTH` but cannot embed JSON text: each fragment is written as a stand-in
+    string that no accepted document can hold (it has a NUL, which every request refuses),
+    then replaced by the fragment's text."""
+    fragments: List[bytes] = []
+
+    def stand_in(item: Any) -> str:
+        if not isinstance(item, orjson.Fragment):
+            raise TypeError(f"Object of type {type(item).__name__} is not JSON serializable")
+        fragments.append(_fragment_text(item))
+        return f"\x00{len(fragments) - 1}\x00"
+
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                      default=stand_in).encode()
+    if not fragments:
+        return text
+    return _STAND_IN.sub(lambda found: fragments[int(found.group(1))], text)
+
+
+def _fragment_text(fragment: orjson.Fragment) -> bytes:
+    """The JSON text a fragment holds (orjson keeps it private: written alone, it is that
+    text)."""
+    return orjson.dumps(fragment)
 
 
 def dumps_text(value: Any) -> str:

@@ -597,3 +597,21 @@ async def test_one_client_id_in_two_fused_requests_fails_neither(engine):
     assert batcher.calls - calls == 1  # fused
     assert [r["status"] for r in results] == ["queued", "queued"]
     assert results[0]["message_id"] == str(uuid.UUID(given)) != results[1]["message_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_binary_payload_fused_with_a_json_integer_beyond_64_bits_fails_neither(engine):
+    """The fused call's parameters hold the binary push's payload text and an integer orjson
+    cannot write: the standard library wrote the integer but not the text, and every request
+    of the call answered 500."""
+    queue = unique_name()
+    batcher = engine.batchers["push"]
+    calls = batcher.calls
+    # one partition: one shard, so both share the database call and its parameter
+    pushes = [batcher.submit([{"queue": queue, "partition": "p", "transactionId": "big",
+                               "payload": {"big": 2**100}}]),
+              batcher.submit([{"queue": queue, "partition": "p", "transactionId": "exact",
+                               "payload": orjson.Fragment(b'{"z":1.50}')}])]
+    results = [r[0] for r in await defer.gatherResults(pushes)]
+    assert batcher.calls - calls == 1  # fused
+    assert [r["status"] for r in results] == ["queued", "queued"]

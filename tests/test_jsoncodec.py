@@ -3,6 +3,7 @@
 import json
 import re
 
+import orjson
 import pytest
 
 from queen_tw import jsoncodec
@@ -59,3 +60,35 @@ def test_writes_integers_beyond_64_bits_exactly():
 
     assert json.loads(jsoncodec.dumps(value)) == value
     assert json.loads(jsoncodec.dumps_text(value)) == value
+
+
+def test_keeps_json_text_as_it_came_beside_integers_beyond_64_bits():
+    """A binary push's payload (a fragment) fused with a JSON push holding a big integer:
+    the standard library wrote the integer but refused the fragment, and the fused push
+    answered 500 to every request in it."""
+    exact = orjson.Fragment(b'{"price":12345678901234.123456789,"z":1.50}')
+    value = [{"payload": exact, "n": 2**70}, {"payload": orjson.Fragment("[]"),
+                                              "text": "\\u00001\\u0000 zé"}]
+
+    written = jsoncodec.dumps(value)
+
+    assert written == (b'[{"payload":{"price":12345678901234.123456789,"z":1.50},'
+                       b'"n":1180591620717411303424},{"payload":[],'
+                       b'"text":"\\\\u00001\\\\u0000 z\xc3\xa9"}]')
+
+
+def test_keeps_json_text_in_documents_too_deep_for_orjson():
+    exact = orjson.Fragment(b"1.50")
+    deep: list = []
+    innermost = deep
+    for _ in range(300):
+        innermost.append([])
+        innermost = innermost[0]
+    innermost.append(exact)
+
+    assert jsoncodec.dumps(deep) == b"[" * 301 + b"1.50" + b"]" * 301
+
+
+def test_still_refuses_what_it_cannot_write():
+    with pytest.raises(TypeError):
+        jsoncodec.dumps({"n": 2**70, "when": object()})
