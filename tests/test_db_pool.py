@@ -11,6 +11,7 @@ from psycopg2.extensions import AsIs, register_adapter
 from twisted.internet import defer, reactor
 
 from queen_tw.config import Config
+from queen_tw.db import pool
 from queen_tw.db.pool import Database
 from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
 
@@ -193,6 +194,23 @@ async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_ou
         assert database.alive_connections() == 3
         assert await database.ping()
         assert _backend_pids(database) == backends
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_too_large_for_one_statement_is_refused_unsent(database, monkeypatch):
+    """Over 1 GiB, PostgreSQL closed the connection: an outage to the server, whose file
+    buffer replay then sent the same statement again and again. The bound is lowered here so
+    that the test sends kilobytes, not a gigabyte."""
+    monkeypatch.setattr(pool, "MAX_PARAMETER_CHARS", 1000)
+    backends = _backend_pids(database)
+
+    with pytest.raises(RefusedByDatabase) as raised:
+        await database.call("uuid_v7", "x" * 600, ["y" * 400])
+
+    assert raised.value.status == 400
+    assert "more than one database call takes" in raised.value.message
+    assert database.failed_calls == 0 and _backend_pids(database) == backends
+    assert await database.ping()
 
 
 @pytest_twisted.ensureDeferred

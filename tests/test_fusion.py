@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from queen_tw.db import pool
 from queen_tw.engine.popper import PopRequest
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import NotFound
@@ -162,3 +163,23 @@ def test_flooded_server_answers_503_with_retry_after_and_loses_nothing(make_serv
     assert refused, "the bound was never reached"
     assert all(a.headers.get("retry-after") and "error" in a.json() for a in refused)
     assert count_messages(db, queue) == 20 * len(accepted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fused_pushes_too_large_for_one_statement_are_stored_in_smaller_calls(
+        engine, monkeypatch):
+    """Many large pushes fused into one call once made a statement over PostgreSQL's 1 GiB
+    message limit (the bound is lowered here to a few kilobytes)."""
+    monkeypatch.setattr(pool, "MAX_PARAMETER_CHARS", 5000)
+    queue = unique_name()
+    batcher = engine.batchers["push"]
+    calls = batcher.calls
+    pushes = [batcher.submit([{"queue": queue, "partition": "p", "transactionId": f"t{n}",
+                               "payload": str(n) * 2000}]) for n in range(4)]
+    results = [r[0] for r in await defer.gatherResults(pushes)]
+    assert batcher.calls - calls == 1  # fused, then split below the batcher
+    assert [r["status"] for r in results] == ["queued"] * 4
+
+    delivery = await engine.pop(PopRequest(queue=queue, partition="p", batch=10))
+    assert [m["transactionId"] for m in delivery.message_list()] == ["t0", "t1", "t2", "t3"]
+

@@ -95,6 +95,13 @@ class StatementCancelled(Exception):
 # OperationalError.
 _BEYOND_LIMITS = "54"
 
+MAX_PARAMETER_CHARS = 192 * 1024 * 1024
+"""Most characters a call's text parameters may hold together. PostgreSQL closes the
+connection on a protocol message over 1 GiB, which read as an outage: pushes went to the file
+buffer and its replay sent the same statement again forever. A character is at most 4 bytes
+of UTF-8 (and quoting doubles only 1-byte ones), so this stays under that limit; a call over
+it is refused before it is sent, as data too large (a fused push is then split)."""
+
 # A push refused because a queue's encryption flag changed under it (sql/functions/002_push.sql).
 _SETTINGS_CHANGED = "QE001"
 
@@ -453,6 +460,11 @@ class Database:
         sql = self._statement(function, args, shape)
         params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
+        size = sum(len(p) for p in params if isinstance(p, str))
+        if size > MAX_PARAMETER_CHARS:
+            raise RefusedByDatabase(
+                f"{function}: {size} characters of data are more than one database call "
+                f"takes ({MAX_PARAMETER_CHARS}); send less at once")
         try:
             rows = await self._run_again_if_rolled_back(sql, params, or_nothing)
         except DeadlineExceeded as err:
