@@ -14,6 +14,7 @@ import random
 import struct
 import time
 import uuid
+from decimal import Decimal
 from typing import Any, Dict, List, Optional
 
 import httpx
@@ -23,7 +24,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from queen_tw.engine.queue_engine import plain_payload
+from queen_tw import jsoncodec
 from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import InvalidRequest
 from queen_tw.http import binary_push
@@ -53,6 +54,11 @@ from tests.support import (
 
 BINARY = {"Content-Type": "application/x-queen-push"}
 LIMIT = 64 * 1024 * 1024
+
+
+def payload_value(payload: Any) -> Any:
+    """A decoded item's payload as a value (a binary push's is JSON text, a Fragment)."""
+    return jsoncodec.loads(orjson.dumps(payload))
 
 
 def messages(count: int, prefix: str = "t") -> List[Message]:
@@ -88,7 +94,7 @@ def test_framed_body_decodes_to_push_items_with_the_client_ids_and_raw_payloads(
     # the payload bytes pass through as they came
     assert orjson.dumps([item["payload"] for item in decoded.items]) == (
         b"[" + b",".join(m[2] for m in sent) + b"]")
-    assert [plain_payload(item["payload"]) for item in decoded.items] == [
+    assert [payload_value(item["payload"]) for item in decoded.items] == [
         {"n": n, "text": "é ✓"} for n in range(3)]
 
 
@@ -108,13 +114,13 @@ def test_plain_body_with_transaction_ids_and_zstd_body_decode_alike():
         assert decoded.counts_only == bool(flags & 2)
         assert [(i["partition"], i.get("transactionId")) for i in decoded.items] == [
             ("a", "x1"), ("a", None), ("b", "x3")]
-        assert [plain_payload(i["payload"]) for i in decoded.items] == [{"a": 1}, None, []]
+        assert [payload_value(i["payload"]) for i in decoded.items] == [{"a": 1}, None, []]
 
 
 def test_big_numbers_stay_exact_in_the_plain_value():
     body = plain_body([("q", "p", [("t", b'{"n": 123456789012345678901234567890}')])])
     [item] = binary_push.decode_push(body, None, LIMIT).items
-    assert plain_payload(item["payload"]) == {"n": 123456789012345678901234567890}
+    assert payload_value(item["payload"]) == {"n": 123456789012345678901234567890}
 
 
 def _refusal(body: bytes, limit: int = LIMIT) -> str:
@@ -517,28 +523,37 @@ def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
                     (id_text(m[0]), m[1], json.loads(m[2])) for m in group]
 
 
-def test_a_buffered_binary_push_keeps_its_payload_text_exact():
+@pytest.mark.parametrize("keyed", [False, True], ids=["no-key", "key"])
+def test_a_buffered_binary_push_keeps_its_payload_text_exact(keyed):
     """A binary push stores its payload text as it came (numbers beyond a double included);
     one buffered while PostgreSQL takes no writes must come back the same, not re-read as
-    doubles (the payload went through the buffer as a value until this was fixed)."""
+    doubles (the payload went through the buffer as a value until this was fixed). With a
+    key, the buffer seals the payload of every queue not known to be plain (here: a queue
+    new to the server, and one that encrypts): sealed as a value, it lost the digits too."""
     exact = b'{"price":12345678901234.123456789,"tiny":1.00000000000000000001,' \
             b'"big":123456789012345678901234567890}'
     with private_fleet() as fleet:
-        server = fleet.server()
-        direct, buffered = unique_name(), unique_name()
+        server = fleet.server(**({"QUEEN_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY} if keyed else {}))
+        direct, buffered, encrypted = unique_name(), unique_name(), unique_name()
+        queues = [buffered, encrypted] if keyed else [buffered]
         with httpx.Client(base_url=server.url, timeout=20) as http:
             assert post(http, framed_body([framed_group(direct, "p", [
                 (v7_id(), "t0", exact)])])).status_code == 201
+            if keyed:
+                configure(http, encrypted, encryptionEnabled=True)
             set_maintenance(server.url, True)
-            answer = post(http, framed_body([framed_group(buffered, "p", [
-                (v7_id(), "t0", exact)])]))
-            assert [r["status"] for r in answer.json()] == ["buffered"], answer.text
+            for queue in queues:
+                answer = post(http, framed_body([framed_group(queue, "p", [
+                    (v7_id(), "t0", exact)])]))
+                assert [r["status"] for r in answer.json()] == ["buffered"], answer.text
             set_maintenance(server.url, False)
             texts = {}
-            for queue in (direct, buffered):
+            for queue in [direct, *queues]:
                 texts[queue] = wait_until(lambda q=queue: _popped_text(http, q), 20, 0.2,
                                           "the buffer replayed")
-    assert texts[buffered] == texts[direct]
+    # (the encrypted queue's text is the one sealed; PostgreSQL's jsonb spaces out the others)
+    exactly = {queue: json.loads(text, parse_float=Decimal) for queue, text in texts.items()}
+    assert all(exactly[queue] == exactly[direct] for queue in queues), texts
     assert b"12345678901234.123456789" in texts[direct] and b"1.00000000000000000001" in \
         texts[direct]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import psycopg2
 import pytest
 
@@ -43,7 +44,21 @@ def test_the_seal_hides_payloads_of_queues_not_known_to_be_plain() -> None:
     assert "swordfish" not in json.dumps(written[0]) and written[0][SEALED] is True
     assert written[1] == items[1]  # known plain: as it came
     assert items[0]["payload"] == {"s": "swordfish"}  # the request's own items are untouched
-    assert seal.unseal(written) == items
+    opened, kept = seal.unseal(written)
+    assert kept == items[1]
+    # the text as sealed, handed to the store as JSON text (as a binary push's payload)
+    assert opened == dict(items[0], payload=opened["payload"])
+    assert orjson.dumps(opened["payload"]) == b'{"s":"swordfish"}'
+
+
+def test_the_seal_keeps_a_binary_payload_text_as_it_came() -> None:
+    seal = BufferSeal(PayloadCipher(bytes.fromhex(KEY_HEX)))
+    exact = b'{"price":12345678901234.123456789,"z":1.50,"s":"\xc3\xa9"}'
+    items = [{"queue": "unknown", "payload": orjson.Fragment(exact), "transactionId": "a"}]
+
+    [opened] = seal.unseal(seal.seal(items, plain_queues=set()))
+
+    assert orjson.dumps(opened["payload"]) == exact
 
 
 def test_a_record_without_payload_has_nothing_to_seal() -> None:

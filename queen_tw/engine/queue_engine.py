@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
-import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from queen_tw import jsoncodec
 from queen_tw.cluster.config_cache import QueueConfigCache, wire_config
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
@@ -257,15 +255,11 @@ class QueueEngine:
         """Hands items to the file buffer, telling it which queues are known not to encrypt
         (from the cache only: PostgreSQL may be what is down). Without a key, a queue known
         to encrypt is refused here as on the way to PostgreSQL. A binary push's payload text
-        goes to the buffer as it came, unless the buffer seals it (a value is encrypted)."""
+        goes to the buffer as that text, sealed or not."""
         known = self._config_cache.encrypted(sorted({item["queue"] for item in items}))
         plain_queues = frozenset(queue for queue, encrypted in known.items() if not encrypted)
         if self._cipher is None:
             _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
-        else:
-            items = [dict(item, payload=plain_payload(item["payload"]))
-                     if isinstance(item.get("payload"), orjson.Fragment)
-                     and item["queue"] not in plain_queues else item for item in items]
         return await failover.buffer(items, plain_queues)
 
     async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -442,9 +436,8 @@ class QueueEngine:
             return items
         sealed = []
         for item in items:
-            if encrypted[item["queue"]]:
-                payload = plain_payload(item.get("payload", {}))
-                item = dict(item, payload=cipher.encrypt(payload),
+            if encrypted[item["queue"]]:  # (a binary push's payload text sealed as it came)
+                item = dict(item, payload=cipher.encrypt(item.get("payload", {})),
                             isEncrypted=True)
             sealed.append(item)
         return sealed
@@ -713,14 +706,6 @@ def _refuse_unkeyed(queues: List[str]) -> None:
                           "QUEEN_ENCRYPTION_KEY: its messages are refused rather than stored "
                           "in plaintext; restart the server with the key")
 
-
-def plain_payload(payload: Any) -> Any:
-    """A payload as a Python value. A binary push passes its payloads through as
-    ``orjson.Fragment`` (JSON text written into the database parameter as it came); where
-    the value itself is needed (encryption, the file buffer) it is parsed here."""
-    if isinstance(payload, orjson.Fragment):
-        return jsoncodec.loads(orjson.dumps(payload))  # big numbers stay exact
-    return payload
 
 
 def expand_push_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]

@@ -27,6 +27,7 @@ a retry could do would make them readable.
 
 from typing import AbstractSet, Any, Dict, List, Optional
 
+import orjson
 from cryptography.exceptions import InvalidTag
 
 from queen_tw.crypto import PayloadCipher
@@ -77,8 +78,8 @@ class BufferSeal:
             raise Unavailable("the file buffer holds payloads sealed with QUEEN_ENCRYPTION_KEY "
                               "and this server has no key: they are replayed once it runs "
                               "with the key that sealed them")
-        try:
-            payload = self._cipher.decrypt(record["payload"])
+        try:  # the text as sealed (a binary push's payload keeps every digit)
+            payload = orjson.Fragment(self._cipher.decrypt_text(record["payload"]).encode())
         except (InvalidTag, KeyError, TypeError, ValueError) as err:
             raise Unavailable(
                 f"a buffered payload of queue {record.get('queue')} cannot be unsealed with "

@@ -20,9 +20,8 @@ malformed body stores nothing. It yields the items a JSON push would (see
 :func:`queen_tw.http.parsing.push_item`), with two differences:
 
 - ``payload`` is an ``orjson.Fragment`` of the bytes as they came: they are checked once
-  (orjson, in C) but never turned into Python objects and back; the database parameter is
-  written around them. :func:`queen_tw.engine.queue_engine.plain_payload` gives the value
-  where one is needed (encryption, the file buffer).
+  (orjson, in C) but never turned into Python objects and back; the database parameter,
+  the file buffer's record and an encrypted queue's ciphertext are written around them.
 - a framed message (flag 8) carries ``id``, the version-7 id its client minted, which
   ``queen.push_store`` stores it under.
 """
