@@ -501,9 +501,9 @@ def test_lease_extend_answers_renewed_partitions_and_every_expiry_name(http):
 
 
 def test_binary_pushes_in_maintenance_are_buffered_then_stored_once_in_order():
-    """The file buffer writes JSON: a binary push's pass-through payloads are turned into
-    values on the way there (an encrypted queue's sealed), and replayed like any push, each
-    message under the id its client minted."""
+    """The file buffer writes JSON: a binary push's pass-through payloads go there as their
+    text (an encrypted queue's sealed), and are replayed like any push, each message under
+    the id its client minted."""
     with private_fleet() as fleet:
         server = fleet.server(QUEEN_CACHE_REFRESH_INTERVAL_MS="200",
                               QUEEN_ENCRYPTION_KEY=TEST_ENCRYPTION_KEY)
