@@ -231,6 +231,31 @@ def test_queue_page_lists_its_partitions(api: httpx.Client, dash_server: ServerP
     dashboard.finish()
 
 
+def test_a_dead_letter_left_out_of_a_big_page_says_so(
+        api: httpx.Client, dash_server: ServerProcess,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """Past 64 MiB of payloads a DLQ page leaves the rest out (dataOmitted): the cell says
+    so instead of showing null."""
+    queue = unique_name("test-dash-")
+    configure(api, queue)
+    for n in range(3):  # 33 MiB each: 0, 33 and 66 MiB before them, so the oldest is left out
+        pushed = push(api, queue, [{"n": n, "text": "z" * (33 * 1024 * 1024)}],
+                      prefix=f"big{n}-")[0]
+        failed = api.post(f"/api/v1/messages/{pushed['partition_id']}/big{n}-0/dlq",
+                          json={}, timeout=120)
+        assert failed.status_code == 200, failed.text
+    dashboard = open_dashboard(dash_server.url)
+
+    dashboard.open(f"#/dlq/{queue}")
+
+    oldest = dashboard.wait_for('tr[data-dlq-message="big0-0"]')
+    assert "too large to list" in oldest.inner_text()
+    newest = dashboard.wait_for('tr[data-dlq-message="big2-0"]')
+    assert '{"n":2,"text":"zzz' in newest.inner_text().replace(" ", "")
+    assert dashboard.banner() is None
+    dashboard.finish()
+
+
 def test_dead_letter_is_listed_and_retry_moves_it_back(
         api: httpx.Client, dash_server: ServerProcess,
         open_dashboard: Callable[[str], Dashboard]) -> None:

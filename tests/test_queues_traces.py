@@ -713,3 +713,72 @@ def test_a_transaction_id_and_a_trace_name_holding_a_slash_are_reachable_by_path
     assert retried.status_code == 200, retried.text
     assert deleted.status_code == 200, deleted.text
     assert http.get(f"/api/v1/messages/{partition}/order%2F43%2Fretry").status_code == 404
+
+
+# -- listings of big payloads -------------------------------------------------------------
+
+BIG = "y" * (40 * 1024 * 1024)  # 40 MiB: listed before the first two rows 0 and 40, the 3rd 80
+
+
+def test_a_dead_letter_page_of_big_payloads_lists_them_within_its_budget(http):
+    """Three 40 MiB dead letters made the page a jsonb value over PostgreSQL's 256 MiB limit:
+    GET /api/v1/dlq answered 400 for every page holding them."""
+    queue = unique_name()
+    pushed = []
+    for n in range(3):  # (one a request: three are over the 64 MiB body limit)
+        answer = http.post("/api/v1/push", json={"items": [
+            {"queue": queue, "payload": {"n": n, "text": BIG}, "transactionId": f"t{n}"}]},
+            timeout=120)
+        assert answer.status_code == 201, answer.text
+        pushed.extend(answer.json())
+    for item in pushed:
+        moved = http.post(f"/api/v1/messages/{item['partition_id']}/{item['transaction_id']}/dlq",
+                          json={}, timeout=120)
+        assert moved.status_code == 200, moved.text
+
+    answer = http.get("/api/v1/dlq", params={"queue": queue}, timeout=120)
+
+    assert answer.status_code == 200, answer.text[:300]
+    rows = answer.json()["messages"]  # newest failure first
+    assert [r["transactionId"] for r in rows] == ["t2", "t1", "t0"]
+    assert [r["data"]["n"] for r in rows[:2]] == [2, 1] and "dataOmitted" not in rows[0]
+    assert rows[2]["data"] is None and rows[2]["dataOmitted"] is True
+    assert answer.json()["total"] == 3
+
+
+def test_traces_with_big_data_are_listed_within_the_budget(http):
+    queue = unique_name()
+    [pushed] = push(http, queue, ["x"])
+    for step in range(3):
+        answer = http.post("/api/v1/traces", json={
+            "transactionId": "t0", "partitionId": pushed["partition_id"],
+            "data": {"step": step, "text": BIG}}, timeout=120)
+        assert answer.status_code == 201, answer.text
+
+    answer = http.get(f"/api/v1/traces/{pushed['partition_id']}/t0", timeout=120)
+
+    assert answer.status_code == 200, answer.text[:300]
+    traces = answer.json()["traces"]
+    assert [t["data"]["step"] for t in traces[:2]] == [0, 1]
+    assert traces[2]["data"] is None and traces[2]["dataOmitted"] is True
+
+
+def test_traces_by_name_of_a_big_message_list_its_payload_within_the_budget(http):
+    """Each row repeats its message's payload: seven small traces of one 45 MiB message
+    went over the limit."""
+    queue, name = unique_name(), unique_name("trace-")
+    [pushed] = push(http, queue, [{"text": BIG}])
+    for step in range(3):
+        answer = http.post("/api/v1/traces", json={
+            "transactionId": "t0", "partitionId": pushed["partition_id"],
+            "traceNames": [name], "data": {"step": step}}, timeout=120)
+        assert answer.status_code == 201, answer.text
+
+    answer = http.get(f"/api/v1/traces/by-name/{name}", timeout=120)
+
+    assert answer.status_code == 200, answer.text[:300]
+    traces = answer.json()["traces"]
+    assert [t["data"] for t in traces[:2]] == [{"step": 0}, {"step": 1}]
+    assert all(t["message_payload"] == {"text": BIG} for t in traces[:2])
+    assert traces[2]["data"] is None and traces[2]["message_payload"] is None
+    assert traces[2]["dataOmitted"] is True and answer.json()["total"] == 3

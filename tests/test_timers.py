@@ -462,6 +462,36 @@ def test_a_claim_its_sweeper_never_fires_is_taken_over_when_it_expires(http, db)
     assert is_encrypted is True
 
 
+def test_a_sweep_claims_rows_to_encrypt_within_a_byte_budget_and_all_fire(http, db):
+    """The rows a sweep claims for the server to encrypt go to it in one answer: a batch of
+    500 timers of 1 MiB made a jsonb value over PostgreSQL's 256 MiB limit and every sweep
+    failed, so none fired. Past 64 MiB of bodies the rest waits for the next sweep. (Placed
+    before the tests of the module's keyless auth_server, whose sweeper would claim rows it
+    cannot encrypt and spend their attempts.)"""
+    queue = unique_name()
+    configure(http, queue)
+    text = "x" * 1_000_000
+    for start in range(0, 70, 10):
+        batch(http, *[schedule_op(queue, f"k{n:02}", {"n": n, "text": text}, 60_000)
+                      for n in range(start, start + 10)])
+    configure(http, queue, encryptionEnabled=True)  # a plain timer now needs the server
+    with db.cursor() as cursor:  # one sweep, looked at and undone
+        cursor.execute("BEGIN")
+        cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s", (queue,))
+        cursor.execute("SELECT queen.timers_sweep(1000, 60000)")
+        answer = cursor.fetchone()[0]
+        cursor.execute("ROLLBACK")
+    claimed = [row["timerKey"] for row in answer["claimed"]["rows"] if row["queue"] == queue]
+    # (other tests' due rows may be claimed too, before these: they are small)
+    assert claimed == [f"k{n:02}" for n in range(len(claimed))] and 55 < len(claimed) < 70
+    assert answer["nextDueMs"] <= 0  # the rest is due at once
+
+    with db.cursor() as cursor:
+        cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s", (queue,))
+    wait_until(lambda: len(stored_messages(db, queue)) == 70, 60, message="every timer fired")
+    assert all(row[3] is True for row in stored_messages(db, queue))  # encrypted
+
+
 def test_a_full_queue_counts_a_failed_attempt_and_backs_off(http, db):
     queue = unique_name()
     configure(http, queue, maxSize=1)

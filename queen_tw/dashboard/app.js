@@ -136,6 +136,12 @@ function seconds(value) {
   return `${(value / 3600).toFixed(1)} h`;
 }
 
+// A listing's payload cell: the start of its text, or a note where the server left the
+// payload out of a page that held too many bytes (dataOmitted).
+function dataCell(row, value) {
+  return row.dataOmitted ? h("em", {}, "too large to list") : h("code", {}, preview(value));
+}
+
 function preview(value, length = 120) {
   const text = typeof value === "string" ? value : JSON.stringify(value);
   if (text === undefined) return "";
@@ -373,7 +379,7 @@ async function dlqPage(load, queueName) {
     ["Group", (m) => m.consumerGroup],
     ["Error", (m) => m.errorMessage || ""],
     ["Retries", (m) => number(m.retryCount)],
-    ["Data", (m) => h("code", {}, preview(m.data))],
+    ["Data", (m) => dataCell(m, m.data)],
     ["", (m) => h("button", { type: "button", class: "retry",
       "data-retry": m.transactionId, onclick: (event) => {
         event.target.disabled = true;
@@ -405,7 +411,7 @@ async function tracesPage(load, traceName) {
       ["Transaction", (t) => t.transaction_id || "–"],
       ["Group", (t) => t.consumer_group || "–"],
       ["Event", (t) => t.event_type],
-      ["Data", (t) => h("code", {}, preview(t.data))],
+      ["Data", (t) => dataCell(t, t.data)],
     ], rows, (t) => ({ "data-trace-event": t.id })) : noData()));
   }
   return content;

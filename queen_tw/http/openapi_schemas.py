@@ -280,8 +280,8 @@ COMPONENTS: Dict[str, Schema] = {
          "errorMessage", "data", "createdAt", "failedAt"],
         id=UUID, transactionId=STRING, partitionId=nullable(UUID), queue=STRING,
         partition=STRING, consumerGroup=STRING, errorMessage=nullable(STRING),
-        retryCount=INTEGER, data=ANY_JSON, producerSub=nullable(STRING), createdAt=TIMESTAMP,
-        failedAt=TIMESTAMP, timerKey=STRING))),
+        retryCount=INTEGER, data=ANY_JSON, dataOmitted=BOOLEAN, producerSub=nullable(STRING),
+        createdAt=TIMESTAMP, failedAt=TIMESTAMP, timerKey=STRING))),
     "GroupRows": array(obj(
         ["name", "topics", "queueName", "state"], name=STRING, topics=array(STRING),
         queueName=STRING, members=INTEGER, partitionsWithLag=INTEGER,

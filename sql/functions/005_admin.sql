@@ -145,6 +145,17 @@ LANGUAGE sql STABLE AS $$
               FROM queen.queues qu, LATERAL queen.queue_detail(qu.name) d) s
 $$;
 
+-- Answers that carry payloads but are bounded by a count (the listings of dead letters and
+-- traces; the rows a timer sweep claims for the server to encrypt, 062_timers.sql) made
+-- jsonb values over PostgreSQL's 256 MiB limit once their payloads were big: the listing
+-- answered 400 for every page holding them, the sweep failed every time. A row's payloads go
+-- in while the payload text before it (``p_before``; NULL for the first row) is under 64 MiB,
+-- so the first row always has them, and an answer stays under 64 MiB plus one row's.
+-- Listings give later rows with their payloads null and "dataOmitted": true (read such a
+-- message by its own route); a sweep leaves later rows due for the next one.
+CREATE OR REPLACE FUNCTION queen.within_answer_budget(p_before bigint) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT coalesce(p_before, 0) < 64 * 1024 * 1024::bigint $$;
+
 -- f: {queue, consumerGroup?, partition?, from?, to?, limit, offset}. Newest failure first.
 -- Two kinds of dead letters, filtered, counted and paged together in this one query: the
 -- messages' (queen.dead_letter_queue) and the timers' whose fire failed for good
@@ -186,10 +197,10 @@ BEGIN
                    'id', d.message_id, 'transactionId', m.transaction_id,
                    'partitionId', d.partition_id, 'queue', qu.name, 'partition', p.name,
                    'consumerGroup', d.consumer_group, 'errorMessage', d.error_message,
-                   'retryCount', d.retry_count, 'data', m.payload,
-                   'isEncrypted', m.is_encrypted, 'producerSub', m.producer_sub,
+                   'retryCount', d.retry_count, 'producerSub', m.producer_sub,
                    'createdAt', queen.format_ts3(m.created_at),
-                   'failedAt', queen.format_ts3(d.failed_at)) AS row
+                   'failedAt', queen.format_ts3(d.failed_at)) AS row,
+               m.payload AS data, m.is_encrypted AS encrypted
           FROM page h
           JOIN queen.dead_letter_queue d ON d.id = h.id
           JOIN queen.messages m ON m.id = d.message_id
@@ -201,10 +212,10 @@ BEGIN
                    'id', t.message_id, 'transactionId', t.txn, 'partitionId', p.id,
                    'queue', t.queue, 'partition', t.partition, 'consumerGroup', '__timer__',
                    'errorMessage', t.last_error, 'retryCount', t.attempts,
-                   'data', queen.timer_dead_letter_data(t.payload, t.body),
-                   'isEncrypted', t.encrypted, 'producerSub', t.producer_sub,
+                   'producerSub', t.producer_sub,
                    'createdAt', queen.format_ts3(t.deliver_at),
-                   'failedAt', queen.format_ts3(t.failed_at), 'timerKey', t.timer_key)
+                   'failedAt', queen.format_ts3(t.failed_at), 'timerKey', t.timer_key),
+               queen.timer_dead_letter_data(t.payload, t.body), t.encrypted
           FROM page h
           JOIN queen.timer_dead_letters t ON t.id = h.id
           LEFT JOIN queen.queues qu ON qu.name = t.queue
@@ -212,9 +223,15 @@ BEGIN
          WHERE h.is_timer
     )
     SELECT (SELECT count(*) FROM hits),
-           (SELECT coalesce(jsonb_agg(s.row ORDER BY s.failed_at DESC, s.is_timer, s.id DESC),
+           (SELECT coalesce(jsonb_agg(s.row || CASE WHEN queen.within_answer_budget(s.before)
+                        THEN jsonb_build_object('data', s.data, 'isEncrypted', s.encrypted)
+                        ELSE '{"data": null, "dataOmitted": true}' END
+                                      ORDER BY s.failed_at DESC, s.is_timer, s.id DESC),
                             '[]'::jsonb)
-              FROM shown s)
+              FROM (SELECT x.*, sum(octet_length(x.data::text)) OVER (
+                               ORDER BY x.failed_at DESC, x.is_timer, x.id DESC
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+                      FROM shown x) s)
       INTO v_total, v_rows;
     RETURN jsonb_build_object('messages', v_rows, 'total', v_total, 'limit', v_limit,
                               'offset', v_offset,
@@ -249,15 +266,23 @@ BEGIN
 END
 $$;
 
+-- A message's traces, oldest first; their data within queen.within_answer_budget.
 CREATE OR REPLACE FUNCTION queen.list_traces(p_partition uuid, p_transaction text) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object('traces', coalesce(jsonb_agg(jsonb_build_object(
-               'id', t.id, 'event_type', t.event_type, 'data', t.data,
+               'id', t.id, 'event_type', t.event_type,
+               'data', CASE WHEN queen.within_answer_budget(t.before) THEN t.data END,
                'consumer_group', t.consumer_group, 'worker_id', t.worker_id,
                'created_at', queen.format_ts3(t.created_at),
-               'trace_names', to_jsonb(t.trace_names)) ORDER BY t.created_at, t.id), '[]'::jsonb))
-      FROM queen.message_traces t
-     WHERE t.partition_id = p_partition AND t.transaction_id = p_transaction
+               'trace_names', to_jsonb(t.trace_names))
+               || CASE WHEN queen.within_answer_budget(t.before) THEN '{}'
+                       ELSE '{"dataOmitted": true}' END::jsonb
+               ORDER BY t.created_at, t.id), '[]'::jsonb))
+      FROM (SELECT t.*, sum(octet_length(t.data::text)) OVER (
+                       ORDER BY t.created_at, t.id
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+              FROM queen.message_traces t
+             WHERE t.partition_id = p_partition AND t.transaction_id = p_transaction) t
 $$;
 
 -- GET /api/v1/traces/names: every trace name with its events and messages, newest use first.
@@ -282,27 +307,40 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- GET /api/v1/traces/by-name/{name}: the events carrying a name, oldest first, each with its
--- message (payload as stored: the engine decrypts; isEncrypted says whether it must).
+-- message (payload as stored: the engine decrypts; isEncrypted says whether it must). A row's
+-- data and message_payload come within queen.within_answer_budget, counted together (one
+-- big message traced many times used to repeat its payload in every row).
 CREATE OR REPLACE FUNCTION queen.traces_by_name(p_name text, p_limit integer, p_offset integer)
 RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'traces', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
-                       'id', t.id, 'event_type', t.event_type, 'data', t.data,
-                       'consumer_group', t.consumer_group, 'worker_id', t.worker_id,
-                       'created_at', queen.format_ts3(t.created_at),
-                       'trace_names', to_jsonb(t.trace_names),
-                       'transaction_id', t.transaction_id, 'partition_id', t.partition_id,
-                       'queue_name', qu.name, 'partition_name', p.name,
-                       'message_payload', m.payload, 'isEncrypted', m.is_encrypted)
-                     ORDER BY t.created_at, t.id)
-              FROM (SELECT * FROM queen.message_traces
-                     WHERE trace_names @> ARRAY[p_name]
-                     ORDER BY created_at, id LIMIT p_limit OFFSET p_offset) t
-              JOIN queen.messages m ON m.id = t.message_id
-              JOIN queen.partitions p ON p.id = t.partition_id
-              JOIN queen.queues qu ON qu.id = p.queue_id), '[]'::jsonb),
+                       'id', x.id, 'event_type', x.event_type,
+                       'consumer_group', x.consumer_group, 'worker_id', x.worker_id,
+                       'created_at', queen.format_ts3(x.created_at),
+                       'trace_names', to_jsonb(x.trace_names),
+                       'transaction_id', x.transaction_id, 'partition_id', x.partition_id,
+                       'queue_name', x.queue_name, 'partition_name', x.partition_name)
+                     || CASE WHEN queen.within_answer_budget(x.before)
+                             THEN jsonb_build_object('data', x.data,
+                                                     'message_payload', x.payload,
+                                                     'isEncrypted', x.is_encrypted)
+                             ELSE '{"data": null, "message_payload": null,
+                                    "dataOmitted": true}' END
+                     ORDER BY x.created_at, x.id)
+              FROM (SELECT t.*, qu.name AS queue_name, p.name AS partition_name, m.payload,
+                           m.is_encrypted,
+                           sum(coalesce(octet_length(t.data::text), 0)
+                               + octet_length(m.payload::text))
+                               OVER (ORDER BY t.created_at, t.id
+                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+                      FROM (SELECT * FROM queen.message_traces
+                             WHERE trace_names @> ARRAY[p_name]
+                             ORDER BY created_at, id LIMIT p_limit OFFSET p_offset) t
+                      JOIN queen.messages m ON m.id = t.message_id
+                      JOIN queen.partitions p ON p.id = t.partition_id
+                      JOIN queen.queues qu ON qu.id = p.queue_id) x), '[]'::jsonb),
         'total', (SELECT count(*) FROM queen.message_traces WHERE trace_names @> ARRAY[p_name]),
         'pagination', jsonb_build_object('limit', p_limit, 'offset', p_offset))
 $$;

@@ -445,7 +445,8 @@ $$;
 -- when timers_fire_claimed pushes them: their place among their partition's is not kept).
 -- Returns the fire's counts plus
 --   claimed: {token, rows: [{queue, timerKey, body}]} or null,
---   taken: rows taken (fired, failed or claimed), deferred: rows left for a held partition,
+--   taken: rows taken (fired, failed, claimed, or left due past the claim's byte budget),
+--   deferred: rows left for a held partition,
 --   nextDueMs: ms until the next row is due (<= 0: due now; null: none).
 CREATE OR REPLACE FUNCTION queen.timers_sweep(p_limit integer, p_lease_ms integer)
 RETURNS jsonb
@@ -545,14 +546,25 @@ BEGIN
 
     IF cardinality(v_queues) > cardinality(v_fire_q) THEN
         v_token := gen_random_uuid();
-        WITH claimed AS (
+        -- Their bodies go to the server in one answer: claimed within
+        -- queen.within_answer_budget (005_admin.sql), the rest stays due for the next sweep.
+        WITH budgeted AS (
+            SELECT x.i FROM (
+                SELECT i, sum(coalesce(octet_length(t.payload), octet_length(t.body::text)))
+                              OVER (ORDER BY i ROWS BETWEEN UNBOUNDED PRECEDING
+                                                        AND 1 PRECEDING) AS before
+                  FROM generate_subscripts(v_queues, 1) i
+                  JOIN queen.timers t ON t.queue = v_queues[i] AND t.timer_key = v_keys[i]
+                 WHERE v_plain[i]) x
+             WHERE queen.within_answer_budget(x.before)
+        ), claimed AS (
             UPDATE queen.timers t
                SET claim_token = v_token,
                    claimed_until = v_now + p_lease_ms * interval '1 millisecond',
                    visible_at = v_now + p_lease_ms * interval '1 millisecond'
-              FROM generate_subscripts(v_queues, 1) i
-             WHERE v_plain[i] AND t.queue = v_queues[i] AND t.timer_key = v_keys[i]
-            RETURNING i, t.queue, t.timer_key,
+              FROM budgeted b
+             WHERE t.queue = v_queues[b.i] AND t.timer_key = v_keys[b.i]
+            RETURNING b.i, t.queue, t.timer_key,
                       coalesce(t.body, convert_from(t.payload, 'UTF8')::jsonb) AS body
         )
         SELECT jsonb_build_object('token', v_token, 'rows', jsonb_agg(jsonb_build_object(
