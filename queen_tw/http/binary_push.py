@@ -40,7 +40,7 @@ from queen_tw.http.auth_gate import producer_sub
 from queen_tw.http.parsing import (
     MAX_NAME_LENGTH,
     ValidatedPush,
-    check_new_name,
+    check_name,
     check_push_count,
     push_limit,
 )
@@ -214,7 +214,7 @@ class _Reader:
         return int(_U32.unpack(self.take(4, field))[0])
 
     def name(self, what: str) -> str:
-        return check_new_name(_utf8(self.take(self.u16(f"{what} length"), what), what), what)
+        return check_name(_utf8(self.take(self.u16(f"{what} length"), what), what), what)
 
     def rest(self) -> bytes:
         chunk = self.data[self.pos:]

@@ -15,7 +15,6 @@ from queen_tw.errors import InvalidRequest, PayloadTooLarge
 from queen_tw.http import kv_input
 
 MAX_NAME_LENGTH = 255
-_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 def read_json_object(request) -> Dict[str, Any]:
@@ -45,20 +44,6 @@ def check_name(name: str, what: str) -> str:
         raise InvalidRequest(f"{what} must not contain '/'")
     if "\x00" in name:
         raise InvalidRequest(f"{what} must not contain \\u0000")
-    return name
-
-
-def check_new_name(name: str, what: str) -> str:
-    """A queue or partition name a push, configure or timer may create: as
-    :func:`check_name`, and with no percent-escape such as ``%41``. The official clients put
-    these names into pop paths unencoded and the server decodes every path segment (WIRE.md
-    1.2), so a queue named ``q%41`` took pushes but its pops asked for ``qA``: the messages
-    were stored and unreachable. Names created before keep working on every other route."""
-    check_name(name, what)
-    escape = _PERCENT_ESCAPE.search(name)
-    if escape is not None:
-        raise InvalidRequest(f"{what} must not contain a percent-escape ('{escape.group()}'): "
-                             "pop paths carry names unencoded and are decoded")
     return name
 
 
@@ -185,12 +170,12 @@ def push_item(item: Any, index: int, producer_sub: Optional[str] = None) -> Dict
     queue = item.get("queue")
     if not isinstance(queue, str):
         raise InvalidRequest("Queue must be a string")
-    clean: Dict[str, Any] = {"queue": check_new_name(queue, "Queue")}
+    clean: Dict[str, Any] = {"queue": check_name(queue, "Queue")}
     partition = item.get("partition")
     if partition is not None:
         if not isinstance(partition, str):
             raise InvalidRequest("Partition must be a string")
-        clean["partition"] = check_new_name(partition, "Partition")
+        clean["partition"] = check_name(partition, "Partition")
     if "payload" in item:
         clean["payload"] = item["payload"]
     transaction_id = optional_text(item, "transactionId", "TransactionId")

@@ -45,7 +45,7 @@ class ResourceRoutes:
         if not isinstance(queue, str):
             raise InvalidRequest("queue must be a string")
         answer = await self._engine.configure(
-            parsing.check_new_name(queue, "queue"),
+            parsing.check_name(queue, "queue"),
             parsing.optional_text(body, "namespace") or "",
             parsing.optional_text(body, "task") or "",
             parsing.queue_options(body.get("options")))

@@ -65,7 +65,7 @@ class StreamRoutes:
         engine = self._streams()
         try:
             answer = await engine.register(
-                name, source_queue, parsing.check_new_name(sink_queue, "sink_queue")
+                name, source_queue, parsing.check_name(sink_queue, "sink_queue")
                 if sink_queue else None, config_hash, reset)
         except ConfigHashConflict as conflict:
             return json_answer(request, 409, conflict.body)

@@ -11,7 +11,7 @@ too, then :meth:`TimersEngine.prepare` and ``queen.timers_schedule``.
 import base64
 import binascii
 import math
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 import zstandard
 from klein import Klein
@@ -113,7 +113,7 @@ def timer_operation(raw: Any, where: str) -> Dict[str, Any]:
     kind = raw.get("op")
     if kind not in OPS:
         _bad("timers_bad_op", f"{where}.op must be one of {', '.join(OPS)}")
-    op: Dict[str, Any] = {"op": kind, "queue": _queue(raw.get("queue"), where, kind != "cancel"),
+    op: Dict[str, Any] = {"op": kind, "queue": _queue(raw.get("queue"), where),
                           "timerKey": _timer_key(raw.get("timerKey"), where)}
     txn = _txn(raw.get("txn"), where)
     if kind == "cancel":
@@ -134,7 +134,7 @@ def _with_message_fields(op: Dict[str, Any], raw: Dict[str, Any], where: str
     partition = raw.get("partition")
     if partition is not None:
         op["partition"] = _checked_name(partition, f"{where}.partition",
-                                        "timers_bad_partition", parsing.check_new_name)
+                                        "timers_bad_partition")
     op["delayMs"] = _delay_ms(raw.get("delayMs"), where)
     zstd = raw.get("payloadZstd")
     if zstd is not None and not isinstance(zstd, bool):
@@ -146,24 +146,19 @@ def _with_message_fields(op: Dict[str, Any], raw: Dict[str, Any], where: str
     return op
 
 
-def _checked_name(value: Any, what: str, reason: str,
-                  check: Callable[[str, str], str] = parsing.check_name) -> str:
-    """``value`` as ``check`` passes it (:func:`parsing.check_new_name` for a name a timer's
-    message may create); otherwise 400 with ``reason``."""
+def _checked_name(value: Any, what: str, reason: str) -> str:
     if not isinstance(value, str):
         _bad(reason, f"{what} must be a string")
     try:
-        return check(value, what)
+        return parsing.check_name(value, what)
     except InvalidRequest as err:
         _bad(reason, err.message)
 
 
-def _queue(value: Any, where: str, created: bool) -> str:
-    """The queue of an op; ``created``: one its timer's message may create."""
+def _queue(value: Any, where: str) -> str:
     if value is None or value == "":
         _bad("timers_queue_required", f"{where}.queue is required (a non-empty string)")
-    check = parsing.check_new_name if created else parsing.check_name
-    return _checked_name(value, f"{where}.queue", "timers_bad_queue", check)
+    return _checked_name(value, f"{where}.queue", "timers_bad_queue")
 
 
 def _timer_key(value: Any, where: str) -> str:
