@@ -154,6 +154,52 @@ def test_push_and_transaction_push_refuse_unreachable_names(http, db, item, mess
     assert count_messages(db, queue) == 0
 
 
+UNREACHABLE = "holds a percent-escape (%41)"
+
+
+def test_a_new_queue_named_with_a_percent_escape_is_refused_wherever_it_would_be_made(http, db):
+    """The clients put queue names into pop paths unencoded and the server decodes them: a
+    queue "q%41" took pushes (201 queued) while its pops asked for "qA"."""
+    queue = unique_name() + "%41"
+
+    configured = http.post("/api/v1/configure", json={"queue": queue})
+    pushed = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": 1}, {"queue": unique_name() + "-50%", "payload": 2}]})
+    in_transaction = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "push", "items": [{"queue": queue, "payload": 1}]}],
+        "requiredLeases": []})
+
+    assert UNREACHABLE in assert_json_error(configured, 400)
+    assert in_transaction.status_code == 200, in_transaction.text  # a refused transaction
+    assert in_transaction.json()["success"] is False
+    assert UNREACHABLE in in_transaction.json()["error"]
+    assert pushed.status_code == 201, pushed.text
+    refused, stored = pushed.json()  # the request's other queue is stored
+    assert refused["status"] == "failed" and UNREACHABLE in refused["error"]
+    assert stored["status"] == "queued", stored
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.queues WHERE name = %s", (queue,))
+        assert cursor.fetchone()[0] == 0
+
+
+def test_a_queue_named_so_before_keeps_working_and_partitions_may_hold_escapes(http, db):
+    queue = unique_name() + "%41"
+    with db.cursor() as cursor:  # made as an older server allowed (no trigger in replica mode)
+        cursor.execute("BEGIN; SET LOCAL session_replication_role = replica;"
+                       " INSERT INTO queen.queues (name) VALUES (%s); COMMIT", (queue,))
+
+    assert http.post("/api/v1/configure", json={"queue": queue}).status_code == 200
+    pushed = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "partition": "user%40example.com", "payload": "kept"}]})
+    assert [r["status"] for r in pushed.json()] == ["queued"], pushed.text
+
+    popped = http.get(f"/api/v1/pop/queue/{queue.replace('%', '%25')}",
+                      params={"wait": "false"})  # encoded, it is reached
+    assert popped.status_code == 200, popped.text
+    assert [(m["partition"], m["data"]) for m in popped.json()["messages"]] == [
+        ("user%40example.com", "kept")]
+
+
 @pytest.mark.parametrize("method,path", [
     ("GET", "/api/v1/pop/queue/a%2Fb"),
     ("GET", "/api/v1/pop/queue/q/partition/p%2F1"),

@@ -62,6 +62,33 @@ LANGUAGE sql STABLE AS $$
         ON lp.queue_name = t.e->>'queue' AND lp.name = coalesce(t.e->>'partition', 'Default')
 $$;
 
+-- A queue may not be created under a name holding a percent-escape such as %41. The official
+-- clients put queue names into pop paths unencoded and the server decodes every path segment
+-- (WIRE.md 1.2), so the pops of a queue "q%41" asked for "qA": it took pushes whose messages
+-- no pop or consume could reach. Refused here, where every path creates queues (a push, a
+-- transaction, configure, a timer's fire, a stream's sink), as bad input (class 22: the
+-- server answers 400, a push fails that request's items with this reason). A queue named so
+-- before keeps working: configure's upsert of an existing name passes. Partition names may
+-- hold escapes: a queue's pops reach every partition, only a partition-addressed pop cannot.
+CREATE OR REPLACE FUNCTION queen.refuse_unreachable_queue_name() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.name ~ '%[0-9A-Fa-f]{2}'
+       AND NOT EXISTS (SELECT 1 FROM queen.queues WHERE name = NEW.name) THEN
+        RAISE EXCEPTION 'Queue name % holds a percent-escape (%): clients put queue names '
+                        'into pop paths unencoded and the server decodes them, so its '
+                        'messages could not be popped', NEW.name,
+                        substring(NEW.name FROM '%[0-9A-Fa-f]{2}')
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER queues_reachable_name
+    BEFORE INSERT ON queen.queues
+    FOR EACH ROW EXECUTE FUNCTION queen.refuse_unreachable_queue_name();
+
 -- Creates the (queue, partition) pairs that do not exist yet (aligned arrays), and takes KEY
 -- SHARE on their queues so none is deleted under the caller until it commits. False when a
 -- queue went between its creation and that lock (deleted meanwhile): the caller goes again.
