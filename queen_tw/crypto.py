@@ -18,7 +18,8 @@ class PayloadCipher:
     """Encrypts a JSON payload into ``{"encrypted", "iv", "authTag"}`` and back.
 
     The stored shape matches upstream Queen: base64 ciphertext, 16-byte IV and 16-byte tag
-    over the compact JSON text of the payload.
+    over the JSON text of the payload: compact for a value, and a binary push's text as it
+    came (any JSON text; its readers parse it or splice it into an answer).
     """
 
     def __init__(self, key: bytes):

@@ -200,15 +200,17 @@ async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_ou
 async def test_a_call_too_large_for_one_statement_is_refused_unsent(database, monkeypatch):
     """Over 1 GiB, PostgreSQL closed the connection: an outage to the server, whose file
     buffer replay then sent the same statement again and again. The bound is lowered here so
-    that the test sends kilobytes, not a gigabyte."""
-    monkeypatch.setattr(pool, "MAX_PARAMETER_CHARS", 1000)
+    that the test sends a kilobyte, not a gigabyte."""
+    monkeypatch.setattr(pool, "MAX_STATEMENT_BYTES", 1000)
     backends = _backend_pids(database)
 
-    with pytest.raises(RefusedByDatabase) as raised:
-        await database.call("uuid_v7", "x" * 600, ["y" * 400])
+    # 900 characters: under the bound, though 4 bytes each could pass it
+    assert await database.call("namespace_of", "a.b" + "x" * 897) == "a"
+    with pytest.raises(RefusedByDatabase) as raised:  # 501 characters, 1002 bytes quoted
+        await database.call("namespace_of", "é" * 500 + "'")
 
     assert raised.value.status == 400
-    assert "more than one database call takes" in raised.value.message
+    assert "1002 bytes of data are more than one database call takes" in raised.value.message
     assert database.failed_calls == 0 and _backend_pids(database) == backends
     assert await database.ping()
 

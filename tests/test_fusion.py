@@ -170,7 +170,7 @@ async def test_fused_pushes_too_large_for_one_statement_are_stored_in_smaller_ca
         engine, monkeypatch):
     """Many large pushes fused into one call once made a statement over PostgreSQL's 1 GiB
     message limit (the bound is lowered here to a few kilobytes)."""
-    monkeypatch.setattr(pool, "MAX_PARAMETER_CHARS", 5000)
+    monkeypatch.setattr(pool, "MAX_STATEMENT_BYTES", 5000)
     queue = unique_name()
     batcher = engine.batchers["push"]
     calls = batcher.calls

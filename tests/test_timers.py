@@ -460,18 +460,29 @@ def test_a_claim_its_sweeper_never_fires_is_taken_over_when_it_expires(http, db)
     assert is_encrypted is True
 
 
-def test_a_sweep_claims_rows_to_encrypt_within_a_byte_budget_and_all_fire(http, db):
+@pytest.mark.parametrize("compressed", [False, True], ids=["json", "zstd"])
+def test_a_sweep_claims_rows_to_encrypt_within_a_byte_budget_and_all_fire(http, db,
+                                                                          compressed):
     """The rows a sweep claims for the server to encrypt go to it in one answer: a batch of
     500 timers of 1 MiB made a jsonb value over PostgreSQL's 256 MiB limit and every sweep
     failed, so none fired. Past 64 MiB of bodies the rest waits for the next sweep. (Placed
     before the tests of the module's keyless auth_server, whose sweeper would claim rows it
-    cannot encrypt and spend their attempts.)"""
+    cannot encrypt and spend their attempts.) A zstd payload counts as the body it expands
+    to, which is what the answer carries, not as its few stored bytes."""
     queue = unique_name()
     configure(http, queue)
     text = "x" * 1_000_000
+
+    def op(n: int) -> Dict[str, Any]:
+        scheduled = schedule_op(queue, f"k{n:02}", {"n": n, "text": text}, 60_000)
+        if not compressed:
+            return scheduled
+        frame = zstandard.ZstdCompressor(write_content_size=True).compress(
+            json.dumps({"n": n, "text": text}).encode())
+        return dict(scheduled, payload=base64.b64encode(frame).decode(), payloadZstd=True)
+
     for start in range(0, 70, 10):
-        batch(http, *[schedule_op(queue, f"k{n:02}", {"n": n, "text": text}, 60_000)
-                      for n in range(start, start + 10)])
+        batch(http, *[op(n) for n in range(start, start + 10)])
     configure(http, queue, encryptionEnabled=True)  # a plain timer now needs the server
     with db.cursor() as cursor:  # one sweep, looked at and undone
         cursor.execute("BEGIN")

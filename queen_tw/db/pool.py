@@ -95,12 +95,11 @@ class StatementCancelled(Exception):
 # OperationalError.
 _BEYOND_LIMITS = "54"
 
-MAX_PARAMETER_CHARS = 192 * 1024 * 1024
-"""Most characters a call's text parameters may hold together. PostgreSQL closes the
+MAX_STATEMENT_BYTES = 1024 * 1024 * 1024 - 16 * 1024 * 1024
+"""Most bytes a call's text parameters may take in its statement. PostgreSQL closes the
 connection on a protocol message over 1 GiB, which read as an outage: pushes went to the file
-buffer and its replay sent the same statement again forever. A character is at most 4 bytes
-of UTF-8 (and quoting doubles only 1-byte ones), so this stays under that limit; a call over
-it is refused before it is sent, as data too large (a fused push is then split)."""
+buffer and its replay sent the same statement again forever. A call over it is refused before
+it is sent, as data too large (a fused push is then split)."""
 
 # A push refused because a queue's encryption flag changed under it (sql/functions/002_push.sql).
 _SETTINGS_CHANGED = "QE001"
@@ -112,6 +111,18 @@ _CANCELLED = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled,
 # How soon a query refused unsent by a dead connection is offered to the pool again.
 _UNSENT_RETRY_DELAY = 0.02
 
+
+
+def _statement_bytes(params: Tuple[Any, ...]) -> Optional[int]:
+    """The bytes ``params`` take quoted in a statement when that is over
+    :data:`MAX_STATEMENT_BYTES`; None otherwise. Counted only for a call whose characters could
+    reach it (4 bytes of UTF-8 at most each): UTF-8 length plus the quotes and backslashes
+    quoting doubles."""
+    texts = [p for p in params if isinstance(p, str)]
+    if sum(len(text) for text in texts) * 4 <= MAX_STATEMENT_BYTES:
+        return None
+    size = sum(len(text.encode()) + text.count("'") + text.count("\\") for text in texts)
+    return size if size > MAX_STATEMENT_BYTES else None
 
 class DeadlineExceeded(DatabaseUnavailable):
     """PostgreSQL did not answer a call in time (frozen, overloaded or unreachable)."""
@@ -460,11 +471,11 @@ class Database:
         sql = self._statement(function, args, shape)
         params = tuple(jsoncodec.dumps_text(a) if isinstance(a, (dict, list)) else a
                        for a in args)
-        size = sum(len(p) for p in params if isinstance(p, str))
-        if size > MAX_PARAMETER_CHARS:
+        size = _statement_bytes(params)
+        if size is not None:
             raise RefusedByDatabase(
-                f"{function}: {size} characters of data are more than one database call "
-                f"takes ({MAX_PARAMETER_CHARS}); send less at once")
+                f"{function}: {size} bytes of data are more than one database call takes "
+                f"({MAX_STATEMENT_BYTES}); send less at once")
         try:
             rows = await self._run_again_if_rolled_back(sql, params, or_nothing)
         except DeadlineExceeded as err:

@@ -707,7 +707,6 @@ def _refuse_unkeyed(queues: List[str]) -> None:
                           "in plaintext; restart the server with the key")
 
 
-
 def expand_push_answer(items: List[Dict[str, Any]], answer: Dict[str, Any]
                        ) -> List[Dict[str, Any]]:
     """One result per pushed item (WIRE.md 2.2), in order, from ``queen.push_store``'s compact

@@ -27,7 +27,8 @@ SCHEDULING_OPS = ("schedule", "reschedule")
 class SweepOutcome:
     """What one sweep did.
 
-    :param taken: due rows it took (fired, failed or claimed).
+    :param taken: due rows it took (fired, failed, claimed, or left due past the claim's
+        byte budget).
     :param fired: messages pushed.
     :param deferred: due rows left for a later sweep because another transaction holds
         their partition (``queen.timers_lock_targets``).

@@ -332,7 +332,7 @@ LANGUAGE sql STABLE AS $$
               FROM (SELECT t.*, qu.name AS queue_name, p.name AS partition_name, m.payload,
                            m.is_encrypted,
                            sum(coalesce(octet_length(t.data::text), 0)
-                               + octet_length(m.payload::text))
+                               + coalesce(octet_length(m.payload::text), 0))
                                OVER (ORDER BY t.created_at, t.id
                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
                       FROM (SELECT * FROM queen.message_traces

@@ -550,7 +550,8 @@ BEGIN
         -- queen.within_answer_budget (005_admin.sql), the rest stays due for the next sweep.
         WITH budgeted AS (
             SELECT x.i FROM (
-                SELECT i, sum(coalesce(octet_length(t.payload), octet_length(t.body::text)))
+                -- (the body the answer carries: a zstd payload's is its expansion)
+                SELECT i, sum(coalesce(octet_length(t.body::text), octet_length(t.payload)))
                               OVER (ORDER BY i ROWS BETWEEN UNBOUNDED PRECEDING
                                                         AND 1 PRECEDING) AS before
                   FROM generate_subscripts(v_queues, 1) i
