@@ -60,7 +60,7 @@ def _dumps_slowly(value: Any) -> bytes:
     def stand_in(item: Any) -> str:
         if not isinstance(item, orjson.Fragment):
             raise TypeError(f"Object of type {type(item).__name__} is not JSON serializable")
-        fragments.append(_fragment_text(item))
+        fragments.append(orjson.dumps(item))  # (a fragment written alone is its text)
         return f"\x00{len(fragments) - 1}\x00"
 
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False,
@@ -68,12 +68,6 @@ def _dumps_slowly(value: Any) -> bytes:
     if not fragments:
         return text
     return _STAND_IN.sub(lambda found: fragments[int(found.group(1))], text)
-
-
-def _fragment_text(fragment: orjson.Fragment) -> bytes:
-    """The JSON text a fragment holds (orjson keeps it private: written alone, it is that
-    text)."""
-    return orjson.dumps(fragment)
 
 
 def dumps_text(value: Any) -> str:

@@ -112,7 +112,6 @@ _CANCELLED = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled,
 _UNSENT_RETRY_DELAY = 0.02
 
 
-
 def _statement_bytes(params: Tuple[Any, ...]) -> Optional[int]:
     """The bytes ``params`` take quoted in a statement when that is over
     :data:`MAX_STATEMENT_BYTES`; None otherwise. Counted only for a call whose characters could
@@ -123,6 +122,7 @@ def _statement_bytes(params: Tuple[Any, ...]) -> Optional[int]:
         return None
     size = sum(len(text.encode()) + text.count("'") + text.count("\\") for text in texts)
     return size if size > MAX_STATEMENT_BYTES else None
+
 
 class DeadlineExceeded(DatabaseUnavailable):
     """PostgreSQL did not answer a call in time (frozen, overloaded or unreachable)."""
