@@ -24,9 +24,14 @@ from urllib.parse import quote
 import httpx
 import jwt
 import pytest
+import pytest_twisted
 import zstandard
 
+from queen_tw.engine.timers import TimersEngine
+from queen_tw.engine.waiters import WaiterRegistry
+
 from tests.client26 import run26
+from tests.engine_support import in_process_engine
 from tests.http_helpers import configure, pop, push
 from tests.support import running_server, unique_name, wait_until
 
@@ -456,6 +461,41 @@ def test_a_claim_its_sweeper_never_fires_is_taken_over_when_it_expires(http, db)
     assert peek(http, queue, "k")["claimed"] is True
     message = delivered(http, queue)
     assert (message["id"], message["data"]) == (result["messageId"], {"pin": "0000"})
+    [(_, _, _, is_encrypted, _)] = stored_messages(db, queue)
+    assert is_encrypted is True
+
+
+@pytest.fixture
+def keyless_engine(pg_env, server):
+    """The message path of a server started without QUEEN_ENCRYPTION_KEY, in this process."""
+    with in_process_engine(pg_env, WaiterRegistry()) as engine:
+        yield engine
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_without_the_key_gives_a_claimed_timer_back_unspent(http, db,
+                                                                          keyless_engine):
+    """An instance started without the key among keyed ones used to fail the timers of
+    encrypted queues it claimed, one attempt each sweep, until they were dead letters."""
+    queue = unique_name()
+    configure(http, queue)
+    [result] = batch(http, schedule_op(queue, "k", {"pin": "4242"}, 60_000))
+    configure(http, queue, encryptionEnabled=True)  # a plain timer now needs the server
+    with db.cursor() as cursor:  # claimed as any sweeper would, and handed to a keyless one
+        cursor.execute("BEGIN")
+        cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s", (queue,))
+        cursor.execute("SELECT queen.timers_sweep(1000, 60000)")
+        claimed = cursor.fetchone()[0]["claimed"]
+        cursor.execute("COMMIT")
+    claimed["rows"] = [row for row in claimed["rows"] if row["queue"] == queue]
+    fired = await TimersEngine(keyless_engine.database, keyless_engine).fire_claimed(claimed)
+
+    assert fired == (0, 0)
+    seen = peek(http, queue, "k")
+    assert seen["attempts"] == 0 and seen["claimed"] is False
+    assert "QUEEN_ENCRYPTION_KEY" in seen["lastError"]
+    message = delivered(http, queue)  # by the keyed server, a few seconds on
+    assert (message["id"], message["data"]) == (result["messageId"], {"pin": "4242"})
     [(_, _, _, is_encrypted, _)] = stored_messages(db, queue)
     assert is_encrypted is True
 

@@ -15,12 +15,20 @@ import base64
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from twisted.logger import Logger
+
 from queen_tw import jsoncodec
 from queen_tw.db.pool import Database
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, Unavailable
 
 SCHEDULING_OPS = ("schedule", "reschedule")
+
+NO_KEY_RETRY_MS = 5000
+"""How long a timer this server could not encrypt (it has no key) waits before it is due
+again, for a server with the key to take it."""
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -120,17 +128,17 @@ class TimersEngine:
         self._announce(answer["updated"])
         fired, deferred, next_due_ms = answer["fired"], answer["deferred"], answer["nextDueMs"]
         if answer.get("claimed"):
-            claimed_fired, claimed_deferred = await self._fire_claimed(answer["claimed"])
+            claimed_fired, claimed_deferred = await self.fire_claimed(answer["claimed"])
             fired += claimed_fired
             if claimed_deferred:  # their claims were given up: due again now
                 deferred += claimed_deferred
                 next_due_ms = min(next_due_ms if next_due_ms is not None else 0, 0)
         return SweepOutcome(answer["taken"], fired, deferred, next_due_ms)
 
-    async def _fire_claimed(self, claimed: Dict[str, Any]) -> Tuple[int, int]:
+    async def fire_claimed(self, claimed: Dict[str, Any]) -> Tuple[int, int]:
         """Encrypts the payloads of claimed rows (their queue encrypts; they were scheduled
-        plain) and fires them; without a key each counts a failed attempt. Returns the
-        messages fired and the rows deferred (their partition held)."""
+        plain) and fires them; without a key they are given back, unspent, for a server with
+        the key. Returns the messages fired and the rows deferred (their partition held)."""
         rows = claimed["rows"]
         keys = [{"queue": row["queue"], "timerKey": row["timerKey"]} for row in rows]
         try:
@@ -138,8 +146,11 @@ class TimersEngine:
                 [{"queue": row["queue"], "payload": row["body"]} for row in rows])
         except (DatabaseUnavailable, DatabaseBusy):
             raise  # the claims expire and the rows are swept again
-        except Unavailable as err:
-            await self._db.call("timers_fail_claimed", claimed["token"], keys, err.message)
+        except Unavailable as err:  # no key here
+            given_back = await self._db.call("timers_release_claimed", claimed["token"], keys,
+                                             err.message, NO_KEY_RETRY_MS)
+            log.warn("{n} timer(s) of encrypted queues given back for a server with the key "
+                     "({error})", n=given_back, error=err.message)
             return 0, 0
         fires = [dict(key, payload=item["payload"], isEncrypted=bool(item.get("isEncrypted")))
                  for key, item in zip(keys, sealed, strict=True)]

@@ -632,7 +632,8 @@ END
 $$;
 
 -- A claimed fire the server could not prepare (no key for an encrypted queue): a failed
--- attempt for each row of p_rows [{queue, timerKey}] still under this claim.
+-- attempt for each row of p_rows [{queue, timerKey}] still under this claim. Servers before
+-- session 19 call it; later ones give such rows back (timers_release_claimed).
 CREATE OR REPLACE FUNCTION queen.timers_fail_claimed(p_token uuid, p_rows jsonb,
                                                      p_error text)
 RETURNS integer
@@ -652,6 +653,27 @@ BEGIN
     RETURN queen.timers_failed(v_queues, v_keys,
                                array_fill(p_error, ARRAY[cardinality(v_queues)]));
 END
+$$;
+
+-- A claimed fire a server without QUEEN_ENCRYPTION_KEY cannot prepare (an instance started
+-- without the key among keyed ones): the rows of p_rows [{queue, timerKey}] still under
+-- this claim are given back, due again p_delay_ms on, with p_error as their lastError and no
+-- attempt spent, for a server with the key to fire, as the file buffer holds sealed records
+-- until such a server replays them. Failing them instead dead-lettered them after five
+-- sweeps of the keyless instance. Returns the rows given back.
+CREATE OR REPLACE FUNCTION queen.timers_release_claimed(p_token uuid, p_rows jsonb,
+                                                        p_error text, p_delay_ms integer)
+RETURNS integer
+LANGUAGE sql AS $$
+    WITH released AS (
+        UPDATE queen.timers t
+           SET claim_token = NULL, claimed_until = NULL, last_error = p_error,
+               visible_at = clock_timestamp() + p_delay_ms * interval '1 millisecond'
+          FROM jsonb_array_elements(p_rows) AS r(e)
+         WHERE t.queue = r.e->>'queue' AND t.timer_key = r.e->>'timerKey'
+           AND t.claim_token = p_token
+        RETURNING 1)
+    SELECT count(*)::integer FROM released
 $$;
 
 -- Dead timers (queen.timer_dead_letters) as the dead-letter routes show and handle them:
