@@ -507,8 +507,8 @@ def test_a_sweep_claims_rows_to_encrypt_within_a_byte_budget_and_all_fire(http, 
     500 timers of 1 MiB made a jsonb value over PostgreSQL's 256 MiB limit and every sweep
     failed, so none fired. Past 64 MiB of bodies the rest waits for the next sweep. (Placed
     before the tests of the module's keyless auth_server, whose sweeper would claim rows it
-    cannot encrypt and give them back 5 s later each time.) A zstd payload counts as the body it expands
-    to, which is what the answer carries, not as its few stored bytes."""
+    cannot encrypt and give them back 5 s later each time.) A zstd payload counts as the body
+    it expands to, which is what the answer carries, not as its few stored bytes."""
     queue = unique_name()
     configure(http, queue)
     text = "x" * 1_000_000
