@@ -13,9 +13,11 @@ to a second) until then, so a fresh instance learns the flags right after Postgr
 An outage is logged once when the reads start failing and once when they work again.
 
 With peer sync (WIRE 6.1) a change is also announced to the other instances, which apply it
-at once (:meth:`Maintenance.apply_from_peer`); the periodic re-read stays the fallback for a
-lost datagram. This module knows nothing of the sync: the announcing is a callback given to
-:meth:`Maintenance.announce_changes_to`.
+at once (:meth:`Maintenance.apply_from_peer`) and then read the flag back from PostgreSQL:
+datagrams of changes made at the same moment through different instances may arrive in
+either order, and only the stored value says which change committed last. The periodic
+re-read stays the fallback for a lost datagram. This module knows nothing of the sync: the
+announcing is a callback given to :meth:`Maintenance.announce_changes_to`.
 
 The HTTP layer is given one :class:`Maintenance` and reads or changes everything through it;
 it never reaches into the buffer or the failover policy.
@@ -84,18 +86,26 @@ class Maintenance:
         change came (this process, a peer, a sibling worker, a re-read)."""
         self._observers.append(observer)
 
-    def apply_from_peer(self, key: str, enabled: bool) -> None:
-        """A peer changed a flag (it is stored in PostgreSQL already): applied at once.
+    def apply_from_peer(self, key: str, enabled: bool) -> Optional[defer.Deferred]:
+        """A peer changed a flag (it is stored in PostgreSQL already): applied at once, then
+        read back (the returned Deferred fires once that read is over, whatever it found).
 
-        Unknown keys and non-boolean values are ignored (logged at debug): they come from
-        the network.
+        The read settles races: two instances switching a flag at the same moment send
+        datagrams that may arrive in the other order than their commits, and each arrival
+        would otherwise leave the flag as the later datagram says until the next periodic
+        re-read. A read begun after the arrival sees the commit it announced and any
+        later one; a read overtaken by a newer arrival is discarded (see :meth:`refresh`).
+
+        Unknown keys and non-boolean values are ignored (logged at debug; None returned):
+        they come from the network.
         """
         if key not in self._flags or not isinstance(enabled, bool):
             log.debug("ignored a peer's maintenance change {key}={enabled!r}", key=key,
                       enabled=enabled)
-            return
+            return None
         self._changes[key] += 1
         self._apply(key, enabled, " (announced by a peer)")
+        return defer.ensureDeferred(self.reread())
 
     @property
     def maintenance_mode(self) -> bool:

@@ -281,12 +281,19 @@ class Announcer:
 
     def message_available(self, queue: str, partition: str | None,
                           targets: list[int]) -> None:
+        self._send(dg.MESSAGE_AVAILABLE, {"queue": queue, "partition": partition}, targets)
+
+    def maintenance(self, kind: int, enabled: bool, targets: list[int]) -> None:
+        """A maintenance change (``dg.MAINTENANCE_MODE_SET`` or ``POP_…``) as a peer sends
+        it after storing the flag."""
+        self._send(kind, {"enabled": enabled}, targets)
+
+    def _send(self, kind: int, payload: dict[str, Any], targets: list[int]) -> None:
         self.sequence += 1
         now_ms = int(time.time() * 1000)
-        data = dg.encode(dg.MESSAGE_AVAILABLE,
-                         {"queue": queue, "partition": partition, "ts": now_ms},
-                         sender_id=self.sender_id, session_id=self.session,
-                         sequence=self.sequence, sent_ms=now_ms, secret=self.secret)
+        data = dg.encode(kind, {**payload, "ts": now_ms}, sender_id=self.sender_id,
+                         session_id=self.session, sequence=self.sequence, sent_ms=now_ms,
+                         secret=self.secret)
         for port in targets:
             self._socket.sendto(data, ("127.0.0.1", port))
 

@@ -37,6 +37,7 @@ import pytest
 from psycopg2.extensions import connection
 from queen import Queen
 
+from queen_tw.cluster import datagram as dg
 from queen_tw.config import Config
 
 from faultkit import private_postgres
@@ -302,6 +303,44 @@ def test_maintenance_set_on_a_diverts_pushes_on_c_and_drains_when_cleared(
             break
         seen.extend(delivered(answer))
     assert sorted(seen) == sorted(f"m{n}" for n in range(20))
+
+
+def test_a_maintenance_datagram_overtaken_by_a_later_change_settles_on_the_stored_flag(
+        cluster: Cluster) -> None:
+    """Two instances switching a flag at once send datagrams that may arrive in the other
+    order than their commits: the stale one arriving last must not stand until the next
+    periodic re-read (10 minutes here). An audit saw instances disagree with PostgreSQL in
+    3 to 7 of 30 such races, for good."""
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+
+    def pop_maintenance(node: ClusterNode) -> bool:
+        return bool(node.shared_state()["pop_maintenance_mode"])
+
+    late_applied = "pop_maintenance_mode is now off (announced by a peer)"
+    answer = a.post("/api/v1/system/maintenance/pop", {"enabled": True})
+    assert answer.status_code == 200, answer.text
+    try:
+        for node in (b, c):
+            wait_until(partial(pop_maintenance, node), message=f"{node.name} in pop maintenance")
+            assert late_applied not in node.log_text()  # (the module's first pop toggle)
+        # an earlier "off" from another instance, delivered late (signed like any peer's)
+        late = Announcer("cluster-late:1", secret=SECRET)
+        try:
+            late.maintenance(dg.POP_MAINTENANCE_MODE_SET, False, [b.udp_port, c.udp_port])
+        finally:
+            late.close()
+        for node in (b, c):
+            wait_until(lambda node=node: node.log_text().count(late_applied) == 1,
+                       message=f"{node.name} applying the late datagram")
+            wait_until(partial(pop_maintenance, node),
+                       message=f"{node.name} back on the stored flag (on)")
+            assert "pop_maintenance_mode is now on (read from PostgreSQL)" in node.log_text()
+    finally:
+        answer = a.post("/api/v1/system/maintenance/pop", {"enabled": False})
+        assert answer.status_code == 200, answer.text
+    for node in (b, c):
+        wait_until(lambda node=node: not pop_maintenance(node),
+                   message=f"{node.name} out of pop maintenance")
 
 
 # -- a sender without the secret ------------------------------------------------------
