@@ -349,6 +349,29 @@ def test_new_mode_namespace_long_poll_before_any_queue_gets_the_creating_message
     assert [m["data"] for m in answers[0].json()["messages"]] == ["first"]
 
 
+@pytest.mark.parametrize("mode", [{"subscriptionMode": "new"}, {"subscriptionFrom": "now"}])
+def test_new_mode_long_poll_gets_the_push_that_recreates_its_deleted_queue(http, server, db,
+                                                                          mode):
+    """A queue deleted while a group waits on it, then created again by a push: the delete
+    took the group's subscription, and the waiting pop subscribes again when the push wakes
+    it. The push came during the wait, so it is new to the group (an audit saw it skipped:
+    the group started over at the moment of that attempt, after the push). The delete is
+    made as another instance's would be, unheard here (a delete through this server wakes
+    the pop, whose attempt may then find no queue before the push, hiding the fault)."""
+    queue = unique_name()
+    push(http, queue, ["old"])
+    assert pop(http, queue, consumerGroup="grp", **mode) is None  # it starts after "old"
+    thread, answers = _long_poll_in_background(server, queue, consumerGroup="grp", **mode)
+    time.sleep(1.0)  # its first attempt finds nothing and it parks
+    with db.cursor() as cursor:
+        cursor.execute("SELECT queen.delete_queue(%s)", (queue,))
+    push(http, queue, ["fresh"])
+    thread.join(30)
+
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert [m["data"] for m in answers[0].json()["messages"]] == ["fresh"]
+
+
 def test_a_second_new_mode_waiter_that_joined_the_line_gets_the_creating_message(http, server):
     """A pop that joins a line of waiting pops of its group parks without an attempt of its
     own; when the first one has timed out, it is the one that meets the creating push."""

@@ -76,8 +76,11 @@ class PopRequest:
     given (1, or batch up to 64 for a conflating group, or the autopilot's choice).
     ``autopilot``: the request carried ``autopilot=true`` (its answer echoes the sizing);
     ``conflation``: it asked for last-value delivery (WIRE2 8.3, 8.4). ``waiting_since``:
-    the database time its first attempt found no queue to subscribe to; a group starting at
-    "now" starts there, so the push that creates the queue is not history to a long poll.
+    the database time at which its first attempt found nothing (a pop that joined a lot's
+    line without an attempt: the lot's latest such attempt). A group starting at "now" that
+    meets the queue for the first time while waiting starts there, so a push made during the
+    wait is not history to it: the push that creates the queue, or one that re-creates a
+    queue deleted meanwhile (the delete took the group's subscription with it).
     """
 
     queue: Optional[str]
@@ -146,7 +149,7 @@ class Attempt:
     retry_in: Optional[float] = None
     queues: Optional[List[str]] = None
     more: bool = True  # after a delivery: may another pop find something right now?
-    no_queue_at: Optional[str] = None  # the scope held no queue at this database time
+    empty_at: Optional[str] = None  # found nothing at this database time
 
 
 class LotOwner(Protocol):
@@ -231,8 +234,8 @@ class Popper:
         while lot is None or not len(lot):
             wakes_before = lot.wakes if lot is not None else 0
             outcome = await self.attempt(request)
-            if outcome.no_queue_at is not None and request.waiting_since is None:
-                request = replace(request, waiting_since=outcome.no_queue_at)
+            if outcome.empty_at is not None and request.waiting_since is None:
+                request = replace(request, waiting_since=outcome.empty_at)
             if outcome.delivery is not None:
                 if gone is not None and gone.called:
                     await self._give_back(outcome.delivery)
@@ -290,7 +293,7 @@ class Popper:
         if not text:
             retry_in = result.get("retryInMs")
             return Attempt(retry_in=max(retry_in, 1) / 1000.0 if retry_in is not None else None,
-                           queues=result.get("queues"), no_queue_at=result.get("noQueueAt"))
+                           queues=result.get("queues"), empty_at=result.get("emptyAt"))
         more = result.pop("more", True)
         encrypted = result.pop("encryptedIds", None)
         if encrypted:
@@ -432,7 +435,7 @@ class ParkingLot:
         self._retry_in: Optional[float] = None  # when the database said to look again
         self.users = 0          # pops in their first attempt or parked here
         self.wakes = 0
-        self._no_queue_at: Optional[str] = None  # the first attempt that found no queue
+        self._empty_at: Optional[str] = None  # the latest attempt that found nothing
 
     def __len__(self) -> int:
         return sum(1 for parked in self._line if parked.waiting)
@@ -464,8 +467,8 @@ class ParkingLot:
     def park(self, request: PopRequest, timeout: float, last: Attempt) -> _Parked:
         """Queues a pop whose own attempt found nothing; it is answered by a later attempt,
         or with None after ``timeout`` seconds."""
-        if request.waiting_since is None and self._no_queue_at is not None:
-            request = replace(request, waiting_since=self._no_queue_at)
+        if request.waiting_since is None and self._empty_at is not None:
+            request = replace(request, waiting_since=self._empty_at)
         parked = _Parked(request)
         parked.deadline = self._clock.callLater(max(timeout, 0), self.leave, parked)
         self._line.append(parked)
@@ -576,14 +579,14 @@ class ParkingLot:
         """Namespace lots remember which queues match, to ignore pushes elsewhere. An attempt
         that began before a configure or delete (``settings_before``: the count then) may
         have seen the old membership: it teaches nothing about unrelated queues.
-        An attempt that found no queue at all dates the wait of every pop in line (see
-        ``PopRequest.waiting_since``), those that joined without an attempt of their own
-        included."""
-        if outcome.no_queue_at is not None:
-            self._no_queue_at = self._no_queue_at or outcome.no_queue_at
+        An attempt that found nothing dates the wait of every pop in line that has no date
+        yet (see ``PopRequest.waiting_since``): those that joined without an attempt of
+        their own."""
+        if outcome.empty_at is not None:
+            self._empty_at = outcome.empty_at
             for parked in self._line:
                 if parked.request.waiting_since is None:
-                    parked.request = replace(parked.request, waiting_since=self._no_queue_at)
+                    parked.request = replace(parked.request, waiting_since=self._empty_at)
         if self.queue is not None or outcome.queues is None:
             return
         self._matching = set(outcome.queues)

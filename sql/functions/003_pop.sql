@@ -500,7 +500,8 @@ $$;
 -- encryptedIds = the delivered messages whose data the server decrypts (null when none).
 -- ``messages``: the delivered messages (json array text), kept apart so the server can put
 -- them into its answer without parsing them. When nothing could be delivered messages is
--- NULL and result.retryInMs says when something known falls due. Candidates (2.3.3):
+-- NULL, result.retryInMs says when something known falls due and result.emptyAt is the
+-- database time of the attempt (a long poll's waitingSince). Candidates (2.3.3):
 -- partitions with pending work for the group, not leased, not cooling down, outside their
 -- window, with a due message; by queue priority, then least recently served (never served
 -- first), then id. `batch` caps the whole answer.
@@ -554,8 +555,9 @@ BEGIN
           FROM queen.subscribe_scope(p_req, v_group, NOT v_defer)
                WITH ORDINALITY AS s(queue_id, queue_name, sub_from, n);
     END IF;
-    IF v_queue_ids IS NULL THEN  -- nothing to subscribe to yet: when that was seen
-        result := json_build_object('success', true, 'queues', '[]'::json, 'noQueueAt', now());
+    IF v_queue_ids IS NULL THEN  -- nothing to subscribe to yet (noQueueAt: read by older servers)
+        result := json_build_object('success', true, 'queues', '[]'::json, 'noQueueAt', now(),
+                                    'emptyAt', now());
         RETURN;
     END IF;
     IF array_position(v_froms, NULL) IS NOT NULL THEN
@@ -658,7 +660,7 @@ BEGIN
             'success', true, 'consumerGroup', v_group,
             'queues', to_json(v_names),
             'retryInMs', queen.next_eligible_in_ms(v_queue_ids, v_group, v_single),
-            'conflation', v_conflate, 'width', v_max_parts);
+            'conflation', v_conflate, 'width', v_max_parts, 'emptyAt', now());
         RETURN;
     END IF;
 
