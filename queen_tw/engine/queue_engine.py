@@ -5,11 +5,23 @@ never builds SQL: each operation is one call of a set-based function in ``sql/``
 """
 
 import os
+import re
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from time import perf_counter
-from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
+from typing import (
+    AbstractSet,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+)
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -255,12 +267,26 @@ class QueueEngine:
         """Hands items to the file buffer, telling it which queues are known not to encrypt
         (from the cache only: PostgreSQL may be what is down). Without a key, a queue known
         to encrypt is refused here as on the way to PostgreSQL. A binary push's payload text
-        goes to the buffer as that text, sealed or not."""
+        goes to the buffer as that text, sealed or not.
+
+        Items that PostgreSQL would refuse at replay are refused now instead (answered
+        ``failed``, not ``buffered``, which would promise a message the replay could never
+        store): those of a queue whose name holds a percent-escape and that the cache does
+        not know, i.e. that may not exist (see queen.refuse_unreachable_queue_name)."""
         known = self._config_cache.encrypted(sorted({item["queue"] for item in items}))
         plain_queues = frozenset(queue for queue, encrypted in known.items() if not encrypted)
         if self._cipher is None:
             _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
-        return await failover.buffer(items, plain_queues)
+        refusals = {position: reason for position, reason in (
+            (position, _unbufferable_queue(item["queue"], known))
+            for position, item in enumerate(items)) if reason is not None}
+        if not refusals:
+            return await failover.buffer(items, plain_queues)
+        kept = [item for position, item in enumerate(items) if position not in refusals]
+        buffered = iter(await failover.buffer(kept, plain_queues) if kept else [])
+        return [dict(_refused(item, refusals[position]) if position in refusals
+                     else next(buffered), index=position)
+                for position, item in enumerate(items)]
 
     async def store(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Writes items to PostgreSQL (encrypting where the queue asks); no failover.
@@ -696,6 +722,22 @@ class QueueEngine:
 
     async def database_healthy(self) -> bool:
         return await self._db.ping()
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _unbufferable_queue(queue: str, known: Mapping[str, bool]) -> Optional[str]:
+    """Why a push to ``queue`` may not be buffered, or None: a name holding a percent-escape
+    is refused by PostgreSQL for a queue it does not have yet, and whether it has this one
+    is known only from the cache (``known``) while pushes go to the buffer."""
+    escape = _PERCENT_ESCAPE.search(queue)
+    if escape is None or queue in known:
+        return None
+    return (f"Queue name {queue} holds a percent-escape ({escape.group()}): clients put queue "
+            "names into pop paths unencoded and the server decodes them, so a queue created "
+            "under it could not be popped. Pushes go to the file buffer now, and this server "
+            "cannot tell whether the queue exists already: refused rather than buffered")
 
 
 def _refuse_unkeyed(queues: List[str]) -> None:
