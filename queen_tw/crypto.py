@@ -8,6 +8,7 @@ import os
 from typing import Any, Optional
 
 import orjson
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 _IV_BYTES = 16
@@ -49,6 +50,15 @@ class PayloadCipher:
         """The payload's JSON text as it was sealed."""
         sealed = base64.b64decode(stored["encrypted"]) + base64.b64decode(stored["authTag"])
         return self._aead.decrypt(base64.b64decode(stored["iv"]), sealed, None).decode()
+
+
+    def opens(self, stored: Any) -> bool:
+        """Whether ``stored`` (an envelope as kept in PostgreSQL) was sealed with this key."""
+        try:
+            self.decrypt_text(stored)
+        except (InvalidTag, ValueError, TypeError, KeyError):  # (binascii.Error: ValueError)
+            return False
+        return True
 
 
 def key_check(key: bytes) -> str:

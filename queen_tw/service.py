@@ -20,7 +20,7 @@ from queen_tw.cluster.pg_wakeups import PostgresWakeups
 from queen_tw.cluster.wiring import build_cluster
 from queen_tw.cluster.workers import WorkerSupervisor, parent_watch, worker_base_env
 from queen_tw.config import Config
-from queen_tw.crypto import key_check, make_cipher
+from queen_tw.crypto import make_cipher
 from queen_tw.db.pool import Database, call_deadline
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.analytics import Analytics
@@ -140,9 +140,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                   call_deadline(config.db_inflight_deadline_ms, config.db_statement_timeout_ms))
     durability = Durability(config, db, reactor, worker=in_group)  # file buffer + maintenance
     top.add("buffer", durability.buffer_service())
-    database = top.add("database", DatabaseService(
-        config.dsn, db, reactor,
-        key_check=key_check(config.encryption_key) if config.encryption_key else None))
+    database = top.add("database", DatabaseService(config.dsn, db, reactor,
+                                                   encryption_key=config.encryption_key))
     gate = top.add("gate", ShutdownGate())
 
     waiters = WaiterRegistry()

@@ -410,3 +410,32 @@ def test_a_new_key_is_refused_until_the_record_is_deleted_even_with_nothing_encr
         db.close()
         second = fresh.server(QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex())
         assert pop_one(second.url, queue) == {"plain": True}
+
+
+def test_a_database_encrypted_before_the_key_check_records_only_the_key_that_opens_it(
+        ) -> None:
+    """A release from before the key check left encrypted payloads and no digest. The
+    first server to start used to record whatever key it brought: a wrong one then served
+    the payloads undecrypted and locked the right key out for good (an upgrade audit).
+    Now a key is recorded only once it opens a stored payload."""
+    with private_fleet() as fresh:
+        first = fresh.server(QUEEN_ENCRYPTION_KEY=KEY_HEX)
+        queue = unique_name()
+        assert configure(first.url, queue, encryptionEnabled=True).status_code == 200
+        payload = secret()
+        assert push(first.url, queue, payload).status_code == 201
+        first.stop()
+        env = fresh.pg_env
+        with psycopg2.connect(host=env["PG_HOST"], port=env["PG_PORT"], user=env["PG_USER"],
+                              dbname=env["PG_DB"]) as db, db.cursor() as cursor:
+            cursor.execute("DELETE FROM queen.system_state WHERE key = 'encryption_key_check'")
+        db.close()
+
+        log = _refused_to_start(fresh.server(start=False, QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex()))
+
+        assert "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads were " \
+               "written with" in log
+        right = fresh.server(QUEEN_ENCRYPTION_KEY=KEY_HEX)
+        assert pop_one(right.url, queue) == payload
+        right.stop()
+        _refused_to_start(fresh.server(start=False, QUEEN_ENCRYPTION_KEY=OTHER_KEY.hex()))

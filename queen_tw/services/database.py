@@ -17,6 +17,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from queen_tw.crypto import PayloadCipher, key_check
 from queen_tw.db.pool import Database
 from queen_tw.db.schema import SchemaUpgradeError, install_schema
 from queen_tw.paths import sql_dir
@@ -114,14 +115,25 @@ _KEY_CHANGE = ("to change the key, stop every instance, delete the record (DELET
                "with the new key")
 
 
-def check_encryption_key(dsn: str, key_check: str) -> None:
+def check_encryption_key(dsn: str, key_check: str, cipher: PayloadCipher) -> None:
     """Compares this server's key digest with the database's (blocking; recording it when it
     is the first). Raises :class:`EncryptionKeyMismatch` for another key: with encrypted
     payloads stored it could not read them, and without, instances with the recorded key may
-    be running and would seal payloads this one could not open."""
+    be running and would seal payloads this one could not open.
+
+    A database with encrypted payloads and no digest (written by a release from before the
+    check) is recorded only once ``cipher`` opens one of them: recording whichever key came
+    first would lock the right one out."""
     with closing(psycopg2.connect(dsn)) as connection, connection, connection.cursor() as cursor:
-        cursor.execute("SELECT queen.encryption_key_check(%s)", (key_check,))
+        cursor.execute("SELECT queen.encryption_key_check(%s, false)", (key_check,))
         [(verdict,)] = cursor.fetchall()
+        if verdict == "unverified":
+            cursor.execute("SELECT queen.encrypted_payload_sample()")
+            [(sample,)] = cursor.fetchall()
+            verdict = "mismatch"
+            if sample is None or cipher.opens(sample):
+                cursor.execute("SELECT queen.encryption_key_check(%s, true)", (key_check,))
+                [(verdict,)] = cursor.fetchall()
     if verdict == "mismatch":
         raise EncryptionKeyMismatch(
             "QUEEN_ENCRYPTION_KEY is not the key this database's encrypted payloads were "
@@ -138,20 +150,21 @@ class DatabaseService(_SchemaService):
     The HTTP listener does not wait for it: until the pool is open every database call fails
     fast with 503 and ``/health`` says ``unhealthy``. Stopping closes the pool.
 
-    :param key_check: the digest of QUEEN_ENCRYPTION_KEY (``crypto.key_check``), None without
-        a key. Before the pool opens it is compared with the one the database recorded
+    :param encryption_key: QUEEN_ENCRYPTION_KEY, None without one. Before the pool opens
+        its digest (``crypto.key_check``) is compared with the one the database recorded
         (:func:`check_encryption_key`); another key stops the server (status 1).
     """
 
     def __init__(self, dsn: str, db: Database, reactor, install: Installer = install_schema,
-                 key_check: Optional[str] = None):
+                 encryption_key: Optional[bytes] = None):
         super().__init__(dsn, reactor, install)
         self._db = db
-        self._key_check = key_check
+        self._key = encryption_key
 
     async def _after_install(self) -> None:
-        if self._key_check is not None:  # before any request can use the pool
-            await threads.deferToThread(check_encryption_key, self._dsn, self._key_check)
+        if self._key is not None:  # before any request can use the pool
+            await threads.deferToThread(check_encryption_key, self._dsn, key_check(self._key),
+                                        PayloadCipher(self._key))
         await self._db.connect()
         log.info("connected to PostgreSQL with {n} connections", n=self._db.size)
 

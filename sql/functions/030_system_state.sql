@@ -16,6 +16,25 @@ LANGUAGE sql AS $$
     RETURNING value
 $$;
 
+-- Whether anything encrypted is stored (payloads, timers, dead timers).
+CREATE OR REPLACE FUNCTION queen.encrypted_payloads_stored() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM queen.messages WHERE is_encrypted)
+        OR EXISTS (SELECT 1 FROM queen.timers WHERE encrypted)
+        OR EXISTS (SELECT 1 FROM queen.timer_dead_letters WHERE encrypted)
+$$;
+
+-- One stored encryption envelope ({"encrypted", "iv", "authTag"}), NULL when none: a server
+-- tries to open it when no key digest is recorded yet (see encryption_key_check).
+CREATE OR REPLACE FUNCTION queen.encrypted_payload_sample() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT payload FROM queen.messages WHERE is_encrypted LIMIT 1),
+        (SELECT convert_from(payload, 'UTF8')::jsonb FROM queen.timers WHERE encrypted LIMIT 1),
+        (SELECT convert_from(payload, 'UTF8')::jsonb FROM queen.timer_dead_letters
+          WHERE encrypted LIMIT 1))
+$$;
+
 -- The encryption key check (key 'encryption_key_check', {"check": text}): a digest of the
 -- database's QUEEN_ENCRYPTION_KEY, never the key. A server with a key calls this before it
 -- opens its pool: 'recorded' (the first key), 'matches', 'mismatch' (another key, and
@@ -23,11 +42,21 @@ $$;
 -- stored yet; instances with the recorded key may still be running and encrypt any time). The
 -- server refuses to start on the last two: it would hand payloads out undecrypted and seal
 -- new ones no other instance could open. Changing the key is an operator's step (README).
-CREATE OR REPLACE FUNCTION queen.encryption_key_check(p_check text) RETURNS text
+-- 'unverified': no digest is recorded but encrypted payloads are (a database written by a
+-- release from before this check): nothing is recorded, and the server opens
+-- encrypted_payload_sample() with its key, then records it with p_verified true, or refuses
+-- to start. Recording the first key seen would make a wrong one the database's for good.
+CREATE OR REPLACE FUNCTION queen.encryption_key_check(p_check text, p_verified boolean)
+RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_stored text;
 BEGIN
+    IF NOT p_verified
+       AND NOT EXISTS (SELECT 1 FROM queen.system_state WHERE key = 'encryption_key_check')
+       AND queen.encrypted_payloads_stored() THEN
+        RETURN 'unverified';
+    END IF;
     INSERT INTO queen.system_state (key, value)
     VALUES ('encryption_key_check', jsonb_build_object('check', p_check))
     ON CONFLICT (key) DO NOTHING;
@@ -39,11 +68,15 @@ BEGIN
     IF v_stored = p_check THEN
         RETURN 'matches';
     END IF;
-    IF EXISTS (SELECT 1 FROM queen.messages WHERE is_encrypted)
-       OR EXISTS (SELECT 1 FROM queen.timers WHERE encrypted)
-       OR EXISTS (SELECT 1 FROM queen.timer_dead_letters WHERE encrypted) THEN
+    IF queen.encrypted_payloads_stored() THEN
         RETURN 'mismatch';
     END IF;
     RETURN 'differs';
 END
+$$;
+
+-- The check of the earlier release (which records the first key it is given).
+CREATE OR REPLACE FUNCTION queen.encryption_key_check(p_check text) RETURNS text
+LANGUAGE sql AS $$
+    SELECT queen.encryption_key_check(p_check, true)
 $$;
