@@ -37,7 +37,8 @@ from support import REPO_ROOT, running_server, unique_name
 # The last commit whose installer re-ran sql/NNN_*.sql by hash (queen.schema_files).
 LEGACY_COMMIT = "191c143cc07a29cb51d86153c8dbf79308ed359e"
 
-BOOKKEEPING_TABLES = ("schema_files", "schema_migrations", "schema_functions")
+BOOKKEEPING_TABLES = ("schema_files", "schema_migrations", "schema_functions",
+                      "schema_definitions")
 
 SHIPPED = [(m.version, m.path.name) for m in migration_files(sql_dir())]
 """(version, file name) of every migration shipped in sql/migrations/, in order."""
@@ -305,6 +306,23 @@ def test_a_changed_function_file_alone_is_applied_again(new_database, tmp_path):
     assert install_schema(dsn, upgraded) == ["functions/030_system_state.sql"]
     assert _query(dsn, "SELECT queen.test_marker()") == [(7,)]
     assert install_schema(dsn, upgraded) == []
+
+
+def test_functions_replaced_by_another_installer_are_installed_again(new_database):
+    """A release from before versioned migrations, restarting during a rolling upgrade,
+    re-runs its own function files: the file hashes recorded here still match, and its old
+    bodies stayed for good (an upgrade audit saw pops without offsets after it). The
+    definitions no longer match their record, so every file is applied again."""
+    dsn = new_database()
+    install_schema(dsn, sql_dir())
+    [(current,)] = _query(dsn, "SELECT queen.format_ts3('2026-01-02 03:04:05.678+00')")
+    _query(dsn, "CREATE OR REPLACE FUNCTION queen.format_ts3(ts timestamptz) RETURNS text "
+                "LANGUAGE sql STABLE AS $$ SELECT 'an old body' $$")
+
+    assert install_schema(dsn, sql_dir()) == [
+        f"functions/{path.name}" for path in function_files(sql_dir())]
+    assert _query(dsn, "SELECT queen.format_ts3('2026-01-02 03:04:05.678+00')") == [(current,)]
+    assert install_schema(dsn, sql_dir()) == []
 
 
 # -- failures ---------------------------------------------------------------------------

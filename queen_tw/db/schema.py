@@ -23,7 +23,13 @@ The SQL directory (:func:`queen_tw.paths.sql_dir`) holds two kinds of files:
     function drops the cached plans of every pooled connection, on each restart of each
     instance of a running cluster. All of them after a migration: PostgreSQL checks
     SQL-language functions against the tables when it creates them, so a migration that
-    breaks one fails the upgrade (rolled back) instead of its first call.
+    breaks one fails the upgrade (rolled back) instead of its first call. All of them, too,
+    when the definitions installed are not those the last install left: an MD5 over every
+    function, trigger and view of the schema (as PostgreSQL prints them) is kept in
+    ``queen.schema_definitions``. An installer that keeps no such record (a release from
+    before versioned migrations, restarting during a rolling upgrade and re-running its own
+    files) would otherwise leave its old function bodies in place for good, since the file
+    hashes here would still match.
 
 Everything runs in one transaction under a PostgreSQL advisory lock: processes starting
 together neither race nor half-install, and a failure anywhere leaves the database as it was.
@@ -57,6 +63,11 @@ CREATE TABLE IF NOT EXISTS queen.schema_functions (
     name       text PRIMARY KEY,
     sha256     text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS queen.schema_definitions (
+    only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    md5         text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
 );
 """
 
@@ -168,11 +179,34 @@ def _apply_migrations(cursor: psycopg2.extensions.cursor,
     return applied
 
 
+_DEFINITIONS_MD5 = """
+SELECT md5(coalesce(string_agg(definition, E'\n' ORDER BY definition), ''))
+  FROM (SELECT pg_get_functiondef(p.oid) AS definition FROM pg_proc p
+         WHERE p.pronamespace = 'queen'::regnamespace AND p.prokind IN ('f', 'p')
+        UNION ALL
+        SELECT pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'queen'::regnamespace AND NOT t.tgisinternal
+        UNION ALL
+        SELECT c.relname || ': ' || pg_get_viewdef(c.oid) FROM pg_class c
+         WHERE c.relnamespace = 'queen'::regnamespace AND c.relkind IN ('v', 'm')) d
+"""
+
+
+def _definitions_md5(cursor: psycopg2.extensions.cursor) -> str:
+    cursor.execute(_DEFINITIONS_MD5)
+    [(digest,)] = cursor.fetchall()
+    return str(digest)
+
+
 def _apply_functions(cursor: psycopg2.extensions.cursor, sql_dir: Path,
                      functions: List[Path], every_file: bool) -> List[str]:
-    """Applies the function files whose hash changed, or all of them when ``every_file``."""
+    """Applies the function files whose hash changed, or all of them when ``every_file`` or
+    when the installed definitions are not those recorded (see the module docstring)."""
     cursor.execute("SELECT name, sha256 FROM queen.schema_functions")
     known: Dict[str, str] = dict(cursor.fetchall())
+    cursor.execute("SELECT md5 FROM queen.schema_definitions")
+    recorded = cursor.fetchone()
+    every_file = every_file or recorded is None or recorded[0] != _definitions_md5(cursor)
     applied = []
     for path in functions:
         label = path.relative_to(sql_dir).as_posix()
@@ -186,6 +220,10 @@ def _apply_functions(cursor: psycopg2.extensions.cursor, sql_dir: Path,
             "ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, applied_at = now()",
             (label, digest))
         applied.append(label)
+    if applied:
+        cursor.execute(
+            "INSERT INTO queen.schema_definitions (md5) VALUES (%s) ON CONFLICT (only_row) "
+            "DO UPDATE SET md5 = excluded.md5, recorded_at = now()", (_definitions_md5(cursor),))
     return applied
 
 
