@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 # How long a NUM_WORKERS worker waits for its first try at PostgreSQL before sharing the
 # listening socket anyway (a hung database must not keep it from buffering pushes).
 WORKER_JOIN_WAIT_S = 5.0
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues before the server accepts them (capped by the kernel's
+``net.core.somaxconn``). Twisted's default of 50 made a burst of a few hundred clients
+connecting at once, a fleet of consumers starting, wait a second for a SYN retransmit each."""
 
 _HINTS = {
     errno.EADDRINUSE: "set PORT or --port",
@@ -118,7 +122,8 @@ def http_listener(config: Config, factory: Any, reactor: Any,
     if description:
         return ListenerService(described_endpoint(reactor, description), factory, reactor,
                                description, setting="QUEEN_LISTEN")
-    endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, config.port, backlog=LISTEN_BACKLOG,
+                                            interface=config.host)
     return ListenerService(endpoint, factory, reactor, listen_address(config))
 
 
@@ -193,7 +198,7 @@ def _stop_listening(port: IListeningPort | None) -> defer.Deferred[None] | None:
     return port.stopListening() if port is not None else None
 
 
-def open_listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def open_listening_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A bound, listening TCP socket for processes that share it (``NUM_WORKERS``).
 
     Call it before the reactor runs (``privilegedStartService``): when the address cannot be
