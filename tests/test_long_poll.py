@@ -712,3 +712,30 @@ def test_an_auto_ack_pop_whose_client_left_during_its_sql_undoes_its_commit(serv
         if len(seen) >= 4:
             break
     assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_a_long_poll_whose_sql_waits_for_a_held_lock_answers_at_its_timeout(server, http, db):
+    """A statement waiting for a row another session holds runs until DB_LOCK_TIMEOUT (10 s
+    here); a long poll used to wait for it, and 60 of them behind a held table answered
+    40 s after their 5 s timeout (an audit). It answers 204 at its timeout now, and the
+    delivery its SQL makes once the lock is gone is given back, not left leased to nobody
+    for the queue's five-minute lease."""
+    queue = unique_name()
+    configure(http, queue, leaseTime=300)
+    push(http, queue, ["held back"])
+    with db.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '5s'")
+        cursor.execute("BEGIN")
+        cursor.execute("LOCK TABLE queen.messages IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        poll = _long_poll_http(server.url, queue, timeout="1500")
+        wait_until(lambda: asleep_on_lock(db), message="the pop waiting for the lock")
+        answer = poll.result()
+        answered_after = time.monotonic() - started
+        cursor.execute("ROLLBACK")
+
+    assert answer.status_code == 204, answer.text
+    assert answered_after < 8, answered_after  # before DB_LOCK_TIMEOUT could end its SQL
+    delivery = wait_until(lambda: pop(http, queue),
+                          message="the message free for the next consumer")
+    assert [m["data"] for m in delivery["messages"]] == ["held back"]

@@ -39,6 +39,10 @@ QUEUE_MODE = "__QUEUE_MODE__"
 # Attempts one lot runs at once, each answering its own wake-up. Acks release partitions one
 # by one; one attempt at a time would make every other released partition wait a round trip.
 MAX_ATTEMPTS_PER_LOT = 8
+NO_WAIT_ANSWER_BY_S = 25.0
+"""A pop that does not wait answers "nothing" when PostgreSQL has not answered its attempt
+within this (a held row; calls queued behind one): under the official clients' 30 s default
+timeout, their patience for such a pop. A waiting pop answers by its own timeout."""
 
 
 class Delivery(dict):
@@ -230,10 +234,11 @@ class Popper:
                    ) -> Optional[Delivery]:
         lot = self._lot(request) if request.wait and request.timeout_ms > 0 else None
         deadline = self._clock.seconds() + request.timeout_ms / 1000.0
+        answer_by = deadline if lot is not None else self._clock.seconds() + NO_WAIT_ANSWER_BY_S
         outcome = Attempt()
         while lot is None or not len(lot):
             wakes_before = lot.wakes if lot is not None else 0
-            outcome = await self.attempt(request)
+            outcome = await self._attempt_by(request, answer_by)
             if outcome.empty_at is not None and request.waiting_since is None:
                 request = replace(request, waiting_since=outcome.empty_at)
             if outcome.delivery is not None:
@@ -263,6 +268,45 @@ class Popper:
             await self._give_back(delivery)
             return None
         return delivery
+
+    async def _attempt_by(self, request: PopRequest, deadline: float) -> Attempt:
+        """:meth:`attempt`, or nothing at ``deadline`` when PostgreSQL takes longer: a
+        statement waiting for a held row runs until DB_LOCK_TIMEOUT, and calls queue behind
+        such ones, so an audit saw pops answer 20 to 45 s late, past the clients' patience.
+        A delivery that comes after the pop answered is given back."""
+        answer: defer.Deferred[Attempt] = defer.Deferred()
+
+        def expire() -> None:
+            if not answer.called:
+                answer.callback(Attempt())
+
+        timer = self._clock.callLater(max(deadline - self._clock.seconds(), 0), expire)
+        defer.ensureDeferred(self._run_attempt(request, answer))
+        try:
+            return await answer
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _run_attempt(self, request: PopRequest, answer: defer.Deferred[Attempt]) -> None:
+        """Runs one attempt to its end and answers ``answer`` with it, unless ``answer`` was
+        answered meanwhile: then a delivery is given back."""
+        try:
+            outcome = await self.attempt(request)
+        except Exception:
+            if not answer.called:
+                answer.errback()
+            else:
+                log.failure("a pop attempt that ended after its pop answered failed")
+            return
+        if not answer.called:
+            answer.callback(outcome)
+            return
+        if outcome.delivery is not None:
+            try:
+                await self._give_back(outcome.delivery)
+            except Exception:
+                log.failure("a delivery that came after its pop answered was not given back")
 
     async def attempt(self, request: PopRequest) -> Attempt:
         """One try at the database. An outage counts as "nothing yet": consumers' loops exit
