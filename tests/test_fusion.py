@@ -5,6 +5,7 @@ database calls its Batchers made; the database is the session's real PostgreSQL.
 """
 
 import concurrent.futures
+import json
 import uuid
 
 import httpx
@@ -70,6 +71,33 @@ async def test_concurrent_pops_and_acks_are_fused_and_each_gets_its_own_answer(e
         "index": 0}])) for d, m in zip(deliveries, firsts, strict=True)]
     answers = await defer.gatherResults(acks)
     assert all(a[0]["success"] and a[0]["leaseReleased"] for a in answers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fused_pop_call_full_of_payload_defers_the_rest_to_calls_of_their_own(
+        engine, db):
+    """The server holds a fused pop call's answer whole, and each of its up to 200 requests
+    may take 64 MiB or more: once the call has handed out its byte budget, the requests
+    after it are deferred untouched (no lease, cursor where it was) and popped again alone.
+    A budget of one byte: each call delivers to its first request only."""
+    engine.popper.call_byte_budget = 1
+    queues = [unique_name() for _ in range(6)]
+    await engine.push([{"queue": q, "payload": q} for q in queues])
+    calls_before = engine.batchers["pop"].calls
+    with db.cursor() as cursor:
+        cursor.execute("SELECT * FROM queen.pop_batch(%s::jsonb, 1)", (json.dumps(
+            [{"queue": q, "batch": 1} for q in queues[:2]]),))
+        direct = cursor.fetchall()
+    assert direct[0][2] is not None and direct[1] == (1, {"success": True, "deferred": True},
+                                                      None)
+
+    pops = [defer.ensureDeferred(engine.pop(PopRequest(queue=q, partition=None)))
+            for q in queues[1:]]
+    deliveries = await defer.gatherResults(pops)
+
+    assert [d.message_list()[0]["data"] for d in deliveries] == queues[1:]
+    assert engine.batchers["pop"].calls - calls_before < len(queues) - 1  # they were fused
+    assert engine.popper.deferred >= 1  # so a call deferred some
 
 
 @pytest_twisted.ensureDeferred

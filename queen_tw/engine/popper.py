@@ -39,6 +39,10 @@ QUEUE_MODE = "__QUEUE_MODE__"
 # Attempts one lot runs at once, each answering its own wake-up. Acks release partitions one
 # by one; one attempt at a time would make every other released partition wait a round trip.
 MAX_ATTEMPTS_PER_LOT = 8
+CALL_BYTE_BUDGET = 64 * 1024 * 1024
+"""Payload bytes one fused pop call hands out before it defers its remaining requests to
+calls of their own (``queen.pop_batch``): its answer is held in memory whole, and each of up
+to QUEEN_POP_MAX_BATCH_SIZE requests may take 64 MiB and more (queen.pop_byte_budget)."""
 NO_WAIT_ANSWER_BY_S = 25.0
 """A pop that does not wait answers "nothing" when PostgreSQL has not answered its attempt
 within this (a held row; calls queued behind one): under the official clients' 30 s default
@@ -208,6 +212,8 @@ class Popper:
         self._conflating: Dict[LaneKey, bool] = {}  # stored policies the pops reported
         self.autopilot = autopilot.Autopilot(clock)
         self.batcher = Batcher("pop", self._pop_batch, clock, limits)
+        self.call_byte_budget = CALL_BYTE_BUDGET
+        self.deferred = 0  # requests a full call deferred to calls of their own
         self.attempts = 0
 
     @property
@@ -317,12 +323,12 @@ class Popper:
         wanted = request.as_sql(self._worker_id, self.autopilot.share(request.lane)
                                 if request.width_delegated else None)
         try:
-            [result] = await self.batcher.submit([wanted])
+            result = await self._pop_fused(wanted)
             if result.get("needsSubscription"):
                 # First contact of the group: recorded in a transaction of its own
                 # (see queen.subscribe_for), then the pop goes again.
                 await self._db.call("subscribe_for", wanted)
-                [result] = await self.batcher.submit([wanted])
+                result = await self._pop_fused(wanted)
         except Unavailable:
             return Attempt()
         except Exception:
@@ -421,11 +427,22 @@ class Popper:
     async def give_back(self, delivery: Delivery) -> None:
         await self._give_back(delivery)
 
+    async def _pop_fused(self, wanted: Dict[str, Any]) -> Dict[str, Any]:
+        """``pop_batch``'s result for one request, fused with others by the Batcher; a
+        request deferred because the call's answer was full goes again in a call of its own
+        (where it runs first, so it is not deferred again)."""
+        [result] = await self.batcher.submit([wanted])
+        if result.get("deferred"):
+            self.deferred += 1
+            [[result]] = await self._pop_batch([[wanted]])
+        return result
+
     async def _pop_batch(self, jobs: List[List[Dict[str, Any]]]) -> List[List[Dict[str, Any]]]:
         """One ``pop_batch`` call for several pop requests (one request per job); each
-        result carries its messages as json text under ``messages``."""
+        result carries its messages as json text under ``messages``. The call's answer is
+        bounded by :attr:`call_byte_budget`: the server holds it whole."""
         requests = [dict(job[0], idx=n) for n, job in enumerate(jobs)]
-        rows = await self._db.call_rows("pop_batch", requests)
+        rows = await self._db.call_rows("pop_batch", requests, self.call_byte_budget)
         by_idx = {idx: dict(result, messages=messages) for idx, result, messages in rows}
         return [[by_idx[n]] for n in range(len(jobs))]
 

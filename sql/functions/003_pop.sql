@@ -697,7 +697,12 @@ $$;
 -- camelCase keys of pop_request, or the snake_case ones of the SQL-level API) to one row per
 -- request, in input order: its idx, pop_request's result and its messages as json text. One
 -- request's error does not fail the others (waiting out a held row or a conflict does).
-CREATE OR REPLACE FUNCTION queen.pop_batch(p_reqs jsonb)
+-- p_budget bounds the call's answer, which the server holds in memory whole: once the
+-- messages handed out reach p_budget bytes, each later request is answered
+-- {success, deferred: true} untouched, and the server pops it again in a call of its own (the
+-- first request of a call always runs). NULL: no bound (queen.pop_byte_budget still bounds
+-- each request).
+CREATE OR REPLACE FUNCTION queen.pop_batch(p_reqs jsonb, p_budget bigint)
 RETURNS TABLE (idx integer, result json, messages text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -705,6 +710,7 @@ DECLARE
     v_n       integer := 0;
     v_norm    jsonb;
     v_popped  record;
+    v_bytes   bigint := 0;
 BEGIN
     FOR v_req IN SELECT e FROM jsonb_array_elements(p_reqs) e LOOP
         v_norm := jsonb_strip_nulls(jsonb_build_object(
@@ -724,6 +730,13 @@ BEGIN
             'subscriptionFrom', coalesce(v_req->>'subscriptionFrom', v_req->>'sub_from'),
             'deferSubscription', v_req->'deferSubscription'));
         idx := coalesce((v_req->>'idx')::integer, v_n);
+        IF v_bytes >= p_budget THEN
+            result := json_build_object('success', true, 'deferred', true);
+            messages := NULL;
+            RETURN NEXT;
+            v_n := v_n + 1;
+            CONTINUE;
+        END IF;
         BEGIN
             SELECT * INTO v_popped FROM queen.pop_request(v_norm);
             result := v_popped.result;
@@ -738,10 +751,18 @@ BEGIN
                 result := json_build_object('success', false, 'error', SQLERRM);
                 messages := NULL;
         END;
+        v_bytes := v_bytes + coalesce(octet_length(messages), 0);
         RETURN NEXT;
         v_n := v_n + 1;
     END LOOP;
 END
+$$;
+
+-- pop_batch without a bound on the call (the SQL-level API; the earlier release's signature).
+CREATE OR REPLACE FUNCTION queen.pop_batch(p_reqs jsonb)
+RETURNS TABLE (idx integer, result json, messages text)
+LANGUAGE sql AS $$
+    SELECT * FROM queen.pop_batch(p_reqs, NULL)
 $$;
 
 -- The SQL-level API of WIRE.md 7.2: [{idx, result}] with the messages inside each result
