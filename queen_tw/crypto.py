@@ -51,7 +51,6 @@ class PayloadCipher:
         sealed = base64.b64decode(stored["encrypted"]) + base64.b64decode(stored["authTag"])
         return self._aead.decrypt(base64.b64decode(stored["iv"]), sealed, None).decode()
 
-
     def opens(self, stored: Any) -> bool:
         """Whether ``stored`` (an envelope as kept in PostgreSQL) was sealed with this key."""
         try:

@@ -115,24 +115,25 @@ _KEY_CHANGE = ("to change the key, stop every instance, delete the record (DELET
                "with the new key")
 
 
-def check_encryption_key(dsn: str, key_check: str, cipher: PayloadCipher) -> None:
-    """Compares this server's key digest with the database's (blocking; recording it when it
-    is the first). Raises :class:`EncryptionKeyMismatch` for another key: with encrypted
-    payloads stored it could not read them, and without, instances with the recorded key may
-    be running and would seal payloads this one could not open.
+def check_encryption_key(dsn: str, digest: str, cipher: PayloadCipher) -> None:
+    """Compares this server's key digest (``crypto.key_check``) with the database's
+    (blocking; recording it when it is the first). Raises :class:`EncryptionKeyMismatch` for
+    another key: with encrypted payloads stored it could not read them, and without,
+    instances with the recorded key may be running and would seal payloads this one could
+    not open.
 
     A database with encrypted payloads and no digest (written by a release from before the
     check) is recorded only once ``cipher`` opens one of them: recording whichever key came
     first would lock the right one out."""
     with closing(psycopg2.connect(dsn)) as connection, connection, connection.cursor() as cursor:
-        cursor.execute("SELECT queen.encryption_key_check(%s, false)", (key_check,))
+        cursor.execute("SELECT queen.encryption_key_check(%s, false)", (digest,))
         [(verdict,)] = cursor.fetchall()
         if verdict == "unverified":
             cursor.execute("SELECT queen.encrypted_payload_sample()")
             [(sample,)] = cursor.fetchall()
             verdict = "mismatch"
             if sample is None or cipher.opens(sample):
-                cursor.execute("SELECT queen.encryption_key_check(%s, true)", (key_check,))
+                cursor.execute("SELECT queen.encryption_key_check(%s, true)", (digest,))
                 [(verdict,)] = cursor.fetchall()
     if verdict == "mismatch":
         raise EncryptionKeyMismatch(
