@@ -46,7 +46,11 @@ to QUEEN_POP_MAX_BATCH_SIZE requests may take 64 MiB and more (queen.pop_byte_bu
 NO_WAIT_ANSWER_BY_S = 25.0
 """A pop that does not wait answers "nothing" when PostgreSQL has not answered its attempt
 within this (a held row; calls queued behind one): under the official clients' 30 s default
-timeout, their patience for such a pop. A waiting pop answers by its own timeout."""
+timeout, their patience for such a pop."""
+WAITING_GRACE_S = 4.0
+"""A waiting pop answers "nothing" when its attempt has not come back this long after its
+timeout: the official clients wait 5 s more than the timeout they send. (Not at the timeout
+itself: a long poll of a millisecond still gets its one attempt.)"""
 
 
 class Delivery(dict):
@@ -240,7 +244,8 @@ class Popper:
                    ) -> Optional[Delivery]:
         lot = self._lot(request) if request.wait and request.timeout_ms > 0 else None
         deadline = self._clock.seconds() + request.timeout_ms / 1000.0
-        answer_by = deadline if lot is not None else self._clock.seconds() + NO_WAIT_ANSWER_BY_S
+        answer_by = (deadline + WAITING_GRACE_S if request.wait
+                     else self._clock.seconds() + NO_WAIT_ANSWER_BY_S)
         outcome = Attempt()
         while lot is None or not len(lot):
             wakes_before = lot.wakes if lot is not None else 0
