@@ -354,3 +354,50 @@ def test_a_commit_not_confirmed_in_time_answers_503_and_blocks_nothing(
     wait_until(lambda: httpx.post(f"{server.url}/api/v1/kv", json=read, timeout=10).json()
                ["results"][0].get("value") == 1, 15, message="the commit, applied after all")
     assert "Traceback" not in server.log_text()
+
+
+def test_a_commit_whose_connection_is_lost_answers_that_its_outcome_is_unknown(
+        fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    """The COMMIT of a KV write is out and PostgreSQL has made it durable locally, waiting
+    for a synchronous standby (one that never connects), when its backend is terminated.
+    The server answered the plain 503 that means "not applied", and a client resending
+    counted the increment twice (an audit). It is the unknown outcome, and says so."""
+    import psycopg2
+
+    def admin(sql: str, *args: object) -> list:
+        connection = psycopg2.connect(postgres.dsn)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SET synchronous_commit = local")
+                cursor.execute(sql, args)
+                return cursor.fetchall() if cursor.description else []
+        finally:
+            connection.close()
+
+    def standby_required(name: str) -> None:
+        admin("ALTER SYSTEM SET synchronous_standby_names = %s", name)
+        admin("SELECT pg_reload_conf()")
+
+    server = fleet.server(**SERVER_ENV)
+    ns = unique_name()
+    incr = {"operations": [{"op": "incr", "ns": ns, "key": "k", "forever": True}]}
+    standby_required("nobody_connects")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            writing = pool.submit(http.post, "/api/v1/kv", json=incr)
+            waiting = wait_until(lambda: admin("SELECT pid FROM pg_stat_activity "
+                                               "WHERE wait_event = 'SyncRep'"), 10,
+                                 message="the commit waiting for the standby")
+            for (pid,) in waiting:
+                admin("SELECT pg_terminate_backend(%s)", pid)
+            answer = writing.result()
+    finally:
+        standby_required("")
+
+    assert answer.status_code == 503 and "did not confirm the commit" in answer.text, \
+        answer.text
+    read = {"operations": [{"op": "get", "ns": ns, "key": "k"}]}
+    wait_until(lambda: httpx.post(f"{server.url}/api/v1/kv", json=read, timeout=10).json()
+               ["results"][0].get("value") == 1, 15, message="the commit, durable after all")

@@ -347,7 +347,18 @@ class _Pool(txpostgres.ConnectionPool):
             await _quietly(connection.runOperation("ROLLBACK"))
             return rows  # dropped by the caller: it answered "not applied" already
         committing()
-        await connection.runOperation("COMMIT")
+        try:
+            await connection.runOperation("COMMIT")
+        except _ROLLED_BACK:
+            raise  # PostgreSQL undid it at commit: nothing applied, run again
+        except (psycopg2.OperationalError, psycopg2.InterfaceError,
+                error.ConnectionClosed) as err:
+            # The connection went while the COMMIT was out: PostgreSQL may have made it
+            # durable first (an audit terminated a backend waiting for a synchronous
+            # standby after its local commit), so "not applied" would be a lie.
+            raise CommitUnconfirmed("Database did not confirm the commit (the connection "
+                                    "was lost): the request may or may not have been "
+                                    "applied") from err
         return rows
 
     def any_alive(self) -> bool:
