@@ -131,15 +131,20 @@ $$;
 
 -- Several transactions in one call (the server's transaction Batcher): each one still commits
 -- or rolls back on its own (run_transaction's exception block is a subtransaction); answers in
--- input order. The KV locks of every bundle are taken first, in their one global order: a
--- bundle's locks outlive it to the end of the call, so taking them bundle by bundle would let
--- two calls take the same keys in opposite orders, or a KV lock after a partition lock.
+-- input order. The KV locks of every bundle are taken first, in their one global order, then
+-- the timer keys of every bundle (WIRE2.md 5.3): a bundle's locks outlive it to the end of
+-- the call, so taking them bundle by bundle would let two calls take the same keys in
+-- opposite orders, or a KV or timer lock after a partition lock (an audit counted 22 to 52
+-- deadlocks in 300 fused bundles with timer riders before the timer keys came first).
 CREATE OR REPLACE FUNCTION queen.run_transactions(p_list jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM queen.kv_lock(jsonb_agg(o))
        FROM jsonb_array_elements(p_list) t,
             jsonb_array_elements(coalesce(t->'kv', '[]'::jsonb)) o;
+    PERFORM queen.timers_lock(jsonb_agg(o))
+       FROM jsonb_array_elements(p_list) t,
+            jsonb_array_elements(coalesce(t->'timers', '[]'::jsonb)) o;
     RETURN (SELECT coalesce(jsonb_agg(queen.run_transaction(t.p) ORDER BY t.o), '[]'::jsonb)
               FROM jsonb_array_elements(p_list) WITH ORDINALITY AS t(p, o));
 END

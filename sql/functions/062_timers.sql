@@ -29,6 +29,25 @@ LANGUAGE sql STABLE AS $$
                    ELSE '{}'::jsonb END
 $$;
 
+-- Takes the timer keys of p_items (ops as timers_schedule takes them; NULL: none) in lock-id
+-- order, each by a transaction-level advisory lock, rows or no rows. Taking a key again in
+-- the same transaction is free, so a fused transaction call takes every bundle's keys first
+-- (run_transactions), then each bundle's timers_schedule takes them again.
+CREATE OR REPLACE FUNCTION queen.timers_lock(p_items jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lock integer;
+BEGIN
+    FOR v_lock IN
+        SELECT DISTINCT hashtext((e->>'queue') || '/' || (e->>'timerKey'))
+          FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) e
+         ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(queen.timers_lock_class(), v_lock);
+    END LOOP;
+END
+$$;
+
 -- Schedule, reschedule (the same upsert) and cancel, in one call; results index-aligned
 -- (WIRE2 3.1). p_items are ops the server validated and prepared (engine/timers.py):
 --   {op, queue, timerKey, partition?, txn?, delayMs?, payload? (base64 of the bytes to keep),
@@ -48,18 +67,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz;
     v_results jsonb;
-    v_lock    integer;
 BEGIN
     IF p_items IS NULL OR jsonb_array_length(p_items) = 0 THEN
         RETURN '[]'::jsonb;
     END IF;
-    FOR v_lock IN
-        SELECT DISTINCT hashtext((e->>'queue') || '/' || (e->>'timerKey'))
-          FROM jsonb_array_elements(p_items) e
-         ORDER BY 1
-    LOOP
-        PERFORM pg_advisory_xact_lock(queen.timers_lock_class(), v_lock);
-    END LOOP;
+    PERFORM queen.timers_lock(p_items);
     v_now := clock_timestamp();  -- after the wait: deliverAt counts from when it applies
 
     WITH ops AS (
