@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
+from klein import Klein
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, PathConverter, RequestRedirect, Rule
 
@@ -196,6 +197,16 @@ class CatchAllConverter(PathConverter):
 ROUTE_CONVERTERS = {"path": CatchAllConverter}
 """The converters of every URL map that routes or classes requests (the routes' Klein apps,
 the router, the auth levels), so that they all match the same paths."""
+
+
+def routed_klein() -> Klein:
+    """A Klein app whose URL map has :data:`ROUTE_CONVERTERS` (every route module's app).
+
+    An app with werkzeug's own ``path`` converter did not match a path the router had
+    matched (a newline inside a catch-all segment), and answered that request 500."""
+    app = Klein()
+    app.url_map.converters.update(ROUTE_CONVERTERS)  # before any rule is added
+    return app
 
 
 def _catch_all_segments() -> Dict[Tuple[str, ...], Tuple[int, int]]:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from klein import Klein
-
+from queen_tw.auth.levels import routed_klein
 from queen_tw.http.answers import answering_errors, not_found
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
@@ -72,7 +71,7 @@ class DashboardRoutes:
         says otherwise.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, directory: Path = DASHBOARD_DIR):
         self._assets = load_assets(directory)

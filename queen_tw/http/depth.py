@@ -2,8 +2,8 @@
 of the 2.6.0 client): a queue's backlog per partition, with a conflating group's
 ``effectivePending``."""
 
-from klein import Klein
 
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.depth import queue_depth
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.errors import InvalidRequest
@@ -17,7 +17,7 @@ class DepthRoutes:
     :param engine: whose database the report is read from.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, engine: QueueEngine):
         self._engine = engine

@@ -11,12 +11,12 @@ broker has no ephemeral queues"). A queue lives on one instance: with
 import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from queen_tw import jsoncodec
+from queen_tw.auth.levels import routed_klein
 from queen_tw.ephemeral.engine import ACK_STATUSES, DEFAULT_PARTITION, QUEUE_MODE, Delivery
 from queen_tw.ephemeral.errors import BadRequest, EphemeralError
 from queen_tw.ephemeral.options import parse_options
@@ -152,7 +152,7 @@ class EphemeralRoutes:
     here, then relayed to the owner (:mod:`queen_tw.ephemeral.relay`).
     """
 
-    app = Klein()
+    app = routed_klein()
 
     def __init__(self, ephemeral: Optional[Ephemeral] = None):
         self._ephemeral = ephemeral

@@ -5,8 +5,7 @@ They need the admin engines and answer 404 without them.
 
 from typing import Optional
 
-from klein import Klein
-
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.consumer_groups import ConsumerGroups
 from queen_tw.errors import InvalidRequest, NotFound
@@ -20,7 +19,7 @@ class GroupRoutes:
     :param admin: the consumer-group engine lives here; every route answers 404 without it.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, admin: Optional[AdminEngines] = None):
         self._admin = admin

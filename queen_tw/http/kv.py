@@ -9,11 +9,10 @@ call answers the WIRE2.md 1.2 envelope ``{"error": code, "reason": rule, "detail
 
 from typing import Any, Dict, List
 
-from klein import Klein
 from twisted.python.failure import Failure
 
 from queen_tw import jsoncodec
-from queen_tw.auth.levels import ROUTE_CONVERTERS
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.kv import KvEngine
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.errors import NotFound, Unavailable
@@ -47,8 +46,7 @@ class KvRoutes:
     :param messages: the message path, whose pool the KV engine shares (404 without it).
     """
 
-    app = Klein()
-    app.url_map.converters.update(ROUTE_CONVERTERS)  # before any rule is added
+    app = routed_klein()
 
     @app.handle_errors(KvInputError)
     def _refused(self, request, failure: Failure) -> bytes:

@@ -8,11 +8,11 @@ the auth gate admitted the request with (:func:`~queen_tw.http.auth_gate.produce
 import dataclasses
 from typing import Any, Optional
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.autopilot import AUTOPILOT_BATCH
 from queen_tw.engine.queue_engine import QUEUE_MODE, PopRequest, QueueEngine
 from queen_tw.errors import InvalidRequest
@@ -44,7 +44,7 @@ class MessagingRoutes:
     :param defaults: pop parameters a request leaves out.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, engine: QueueEngine, defaults: PopDefaults):
         self._engine = engine

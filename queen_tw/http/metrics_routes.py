@@ -8,8 +8,7 @@ does not answer: a scrape never fails because the database is down.
 
 from typing import Optional
 
-from klein import Klein
-
+from queen_tw.auth.levels import routed_klein
 from queen_tw.errors import NotFound
 from queen_tw.http.answers import answering_errors, json_answer
 from queen_tw.metrics.wiring import PROMETHEUS_CONTENT_TYPE, Metrics
@@ -21,7 +20,7 @@ class MetricsRoutes:
     :param metrics: the process's metrics (None: both routes answer 404).
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, metrics: Optional[Metrics] = None):
         self._metrics = metrics

@@ -12,10 +12,8 @@ import functools
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from klein import Klein
-
 from queen_tw import __version__, jsoncodec
-from queen_tw.auth.levels import Level, RouteLevels, SkipPaths
+from queen_tw.auth.levels import Level, RouteLevels, SkipPaths, routed_klein
 from queen_tw.http import ephemeral_schemas as eph
 from queen_tw.http import openapi_schemas as schemas
 from queen_tw.http.answers import answering_errors
@@ -633,7 +631,7 @@ def _document_bytes() -> bytes:
 class OpenApiRoutes:
     """Serves the document (public, WIRE.md 4.2 as extended here)."""
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     @app.route("/api/v1/openapi.json", methods=["GET"])  # = OPENAPI_PATH, written out
     def openapi(self, request):

@@ -10,8 +10,7 @@ they answer 200 with the entry's ``error``.
 
 from typing import Any, List, Mapping, Optional, TypeGuard
 
-from klein import Klein
-
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.engine.reads import BadSince, ChangedEntry, FetchEntry, FetchRequest, OffsetReads
 from queen_tw.errors import InvalidRequest, NotFound
@@ -38,7 +37,7 @@ class ReadRoutes:
         without it.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, messages: Optional[QueueEngine] = None):
         self._messages = messages

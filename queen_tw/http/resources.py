@@ -7,8 +7,7 @@ The browser and statistics routes need the admin engines and answer 404 without 
 
 from typing import Any, Dict, Optional
 
-from klein import Klein
-
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.queue_engine import QUEUE_MODE, QueueEngine
 from queen_tw.errors import InvalidRequest, NotFound
@@ -23,7 +22,7 @@ class ResourceRoutes:
     :param admin: browser and statistics engines; their routes answer 404 without them.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, engine: QueueEngine, admin: Optional[AdminEngines] = None):
         self._engine = engine

@@ -12,8 +12,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, Dict, Optional
 
-from klein import Klein
-
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.admin import AdminEngines
 from queen_tw.engine.analytics import Analytics
 from queen_tw.errors import InvalidRequest, NotFound
@@ -120,7 +119,7 @@ class StatusRoutes:
     :param admin: the analytics engine lives here; every route answers 404 without it.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, admin: Optional[AdminEngines] = None):
         self._admin = admin

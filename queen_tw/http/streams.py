@@ -11,9 +11,8 @@ fails once it reached PostgreSQL (lease lost, a sink item refused) still answers
 import math
 from typing import Any, Dict, List, Mapping, Optional
 
-from klein import Klein
-
 from queen_tw import jsoncodec
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.queue_engine import QUEUE_MODE, QueueEngine
 from queen_tw.engine.streams import ConfigHashConflict, StreamsEngine
 from queen_tw.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -39,7 +38,7 @@ class StreamRoutes:
         :class:`StreamsEngine` is built here); every route answers 404 without it.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, messages: Optional[QueueEngine] = None):
         self._messages = messages

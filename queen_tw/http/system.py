@@ -10,9 +10,8 @@ one (sync off) the shared-state routes answer ``{enabled: false, reason: "not_in
 
 from typing import Any, Dict, Optional, Protocol
 
-from klein import Klein
-
 from queen_tw import __version__
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.queue_engine import QueueEngine
 from queen_tw.errors import InvalidRequest, NotFound
 from queen_tw.http import parsing
@@ -39,7 +38,7 @@ class SystemRoutes:
     :param shared_state: the peer-sync statistics; None when sync is off.
     """
 
-    app = answering_errors(Klein())
+    app = answering_errors(routed_klein())
 
     def __init__(self, engine: QueueEngine, worker_id: str,
                  maintenance: Optional[Maintenance] = None,

@@ -14,13 +14,12 @@ import math
 from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 import zstandard
-from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from queen_tw import jsoncodec
-from queen_tw.auth.levels import ROUTE_CONVERTERS
+from queen_tw.auth.levels import routed_klein
 from queen_tw.engine.timers import TimersEngine
 from queen_tw.errors import InvalidRequest, NotFound, PayloadTooLarge, QueenError, Unavailable
 from queen_tw.http import parsing, query
@@ -236,8 +235,7 @@ class TimerRoutes:
     :param timers: the timers' engine (every route answers 404 without it).
     """
 
-    app = Klein()
-    app.url_map.converters.update(ROUTE_CONVERTERS)  # before any rule is added
+    app = routed_klein()
 
     def __init__(self, timers: Optional[TimersEngine] = None):
         self._timers = timers
