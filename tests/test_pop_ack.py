@@ -854,3 +854,27 @@ def test_a_fused_pop_call_ends_at_the_first_lock_timeout_not_one_per_request(htt
         with pytest.raises(psycopg2.errors.LockNotAvailable):
             cursor.execute("SELECT * FROM queen.pop_batch(%s)", (json.dumps(
                 [{"queue": queue, "batch": 1} for queue in queues]),))
+
+
+@pytest.mark.parametrize("batch, deleted", [(1, 0), (3, 2)], ids=["alone", "last-of-three"])
+def test_a_leased_message_deleted_meanwhile_does_not_hold_the_partition(http, batch, deleted):
+    """A message deleted while leased (DELETE of it, or retention racing the pop that handed
+    it out) can never be acked: the lease stayed until it expired and the partition's next
+    message waited the whole lease time (an audit: 6 s of a 6 s lease; retention at 1 s
+    refused 1.8 % of acks this way). Once the rest of the delivery is acked, nothing is left
+    under the lease, which ends."""
+    queue = unique_name()
+    configure(http, queue, leaseTime=300)
+    push(http, queue, list(range(batch + 1)))
+    delivery = pop(http, queue, batch=batch)
+    assert [m["data"] for m in delivery["messages"]] == list(range(batch))
+    gone = delivery["messages"][deleted]
+    assert http.delete(f"/api/v1/messages/{gone['partitionId']}/"
+                       f"{gone['transactionId']}").status_code == 200
+
+    results = [ack(http, message) for message in delivery["messages"]]
+
+    assert [r["success"] for r in results] == [n != deleted for n in range(batch)]
+    assert results[-1]["leaseReleased"] is True
+    following = pop(http, queue)
+    assert following is not None and [m["data"] for m in following["messages"]] == [batch]

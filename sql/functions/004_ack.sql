@@ -256,9 +256,23 @@ BEGIN
                 v_pc.lease_id := NULL;
                 v_pc.retry_count := 0;
             END IF;
-            -- The delivery is over once the cursor reached the last message handed out.
+            -- The delivery is over once the cursor reached the last message handed out, or
+            -- once nothing is left before it: the rest was deleted meanwhile (a DELETE of the
+            -- message, or retention racing the pop), and could never be acked, so the lease
+            -- held the partition until it expired.
             IF v_pc.lease_id IS NOT NULL
-               AND (v_cursor_at, v_cursor_id) >= (v_pc.lease_last_created_at, v_pc.lease_last_id) THEN
+               AND ((v_cursor_at, v_cursor_id) >= (v_pc.lease_last_created_at, v_pc.lease_last_id)
+                    OR NOT EXISTS (
+                        SELECT 1 FROM queen.messages m
+                         WHERE m.partition_id = v_key.partition_id
+                           AND (m.created_at, m.id) > (v_cursor_at, v_cursor_id)
+                           AND (m.created_at, m.id)
+                               <= (v_pc.lease_last_created_at, v_pc.lease_last_id))) THEN
+                IF (v_cursor_at, v_cursor_id)
+                   < (v_pc.lease_last_created_at, v_pc.lease_last_id) THEN
+                    v_cursor_at := v_pc.lease_last_created_at;
+                    v_cursor_id := v_pc.lease_last_id;
+                END IF;
                 v_pc.lease_id := NULL;
                 v_pc.retry_count := 0;
                 v_pc.batches_consumed := v_pc.batches_consumed + 1;
