@@ -14,16 +14,20 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import httpx
 import pytest
+import pytest_twisted
 from twisted.internet import task
 
 from queen_tw.cluster.config_cache import QueueConfigCache, wire_config
+from queen_tw.cluster.pg_wakeups import PostgresWakeups
 from queen_tw.cluster.sibling_bus import SiblingBus
+from queen_tw.cluster.worker_names import worker_name
 from queen_tw.db.pool import Database
 from queen_tw.failover.buffer import FileBuffer
 from queen_tw.maintenance import Maintenance
@@ -36,6 +40,7 @@ from tests.support import (
     count_messages,
     unique_name,
     wait_until,
+    wait_until_reactor,
 )
 
 FAR_MS = "600000"
@@ -737,3 +742,35 @@ def test_wire_config_names_the_fields_of_wire_6_1() -> None:
                            "max_wait_time_seconds"}
     assert (config["lease_time"], config["encryption_enabled"], config["namespace_name"],
             config["dlq_after_max_retries"]) == (60, True, "ns", True)
+
+
+# --- wake-ups between workers, through PostgreSQL ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wake_up_relayed_before_the_listen_connection_reaches_the_siblings_after(
+        pg_dsn: str) -> None:
+    """A restarted worker 1 reads the datagrams that waited in its UDP socket before its
+    LISTEN connection is up: their wake-ups were dropped, and a sibling's long poll waited
+    for its fallback re-check (an audit: 25 s with the fallback set to 10 minutes). They
+    are kept and sent once the connection is up."""
+    from twisted.internet import reactor
+
+    instance = f"relay-{uuid.uuid4().hex[:8]}"
+    woken: List[Any] = []
+    sibling = PostgresWakeups(pg_dsn, worker_name(instance, 1),
+                              lambda queue, partition: woken.append((queue, partition)),
+                              reactor)
+    restarted = PostgresWakeups(pg_dsn, worker_name(instance, 0), lambda *_: None, reactor)
+    sibling.startService()
+    try:
+        await wait_until_reactor(lambda: sibling._connection is not None,
+                                 message="the sibling listening")
+        restarted.relay("orders", "p1")  # before its own connection exists
+        restarted.startService()
+
+        await wait_until_reactor(lambda: woken, message="the sibling woken")
+    finally:
+        await restarted.stopService()
+        await sibling.stopService()
+    assert woken == [("orders", "p1")]

@@ -19,7 +19,7 @@ worker 1 went to A by datagram, A's worker 1 relayed it on the channel, B's hear
 """
 
 import json
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,6 +36,8 @@ SYNC_CHANNEL = "queen_sync"
 SESSION_SETTING = {"queen__wakeup": "on"}
 PING_MS = 5000
 """How often the LISTEN connection is checked (a lost one is noticed within this)."""
+MAX_UNSENT = 10_000
+"""Notices kept while there is no connection to send them on (the oldest go first)."""
 
 
 class PostgresWakeups(PeriodicService):
@@ -60,6 +62,10 @@ class PostgresWakeups(PeriodicService):
         self._on_notice = on_notice
         self._reactor = reactor
         self._connection: Optional[txpostgres.Connection] = None
+        # Notices given while there was no connection, sent once there is one (by
+        # (channel, payload): the same wake-up twice is one). A restarted worker 1 reads the
+        # datagrams that waited in its socket before its connection is up.
+        self._unsent: Dict[Tuple[str, str], None] = {}
 
     async def _keep_listening(self) -> None:
         if self._connection is None:
@@ -84,23 +90,30 @@ class PostgresWakeups(PeriodicService):
             raise
         if self.running:
             self._connection = connection
+            unsent, self._unsent = list(self._unsent), {}
+            for channel, payload in unsent:
+                self._notify(channel, payload)
         else:
             _close(connection)  # stopped while connecting
 
     def relay(self, queue: str, partition: Optional[str]) -> None:
         """Wakes the sibling workers' pops on ``queue`` / ``partition`` (a peer instance's
-        push). Advisory like the datagram it comes from: without a connection right now it
-        is skipped, and the siblings' fallback timers cover it."""
+        push). Without a connection right now it is sent once there is one (advisory like the
+        datagram it comes from: the siblings' fallback timers cover a lost one)."""
         self._notify(CHANNEL, "\n".join([queue, partition or "", self._worker_id]))
 
     def publish(self, notice: Dict[str, Any]) -> None:
-        """Sends ``notice`` (JSON) to the sibling workers on ``queen_sync``; skipped without
-        a connection right now (their periodic re-reads cover it)."""
+        """Sends ``notice`` (JSON) to the sibling workers on ``queen_sync``; without a
+        connection right now, once there is one (their periodic re-reads cover a lost one)."""
         self._notify(SYNC_CHANNEL, json.dumps(dict(notice, sender=self._worker_id)))
 
     def _notify(self, channel: str, payload: str) -> None:
         if self._connection is None:
-            log.debug("{channel} notice not sent: no LISTEN connection", channel=channel)
+            if len(self._unsent) >= MAX_UNSENT:
+                del self._unsent[next(iter(self._unsent))]
+            self._unsent[(channel, payload)] = None
+            log.debug("{channel} notice kept until the LISTEN connection is up",
+                      channel=channel)
             return
         sent = self._connection.runOperation("SELECT pg_notify(%s, %s)", (channel, payload))
         sent.addErrback(lambda failure: log.debug("{channel} notice failed: {error}",
