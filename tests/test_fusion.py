@@ -83,6 +83,9 @@ async def test_a_fused_pop_call_full_of_payload_defers_the_rest_to_calls_of_thei
     engine.popper.call_byte_budget = 1
     queues = [unique_name() for _ in range(6)]
     await engine.push([{"queue": q, "payload": q} for q in queues])
+    with db.cursor() as cursor:  # first contacts made now: they would each cost a pop call
+        for queue in queues:
+            cursor.execute("SELECT queen.subscribe_for(%s::jsonb)", (json.dumps({"queue": queue}),))
     calls_before = engine.batchers["pop"].calls
     with db.cursor() as cursor:
         cursor.execute("SELECT * FROM queen.pop_batch(%s::jsonb, 1)", (json.dumps(
