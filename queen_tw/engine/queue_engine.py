@@ -277,9 +277,11 @@ class QueueEngine:
         plain_queues = frozenset(queue for queue, encrypted in known.items() if not encrypted)
         if self._cipher is None:
             _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
-        refusals = {position: reason for position, reason in (
-            (position, _unbufferable_queue(item["queue"], known))
-            for position, item in enumerate(items)) if reason is not None}
+        refusals: Dict[int, str] = {}
+        for position, item in enumerate(items):
+            reason = _unbufferable_queue(item["queue"], known)
+            if reason is not None:
+                refusals[position] = reason
         if not refusals:
             return await failover.buffer(items, plain_queues)
         kept = [item for position, item in enumerate(items) if position not in refusals]
