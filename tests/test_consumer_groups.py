@@ -345,3 +345,28 @@ def test_stats_refresh_without_body_answers_a_summary(http):
     body = answer.json()
     assert body["success"] is True
     assert isinstance(body["queues"], int)
+
+
+@pytest.mark.parametrize("first_contact", ["ack", "operator_dlq"])
+def test_a_new_group_touching_a_partition_without_popping_it_skips_its_history(
+        http, first_contact):
+    """A `new` group's first row in a partition, made by an ack or by the operator's DLQ route
+    rather than by a pop, starts at the group's subscription like a pop's would (2.3.6):
+    it started at the beginning, so the group was handed the partition's history."""
+    queue = unique_name()
+    configure(http, queue)
+    push(http, queue, ["h0", "h1", "h2"], partition="P", prefix="h")
+    group = unique_name("g-")
+    assert pop_answer(http, queue, consumerGroup=group, subscriptionMode="new").status_code == 204
+    listing = http.get("/api/v1/messages", params={"queue": queue}).json()["messages"]
+    partition_id = listing[0]["partitionId"]
+    if first_contact == "ack":
+        answer = http.post("/api/v1/ack", json={
+            "transactionId": "h1", "partitionId": partition_id, "status": "failed",
+            "consumerGroup": group})
+    else:
+        answer = http.post(f"/api/v1/messages/{partition_id}/h1/dlq",
+                           json={"consumerGroup": group})
+    assert answer.status_code == 200, answer.text
+    push(http, queue, ["n0"], partition="P", prefix="n")
+    assert _consume_all(http, queue, group) == ["n0"]

@@ -304,14 +304,26 @@ BEGIN
 END
 $$;
 
--- The (partition, group) row, made with the defaults an ack needs: false when the partition
--- is gone (deleted since the caller read it, e.g. with its queue).
+-- The (partition, group) row of a group that acks or dead-letters in a partition it never
+-- popped: false when the partition is gone (deleted since the caller read it, e.g. with its
+-- queue). It starts where the group's subscription to the queue starts, as a pop's would
+-- (ensure_consumer): a `new` group made to start at the beginning replayed the partition's
+-- history. A group with no subscription yet starts at the beginning.
 CREATE OR REPLACE FUNCTION queen.add_consumer_row(p_partition uuid, p_group text)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_from timestamptz;
 BEGIN
-    INSERT INTO queen.partition_consumers (partition_id, consumer_group)
-    VALUES (p_partition, p_group)
+    SELECT s.subscription_from INTO v_from
+      FROM queen.partitions p
+      JOIN queen.consumer_subscriptions s
+        ON s.queue_id = p.queue_id AND s.consumer_group = p_group
+     WHERE p.id = p_partition;
+    v_from := coalesce(v_from, '-infinity');
+    INSERT INTO queen.partition_consumers (partition_id, consumer_group, cursor_created_at,
+                                           cursor_id)
+    VALUES (p_partition, p_group, v_from, queen.start_cursor_id(v_from))
     ON CONFLICT (partition_id, consumer_group) DO NOTHING;
     RETURN true;
 EXCEPTION WHEN foreign_key_violation THEN

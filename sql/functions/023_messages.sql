@@ -264,8 +264,7 @@ BEGIN
     END IF;
     INSERT INTO queen.dead_letter_queue (message_id, partition_id, consumer_group, error_message)
     VALUES (v_m.id, p_partition, p_group, coalesce(p_error, 'Moved to DLQ by operator'));
-    INSERT INTO queen.partition_consumers (partition_id, consumer_group)
-    VALUES (p_partition, p_group) ON CONFLICT (partition_id, consumer_group) DO NOTHING;
+    PERFORM queen.add_consumer_row(p_partition, p_group);
     SELECT * INTO v_pc FROM queen.partition_consumers
      WHERE partition_id = p_partition AND consumer_group = p_group FOR UPDATE;
     IF NOT EXISTS (SELECT 1 FROM queen.messages m
