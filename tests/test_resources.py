@@ -207,6 +207,23 @@ def test_retry_requeues_a_dead_letter_at_the_tail(http):
     assert again["data"] == "x" and again["transactionId"] == "t0:retry:1"
 
 
+def test_retry_into_a_full_queue_answers_409_and_keeps_the_dead_letter(http):
+    """The copy is a push: at maxSize it is refused (WIRE.md 9.5). The dead letter used to be
+    dropped anyway and the call answered success with no message: the message was gone."""
+    queue = unique_name()
+    configure(http, queue, maxSize=2, retryLimit=0)
+    [pushed, _] = push(http, queue, ["x", "y"])
+    assert ack(http, pop(http, queue)["messages"][0], "failed", error="bad")["dlq"] is True
+
+    answer = http.post(f"/api/v1/messages/{pushed['partition_id']}/t0/retry")
+
+    assert answer.status_code == 409, answer.text
+    assert "max capacity" in answer.json()["error"]
+    assert dead_letters(http, queue)["total"] == 1
+    assert [m["transactionId"] for m in http.get(
+        "/api/v1/messages", params={"queue": queue}).json()["messages"]] == ["t1", "t0"]
+
+
 def test_retry_of_unknown_message_answers_404(http):
     answer = http.post(f"/api/v1/messages/{uuid.uuid4()}/nope/retry")
 

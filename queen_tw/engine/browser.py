@@ -21,6 +21,12 @@ from queen_tw.errors import NotFound, QueenError
 log = Logger()
 
 
+class RetryRefused(QueenError):
+    """A message's copy was not enqueued (its queue is full): its dead letters are kept."""
+
+    status = 409
+
+
 class TimerKeyTaken(QueenError):
     """A dead timer cannot be retried: its key has been scheduled again since it died."""
 
@@ -94,6 +100,8 @@ class Browser:
         answer = await self._db.call("retry_message", partition_id, transaction_id)
         if answer.get("notFound"):
             return await self._retry_dead_timer(partition_id, transaction_id)
+        if "refused" in answer:
+            raise RetryRefused(answer["refused"])
         self._wake_pops([(answer.pop("queue"), answer.pop("partition"))])
         return answer
 

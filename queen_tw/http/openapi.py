@@ -36,7 +36,7 @@ _DESCRIPTIONS = {
     404: "not found",
     409: "a streams query of that name is registered with another config_hash (the body "
          "also has success: false, query_id and name); a dead timer's retry whose timerKey "
-         "has been scheduled again",
+         "has been scheduled again; a message's retry into a queue at its maxSize",
     413: "a streams state value, a KV key or a KV value, or a timer payload above its "
          "size limit",
     429: "an ephemeral queue is full and its policy is reject (code queue_full; Retry-After)",

@@ -217,7 +217,6 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
-    DELETE FROM queen.dead_letter_queue WHERE message_id = v_m.id;
     SELECT count(*) + 1 INTO v_n FROM queen.messages
      WHERE partition_id = p_partition AND starts_with(transaction_id, p_transaction || ':retry:');
     LOOP
@@ -235,9 +234,14 @@ BEGIN
     IF v_m.producer_sub IS NOT NULL THEN
         v_item := v_item || jsonb_build_object('producerSub', v_m.producer_sub);
     END IF;
-    v_pushed := queen.push_messages_core(jsonb_build_array(v_item))::jsonb;
+    v_pushed := queen.push_messages_core(jsonb_build_array(v_item))::jsonb->'items'->0;
+    IF v_pushed->>'status' = 'failed' THEN
+        -- (a full queue, at its maxSize): the dead letter stays, nothing was copied
+        RETURN jsonb_build_object('refused', v_pushed->>'error');
+    END IF;
+    DELETE FROM queen.dead_letter_queue WHERE message_id = v_m.id;
     RETURN jsonb_build_object('success', true,
-                              'messageId', v_pushed->'items'->0->>'message_id',
+                              'messageId', v_pushed->>'message_id',
                               'transactionId', v_txid,
                               'queue', v_m.queue_name, 'partition', v_m.partition_name);
 END
