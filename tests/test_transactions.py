@@ -221,6 +221,53 @@ def test_failed_ack_with_retry_limit_zero_sends_the_message_to_the_dlq(http):
     assert http.get("/api/v1/dlq", params={"queue": queue}).json()["total"] == 1
 
 
+@pytest.mark.parametrize("with_own_lease", [False, True])
+def test_a_transaction_failing_a_whole_delivery_counts_once_and_commits(http, db,
+                                                                       with_own_lease):
+    """One ack op per message, all failed (as both clients build a failed batch): the acks
+    apply as one request (WIRE.md 2.4), so the ops after the first are the no-ops of a
+    released delivery. Each op was fenced alone before: the first released the lease, the
+    second failed it ("Invalid or expired lease") and the whole transaction rolled back."""
+    queue, sink = unique_name(), unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "options": {"retryLimit": 3,
+                                                                      "retryDelay": 0}})
+    _push(http, queue, 3)
+    delivery = _pop(http, queue)["messages"]
+    own = (lambda m: {"leaseId": m["leaseId"]}) if with_own_lease else (lambda m: {})
+    answer = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": m["transactionId"],
+                        "partitionId": m["partitionId"], "status": "failed", "error": "e",
+                        **own(m)} for m in delivery]
+        + [{"type": "push", "items": [{"queue": sink, "payload": "compensation"}]}],
+        "requiredLeases": [delivery[0]["leaseId"]]})
+
+    body = answer.json()
+    assert body["success"] is True, body
+    assert [r["success"] for r in body["results"]] == [True] * 4
+    assert count_messages(db, sink) == 1
+    again = _pop(http, queue)["messages"]
+    assert [m["data"] for m in again] == [m["data"] for m in delivery]
+    assert again[0]["retryCount"] == 1
+
+
+def test_a_completion_after_a_failure_in_a_transaction_does_not_skip_the_failure(http):
+    """Ops of one delivery: a fails, b completes. As in one /ack request, b's completion is
+    ignored so a comes back; alone, b's completion moved the cursor past a."""
+    queue = unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "options": {"retryLimit": 3,
+                                                                      "retryDelay": 0}})
+    _push(http, queue, 2)
+    a, b = _pop(http, queue)["messages"]
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": a["transactionId"],
+                        "partitionId": a["partitionId"], "status": "failed"},
+                       {"type": "ack", "transactionId": b["transactionId"],
+                        "partitionId": b["partitionId"], "status": "completed"}]}).json()
+    assert body["success"] is True, body
+    again = _pop(http, queue)["messages"]
+    assert [m["data"] for m in again] == [{"n": 0}, {"n": 1}]
+
+
 @pytest.mark.parametrize("body, error", [
     ({}, "operations array required"),
     ({"operations": "x"}, "operations array required"),

@@ -12,6 +12,40 @@
 -- {transactionId, success: false, error, results: [evaluated so far]}, or, when a `required`
 -- KV op (a lock guard, a once) lost, {transactionId, success: false, reason:
 -- "kv_precondition", failedIndex (flat), kvReason, version, value, error}.
+-- The ack ops of transaction p, applied as one ack request (WIRE.md 2.4): a second failed
+-- ack of one delivery is then the no-op the contract makes it, not a failure of its lease
+-- (released by the first), which rolled back every transaction failing a whole batch; and a
+-- completion after a failure does not skip the failed message. Answers one result per ack
+-- op, in op order. An op without its own leaseId borrows p_borrowed (WIRE2.md 5.1).
+CREATE OR REPLACE FUNCTION queen.transaction_acks(p jsonb, p_borrowed text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ops jsonb;
+    v_op  jsonb;
+BEGIN
+    SELECT coalesce(jsonb_agg(CASE WHEN coalesce(e->>'leaseId', '') = '' AND p_borrowed IS NOT NULL
+                                   THEN e || jsonb_build_object('leaseId', p_borrowed)
+                                   ELSE e END ORDER BY n), '[]'::jsonb)
+      INTO v_ops
+      FROM jsonb_array_elements(p->'operations') WITH ORDINALITY AS t(e, n)
+     WHERE e->>'type' IS DISTINCT FROM 'push';
+    -- Another live lease on a partition means the caller's delivery there is over.
+    IF jsonb_array_length(coalesce(p->'requiredLeases', '[]'::jsonb)) > 0 THEN
+        FOR v_op IN SELECT e FROM jsonb_array_elements(v_ops) e LOOP
+            IF EXISTS (
+                SELECT 1 FROM queen.partition_consumers pc
+                 WHERE pc.partition_id = (v_op->>'partitionId')::uuid
+                   AND pc.consumer_group = coalesce(nullif(v_op->>'consumerGroup', ''), '__QUEUE_MODE__')
+                   AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
+                   AND NOT (p->'requiredLeases' ? pc.lease_id::text)) THEN
+                RAISE EXCEPTION 'Partition % is held under another lease', v_op->>'partitionId';
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN queen.ack_messages(v_ops);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queen.run_transaction(p jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -27,6 +61,8 @@ DECLARE
     v_kv      jsonb := '[]'::jsonb;
     v_timers  jsonb := '[]'::jsonb;
     v_flat    integer;
+    v_acks    jsonb;  -- every ack op's result, applied at the first ack op (transaction_acks)
+    v_ack_n   integer := 0;
     -- An ack op without its own leaseId is fenced by the only lease the caller listed, when
     -- it listed exactly one (WIRE2.md 5.1; 0.15.0 clients never put leaseId on ack ops).
     v_borrowed text := (SELECT min(l) FROM jsonb_array_elements_text(
@@ -75,20 +111,11 @@ BEGIN
                     END IF;
                 END LOOP;
             ELSE
-                -- Another live lease on the partition means the caller's delivery is over.
-                IF jsonb_array_length(coalesce(p->'requiredLeases', '[]'::jsonb)) > 0
-                   AND EXISTS (
-                    SELECT 1 FROM queen.partition_consumers pc
-                     WHERE pc.partition_id = (v_op->>'partitionId')::uuid
-                       AND pc.consumer_group = coalesce(nullif(v_op->>'consumerGroup', ''), '__QUEUE_MODE__')
-                       AND pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()
-                       AND NOT (p->'requiredLeases' ? pc.lease_id::text)) THEN
-                    RAISE EXCEPTION 'Partition % is held under another lease', v_op->>'partitionId';
+                IF v_acks IS NULL THEN
+                    v_acks := queen.transaction_acks(p, v_borrowed);
                 END IF;
-                IF coalesce(v_op->>'leaseId', '') = '' AND v_borrowed IS NOT NULL THEN
-                    v_op := v_op || jsonb_build_object('leaseId', v_borrowed);
-                END IF;
-                v_acked := queen.ack_messages(jsonb_build_array(v_op)) -> 0;
+                v_acked := v_acks -> v_ack_n;
+                v_ack_n := v_ack_n + 1;
                 v_results := v_results || jsonb_build_array(jsonb_build_object(
                     'index', v_index, 'type', 'ack', 'success', v_acked->'success',
                     'transactionId', v_op->>'transactionId', 'error', v_acked->'error',
