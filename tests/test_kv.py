@@ -168,6 +168,17 @@ def test_incr_creates_counts_and_keeps_its_first_expiry(http):
     assert back["value"] == 3  # shortest form: 3, not 3.0
 
 
+def test_incr_with_a_null_delta_counts_by_the_default_one(http):
+    """delta is "number, default 1" (WIRE2 2.1): null is the default, as is absent. It
+    reached SQL as NULL, made the new value NULL and answered 500."""
+    ns = ns_name()
+    [first] = results(http, {"op": "incr", "ns": ns, "key": "c", "delta": None,
+                             "min": None, "forever": True})
+    [second] = results(http, {"op": "incr", "ns": ns, "key": "c", "delta": None,
+                              "forever": True})
+    assert first["value"] == 1 and second["value"] == 2
+
+
 def test_incr_is_exact_decimal_arithmetic(http):
     ns = ns_name()
     results(http, {"op": "incr", "ns": ns, "key": "c", "delta": 0.1, "forever": True})

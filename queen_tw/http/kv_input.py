@@ -178,9 +178,11 @@ def _ttl(op: Dict[str, Any], index: int) -> Optional[int]:
 
 
 def _number(op: Dict[str, Any], field: str, index: int, default: Any = None) -> Any:
-    value = op.get(field, default)
+    """The field's number; ``default`` when it is absent or null (a null delta reached SQL,
+    whose ``value + NULL`` broke the row's NOT NULL: a 500)."""
+    value = op.get(field)
     if value is None:
-        return None
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             isinstance(value, float) and not math.isfinite(value)):
         raise _bad("kv_bad_number", f"op {index}: {field} must be a number")
