@@ -288,6 +288,10 @@ BAD_OPS = [
     ({"payload": "not base64!"}, "timers_bad_payload"),
     ({"payload": base64.b64encode(b"{not json").decode()}, "timers_payload_not_json"),
     ({"payload": base64.b64encode(b'{"a": "\\u0000"}').decode()}, "timers_payload_not_json"),
+    # JSON Python's parser reads but PostgreSQL, firing the timer, would not: never fired
+    ({"payload": base64.b64encode(b'\xef\xbb\xbf{"a": 1}').decode()}, "timers_payload_not_json"),
+    ({"payload": base64.b64encode('{"a": 1}'.encode("utf-16")).decode()},
+     "timers_payload_not_json"),
     ({"payloadZstd": "yes"}, "timers_bad_payload_zstd"),
     ({"payloadZstd": True}, "timers_bad_zstd"),
 ]

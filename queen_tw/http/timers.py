@@ -224,6 +224,10 @@ def _payload(value: Any, zstd: bool, where: str) -> Tuple[str, Any]:
             _bad("timers_bad_zstd", f"{where}.payload is not one zstd frame of at most "
                                     f"{MAX_DECOMPRESSED_BYTES} bytes: {err}")
     try:
+        # UTF-8 only, as PostgreSQL reads it when the timer fires: the parser alone also takes
+        # a byte order mark and UTF-16/32, which were scheduled and then failed every fire.
+        if raw.decode("utf-8").startswith("\ufeff"):
+            raise ValueError("it starts with a byte order mark")
         return value, jsoncodec.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         _bad("timers_payload_not_json", f"{where}.payload is not a JSON document: {err}")
