@@ -171,11 +171,45 @@ def test_server_down_exits_3() -> None:
 @pytest.mark.parametrize("args", [
     ("no-such-command",), ("queue",), ("dlq", "retry"), ("dlq", "list", "--limit", "x"),
     ("maintenance", "sideways"),
+    # durations the socket layer would raise on (tracebacks before), or never run out
+    ("--timeout", "-1", "status"), ("--timeout", "nan", "status"),
+    ("--timeout", "inf", "status"), ("--timeout", "0", "status"),
+    ("buffer", "replay", "--wait", "nan"), ("migrate", "--wait", "nan"),
 ])
 def test_bad_usage_exits_2(server: ServerProcess, args: tuple[str, ...]) -> None:
     done = cli(*args, url=server.url)
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert done.stderr.strip()
+    assert done.stderr.strip() and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:abc", "http://[::1"])
+def test_an_unusable_url_is_one_line_and_exits_2(url: str) -> None:
+    done = cli("status", url=url)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("queen-tw: --url ") and len(done.stderr.splitlines()) == 1
+
+
+def test_a_url_of_another_web_server_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A proxy's page or a wrong port answering 200 with HTML: the command read it as JSON
+    and failed with an AttributeError traceback."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "api" / "v1" / "resources").mkdir(parents=True)
+    (tmp_path / "api" / "v1" / "resources" / "queues").write_text("<html>queues</html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        done = cli("queues", url=f"http://127.0.0.1:{web.server_address[1]}")
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "queen-tw: GET /api/v1/resources/queues: the answer is not JSON; is "
+        f"http://127.0.0.1:{web.server_address[1]} a queen-tw server?"]
 
 
 # -- dead letters -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ all (refused connection, unknown host, timeout). A bearer token is sent when giv
 servers started with ``JWT_ENABLED``.
 """
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -74,12 +75,12 @@ class Api:
         if query:
             url += "?" + urllib.parse.urlencode(
                 {key: _query_value(value) for key, value in query.items() if value is not None})
-        request = urllib.request.Request(url, method=method, headers=self._headers(body))
-        if body is not None:
-            request.data = json.dumps(body).encode()
         try:
+            request = urllib.request.Request(url, method=method, headers=self._headers(body))
+            if body is not None:
+                request.data = json.dumps(body).encode()
             with urllib.request.urlopen(request, timeout=self._timeout) as answer:
-                return answer.status, _decoded(answer.read())
+                return answer.status, self._json(method, path, _decoded(answer.read()))
         except urllib.error.HTTPError as err:
             decoded = _decoded(err.read())
             if err.code in accept:
@@ -88,6 +89,20 @@ class Api:
         except (TimeoutError, urllib.error.URLError, OSError) as err:
             raise CliError(f"cannot reach {self.base_url}: {_why(err)}",
                            EXIT_UNREACHABLE) from None
+        except (ValueError, http.client.InvalidURL) as err:  # unknown scheme, bad port …
+            raise CliError(f"--url {self.base_url!r} is not a usable http(s) URL: {err}",
+                           EXIT_USAGE) from None
+        except http.client.HTTPException as err:  # something answered, not in HTTP
+            raise CliError(f"cannot reach {self.base_url}: not an HTTP answer "
+                           f"({type(err).__name__})", EXIT_UNREACHABLE) from None
+
+    def _json(self, method: str, path: str, body: Any) -> Any:
+        """An accepted answer's body, refused when it is not JSON: every route the CLI calls
+        answers JSON, so another server (a proxy's page, a wrong port) answered instead."""
+        if isinstance(body, str):
+            raise CliError(f"{method} {path}: the answer is not JSON; is {self.base_url} a "
+                           "queen-tw server?")
+        return body
 
     def _headers(self, body: Any) -> "dict[str, str]":
         headers = {"Accept": "application/json", "User-Agent": "queen-tw-cli"}

@@ -6,6 +6,7 @@ be reached.
 """
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, List, Optional
@@ -23,6 +24,30 @@ PostgreSQL itself with the server's PG_* settings. Exit status: 0 ok, 1 error (t
 message on stderr), 2 bad usage, 3 cannot connect."""
 
 
+MAX_SECONDS = 10_000_000
+"""Longest duration flag (about 115 days): beyond it the socket layer overflows."""
+
+
+def _seconds(text: str) -> float:
+    """A duration flag: 0 to MAX_SECONDS seconds (a NaN --wait never ran out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0 to {MAX_SECONDS}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """A wait for an answer: more than 0 seconds (0 is a non-blocking socket: no answer)."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 def _connection_options(defaults: bool) -> argparse.ArgumentParser:
     """--url, --token, --timeout and --json; given before or after the command (only the
     top level holds defaults, or a sub-command's would overwrite what was given before)."""
@@ -34,7 +59,8 @@ def _connection_options(defaults: bool) -> argparse.ArgumentParser:
                          help=f"server address (env QUEEN_URL, default {DEFAULT_URL})")
     options.add_argument("--token", default=default(os.environ.get("QUEEN_TOKEN")),
                          help="JWT for a server with JWT_ENABLED (env QUEEN_TOKEN)")
-    options.add_argument("--timeout", dest="http_timeout", type=float, default=default(30.0),
+    options.add_argument("--timeout", dest="http_timeout", type=_positive_seconds,
+                         default=default(30.0),
                          help="seconds to wait for each answer (default 30)")
     options.add_argument("--json", action="store_true", default=default(False),
                          help="print JSON for scripts instead of tables")
@@ -76,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(buffer, "status", commands.buffer_status, "pending and failed buffered records")
     leaf(buffer, "replay", commands.buffer_replay,
          "drain the buffer now (switches push maintenance off) and wait until it is empty") \
-        .add_argument("--wait", dest="timeout", type=float, default=60.0,
+        .add_argument("--wait", dest="timeout", type=_seconds, default=60.0,
                       help="seconds to wait for the buffer to empty (default 60)")
 
     for name, run, help in (
@@ -92,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "settings (environment, or the flags below) name, as twistd queen "
                     "--migrate-only does, without starting a server.")
     schema.set_defaults(run=migrate, offline=True)
-    schema.add_argument("--wait", type=float, default=30.0,
+    schema.add_argument("--wait", type=_seconds, default=30.0,
                         help="seconds to retry while PostgreSQL does not answer (default 30)")
     schema.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the result as JSON")
