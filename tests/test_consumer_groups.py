@@ -370,3 +370,30 @@ def test_a_new_group_touching_a_partition_without_popping_it_skips_its_history(
     assert answer.status_code == 200, answer.text
     push(http, queue, ["n0"], partition="P", prefix="n")
     assert _consume_all(http, queue, group) == ["n0"]
+
+
+def test_an_ack_that_applies_nothing_leaves_no_trace_of_a_deleted_group(http, db):
+    """A late ack under the lease of a group deleted meanwhile fails (WIRE.md 2.4: "changes
+    nothing"). It used to leave a cursor row at the beginning: the group was listed again, and
+    its next first contact as `new` was handed the partition's history."""
+    queue = unique_name()
+    group = unique_name("g-")
+    configure(http, queue)
+    push(http, queue, ["h0"])
+    [held] = pop(http, queue, consumerGroup=group)["messages"]
+    http.delete(f"/api/v1/consumer-groups/{group}",
+                params={"deleteMetadata": "true"}).raise_for_status()
+
+    late = ack(http, held, consumerGroup=group)
+    unknown = http.post("/api/v1/ack", json={
+        "transactionId": "no-such", "partitionId": held["partitionId"], "status": "failed",
+        "consumerGroup": group}).json()[0]
+
+    assert late["success"] is False and unknown["success"] is False
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.partition_consumers "
+                       "WHERE consumer_group = %s", (group,))
+        assert cursor.fetchone()[0] == 0
+    assert pop_answer(http, queue, consumerGroup=group, subscriptionMode="new").status_code == 204
+    push(http, queue, ["n0"], prefix="n")
+    assert _consume_all(http, queue, group) == ["n0"]

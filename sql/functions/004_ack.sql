@@ -44,6 +44,7 @@ DECLARE
     v_settled   json[] := '{}';
     v_whole     boolean;  -- the items are exactly the delivery's unacked messages
     v_held      uuid;     -- the lease this request found: its items are checked against it
+    v_made      boolean;  -- this request made the group's row: removed again if unused
 BEGIN
     FOR v_key IN
         SELECT coalesce((e->>'req')::int, 0) AS req,
@@ -59,6 +60,7 @@ BEGIN
          GROUP BY 1, 2, 3
          ORDER BY 1, 2, 3
     LOOP
+        v_made := false;
         SELECT p.name AS partition_name, qu.name AS queue_name, qu.id AS queue_id,
                qu.retry_limit, qu.retry_delay
           INTO v_cfg
@@ -73,7 +75,8 @@ BEGIN
             IF NOT FOUND THEN
                 -- (also when a queue delete took the row meanwhile: then the partition is
                 -- gone too, and the ack finds nothing)
-                v_found := queen.add_consumer_row(v_key.partition_id, v_key.consumer_group);
+                v_made := queen.add_consumer_row(v_key.partition_id, v_key.consumer_group);
+                v_found := v_made IS NOT NULL;
                 SELECT * INTO v_pc FROM queen.partition_consumers
                  WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group
                    FOR UPDATE;
@@ -278,6 +281,13 @@ BEGIN
                 v_pc.batches_consumed := v_pc.batches_consumed + 1;
             END IF;
             v_released := v_pc.lease_id IS NULL;
+        END IF;
+        IF v_made AND (v_cursor_at, v_cursor_id) = (v_pc.cursor_created_at, v_pc.cursor_id) THEN
+            -- Nothing was acked (a failed item, or one with nothing in flight): the row would
+            -- fix where the group starts here, or bring back a group deleted meanwhile.
+            DELETE FROM queen.partition_consumers
+             WHERE partition_id = v_key.partition_id AND consumer_group = v_key.consumer_group;
+        ELSIF v_found THEN
             UPDATE queen.partition_consumers
                SET cursor_created_at = v_cursor_at, cursor_id = v_cursor_id,
                    lease_id = v_pc.lease_id,
@@ -305,8 +315,8 @@ END
 $$;
 
 -- The (partition, group) row of a group that acks or dead-letters in a partition it never
--- popped: false when the partition is gone (deleted since the caller read it, e.g. with its
--- queue). It starts where the group's subscription to the queue starts, as a pop's would
+-- popped: true when this call made it, false when it was there, NULL when the partition is
+-- gone (deleted since the caller read it, e.g. with its queue). It starts where the group's subscription to the queue starts, as a pop's would
 -- (ensure_consumer): a `new` group made to start at the beginning replayed the partition's
 -- history. A group with no subscription yet starts at the beginning.
 CREATE OR REPLACE FUNCTION queen.add_consumer_row(p_partition uuid, p_group text)
@@ -325,9 +335,9 @@ BEGIN
                                            cursor_id)
     VALUES (p_partition, p_group, v_from, queen.start_cursor_id(v_from))
     ON CONFLICT (partition_id, consumer_group) DO NOTHING;
-    RETURN true;
+    RETURN FOUND;
 EXCEPTION WHEN foreign_key_violation THEN
-    RETURN false;
+    RETURN NULL;
 END
 $$;
 
