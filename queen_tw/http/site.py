@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
@@ -144,6 +144,13 @@ class QueenRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, _DeadlineChannel) and channel.park(
+                lambda: super(QueenRequest, self).requestReceived(command, path, version)):
+            return
+        super().requestReceived(command, path, version)
+
     def process(self) -> None:
         header = self.requestHeaders.getRawHeaders(REQUEST_ID_HEADER)
         request_id = accepted_request_id(header[0] if header else None) or _ids.next()
@@ -239,8 +246,36 @@ class _DeadlineChannel(HTTPChannel):
         self._stop_read_timer()
         super().allContentReceived()
 
+    # Backpressure on pipelining. Twisted stops reading when the send buffer is full only
+    # between requests, and answers every pipelined request it has read, full buffer or
+    # not: a client pipelining requests answered at once (the OpenAPI document, dashboard
+    # files) and never reading the answers grew the server by hundreds of MB. Here reading
+    # stops whenever the send buffer is full, and a request read meanwhile waits (parked,
+    # see QueenRequest.requestReceived) until the client has read what is ahead of it.
+    _parked: Optional[Callable[[], None]] = None
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._handlingRequest:
+            self._networkProducer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            parked()
+
+    def park(self, handle: Callable[[], None]) -> bool:
+        """True when the send buffer is full: ``handle`` (a request's processing) then runs
+        once it has drained, instead of adding its answer now."""
+        if not self._waitingForTransport:
+            return False
+        self._parked = handle
+        return True
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_read_timer()
+        self._parked = None
         if self._counted_client is not None and isinstance(self.site, _QuietSite):
             self.site.release(self._counted_client)
             self._counted_client = None
