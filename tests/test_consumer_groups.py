@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.http_helpers import ack, configure, pop, pop_answer, push
-from tests.support import db_clock_iso, pass_time, unique_name
+from tests.support import db_clock_iso, pass_time, unique_name, wait_until
 
 
 def _iso(moment: datetime) -> str:
@@ -397,3 +397,46 @@ def test_an_ack_that_applies_nothing_leaves_no_trace_of_a_deleted_group(http, db
     assert pop_answer(http, queue, consumerGroup=group, subscriptionMode="new").status_code == 204
     push(http, queue, ["n0"], prefix="n")
     assert _consume_all(http, queue, group) == ["n0"]
+
+
+def _waiting_for_locks(db, kind: str) -> int:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = %s",
+                       (kind,))
+        return cursor.fetchone()[0]
+
+
+def test_a_group_delete_waits_for_a_pop_claiming_a_partition_and_removes_its_lease(
+        http, db, holder):
+    """A pop making the group's first row in a partition, and a delete of the group running
+    meanwhile: the delete did not see the uncommitted row, and the pop committed it with a
+    lease, for a group deleted (WIRE.md 3.5: its cursors and leases are dropped). The first
+    claim now holds the queue's lookup lock shared, so the delete waits for the pop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queue, group = unique_name(), unique_name("g-")
+    push(http, queue, ["a0"], partition="A", prefix="a")
+    assert _consume_all(http, queue, group) == ["a0"]
+    push(http, queue, ["b0"], partition="B", prefix="b")
+    with holder.cursor() as cursor:  # the pop's insert of (B, group) waits on this row
+        cursor.execute("SELECT p.id FROM queen.partitions p JOIN queen.queues q "
+                       "ON q.id = p.queue_id WHERE q.name = %s AND p.name = 'B' "
+                       "FOR UPDATE OF p", (queue,))
+    with ThreadPoolExecutor(2) as pool:
+        popped = pool.submit(pop_answer, http, queue, consumerGroup=group)
+        wait_until(lambda: _waiting_for_locks(db, "transactionid"), message="the pop waiting")
+        deleted = pool.submit(http.delete, f"/api/v1/consumer-groups/{group}",
+                              params={"deleteMetadata": "true"})
+        wait_until(lambda: deleted.done() or _waiting_for_locks(db, "advisory"),
+                   message="the delete waiting or done")
+        holder.rollback()
+        assert popped.result(timeout=30).status_code == 200
+        assert deleted.result(timeout=30).status_code == 200
+
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.partition_consumers "
+                       "WHERE consumer_group = %s", (group,))
+        assert cursor.fetchone()[0] == 0
+    assert pop_answer(http, queue, consumerGroup=group, subscriptionMode="new").status_code == 204
+    push(http, queue, ["b1"], partition="B", prefix="c")
+    assert _consume_all(http, queue, group) == ["b1"]
