@@ -226,11 +226,25 @@ def test_a_slash_in_a_name_filter_answers_400(http, path, params):
 # -- query parameters -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["sideways", "from_beginning", "ALL"])
+def test_an_unknown_subscription_mode_means_all(http, mode):
+    """WIRE.md 2.3.1: new and new-only start at now, anything else is all. (An unknown
+    value answered 400.)"""
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": "history"}]})
+
+    answer = http.get(f"/api/v1/pop/queue/{queue}", params={
+        "wait": "false", "consumerGroup": "g", "subscriptionMode": mode})
+
+    assert answer.status_code == 200, answer.text
+    assert [m["data"] for m in answer.json()["messages"]] == ["history"]
+
+
 @pytest.mark.parametrize("param,value", [
     ("batch", "abc"), ("batch", "0"), ("batch", "-3"), ("batch", "1.5"),
     ("timeout", "abc"), ("timeout", "1e20"), ("timeout", "99999999999"),
     ("wait", "maybe"), ("autoAck", "maybe"), ("autoAck", "yes"),
-    ("subscriptionMode", "sideways"), ("partitions", "0"), ("partitions", "many"),
+    ("partitions", "0"), ("partitions", "many"),
 ])
 def test_pop_with_an_unusable_parameter_answers_400_naming_it(http, db, param, value):
     queue = unique_name()

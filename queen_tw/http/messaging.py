@@ -23,9 +23,6 @@ from queen_tw.http.auth_gate import producer_sub
 log = Logger()
 
 MAX_POP_BATCH = 10_000
-SUBSCRIPTION_MODES = frozenset({"all", "new", "new-only", "from_beginning"})
-"""Known ``subscriptionMode`` values (any case); ``from_beginning`` (sent by the official test
-suites) is ``all`` (WIRE.md 2.3.1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +127,10 @@ class MessagingRoutes:
             # WIRE.md 2.3.1: a timeout <= 0 answers at once
             timeout_ms=query.integer(request, "timeout", self._defaults.timeout_ms,
                                      -query.INT32_MAX),
-            subscription_mode=query.choice(request, "subscriptionMode", SUBSCRIPTION_MODES,
-                                           self._defaults.subscription_mode),
+            # WIRE.md 2.3.1: new or new-only start at now; any other value is all (the
+            # official test suites send from_beginning)
+            subscription_mode=(query.text(request, "subscriptionMode")
+                               or self._defaults.subscription_mode),
             subscription_from=query.text(request, "subscriptionFrom"))
 
     # -- ack, transaction, lease --------------------------------------------------------

@@ -17,7 +17,6 @@ from queen_tw.auth.levels import Level, RouteLevels, SkipPaths, routed_klein
 from queen_tw.http import ephemeral_schemas as eph
 from queen_tw.http import openapi_schemas as schemas
 from queen_tw.http.answers import answering_errors
-from queen_tw.http.messaging import SUBSCRIPTION_MODES
 from queen_tw.http.openapi_schemas import Schema, ref
 from queen_tw.http.query import INT32_MAX, MESSAGE_STATUSES
 from queen_tw.http.status import ANSWERS as STATUS_ANSWERS
@@ -78,7 +77,9 @@ _POP_PARAMS = (
     _query("timeout", _int(-INT32_MAX), "long-poll limit in ms; <= 0 answers at once"),
     _query("consumerGroup", schemas.SHORT_TEXT, "default __QUEUE_MODE__ (queue mode)"),
     _query("autoAck", schemas.BOOLEAN),
-    _query("subscriptionMode", {"type": "string", "enum": sorted(SUBSCRIPTION_MODES)}),
+    _query("subscriptionMode", {"type": "string"},
+           "a named group's start on first contact: new or new-only = now; anything else "
+           "(all, from_beginning, ...) = the beginning"),
     _query("subscriptionFrom", {"type": "string"}, "'now' or an ISO-8601 timestamp"),
     _query("autopilot", schemas.BOOLEAN,
            "the server chooses batch (100) and partitions when they are left out (WIRE2 8.3)"),
