@@ -291,6 +291,21 @@ def test_read_budget_truncates_after_the_straddling_row(http):
     assert many["missing"] == ["zz"]
 
 
+def test_a_page_the_budget_left_empty_goes_on_from_its_after(http):
+    """Earlier ops of the call spent the read budget: getPrefix answers no rows, truncated.
+    Its nextAfter was null, so a reader following it started over from the beginning."""
+    ns = ns_name()
+    big = "x" * 60_000
+    for start in range(0, 80, 40):
+        results(http, *({"op": "put", "ns": ns, "key": f"k{n:03d}", "value": big,
+                         "forever": True} for n in range(start, start + 40)))
+    results(http, {"op": "put", "ns": ns, "key": "p1", "value": 1, "forever": True})
+    *_, page = results(http, {"op": "getPrefix", "ns": ns, "prefix": "k", "limit": 1000},
+                       {"op": "getPrefix", "ns": ns, "prefix": "p", "after": "p0"})
+    assert page["rows"] == [] and page["truncated"] is True
+    assert page["nextAfter"] == "p0"
+
+
 def test_multi_key_reads_see_the_calls_own_writes(http):
     ns = ns_name()
     listed, _put = results(http, {"op": "getPrefix", "ns": ns, "prefix": "a"},

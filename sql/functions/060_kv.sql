@@ -227,7 +227,8 @@ LANGUAGE sql STABLE AS $$
     )
     SELECT jsonb_build_object('budget', p_budget - page.spent, 'element', jsonb_build_object(
         'op', o->'op', 'rows', page.rows, 'truncated', page.truncated,
-        'nextAfter', CASE WHEN page.truncated THEN page.last END))
+        -- (a page the call's budget left empty goes on from where it was asked to start)
+        'nextAfter', CASE WHEN page.truncated THEN coalesce(page.last, o->>'after') END))
       FROM page
 $$;
 
