@@ -208,7 +208,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "get 503 with Retry-After", minimum=1),
     # --- limits, encryption, development ------------------------------------------------
     _opt("max_body_bytes", "QUEEN_MAX_BODY_BYTES", "int", 64 * MiB,
-         "Largest accepted request body in bytes", minimum=1),
+         "Largest accepted request body in bytes; a larger one answers 413 before it is "
+         "read (a chunked one at the chunk header that takes it past) and the connection "
+         "closes", minimum=1),
     _opt("request_read_timeout_ms", "QUEEN_REQUEST_READ_TIMEOUT_MS", "int", 120000,
          "Time a request's headers and body may take to arrive, from its first byte, in ms; "
          "then 408 and the connection is closed (0 = no limit)", minimum=0),

@@ -385,6 +385,20 @@ def test_an_anonymous_body_is_refused_without_being_read(auth_server: Any, size:
     assert b"100 Continue" not in answer and b"Authentication required" in answer
 
 
+def test_an_anonymous_chunked_body_is_refused_once_it_passes_a_mebibyte(
+        auth_server: Any) -> None:
+    """A chunked body announces no length up front: it was read to its end (up to
+    QUEEN_MAX_BODY_BYTES) before the 401. Now it is refused at the chunk that takes it past
+    1 MiB, here a chunk header announcing 2 MiB, before the chunk's bytes come."""
+    head = (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % (2 << 20) + b'{"items": [')
+
+    answer = raw_answer(auth_server.port, head)  # the rest of the chunk is never sent
+
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"Authentication required" in answer
+
+
 def test_a_small_anonymous_body_is_read_and_answered_401(client: httpx.Client) -> None:
     answer = client.post("/api/v1/push", json={"items": [{"queue": "q", "payload": 1}]})
 

@@ -620,8 +620,13 @@ def test_connections_over_the_per_client_cap_get_503_and_are_closed(make_server)
     (b"GET /api/v1/resources/queues?x=" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
      b"414"),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n", b"431"),
+    # well-formed, only over Twisted's totals (16 KiB of headers, 500 headers): were 400
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n"
+     + b"".join(b"X-H%d: %s\r\n" % (n, b"a" * 900) for n in range(20)) + b"\r\n", b"431"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n"
+     + b"".join(b"X-H%d: a\r\n" % n for n in range(501)) + b"\r\n", b"431"),
 ], ids=["malformed header", "two lengths", "bad chunk size", "long request line",
-        "long header"])
+        "long header", "large header block", "too many headers"])
 def test_requests_twisted_cannot_parse_get_a_json_error_with_cors(server, request_bytes,
                                                                   status):
     answer = raw_answer(server.port, request_bytes)

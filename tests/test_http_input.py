@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.error_answers import assert_json_error
+from tests.http_helpers import raw_answer
 from tests.support import count_messages, unique_name
 
 
@@ -406,3 +407,21 @@ def test_a_pipelining_client_that_does_not_read_is_answered_only_as_it_reads(mak
     assert answered_unread < 200, answered_unread
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == sent + 1
     assert b'"status"' in answers[-2000:]
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"%x\r\n" % (5 << 30) + b'{"items": ['],  # one chunk announcing 5 GiB
+    [b"200\r\n" + b" " * 0x200 + b"\r\n", b"300\r\n"],  # the second takes it past 1000
+])
+def test_a_chunked_body_is_refused_at_the_chunk_that_takes_it_past_the_limit(make_server,
+                                                                             chunks):
+    """As a Content-Length over QUEEN_MAX_BODY_BYTES is refused before the body: the 413
+    comes with the chunk header, not after the body's end or the read timeout (408)."""
+    small = make_server(QUEEN_MAX_BODY_BYTES="1000")
+    head = (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+    answer = raw_answer(small.port, head + b"".join(chunks))  # never finished
+
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"larger than 1000 bytes" in answer

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -304,26 +304,67 @@ class _DeadlineChannel(HTTPChannel):
             self.length = 0  # handed over bodiless: the auth gate answers its 401
             return
         super().allHeadersReceived()
+        self._anonymous_chunks = self.length is None and self._refused_anonymous()
+
+    # A chunked body announces its size one chunk at a time, and never as a whole: it is
+    # refused as soon as a chunk's header takes it past what it may be, rather than read to
+    # its end (or to the read timeout) first.
+    _anonymous_chunks = False  # a chunked body the auth gate will refuse (see above)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        super().rawDataReceived(data)
+        decoder = self._transferDecoder
+        if self._handlingRequest or not isinstance(decoder, _ChunkedTransferDecoder) \
+                or decoder.state != "BODY" or not self.requests \
+                or getattr(self.transport, "disconnecting", True):
+            return
+        request = self.requests[-1]
+        announced = getattr(request, "_received", 0) + decoder.length
+        if announced > getattr(request, "max_body_bytes", announced):
+            self._answer_and_close(b"413 Payload Too Large", "Request body larger than "
+                                   f"{request.max_body_bytes} bytes")
+        elif self._anonymous_chunks and announced > UNREAD_ABOVE_BYTES:
+            self._answer_and_close(b"401 Unauthorized", "Authentication required")
 
     def _refused_unread(self) -> bool:
         """A body the auth gate will refuse whatever it holds (no token on a route that needs
         one), which the client waits to be invited to send ("Expect: 100-continue") or which
         is large: not read. A small body without that header is read as usual: closing on
         unread bytes can reset the connection before the client reads the 401."""
-        refuses = getattr(getattr(self.site, "resource", None), "refuses_unread", None)
-        if refuses is None or not self.length:
+        if not self.length:
             return False
         request = self.requests[-1]
         expect = request.requestHeaders.getRawHeaders(b"expect") or []
         if self.length <= UNREAD_ABOVE_BYTES and b"100-continue" not in \
                 [value.strip().lower() for value in expect]:
             return False
-        return refuses(self._command, self._path, request.requestHeaders)
+        return self._refused_anonymous()
+
+    def _refused_anonymous(self) -> bool:
+        """The auth gate will refuse this request whatever its body holds."""
+        refuses = getattr(getattr(self.site, "resource", None), "refuses_unread", None)
+        return refuses is not None and refuses(self._command, self._path,
+                                               self.requests[-1].requestHeaders)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's answer to what it cannot parse (a malformed header, conflicting lengths,
         # a bad chunk size, too many headers) is a bare status line.
         self._answer_and_close(b"400 Bad Request", "Malformed HTTP request")
+
+    def lineReceived(self, line: bytes) -> None:
+        # Twisted answers a header block over its limits as malformed (400): say which.
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._answer_and_close(b"431 Request Header Fields Too Large", "The request's "
+                                   f"headers are larger than {self.totalHeadersSize} bytes")
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._answer_and_close(b"431 Request Header Fields Too Large",
+                                   f"The request has more than {self.maxHeaders} headers")
+            return False
+        return super().headerReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if getattr(self, "_HTTPChannel__first_line", 0):  # Twisted's own state, name-mangled
