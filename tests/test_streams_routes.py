@@ -431,6 +431,19 @@ def test_total_consumed_counts_the_messages_the_cursor_moved_over(
     assert _group_row(db, partition, stream.group)[2] == 3
 
 
+def test_total_consumed_counts_from_where_a_group_that_never_popped_starts(
+        http: httpx.Client, db: psycopg2.extensions.connection):
+    """A cycle acking for a group with no row in the partition yet: it counted one message,
+    not the three the cursor moved over (the missing row's cursor read as NULL)."""
+    stream = _Stream(http, messages=4)
+    partition = pop(http, stream.source, consumerGroup=unique_name("other-"))["messages"][0][
+        "partitionId"]
+    answer = _cycle(http, stream.query_id, partition, stream.group,
+                    ack={"transactionId": "t2", "status": "completed"})
+    assert answer["success"] is True, answer
+    assert _group_row(db, partition, stream.group)[2] == 3
+
+
 def test_an_ack_counting_the_whole_delivery_settles_it_whichever_message_it_names(
         http: httpx.Client, db: psycopg2.extensions.connection):
     """The SDKs order a batch by (createdAt to the millisecond, id) and name its last
@@ -472,6 +485,9 @@ _ABSENT = object()
     ({"state_ops": {}}, "state_ops must be an array"),
     ({"state_ops": [{"type": "merge", "key": "k"}]}, "state_ops[0].type"),
     ({"state_ops": [{"type": "upsert", "key": ""}]}, "state_ops[0].key is required"),
+    # within 1024 characters but not what the state rows' index holds: failed every cycle
+    ({"state_ops": [{"type": "upsert", "key": "\U0001F600" * 1024, "value": 1}]},
+     "state_ops[0].key is longer than 2048 bytes"),
     ({"state_ops": [{"type": "delete", "key": "a"}, {"type": "upsert", "key": "k"}]},
      "state_ops[1].value is required"),
     ({"push_items": [{"payload": 1}]}, "push_items[0]: Queue must be a string"),
@@ -497,6 +513,7 @@ def test_bad_cycle_fields_are_400_naming_the_field(http: httpx.Client, body: Dic
     ({"partition_id": _ABSENT}, "partition_id is required"),
     ({"keys": "all"}, "keys must be an array of strings"),
     ({"ripe_at_or_before": "soon"}, "ripe_at_or_before must be a number"),
+    ({"ripe_at_or_before": 10 ** 400}, "ripe_at_or_before must be a number"),  # was 500
 ])
 def test_bad_state_get_fields_are_400_naming_the_field(http: httpx.Client,
                                                        body: Dict[str, Any], named: str):

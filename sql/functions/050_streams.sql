@@ -188,6 +188,13 @@ BEGIN
             END IF;
             SELECT * INTO v_pc FROM queen.partition_consumers
              WHERE partition_id = v_partition AND consumer_group = v_group FOR UPDATE;
+            IF NOT FOUND THEN
+                -- made here, where the group starts, so that the messages the cursor moves
+                -- over are counted from there (a missing row counted none)
+                PERFORM queen.add_consumer_row(v_partition, v_group);
+                SELECT * INTO v_pc FROM queen.partition_consumers
+                 WHERE partition_id = v_partition AND consumer_group = v_group FOR UPDATE;
+            END IF;
             v_txid := queen.stream_ack_target(v_ack, v_partition, v_lease, v_status, v_count,
                                               v_pc);
             v_acked := queen.ack_messages(jsonb_build_array(jsonb_build_object(
