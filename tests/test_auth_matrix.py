@@ -248,6 +248,36 @@ def test_escaped_path_of_an_admin_route_still_needs_admin(client: httpx.Client) 
     assert served.status_code == 200 and "maintenanceMode" in served.json()
 
 
+@pytest.mark.parametrize("target", [
+    b"xapi/v1/system/maintenance", b"*api/v1/system/maintenance",
+    b"x/api/v1/system/maintenance", b"xinternal/api/notify",
+])
+def test_a_target_not_starting_with_a_slash_is_400_not_an_admin_route(
+        auth_server: Any, target: bytes) -> None:
+    """The routes drop a path's first byte whatever it is, while the gate priced the path as
+    sent (no rule matched: read-write): a read-write token reached every admin route."""
+    request = (b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"Authorization: Bearer " + TOKENS["read-write"].encode() + b"\r\n\r\n")
+
+    answer = raw_answer(auth_server.port, request)
+
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"must be a path starting with '/'" in answer
+
+
+def test_an_absolute_form_target_is_served_and_gated_as_its_path(auth_server: Any) -> None:
+    """RFC 9112 3.2.2: a server must accept ``GET http://host/path`` (it answered 404)."""
+    def get(target: bytes, role: str) -> bytes:
+        return raw_answer(auth_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\nAuthorization: Bearer "
+                          + TOKENS[role].encode() + b"\r\n\r\n")
+
+    admin_route = b"http://127.0.0.1/api/v1/system/maintenance"
+    assert get(admin_route, "read-write").startswith(b"HTTP/1.1 403 ")
+    assert get(admin_route, "admin").startswith(b"HTTP/1.1 200 ")
+    assert get(b"http://127.0.0.1/health", "read-only").startswith(b"HTTP/1.1 200 ")
+
+
 def test_unknown_route_needs_read_write_and_then_answers_404(client: httpx.Client) -> None:
     read_only = client.get("/api/v1/no-such-route",
                            headers={"Authorization": f"Bearer {TOKENS['read-only']}"})

@@ -103,6 +103,19 @@ def _content_encoding(request: Request) -> Optional[str]:
     return ", ".join(unread) if unread else None
 
 
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def _origin_form(target: bytes) -> bytes:
+    """The path (and query) of a request target: an absolute-form target (RFC 9112 3.2.2,
+    ``GET http://host/health``), which HTTP/1.1 servers must accept, is reduced to it."""
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    rest = target[match.end():]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
 class QueenRequest(Request):
     """A request that carries an id, writes an access line, adds CORS headers, answers
     OPTIONS and refuses oversized bodies.
@@ -145,6 +158,7 @@ class QueenRequest(Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        path = _origin_form(path)
         channel = self.channel
         if isinstance(channel, _DeadlineChannel) and channel.park(
                 lambda: super(QueenRequest, self).requestReceived(command, path, version)):
@@ -158,6 +172,13 @@ class QueenRequest(Request):
         self.setHeader(REQUEST_ID_HEADER, request_id.encode("ascii"))
         for name, value in CORS_HEADERS.items():
             self.setHeader(name, value)
+        if not self.path.startswith(b"/") and not (self.method == b"OPTIONS"
+                                                   and self.path == b"*"):
+            # The routes drop a path's first byte whatever it is, and the auth levels would
+            # price the path as sent: "xapi/v1/system/…" reached admin routes as read-write.
+            self._refuse(400, "The request target must be a path starting with '/' or an "
+                              "absolute http(s) URL")
+            return
         if self.method == b"OPTIONS":
             self.setHeader(b"Access-Control-Max-Age", b"86400")
             self.setResponseCode(204)
