@@ -222,5 +222,7 @@ async def test_several_authorization_headers_are_refused_whichever_comes_first()
         await serving.close()
 
     assert [answer.code for answer in answers] == [401, 401, 401]
-    assert all("Several Authorization headers" in body["error"] for body in bodies)
+    # one of WIRE.md 4.3's texts
+    assert all(body["error"] == "Token decode error: several Authorization headers, send "
+               "exactly one" for body in bodies)
     assert serving.routes.rendered == []

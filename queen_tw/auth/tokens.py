@@ -196,8 +196,8 @@ class TokenVerifier:
         surrogate) is refused here, rather than fail every push it signs."""
         sub = claims.get("sub")
         if isinstance(sub, str) and not _storable(sub):
-            raise AuthError("Invalid token: the sub claim holds a NUL character or a lone "
-                            "surrogate")
+            raise AuthError("Token verification failed: the sub claim holds a NUL "
+                            "character or a lone surrogate")
         roles = set()
         role = claims.get(self._roles_claim)
         if isinstance(role, str) and role:
@@ -243,14 +243,18 @@ def _storable(text: str) -> bool:
 
 
 def _expiry(exp: Any) -> Optional[float]:
-    """``exp`` (which pyjwt has checked is an integer) in epoch seconds; an integer too large
-    for a float (a signed "never") is infinity."""
-    if not isinstance(exp, (int, float)):
+    """``exp`` in epoch seconds, read as pyjwt reads it when it checks it (``int(exp)``: a
+    string of digits counts, a fraction is cut): read otherwise, the cache kept a token past
+    the expiry pyjwt enforces. None without one; an integer too large for a float (a signed
+    "never") is infinity."""
+    if exp is None:
         return None
     try:
-        return float(exp)
+        return float(int(exp))
     except OverflowError:
         return math.inf
+    except (TypeError, ValueError):
+        return None
 
 
 def _strip_bearer(authorization: bytes) -> bytes:

@@ -81,8 +81,9 @@ class AuthGate(Resource):
         if len(headers) > 1:
             # which one a proxy or the client meant is anyone's guess: refuse, never pick
             request.setHeader(b"WWW-Authenticate", b"Bearer")
-            return json_answer(request, 401, {"error": "Several Authorization headers: send "
-                                                        "exactly one"})
+            return json_answer(request, 401, {"error": "Token decode error: several "
+                                                        "Authorization headers, send exactly "
+                                                        "one"})
         header = headers[0]
         identity = self._verifier.cached(header)
         if identity is not None:
