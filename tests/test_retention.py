@@ -173,6 +173,26 @@ def test_completed_retention_deletes_only_what_every_group_consumed(client, db):
     assert pop(client, queue)["messages"][0]["data"] == "pending"
 
 
+def test_completed_retention_keeps_dead_letters(client, db):
+    """The cursor passes a dead letter, but it was not completed: deleting it took its
+    dead-letter row too (WIRE.md 9.3: a failed message is never silently dropped)."""
+    queue = unique_name()
+    configure(client, queue, completedRetentionSeconds=1, retryLimit=0)
+    push(client, queue, ["failed", "done"])
+    dead = pop(client, queue)["messages"][0]
+    assert ack(client, dead, "failed", error="broken")["dlq"] is True
+    assert ack(client, pop(client, queue)["messages"][0])["success"] is True
+
+    _cleaned(db, queue, left=1)
+    _after_a_cleaning_run(client, db)
+
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.dead_letter_queue WHERE partition_id = %s",
+                       (dead["partitionId"],))
+        assert cursor.fetchone()[0] == 1
+    assert _count(db, queue) == 1
+
+
 def test_completed_retention_keeps_messages_of_a_group_that_has_not_consumed_them(client, db):
     queue = unique_name()
     configure(client, queue, completedRetentionSeconds=1)

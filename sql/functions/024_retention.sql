@@ -78,6 +78,10 @@ BEGIN
                    WHERE m.partition_id = p.id
                      AND m.created_at < now() - make_interval(secs => qu.completed_retention_seconds)
                      AND (m.created_at, m.id) <= (c.at, c.id)
+                     -- a dead letter is not completed: kept for its operator (WIRE.md 9.3,
+                     -- never silently dropped) until retried, deleted or retentionSeconds
+                     AND NOT EXISTS (SELECT 1 FROM queen.dead_letter_queue d
+                                      WHERE d.message_id = m.id)
                    ORDER BY m.created_at, m.id LIMIT p_batch) m
              WHERE p_retention AND qu.completed_retention_seconds > 0 AND c.at IS NOT NULL
             UNION ALL
