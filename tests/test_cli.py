@@ -419,3 +419,32 @@ def test_migrate_installs_then_finds_the_schema_up_to_date(pg_env: dict[str, str
                       env={**pg_env, "PG_HOST": "127.0.0.1"})
     assert unreachable.returncode == 3
     assert "cannot reach PostgreSQL" in unreachable.stderr
+
+
+def test_migrate_is_not_bounded_by_the_request_statement_timeout(pg_env: dict[str, str],
+                                                                 pg_dsn: str) -> None:
+    """An upgrade can take long (migration 4 rewrites every message): cancelled by
+    DB_STATEMENT_TIMEOUT, it was retried, then reported as 'cannot reach PostgreSQL'."""
+    with scratch_database(pg_dsn) as dsn:
+        done = cli("migrate", "--wait", "1",
+                   env={**server_env(pg_env, dsn), "DB_STATEMENT_TIMEOUT": "1"})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("applied: migrations/0001_baseline.sql")
+
+
+def test_migrate_kept_waiting_by_a_lock_says_so_and_exits_1(pg_env: dict[str, str],
+                                                           pg_dsn: str) -> None:
+    from queen_tw.db.schema import SCHEMA_LOCK_ID
+
+    with scratch_database(pg_dsn) as dsn:
+        holder = psycopg2.connect(dsn)
+        try:
+            with holder.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_ID,))
+            done = cli("migrate", "--wait", "1",
+                       env={**server_env(pg_env, dsn), "DB_LOCK_TIMEOUT": "300"})
+        finally:
+            holder.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("queen-tw: schema upgrade did not finish: ")
+    assert "lock timeout" in done.stderr and len(done.stderr.splitlines()) == 1

@@ -47,6 +47,10 @@ def migrate(args: argparse.Namespace) -> int:
         except SchemaUpgradeError as err:
             raise CliError(f"schema upgrade failed: {err}", EXIT_ERROR) from None
         except psycopg2.OperationalError as err:
+            if time.monotonic() >= deadline and getattr(err, "pgcode", None):
+                # PostgreSQL answered (a lock held past DB_LOCK_TIMEOUT, a full disk)
+                raise CliError(f"schema upgrade did not finish: {_first_line(err)}; nothing "
+                               "was changed", EXIT_ERROR) from None
             if time.monotonic() >= deadline:
                 raise CliError(f"cannot reach PostgreSQL: {_first_line(err)}",
                                EXIT_UNREACHABLE) from None

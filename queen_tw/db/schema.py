@@ -142,6 +142,9 @@ def install_schema(dsn: str, sql_dir: Path) -> List[str]:
     connection = psycopg2.connect(dsn)
     try:
         with connection, connection.cursor() as cursor:
+            # An upgrade may rewrite every message (migration 4): DB_STATEMENT_TIMEOUT bounds
+            # requests, not this; cancelled at 30 s, a big database could never upgrade.
+            cursor.execute("SET LOCAL statement_timeout = 0")
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
             _execute(cursor, "the schema bookkeeping tables", _BOOKKEEPING)
             applied = _apply_migrations(cursor, migrations)
