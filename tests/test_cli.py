@@ -405,6 +405,28 @@ def test_restore_refuses_a_bad_file(server: ServerProcess, tmp_path: Path) -> No
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
+def test_a_line_the_server_refuses_whole_is_named(server: ServerProcess, http: httpx.Client,
+                                                  tmp_path: Path) -> None:
+    """A bad traceId makes the server refuse the whole push of 500 lines: the restore said
+    only 'HTTP 400: TraceId must be a UUID'. It now finds and names the line; the lines
+    before it are stored."""
+    lines = [{"type": "message", "partition": "p", "transactionId": f"t{n}", "payload": n}
+             for n in range(7)]
+    lines[4]["traceId"] = "not-a-uuid"
+    backup_file = tmp_path / "bad-trace.jsonl"
+    backup_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    queue = unique_name("cli-trace-")
+
+    done = cli("restore", queue, str(backup_file), url=server.url)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"queen-tw: {backup_file}:5: push refused: TraceId"), \
+        done.stderr
+    stored = http.get("/api/v1/messages", params={"queue": queue}).json()["messages"]
+    assert {m["transactionId"] for m in stored} >= {"t0", "t1", "t2", "t3"}
+    assert "t4" not in {m["transactionId"] for m in stored}
+
+
 # -- migrate ----------------------------------------------------------------------------
 
 def test_migrate_installs_then_finds_the_schema_up_to_date(pg_env: dict[str, str],

@@ -160,10 +160,7 @@ def restore(api: Api, args: argparse.Namespace) -> int:
     created = _ensure_queue(api, args.queue, header)
     counts = {"queued": 0, "duplicate": 0, "buffered": 0}
     for batch in _batches(messages):
-        items = [_push_item(args.queue, message) for _, message in batch]
-        results = api.post("/api/v1/push", {"items": items})
-        if not isinstance(results, list) or len(results) != len(batch):
-            raise CliError(f"unexpected push answer: {results!r:.200}")
+        results = _pushed(api, args.queue, args.file, batch)
         for (line, _), result in zip(batch, results, strict=True):
             state = result.get("status")
             if state not in counts:
@@ -179,6 +176,28 @@ def restore(api: Api, args: argparse.Namespace) -> int:
               f"{' (queue created)' if created else ''}: {counts['queued']} queued, "
               f"{counts['duplicate']} duplicate, {counts['buffered']} buffered")
     return 0
+
+
+def _pushed(api: Api, queue: str, file: str,
+            batch: List[Tuple[int, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The push results of ``batch``'s lines. A push the server refuses as a whole (a bad
+    traceId, a partition name it cannot store, QUEEN_MAX_PUSH_ITEMS) stored none of them:
+    its halves are pushed on their own until the refusal names one line, FILE:LINE."""
+    items = [_push_item(queue, message) for _, message in batch]
+    try:
+        results = api.post("/api/v1/push", {"items": items})
+    except HttpError as err:
+        if err.status not in (400, 413):
+            raise
+        if len(batch) == 1:
+            raise CliError(f"{file}:{batch[0][0]}: push refused: {err.reason} (the lines "
+                           "before it are restored; run the restore again once fixed: it "
+                           "dedupes)") from None
+        half = len(batch) // 2
+        return _pushed(api, queue, file, batch[:half]) + _pushed(api, queue, file, batch[half:])
+    if not isinstance(results, list) or len(results) != len(batch):
+        raise CliError(f"unexpected push answer: {results!r:.200}")
+    return results
 
 
 def read_backup(path: Path) -> Tuple[Optional[Dict[str, Any]], List[Tuple[int, Dict[str, Any]]]]:
