@@ -219,8 +219,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "503 and closed (0 = no limit; behind a proxy every client has the proxy's "
          "address)", minimum=0),
     _opt("max_push_items", "QUEEN_MAX_PUSH_ITEMS", "int", 100000,
-         "Most messages one push or transaction may carry (JSON or binary, counted before "
-         "a compressed body is expanded); beyond it 413", minimum=1),
+         "Most messages one push, transaction or stream cycle may carry (JSON or binary, "
+         "counted before a compressed body is expanded); beyond it 413", minimum=1),
     _opt("encryption_key", "QUEEN_ENCRYPTION_KEY", "key", None,
          "64 hex characters (AES-256) for encrypted queues; unset = off (configuring an "
          "encrypted queue is then refused); malformed = refuse to start. "

@@ -671,3 +671,14 @@ def test_sink_pushes_carry_the_tokens_sub_and_levels_hold(
         cursor.execute("SELECT producer_sub FROM queen.messages WHERE id = %s",
                        (answer.json()["push_results"][0]["message_id"],))
         assert cursor.fetchone()[0] == "alice"  # the token's sub, never the body's
+
+
+def test_a_cycle_carries_at_most_queen_max_push_items_sink_messages(make_server):
+    """As a push or a transaction (QUEEN_MAX_PUSH_ITEMS): a cycle's push_items went to
+    PostgreSQL whatever their number."""
+    server = make_server(QUEEN_MAX_PUSH_ITEMS="5")
+    answer = httpx.post(server.url + "/streams/v1/cycle", timeout=30, json={
+        "query_id": str(uuid.uuid4()), "partition_id": str(uuid.uuid4()),
+        "push_items": [{"queue": "sink", "payload": n} for n in range(6)]})
+    assert answer.status_code == 413, answer.text
+    assert "QUEEN_MAX_PUSH_ITEMS" in answer.json()["error"]

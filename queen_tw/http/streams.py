@@ -84,7 +84,8 @@ class StreamRoutes:
         group = parsing.optional_text(body, "consumer_group") or QUEUE_MODE
         release_lease = _optional_flag(body, "release_lease", True)
         state_ops = _state_ops(body.get("state_ops"))
-        push_items = _push_items(body.get("push_items"), producer_sub(request))
+        push_items = _push_items(body.get("push_items"), producer_sub(request),
+                                 parsing.push_limit(request))
         ack = _ack(body.get("ack"))
         answer = await self._streams().cycle(query_id, partition_id, group, release_lease,
                                              state_ops, push_items, ack)
@@ -172,13 +173,14 @@ def _state_ops(raw: Any) -> List[Dict[str, Any]]:
     return ops
 
 
-def _push_items(raw: Any, sub: Optional[str]) -> List[Dict[str, Any]]:
+def _push_items(raw: Any, sub: Optional[str], max_items: Optional[int]) -> List[Dict[str, Any]]:
     """``push_items``: items as ``POST /api/v1/push`` takes them (WIRE.md 2.2), stamped
-    with the token's ``sub`` as producerSub."""
+    with the token's ``sub`` as producerSub, at most QUEEN_MAX_PUSH_ITEMS (413)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise InvalidRequest("push_items must be an array")
+    parsing.check_push_count(len(raw), max_items)
     items = []
     for index, item in enumerate(raw):
         try:
