@@ -440,3 +440,21 @@ def test_a_group_delete_waits_for_a_pop_claiming_a_partition_and_removes_its_lea
     assert pop_answer(http, queue, consumerGroup=group, subscriptionMode="new").status_code == 204
     push(http, queue, ["b1"], partition="B", prefix="c")
     assert _consume_all(http, queue, group) == ["b1"]
+
+
+def test_a_change_of_another_group_does_not_make_a_first_claim_skip(http, holder):
+    """The first claim of a partition only skips while a change of its own group (delete,
+    seek) holds the group's claim lock; another group's change (which takes every queue's
+    lookup lock when it names no queue) left a pop of this group answering 204."""
+    queue, group = unique_name(), unique_name("g-")
+    push(http, queue, ["a0"], partition="A", prefix="a")
+    assert _consume_all(http, queue, group) == ["a0"]
+    push(http, queue, ["b0"], partition="B", prefix="b")  # a partition it never popped
+    with holder.cursor() as cursor:  # what another group's delete of every queue holds
+        cursor.execute("SELECT queen.lock_lookups(ARRAY(SELECT id FROM queen.queues "
+                       "WHERE name = %s)), queen.lock_group_claims(ARRAY(SELECT id FROM "
+                       "queen.queues WHERE name = %s), 'another-group')", (queue, queue))
+
+    delivery = pop(http, queue, consumerGroup=group)
+
+    assert delivery is not None and [m["data"] for m in delivery["messages"]] == ["b0"]

@@ -165,12 +165,13 @@ BEGIN
                                      hashtext(p_partition::text || '/' || p_group)) THEN
         RETURN false;
     END IF;
-    -- Shared on the queue's lookup lock, as pushes take it: an admin change (a group delete,
-    -- a seek) holding it exclusively made its changes without seeing this row, which the pop
-    -- then committed with a lease for a deleted group. Not waited for: the partition is
-    -- skipped this time, and the admin change waits for this transaction instead.
-    IF NOT coalesce(pg_try_advisory_xact_lock_shared(queen.lookup_lock_class(), hashtext(
-            (SELECT queue_id FROM queen.partitions WHERE id = p_partition)::text)), true) THEN
+    -- Shared on the group's claim lock on the queue (queen.lock_group_claims): a change of
+    -- this group (a delete, a seek) holding it exclusively made its changes without seeing
+    -- this row, which the pop then committed with a lease for a deleted group. Not waited
+    -- for: the partition is skipped this time, and the change waits for this transaction.
+    IF NOT coalesce(pg_try_advisory_xact_lock_shared(queen.lookup_lock_class() + 3, hashtext(
+            (SELECT queue_id FROM queen.partitions WHERE id = p_partition)::text
+            || '/' || p_group)), true) THEN
         RETURN false;
     END IF;
     BEGIN  -- (a block of its own: the usual call above pays no subtransaction)

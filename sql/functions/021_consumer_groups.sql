@@ -75,6 +75,17 @@ LANGUAGE sql AS $$
       FROM (SELECT DISTINCT q FROM unnest(p_queues) q ORDER BY q) x
 $$;
 
+-- Takes group p_group's claim locks on these queues, in id order, after lock_lookups: a
+-- pop making the group's first row in a partition holds its lock shared (ensure_consumer),
+-- so a change of the group's cursors waits for that row to commit and then sees it. Per
+-- (queue, group): a change of one group never makes another group's pops skip.
+CREATE OR REPLACE FUNCTION queen.lock_group_claims(p_queues uuid[], p_group text) RETURNS void
+LANGUAGE sql AS $$
+    SELECT count(pg_advisory_xact_lock(queen.lookup_lock_class() + 3,
+                                       hashtext(q::text || '/' || p_group)))
+      FROM (SELECT DISTINCT q FROM unnest(p_queues) q ORDER BY q) x
+$$;
+
 -- GET /api/v1/consumer-groups: one row per (group, queue), queue mode included.
 CREATE OR REPLACE FUNCTION queen.consumer_groups_list() RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
@@ -189,6 +200,7 @@ BEGIN
     v_queues := coalesce(v_queues, '{}');
     v_names := coalesce(v_names, '{}');
     PERFORM queen.lock_lookups(v_queues);
+    PERFORM queen.lock_group_claims(v_queues, p_group);
 
     DELETE FROM queen.partition_consumers pc USING queen.partitions p
      WHERE pc.partition_id = p.id AND pc.consumer_group = p_group AND p.queue_id = ANY(v_queues);
@@ -230,6 +242,8 @@ DECLARE
 BEGIN
     PERFORM queen.lock_lookups(ARRAY(SELECT queue_id FROM queen.consumer_subscriptions
                                       WHERE consumer_group = p_group));
+    PERFORM queen.lock_group_claims(ARRAY(SELECT queue_id FROM queen.consumer_subscriptions
+                                           WHERE consumer_group = p_group), p_group);
     UPDATE queen.consumer_subscriptions
        SET subscription_from = p_ts, subscription_mode = 'timestamp'
      WHERE consumer_group = p_group;
@@ -268,6 +282,7 @@ BEGIN
         RETURN jsonb_build_object('notFound', true);
     END IF;
     PERFORM queen.lock_lookups(ARRAY[v_queue]);
+    PERFORM queen.lock_group_claims(ARRAY[v_queue], p_group);
     -- Every row of the group is locked, leased or not: a pop committing a lease right now
     -- is waited for and its lease read (a lease filter would skip the row it still sees free).
     PERFORM queen.note_ended_leases(ARRAY(
