@@ -5,7 +5,7 @@ changes nothing (503), and a stored one that the process did not live to apply i
 the next start.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ class Declarations:
         self.loaded = False
         self._changes = 0  # configures and deletes made here: a load that saw fewer is stale
         self._loading: Optional[defer.Deferred] = None
+        self._writing: Dict[str, defer.DeferredLock] = {}  # per queue, see _in_turn
 
     async def ready(self) -> None:
         """Loads the declarations if no load has succeeded yet (the first requests after a
@@ -68,17 +69,35 @@ class Declarations:
     async def configure(self, name: str, options: Dict[str, Any]) -> Dict[str, Any]:
         """Stores ``options`` (checked) for ``name``, then applies them; returns the stored
         declaration ``{queue, options}``. PostgreSQL errors propagate, nothing applied."""
-        stored = await self._db.call("ephemeral_declare", name, options)
-        self._changes += 1
-        self._engine.declare(name, options)
-        return stored
+        async def store_then_apply() -> Dict[str, Any]:
+            stored = await self._db.call("ephemeral_declare", name, options)
+            self._changes += 1
+            self._engine.declare(name, options)
+            return stored
+        return await self._in_turn(name, store_then_apply)
 
     async def delete(self, name: str) -> Dict[str, Any]:
         """Removes the declaration, then the queue's rings; ``{queue, deleted, declared}``."""
-        declared = bool(await self._db.call("ephemeral_forget", name))
-        self._changes += 1
-        removed = self._engine.remove(name)
-        return {"queue": name, "deleted": removed or declared, "declared": declared}
+        async def forget_then_remove() -> Dict[str, Any]:
+            declared = bool(await self._db.call("ephemeral_forget", name))
+            self._changes += 1
+            removed = self._engine.remove(name)
+            return {"queue": name, "deleted": removed or declared, "declared": declared}
+        return await self._in_turn(name, forget_then_remove)
+
+    async def _in_turn(self, name: str, change: Callable[[], Awaitable[Dict[str, Any]]]
+                       ) -> Dict[str, Any]:
+        """Runs the changes of one queue one after the other: concurrent ones on different
+        pool connections committed in one order and were applied in RAM in another, which
+        left options in force that PostgreSQL does not hold (until the next load)."""
+        lock = self._writing.setdefault(name, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            return await change()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._writing.pop(name, None)
 
     async def load(self) -> int:
         """Applies every stored declaration (at start, then now and then, so a configure

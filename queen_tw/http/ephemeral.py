@@ -199,7 +199,8 @@ class EphemeralRoutes:
         parts = self._parts()
         body = _body(request)
         queue = check_name(body.get("queue"), "queue")
-        partition = check_name(body.get("partition", DEFAULT_PARTITION), "partition")
+        given = body.get("partition")  # null means absent (WIRE.md 1.2): Default
+        partition = check_name(DEFAULT_PARTITION if given is None else given, "partition")
         payloads = _payloads(body.get("messages"))
         return _at_owner(request, parts, queue, lambda: _when_ready(parts, lambda: json_answer(
             request, 201, {"pushed": parts.engine.push(queue, partition, payloads)})))
