@@ -214,3 +214,61 @@ async def test_fused_pushes_too_large_for_one_statement_are_stored_in_smaller_ca
     delivery = await engine.pop(PopRequest(queue=queue, partition="p", batch=10))
     assert [m["transactionId"] for m in delivery.message_list()] == ["t0", "t1", "t2", "t3"]
 
+
+
+# -- shards of one fused push that fail while others commit ------------------------------
+
+
+def test_a_queue_encrypted_elsewhere_does_not_answer_its_neighbours_duplicate(
+        server, make_server, db):
+    """One request: 12 partitions of a plain queue, and one item of a queue another instance
+    has just set to encrypt (this server's cache still says plain). The shard holding that
+    item fails (the flag changed under it) while the other commits: the whole request was
+    sent again, and the 12 items it had stored answered `duplicate`."""
+    from tests.support import TEST_ENCRYPTION_KEY
+
+    stale = make_server(QUEEN_ENCRYPTION_KEY=TEST_ENCRYPTION_KEY,
+                        QUEEN_QUEUE_CONFIG_TTL_MS="600000")
+    plain, sealed = unique_name(), unique_name()
+    with httpx.Client(base_url=stale.url, timeout=30) as client:
+        client.post("/api/v1/push", json={"items": [
+            {"queue": sealed, "payload": "warm", "transactionId": "warm"}]}).raise_for_status()
+        httpx.post(server.url + "/api/v1/configure", timeout=30, json={
+            "queue": sealed, "options": {"encryptionEnabled": True}}).raise_for_status()
+        answer = client.post("/api/v1/push", json={"items": [
+            {"queue": plain, "partition": f"p{n}", "payload": n, "transactionId": f"t{n}"}
+            for n in range(12)] + [{"queue": sealed, "payload": {"s": 1},
+                                    "transactionId": "secret"}]})
+
+    assert answer.status_code == 201, answer.text
+    assert [r["status"] for r in answer.json()] == ["queued"] * 13, answer.text
+    assert count_messages(db, plain) == 12
+    with db.cursor() as cursor:
+        cursor.execute("SELECT m.is_encrypted FROM queen.messages m JOIN queen.partitions p "
+                       "ON p.id = m.partition_id JOIN queen.queues q ON q.id = p.queue_id "
+                       "WHERE q.name = %s AND m.transaction_id = 'secret'", (sealed,))
+        assert cursor.fetchall() == [(True,)]
+
+
+def test_concurrent_framed_pushes_reusing_one_client_id_answer_every_item_queued(server, db):
+    """Six requests at once, each with a frame reusing one client message id (its own
+    transactionId) and six frames in partitions of their own. Racing inserts of that id fail
+    one shard of a fused call while the other commits: the jobs were run again one by one,
+    and the items already stored answered `duplicate`."""
+    from tests.binary_bodies import framed_body, framed_group, v7_id
+
+    queue, shared = unique_name(), v7_id()
+
+    def one(n: int) -> httpx.Response:
+        groups = [framed_group(queue, "P", [(shared, f"shared-{n}", b'{"s":1}')])]
+        groups += [framed_group(queue, f"own{n}-{k}", [(v7_id(), f"own{n}-{k}", b"1")])
+                   for k in range(6)]
+        return httpx.post(server.url + "/api/v1/push", content=framed_body(groups),
+                          headers={"Content-Type": "application/x-queen-push"}, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool_:
+        answers = list(pool_.map(one, range(6)))
+
+    assert [a.status_code for a in answers] == [201] * 6, [a.text for a in answers]
+    assert [r["status"] for a in answers for r in a.json()] == ["queued"] * 42
+    assert count_messages(db, queue) == 42

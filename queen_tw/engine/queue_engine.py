@@ -161,10 +161,17 @@ def _refused(item: Dict[str, Any], error: str) -> Dict[str, Any]:
             "transaction_id": item.get("transactionId"), "error": error}
 
 
-def _first_error(failure):
-    """gatherResults wraps errors in FirstError; callers want the original exception."""
-    failure.trap(defer.FirstError)
-    return failure.value.subFailure
+STORE_ROUNDS = 4
+"""Calls a push's items may take when shards of fused calls fail while others commit."""
+
+
+@dataclass(frozen=True)
+class _Unstored:
+    """The answer of an item whose shard of a fused push failed while other shards committed
+    (see QueueEngine._push_batch): nothing of it is stored; :meth:`QueueEngine.store` sends
+    it again and never hands this to a caller."""
+
+    error: Exception
 
 
 class QueueEngine:
@@ -296,6 +303,27 @@ class QueueEngine:
         The file-buffer replay calls this too (with the buffer's seal taken off), so replayed
         items are stored the same way.
         """
+        answers = await self._store_once(items)
+        # Part of the request may be stored while the rest is not (_push_batch): answering
+        # an error would say none of it is, and a resend of items without transactionIds
+        # would store them twice. The rest goes again (the flags read again if they were
+        # the fault), each round storing some, as long as rounds are left.
+        for rounds_left in range(STORE_ROUNDS - 1, -1, -1):
+            unstored = [position for position, answer in enumerate(answers)
+                        if isinstance(answer, _Unstored)]
+            if not unstored:
+                return answers
+            if not rounds_left:
+                raise answers[unstored[0]].error
+            if any(isinstance(answers[p].error, QueueSettingsChanged) for p in unstored):
+                self._config_cache.forget_all()
+            again = await self._store_once([items[position] for position in unstored])
+            for position, answer in zip(unstored, again, strict=True):
+                answers[position] = answer if isinstance(answer, _Unstored) \
+                    else dict(answer, index=position)
+        return answers
+
+    async def _store_once(self, items: List[Dict[str, Any]]) -> List[Any]:
         try:
             return await self.batchers["push"].submit(await self._encrypt(items))
         except QueueSettingsChanged:
@@ -311,25 +339,38 @@ class QueueEngine:
         one call for every partition would serialise all pushes. The items are split into
         ``push_shards`` groups by partition, stored by concurrent calls, and put back in
         order: items of one partition always share a call, so their array order holds.
+
+        Each call commits on its own. When every call fails, the error is the batch's (the
+        batcher decides); when only some do, their items answer :class:`_Unstored` and the
+        others what they got, since they are stored.
         """
         flat = [item for job in jobs for item in job]
         job_of = [number for number, job in enumerate(jobs) for _ in job]
         shards: Dict[int, List[int]] = defaultdict(list)
         for position, item in enumerate(flat):
             shards[hash(_partition_key(item)) % self._push_shards].append(position)
-        outcomes = await defer.gatherResults(
+        outcomes: List[Tuple[bool, Any]] = await defer.DeferredList(
             [defer.ensureDeferred(self._push_shard([flat[p] for p in positions],
                                                    [job_of[p] for p in positions]))
-             for positions in shards.values()], consumeErrors=True).addErrback(_first_error)
+             for positions in shards.values()], consumeErrors=True)
+        if not any(succeeded for succeeded, _ in outcomes):
+            outcomes[0][1].raiseException()
         answers: List[Any] = [None] * len(flat)
-        for positions, stored in zip(shards.values(), outcomes, strict=True):
-            for position, answer in zip(positions, stored, strict=True):
-                answers[position] = answer
+        for positions, (succeeded, outcome) in zip(shards.values(), outcomes, strict=True):
+            if succeeded:
+                for position, answer in zip(positions, outcome, strict=True):
+                    answers[position] = answer
+                continue
+            log.warn("{n} items of a fused push were not stored ({error}) while the rest "
+                     "was: they go again", n=len(positions), error=outcome.value)
+            for position in positions:
+                answers[position] = _Unstored(outcome.value)
         results, start = [], 0
         for job in jobs:
             mine = answers[start:start + len(job)]
             for local_index, result in enumerate(mine):
-                result["index"] = local_index
+                if isinstance(result, dict):
+                    result["index"] = local_index
             results.append(mine)
             start += len(job)
         return results
