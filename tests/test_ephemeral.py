@@ -549,7 +549,7 @@ def test_concurrent_configures_leave_in_force_what_postgresql_kept(http: httpx.C
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for _ in range(40):
             queue = unique_name()
-            list(pool.map(lambda length: configure(http, queue, maxLength=length),
+            list(pool.map(lambda length, name=queue: configure(http, name, maxLength=length),
                           range(1, 9)))
             with db.cursor() as cursor:
                 cursor.execute("SELECT options->>'maxLength' FROM queen.ephemeral_queues "
