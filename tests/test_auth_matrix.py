@@ -15,6 +15,7 @@ the route's level, and neither 401 nor 403 (nor a 5xx) otherwise: no cell may by
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -433,3 +434,17 @@ def test_a_small_anonymous_body_is_read_and_answered_401(client: httpx.Client) -
     answer = client.post("/api/v1/push", json={"items": [{"queue": "q", "payload": 1}]})
 
     assert_json_error(answer, 401)
+
+
+def test_an_absolute_form_body_for_a_skipped_path_is_read(pg_env: dict[str, str]) -> None:
+    """The channel asks the gate, at header time, whether an anonymous body will be refused:
+    it asked with the target as sent, so an absolute-form request to a path in
+    JWT_SKIP_PATHS was refused 401 unread, where the gate serves that path to anyone."""
+    with running_server(pg_env, prefix="queen-tw-auth-skip-", **JWT_ENV,
+                        JWT_SKIP_PATHS="/api/v1/push") as skipping:
+        body = json.dumps({"items": [{"queue": unique_name(), "payload": "x" * (2 << 20)}]})
+        answer = raw_answer(skipping.port, (
+            "POST http://127.0.0.1/api/v1/push HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]

@@ -182,6 +182,15 @@ def test_bad_usage_exits_2(server: ServerProcess, args: tuple[str, ...]) -> None
     assert done.stderr.strip() and "Traceback" not in done.stderr
 
 
+def test_a_token_with_a_line_break_is_named_as_the_fault(server: ServerProcess) -> None:
+    """http.client refuses such a header value with a ValueError, which was reported as an
+    unusable --url."""
+    done = cli("--token", "line\nbreak", "status", url=server.url)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("queen-tw: --token holds a line break or NUL: not a usable "
+                                   "token")
+
+
 @pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:abc", "http://[::1"])
 def test_an_unusable_url_is_one_line_and_exits_2(url: str) -> None:
     done = cli("status", url=url)

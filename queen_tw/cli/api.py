@@ -105,6 +105,8 @@ class Api:
         return body
 
     def _headers(self, body: Any) -> "dict[str, str]":
+        if self._token and any(c in self._token for c in "\r\n\x00"):
+            raise CliError("--token holds a line break or NUL: not a usable token", EXIT_USAGE)
         headers = {"Accept": "application/json", "User-Agent": "queen-tw-cli"}
         if body is not None:
             headers["Content-Type"] = "application/json"

@@ -103,7 +103,7 @@ def _content_encoding(request: Request) -> Optional[str]:
     return ", ".join(unread) if unread else None
 
 
-_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+_ABSOLUTE_FORM = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*")
 
 
 def _origin_form(target: bytes) -> bytes:
@@ -364,7 +364,7 @@ class _DeadlineChannel(HTTPChannel):
     def _refused_anonymous(self) -> bool:
         """The auth gate will refuse this request whatever its body holds."""
         refuses = getattr(getattr(self.site, "resource", None), "refuses_unread", None)
-        return refuses is not None and refuses(self._command, self._path,
+        return refuses is not None and refuses(self._command, _origin_form(self._path),
                                                self.requests[-1].requestHeaders)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
