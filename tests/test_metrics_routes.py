@@ -344,3 +344,43 @@ def test_the_dlq_action_counts_as_a_dead_letter_move(pg_env, own_database):
 
         assert moved.json()["dlq"] is True
         assert value(scrape(http), "queen_cluster_dlq_total", scope="cluster") == before + 1
+
+
+def test_a_cluster_counter_never_goes_down_while_intervals_are_written(pg_env, own_database):
+    """A scrape adds this process's unwritten counts to the totals read from PostgreSQL. A
+    write of an interval that finished between that read and the sum dropped the interval
+    from the scrape: queen_cluster_push_messages_total fell (e.g. 408 to 371), which
+    Prometheus reads as a counter reset. Writes now wait for a scrape's read and sum.
+    (Racy by nature: the old code failed about every other run of this test.)"""
+    import threading
+    import time
+
+    queue = unique_name("metrics-race-")
+    with running_server(server_env(pg_env, own_database), METRICS_AGGREGATE_INTERVAL_S="1",
+                        METRICS_SAMPLE_INTERVAL_MS="200") as server:
+        stop, pushed = threading.Event(), [0]
+
+        def pusher() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                while not stop.is_set():
+                    push(client, queue, [pushed[0]], prefix=f"m{pushed[0]}-")
+                    pushed[0] += 1
+                    time.sleep(0.005)
+
+        thread = threading.Thread(target=pusher, daemon=True)
+        thread.start()
+        seen: list[float] = []
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                deadline = time.monotonic() + 12  # a dozen writes, each a chance to drop
+                while time.monotonic() < deadline:
+                    seen.append(value(scrape(http), "queen_cluster_push_messages_total",
+                                      scope="cluster"))
+        finally:
+            stop.set()
+            thread.join(30)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            final = value(scrape(http), "queen_cluster_push_messages_total", scope="cluster")
+
+    assert all(later >= earlier for earlier, later in zip(seen, seen[1:], strict=False)), seen
+    assert final == pushed[0]

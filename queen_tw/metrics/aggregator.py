@@ -71,11 +71,15 @@ class Aggregator:
 
     async def write(self) -> None:
         """Stores everything counted since the last successful write (one SQL call)."""
-        interval = self._recorder.take_interval()
-        cpu = cpu_seconds()
-        sample = self._sampler.latest
-        await self._db.call("metrics_write", self.document(interval, sample, cpu))
-        self._recorder.written()
+        await self._recorder.writing.acquire()
+        try:
+            interval = self._recorder.take_interval()
+            cpu = cpu_seconds()
+            sample = self._sampler.latest
+            await self._db.call("metrics_write", self.document(interval, sample, cpu))
+            self._recorder.written()
+        finally:
+            self._recorder.writing.release()
         self._cpu_base = cpu
         self._parked_before = {queue for queue, count in sample.parked.items() if count}
         self.writes += 1

@@ -1,8 +1,9 @@
 """What this process did, counted in memory on the message path.
 
 The engine calls :class:`Recorder` once per push, pop, ack and transaction: a few integer
-additions and one histogram observation, no lock (the reactor thread is the only writer),
-no database write. The aggregator takes what was counted as an :class:`Interval` every
+additions and one histogram observation, no lock (the reactor thread is the only writer;
+``writing`` only orders a write of the totals against a scrape reading them), no database
+write. The aggregator takes what was counted as an :class:`Interval` every
 METRICS_AGGREGATE_INTERVAL_S and writes it to PostgreSQL; an interval that could not be
 written stays with the recorder and is merged into the next one, so no count is lost to an
 outage (only the interval rows become one longer row).
@@ -13,6 +14,8 @@ from collections import Counter
 from datetime import datetime
 from operator import itemgetter
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from twisted.internet import defer
 
 from queen_tw.engine.popper import Delivery
 from queen_tw.metrics.histogram import AGE_BOUNDS_MS, LATENCY_BOUNDS_S, Histogram
@@ -165,6 +168,10 @@ class Recorder:
         self._db_errors_seen = 0
         self.current = Interval(wall())
         self._unwritten: Optional[Interval] = None
+        # Held by a write of the unwritten counts and by a scrape's read of the written
+        # totals: a write finishing between that read and the scrape's look at
+        # unwritten() dropped its interval from the sum (the counter went down).
+        self.writing = defer.DeferredLock()
         self.lifetime = Counts()
         self.lifetime_latency = {op: Histogram(LATENCY_BOUNDS_S) for op in OPS}
 

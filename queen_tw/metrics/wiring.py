@@ -86,14 +86,21 @@ class Metrics:
                 AggregatorService(self.aggregator, self._clock, self._aggregate_interval_s)]
 
     async def prometheus_text(self) -> bytes:
-        """The exposition of every family (the pg ones only when PostgreSQL answered)."""
-        snapshot = await self._snapshot()
-        self._db_answered = snapshot is not None
-        self._postgres.feed(snapshot)
+        """The exposition of every family (the pg ones only when PostgreSQL answered). The
+        written totals are read, and added to the unwritten counts, while no write of them
+        is under way (``Recorder.writing``): the sum is then exact, never lower than the
+        last scrape's."""
+        await self.recorder.writing.acquire()
         try:
-            return generate_latest(self._registry)
+            snapshot = await self._snapshot()
+            self._db_answered = snapshot is not None
+            self._postgres.feed(snapshot)
+            try:
+                return generate_latest(self._registry)
+            finally:
+                self._postgres.feed(None)
         finally:
-            self._postgres.feed(None)
+            self.recorder.writing.release()
 
     async def _snapshot(self) -> Optional[Dict[str, Any]]:
         stale = max(600, 3 * self._aggregate_interval_s)
