@@ -296,3 +296,15 @@ def test_client26_pop_reads_the_empty_answer_and_raises_on_the_queue_mode_400(se
     assert seen["newest"] == [3]
     assert seen["queue_mode"]["status"] == 400
     assert "consumerGroup" in seen["queue_mode"]["message"]
+
+
+def test_an_empty_pop_forgets_the_policy_of_a_deleted_queue(http):
+    """The server remembers each group's stored policy from its pops, for empty answers. A
+    pop on a deleted queue reads no policy, and its empty answer still claimed the old one
+    (200, conflation: true) where a plain pop answers a bodiless 204 (WIRE2 8.2)."""
+    queue = unique_name()
+    push(http, queue, ["a"])
+    assert conflating_pop(http, queue)["conflation"] is True
+    assert http.delete(f"/api/v1/resources/queues/{queue}").status_code == 200
+
+    assert pop_answer(http, queue, consumerGroup=GROUP).status_code == 204

@@ -21,7 +21,13 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from queen_tw.engine.popper import Attempt, ParkingLot, PollTiming, PopRequest
+from queen_tw.engine.popper import (
+    JOIN_LOOK_AGAIN_S,
+    Attempt,
+    ParkingLot,
+    PollTiming,
+    PopRequest,
+)
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
 
 from tests.engine_support import in_process_engine
@@ -250,6 +256,27 @@ def test_fallback_timer_follows_the_backoff_and_a_known_due_time_comes_first():
     assert popper.asked == ["w0"]
     clock.advance(0.02)
     assert popper.asked == ["w0", "w0"]
+
+
+def test_a_pop_joining_a_line_whose_last_look_is_stale_makes_it_look_now():
+    """A pop finding a line parks without an attempt of its own, relying on the line's last
+    look. A change that wakes no one (a lease running out) outdated it: the pop waited for
+    the fallback re-check (up to POP_WAIT_MAX_INTERVAL_MS), past a short timeout, while
+    messages were ready (WIRE.md 2.3.7: try at once). A stale look is now taken again."""
+    clock, popper = Clock(), ScriptedPopper()
+    lot = _lot(clock, popper, initial_ms=5000)
+    first = lot.park(_request("w0"), 30, Attempt())  # parked after its own empty attempt
+    clock.advance(JOIN_LOOK_AGAIN_S / 2)
+    second = lot.park(_request("w1"), 30, Attempt(), tried=False)
+    assert popper.asked == []  # a look that recent stands
+
+    clock.advance(JOIN_LOOK_AGAIN_S)
+    popper.script = [{"m": 1}, {"m": 2}]
+    third = lot.park(_request("w2"), 30, Attempt(), tried=False)
+
+    assert popper.asked == ["w0", "w1", "w2"]  # oldest first, while there is more
+    assert first.answer.result == {"m": 1} and second.answer.result == {"m": 2}
+    assert third.waiting
 
 
 def test_a_lot_reports_to_its_owner_when_its_last_attempt_leaves_nobody_in_line():

@@ -247,8 +247,10 @@ class Popper:
         answer_by = (deadline + WAITING_GRACE_S if request.wait
                      else self._clock.seconds() + NO_WAIT_ANSWER_BY_S)
         outcome = Attempt()
+        tried = False
         while lot is None or not len(lot):
             wakes_before = lot.wakes if lot is not None else 0
+            tried = True
             outcome = await self._attempt_by(request, answer_by)
             if outcome.empty_at is not None and request.waiting_since is None:
                 request = replace(request, waiting_since=outcome.empty_at)
@@ -268,7 +270,7 @@ class Popper:
         if self._paused():  # pop maintenance came on during the attempt: nothing to wait for
             self._leave(lot)
             return None
-        parked = lot.park(request, deadline - self._clock.seconds(), outcome)
+        parked = lot.park(request, deadline - self._clock.seconds(), outcome, tried)
         if gone is not None:
             gone.addBoth(lambda _: lot.leave(parked))
         try:
@@ -364,6 +366,9 @@ class Popper:
         if request.autopilot:
             result["autopilot"] = autopilot.echo(width or 1, request.batch)
         if conflating is None:
+            # no stored policy was read (the queue or partition is unknown, e.g. deleted):
+            # the one learnt before is stale, and made empty answers claim conflation
+            self._conflating.pop(request.lane, None)
             return
         if len(self._conflating) > 10_000:
             self._conflating.clear()
@@ -472,6 +477,11 @@ class _Parked:
             self.answer.callback(delivery)
 
 
+JOIN_LOOK_AGAIN_S = 0.05
+"""How old a line's last look may be for a pop joining it to rely on it (ParkingLot.park):
+the joiners of a busy line cost PostgreSQL at most 20 attempts a second."""
+
+
 class ParkingLot:
     """The parked pops of one key, served in arrival order, one database attempt at a time.
 
@@ -502,6 +512,7 @@ class ParkingLot:
         self.users = 0          # pops in their first attempt or parked here
         self.wakes = 0
         self._empty_at: Optional[str] = None  # the latest attempt that found nothing
+        self._looked_at = -math.inf  # when the latest attempt for the line started
 
     def __len__(self) -> int:
         return sum(1 for parked in self._line if parked.waiting)
@@ -530,15 +541,28 @@ class ParkingLot:
 
     # -- the popper's side ---------------------------------------------------------------
 
-    def park(self, request: PopRequest, timeout: float, last: Attempt) -> _Parked:
-        """Queues a pop whose own attempt found nothing; it is answered by a later attempt,
-        or with None after ``timeout`` seconds."""
+    def park(self, request: PopRequest, timeout: float, last: Attempt,
+             tried: bool = True) -> _Parked:
+        """Queues a pop whose own attempt found nothing, or that found a line here and did not
+        try (``tried`` false); it is answered by a later attempt, or with None after
+        ``timeout`` seconds.
+
+        A pop joining a line relies on the line's last look, which a change that wakes no one
+        (a lease running out, a delay ending) may have outdated: when that look is older than
+        :data:`JOIN_LOOK_AGAIN_S`, the line looks again now (WIRE.md 2.3.7, try at once), at
+        most once per that time however many pops join."""
         if request.waiting_since is None and self._empty_at is not None:
             request = replace(request, waiting_since=self._empty_at)
         parked = _Parked(request)
         parked.deadline = self._clock.callLater(max(timeout, 0), self.leave, parked)
         self._line.append(parked)
         self._learn(last)
+        if tried:  # its own attempt was a look for the line too
+            self._looked_at = max(self._looked_at, self._clock.seconds())
+        elif not self.running \
+                and self._clock.seconds() - self._looked_at >= JOIN_LOOK_AGAIN_S:
+            self._kick()
+            return parked
         if not self.running and (self._timer is None or not self._timer.active()):
             self._schedule(last.retry_in)
         return parked
@@ -585,6 +609,7 @@ class ParkingLot:
                 if head is None:
                     break  # a wake-up still pending stays dirty for the attempts running
                 self._dirty = False  # this attempt starts after every wake-up so far
+                self._looked_at = self._clock.seconds()
                 head.served = True
                 settings_before = self._settings_changes()
                 try:
