@@ -234,14 +234,16 @@ def test_consumer_group_routes_with_a_group_longer_than_255_answer_400(http, rou
     assert_json_error(answer, 400, "consumerGroup is longer than 255 characters")
 
 
-def test_pop_with_unparsable_numbers_answers_400_naming_the_first(http):
+def test_pop_with_unparsable_numbers_takes_their_defaults(http):
+    """WIRE.md 1.2: unparsable integers take the default (batch 1)."""
     queue = unique_name()
     http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n} for n in range(3)]})
 
     answer = http.get(f"/api/v1/pop/queue/{queue}",
                       params={"wait": "false", "batch": "lots", "timeout": "soon"})
 
-    assert_json_error(answer, 400, "batch must be an integer")
+    assert answer.status_code == 200, answer.text
+    assert [m["data"] for m in answer.json()["messages"]] == [0]
 
 
 # -- ack and ack/batch ------------------------------------------------------------------

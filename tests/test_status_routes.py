@@ -534,10 +534,6 @@ def test_postgres_stats_describe_the_database_and_queen_tables(http):
     ("/api/v1/analytics/worker-metrics", {"from": "1700000000000", "to": "1600000000000"},
      "from must not be after to"),
     ("/api/v1/status", {"from": "99999999999999999"}, "from"),
-    ("/api/v1/status/queues", {"limit": "ten"}, "limit"),
-    ("/api/v1/status/queues", {"limit": "0"}, "limit"),
-    ("/api/v1/status/queues", {"offset": "-1"}, "offset"),
-    ("/api/v1/status/queues", {"offset": "1.5"}, "offset"),
     ("/api/v1/status/analytics", {"interval": "week"}, "interval"),
 ])
 def test_bad_parameters_answer_400_naming_them(http, path, params, names):
@@ -547,14 +543,24 @@ def test_bad_parameters_answer_400_naming_them(http, path, params, names):
     assert names in answer.json()["error"]
 
 
-def test_bad_paging_of_queue_messages_answers_400(http):
+@pytest.mark.parametrize("params,page", [
+    ({"limit": "ten"}, (100, 0)), ({"limit": "0"}, (1, 0)), ({"offset": "-1"}, (100, 0)),
+    ({"offset": "1.5"}, (100, 0)), ({"limit": "5000", "offset": "2"}, (1000, 2)),
+])
+def test_odd_paging_is_read_as_wire_1_2_says(http, params, page):
+    """Not an integer: the default; out of range: clamped (they answered 400)."""
+    answer = _get(http, "/api/v1/status/queues", **params)
+    assert (answer["pagination"]["limit"], answer["pagination"]["offset"]) == page
+
+
+def test_odd_paging_of_queue_messages_takes_defaults_and_bounds(http):
     queue = unique_name("sq-bad-")
     push(http, queue, [1])
 
-    assert http.get(f"/api/v1/status/queues/{queue}/messages",
-                    params={"limit": "lots"}).status_code == 400
-    assert http.get(f"/api/v1/status/queues/{queue}/messages",
-                    params={"offset": "x"}).status_code == 400
+    assert _get(http, f"/api/v1/status/queues/{queue}/messages",
+                limit="lots")["pagination"]["limit"] == 50
+    assert _get(http, f"/api/v1/status/queues/{queue}/messages",
+                offset="x")["pagination"]["offset"] == 0
     capped = _get(http, f"/api/v1/status/queues/{queue}/messages", limit=5000)
     assert capped["pagination"]["limit"] == 1000 and len(capped["messages"]) == 1
     http.delete(f"/api/v1/resources/queues/{queue}")

@@ -243,7 +243,9 @@ class Popper:
     async def _pop(self, request: PopRequest, gone: Optional[defer.Deferred]
                    ) -> Optional[Delivery]:
         lot = self._lot(request) if request.wait and request.timeout_ms > 0 else None
-        deadline = self._clock.seconds() + request.timeout_ms / 1000.0
+        # (a timeout <= 0 answers after one attempt; a very negative one put the attempt's
+        # own deadline in the past, and a ready message was answered 204)
+        deadline = self._clock.seconds() + max(request.timeout_ms, 0) / 1000.0
         answer_by = (deadline + WAITING_GRACE_S if request.wait
                      else self._clock.seconds() + NO_WAIT_ANSWER_BY_S)
         outcome = Attempt()

@@ -1,9 +1,9 @@
 """Status and analytics routes for dashboards (WIRE.md 3.4), all GET and read-only.
 
-Parameters are read strictly: a ``from``/``to`` that is neither ISO-8601 nor epoch
-milliseconds, a ``from`` after ``to``, or a ``limit``/``offset`` that is not an integer
-answers 400 naming the parameter; a ``limit`` above 1000 is capped. A named queue that does
-not exist answers 404 ``Queue not found``. The answers are computed by
+A ``from``/``to`` that is neither ISO-8601 nor epoch milliseconds, or a ``from`` after
+``to``, answers 400 naming the parameter; ``limit`` and ``offset`` are read as WIRE.md 1.2
+says (not an integer: the default; out of range: clamped, a ``limit`` to 1..1000). A
+named queue that does not exist answers 404 ``Queue not found``. The answers are computed by
 :class:`~queen_tw.engine.analytics.Analytics`; without it (a server built without the admin
 engines) every route answers 404. ``/api/v1/status/buffers`` lives with the system routes.
 """
@@ -38,7 +38,6 @@ INTERVALS = ("minute", "hour", "day")
 """The buckets of ``/api/v1/status/analytics``."""
 
 _EPOCH_MS = re.compile(r"-?[0-9]{1,16}")
-_INTEGER = re.compile(r"([+-]?)0*([0-9]+)")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -75,18 +74,8 @@ def time_range(request) -> Dict[str, str]:
 
 
 def limit(request, default: int) -> int:
-    """``limit``: an integer of at least 1; above :data:`MAX_LIMIT` it is capped."""
-    text = query.text(request, "limit")
-    if not text:
-        return default
-    match = _INTEGER.fullmatch(text.strip())
-    if match is None:
-        raise InvalidRequest("limit must be an integer")
-    sign, digits = match.groups()
-    number = int(digits) if len(digits) <= 9 else MAX_LIMIT + 1  # huge: capped below
-    if sign == "-" or number < 1:
-        raise InvalidRequest("limit must be at least 1")
-    return min(number, MAX_LIMIT)
+    """``limit``: an integer from 1 to :data:`MAX_LIMIT` (clamped)."""
+    return min(query.integer(request, "limit", default, 1), MAX_LIMIT)
 
 
 def offset(request) -> int:
