@@ -137,11 +137,17 @@ def test_an_empty_autopilot_pop_is_still_a_bodiless_204(http):
     assert answer.status_code == 204 and answer.content == b""
 
 
-def test_a_bad_autopilot_value_is_a_400(http):
-    answer = pop_answer(http, unique_name(), autopilot="maybe")
+def test_an_odd_autopilot_value_is_off(http):
+    """WIRE.md 1.2: a boolean is true only for true or 1 (it answered 400)."""
+    queue = unique_name()
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": n}
+                                              for n in range(3)]}).raise_for_status()
 
-    assert answer.status_code == 400
-    assert "autopilot" in answer.json()["error"]
+    answer = pop_answer(http, queue, autopilot="maybe")
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert "autopilot" not in body and [m["data"] for m in body["messages"]] == [0]
 
 
 def test_a_named_group_on_a_namespace_is_sized_too(http):
