@@ -307,21 +307,22 @@ class QueueEngine:
         # Part of the request may be stored while the rest is not (_push_batch): answering
         # an error would say none of it is, and a resend of items without transactionIds
         # would store them twice. The rest goes again (the flags read again if they were
-        # the fault), each round storing some, as long as rounds are left.
-        for rounds_left in range(STORE_ROUNDS - 1, -1, -1):
+        # the fault), each round storing some, for STORE_ROUNDS calls in all.
+        rounds = 1
+        while True:
             unstored = [position for position, answer in enumerate(answers)
                         if isinstance(answer, _Unstored)]
             if not unstored:
                 return answers
-            if not rounds_left:
+            if rounds == STORE_ROUNDS:
                 raise answers[unstored[0]].error
+            rounds += 1
             if any(isinstance(answers[p].error, QueueSettingsChanged) for p in unstored):
                 self._config_cache.forget_all()
             again = await self._store_once([items[position] for position in unstored])
             for position, answer in zip(unstored, again, strict=True):
                 answers[position] = answer if isinstance(answer, _Unstored) \
                     else dict(answer, index=position)
-        return answers
 
     async def _store_once(self, items: List[Dict[str, Any]]) -> List[Any]:
         try:
