@@ -215,10 +215,14 @@ def _fetch(cursor, partition: str, offset: int) -> dict[str, Any]:
 
 
 def _counts(cursor) -> dict[str, tuple]:
-    cursor.execute("""
+    # (before the upgrade: partition_counts(uuid DEFAULT NULL), NULL for every partition)
+    cursor.execute("SELECT to_regprocedure('queen.partition_counts(uuid[])') IS NOT NULL")
+    every = "ARRAY(SELECT id FROM queen.partitions)" if cursor.fetchone()[0] else ""
+    cursor.execute(f"""
         SELECT p.name, c.total, c.pending, c.processing, c.completed,
                queen.stored_through(p.id, p.first_seq, p.last_seq, pc.cursor_seq)
-          FROM queen.partition_counts() c JOIN queen.partitions p ON p.id = c.partition_id
+          FROM queen.partition_counts({every}) c
+          JOIN queen.partitions p ON p.id = c.partition_id
           LEFT JOIN queen.partition_consumers pc
                  ON pc.partition_id = p.id AND pc.consumer_group = '__QUEUE_MODE__'""")
     return {name: rest for name, *rest in cursor.fetchall()}

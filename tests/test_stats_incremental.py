@@ -61,7 +61,7 @@ RECOUNT = """
 """
 
 COUNTS = """SELECT total, pending, processing, completed, dead_letter
-              FROM queen.partition_counts(%(p)s)"""
+              FROM queen.partition_counts(ARRAY[%(p)s::uuid])"""
 
 KEYS = ("total", "pending", "processing", "completed", "deadLetter")
 

@@ -118,7 +118,7 @@ CREATE OR REPLACE TRIGGER messages_deleted_positions
     REFERENCING OLD TABLE AS deleted_rows
     FOR EACH STATEMENT EXECUTE FUNCTION queen.on_messages_deleted_positions();
 
--- The counts of one partition (p_partition) or of all, as the full recount defined them:
+-- The counts of the partitions p_partitions, as the full recount defined them:
 -- total = stored; completed = at or before the queue-mode cursor, less the ones queue mode
 -- dead-lettered there (one it dead-lettered ahead of its cursor is still pending); processing = after it, up to the last message of a live queue-mode lease;
 -- pending = the rest; dead_letter = the partition's messages in the dead-letter table,
@@ -128,7 +128,11 @@ CREATE OR REPLACE TRIGGER messages_deleted_positions
 -- the probes): a few index probes per partition, whatever it stores. Dead letters are
 -- counted per partition (one index range and a key probe each), so that count grows with the
 -- dead-letter table, not with the queue.
-CREATE OR REPLACE FUNCTION queen.partition_counts(p_partition uuid DEFAULT NULL)
+-- Taken as an array, not as one id that NULL widens to all: a generic plan of
+-- `p_partition IS NULL OR p.id = p_partition` read every partition, once per partition a
+-- listing counted (GET /api/v1/resources/queues took seconds at a few thousand queues).
+DROP FUNCTION IF EXISTS queen.partition_counts(uuid);
+CREATE OR REPLACE FUNCTION queen.partition_counts(p_partitions uuid[])
 RETURNS TABLE (partition_id uuid, queue_id uuid, total bigint, pending bigint,
                processing bigint, completed bigint, dead_letter bigint)
 LANGUAGE sql STABLE AS $$
@@ -168,7 +172,7 @@ LANGUAGE sql STABLE AS $$
                  AND (m.created_at, m.id) <= (pc.lease_last_created_at, pc.lease_last_id)
                  AND (m.created_at, m.id) > (pc.cursor_created_at, pc.cursor_id)
                ORDER BY m.created_at DESC, m.id DESC LIMIT 1) le ON true
-         WHERE p_partition IS NULL OR p.id = p_partition
+         WHERE p.id = ANY(p_partitions)
       ) x
       CROSS JOIN LATERAL (
           SELECT count(DISTINCT d.message_id) AS dead_letter,
@@ -254,7 +258,7 @@ BEGIN
         SELECT c.queue_id, sum(c.total) AS total, sum(c.pending) AS pending,
                sum(c.processing) AS processing, sum(c.completed) AS completed,
                sum(c.dead_letter) AS dead_letter
-          FROM queen.partition_counts() c
+          FROM queen.partition_counts(ARRAY(SELECT id FROM queen.partitions)) c
          GROUP BY c.queue_id
     )
     INSERT INTO queen.queue_stats AS qs (queue_id, total, pending, processing, completed,
@@ -381,7 +385,7 @@ BEGIN
                        'messages', jsonb_build_object(
                            'total', h.message_count,
                            'pending', (SELECT c.pending + c.processing
-                                         FROM queen.partition_counts(h.id) c)))
+                                         FROM queen.partition_counts(ARRAY[h.id]) c)))
                      ORDER BY h.queue_name, h.name)
               FROM (SELECT * FROM hits ORDER BY queue_name, name LIMIT v_limit OFFSET v_offset) h),
             '[]'::jsonb),

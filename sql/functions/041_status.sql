@@ -304,7 +304,7 @@ BEGIN
                jsonb_build_object('total', c.total, 'pending', c.pending,
                                   'processing', c.processing, 'completed', c.completed,
                                   'deadLetter', c.dead_letter) AS s
-          FROM queen.partitions p CROSS JOIN LATERAL queen.partition_counts(p.id) c
+          FROM queen.partitions p CROSS JOIN LATERAL queen.partition_counts(ARRAY[p.id]) c
          WHERE p.queue_id = qu.id
     )
     SELECT (SELECT coalesce(jsonb_agg(jsonb_build_object(
