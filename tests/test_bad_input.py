@@ -197,6 +197,11 @@ def test_transaction_id_of_255_characters_is_accepted(http):
 
 @pytest.mark.parametrize("bad_item", [
     {"traceId": "not-a-uuid"},
+    # forms Python's uuid.UUID reads and PostgreSQL refuses: they were queued as "failed"
+    # with a 201, or, during an outage, answered "buffered" and never replayed
+    {"traceId": f"urn:uuid:{uuid.UUID(int=7)}"},
+    {"traceId": "0000_0000_0000_0000_0000_0000_0000_0007"},
+    {"traceId": "+" + "0" * 31},
     {"transactionId": "y" * 300},
     {"partition": 7},
     {"queue": None},
@@ -210,6 +215,16 @@ def test_one_bad_item_rejects_the_whole_push(http, db, bad_item):
 
     assert_json_error(answer, 400)
     assert message_rows(db, queue) == 0
+
+
+@pytest.mark.parametrize("trace_id", [
+    "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+    "a0eebc999c0b4ef8bb6d6bb9bd380a11", "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11"])
+def test_every_form_postgresql_reads_is_a_trace_id(http, trace_id):
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": unique_name(), "payload": 1, "traceId": trace_id}]})
+
+    assert answer.status_code == 201 and answer.json()[0]["status"] == "queued", answer.text
 
 
 # -- pop --------------------------------------------------------------------------------

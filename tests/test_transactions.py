@@ -23,6 +23,44 @@ def _pop(http, queue: str, **params) -> Dict[str, Any]:
     return answer.json() if answer.status_code == 200 else {"messages": []}
 
 
+@pytest.mark.parametrize("spelled", [str.upper, lambda lease: "{%s}" % lease,
+                                     lambda lease: lease.replace("-", "")])
+def test_a_required_lease_spelled_otherwise_is_still_the_holders(http, spelled):
+    """Lease ids were compared as text: the holder's own lease in capitals was "held under
+    another lease". They are read into PostgreSQL's form first."""
+    source = unique_name()
+    _push(http, source)
+    message = _pop(http, source)["messages"][0]
+
+    body = http.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": message["transactionId"],
+                        "partitionId": message["partitionId"],
+                        "leaseId": spelled(message["leaseId"])}],
+        "requiredLeases": [spelled(message["leaseId"])]}).json()
+
+    assert body["success"] is True, body
+    assert http.get(f"/api/v1/pop/queue/{source}").status_code == 204
+
+
+@pytest.mark.parametrize("where", ["requiredLeases", "leaseId"])
+def test_a_lease_id_postgresql_cannot_read_answers_400(http, where):
+    source = unique_name()
+    _push(http, source)
+    message = _pop(http, source)["messages"][0]
+    urn = "urn:uuid:" + message["leaseId"]
+    operation = {"type": "ack", "transactionId": message["transactionId"],
+                 "partitionId": message["partitionId"]}
+    body: Dict[str, Any] = {"operations": [operation]}
+    if where == "leaseId":
+        operation["leaseId"] = urn
+    else:
+        body["requiredLeases"] = [urn]
+
+    answer = http.post("/api/v1/transaction", json=body)
+
+    assert answer.status_code == 400, answer.text
+
+
 def test_transaction_acks_and_pushes_together(http, db):
     source, sink = unique_name(), unique_name()
     _push(http, source)

@@ -70,24 +70,33 @@ def optional_name(value: Optional[str], what: str) -> Optional[str]:
 
 _HEX = "[0-9a-fA-F]"
 _CANONICAL_UUID = re.compile(f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}")
+# What PostgreSQL's uuid input reads: 32 hex digits, a hyphen allowed after any group of four,
+# the whole optionally in braces. (uuid.UUID also takes "urn:uuid:", "+" and "_", which
+# PostgreSQL refuses: such an id passed here and failed the statement, or a buffered push's
+# replay, later.)
+_UUID_DIGITS = f"{_HEX}{{4}}(?:-?{_HEX}{{4}}){{7}}"
+_POSTGRESQL_UUID = re.compile(f"{_UUID_DIGITS}|\\{{{_UUID_DIGITS}\\}}")
 
 
-def is_uuid(text: Any) -> bool:
+def canonical_uuid(text: Any) -> Optional[str]:
+    """``text`` in PostgreSQL's output form (lowercase, hyphenated), or None if PostgreSQL
+    would not read it as a uuid. Ids compared as text (requiredLeases) must be in this form:
+    the holder's own lease written in capitals was "held under another lease"."""
     if not isinstance(text, str):
-        return False
+        return None
     if _CANONICAL_UUID.fullmatch(text):  # the usual form, 4x cheaper than uuid.UUID
-        return True
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
+        return text.lower()
+    if _POSTGRESQL_UUID.fullmatch(text):
+        return str(uuid.UUID(text))
+    return None
 
 
 def require_uuid(text: Any, what: str) -> str:
-    if not is_uuid(text):
+    """``text`` in canonical form (canonical_uuid); 400 if it is not a uuid."""
+    canonical = canonical_uuid(text)
+    if canonical is None:
         raise InvalidRequest(f"{what} must be a UUID")
-    return text
+    return canonical
 
 
 def optional_text(body: Mapping[str, Any], key: str, what: Optional[str] = None,
@@ -199,13 +208,13 @@ def ack_item(item: Any, group: Optional[str], index: int) -> Dict[str, Any]:
     partition_id = item.get("partitionId")
     if partition_id is None or partition_id == "":
         raise InvalidRequest("partitionId is required to ensure message uniqueness")
-    require_uuid(partition_id, "partitionId")
+    partition_id = require_uuid(partition_id, "partitionId")
     status = item.get("status")
     if status is not None and not isinstance(status, str):
         raise InvalidRequest("status must be a string")
     lease_id = optional_text(item, "leaseId")
     if lease_id:
-        require_uuid(lease_id, "leaseId")
+        lease_id = require_uuid(lease_id, "leaseId")
     return {
         "index": index,
         "transactionId": transaction_id,
@@ -363,7 +372,8 @@ def transaction_riders(body: Mapping[str, Any]) -> Dict[str, Any]:
 def required_leases(body: Mapping[str, Any]) -> List[str]:
     """``requiredLeases`` of a transaction (WIRE.md 9.4): lease ids, ``""`` tolerated."""
     leases = body.get("requiredLeases") or []
-    if not isinstance(leases, list) or not all(
-            lease == "" or is_uuid(lease) for lease in leases):
-        raise InvalidRequest("requiredLeases must be an array of lease ids")
-    return leases
+    if isinstance(leases, list):
+        canonical = [lease if lease == "" else canonical_uuid(lease) for lease in leases]
+        if None not in canonical:
+            return cast(List[str], canonical)
+    raise InvalidRequest("requiredLeases must be an array of lease ids")

@@ -205,7 +205,7 @@ def _ack(raw: Any) -> Optional[Dict[str, Any]]:
             f"ack.transactionId is longer than {parsing.MAX_NAME_LENGTH} characters")
     lease_id = parsing.optional_text(raw, "leaseId", "ack.leaseId")
     if lease_id:
-        parsing.require_uuid(lease_id, "ack.leaseId")
+        lease_id = parsing.require_uuid(lease_id, "ack.leaseId")
     status = raw.get("status")
     if status is None:
         status = "completed"
