@@ -205,12 +205,19 @@ def _operator_clears(http, message):
     assert answer.status_code == 200, answer.text
 
 
+def _operator_deletes_group(http, message):
+    answer = http.delete(f"/api/v1/consumer-groups/g/queues/{message['queue']}")
+    assert answer.status_code == 200, answer.text
+
+
 @pytest.mark.parametrize("operator", [_operator_dead_letters, _operator_seeks_group,
-                                      _operator_seeks_partition, _operator_clears])
+                                      _operator_seeks_partition, _operator_clears,
+                                      _operator_deletes_group])
 def test_a_lease_an_operator_ended_fails_a_transaction_listing_two_leases(http, db, operator):
-    """A dead letter by hand, a seek or a clear ends the delivery under way: its holder's late
-    transaction (two leases listed, so its ack ops carry no lease of their own) must fail,
-    or a message the operator dead-lettered is settled and its result pushed as well."""
+    """A dead letter by hand, a seek, a clear or a group delete ends the delivery under way:
+    its holder's late transaction (two leases listed, so its ack ops carry no lease of their
+    own) must fail, or a message the operator dead-lettered is settled and its result pushed
+    as well."""
     source, sink = unique_name(), unique_name()
     _push(http, source, partition="p1")
     _push(http, source, partition="p2")

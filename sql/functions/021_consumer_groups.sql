@@ -193,6 +193,7 @@ DECLARE
     v_queues  uuid[];
     v_names   text[];
     v_deleted integer;
+    v_leases  uuid[];
     v_sub     record;
 BEGIN
     SELECT array_agg(id), array_agg(name) INTO v_queues, v_names FROM queen.queues
@@ -202,9 +203,14 @@ BEGIN
     PERFORM queen.lock_lookups(v_queues);
     PERFORM queen.lock_group_claims(v_queues, p_group);
 
-    DELETE FROM queen.partition_consumers pc USING queen.partitions p
-     WHERE pc.partition_id = p.id AND pc.consumer_group = p_group AND p.queue_id = ANY(v_queues);
-    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    WITH gone AS (
+        DELETE FROM queen.partition_consumers pc USING queen.partitions p
+         WHERE pc.partition_id = p.id AND pc.consumer_group = p_group
+           AND p.queue_id = ANY(v_queues)
+        RETURNING pc.lease_id)
+    SELECT count(*), array_agg(lease_id) INTO v_deleted, v_leases FROM gone;
+    -- Their holders' late transactions must fail, as after a seek (note_ended_leases).
+    PERFORM queen.note_ended_leases(v_leases);
     DELETE FROM queen.partition_pending
      WHERE consumer_group = p_group AND queue_id = ANY(v_queues);
     DELETE FROM queen.consumer_watermarks
