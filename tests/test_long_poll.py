@@ -592,6 +592,22 @@ def test_lease_release_wakes_a_parked_pop(client, slow_fallback):
     assert poll.result().json()["messages"][0]["data"] == "two"
 
 
+def test_a_transactions_ack_that_ends_a_delivery_wakes_a_parked_pop(client, slow_fallback):
+    queue = unique_name()
+    push(client, queue, ["one", "two"])
+    held = pop(client, queue)["messages"][0]
+    poll = _long_poll_http(slow_fallback.url, queue)  # the partition is leased: it parks
+    time.sleep(PARKING_MOMENT_S)
+
+    done = client.post("/api/v1/transaction", json={
+        "operations": [{"type": "ack", "transactionId": held["transactionId"],
+                        "partitionId": held["partitionId"], "leaseId": held["leaseId"]}],
+        "requiredLeases": [held["leaseId"]]}).json()
+
+    assert done["success"] is True, done
+    assert poll.result().json()["messages"][0]["data"] == "two"
+
+
 def test_end_of_retry_cool_down_wakes_a_parked_pop(client, slow_fallback):
     """The first attempt learns when the cool-down ends and the pop re-checks then."""
     queue = unique_name()

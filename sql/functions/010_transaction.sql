@@ -8,7 +8,8 @@
 -- transactionIds. The kv rider runs first, then the timers rider (KV rows, then timer rows,
 -- are locked before any queue or partition, WIRE2.md 5.3); their results follow the
 -- operations' in `results` (WIRE2.md 5.2), typed "kv" and "timer", at flat indexes.
--- Returns {transactionId, success, results, partitionUpdates} or, after a rollback,
+-- Returns {transactionId, success, results, partitionUpdates (the (queue, partition)s pushed
+-- to or whose delivery an ack ended: their waiters are woken)} or, after a rollback,
 -- {transactionId, success: false, error, results: [evaluated so far]}, or, when a `required`
 -- KV op (a lock guard, a once) lost, {transactionId, success: false, reason:
 -- "kv_precondition", failedIndex (flat), kvReason, version, value, error}.
@@ -113,6 +114,14 @@ BEGIN
             ELSE
                 IF v_acks IS NULL THEN
                     v_acks := queen.transaction_acks(p, v_borrowed);
+                    -- Deliveries these acks ended: their partitions' parked pops are woken
+                    -- like a push's (WIRE.md 2.3.7), or they waited out their timeout.
+                    v_updates := v_updates || coalesce((
+                        SELECT jsonb_agg(DISTINCT jsonb_build_object(
+                                   'queue', a->>'queueName', 'partition', a->>'partitionName'))
+                          FROM jsonb_array_elements(v_acks) a
+                         WHERE (a->>'leaseReleased')::boolean AND a->>'queueName' IS NOT NULL),
+                        '[]'::jsonb);
                 END IF;
                 v_acked := v_acks -> v_ack_n;
                 v_ack_n := v_ack_n + 1;
