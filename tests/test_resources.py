@@ -207,6 +207,27 @@ def test_retry_requeues_a_dead_letter_at_the_tail(http):
     assert again["data"] == "x" and again["transactionId"] == "t0:retry:1"
 
 
+def test_retry_of_a_dead_letter_stored_before_its_queue_encrypted_seals_the_copy(http, db):
+    """The copy was pushed in plaintext as stored, which an encrypting queue refuses: every
+    retry answered 503 "retry" for good."""
+    queue = unique_name()
+    [pushed] = push(http, queue, [{"secret": "plain"}])
+    ack(http, pop(http, queue)["messages"][0], "dlq", error="bad")
+    configure(http, queue, encryptionEnabled=True)
+
+    answer = http.post(f"/api/v1/messages/{pushed['partition_id']}/t0/retry")
+
+    assert answer.status_code == 200, answer.text
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT is_encrypted, payload::text FROM queen.messages
+                           WHERE partition_id = %s AND transaction_id = 't0:retry:1'""",
+                       (pushed["partition_id"],))
+        [(encrypted, stored)] = cursor.fetchall()
+    assert encrypted is True and "plain" not in stored
+    assert pop(http, queue)["messages"][0]["data"]["secret"] == "plain"
+    assert dead_letters(http, queue)["total"] == 0
+
+
 def test_retry_into_a_full_queue_answers_409_and_keeps_the_dead_letter(http):
     """The copy is a push: at maxSize it is refused (WIRE.md 9.5). The dead letter used to be
     dropped anyway and the call answered success with no message: the message was gone."""

@@ -11,12 +11,13 @@ exist tries the timers' dead letters with the same (partition, transaction id) n
 
 from typing import Any, Callable, Dict, Optional
 
+import orjson
 from twisted.logger import Logger
 
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
 from queen_tw.engine.waiters import Wake
-from queen_tw.errors import NotFound, QueenError
+from queen_tw.errors import NotFound, QueenError, Unavailable
 
 log = Logger()
 
@@ -97,7 +98,14 @@ class Browser:
     async def retry_message(self, partition_id: str, transaction_id: str) -> Dict[str, Any]:
         """Enqueues a copy at the partition's tail and forgets its dead letters; a dead
         timer's message (never stored) is scheduled again instead, due now."""
-        answer = await self._db.call("retry_message", partition_id, transaction_id)
+        answer = await self._db.call("retry_message", partition_id, transaction_id, None)
+        if "seal" in answer:  # stored in plaintext before its queue began to encrypt
+            if self._cipher is None:
+                raise Unavailable("The message's queue has encryptionEnabled but this server "
+                                  "has no QUEEN_ENCRYPTION_KEY to seal its copy with; retry "
+                                  "through a server that has the key")
+            sealed = self._cipher.encrypt(orjson.Fragment(answer["seal"]))
+            answer = await self._db.call("retry_message", partition_id, transaction_id, sealed)
         if answer.get("notFound"):
             return await self._retry_dead_timer(partition_id, transaction_id)
         if "refused" in answer:

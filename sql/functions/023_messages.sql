@@ -199,7 +199,12 @@ $$;
 
 -- POST /api/v1/messages/{p}/{t}/retry: forget the message's dead letters and enqueue a copy
 -- at the partition tail with transactionId "<orig>:retry:<n>".
-CREATE OR REPLACE FUNCTION queen.retry_message(p_partition uuid, p_transaction text) RETURNS jsonb
+-- A message stored in plaintext before its queue began to encrypt cannot be copied as it is
+-- (push_store refuses plaintext there, and every retry failed alike): without p_sealed the
+-- answer is {seal: its payload as JSON text} for the server to encrypt and call again with.
+DROP FUNCTION IF EXISTS queen.retry_message(uuid, text);
+CREATE OR REPLACE FUNCTION queen.retry_message(p_partition uuid, p_transaction text,
+                                               p_sealed jsonb DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_m      record;
@@ -208,7 +213,8 @@ DECLARE
     v_item   jsonb;
     v_pushed jsonb;
 BEGIN
-    SELECT m.*, p.name AS partition_name, qu.name AS queue_name INTO v_m
+    SELECT m.*, p.name AS partition_name, qu.name AS queue_name,
+           qu.encryption_enabled AND NOT m.is_encrypted AS needs_seal INTO v_m
       FROM queen.messages m
       JOIN queen.partitions p ON p.id = m.partition_id
       JOIN queen.queues qu ON qu.id = p.queue_id
@@ -216,6 +222,13 @@ BEGIN
        FOR KEY SHARE OF m, p;  -- a delete under way is waited for: its copy must not revive it
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
+    END IF;
+    IF v_m.needs_seal THEN
+        IF p_sealed IS NULL THEN
+            RETURN jsonb_build_object('seal', v_m.payload::text);
+        END IF;
+        v_m.payload := p_sealed;
+        v_m.is_encrypted := true;
     END IF;
     SELECT count(*) + 1 INTO v_n FROM queen.messages
      WHERE partition_id = p_partition AND starts_with(transaction_id, p_transaction || ':retry:');
