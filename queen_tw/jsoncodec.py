@@ -21,6 +21,7 @@ hold a ``\\u0000`` escape, when they hold more than :data:`MAX_DEPTH` brackets a
 cannot write the document back (it stops at 254 levels), or when the slow path ran.
 """
 
+import decimal
 import json
 import math
 import re
@@ -97,6 +98,29 @@ def loads(data: Any) -> Any:
         raise UnstorableJSON(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     _refuse_unstorable(value, surrogates_possible=True)
     return value
+
+
+# PostgreSQL's numeric keeps at most 16383 digits after the decimal point. orjson reads a
+# number past that (1e-16384) as 0.0, so a payload kept as its text (a binary push's) passed
+# every check and failed its store, or, buffered in an outage, its replay. Only a number with
+# an exponent of -1000 or below, or with 6000 fraction digits, can be past it.
+MAX_NUMERIC_SCALE = 16383
+FINE_NUMBER = re.compile(rb"[eE]-0*[1-9][0-9]{3}|\.[0-9]{6000}")
+
+
+def refuse_unstorable_numbers(data: bytes) -> None:
+    """Raises :class:`UnstorableJSON` when JSON text ``data`` holds a number PostgreSQL's
+    numeric cannot hold (see MAX_NUMERIC_SCALE); cheap unless FINE_NUMBER finds one."""
+    if FINE_NUMBER.search(data) is not None:
+        json.loads(data, parse_constant=_no_constant, parse_float=_storable_scale)
+
+
+def _storable_scale(text: str) -> float:
+    exponent = decimal.Decimal(text).as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_NUMERIC_SCALE:
+        raise UnstorableJSON(f"number {text[:40]} has more than {MAX_NUMERIC_SCALE} digits "
+                             "after the decimal point, more than PostgreSQL keeps")
+    return 0.0
 
 
 def _shallow(value: Any) -> bool:
