@@ -190,6 +190,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "Buffered events per replay transaction", minimum=1),
     _opt("file_buffer_events_per_file", "FILE_BUFFER_EVENTS_PER_FILE", "int", 10000,
          "Events per buffer file before it is rotated", minimum=1),
+    _opt("file_buffer_failed_retry_ms", "FILE_BUFFER_FAILED_RETRY_MS", "int", 60000,
+         "How long records the replay gave up on (failed/) wait before another round, in ms; "
+         "doubles while they keep failing, up to an hour; 0 = never", minimum=0),
     _opt("db_inflight_deadline_ms", "LIBQUEEN_INFLIGHT_DEADLINE_MS", "int", 0,
          "Longest wait for one database call before it counts as an outage (pushes then go "
          "to the file buffer), in ms; 0 = DB_STATEMENT_TIMEOUT + 5000", minimum=0),
@@ -385,6 +388,7 @@ class Config:
     file_buffer_flush_ms: int
     file_buffer_max_batch: int
     file_buffer_events_per_file: int
+    file_buffer_failed_retry_ms: int
     db_inflight_deadline_ms: int
     cache_refresh_interval_ms: int
     push_preferred_batch_size: int

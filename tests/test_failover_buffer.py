@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from queen_tw.db.pool import Database
 from queen_tw.errors import Unavailable
 from queen_tw.failover import records
-from queen_tw.failover.buffer import FAILED_DIR, FileBuffer
+from queen_tw.failover.buffer import FAILED_DIR, FileBuffer, Segment
 from queen_tw.failover.policy import FileFailover
 from queen_tw.failover.replay import Replayer, ReplayHeld
 from queen_tw.maintenance import Maintenance
@@ -230,6 +230,51 @@ def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Pa
     assert fired(defer.ensureDeferred(buffer.close())) == [None]
     reopened = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
     assert reopened.failed == 1  # still counted and reported after a restart
+
+
+def test_records_given_up_on_go_back_in_line_at_doubling_intervals(tmp_path: Path) -> None:
+    """A queue at its maxSize refused a record for good: failed/ was never looked at again
+    (WIRE.md 5: failing files are retried). It now gets another round after retry_failed_s,
+    then 2x, 4x ... later while it keeps failing; a corrupt line's bytes stay."""
+    clock = Clock()
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+    buffer.append([item("a", 0), item("a", 1)])
+    store = RecordingStore()
+    store.refuse.add("a-0")
+    replayer = Replayer(buffer, store, max_batch=10, max_attempts=1, retry_failed_s=10,
+                        now=clock.seconds)
+    assert replay(replayer) == [None]
+    assert segment_files(tmp_path) == [] and buffer.failed == 1
+    fired(defer.ensureDeferred(buffer.fail(
+        Segment(99, tmp_path / "segment-000000000099.jsonl"),
+        [(b"garbage\n", "corrupt record (checksum mismatch)")])))
+    assert buffer.failed == 2
+
+    clock.advance(9)
+    assert replay(replayer) == [None] and buffer.failed == 2  # not yet
+    clock.advance(1)
+    assert replay(replayer) == [None]  # a-0 went back in line, and failed again
+    assert [s["transactionId"] for s in store.stored] == ["a-1"] and buffer.failed == 2
+    assert _failed_transaction_ids(tmp_path) == ["a-0"]  # once: moved, not copied
+
+    store.refuse.clear()  # room again
+    clock.advance(19)
+    assert replay(replayer) == [None] and buffer.failed == 2  # the wait doubled: 20 s
+    clock.advance(1)
+    assert replay(replayer) == [None]
+
+    assert [s["transactionId"] for s in store.stored] == ["a-1", "a-0"]
+    assert buffer.pending == 0 and buffer.failed == 1
+    assert _failed_transaction_ids(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / FAILED_DIR).iterdir()) == [
+        "segment-000000000099.jsonl"]  # the corrupt line's bytes only
+    assert buffer.stats()["failedFiles"]["count"] == 1
+
+
+def _failed_transaction_ids(directory: Path) -> list[str]:
+    lines = [line for path in sorted((directory / FAILED_DIR).iterdir())
+             for line in path.read_bytes().splitlines(keepends=True)]
+    return [r["transactionId"] for r in map(records.failed_record, lines) if r is not None]
 
 
 def test_a_refused_record_fails_alone_and_the_rest_of_its_partition_waits_behind_it(

@@ -166,6 +166,31 @@ def test_a_record_that_keeps_failing_goes_to_failed_and_its_partition_keeps_orde
     assert entry["record"]["transactionId"] == "poison" and "max capacity" in entry["error"]
 
 
+def test_a_record_given_up_on_is_stored_once_its_queue_has_room(
+        fleet: Fleet, maintenance_off) -> None:
+    """A queue full at replay time sent its buffered push to failed/ for good (answered
+    "buffered", never delivered). failed/ now gets further rounds."""
+    server = fleet.server(FILE_BUFFER_FAILED_RETRY_MS="500")
+    full = unique_name()
+    httpx.post(f"{server.url}/api/v1/configure",
+               json={"queue": full, "options": {"maxSize": 1}}, timeout=10)
+    assert push(server.url, [{"queue": full, "payload": "fills it"}]).json()[0]["status"] \
+        == "queued"
+    set_maintenance(server.url, True)
+    assert push(server.url, [{"queue": full, "transactionId": "late", "payload": "no room"}]
+                ).json()[0]["status"] == "buffered"
+    set_maintenance(server.url, False)
+    wait_until(lambda: status(server.url)["bufferStats"]["failedCount"] == 1, 30, 0.1)
+
+    assert [m["data"] for m in pop_partition(server.url, full, "Default")] == ["fills it"]
+    assert httpx.delete(f"{server.url}/api/v1/queues/{full}/clear", timeout=10
+                        ).status_code == 200
+
+    wait_until(lambda: status(server.url)["bufferStats"]["failedCount"] == 0, 30, 0.1)
+    assert [m["data"] for m in pop_partition(server.url, full, "Default")] == ["no room"]
+    assert list((server.buffer_dir / "failed").iterdir()) == []
+
+
 def test_a_due_timer_fires_only_after_the_buffered_pushes_of_its_partition() -> None:
     """A fired timer is a push: it must not overtake what this instance's buffer holds for
     its partition. The replay is slowed down (one record a call, a backlog in front). The

@@ -24,8 +24,9 @@ line of its file, where readers expect and skip it.
 
 Reading is for the replay (``replay.py``): :meth:`oldest` gives the oldest sealed segment
 (sealing the active one when nothing older is left), :meth:`forget` is told which records are
-in PostgreSQL now, :meth:`remove` deletes a segment whose records are all stored, and
-:meth:`fail` moves records that keep failing to ``failed/``.
+in PostgreSQL now, :meth:`remove` deletes a segment whose records are all stored,
+:meth:`fail` moves records that keep failing to ``failed/`` and :meth:`requeue_failed` puts
+them back in line, behind everything buffered by then.
 
 :meth:`holds_any` answers "does this partition still have records waiting?" — while it does,
 new pushes to it are buffered behind them, which keeps order within a partition.
@@ -505,6 +506,54 @@ class FileBuffer:
         size = await self._run_blocking(_append_durably, target, b"".join(lines))
         self.failed += len(failures)
         self.failed_files[target.name] = size
+
+    async def requeue_failed(self) -> int:
+        """Puts the records of ``failed/`` back in line for the replay, behind everything
+        buffered now, and returns how many (a corrupt line's bytes stay). They are appended
+        first and only then taken out of ``failed/``: a crash in between leaves a record in
+        both places, which the replay's dedupe on transactionId stores once."""
+        found = await self._run_blocking(_failed_records, self.directory / FAILED_DIR)
+        again = [record for kept in found.values() for record in kept]
+        if not again:
+            return 0
+        await self.append(again)
+        for path, kept in found.items():
+            if kept:
+                size = await self._run_blocking(_keep_only_unreplayable, path)
+                self.failed -= len(kept)
+                if size:
+                    self.failed_files[path.name] = size
+                else:
+                    self.failed_files.pop(path.name, None)
+        return len(again)
+
+
+def _failed_records(directory: Path) -> Dict[Path, List[Dict[str, Any]]]:
+    """Blocking: the records of every ``failed/`` file (in name order), by file."""
+    if not directory.is_dir():
+        return {}
+    found = {}
+    for path in sorted(directory.iterdir()):
+        lines = path.read_bytes().splitlines(keepends=True)
+        found[path] = [r for r in map(records.failed_record, lines) if r is not None]
+    return found
+
+
+def _keep_only_unreplayable(path: Path) -> int:
+    """Blocking: rewrites a ``failed/`` file with only its lines that hold no record (a
+    corrupt line's bytes), or removes it when none is left; returns its new size."""
+    kept = b"".join(line for line in path.read_bytes().splitlines(keepends=True)
+                    if records.failed_record(line) is None)
+    if not kept:
+        _unlink_quietly(path)
+    else:
+        fresh = path.with_name(path.name + ".tmp")
+        fresh.write_bytes(kept)
+        with open(fresh, "rb") as written:
+            os.fsync(written.fileno())
+        fresh.replace(path)
+    records.fsync_directory(path.parent)
+    return len(kept)
 
 
 @dataclass

@@ -93,9 +93,11 @@ class Durability:
     def replay_service(self, store: Store) -> ReplayService:
         """Replays the buffer through ``store`` (``QueueEngine.store``; stage ``replay``),
         unsealing sealed payloads first."""
+        retry_ms = self._config.file_buffer_failed_retry_ms
         replayer = Replayer(self.buffer, self._seal.unsealing(store),
                             self._config.file_buffer_max_batch,
-                            paused=self._replay_paused)
+                            paused=self._replay_paused,
+                            retry_failed_s=retry_ms / 1000.0 if retry_ms else None)
         return ReplayService(replayer, self._clock, self._config.file_buffer_flush_ms)
 
     def timers_paused(self) -> bool:

@@ -80,16 +80,29 @@ def encode_line(body: bytes) -> bytes:
 
 def decode(line: bytes) -> Optional[Dict[str, Any]]:
     """The item of a complete line (with its newline), or None when it is torn or corrupt."""
+    item = _checked(line)
+    return item if isinstance(item, dict) and isinstance(item.get("queue"), str) else None
+
+
+def failed_record(line: bytes) -> Optional[Dict[str, Any]]:
+    """The record of a ``failed/`` line ({error, failedAt, segment, record}), or None when
+    it holds none (the raw bytes of a corrupt line, ``rawBase64``) or is damaged."""
+    entry = _checked(line)
+    record = entry.get("record") if isinstance(entry, dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get("queue"), str) else None
+
+
+def _checked(line: bytes) -> Any:
+    """The JSON of a complete line whose checksum matches, else None."""
     if len(line) < 11 or not line.endswith(b"\n") or line[8:9] != b" ":
         return None
     body = line[9:-1]
     try:
         if int(line[:8], 16) != zlib.crc32(body):
             return None
-        item = json.loads(body)
+        return json.loads(body)
     except ValueError:
         return None
-    return item if isinstance(item, dict) and isinstance(item.get("queue"), str) else None
 
 
 @dataclass

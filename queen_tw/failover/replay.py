@@ -20,8 +20,14 @@ failing records go to ``failed/`` with their error, are counted and logged, and 
 moves on. Nothing is dropped silently. The records that fail are tried one by one each time,
 since PostgreSQL refusing one record's data fails its whole call: only the culprit is given
 up, and the records behind it in its partition wait for it.
+
+What is in ``failed/`` gets another round every ``FILE_BUFFER_FAILED_RETRY_MS`` (doubling
+while records keep coming back, up to an hour): the records go back in line behind whatever
+is buffered then, since the reason may have passed (a queue at its maxSize has room again).
+A record tried again lands after messages stored since it was given up: late, not lost.
 """
 
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
@@ -40,6 +46,7 @@ Store = Callable[[List[Dict[str, Any]]], Awaitable[List[Dict[str, Any]]]]
 
 STORED = ("queued", "duplicate")
 MAX_BACKOFF_S = 2.0
+MAX_FAILED_RETRY_S = 3600.0
 
 
 @dataclass
@@ -66,15 +73,24 @@ class Replayer:
     :param max_batch: records per store call (``FILE_BUFFER_MAX_BATCH``).
     :param paused: True while push maintenance is on (the buffer must keep filling).
     :param max_attempts: tries of a failing batch before its failures go to ``failed/``.
+    :param retry_failed_s: seconds before what is in ``failed/`` is tried again (doubling,
+        see the module docstring); None never.
+    :param now: a monotonic clock in seconds.
     """
 
     def __init__(self, buffer: FileBuffer, store: Store, max_batch: int,
-                 paused: Callable[[], bool] = lambda: False, max_attempts: int = 5):
+                 paused: Callable[[], bool] = lambda: False, max_attempts: int = 5,
+                 retry_failed_s: Optional[float] = None,
+                 now: Callable[[], float] = time.monotonic):
         self._buffer = buffer
         self._store = store
         self._max_batch = max_batch
         self._paused = paused
         self._max_attempts = max_attempts
+        self._retry_failed_s = retry_failed_s
+        self._failed_wait = retry_failed_s or 0.0
+        self._now = now
+        self._retry_failed_at = now() + self._failed_wait
         self._progress: Optional[_Progress] = None
         self.stopping = False
 
@@ -85,6 +101,8 @@ class Replayer:
         stop. Raises ``Unavailable`` while PostgreSQL cannot be reached and
         :class:`ReplayHeld` when something else must be tried again later.
         """
+        if not self.stopping and not self._paused():
+            await self._retry_failed()
         while not self.stopping and not self._paused() and self._buffer.has_work:
             progress = await self._current()
             if progress is None:
@@ -97,6 +115,29 @@ class Replayer:
                 raise ReplayHeld(f"cannot delete replayed buffer segment "
                                  f"{progress.segment.path}: {err}") from err
             self._progress = None
+
+    async def _retry_failed(self) -> None:
+        """Puts ``failed/`` back in line when its time has come (see the module docstring)."""
+        if self._retry_failed_s is None:
+            return
+        if not self._buffer.failed:  # the wait starts when a record fails
+            self._failed_wait = self._retry_failed_s
+            self._retry_failed_at = self._now() + self._failed_wait
+            return
+        if self._now() < self._retry_failed_at:
+            return
+        try:
+            again = await self._buffer.requeue_failed()
+        except OSError as err:
+            raise ReplayHeld(f"cannot read or rewrite {self._buffer.directory}/failed: "
+                             f"{err}") from err
+        finally:
+            self._failed_wait = min(self._failed_wait * 2, MAX_FAILED_RETRY_S)
+            self._retry_failed_at = self._now() + self._failed_wait
+        if again:
+            log.info("file buffer: {n} records given up on before go to the replay again "
+                     "(next round in {s:.0f} s if they fail again)", n=again,
+                     s=self._failed_wait)
 
     async def _current(self) -> Optional[_Progress]:
         segment = await self._buffer.oldest()
