@@ -70,7 +70,7 @@ EXPOSE 6632
 # helps nothing). The body says which. Python's http.client, so no curl in the image; it
 # assumes the default tcp listener (with QUEEN_LISTEN set, override the health check).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import http.client, os; c = http.client.HTTPConnection('127.0.0.1', int(os.environ.get('PORT', '6632')), timeout=2); c.request('GET', '/health'); c.getresponse()"]
+    CMD ["python", "-c", "import http.client, os; c = http.client.HTTPConnection('127.0.0.1', int(os.environ.get('PORT') or '6632'), timeout=2); c.request('GET', '/health'); c.getresponse()"]
 
 # twistd is PID 1, without tini: it installs its own SIGTERM and SIGINT handlers (a graceful
 # stop of at most 25 s: parked pops answered, accepted work drained, file buffer flushed),

@@ -4,7 +4,9 @@ Every option is an environment variable (the upstream names of WIRE.md section 5
 command-line flag of ``twistd queen``.  :data:`OPTIONS` is the only list of them: the
 ``usage.Options`` flags, the environment parsing, ``--help`` and the README table are all
 generated from it.  Precedence is CLI > environment > default.  The result is a frozen
-:class:`Config` that is passed down; no other module reads ``os.environ``.
+:class:`Config` that is passed down; no other module reads the server's options from
+``os.environ`` (the CLI tools read QUEEN_URL/QUEEN_TOKEN, the worker processes their
+parent's marker, the embedded PostgreSQL passes the environment on to its tools).
 
 Upstream names that queen-tw accepts and ignores are listed in :data:`IGNORED_ENV`.
 
@@ -17,6 +19,7 @@ import dataclasses
 import math
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -173,7 +176,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("timers_sweep_batch", "QUEEN_TIMERS_SWEEP_BATCH", "int", 500,
          "Due timers fired per sweep transaction", minimum=1, maximum=10000),
     _opt("partition_cleanup_days", "PARTITION_CLEANUP_DAYS", "int", 30,
-         "Drop empty partitions idle for this many days", minimum=0),
+         "Drop empty partitions idle for this many days (never a Default partition); "
+         "0 = never", minimum=0),
     _opt("metrics_sample_interval_ms", "METRICS_SAMPLE_INTERVAL_MS", "int", 1000,
          "How often event-loop lag, memory, CPU, pool and file buffer are sampled, in ms",
          minimum=10),
@@ -195,7 +199,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
          "doubles while they keep failing, up to an hour; 0 = never", minimum=0),
     _opt("db_inflight_deadline_ms", "LIBQUEEN_INFLIGHT_DEADLINE_MS", "int", 0,
          "Longest wait for one database call before it counts as an outage (pushes then go "
-         "to the file buffer), in ms; 0 = DB_STATEMENT_TIMEOUT + 5000", minimum=0),
+         "to the file buffer), in ms, at least 2000; 0 = DB_STATEMENT_TIMEOUT + 5000 (35000 "
+         "when DB_STATEMENT_TIMEOUT is 0)", minimum=0),
     _opt("cache_refresh_interval_ms", "QUEEN_CACHE_REFRESH_INTERVAL_MS", "int", 60000,
          "How often the maintenance flags are re-read from PostgreSQL, in ms", minimum=100),
     # --- batching engine (one Batcher per operation type) -------------------------------
@@ -333,6 +338,21 @@ IGNORED_ENV: tuple[str, ...] = (
     "POLL_WORKER_INTERVAL", "POLL_DB_INTERVAL", "POLL_MAX_INTERVAL", "BATCH_INSERT_SIZE",
     "BATCH_PUSH_TARGET_SIZE_MB", "BATCH_PUSH_MAX_SIZE_MB", "DB_POOL_ACQUISITION_TIMEOUT",
     "DB_QUERY_TIMEOUT", "DB_MAX_RETRIES", "LOG_TIMESTAMP",
+    # upstream's (WIRE.md 5) with no meaning here: its libpq, sidecar, thread pools, response
+    # pump, concurrency control and partition cache (keepalives: set them in QUEEN_PG_DSN)
+    "WEBAPP_ROOT", "DB_IDLE_TIMEOUT", "DB_TCP_USER_TIMEOUT_MS", "DB_KEEPALIVES_IDLE",
+    "DB_KEEPALIVES_INTERVAL", "DB_KEEPALIVES_COUNT", "DB_THREAD_POOL_SERVICE_THREADS",
+    "SIDECAR_POOL_SIZE", "SIDECAR_MICRO_BATCH_WAIT_MS", "SIDECAR_MAX_ITEMS_PER_TX",
+    "SIDECAR_MAX_BATCH_SIZE", "SIDECAR_MAX_PENDING_COUNT", "QUEUE_BACKOFF_CLEANUP_THRESHOLD",
+    "RESPONSE_TIMER_INTERVAL_MS", "RESPONSE_BATCH_SIZE", "RESPONSE_BATCH_MAX",
+    "QUEEN_CONCURRENCY_MODE", "QUEEN_VEGAS_MIN_LIMIT", "QUEEN_VEGAS_MAX_LIMIT",
+    "QUEEN_VEGAS_ALPHA", "QUEEN_VEGAS_BETA", "QUEEN_VEGAS_RTT_WINDOW_SAMPLES",
+    "QUEEN_VEGAS_RTT_MIN_WINDOW_SEC", "QUEEN_VEGAS_UPDATE_INTERVAL_MS",
+    "QUEEN_CUSTOM_PREFERRED_BATCH_SIZE", "QUEEN_CUSTOM_MAX_HOLD_MS",
+    "QUEEN_CUSTOM_MAX_BATCH_SIZE", "QUEEN_CUSTOM_MAX_CONCURRENT",
+    "STATS_RECONCILE_INTERVAL_MS", "STATS_HISTORY_RETENTION_DAYS",
+    "PARTITION_LOOKUP_RECONCILE_INTERVAL_MS", "PARTITION_LOOKUP_RECONCILE_LOOKBACK_SECONDS",
+    "QUEEN_CACHE_PARTITION_MAX", "QUEEN_CACHE_PARTITION_TTL_MS",
 )
 
 
@@ -806,6 +826,15 @@ def _check_cross_field(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"QUEEN_UDP_PEERS: peer {portless[0]!r} needs a port when "
                           "QUEEN_UDP_NOTIFY_PORT is 0")
     members = [p.strip().rstrip("/") for p in values["ephemeral_peers"].split(",") if p.strip()]
+    for member in members:  # the relay forwards to member + path: each must be a base URL
+        url = urllib.parse.urlsplit(member)
+        try:
+            url.port  # noqa: B018 (a port that is no number raises here)
+        except ValueError:
+            url = urllib.parse.urlsplit("")
+        if url.scheme not in ("http", "https") or not url.hostname or url.path or url.query:
+            raise ConfigError(f"QUEEN_EPHEMERAL_PEERS: {member!r} is not a base URL such as "
+                              "http://host:port")
     if members and values["ephemeral_self"].strip().rstrip("/") not in members:
         raise ConfigError("QUEEN_EPHEMERAL_SELF: must be this instance's own entry of "
                           f"QUEEN_EPHEMERAL_PEERS ({', '.join(members)}), "

@@ -302,3 +302,19 @@ def test_the_sync_secret_stays_out_of_repr_but_reaches_worker_processes() -> Non
     config = parse({"QUEEN_SYNC_SECRET": "hush-hush"})
     assert "hush-hush" not in repr(config)
     assert config.as_env()["QUEEN_SYNC_SECRET"] == "hush-hush"
+
+
+@pytest.mark.parametrize("peers", ["127.0.0.1:6632,127.0.0.1:6642", "http://a:1,b:2",
+                                   "http://a:1,ftp://b:2", "http://a:1,http://b:x",
+                                   "http://a:1,http://b:2/queen"])
+def test_ephemeral_peers_must_be_base_urls(peers) -> None:
+    """The relay forwards to an entry + the request's path: an entry without http:// failed
+    every forwarded request ("Unsupported scheme") instead of the start."""
+    with pytest.raises(ConfigError, match="^QUEEN_EPHEMERAL_PEERS: .* is not a base URL"):
+        parse({"QUEEN_EPHEMERAL_PEERS": peers, "QUEEN_EPHEMERAL_SELF": peers.split(",")[0]})
+
+
+def test_ephemeral_peers_of_base_urls_are_taken() -> None:
+    config = parse({"QUEEN_EPHEMERAL_PEERS": "http://a:1/, https://b.example:2",
+                    "QUEEN_EPHEMERAL_SELF": "http://a:1"})
+    assert config.ephemeral_self == "http://a:1"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import configparser
 import importlib.metadata
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -367,3 +369,75 @@ def test_every_route_the_readme_names_is_served() -> None:
     assert named
     missing = sorted({f"{m or 'ANY'} {p}" for m, p in named if not served(m, p)})
     assert not missing, f"the README names routes the server does not serve: {missing}"
+
+
+# -- an empty PORT (README: an empty numeric value means the default) ---------------------
+# The three health checks read PORT themselves; int("") failed the image's and the systemd
+# unit's, and the Kubernetes probe asked port 80.
+
+
+def _health_check_of_the_image() -> str:
+    match = re.search(r'HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])', (REPO / "Dockerfile").read_text())
+    assert match, "no HEALTHCHECK CMD"
+    argv = json.loads(match.group(1))
+    assert argv[:2] == ["python", "-c"]
+    return argv[2]
+
+
+def _readiness_wait_of_the_unit() -> str:
+    unit = (REPO / "packaging" / "systemd" / "queen-tw.service").read_text()
+    line = next(line for line in unit.splitlines() if line.startswith("ExecStartPost="))
+    found = re.search(r"python -c '(.*?)' 2>", line)
+    assert found, line
+    return found.group(1).replace('\\"', '"')
+
+
+def _probe_asking_for_its_url() -> str:
+    probe = REPO / "packaging" / "helm" / "queen-tw" / "files" / "probe.py"
+    return (f"import runpy, sys; sys.argv = [{str(probe)!r}, 'live']\n"
+            "import urllib.request\n"
+            "def spy(url, timeout=None):\n"
+            "    print('URL', url); raise OSError('spy')\n"
+            "urllib.request.urlopen = spy\n"
+            f"runpy.run_path({str(probe)!r}, run_name='__main__')")
+
+
+@pytest.mark.parametrize("code", [_health_check_of_the_image, _readiness_wait_of_the_unit,
+                                  _probe_asking_for_its_url])
+def test_the_packaged_health_checks_read_an_empty_port_as_the_default(code) -> None:
+    # a server on a port nobody else uses: connection refused is the expected failure
+    result = subprocess.run([sys.executable, "-c", code()], env={**os.environ, "PORT": ""},
+                            capture_output=True, text=True, timeout=30, check=False)
+
+    assert "invalid literal for int()" not in result.stderr, result.stderr[-1500:]
+    if code is _probe_asking_for_its_url:
+        assert "URL http://127.0.0.1:6632/health" in result.stdout, result
+
+
+def test_the_quick_start_shows_every_field_of_a_popped_message(http) -> None:
+    printed = next(line for line in README.read_text().splitlines()
+                   if line.startswith('{"success":true,"queue":"orders"'))
+    documented = set(re.findall(r'"(\w+)":', printed.split('"messages":[', 1)[1])) - {"orderId"}
+    queue = f"quick-start-{os.getpid()}"
+    http.post("/api/v1/push", json={"items": [{"queue": queue, "payload": {"orderId": 1}}]})
+
+    popped = http.get(f"/api/v1/pop/queue/{queue}").json()
+
+    assert set(popped["messages"][0]) == documented
+
+
+def test_every_upstream_setting_of_the_contract_is_read_or_listed_as_ignored() -> None:
+    """docs/API.md (the contract) section 5: a name queen-tw neither read nor listed was
+    ignored without a word, e.g. DB_KEEPALIVES_IDLE set in the hope it works."""
+    text = (REPO / "docs" / "API.md").read_text()
+    section = text[text.index("## 5. Environment variables"):text.index("## 6. UDP peer sync")]
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]{3,})`?=", section))
+    named |= {f"QUEEN_{op}{knob}" for op in ("PUSH", "POP", "ACK", "TRANSACTION",
+                                              "RENEW_LEASE", "CUSTOM")
+              for knob in ("_PREFERRED_BATCH_SIZE", "_MAX_HOLD_MS", "_MAX_BATCH_SIZE",
+                           "_MAX_CONCURRENT")}
+    known = {spec.env for spec in OPTIONS} | set(IGNORED_ENV)
+    readme = README.read_text()
+
+    assert sorted(named - known) == []
+    assert [name for name in IGNORED_ENV if f"`{name}`" not in readme] == []

@@ -2,7 +2,7 @@
 
 The same installer as the server's start and ``twistd queen --migrate-only``
 (:func:`queen_tw.db.schema.install_schema`, one transaction under an advisory lock), on the
-PostgreSQL the server's own settings name: the ``PG_*`` / ``PG_DSN`` environment, or the
+PostgreSQL the server's own settings name: the ``PG_*`` / ``QUEEN_PG_DSN`` environment, or the
 same options as flags (``--pg-host``…, see :data:`queen_tw.config.OPTIONS`). PostgreSQL not
 answering yet is retried with backoff for ``--wait`` seconds; a failed upgrade is reported
 at once (nothing was changed, and trying again would not help).

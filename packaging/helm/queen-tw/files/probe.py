@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         print(f"usage: {argv[0]} live|ready|ready-db", file=sys.stderr)
         return 2
     try:
-        status, body = read_health(os.environ.get("PORT", "6632"))
+        status, body = read_health(os.environ.get("PORT") or "6632")
     except (OSError, ValueError) as error:
         print(f"/health did not answer: {error}", file=sys.stderr)
         return 1
