@@ -23,7 +23,7 @@ def _pop(http, queue: str, **params) -> Dict[str, Any]:
     return answer.json() if answer.status_code == 200 else {"messages": []}
 
 
-@pytest.mark.parametrize("spelled", [str.upper, lambda lease: "{%s}" % lease,
+@pytest.mark.parametrize("spelled", [str.upper, lambda lease: f"{{{lease}}}",
                                      lambda lease: lease.replace("-", "")])
 def test_a_required_lease_spelled_otherwise_is_still_the_holders(http, spelled):
     """Lease ids were compared as text: the holder's own lease in capitals was "held under
