@@ -101,9 +101,10 @@ def loads(data: Any) -> Any:
 
 
 # PostgreSQL's numeric keeps at most 16383 digits after the decimal point. orjson reads a
-# number past that (1e-16384) as 0.0, so a payload kept as its text (a binary push's) passed
-# every check and failed its store, or, buffered in an outage, its replay. Only a number with
-# an exponent of -1000 or below, or with 6000 fraction digits, can be past it.
+# number past that (1e-16384) as 0.0, so a payload kept as its text (a binary push's) passes
+# every check and fails its store: its partition's items answer "failed". Buffered during an
+# outage it would fail its replay for good, so the buffer refuses it (QueueEngine._buffer).
+# Only a number with an exponent of -1000 or below, or 6000 fraction digits, can be past it.
 MAX_NUMERIC_SCALE = 16383
 FINE_NUMBER = re.compile(rb"[eE]-0*[1-9][0-9]{3}|\.[0-9]{6000}")
 

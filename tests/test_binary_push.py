@@ -397,41 +397,25 @@ def test_corrupt_body_answers_400_naming_the_fault_and_stores_nothing(http, db, 
     assert count_messages(db, queue) == 0
 
 
-def test_a_number_finer_than_postgresql_keeps_answers_400_and_stores_nothing(http, db):
-    """1e-16384 is JSON orjson reads (as 0.0), and a binary payload goes to PostgreSQL as
-    written: beyond the 16383 fraction digits its numeric holds. It failed its partition's
-    store, or, buffered during an outage, its replay: refused up front now."""
+def test_a_payload_postgresql_refuses_fails_its_partition_only(http, db):
+    """1e-16384 is JSON orjson reads (as 0.0), sent to PostgreSQL as written: beyond what
+    its numeric holds. The partition holding it answers failed (nothing of it stored, order
+    intact), the other partition of the request is stored; no 500."""
     queue = unique_name()
     body = framed_body([good_group(queue), framed_group(queue, "p", [
         (v7_id(), "before", b"1"), (v7_id(), "tiny", b'{"x": 1e-16384}')])])
-
     answer = post(http, body)
+    assert answer.status_code == 201, answer.text
+    statuses = [(item["transaction_id"], item["status"]) for item in answer.json()]
+    assert statuses == [("g0", "queued"), ("g1", "queued"), ("before", "failed"),
+                        ("tiny", "failed")]
+    assert "value overflows numeric format" in answer.json()[3]["error"]
+    assert count_messages(db, queue) == 2
 
-    assert answer.status_code == 400, answer.text
-    assert "digits after the decimal point" in answer.json()["error"]
-    assert count_messages(db, queue) == 0
 
-
-@pytest.mark.parametrize("number", [b"1e-16383", b"0." + b"0" * 16382 + b"1",
-                                    b"0.5E-00999", b"1.25e-1000"])
-def test_numbers_postgresql_keeps_are_stored_as_written(http, db, number):
+def test_a_refused_payload_fails_only_its_own_request_when_fused(http, db):
     queue = unique_name()
-    answer = post(http, framed_body([framed_group(queue, "p", [(v7_id(), "t", number)])]))
-
-    assert answer.status_code == 201 and answer.json()[0]["status"] == "queued", answer.text
-    with db.cursor() as cursor:
-        cursor.execute("""SELECT payload = %s::jsonb FROM queen.messages m
-                            JOIN queen.partitions p ON p.id = m.partition_id
-                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""",
-                       (number.decode(), queue))
-        assert cursor.fetchall() == [(True,)]
-
-
-def test_a_refused_partition_fails_only_its_own_request_when_fused(http, db):
-    """A queue name PostgreSQL refuses to create (a percent-escape) fails the shard of the
-    fused call holding it; the other requests fused with it are stored."""
-    queue = unique_name()
-    bad = framed_body([framed_group(f"{queue}%41", "p", [(v7_id(), "t", b"1")])])
+    bad = framed_body([framed_group(queue, "p", [(v7_id(), "tiny", b"1e-16384")])])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         goods = [pool.submit(http.post, "/api/v1/push", json={"items": [
             {"queue": queue, "partition": "p", "transactionId": f"ok{n}", "payload": n}]})
@@ -572,10 +556,38 @@ def test_a_buffered_binary_push_keeps_its_payload_text_exact(keyed):
         texts[direct]
 
 
-def _popped_text(http: httpx.Client, queue: str) -> Optional[bytes]:
+def test_a_payload_postgresql_could_never_store_is_not_buffered():
+    """1e-16384 passes orjson (as 0.0) and fails at PostgreSQL: live, its partition answers
+    "failed"; during an outage it was answered "buffered" and then failed its replay for
+    good. It is refused instead; numbers PostgreSQL keeps, however fine, are buffered."""
+    kept = [b"1e-16383", b"0." + b"0" * 16382 + b"1", b"0.5E-00999", b"1.25e-1000"]
+    with private_fleet() as fleet:
+        server = fleet.server()
+        queue = unique_name()
+        with httpx.Client(base_url=server.url, timeout=20) as http:
+            set_maintenance(server.url, True)
+            answer = post(http, framed_body([framed_group(queue, f"p{n}", [
+                (v7_id(), f"t{n}", number)]) for n, number in enumerate([*kept, b"1e-16384"])]))
+            set_maintenance(server.url, False)
+
+            statuses = [(r["transaction_id"], r["status"]) for r in answer.json()]
+            assert statuses == [("t0", "buffered"), ("t1", "buffered"), ("t2", "buffered"),
+                                ("t3", "buffered"), ("t4", "failed")], answer.text
+            assert "16383 digits after the decimal point" in answer.json()[4]["error"]
+            for n, number in enumerate(kept):
+                text = wait_until(lambda n=n: _popped_text(http, queue, f"p{n}"), 20, 0.2,
+                                  "the buffer replayed")
+                assert Decimal(text.decode()) == Decimal(number.decode())
+            state = http.get("/api/v1/system/maintenance").json()
+        assert state["bufferStats"]["failedCount"] == 0
+
+
+def _popped_text(http: httpx.Client, queue: str, partition: Optional[str] = None
+                 ) -> Optional[bytes]:
     """The popped message's ``data`` as the server wrote it (numbers unparsed), None when
     nothing came."""
-    answer = http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false", "autoAck": "true"})
+    path = f"/api/v1/pop/queue/{queue}" + (f"/partition/{partition}" if partition else "")
+    answer = http.get(path, params={"wait": "false", "autoAck": "true"})
     if answer.status_code != 200:
         return None
     return answer.content.split(b'"data":', 1)[1].split(b',"traceId"', 1)[0]

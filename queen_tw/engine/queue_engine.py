@@ -23,10 +23,12 @@ from typing import (
     Tuple,
 )
 
+import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from queen_tw import jsoncodec
 from queen_tw.cluster.config_cache import QueueConfigCache, wire_config
 from queen_tw.crypto import PayloadCipher
 from queen_tw.db.pool import Database
@@ -279,14 +281,15 @@ class QueueEngine:
         Items that PostgreSQL would refuse at replay are refused now instead (answered
         ``failed``, not ``buffered``, which would promise a message the replay could never
         store): those of a queue whose name holds a percent-escape and that the cache does
-        not know, i.e. that may not exist (see queen.refuse_unreachable_queue_name)."""
+        not know, i.e. that may not exist (see queen.refuse_unreachable_queue_name), and
+        binary payloads with a number PostgreSQL's numeric cannot hold."""
         known = self._config_cache.encrypted(sorted({item["queue"] for item in items}))
         plain_queues = frozenset(queue for queue, encrypted in known.items() if not encrypted)
         if self._cipher is None:
             _refuse_unkeyed([queue for queue, encrypted in known.items() if encrypted])
         refusals: Dict[int, str] = {}
         for position, item in enumerate(items):
-            reason = _unbufferable_queue(item["queue"], known)
+            reason = _unbufferable(item, known)
             if reason is not None:
                 refusals[position] = reason
         if not refusals:
@@ -769,6 +772,19 @@ class QueueEngine:
 
 
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _unbufferable(item: Dict[str, Any], known: Mapping[str, bool]) -> Optional[str]:
+    """Why ``item`` may not be buffered (its replay could never store it), or None."""
+    reason = _unbufferable_queue(item["queue"], known)
+    payload = item.get("payload")
+    if reason is None and isinstance(payload, orjson.Fragment):  # a binary push's, as sent
+        try:
+            jsoncodec.refuse_unstorable_numbers(orjson.dumps(payload))
+        except jsoncodec.UnstorableJSON as err:
+            reason = (f"PostgreSQL could not store this payload ({err}): refused rather "
+                      "than buffered")
+    return reason
 
 
 def _unbufferable_queue(queue: str, known: Mapping[str, bool]) -> Optional[str]:

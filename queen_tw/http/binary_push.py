@@ -399,11 +399,12 @@ def _check_payloads(payloads: List[bytes], blobs: List[bytes]) -> None:
     also names the problem, runs only where orjson refused, or where the bytes may hold what
     orjson reads but the JSON path would not take: a NUL escape anywhere in the body
     (``blobs``), nesting past jsoncodec.MAX_DEPTH (only a payload that long has that many
-    brackets), a number finer than PostgreSQL's numeric (jsoncodec.FINE_NUMBER)."""
+    brackets). What PostgreSQL alone refuses (a number beyond its numeric) is a 400 too
+    (queen_tw/db/pool.py)."""
     try:
         deque(map(orjson.loads, payloads), maxlen=0)
         suspects: Iterable[int] = ()
-        if any(_NUL_ESCAPE in blob or jsoncodec.FINE_NUMBER.search(blob) for blob in blobs):
+        if any(_NUL_ESCAPE in blob for blob in blobs):
             suspects = range(len(payloads))
         else:
             suspects = [index for index, payload in enumerate(payloads)
@@ -431,7 +432,6 @@ def _check_payload(payload: bytes) -> None:
         jsoncodec.loads(payload.decode("utf-8"))
     else:
         jsoncodec.loads(payload)  # valid UTF-8 JSON: its NUL and depth checks
-    jsoncodec.refuse_unstorable_numbers(payload)
 
 
 def counts_answer(results: List[Dict[str, Any]]) -> Dict[str, Any]:
