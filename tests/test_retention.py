@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import psycopg2
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -18,7 +19,7 @@ from twisted.internet.task import Clock
 from queen_tw.services.periodic import PeriodicService
 
 from tests.http_helpers import ack, configure, pop, push
-from tests.support import running_server, unique_name, wait_until
+from tests.support import pass_time, running_server, unique_name, wait_until
 
 
 def _count(db, queue: str, partition: str | None = None) -> int:
@@ -371,3 +372,44 @@ def test_statistics_refresh_on_their_interval(client):
         return overview["statsAge"] is not None and overview["statsAge"] < 2
 
     wait_until(fresh, message="statistics younger than 2 s")
+
+
+@pytest.mark.parametrize("popped_before", [False, True], ids=["first-pop", "later-pop"])
+def test_a_pop_during_a_retention_step_hands_out_nothing_the_step_deletes(
+        http, db, pg_dsn, popped_before):
+    """A pop whose transaction overlapped the step's DELETE read the doomed rows (it took no
+    lock the DELETE waits for), leased them and handed them out; the step then committed and
+    every ack answered "Message not found" (README: "its ack always finds it"). The step's
+    transaction is held open here (the retention service's own SQL) to widen the window."""
+    queue = unique_name()
+    configure(http, queue, retentionSeconds=60)
+    if popped_before:  # the group's row exists, as for any consumer after its first pop
+        push(http, queue, ["first"])
+        ack(http, pop(http, queue)["messages"][0])
+    push(http, queue, [f"m{n}" for n in range(3)], prefix="old")
+    pass_time(db, queue, 120)
+    step = psycopg2.connect(pg_dsn)
+    answer: dict = {}
+    try:
+        with step.cursor() as cursor:
+            for _ in range(200):  # (another instance's cycle may hold the cluster lock)
+                cursor.execute("SELECT queen.cleanup_cycle(1000, true, true)")
+                outcome = cursor.fetchone()[0]
+                if outcome["locked"]:
+                    break
+                step.rollback()
+                time.sleep(0.05)
+            assert outcome["retention"] == 3 + popped_before, outcome
+        popping = threading.Thread(target=lambda: answer.setdefault("pop", http.get(
+            f"/api/v1/pop/queue/{queue}", params={"wait": "false", "batch": 10})))
+        popping.start()
+        popping.join(2)  # a pop may wait for the step or pass its partition by
+        step.commit()
+        popping.join(15)
+    finally:
+        step.close()
+
+    if answer["pop"].status_code == 204:
+        return
+    handed_out = answer["pop"].json()["messages"]
+    assert all(ack(http, message)["success"] for message in handed_out), handed_out

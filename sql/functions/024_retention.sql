@@ -107,7 +107,14 @@ BEGIN
       FROM unique_doomed;
 
     IF v_ids IS NOT NULL THEN
-        PERFORM 1 FROM queen.partitions WHERE id = ANY(v_parts) ORDER BY id FOR NO KEY UPDATE;
+        -- No pop may hand out a message this step deletes (its ack would find nothing): the
+        -- pops under way on these partitions finish first, and none starts until this
+        -- commits. The groups' rows are locked (a pop's SKIP LOCKED passes the partition
+        -- by) and the partitions FOR UPDATE (a group's first pop, which makes its row,
+        -- waits for that lock).
+        PERFORM 1 FROM queen.partitions WHERE id = ANY(v_parts) ORDER BY id FOR UPDATE;
+        PERFORM 1 FROM queen.partition_consumers WHERE partition_id = ANY(v_parts)
+         ORDER BY partition_id, consumer_group FOR SHARE;
         -- Asked again: this statement's snapshot sees the leases committed since the scan.
         WITH gone AS (
             DELETE FROM queen.messages m
