@@ -196,6 +196,8 @@ def test_transaction_id_of_255_characters_is_accepted(http):
 
 
 @pytest.mark.parametrize("bad_item", [
+    # URLs drop a "." or ".." path segment (encoded too): no pop or resource route reaches it
+    {"queue": "."}, {"queue": ".."}, {"partition": "."}, {"partition": ".."},
     {"traceId": "not-a-uuid"},
     # forms Python's uuid.UUID reads and PostgreSQL refuses: they were queued as "failed"
     # with a 201, or, during an outage, answered "buffered" and never replayed

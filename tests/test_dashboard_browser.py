@@ -463,3 +463,69 @@ def test_a_hung_postgresql_shows_on_the_banner_not_as_stale_healthy_data(
             fleet.close()
     assert "/api/v1/consumer-groups" in text, text
     dashboard.finish()
+
+
+def test_the_queue_page_lists_its_newest_messages_of_any_age(
+        api: httpx.Client, dash_server: ServerProcess, db: Any,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """The page asked /api/v1/messages without a range, whose default is the last hour: a
+    queue whose messages were two hours old listed none."""
+    queue = unique_name("test-dash-old-")
+    push(api, queue, [{"n": n} for n in range(3)], prefix="old-")
+    with db.cursor() as cursor:
+        cursor.execute(
+            "UPDATE queen.messages m SET created_at = m.created_at - interval '2 hours'"
+            "  FROM queen.partitions p JOIN queen.queues q ON q.id = p.queue_id"
+            " WHERE m.partition_id = p.id AND q.name = %s", (queue,))
+        assert cursor.rowcount == 3
+
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.open(f"#/queues/{queue}")
+    dashboard.wait_for('tr[data-message="old-0"]')
+
+    listed = dashboard.page.eval_on_selector_all(
+        "tr[data-message]", "rows => rows.map(row => row.dataset.message)")
+    assert listed == ["old-2", "old-1", "old-0"]
+    dashboard.finish()
+
+
+def test_show_all_lists_every_queue_past_the_first_200(
+        api: httpx.Client, dash_server: ServerProcess,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """The overview showed 200 queues and said "200 of N shown", with no way to the rest."""
+    tag = uuid.uuid4().hex[:6]
+    names = [f"zzz-many-{tag}-{n:03d}" for n in range(250)]
+    answer = api.post("/api/v1/push", json={"items": [
+        {"queue": name, "payload": {"n": n}} for n, name in enumerate(names)]}, timeout=120)
+    assert answer.status_code == 201, answer.text
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.open("#/")
+    dashboard.wait_for("tr[data-queue]")
+
+    dashboard.wait_for("button.show-all").click()
+    dashboard.wait_for(f'tr[data-queue="{names[-1]}"]')
+
+    shown = set(dashboard.page.eval_on_selector_all(
+        "tr[data-queue]", "rows => rows.map(row => row.dataset.queue)"))
+    assert set(names) <= shown
+    assert dashboard.page.locator("button.show-all").count() == 0
+    dashboard.finish()
+
+
+def test_a_dead_timer_whose_partition_is_gone_offers_no_retry(
+        api: httpx.Client, dash_server: ServerProcess, db: Any,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """Its partitionId is null: Retry called /api/v1/messages/null/… and got a 400 banner."""
+    from tests.test_timers import batch, schedule_op
+    from tests.test_timers_dlq import kill_timer
+    queue = unique_name("test-dash-orphan-")
+    batch(api, schedule_op(queue, "orphan", {"lost": True}, 60_000, txn="orph-1"))
+    kill_timer(db, queue, "orphan")
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.open("#/dlq")
+
+    shown = dashboard.wait_for('tr[data-dlq-message="orph-1"]')
+
+    assert shown.locator("button[data-retry]").count() == 0
+    assert "partition gone" in shown.inner_text()
+    dashboard.finish()

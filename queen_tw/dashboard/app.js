@@ -8,7 +8,8 @@ import { compact, lineChart } from "./charts.js";
 
 const TOKEN_KEY = "queen-tw.token";
 const REFRESH_MS = 5000;
-const SHOWN_ROWS = 200;
+const SHOWN_ROWS = 200; // per table, until "Show all" is pressed (then for the session)
+let showAllRows = false;
 const CALL_TIMEOUT_MS = 15000; // a call that hangs is reported, not waited for forever
 
 // -- the API --------------------------------------------------------------------------
@@ -152,13 +153,17 @@ function preview(value, length = 120) {
 // each <tr> its attributes (tests find rows by them).
 function table(columns, rows, rowAttributes = () => ({})) {
   if (!rows || !rows.length) return noData("none");
-  const shown = rows.slice(0, SHOWN_ROWS);
+  const shown = showAllRows ? rows : rows.slice(0, SHOWN_ROWS);
   return h("div", { class: "table-wrap" }, h("table", {},
     h("thead", {}, h("tr", {}, columns.map(([heading]) => h("th", {}, heading)))),
     h("tbody", {}, shown.map((row) => h("tr", rowAttributes(row),
       columns.map(([, cell]) => h("td", {}, cell(row))))))),
   rows.length > shown.length ? h("p", { class: "muted" },
-    `${shown.length} of ${rows.length} shown`) : null);
+    `${shown.length} of ${rows.length} shown `,
+    h("button", { type: "button", class: "show-all", onclick: () => {
+      showAllRows = true;
+      refresh();
+    } }, `Show all ${rows.length}`)) : null);
 }
 
 function card(label, value, testid, state = "") {
@@ -261,7 +266,9 @@ async function overviewPage(load) {
 async function queuePage(load, name) {
   const [queue, detail, recent, groups] = await load.all([
     `/api/v1/resources/queues/${enc(name)}`, `/api/v1/status/queues/${enc(name)}`,
-    `/api/v1/messages?queue=${enc(name)}&limit=50`, "/api/v1/consumer-groups"]);
+    // (from: the route's own window is the last hour; the page shows the newest at any age)
+    `/api/v1/messages?queue=${enc(name)}&limit=50&from=1970-01-01T00:00:00Z`,
+    "/api/v1/consumer-groups"]);
   const totals = (queue && queue.totals) || (detail && detail.totals) || {};
   const head = h("div", { class: "cards" },
     card("Depth", number(totals.total), "queue-total"),
@@ -380,11 +387,12 @@ async function dlqPage(load, queueName) {
     ["Error", (m) => m.errorMessage || ""],
     ["Retries", (m) => number(m.retryCount)],
     ["Data", (m) => dataCell(m, m.data)],
-    ["", (m) => h("button", { type: "button", class: "retry",
+    // (a dead timer whose partition is gone has no partitionId, and nothing to retry into)
+    ["", (m) => (m.partitionId ? h("button", { type: "button", class: "retry",
       "data-retry": m.transactionId, onclick: (event) => {
         event.target.disabled = true;
         retry(m);
-      } }, "Retry")],
+      } }, "Retry") : h("span", { class: "muted" }, "partition gone"))],
   ], rows, (m) => ({ "data-dlq-message": m.transactionId })) : noData();
   const total = letters ? h("p", { "data-testid": "dlq-total" },
     `${number(letters.total)} dead letter${letters.total === 1 ? "" : "s"}`) : null;

@@ -35,9 +35,14 @@ def read_json_object(request) -> Dict[str, Any]:
 
 def check_name(name: str, what: str) -> str:
     """A queue or partition name every route can reach: not empty, at most 255 characters,
-    no ``/`` (a name is one path segment of the pop and resource routes) and no NUL."""
+    no ``/`` (a name is one path segment of the pop and resource routes), not ``.`` or
+    ``..`` (clients and browsers drop such a segment from a URL, encoded or not) and no
+    NUL."""
     if not name:
         raise InvalidRequest(f"{what} must not be empty")
+    if name in (".", ".."):
+        raise InvalidRequest(f"{what} must not be '{name}': URLs drop such a path segment, "
+                             "so no pop or resource route could name it")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidRequest(f"{what} is longer than {MAX_NAME_LENGTH} characters")
     if "/" in name:
