@@ -7,6 +7,7 @@ a few hundred milliseconds, and every wait is a bounded poll.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -413,3 +414,65 @@ def test_a_pop_during_a_retention_step_hands_out_nothing_the_step_deletes(
         return
     handed_out = answer["pop"].json()["messages"]
     assert all(ack(http, message)["success"] for message in handed_out), handed_out
+
+
+def _one_step(pg_dsn: str, outcome: dict) -> threading.Thread:
+    """A retention step on a connection of its own (retried while another holds the lock)."""
+    def run() -> None:
+        connection = psycopg2.connect(pg_dsn)
+        try:
+            with connection.cursor() as cursor:
+                for _ in range(400):
+                    try:
+                        cursor.execute("SELECT queen.cleanup_cycle(1000, true, true)")
+                    except psycopg2.Error as err:
+                        outcome["error"] = err
+                        return
+                    step = cursor.fetchone()[0]
+                    connection.commit()
+                    if step["locked"]:
+                        outcome["step"] = step
+                        return
+                    time.sleep(0.02)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("then", ["push to the partition", "dead-letter in another"])
+def test_a_retention_step_leaves_a_partition_in_use_and_never_deadlocks(
+        http, db, pg_dsn, then):
+    """An ack holds its group's row, then needs a partition's row (a transaction's push, a
+    fused ack's dead letter). A step that waited for the group's row while holding the
+    partitions deadlocked with it; it now leaves what is in use to the next step."""
+    queue, other = unique_name(), unique_name()
+    for name in (queue, other):
+        configure(http, name, retentionSeconds=60, retryLimit=0)
+        push(http, name, ["a", "b"], prefix="old")
+        pass_time(db, name, 120)
+    held, other_held = (pop(http, name, batch=1)["messages"][0] for name in (queue, other))
+    caller = psycopg2.connect(pg_dsn)
+    outcome: dict = {}
+    try:
+        with caller.cursor() as cursor:
+            cursor.execute("SELECT queen.ack_messages(%s::jsonb)", (json.dumps([{
+                "transactionId": held["transactionId"], "partitionId": held["partitionId"],
+                "leaseId": held["leaseId"]}]),))
+            step = _one_step(pg_dsn, outcome)
+            step.join(20)  # it does not wait for the caller
+            assert outcome["step"]["busy"] >= 1, outcome
+            if then == "push to the partition":
+                cursor.execute("SELECT queen.push_store(%s::jsonb)", (json.dumps([{
+                    "queue": queue, "payload": 1, "transactionId": "new"}]),))
+            else:
+                cursor.execute("SELECT queen.ack_messages(%s::jsonb)", (json.dumps([{
+                    "transactionId": other_held["transactionId"],
+                    "partitionId": other_held["partitionId"],
+                    "leaseId": other_held["leaseId"], "status": "failed"}]),))
+            caller.commit()
+    finally:
+        caller.close()
+    assert "error" not in outcome, outcome

@@ -3,7 +3,8 @@
 Each run deletes in bounded steps: one ``cleanup_cycle`` call removes at most
 ``RETENTION_BATCH_SIZE`` messages in its own transaction under the cluster-wide advisory lock
 (so only one instance cleans, and a lock held elsewhere just skips this turn). A run goes on
-while steps come back full, up to ``max_steps``, and leaves the rest to the next run. The
+while steps come back full, up to ``max_steps``, and leaves the rest to the next run, as it
+does the partitions a pop, ack or push is using when a step comes (never waited for). The
 retention run also evicts (``maxWaitTimeSeconds``), so eviction works at the retention
 interval even when ``EVICTION_INTERVAL`` is long.
 """
@@ -28,12 +29,14 @@ class CleanupTotals:
     completed: int = 0
     evicted: int = 0
     partitions: int = 0
+    busy: int = 0  # partitions a pop, ack or push was using: left to the next run
     skipped: bool = False
 
     def add(self, step: Dict[str, int]) -> None:
         self.retention += step.get("retention", 0)
         self.completed += step.get("completed", 0)
         self.evicted += step.get("evicted", 0)
+        self.busy += step.get("busy", 0)
 
     @property
     def messages(self) -> int:
@@ -87,11 +90,12 @@ class Cleaner:
         self.totals.add({"retention": run.retention, "completed": run.completed,
                          "evicted": run.evicted})
         self.totals.partitions += run.partitions
-        if run.messages or run.partitions:
+        if run.messages or run.partitions or run.busy:
             log.info("{what}: deleted {retention} expired, {completed} completed, "
-                     "evicted {evicted} messages, dropped {partitions} partitions",
-                     what=what, retention=run.retention, completed=run.completed,
-                     evicted=run.evicted, partitions=run.partitions)
+                     "evicted {evicted} messages, dropped {partitions} partitions; {busy} "
+                     "partitions in use left to the next run", what=what,
+                     retention=run.retention, completed=run.completed, evicted=run.evicted,
+                     partitions=run.partitions, busy=run.busy)
 
 
 def retention_service(cleaner: Cleaner, interval_ms: int, clock: IReactorTime) -> PeriodicService:

@@ -36,7 +36,8 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- One bounded cleanup step: at most p_batch messages deleted, spread over the rules asked
--- for. Returns {locked, retention, completed, evicted, more}; more = the batch was full.
+-- for. Returns {locked, retention, completed, evicted, more, busy}; more = the batch was
+-- full; busy = partitions in use by a pop, ack or push, left to the next step.
 CREATE OR REPLACE FUNCTION queen.cleanup_cycle(p_batch integer, p_retention boolean,
                                                p_eviction boolean)
 RETURNS jsonb
@@ -44,6 +45,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_ids       uuid[];
     v_parts     uuid[];
+    v_groups    uuid[];   -- a partition id per group row this step holds
+    v_held      uuid[];   -- the partitions it holds whole: cleaned now
+    v_busy      integer := 0;  -- the partitions left to the next step
     v_retention integer := 0;
     v_completed integer := 0;
     v_evicted   integer := 0;
@@ -107,18 +111,29 @@ BEGIN
       FROM unique_doomed;
 
     IF v_ids IS NOT NULL THEN
-        -- No pop may hand out a message this step deletes (its ack would find nothing): the
-        -- pops under way on these partitions finish first, and none starts until this
-        -- commits. The groups' rows are locked (a pop's SKIP LOCKED passes the partition
-        -- by) and the partitions FOR UPDATE (a group's first pop, which makes its row,
-        -- waits for that lock).
-        PERFORM 1 FROM queen.partitions WHERE id = ANY(v_parts) ORDER BY id FOR UPDATE;
-        PERFORM 1 FROM queen.partition_consumers WHERE partition_id = ANY(v_parts)
-         ORDER BY partition_id, consumer_group FOR SHARE;
+        -- No pop may hand out a message this step deletes (its ack would find nothing). A
+        -- partition is cleaned only when the step holds it whole: its row FOR UPDATE (a
+        -- group's first pop, which makes its row, waits) and every group's row FOR SHARE (a
+        -- pop's SKIP LOCKED passes the partition by). Nothing here waits: a partition a pop,
+        -- an ack or a push is using now is left to the next step. (Waiting deadlocked with
+        -- callers that hold a group's row and then need a partition's: a transaction's acks
+        -- and pushes, a fused ack that dead-letters.)
+        v_busy := cardinality(v_parts);
+        v_parts := ARRAY(SELECT p.id FROM queen.partitions p WHERE p.id = ANY(v_parts)
+                          ORDER BY p.id FOR UPDATE SKIP LOCKED);
+        v_busy := v_busy - cardinality(v_parts);
+        v_groups := ARRAY(SELECT pc.partition_id FROM queen.partition_consumers pc
+                           WHERE pc.partition_id = ANY(v_parts)
+                           ORDER BY pc.partition_id, pc.consumer_group FOR SHARE SKIP LOCKED);
+        v_held := ARRAY(SELECT p FROM unnest(v_parts) AS p
+                         WHERE (SELECT count(*) FROM unnest(v_groups) AS g WHERE g = p)
+                               = (SELECT count(*) FROM queen.partition_consumers pc
+                                   WHERE pc.partition_id = p));
+        v_busy := v_busy + cardinality(v_parts) - cardinality(v_held);
         -- Asked again: this statement's snapshot sees the leases committed since the scan.
         WITH gone AS (
             DELETE FROM queen.messages m
-             WHERE m.id = ANY(v_ids)
+             WHERE m.id = ANY(v_ids) AND m.partition_id = ANY(v_held)
                AND NOT queen.out_on_lease(m.partition_id, m.created_at, m.id)
             RETURNING m.id
         )
@@ -131,7 +146,11 @@ BEGIN
 
     RETURN jsonb_build_object('locked', true, 'retention', v_retention, 'completed', v_completed,
                               'evicted', v_evicted,
-                              'more', coalesce(array_length(v_ids, 1), 0) >= p_batch);
+                              -- (busy partitions wait for the next interval: going on at
+                              -- once would scan the same messages while they are in use)
+                              'more', coalesce(array_length(v_ids, 1), 0) >= p_batch
+                                      AND v_busy = 0,
+                              'busy', v_busy);
 END
 $$;
 
