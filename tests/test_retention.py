@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from queen_tw.services.periodic import PeriodicService
+from queen_tw.services.retention import BUSY_TRIES, Cleaner
 
 from tests.http_helpers import ack, configure, pop, push
 from tests.support import pass_time, running_server, unique_name, wait_until
@@ -476,3 +477,32 @@ def test_a_retention_step_leaves_a_partition_in_use_and_never_deadlocks(
     finally:
         caller.close()
     assert "error" not in outcome, outcome
+
+
+class _Steps:
+    """Stands in for the pool: answers cleanup_cycle with the given steps, then idle ones."""
+
+    def __init__(self, *steps: dict):
+        self.steps = list(steps)
+        self.calls = 0
+
+    def call(self, name: str, *args) -> defer.Deferred:
+        self.calls += 1
+        step = self.steps.pop(0) if self.steps else {"locked": True, "more": False}
+        return defer.succeed({"retention": 0, "busy": 0, **step})
+
+
+def _run(cleaner: Cleaner):
+    done: list = []
+    defer.ensureDeferred(cleaner.eviction_run()).addBoth(done.append)
+    return done[0]
+
+
+def test_a_run_tries_again_while_a_partition_is_in_use_then_leaves_it():
+    in_use = {"locked": True, "more": False, "busy": 1}
+    freed = _Steps(in_use, in_use, {"locked": True, "more": False, "retention": 3})
+    assert _run(Cleaner(freed, batch_size=10)).retention == 3 and freed.calls == 3
+
+    stuck = _Steps(*[in_use] * 50)
+    run = _run(Cleaner(stuck, batch_size=10))
+    assert stuck.calls == BUSY_TRIES and run.busy == 1

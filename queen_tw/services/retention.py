@@ -3,8 +3,9 @@
 Each run deletes in bounded steps: one ``cleanup_cycle`` call removes at most
 ``RETENTION_BATCH_SIZE`` messages in its own transaction under the cluster-wide advisory lock
 (so only one instance cleans, and a lock held elsewhere just skips this turn). A run goes on
-while steps come back full, up to ``max_steps``, and leaves the rest to the next run, as it
-does the partitions a pop, ack or push is using when a step comes (never waited for). The
+while steps come back full, up to ``max_steps``, and leaves the rest to the next run. A step
+never waits for a partition a pop, ack or push is using: it leaves it, and the run tries a few
+steps more (BUSY_TRIES) before it leaves it to the next run. The
 retention run also evicts (``maxWaitTimeSeconds``), so eviction works at the retention
 interval even when ``EVICTION_INTERVAL`` is long.
 """
@@ -20,6 +21,9 @@ from queen_tw.services.periodic import PeriodicService
 
 log = Logger()
 
+BUSY_TRIES = 10
+"""Steps a run takes at most while partitions it must clean are in use."""
+
 
 @dataclass
 class CleanupTotals:
@@ -29,14 +33,13 @@ class CleanupTotals:
     completed: int = 0
     evicted: int = 0
     partitions: int = 0
-    busy: int = 0  # partitions a pop, ack or push was using: left to the next run
+    busy: int = 0  # partitions a pop, ack or push was using at the last step: left over
     skipped: bool = False
 
     def add(self, step: Dict[str, int]) -> None:
         self.retention += step.get("retention", 0)
         self.completed += step.get("completed", 0)
         self.evicted += step.get("evicted", 0)
-        self.busy += step.get("busy", 0)
 
     @property
     def messages(self) -> int:
@@ -76,13 +79,18 @@ class Cleaner:
 
     async def _steps(self, retention: bool, eviction: bool) -> CleanupTotals:
         run = CleanupTotals()
+        busy_tries = 0
         for _ in range(self.max_steps):
             step = await self.db.call("cleanup_cycle", self.batch_size, retention, eviction)
             if not step["locked"]:
                 run.skipped = True
                 break
             run.add(step)
-            if not step["more"]:
+            run.busy = step.get("busy", 0)
+            # A partition in use is used for milliseconds at a time: a few steps more catch
+            # a hot one free, where waiting for the next run could leave it growing.
+            busy_tries += 1 if run.busy else 0
+            if not step["more"] and not (run.busy and busy_tries < BUSY_TRIES):
                 break
         return run
 

@@ -146,10 +146,8 @@ BEGIN
 
     RETURN jsonb_build_object('locked', true, 'retention', v_retention, 'completed', v_completed,
                               'evicted', v_evicted,
-                              -- (busy partitions wait for the next interval: going on at
-                              -- once would scan the same messages while they are in use)
                               'more', coalesce(array_length(v_ids, 1), 0) >= p_batch
-                                      AND v_busy = 0,
+                                      AND v_busy = 0,  -- (the caller decides on busy ones)
                               'busy', v_busy);
 END
 $$;
