@@ -202,9 +202,12 @@ $$;
 -- A message stored in plaintext before its queue began to encrypt cannot be copied as it is
 -- (push_store refuses plaintext there, and every retry failed alike): without p_sealed the
 -- answer is {seal: its payload as JSON text} for the server to encrypt and call again with.
-DROP FUNCTION IF EXISTS queen.retry_message(uuid, text);
+-- (No default for p_sealed: the two-argument form below stays for servers of the release
+-- before, which may re-install their files during a rolling upgrade; with a default, their
+-- two-argument calls were ambiguous.)
+DROP FUNCTION IF EXISTS queen.retry_message(uuid, text, jsonb);  -- had a default for a day
 CREATE OR REPLACE FUNCTION queen.retry_message(p_partition uuid, p_transaction text,
-                                               p_sealed jsonb DEFAULT NULL) RETURNS jsonb
+                                               p_sealed jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_m      record;
@@ -259,6 +262,10 @@ BEGIN
                               'queue', v_m.queue_name, 'partition', v_m.partition_name);
 END
 $$;
+
+CREATE OR REPLACE FUNCTION queen.retry_message(p_partition uuid, p_transaction text)
+RETURNS jsonb
+LANGUAGE sql AS $$ SELECT queen.retry_message(p_partition, p_transaction, NULL::jsonb) $$;
 
 -- POST /api/v1/messages/{p}/{t}/dlq: a dead letter for the group; when it is the group's next
 -- pending message, the cursor moves past it.
