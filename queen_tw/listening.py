@@ -22,9 +22,12 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from queen_tw.startup import fatal, refuse_to_start
+
+log = Logger()
 
 if TYPE_CHECKING:
     from queen_tw.config import Config
@@ -192,6 +195,22 @@ class ListenerService(service.Service):
             fatal(self._reactor, reason)
         else:
             refused.append(reason)
+
+
+class IdleConnectionsClosed(service.Service):
+    """Added to stage ``listener`` before the listener, so it stops after it: closes the
+    site's keep-alive connections that have no request under way (a request sent on one
+    later would die unanswered with the process). Answers under way close theirs once the
+    process is stopping (``make_site``'s ``stopping``)."""
+
+    def __init__(self, site: Any) -> None:
+        self._site = site
+
+    def stopService(self) -> None:
+        super().stopService()
+        closed = self._site.close_idle_connections()
+        if closed:
+            log.info("closed {n} idle client connections", n=closed)
 
 
 def _stop_listening(port: IListeningPort | None) -> defer.Deferred[None] | None:

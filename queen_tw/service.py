@@ -43,7 +43,7 @@ from queen_tw.lifecycle import (
     ServerTree,
     ShutdownGate,
 )
-from queen_tw.listening import http_listener
+from queen_tw.listening import IdleConnectionsClosed, http_listener
 from queen_tw.logs import lets_through
 from queen_tw.maintenance import POP_MAINTENANCE
 from queen_tw.metrics.recorder import Recorder
@@ -198,13 +198,15 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     site = make_site(guarded(root, config, reactor), config.max_body_bytes,  # JWT_ENABLED
                      access_log=access_log, max_push_items=config.max_push_items,
                      read_timeout_ms=config.request_read_timeout_ms,
-                     max_client_connections=config.max_client_connections)
+                     max_client_connections=config.max_client_connections,
+                     stopping=lambda: gate.stopping)
     if in_group:
         cluster.attach(top.add("jobs", PostgresWakeups(
             config.dsn, config.worker_id, cluster.wake, reactor,
             on_notice=cluster.siblings.received if cluster.siblings else None)))
     top.add("replay", durability.replay_service(engine.store))
     top.add("drain", InFlightDrain(engine.busy, reactor))
+    top.add("listener", IdleConnectionsClosed(site))  # stops after the listener
     top.add("listener", http_listener(config, site, reactor,  # QUEEN_LISTEN, or HOST:PORT
                                       database_tried=database.first_attempt_ended))
     top.add("waiters", WaitersService(waiters))

@@ -3,8 +3,10 @@ buffer is closed, an embedded PostgreSQL started by the server is stopped, all q
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -45,6 +47,44 @@ def test_sigterm_answers_parked_long_polls_with_204_and_exits(make_server) -> No
     assert answers == [204]
     assert exit_code in CLEAN_EXIT and time.monotonic() - started < STOP_BOUND_S
     assert "shutting down" in server.log_text()
+
+
+def _answer(connection: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer read off ``connection``: (head, body) by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    declared = re.search(rb"(?i)content-length: *(\d+)", head)
+    length = int(declared.group(1)) if declared else 0  # (a 204 has none)
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head, body
+
+
+def test_sigterm_closes_kept_alive_connections_before_the_process_ends(make_server) -> None:
+    """A client's kept-alive connection stayed open until the process exited, and a request
+    sent on it meanwhile died unanswered: a protocol error, on which the 2.6.0 client's
+    consume() exits instead of failing over. Answers given while stopping now close their
+    connection, and idle ones are closed once the listener is."""
+    server = make_server()
+    request = (f"GET {{}} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n")
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    idle.sendall(request.format("/health").encode())
+    assert b" 200 " in _answer(idle)[0].split(b"\r\n")[0]
+    parked = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    parked.sendall(request.format(
+        f"/api/v1/pop/queue/{unique_name()}?wait=true&timeout=60000").encode())
+    time.sleep(0.5)  # parked by now
+
+    server.process.send_signal(signal.SIGTERM)
+    head, _ = _answer(parked)
+
+    assert head.startswith(b"HTTP/1.1 204") and b"connection: close" in head.lower(), head
+    assert parked.recv(1) == b""  # closed after the answer
+    assert idle.recv(1) == b""
+    assert server.stop(timeout=STOP_BOUND_S) in CLEAN_EXIT
+    assert re.search(r"closed [1-9]\d* idle client connections", server.log_text())
 
 
 def test_sigterm_under_load_loses_no_acknowledged_push(make_server) -> None:

@@ -195,6 +195,17 @@ class QueenRequest(Request):
             return
         super().process()
 
+    def write(self, data: bytes) -> None:
+        site = getattr(self.channel, "site", None)
+        if not self.startedWriting and isinstance(site, _QuietSite) and site.stopping():
+            # The process is stopping: this answer ends its connection. The client's next
+            # request then opens a new one, which the closed listener refuses (a network
+            # error the clients fail over on); kept alive, it died unanswered with the
+            # process (a protocol error the 2.6.0 client's consume() exits on).
+            self.setHeader(b"connection", b"close")
+            self.channel.persistent = False
+        super().write(data)
+
     def finish(self) -> None:
         super().finish()
         self._log_access(self.code)
@@ -243,6 +254,8 @@ class _DeadlineChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         site = self.site
+        if isinstance(site, _QuietSite):
+            site.open_channels.add(self)
         if not isinstance(site, _QuietSite) or not site.max_client_connections \
                 or self.transport is None:
             return
@@ -295,6 +308,8 @@ class _DeadlineChannel(HTTPChannel):
         return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if isinstance(self.site, _QuietSite):
+            self.site.open_channels.discard(self)
         self._stop_read_timer()
         self._parked = None
         if self._counted_client is not None and isinstance(self.site, _QuietSite):
@@ -438,6 +453,18 @@ class _QuietSite(Site):
         super().__init__(*args, **kwargs)
         self._open_by_client: collections.Counter = collections.Counter()
         self._refusing: set = set()  # clients at the limit whose refusal was logged
+        self.open_channels: set = set()
+        self.stopping: Callable[[], bool] = lambda: False  # answers close their connections
+
+    def close_idle_connections(self) -> int:
+        """Closes every connection with no request under way (the listener is closed: the
+        next request on one would die unanswered with the process); returns how many. The
+        busy ones close after their answer (see :meth:`QueenRequest.write`)."""
+        idle = [channel for channel in self.open_channels
+                if not channel.requests and channel.transport is not None]
+        for channel in idle:
+            channel.transport.loseConnection()
+        return len(idle)
 
     def admit(self, client: str) -> bool:
         """Counts a new connection from ``client``; False (not counted) when it already
@@ -465,11 +492,12 @@ class _QuietSite(Site):
 
 def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False,
               max_push_items: int = QueenRequest.max_push_items,
-              read_timeout_ms: int = 0, max_client_connections: int = 0) -> Site:
+              read_timeout_ms: int = 0, max_client_connections: int = 0,
+              stopping: Callable[[], bool] = lambda: False) -> "_QuietSite":
     """A Site serving ``resource`` with :class:`QueenRequest`; ``access_log`` turns on one
     info line per request (``ACCESS_LOG``); ``max_push_items`` is QUEEN_MAX_PUSH_ITEMS,
     ``read_timeout_ms`` QUEEN_REQUEST_READ_TIMEOUT_MS and ``max_client_connections``
-    QUEEN_MAX_CLIENT_CONNECTIONS."""
+    QUEEN_MAX_CLIENT_CONNECTIONS; once ``stopping()``, every answer closes its connection."""
     limit, logged, items = max_body_bytes, access_log, max_push_items
 
     class BoundQueenRequest(QueenRequest):
@@ -483,4 +511,5 @@ def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False
     site.requestFactory = BoundQueenRequest
     site.read_timeout = read_timeout_ms / 1000.0
     site.max_client_connections = max_client_connections
+    site.stopping = stopping
     return site
