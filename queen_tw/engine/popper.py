@@ -17,9 +17,22 @@ message or a window buffer matures).
 
 import json
 import math
+import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Protocol,
+    Set,
+    Tuple,
+)
 
 import orjson
 from twisted.internet import defer
@@ -29,6 +42,7 @@ from twisted.logger import Logger
 from queen_tw.db.pool import Database
 from queen_tw.engine import autopilot
 from queen_tw.engine.batcher import Batcher, BatchLimits
+from queen_tw.engine.leases_in_doubt import LeasesInDoubt
 from queen_tw.engine.sealed_answers import OpenPayload, open_pop_messages
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
 from queen_tw.errors import Unavailable
@@ -195,6 +209,7 @@ class Popper:
     :param paused: True while pop maintenance is on (every pop answers "nothing" at once).
     :param settings_changes: a count that grows with every queue configure or delete seen
         here (own, a peer's, a sibling's); see :class:`ParkingLot`.
+    :param freed: told the (queue, partition)s whose leases in doubt were expired.
     """
 
     def __init__(self, db: Database, waiters: WaiterRegistry, clock: IReactorTime,
@@ -202,7 +217,8 @@ class Popper:
                  open_payload: OpenPayload,
                  give_back: Callable[[Delivery], Awaitable[None]],
                  paused: Callable[[], bool] = lambda: False,
-                 settings_changes: Callable[[], int] = lambda: 0):
+                 settings_changes: Callable[[], int] = lambda: 0,
+                 freed: Callable[[Iterable[Tuple[str, str]]], None] = lambda _: None):
         self._db = db
         self._waiters = waiters
         self._clock = clock
@@ -216,6 +232,7 @@ class Popper:
         self._conflating: Dict[LaneKey, bool] = {}  # stored policies the pops reported
         self.autopilot = autopilot.Autopilot(clock)
         self.batcher = Batcher("pop", self._pop_batch, clock, limits)
+        self.leases_in_doubt = LeasesInDoubt(db.call, clock, freed)
         self.call_byte_budget = CALL_BYTE_BUDGET
         self.deferred = 0  # requests a full call deferred to calls of their own
         self.attempts = 0
@@ -258,7 +275,7 @@ class Popper:
                 request = replace(request, waiting_since=outcome.empty_at)
             if outcome.delivery is not None:
                 if gone is not None and gone.called:
-                    await self._give_back(outcome.delivery)
+                    await self.give_back(outcome.delivery)
                     self._leave(lot)
                     return None
                 self._leave(lot)
@@ -280,7 +297,7 @@ class Popper:
         finally:
             self._leave(lot)
         if delivery is not None and gone is not None and gone.called:
-            await self._give_back(delivery)
+            await self.give_back(delivery)
             return None
         return delivery
 
@@ -318,10 +335,7 @@ class Popper:
             answer.callback(outcome)
             return
         if outcome.delivery is not None:
-            try:
-                await self._give_back(outcome.delivery)
-            except Exception:
-                log.failure("a delivery that came after its pop answered was not given back")
+            await self.give_back(outcome.delivery)
 
     async def attempt(self, request: PopRequest) -> Attempt:
         """One try at the database. An outage counts as "nothing yet": consumers' loops exit
@@ -331,6 +345,9 @@ class Popper:
         self.attempts += 1
         wanted = request.as_sql(self._worker_id, self.autopilot.share(request.lane)
                                 if request.width_delegated else None)
+        lease = None if request.auto_ack else str(uuid.uuid4())
+        if lease is not None:  # ours, so a lease nobody received can be found (see below)
+            wanted["leaseId"] = lease
         try:
             result = await self._pop_fused(wanted)
             if result.get("needsSubscription"):
@@ -338,10 +355,12 @@ class Popper:
                 # (see queen.subscribe_for), then the pop goes again.
                 await self._db.call("subscribe_for", wanted)
                 result = await self._pop_fused(wanted)
-        except Unavailable:
-            return Attempt()
-        except Exception:
-            log.failure("pop on {queue} failed", queue=request.queue or request.namespace)
+        except Exception as err:
+            # PostgreSQL may still commit a call the server gave up on (leases_in_doubt)
+            if lease is not None:
+                self.leases_in_doubt.note(lease)
+            if not isinstance(err, Unavailable):
+                log.failure("pop on {queue} failed", queue=request.queue or request.namespace)
             return Attempt()
         if not result.get("success", False):
             log.warn("pop on {queue} failed: {error}", queue=request.queue or request.namespace,
@@ -437,7 +456,16 @@ class Popper:
                 del self._lots[lot.key]
 
     async def give_back(self, delivery: Delivery) -> None:
-        await self._give_back(delivery)
+        """Releases a delivery nobody will receive. Should that fail (PostgreSQL away), its
+        lease is in doubt: expired once PostgreSQL answers again."""
+        try:
+            await self._give_back(delivery)
+        except Exception as err:
+            lease = delivery.get("leaseId")
+            if lease:
+                self.leases_in_doubt.note(lease)
+            log.warn("a delivery nobody will receive could not be given back ({error}); its "
+                     "lease is expired once PostgreSQL answers", error=err)
 
     async def _pop_fused(self, wanted: Dict[str, Any]) -> Dict[str, Any]:
         """``pop_batch``'s result for one request, fused with others by the Batcher; a

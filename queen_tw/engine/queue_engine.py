@@ -222,7 +222,8 @@ class QueueEngine:
         self.popper = Popper(db, waiters, clock, worker_id, poll_timing, limits.pop,
                              open_payload=self.open_payload,
                              give_back=self._give_back, paused=pop_paused,
-                             settings_changes=lambda: self._config_cache.changes)
+                             settings_changes=lambda: self._config_cache.changes,
+                             freed=self.announce_released)
         self.batchers = {
             "push": Batcher("push", self._push_batch, clock, limits.push),
             "pop": self.popper.batcher,

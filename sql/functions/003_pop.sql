@@ -196,6 +196,24 @@ LANGUAGE sql AS $$
     ON CONFLICT (lease_id) DO NOTHING
 $$;
 
+-- Expires the leases p_leases now: pops the server made but never answered with (the call
+-- failed or timed out on its side, and PostgreSQL may have committed it all the same), so
+-- nobody holds them, and their messages would stay hidden for the queue's leaseTime. The
+-- next pop takes them over as after any expiry. Returns [[queue, partition]] of each
+-- partition freed, for its parked pops to be woken.
+-- (p_leases: a JSON array of lease ids, as the server passes lists)
+CREATE OR REPLACE FUNCTION queen.expire_leases(p_leases jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    WITH freed AS (
+        UPDATE queen.partition_consumers pc SET lease_expires_at = now()
+         WHERE pc.lease_id = ANY(ARRAY(SELECT jsonb_array_elements_text(p_leases)::uuid))
+           AND pc.lease_expires_at > now()
+        RETURNING pc.partition_id)
+    SELECT coalesce(jsonb_agg(DISTINCT jsonb_build_array(qu.name, p.name)), '[]'::jsonb)
+      FROM freed f JOIN queen.partitions p ON p.id = f.partition_id
+      JOIN queen.queues qu ON qu.id = p.queue_id
+$$;
+
 -- What one pop answer may carry in payload text: without a bound, a batch of big messages
 -- built an answer over PostgreSQL's 1 GB string limit, which failed the pop every time (the
 -- partition looked empty to that consumer forever). Each partition's read stops at 64 MiB
@@ -529,7 +547,11 @@ DECLARE
     v_auto_ack   boolean := coalesce((p_req->>'autoAck')::boolean, false);
     v_worker     text := p_req->>'workerId';
     v_lease_secs integer := coalesce((p_req->>'leaseSeconds')::integer, 0);
-    v_lease_id   uuid := CASE WHEN v_auto_ack THEN NULL ELSE gen_random_uuid() END;
+    -- (made by the server, which expires it should it never learn the outcome: see
+    -- queen.expire_leases)
+    v_lease_id   uuid := CASE WHEN v_auto_ack THEN NULL
+                              ELSE coalesce(nullif(p_req->>'leaseId', '')::uuid,
+                                            gen_random_uuid()) END;
     v_defer      boolean := coalesce((p_req->>'deferSubscription')::boolean, false);
     v_queue_ids  uuid[];
     v_names      text[];
@@ -735,6 +757,7 @@ BEGIN
             'autoAck', coalesce(v_req->'autoAck', v_req->'auto_ack'),
             'workerId', coalesce(v_req->>'workerId', v_req->>'worker_id'),
             'leaseSeconds', coalesce(v_req->'leaseSeconds', v_req->'lease_seconds'),
+            'leaseId', v_req->>'leaseId',
             'subscriptionMode', coalesce(v_req->>'subscriptionMode', v_req->>'sub_mode'),
             'subscriptionFrom', coalesce(v_req->>'subscriptionFrom', v_req->>'sub_from'),
             'deferSubscription', v_req->'deferSubscription'));

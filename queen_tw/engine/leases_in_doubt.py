@@ -1,0 +1,86 @@
+"""Leases the server made in pops it never answered with, expired once PostgreSQL answers.
+
+A pop call that fails on the server's side (its deadline passed, or the connection broke
+after the statement was sent) answers "nothing" (204), but PostgreSQL may run the statement
+to its end all the same, for instance once a frozen server thaws: the lease it commits is
+held by nobody, and its messages stay hidden for the queue's leaseTime (300 s by default).
+The same goes for a late delivery whose give-back failed. The server makes every pop's
+lease id itself, so it knows which leases may exist; :class:`LeasesInDoubt` expires them
+(``queen.expire_leases``) every :data:`ROUND_S` while such a statement might still commit,
+for :data:`DOUBT_S`: by then the statement has hit its statement timeout, or the lease has
+expired by itself (leaseTime's default). A round that fails (PostgreSQL still away) is
+simply followed by the next.
+"""
+
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from queen_tw.errors import Unavailable
+
+log = Logger()
+
+DOUBT_S = 300.0
+ROUND_S = 2.0
+
+Call = Callable[..., Awaitable[Any]]
+
+
+class LeasesInDoubt:
+    """Lease ids whose pop's outcome the server does not know (see the module docstring).
+
+    :param call: ``Database.call``.
+    :param clock: time source.
+    :param freed: told the (queue, partition)s whose leases were expired (to wake pops).
+    """
+
+    def __init__(self, call: Call, clock: IReactorTime,
+                 freed: Callable[[Iterable[Tuple[str, str]]], None]):
+        self._call = call
+        self._clock = clock
+        self._freed = freed
+        self._until: Dict[str, float] = {}
+        self._timer: Optional[IDelayedCall] = None
+        self._settling = False
+        self.partitions_freed = 0  # by expired leases, so far
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def note(self, lease_id: str) -> None:
+        """``lease_id`` may have been committed by a pop nobody received."""
+        self._until[lease_id] = self._clock.seconds() + DOUBT_S
+        if self._timer is None:
+            self._timer = self._clock.callLater(ROUND_S, self._tick)
+
+    def _tick(self) -> None:
+        """A round every ROUND_S while leases are in doubt (the pops that would have met
+        them may have moved to another instance)."""
+        self._timer = None
+        if not self._settling:
+            self._settling = True
+            defer.ensureDeferred(self._round(self._clock.seconds()))
+        if self._until:
+            self._timer = self._clock.callLater(ROUND_S, self._tick)
+
+    async def _round(self, started: float) -> None:
+        leases: List[str] = list(self._until)
+        try:
+            freed = await self._call("expire_leases", leases)
+        except Unavailable:  # PostgreSQL still away: the next round tries again
+            return
+        except Exception:
+            log.failure("expiring the leases of pops nobody received failed")
+            return
+        finally:
+            self._settling = False
+        if freed:
+            self.partitions_freed += len(freed)
+            log.info("expired the leases of pops nobody received on {n} partition(s)",
+                     n=len(freed))
+            self._freed([(queue, partition) for queue, partition in freed])
+        for lease in leases:  # past its doubt before this round began: settled for good
+            if self._until.get(lease, started) < started:
+                del self._until[lease]
