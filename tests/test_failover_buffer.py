@@ -232,7 +232,7 @@ def test_a_record_that_keeps_failing_moves_to_failed_with_its_error(tmp_path: Pa
     assert reopened.failed == 1  # still counted and reported after a restart
 
 
-def test_records_given_up_on_go_back_in_line_at_doubling_intervals(tmp_path: Path) -> None:
+def test_records_given_up_on_are_tried_again_at_doubling_intervals(tmp_path: Path) -> None:
     """A queue at its maxSize refused a record for good: failed/ was never looked at again
     (WIRE.md 5: failing files are retried). It now gets another round after retry_failed_s,
     then 2x, 4x ... later while it keeps failing; a corrupt line's bytes stay."""
@@ -255,7 +255,9 @@ def test_records_given_up_on_go_back_in_line_at_doubling_intervals(tmp_path: Pat
     clock.advance(1)
     assert replay(replayer) == [None]  # a-0 went back in line, and failed again
     assert [s["transactionId"] for s in store.stored] == ["a-1"] and buffer.failed == 2
-    assert _failed_transaction_ids(tmp_path) == ["a-0"]  # once: moved, not copied
+    assert _failed_transaction_ids(tmp_path) == ["a-0"]  # once, not copied
+    # tried outside the buffer's line: new pushes to its partition were never held for it
+    assert buffer.pending == 0 and segment_files(tmp_path) == []
 
     store.refuse.clear()  # room again
     clock.advance(19)

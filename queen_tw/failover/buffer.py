@@ -25,8 +25,8 @@ line of its file, where readers expect and skip it.
 Reading is for the replay (``replay.py``): :meth:`oldest` gives the oldest sealed segment
 (sealing the active one when nothing older is left), :meth:`forget` is told which records are
 in PostgreSQL now, :meth:`remove` deletes a segment whose records are all stored,
-:meth:`fail` moves records that keep failing to ``failed/`` and :meth:`requeue_failed` puts
-them back in line, behind everything buffered by then.
+:meth:`fail` moves records that keep failing to ``failed/``, from where the replay tries them
+again (:meth:`failed_records`, :meth:`drop_failed`).
 
 :meth:`holds_any` answers "does this partition still have records waiting?" — while it does,
 new pushes to it are buffered behind them, which keeps order within a partition.
@@ -45,7 +45,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -507,25 +507,22 @@ class FileBuffer:
         self.failed += len(failures)
         self.failed_files[target.name] = size
 
-    async def requeue_failed(self) -> int:
-        """Puts the records of ``failed/`` back in line for the replay, behind everything
-        buffered now, and returns how many (a corrupt line's bytes stay). They are appended
-        first and only then taken out of ``failed/``: a crash in between leaves a record in
-        both places, which the replay's dedupe on transactionId stores once."""
-        found = await self._run_blocking(_failed_records, self.directory / FAILED_DIR)
-        again = [record for kept in found.values() for record in kept]
-        if not again:
-            return 0
-        await self.append(again)
-        for path, kept in found.items():
-            if kept:
-                size = await self._run_blocking(_keep_only_unreplayable, path)
-                self.failed -= len(kept)
-                if size:
-                    self.failed_files[path.name] = size
-                else:
-                    self.failed_files.pop(path.name, None)
-        return len(again)
+    def failed_records(self) -> defer.Deferred:
+        """Fires with the records of every ``failed/`` file, by file (a corrupt line's bytes
+        are no record), for the replay to try again (:meth:`drop_failed` once stored)."""
+        return self._run_blocking(_failed_records, self.directory / FAILED_DIR)
+
+    async def drop_failed(self, path: Path, stored: Set[int]) -> None:
+        """Takes the records at positions ``stored`` (among the records of ``path``, as
+        :meth:`failed_records` gave them) out of that ``failed/`` file."""
+        if not stored:
+            return
+        size = await self._run_blocking(_drop_records, path, stored)
+        self.failed -= len(stored)
+        if size:
+            self.failed_files[path.name] = size
+        else:
+            self.failed_files.pop(path.name, None)
 
 
 def _failed_records(directory: Path) -> Dict[Path, List[Dict[str, Any]]]:
@@ -539,21 +536,27 @@ def _failed_records(directory: Path) -> Dict[Path, List[Dict[str, Any]]]:
     return found
 
 
-def _keep_only_unreplayable(path: Path) -> int:
-    """Blocking: rewrites a ``failed/`` file with only its lines that hold no record (a
-    corrupt line's bytes), or removes it when none is left; returns its new size."""
-    kept = b"".join(line for line in path.read_bytes().splitlines(keepends=True)
-                    if records.failed_record(line) is None)
-    if not kept:
+def _drop_records(path: Path, stored: Set[int]) -> int:
+    """Blocking: rewrites a ``failed/`` file without the records at positions ``stored``
+    (counting record lines only), or removes it when nothing is left; its new size."""
+    kept, position = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        if records.failed_record(line) is not None:
+            position += 1
+            if position - 1 in stored:
+                continue
+        kept.append(line)
+    data = b"".join(kept)
+    if not data:
         _unlink_quietly(path)
     else:
         fresh = path.with_name(path.name + ".tmp")
-        fresh.write_bytes(kept)
+        fresh.write_bytes(data)
         with open(fresh, "rb") as written:
             os.fsync(written.fileno())
         fresh.replace(path)
     records.fsync_directory(path.parent)
-    return len(kept)
+    return len(data)
 
 
 @dataclass

@@ -22,14 +22,14 @@ since PostgreSQL refusing one record's data fails its whole call: only the culpr
 up, and the records behind it in its partition wait for it.
 
 What is in ``failed/`` gets another round every ``FILE_BUFFER_FAILED_RETRY_MS`` (doubling
-while records keep coming back, up to an hour): the records go back in line behind whatever
-is buffered then, since the reason may have passed (a queue at its maxSize has room again).
-A record tried again lands after messages stored since it was given up: late, not lost.
+while records keep failing, up to an hour), since the reason may have passed (a queue at its
+maxSize has room again): each record is stored straight away, or stays. A record stored so
+lands after messages stored since it was given up: late, not lost.
 """
 
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -117,7 +117,10 @@ class Replayer:
             self._progress = None
 
     async def _retry_failed(self) -> None:
-        """Puts ``failed/`` back in line when its time has come (see the module docstring)."""
+        """Tries the records of ``failed/`` again when their time has come (see the module
+        docstring): straight through the store, outside the line of buffered records (they
+        are out of order already, and in line they held new pushes to their partitions in
+        the buffer until they failed again)."""
         if self._retry_failed_s is None:
             return
         if not self._buffer.failed:  # the wait starts when a record fails
@@ -126,18 +129,31 @@ class Replayer:
             return
         if self._now() < self._retry_failed_at:
             return
+        self._failed_wait = min(self._failed_wait * 2, MAX_FAILED_RETRY_S)
+        self._retry_failed_at = self._now() + self._failed_wait
+        stored = 0
         try:
-            again = await self._buffer.requeue_failed()
+            for path, again in (await self._buffer.failed_records()).items():
+                stored += await self._store_failed(path, again)
         except OSError as err:
             raise ReplayHeld(f"cannot read or rewrite {self._buffer.directory}/failed: "
                              f"{err}") from err
-        finally:
-            self._failed_wait = min(self._failed_wait * 2, MAX_FAILED_RETRY_S)
-            self._retry_failed_at = self._now() + self._failed_wait
-        if again:
-            log.info("file buffer: {n} records given up on before go to the replay again "
-                     "(next round in {s:.0f} s if they fail again)", n=again,
-                     s=self._failed_wait)
+        if stored:
+            log.info("file buffer: {n} records given up on before are stored now", n=stored)
+
+    async def _store_failed(self, path: Any, again: List[Dict[str, Any]]) -> int:
+        """Stores what it can of one ``failed/`` file's records, takes those out of it, and
+        returns how many. Raises ``Unavailable`` while PostgreSQL cannot be reached (the
+        records stay, and dedupe on transactionId makes a resend harmless)."""
+        stored: Set[int] = set()
+        for start in range(0, len(again), self._max_batch):
+            batch = again[start:start + self._max_batch]
+            failed = {id(record) for record, _ in
+                      await self._store_batch(batch, last_attempt=True)}
+            stored.update(start + n for n, record in enumerate(batch)
+                          if id(record) not in failed)
+        await self._buffer.drop_failed(path, stored)
+        return len(stored)
 
     async def _current(self) -> Optional[_Progress]:
         segment = await self._buffer.oldest()
