@@ -266,9 +266,9 @@ async function overviewPage(load) {
 async function queuePage(load, name) {
   const [queue, detail, recent, groups] = await load.all([
     `/api/v1/resources/queues/${enc(name)}`, `/api/v1/status/queues/${enc(name)}`,
-    // (from: the route's own window is the last hour; the page shows the newest at any age)
-    `/api/v1/messages?queue=${enc(name)}&limit=50&from=1970-01-01T00:00:00Z`,
-    "/api/v1/consumer-groups"]);
+    // (not /api/v1/messages: its default window is the last hour, and a wider one had it
+    // work out the status of every message in it; this route reads the newest 50 of any age)
+    `/api/v1/status/queues/${enc(name)}/messages?limit=50`, "/api/v1/consumer-groups"]);
   const totals = (queue && queue.totals) || (detail && detail.totals) || {};
   const head = h("div", { class: "cards" },
     card("Depth", number(totals.total), "queue-total"),

@@ -379,9 +379,9 @@ BEGIN
                        'queuePath', p_name || '/' || h.partition_name,
                        'queue', p_name, 'partition', h.partition_name,
                        'status', queen.message_status(h.partition_id, v_queue, h.created_at, h.id),
-                       'createdAt', queen.format_ts3(h.created_at))
+                       'createdAt', queen.format_ts3(h.created_at), 'traceId', h.trace_id)
                      ORDER BY h.created_at DESC, h.id DESC)
-              FROM (SELECT m.id, m.transaction_id, m.partition_id, m.created_at,
+              FROM (SELECT m.id, m.transaction_id, m.partition_id, m.created_at, m.trace_id,
                            p.name AS partition_name
                       FROM queen.partitions p
                       CROSS JOIN LATERAL (  -- each partition's newest, by its order index
