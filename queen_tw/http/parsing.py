@@ -83,10 +83,12 @@ _UUID_DIGITS = f"{_HEX}{{4}}(?:-?{_HEX}{{4}}){{7}}"
 _POSTGRESQL_UUID = re.compile(f"{_UUID_DIGITS}|\\{{{_UUID_DIGITS}\\}}")
 
 
-def canonical_uuid(text: Any) -> Optional[str]:
+def postgresql_uuid(text: Any) -> Optional[str]:
     """``text`` in PostgreSQL's output form (lowercase, hyphenated), or None if PostgreSQL
-    would not read it as a uuid. Ids compared as text (requiredLeases) must be in this form:
-    the holder's own lease written in capitals was "held under another lease"."""
+    would not read it as a uuid: the validation of ids from requests (the engine's
+    ``canonical_uuid`` only re-prints ids known to be valid). Ids compared as text
+    (requiredLeases) must be in this form: the holder's own lease written in capitals was
+    "held under another lease"."""
     if not isinstance(text, str):
         return None
     if _CANONICAL_UUID.fullmatch(text):  # the usual form, 4x cheaper than uuid.UUID
@@ -97,8 +99,8 @@ def canonical_uuid(text: Any) -> Optional[str]:
 
 
 def require_uuid(text: Any, what: str) -> str:
-    """``text`` in canonical form (canonical_uuid); 400 if it is not a uuid."""
-    canonical = canonical_uuid(text)
+    """``text`` in PostgreSQL's output form (postgresql_uuid); 400 if it is not a uuid."""
+    canonical = postgresql_uuid(text)
     if canonical is None:
         raise InvalidRequest(f"{what} must be a UUID")
     return canonical
@@ -378,7 +380,7 @@ def required_leases(body: Mapping[str, Any]) -> List[str]:
     """``requiredLeases`` of a transaction (WIRE.md 9.4): lease ids, ``""`` tolerated."""
     leases = body.get("requiredLeases") or []
     if isinstance(leases, list):
-        canonical = [lease if lease == "" else canonical_uuid(lease) for lease in leases]
+        canonical = [lease if lease == "" else postgresql_uuid(lease) for lease in leases]
         if None not in canonical:
             return cast(List[str], canonical)
     raise InvalidRequest("requiredLeases must be an array of lease ids")
