@@ -9,6 +9,7 @@ ones in doubt, and expires them (``queen.expire_leases``) while they could still
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from queen_tw.engine.leases_in_doubt import DOUBT_S, ROUND_S, LeasesInDoubt
+from queen_tw.engine.leases_in_doubt import DOUBT_S, ROUND_S, LeasesInDoubt, new_lease_id
 from queen_tw.errors import DatabaseUnavailable
 
 from tests.faultkit import Fleet, private_postgres
@@ -56,6 +57,15 @@ def test_leases_in_doubt_are_expired_in_rounds_until_their_doubt_is_over() -> No
     made = len(calls.made)
     clock.advance(10 * ROUND_S)
     assert len(calls.made) == made  # no more rounds
+
+
+def test_lease_ids_are_version_4_uuids_and_differ() -> None:
+    made = {new_lease_id() for _ in range(1000)}
+    assert len(made) == 1000
+    for text in list(made)[:50]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
 
 
 def test_expire_leases_frees_the_partitions_of_those_leases_only(http, db) -> None:

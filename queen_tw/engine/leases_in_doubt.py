@@ -12,6 +12,7 @@ expired by itself (leaseTime's default). A round that fails (PostgreSQL still aw
 simply followed by the next.
 """
 
+import os
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -26,6 +27,13 @@ DOUBT_S = 300.0
 ROUND_S = 2.0
 
 Call = Callable[..., Awaitable[Any]]
+
+
+def new_lease_id() -> str:
+    """A random (version 4) uuid as text for a pop's lease: unguessable, as it lets its
+    holder ack and extend; about 4x cheaper than ``str(uuid.uuid4())``."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 class LeasesInDoubt:

@@ -17,7 +17,6 @@ message or a window buffer matures).
 
 import json
 import math
-import uuid
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import (
@@ -42,7 +41,7 @@ from twisted.logger import Logger
 from queen_tw.db.pool import Database
 from queen_tw.engine import autopilot
 from queen_tw.engine.batcher import Batcher, BatchLimits
-from queen_tw.engine.leases_in_doubt import LeasesInDoubt
+from queen_tw.engine.leases_in_doubt import LeasesInDoubt, new_lease_id
 from queen_tw.engine.sealed_answers import OpenPayload, open_pop_messages
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
 from queen_tw.errors import Unavailable
@@ -345,7 +344,7 @@ class Popper:
         self.attempts += 1
         wanted = request.as_sql(self._worker_id, self.autopilot.share(request.lane)
                                 if request.width_delegated else None)
-        lease = None if request.auto_ack else str(uuid.uuid4())
+        lease = None if request.auto_ack else new_lease_id()
         if lease is not None:  # ours, so a lease nobody received can be found (see below)
             wanted["leaseId"] = lease
         try:
