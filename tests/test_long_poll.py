@@ -580,31 +580,25 @@ def test_a_push_reaches_a_long_poll_waiting_over_the_socket(client, slow_fallbac
     assert poll.result().json()["messages"][0]["data"] == "first"
 
 
-def test_lease_release_wakes_a_parked_pop(client, slow_fallback):
-    queue = unique_name()
-    push(client, queue, ["one", "two"])
-    held = pop(client, queue)["messages"][0]
-    poll = _long_poll_http(slow_fallback.url, queue)  # the partition is leased: it parks
-    time.sleep(PARKING_MOMENT_S)
-
-    ack(client, held)
-
-    assert poll.result().json()["messages"][0]["data"] == "two"
-
-
-def test_a_transactions_ack_that_ends_a_delivery_wakes_a_parked_pop(client, slow_fallback):
-    queue = unique_name()
-    push(client, queue, ["one", "two"])
-    held = pop(client, queue)["messages"][0]
-    poll = _long_poll_http(slow_fallback.url, queue)  # the partition is leased: it parks
-    time.sleep(PARKING_MOMENT_S)
-
+def _ack_in_a_transaction(client, held) -> None:
     done = client.post("/api/v1/transaction", json={
         "operations": [{"type": "ack", "transactionId": held["transactionId"],
                         "partitionId": held["partitionId"], "leaseId": held["leaseId"]}],
         "requiredLeases": [held["leaseId"]]}).json()
-
     assert done["success"] is True, done
+
+
+@pytest.mark.parametrize("end", [ack, _ack_in_a_transaction], ids=["ack", "transaction"])
+def test_lease_release_wakes_a_parked_pop(client, slow_fallback, end):
+    """(A transaction's ack woke nobody: its pop waited out its whole timeout.)"""
+    queue = unique_name()
+    push(client, queue, ["one", "two"])
+    held = pop(client, queue)["messages"][0]
+    poll = _long_poll_http(slow_fallback.url, queue)  # the partition is leased: it parks
+    time.sleep(PARKING_MOMENT_S)
+
+    end(client, held)
+
     assert poll.result().json()["messages"][0]["data"] == "two"
 
 

@@ -71,33 +71,34 @@ def assert_one_line_refusal_or_serving(outcome: str, status: int | None, output:
         assert "queen-tw: " in output, output[-3000:]
 
 
+PEER_SYNC = {"QUEEN_UDP_PEERS": "127.0.0.1:9", "QUEEN_UDP_NOTIFY_PORT": "0"}
+
+
+def start(tmp_path: Path, host: str = "127.0.0.1", **env: str
+          ) -> tuple[str, int | None, str, Path]:
+    """:func:`start_and_settle` on a free port with its own working directory and buffer
+    directory (unless ``env`` names one); returns its outcome, status, output and cwd."""
+    port = free_port()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env.setdefault("FILE_BUFFER_DIR", str(tmp_path / "buffers"))
+    outcome, status, output = start_and_settle("--host", host, "--port", str(port), env=env,
+                                               cwd=cwd, port=port)
+    return outcome, status, output, cwd
+
+
 def test_a_host_name_as_host_with_peer_sync_does_not_crash_with_a_traceback(
         tmp_path: Path) -> None:
     # README: HOST is the "HTTP bind address" (HTTP accepts a host name such as localhost),
     # and "The UDP socket binds HOST unless QUEEN_UDP_BIND says otherwise".
-    port = free_port()
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    outcome, status, output = start_and_settle(
-        "--host", "localhost", "--port", str(port),
-        env={"FILE_BUFFER_DIR": str(tmp_path / "buffers"),
-             "QUEEN_UDP_PEERS": "127.0.0.1:9", "QUEEN_UDP_NOTIFY_PORT": "0"},
-        cwd=cwd, port=port)
+    outcome, _, output, _ = start(tmp_path, "localhost", **PEER_SYNC)
 
     assert outcome == "serving", output[-3000:]
     assert "Traceback" not in output, output[-3000:]
 
 
 def test_a_bad_udp_bind_address_is_refused_with_one_line_naming_it(tmp_path: Path) -> None:
-    port = free_port()
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    outcome, status, output = start_and_settle(
-        "--host", "127.0.0.1", "--port", str(port),
-        env={"FILE_BUFFER_DIR": str(tmp_path / "buffers"),
-             "QUEEN_UDP_PEERS": "127.0.0.1:9", "QUEEN_UDP_NOTIFY_PORT": "0",
-             "QUEEN_UDP_BIND": "not-an-address"},
-        cwd=cwd, port=port)
+    outcome, status, output, _ = start(tmp_path, **PEER_SYNC, QUEEN_UDP_BIND="not-an-address")
 
     assert outcome == "exited", output[-3000:]
     assert_one_line_refusal_or_serving(outcome, status, output)
@@ -108,14 +109,8 @@ def test_an_embedded_pg_directory_that_cannot_be_created_is_one_line_naming_it(
         tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("a regular file: no directory can be created under it")
-    port = free_port()
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    outcome, status, output = start_and_settle(
-        "--host", "127.0.0.1", "--port", str(port),
-        env={"FILE_BUFFER_DIR": str(tmp_path / "buffers"),
-             "QUEEN_EMBEDDED_PG": str(blocker / "pgdata")},
-        cwd=cwd, port=port)
+
+    outcome, status, output, _ = start(tmp_path, QUEEN_EMBEDDED_PG=str(blocker / "pgdata"))
 
     assert outcome == "exited", output[-3000:]
     assert_one_line_refusal_or_serving(outcome, status, output)
@@ -126,12 +121,7 @@ def test_an_empty_file_buffer_dir_does_not_silently_buffer_into_the_working_dire
         tmp_path: Path) -> None:
     # FILE_BUFFER_DIR is documented with the default /var/lib/queen/buffers; an empty value
     # (an env file line "FILE_BUFFER_DIR=") must not quietly put the buffer in the cwd.
-    port = free_port()
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    outcome, status, output = start_and_settle(
-        "--host", "127.0.0.1", "--port", str(port),
-        env={"FILE_BUFFER_DIR": ""}, cwd=cwd, port=port)
+    outcome, status, output, cwd = start(tmp_path, FILE_BUFFER_DIR="")
 
     assert outcome == "exited" and "FILE_BUFFER_DIR is empty" in output, output[-3000:]
     assert_one_line_refusal_or_serving(outcome, status, output)
@@ -141,15 +131,7 @@ def test_an_empty_file_buffer_dir_does_not_silently_buffer_into_the_working_dire
 def test_a_sync_receive_buffer_beyond_a_c_int_is_refused_with_one_line(
         tmp_path: Path) -> None:
     # SO_RCVBUF takes a C int of bytes: 5000 MiB overflowed it in a TypeError.
-    port = free_port()
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    outcome, status, output = start_and_settle(
-        "--host", "127.0.0.1", "--port", str(port),
-        env={"FILE_BUFFER_DIR": str(tmp_path / "buffers"),
-             "QUEEN_UDP_PEERS": "127.0.0.1:9", "QUEEN_UDP_NOTIFY_PORT": "0",
-             "QUEEN_SYNC_RECV_BUFFER_MB": "5000"},
-        cwd=cwd, port=port)
+    outcome, status, output, _ = start(tmp_path, **PEER_SYNC, QUEEN_SYNC_RECV_BUFFER_MB="5000")
 
     assert outcome == "exited" and "QUEEN_SYNC_RECV_BUFFER_MB" in output, output[-3000:]
     assert_one_line_refusal_or_serving(outcome, status, output)
