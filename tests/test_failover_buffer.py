@@ -253,7 +253,7 @@ def test_records_given_up_on_are_tried_again_at_doubling_intervals(tmp_path: Pat
     clock.advance(9)
     assert replay(replayer) == [None] and buffer.failed == 2  # not yet
     clock.advance(1)
-    assert replay(replayer) == [None]  # a-0 went back in line, and failed again
+    assert replay(replayer) == [None]  # a-0 tried again, and failed again
     assert [s["transactionId"] for s in store.stored] == ["a-1"] and buffer.failed == 2
     assert _failed_transaction_ids(tmp_path) == ["a-0"]  # once, not copied
     # tried outside the buffer's line: new pushes to its partition were never held for it
@@ -271,6 +271,38 @@ def test_records_given_up_on_are_tried_again_at_doubling_intervals(tmp_path: Pat
     assert sorted(p.name for p in (tmp_path / FAILED_DIR).iterdir()) == [
         "segment-000000000099.jsonl"]  # the corrupt line's bytes only
     assert buffer.stats()["failedFiles"]["count"] == 1
+
+
+class _AwayAfterOneCall(RecordingStore):
+    """Answers one call once ``calls`` is reset to 0, then PostgreSQL is away."""
+
+    calls = -1_000_000
+
+    def __call__(self, items):
+        self.calls += 1
+        self.unavailable = self.calls > 1
+        return super().__call__(items)
+
+
+def test_records_of_failed_stored_before_an_outage_leave_it(tmp_path: Path) -> None:
+    """A round stored a-0, then PostgreSQL went away: a-0 stayed in failed/, counted, and was
+    sent again a round later (a duplicate once retention had deleted the first)."""
+    clock = Clock()
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+    buffer.append([item("a", 0), item("a", 1), item("a", 2)])
+    store = _AwayAfterOneCall()
+    store.refuse.update({"a-0", "a-1", "a-2"})
+    replayer = Replayer(buffer, store, max_batch=1, max_attempts=1, retry_failed_s=10,
+                        now=clock.seconds)
+    assert replay(replayer) == [None] and buffer.failed == 3
+    store.refuse.clear()
+    store.calls = 0
+    clock.advance(10)
+    [held] = replay(replayer)
+
+    assert held.check(Unavailable)
+    assert [s["transactionId"] for s in store.stored] == ["a-0"]
+    assert _failed_transaction_ids(tmp_path) == ["a-1", "a-2"] and buffer.failed == 2
 
 
 def _failed_transaction_ids(directory: Path) -> list[str]:

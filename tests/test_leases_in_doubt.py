@@ -17,7 +17,13 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from queen_tw.engine.leases_in_doubt import DOUBT_S, ROUND_S, LeasesInDoubt, new_lease_id
+from queen_tw.engine.leases_in_doubt import (
+    DOUBT_S,
+    MOST_IN_DOUBT,
+    ROUND_S,
+    LeasesInDoubt,
+    new_lease_id,
+)
 from queen_tw.errors import DatabaseUnavailable
 
 from tests.faultkit import Fleet, private_postgres
@@ -57,6 +63,25 @@ def test_leases_in_doubt_are_expired_in_rounds_until_their_doubt_is_over() -> No
     made = len(calls.made)
     clock.advance(10 * ROUND_S)
     assert len(calls.made) == made  # no more rounds
+
+
+def test_leases_never_settled_are_forgotten_and_their_number_is_bounded() -> None:
+    """PostgreSQL away all along: the set neither grows without bound during the outage nor
+    keeps a 2 s timer running for ever after it."""
+    clock, calls = Clock(), _Calls()
+    calls.fail = True
+    doubt = LeasesInDoubt(calls, clock, lambda freed: None)
+    for n in range(MOST_IN_DOUBT + 5):
+        doubt.note(f"lease-{n}")
+    assert len(doubt) == MOST_IN_DOUBT
+
+    for _ in range(int(2 * DOUBT_S / ROUND_S) + 2):
+        clock.advance(ROUND_S)
+    made = len(calls.made)
+    clock.advance(100 * ROUND_S)
+
+    assert len(doubt) == 0 and len(calls.made) == made  # forgotten; no timer left
+    assert max(len(leases) for _, leases in calls.made) <= 1000  # (sent in chunks)
 
 
 def test_lease_ids_are_version_4_uuids_and_differ() -> None:

@@ -21,6 +21,7 @@ from queen_tw.services.periodic import PeriodicService
 from queen_tw.services.retention import BUSY_TRIES, Cleaner
 
 from tests.http_helpers import ack, configure, pop, push
+from tests.scratch_databases import scratch_database, server_env
 from tests.support import pass_time, running_server, unique_name, wait_until
 
 
@@ -376,13 +377,31 @@ def test_statistics_refresh_on_their_interval(client):
     wait_until(fresh, message="statistics younger than 2 s")
 
 
+@pytest.fixture
+def alone(pg_dsn: str, pg_env):
+    """(http client, autocommit connection, DSN) on a database of its own whose server never
+    cleans by itself: the tests below run the retention step by hand, and another server's
+    cleaning (every 300 ms above) would take their messages first."""
+    with scratch_database(pg_dsn) as dsn, running_server(
+            server_env(pg_env, dsn), RETENTION_INTERVAL="3600000",
+            EVICTION_INTERVAL="3600000") as process:
+        connection = psycopg2.connect(dsn)
+        connection.autocommit = True
+        try:
+            with httpx.Client(base_url=process.url, timeout=30) as http:
+                yield http, connection, dsn
+        finally:
+            connection.close()
+
+
 @pytest.mark.parametrize("popped_before", [False, True], ids=["first-pop", "later-pop"])
 def test_a_pop_during_a_retention_step_hands_out_nothing_the_step_deletes(
-        http, db, pg_dsn, popped_before):
+        alone, popped_before):
     """A pop whose transaction overlapped the step's DELETE read the doomed rows (it took no
     lock the DELETE waits for), leased them and handed them out; the step then committed and
     every ack answered "Message not found" (README: "its ack always finds it"). The step's
     transaction is held open here (the retention service's own SQL) to widen the window."""
+    http, db, pg_dsn = alone
     queue = unique_name()
     configure(http, queue, retentionSeconds=60)
     if popped_before:  # the group's row exists, as for any consumer after its first pop
@@ -444,11 +463,11 @@ def _one_step(pg_dsn: str, outcome: dict) -> threading.Thread:
 
 
 @pytest.mark.parametrize("then", ["push to the partition", "dead-letter in another"])
-def test_a_retention_step_leaves_a_partition_in_use_and_never_deadlocks(
-        http, db, pg_dsn, then):
+def test_a_retention_step_leaves_a_partition_in_use_and_never_deadlocks(alone, then):
     """An ack holds its group's row, then needs a partition's row (a transaction's push, a
     fused ack's dead letter). A step that waited for the group's row while holding the
     partitions deadlocked with it; it now leaves what is in use to the next step."""
+    http, db, pg_dsn = alone
     queue, other = unique_name(), unique_name()
     for name in (queue, other):
         configure(http, name, retentionSeconds=60, retryLimit=0)

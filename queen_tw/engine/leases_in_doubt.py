@@ -9,7 +9,10 @@ lease id itself, so it knows which leases may exist; :class:`LeasesInDoubt` expi
 (``queen.expire_leases``) every :data:`ROUND_S` while such a statement might still commit,
 for :data:`DOUBT_S`: by then the statement has hit its statement timeout, or the lease has
 expired by itself (leaseTime's default). A round that fails (PostgreSQL still away) is
-simply followed by the next.
+simply followed by the next; a lease never settled is forgotten after twice DOUBT_S, and at
+most MOST_IN_DOUBT are kept. The set lives in memory: leases in doubt when the process
+stops expire by leaseTime. An autoAck pop lost the same way has no lease: its messages
+count as consumed.
 """
 
 import os
@@ -25,6 +28,8 @@ log = Logger()
 
 DOUBT_S = 300.0
 ROUND_S = 2.0
+MOST_IN_DOUBT = 10_000  # beyond it (a long outage, many pollers) a lease is left to leaseTime
+CHUNK = 1000  # lease ids per expire_leases call
 
 Call = Callable[..., Awaitable[Any]]
 
@@ -59,6 +64,8 @@ class LeasesInDoubt:
 
     def note(self, lease_id: str) -> None:
         """``lease_id`` may have been committed by a pop nobody received."""
+        if len(self._until) >= MOST_IN_DOUBT:
+            return
         self._until[lease_id] = self._clock.seconds() + DOUBT_S
         if self._timer is None:
             self._timer = self._clock.callLater(ROUND_S, self._tick)
@@ -67,20 +74,27 @@ class LeasesInDoubt:
         """A round every ROUND_S while leases are in doubt (the pops that would have met
         them may have moved to another instance)."""
         self._timer = None
+        now = self._clock.seconds()
         if not self._settling:
             self._settling = True
-            defer.ensureDeferred(self._round(self._clock.seconds()))
+            defer.ensureDeferred(self._round(now))
+        # past its doubt and still not settled (PostgreSQL away all along): its lease, if
+        # any, has expired by itself by now (leaseTime's default), or does soon
+        for lease in [lease for lease, until in self._until.items() if until + DOUBT_S < now]:
+            del self._until[lease]
         if self._until:
             self._timer = self._clock.callLater(ROUND_S, self._tick)
 
     async def _round(self, started: float) -> None:
         leases: List[str] = list(self._until)
+        freed: List[Any] = []
         try:
-            freed = await self._call("expire_leases", leases)
+            for start in range(0, len(leases), CHUNK):
+                freed += await self._call("expire_leases", leases[start:start + CHUNK])
         except Unavailable:  # PostgreSQL still away: the next round tries again
             return
-        except Exception:
-            log.failure("expiring the leases of pops nobody received failed")
+        except Exception as err:
+            log.warn("expiring the leases of pops nobody received failed: {error}", error=err)
             return
         finally:
             self._settling = False

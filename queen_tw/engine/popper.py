@@ -38,13 +38,13 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from queen_tw.db.pool import Database
+from queen_tw.db.pool import Database, DeadlineExceeded
 from queen_tw.engine import autopilot
 from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.leases_in_doubt import LeasesInDoubt, new_lease_id
 from queen_tw.engine.sealed_answers import OpenPayload, open_pop_messages
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
-from queen_tw.errors import Unavailable
+from queen_tw.errors import DatabaseUnavailable, Unavailable
 
 log = Logger()
 
@@ -355,8 +355,11 @@ class Popper:
                 await self._db.call("subscribe_for", wanted)
                 result = await self._pop_fused(wanted)
         except Exception as err:
-            # PostgreSQL may still commit a call the server gave up on (leases_in_doubt)
-            if lease is not None:
+            # PostgreSQL may still commit a call the server gave up on (leases_in_doubt):
+            # one past its deadline, or whose connection broke (a cause); not one refused
+            # before it was sent for want of a pool
+            if lease is not None and (isinstance(err, DeadlineExceeded) or (
+                    isinstance(err, DatabaseUnavailable) and err.__cause__ is not None)):
                 self.leases_in_doubt.note(lease)
             if not isinstance(err, Unavailable):
                 log.failure("pop on {queue} failed", queue=request.queue or request.namespace)

@@ -24,7 +24,8 @@ up, and the records behind it in its partition wait for it.
 What is in ``failed/`` gets another round every ``FILE_BUFFER_FAILED_RETRY_MS`` (doubling
 while records keep failing, up to an hour), since the reason may have passed (a queue at its
 maxSize has room again): each record is stored straight away, or stays. A record stored so
-lands after messages stored since it was given up: late, not lost.
+is out of its partition's order: late, not lost. (These rounds run in drain before the
+segments' replay, so fail() never appends to a failed/ file a round is rewriting.)
 """
 
 import time
@@ -134,6 +135,8 @@ class Replayer:
         stored = 0
         try:
             for path, again in (await self._buffer.failed_records()).items():
+                if self.stopping or self._paused():
+                    break
                 stored += await self._store_failed(path, again)
         except OSError as err:
             raise ReplayHeld(f"cannot read or rewrite {self._buffer.directory}/failed: "
@@ -146,13 +149,17 @@ class Replayer:
         returns how many. Raises ``Unavailable`` while PostgreSQL cannot be reached (the
         records stay, and dedupe on transactionId makes a resend harmless)."""
         stored: Set[int] = set()
-        for start in range(0, len(again), self._max_batch):
-            batch = again[start:start + self._max_batch]
-            failed = {id(record) for record, _ in
-                      await self._store_batch(batch, last_attempt=True)}
-            stored.update(start + n for n, record in enumerate(batch)
-                          if id(record) not in failed)
-        await self._buffer.drop_failed(path, stored)
+        try:
+            for start in range(0, len(again), self._max_batch):
+                if self.stopping or self._paused():  # (a stop lets the batch in flight end)
+                    break
+                batch = again[start:start + self._max_batch]
+                failed = {id(record) for record, _ in
+                          await self._store_batch(batch, last_attempt=True)}
+                stored.update(start + n for n, record in enumerate(batch)
+                              if id(record) not in failed)
+        finally:  # what is stored leaves failed/ even when a later batch could not be tried
+            await self._buffer.drop_failed(path, stored)
         return len(stored)
 
     async def _current(self) -> Optional[_Progress]:

@@ -37,7 +37,7 @@ $$;
 
 -- One bounded cleanup step: at most p_batch messages deleted, spread over the rules asked
 -- for. Returns {locked, retention, completed, evicted, more, busy}; more = the batch was
--- full; busy = partitions in use by a pop, ack or push, left to the next step.
+-- full and some of it went; busy = partitions in use by a pop, ack or push, left over.
 CREATE OR REPLACE FUNCTION queen.cleanup_cycle(p_batch integer, p_retention boolean,
                                                p_eviction boolean)
 RETURNS jsonb
@@ -146,8 +146,10 @@ BEGIN
 
     RETURN jsonb_build_object('locked', true, 'retention', v_retention, 'completed', v_completed,
                               'evicted', v_evicted,
+                              -- (a full batch of nothing but busy partitions' messages
+                                      -- is not more: the caller decides on busy ones)
                               'more', coalesce(array_length(v_ids, 1), 0) >= p_batch
-                                      AND v_busy = 0,  -- (the caller decides on busy ones)
+                                      AND v_retention + v_completed + v_evicted > 0,
                               'busy', v_busy);
 END
 $$;
