@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from tests.binary_bodies import framed_body, framed_group, id_text, v7_id
 from tests.http_helpers import ack, configure, dead_letters, pop, pop_answer, push
 from tests.support import unique_name
 
@@ -123,6 +124,52 @@ def test_message_list_is_newest_first_with_statuses(http):
     first = listed["messages"][0]
     assert first["queuePath"] == f"{queue}/Default" and first["queue"] == queue
     assert listed["mode"]["hasQueueMode"] is True
+
+
+def test_message_list_windows_on_created_at_not_on_the_ids_time(http):
+    """A client-made id carries the client's clock (and a fired timer the time it was
+    scheduled, WIRE2 3.1), while createdAt is the server's: the list windowed on the id's
+    time as well and left such a message out of the default last hour."""
+    queue = unique_name()
+    hours_behind = v7_id(offset_ms=-2 * 3600 * 1000)
+    answer = http.post("/api/v1/push", content=framed_body([framed_group(
+        queue, "Default", [(hours_behind, "behind", b'"x"')])]),
+        headers={"Content-Type": "application/x-queen-push"})
+    assert answer.status_code == 201, answer.text
+    assert answer.json()[0]["message_id"] == id_text(hours_behind)
+
+    listed = http.get("/api/v1/messages", params={"queue": queue}).json()["messages"]
+
+    assert [m["transactionId"] for m in listed] == ["behind"]
+
+
+def test_message_list_from_before_1970_lists_everything_up_to_its_end(http):
+    queue = unique_name()
+    push(http, queue, ["a", "b"])
+
+    for window in ({"from": "1969-12-31T23:59:59Z"},
+                   {"from": "0001-01-01T00:00:00Z", "to": "2999-01-01T00:00:00Z"}):
+        listed = http.get("/api/v1/messages", params={"queue": queue, **window}).json()
+        assert [m["transactionId"] for m in listed["messages"]] == ["t1", "t0"], window
+
+
+def test_a_hybrid_queues_message_is_pending_until_queue_mode_reads_its_partition(http):
+    """Every bus group consumed it, but queue mode, which reads this queue, had not reached
+    its partition: it was reported completed, and queue mode then delivered it."""
+    queue = unique_name()
+    [pushed] = push(http, queue, ["x"])
+    ack(http, pop(http, queue, consumerGroup="g")["messages"][0], consumerGroup="g")
+    push(http, queue, ["other"], partition="P2")
+    assert pop(http, queue, partition="P2")["messages"][0]["data"] == "other"  # queue mode
+
+    detail = http.get(f"/api/v1/messages/{pushed['partition_id']}/t0").json()
+    listed = http.get("/api/v1/messages", params={"queue": queue}).json()
+
+    assert detail["status"] == "pending", detail
+    assert listed["mode"]["type"] == "hybrid"
+    assert {m["partition"]: m["status"] for m in listed["messages"]} == {
+        "Default": "pending", "P2": "processing"}
+    assert pop(http, queue, partition="Default")["messages"][0]["transactionId"] == "t0"
 
 
 def test_message_list_filters_by_status(http):
@@ -243,6 +290,25 @@ def test_retry_into_a_full_queue_answers_409_and_keeps_the_dead_letter(http):
     assert dead_letters(http, queue)["total"] == 1
     assert [m["transactionId"] for m in http.get(
         "/api/v1/messages", params={"queue": queue}).json()["messages"]] == ["t1", "t0"]
+
+
+def test_retry_of_a_255_character_transaction_id_keeps_the_copys_within_255(http):
+    """The copy's id was "<orig>:retry:1", 263 characters, which push refuses (WIRE.md 1.4)
+    and no ack of a streams cycle could name."""
+    queue = unique_name()
+    original = "x" * 255
+    answer = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": "x", "transactionId": original}]})
+    partition = answer.json()[0]["partition_id"]
+    ack(http, pop(http, queue)["messages"][0], "dlq", error="bad")
+
+    first = http.post(f"/api/v1/messages/{partition}/{original}/retry").json()
+    ack(http, pop(http, queue)["messages"][0], "dlq", error="bad")
+    second = http.post(f"/api/v1/messages/{partition}/{first['transactionId']}/retry").json()
+
+    assert first["transactionId"] == "x" * 247 + ":retry:1"
+    assert second["transactionId"] == "x" * 247 + ":retry:2"  # its own prefix cut: a clash
+    assert pop(http, queue)["messages"][0]["transactionId"] == second["transactionId"]
 
 
 def test_retry_of_unknown_message_answers_404(http):

@@ -6,13 +6,9 @@
 -- STATS_INTERVAL_MS (tables queue_stats and system_stats in migrations/0001_baseline.sql);
 -- the resource routes read the snapshot or the same functions live.
 
--- The smallest UUIDv7 of a moment: message ids at or after it were created at or after it,
--- so time windows over messages use the primary key.
-CREATE OR REPLACE FUNCTION queen.uuid_v7_floor(ts timestamptz) RETURNS uuid
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT (lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0')
-            || '00000000000000000000')::uuid
-$$;
+-- (Time windows over messages once read the ids as UUIDv7 times; an id does not tell a
+-- message's created_at, see queen.messages_list.)
+DROP FUNCTION IF EXISTS queen.uuid_v7_floor(timestamptz);
 
 CREATE OR REPLACE FUNCTION queen.stats_of(p_values double precision[]) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$

@@ -3,7 +3,9 @@
 
 -- Status of one message (3.2): dead_letter if a DLQ row exists; with queue mode, completed
 -- at/behind the queue-mode cursor, processing under its live lease, else pending; bus-only
--- partitions are completed once every subscribed group's cursor passed it.
+-- partitions are completed once every subscribed group's cursor passed it. A partition queue
+-- mode has not reached yet in a queue it reads (a hybrid queue) is not bus-only: queue mode
+-- will still deliver its messages, so they are pending.
 CREATE OR REPLACE FUNCTION queen.message_status(p_partition uuid, p_queue uuid, p_at timestamptz,
                                                 p_id uuid)
 RETURNS text
@@ -27,6 +29,10 @@ BEGIN
             RETURN 'processing';
         END IF;
         RETURN 'pending';
+    END IF;
+    IF EXISTS (SELECT 1 FROM queen.consumer_subscriptions
+                WHERE queue_id = p_queue AND consumer_group = '__QUEUE_MODE__') THEN
+        RETURN 'pending';  -- (queue mode starts at the beginning: see queen.subscribe_group)
     END IF;
     SELECT count(*),
            count(*) FILTER (WHERE CASE WHEN pc.partition_id IS NULL THEN p_at <= s.subscription_from
@@ -63,7 +69,10 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- GET /api/v1/messages. f: {queue?, partition?, ns?, task?, status?, from?, to?, limit, offset}.
--- Newest first; the time window uses the time-ordered primary key.
+-- Newest first. The window is on created_at alone, read per partition through the ordering
+-- index: a message's id does not tell its created_at (a fired timer keeps the id minted when
+-- it was scheduled, WIRE2 3.1; a client-made id carries the client's clock), so a window on
+-- the ids left such messages out.
 CREATE OR REPLACE FUNCTION queen.messages_list(f jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -81,9 +90,7 @@ BEGIN
           FROM queen.messages m
           JOIN queen.partitions p ON p.id = m.partition_id
           JOIN queen.queues qu ON qu.id = p.queue_id
-         WHERE m.id >= queen.uuid_v7_floor(v_from)
-           AND m.id < queen.uuid_v7_floor(v_to + interval '1 millisecond')
-           AND m.created_at BETWEEN v_from AND v_to
+         WHERE m.created_at BETWEEN v_from AND v_to
            AND (f->>'queue' IS NULL OR qu.name = f->>'queue')
            AND (f->>'partition' IS NULL OR p.name = f->>'partition')
            AND (f->>'ns' IS NULL OR qu.namespace = f->>'ns')
@@ -236,7 +243,9 @@ BEGIN
     SELECT count(*) + 1 INTO v_n FROM queen.messages
      WHERE partition_id = p_partition AND starts_with(transaction_id, p_transaction || ':retry:');
     LOOP
-        v_txid := p_transaction || ':retry:' || v_n;
+        -- <orig>:retry:<n>, the original cut short where the whole would pass the 255
+        -- characters a transactionId may have (WIRE.md 1.4; the loop steps over any clash)
+        v_txid := left(p_transaction, 255 - length(':retry:' || v_n)) || ':retry:' || v_n;
         EXIT WHEN NOT EXISTS (SELECT 1 FROM queen.messages
                                WHERE partition_id = p_partition AND transaction_id = v_txid);
         v_n := v_n + 1;
