@@ -413,6 +413,25 @@ def test_trace_names_count_events_and_messages_newest_use_first(http):
     assert body["total"] >= 2 and body["pagination"] == {"limit": 1000, "offset": 0}
 
 
+def test_a_trace_keeps_each_name_once_and_no_empty_name(http):
+    """A repeated name counted the event several times in /traces/names, and "" was stored
+    and listed there, where /traces/by-name/ could never reach it."""
+    queue = unique_name()
+    [pushed] = push(http, queue, ["x"])
+    name = f"{queue}-twice"
+    answer = http.post("/api/v1/traces", json={
+        "transactionId": "t0", "partitionId": pushed["partition_id"],
+        "traceNames": [name, "", name], "data": {}})
+    assert answer.status_code == 201, answer.text
+
+    [trace] = http.get(f"/api/v1/traces/{pushed['partition_id']}/t0").json()["traces"]
+    rows = {row["trace_name"]: row for row in http.get(
+        "/api/v1/traces/names", params={"limit": 1000}).json()["trace_names"]}
+
+    assert trace["trace_names"] == [name]
+    assert rows[name]["trace_count"] == 1 and "" not in rows
+
+
 def test_traces_by_name_carry_their_message_decrypted_and_page(http):
     queue = unique_name()
     configure(http, queue, {"encryptionEnabled": True})
@@ -702,6 +721,7 @@ def test_a_transaction_id_and_a_trace_name_holding_a_slash_are_reachable_by_path
     detail = http.get(f"/api/v1/messages/{partition}/order%2F42")
     tricky = http.get(f"/api/v1/messages/{partition}/order%2F43%2Fretry")
     traced = http.get(f"/api/v1/traces/by-name/{name.replace('/', '%2F')}")
+    traces = http.get(f"/api/v1/traces/{partition}/order%2F42")
     dead = http.post(f"/api/v1/messages/{partition}/order%2F42/dlq", json={})
     retried = http.post(f"/api/v1/messages/{partition}/order%2F42/retry")
     deleted = http.delete(f"/api/v1/messages/{partition}/order%2F43%2Fretry")
@@ -709,6 +729,7 @@ def test_a_transaction_id_and_a_trace_name_holding_a_slash_are_reachable_by_path
     assert detail.status_code == 200 and detail.json()["transactionId"] == "order/42", detail.text
     assert tricky.status_code == 200 and tricky.json()["transactionId"] == "order/43/retry"
     assert traced.status_code == 200 and traced.json()["total"] == 1, traced.text
+    assert traces.status_code == 200 and len(traces.json()["traces"]) == 1, traces.text
     assert dead.status_code == 200 and dead.json()["success"] is True, dead.text
     assert retried.status_code == 200, retried.text
     assert deleted.status_code == 200, deleted.text

@@ -86,7 +86,7 @@ ROUTE_LEVELS: Tuple[Tuple[str, str, Level], ...] = (
     ("POST", "/api/v1/messages/<partition_id>/<path:transaction_id>/dlq", _RW),  # inferred
     ("GET", "/api/v1/dlq", _RO),
     ("POST", "/api/v1/traces", _RW),
-    ("GET", "/api/v1/traces/<partition_id>/<transaction_id>", _RO),
+    ("GET", "/api/v1/traces/<partition_id>/<path:transaction_id>", _RO),
     ("GET", "/api/v1/traces/by-name/<path:name>", _RO),
     ("GET", "/api/v1/traces/names", _RO),
     # consumer groups

@@ -161,10 +161,12 @@ class ResourceRoutes:
         if names and max(map(len, names)) > parsing.MAX_NAME_LENGTH:
             raise InvalidRequest(
                 f"a trace name is longer than {parsing.MAX_NAME_LENGTH} characters")
+        # Each name once, empty ones left out as both clients do: by-name could not reach ""
+        names = list(dict.fromkeys(name for name in names or () if name))
         trace_id = await self._engine.add_trace({
             "transactionId": body["transactionId"], "partitionId": body["partitionId"],
             "consumerGroup": parsing.optional_text(body, "consumerGroup") or QUEUE_MODE,
-            "traceNames": names or [],
+            "traceNames": names,
             "eventType": parsing.optional_text(body, "eventType") or "info",
             "data": body["data"]})
         return json_answer(request, 201, {"success": True, "traceId": trace_id})
@@ -181,7 +183,7 @@ class ResourceRoutes:
         return json_answer(request, 200, await self._engine.traces_by_name(
             parsing.path_text(name, "name"), page["limit"], page["offset"]))
 
-    @app.route("/api/v1/traces/<partition_id>/<transaction_id>", methods=["GET"])
+    @app.route("/api/v1/traces/<partition_id>/<path:transaction_id>", methods=["GET"])
     async def list_traces(self, request, partition_id, transaction_id):
         return json_answer(request, 200, await self._engine.traces(
             *_message_key(partition_id, transaction_id)))

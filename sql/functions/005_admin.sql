@@ -295,11 +295,12 @@ LANGUAGE sql STABLE AS $$
              WHERE t.partition_id = p_partition AND t.transaction_id = p_transaction) t
 $$;
 
--- GET /api/v1/traces/names: every trace name with its events and messages, newest use first.
+-- GET /api/v1/traces/names: every trace name with its events and messages, newest use first
+-- (an event naming one name twice, as an earlier release stored it, counts once).
 CREATE OR REPLACE FUNCTION queen.trace_names(p_limit integer, p_offset integer) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     WITH names AS (
-        SELECT n.name, count(*) AS traces, count(DISTINCT t.message_id) AS messages,
+        SELECT n.name, count(DISTINCT t.id) AS traces, count(DISTINCT t.message_id) AS messages,
                max(t.created_at) AS last_seen
           FROM queen.message_traces t, unnest(t.trace_names) AS n(name)
          GROUP BY n.name
