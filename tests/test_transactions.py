@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+import uuid
 from typing import Any, Dict, List
 
 import pytest
@@ -322,6 +323,9 @@ def test_a_completion_after_a_failure_in_a_transaction_does_not_skip_the_failure
      "transactionId is required"),
     ({"operations": [{"type": "push", "items": [{"queue": "q"}]}], "requiredLeases": ["x"]},
      "requiredLeases must be an array of lease ids"),
+    # falsy non-arrays were read as no leases, and the transaction committed unfenced
+    *(({"operations": [{"type": "push", "items": [{"queue": "q"}]}], "requiredLeases": leases},
+       "requiredLeases must be an array of lease ids") for leases in ({}, "", 0, False)),
 ])
 def test_malformed_transaction_is_refused_with_400(http, body, error):
     answer = http.post("/api/v1/transaction", json=body)
@@ -335,6 +339,30 @@ def test_unknown_operation_type_fails_the_transaction_without_applying_anything(
         {"type": "push", "items": [{"queue": queue}]}, {"type": "teleport"}]}).json()
     assert body["success"] is False and "teleport" in body["error"]
     assert count_messages(db, queue) == 0
+    uuid.UUID(body["transactionId"])  # an id like every other failed transaction's (was null)
+
+
+def test_transactions_of_thousands_of_items_and_acks_commit(http, db):
+    """Their results were gathered by copying the whole list at each item (and each ack's
+    searched among all): 10,000 pushed items or 12,000 acks ran past the 20 s deadline and
+    answered 503, holding the partition locks after it."""
+    queue, sink = unique_name(), unique_name()
+    pushed = http.post("/api/v1/push", json={"items": [
+        {"queue": queue, "payload": n, "transactionId": f"a{n}"} for n in range(12_000)]},
+        timeout=60)
+    partition = pushed.json()[0]["partition_id"]
+
+    acked = http.post("/api/v1/transaction", json={"operations": [
+        {"type": "ack", "transactionId": f"a{n}", "partitionId": partition}
+        for n in range(12_000)]}, timeout=60)
+    stored = http.post("/api/v1/transaction", json={"operations": [{"type": "push", "items": [
+        {"queue": sink, "payload": n} for n in range(10_000)]}]}, timeout=60)
+
+    assert acked.status_code == 200 and acked.json()["success"] is True, acked.text[:300]
+    assert [r["index"] for r in acked.json()["results"]] == list(range(12_000))
+    assert stored.status_code == 200 and stored.json()["success"] is True, stored.text[:300]
+    assert count_messages(db, sink) == 10_000
+    assert http.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"}).status_code == 204
 
 
 def test_official_client_transaction_commits_ack_and_push(server):

@@ -342,24 +342,33 @@ END
 $$;
 
 -- One result per item, in input order: ack_core's answer expanded (for transactions and
--- SQL callers; the server expands it itself).
+-- SQL callers; the server expands it itself). Each item finds its entry by joins: a search of
+-- every result for each item made 6,000 acks in one transaction take 6 s.
 CREATE OR REPLACE FUNCTION queen.ack_messages(p_items jsonb) RETURNS jsonb
 LANGUAGE sql AS $$
-    WITH core AS (SELECT queen.ack_core(p_items)::jsonb AS c)
-    SELECT coalesce(jsonb_agg(coalesce(
-               (SELECT r->'result' FROM jsonb_array_elements(core.c->'results') r
-                 WHERE (r->>'pos')::int = t.o - 1),
-               (SELECT jsonb_build_object(
-                           'index', coalesce((t.e->>'index')::int, (t.o - 1)::int),
-                           'transactionId', t.e->>'transactionId', 'success', true, 'error', NULL,
-                           'queueName', s->'queueName', 'partitionName', s->'partitionName',
-                           'dlq', false, 'leaseReleased', s->'leaseReleased')
-                  FROM jsonb_array_elements(core.c->'settled') s
-                 WHERE (s->>'req')::int = coalesce((t.e->>'req')::int, 0)
-                   AND (s->>'partitionId')::uuid = (t.e->>'partitionId')::uuid
-                   AND s->>'consumerGroup' = coalesce(nullif(t.e->>'consumerGroup', ''), '__QUEUE_MODE__')))
+    WITH core AS (SELECT queen.ack_core(p_items)::jsonb AS c),
+    results AS (
+        SELECT (r->>'pos')::int AS pos, r->'result' AS result
+          FROM core, jsonb_array_elements(core.c->'results') r
+    ), settled AS (
+        SELECT (s->>'req')::int AS req, (s->>'partitionId')::uuid AS partition_id,
+               s->>'consumerGroup' AS consumer_group, s
+          FROM core, jsonb_array_elements(core.c->'settled') s
+    )
+    SELECT coalesce(jsonb_agg(CASE
+               WHEN r.pos IS NOT NULL THEN r.result
+               WHEN k.s IS NOT NULL THEN jsonb_build_object(
+                   'index', coalesce((t.e->>'index')::int, (t.o - 1)::int),
+                   'transactionId', t.e->>'transactionId', 'success', true, 'error', NULL,
+                   'queueName', k.s->'queueName', 'partitionName', k.s->'partitionName',
+                   'dlq', false, 'leaseReleased', k.s->'leaseReleased') END
              ORDER BY t.o), '[]'::jsonb)
-      FROM core, jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY AS t(e, o)
+      LEFT JOIN results r ON r.pos = t.o - 1
+      LEFT JOIN settled k
+             ON k.req = coalesce((t.e->>'req')::int, 0)
+            AND k.partition_id = (t.e->>'partitionId')::uuid
+            AND k.consumer_group = coalesce(nullif(t.e->>'consumerGroup', ''), '__QUEUE_MODE__')
 $$;
 
 -- Extends every live lease row held under p_lease_id to max(current, now + seconds); seconds

@@ -51,7 +51,9 @@ CREATE OR REPLACE FUNCTION queen.run_transaction(p jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_tx_id   uuid := gen_random_uuid();
-    v_results jsonb := '[]'::jsonb;
+    -- (an array, appended in place: a jsonb value copied whole at each of its items made a
+    -- transaction of 8,000 pushed items take 13 s, and one of 10,000 miss its deadline)
+    v_results jsonb[] := '{}';
     v_updates jsonb := '[]'::jsonb;
     v_op      jsonb;
     v_index   integer := 0;
@@ -97,7 +99,7 @@ BEGIN
                 v_pushed := queen.push_messages_core(v_op->'items')::jsonb;
                 v_updates := v_updates || (v_pushed->'partition_updates');
                 FOR v_item IN SELECT e FROM jsonb_array_elements(v_pushed->'items') e LOOP
-                    v_results := v_results || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+                    v_results := v_results || jsonb_strip_nulls(jsonb_build_object(
                         'index', v_index, 'type', 'push',
                         'success', v_item->>'status' IN ('queued', 'duplicate'),
                         'status', v_item->>'status',
@@ -105,7 +107,7 @@ BEGIN
                         'messageId', v_item->>'message_id',
                         'partitionId', v_item->>'partition_id',
                         'queueName', v_item->>'queueName',
-                        'error', v_item->>'error')));
+                        'error', v_item->>'error'));
                     v_index := v_index + 1;
                     IF v_item->>'status' NOT IN ('queued', 'duplicate') THEN
                         RAISE EXCEPTION '%', coalesce(v_item->>'error', 'push failed');
@@ -125,24 +127,24 @@ BEGIN
                 END IF;
                 v_acked := v_acks -> v_ack_n;
                 v_ack_n := v_ack_n + 1;
-                v_results := v_results || jsonb_build_array(jsonb_build_object(
+                v_results := v_results || jsonb_build_object(
                     'index', v_index, 'type', 'ack', 'success', v_acked->'success',
                     'transactionId', v_op->>'transactionId', 'error', v_acked->'error',
-                    'dlq', v_acked->'dlq'));
+                    'dlq', v_acked->'dlq');
                 v_index := v_index + 1;
                 IF NOT (v_acked->>'success')::boolean THEN
                     RAISE EXCEPTION '%', v_acked->>'error';
                 END IF;
             END IF;
         END LOOP;
-        v_results := v_results || (SELECT coalesce(jsonb_agg(e || '{"type": "kv"}'::jsonb
-                                                             ORDER BY n), '[]'::jsonb)
-                                     FROM jsonb_array_elements(v_kv) WITH ORDINALITY t(e, n))
-                               || (SELECT coalesce(jsonb_agg(e || jsonb_build_object(
-                                       'type', 'timer',
-                                       'index', v_flat + jsonb_array_length(v_kv) + n - 1)
-                                       ORDER BY n), '[]'::jsonb)
-                                     FROM jsonb_array_elements(v_timers) WITH ORDINALITY t(e, n));
+        v_results := v_results || ARRAY(SELECT e || '{"type": "kv"}'::jsonb
+                                          FROM jsonb_array_elements(v_kv) WITH ORDINALITY t(e, n)
+                                         ORDER BY n)
+                               || ARRAY(SELECT e || jsonb_build_object(
+                                                   'type', 'timer',
+                                                   'index', v_flat + jsonb_array_length(v_kv) + n - 1)
+                                          FROM jsonb_array_elements(v_timers) WITH ORDINALITY t(e, n)
+                                         ORDER BY n);
     EXCEPTION WHEN SQLSTATE 'QKV01' THEN
         RETURN jsonb_build_object(
             'transactionId', v_tx_id, 'success', false, 'reason', 'kv_precondition',
@@ -158,10 +160,10 @@ BEGIN
         END IF;
         -- Everything inside the block is rolled back; the results gathered so far are kept.
         RETURN jsonb_build_object('transactionId', v_tx_id, 'success', false, 'error', SQLERRM,
-                                  'results', v_results);
+                                  'results', to_jsonb(v_results));
     END;
-    RETURN jsonb_build_object('transactionId', v_tx_id, 'success', true, 'results', v_results,
-                              'partitionUpdates', v_updates);
+    RETURN jsonb_build_object('transactionId', v_tx_id, 'success', true,
+                              'results', to_jsonb(v_results), 'partitionUpdates', v_updates);
 END
 $$;
 
