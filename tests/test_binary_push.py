@@ -484,6 +484,18 @@ def test_binary_transaction_with_a_failing_ack_stores_nothing_and_counts_flag(ht
                 "/api/v1/transaction").status_code == 400
 
 
+def test_a_rolled_back_counts_only_transaction_counts_nothing(http, db):
+    """Flag 2 counted the results evaluated before the failure: a rollback said pushed 1."""
+    queue = unique_name()
+    http.post("/api/v1/configure", json={"queue": queue, "options": {"maxSize": 1}})
+    answer = post(http, transaction_body({}, [framed_group(queue, "p", messages(2))], flags=2),
+                  "/api/v1/transaction")
+    assert answer.status_code == 200, answer.text
+    assert {k: answer.json()[k] for k in ("success", "pushed", "duplicate", "acked")} == {
+        "success": False, "pushed": 0, "duplicate": 0, "acked": 0}
+    assert count_messages(db, queue) == 0
+
+
 def test_lease_extend_answers_renewed_partitions_and_every_expiry_name(http):
     queue = unique_name()
     http.post("/api/v1/push", json={"items": [

@@ -454,10 +454,13 @@ def transaction_counts(outcome: Dict[str, Any], operations: List[Dict[str, Any]]
                        ) -> Dict[str, Any]:
     """The flag-2 answer of a binary transaction: the results of its ``operations`` (one
     per pushed item, one per other operation) are counted (``pushed``, ``duplicate``,
-    ``acked``); the riders' results, which follow them, stay."""
+    ``acked``); the riders' results, which follow them, stay. A transaction rolled back
+    pushed and acked nothing, whatever its results evaluated before the failure say."""
     results = outcome.get("results") or []
     entries = sum(len(op["items"]) if op["type"] == "push" else 1 for op in operations)
     counted, riders = results[:entries], results[entries:]
+    if not outcome.get("success"):
+        counted = []
     tally: Tuple[int, int, int] = (
         sum(1 for r in counted if r.get("type") == "push" and r.get("status") == "queued"),
         sum(1 for r in counted if r.get("type") == "push" and r.get("status") == "duplicate"),

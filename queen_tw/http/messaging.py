@@ -6,6 +6,7 @@ the auth gate admitted the request with (:func:`~queen_tw.http.auth_gate.produce
 """
 
 import dataclasses
+import uuid
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -162,9 +163,10 @@ class MessagingRoutes:
         riders = parsing.transaction_riders(body)
         unknown = next((op for op in ops if op["type"] not in ("push", "ack")), None)
         if unknown is not None:
-            # WIRE.md 2.5: an unknown operation fails the transaction (200, success false).
+            # WIRE.md 2.5: an unknown operation fails the transaction (200, success false),
+            # which has an id like every other (nothing was evaluated: no results).
             return json_answer(request, 200, {
-                "transactionId": None, "success": False, "results": [],
+                "transactionId": str(uuid.uuid4()), "success": False, "results": [],
                 "error": f"Unknown operation type: {unknown['type']}"})
         if riders.get("timers"):
             riders = dict(riders, producerSub=producer_sub(request))  # the timers' scheduler

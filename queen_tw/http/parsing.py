@@ -377,8 +377,12 @@ def transaction_riders(body: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def required_leases(body: Mapping[str, Any]) -> List[str]:
-    """``requiredLeases`` of a transaction (WIRE.md 9.4): lease ids, ``""`` tolerated."""
-    leases = body.get("requiredLeases") or []
+    """``requiredLeases`` of a transaction (WIRE.md 9.4): lease ids, ``""`` tolerated; absent
+    or null is none (``{}`` or ``false`` are refused like any other non-array: they committed
+    unfenced)."""
+    leases = body.get("requiredLeases")
+    if leases is None:
+        return []
     if isinstance(leases, list):
         canonical = [lease if lease == "" else postgresql_uuid(lease) for lease in leases]
         if None not in canonical:
