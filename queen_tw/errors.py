@@ -44,6 +44,17 @@ class DatabaseUnavailable(Unavailable):
     """PostgreSQL could not be reached or the connection broke mid-call."""
 
 
+class NoEncryptionKey(Unavailable):
+    """A pop or a read by offset met a payload stored encrypted, and this server has no
+    ``QUEEN_ENCRYPTION_KEY``: the stored envelope is never handed out as the message (503;
+    a pop gives its delivery back), a server with the key serves it."""
+
+    def __init__(self, message: str = (
+            "A payload is stored encrypted and this server has no QUEEN_ENCRYPTION_KEY to "
+            "open it; nothing was handed out: read it through a server that has the key")):
+        super().__init__(message)
+
+
 class QueueSettingsChanged(Unavailable):
     """A push met a queue whose ``encryptionEnabled`` changed after the server read it (a
     configure through another worker or instance, not yet known here): PostgreSQL stored

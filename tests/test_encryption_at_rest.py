@@ -87,7 +87,9 @@ def test_a_sealed_record_without_its_key_holds_the_replay(replaying_key: bytes |
 # -- a malformed key ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["not-a-key", KEY_HEX[:-2], "zz" * 32])
+@pytest.mark.parametrize("bad", ["not-a-key", KEY_HEX[:-2], "zz" * 32,
+                                 KEY_HEX[:30] + "  " + KEY_HEX[32:],  # a traceback, once
+                                 KEY_HEX[:30] + "\n\n" + KEY_HEX[32:]])
 def test_a_malformed_key_refuses_to_start(bad: str, tmp_path: Path) -> None:
     result = run_queen(env={"QUEEN_ENCRYPTION_KEY": bad,
                             "FILE_BUFFER_DIR": str(tmp_path / "buffers")})
@@ -289,6 +291,57 @@ def test_a_transaction_pushing_to_an_encrypted_queue_without_a_key_is_refused(
     assert answer.status_code == 503, answer.text
     assert stored_rows(fleet, queue) == []
 
+
+
+@pytest.fixture
+def keyless(fleet: Fleet) -> Iterator[ServerProcess]:
+    """A server without a key, stopped after the test (the fleet's PostgreSQL has room for
+    only so many servers' pools at once)."""
+    server = fleet.server(QUEEN_ENCRYPTION_KEY="")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("auto_ack", ["true", "false"])
+def test_a_server_without_a_key_never_hands_out_an_encrypted_message(
+        keyed: ServerProcess, keyless: ServerProcess, auto_ack: str) -> None:
+    """It answered the stored envelope as the message's data (and, with autoAck, consumed
+    it): 503 now, and the delivery is given back for a server with the key."""
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    payload = secret()
+    assert push(keyed.url, queue, payload).status_code == 201
+
+    refused = httpx.get(f"{keyless.url}/api/v1/pop/queue/{queue}", timeout=20,
+                        params={"wait": "false", "autoAck": auto_ack})
+    fetched = httpx.post(f"{keyless.url}/api/v1/fetch", timeout=20, json={
+        "entries": [{"queue": queue, "partition": "Default", "offset": 0}]})
+
+    assert refused.status_code == 503, refused.text
+    assert "no QUEEN_ENCRYPTION_KEY" in refused.json()["error"]
+    assert fetched.status_code == 503, fetched.text
+    assert pop_one(keyed.url, queue) == payload
+
+
+def test_a_server_without_a_key_marks_the_dead_letters_it_cannot_open(
+        keyed: ServerProcess, keyless: ServerProcess) -> None:
+    """The listing dropped the isEncrypted mark and showed the envelope as the data."""
+    queue = unique_name()
+    assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
+    payload = secret()
+    assert push(keyed.url, queue, payload).status_code == 201
+    popped = httpx.get(f"{keyed.url}/api/v1/pop/queue/{queue}", params={"wait": "false"},
+                       timeout=20).json()["messages"][0]
+    assert httpx.post(f"{keyed.url}/api/v1/messages/{popped['partitionId']}/"
+                      f"{popped['transactionId']}/dlq", json={}, timeout=20).status_code == 200
+
+    [sealed] = httpx.get(f"{keyless.url}/api/v1/dlq", params={"queue": queue},
+                         timeout=20).json()["messages"]
+    [opened] = httpx.get(f"{keyed.url}/api/v1/dlq", params={"queue": queue},
+                         timeout=20).json()["messages"]
+
+    assert sealed["isEncrypted"] is True and payload["secret"] not in json.dumps(sealed)
+    assert opened["data"] == payload and "isEncrypted" not in opened
 
 
 # -- a flag that changed after a server read it -------------------------------------------

@@ -44,7 +44,7 @@ from queen_tw.engine.batcher import Batcher, BatchLimits
 from queen_tw.engine.leases_in_doubt import LeasesInDoubt, new_lease_id
 from queen_tw.engine.sealed_answers import OpenPayload, open_pop_messages
 from queen_tw.engine.waiters import Backoff, WaiterRegistry
-from queen_tw.errors import DatabaseUnavailable, Unavailable
+from queen_tw.errors import DatabaseUnavailable, NoEncryptionKey, Unavailable
 
 log = Logger()
 
@@ -73,9 +73,11 @@ class Delivery(dict):
     to look inside (giving a delivery back). Encrypted payloads are opened in the text
     itself (``sealed_answers``). A delivery made from a parsed list (no text) keeps it."""
 
-    def __init__(self, fields: Dict[str, Any], messages: Any, text: Optional[str] = None):
+    def __init__(self, fields: Dict[str, Any], messages: Any, text: Optional[str] = None,
+                 unopened: Optional[NoEncryptionKey] = None):
         super().__init__(fields, messages=messages)
         self._text = text
+        self.unopened = unopened  # encrypted payloads this server has no key for
 
     @property
     def raw_text(self) -> Optional[str]:
@@ -252,9 +254,13 @@ class Popper:
             return None
         self.autopilot.entered(request.lane)
         try:
-            return await self._pop(request, gone)
+            delivery = await self._pop(request, gone)
         finally:
             self.autopilot.left(request.lane)
+        if delivery is not None and delivery.unopened is not None:
+            await self.give_back(delivery)  # (an autoAck one is undone) for a keyed server
+            raise delivery.unopened
+        return delivery
 
     async def _pop(self, request: PopRequest, gone: Optional[defer.Deferred]
                    ) -> Optional[Delivery]:
@@ -377,7 +383,10 @@ class Popper:
         more = result.pop("more", True)
         encrypted = result.pop("encryptedIds", None)
         if encrypted:
-            text = open_pop_messages(text, encrypted, self._open_payload)
+            try:
+                text = open_pop_messages(text, encrypted, self._open_payload)
+            except NoEncryptionKey as err:  # given back by pop(), whoever it goes to
+                return Attempt(delivery=Delivery(result, orjson.Fragment(text), text, err))
         return Attempt(delivery=Delivery(result, orjson.Fragment(text), text), more=more)
 
     def _learn(self, request: PopRequest, result: Dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from queen_tw.engine.waiters import WaiterRegistry
 from queen_tw.errors import (
     DatabaseUnavailable,
     InvalidRequest,
+    NoEncryptionKey,
     NotFound,
     QueueSettingsChanged,
     RefusedByDatabase,
@@ -425,21 +426,16 @@ class QueueEngine:
         return self._clock
 
     def open_payload(self, stored: Any) -> Optional[str]:
-        """A stored encrypted payload's plaintext JSON text; None (logged) without a key or
-        with the wrong one: the caller hands out what is stored."""
+        """A stored encrypted payload's plaintext JSON text; None (logged) when it does not
+        open (a tampered row): the caller hands out what is stored. Without a key, raises
+        :class:`NoEncryptionKey`: the message is left for a server that has one."""
         if self._cipher is None:
-            log.error("cannot decrypt a stored payload: this server has no QUEEN_ENCRYPTION_KEY")
-            return None
+            raise NoEncryptionKey()
         try:
             return self._cipher.decrypt_text(stored)
         except Exception as err:  # wrong key or tampered row
             log.error("cannot decrypt a stored payload: {error}", error=err)
             return None
-
-    def decrypt_field(self, row: Dict[str, Any], field: str) -> None:
-        """Turns ``row[field]``, an encrypted payload as stored, into its plaintext in place;
-        left as stored (and logged) without a key or with the wrong one."""
-        self._decrypt_field(row, field)
 
     def announce_pushed(self, updated: List[Tuple[str, str]]) -> None:
         """Committed pushes to these (queue, partition)s: wakes the pops parked on them here
@@ -571,16 +567,20 @@ class QueueEngine:
                              if s["partitionId"] in undone)
 
     def _decrypt_in_place(self, row: Dict[str, Any], field: str) -> None:
-        if row.pop("isEncrypted", False):
-            self._decrypt_field(row, field)
-
-    def _decrypt_field(self, row: Dict[str, Any], field: str) -> None:
+        """Opens ``row[field]`` when the row is marked ``isEncrypted``, and drops the mark;
+        a payload this server cannot open (no key, a tampered row) keeps it, so nobody
+        takes the stored envelope for the message."""
+        if not row.get("isEncrypted"):
+            row.pop("isEncrypted", None)
+            return
         if self._cipher is None:
             return
         try:
             row[field] = self._cipher.decrypt(row[field])
-        except Exception as err:  # wrong key or tampered row: hand out what is stored
+        except Exception as err:  # wrong key or tampered row: shown as stored, marked
             log.error("cannot decrypt message {id}: {error}", id=row.get("id"), error=err)
+            return
+        del row["isEncrypted"]
 
     # -- ack and leases -----------------------------------------------------------------
 

@@ -18,8 +18,9 @@ import json
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 OpenPayload = Callable[[Any], Optional[str]]
-"""A stored envelope's plaintext JSON text; None when it cannot be opened (no key, another
-key): the envelope then goes out as stored."""
+"""A stored envelope's plaintext JSON text; None when it cannot be opened (a tampered row):
+the envelope then goes out as stored. Without a key it raises (``NoEncryptionKey``), and so
+do the functions below: nothing is handed out."""
 
 _ENVELOPE_KEYS = {"iv", "authTag", "encrypted"}
 _FETCH_MARKER = ',"encrypted":true'
