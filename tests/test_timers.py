@@ -11,6 +11,7 @@ The shared server sweeps with the default settings; the waits are ceilings, neve
 from __future__ import annotations
 
 import base64
+import decimal
 import json
 import re
 import threading
@@ -535,14 +536,47 @@ def test_a_sweep_claims_rows_to_encrypt_within_a_byte_budget_and_all_fire(http, 
         answer = cursor.fetchone()[0]
         cursor.execute("ROLLBACK")
     claimed = [row["timerKey"] for row in answer["claimed"]["rows"] if row["queue"] == queue]
-    # (other tests' due rows may be claimed too, before these: they are small)
-    assert claimed == [f"k{n:02}" for n in range(len(claimed))] and 55 < len(claimed) < 70
+    # (other tests' due rows may be claimed too, before these: they are small; each body
+    # goes twice, as body and as bodyText: about 34 fit)
+    assert claimed == [f"k{n:02}" for n in range(len(claimed))] and 25 < len(claimed) < 40
     assert answer["nextDueMs"] <= 0  # the rest is due at once
 
     with db.cursor() as cursor:
         cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s", (queue,))
     wait_until(lambda: len(stored_messages(db, queue)) == 70, 60, message="every timer fired")
     assert all(row[3] is True for row in stored_messages(db, queue))  # encrypted
+
+
+EXACT_NUMBERS = b'{"price": 12345678901234.123456789, "ratio": 0.10000000000000000555, "z": 1.50}'
+
+
+@pytest.mark.parametrize("how", ["encrypted", "zstd", "zstd encrypted", "encrypted later"])
+def test_a_timers_message_keeps_every_digit_its_scheduler_sent(http, db, how):
+    """The payload was parsed into Python floats and sealed (an encrypting queue) or stored
+    (a zstd one) from that value: digits beyond a double's were lost, which a plain timer's
+    message keeps. "encrypted later": scheduled plain, sealed by the sweep once its queue
+    encrypts. (Placed before the module's keyless server starts: see the test above.)"""
+    queue = unique_name()
+    configure(http, queue, encryptionEnabled=how == "encrypted" or how == "zstd encrypted")
+    payload = EXACT_NUMBERS
+    if "zstd" in how:
+        payload = zstandard.ZstdCompressor(write_content_size=True).compress(payload)
+    batch(http, dict(schedule_op(queue, "k", delay_ms=1500 if how == "encrypted later" else 0),
+                     payload=base64.b64encode(payload).decode(), payloadZstd="zstd" in how))
+    if how == "encrypted later":
+        configure(http, queue, encryptionEnabled=True)
+
+    answer = wait_until(lambda: (lambda a: a if a.status_code == 200 else None)(http.get(
+        f"/api/v1/pop/queue/{queue}", params={"wait": "false"})), 30, message="the fire")
+
+    [message] = json.loads(answer.text, parse_float=decimal.Decimal)["messages"]
+    assert message["data"] == json.loads(EXACT_NUMBERS, parse_float=decimal.Decimal)
+    with db.cursor() as cursor:
+        cursor.execute("""SELECT bool_and(m.is_encrypted) FROM queen.messages m
+                            JOIN queen.partitions p ON p.id = m.partition_id
+                            JOIN queen.queues q ON q.id = p.queue_id WHERE q.name = %s""",
+                       (queue,))
+        assert cursor.fetchone()[0] is ("encrypted" in how)
 
 
 def test_a_full_queue_counts_a_failed_attempt_and_backs_off(http, db):

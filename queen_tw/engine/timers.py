@@ -15,6 +15,7 @@ import base64
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import orjson
 from twisted.logger import Logger
 
 from queen_tw import jsoncodec
@@ -89,8 +90,8 @@ class TimersEngine:
     async def prepare(self, ops: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Validated ops made ready for ``queen.timers_schedule`` (which the timers rider of
         a transaction calls too): the payloads of encrypted queues are encrypted, and the
-        parsed ``value`` each scheduling op carries is dropped. Raises ``Unavailable`` when a
-        queue encrypts and this server has no key (as a push does)."""
+        ``value`` (its JSON text) each scheduling op carries is dropped. Raises
+        ``Unavailable`` when a queue encrypts and this server has no key (as a push does)."""
         scheduling = [op for op in ops if op["op"] in SCHEDULING_OPS]
         sealed = await self._messages.seal(
             [{"queue": op["queue"], "payload": op["value"]} for op in scheduling])
@@ -143,7 +144,8 @@ class TimersEngine:
         keys = [{"queue": row["queue"], "timerKey": row["timerKey"]} for row in rows]
         try:
             sealed = await self._messages.seal(
-                [{"queue": row["queue"], "payload": row["body"]} for row in rows])
+                [{"queue": row["queue"], "payload": orjson.Fragment(row["bodyText"])}
+                 for row in rows])
         except (DatabaseUnavailable, DatabaseBusy):
             raise  # the claims expire and the rows are swept again
         except Unavailable as err:  # no key here

@@ -13,6 +13,7 @@ import binascii
 import math
 from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
+import orjson
 import zstandard
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -203,9 +204,11 @@ def _delay_ms(value: Any, where: str) -> float:
     return max(value, -HORIZON_MS)
 
 
-def _payload(value: Any, zstd: bool, where: str) -> Tuple[str, Any]:
+def _payload(value: Any, zstd: bool, where: str) -> Tuple[str, orjson.Fragment]:
     """(the base64 text, the JSON it carries): decoded, decompressed when ``zstd``, and
-    parsed, since the timer will become a message with a JSON body."""
+    checked, since the timer will become a message with a JSON body. The JSON stays its
+    text (a ``Fragment``): sealed or stored parsed, its numbers beyond a double's precision
+    lost digits the message of a plain timer keeps."""
     if not isinstance(value, str):
         _bad("timers_payload_required", f"{where}.payload is required (base64 of the body)")
     try:
@@ -228,7 +231,9 @@ def _payload(value: Any, zstd: bool, where: str) -> Tuple[str, Any]:
         # a byte order mark and UTF-16/32, which were scheduled and then failed every fire.
         if raw.decode("utf-8").startswith("\ufeff"):
             raise ValueError("it starts with a byte order mark")
-        return value, jsoncodec.loads(raw)
+        jsoncodec.loads(raw)
+        jsoncodec.refuse_unstorable_numbers(raw)
+        return value, orjson.Fragment(raw)
     except (ValueError, UnicodeDecodeError) as err:
         _bad("timers_payload_not_json", f"{where}.payload is not a JSON document: {err}")
 

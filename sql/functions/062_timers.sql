@@ -456,7 +456,7 @@ $$;
 -- eight rounds. The rows fire in the order they became due (claimed rows after the sweep,
 -- when timers_fire_claimed pushes them: their place among their partition's is not kept).
 -- Returns the fire's counts plus
---   claimed: {token, rows: [{queue, timerKey, body}]} or null,
+--   claimed: {token, rows: [{queue, timerKey, body, bodyText}]} or null,
 --   taken: rows taken (fired, failed, claimed, or left due past the claim's byte budget),
 --   deferred: rows left for a held partition,
 --   nextDueMs: ms until the next row is due (<= 0: due now; null: none).
@@ -562,8 +562,9 @@ BEGIN
         -- queen.within_answer_budget (005_admin.sql), the rest stays due for the next sweep.
         WITH budgeted AS (
             SELECT x.i FROM (
-                -- (the body the answer carries: a zstd payload's is its expansion)
-                SELECT i, sum(coalesce(octet_length(t.body::text), octet_length(t.payload)))
+                -- (the body the answer carries twice, as body and bodyText: a zstd
+                -- payload's is its expansion)
+                SELECT i, 2 * sum(coalesce(octet_length(t.body::text), octet_length(t.payload)))
                               OVER (ORDER BY i ROWS BETWEEN UNBOUNDED PRECEDING
                                                         AND 1 PRECEDING) AS before
                   FROM generate_subscripts(v_queues, 1) i
@@ -578,10 +579,14 @@ BEGIN
               FROM budgeted b
              WHERE t.queue = v_queues[b.i] AND t.timer_key = v_keys[b.i]
             RETURNING b.i, t.queue, t.timer_key,
-                      coalesce(t.body, convert_from(t.payload, 'UTF8')::jsonb) AS body
+                      coalesce(t.body, convert_from(t.payload, 'UTF8')::jsonb) AS body,
+                      coalesce(t.body::text, convert_from(t.payload, 'UTF8')) AS body_text
         )
+        -- bodyText: the JSON as text, which the server seals as it is (a parsed body lost
+        -- the digits of numbers beyond a double's); body stays for the release before
         SELECT jsonb_build_object('token', v_token, 'rows', jsonb_agg(jsonb_build_object(
-                   'queue', c.queue, 'timerKey', c.timer_key, 'body', c.body) ORDER BY c.i))
+                   'queue', c.queue, 'timerKey', c.timer_key, 'body', c.body,
+                   'bodyText', c.body_text) ORDER BY c.i))
           INTO v_claimed
           FROM claimed c;
     END IF;
