@@ -401,3 +401,24 @@ def test_a_commit_whose_connection_is_lost_answers_that_its_outcome_is_unknown(
     read = {"operations": [{"op": "get", "ns": ns, "key": "k"}]}
     wait_until(lambda: httpx.post(f"{server.url}/api/v1/kv", json=read, timeout=10).json()
                ["results"][0].get("value") == 1, 15, message="the commit, durable after all")
+
+
+def test_workers_ride_postgresql_restarts_without_a_traceback(
+        fleet: Fleet, postgres: EmbeddedPostgres) -> None:
+    """With NUM_WORKERS > 1 each worker's wake-up listener (a LISTEN connection of its own)
+    let the broken socket's error reach the reactor: a traceback per worker per restart."""
+    server = fleet.server(NUM_WORKERS="2", **SERVER_ENV)
+    queue = unique_name()
+    with httpx.Client(base_url=server.url, timeout=20) as http:
+        for round_ in range(2):
+            answer = http.post("/api/v1/push", json={"items": [
+                {"queue": queue, "payload": {"round": round_}}]})
+            assert answer.status_code == 201, answer.text
+            postgres.stop()
+            wait_until(lambda: health_code(server.url) == 503, 15, message="/health 503")
+            postgres.start()
+            wait_until(lambda: health_code(server.url) == 200, 30, message="/health 200")
+        time.sleep(1.5)  # the listeners' next checks find their connections gone, and renew
+
+    log = server.log_text()
+    assert "Traceback" not in log, log[log.index("Traceback") - 300:][:2000]

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from txpostgres import txpostgres
 
 from queen_tw.cluster.worker_names import instance_of
+from queen_tw.db.pool import QuietConnection
 from queen_tw.services.periodic import PeriodicService
 from queen_tw.services.retry import Backoff
 
@@ -78,7 +79,9 @@ class PostgresWakeups(PeriodicService):
             raise
 
     async def _listen(self) -> None:
-        connection = txpostgres.Connection(reactor=self._reactor)
+        # (quiet: a plain txpostgres connection logged a traceback each time PostgreSQL went
+        # away; the failed check of the next run drops it and connects again)
+        connection = QuietConnection(reactor=self._reactor)
         try:
             await connection.connect(self._dsn)
             connection.addNotifyObserver(self._on_notify)

@@ -182,14 +182,9 @@ class _Detector(reconnection.DeadConnectionDetector):
         return super().connectionRecovered()
 
 
-class _Connection(txpostgres.Connection):
-    """A pooled connection that reconnects by itself after PostgreSQL comes back."""
-
-    def __init__(self, reactor=None, cooperator=None):
-        super().__init__(reactor, cooperator,
-                         detector=_Detector(deathChecker=_is_dead,
-                                            reconnectionIterator=_reconnect_backoff,
-                                            reactor=reactor))
+class QuietConnection(txpostgres.Connection):
+    """A connection whose broken socket closes it quietly (the wake-up listener's; the pool's
+    below, which also reconnects by itself)."""
 
     def doRead(self):
         """Reads NOTIFYs and results; a broken socket closes this connection quietly.
@@ -200,10 +195,34 @@ class _Connection(txpostgres.Connection):
         try:
             return super().doRead()
         except _DEAD as err:
-            outage = self.detector.outage
-            if outage is not None:
-                outage.failed(f"connection lost: {describe_error(err)}")
+            self.broke(err)
             return err
+        except ValueError as err:
+            if self.fileno() >= 0:
+                raise
+            # libpq dropped the socket of a broken connection it has not marked closed yet,
+            # and watching it again failed: broken all the same (and reconnected as such)
+            lost = psycopg2.OperationalError(f"connection lost: its socket is gone ({err})")
+            self.broke(lost)
+            return lost
+
+    def broke(self, err: Exception) -> None:
+        """The socket broke with ``err`` (the connection is being closed)."""
+
+
+class _Connection(QuietConnection):
+    """A pooled connection that reconnects by itself after PostgreSQL comes back."""
+
+    def __init__(self, reactor=None, cooperator=None):
+        super().__init__(reactor, cooperator,
+                         detector=_Detector(deathChecker=_is_dead,
+                                            reconnectionIterator=_reconnect_backoff,
+                                            reactor=reactor))
+
+    def broke(self, err: Exception) -> None:
+        outage = self.detector.outage
+        if outage is not None:
+            outage.failed(f"connection lost: {describe_error(err)}")
 
     @property
     def alive(self) -> bool:
