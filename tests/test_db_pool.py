@@ -197,10 +197,12 @@ async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_ou
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_call_too_large_for_one_statement_is_refused_unsent(database, monkeypatch):
+async def test_a_call_too_large_for_one_statement_is_refused_unsent(database, monkeypatch,
+                                                                    server):
     """Over 1 GiB, PostgreSQL closed the connection: an outage to the server, whose file
     buffer replay then sent the same statement again and again. The bound is lowered here so
-    that the test sends a kilobyte, not a gigabyte."""
+    that the test sends a kilobyte, not a gigabyte. (``server``: it installs the schema
+    whose function the calls use; alone, this test met none.)"""
     monkeypatch.setattr(pool, "MAX_STATEMENT_BYTES", 1000)
     backends = _backend_pids(database)
 
