@@ -143,3 +143,28 @@ def test_a_message_route_meeting_a_delete_is_404_and_revives_nothing(
     assert deleted.status_code == 200, deleted.text
     assert answered.status_code == 404, answered.text
     assert queue_exists(db, queue) is (delete is delete_message)
+
+
+@pytest.mark.parametrize("group", [None, "ns-group"])
+def test_a_namespace_pop_meeting_a_queue_delete_gets_the_other_queues_message(
+        http: httpx.Client, db: Any, slow_prefix: str, group: str | None) -> None:
+    """The group's first contact recorded a subscription to the queue being deleted: a
+    foreign-key failure that failed the whole pop (204, and a traceback logged critical),
+    whatever the namespace's other queues held."""
+    namespace = unique_name("ns-")
+    doomed, other = unique_name(), unique_name()
+    for queue in (doomed, other):
+        assert http.post("/api/v1/configure", json={
+            "queue": queue, "namespace": namespace, "options": {}}).status_code == 200
+    http.post("/api/v1/push", json={"items": [
+        {"queue": doomed, "payload": 1, "transactionId": f"{slow_prefix}a"},
+        {"queue": other, "payload": "keep", "transactionId": "keep"}]}).raise_for_status()
+    group_params = {"consumerGroup": group} if group else {}
+
+    deleted, popped = during(db, delete_queue(http, doomed), lambda: http.get(
+        "/api/v1/pop", params={"namespace": namespace, "wait": "false", **group_params}))
+
+    assert deleted.status_code == 200, deleted.text
+    assert popped.status_code == 200, (popped.status_code, popped.text)
+    assert [m["transactionId"] for m in popped.json()["messages"]] == ["keep"]
+    assert not queue_exists(db, doomed)

@@ -434,6 +434,13 @@ DECLARE
     v_group text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
     v_count integer;
 BEGIN
+    -- The scope's queues held against a delete (which waits for this transaction), or left
+    -- out when one is being deleted (this waits for it, then finds the queue gone): the first
+    -- contact's record referenced a queue deleted meanwhile, and that foreign-key failure
+    -- failed the whole pop, whatever the scope's other queues held.
+    PERFORM 1 FROM queen.queues qu
+     WHERE qu.id IN (SELECT sc.id FROM queen.pop_scope(p_req) sc)
+     ORDER BY qu.id FOR KEY SHARE OF qu;
     PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(s.id::text))
        FROM (SELECT sc.id FROM queen.pop_scope(p_req) sc
               WHERE NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions cs
