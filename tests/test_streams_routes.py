@@ -22,7 +22,7 @@ import pytest
 from queen_tw.http.streams import MAX_STATE_VALUE_BYTES
 
 from tests.http_helpers import configure, pop, push
-from tests.support import ServerProcess, expire_leases, running_server, unique_name
+from tests.support import ServerProcess, expire_leases, running_server, unique_name, wait_until
 
 
 def _register(http: httpx.Client, name: str, source: str, sink: Optional[str] = None,
@@ -682,3 +682,67 @@ def test_a_cycle_carries_at_most_queen_max_push_items_sink_messages(make_server)
         "push_items": [{"queue": "sink", "payload": n} for n in range(6)]})
     assert answer.status_code == 413, answer.text
     assert "QUEEN_MAX_PUSH_ITEMS" in answer.json()["error"]
+
+
+def _state_rows(db: psycopg2.extensions.connection, partition_id: str) -> int:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen_streams.state WHERE partition_id = %s",
+                       (partition_id,))
+        return cursor.fetchone()[0]
+
+
+def _one_cycle_of_state(http: httpx.Client, query_id: str, source: str, partition: str,
+                        group: str) -> Dict[str, Any]:
+    """Pushes one message to ``source``/``partition``, pops it for ``group`` and commits a
+    state key with its ack; returns the message."""
+    push(http, source, ["a"], partition=partition)
+    [message] = pop(http, source, partition=partition, consumerGroup=group)["messages"]
+    done = _cycle(http, query_id, message["partitionId"], group, ack=_ack_of([message]),
+                  state_ops=[{"type": "upsert", "key": "window", "value": {"open": 1}}])
+    assert done["success"] is True, done
+    return message
+
+
+def test_a_source_queue_delete_takes_its_partitions_stream_state(http: httpx.Client, db):
+    """The state has no foreign key to the partition: it stayed, and nothing read it again."""
+    source = unique_name()
+    query_id = _register(http, unique_name(), source).json()["query_id"]
+    partition_id = _one_cycle_of_state(http, query_id, source, "p", "streams.q")["partitionId"]
+    assert _state_rows(db, partition_id) == 1
+
+    assert http.delete(f"/api/v1/resources/queues/{source}").status_code == 200
+
+    assert _state_rows(db, partition_id) == 0
+
+
+def test_stream_state_follows_a_partition_that_idle_cleanup_dropped_and_a_push_made_again(
+        make_server, db):
+    """The state outlives the cleanup (migration 3) but was kept under the old partition's
+    id, while the partition a push makes again has a new one: never found again."""
+    server = make_server(RETENTION_INTERVAL="300", PARTITION_CLEANUP_DAYS="1")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        source, group = unique_name(), "streams.cleanup"
+        query_id = _register(http, unique_name(), source).json()["query_id"]
+        cycled = _one_cycle_of_state(http, query_id, source, "idle", group)
+        old_id = cycled["partitionId"]
+        assert http.delete(f"/api/v1/messages/{old_id}/{cycled['transactionId']}"
+                           ).status_code == 200  # empty now: idle cleanup may drop it
+        with db.cursor() as cursor:
+            cursor.execute("UPDATE queen.partitions SET last_activity = now() - interval "
+                           "'2 days' WHERE id = %s", (old_id,))
+        wait_until(lambda: _state_rows(db, old_id) == 1 and not _partition_exists(db, old_id),
+                   15, message="the idle partition cleaned up")
+
+        push(http, source, ["b"], partition="idle")
+        new_id = pop(http, source, partition="idle", consumerGroup=group)["messages"][0][
+            "partitionId"]
+
+        assert new_id != old_id
+        assert _state(http, query_id, new_id) == {"window": {"open": 1}}
+        assert _state_rows(db, old_id) == 0
+
+
+def _partition_exists(db: psycopg2.extensions.connection, partition_id: str) -> bool:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.partitions WHERE id = %s", (partition_id,))
+        return bool(cursor.fetchone()[0])

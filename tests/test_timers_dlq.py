@@ -274,3 +274,21 @@ def test_no_route_answers_500_while_a_dead_timer_exists(http, db):
                  "/metrics", "/api/v1/analytics/system-metrics"):
         answer = http.get(path)
         assert answer.status_code == 200, (path, answer.text)
+
+
+def test_a_queue_delete_takes_its_timer_dead_letters_with_it(http, db):
+    """They are keyed by the queue's name, past the delete's cascade: a queue made again
+    under the name listed the old queue's dead timer as its own (and could retry it)."""
+    queue = unique_name()
+    configure(http, queue)
+    dead_timer(http, db, queue, "k", {"x": 1}, txn="dead-1")
+    assert [r["transactionId"] for r in listing(http, queue=queue)["messages"]] == ["dead-1"]
+
+    assert http.delete(f"/api/v1/resources/queues/{queue}").status_code == 200
+    push(http, queue, ["fresh"])
+
+    assert listing(http, queue=queue)["messages"] == []
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM queen.timer_dead_letters WHERE queue = %s",
+                       (queue,))
+        assert cursor.fetchone()[0] == 0

@@ -112,7 +112,8 @@ BEGIN
     IF v_locked <> cardinality(v_queue_names) THEN
         RETURN false;
     END IF;
-    -- A name cleaned up before numbers on from its old offsets (migration 12).
+    -- A name cleaned up before numbers on from its old offsets (migration 12), and its stream
+    -- state moves to the new id (migration 14).
     WITH made AS (
         INSERT INTO queen.partitions (queue_id, name, last_seq, first_seq)
         SELECT qu.id, w.p, coalesce(d.last_seq, 0), coalesce(d.last_seq, 0) + 1
@@ -122,7 +123,12 @@ BEGIN
          WHERE NOT EXISTS (SELECT 1 FROM queen.partitions x
                             WHERE x.queue_id = qu.id AND x.name = w.p)
         ON CONFLICT (queue_id, name) DO NOTHING
-        RETURNING queue_id, name
+        RETURNING id, queue_id, name
+    ), rekeyed AS (
+        UPDATE queen_streams.state s SET partition_id = made.id
+          FROM made JOIN queen.dropped_partitions d
+                      ON d.queue_id = made.queue_id AND d.name = made.name
+         WHERE s.partition_id = d.partition_id
     )
     DELETE FROM queen.dropped_partitions d USING made
      WHERE d.queue_id = made.queue_id AND d.name = made.name;

@@ -79,6 +79,17 @@ DECLARE
 BEGIN
     -- Waits for running stats refreshes (queen.queue_delete_lock, 022_stats_resources.sql).
     PERFORM pg_advisory_xact_lock(queen.queue_delete_lock());
+    -- What the cascade from queen.queues cannot reach, being keyed without a foreign key:
+    -- the dead letters of its timers (by queue name: a queue made again under the name
+    -- listed them as its own) and the stream state of its partitions (nothing reads it again)
+    DELETE FROM queen.timer_dead_letters WHERE queue = p_name;
+    DELETE FROM queen_streams.state
+     WHERE partition_id IN (SELECT p.id FROM queen.partitions p JOIN queen.queues qu
+                                ON qu.id = p.queue_id WHERE qu.name = p_name
+                            UNION ALL  -- (partitions idle cleanup dropped, migration 14)
+                            SELECT d.partition_id FROM queen.dropped_partitions d
+                              JOIN queen.queues qu ON qu.id = d.queue_id
+                             WHERE qu.name = p_name);
     DELETE FROM queen.queues WHERE name = p_name;
     v_existed := FOUND;
     RETURN jsonb_build_object('deleted', true, 'queue', p_name, 'existed', v_existed);

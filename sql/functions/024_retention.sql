@@ -165,7 +165,8 @@ BEGIN
     IF p_days <= 0 OR NOT pg_try_advisory_xact_lock(737001) THEN
         RETURN 0;
     END IF;
-    -- The offsets stay (migration 12): the name, pushed to again, numbers on from them.
+    -- The offsets stay (migration 12): the name, pushed to again, numbers on from them; and
+    -- the old id (migration 14), so that its stream state follows it there.
     WITH gone AS (
         DELETE FROM queen.partitions
          WHERE id IN (SELECT p.id FROM queen.partitions p
@@ -177,11 +178,12 @@ BEGIN
                                             AND pc.lease_expires_at > now())
                        ORDER BY p.id LIMIT p_batch
                        FOR UPDATE OF p SKIP LOCKED)
-        RETURNING queue_id, name, last_seq
+        RETURNING id, queue_id, name, last_seq
     ), kept AS (
-        INSERT INTO queen.dropped_partitions (queue_id, name, last_seq)
-        SELECT queue_id, name, last_seq FROM gone WHERE last_seq > 0
-        ON CONFLICT (queue_id, name) DO UPDATE SET last_seq = excluded.last_seq
+        INSERT INTO queen.dropped_partitions (queue_id, name, last_seq, partition_id)
+        SELECT queue_id, name, last_seq, id FROM gone WHERE last_seq > 0
+        ON CONFLICT (queue_id, name) DO UPDATE
+           SET last_seq = excluded.last_seq, partition_id = excluded.partition_id
     )
     SELECT count(*) INTO v_count FROM gone;
     RETURN v_count;
