@@ -109,11 +109,13 @@ def fleet() -> Iterator[Fleet]:
 
 @pytest.fixture
 def keyed(fleet: Fleet) -> Iterator[ServerProcess]:
-    """A server with a key; push maintenance is switched off again after the test."""
+    """A server with a key, stopped after the test (push maintenance switched off first): the
+    module's PostgreSQL has room for only so many servers' pools at once."""
     server = fleet.server(QUEEN_ENCRYPTION_KEY=KEY_HEX)
     yield server
     if server.running:
         set_maintenance(server.url, False)
+        server.stop()
 
 
 def configure(url: str, queue: str, **options: Any) -> httpx.Response:
@@ -293,24 +295,28 @@ def test_a_transaction_pushing_to_an_encrypted_queue_without_a_key_is_refused(
 
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def keyless(fleet: Fleet) -> Iterator[ServerProcess]:
-    """A server without a key, stopped after the test (the fleet's PostgreSQL has room for
-    only so many servers' pools at once)."""
+    """One server without a key for the tests below (see ``keyed``)."""
     server = fleet.server(QUEEN_ENCRYPTION_KEY="")
     yield server
     server.stop()
 
 
+@pytest.mark.parametrize("still_encrypting", [True, False])
 @pytest.mark.parametrize("auto_ack", ["true", "false"])
 def test_a_server_without_a_key_never_hands_out_an_encrypted_message(
-        keyed: ServerProcess, keyless: ServerProcess, auto_ack: str) -> None:
+        keyed: ServerProcess, keyless: ServerProcess, auto_ack: str,
+        still_encrypting: bool) -> None:
     """It answered the stored envelope as the message's data (and, with autoAck, consumed
-    it): 503 now, and the delivery is given back for a server with the key."""
+    it): 503 now. A queue that encrypts is refused before anything is taken; a payload
+    sealed before its queue stopped encrypting is met in the delivery, given back."""
     queue = unique_name()
     assert configure(keyed.url, queue, encryptionEnabled=True).status_code == 200
     payload = secret()
     assert push(keyed.url, queue, payload).status_code == 201
+    if not still_encrypting:
+        assert configure(keyed.url, queue, encryptionEnabled=False).status_code == 200
 
     refused = httpx.get(f"{keyless.url}/api/v1/pop/queue/{queue}", timeout=20,
                         params={"wait": "false", "autoAck": auto_ack})

@@ -486,11 +486,8 @@ class QueueEngine:
         become messages (timers). Raises ``Unavailable`` as a push does without a key."""
         return await self._encrypt(items)
 
-    async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Items with the payloads of encrypted queues encrypted; raises ``Unavailable``
-        when one of their queues encrypts and this server has no key (storing plaintext
-        would break the queue's promise; the flags are read without a key too, for that)."""
-        queues = sorted({item["queue"] for item in items})
+    async def _encryption_flags(self, queues: List[str]) -> Dict[str, bool]:
+        """Whether each of ``queues`` encrypts: from the cache, else read (and remembered)."""
         encrypted = self._config_cache.encrypted(queues)
         unknown = [queue for queue in queues if queue not in encrypted]
         if unknown:
@@ -500,6 +497,14 @@ class QueueEngine:
                     for queue in unknown}  # a queue that does not exist yet is created plain
             self._config_cache.remember_read(read, changes_before)
             encrypted.update(read)
+        return encrypted
+
+    async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Items with the payloads of encrypted queues encrypted; raises ``Unavailable``
+        when one of their queues encrypts and this server has no key (storing plaintext
+        would break the queue's promise; the flags are read without a key too, for that)."""
+        queues = sorted({item["queue"] for item in items})
+        encrypted = await self._encryption_flags(queues)
         cipher = self._cipher
         if cipher is None:
             _refuse_unkeyed([queue for queue in queues if encrypted[queue]])
@@ -520,6 +525,12 @@ class QueueEngine:
         poll's time is mostly the wait)."""
         started = perf_counter()
         try:
+            if self._cipher is None and request.queue is not None and (
+                    await self._encryption_flags([request.queue]))[request.queue]:
+                # Refused before anything is taken: a delivery given back can fail to be
+                # undone (autoAck, when another pop read past it meanwhile). Payloads sealed
+                # before their queue stopped encrypting still meet Popper's give-back.
+                raise NoEncryptionKey()
             delivery = await self.popper.pop(request, gone)
         except Exception:
             self.recorder.failed("pop", perf_counter() - started)
@@ -541,8 +552,9 @@ class QueueEngine:
             for m in delivery.message_list()])
 
     async def _undo_auto_ack(self, delivery: Delivery) -> None:
-        """Moves back the cursors an autoAck delivery committed, its client having left
-        before the answer was written (see queen.undo_auto_ack)."""
+        """Moves back the cursors an autoAck delivery committed, nobody having received it
+        (its client left before the answer was written; this server had no key to open it),
+        unless another pop read past it meanwhile (see queen.undo_auto_ack)."""
         spans: Dict[Tuple[str, str], Dict[str, Any]] = {}
         for message in delivery.message_list():
             span = spans.setdefault((message["partitionId"], message["consumerGroup"]), {
@@ -554,14 +566,15 @@ class QueueEngine:
         try:
             undone = set(await self._db.call("undo_auto_ack", list(spans.values())))
         except Exception as err:
-            log.warn("autoAck delivery of {n} message(s) to a client that left could not be "
+            log.warn("autoAck delivery of {n} message(s) nobody received could not be "
                      "undone; they count as consumed ({error})",
                      n=sum(s["count"] for s in spans.values()), error=err)
             return
         kept = sum(s["count"] for s in spans.values() if s["partitionId"] not in undone)
-        log.info("autoAck delivery to a client that left: {back} message(s) deliverable "
-                 "again{kept}", back=sum(s["count"] for s in spans.values()) - kept,
-                 kept=f", {kept} not (read past meanwhile)" if kept else "")
+        (log.warn if kept else log.info)(
+            "autoAck delivery nobody received: {back} message(s) deliverable again{kept}",
+            back=sum(s["count"] for s in spans.values()) - kept,
+            kept=f", {kept} not (read past meanwhile: they count as consumed)" if kept else "")
         # no SQL NOTIFY tells the sibling workers: wake_everywhere does
         self.wake_everywhere((s["queue"], s["partition"]) for s in spans.values()
                              if s["partitionId"] in undone)
