@@ -432,6 +432,25 @@ def test_a_trace_keeps_each_name_once_and_no_empty_name(http):
     assert rows[name]["trace_count"] == 1 and "" not in rows
 
 
+def test_trace_names_count_an_earlier_releases_repeated_names_once_and_skip_empty(http, db):
+    """Rows an earlier release stored (names repeated, or empty, in one event)."""
+    queue = unique_name()
+    [pushed] = push(http, queue, ["x"])
+    name = f"{queue}-old"
+    with db.cursor() as cursor:
+        cursor.execute("""INSERT INTO queen.message_traces (message_id, partition_id,
+                                 transaction_id, consumer_group, event_type, data, trace_names)
+                          SELECT id, partition_id, transaction_id, '__QUEUE_MODE__', 'info',
+                                 '{}', ARRAY[%s, %s, '']
+                            FROM queen.messages WHERE partition_id = %s""",
+                       (name, name, pushed["partition_id"]))
+
+    rows = {row["trace_name"]: row for row in http.get(
+        "/api/v1/traces/names", params={"limit": 1000}).json()["trace_names"]}
+
+    assert rows[name]["trace_count"] == 1 and "" not in rows
+
+
 def test_traces_by_name_carry_their_message_decrypted_and_page(http):
     queue = unique_name()
     configure(http, queue, {"encryptionEnabled": True})

@@ -161,12 +161,10 @@ class ResourceRoutes:
         if names and max(map(len, names)) > parsing.MAX_NAME_LENGTH:
             raise InvalidRequest(
                 f"a trace name is longer than {parsing.MAX_NAME_LENGTH} characters")
-        # Each name once, empty ones left out as both clients do: by-name could not reach ""
-        names = list(dict.fromkeys(name for name in names or () if name))
         trace_id = await self._engine.add_trace({
             "transactionId": body["transactionId"], "partitionId": body["partitionId"],
             "consumerGroup": parsing.optional_text(body, "consumerGroup") or QUEUE_MODE,
-            "traceNames": names,
+            "traceNames": names or [],
             "eventType": parsing.optional_text(body, "eventType") or "info",
             "data": body["data"]})
         return json_answer(request, 201, {"success": True, "traceId": trace_id})

@@ -75,23 +75,25 @@ $$;
 CREATE OR REPLACE FUNCTION queen.delete_queue(p_name text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_existed boolean;
+    v_existed    boolean;
+    v_partitions uuid[];
 BEGIN
     -- Waits for running stats refreshes (queen.queue_delete_lock, 022_stats_resources.sql).
     PERFORM pg_advisory_xact_lock(queen.queue_delete_lock());
-    -- What the cascade from queen.queues cannot reach, being keyed without a foreign key:
-    -- the dead letters of its timers (by queue name: a queue made again under the name
-    -- listed them as its own) and the stream state of its partitions (nothing reads it again)
-    DELETE FROM queen.timer_dead_letters WHERE queue = p_name;
-    DELETE FROM queen_streams.state
-     WHERE partition_id IN (SELECT p.id FROM queen.partitions p JOIN queen.queues qu
-                                ON qu.id = p.queue_id WHERE qu.name = p_name
-                            UNION ALL  -- (partitions idle cleanup dropped, migration 14)
-                            SELECT d.partition_id FROM queen.dropped_partitions d
-                              JOIN queen.queues qu ON qu.id = d.queue_id
-                             WHERE qu.name = p_name);
+    SELECT ARRAY(SELECT p.id FROM queen.partitions p WHERE p.queue_id = qu.id
+                 UNION ALL  -- (partitions idle cleanup dropped, migration 14)
+                 SELECT d.partition_id FROM queen.dropped_partitions d
+                  WHERE d.queue_id = qu.id AND d.partition_id IS NOT NULL)
+      INTO v_partitions
+      FROM queen.queues qu WHERE qu.name = p_name;
     DELETE FROM queen.queues WHERE name = p_name;
     v_existed := FOUND;
+    -- What the cascade cannot reach, being keyed without a foreign key (taken after the
+    -- queue row, whose delete waited for writers holding it): the stream state of its
+    -- partitions, which nothing reads again, and the dead letters of its timers, by name (a
+    -- queue made again under the name listed them as its own).
+    DELETE FROM queen_streams.state WHERE partition_id = ANY(v_partitions);
+    DELETE FROM queen.timer_dead_letters WHERE queue = p_name;
     RETURN jsonb_build_object('deleted', true, 'queue', p_name, 'existed', v_existed);
 END
 $$;
@@ -280,7 +282,11 @@ BEGIN
     VALUES (v_message, (p->>'partitionId')::uuid, p->>'transactionId',
             coalesce(p->>'consumerGroup', '__QUEUE_MODE__'), coalesce(p->>'eventType', 'info'),
             p->'data',
-            ARRAY(SELECT jsonb_array_elements_text(coalesce(p->'traceNames', '[]'::jsonb))),
+            -- each name once, in order, and no empty one (by-name could never reach it)
+            ARRAY(SELECT n.name
+                    FROM jsonb_array_elements_text(coalesce(p->'traceNames', '[]'::jsonb))
+                         WITH ORDINALITY AS n(name, o)
+                   WHERE n.name <> '' GROUP BY n.name ORDER BY min(n.o)),
             p->>'workerId')
     RETURNING id INTO v_trace;
     RETURN jsonb_build_object('traceId', v_trace);
@@ -307,13 +313,15 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- GET /api/v1/traces/names: every trace name with its events and messages, newest use first
--- (an event naming one name twice, as an earlier release stored it, counts once).
+-- (an event naming one name twice, or the empty name, as an earlier release stored them,
+-- counts once, or not at all).
 CREATE OR REPLACE FUNCTION queen.trace_names(p_limit integer, p_offset integer) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     WITH names AS (
         SELECT n.name, count(DISTINCT t.id) AS traces, count(DISTINCT t.message_id) AS messages,
                max(t.created_at) AS last_seen
           FROM queen.message_traces t, unnest(t.trace_names) AS n(name)
+         WHERE n.name <> ''
          GROUP BY n.name
     )
     SELECT jsonb_build_object(

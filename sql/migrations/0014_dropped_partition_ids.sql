@@ -7,3 +7,7 @@
 -- re-created partition to its new id (sql/functions/002_push.sql). Rows dropped before this
 -- migration have none: their state cannot be told apart any more.
 ALTER TABLE queen.dropped_partitions ADD COLUMN partition_id uuid;
+
+-- The state of one partition, found without reading every query's: moved here when a
+-- dropped partition is made again, deleted with its queue.
+CREATE INDEX state_partition ON queen_streams.state (partition_id);
