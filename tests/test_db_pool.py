@@ -13,7 +13,9 @@ from twisted.internet import defer, reactor
 from queen_tw.config import Config
 from queen_tw.db import pool
 from queen_tw.db.pool import Database
+from queen_tw.db.schema import install_schema
 from queen_tw.errors import DatabaseBusy, DatabaseUnavailable, RefusedByDatabase
+from queen_tw.paths import sql_dir
 
 from tests.pg_faults import queen_function
 from tests.support import wait_until_reactor
@@ -21,7 +23,9 @@ from tests.support import wait_until_reactor
 
 @pytest.fixture
 def database(pg_env):
-    db = Database(Config.from_sources(pg_env, {}).dsn, 3, reactor)
+    dsn = Config.from_sources(pg_env, {}).dsn
+    install_schema(dsn, sql_dir())  # (the calls below go to its functions)
+    db = Database(dsn, 3, reactor)
     pytest_twisted.blockon(defer.ensureDeferred(db.connect()))
     yield db
     db.close()
@@ -197,12 +201,10 @@ async def test_a_call_beyond_postgresql_limits_is_refused_as_bad_input_not_an_ou
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_call_too_large_for_one_statement_is_refused_unsent(database, monkeypatch,
-                                                                    server):
+async def test_a_call_too_large_for_one_statement_is_refused_unsent(database, monkeypatch):
     """Over 1 GiB, PostgreSQL closed the connection: an outage to the server, whose file
     buffer replay then sent the same statement again and again. The bound is lowered here so
-    that the test sends a kilobyte, not a gigabyte. (``server``: it installs the schema
-    whose function the calls use; alone, this test met none.)"""
+    that the test sends a kilobyte, not a gigabyte."""
     monkeypatch.setattr(pool, "MAX_STATEMENT_BYTES", 1000)
     backends = _backend_pids(database)
 

@@ -561,10 +561,13 @@ def test_a_timers_message_keeps_every_digit_its_scheduler_sent(http, db, how):
     payload = EXACT_NUMBERS
     if "zstd" in how:
         payload = zstandard.ZstdCompressor(write_content_size=True).compress(payload)
-    batch(http, dict(schedule_op(queue, "k", delay_ms=1500 if how == "encrypted later" else 0),
+    batch(http, dict(schedule_op(queue, "k", delay_ms=600_000 if how == "encrypted later" else 0),
                      payload=base64.b64encode(payload).decode(), payloadZstd="zstd" in how))
     if how == "encrypted later":
         configure(http, queue, encryptionEnabled=True)
+        with db.cursor() as cursor:  # due now, scheduled plain
+            cursor.execute("UPDATE queen.timers SET visible_at = now() WHERE queue = %s",
+                           (queue,))
 
     answer = wait_until(lambda: (lambda a: a if a.status_code == 200 else None)(http.get(
         f"/api/v1/pop/queue/{queue}", params={"wait": "false"})), 30, message="the fire")

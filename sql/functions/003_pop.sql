@@ -439,7 +439,10 @@ BEGIN
     -- contact's record referenced a queue deleted meanwhile, and that foreign-key failure
     -- failed the whole pop, whatever the scope's other queues held.
     PERFORM 1 FROM queen.queues qu
-     WHERE qu.id IN (SELECT sc.id FROM queen.pop_scope(p_req) sc)
+     WHERE qu.id IN (SELECT sc.id FROM queen.pop_scope(p_req) sc
+                      WHERE NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions cs
+                                         WHERE cs.queue_id = sc.id
+                                           AND cs.consumer_group = v_group))
      ORDER BY qu.id FOR KEY SHARE OF qu;
     PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(s.id::text))
        FROM (SELECT sc.id FROM queen.pop_scope(p_req) sc

@@ -6,12 +6,11 @@
 -- STATS_INTERVAL_MS (tables queue_stats and system_stats in migrations/0001_baseline.sql);
 -- the resource routes read the snapshot or the same functions live.
 
--- The smallest UUIDv7 of a moment (before 1970: of 1970). Kept for the release before,
--- whose message list windowed on ids by it; an id does not tell a message's created_at
--- (see queen.messages_list), so nothing here uses it any more.
+-- The smallest UUIDv7 of a moment. Nothing calls it any more (an id does not tell a
+-- message's created_at: see queen.messages_list); kept, as every function a release made.
 CREATE OR REPLACE FUNCTION queen.uuid_v7_floor(ts timestamptz) RETURNS uuid
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT (lpad(to_hex(greatest(floor(extract(epoch FROM ts) * 1000), 0)::bigint), 12, '0')
+    SELECT (lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0')
             || '00000000000000000000')::uuid
 $$;
 

@@ -583,7 +583,8 @@ BEGIN
                       coalesce(t.body::text, convert_from(t.payload, 'UTF8')) AS body_text
         )
         -- bodyText: the JSON as text, which the server seals as it is (a parsed body lost
-        -- the digits of numbers beyond a double's); body stays for the release before
+        -- the digits of numbers beyond a double's); body stays for the release before, and
+        -- goes in the next one (then the byte budget above counts one copy again)
         SELECT jsonb_build_object('token', v_token, 'rows', jsonb_agg(jsonb_build_object(
                    'queue', c.queue, 'timerKey', c.timer_key, 'body', c.body,
                    'bodyText', c.body_text) ORDER BY c.i))
