@@ -269,7 +269,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("queue_config_ttl_ms", "QUEEN_QUEUE_CONFIG_TTL_MS", "int", 5000,
          "How long a queue's encryption flag is cached, in ms: the longest a queue switched "
          "to encryptionEnabled on another instance can be missed when no peer datagram "
-         "arrives; 0 = read it from PostgreSQL on every push", minimum=0),
+         "arrives; 0 = read it from PostgreSQL on every push (and, without a key, every pop "
+         "of a queue)", minimum=0),
     _opt("sync_fd", "QUEEN_SYNC_FD", "int", None,
          "Use this inherited UDP socket for peer sync (set by NUM_WORKERS for worker 1; "
          "not for direct use)", minimum=0),
