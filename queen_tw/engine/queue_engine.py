@@ -499,6 +499,14 @@ class QueueEngine:
             encrypted.update(read)
         return encrypted
 
+    async def _encrypts(self, queue: str) -> bool:
+        """Whether ``queue`` encrypts, for a pop; False when the flag cannot be read (an
+        outage: the pop then answers as any pop does in one, with nothing)."""
+        try:
+            return (await self._encryption_flags([queue]))[queue]
+        except Unavailable:
+            return False
+
     async def _encrypt(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Items with the payloads of encrypted queues encrypted; raises ``Unavailable``
         when one of their queues encrypts and this server has no key (storing plaintext
@@ -525,8 +533,8 @@ class QueueEngine:
         poll's time is mostly the wait)."""
         started = perf_counter()
         try:
-            if self._cipher is None and request.queue is not None and (
-                    await self._encryption_flags([request.queue]))[request.queue]:
+            if self._cipher is None and request.queue is not None \
+                    and await self._encrypts(request.queue):
                 # Refused before anything is taken: a delivery given back can fail to be
                 # undone (autoAck, when another pop read past it meanwhile). Payloads sealed
                 # before their queue stopped encrypting still meet Popper's give-back.
