@@ -32,7 +32,7 @@ from queen_tw.lifecycle import (
 )
 from queen_tw.maintenance import Maintenance
 from queen_tw.services.periodic import PeriodicService
-from queen_tw.services.retry import Backoff, OutageLog, retry_with_backoff
+from queen_tw.services.retry import Backoff, OutageLog, describe_error, retry_with_backoff
 
 
 def fired(d: defer.Deferred) -> list[Any]:
@@ -51,6 +51,15 @@ def test_backoff_multiplies_up_to_its_cap_and_starts_over_after_a_reset() -> Non
 
     assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
     assert backoff.next_delay() == 0.5
+
+
+def test_an_error_of_a_deferred_list_is_described_by_the_error_inside() -> None:
+    """A FirstError's own text is its failure's repr ("Failure instance: Traceback: …"): the
+    pool's reconnection logged it, a line the log read as a traceback."""
+    inner = Failure(ValueError("server closed the connection unexpectedly\nmore"))
+
+    assert describe_error(defer.FirstError(inner, 0)) == \
+        "server closed the connection unexpectedly"
 
 
 def test_an_outage_is_one_line_when_it_starts_reminders_and_one_line_when_it_ends() -> None:

@@ -142,6 +142,10 @@ async def retry_with_backoff(attempt: Callable[[], Awaitable[T]], clock: IReacto
 
 
 def describe_error(error: BaseException) -> str:
-    """The first line of an error's message (its class name when it has none)."""
+    """The first line of an error's message (its class name when it has none); of the
+    error inside, for a ``DeferredList``'s ``FirstError`` (whose own text is the failure's
+    repr, "Failure instance: Traceback: …", read as a traceback in the log)."""
+    if isinstance(error, defer.FirstError) and error.subFailure.value is not None:
+        error = error.subFailure.value
     text = str(error).strip()
     return text.splitlines()[0] if text else error.__class__.__name__
