@@ -8,7 +8,9 @@ fsync and share one. The replay's ``store`` is a recording stand-in for ``QueueE
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -147,6 +149,78 @@ def test_a_new_process_takes_over_the_records_and_skips_a_torn_tail(tmp_path: Pa
     assert replay(replayer) == [None]
     assert [s["transactionId"] for s in store.stored] == ["a-0", "a-1", "a-2", "a-4"]
     assert buffer.pending == 0 and segment_files(tmp_path) == [] and buffer.failed == 0
+
+
+def plant_unreadable(path: Path, kind: str) -> None:
+    if kind == "directory":
+        path.mkdir(parents=True)
+    elif kind == "dangling symlink":
+        path.symlink_to(path.parent / "nowhere")
+    else:  # a FIFO: reading it would wait for a writer, and every push with it
+        os.mkfifo(path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling symlink", "fifo"])
+def test_an_entry_named_like_a_segment_that_is_no_file_is_set_aside(tmp_path: Path,
+                                                                     kind: str) -> None:
+    for number, first in ((1, 0), (2, 5)):
+        (tmp_path / f"segment-00000000000{number}.jsonl").write_bytes(
+            b"".join(records.encode(item("a", n)) for n in range(first, first + 5)))
+    bad = tmp_path / "segment-000000000003.jsonl"
+    plant_unreadable(bad, kind)
+
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+
+    assert buffer.healthy and buffer.pending == 10 and buffer.holds_any([("q", "a")])
+    assert not os.path.lexists(bad) and os.path.lexists(f"{bad}.unusable")
+    buffer.append([item("a", 10)])  # numbered after the entry set aside
+    assert [f.name for f in segment_files(tmp_path)][-1] == "segment-000000000004.jsonl"
+    store = RecordingStore()
+    assert replay(Replayer(buffer, store, max_batch=4)) == [None]
+    assert [s["transactionId"] for s in store.stored] == [f"a-{n}" for n in range(11)]
+
+
+def test_an_entry_of_failed_that_is_no_file_is_passed_by(tmp_path: Path) -> None:
+    (tmp_path / FAILED_DIR / "stuck").mkdir(parents=True)
+    failed_line = records.encode_line(json.dumps({"record": item("a", 0)}).encode())
+    (tmp_path / FAILED_DIR / "given-up").write_bytes(failed_line)
+    (tmp_path / "segment-000000000001.jsonl").write_bytes(records.encode(item("a", 1)))
+
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+
+    assert buffer.healthy and buffer.pending == 1 and buffer.failed == 1
+    [(path, again)] = fired(buffer.failed_records())[0].items()
+    assert path.name == "given-up" and [r["transactionId"] for r in again] == ["a-0"]
+
+
+def test_a_number_taken_since_the_scan_is_passed_by_not_a_failed_write(tmp_path: Path) -> None:
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+    (tmp_path / "segment-000000000001.jsonl").mkdir()  # not ours: never written over
+
+    buffer.append([item("a", 0)])
+
+    assert buffer.healthy and buffer.pending == 1
+    assert (tmp_path / "segment-000000000002.jsonl").read_bytes() == records.encode(item("a", 0))
+
+
+def test_a_complete_last_line_that_does_not_decode_is_kept_in_failed(tmp_path: Path) -> None:
+    damaged = bytearray(records.encode(item("a", 2)))
+    damaged[-4] ^= 1  # one bit of the JSON, its newline kept: corruption, not a torn write
+    (tmp_path / "segment-000000000001.jsonl").write_bytes(
+        records.encode(item("a", 0)) + records.encode(item("a", 1)) + bytes(damaged))
+    foreign = json.dumps(item("b", 0)).encode() + b"\n"  # a whole line without a checksum
+    (tmp_path / "segment-000000000002.jsonl").write_bytes(foreign)
+
+    buffer = opened(FileBuffer(str(tmp_path), 100, run_blocking=at_once))
+    assert (tmp_path / "segment-000000000002.jsonl").exists()  # not taken for empty
+    store = RecordingStore()
+    assert replay(Replayer(buffer, store, max_batch=10)) == [None]
+
+    assert [s["transactionId"] for s in store.stored] == ["a-0", "a-1"]
+    kept = [json.loads(line[9:]) for path in sorted((tmp_path / FAILED_DIR).iterdir())
+            for line in path.read_bytes().splitlines()]
+    assert sorted(base64.b64decode(entry["rawBase64"]) for entry in kept) == sorted(
+        [bytes(damaged), foreign])
 
 
 def test_a_push_during_open_is_diverted_and_lands_after_the_records_left_before(

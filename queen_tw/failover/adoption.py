@@ -146,6 +146,8 @@ class Orphan:
     """Records the dead owner had given up on, left in the source's ``failed/``."""
     error: Optional[str] = None
     """Why not every segment could be moved (they stay in the source)."""
+    unusable: List[str] = field(default_factory=list)
+    """Entries named like segments that could not be read as files (set aside)."""
 
     @property
     def records(self) -> int:
@@ -209,7 +211,12 @@ def _read(orphan: Orphan) -> Orphan:
     """Counts the records of the adopted directory's segments; deletes empty ones."""
     try:
         for _, path in records.segment_files(orphan.directory):
-            contents = records.read_segment(path)
+            try:
+                contents = records.read_segment(path)
+            except OSError as err:  # not a file: out of the way, the others go on
+                orphan.unusable.append(f"{path} ({err.strerror or err})")
+                records.set_aside(path)
+                continue
             if not contents.records and not contents.corrupt:
                 path.unlink()
                 continue
@@ -269,4 +276,10 @@ def _count_failed(directory: Path) -> int:
     failed = directory / records.FAILED_DIR
     if not failed.is_dir():
         return 0
-    return sum(path.read_bytes().count(b"\n") for path in failed.iterdir() if path.is_file())
+    count = 0
+    for path in failed.iterdir():
+        try:
+            count += records.read_file(path).count(b"\n")
+        except OSError:  # no regular file: the replay passes it by too
+            continue
+    return count

@@ -217,6 +217,9 @@ class FileBuffer:
         self._counts.update(found.counts)
         self.failed_files.update(found.failed_files)
         self.failed += found.failed
+        for entry in found.unusable:
+            log.error("file buffer {dir}: cannot read {entry}", dir=str(self.directory),
+                      entry=entry)
         if found.sealed:
             log.info("file buffer {dir}: {n} records in {files} segments left to replay",
                      dir=str(self.directory), n=sum(found.counts.values()),
@@ -263,6 +266,9 @@ class FileBuffer:
             log.error("file buffer {dir}: could not adopt every segment of {source}, left by a "
                       "process that no longer runs: {error}", dir=str(self.directory),
                       source=str(orphan.source), error=orphan.error)
+        for entry in orphan.unusable:
+            log.error("file buffer {dir}: cannot read {entry}: set aside",
+                      dir=str(self.directory), entry=entry)
         if not orphan.segments:
             if orphan.lock is not None:
                 defer.ensureDeferred(self._finish(orphan))
@@ -391,11 +397,16 @@ class FileBuffer:
                 self._lock = adoption.claim(self.directory, attempts=1)
             except adoption.DirectoryInUse as err:
                 raise OSError(errno.EBUSY, str(err)) from err
-        seq = self._next_seq
-        self._next_seq += 1
-        path = self.directory / SEGMENT_NAME.format(seq)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                     0o644)
+        while True:  # a number some entry already has (not ours, or never scanned) is passed
+            seq = self._next_seq
+            self._next_seq += 1
+            path = self.directory / SEGMENT_NAME.format(seq)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                             | os.O_CLOEXEC, 0o644)
+                break
+            except FileExistsError:
+                continue
         try:
             records.fsync_directory(self.directory)  # the new name must survive a crash too
         except OSError:
@@ -527,13 +538,9 @@ class FileBuffer:
 
 def _failed_records(directory: Path) -> Dict[Path, List[Dict[str, Any]]]:
     """Blocking: the records of every ``failed/`` file (in name order), by file."""
-    if not directory.is_dir():
-        return {}
-    found = {}
-    for path in sorted(directory.iterdir()):
-        lines = path.read_bytes().splitlines(keepends=True)
-        found[path] = [r for r in map(records.failed_record, lines) if r is not None]
-    return found
+    return {path: [r for r in map(records.failed_record, data.splitlines(keepends=True))
+                   if r is not None]
+            for path, data in _failed_files(directory)}
 
 
 def _drop_records(path: Path, stored: Set[int]) -> int:
@@ -568,10 +575,14 @@ class _Found:
     next_seq: int = 1
     failed_files: Dict[str, int] = field(default_factory=dict)
     failed: int = 0
+    unusable: List[str] = field(default_factory=list)
+    """Entries that could not be read as files, for the log."""
 
 
 def _scan(directory: Path) -> _Found:
-    """Blocking: reads every segment (deleting empty ones) and sizes up ``failed/``."""
+    """Blocking: reads every segment (deleting empty ones) and sizes up ``failed/``. An entry
+    that cannot be read as a file is set aside (:func:`records.set_aside`) and noted in
+    ``unusable``; it holds up neither the segments around it nor the numbering."""
     found = _Found()
     directory.mkdir(parents=True, exist_ok=True)
     for path in directory.iterdir():  # adopted directories hold numbers too
@@ -580,19 +591,45 @@ def _scan(directory: Path) -> _Found:
             found.next_seq = max(found.next_seq, seq + 1)
     for seq, path in records.segment_files(directory):
         found.next_seq = max(found.next_seq, seq + 1)
-        contents = records.read_segment(path)
+        try:
+            contents = records.read_segment(path)
+        except OSError as err:
+            found.unusable.append(_set_aside(path, err))
+            continue
         if not contents.records and not contents.corrupt:
             path.unlink()
             continue
         found.sealed.append(Segment(seq, path, len(contents.records)))
         found.counts.update(records.partition_key(r) for r in contents.records)
-    failed_dir = directory / FAILED_DIR
-    if failed_dir.is_dir():
-        for path in failed_dir.iterdir():
-            data = path.read_bytes()
-            found.failed_files[path.name] = len(data)
-            found.failed += data.count(b"\n")
+    for path, data in _failed_files(directory / FAILED_DIR, found.unusable):
+        found.failed_files[path.name] = len(data)
+        found.failed += data.count(b"\n")
     return found
+
+
+def _set_aside(path: Path, err: OSError) -> str:
+    """Blocking: what to log about an entry that cannot be read, once set aside if it can."""
+    why = f"{path} ({err.strerror or err})"
+    try:
+        return f"{why}: set aside as {records.set_aside(path).name}"
+    except OSError as rename_err:
+        return f"{why}: left in place ({rename_err.strerror or rename_err})"
+
+
+def _failed_files(directory: Path, unusable: Optional[List[str]] = None
+                  ) -> List[Tuple[Path, bytes]]:
+    """Blocking: (path, bytes) of every ``failed/`` file, in name order. An entry that is no
+    readable regular file is passed by (and noted in ``unusable`` when given)."""
+    if not directory.is_dir():
+        return []
+    files = []
+    for path in sorted(directory.iterdir()):
+        try:
+            files.append((path, records.read_file(path)))
+        except OSError as err:
+            if unusable is not None:
+                unusable.append(f"{path} ({err.strerror or err}): passed by")
+    return files
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -5,14 +5,16 @@ One record per line::
     <crc32 of the JSON, 8 hex digits> <compact JSON object>\\n
 
 Compact JSON never contains a raw newline, so a line is a record. A line that is cut short
-(no newline) or whose checksum does not match is *torn*: at the end of a segment that is what
-a crash in the middle of a write leaves, and it was never acknowledged (the answer waits for
-fsync), so readers skip it. Anywhere else it is corruption, reported as such.
+(no newline) at the end of a segment is *torn*: that is what a crash in the middle of a write
+leaves, and it was never acknowledged (the answer waits for fsync), so readers skip it. Any
+other line that does not decode is corruption, reported as such (its bytes are kept).
 """
 
+import errno
 import json
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,22 +115,51 @@ class SegmentContents:
     corrupt: List[bytes] = field(default_factory=list)
     """Bad lines followed by good ones: never written that way by the buffer."""
     torn_tail: bool = False
-    """The last line was incomplete or failed its checksum (a crash mid-write)."""
+    """The last line was cut short, without its newline (a crash mid-write)."""
 
 
 def read_segment(path: Path) -> SegmentContents:
-    """Every record of a segment file, in file order (blocking)."""
+    """Every record of a segment file, in file order (blocking; raises ``OSError`` when it
+    cannot be read or is no regular file, see :func:`read_file`)."""
     contents = SegmentContents()
-    lines = path.read_bytes().splitlines(keepends=True)
+    lines = read_file(path).splitlines(keepends=True)
     for number, line in enumerate(lines):
         item = decode(line)
         if item is not None:
             contents.records.append(item)
-        elif number == len(lines) - 1:
+        elif number == len(lines) - 1 and not line.endswith(b"\n"):
             contents.torn_tail = True
         else:
             contents.corrupt.append(line)
     return contents
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a regular file (blocking). Anything else by that name raises ``OSError``
+    instead of being followed or waited on: a directory, a symbolic link, or a FIFO, whose
+    read would block the buffer's I/O, and with it every push, until a writer came."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return file.read()
+
+
+UNUSABLE_SUFFIX = ".unusable"
+
+
+def set_aside(path: Path) -> Path:
+    """Renames an entry that cannot be read as a buffer file out of the way (its name
+    ``+ .unusable``, numbered if taken), so that readers pass it by; returns the new path.
+    Nothing is deleted: an operator decides what it was (blocking; raises ``OSError``)."""
+    target = path.with_name(path.name + UNUSABLE_SUFFIX)
+    number = 1
+    while os.path.lexists(target):
+        number += 1
+        target = path.with_name(f"{path.name}{UNUSABLE_SUFFIX}-{number}")
+    os.rename(path, target)
+    fsync_directory(path.parent)
+    return target
 
 
 def fsync_directory(directory: Path) -> None:
