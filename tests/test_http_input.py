@@ -429,3 +429,57 @@ def test_a_chunked_body_is_refused_at_the_chunk_that_takes_it_past_the_limit(mak
 
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
     assert b"larger than 1000 bytes" in answer
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_a_short_read_timeout(make_server):
+    """QUEEN_REQUEST_READ_TIMEOUT_MS below Twisted's 60 s idle timeout: a connection that
+    never sends a byte (or stays idle after an answer) is closed after it too, instead of
+    holding its descriptor for the 60 s."""
+    import socket
+    import time
+
+    server = make_server(QUEEN_REQUEST_READ_TIMEOUT_MS="1000")
+    with socket.create_connection(("127.0.0.1", server.port)) as silent, \
+            socket.create_connection(("127.0.0.1", server.port)) as idle:
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        for sock in (silent, idle):
+            sock.settimeout(15)
+            while sock.recv(65536):  # the idle one reads its answer first
+                pass
+        waited = time.monotonic() - started
+
+    assert waited < 10, waited
+
+
+def test_a_long_poll_whose_client_left_behind_a_large_pipelined_request_takes_nothing(
+        make_server, db):
+    """A long poll with more pipelined behind it than the server reads ahead: Twisted stopped
+    reading the socket, missed the client leaving, and leased the next message to the gone
+    long poll for leaseTime. The connection is closed instead, and the message stays free."""
+    import socket
+    import time
+
+    server = make_server()
+    queue = unique_name()
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        client.post("/api/v1/configure", json={"queue": queue, "options": {"leaseTime": 300}})
+        body = json.dumps({"items": [{"queue": unique_name(), "payload": "x" * 100_000}]})
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(f"GET /api/v1/pop/queue/{queue}?wait=true&timeout=20000 HTTP/1.1\r\n"
+                         "Host: x\r\n\r\n".encode())
+            time.sleep(0.5)  # parked
+            sock.sendall(f"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            try:
+                sock.sendall(body.encode())
+            except OSError:
+                pass  # closed by the server as it read past the limit
+        time.sleep(1.0)
+        assert client.post("/api/v1/push", json={"items": [
+            {"queue": queue, "payload": "after the client left"}]}).status_code == 201
+        time.sleep(0.5)
+        popped = client.get(f"/api/v1/pop/queue/{queue}", params={"wait": "false"})
+
+    assert popped.status_code == 200, popped.status_code
+    assert popped.json()["messages"][0]["data"] == "after the client left"

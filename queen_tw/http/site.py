@@ -270,7 +270,18 @@ class _DeadlineChannel(HTTPChannel):
             return
         self._counted_client = client
 
+    # Pipelining behind a request in progress is read up to this many bytes. Twisted stops
+    # reading the socket beyond its own (smaller) bound until the request is answered, and
+    # a client that left meanwhile went unnoticed: a long poll's delivery leased to it hid
+    # the messages for leaseTime. Beyond this the connection is closed instead, which the
+    # request in progress sees as its client leaving (a long poll gives its delivery back).
+    _optimisticEagerReadSize = 64 * 1024
+
     def dataReceived(self, data: bytes) -> None:
+        if self._handlingRequest and data and (
+                sum(map(len, self._dataBuffer)) + len(data) > self._optimisticEagerReadSize):
+            self._close_overlong_pipeline()
+            return
         limit = getattr(self.site, "read_timeout", 0)
         if data and limit and self._read_timer is None and not self._handlingRequest:
             self._read_timer = self.callLater(limit, self._too_slow)
@@ -279,6 +290,17 @@ class _DeadlineChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         self._stop_read_timer()
         super().allContentReceived()
+
+    def _close_overlong_pipeline(self) -> None:
+        peer = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        log.info("closing a connection from {peer}: more than {limit} bytes pipelined behind "
+                 "a request in progress", peer=peer, limit=self._optimisticEagerReadSize)
+        self._dataBuffer.clear()
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        elif self.transport is not None:
+            self.transport.loseConnection()
 
     # Backpressure on pipelining. Twisted stops reading when the send buffer is full only
     # between requests, and answers every pipelined request it has read, full buffer or
@@ -510,6 +532,11 @@ def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False
     site = _QuietSite(resource, parsePOSTFormSubmission=False)
     site.requestFactory = BoundQueenRequest
     site.read_timeout = read_timeout_ms / 1000.0
+    # A connection with no request under way (new, or kept alive after an answer) is closed
+    # after Twisted's idle timeout (60 s), or after the read timeout when that is shorter:
+    # otherwise silent connections outlived the limit an operator set for slow ones.
+    if site.read_timeout:
+        site.timeOut = min(site.timeOut or 60, site.read_timeout)
     site.max_client_connections = max_client_connections
     site.stopping = stopping
     return site
