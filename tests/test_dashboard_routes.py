@@ -79,9 +79,21 @@ def test_an_unchanged_file_is_revalidated_with_304(http: httpx.Client) -> None:
 
     again = http.get("/dashboard/app.js", headers={"If-None-Match": first.headers["etag"]})
     stale = http.get("/dashboard/app.js", headers={"If-None-Match": '"not-this-one"'})
+    any_tag = http.get("/dashboard/app.js", headers={"If-None-Match": "*"})
 
     assert again.status_code == 304 and again.content == b""
     assert stale.status_code == 200 and stale.content == first.content
+    assert any_tag.status_code == 304  # "*" matches any current file (RFC 9110 13.1.2)
+
+
+@pytest.mark.parametrize("path", ["/", "/dashboard/index.html"])
+def test_the_page_refuses_to_be_framed_wherever_it_is_served(http: httpx.Client,
+                                                             path: str) -> None:
+    answer = http.get(path)
+
+    assert answer.status_code == 200
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
 
 
 def test_head_of_the_page_has_no_body(http: httpx.Client) -> None:

@@ -78,11 +78,7 @@ class DashboardRoutes:
 
     @app.route("/", methods=["GET"])
     def page(self, request):
-        answer = self._answer(request, "index.html")
-        if request.code in (200, 304):
-            request.setHeader(b"Content-Security-Policy", PAGE_POLICY)
-            request.setHeader(b"X-Frame-Options", b"DENY")
-        return answer
+        return self._answer(request, "index.html")
 
     @app.route("/dashboard/<name>", methods=["GET"])  # = ASSET_PREFIX, written out
     def asset(self, request, name):
@@ -96,7 +92,12 @@ class DashboardRoutes:
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"ETag", asset.etag)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        if asset.etag in _etags(request.getHeader(b"if-none-match")):
+        # On every file, not only at "/": the page is also reachable as
+        # /dashboard/index.html, which must not be framed by another site either.
+        request.setHeader(b"Content-Security-Policy", PAGE_POLICY)
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        tags = _etags(request.getHeader(b"if-none-match"))
+        if asset.etag in tags or b"*" in tags:
             request.setResponseCode(304)
             return b""
         request.setResponseCode(200)
