@@ -529,3 +529,101 @@ def test_a_dead_timer_whose_partition_is_gone_offers_no_retry(
     assert shown.locator("button[data-retry]").count() == 0
     assert "partition gone" in shown.inner_text()
     dashboard.finish()
+
+
+def test_dead_letters_past_the_first_page_are_reached_with_the_pager(
+        api: httpx.Client, dash_server: ServerProcess,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """The page asks the API for 100 letters at a time; with 130 the 30 oldest were out of
+    reach (no pager, no Show all)."""
+    queue = unique_name("test-dash-")
+    configure(api, queue)
+    pushed = push(api, queue, [{"n": n} for n in range(130)], prefix="m")
+    for n in range(130):
+        assert api.post(f"/api/v1/messages/{pushed[n]['partition_id']}/m{n}/dlq",
+                        json={}).status_code == 200
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.open(f"#/dlq/{queue}")
+    dashboard.wait_for("tr[data-dlq-message]")
+    first_page = dashboard.page.locator("tr[data-dlq-message]").count()
+    first_pager = dashboard.page.inner_text("[data-pager]")
+
+    dashboard.page.click("button.page-after")
+    dashboard.page.wait_for_function(
+        "() => document.querySelectorAll('tr[data-dlq-message]').length === 30",
+        timeout=UI_WAIT_MS)
+    second = {row.get_attribute("data-dlq-message")
+              for row in dashboard.page.locator("tr[data-dlq-message]").all()}
+
+    assert first_page == 100 and first_pager.startswith("1–100 of 130")
+    assert dashboard.page.inner_text("[data-pager]").startswith("101–130 of 130")
+    assert len(second) == 30 and second <= {f"m{n}" for n in range(130)}
+    assert dashboard.page.locator("button.page-before").count() == 1
+    dashboard.finish()
+
+
+def test_the_overview_counts_the_dead_letters_the_dead_letter_page_lists(
+        api: httpx.Client, dash_server: ServerProcess, db: Any,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    """A dead timer is a dead letter on the Dead letters page; the overview's card counted
+    the messages' dead letters only (the status route's figure)."""
+    from tests.test_timers import batch, schedule_op
+    from tests.test_timers_dlq import kill_timer
+
+    queue = unique_name("test-dash-")
+    configure(api, queue)
+    batch(api, schedule_op(queue, "tk", {"t": 1}, 60_000, txn=f"{queue}-t"))
+    kill_timer(db, queue, "tk")
+    listed = api.get("/api/v1/dlq", params={"limit": 1}).json()["total"]
+    dashboard = open_dashboard(dash_server.url)
+
+    dashboard.open("#/")
+    shown = shown_number(dashboard.wait_for('[data-testid="dlq-size"]').inner_text())
+
+    assert listed >= 1 and shown == listed
+    dashboard.finish()
+
+
+@pytest.mark.parametrize("typed", ["tök€n", "Bearer abc"])
+def test_a_token_no_header_can_carry_is_refused_at_the_form(
+        jwt_server: ServerProcess, open_dashboard: Callable[[str], Dashboard],
+        typed: str) -> None:
+    """fetch() refuses a header value beyond printable ASCII before sending it, and every
+    call then read as 'the server cannot be reached'; such a token is refused as typed."""
+    dashboard = open_dashboard(jwt_server.url)
+    dashboard.failed_loads_expected = True  # the calls made without a token
+    dashboard.open("#/groups")
+
+    dashboard.page.fill("#token", typed)
+    dashboard.page.click("#token-form button[type=submit]")
+
+    assert "not a token" in dashboard.page.inner_text("#token-state")
+    assert dashboard.page.evaluate("sessionStorage.getItem('queen-tw.token')") is None
+    dashboard.finish()
+
+
+def test_trace_names_past_the_first_page_are_reached_with_the_pager(
+        api: httpx.Client, dash_server: ServerProcess,
+        open_dashboard: Callable[[str], Dashboard]) -> None:
+    queue = unique_name("test-dash-")
+    tag = uuid.uuid4().hex[:6]
+    pushed = push(api, queue, [{"n": 1}], prefix=f"tn{tag}-")[0]
+    traced = api.post("/api/v1/traces", json={
+        "transactionId": f"tn{tag}-0", "partitionId": pushed["partition_id"],
+        "traceNames": [f"name-{tag}-{n:03d}" for n in range(105)], "data": {}})
+    assert traced.status_code == 201, traced.text
+    total = api.get("/api/v1/traces/names").json()["total"]
+    dashboard = open_dashboard(dash_server.url)
+    dashboard.open("#/traces")
+    dashboard.wait_for("tr[data-trace-name]")
+    first = dashboard.page.locator("tr[data-trace-name]").count()
+
+    dashboard.page.click("button.page-after")
+    dashboard.page.wait_for_function(
+        f"() => document.querySelectorAll('tr[data-trace-name]').length === {min(total - 100, 100)}",
+        timeout=UI_WAIT_MS)
+
+    assert total >= 105 and first == 100
+    assert dashboard.page.inner_text("[data-pager]").startswith(
+        f"101–{min(total, 200)} of {total}")
+    dashboard.finish()

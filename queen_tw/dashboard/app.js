@@ -10,6 +10,8 @@ const TOKEN_KEY = "queen-tw.token";
 const REFRESH_MS = 5000;
 const SHOWN_ROWS = 200; // per table, until "Show all" is pressed (then for the session)
 let showAllRows = false;
+const LISTED = 100; // rows per page of the lists the API pages (dead letters, traces)
+const listOffsets = new Map(); // such a list (by key) -> the offset of the page shown
 const CALL_TIMEOUT_MS = 15000; // a call that hangs is reported, not waited for forever
 
 // -- the API --------------------------------------------------------------------------
@@ -166,6 +168,27 @@ function table(columns, rows, rowAttributes = () => ({})) {
     } }, `Show all ${rows.length}`)) : null);
 }
 
+function listOffset(key) {
+  return listOffsets.get(key) || 0;
+}
+
+// Where a list the API pages (limit LISTED, offset) stands, with buttons to the pages
+// before and after, so that no row is out of reach; nothing when one page holds it all.
+function pager(key, total, shownCount) {
+  const offset = listOffset(key);
+  if (!Number.isFinite(total) || (offset === 0 && total <= shownCount)) return null;
+  const go = (to) => {
+    listOffsets.set(key, Math.max(0, to));
+    refresh();
+  };
+  const span = shownCount ? `${number(offset + 1)}–${number(offset + shownCount)}` : "none";
+  return h("p", { class: "muted pager", "data-pager": key }, `${span} of ${number(total)} `,
+    offset > 0 ? h("button", { type: "button", class: "page-before",
+      onclick: () => go(offset - LISTED) }, `Previous ${LISTED}`) : null,
+    offset + shownCount < total ? h("button", { type: "button", class: "page-after",
+      onclick: () => go(offset + LISTED) }, `Next ${LISTED}`) : null);
+}
+
 function card(label, value, testid, state = "") {
   return h("div", { class: `card ${state}`, "data-testid": testid },
     h("span", { class: "label" }, label), h("span", { class: "value" }, value));
@@ -178,16 +201,18 @@ function queueLink(name) {
 // -- pages ------------------------------------------------------------------------------
 
 async function overviewPage(load) {
-  const [status, overview, queues, buffers, metrics] = await load.all([
+  const [status, overview, queues, buffers, metrics, letters] = await load.all([
     "/api/v1/status", "/api/v1/resources/overview", "/api/v1/resources/queues",
-    "/api/v1/status/buffers", "/metrics"]);
+    "/api/v1/status/buffers", "/metrics", "/api/v1/dlq?limit=1"]);
   const points = status && Array.isArray(status.throughput) ? status.throughput : [];
   const sum = (key) => points.reduce((total, point) => total + (Number(point[key]) || 0), 0);
   // the statistics' counts when the status route has none
   const messages = (status && status.messages) || (overview && overview.messages) || {};
   const workers = status && Array.isArray(status.workers) ? status.workers : null;
-  const dlq = status && status.deadLetterQueue ? status.deadLetterQueue.total
-    : messages.deadLetter;
+  // what the Dead letters page lists (dead timers included); the status route counts
+  // the messages' only
+  const dlq = letters ? Number(letters.total)
+    : status && status.deadLetterQueue ? status.deadLetterQueue.total : messages.deadLetter;
   const latest = points.length ? points[points.length - 1] : null;
   const ingested = latest ? latest.ingestedPerSecond
     : overview && overview.throughput && overview.throughput.ingestedPerSecond;
@@ -368,7 +393,9 @@ async function retry(message) {
 }
 
 async function dlqPage(load, queueName) {
-  const path = queueName ? `/api/v1/dlq?queue=${enc(queueName)}&limit=100` : "/api/v1/dlq?limit=100";
+  const key = `dlq:${queueName || ""}`;
+  const path = `/api/v1/dlq?${queueName ? `queue=${enc(queueName)}&` : ""}limit=${LISTED}`
+    + `&offset=${listOffset(key)}`;
   const [letters, queues] = await load.all([path, "/api/v1/resources/queues"]);
   const names = queues && Array.isArray(queues.queues) ? queues.queues.map((q) => q.name) : [];
   const picker = h("label", { class: "picker" }, "Queue ",
@@ -396,12 +423,16 @@ async function dlqPage(load, queueName) {
   ], rows, (m) => ({ "data-dlq-message": m.transactionId })) : noData();
   const total = letters ? h("p", { "data-testid": "dlq-total" },
     `${number(letters.total)} dead letter${letters.total === 1 ? "" : "s"}`) : null;
-  return [h("h1", {}, "Dead letters"), picker, total, list];
+  return [h("h1", {}, "Dead letters"), picker, total, list,
+    rows ? pager(key, Number(letters.total), rows.length) : null];
 }
 
 async function tracesPage(load, traceName) {
-  const [names, traces] = await load.all(["/api/v1/traces/names?limit=100",
-    ...(traceName ? [`/api/v1/traces/by-name/${enc(traceName)}?limit=100`] : [])]);
+  const eventsKey = `trace:${traceName || ""}`;
+  const [names, traces] = await load.all([
+    `/api/v1/traces/names?limit=${LISTED}&offset=${listOffset("trace-names")}`,
+    ...(traceName ? [`/api/v1/traces/by-name/${enc(traceName)}?limit=${LISTED}`
+      + `&offset=${listOffset(eventsKey)}`] : [])]);
   const nameRows = names && Array.isArray(names.trace_names) ? names.trace_names : null;
   const nameTable = nameRows ? table([
     ["Trace name", (t) => h("a", { href: `#/traces/${enc(t.trace_name)}` }, t.trace_name)],
@@ -409,7 +440,8 @@ async function tracesPage(load, traceName) {
     ["Messages", (t) => number(t.message_count)],
     ["Last seen", (t) => when(t.last_seen)],
   ], nameRows, (t) => ({ "data-trace-name": t.trace_name })) : noData();
-  const content = [h("h1", {}, "Traces"), section("Trace names", nameTable)];
+  const content = [h("h1", {}, "Traces"), section("Trace names", nameTable,
+    nameRows ? pager("trace-names", Number(names.total), nameRows.length) : null)];
   if (traceName) {
     const rows = traces && Array.isArray(traces.traces) ? traces.traces : null;
     content.push(section(`Events named ${traceName}`, rows ? table([
@@ -420,7 +452,8 @@ async function tracesPage(load, traceName) {
       ["Group", (t) => t.consumer_group || "–"],
       ["Event", (t) => t.event_type],
       ["Data", (t) => dataCell(t, t.data)],
-    ], rows, (t) => ({ "data-trace-event": t.id })) : noData()));
+    ], rows, (t) => ({ "data-trace-event": t.id })) : noData(),
+    rows ? pager(eventsKey, Number(traces.total), rows.length) : null));
   }
   return content;
 }
@@ -534,6 +567,13 @@ function start() {
   document.getElementById("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const token = field.value.trim();
+    // A header value must be printable ASCII: fetch() refuses anything else before sending,
+    // and every call would then read as "the server cannot be reached".
+    if (!/^[\x21-\x7e]*$/.test(token)) {
+      document.getElementById("token-state").textContent =
+        "not a token: printable ASCII without spaces only (not stored)";
+      return;
+    }
     if (token) sessionStorage.setItem(TOKEN_KEY, token);
     else sessionStorage.removeItem(TOKEN_KEY);
     showTokenState();
