@@ -458,3 +458,42 @@ def test_a_change_of_another_group_does_not_make_a_first_claim_skip(http, holder
     delivery = pop(http, queue, consumerGroup=group)
 
     assert delivery is not None and [m["data"] for m in delivery["messages"]] == ["b0"]
+
+
+def _group_lag_on_status_page(http, queue: str, group: str) -> dict:
+    """offsetLag of ``group`` per partition on GET /api/v1/status/queues/{queue}."""
+    page = http.get(f"/api/v1/status/queues/{quote(queue, safe='')}").json()
+    return {p["name"]: g["offsetLag"] for p in page["partitions"]
+            for g in p["consumerGroups"] if g["name"] == group}
+
+
+def test_a_partition_the_group_has_not_popped_yet_shows_its_lag_per_group(http):
+    """The per-group detail and the status page listed only partitions where the group had a
+    cursor: messages a pop would hand it on a new partition showed no lag there."""
+    queue = unique_name()
+    push(http, queue, ["a"], partition="p1", prefix="a")
+    for message in pop(http, queue, "p1", consumerGroup="g", subscriptionMode="all")["messages"]:
+        ack(http, message, consumerGroup="g")
+    push(http, queue, ["b", "c", "d"], partition="p2", prefix="b")
+
+    detail = http.get("/api/v1/consumer-groups/g").json()[queue]["partitions"]
+    on_status = _group_lag_on_status_page(http, queue, "g")
+    delivered = pop(http, queue, consumerGroup="g", batch=100)["messages"]
+
+    assert {p["partition"]: p["offsetLag"] for p in detail} == {"p1": 0, "p2": 3}
+    p2 = next(p for p in detail if p["partition"] == "p2")
+    assert p2["totalConsumed"] == 0 and p2["leaseActive"] is False and p2["workerId"] is None
+    assert on_status == {"p1": 0, "p2": 3}
+    assert len(delivered) == 3
+
+
+def test_a_subscribed_group_that_never_popped_is_no_unknown_group(http):
+    queue = unique_name()
+    configure(http, queue)
+    assert pop(http, queue, consumerGroup="fresh", subscriptionMode="new") is None
+    push(http, queue, [1, 2, 3])
+
+    detail = http.get("/api/v1/consumer-groups/fresh").json()
+
+    assert [p["offsetLag"] for p in detail[queue]["partitions"]] == [3]
+    assert _group_lag_on_status_page(http, queue, "fresh") == {"Default": 3}

@@ -379,3 +379,39 @@ def test_internal_notify_needs_a_queue(http, body):
 
     assert answer.status_code == 400
     assert "error" in answer.json()
+
+
+def test_the_dlq_action_sent_twice_leaves_one_dead_letter(http):
+    """A resent request (a lost answer, a second click) listed and counted the message twice."""
+    queue = unique_name()
+    [pushed, _] = push(http, queue, ["a", "b"])
+
+    for _ in range(2):
+        answer = http.post(f"/api/v1/messages/{pushed['partition_id']}/t0/dlq", json={})
+        assert answer.status_code == 200, answer.text
+
+    listed = dead_letters(http, queue)
+    assert listed["total"] == 1 and len(listed["messages"]) == 1
+    assert pop(http, queue)["messages"][0]["data"] == "b"
+
+
+def test_a_message_two_groups_dead_letter_counts_once_as_a_message(http):
+    """messages.deadLetter of the overview and of /api/v1/status counted dead-letter rows
+    (one per group) where every queue's totals count messages."""
+    queue = unique_name()
+    configure(http, queue, retryLimit=0)
+    push(http, queue, ["a", "b"])
+    overview_before = http.get("/api/v1/resources/overview").json()["messages"]["deadLetter"]
+
+    for group in ("ga", "gb"):
+        [message] = pop(http, queue, batch=1, consumerGroup=group,
+                        subscriptionMode="all")["messages"]
+        assert ack(http, message, status="failed", consumerGroup=group)["dlq"] is True
+
+    overview = http.get("/api/v1/resources/overview").json()["messages"]["deadLetter"]
+    status = http.get("/api/v1/status", params={"queue": queue}).json()
+    totals = http.get(f"/api/v1/resources/queues/{queue}").json()["totals"]
+    assert totals["deadLetter"] == 1
+    assert status["messages"]["deadLetter"] == 1
+    assert overview - overview_before == 1
+    assert dead_letters(http, queue)["total"] == 2  # the listing: one entry per group

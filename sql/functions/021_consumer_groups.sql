@@ -156,25 +156,28 @@ END
 $$;
 
 -- GET /api/v1/consumer-groups/{group}: per queue, the group's partitions; {} when unknown.
+-- A partition is the group's once it has a cursor there, or messages waiting for it there (a
+-- subscribed group that has not popped it yet: its lag counts as much as any other).
 CREATE OR REPLACE FUNCTION queen.consumer_group_detail(p_group text) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN (
     WITH lag AS (SELECT * FROM queen.group_lag(p_group)),
+    cursors AS (SELECT * FROM queen.partition_consumers WHERE consumer_group = p_group),
     rows AS (
         SELECT qu.name AS queue_name, jsonb_build_object(
                    'partition', p.name, 'workerId', pc.worker_id,
                    'lastConsumedAt', queen.format_ts3(pc.last_consumed_at),
-                   'totalConsumed', pc.total_consumed,
+                   'totalConsumed', coalesce(pc.total_consumed, 0),
                    'offsetLag', coalesce(l.offset_lag, 0),
                    'timeLagSeconds', coalesce(floor(extract(epoch FROM now() - l.oldest_unconsumed_at))::bigint, 0),
-                   'leaseActive', pc.lease_id IS NOT NULL AND pc.lease_expires_at > now()) AS row,
+                   'leaseActive', coalesce(pc.lease_id IS NOT NULL AND pc.lease_expires_at > now(),
+                                           false)) AS row,
                p.name AS partition_name
-          FROM queen.partition_consumers pc
-          JOIN queen.partitions p ON p.id = pc.partition_id
+          FROM cursors pc
+          FULL JOIN lag l ON l.partition_id = pc.partition_id
+          JOIN queen.partitions p ON p.id = coalesce(pc.partition_id, l.partition_id)
           JOIN queen.queues qu ON qu.id = p.queue_id
-          LEFT JOIN lag l ON l.partition_id = pc.partition_id
-         WHERE pc.consumer_group = p_group
     )
     SELECT coalesce(jsonb_object_agg(queue_name, jsonb_build_object('partitions', parts)), '{}'::jsonb)
       FROM (SELECT queue_name, jsonb_agg(row ORDER BY partition_name) AS parts

@@ -327,7 +327,10 @@ BEGIN
                          'processing', coalesce(sum(qs.processing), 0),
                          'completed', coalesce(sum(qs.completed), 0),
                          'failed', 0,
-                         'deadLetter', (SELECT count(*) FROM queen.dead_letter_queue))
+                         -- messages, as in every queue's totals: one dead-lettered by
+                         -- two groups has two rows
+                         'deadLetter', (SELECT count(DISTINCT message_id)
+                                          FROM queen.dead_letter_queue))
                        FROM queen.queue_stats qs),
         'lag', coalesce(v_sys.lag, '{}'::jsonb)
                || jsonb_build_object('time', coalesce(v_sys.lag->'time', queen.stats_of('{}')),

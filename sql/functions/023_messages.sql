@@ -295,11 +295,17 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('notFound', true);
     END IF;
-    INSERT INTO queen.dead_letter_queue (message_id, partition_id, consumer_group, error_message)
-    VALUES (v_m.id, p_partition, p_group, coalesce(p_error, 'Moved to DLQ by operator'));
     PERFORM queen.add_consumer_row(p_partition, p_group);
     SELECT * INTO v_pc FROM queen.partition_consumers
      WHERE partition_id = p_partition AND consumer_group = p_group FOR UPDATE;
+    -- Once per message and group: the request sent again (a retry of a lost answer, a second
+    -- click) adds no second dead letter, which /dlq would list and count twice. The group's
+    -- row lock above serialises two such requests.
+    INSERT INTO queen.dead_letter_queue (message_id, partition_id, consumer_group, error_message)
+    SELECT v_m.id, p_partition, p_group, coalesce(p_error, 'Moved to DLQ by operator')
+     WHERE NOT EXISTS (SELECT 1 FROM queen.dead_letter_queue d
+                        WHERE d.message_id = v_m.id
+                          AND d.consumer_group IS NOT DISTINCT FROM p_group);
     IF NOT EXISTS (SELECT 1 FROM queen.messages m
                     WHERE m.partition_id = p_partition
                       AND (m.created_at, m.id) > (v_pc.cursor_created_at, v_pc.cursor_id)

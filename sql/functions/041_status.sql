@@ -177,7 +177,7 @@ BEGIN
                'pending', coalesce(sum(qs.pending), 0),
                'processing', coalesce(sum(qs.processing), 0),
                'completed', coalesce(sum(qs.completed), 0),
-               'deadLetter', (SELECT count(*) FROM queen.dead_letter_queue d
+               'deadLetter', (SELECT count(DISTINCT d.message_id) FROM queen.dead_letter_queue d
                                 JOIN queen.partitions p ON p.id = d.partition_id
                                 JOIN queen.queues qu ON qu.id = p.queue_id
                                WHERE v_names IS NULL OR qu.name = ANY(v_names)))
@@ -316,16 +316,36 @@ BEGIN
                    'totalConsumed', coalesce(qm.total_consumed, 0),
                    'batchesConsumed', coalesce(qm.batches_consumed, 0),
                    'lastActivity', queen.format_ts3(qm.last_consumed_at)),
+               -- every group with a cursor here, and every group with messages waiting
+               -- here that has not popped the partition yet (from its subscription point)
                'consumerGroups', coalesce((
-                   SELECT jsonb_agg(jsonb_build_object(
+                   SELECT jsonb_agg(g.lag ORDER BY g.name) FROM (
+                       SELECT pc.consumer_group AS name, jsonb_build_object(
                               'name', pc.consumer_group,
                               'offsetLag', sp.message_count - queen.stored_through(
                                   sp.id, sp.first_seq, sp.last_seq, pc.cursor_seq),
                               'timeLagSeconds', coalesce(round(extract(epoch FROM now()
                                   - queen.first_unconsumed(sp.id, pc.cursor_created_at,
-                                                           pc.cursor_id))::numeric, 3), 0))
-                            ORDER BY pc.consumer_group)
-                     FROM queen.partition_consumers pc WHERE pc.partition_id = sp.id),
+                                                           pc.cursor_id))::numeric, 3), 0)) AS lag
+                         FROM queen.partition_consumers pc WHERE pc.partition_id = sp.id
+                       UNION ALL
+                       SELECT pp.consumer_group, jsonb_build_object(
+                              'name', pp.consumer_group,
+                              'offsetLag', (SELECT count(*) FROM queen.messages m
+                                             WHERE m.partition_id = sp.id
+                                               AND (m.created_at, m.id) > (s.subscription_from,
+                                                   queen.start_cursor_id(s.subscription_from))),
+                              'timeLagSeconds', coalesce(round(extract(epoch FROM now()
+                                  - queen.first_unconsumed(sp.id, s.subscription_from,
+                                        queen.start_cursor_id(s.subscription_from)))::numeric,
+                                  3), 0))
+                         FROM queen.partition_pending pp
+                         LEFT JOIN queen.consumer_subscriptions s
+                                ON s.queue_id = pp.queue_id AND s.consumer_group = pp.consumer_group
+                        WHERE pp.partition_id = sp.id AND s.subscription_from IS NOT NULL
+                          AND NOT EXISTS (SELECT 1 FROM queen.partition_consumers pc
+                                           WHERE pc.partition_id = sp.id
+                                             AND pc.consumer_group = pp.consumer_group)) g),
                    '[]'::jsonb))
              ORDER BY sp.name), '[]'::jsonb)
               FROM parts sp
