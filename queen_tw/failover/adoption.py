@@ -213,7 +213,7 @@ def _read(orphan: Orphan) -> Orphan:
         for _, path in records.segment_files(orphan.directory):
             try:
                 contents = records.read_segment(path)
-            except OSError as err:  # not a file: out of the way, the others go on
+            except records.NotARegularFile as err:  # out of the way, the others go on
                 orphan.unusable.append(f"{path} ({err.strerror or err})")
                 records.set_aside(path)
                 continue
@@ -280,6 +280,6 @@ def _count_failed(directory: Path) -> int:
     for path in failed.iterdir():
         try:
             count += records.read_file(path).count(b"\n")
-        except OSError:  # no regular file: the replay passes it by too
+        except records.NotARegularFile:  # the replay passes it by too
             continue
     return count

@@ -581,8 +581,10 @@ class _Found:
 
 def _scan(directory: Path) -> _Found:
     """Blocking: reads every segment (deleting empty ones) and sizes up ``failed/``. An entry
-    that cannot be read as a file is set aside (:func:`records.set_aside`) and noted in
-    ``unusable``; it holds up neither the segments around it nor the numbering."""
+    named like a segment that is no file is set aside (:func:`records.set_aside`) and noted
+    in ``unusable``; it holds up neither the segments around it nor the numbering. Any other
+    read failure fails the scan, as before: a segment is never set aside for a failure that
+    may pass (its records would wait for an operator)."""
     found = _Found()
     directory.mkdir(parents=True, exist_ok=True)
     for path in directory.iterdir():  # adopted directories hold numbers too
@@ -593,7 +595,7 @@ def _scan(directory: Path) -> _Found:
         found.next_seq = max(found.next_seq, seq + 1)
         try:
             contents = records.read_segment(path)
-        except OSError as err:
+        except records.NotARegularFile as err:
             found.unusable.append(_set_aside(path, err))
             continue
         if not contents.records and not contents.corrupt:
@@ -607,7 +609,7 @@ def _scan(directory: Path) -> _Found:
     return found
 
 
-def _set_aside(path: Path, err: OSError) -> str:
+def _set_aside(path: Path, err: records.NotARegularFile) -> str:
     """Blocking: what to log about an entry that cannot be read, once set aside if it can."""
     why = f"{path} ({err.strerror or err})"
     try:
@@ -619,14 +621,14 @@ def _set_aside(path: Path, err: OSError) -> str:
 def _failed_files(directory: Path, unusable: Optional[List[str]] = None
                   ) -> List[Tuple[Path, bytes]]:
     """Blocking: (path, bytes) of every ``failed/`` file, in name order. An entry that is no
-    readable regular file is passed by (and noted in ``unusable`` when given)."""
+    regular file is passed by (and noted in ``unusable`` when given)."""
     if not directory.is_dir():
         return []
     files = []
     for path in sorted(directory.iterdir()):
         try:
             files.append((path, records.read_file(path)))
-        except OSError as err:
+        except records.NotARegularFile as err:
             if unusable is not None:
                 unusable.append(f"{path} ({err.strerror or err}): passed by")
     return files

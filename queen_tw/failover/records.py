@@ -120,7 +120,7 @@ class SegmentContents:
 
 def read_segment(path: Path) -> SegmentContents:
     """Every record of a segment file, in file order (blocking; raises ``OSError`` when it
-    cannot be read or is no regular file, see :func:`read_file`)."""
+    cannot be read, :class:`NotARegularFile` when it is no file, see :func:`read_file`)."""
     contents = SegmentContents()
     lines = read_file(path).splitlines(keepends=True)
     for number, line in enumerate(lines):
@@ -134,14 +134,23 @@ def read_segment(path: Path) -> SegmentContents:
     return contents
 
 
+class NotARegularFile(OSError):
+    """An entry named like a buffer file is something else: a directory, a symbolic link, a
+    FIFO or a device. It can never be read as one, so readers set it aside (:func:`set_aside`)
+    rather than fail on it again and again."""
+
+
 def read_file(path: Path) -> bytes:
-    """The bytes of a regular file (blocking). Anything else by that name raises ``OSError``
-    instead of being followed or waited on: a directory, a symbolic link, or a FIFO, whose
-    read would block the buffer's I/O, and with it every push, until a writer came."""
+    """The bytes of a regular file (blocking). Anything else by that name raises
+    :class:`NotARegularFile` instead of being followed or waited on (a FIFO's read would block
+    the buffer's I/O, and with it every push, until a writer came); other failures raise
+    ``OSError`` as usual."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the lstat
+            raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
         return file.read()
 
 
