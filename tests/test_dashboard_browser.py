@@ -619,8 +619,9 @@ def test_trace_names_past_the_first_page_are_reached_with_the_pager(
     first = dashboard.page.locator("tr[data-trace-name]").count()
 
     dashboard.page.click("button.page-after")
+    second_page = min(total - 100, 100)
     dashboard.page.wait_for_function(
-        f"() => document.querySelectorAll('tr[data-trace-name]').length === {min(total - 100, 100)}",
+        f"() => document.querySelectorAll('tr[data-trace-name]').length === {second_page}",
         timeout=UI_WAIT_MS)
 
     assert total >= 105 and first == 100

@@ -315,9 +315,9 @@ def test_a_failed_write_keeps_the_counts_for_the_next_and_logs_once():
     recorder = Recorder(wall=wall)
     aggregator = aggregator_for(recorder, clock, db, {})
     service = AggregatorService(aggregator, clock, 10)
-    service.startService()
-    _pushed(recorder, [{"queue": "q"}], 0.001)
     db.down = True
+    service.startService()  # the first write, at once (it reads PostgreSQL's clock), fails
+    _pushed(recorder, [{"queue": "q"}], 0.001)
     for _ in range(3):
         wall.now += 10
         clock.advance(10)
@@ -330,6 +330,19 @@ def test_a_failed_write_keeps_the_counts_for_the_next_and_logs_once():
     stopped = service.stopService()  # the last write at stop
     assert stopped.called
     assert len(db.calls) == 2
+
+
+def test_the_intervals_follow_postgresqls_clock_once_a_write_has_read_it():
+    wall = Wall()
+    recorder = Recorder(wall=wall)
+    recorder.take_interval()
+    wall.now += 1
+
+    recorder.follow_database_time(wall.now + 180.0, wall.now - 0.01, wall.now + 0.01)
+
+    assert recorder.database_time.offset == pytest.approx(180.0)
+    assert recorder.current.started == pytest.approx(wall.now - 1 + 180.0)
+    assert recorder.take_interval().ended == pytest.approx(wall.now + 180.0)
 
 
 def test_parked_queue_gets_a_zero_row_once_it_is_empty_again():

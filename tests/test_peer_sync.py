@@ -235,7 +235,9 @@ class _Cluster:
             peers=[PeerAddress("127.0.0.1", port) for port in peers], port=0,
             interface="127.0.0.1", secret=secret, heartbeat_ms=heartbeat_ms,
             dead_threshold_ms=dead_threshold_ms, server_id=server_id, **extra)
-        sync = PeerSync(settings, (recorder or _Recorder()).handlers(), clock or reactor)
+        # a driven clock stands for the wall clock too (the datagrams' send times)
+        sync = PeerSync(settings, (recorder or _Recorder()).handlers(), clock or reactor,
+                        **({"wall": clock.seconds} if clock is not None else {}))
         sync.startService()
         self.started.append(sync)
         return sync

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from queen_tw.auth.errors import AuthError
 from queen_tw.auth.jwks import HttpGetter, JwksKeys
 from queen_tw.auth.keys import PublicKey, key_family, load_public_key
+from queen_tw.clock import wall_seconds
 from queen_tw.config import Config
 
 log = Logger()
@@ -222,7 +223,9 @@ class TokenVerifier:
     def _remember(self, token: bytes, identity: Identity) -> None:
         """Keeps a verified token until ``exp`` + skew, dropping the least recently used."""
         if identity.expires_at is not None and math.isfinite(identity.expires_at):
-            valid_until = identity.expires_at + self._skew
+            # exp is wall time (as pyjwt checked it); the cache runs on the clock's time
+            valid_until = (self._clock.seconds() + identity.expires_at + self._skew
+                           - wall_seconds())
         else:
             valid_until = self._clock.seconds() + NO_EXPIRY_CACHE_S
         self._cache[token] = _Remembered(identity, valid_until)

@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from queen_tw.clock import wall_seconds
 from queen_tw.cluster import datagram as dg
 from queen_tw.cluster.datagram import Datagram, DatagramTooLarge, Rejected, ReplayGuard
 from queen_tw.cluster.peers import (
@@ -151,13 +152,17 @@ class PeerSync(service.MultiService):
 
     :param settings: see :class:`SyncSettings`.
     :param handlers: see :class:`SyncHandlers`.
-    :param reactor: provides ``listenUDP`` and is the clock (wall-clock ms in datagrams).
+    :param reactor: provides ``listenUDP`` and is the clock of heartbeats and liveness.
     :param resolve: name resolution off the reactor thread (default ``reactor.resolve``).
+    :param wall: seconds since the epoch, for the datagrams' send times, which other hosts
+        hold to their clocks (default :func:`queen_tw.clock.wall_seconds`; the reactor keeps
+        monotonic time).
     """
 
     def __init__(self, settings: SyncSettings, handlers: SyncHandlers, reactor,
-                 resolve: Optional[Resolve] = None):
+                 resolve: Optional[Resolve] = None, wall: Callable[[], float] = wall_seconds):
         super().__init__()
+        self._wall = wall
         self.settings = settings
         self._handlers = handlers
         self._reactor = reactor
@@ -289,7 +294,7 @@ class PeerSync(service.MultiService):
         }
 
     def _now_ms(self) -> int:
-        return int(self._reactor.seconds() * 1000)
+        return int(self._wall() * 1000)
 
     def _set_receive_buffer(self, size: int) -> None:
         handle = getattr(self._listening, "socket", None)

@@ -76,7 +76,11 @@ class Aggregator:
             interval = self._recorder.take_interval()
             cpu = cpu_seconds()
             sample = self._sampler.latest
-            await self._db.call("metrics_write", self.document(interval, sample, cpu))
+            clock = self._recorder.database_time
+            sent = clock.local()
+            answer = await self._db.call("metrics_write", self.document(interval, sample, cpu))
+            if isinstance(answer, dict) and isinstance(answer.get("now"), (int, float)):
+                self._recorder.follow_database_time(float(answer["now"]), sent, clock.local())
             self._recorder.written()
         finally:
             self._recorder.writing.release()
@@ -140,7 +144,7 @@ class AggregatorService(service.Service):
         self._periodic = PeriodicService(
             "metrics write", int(interval_s * 1000), aggregator.write, clock,
             retry=Backoff(min(interval_s, 5.0), maximum=max(interval_s, 5.0)),
-            quiet_start=True)
+            quiet_start=True, now=True)  # at once: it measures PostgreSQL's clock
 
     def startService(self) -> None:
         super().startService()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from twisted.internet import defer
 
+from queen_tw.clock import DatabaseTime
 from queen_tw.engine.popper import Delivery
 from queen_tw.metrics.histogram import AGE_BOUNDS_MS, LATENCY_BOUNDS_S, Histogram
 
@@ -157,13 +158,16 @@ class Interval:
 class Recorder:
     """The in-process counters of one worker.
 
-    :param wall: Unix time (interval bounds, message age).
+    :param wall: Unix time (interval bounds, message age), read through
+        :attr:`database_time`, so that both follow PostgreSQL's clock once a metrics write
+        has measured it (buckets are judged by its ``now()``, ages are from its createdAt).
     :param db_errors: the pool's count of failed calls so far (read when an interval ends).
     """
 
     def __init__(self, wall: Callable[[], float] = time.time,
                  db_errors: Callable[[], int] = lambda: 0):
-        self._wall = wall
+        self.database_time = DatabaseTime(wall)
+        self._wall = self.database_time
         self._db_errors = db_errors
         self._db_errors_seen = 0
         self.current = Interval(wall())
@@ -224,6 +228,14 @@ class Recorder:
         activity.pop_messages += count
         if oldest is not None:
             activity.lag.observe(max(self._wall() - oldest, 0.0) * 1000.0)
+
+    def follow_database_time(self, database_now: float, sent: float, received: float) -> None:
+        """PostgreSQL's clock read ``database_now`` during a call between ``sent`` and
+        ``received`` (local wall time): from now on times follow it, the interval under way
+        included (it began on the offset measured before)."""
+        before = self.database_time.offset
+        self.database_time.observe(database_now, sent, received)
+        self.current.started += self.database_time.offset - before
 
     def acked(self, items: List[Dict[str, Any]], results: List[Dict[str, Any]],
               seconds: float) -> None:

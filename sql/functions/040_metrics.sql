@@ -68,7 +68,9 @@ BEGIN
     IF p ? 'retentionDays' THEN
         v_pruned := queen.metrics_prune((p->>'retentionDays')::integer);
     END IF;
-    RETURN jsonb_build_object('rewritten', v_old IS NOT NULL, 'pruned', v_pruned);
+    -- now: PostgreSQL's clock, which the writer's bucket times follow from then on
+    RETURN jsonb_build_object('rewritten', v_old IS NOT NULL, 'pruned', v_pruned,
+                              'now', extract(epoch FROM clock_timestamp()));
 END
 $$;
 

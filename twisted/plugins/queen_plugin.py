@@ -20,9 +20,14 @@ class QueenServiceMaker:
     options = QueenOptions
 
     def makeService(self, options: QueenOptions) -> IService:
-        """Hand the parsed Config to queen_tw.service.make_service."""
+        """Hand the parsed Config to queen_tw.service.make_service, on a reactor that keeps
+        monotonic time (queen_tw.clock)."""
+        from twisted.internet import reactor
+
+        from queen_tw.clock import keep_monotonic_time
         from queen_tw.service import make_service
 
+        keep_monotonic_time(reactor)
         return make_service(options.config)
 
 
