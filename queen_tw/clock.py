@@ -14,14 +14,14 @@ from typing import Any, Callable
 
 
 def keep_monotonic_time(reactor: Any) -> None:
-    """Makes ``reactor`` schedule on ``time.monotonic()``: before anything runs, or with the
-    calls already scheduled moved onto the new clock (same delay from now)."""
+    """Makes ``reactor`` schedule on ``time.monotonic()``. Called before anything is
+    scheduled (the twistd plugin, before the service tree is made): a call already timed on
+    the wall clock would fire decades late. (A cancelled one left in the reactor's heap is
+    harmless: it sorts after every call timed from now on.)"""
     if getattr(reactor, "seconds", None) is time.monotonic:
         return
-    shift = reactor.seconds() - time.monotonic()
-    for call in reactor.getDelayedCalls():
-        call.time -= shift  # all by the same amount: the reactor's heap order holds
-        call.seconds = time.monotonic
+    if reactor.getDelayedCalls():
+        raise RuntimeError("keep_monotonic_time: calls are already scheduled on the wall clock")
     reactor.seconds = time.monotonic
 
 
@@ -48,7 +48,14 @@ class DatabaseTime:
         """This host's wall time, to bracket a call with for :meth:`observe`."""
         return self._wall()
 
-    def observe(self, database_now: float, sent: float, received: float) -> None:
-        """PostgreSQL answered ``database_now`` (epoch seconds) to a call made between the
-        local wall times ``sent`` and ``received``."""
-        self.offset = database_now - (sent + received) / 2.0
+    def observe(self, database_now: float, sent: float, received: float) -> bool:
+        """PostgreSQL read ``database_now`` (epoch seconds) during a call made between the
+        local wall times ``sent`` and ``received``. The offset moves only when the reading
+        tells it is wrong: by more than half the round trip (a connection waited for, a busy
+        database), within which any offset fits. (On one host: it stays 0.) Returns whether
+        it moved."""
+        estimate = database_now - (sent + received) / 2.0
+        if abs(estimate - self.offset) <= (received - sent) / 2.0:
+            return False
+        self.offset = estimate
+        return True

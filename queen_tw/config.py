@@ -223,7 +223,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _opt("request_read_timeout_ms", "QUEEN_REQUEST_READ_TIMEOUT_MS", "int", 120000,
          "Time a request's headers and body may take to arrive, from its first byte, in ms; "
          "then 408 and the connection is closed (0 = no limit). A connection with no request "
-         "under way is closed after 60 s, or after this when shorter", minimum=0),
+         "under way is closed after 60 s, or a second after this when shorter", minimum=0),
     _opt("max_client_connections", "QUEEN_MAX_CLIENT_CONNECTIONS", "int", 0,
          "Open connections one client address may hold; a connection beyond it is answered "
          "503 and closed (0 = no limit; behind a proxy every client has the proxy's "

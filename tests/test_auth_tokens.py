@@ -396,6 +396,21 @@ def test_a_verified_token_is_served_from_the_cache_until_exp_plus_skew() -> None
     assert made.cached(token) is None
 
 
+def test_a_cached_token_ends_when_the_wall_clock_passes_its_exp() -> None:
+    """The cache times entries on the reactor's (monotonic) clock; a step of the wall clock
+    past exp ends the entry too, as pyjwt would refuse the token then."""
+    wall = [time.time()]
+    made = TokenVerifier(algorithm="HS256", clock=system_clock(), secret=SECRET,
+                         clock_skew_s=30, wall=lambda: wall[0])
+    token = mint(exp=int(wall[0]) + 120)
+    identity = outcome(made, token)
+    assert made.cached(token) == identity
+
+    wall[0] += 151  # stepped past exp + skew; the reactor's clock did not move
+
+    assert made.cached(token) is None
+
+
 @pytest.mark.parametrize("as_sent", [str, lambda exp: exp + 0.9],
                          ids=["a string of digits", "a fraction"])
 def test_the_cache_reads_exp_as_pyjwt_enforces_it(as_sent) -> None:

@@ -345,6 +345,18 @@ def test_the_intervals_follow_postgresqls_clock_once_a_write_has_read_it():
     assert recorder.take_interval().ended == pytest.approx(wall.now + 180.0)
 
 
+def test_a_reading_within_half_its_round_trip_leaves_the_offset_as_it_is():
+    """PostgreSQL on the same host: any reading is off by up to half the round trip (a
+    connection waited for, a busy function); the offset stays 0 instead of wandering."""
+    wall = Wall()
+    recorder = Recorder(wall=wall)
+    started = recorder.current.started
+
+    recorder.follow_database_time(wall.now + 0.04, wall.now - 0.05, wall.now + 0.05)
+
+    assert recorder.database_time.offset == 0.0 and recorder.current.started == started
+
+
 def test_parked_queue_gets_a_zero_row_once_it_is_empty_again():
     wall, clock, db = Wall(), task.Clock(), RecordingDb()
     parked = {"q": 2}

@@ -18,7 +18,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Optional, cast
+from typing import Any, Callable, FrozenSet, Optional, cast
 
 import jwt
 import treq
@@ -85,9 +85,11 @@ class TokenVerifier:
                  public_key: Optional[PublicKey] = None, jwks: Optional[JwksKeys] = None,
                  issuer: Optional[str] = None, audience: Optional[str] = None,
                  clock_skew_s: float = 30.0, roles_claim: str = "role",
-                 roles_array_claim: str = "roles", cache_entries: int = CACHE_ENTRIES) -> None:
+                 roles_array_claim: str = "roles", cache_entries: int = CACHE_ENTRIES,
+                 wall: Callable[[], float] = wall_seconds) -> None:
         self._algorithm = algorithm
         self._clock = clock
+        self._wall = wall
         self._secret = secret
         self._public_key = public_key
         self._jwks = jwks
@@ -214,8 +216,10 @@ class TokenVerifier:
         entry = self._cache.get(token)
         if entry is None:
             return None
-        if self._clock.seconds() >= entry.valid_until:
-            del self._cache[token]
+        expires_at = entry.identity.expires_at
+        if self._clock.seconds() >= entry.valid_until or (
+                expires_at is not None and self._wall() >= expires_at + self._skew):
+            del self._cache[token]  # (the wall clock, as pyjwt's: it may have stepped)
             return None
         self._cache.move_to_end(token)
         return entry.identity
@@ -225,7 +229,7 @@ class TokenVerifier:
         if identity.expires_at is not None and math.isfinite(identity.expires_at):
             # exp is wall time (as pyjwt checked it); the cache runs on the clock's time
             valid_until = (self._clock.seconds() + identity.expires_at + self._skew
-                           - wall_seconds())
+                           - self._wall())
         else:
             valid_until = self._clock.seconds() + NO_EXPIRY_CACHE_S
         self._cache[token] = _Remembered(identity, valid_until)

@@ -288,7 +288,7 @@ def build_cluster(config: Config, waiters: WaiterRegistry, cache: QueueConfigCac
         assert siblings is not None
         maintenance.announce_changes_to(siblings.announce_maintenance)
         published = stats_path(config.file_buffer_dir, server_identity(config))
-        return Cluster(siblings, PublishedSharedState(published, cache, maintenance, reactor),
+        return Cluster(siblings, PublishedSharedState(published, cache, maintenance),
                        None, siblings, waiters.notify)
     relays: List[WakeupRelay] = []
     sync = PeerSync(sync_settings(config),

@@ -20,6 +20,7 @@ from twisted.internet import threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from queen_tw.clock import wall_seconds
 from queen_tw.cluster.config_cache import QueueConfigCache
 from queen_tw.maintenance import Maintenance
 from queen_tw.services.periodic import PeriodicService
@@ -45,7 +46,8 @@ def publisher_service(path: Path, stats: Callable[[], Dict[str, Any]],
     thread; written to a temporary name and renamed, so a reader never sees half a file)."""
 
     async def publish() -> None:
-        body = json.dumps({"written_at": clock.seconds(), "stats": stats()})
+        # wall time: the file outlives the process (and a reboot), the reactor's clock not
+        body = json.dumps({"written_at": wall_seconds(), "stats": stats()})
         await threads.deferToThread(_write_atomically, path, body)
 
     return PeriodicService("peer-sync stats for sibling workers", PUBLISH_MS, publish, clock,
@@ -65,22 +67,19 @@ class PublishedSharedState:
     :param path: the file worker 1 writes.
     :param cache: this worker's queue config cache.
     :param maintenance: this worker's flags.
-    :param clock: to tell a stale file.
     """
 
-    def __init__(self, path: Path, cache: QueueConfigCache, maintenance: Maintenance,
-                 clock: IReactorTime):
+    def __init__(self, path: Path, cache: QueueConfigCache, maintenance: Maintenance):
         self._path = path
         self._cache = cache
         self._maintenance = maintenance
-        self._clock = clock
 
     def stats(self) -> Dict[str, Any]:
         body: Dict[str, Any] = {"enabled": True, "running": False}
         try:
             published = json.loads(self._path.read_text())  # a few hundred bytes, on request
             body.update(published["stats"])
-            fresh = self._clock.seconds() - float(published["written_at"]) <= STALE_S
+            fresh = 0 <= wall_seconds() - float(published["written_at"]) <= STALE_S
             body["running"] = bool(body.get("running")) and fresh
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.debug("peer-sync stats of worker 1 not readable: {error}", error=err)

@@ -214,8 +214,7 @@ def _read(orphan: Orphan) -> Orphan:
             try:
                 contents = records.read_segment(path)
             except records.NotARegularFile as err:  # out of the way, the others go on
-                orphan.unusable.append(f"{path} ({err.strerror or err})")
-                records.set_aside(path)
+                orphan.unusable.append(records.set_aside_and_say(path, err))
                 continue
             if not contents.records and not contents.corrupt:
                 path.unlink()

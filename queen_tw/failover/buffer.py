@@ -267,8 +267,8 @@ class FileBuffer:
                       "process that no longer runs: {error}", dir=str(self.directory),
                       source=str(orphan.source), error=orphan.error)
         for entry in orphan.unusable:
-            log.error("file buffer {dir}: cannot read {entry}: set aside",
-                      dir=str(self.directory), entry=entry)
+            log.error("file buffer {dir}: cannot read {entry}", dir=str(self.directory),
+                      entry=entry)
         if not orphan.segments:
             if orphan.lock is not None:
                 defer.ensureDeferred(self._finish(orphan))
@@ -596,7 +596,7 @@ def _scan(directory: Path) -> _Found:
         try:
             contents = records.read_segment(path)
         except records.NotARegularFile as err:
-            found.unusable.append(_set_aside(path, err))
+            found.unusable.append(records.set_aside_and_say(path, err))
             continue
         if not contents.records and not contents.corrupt:
             path.unlink()
@@ -607,15 +607,6 @@ def _scan(directory: Path) -> _Found:
         found.failed_files[path.name] = len(data)
         found.failed += data.count(b"\n")
     return found
-
-
-def _set_aside(path: Path, err: records.NotARegularFile) -> str:
-    """Blocking: what to log about an entry that cannot be read, once set aside if it can."""
-    why = f"{path} ({err.strerror or err})"
-    try:
-        return f"{why}: set aside as {records.set_aside(path).name}"
-    except OSError as rename_err:
-        return f"{why}: left in place ({rename_err.strerror or rename_err})"
 
 
 def _failed_files(directory: Path, unusable: Optional[List[str]] = None

@@ -113,7 +113,8 @@ class SegmentContents:
 
     records: List[Dict[str, Any]] = field(default_factory=list)
     corrupt: List[bytes] = field(default_factory=list)
-    """Bad lines followed by good ones: never written that way by the buffer."""
+    """Lines that do not decode, except a torn last one: never written that way by the
+    buffer (its bytes are kept in ``failed/``)."""
     torn_tail: bool = False
     """The last line was cut short, without its newline (a crash mid-write)."""
 
@@ -169,6 +170,15 @@ def set_aside(path: Path) -> Path:
     os.rename(path, target)
     fsync_directory(path.parent)
     return target
+
+
+def set_aside_and_say(path: Path, err: NotARegularFile) -> str:
+    """Blocking: :func:`set_aside` if it can be; what to log about the entry either way."""
+    why = f"{path} ({err.strerror or err})"
+    try:
+        return f"{why}: set aside as {set_aside(path).name}"
+    except OSError as rename_err:
+        return f"{why}: left in place ({rename_err.strerror or rename_err})"
 
 
 def fsync_directory(directory: Path) -> None:

@@ -533,10 +533,11 @@ def make_site(resource: IResource, max_body_bytes: int, access_log: bool = False
     site.requestFactory = BoundQueenRequest
     site.read_timeout = read_timeout_ms / 1000.0
     # A connection with no request under way (new, or kept alive after an answer) is closed
-    # after Twisted's idle timeout (60 s), or after the read timeout when that is shorter:
-    # otherwise silent connections outlived the limit an operator set for slow ones.
+    # after Twisted's idle timeout (60 s), or a second after the read timeout when that is
+    # shorter: otherwise silent connections outlived the limit an operator set for slow
+    # ones. (The second: a request stalled mid-way meets the read timeout first, and its 408.)
     if site.read_timeout:
-        site.timeOut = min(site.timeOut or 60, site.read_timeout)
+        site.timeOut = min(site.timeOut or 60, site.read_timeout + 1)
     site.max_client_connections = max_client_connections
     site.stopping = stopping
     return site

@@ -38,6 +38,7 @@ DECLARE
                                          'hostname', v_host, 'worker_id', v_worker, 'pid', v_pid);
     v_old    jsonb;
     v_pruned jsonb := '{}'::jsonb;
+    v_now    numeric := extract(epoch FROM clock_timestamp());  -- as the call came in
 BEGIN
     SELECT to_jsonb(w) INTO v_old FROM queen.worker_metrics w
      WHERE w.bucket_start = v_start AND w.hostname = v_host AND w.worker_id = v_worker
@@ -69,8 +70,7 @@ BEGIN
         v_pruned := queen.metrics_prune((p->>'retentionDays')::integer);
     END IF;
     -- now: PostgreSQL's clock, which the writer's bucket times follow from then on
-    RETURN jsonb_build_object('rewritten', v_old IS NOT NULL, 'pruned', v_pruned,
-                              'now', extract(epoch FROM clock_timestamp()));
+    RETURN jsonb_build_object('rewritten', v_old IS NOT NULL, 'pruned', v_pruned, 'now', v_now);
 END
 $$;
 

@@ -286,8 +286,9 @@ END
 $$;
 
 -- GET /api/v1/status/queues/{queue}: the queue, its options, and per partition its counts,
--- its queue-mode cursor and the lag of every consumer group that has a cursor there; all
--- from positions and index probes, so its cost follows partitions and groups, not messages.
+-- its queue-mode cursor and the lag of every consumer group that has a cursor there or
+-- messages waiting there (from its subscription point); all from positions and index probes,
+-- so its cost follows partitions and groups, not messages.
 CREATE OR REPLACE FUNCTION queen.status_queue(p_name text) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -331,10 +332,14 @@ BEGIN
                        UNION ALL
                        SELECT pp.consumer_group, jsonb_build_object(
                               'name', pp.consumer_group,
-                              'offsetLag', (SELECT count(*) FROM queen.messages m
-                                             WHERE m.partition_id = sp.id
-                                               AND (m.created_at, m.id) > (s.subscription_from,
-                                                   queen.start_cursor_id(s.subscription_from))),
+                              -- the subscription point's position: one index probe
+                              'offsetLag', sp.message_count - queen.stored_through(
+                                  sp.id, sp.first_seq, sp.last_seq, coalesce((
+                                      SELECT m.seq FROM queen.messages m
+                                       WHERE m.partition_id = sp.id
+                                         AND (m.created_at, m.id) <= (s.subscription_from,
+                                             queen.start_cursor_id(s.subscription_from))
+                                       ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0)),
                               'timeLagSeconds', coalesce(round(extract(epoch FROM now()
                                   - queen.first_unconsumed(sp.id, s.subscription_from,
                                         queen.start_cursor_id(s.subscription_from)))::numeric,
