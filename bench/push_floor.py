@@ -23,14 +23,12 @@ The figure is PostgreSQL's CPU (the postmaster and every backend, from /proc) pe
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Dict, List
 
-from harness import running_stack
 from load import PAYLOAD, SQL_PUSH, empty_queen_tables, psql, save_report
-from segments_probe import Probe
+from segments_probe import Probe, probe_arguments, schema_probe
 
 PARTITION_ID = "('00000000-0000-0000-0000-0000000000' || lpad(:p::text, 2, '0'))::uuid"
 
@@ -128,15 +126,11 @@ def render(args, figures: Dict[str, List[float]]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--clients", type=int, default=10)
+    parser = probe_arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    with running_stack("queen-bench-floor-") as stack:  # the server installs the schema
-        stack.server.stop()
-        figures = measure(Probe(stack.pg, args.seconds, args.clients), args.batch, args.rounds)
+    with schema_probe("queen-bench-floor-", args) as probe:
+        figures = measure(probe, args.batch, args.rounds)
     report = render(args, figures)
     print(report)
     save_report(f"push-floor-{time.strftime('%Y%m%d-%H%M%S')}", report, figures)

@@ -28,9 +28,10 @@ goal (25 000 messages per CPU-second of server plus PostgreSQL) cannot go below.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
-from typing import Dict
+from typing import Dict, Iterator
 
 from harness import running_stack
 from load import (
@@ -215,16 +216,27 @@ def render(args, results: Dict[str, Phases]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every pgbench probe takes (``--seconds``, ``--batch``, ``--clients``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--clients", type=int, default=10)
-    args = parser.parse_args()
+    return parser
 
-    with running_stack("queen-bench-segments-") as stack:  # the server installs the schema
+
+@contextlib.contextmanager
+def schema_probe(prefix: str, args: argparse.Namespace) -> Iterator[Probe]:
+    """A :class:`Probe` on a private PostgreSQL holding the queen schema (a server installs
+    it and is stopped before anything is measured)."""
+    with running_stack(prefix) as stack:
         stack.server.stop()
-        probe = Probe(stack.pg, args.seconds, args.clients)
+        yield Probe(stack.pg, args.seconds, args.clients)
+
+
+def main() -> int:
+    args = probe_arguments(__doc__).parse_args()
+    with schema_probe("queen-bench-segments-", args) as probe:
         results: Dict[str, Phases] = {
             "queen (today)": layout_queen(probe, args.batch),
             "rows (floor)": layout_rows(probe, args.batch),
