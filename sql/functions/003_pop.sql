@@ -431,24 +431,22 @@ $$;
 CREATE OR REPLACE FUNCTION queen.subscribe_for(p_req jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_group text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
-    v_count integer;
+    v_group  text := coalesce(nullif(p_req->>'consumerGroup', ''), '__QUEUE_MODE__');
+    v_count  integer;
+    v_queues uuid[];
 BEGIN
-    -- The scope's queues held against a delete (which waits for this transaction), or left
-    -- out when one is being deleted (this waits for it, then finds the queue gone): the first
-    -- contact's record referenced a queue deleted meanwhile, and that foreign-key failure
-    -- failed the whole pop, whatever the scope's other queues held.
-    PERFORM 1 FROM queen.queues qu
-     WHERE qu.id IN (SELECT sc.id FROM queen.pop_scope(p_req) sc
-                      WHERE NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions cs
-                                         WHERE cs.queue_id = sc.id
-                                           AND cs.consumer_group = v_group))
-     ORDER BY qu.id FOR KEY SHARE OF qu;
-    PERFORM pg_advisory_xact_lock(queen.lookup_lock_class(), hashtext(s.id::text))
-       FROM (SELECT sc.id FROM queen.pop_scope(p_req) sc
-              WHERE NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions cs
-                                 WHERE cs.queue_id = sc.id AND cs.consumer_group = v_group)
-              ORDER BY sc.id) s;
+    -- The scope's queues still to subscribe, held against a delete (which waits for this
+    -- transaction), or left out when one is being deleted (this waits for it, then finds the
+    -- queue gone): the first contact's record referenced a queue deleted meanwhile, and that
+    -- foreign-key failure failed the whole pop, whatever the scope's other queues held.
+    SELECT array_agg(held.id ORDER BY held.id) INTO v_queues
+      FROM (SELECT qu.id FROM queen.queues qu
+             WHERE qu.id IN (SELECT sc.id FROM queen.pop_scope(p_req) sc
+                              WHERE NOT EXISTS (SELECT 1 FROM queen.consumer_subscriptions cs
+                                                 WHERE cs.queue_id = sc.id
+                                                   AND cs.consumer_group = v_group))
+             ORDER BY qu.id FOR KEY SHARE OF qu) held;
+    PERFORM queen.lock_lookups(coalesce(v_queues, '{}'));
     SELECT count(*) INTO v_count FROM queen.subscribe_scope(p_req, v_group, true);
     RETURN jsonb_build_object('queues', v_count);
 END

@@ -14,6 +14,17 @@ LANGUAGE sql IMMUTABLE AS $$
             || '00000000000000000000')::uuid
 $$;
 
+-- Where a group without a cursor in a partition stands: the position (seq) of the last
+-- message at or before its subscription point, 0 when there is none (one index probe).
+CREATE OR REPLACE FUNCTION queen.subscription_seq(p_partition uuid, p_from timestamptz)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT m.seq FROM queen.messages m
+                      WHERE m.partition_id = p_partition
+                        AND (m.created_at, m.id) <= (p_from, queen.start_cursor_id(p_from))
+                      ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0)
+$$;
+
 CREATE OR REPLACE FUNCTION queen.stats_of(p_values double precision[]) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
     SELECT jsonb_build_object(
@@ -211,12 +222,8 @@ LANGUAGE sql STABLE AS $$
             SELECT pp.consumer_group, pp.partition_id, p.message_count, p.first_seq, p.last_seq,
                    coalesce(pc.cursor_created_at, s.subscription_from) AS at,
                    coalesce(pc.cursor_id, queen.start_cursor_id(s.subscription_from)) AS id,
-                   coalesce(pc.cursor_seq, (
-                       SELECT m.seq FROM queen.messages m
-                        WHERE m.partition_id = pp.partition_id
-                          AND (m.created_at, m.id)
-                              <= (s.subscription_from, queen.start_cursor_id(s.subscription_from))
-                        ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0) AS seq
+                   coalesce(pc.cursor_seq,
+                            queen.subscription_seq(pp.partition_id, s.subscription_from)) AS seq
               FROM queen.partition_pending pp
               JOIN queen.partitions p ON p.id = pp.partition_id
               LEFT JOIN queen.consumer_subscriptions s

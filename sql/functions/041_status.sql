@@ -332,14 +332,9 @@ BEGIN
                        UNION ALL
                        SELECT pp.consumer_group, jsonb_build_object(
                               'name', pp.consumer_group,
-                              -- the subscription point's position: one index probe
                               'offsetLag', sp.message_count - queen.stored_through(
-                                  sp.id, sp.first_seq, sp.last_seq, coalesce((
-                                      SELECT m.seq FROM queen.messages m
-                                       WHERE m.partition_id = sp.id
-                                         AND (m.created_at, m.id) <= (s.subscription_from,
-                                             queen.start_cursor_id(s.subscription_from))
-                                       ORDER BY m.created_at DESC, m.id DESC LIMIT 1), 0)),
+                                  sp.id, sp.first_seq, sp.last_seq,
+                                  queen.subscription_seq(sp.id, s.subscription_from)),
                               'timeLagSeconds', coalesce(round(extract(epoch FROM now()
                                   - queen.first_unconsumed(sp.id, s.subscription_from,
                                         queen.start_cursor_id(s.subscription_from)))::numeric,
